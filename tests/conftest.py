@@ -1,0 +1,54 @@
+"""Markers for tests that need external pieces: they skip, with the reason, where absent."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tokenfabric.doctor import VLLM_VENV
+from tokenfabric.tools import find_tool
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def netns_ability() -> str | None:
+    """None where this process may create network namespaces, else the reason it may not."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if not find_tool("unshare") or not find_tool("ip"):
+        return "needs unshare and ip (iproute2)"
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False)
+    return None if probe.returncode == 0 else "cannot create network namespaces"
+
+
+def _missing(marker: str) -> str | None:
+    if marker == "bmv2":
+        return None if find_tool("simple_switch_grpc") else (
+            "simple_switch_grpc (BMv2) not found on PATH or in /opt/p4/bin")
+    if marker == "p4c":
+        return None if find_tool("p4c-bm2-ss") else "p4c-bm2-ss not found"
+    if marker == "mininet":
+        if not (find_tool("mn") and find_tool("mnexec")):
+            return "Mininet (mn, mnexec) not installed: apt-get install mininet"
+        return None if find_tool("ovs-vsctl") else "Open vSwitch not installed"
+    if marker == "root":
+        return netns_ability()
+    if marker == "vllm":
+        python = VLLM_VENV / "bin" / "python"
+        return None if python.exists() else f"no vLLM venv at {VLLM_VENV} (.ci/run makes it)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for marker in ("bmv2", "p4c", "mininet", "root", "vllm"):
+            if marker in item.keywords:
+                reason = _missing(marker)
+                if reason:
+                    item.add_marker(pytest.mark.skip(reason=f"{marker}: {reason}"))
+                    break

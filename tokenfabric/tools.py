@@ -1,0 +1,31 @@
+"""Where the external tools live: PATH first, then the /opt/p4 prefix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+P4_PREFIX = Path(os.environ.get("TOKENFABRIC_P4_PREFIX", "/opt/p4"))
+
+
+def find_tool(name: str) -> str | None:
+    """Return the absolute path of `name`, or None where it is not installed."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidate = P4_PREFIX / "bin" / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    return None
+
+
+def tool_env() -> dict[str, str]:
+    """The environment to run BMv2 and p4c with: /opt/p4 on PATH and the loader path."""
+    env = dict(os.environ)
+    if (P4_PREFIX / "bin").is_dir():
+        env["PATH"] = f"{P4_PREFIX / 'bin'}:{env.get('PATH', '')}"
+        lib = str(P4_PREFIX / "lib")
+        env["LD_LIBRARY_PATH"] = f"{lib}:{env['LD_LIBRARY_PATH']}" if env.get(
+            "LD_LIBRARY_PATH") else lib
+    return env
