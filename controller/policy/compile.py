@@ -59,6 +59,8 @@ class P4:
     SET_SERVICE = "set_service"
     BEACON_SOURCE = "beacon_source"
     ACCEPT_BEACON = "accept_beacon"
+    TUNNEL_TERM = "tunnel_term"
+    DECAP_TO_BACKEND = "decap_to_backend"
     TENANT_CONTRACT = "tenant_contract"
     SET_CONTRACT = "set_contract"
     SERVICE_POOL = "service_pool"
@@ -318,9 +320,14 @@ def _switch_entities(model: Model, switch: Switch) -> list[Entity]:
         if ep is not None and ep.backend_id not in seen_responders:
             seen_responders.add(ep.backend_id)
             targets.append((ep.backend_id, ep.address, ep.mac, ep.port, ep.switch))
+    tunnelled = len(fabric.switches) > 1  # other switches reach local backends by IP-in-IP
     for bid, address, dmac, port, where in sorted(targets):
         if where == switch.name:
             action = Action.of(P4.DELIVER_LOCAL, port=port, smac=mac(switch.mac), dmac=mac(dmac))
+            if tunnelled:
+                # IP-in-IP from other switches to this backend's address ends here.
+                out.append(TableEntry.of(P4.TUNNEL_TERM, {"dst_addr": Exact(ip(address))},
+                                         Action.of(P4.DECAP_TO_BACKEND, backend_id=bid)))
         else:
             if switch.fabric_ip is None:
                 raise CompileError(f"switch '{switch.name}' needs a fabric_ip to tunnel to "
