@@ -280,3 +280,15 @@ def test_every_example_is_valid_with_its_fabric():
         for policy in sorted(EXAMPLES.glob("policy-*.yaml")):
             assert validate_file(policy, EXAMPLES / fabric) == [], policy
             load_policy(policy, model)
+
+
+def test_a_5qi_class_that_collides_with_custom_roce_values(tmp_path):
+    text = "roce: {priority: 5, cnp_priority: 7}\n" + GOOD.replace(
+        "    class: {service_class: low-latency-data, priority_level: 20, queue: 5}",
+        "    fiveqi: 1")
+    errs = errors_of(tmp_path, text)
+    assert_error(errs, 4, "contracts.gold.fiveqi", "queue 5 is reserved for RoCEv2")
+    # an explicit class replaces the 5QI's and is what is checked
+    fixed = text.replace("    fiveqi: 1", "    fiveqi: 1\n    class: {service_class: "
+                                           "telephony, priority_level: 20, queue: 4}")
+    assert errors_of(tmp_path, fixed) == []
