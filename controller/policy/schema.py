@@ -112,7 +112,7 @@ def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | N
         name = dnode.as_str()
         if name is not None and name not in declared:
             dnode.error(f"unknown contract '{name}'")
-        elif name is not None:
+        elif name is not None and name in policy.contracts:  # else invalid, reported there
             policy.default_contract = name
 
     tnode = root.child("tenants")
