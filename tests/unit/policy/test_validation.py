@@ -292,3 +292,31 @@ def test_a_5qi_class_that_collides_with_custom_roce_values(tmp_path):
     fixed = text.replace("    fiveqi: 1", "    fiveqi: 1\n    class: {service_class: "
                                            "telephony, priority_level: 20, queue: 4}")
     assert errors_of(tmp_path, fixed) == []
+
+
+@pytest.mark.parametrize("text,want", [
+    ("!!python/object/apply:os.system ['true']\n", "u.yaml:1: must be a mapping, got a list"),
+    ("tenants: !!binary aGVsbG8=\n", "u.yaml:1: tenants: must be a list, got bytes"),
+    ("[" * 3000 + "]" * 3000, "u.yaml:1: not valid YAML"),
+    ("\x00\x01", "u.yaml:1: not valid YAML: unacceptable character"),
+    ("tenants: []\n<<: {a: 1}\n", "u.yaml:1: a: unknown key"),
+    ("? [a, b]\n: c\ntenants: []\n", "u.yaml:1: ('a', 'b'): unknown key"),
+])
+def test_hostile_yaml_is_an_error_not_a_crash(text, want):
+    from controller.model import Model
+    from controller.policy.reload import validate_policy
+
+    policy, errs = validate_policy(Model(), "", text=text, file="u.yaml")
+    assert policy is None and errs[0].startswith(want), errs
+
+
+def test_anchors_and_merge_keys_work():
+    from controller.model import Model
+    from controller.policy.reload import validate_policy
+
+    text = ("contracts:\n  a: &base\n    class: {service_class: standard, priority_level: 9}\n"
+            "    tpm: 600\n  b:\n    <<: *base\n    tpm: 1200\n"
+            "tenants:\n  - {name: t, prefixes: [10.0.0.0/24], contract: b}\n")
+    policy, errs = validate_policy(Model(), "", text=text, file="u.yaml")
+    assert errs == [] and policy.contracts["b"].limits.tpm == 1200
+    assert policy.contracts["b"].traffic_class.priority_level == 9
