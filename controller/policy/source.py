@@ -48,9 +48,38 @@ class Errors:
             raise SpecError(self.messages())
 
 
+MAX_BYTES = 8 << 20  # far above any real policy (1,000 tenants is ~100 kB)
+MAX_NESTING = 64  # flow brackets or indentation levels; ruamel recurses per level
+
+
+def _too_big_or_deep(text: str) -> tuple[int, str] | None:
+    """A cheap scan before parsing: huge or absurdly nested input would cost seconds."""
+    if len(text) > MAX_BYTES:
+        return 1, f"larger than {MAX_BYTES} bytes"
+    depth = 0
+    line = 1
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return line, f"nested deeper than {MAX_NESTING} levels"
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "\n":
+            line += 1
+    for n, row in enumerate(text.splitlines(), 1):
+        if len(row) - len(row.lstrip(" ")) > 2 * MAX_NESTING:
+            return n, f"indented deeper than {2 * MAX_NESTING} spaces"
+    return None
+
+
 def load_yaml(text: str, file: str) -> tuple[Any, Errors]:
     """Parse with ruamel (round-trip, so nodes carry line info); syntax errors are reported."""
     errors = Errors(file)
+    problem = _too_big_or_deep(text)
+    if problem:
+        errors.add(problem[0], "", f"not accepted: {problem[1]}")
+        return None, errors
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
     try:

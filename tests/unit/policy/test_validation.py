@@ -297,7 +297,9 @@ def test_a_5qi_class_that_collides_with_custom_roce_values(tmp_path):
 @pytest.mark.parametrize("text,want", [
     ("!!python/object/apply:os.system ['true']\n", "u.yaml:1: must be a mapping, got a list"),
     ("tenants: !!binary aGVsbG8=\n", "u.yaml:1: tenants: must be a list, got bytes"),
-    ("[" * 3000 + "]" * 3000, "u.yaml:1: not valid YAML"),
+    ("[" * 3000 + "]" * 3000, "u.yaml:1: not accepted: nested deeper than 64 levels"),
+    ("tenants:\n" + " " * 300 + "- x\n", "u.yaml:2: not accepted: indented deeper"),
+    ("tenants: []\n" + "#" * (9 << 20), "u.yaml:1: not accepted: larger than"),
     ("\x00\x01", "u.yaml:1: not valid YAML: unacceptable character"),
     ("tenants: []\n<<: {a: 1}\n", "u.yaml:1: a: unknown key"),
     ("? [a, b]\n: c\ntenants: []\n", "u.yaml:1: ('a', 'b'): unknown key"),
