@@ -322,3 +322,14 @@ def test_anchors_and_merge_keys_work():
     policy, errs = validate_policy(Model(), "", text=text, file="u.yaml")
     assert errs == [] and policy.contracts["b"].limits.tpm == 1200
     assert policy.contracts["b"].traffic_class.priority_level == 9
+
+
+def test_a_policy_larger_than_the_switch_tables(tmp_path, monkeypatch):
+    from controller.policy import compile as compiler
+
+    # the real limit is 8192 prefixes; a smaller one keeps the test fast
+    monkeypatch.setitem(compiler.TABLE_SIZES, "tenant_by_src", 1)
+    text = GOOD + "  - {name: b, prefixes: [10.0.2.0/24], contract: gold}\n"
+    errs = errors_of(tmp_path, text, fabric="fabric-single.yaml")
+    assert len(errs) == 1 and errs[0].endswith(
+        "policy.yaml: switch s1: tenant_by_src needs 2 entries, the switch holds 1"), errs
