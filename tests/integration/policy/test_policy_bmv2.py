@@ -74,24 +74,24 @@ tenants:
   - {{name: basic, id: 2, prefixes: [{BASIC_NET}.0/24], contract: basic}}
 """
 
-ORDER = {ProfileMember: 0, ProfileGroup: 1, TableEntry: 2, MeterConfig: 3}
-
-
 class ClientWriter:
-    """The reload Protocol over the dataplane tests' P4Runtime client: what refers to
-    something is written after it and deleted before it."""
+    """The reload Protocol over the dataplane tests' P4Runtime client, in the order a
+    switch accepts: members before the groups that list them before the entries that
+    use them; deletions the other way round, after the modifies that drop references."""
 
     def __init__(self, client: object) -> None:
         self.client = client
 
     async def __call__(self, switch: str, insert: list[Entity], modify: list[Entity],
                        delete: list[Entity]) -> None:
-        if delete:
-            self.client.delete(*sorted(delete, key=lambda e: -ORDER[type(e)]))
-        if insert:
-            self.client.insert(*sorted(insert, key=lambda e: ORDER[type(e)]))
-        if modify:
-            self.client.modify(*sorted(modify, key=lambda e: ORDER[type(e)]))
+        for kind in (ProfileMember, ProfileGroup, TableEntry, MeterConfig):
+            if batch := [e for e in insert if isinstance(e, kind)]:
+                self.client.insert(*batch)
+            if batch := [e for e in modify if isinstance(e, kind)]:
+                self.client.modify(*batch)
+        for kind in (TableEntry, ProfileGroup, ProfileMember):
+            if batch := [e for e in delete if isinstance(e, kind)]:
+                self.client.delete(*batch)
 
 
 def frame(src: str, sport: int, flags: str, port: int) -> bytes:
@@ -161,7 +161,7 @@ async def test_drain_keeps_pinned_connections_and_stops_new_ones(sw):
             on_gpu2 = (src, 40000 + i)
             break
     assert on_gpu2, "no connection landed on gpu2"
-    router = Router(sw.model)
+    router = Router(sw.model, clock=lambda: 0.0)  # no agent reports here: never stale
     assert router.drain("b2")
     await resync(sw)
     for i in range(30):
@@ -192,7 +192,7 @@ async def test_tenant_over_budget_goes_to_the_overflow_responder(sw):
 async def test_mode_switch_at_run_time_moves_no_pinned_connection(sw):
     src, sport = f"{PREMIUM_NET}.20", 60000
     first, _ = where(sw, src, sport)
-    router = Router(sw.model)
+    router = Router(sw.model, clock=lambda: 0.0)
     assert router.set_mode("llama", "p2c")
     before = dict(sw.held["s1"].entities)
     await resync(sw)
