@@ -13,8 +13,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
+from scapy.packet import Raw
 
 from controller.entries import (
     DesiredState,
@@ -38,7 +39,7 @@ harness = pytest.importorskip("tests.dataplane.harness")
 packets = pytest.importorskip("tests.dataplane.packets")
 
 VIP, VIP_PORT = "10.10.0.1", 8000
-PREMIUM_NET, BASIC_NET = "10.1.1", "10.1.2"
+PREMIUM_NET, BASIC_NET, LAB_NET = "10.1.1", "10.1.2", "10.1.3"
 PREMIUM_PORT, BASIC_PORT, GPU1_PORT, GPU2_PORT, RESPONDER_PORT = 1, 2, 3, 4, 5
 
 FABRIC = f"""
@@ -72,6 +73,7 @@ contracts:
 tenants:
   - {{name: premium, id: 1, prefixes: [{PREMIUM_NET}.0/24], contract: premium}}
   - {{name: basic, id: 2, prefixes: [{BASIC_NET}.0/24], contract: basic}}
+  - {{name: lab, id: 3, prefixes: [{LAB_NET}.0/24], contract: premium, trust_dscp: true}}
 """
 
 class ClientWriter:
@@ -202,3 +204,31 @@ async def test_mode_switch_at_run_time_moves_no_pinned_connection(sw):
         assert where(sw, src, sport, flags="PA")[0] == first
     ports = {where(sw, f"{PREMIUM_NET}.{30 + i}", 61000 + i)[0] for i in range(30)}
     assert ports <= {GPU1_PORT, GPU2_PORT} and ports
+
+
+@pytest.mark.parametrize("src,dscp,want", [
+    (f"{LAB_NET}.4", 26, 18),   # trusted AF31 (RoCE's DSCP) is remapped to AF21
+    (f"{LAB_NET}.4", 30, 18),   # AF33 too
+    (f"{LAB_NET}.4", 10, 10),   # trusted: AF11 picks basic's class
+    (f"{LAB_NET}.4", 46, 18),   # a DSCP no class uses keeps the contract's class
+    (f"{PREMIUM_NET}.4", 10, 18),  # untrusted: the contract decides
+    (f"{PREMIUM_NET}.4", 26, 18),
+])
+async def test_trusted_dscp_and_af3x_remap(sw, src, dscp, want):
+    pkt = bytes(packets.to_switch(PREMIUM_PORT) / IP(src=src, dst=VIP, tos=dscp << 2)
+                / TCP(sport=7000 + dscp, dport=VIP_PORT, flags="S"))
+    sw.io.send(PREMIUM_PORT, pkt)
+    out = [Ether(f) for frames in sw.io.collect(idle=0.15).values() for f in frames]
+    assert len(out) == 1 and out[0][IP].tos >> 2 == want
+
+
+@pytest.mark.parametrize("opcode,dscp", [(0x04, 26), (0x81, 48)])  # RDMA SEND only, CNP
+async def test_roce_and_cnp_take_the_policy_classes(sw, opcode, dscp):
+    bth = bytes([opcode, 0, 0xFF, 0xFF, 0, 0, 0, 0x11, 0, 0, 0, 1])
+    pkt = bytes(packets.to_switch(GPU1_PORT) / IP(src="10.0.0.11", dst="10.0.0.12", tos=2)
+                / UDP(sport=49152, dport=4791) / Raw(bth + bytes(16)))
+    sw.io.send(GPU1_PORT, pkt)
+    out = [(p, Ether(f)) for p, frames in sw.io.collect(idle=0.15).items() for f in frames]
+    assert [p for p, _ in out] == [GPU2_PORT]
+    assert out[0][1][IP].tos >> 2 == dscp
+    assert out[0][1][IP].tos & 3 == 2  # ECT(0) kept: an empty queue marks nothing
