@@ -39,7 +39,7 @@ harness = pytest.importorskip("tests.dataplane.harness")
 packets = pytest.importorskip("tests.dataplane.packets")
 
 VIP, VIP_PORT = "10.10.0.1", 8000
-PREMIUM_NET, BASIC_NET, LAB_NET = "10.1.1", "10.1.2", "10.1.3"
+PREMIUM_NET, BASIC_NET, LAB_NET, METERED_NET = "10.1.1", "10.1.2", "10.1.3", "10.1.4"
 PREMIUM_PORT, BASIC_PORT, GPU1_PORT, GPU2_PORT, RESPONDER_PORT = 1, 2, 3, 4, 5
 
 FABRIC = f"""
@@ -70,10 +70,16 @@ contracts:
     class: {{service_class: high-throughput-data, priority_level: 80}}          # AF11
     tpm: 60
     burst: 10
+  metered:
+    class: {{service_class: low-latency-data, priority_level: 20, queue: 5}}
+    tpm: 6000000
+    bandwidth: {{cir: 1000, cbs: 2000, pir: 1000, pbs: 4000, exceed: remark,
+                exceed_dscp: 12, violate: drop}}
 tenants:
   - {{name: premium, id: 1, prefixes: [{PREMIUM_NET}.0/24], contract: premium}}
   - {{name: basic, id: 2, prefixes: [{BASIC_NET}.0/24], contract: basic}}
   - {{name: lab, id: 3, prefixes: [{LAB_NET}.0/24], contract: premium, trust_dscp: true}}
+  - {{name: metered, id: 4, prefixes: [{METERED_NET}.0/24], contract: metered}}
 """
 
 class ClientWriter:
@@ -232,3 +238,22 @@ async def test_roce_and_cnp_take_the_policy_classes(sw, opcode, dscp):
     assert [p for p, _ in out] == [GPU2_PORT]
     assert out[0][1][IP].tos >> 2 == dscp
     assert out[0][1][IP].tos & 3 == 2  # ECT(0) kept: an empty queue marks nothing
+
+
+async def test_bandwidth_profile_remarks_yellow_and_drops_red(sw):
+    """cbs 2000 and pbs 4000 bytes at 1000 B/s: of a quick burst of 200-byte frames
+    about 10 pass green, about 10 more yellow (remarked to DSCP 12), the rest is red."""
+    for i in range(40):
+        pkt = packets.to_switch(PREMIUM_PORT) / IP(src=f"{METERED_NET}.9", dst=VIP) \
+            / TCP(sport=9000 + i, dport=VIP_PORT, flags="S") / Raw(bytes(146))
+        assert len(bytes(pkt)) == 200
+        sw.io.send(PREMIUM_PORT, bytes(pkt))
+    out = [Ether(f) for frames in sw.io.collect(idle=0.3).values() for f in frames]
+    dscps = [p[IP].tos >> 2 for p in sorted(out, key=lambda p: p[TCP].sport)]
+    green, yellow = dscps.count(18), dscps.count(12)
+    assert set(dscps) <= {18, 12}
+    assert 8 <= green <= 12 and 8 <= yellow <= 12, dscps
+    assert dscps == sorted(dscps, reverse=True)  # green first, then yellow
+    red = 40 - len(out)
+    assert red >= 15
+    assert sw.client.packets("drops", dp.DropReason.METER_RED) == red
