@@ -258,3 +258,21 @@ async def test_bandwidth_profile_remarks_yellow_and_drops_red(sw):
     red = 40 - len(out)
     assert red >= 15
     assert sw.client.packets("drops", dp.DropReason.METER_RED) == red
+
+
+async def test_load_reports_move_the_hash_split(sw):
+    """gpu1 reports 6 of 8 running: headroom 25 against gpu2's 100, weights 1 : 4."""
+    router = Router(sw.model, clock=lambda: 0.0)
+    assert router.on_report("b1", running=6, waiting=0, kv_cache_usage=0.1)
+    router.on_report("b2", running=0, waiting=0, kv_cache_usage=0.0)
+    await resync(sw)
+    group = sw.held["s1"].entities[("group", "backend_selector", 1)]
+    assert dict(group.members) == {1: 1, 2: 4}
+    n = 400
+    for i in range(n):
+        src = f"{PREMIUM_NET}.{2 + i % 240}"
+        sw.io.send(PREMIUM_PORT, frame(src, 10000 + i, "S", PREMIUM_PORT))
+    got = sw.io.collect(idle=0.3)
+    to1, to2 = len(got[GPU1_PORT]), len(got[GPU2_PORT])
+    assert to1 + to2 == n
+    assert abs(to2 / n - 0.8) <= 0.07, (to1, to2)  # 1:4 within 7 points over 400 connections
