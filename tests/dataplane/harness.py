@@ -34,6 +34,8 @@ ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _tags = itertools.count()
+QUEUE_DEPTH = 1024
+PACE_EVERY, PACE_PAUSE = 8, 0.0005
 
 
 @contextlib.contextmanager
@@ -67,8 +69,14 @@ class PacketPorts:
                 sock.setblocking(False)
                 self.sockets[port] = sock
         self._port_of = {s.fileno(): p for p, s in self.sockets.items()}
+        self._sent = 0
 
     def send(self, port: int, frame: bytes) -> None:
+        # BMv2 reads each port through a libpcap ring of about 32 frames (default
+        # snaplen and buffer): pace bursts so that a busy machine does not overrun it.
+        self._sent += 1
+        if self._sent % PACE_EVERY == 0:
+            time.sleep(PACE_PAUSE)
         sock = self.sockets[port]
         for _ in range(100):  # a full veth queue says EAGAIN: wait for room, bounded
             try:
@@ -175,7 +183,9 @@ def rig(nports: int = 5, log_dir: Path | None = None) -> Iterator[Rig]:
         box.processes.append(switch.proc)  # the sandbox ends it even if we fail here
         client = P4RuntimeClient(opts.grpc_address)
         io = PacketPorts(ns, host_ifs)
-        yield Rig(box, ns, switch, client, io, root_ifs, host_ifs)
+        made = Rig(box, ns, switch, client, io, root_ifs, host_ifs)
+        made.cli(f"set_queue_depth {QUEUE_DEPTH}\n")  # BMv2's 64 drops test bursts
+        yield made
     finally:
         if io:
             io.close()
