@@ -374,10 +374,12 @@ class Switch:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except (grpc.aio.AioRpcError, SouthboundError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # any failure ends the session, never the retry loop
                 self.last_error = _describe(exc)
+                expected = isinstance(exc, (grpc.aio.AioRpcError, SouthboundError, OSError,
+                                            TimeoutError))
                 log.warning("switch %s (%s): session ended: %s", self.name,
-                            self.config.address, self.last_error)
+                            self.config.address, self.last_error, exc_info=not expected)
             finally:
                 await self._end_session()
             if self._stopping.is_set():
