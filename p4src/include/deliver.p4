@@ -11,8 +11,8 @@ control Deliver(inout headers_t hdr,
 
     bool encap = false;
     bool delivered = false;
-    bit<32> tunnel_src_addr;
-    bit<32> tunnel_dst_addr;
+    bit<32> tunnel_src_addr = 0;
+    bit<32> tunnel_dst_addr = 0;
 
     @name(".deliver_local")
     action deliver_local(port_t port, mac_t smac, mac_t dmac) {
@@ -67,7 +67,7 @@ control Deliver(inout headers_t hdr,
         if (meta.drop_reason != DROP_NONE || meta.consumed == 1) {
             return;
         }
-        if (meta.service_hit == 1) {
+        if (meta.service_hit == 1 || meta.decap == 1) {
             backend.apply();
             if (delivered || meta.drop_reason != DROP_NONE) {
                 return;
