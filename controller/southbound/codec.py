@@ -222,9 +222,10 @@ class Codec:
 
     # ---- encode ------------------------------------------------------------------
 
-    def encode(self, entity: Entity) -> p4runtime_pb2.Entity:
-        """Protobuf of a normalized entity."""
-        pb = p4runtime_pb2.Entity()
+    def encode(self, entity: Entity, pb: p4runtime_pb2.Entity | None = None) \
+            -> p4runtime_pb2.Entity:
+        """Protobuf of a normalized entity, built in `pb` when given (saves a copy)."""
+        pb = p4runtime_pb2.Entity() if pb is None else pb
         if isinstance(entity, TableEntry):
             self._encode_table_entry(entity, pb.table_entry)
         elif isinstance(entity, ProfileMember):

@@ -650,7 +650,7 @@ class Switch:
             request.role = self.config.role_name
         for update in updates:
             pb = request.updates.add(type=_UPDATE_TYPES[update.type])
-            pb.entity.CopyFrom(self.codec.encode(update.entity))
+            self.codec.encode(update.entity, pb.entity)
             if update.type == RESET:
                 pb.entity.meter_entry.ClearField("config")
         try:
