@@ -218,3 +218,27 @@ async def test_bmv2_token_router_takes_a_compiled_example_policy(bmv2):
         assert again.stats.last.writes == 0 and again.stats.pipeline_pushes == 0
     finally:
         await again.stop()
+
+
+async def test_bmv2_open_shell_reads_as_a_backup(bmv2, pipeline):
+    """`tokenfabric switch shell` runs open_shell(): p4runtime-shell's prompt, read-only."""
+    import sys
+
+    switch = await as_primary(controller(bmv2, pipeline))
+    try:
+        await switch.apply(mini_state(tenants=2))
+        code = ("import sys; from controller.switch_shell import open_shell; "
+                f"sys.exit(open_shell({bmv2.opts.grpc_address!r}, 1, {str(P4INFO)!r}, "
+                f"{str(BMV2_JSON)!r}))")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        typed = b"print(len(list(table_entry['MiniIngress.classify'].read())))\nexit\n"
+        out, _ = await asyncio.wait_for(proc.communicate(typed), 60)
+        text = out.decode(errors="replace")
+        assert proc.returncode == 0, text
+        assert "not the primary client" in text and "warning" not in text
+        assert ">>> 2" in text  # the shell read both classify entries
+        assert switch.role is Role.PRIMARY and switch.stats.sessions == 1
+    finally:
+        await switch.stop()
