@@ -95,3 +95,153 @@ def emulator_command(host: str, port: int, model: str, max_model_len: int,
 @click.group("agent")
 def agent_group() -> None:
     """The host agent: bridge, beacons, reports, host setup, RoCE QoS."""
+
+
+def _load_config(path: str | None, flags: dict):  # noqa: ANN202
+    from hostagent.config import load
+    from tokenfabric.config import ConfigError
+
+    try:
+        return load(path, flags)
+    except (ConfigError, OSError) as exc:
+        click.echo(f"agent: {exc}", err=True)
+        sys.exit(exitcodes.INVALID_INPUT)
+
+
+@agent_group.command("run")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              envvar="TOKENFABRIC_CONFIG", help="YAML file with an `agent:` section.")
+@click.option("--controller-url", default=None, help="Override agent.controller_url.")
+@click.option("--vllm-url", default=None, help="Override agent.vllm_url.")
+@click.option("--listen-port", default=None, type=click.IntRange(0, 65535),
+              help="Override agent.listen_port (the bridge).")
+@click.option("--mode", default=None, type=click.Choice(["relay", "overflow"]),
+              help="Override agent.mode.")
+def run_command(config_path: str | None, controller_url: str | None, vllm_url: str | None,
+                listen_port: int | None, mode: str | None) -> None:
+    """Run the agent: bridge, beacons, registration and reports (until SIGTERM)."""
+    from hostagent.agent import run_agent
+    from hostagent.hostsetup import HostSetupError
+
+    config = _load_config(config_path, {"controller_url": controller_url, "vllm_url": vllm_url,
+                                        "listen_port": listen_port, "mode": mode})
+    try:
+        _run_until_signal(lambda stop: run_agent(config, stop))
+    except HostSetupError as exc:
+        click.echo(f"agent: host set-up failed (nothing left changed): {exc}", err=True)
+        sys.exit(exitcodes.FAILED)
+    except OSError as exc:
+        click.echo(f"agent: {exc}", err=True)
+        sys.exit(exitcodes.FAILED)
+
+
+@agent_group.command("host-setup")
+@click.option("--vip", required=True, help="The service VIP to hold on lo.")
+@click.option("--address", default=None, help="The host's fabric address (ipip local end).")
+@click.option("--decap-interface", default="tfa-ipip0", show_default=True)
+@click.option("--no-decap", is_flag=True, help="Skip the IP-in-IP decapsulation device.")
+def host_setup_command(vip: str, address: str | None, decap_interface: str,
+                       no_decap: bool) -> None:
+    """Apply the host set-up, hold it until SIGINT/SIGTERM, then undo it."""
+    import json
+
+    from hostagent.hostsetup import HostSetup, HostSetupError
+
+    setup = HostSetup(vip, address, decap_interface, decap=not no_decap)
+    try:
+        status = setup.apply()
+    except (HostSetupError, OSError) as exc:
+        click.echo(f"host-setup failed (nothing left changed): {exc}", err=True)
+        sys.exit(exitcodes.FAILED)
+    click.echo(json.dumps(status), nl=True)
+    sys.stdout.flush()
+
+    async def hold(stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    try:
+        _run_until_signal(hold, use_uvloop=False)
+    finally:
+        setup.undo()
+        click.echo("host-setup undone")
+
+
+@agent_group.command("roce")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Take RoCE values from the `agent.roce` section of this file.")
+@click.option("--dscp", type=click.IntRange(0, 63), default=None)
+@click.option("--priority", type=click.IntRange(0, 7), default=None)
+@click.option("--cnp-dscp", type=click.IntRange(0, 63), default=None)
+@click.option("--cnp-priority", type=click.IntRange(0, 7), default=None)
+@click.option("--no-ecn", is_flag=True, default=False)
+@click.option("--no-pfc", is_flag=True, default=False)
+@click.option("--netdev", default=None, help="Network device (default: each RDMA device's).")
+@click.option("--rdma-dev", default=None, help="RDMA device (default: each found).")
+@click.option("--dry-run", is_flag=True, help="Print the exact commands, change nothing.")
+def roce_command(config_path: str | None, dscp: int | None, priority: int | None,
+                 cnp_dscp: int | None, cnp_priority: int | None, no_ecn: bool, no_pfc: bool,
+                 netdev: str | None, rdma_dev: str | None, dry_run: bool) -> None:
+    """RoCEv2 QoS on this host: DSCP->priority, PFC, ECN, CNP DSCP."""
+    import yaml
+
+    from hostagent import roce
+
+    values: dict = {}
+    if config_path:
+        try:
+            with open(config_path) as handle:
+                section = (yaml.safe_load(handle) or {}).get("agent") or {}
+            values = dict(section.get("roce") or {})
+        except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:
+            click.echo(f"roce: {config_path}: no readable agent.roce mapping: {exc}", err=True)
+            sys.exit(exitcodes.INVALID_INPUT)
+    for key, value in (("dscp", dscp), ("priority", priority), ("cnp_dscp", cnp_dscp),
+                       ("cnp_priority", cnp_priority)):
+        if value is not None:
+            values[key] = value
+    if no_ecn:
+        values["ecn"] = False
+    if no_pfc:
+        values["pfc"] = False
+    try:
+        qos = roce.RoceQos.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        click.echo(f"roce: {exc}", err=True)
+        sys.exit(exitcodes.INVALID_INPUT)
+    devices = roce.rdma_devices()
+    if rdma_dev or netdev:
+        devices = {rdma_dev or "rdma0": [netdev] if netdev else devices.get(rdma_dev, [])}
+    if not devices:
+        click.echo(f"no RDMA device found ({roce.SYS_INFINIBAND} is empty or absent): "
+                   "nothing to apply. Name one with --netdev/--rdma-dev to see the commands.")
+        return
+    if dry_run:
+        for dev, netdevs in devices.items():
+            for nd in netdevs:
+                click.echo(roce.render(roce.commands(qos, nd, dev)))
+        return
+    status = roce.apply(qos, devices)
+    click.echo(status["message"])
+    if status.get("failures"):
+        sys.exit(exitcodes.FAILED)
+
+
+@agent_group.command("scrape")
+@click.option("--vllm-url", default="http://127.0.0.1:8000", show_default=True)
+def scrape_command(vllm_url: str) -> None:
+    """Scrape a vLLM /metrics once and print what the agent reads from it (JSON)."""
+    import json
+
+    import aiohttp
+
+    from hostagent.metrics import ScrapeError, scrape
+
+    async def once() -> dict:
+        async with aiohttp.ClientSession() as session:
+            return (await scrape(session, vllm_url)).as_report()
+
+    try:
+        click.echo(json.dumps(asyncio.run(once()), indent=2))
+    except ScrapeError as exc:
+        click.echo(f"scrape: {exc}", err=True)
+        sys.exit(exitcodes.FAILED)
