@@ -342,6 +342,8 @@ class Bridge:
                             "bad_gateway") from exc
         lines = [f"{request.method} {request.target} HTTP/1.1"]
         lines += [f"{k}: {v}" for k, v in request.headers if k not in HOP_BY_HOP]
+        if request.header("host") is None:  # HTTP/1.1 needs one; an HTTP/1.0 client may omit it
+            lines.append(f"host: {s.upstream_host}:{s.upstream_port}")
         if request.body or request.method in ("POST", "PUT", "PATCH"):
             lines.append(f"content-length: {len(request.body)}")
         lines.append("connection: close")
