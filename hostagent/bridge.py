@@ -177,12 +177,14 @@ class _Counter:
                     if isinstance(usage, dict):
                         self.usage = usage
                         continue
-            if _has_content(body):
+            if _is_token_chunk(body):
                 self.chunks += 1
 
 
-def _has_content(body: bytes) -> bool:
-    """A chunk that carries generated text (not the role-only or the usage-only chunk)."""
+def _is_token_chunk(body: bytes) -> bool:
+    """A chunk that carries a generated token: vLLM sends one per token, with empty text
+    while a multi-byte character is incomplete. Not the chat stream's opening chunk (the
+    assistant role) nor a usage-only chunk (no choices)."""
     try:
         choices = json.loads(body).get("choices") or []
     except (ValueError, AttributeError):
@@ -190,7 +192,8 @@ def _has_content(body: bytes) -> bool:
     for choice in choices:
         if not isinstance(choice, dict):
             continue
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+        delta = choice.get("delta")
+        if "text" in choice or (isinstance(delta, dict) and "role" not in delta):
             return True
     return False
 
