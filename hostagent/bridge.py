@@ -38,7 +38,7 @@ MAX_HEAD = 64 * 1024
 MAX_BODY = 16 * 1024 * 1024
 MAX_KEPT_RESPONSE = 8 * 1024 * 1024   # non-streaming bodies kept to read `usage` from
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
-              "transfer-encoding", "content-length", TENANT_HEADER}
+              "transfer-encoding", "content-length", "expect", TENANT_HEADER}
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _REASONS = {400: "Bad Request", 404: "Not Found", 411: "Length Required",
             413: "Payload Too Large", 429: "Too Many Requests", 431: "Header Too Large",
@@ -132,7 +132,8 @@ async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
         body += (await reader.readexactly(size + 2))[:-2]
 
 
-async def read_request(reader: asyncio.StreamReader) -> _Request:
+async def read_request(reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter | None = None) -> _Request:
     start, headers = _parse_head(await _read_head(reader))
     parts = start.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -140,6 +141,12 @@ async def read_request(reader: asyncio.StreamReader) -> _Request:
     request = _Request(parts[0], parts[1], headers, b"")
     encoding = (request.header("transfer-encoding") or "").lower()
     length = request.header("content-length")
+    if writer is not None and (request.header("expect") or "").lower() == "100-continue":
+        # curl asks this for bodies over 1 KiB and would wait a second for the answer.
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            raise HttpError(413, f"request body larger than {MAX_BODY} bytes",
+                            "invalid_request_error")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     if "chunked" in encoding:
         request.body = await _read_chunked(reader, MAX_BODY)
     elif length is not None:
@@ -262,7 +269,7 @@ class Bridge:
         self.in_flight += 1
         try:
             try:
-                request = await read_request(reader)
+                request = await read_request(reader, writer)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return  # the client left before sending a whole request
             except HttpError as exc:
@@ -373,6 +380,8 @@ class Bridge:
         values = dict(headers)
         chunked = "chunked" in values.get("transfer-encoding", "").lower()
         length = values.get("content-length")
+        if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            chunked, length = False, "0"  # no body follows such a head
         is_sse = values.get("content-type", "").startswith("text/event-stream")
         out = [(k, v) for k, v in headers if k not in ("connection", "keep-alive")]
         out.append(("connection", "close"))
