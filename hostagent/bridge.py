@@ -40,7 +40,8 @@ MAX_KEPT_RESPONSE = 8 * 1024 * 1024   # non-streaming bodies kept to read `usage
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
               "transfer-encoding", "content-length", "expect", TENANT_HEADER}
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-_REASONS = {400: "Bad Request", 404: "Not Found", 411: "Length Required",
+_REASONS = {400: "Bad Request", 404: "Not Found", 408: "Request Timeout",
+            411: "Length Required",
             413: "Payload Too Large", 429: "Too Many Requests", 431: "Header Too Large",
             502: "Bad Gateway", 504: "Gateway Timeout"}
 
@@ -64,6 +65,7 @@ class BridgeSettings:
     connect_timeout: float = 5.0
     trust_tenant_header: bool = False
     overflow_request_tokens: int = 512
+    request_timeout: float = 30.0       # a client must send its whole request within this
 
 
 def error_body(status: int, message: str, kind: str) -> bytes:
@@ -269,9 +271,15 @@ class Bridge:
         self.in_flight += 1
         try:
             try:
-                request = await read_request(reader, writer)
+                async with asyncio.timeout(self.settings.request_timeout):
+                    request = await read_request(reader, writer)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return  # the client left before sending a whole request
+            except TimeoutError:
+                self._send_error(writer, HttpError(
+                    408, f"no complete request within {self.settings.request_timeout:g} s",
+                    "invalid_request_error"))
+                return
             except HttpError as exc:
                 self._send_error(writer, exc)
                 return

@@ -315,3 +315,16 @@ async def test_get_and_head_are_relayed(emulator):
     assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
     assert head_time < 2  # no body awaited after the head of a HEAD answer
     assert all(u["errors"] == 0 for _, u in recorder.finished)
+
+
+async def test_a_client_that_never_finishes_its_request_gets_408():
+    bridge, _ = await start_bridge(free_port(), request_timeout=0.3)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\ncontent-length: 100\r\n\r\n{")
+        reply = await asyncio.wait_for(reader.read(-1), 5)  # the bridge closes: no half-open
+        writer.close()
+    finally:
+        await bridge.stop()
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert bridge.in_flight == 0
