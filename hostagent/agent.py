@@ -50,6 +50,7 @@ class Agent:
         self.bridge = Bridge(BridgeSettings(
             upstream_host=_url_host(config.vllm_url), upstream_port=_url_port(config.vllm_url),
             mode=config.mode, upstream_timeout=config.upstream_timeout,
+            request_timeout=config.request_timeout,
             trust_tenant_header=config.trust_tenant_header,
             overflow_request_tokens=config.overflow_request_tokens),
             self.tenants, on_finish=self._on_request_finished)

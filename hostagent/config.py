@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "trust_tenant_header": False,      # X-Tokenfabric-Tenant picks the tenant (labs, tests)
     "overflow_request_tokens": 512,    # tokens one retry is expected to cost (Retry-After)
     "upstream_timeout": 30.0,          # seconds to wait for vLLM's response headers
+    "request_timeout": 30.0,           # seconds a client has to send its whole request
     "beacon_target": f"{FABRIC_ADDRESS}:{BEACON_PORT}",
     "beacon_source": None,             # bind beacons to this address (default: address)
     "beacon_interval": 0.02,
@@ -73,6 +74,7 @@ class AgentConfig:
     trust_tenant_header: bool
     overflow_request_tokens: int
     upstream_timeout: float
+    request_timeout: float
     beacon_target: str
     beacon_source: str | None
     beacon_interval: float
@@ -124,7 +126,7 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
     if values["capacity"] < 1:
         raise ConfigError("agent.capacity must be at least 1")
     for key in ("beacon_interval", "scrape_interval", "health_interval", "stale_after",
-                "report_interval", "upstream_timeout"):
+                "report_interval", "upstream_timeout", "request_timeout"):
         if not isinstance(values[key], int | float) or values[key] <= 0:
             raise ConfigError(f"agent.{key} must be a positive number of seconds")
     if values["mode"] not in ("relay", "overflow"):
