@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "upstream_timeout": 30.0,          # seconds to wait for vLLM's response headers
     "request_timeout": 30.0,           # seconds a client has to send its whole request
     "beacon_target": f"{FABRIC_ADDRESS}:{BEACON_PORT}",
-    "beacon_source": None,             # bind beacons to this address (default: address)
+    "beacon_source": None,             # bind beacons to this address (default: the kernel picks)
     "beacon_interval": 0.02,
     "scrape_interval": 0.1,
     "health_interval": 0.5,
