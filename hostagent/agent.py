@@ -105,10 +105,14 @@ class Agent:
             waiter.cancel()
         finally:
             log.info("agent stopping")
+            # Tell the switch first (DRAINING: no new connections here), then let the
+            # requests in flight finish while the beacons keep flowing.
+            self.draining = True
+            self._send_load()
+            await self.bridge.stop(grace=cfg.shutdown_grace)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.bridge.stop()
             await self._deregister()
             if self.session:
                 await self.session.close()

@@ -248,9 +248,15 @@ class Bridge:
         assert self.server is not None
         return self.server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting; give the requests in flight up to `grace` seconds to finish."""
         if self.server:
             self.server.close()
+            deadline = asyncio.get_running_loop().time() + grace
+            while self.in_flight and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            if self.in_flight:
+                log.warning("bridge stopped with %d request(s) in flight", self.in_flight)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 

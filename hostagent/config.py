@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "health_interval": 0.5,
     "stale_after": 1.0,                # metrics older than this: report down
     "report_interval": 1.0,
+    "shutdown_grace": 10.0,            # on exit, seconds the requests in flight may finish in
     "host_setup": False,               # VIP on lo, ARP sysctls, IP-in-IP decap (needs root)
     "decap_interface": "tfa-ipip0",
     "roce": {},                        # RoCE QoS values; the controller's may override
@@ -82,6 +83,7 @@ class AgentConfig:
     health_interval: float
     stale_after: float
     report_interval: float
+    shutdown_grace: float
     host_setup: bool
     decap_interface: str
     roce: dict
@@ -129,6 +131,8 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
                 "report_interval", "upstream_timeout", "request_timeout"):
         if not isinstance(values[key], int | float) or values[key] <= 0:
             raise ConfigError(f"agent.{key} must be a positive number of seconds")
+    if not isinstance(values["shutdown_grace"], int | float) or values["shutdown_grace"] < 0:
+        raise ConfigError("agent.shutdown_grace must be a number of seconds, 0 or more")
     if values["mode"] not in ("relay", "overflow"):
         raise ConfigError("agent.mode must be relay or overflow")
     if not isinstance(values["models"], list):

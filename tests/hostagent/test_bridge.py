@@ -328,3 +328,18 @@ async def test_a_client_that_never_finishes_its_request_gets_408():
         await bridge.stop()
     assert reply.startswith(b"HTTP/1.1 408")
     assert bridge.in_flight == 0
+
+
+async def test_stop_lets_the_requests_in_flight_finish(emulator):
+    bridge, recorder = await start_bridge(emulator.port)
+    port = bridge.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post({"model": "tiny", "prompt": "x", "max_tokens": 300, "stream": True}))
+    await reader.readuntil(b"data: ")
+    await bridge.stop(grace=10)   # returns once the stream is over
+    rest = await asyncio.wait_for(reader.read(-1), 5)
+    writer.close()
+    assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the whole chunked body
+    assert recorder.finished[0][1]["errors"] == 0 and bridge.in_flight == 0
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
