@@ -154,9 +154,9 @@ def test_fault_slow_makes_requests_slower(emulator):
         return time.perf_counter() - started
 
     normal = min(duration() for _ in range(2))
-    emulator.fault("slow", 5)
+    emulator.fault("slow", 20)
     slowed = duration()
-    assert slowed > 3 * normal
+    assert slowed > 5 * normal  # 20x the step time, with room for a busy machine
 
 
 def test_fault_crash_ends_the_process(emulator):
