@@ -182,12 +182,16 @@ async def test_apply_reports_failing_updates_of_a_reconcile(fake, pipeline):
 async def test_bad_entity_fails_before_anything_is_written(fake, pipeline):
     switch = await started(make_switch(fake, pipeline))
     try:
+        good = mini_state(tenants=1)
+        await switch.apply(good)
+        written = fake.updates_written()
         desired = mini_state(tenants=2)
         desired.add(TableEntry.of("classify", {"hdr.ipv4.src_addr": Lpm(2**32, 8)},
                                   Action.of("set_tenant", tenant=1)))
         with pytest.raises(TranslationError, match="does not fit in 32 bits"):
             await switch.apply(desired)
-        assert fake.updates_written() == 0
+        assert fake.updates_written() == written
+        assert switch.desired is good  # the bad state was not remembered either
         bad_table = DesiredState()
         bad_table.add(TableEntry.of("nosuch", {}, Action.of("drop")))
         with pytest.raises(TranslationError, match="unknown table 'nosuch'.*MiniIngress.routes"):
