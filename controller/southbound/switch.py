@@ -31,7 +31,7 @@ from google.rpc import code_pb2, status_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
 from controller import log
-from controller.entries import DesiredState, Entity, TableEntry
+from controller.entries import DesiredState, Entity
 from controller.southbound import weights
 from controller.southbound.codec import Codec
 from controller.southbound.errors import (
@@ -188,9 +188,15 @@ class Switch:
         self._handlers.append(handler)
 
     async def start(self) -> None:
+        """Connect (in the background, retrying until stop())."""
+        self.launch()
+
+    def launch(self) -> None:
+        """start() for callers that are not coroutines (needs a running event loop)."""
         if self._task is None:
             self._stopping.clear()
-            self._task = asyncio.create_task(self._run(), name=f"p4rt-{self.name}")
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name=f"p4rt-{self.name}")
 
     async def stop(self) -> None:
         """End the session: the switch then promotes the next controller (if any)."""
@@ -276,8 +282,8 @@ class Switch:
             out[entry.index.index] = CounterValue(entry.data.packet_count, entry.data.byte_count)
         return out
 
-    async def read_direct_counters(self, table: str) -> dict[TableEntry, CounterValue]:
-        """The direct counter of every entry of `table`."""
+    async def read_direct_counters(self, table: str) -> dict[tuple, CounterValue]:
+        """The direct counter of every entry of `table`, by the entry's TableEntry.key()."""
         info = self.index.table(table)
         if not info.direct_counter_ids:
             raise TranslationError(f"table {info.name} has no direct counter")
@@ -286,9 +292,8 @@ class Switch:
         out = {}
         for entity in await self.read_entities([pb]):
             entry = entity.direct_counter_entry
-            wrapped = p4runtime_pb2.Entity(table_entry=entry.table_entry)
-            key = self.codec.decode(wrapped)
-            out[key] = CounterValue(entry.data.packet_count, entry.data.byte_count)
+            out[self.codec.decode_key(entry.table_entry)] = CounterValue(
+                entry.data.packet_count, entry.data.byte_count)
         return out
 
     async def read_meters(self, name: str | None = None) -> DesiredState:
@@ -368,10 +373,12 @@ class Switch:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except (grpc.aio.AioRpcError, SouthboundError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # any failure ends the session, never the retry loop
                 self.last_error = _describe(exc)
+                expected = isinstance(exc, (grpc.aio.AioRpcError, SouthboundError, OSError,
+                                            TimeoutError))
                 log.warning("switch %s (%s): session ended: %s", self.name,
-                            self.config.address, self.last_error)
+                            self.config.address, self.last_error, exc_info=not expected)
             finally:
                 await self._end_session()
             if self._stopping.is_set():
@@ -383,7 +390,13 @@ class Switch:
 
     async def _session(self) -> None:
         """One channel + stream; returns (or raises) when the stream ends."""
-        self._channel = grpc.aio.insecure_channel(self.config.address, options=GRPC_OPTIONS)
+        # gRPC's own reconnect backoff (1 s and up by default) would add to ours
+        first, most = int(self.config.backoff_initial * 1000), int(self.config.backoff_max * 1000)
+        backoff_ms = [("grpc.initial_reconnect_backoff_ms", first),
+                      ("grpc.min_reconnect_backoff_ms", first),
+                      ("grpc.max_reconnect_backoff_ms", most)]
+        self._channel = grpc.aio.insecure_channel(self.config.address,
+                                                  options=GRPC_OPTIONS + backoff_ms)
         await asyncio.wait_for(self._channel.channel_ready(), self.config.connect_timeout)
         self._stub = p4runtime_pb2_grpc.P4RuntimeStub(self._channel)
         stream = self._stub.StreamChannel()
@@ -637,7 +650,7 @@ class Switch:
             request.role = self.config.role_name
         for update in updates:
             pb = request.updates.add(type=_UPDATE_TYPES[update.type])
-            pb.entity.CopyFrom(self.codec.encode(update.entity))
+            self.codec.encode(update.entity, pb.entity)
             if update.type == RESET:
                 pb.entity.meter_entry.ClearField("config")
         try:

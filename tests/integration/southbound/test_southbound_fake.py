@@ -182,12 +182,16 @@ async def test_apply_reports_failing_updates_of_a_reconcile(fake, pipeline):
 async def test_bad_entity_fails_before_anything_is_written(fake, pipeline):
     switch = await started(make_switch(fake, pipeline))
     try:
+        good = mini_state(tenants=1)
+        await switch.apply(good)
+        written = fake.updates_written()
         desired = mini_state(tenants=2)
         desired.add(TableEntry.of("classify", {"hdr.ipv4.src_addr": Lpm(2**32, 8)},
                                   Action.of("set_tenant", tenant=1)))
         with pytest.raises(TranslationError, match="does not fit in 32 bits"):
             await switch.apply(desired)
-        assert fake.updates_written() == 0
+        assert fake.updates_written() == written
+        assert switch.desired is good  # the bad state was not remembered either
         bad_table = DesiredState()
         bad_table.add(TableEntry.of("nosuch", {}, Action.of("drop")))
         with pytest.raises(TranslationError, match="unknown table 'nosuch'.*MiniIngress.routes"):
@@ -406,7 +410,7 @@ async def test_counters_direct_counters_and_meters(fake, pipeline):
         route = normalized(desired, pipeline).entities
         [entry] = [e for e in route.values() if isinstance(e, TableEntry)
                    and e.table == "MiniIngress.routes"]
-        assert direct[entry].packets == 3
+        assert direct[entry.key()].packets == 3
 
         meters = await switch.read_meters("tenant_meter")
         assert sorted(m.index for m in meters.entities.values()) == [1, 2, 3]
@@ -465,5 +469,30 @@ async def test_apply_all_rolls_back_every_switch(fakes, pipeline):
         for server in fakes[:2]:
             assert held_on_fake(server, pipeline).entities == \
                 normalized(before["s0"], pipeline).entities
+    finally:
+        await sb.stop()
+
+
+async def test_switches_join_and_leave_a_running_southbound(fakes, pipeline):
+    sb = Southbound(election_id=4)
+    sb.add_switch("s0", fakes[0].address, device_id=0, pipeline=pipeline, **FAST)
+    await sb.start()
+    try:
+        late = sb.add_switch("s1", fakes[1].address, device_id=1, pipeline=pipeline, **FAST)
+        await late.wait_role(Role.PRIMARY)
+        with pytest.raises(ValueError, match="already registered"):
+            sb.add_switch("s1", fakes[1].address)
+        assert (await sb.apply({"s1": mini_state(tenants=1)}))["s1"].applied
+        await sb.remove_switch("s1")
+        for _ in range(200):  # the server sees the stream end shortly after
+            if fakes[1].primary is None:
+                break
+            await asyncio.sleep(0.01)
+        assert fakes[1].primary is None
+        with pytest.raises(Exception, match="no such switch"):
+            await sb.apply({"s1": mini_state(tenants=1)})
+        offline = sb.add_switch("s9", "127.0.0.1:1", device_id=9, pipeline=pipeline, **FAST)
+        result = await offline.apply(mini_state(tenants=1))
+        assert not result.applied and result.reason == "disconnected"
     finally:
         await sb.stop()
