@@ -295,6 +295,8 @@ class Policy:
     contracts: dict[str, Contract] = field(default_factory=dict)
     roce: RoceValues = field(default_factory=RoceValues)
     default_contract: str | None = None  # traffic from no tenant prefix; None: best effort
+    # (dscp, queue) -> the switch's tclass, kept across reloads (compile.plan_classes)
+    class_ids: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 @dataclass

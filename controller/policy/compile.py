@@ -110,7 +110,7 @@ class ClassPlan:
     """The dataplane's traffic classes (tclass 0..7)."""
 
     by_key: dict[tuple[int, int], int]  # (dscp, queue) -> tclass
-    rows: list[tuple[int, int]]  # tclass -> (dscp, queue)
+    rows: dict[int, tuple[int, int]]  # tclass -> (dscp, queue); may have holes
     roce: int | None
     cnp: int | None
 
@@ -119,26 +119,44 @@ class ClassPlan:
 
 
 def plan_classes(policy: Policy) -> ClassPlan:
-    """tclass 0 is traffic of no tenant; then RoCE's two; then each distinct contract class."""
+    """tclass 0 is traffic of no tenant; 1 and 2 RoCE's; then each distinct contract class.
+
+    A contract class keeps the tclass it had in `policy.class_ids` (the policy being
+    replaced, see schema.py), so that a reload adding a class rewrites no tenant's
+    entries and class counters keep their meaning; new classes take free numbers.
+    """
     default = DEFAULT_CLASS
     if policy.default_contract:
         default = policy.contracts[policy.default_contract].traffic_class
-    rows: list[tuple[int, int]] = [(default.dscp, default.queue)]
+    rows: dict[int, tuple[int, int]] = {0: (default.dscp, default.queue)}
     roce = cnp = None
     if policy.roce.enabled:
-        rows.append((policy.roce.dscp, policy.roce.priority))
-        rows.append((policy.roce.cnp_dscp, policy.roce.cnp_priority))
+        rows[1] = (policy.roce.dscp, policy.roce.priority)
+        rows[2] = (policy.roce.cnp_dscp, policy.roce.cnp_priority)
         roce, cnp = 1, 2
+    fixed = len(rows)
     by_key: dict[tuple[int, int], int] = {rows[0]: 0}
+    wanted: list[tuple[int, int]] = []
     for contract in sorted(policy.contracts.values(), key=lambda c: c.name):
         key = (contract.traffic_class.dscp, contract.traffic_class.queue)
+        if key not in by_key and key not in wanted:
+            wanted.append(key)
+    for key in wanted:
+        old = policy.class_ids.get(key)
+        if old is not None and fixed <= old < NUM_CLASSES and old not in rows:
+            rows[old] = key
+            by_key[key] = old
+    for key in wanted:
         if key not in by_key:
-            by_key[key] = len(rows)
-            rows.append(key)
-    if len(rows) > NUM_CLASSES:
-        raise CompileError(f"{len(rows)} traffic classes (DSCP, queue) needed, the switch "
-                           f"has {NUM_CLASSES} (one for traffic of no tenant"
-                           f"{' and two for RoCE' if policy.roce.enabled else ''})")
+            free = next((t for t in range(fixed, NUM_CLASSES) if t not in rows), None)
+            if free is None:
+                need = fixed + len(wanted)
+                raise CompileError(
+                    f"{need} traffic classes (DSCP, queue) needed, the switch has "
+                    f"{NUM_CLASSES} (one for traffic of no tenant"
+                    f"{' and two for RoCE' if policy.roce.enabled else ''})")
+            rows[free] = key
+            by_key[key] = free
     return ClassPlan(by_key, rows, roce, cnp)
 
 
@@ -174,7 +192,7 @@ def _shared_entities(model: Model, classes: ClassPlan) -> list[Entity]:
     out: list[Entity] = []
     add_table = out.append
 
-    for tclass, (dscp, queue) in enumerate(classes.rows):
+    for tclass, (dscp, queue) in sorted(classes.rows.items()):
         add_table(TableEntry.of(P4.CLASS_QOS, {"tclass": Exact(tclass)},
                                 Action.of(P4.SET_CLASS_QOS, dscp=dscp, priority=queue)))
     if classes.roce is not None:
@@ -230,7 +248,7 @@ def _dscp_class_entries(policy: Policy, classes: ClassPlan) -> list[Entity]:
     """
     roce_rows = {r for r in (classes.roce, classes.cnp) if r is not None}
     first_by_dscp: dict[int, int] = {}
-    for tclass, (dscp, _queue) in enumerate(classes.rows):
+    for tclass, (dscp, _queue) in sorted(classes.rows.items()):
         if tclass not in roce_rows:
             first_by_dscp.setdefault(dscp, tclass)
     out: list[Entity] = []

@@ -121,13 +121,15 @@ def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | N
     elif tnode.is_list():
         vips = {s.vip for s in model.services.values()} if model is not None else set()
         _parse_tenants(tnode, policy, services, previous, declared, nodes, vips)
+    if previous is not None:
+        policy.class_ids = dict(previous.class_ids)  # keep the classes' numbers
     _check_class_budget(policy, nodes)
 
 
 def _check_class_budget(policy: Policy, nodes: dict[str, Node]) -> None:
     """The switch has NUM_CLASSES traffic classes; report the contract that overflows them."""
     try:
-        plan_classes(policy)
+        policy.class_ids = dict(plan_classes(policy).by_key)
     except CompileError as exc:
         seen = {(DEFAULT_CLASS.dscp, DEFAULT_CLASS.queue)}
         if policy.default_contract in policy.contracts:

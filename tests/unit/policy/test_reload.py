@@ -193,3 +193,23 @@ async def test_sync_model_writes_router_changes_and_keeps_the_old_state_on_failu
     report, again = await sync_model(model, held, switches.write)
     assert not report.ok and again is held
     assert all(switches.state(n) == held[n].entities for n in held)
+
+
+async def test_a_new_class_keeps_the_numbers_of_the_others(tmp_path):
+    """A contract named to sort first, with a class of its own: no tenant is rewritten."""
+    model = leafspine()
+    before = dict(model.policy.class_ids)
+    old = compile_model(model)
+    switches = FakeSwitches(old)
+    path = tmp_path / "policy.yaml"
+    path.write_text((EXAMPLES / "policy-roce.yaml").read_text().replace(
+        "contracts:\n", "contracts:\n  aaa-voice:\n    class: {service_class: telephony, "
+        "priority_level: 10}\n    tpm: 6000\n"))
+    report = await reload_policy(model, path, switches.write)
+    assert report.ok, report.errors
+    for key, tclass in before.items():
+        assert model.policy.class_ids[key] == tclass
+    assert model.policy.class_ids[(46, 5)] not in before.values()
+    # the class's class_qos entry and, as a tenant trusts DSCP, its dscp_class entry;
+    # nothing modified or deleted
+    assert all(c == (2, 0, 0) for c in report.apply.changes.values()), report.apply.changes
