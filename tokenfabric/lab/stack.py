@@ -1,0 +1,200 @@
+"""The software of a lab run: controller, emulators, agents; their files; their REST API.
+
+Everything is started through LabNetwork.popen (in a host's namespace) or
+`start_root` (the controller, in the root namespace, where the switches'
+gRPC ports are), so teardown ends it by PID.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from tokenfabric.bmv2 import free_port
+from tokenfabric.lab.experiments import (
+    EMULATOR_DECODE_BASE_MS,
+    EMULATOR_MAX_NUM_SEQS,
+    EMULATOR_PREFILL_MS_PER_TOKEN,
+    Experiment,
+)
+from tokenfabric.lab.network import LabNetwork
+from tokenfabric.lab.plan import EMULATOR_PORT, LabHost, LabPlan
+
+API = "/api/v1"
+CLI = [sys.executable, "-m", "tokenfabric.cli"]
+FIVEQI = {"premium": 80, "best-effort": 9}  # TS 23.501 Table 5.7.4-1: low-latency eMBB; default
+
+
+# Switch states (GET /switches .status) that mean "pipeline pushed and entries written".
+READY_SWITCH = {"programmed", "ready", "in_sync", "synced", "running"}
+
+
+class StackError(RuntimeError):
+    """A component did not start or did not become ready."""
+
+
+def policy_dict(exp: Experiment, plan: LabPlan) -> dict[str, Any]:
+    """The policy file (docs/policy.md): one contract per tenant, its prefix from the plan."""
+    prefixes = {h.tenant: f"{h.ip.rsplit('.', 1)[0]}.0/24" for h in plan.by_role("client")}
+    contracts, tenants = {}, []
+    for t in exp.tenants:
+        # tpm: tokens per minute; "unlimited" is a budget the lab never reaches.
+        tpm = int((t.tokens_per_s or 1_000_000) * 60)
+        contracts[f"{t.name}-contract"] = {
+            "fiveqi": FIVEQI.get(t.traffic_class, 9), "tpm": tpm,
+            "slo": {"ttft_p99_ms": int(t.slo_ttft_ms), "tpot_p99_ms": int(t.slo_tpot_ms)}}
+        tenants.append({"name": t.name, "prefixes": [prefixes[t.name]],
+                        "contract": f"{t.name}-contract"})
+    return {"version": 1, "contracts": contracts, "tenants": tenants}
+
+
+def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
+                 overflow: bool = False) -> dict[str, Any]:
+    """The `agent:` section for the agent on `host` (docs/agent.md)."""
+    cfg: dict[str, Any] = {
+        "name": host.name, "host": host.name, "address": host.ip, "mac": host.mac,
+        "switch": host.switch, "port": host.port, "vip": plan.vip, "vip_port": plan.vip_port,
+        "models": [plan.model], "capacity": EMULATOR_MAX_NUM_SEQS,
+        "vllm_url": f"http://127.0.0.1:{EMULATOR_PORT}",
+        "controller_url": f"http://{host.mgmt_gw}:{controller_port}", "token": token,
+        "host_setup": True,
+    }
+    if overflow:
+        cfg["mode"] = "overflow"
+    return {"agent": cfg}
+
+
+class Stack:
+    """Files, processes and REST calls of one lab run."""
+
+    def __init__(self, net: LabNetwork, exp: Experiment, run_dir: Path) -> None:
+        self.net = net
+        self.plan = net.plan
+        self.exp = exp
+        self.dir = Path(run_dir) / "config"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.admin_token = secrets.token_hex(16)
+        self.agent_token = secrets.token_hex(16)
+        self.controller: subprocess.Popen | None = None
+        self.backend_procs: dict[str, list[subprocess.Popen]] = {}
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}{API}", timeout=5.0,
+                                 headers={"Authorization": f"Bearer {self.admin_token}"})
+
+    # -- files ----------------------------------------------------------------
+    def write_files(self, mode: str) -> None:
+        self._write("fabric.yaml", self.plan.fabric(mode))
+        self._write("policy.yaml", policy_dict(self.exp, self.plan))
+        self._write("tokens.yaml", {
+            self.admin_token: {"name": "lab", "role": "admin"},
+            self.agent_token: {"name": "lab-agents", "role": "agent"}})
+
+    def _write(self, name: str, data: dict[str, Any]) -> Path:
+        path = self.dir / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    # -- processes ------------------------------------------------------------
+    def start_controller(self) -> None:
+        argv = [*CLI, "controller", "run", "--fabric", str(self.dir / "fabric.yaml"),
+                "--policy", str(self.dir / "policy.yaml"), "--tokens",
+                str(self.dir / "tokens.yaml"), "--listen", f"0.0.0.0:{self.port}",
+                "--ledger", str(self.dir.parent / "ledger.db")]
+        logs = self.dir.parent / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / "controller.log", "wb") as out:
+            self.controller = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                               start_new_session=True)
+        self.net.processes.append(("controller", self.controller))
+        self.net.pids.append(self.controller.pid)
+
+    def start_backends(self) -> None:
+        speeds = dict(zip([h.name for h in self.plan.by_role("backend")], self.exp.speeds,
+                          strict=True))
+        for host in self.plan.by_role("backend"):
+            emulator = self.net.popen(host.name, [
+                *CLI, "vllm-emulator", "--host", "127.0.0.1", "--port", str(EMULATOR_PORT),
+                "--model", self.plan.model, "--speed", str(speeds[host.name]),
+                "--max-num-seqs", str(EMULATOR_MAX_NUM_SEQS),
+                "--decode-base-ms", str(EMULATOR_DECODE_BASE_MS),
+                "--prefill-ms-per-token", str(EMULATOR_PREFILL_MS_PER_TOKEN)],
+                f"emulator-{host.name}")
+            self.backend_procs[host.name] = [emulator, self._start_agent(host)]
+        for host in self.plan.by_role("responder"):
+            self.backend_procs[host.name] = [self._start_agent(host, overflow=True)]
+
+    def _start_agent(self, host: LabHost, overflow: bool = False) -> subprocess.Popen:
+        path = self._write(f"agent-{host.name}.yaml",
+                           agent_config(self.plan, host, self.port, self.agent_token, overflow))
+        return self.net.popen(host.name, [*CLI, "agent", "run", "--config", str(path)],
+                              f"agent-{host.name}")
+
+    def kill_backend(self, name: str) -> float:
+        """SIGKILL a backend's emulator and agent (a crash); returns the wall-clock time."""
+        at = time.time()
+        for proc in self.backend_procs.get(name, []):
+            self.net.stop_process(proc, kill=True)
+        return at
+
+    # -- REST -----------------------------------------------------------------
+    def get(self, path: str) -> Any:
+        reply = self.http.get(path)
+        reply.raise_for_status()
+        return reply.json()
+
+    def set_mode(self, service: str, mode: str) -> None:
+        reply = self.http.put(f"/services/{service}/mode", json={"mode": mode})
+        if reply.status_code >= 400:
+            raise StackError(f"PUT /services/{service}/mode {mode}: {reply.status_code} "
+                             f"{reply.text[:300]}")
+
+    def reload_policy(self) -> dict[str, Any]:
+        reply = self.http.post("/policy/reload")
+        if reply.status_code >= 400:
+            raise StackError(f"POST /policy/reload: {reply.status_code} {reply.text[:300]}")
+        return reply.json()
+
+    def ready(self) -> tuple[bool, str]:
+        """Every switch connected and programmed, every backend reported: (ok, what waits)."""
+        try:
+            switches = self.get("/switches")
+            backends = self.get("/backends")
+        except (httpx.HTTPError, ValueError) as exc:
+            return False, f"controller API: {exc}"
+        waiting = [f"switch {s['name']} ({s.get('status')})" for s in switches
+                   if not s.get("connected") or s.get("status") not in READY_SWITCH]
+        waiting += [f"backend {b['name']}" for b in backends
+                    if not b.get("healthy") or not (b.get("load") or {}).get("reports")]
+        return not waiting, ", ".join(waiting)
+
+    def wait_ready(self, timeout: float, on_wait: Callable[[str], None] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        what = "controller"
+        while time.monotonic() < deadline:
+            if self.controller and self.controller.poll() is not None:
+                raise StackError(f"the controller exited with {self.controller.returncode}; "
+                                 f"see {self.dir.parent / 'logs' / 'controller.log'}")
+            dead = [name for name, procs in self.backend_procs.items()
+                    if any(p.poll() is not None for p in procs)]
+            if dead:
+                raise StackError(f"emulator or agent of {', '.join(dead)} exited; see "
+                                 f"{self.dir.parent / 'logs'}")
+            ok, what = self.ready()
+            if ok:
+                return
+            if on_wait:
+                on_wait(what)
+            time.sleep(0.5)
+        raise StackError(f"not ready after {timeout:.0f} s: waiting for {what}")
+
+    def close(self) -> None:
+        self.http.close()
+
