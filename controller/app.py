@@ -380,3 +380,61 @@ class Controller:
                                    return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:
                 w.cancel()
+
+
+# ---------------------------------------------------------------- process
+
+
+def build_controller(fabric: str | Path, policy: str | Path | None = None,
+                     tokens: str | Path | None = None, ledger: str | Path = "ledger.db",
+                     election_id: int = 1, report_timeout_s: float = REPORT_TIMEOUT_S,
+                     ) -> Controller:
+    """Load every input file (SpecError/TokenFileError name file and line) and wire the parts."""
+    model = fabric_file.load_fabric(fabric)
+    if policy is not None:
+        from controller import policy as policy_pkg
+
+        load = getattr(policy_pkg, "load_policy", None)
+        if load is None:
+            raise Unavailable("this controller build has no policy loader")
+        model.policy = load(policy)
+    store = TokenStore.from_file(tokens) if tokens else TokenStore.disabled()
+    if not store.enabled:
+        log.warning("no token file: the REST API accepts every request as admin")
+    southbound = make_southbound(model, election_id)
+    return Controller(model, Ledger(ledger), store, policy_path=policy, southbound=southbound,
+                      report_timeout_s=report_timeout_s)
+
+
+def make_southbound(model: Model, election_id: int) -> Any:
+    """The P4Runtime southbound, or None (switches shown "not connected") where it is absent."""
+    try:
+        from controller import southbound  # noqa: F401
+    except ImportError as exc:
+        log.warning("no P4Runtime southbound (%s): switches are reported as not connected", exc)
+        return None
+    return None
+
+
+async def serve(ctl: Controller, host: str, port: int) -> None:
+    """The REST API and the reconciler in one event loop, until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from controller.api.server import create_app
+
+    app = create_app(ctl)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    stop = asyncio.Event()
+    reconciler = asyncio.create_task(ctl.run(stop))
+    try:
+        await server.serve()
+    finally:
+        stop.set()
+        await reconciler
+        if ctl.southbound is not None and hasattr(ctl.southbound, "close"):
+            await ctl.southbound.close()
+        ctl.ledger.close()
+    if not server.started:
+        raise OSError(f"cannot listen on {host}:{port}")
