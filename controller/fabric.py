@@ -35,7 +35,9 @@ from controller.policy.source import (
     read_file,
 )
 
-MAX_ID = 0xFFFF  # backend and service ids ride in 16-bit beacon and table fields
+MAX_BACKEND_ID = 1023  # the dataplane's per-backend registers and tables (MAX_BACKENDS)
+MAX_SERVICE_ID = 255  # the dataplane's service table (MAX_SERVICES)
+MAX_P2C_SLOTS = 256  # the dataplane's pair_mask is 8 bits
 
 
 def load_fabric(path: str | Path) -> Model:
@@ -138,6 +140,33 @@ def _parse(root: Node, model: Model) -> None:
             if service.service_id == 0:
                 service.service_id = _next_free(taken_ids)
                 taken_ids[service.service_id] = service.name
+        _number_responders(model, node)
+
+    if fabric.links:
+        for name, sw in fabric.switches.items():
+            if sw.fabric_ip is None:
+                root.error(f"switches.{name}.fabric_ip is required when the fabric has links "
+                           "(it is the source of IP-in-IP tunnels)")
+
+
+def _number_responders(model: Model, node: Node) -> None:
+    """Overflow responders get backend ids from the top of the range, one per host."""
+    ids: dict[str, int] = {}
+    used = {b.backend_id for b in model.backends.values()}
+    nxt = MAX_BACKEND_ID
+    for service in model.services.values():
+        ep = service.overflow
+        if ep is None:
+            continue
+        if ep.host not in ids:
+            while nxt in used:
+                nxt -= 1
+            if nxt < 1:
+                node.error("no backend id left for an overflow responder")
+                return
+            ids[ep.host] = nxt
+            used.add(nxt)
+        ep.backend_id = ids[ep.host]
 
 
 def _next_free(taken: dict[int, str]) -> int:
@@ -186,6 +215,8 @@ def _parse_switch(name: str, sw: Node, fabric: Fabric, device_ids: dict[int, str
     if address is None or device_id is None:
         return
     device_ids[device_id] = name
+    if mac is None:  # locally administered, derived from the device id
+        mac = "02:54:46:{:02x}:{:02x}:{:02x}".format(*(device_id & 0xFFFFFF).to_bytes(3, "big"))
     fabric.switches[name] = Switch(name, address, device_id, ports, fabric_ip, mac, cpu_port)
 
 
@@ -217,7 +248,7 @@ def _parse_backend(name: str, b: Node, fabric: Fabric, taken: dict[int, str]) ->
         return None
     if not b.is_map():
         return None
-    backend_id = b.get_int("id", lo=1, hi=MAX_ID)
+    backend_id = b.get_int("id", lo=1, hi=MAX_BACKEND_ID)
     host = b.get_str("host", required=True)
     capacity = b.get_int("capacity", default=1, lo=1, hi=65535)
     models: list[str] = []
@@ -262,7 +293,7 @@ def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
         return None
     if not s.is_map():
         return None
-    service_id = s.get_int("id", lo=1, hi=MAX_ID)
+    service_id = s.get_int("id", lo=1, hi=MAX_SERVICE_ID)
     served = s.get_str("model", required=True)
     vip = s.get_str("vip", required=True, check=check_ipv4)
     port = s.get_int("port", required=True, lo=1, hi=65535)
@@ -293,7 +324,14 @@ def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
             onode.error(f"unknown host '{host}'")
         elif host is not None:
             h = model.fabric.hosts[host]
-            overflow = Endpoint(h.address, h.mac, h.switch, h.port)
+            overflow = Endpoint(host, 0, h.address, h.mac, h.switch, h.port)
+    idle = s.get_int("idle_timeout_s", default=120, lo=0, hi=3600)
+    max_age = s.get_int("beacon_max_age_ms", default=100, lo=0, hi=60_000)
+    conn_cost = s.get_int("conn_cost", default=0, lo=0, hi=65535)
+    slots = s.get_int("p2c_slots", default=64, lo=1, hi=MAX_P2C_SLOTS)
+    if slots is not None and slots & (slots - 1):
+        (s.child("p2c_slots") or s).error(f"must be a power of two, got {slots}")
+        slots = None
     s.close()
     if vip is not None and port is not None:
         if (vip, port) in vips:
@@ -306,20 +344,27 @@ def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
     if service_id is not None and service_id in taken:
         s.error(f"id {service_id} is already used by service '{taken[service_id]}'")
         return None
-    if None in (served, vip, port, mode):
+    if None in (served, vip, port, mode, idle, max_age, conn_cost, slots):
         return None
     if service_id is not None:
         taken[service_id] = name
     return Service(name=name, service_id=service_id or 0, model=served, vip=vip, port=port,
-                   pool=pool, mode=SelectionMode(mode), overflow=overflow)
+                   pool=pool, mode=SelectionMode(mode), overflow=overflow,
+                   idle_timeout_s=idle, beacon_max_age_ms=max_age, conn_cost=conn_cost,
+                   p2c_slots=slots)
 
 
 def add_backend(model: Model, backend: Backend) -> None:
     """Register a backend at run time: it joins the pool of every service of its models."""
     if backend.name in model.backends:
         raise ValueError(f"backend '{backend.name}' exists")
-    if model.backend_by_id(backend.backend_id) is not None:
+    responders = {s.overflow.backend_id for s in model.services.values() if s.overflow}
+    if model.backend_by_id(backend.backend_id) is not None or backend.backend_id in responders:
         raise ValueError(f"backend id {backend.backend_id} is taken")
+    if not 1 <= backend.backend_id <= MAX_BACKEND_ID:
+        raise ValueError(f"backend id {backend.backend_id} is outside 1..{MAX_BACKEND_ID}")
+    if backend.switch not in model.fabric.switches:
+        raise ValueError(f"unknown switch '{backend.switch}'")
     ipaddress.IPv4Address(backend.address)
     model.backends[backend.name] = backend
     for service in model.services.values():
@@ -337,7 +382,9 @@ def remove_backend(model: Model, name: str) -> Backend:
 
 def next_backend_id(model: Model) -> int:
     taken = {b.backend_id: b.name for b in model.backends.values()}
+    taken.update({s.overflow.backend_id: s.overflow.host for s in model.services.values()
+                  if s.overflow is not None})
     free = _next_free(taken)
-    if free > MAX_ID:
-        raise SpecError([f"no free backend id (all of 1..{MAX_ID} are taken)"])
+    if free > MAX_BACKEND_ID:
+        raise SpecError([f"no free backend id (all of 1..{MAX_BACKEND_ID} are taken)"])
     return free

@@ -132,8 +132,13 @@ class Fabric:
 
 @dataclass
 class Endpoint:
-    """An L2/L3 destination the switch can deliver to (overflow responder)."""
+    """An L2/L3 destination the switch can deliver to (overflow responder).
 
+    The dataplane delivers to it like to a backend, so it has a backend id too.
+    """
+
+    host: str
+    backend_id: int
     address: str
     mac: str
     switch: str
@@ -150,6 +155,11 @@ class Service:
     pool: list[str] = field(default_factory=list)  # backend names
     mode: SelectionMode = SelectionMode.HASH
     overflow: Endpoint | None = None  # HTTP 429 responder for tenants over budget
+    # Dataplane knobs (action data of the service's entry; docs/fabric.md).
+    idle_timeout_s: float = 120.0  # a pinned connection idle this long is forgotten
+    beacon_max_age_ms: float = 100.0  # older LOAD beacon: backend gets no new connection
+    conn_cost: int = 0  # load units per connection since the last beacon; 0: from capacity
+    p2c_slots: int = 64  # power-of-two-choices pair slots (a power of two, at most 256)
 
     @property
     def vip_port(self) -> str:
@@ -274,6 +284,7 @@ class RoceValues:
     pfc: bool = True
     # Tenants' DSCPs that collide with the RoCE class (26 is AF31) are rewritten at the edge.
     remap_af3x_to: int = 18  # AF21
+    enabled: bool = True  # False: no RoCE on this fabric, no DSCP or queue is reserved
 
 
 @dataclass
