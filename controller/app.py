@@ -28,6 +28,7 @@ from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, TokenStore
 from controller.ledger import Ledger, Usage
 from controller.model import Backend, BackendState, Model, Policy, SelectionMode
+from controller.policy.schema import load_policy, parse_policy
 from controller.policy.source import SpecError
 
 REPORT_TIMEOUT_S = 3.0  # a backend whose reports stop for this long is marked down
@@ -245,12 +246,8 @@ class Controller:
 
     def parse_policy(self, text: str, filename: str) -> Policy:
         """Validate a policy file's text against the model; SpecError lists every problem."""
-        from controller import policy as policy_pkg
-
-        parse = getattr(policy_pkg, "parse_policy", None)
-        if parse is None:
-            raise Unavailable("this controller build has no policy compiler")
-        return parse(text, filename)
+        # the previous policy keeps tenant ids stable across reloads
+        return parse_policy(text, filename, model=self.model, previous=self.model.policy)
 
     def validate_policy(self, text: str, filename: str) -> list[str]:
         try:
@@ -392,12 +389,7 @@ def build_controller(fabric: str | Path, policy: str | Path | None = None,
     """Load every input file (SpecError/TokenFileError name file and line) and wire the parts."""
     model = fabric_file.load_fabric(fabric)
     if policy is not None:
-        from controller import policy as policy_pkg
-
-        load = getattr(policy_pkg, "load_policy", None)
-        if load is None:
-            raise Unavailable("this controller build has no policy loader")
-        model.policy = load(policy)
+        model.policy = load_policy(policy, model=model)
     store = TokenStore.from_file(tokens) if tokens else TokenStore.disabled()
     if not store.enabled:
         log.warning("no token file: the REST API accepts every request as admin")

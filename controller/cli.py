@@ -110,15 +110,24 @@ def policy_group() -> None:
 
 @policy_group.command("validate")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def validate_command(files: tuple[str, ...]) -> None:
+@click.option("--fabric", type=click.Path(dir_okay=False),
+              help="Also check the services the policy names against this fabric file.")
+def validate_command(files: tuple[str, ...], fabric: str | None) -> None:
     """Validate policy FILES: one `file:line: field: problem` per error, exit 4 on any."""
+    from controller.fabric import load_fabric
+    from controller.policy.schema import load_policy
     from controller.policy.source import SpecError
 
-    load = _policy_loader()
+    model = None
+    if fabric:
+        try:
+            model = load_fabric(fabric)
+        except SpecError as exc:
+            _fail("\n".join(exc.errors), exitcodes.INVALID_INPUT)
     bad = 0
     for name in files:
         try:
-            policy = load(name)
+            policy = load_policy(name, model=model)
         except SpecError as exc:
             bad += 1
             for line in exc.errors:
@@ -128,16 +137,6 @@ def validate_command(files: tuple[str, ...]) -> None:
                    f"{len(policy.contracts)} contracts)")
     if bad:
         raise SystemExit(exitcodes.INVALID_INPUT)
-
-
-def _policy_loader() -> Any:
-    from controller import policy as policy_pkg
-
-    load = getattr(policy_pkg, "load_policy", None)
-    if load is None:
-        _fail("tokenfabric policy: this build has no policy loader (controller.policy)",
-              exitcodes.MISSING)
-    return load
 
 
 # ---------------------------------------------------------------- switch

@@ -17,7 +17,7 @@ from controller.app import Controller
 from controller.auth import Principal, Role, TokenStore
 from controller.fabric import parse_fabric
 from controller.ledger import Ledger
-from controller.model import Contract, Policy, Tenant, TokenLimits, TrafficClass
+from controller.policy.schema import parse_policy
 
 FABRIC = """
 switches:
@@ -44,19 +44,27 @@ REGISTRATION = {"name": "gpu2-llama", "host": "gpu2", "address": "10.0.0.12",
                 "models": ["tiny-llama"], "vip": "10.0.100.1", "vip_port": 8000}
 
 
-def make_policy() -> Policy:
-    gold = Contract("gold", TrafficClass("low-latency-data", 18, 2, 5),
-                    TokenLimits(tpm=60_000, burst=5_000, rpm=600, max_parallel=8))
-    bronze = Contract("bronze", TrafficClass("standard", 0, 9, 1), TokenLimits(tpm=6_000,
-                                                                                  burst=500))
-    return Policy(tenants={"acme": Tenant("acme", 1, ["10.0.1.0/25"], "gold"),
-                           "umbrella": Tenant("umbrella", 2, ["10.0.1.128/25"], "bronze")},
-                  contracts={"gold": gold, "bronze": bronze})
+POLICY = """
+contracts:
+  gold:
+    class: {service_class: low-latency-data, dscp: 18, queue: 5, priority_level: 2}
+    tpm: 60000
+    burst: 5000
+    rpm: 600
+    max_parallel: 8
+  bronze:
+    class: {service_class: standard, dscp: 0, queue: 1, priority_level: 9}
+    tpm: 6000
+    burst: 500
+tenants:
+  - {name: acme, id: 1, prefixes: [10.0.1.0/25], contract: gold}
+  - {name: umbrella, id: 2, prefixes: [10.0.1.128/25], contract: bronze}
+"""
 
 
 def make_controller(tmp_path, auth: bool = True) -> Controller:
     model = parse_fabric(FABRIC, "fabric.yaml")
-    model.policy = make_policy()
+    model.policy = parse_policy(POLICY, "policy.yaml", model=model)
     tokens = TokenStore(dict(TOKENS)) if auth else TokenStore.disabled()
     return Controller(model, Ledger(tmp_path / "ledger.db"), tokens)
 

@@ -282,3 +282,72 @@ def test_metrics_reflect_the_model(live):
     assert 'tokenfabric_controller_reports_total{backend="gpu1-llama",outcome="recorded"} 1.0' \
         in text
     assert 'route="/api/v1/backends/{name}/report"' in text
+
+
+# ---------------------------------------------------------------- policy
+
+
+def test_policy_validate(live):
+    from tests.api.conftest import POLICY
+
+    c = live.client(ADMIN)
+    assert c.post("/api/v1/policy/validate", json={"yaml": POLICY}).json() == {
+        "valid": True, "errors": []}
+    bad = POLICY.replace("tpm: 6000\n", "tpm: -5\n").replace("contract: gold", "contract: platinum")
+    r = c.post("/api/v1/policy/validate", json={"yaml": bad, "filename": "mine.yaml"})
+    assert r.status_code == 200
+    body = r.json()
+    assert not body["valid"]
+    assert any(e.startswith("mine.yaml:11: contracts.bronze.tpm:") for e in body["errors"])
+    assert any("mine.yaml:14: tenants[0].contract:" in e and "unknown contract 'platinum'" in e
+               for e in body["errors"])
+    not_yaml = c.post("/api/v1/policy/validate", json={"yaml": "tenants: [\n"}).json()
+    assert not not_yaml["valid"] and "not valid YAML" in not_yaml["errors"][0]
+    error_of(c.post("/api/v1/policy/validate", json={"yaml": POLICY, "filename": "a/b"}), 422)
+    error_of(c.post("/api/v1/policy/validate", json={"text": POLICY}), 422)
+
+
+def test_policy_apply_good_then_bad(live):
+    from tests.api.conftest import POLICY
+
+    c = live.client(ADMIN)
+    changed = POLICY.replace("tpm: 6000\n", "tpm: 12000\n") + \
+        "  - {name: initech, prefixes: [10.0.2.0/24], contract: bronze}\n"
+    r = c.post("/api/v1/policy/apply", json={"yaml": changed})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["applied"] and body["tenants"] == 3 and body["contracts"] == 2
+    assert body["switches"] == {"s1": "not connected"}
+    tenants = {t["name"]: t for t in c.get("/api/v1/tenants").json()}
+    assert tenants["umbrella"]["tokens_per_s"] == 200.0 and tenants["initech"]["tenant_id"] == 3
+
+    # a bad file: 422 with every error, and the running policy stays
+    bad = changed.replace("max_parallel: 8", "max_parallel: 0")
+    err = error_of(c.post("/api/v1/policy/apply", json={"yaml": bad}), 422)
+    assert "running policy is unchanged" in err["message"]
+    assert any("contracts.gold.max_parallel" in d for d in err["details"])
+    assert len(c.get("/api/v1/tenants").json()) == 3
+    assert c.get("/api/v1/contracts/gold").json()["max_parallel"] == 8
+    # a registering agent now gets the new grants
+    grants = live.client(AGENT).post("/api/v1/backends", json=REGISTRATION).json()["tenants"]
+    assert [g["name"] for g in grants] == ["acme", "umbrella", "initech"]
+    actions = [e["action"] for e in c.get("/api/v1/audit").json()]
+    assert actions == ["apply-policy", "register"]
+
+
+def test_policy_reload_from_the_started_file(tmp_path):
+    from tests.api.conftest import POLICY, make_controller, serve_in_thread
+
+    ctl = make_controller(tmp_path)
+    ctl.policy_path = tmp_path / "policy.yaml"
+    ctl.policy_path.write_text(POLICY.replace("tpm: 60000", "tpm: 120000"))
+    for live in serve_in_thread(ctl):
+        c = live.client(ADMIN)
+        assert c.post("/api/v1/policy/reload").json()["applied"]
+        assert c.get("/api/v1/contracts/gold").json()["tpm"] == 120000
+        ctl.policy_path.write_text("tenants: 5\n")
+        err = error_of(c.post("/api/v1/policy/reload"), 422)
+        assert err["details"] and "policy.yaml:1: tenants:" in err["details"][0]
+        assert c.get("/api/v1/contracts/gold").json()["tpm"] == 120000
+        ctl.policy_path.unlink()
+        assert "cannot read" in error_of(c.post("/api/v1/policy/reload"), 422)["message"]
