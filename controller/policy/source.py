@@ -72,10 +72,10 @@ def read_file(path: str | Path) -> tuple[Any, Errors]:
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        errors = Errors(p.name)
+        errors = Errors(str(path))
         errors.add(0, "", f"cannot read: {getattr(exc, 'strerror', None) or exc}")
         return None, errors
-    return load_yaml(text, p.name)
+    return load_yaml(text, str(path))
 
 
 def _type_name(value: Any) -> str:
