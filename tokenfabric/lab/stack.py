@@ -34,7 +34,20 @@ FIVEQI = {"premium": 80, "best-effort": 9}  # TS 23.501 Table 5.7.4-1: low-laten
 
 
 # Switch states (GET /switches .status) that mean "pipeline pushed and entries written".
-READY_SWITCH = {"programmed", "ready", "in_sync", "synced", "running"}
+READY_SWITCH = {"programmed", "ready", "in_sync", "synced"}
+
+
+def switch_programmed(view: dict[str, Any]) -> bool:
+    """A switch view of GET /switches: connected, our pipeline on it, a reconcile applied."""
+    if not view.get("connected"):
+        return False
+    if view.get("status") in READY_SWITCH:
+        return True
+    details = view.get("details") or {}
+    last = details.get("last_reconcile") or {}
+    return (details.get("pipeline_cookie") is not None
+            and details.get("installed_cookie") == details.get("pipeline_cookie")
+            and bool(last.get("applied")))
 
 
 class StackError(RuntimeError):
@@ -170,7 +183,7 @@ class Stack:
         except (httpx.HTTPError, ValueError) as exc:
             return False, f"controller API: {exc}"
         waiting = [f"switch {s['name']} ({s.get('status')})" for s in switches
-                   if not s.get("connected") or s.get("status") not in READY_SWITCH]
+                   if not switch_programmed(s)]
         waiting += [f"backend {b['name']}" for b in backends
                     if not b.get("healthy") or not (b.get("load") or {}).get("reports")]
         return not waiting, ", ".join(waiting)

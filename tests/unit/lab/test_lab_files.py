@@ -1,0 +1,71 @@
+"""The files a lab run writes are accepted by the components that read them."""
+
+import pytest
+import yaml
+
+from tokenfabric.lab.experiments import EXPERIMENTS, experiment
+from tokenfabric.lab.runner import lab_plan, workloads
+from tokenfabric.lab.stack import agent_config, policy_dict
+
+
+def _plan(name, topo="single"):
+    exp = experiment(name)
+    plan = lab_plan(exp, topo)
+    for i, sw in enumerate(plan.switches.values()):
+        sw.grpc_port = 50200 + i
+    return exp, plan
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("topo", ["single", "leafspine"])
+def test_policy_validates_against_the_fabric(name, topo):
+    fabric = pytest.importorskip("controller.fabric")
+    schema = pytest.importorskip("controller.policy.schema")
+    exp, plan = _plan(name, topo)
+    model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
+    policy = schema.parse_policy(yaml.safe_dump(policy_dict(exp, plan)), model=model)
+    names = sorted(t.name for t in (policy.tenants.values() if isinstance(policy.tenants, dict)
+                                    else policy.tenants))
+    assert names == sorted(t.name for t in exp.tenants)
+
+
+def test_overload_contract_limits_best_effort_only():
+    exp, plan = _plan("overload")
+    contracts = policy_dict(exp, plan)["contracts"]
+    assert contracts["bulk-contract"]["tpm"] == 200 * 60
+    assert contracts["gold-contract"]["tpm"] >= 60 * 1_000_000
+
+
+def test_agent_configs_validate_in_the_agent():
+    config = pytest.importorskip("hostagent.config")
+    _, plan = _plan("quick", "leafspine")
+    for host in plan.by_role("backend") + plan.by_role("responder"):
+        section = agent_config(plan, host, 8080, "t" * 32, host.role == "responder")["agent"]
+        cfg = config.validate({**config.DEFAULTS, **section})
+        assert cfg.controller_url == f"http://{host.mgmt_gw}:8080"
+        assert cfg.vip == plan.vip and cfg.address == host.ip
+        assert cfg.mode == ("overflow" if host.role == "responder" else "relay")
+
+
+def test_workloads_split_the_offered_load_by_tenant_weight():
+    exp, plan = _plan("overload")
+    run = exp.runs[0]
+    loads = workloads(exp, run, plan)
+    rates = {w.tenants[0].name: w.rate for w in loads.values()}
+    assert rates["bulk"] == pytest.approx(3 * rates["gold"])
+    assert sum(rates.values()) == pytest.approx(run.load * exp.capacity())
+    for host, w in loads.items():
+        assert w.tenants[0].source_ip == plan.hosts[host].ip
+        assert w.url == f"http://{plan.vip}:{plan.vip_port}"
+
+
+def test_capacity_follows_the_emulator_model():
+    exp = experiment("modes")
+    # 3 speed-units x 4 slots / ~0.7 s per request at speed 1
+    assert 12 < exp.capacity() < 25
+    assert experiment("quick").capacity() == pytest.approx(exp.capacity() * 2 / 3)
+
+
+def test_duration_override_keeps_events_inside_the_run():
+    exp = experiment("failover", duration=6)
+    assert exp.duration == 6 and exp.runs[0].events[0].at <= 3
