@@ -274,3 +274,38 @@ def report(jsonl: str | Path, out_dir: str | Path, title: str = "run",
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps([s.as_dict() for s in summaries], indent=2))
     return text
+
+
+# Errors that mean the connection reached a backend that is not serving (its kernel
+# refused or reset it), as opposed to an HTTP error from a live one.
+DEAD_BACKEND_ERRORS = ("connect", "reset", "incomplete_stream")
+
+
+def failover_stats(records: Sequence[dict[str, Any]], killed_at: float,
+                   backend: str) -> dict[str, float]:
+    """Experiment c: what a backend killed at epoch `killed_at` cost.
+
+    A request that started after the kill and failed with a dead-backend error, or was
+    served by `backend` (its header), reached the dead backend: the last such start is
+    when the fabric stopped sending new connections there.
+    """
+    after = [r for r in records if r.get("start", 0) >= killed_at]
+    reached = [r for r in after if r.get("backend") == backend
+               or (not r.get("ok") and error_kind(r) in DEAD_BACKEND_ERRORS)]
+    inflight = [r for r in records if r.get("start", 0) < killed_at
+                and r["start"] + (r.get("e2e") or 0) >= killed_at]
+    last = max((r["start"] for r in reached), default=None)
+    return {
+        "failed requests": float(sum(not r.get("ok") for r in after + inflight)),
+        "failed in flight at the kill": float(sum(not r.get("ok") for r in inflight)),
+        "new connections to the dead backend": float(len(reached)),
+        "last new connection after the kill (ms)":
+            (last - killed_at) * 1000 if last is not None else 0.0,
+    }
+
+
+def failover_markdown(backend: str, stats: dict[str, float]) -> str:
+    lines = [f"| backend {backend} killed | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" if "ms" in k else f"| {k} | {v:.0f} |"
+              for k, v in stats.items()]
+    return "\n".join(lines) + "\n"

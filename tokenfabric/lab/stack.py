@@ -27,6 +27,7 @@ from tokenfabric.lab.experiments import (
 )
 from tokenfabric.lab.network import LabNetwork
 from tokenfabric.lab.plan import EMULATOR_PORT, LabHost, LabPlan
+from tokenfabric.tools import find_tool
 
 API = "/api/v1"
 CLI = [sys.executable, "-m", "tokenfabric.cli"]
@@ -99,6 +100,7 @@ class Stack:
         self.agent_token = secrets.token_hex(16)
         self.controller: subprocess.Popen | None = None
         self.backend_procs: dict[str, list[subprocess.Popen]] = {}
+        self.router: subprocess.Popen | None = None
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}{API}", timeout=5.0,
                                  headers={"Authorization": f"Bearer {self.admin_token}"})
 
@@ -133,8 +135,9 @@ class Stack:
         speeds = dict(zip([h.name for h in self.plan.by_role("backend")], self.exp.speeds,
                           strict=True))
         for host in self.plan.by_role("backend"):
+            # 0.0.0.0: the bridge reaches it on loopback, the L7 router (4a) through the fabric.
             emulator = self.net.popen(host.name, [
-                *CLI, "vllm-emulator", "--host", "127.0.0.1", "--port", str(EMULATOR_PORT),
+                *CLI, "vllm-emulator", "--host", "0.0.0.0", "--port", str(EMULATOR_PORT),
                 "--model", self.plan.model, "--speed", str(speeds[host.name]),
                 "--max-num-seqs", str(EMULATOR_MAX_NUM_SEQS),
                 "--decode-base-ms", str(EMULATOR_DECODE_BASE_MS),
@@ -143,6 +146,19 @@ class Stack:
             self.backend_procs[host.name] = [emulator, self._start_agent(host)]
         for host in self.plan.by_role("responder"):
             self.backend_procs[host.name] = [self._start_agent(host, overflow=True)]
+
+    def start_router(self) -> str:
+        """vLLM's router (vllm-router, PyPI) on the router host, over every backend's
+        emulator through the fabric; returns its URL. Policy power_of_two: its load-aware
+        policy that needs nothing but vLLM's OpenAI API (docs/lab.md)."""
+        [host] = self.plan.by_role("router")
+        binary = find_tool("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
+        workers = [f"http://{b.ip}:{EMULATOR_PORT}" for b in self.plan.by_role("backend")]
+        self.router = self.net.popen(host.name, [
+            binary, "--host", "0.0.0.0", "--port", str(self.plan.vip_port), "--policy",
+            "power_of_two", "--worker-urls", *workers, "--log-level", "warning",
+            "--disable-retries"], "vllm-router")
+        return f"http://{host.ip}:{self.plan.vip_port}"
 
     def _start_agent(self, host: LabHost, overflow: bool = False) -> subprocess.Popen:
         path = self._write(f"agent-{host.name}.yaml",

@@ -84,3 +84,21 @@ def test_sweep_plot(tmp_path):
                              [("ttft_p99_ms", "TTFT p99 (ms)"), ("goodput_rps", "goodput")],
                              tmp_path / "sweep.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failover_stats_find_the_last_connection_to_the_dead_backend():
+    kill = 1005.0  # rec() starts at 1000 + start
+    rows = [rec(0, backend="b2", start=3.0),  # done before the kill
+            rec(1, backend="b2", start=4.9, ttft=0.1, tpot=0.1),  # in flight, succeeded
+            rec(2, ok=False, error="reset: ClientOSError", status=200, start=4.95),
+            rec(3, ok=False, error="connect", status=None, start=5.02),  # reached dead b2
+            rec(4, ok=False, error="connect", status=None, start=5.08),
+            rec(5, backend="b1", start=5.5), rec(6, backend="b3", start=6.0),
+            rec(7, ok=False, error="http_429", status=429, start=6.5)]  # not b2's fault
+    stats = results.failover_stats(rows, kill, "b2")
+    assert stats["failed in flight at the kill"] == 1
+    assert stats["failed requests"] == 4
+    assert stats["new connections to the dead backend"] == 2
+    assert stats["last new connection after the kill (ms)"] == pytest.approx(80, abs=0.01)
+    table = results.failover_markdown("b2", stats)
+    assert "| last new connection after the kill (ms) | 80.0 |" in table
