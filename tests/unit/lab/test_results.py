@@ -95,6 +95,7 @@ def test_failover_stats_find_the_last_connection_to_the_dead_backend():
             rec(4, ok=False, error="connect", status=None, start=5.08),
             rec(5, backend="b1", start=5.5), rec(6, backend="b3", start=6.0),
             rec(7, ok=False, error="http_429", status=429, start=6.5)]  # not b2's fault
+    rows[2]["e2e"] = 0.2  # cut by the kill
     stats = results.failover_stats(rows, kill, "b2")
     assert stats["failed in flight at the kill"] == 1
     assert stats["failed requests"] == 4
