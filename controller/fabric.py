@@ -34,10 +34,10 @@ from controller.policy.source import (
     load_yaml,
     read_file,
 )
+from tokenfabric.dataplane import MAX_BACKENDS, MAX_PAIR_SLOTS, MAX_SERVICES
 
-MAX_BACKEND_ID = 1023  # the dataplane's per-backend registers and tables (MAX_BACKENDS)
-MAX_SERVICE_ID = 255  # the dataplane's service table (MAX_SERVICES)
-MAX_P2C_SLOTS = 256  # the dataplane's pair_mask is 8 bits
+MAX_BACKEND_ID = MAX_BACKENDS - 1  # the dataplane's per-backend registers and tables
+MAX_SERVICE_ID = MAX_SERVICES - 1  # the dataplane's service table
 
 
 def load_fabric(path: str | Path) -> Model:
@@ -328,7 +328,7 @@ def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
     idle = s.get_int("idle_timeout_s", default=120, lo=0, hi=3600)
     max_age = s.get_int("beacon_max_age_ms", default=100, lo=0, hi=60_000)
     conn_cost = s.get_int("conn_cost", default=0, lo=0, hi=65535)
-    slots = s.get_int("p2c_slots", default=64, lo=1, hi=MAX_P2C_SLOTS)
+    slots = s.get_int("p2c_slots", default=64, lo=1, hi=MAX_PAIR_SLOTS)
     if slots is not None and slots & (slots - 1):
         (s.child("p2c_slots") or s).error(f"must be a power of two, got {slots}")
         slots = None

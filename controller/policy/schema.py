@@ -24,6 +24,7 @@ from controller.model import (
     TokenLimits,
     TrafficClass,
 )
+from controller.policy.compile import DEFAULT_CLASS, NUM_CLASSES, CompileError, plan_classes
 from controller.policy.source import (
     Errors,
     Node,
@@ -40,8 +41,9 @@ from controller.policy.standards import (
     RFC4594_CLASSES,
     class_for_fiveqi,
 )
+from tokenfabric.dataplane import MAX_TENANTS
 
-MAX_TENANT_ID = 4095  # the dataplane's per-tenant registers and counters (MAX_TENANTS)
+MAX_TENANT_ID = MAX_TENANTS - 1  # the dataplane's per-tenant registers and counters
 MAX_QDEPTH = (1 << 19) - 1  # v1model enq_qdepth is bit<19>
 INT32 = (-(2**31), 2**31 - 1)
 U32_MAX = 2**32 - 1
@@ -80,6 +82,7 @@ def _build(data: object, errors: Errors, model: Model | None,
 
 
 def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | None) -> None:
+    nodes: dict[str, Node] = {}  # contract name -> where it is written
     root.get_int("version", default=1, lo=1, hi=1)
     rnode = root.child("roce")
     if rnode is not None:
@@ -87,7 +90,9 @@ def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | N
         if roce is not None:
             policy.roce = roce
 
-    services = set(model.services) if model is not None else None
+    # Without a fabric (e.g. `policy validate` with no --fabric) services are not checked.
+    services = set(model.services) if model is not None and model.fabric.switches else None
+    declared: set[str] = set()  # contracts named in the file, valid or not
     cnode = root.child("contracts")
     if cnode is not None and cnode.is_map():
         for name, c in cnode.items():
@@ -95,14 +100,16 @@ def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | N
             if problem:
                 c.error(problem)
                 continue
+            declared.add(name)
             contract = _parse_contract(name, c, policy.roce, services)
             if contract is not None:
                 policy.contracts[name] = contract
+                nodes[name] = c
 
     dnode = root.child("default_contract")
     if dnode is not None:
         name = dnode.as_str()
-        if name is not None and name not in policy.contracts:
+        if name is not None and name not in declared:
             dnode.error(f"unknown contract '{name}'")
         elif name is not None:
             policy.default_contract = name
@@ -111,7 +118,26 @@ def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | N
     if tnode is None:
         root.error("missing required key 'tenants'")
     elif tnode.is_list():
-        _parse_tenants(tnode, policy, services, previous)
+        _parse_tenants(tnode, policy, services, previous, declared, nodes)
+    _check_class_budget(policy, nodes)
+
+
+def _check_class_budget(policy: Policy, nodes: dict[str, Node]) -> None:
+    """The switch has NUM_CLASSES traffic classes; report the contract that overflows them."""
+    try:
+        plan_classes(policy)
+    except CompileError as exc:
+        seen = {(DEFAULT_CLASS.dscp, DEFAULT_CLASS.queue)}
+        if policy.default_contract in policy.contracts:
+            tc = policy.contracts[policy.default_contract].traffic_class
+            seen = {(tc.dscp, tc.queue)}
+        budget = NUM_CLASSES - (2 if policy.roce.enabled else 0)
+        for name in sorted(policy.contracts):
+            tc = policy.contracts[name].traffic_class
+            seen.add((tc.dscp, tc.queue))
+            if len(seen) > budget and name in nodes:
+                nodes[name].error(f"one traffic class too many: {exc}")
+                return
 
 
 def _parse_roce(n: Node) -> RoceValues | None:
@@ -348,7 +374,8 @@ def _check_camara(v: str) -> str | None:
 
 
 def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
-                   previous: Policy | None) -> None:
+                   previous: Policy | None, declared: set[str],
+                   nodes: dict[str, Node]) -> None:
     pending: list[tuple[Node, Tenant, bool]] = []
     ids: dict[int, str] = {}
     prefixes: dict[str, str] = {}
@@ -384,13 +411,15 @@ def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
             t.error("missing required key 'contract'")
         elif isinstance(cnode.value, str):
             contract_name = cnode.value
-            if contract_name not in policy.contracts:
+            if contract_name not in declared:
                 cnode.error(f"unknown contract '{contract_name}'")
-                contract_name = None
+            if contract_name not in policy.contracts:
+                contract_name = None  # unknown, or invalid and already reported
         elif isinstance(cnode.value, dict):
             inline = _parse_contract(f"{name}.contract", cnode, policy.roce, services)
             if inline is not None:
                 policy.contracts[inline.name] = inline
+                nodes[inline.name] = cnode
                 contract_name = inline.name
         else:
             cnode.error("must be a contract name or a contract mapping")

@@ -1,0 +1,154 @@
+/* Classify: which tenant and traffic class a packet belongs to, whether it is
+ * addressed to a service VIP:port, and whether a beacon comes from where its
+ * backend was registered. */
+#ifndef TF_CLASSIFY_P4
+#define TF_CLASSIFY_P4
+
+control Classify(inout headers_t hdr,
+                 inout local_metadata_t meta,
+                 inout standard_metadata_t standard_metadata) {
+
+    @name(".set_tenant")
+    action set_tenant(bit<16> tenant_id, bit<3> tclass, bit<1> trust_dscp) {
+        meta.tenant_valid = 1;
+        meta.tenant_id = tenant_id;
+        meta.tclass = tclass;
+        meta.trust_dscp = trust_dscp;
+    }
+
+    /* Client prefixes: forward traffic matches the source address... */
+    @name(".tenant_by_src")
+    table tenant_by_src {
+        key = { hdr.ipv4.src_addr: lpm @name("src_addr"); }
+        actions = { set_tenant; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = 8192;
+    }
+
+    /* ...and return traffic (backend to client) the destination address. */
+    @name(".tenant_by_dst")
+    table tenant_by_dst {
+        key = { hdr.ipv4.dst_addr: lpm @name("dst_addr"); }
+        actions = { set_tenant; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = 8192;
+    }
+
+    @name(".set_class")
+    action set_class(bit<3> tclass) {
+        meta.tclass = tclass;
+    }
+
+    /* Applied only for tenants whose entry has trust_dscp = 1. */
+    @name(".dscp_class")
+    table dscp_class {
+        key = { hdr.ipv4.dscp: exact @name("dscp"); }
+        actions = { set_class; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = 64;
+    }
+
+    /* RoCEv2 keeps its lossless class; CNPs (BTH opcode 0x81) ride the top class. */
+    @name(".roce_class")
+    table roce_class {
+        key = { meta.is_cnp: exact @name("is_cnp"); }
+        actions = { set_class; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = 2;
+    }
+
+    @name(".set_service")
+    action set_service(bit<16> service_id, bit<8> mode, bit<16> overflow_backend,
+                       bit<8> pair_mask, bit<32> beacon_max_age_us,
+                       bit<32> idle_timeout_us, bit<16> conn_cost) {
+        meta.service_hit = 1;
+        meta.service_id = service_id;
+        meta.mode = mode;
+        meta.overflow_backend = overflow_backend;
+        meta.pair_mask = pair_mask;
+        meta.beacon_max_age_us = beacon_max_age_us;
+        meta.idle_timeout_us = idle_timeout_us;
+        meta.conn_cost = conn_cost;
+    }
+
+    /* One entry per served model: VIP, IP protocol, port. */
+    @name(".service")
+    table service {
+        key = {
+            hdr.ipv4.dst_addr: exact @name("vip");
+            hdr.ipv4.protocol: exact @name("protocol");
+            meta.l4_dst_port: exact @name("port");
+        }
+        actions = { set_service; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = MAX_SERVICES;
+    }
+
+    @name(".accept_beacon")
+    action accept_beacon() {
+        meta.beacon_ok = 1;
+    }
+
+    @name(".reject_beacon")
+    action reject_beacon() {
+        meta.drop_reason = DROP_BEACON_UNAUTHORIZED;
+    }
+
+    /* A beacon counts only from the port and address registered for its backend. */
+    @name(".beacon_source")
+    table beacon_source {
+        key = {
+            hdr.beacon.backend_id: exact @name("backend_id");
+            standard_metadata.ingress_port: exact @name("ingress_port");
+            hdr.ipv4.src_addr: exact @name("src_addr");
+        }
+        actions = { accept_beacon; @defaultonly reject_beacon; }
+        const default_action = reject_beacon();
+        size = 2048;
+    }
+
+    apply {
+        if (!hdr.ipv4.isValid()) {
+            meta.drop_reason = DROP_NOT_IPV4;
+            return;
+        }
+        if (hdr.beacon.isValid()) {
+            meta.consumed = 1;
+            if (hdr.beacon_load.isValid() && hdr.beacon.backend_id >= MAX_BACKENDS) {
+                meta.drop_reason = DROP_BEACON_BAD_ID;
+            } else if (hdr.beacon_usage.isValid()
+                       && hdr.beacon_usage.tenant_id >= MAX_TENANTS) {
+                meta.drop_reason = DROP_BEACON_BAD_ID;
+            } else {
+                beacon_source.apply();
+            }
+            return;
+        }
+
+        if (hdr.tcp.isValid()) {
+            meta.new_flow = hdr.tcp.syn & ~hdr.tcp.ack;
+            meta.flow_end = hdr.tcp.fin | hdr.tcp.rst;
+        } else {
+            meta.new_flow = 1;
+        }
+
+        if (!tenant_by_src.apply().hit) {
+            tenant_by_dst.apply();
+        }
+        if (meta.tenant_id >= MAX_TENANTS) {
+            meta.tenant_valid = 0;  /* out of the counters' and registers' range */
+        }
+        if (meta.trust_dscp == 1) {
+            dscp_class.apply();
+        }
+        if (hdr.bth.isValid()) {
+            meta.is_cnp = (bit<1>)(hdr.bth.opcode == BTH_OPCODE_CNP);
+            roce_class.apply();
+        }
+        if (hdr.tcp.isValid() || hdr.udp.isValid()) {
+            service.apply();
+        }
+    }
+}
+
+#endif

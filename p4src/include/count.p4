@@ -1,0 +1,85 @@
+/* Count: per tenant, per backend, per class and per drop reason, all indexed
+ * counters readable over P4Runtime. Drops happen here, after counting. */
+#ifndef TF_COUNT_P4
+#define TF_COUNT_P4
+
+control Count(inout headers_t hdr,
+              inout local_metadata_t meta,
+              inout standard_metadata_t standard_metadata) {
+
+    @name(".tenant_admitted")
+    counter(MAX_TENANTS, CounterType.packets) tenant_admitted;
+    @name(".tenant_overflow")
+    counter(MAX_TENANTS, CounterType.packets) tenant_overflow;
+    @name(".tenant_traffic")
+    counter(MAX_TENANTS, CounterType.packets_and_bytes) tenant_traffic;
+    @name(".backend_conns")
+    counter(MAX_BACKENDS, CounterType.packets) backend_conns;
+    @name(".backend_traffic")
+    counter(MAX_BACKENDS, CounterType.packets_and_bytes) backend_traffic;
+    @name(".class_traffic")
+    counter(NUM_CLASSES, CounterType.packets_and_bytes) class_traffic;
+    @name(".drops")
+    counter(NUM_DROP_REASONS, CounterType.packets) drops;
+    @name(".events")
+    counter(NUM_EVENTS, CounterType.packets) events;
+
+    apply {
+        if (meta.beacon_ok == 1 && meta.drop_reason == DROP_NONE) {
+            if (hdr.beacon_load.isValid()) {
+                events.count(EVENT_BEACON_LOAD);
+            } else {
+                events.count(EVENT_BEACON_USAGE);
+            }
+        }
+        if (meta.pin_state == PIN_HIT) {
+            events.count(EVENT_PIN_HIT);
+        } else if (meta.pin_state == PIN_NEW) {
+            events.count(EVENT_PIN_NEW);
+        } else if (meta.pin_state == PIN_STATELESS) {
+            events.count(meta.new_flow == 1 ? EVENT_PIN_COLLISION : EVENT_PIN_MISS);
+        }
+        if (meta.pin_state == PIN_HIT && meta.flow_end == 1) {
+            events.count(EVENT_PIN_CLEARED);
+        }
+        if (meta.select_fallback == 1) {
+            events.count(EVENT_SELECT_FALLBACK);
+        }
+        if (meta.color == 1) {
+            events.count(EVENT_METER_YELLOW);
+        } else if (meta.color == 2) {
+            events.count(EVENT_METER_RED);
+        }
+
+        if (meta.drop_reason != DROP_NONE) {
+            drops.count((bit<32>)meta.drop_reason);
+            mark_to_drop(standard_metadata);
+            return;
+        }
+        if (meta.consumed == 1) {
+            mark_to_drop(standard_metadata);
+            return;
+        }
+
+        class_traffic.count((bit<32>)meta.tclass);
+        if (meta.tenant_valid == 1) {
+            tenant_traffic.count((bit<32>)meta.tenant_id);
+        }
+        if (meta.service_hit == 1 && meta.backend_id < MAX_BACKENDS) {
+            backend_traffic.count((bit<32>)meta.backend_id);
+            if (meta.pin_state == PIN_NEW) {
+                backend_conns.count((bit<32>)meta.backend_id);
+                if (meta.tenant_valid == 1) {
+                    if (meta.overflow == 1) {
+                        tenant_overflow.count((bit<32>)meta.tenant_id);
+                        events.count(EVENT_OVERFLOW);
+                    } else {
+                        tenant_admitted.count((bit<32>)meta.tenant_id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#endif

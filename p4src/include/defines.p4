@@ -1,0 +1,83 @@
+/* Sizes, constants and the ids shared with the controller (docs/dataplane.md). */
+#ifndef TF_DEFINES_P4
+#define TF_DEFINES_P4
+
+/* Table and register sizes: room for ~4096 tenants and ~256 backends. */
+#define MAX_TENANTS 4096
+#define MAX_BACKENDS 1024
+#define MAX_SERVICES 256
+#define CONN_SLOTS 65536
+#define MAX_PORTS 512
+#define NUM_CLASSES 8
+
+/* The fabric beacon (tokenfabric/beacon.py): UDP to 169.254.42.1:7420. */
+const bit<32> FABRIC_ADDRESS = 0xA9FE2A01;
+const bit<16> BEACON_PORT = 7420;
+const bit<8> BEACON_VERSION = 1;
+const bit<8> BEACON_LOAD = 1;
+const bit<8> BEACON_USAGE = 2;
+const bit<8> BEACON_FLAG_DOWN = 1;
+const bit<8> BEACON_FLAG_DRAINING = 2;
+
+const bit<16> ETHERTYPE_IPV4 = 0x0800;
+const bit<8> PROTO_IPIP = 4;
+const bit<8> PROTO_TCP = 6;
+const bit<8> PROTO_UDP = 17;
+const bit<16> ROCEV2_PORT = 4791;
+const bit<8> BTH_OPCODE_CNP = 0x81;
+
+/* Service selection modes (action data of set_service). */
+const bit<8> MODE_HASH = 0;
+const bit<8> MODE_P2C = 1;
+
+/* No backend: the sentinel in the connection table and in metadata. */
+const bit<16> NO_BACKEND = 0xFFFF;
+
+/* Connection-table states decided by the pin control. */
+const bit<2> PIN_NONE = 0;       /* not service traffic */
+const bit<2> PIN_NEW = 1;        /* a new connection that owns its slot */
+const bit<2> PIN_HIT = 2;        /* a packet of a pinned connection */
+const bit<2> PIN_STATELESS = 3;  /* collision or unpinned mid-connection packet */
+
+/* Drop reasons: index of the `drops` counter (tokenfabric/dataplane.py). */
+const bit<8> DROP_NONE = 0;
+const bit<8> DROP_TRUNCATED = 1;
+const bit<8> DROP_BAD_IPV4_VERSION = 2;
+const bit<8> DROP_BAD_IPV4_IHL = 3;
+const bit<8> DROP_BAD_TCP_OFFSET = 4;
+const bit<8> DROP_BAD_BEACON_VERSION = 5;
+const bit<8> DROP_BAD_BEACON_TYPE = 6;
+const bit<8> DROP_BEACON_UNAUTHORIZED = 7;
+const bit<8> DROP_BEACON_BAD_ID = 8;
+const bit<8> DROP_NOT_IPV4 = 9;
+const bit<8> DROP_NO_ROUTE = 10;
+const bit<8> DROP_TTL_EXPIRED = 11;
+const bit<8> DROP_UNKNOWN_BACKEND = 12;
+const bit<8> DROP_NO_BACKEND = 13;
+const bit<8> DROP_METER_RED = 14;
+const bit<8> DROP_PARSER_OTHER = 15;
+const bit<8> DROP_BAD_IPV4_CHECKSUM = 16;
+#define NUM_DROP_REASONS 32
+
+/* Events: index of the `events` counter. */
+const bit<32> EVENT_PIN_NEW = 0;
+const bit<32> EVENT_PIN_HIT = 1;
+const bit<32> EVENT_PIN_COLLISION = 2;
+const bit<32> EVENT_PIN_MISS = 3;
+const bit<32> EVENT_PIN_CLEARED = 4;
+const bit<32> EVENT_BEACON_LOAD = 5;
+const bit<32> EVENT_BEACON_USAGE = 6;
+const bit<32> EVENT_SELECT_FALLBACK = 7;
+const bit<32> EVENT_METER_YELLOW = 8;
+const bit<32> EVENT_METER_RED = 9;
+const bit<32> EVENT_OVERFLOW = 10;
+#define NUM_EVENTS 16
+
+/* Token bucket fixed point: the level is kept in micro-tokens (1 token = 10^6),
+ * so that refill = elapsed_us * tokens_per_s is exact, biased by BUCKET_ZERO so
+ * that a tenant can owe tokens (usage reported after the fact). */
+const bit<64> BUCKET_ZERO = 0x4000000000000000;
+const bit<64> MICRO = 1000000;
+const bit<48> MAX_REFILL_US = 0xFFFFFFFF;
+
+#endif

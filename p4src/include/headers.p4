@@ -1,0 +1,163 @@
+/* Every header the parser reads and the metadata the controls share. */
+#ifndef TF_HEADERS_P4
+#define TF_HEADERS_P4
+
+typedef bit<48> mac_t;
+typedef bit<32> ipv4_t;
+typedef bit<9> port_t;
+
+header ethernet_h {
+    mac_t dst_addr;
+    mac_t src_addr;
+    bit<16> ether_type;
+}
+
+header ipv4_h {
+    bit<4> version;
+    bit<4> ihl;
+    bit<6> dscp;
+    bit<2> ecn;
+    bit<16> total_len;
+    bit<16> identification;
+    bit<3> flags;
+    bit<13> frag_offset;
+    bit<8> ttl;
+    bit<8> protocol;
+    bit<16> hdr_checksum;
+    ipv4_t src_addr;
+    ipv4_t dst_addr;
+}
+
+/* IPv4 options, skipped by IHL (at most 40 bytes); kept for the checksum. */
+header ipv4_options_h {
+    varbit<320> options;
+}
+
+header tcp_h {
+    bit<16> src_port;
+    bit<16> dst_port;
+    bit<32> seq_no;
+    bit<32> ack_no;
+    bit<4> data_offset;
+    bit<4> res;
+    bit<1> cwr;
+    bit<1> ece;
+    bit<1> urg;
+    bit<1> ack;
+    bit<1> psh;
+    bit<1> rst;
+    bit<1> syn;
+    bit<1> fin;
+    bit<16> window;
+    bit<16> checksum;
+    bit<16> urgent_ptr;
+}
+
+header udp_h {
+    bit<16> src_port;
+    bit<16> dst_port;
+    bit<16> length;
+    bit<16> checksum;
+}
+
+/* RoCEv2 base transport header (InfiniBand BTH), UDP port 4791. */
+header bth_h {
+    bit<8> opcode;
+    bit<1> solicited;
+    bit<1> migreq;
+    bit<2> pad_count;
+    bit<4> tver;
+    bit<16> pkey;
+    bit<1> fecn;
+    bit<1> becn;
+    bit<6> reserved0;
+    bit<24> dest_qp;
+    bit<1> ack_req;
+    bit<7> reserved1;
+    bit<24> psn;
+}
+
+/* Fabric beacon, common part (tokenfabric/beacon.py). */
+header beacon_h {
+    bit<8> version;
+    bit<8> type;
+    bit<8> flags;
+    bit<8> reserved;
+    bit<16> backend_id;
+    bit<16> seq;
+}
+
+header beacon_load_h {
+    bit<32> load;
+    bit<16> running;
+    bit<16> waiting;
+}
+
+header beacon_usage_h {
+    bit<16> tenant_id;
+    bit<16> reserved;
+    bit<32> prompt_tokens;
+    bit<32> completion_tokens;
+}
+
+struct headers_t {
+    ethernet_h ethernet;
+    ipv4_h ipv4;
+    ipv4_options_h ipv4_options;
+    ipv4_h inner_ipv4;
+    ipv4_options_h inner_ipv4_options;
+    tcp_h tcp;
+    udp_h udp;
+    bth_h bth;
+    beacon_h beacon;
+    beacon_load_h beacon_load;
+    beacon_usage_h beacon_usage;
+}
+
+struct local_metadata_t {
+    bit<16> l4_src_port;
+    bit<16> l4_dst_port;
+    bit<1> new_flow;        /* TCP SYN without ACK, or any non-TCP packet */
+    bit<1> flow_end;        /* TCP FIN or RST */
+
+    /* classify */
+    bit<1> tenant_valid;
+    bit<16> tenant_id;
+    bit<3> tclass;
+    bit<1> trust_dscp;
+    bit<1> is_cnp;
+    bit<1> beacon_ok;
+
+    /* the service (VIP:port) this packet is addressed to */
+    bit<1> service_hit;
+    bit<16> service_id;
+    bit<8> mode;
+    bit<16> overflow_backend;
+    bit<8> pair_mask;
+    bit<32> beacon_max_age_us;
+    bit<32> idle_timeout_us;
+    bit<16> conn_cost;
+
+    /* pin */
+    bit<32> flow_hash;
+    bit<32> fingerprint;
+    bit<32> conn_index;
+    bit<2> pin_state;
+
+    /* admit */
+    bit<1> overflow;
+
+    /* select */
+    bit<8> pair_slot;
+    bit<1> select_fallback;
+    bit<16> backend_id;
+
+    /* deliver, qos, count */
+    bit<1> consumed;         /* a beacon: processed here, forwarded nowhere */
+    bit<8> drop_reason;
+    bit<2> color;
+    bit<1> ecn_enabled;
+    bit<19> ecn_threshold;
+}
+
+#endif

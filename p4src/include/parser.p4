@@ -1,0 +1,190 @@
+/* Parser, checksums and deparser. Parser errors do not drop here: v1model
+ * hands the packet to ingress with parser_error set, where it is dropped and
+ * counted by reason. */
+#ifndef TF_PARSER_P4
+#define TF_PARSER_P4
+
+error {
+    BadIpv4Version,
+    BadIpv4Ihl,
+    BadTcpDataOffset,
+    BadBeaconVersion,
+    BadBeaconType
+}
+
+parser TokenParser(packet_in packet,
+                   out headers_t hdr,
+                   inout local_metadata_t meta,
+                   inout standard_metadata_t standard_metadata) {
+    state start {
+        packet.extract(hdr.ethernet);
+        transition select(hdr.ethernet.ether_type) {
+            ETHERTYPE_IPV4: parse_ipv4;
+            default: accept;
+        }
+    }
+
+    state parse_ipv4 {
+        packet.extract(hdr.ipv4);
+        verify(hdr.ipv4.version == 4, error.BadIpv4Version);
+        verify(hdr.ipv4.ihl >= 5, error.BadIpv4Ihl);
+        transition select(hdr.ipv4.ihl) {
+            5: dispatch_ipv4;
+            default: parse_ipv4_options;
+        }
+    }
+
+    state parse_ipv4_options {
+        packet.extract(hdr.ipv4_options, ((bit<32>)hdr.ipv4.ihl - 5) * 32);
+        transition dispatch_ipv4;
+    }
+
+    /* Non-first fragments carry no L4 header. */
+    state dispatch_ipv4 {
+        transition select(hdr.ipv4.frag_offset, hdr.ipv4.protocol) {
+            (0, PROTO_TCP): parse_tcp;
+            (0, PROTO_UDP): parse_udp;
+            (0, PROTO_IPIP): parse_inner_ipv4;
+            default: accept;
+        }
+    }
+
+    state parse_inner_ipv4 {
+        packet.extract(hdr.inner_ipv4);
+        verify(hdr.inner_ipv4.version == 4, error.BadIpv4Version);
+        verify(hdr.inner_ipv4.ihl >= 5, error.BadIpv4Ihl);
+        transition select(hdr.inner_ipv4.ihl) {
+            5: dispatch_inner_ipv4;
+            default: parse_inner_ipv4_options;
+        }
+    }
+
+    state parse_inner_ipv4_options {
+        packet.extract(hdr.inner_ipv4_options, ((bit<32>)hdr.inner_ipv4.ihl - 5) * 32);
+        transition dispatch_inner_ipv4;
+    }
+
+    state dispatch_inner_ipv4 {
+        transition select(hdr.inner_ipv4.frag_offset, hdr.inner_ipv4.protocol) {
+            (0, PROTO_TCP): parse_tcp;
+            (0, PROTO_UDP): parse_udp;
+            default: accept;
+        }
+    }
+
+    state parse_tcp {
+        packet.extract(hdr.tcp);
+        verify(hdr.tcp.data_offset >= 5, error.BadTcpDataOffset);
+        meta.l4_src_port = hdr.tcp.src_port;
+        meta.l4_dst_port = hdr.tcp.dst_port;
+        transition accept;
+    }
+
+    state parse_udp {
+        packet.extract(hdr.udp);
+        meta.l4_src_port = hdr.udp.src_port;
+        meta.l4_dst_port = hdr.udp.dst_port;
+        transition select(hdr.ipv4.dst_addr, hdr.udp.dst_port) {
+            (FABRIC_ADDRESS, BEACON_PORT): parse_beacon;
+            (_, ROCEV2_PORT): parse_bth;
+            default: accept;
+        }
+    }
+
+    state parse_bth {
+        packet.extract(hdr.bth);
+        transition accept;
+    }
+
+    state parse_beacon {
+        packet.extract(hdr.beacon);
+        verify(hdr.beacon.version == BEACON_VERSION, error.BadBeaconVersion);
+        transition select(hdr.beacon.type) {
+            BEACON_LOAD: parse_beacon_load;
+            BEACON_USAGE: parse_beacon_usage;
+            default: bad_beacon_type;
+        }
+    }
+
+    state parse_beacon_load {
+        packet.extract(hdr.beacon_load);
+        transition accept;
+    }
+
+    state parse_beacon_usage {
+        packet.extract(hdr.beacon_usage);
+        transition accept;
+    }
+
+    state bad_beacon_type {
+        verify(false, error.BadBeaconType);
+        transition accept;
+    }
+}
+
+control TokenVerifyChecksum(inout headers_t hdr, inout local_metadata_t meta) {
+    apply {
+        verify_checksum(hdr.ipv4.isValid() && !hdr.ipv4_options.isValid(),
+            { hdr.ipv4.version, hdr.ipv4.ihl, hdr.ipv4.dscp, hdr.ipv4.ecn,
+              hdr.ipv4.total_len, hdr.ipv4.identification, hdr.ipv4.flags,
+              hdr.ipv4.frag_offset, hdr.ipv4.ttl, hdr.ipv4.protocol,
+              hdr.ipv4.src_addr, hdr.ipv4.dst_addr },
+            hdr.ipv4.hdr_checksum, HashAlgorithm.csum16);
+        verify_checksum(hdr.ipv4_options.isValid(),
+            { hdr.ipv4.version, hdr.ipv4.ihl, hdr.ipv4.dscp, hdr.ipv4.ecn,
+              hdr.ipv4.total_len, hdr.ipv4.identification, hdr.ipv4.flags,
+              hdr.ipv4.frag_offset, hdr.ipv4.ttl, hdr.ipv4.protocol,
+              hdr.ipv4.src_addr, hdr.ipv4.dst_addr, hdr.ipv4_options.options },
+            hdr.ipv4.hdr_checksum, HashAlgorithm.csum16);
+    }
+}
+
+/* Every rewritten IPv4 header gets its checksum recomputed; L4 checksums need
+ * no update because no rewrite touches the L4 pseudo-header. */
+control TokenComputeChecksum(inout headers_t hdr, inout local_metadata_t meta) {
+    apply {
+        update_checksum(hdr.ipv4.isValid() && !hdr.ipv4_options.isValid(),
+            { hdr.ipv4.version, hdr.ipv4.ihl, hdr.ipv4.dscp, hdr.ipv4.ecn,
+              hdr.ipv4.total_len, hdr.ipv4.identification, hdr.ipv4.flags,
+              hdr.ipv4.frag_offset, hdr.ipv4.ttl, hdr.ipv4.protocol,
+              hdr.ipv4.src_addr, hdr.ipv4.dst_addr },
+            hdr.ipv4.hdr_checksum, HashAlgorithm.csum16);
+        update_checksum(hdr.ipv4_options.isValid(),
+            { hdr.ipv4.version, hdr.ipv4.ihl, hdr.ipv4.dscp, hdr.ipv4.ecn,
+              hdr.ipv4.total_len, hdr.ipv4.identification, hdr.ipv4.flags,
+              hdr.ipv4.frag_offset, hdr.ipv4.ttl, hdr.ipv4.protocol,
+              hdr.ipv4.src_addr, hdr.ipv4.dst_addr, hdr.ipv4_options.options },
+            hdr.ipv4.hdr_checksum, HashAlgorithm.csum16);
+        update_checksum(hdr.inner_ipv4.isValid() && !hdr.inner_ipv4_options.isValid(),
+            { hdr.inner_ipv4.version, hdr.inner_ipv4.ihl, hdr.inner_ipv4.dscp,
+              hdr.inner_ipv4.ecn, hdr.inner_ipv4.total_len, hdr.inner_ipv4.identification,
+              hdr.inner_ipv4.flags, hdr.inner_ipv4.frag_offset, hdr.inner_ipv4.ttl,
+              hdr.inner_ipv4.protocol, hdr.inner_ipv4.src_addr, hdr.inner_ipv4.dst_addr },
+            hdr.inner_ipv4.hdr_checksum, HashAlgorithm.csum16);
+        update_checksum(hdr.inner_ipv4_options.isValid(),
+            { hdr.inner_ipv4.version, hdr.inner_ipv4.ihl, hdr.inner_ipv4.dscp,
+              hdr.inner_ipv4.ecn, hdr.inner_ipv4.total_len, hdr.inner_ipv4.identification,
+              hdr.inner_ipv4.flags, hdr.inner_ipv4.frag_offset, hdr.inner_ipv4.ttl,
+              hdr.inner_ipv4.protocol, hdr.inner_ipv4.src_addr, hdr.inner_ipv4.dst_addr,
+              hdr.inner_ipv4_options.options },
+            hdr.inner_ipv4.hdr_checksum, HashAlgorithm.csum16);
+    }
+}
+
+control TokenDeparser(packet_out packet, in headers_t hdr) {
+    apply {
+        packet.emit(hdr.ethernet);
+        packet.emit(hdr.ipv4);
+        packet.emit(hdr.ipv4_options);
+        packet.emit(hdr.inner_ipv4);
+        packet.emit(hdr.inner_ipv4_options);
+        packet.emit(hdr.tcp);
+        packet.emit(hdr.udp);
+        packet.emit(hdr.bth);
+        packet.emit(hdr.beacon);
+        packet.emit(hdr.beacon_load);
+        packet.emit(hdr.beacon_usage);
+    }
+}
+
+#endif

@@ -1,0 +1,103 @@
+/* QoS, both directions: per class a DSCP remark and a priority queue (BMv2
+ * runs with --priority-queues 8, queue 0 lowest); per tenant a two-rate
+ * three-colour meter (RFC 2698) whose colour the policy remarks or drops. The
+ * egress half (ECN marking on queue depth) is TokenEgress. */
+#ifndef TF_QOS_P4
+#define TF_QOS_P4
+
+control Qos(inout headers_t hdr,
+            inout local_metadata_t meta,
+            inout standard_metadata_t standard_metadata) {
+
+    @name(".tenant_meter")
+    meter(MAX_TENANTS, MeterType.bytes) tenant_meter;
+
+    @name(".set_class_qos")
+    action set_class_qos(bit<6> dscp, bit<3> priority) {
+        hdr.ipv4.dscp = dscp;
+        standard_metadata.priority = priority;
+    }
+
+    @name(".class_qos")
+    table class_qos {
+        key = { meta.tclass: exact @name("tclass"); }
+        actions = { set_class_qos; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = NUM_CLASSES;
+    }
+
+    @name(".color_remark")
+    action color_remark(bit<6> dscp) {
+        hdr.ipv4.dscp = dscp;
+    }
+
+    @name(".color_drop")
+    action color_drop() {
+        meta.drop_reason = DROP_METER_RED;
+    }
+
+    /* Colours: 0 green, 1 yellow, 2 red. No entry: the colour changes nothing. */
+    @name(".meter_policy")
+    table meter_policy {
+        key = {
+            meta.tenant_id: exact @name("tenant_id");
+            meta.color: exact @name("color");
+        }
+        actions = { color_remark; color_drop; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = 8192;
+    }
+
+    apply {
+        if (meta.drop_reason != DROP_NONE || meta.consumed == 1 || !hdr.ipv4.isValid()) {
+            return;
+        }
+        class_qos.apply();
+        if (meta.tenant_valid == 1) {
+            tenant_meter.execute_meter((bit<32>)meta.tenant_id, meta.color);
+            meter_policy.apply();
+        }
+        if (hdr.inner_ipv4.isValid() && hdr.ipv4.protocol == PROTO_IPIP) {
+            hdr.inner_ipv4.dscp = hdr.ipv4.dscp;
+        }
+    }
+}
+
+/* ECN CE marking (DCQCN) above a queue-depth threshold, per class. */
+control TokenEgress(inout headers_t hdr,
+                    inout local_metadata_t meta,
+                    inout standard_metadata_t standard_metadata) {
+
+    @name(".port_tx")
+    counter(MAX_PORTS, CounterType.packets_and_bytes) port_tx;
+    @name(".ecn_marked")
+    counter(NUM_CLASSES, CounterType.packets) ecn_marked;
+
+    @name(".set_ecn_threshold")
+    action set_ecn_threshold(bit<19> qdepth) {
+        meta.ecn_enabled = 1;
+        meta.ecn_threshold = qdepth;
+    }
+
+    @name(".ecn_policy")
+    table ecn_policy {
+        key = { meta.tclass: exact @name("tclass"); }
+        actions = { set_ecn_threshold; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = NUM_CLASSES;
+    }
+
+    apply {
+        port_tx.count((bit<32>)standard_metadata.egress_port);
+        if (hdr.ipv4.isValid() && (hdr.ipv4.ecn == 1 || hdr.ipv4.ecn == 2)) {
+            ecn_policy.apply();
+            if (meta.ecn_enabled == 1
+                    && standard_metadata.enq_qdepth >= meta.ecn_threshold) {
+                hdr.ipv4.ecn = 3;
+                ecn_marked.count((bit<32>)meta.tclass);
+            }
+        }
+    }
+}
+
+#endif

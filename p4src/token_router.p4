@@ -1,0 +1,73 @@
+/* tokenfabric edge switch (P4_16, v1model): steer LLM inference connections to
+ * backends by load and QoS contract. Read top to bottom with docs/dataplane.md;
+ * each concern is one control in include/. */
+#include <core.p4>
+#include <v1model.p4>
+
+#include "include/defines.p4"
+#include "include/headers.p4"
+#include "include/parser.p4"
+#include "include/classify.p4"
+#include "include/pin.p4"
+#include "include/admit.p4"
+#include "include/select.p4"
+#include "include/deliver.p4"
+#include "include/qos.p4"
+#include "include/count.p4"
+
+control TokenIngress(inout headers_t hdr,
+                     inout local_metadata_t meta,
+                     inout standard_metadata_t standard_metadata) {
+
+    @name(".port_rx")
+    counter(MAX_PORTS, CounterType.packets_and_bytes) port_rx;
+
+    Classify() classify;
+    Pin() pin;
+    Admit() admit;
+    SelectBackend() select_backend;
+    Deliver() deliver;
+    Qos() qos;
+    Count() count;
+
+    apply {
+        port_rx.count((bit<32>)standard_metadata.ingress_port);
+        meta.backend_id = NO_BACKEND;
+
+        /* Malformed input: dropped and counted by reason. */
+        if (standard_metadata.parser_error == error.PacketTooShort) {
+            meta.drop_reason = DROP_TRUNCATED;
+        } else if (standard_metadata.parser_error == error.BadIpv4Version) {
+            meta.drop_reason = DROP_BAD_IPV4_VERSION;
+        } else if (standard_metadata.parser_error == error.BadIpv4Ihl) {
+            meta.drop_reason = DROP_BAD_IPV4_IHL;
+        } else if (standard_metadata.parser_error == error.BadTcpDataOffset) {
+            meta.drop_reason = DROP_BAD_TCP_OFFSET;
+        } else if (standard_metadata.parser_error == error.BadBeaconVersion) {
+            meta.drop_reason = DROP_BAD_BEACON_VERSION;
+        } else if (standard_metadata.parser_error == error.BadBeaconType) {
+            meta.drop_reason = DROP_BAD_BEACON_TYPE;
+        } else if (standard_metadata.parser_error != error.NoError) {
+            meta.drop_reason = DROP_PARSER_OTHER;
+        } else if (standard_metadata.checksum_error == 1) {
+            meta.drop_reason = DROP_BAD_IPV4_CHECKSUM;
+        }
+
+        if (meta.drop_reason == DROP_NONE) {
+            classify.apply(hdr, meta, standard_metadata);     /* tenant, class, service */
+            pin.apply(hdr, meta, standard_metadata);          /* new, pinned or stateless */
+            admit.apply(hdr, meta, standard_metadata);        /* token bucket, overflow */
+            select_backend.apply(hdr, meta, standard_metadata); /* which backend */
+            deliver.apply(hdr, meta, standard_metadata);      /* DSR, IP-in-IP or route */
+            qos.apply(hdr, meta, standard_metadata);          /* DSCP, priority, meter */
+        }
+        count.apply(hdr, meta, standard_metadata);            /* counters, drops */
+    }
+}
+
+V1Switch(TokenParser(),
+         TokenVerifyChecksum(),
+         TokenIngress(),
+         TokenEgress(),
+         TokenComputeChecksum(),
+         TokenDeparser()) main;
