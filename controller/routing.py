@@ -8,9 +8,10 @@ Weight formula (docs/policy.md, "Routing"). From a backend's last report:
 
 A backend's share of its service's selector group is capacity * headroom, scaled to
 integer weights of at most MAX_GROUP_WEIGHT in total (BMv2 emulates a weight by
-duplicating the member, so totals stay small), each active backend at least 1 and
-divided by their gcd. FLOOR keeps a busy but healthy backend in the group: the
-switch's pinning, not a zero weight, protects it from a stampede.
+duplicating the member, so totals stay small), each active backend at least 1: the
+smallest total whose shares are within 1 point of the exact ones. FLOOR keeps a
+busy but healthy backend in the group: the switch's pinning, not a zero weight,
+protects it from a stampede.
 
 Hysteresis: Backend.weight changes only when the new headroom differs from the
 written one by at least `hysteresis` points (default 15), so report noise does not
@@ -43,23 +44,39 @@ def headroom(backend: Backend, running: int, waiting: int, kv_cache_usage: float
     return round(100 * max(FLOOR, 1.0 - load))
 
 
-def scale_weights(raw: dict[str, float], total: int = MAX_GROUP_WEIGHT) -> dict[str, int]:
-    """Integer weights proportional to raw, summing to at most `total`, each >= 1."""
-    if not raw:
-        return {}
-    if len(raw) >= total:
-        return dict.fromkeys(raw, 1)
-    s = sum(raw.values())
-    if s <= 0:
-        return dict.fromkeys(raw, 1)
-    spare = total - len(raw)  # everyone gets 1; the rest goes by share
-    quotas = {k: v / s * spare for k, v in raw.items()}
+def _apportion(shares: dict[str, float], total: int) -> dict[str, int]:
+    """Largest remainder: integers summing to `total`, each at least 1."""
+    spare = total - len(shares)
+    quotas = {k: v * spare for k, v in shares.items()}
     out = {k: 1 + math.floor(q) for k, q in quotas.items()}
     left = total - sum(out.values())
     for k in sorted(quotas, key=lambda k: (-(quotas[k] - math.floor(quotas[k])), k))[:left]:
         out[k] += 1
-    g = math.gcd(*out.values())
-    return {k: v // g for k, v in out.items()}
+    return out
+
+
+def scale_weights(raw: dict[str, float], total: int = MAX_GROUP_WEIGHT,
+                  tolerance: float = 0.01) -> dict[str, int]:
+    """Integer weights proportional to raw, each >= 1, summing to at most `total`.
+
+    The smallest total whose shares are all within `tolerance` of the exact ones wins
+    (2:1 becomes 2 and 1, not 43 and 21): fewer duplicated members on BMv2.
+    """
+    if not raw:
+        return {}
+    s = sum(raw.values())
+    if len(raw) >= total or s <= 0:
+        return dict.fromkeys(raw, 1)
+    shares = {k: v / s for k, v in raw.items()}
+    best, best_err = None, math.inf
+    for t in range(len(raw), total + 1):
+        w = _apportion(shares, t)
+        err = max(abs(w[k] / t - shares[k]) for k in w)
+        if err < best_err - 1e-12:
+            best, best_err = w, err
+        if err <= tolerance:
+            break
+    return best
 
 
 def group_weights(model: Model, eligible: list[str]) -> dict[str, int]:

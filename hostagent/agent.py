@@ -43,6 +43,7 @@ class Agent:
         self.rdma_status: dict = {}
         self.host_status: dict = {}
         self.reports_sent = 0
+        self.draining = False       # set by the controller's report answer {"draining": true}
         self.registered = asyncio.Event()
         self.host_setup: HostSetup | None = None
         self.beacons = BeaconSender(config.beacon_addr, config.beacon_source)
@@ -175,7 +176,8 @@ class Agent:
         if self.backend_id is None:
             return
         fig = self.figures()
-        self.beacons.load(self.backend_id, fig.load, fig.running, fig.waiting, self.down)
+        self.beacons.load(self.backend_id, fig.load, fig.running, fig.waiting, self.down,
+                          self.draining)
 
     async def _models(self) -> list[str]:
         if self.config.models:
@@ -268,6 +270,9 @@ class Agent:
                                 getattr(left, field_name) - getattr(usage, field_name))
                     if not any(vars(left).values()):
                         del self.usage_unreported[name]
+            if isinstance(answer.get("draining"), bool) and answer["draining"] != self.draining:
+                self.draining = answer["draining"]
+                log.info("controller: draining %s", "on" if self.draining else "off")
             if isinstance(answer.get("tenants"), list):
                 self._apply_tenants(answer["tenants"])
 

@@ -35,8 +35,11 @@ class BeaconSender:
                 log.warning("beacon to %s:%d not sent: %s", *self.target, exc)
         self.seq = (self.seq + 1) & U16_MAX
 
-    def load(self, backend_id: int, load: int, running: int, waiting: int, down: bool) -> None:
+    def load(self, backend_id: int, load: int, running: int, waiting: int, down: bool,
+             draining: bool = False) -> None:
         flags = BeaconFlags.DOWN if down else BeaconFlags.NONE
+        if draining:
+            flags |= BeaconFlags.DRAINING
         self._send(LoadBeacon(backend_id, load, running, waiting, flags, self.seq).pack())
 
     def usage(self, backend_id: int, tenant_id: int, prompt_tokens: int,

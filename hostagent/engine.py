@@ -61,7 +61,7 @@ class RequestAborted(Exception):
     """The request was aborted (client gone) before it finished."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request is itself, whatever its fields
 class Request:
     request_id: str
     prompt_tokens: list[str]

@@ -30,9 +30,10 @@ def compute_load(running: float, waiting: float, kv_cache_usage: float, capacity
                  in_flight: int = 0) -> LoadFigures:
     if capacity < 1:
         raise ValueError("capacity must be at least 1")
-    total = max(running + waiting, float(in_flight))
-    running = min(max(running, min(total, capacity)), total)
-    waiting = max(0.0, total - running)
+    extra = in_flight - (running + waiting)
+    if extra > 0:  # requests vLLM has not shown yet: they run if there is room, else wait
+        grow = min(extra, max(0.0, capacity - running))
+        running, waiting = running + grow, waiting + (extra - grow)
     kv = min(max(kv_cache_usage, 0.0), 1.0)
     value = LOAD_FULL * (max(running / capacity, kv) + waiting / capacity)
     return LoadFigures(min(int(round(value)), U32_MAX), int(running), int(waiting))

@@ -29,7 +29,8 @@ _bearer = HTTPBearer(auto_error=False, description="a token from the controller'
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": s.ErrorBody, "description": text} for code, text in {
-        401: "no token, or an unknown one", 403: "the token's role may not do this",
+        400: "the request body cannot be parsed", 401: "no token, or an unknown one",
+        403: "the token's role may not do this",
         404: "no such object", 422: "the request is invalid"}.items()}
 MUTATION_ERRORS = {**ERRORS, 409: {"model": s.ErrorBody, "description": "conflicts with state"},
                    503: {"model": s.ErrorBody, "description": "temporarily unavailable"}}
@@ -283,12 +284,17 @@ def create_app(ctl: "Controller") -> FastAPI:
         rows = await asyncio.to_thread(ctl.ledger.query, tenant_id, model, since, until, limit)
         return [row_view(r) for r in rows]
 
-    @r.get("/ledger.csv", response_class=PlainTextResponse, responses=ERRORS, tags=["ledger"])
+    csv_response = {200: {"description": "the ledger rows as CSV, one per tenant, model "
+                                         "and minute",
+                          "content": {"text/csv": {"schema": {"type": "string"}}}}}
+
+    @r.get("/ledger.csv", response_class=Response, responses={**ERRORS, **csv_response},
+           tags=["ledger"])
     async def ledger_csv(who: Viewer, tenant_id: TenantId = None, model: ModelQ = None,
                          since: Since = None, until: Until = None,
-                         limit: Limit = 100_000) -> PlainTextResponse:
+                         limit: Limit = 100_000) -> Response:
         rows = await asyncio.to_thread(ctl.ledger.query, tenant_id, model, since, until, limit)
-        return PlainTextResponse(ctl.ledger.export_csv(rows), media_type="text/csv",
+        return Response(ctl.ledger.export_csv(rows), media_type="text/csv",
                                  headers={"Content-Disposition":
                                           'attachment; filename="ledger.csv"'})
 

@@ -9,6 +9,7 @@ the P4 class below so that a rename in the program is a one-line change here.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
 
@@ -37,13 +38,11 @@ from controller.model import (
     TrafficClass,
 )
 from controller.routing import MAX_GROUP_WEIGHT, group_weights
+from tokenfabric.beacon import LOAD_FULL
+from tokenfabric.dataplane import NO_BACKEND, NUM_CLASSES, Color, Mode
 
-NO_BACKEND = 0xFFFF
 PROTO_TCP = 6
-MODE_VALUE = {SelectionMode.HASH: 0, SelectionMode.P2C: 1}  # defines.p4 MODE_*
-COLOR_YELLOW, COLOR_RED = 1, 2
-LOAD_FULL = 1000  # tokenfabric/beacon.py: a backend at capacity reports this load
-NUM_CLASSES = 8  # tclass is 3 bits
+MODE_VALUE = {SelectionMode.HASH: int(Mode.HASH), SelectionMode.P2C: int(Mode.P2C)}
 DEFAULT_CLASS = TrafficClass(service_class="standard", dscp=0, priority_level=90, queue=1)
 
 
@@ -184,8 +183,8 @@ def _shared_entities(model: Model, classes: ClassPlan) -> list[Entity]:
         if bw is not None:
             out.append(MeterConfig(P4.TENANT_METER, tenant.tenant_id, cir=bw.cir,
                                    cburst=bw.cbs, pir=bw.pir, pburst=bw.pbs))
-            for color, what, dscp in ((COLOR_YELLOW, bw.exceed, bw.exceed_dscp),
-                                      (COLOR_RED, bw.violate, bw.violate_dscp)):
+            for color, what, dscp in ((int(Color.YELLOW), bw.exceed, bw.exceed_dscp),
+                                      (int(Color.RED), bw.violate, bw.violate_dscp)):
                 match = {"tenant_id": Exact(tenant.tenant_id), "color": Exact(color)}
                 if what == BeyondAction.REMARK:
                     add_table(TableEntry.of(P4.METER_POLICY, match,
@@ -284,14 +283,20 @@ def _default_conn_cost(model: Model, eligible: list[str]) -> int:
 def _p2c_pairs(ids: list[int], slots: int) -> list[tuple[int, int]]:
     """Fill the pair slots with pairs of distinct backends, each pair equally often.
 
-    One backend: a single slot whose second choice is NO_BACKEND. More pairs than
-    slots: evenly spaced pairs. Orientation alternates so that ties do not favour one.
+    One backend: a single slot whose second choice is NO_BACKEND. Where twice the
+    number of pairs is a power of two within `slots`, exactly that many slots (each
+    pair once each way); otherwise all `slots`, round robin (or evenly spaced pairs
+    when there are more pairs than slots). Orientation alternates so that ties (the
+    first wins) do not favour one backend.
     """
     if not ids:
         return []
     if len(ids) == 1:
         return [(ids[0], NO_BACKEND)]
     pairs = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
+    both_ways = 2 * len(pairs)
+    if both_ways <= slots and both_ways & (both_ways - 1) == 0:
+        slots = both_ways
     out = []
     for k in range(slots):
         a, b = pairs[k % len(pairs)] if len(pairs) <= slots else pairs[k * len(pairs) // slots]
@@ -360,35 +365,49 @@ def _peer(model: Model, switch: str, port: int) -> str:
     raise CompileError(f"no link on {switch} port {port}")
 
 
+_IP_FIELDS = {"vip", "src_addr", "dst_addr", "tunnel_src", "tunnel_dst"}
+_MAC_FIELDS = {"smac", "dmac"}
+
+
+def _show(name: str, value: int) -> int | str:
+    """Addresses as text in golden files and REST views; everything else as ints."""
+    if name in _IP_FIELDS:
+        return str(ipaddress.IPv4Address(value))
+    if name in _MAC_FIELDS:
+        return ":".join(f"{b:02x}" for b in value.to_bytes(6, "big"))
+    return value
+
+
 def entity_to_dict(entity: Entity) -> dict:
     """A readable, JSON-ready form (golden files, REST views)."""
-    def match_value(v: object) -> object:
+    def match_value(name: str, v: object) -> object:
         if isinstance(v, Exact):
-            return v.value
+            return _show(name, v.value)
         if isinstance(v, Lpm):
-            return f"{v.value:#x}/{v.prefix_len}"
+            return f"{_show(name, v.value)}/{v.prefix_len}"
         if isinstance(v, Ternary):
             return f"{v.value:#x}&&&{v.mask:#x}"
         if isinstance(v, Range):
             return f"{v.low}..{v.high}"
         raise TypeError(v)
 
-    def action(a: object) -> object:
+    def action(a: object) -> dict:
         if isinstance(a, Action):
-            return {"action": a.name, "params": dict(a.params)}
+            return {"action": a.name, "params": {k: _show(k, v) for k, v in a.params}}
         if isinstance(a, GroupRef):
             return {"group": a.group_id}
         return {"member": a.member_id}  # MemberRef
 
     if isinstance(entity, TableEntry):
-        d = {"table": entity.table, "match": {k: match_value(v) for k, v in entity.match}}
-        d.update(action(entity.action))  # type: ignore[arg-type]
+        d = {"table": entity.table,
+             "match": {k: match_value(k, v) for k, v in entity.match}}
+        d.update(action(entity.action))
         if entity.priority:
             d["priority"] = entity.priority
         return d
     if isinstance(entity, ProfileMember):
         return {"profile": entity.profile, "member": entity.member_id,
-                **action(entity.action)}  # type: ignore[dict-item]
+                **action(entity.action)}
     if isinstance(entity, ProfileGroup):
         return {"profile": entity.profile, "group": entity.group_id,
                 "members": [list(m) for m in entity.members], "max_size": entity.max_size}
@@ -396,5 +415,13 @@ def entity_to_dict(entity: Entity) -> dict:
             "cburst": entity.cburst, "pir": entity.pir, "pburst": entity.pburst}
 
 
+def _sort_key(entity: Entity) -> tuple:
+    """Numeric order within a table (slot 2 before slot 10)."""
+    if isinstance(entity, TableEntry):
+        fields = tuple((k, type(v).__name__, dataclasses.astuple(v)) for k, v in entity.match)
+        return ("table", entity.table, fields, entity.priority)
+    return entity.key()
+
+
 def state_to_list(state: DesiredState) -> list[dict]:
-    return [entity_to_dict(state.entities[k]) for k in sorted(state.entities, key=repr)]
+    return [entity_to_dict(e) for e in sorted(state.entities.values(), key=_sort_key)]

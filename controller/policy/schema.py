@@ -41,8 +41,9 @@ from controller.policy.standards import (
     RFC4594_CLASSES,
     class_for_fiveqi,
 )
+from tokenfabric.dataplane import MAX_TENANTS
 
-MAX_TENANT_ID = 4095  # the dataplane's per-tenant registers and counters (MAX_TENANTS)
+MAX_TENANT_ID = MAX_TENANTS - 1  # the dataplane's per-tenant registers and counters
 MAX_QDEPTH = (1 << 19) - 1  # v1model enq_qdepth is bit<19>
 INT32 = (-(2**31), 2**31 - 1)
 U32_MAX = 2**32 - 1

@@ -136,18 +136,17 @@ class Node:
         return isinstance(self.value, dict) and key in self.value
 
     def child(self, key: str) -> Node | None:
-        """The value under key (marked as known), or None when absent."""
+        """The value under key (marked as known), or None when absent.
+
+        Its line is the key's line: that is where an operator looks for a field,
+        also when its value is a block mapping or list starting below it.
+        """
         self._used.add(key)
         if not isinstance(self.value, dict) or key not in self.value:
             return None
         line = self.line
         if isinstance(self.value, CommentedMap):
-            pos = self.value.lc.value(key)
-            line = (pos[0] if pos else self.value.lc.key(key)[0]) + 1
-            # A nested mapping or list starts on the next line; its own lc is exact.
-            sub = self.value[key]
-            if isinstance(sub, CommentedMap | CommentedSeq) and sub.lc.line is not None:
-                line = sub.lc.line + 1
+            line = self.value.lc.key(key)[0] + 1
         return Node(self.value[key], self._child_path(key), line, self.errors)
 
     def items(self) -> Iterator[tuple[str, Node]]:
@@ -162,10 +161,6 @@ class Node:
                     line = self.value.lc.key(key)[0] + 1
                 self.errors.add(line, self._child_path(str(key)), "keys must be strings")
                 continue
-            node.line = self.value.lc.key(key)[0] + 1 if isinstance(
-                self.value, CommentedMap) else node.line
-            if isinstance(node.value, CommentedMap | CommentedSeq):
-                node.line = node.value.lc.line + 1
             yield key, node
 
     def elements(self) -> Iterator[Node]:
