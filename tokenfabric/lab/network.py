@@ -80,7 +80,9 @@ class LabNetwork:
                           pcap=self.pcap, log_level=self.switch_log_level)
         needs_mgmt = [h for h in self.plan.hosts.values() if h.mgmt_ip]
         if needs_mgmt:
-            net.addHost(MGMT_NODE, inNamespace=False)
+            # ip=None: Mininet would otherwise give its first interface an address of
+            # its ipBase (10.0.0.x/8) in the root namespace.
+            net.addHost(MGMT_NODE, inNamespace=False, ip=None, mac=None)
         for h in self.plan.hosts.values():
             net.addHost(h.name, ip=f"{h.ip}/{h.prefix_len}", mac=h.mac)
         bw = {"bw": self.bw_mbps} if self.bw_mbps else {}

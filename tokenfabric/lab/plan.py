@@ -97,15 +97,15 @@ class LabPlan:
             address = h.ip if h.prefix_len == 32 else _network(h.ip, h.prefix_len)
             hosts[h.name] = {"switch": h.switch, "port": h.port, "address": address,
                              "prefix_len": h.prefix_len, "mac": h.mac}
-        backends = {b.name: {"id": i + 1, "host": b.name, "capacity": 16, "models": [self.model]}
-                    for i, b in enumerate(self.by_role("backend"))}
+        # No static backends: each backend's agent registers it (the controller refuses
+        # to let an agent take over a backend of the fabric file), and a service without
+        # a pool takes every registered backend of its model.
         service: dict[str, Any] = {"id": 1, "model": self.model, "vip": self.vip,
-                                   "port": self.vip_port, "mode": mode,
-                                   "pool": list(backends)}
+                                   "port": self.vip_port, "mode": mode}
         responders = self.by_role("responder")
         if responders:
             service["overflow"] = responders[0].name
-        out: dict[str, Any] = {"switches": switches, "hosts": hosts, "backends": backends,
+        out: dict[str, Any] = {"switches": switches, "hosts": hosts,
                                "services": {"llm": service}}
         if links:
             out["links"] = links

@@ -83,6 +83,10 @@ def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
     }
     if overflow:
         cfg["mode"] = "overflow"
+        # The agent registers every mode as a backend, which would put the responder in
+        # the service's pool; until it can register as a responder, it answers 429 on
+        # VIP:8000 without a controller (nothing listens on port 9). docs/lab.md.
+        cfg["controller_url"] = "http://127.0.0.1:9"
     return {"agent": cfg}
 
 

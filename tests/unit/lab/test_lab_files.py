@@ -42,7 +42,8 @@ def test_agent_configs_validate_in_the_agent():
     for host in plan.by_role("backend") + plan.by_role("responder"):
         section = agent_config(plan, host, 8080, "t" * 32, host.role == "responder")["agent"]
         cfg = config.validate({**config.DEFAULTS, **section})
-        assert cfg.controller_url == f"http://{host.mgmt_gw}:8080"
+        if host.role == "backend":
+            assert cfg.controller_url == f"http://{host.mgmt_gw}:8080"
         assert cfg.vip == plan.vip and cfg.address == host.ip
         assert cfg.mode == ("overflow" if host.role == "responder" else "relay")
 

@@ -48,7 +48,7 @@ def test_fabric_file_loads_in_the_controller(topo):
         sw.grpc_port = 50100 + i
     model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
     service = model.services["llm"]
-    assert service.vip == plan.vip and service.pool == [b.name for b in plan.by_role("backend")]
+    assert service.vip == plan.vip and service.pool == [] and not model.backends
     assert service.overflow.address == "10.0.0.99"
     assert model.fabric.hosts[f"{NAME_PREFIX}c1"].address == "10.0.1.0"
 
