@@ -37,7 +37,7 @@ class LabNetwork:
     """The Mininet network of one plan: BMv2 switches, hosts, a management network."""
 
     def __init__(self, plan: LabPlan, run_dir: Path, bw_mbps: float | None = 100.0,
-                 pcap: bool = False, switch_log_level: str = "info") -> None:
+                 pcap: bool = False, switch_log_level: str = "warn") -> None:
         self.plan = plan
         self.run_dir = Path(run_dir)
         self.bw_mbps = bw_mbps

@@ -55,8 +55,12 @@ class StackError(RuntimeError):
     """A component did not start or did not become ready."""
 
 
-def policy_dict(exp: Experiment, plan: LabPlan) -> dict[str, Any]:
-    """The policy file (docs/policy.md): one contract per tenant, its prefix from the plan."""
+def policy_dict(exp: Experiment, plan: LabPlan, generation: int = 0) -> dict[str, Any]:
+    """The policy file (docs/policy.md): one contract per tenant, its prefix from the plan.
+
+    `generation` > 0 makes a changed but equivalent policy (the SLOs of every contract
+    move by `generation` ms), so that a reload really rewrites the switches' state.
+    """
     prefixes = {h.tenant: f"{h.ip.rsplit('.', 1)[0]}.0/24" for h in plan.by_role("client")}
     contracts, tenants = {}, []
     for t in exp.tenants:
@@ -64,7 +68,8 @@ def policy_dict(exp: Experiment, plan: LabPlan) -> dict[str, Any]:
         tpm = int((t.tokens_per_s or 1_000_000) * 60)
         contracts[f"{t.name}-contract"] = {
             "fiveqi": FIVEQI.get(t.traffic_class, 9), "tpm": tpm,
-            "slo": {"ttft_p99_ms": int(t.slo_ttft_ms), "tpot_p99_ms": int(t.slo_tpot_ms)}}
+            "slo": {"ttft_p99_ms": int(t.slo_ttft_ms) + generation,
+                    "tpot_p99_ms": int(t.slo_tpot_ms)}}
         tenants.append({"name": t.name, "prefixes": [prefixes[t.name]],
                         "contract": f"{t.name}-contract"})
     return {"version": 1, "contracts": contracts, "tenants": tenants}
@@ -105,6 +110,7 @@ class Stack:
         self.controller: subprocess.Popen | None = None
         self.backend_procs: dict[str, list[subprocess.Popen]] = {}
         self.router: subprocess.Popen | None = None
+        self.generation = 0
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}{API}", timeout=5.0,
                                  headers={"Authorization": f"Bearer {self.admin_token}"})
 
@@ -190,6 +196,9 @@ class Stack:
                              f"{reply.text[:300]}")
 
     def reload_policy(self) -> dict[str, Any]:
+        """Rewrite the policy file (a new generation) and make the controller reload it."""
+        self.generation += 1
+        self._write("policy.yaml", policy_dict(self.exp, self.plan, self.generation))
         reply = self.http.post("/policy/reload")
         if reply.status_code >= 400:
             raise StackError(f"POST /policy/reload: {reply.status_code} {reply.text[:300]}")

@@ -70,3 +70,13 @@ def test_capacity_follows_the_emulator_model():
 def test_duration_override_keeps_events_inside_the_run():
     exp = experiment("failover", duration=6)
     assert exp.duration == 6 and exp.runs[0].events[0].at <= 3
+
+
+def test_a_reloaded_policy_differs_and_still_validates():
+    fabric = pytest.importorskip("controller.fabric")
+    schema = pytest.importorskip("controller.policy.schema")
+    exp, plan = _plan("reload")
+    first, second = policy_dict(exp, plan), policy_dict(exp, plan, generation=1)
+    assert first != second and first["tenants"] == second["tenants"]
+    model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
+    schema.parse_policy(yaml.safe_dump(second), model=model)
