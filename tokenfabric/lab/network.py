@@ -188,10 +188,27 @@ def alive(pids: Sequence[int]) -> list[int]:
     return living
 
 
+def host_shells(prefix: str = NAME_PREFIX) -> list[int]:
+    """PIDs of Mininet host shells of lab nodes (`bash ... mininet:<name>`): each holds
+    a network namespace open."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"mininet:" + prefix.encode() in cmd:
+            found.append(int(entry.name))
+    return alive(found)
+
+
 def leftovers(pids: Sequence[int]) -> list[str]:
-    """Everything a finished lab run left behind: links and living processes."""
+    """Everything a finished lab run left behind: links, host shells, living processes."""
     left = [f"link {n}" for n in leftover_links()]
-    left += [f"pid {p}" for p in alive(pids)]
+    left += [f"host shell pid {p}" for p in host_shells()]
+    left += [f"pid {p}" for p in alive(pids) if f"host shell pid {p}" not in left]
     return left
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tokenfabric.lab import prereqs
-from tokenfabric.lab.network import leftover_links
+from tokenfabric.lab.network import host_shells, leftover_links
 
 pytestmark = [pytest.mark.mininet, pytest.mark.root, pytest.mark.bmv2, pytest.mark.timeout(300)]
 
@@ -62,7 +62,7 @@ def test_quick_writes_results_and_leaves_nothing(tmp_path):
     assert "| p2c | 0.5 | all |" in summary
     assert "teardown: clean" in summary
     assert "TTFT p99" in done.stdout
-    assert leftover_links() == []
+    assert leftover_links() == [] and host_shells() == []
     assert _our_processes(str(tmp_path)) == []
 
 
@@ -89,5 +89,8 @@ def test_ctrl_c_mid_run_tears_everything_down(tmp_path):
             proc.wait()
     assert proc.returncode == 130
     assert "torn down" in proc.stderr.read()
-    assert leftover_links() == []
+    assert leftover_links() == [] and host_shells() == []
     assert _our_processes(str(tmp_path)) == []
+    # every PID the run started (emulators included) was checked by the runner itself
+    [summary] = tmp_path.glob("*/summary.md")
+    assert "teardown: clean" in summary.read_text()
