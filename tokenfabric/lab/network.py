@@ -54,12 +54,14 @@ class LabNetwork:
                       autoStaticArp=False)
         self.net = net
         try:
-            self._add_nodes(net)
             # tc warns that HTB's quantum is big at 100 Mbit/s (harmless; r2q default);
             # Mininet would print that as an error once per link.
             setLogLevel("critical")
-            net.build()
-            setLogLevel("warning")
+            try:
+                self._add_nodes(net)
+                net.build()
+            finally:
+                setLogLevel("warning")
             for sw in self.plan.switches.values():
                 node = net.get(sw.name)
                 sw.grpc_port, sw.thrift_port = node.grpc_port, node.thrift_port

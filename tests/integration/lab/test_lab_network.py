@@ -29,7 +29,7 @@ def test_leafspine_starts_bmv2_per_switch_and_leaves_nothing(tmp_path):
             assert port_open("127.0.0.1", sw.thrift_port)
             cmd = " ".join(sw.bmv2.proc.args)
             assert "--priority-queues 8" in cmd and "--no-p4" in cmd
-            assert (tmp_path / "switches" / f"{sw.name}.log").exists()
+            assert (tmp_path / "switches" / f"{sw.name}.log.txt").exists()  # BMv2 adds .txt
             assert (tmp_path / "switches" / f"{sw.name}-pcap").is_dir()
         assert plan.switches["tflleaf1"].grpc_port == net.net.get("tflleaf1").grpc_port
         backend = plan.by_role("backend")[0]
