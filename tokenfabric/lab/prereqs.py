@@ -13,8 +13,6 @@ from pathlib import Path
 
 from tokenfabric.doctor import check_bmv2, check_mininet, check_root_netns
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @dataclass
 class Missing:
@@ -33,10 +31,13 @@ def _command_exists(module: str, attr: str, sub: str | None = None) -> bool:
 
 
 def p4_program() -> Path | None:
-    """The compiled BMv2 JSON of token_router.p4, where the checkout has it."""
-    build = REPO / "p4src" / "build"
-    found = sorted(build.glob("token_router*.json")) if build.is_dir() else []
-    return found[0] if found else None
+    """The compiled token_router.p4 (BMv2 JSON beside its P4Info), where the checkout has it."""
+    try:
+        from tokenfabric.dataplane import TOKEN_ROUTER_JSON, TOKEN_ROUTER_P4INFO
+    except ImportError:
+        return None
+    return TOKEN_ROUTER_JSON if TOKEN_ROUTER_JSON.is_file() and \
+        TOKEN_ROUTER_P4INFO.is_file() else None
 
 
 def missing_pieces(need_mininet: bool = True) -> list[Missing]:
@@ -58,8 +59,9 @@ def missing_pieces(need_mininet: bool = True) -> list[Missing]:
         missing.append(Missing("vLLM emulator (`tokenfabric vllm-emulator`)",
                                "install tokenfabric[agent] (issue 5)"))
     if p4_program() is None:
-        missing.append(Missing("compiled P4 program (p4src/build/token_router.json)",
-                               "a checkout with p4src/ (issue 3), or p4src/build.sh with p4c"))
+        missing.append(Missing("compiled P4 program (p4src/build/token_router.json + "
+                               ".p4info.txtpb)", "a checkout with p4src/build (issue 3), or "
+                               "run p4src/build.sh with p4c-bm2-ss"))
     return missing
 
 
