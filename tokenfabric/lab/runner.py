@@ -65,6 +65,20 @@ def _sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """A second Ctrl-C must not cut the teardown short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def lab_plan(exp: Experiment, topo: str) -> LabPlan:
     return build_plan(topo, [TenantPlan(t.name, t.traffic_class) for t in exp.tenants],
                       exp.speeds, with_router=exp.needs_router)
@@ -152,15 +166,17 @@ class LabRunner:
                         self.console.print(f"[yellow]skipped[/] {run.mode} at "
                                            f"{run.load:.0%}: {exc}")
             finally:
-                pids = list(self.net.pids) if self.net else []
-                if self.stack:
-                    self.stack.close()
-                if self.net:
-                    self.net.stop()
-                self.left = leftovers(pids)
-                if self.left:
-                    log.error("left behind after teardown: %s", ", ".join(self.left))
-                self._write_summary(outcomes)
+                with _no_interrupts():
+                    self.console.print("tearing down")
+                    pids = list(self.net.pids) if self.net else []
+                    if self.stack:
+                        self.stack.close()
+                    if self.net:
+                        self.net.stop()
+                    self.left = leftovers(pids)
+                    if self.left:
+                        log.error("left behind after teardown: %s", ", ".join(self.left))
+                    self._write_summary(outcomes)
         return outcomes
 
     # -- one run (mode x load) ------------------------------------------------------
