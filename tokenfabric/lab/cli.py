@@ -124,11 +124,11 @@ def up_command(topo: str, name: str, bw_mbps: float) -> None:
                    f"{net.plan.vip_port}/v1/models")
         CLI(net.net)
     finally:
-        pids = list(net.pids)
+        pids, namespaces = list(net.pids), set(net.namespaces)
         if stack:
             stack.close()
         net.stop()
-        left = leftovers(pids)
+        left = leftovers(pids, namespaces)
         if left:
             click.echo(f"left behind: {', '.join(left)}", err=True)
 

@@ -46,6 +46,7 @@ class LabNetwork:
         self.net: Mininet | None = None
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.pids: list[int] = []  # every PID we made (host shells, switches, processes)
+        self.namespaces: set[str] = set()  # net namespace ids ("net:[...]") of our hosts
 
     # -- building -------------------------------------------------------------
     def start(self) -> LabNetwork:
@@ -68,6 +69,7 @@ class LabNetwork:
             net.start()
             self.pids += [n.pid for n in net.hosts + net.switches if n.pid]
             self.pids += [s.switch_pid for s in net.switches if s.switch_pid]
+            self.namespaces = {netns_of(h.pid) for h in net.hosts if h.inNamespace} - {None}
             for host in self.plan.hosts.values():
                 self._configure_host(host)
         except BaseException:
@@ -121,8 +123,10 @@ class LabNetwork:
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{log_name}.log", "wb") as out:
+            # No start_new_session: Mininet's `mnexec -d` calls setsid() itself, and would
+            # fork (losing the PID we track) if the process already led its group.
             proc = self.net.get(host).popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True, env=env or dict(os.environ))
+                                            env=env or dict(os.environ))
         self.processes.append((log_name, proc))
         self.pids.append(proc.pid)
         log.debug("%s: started %s (pid %d)", host, " ".join(argv), proc.pid)
@@ -157,6 +161,12 @@ class LabNetwork:
                 if isinstance(sw, Bmv2MininetSwitch) and sw.running():
                     sw.bmv2.stop(kill=True)
             self._remove_links()
+        # Anything still inside our hosts' namespaces (a child a process left behind) is
+        # ours too; only now, once Mininet no longer talks to the host shells.
+        for pid in in_namespaces(self.namespaces):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not in_namespaces(self.namespaces), timeout=3, interval=0.05)
 
     def _remove_links(self) -> None:
         for name in leftover_links():
@@ -206,11 +216,30 @@ def host_shells(prefix: str = NAME_PREFIX) -> list[int]:
     return alive(found)
 
 
-def leftovers(pids: Sequence[int]) -> list[str]:
-    """Everything a finished lab run left behind: links, host shells, living processes."""
+def netns_of(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def in_namespaces(namespaces: set[str]) -> list[int]:
+    """Living processes inside any of the given network namespaces."""
+    if not namespaces:
+        return []
+    found = [int(e.name) for e in Path("/proc").iterdir()
+             if e.name.isdigit() and netns_of(int(e.name)) in namespaces]
+    return alive(found)
+
+
+def leftovers(pids: Sequence[int], namespaces: set[str] | None = None) -> list[str]:
+    """Everything a finished lab run left behind: links, host shells, living processes,
+    and any process still inside one of the run's host namespaces."""
     left = [f"link {n}" for n in leftover_links()]
-    left += [f"host shell pid {p}" for p in host_shells()]
-    left += [f"pid {p}" for p in alive(pids) if f"host shell pid {p}" not in left]
+    shells = host_shells()
+    left += [f"host shell pid {p}" for p in shells]
+    others = set(alive(pids)) | set(in_namespaces(namespaces or set()))
+    left += [f"pid {p}" for p in sorted(others - set(shells))]
     return left
 
 

@@ -169,11 +169,12 @@ class LabRunner:
                 with _no_interrupts():
                     self.console.print("tearing down")
                     pids = list(self.net.pids) if self.net else []
+                    namespaces = set(self.net.namespaces) if self.net else set()
                     if self.stack:
                         self.stack.close()
                     if self.net:
                         self.net.stop()
-                    self.left = leftovers(pids)
+                    self.left = leftovers(pids, namespaces)
                     if self.left:
                         log.error("left behind after teardown: %s", ", ".join(self.left))
                     self._write_summary(outcomes)

@@ -1,9 +1,18 @@
 """The lab's Mininet network with real BMv2 switches: built, reachable, and gone after stop."""
 
+import os
+import time
+
 import pytest
 
 from tokenfabric.bmv2 import port_open
-from tokenfabric.lab.network import LabNetwork, alive, leftover_links, leftovers
+from tokenfabric.lab.network import (
+    LabNetwork,
+    alive,
+    in_namespaces,
+    leftover_links,
+    leftovers,
+)
 from tokenfabric.lab.plan import TenantPlan, build_plan
 
 pytestmark = [pytest.mark.mininet, pytest.mark.root, pytest.mark.bmv2, pytest.mark.timeout(120)]
@@ -37,8 +46,21 @@ def test_leafspine_starts_bmv2_per_switch_and_leaves_nothing(tmp_path):
         assert " 0% packet loss" in out
         assert "htb" in net.host(backend.name).cmd(f"tc qdisc show dev {backend.name}-eth0")
         sleeper = net.popen(backend.name, ["sleep", "300"], "sleeper")
-        assert alive([sleeper.pid])
+        time.sleep(0.5)
+        # the PID we track is the process itself (mnexec did not fork it away), in the
+        # host's network namespace, leading its own session (so killpg reaches it all)
+        assert sleeper.poll() is None and alive([sleeper.pid])
+        assert os.readlink(f"/proc/{sleeper.pid}/ns/net") == os.readlink(
+            f"/proc/{net.host(backend.name).pid}/ns/net")
+        assert os.getsid(sleeper.pid) == sleeper.pid
+        # a grandchild we never tracked: the namespace sweep must end it too
+        net.host(backend.name).cmd("setsid sleep 301 >/dev/null 2>&1 < /dev/null &")
+        namespaces = set(net.namespaces)
+        assert len(namespaces) == len(plan.hosts)
+        assert in_namespaces(namespaces)
     finally:
         pids = list(net.pids)
         net.stop()
-    assert leftovers(pids) == []
+    assert leftovers(pids, namespaces) == []
+    assert in_namespaces(namespaces) == []
+    assert not alive([sleeper.pid])
