@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS switch_counters (
     switch    TEXT NOT NULL,
     tenant_id INTEGER NOT NULL,
     bytes     INTEGER NOT NULL,
-    packets   INTEGER NOT NULL
+    packets   INTEGER NOT NULL,
+    conns     INTEGER NOT NULL  -- connections admitted
 );
 CREATE INDEX IF NOT EXISTS switch_counters_ts ON switch_counters (ts);
 CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
@@ -84,6 +85,7 @@ class CrossCheckRow:
     requests: int
     switch_bytes: int
     switch_packets: int
+    switch_connections: int
     counter_samples: int  # 0: no counter reads in the range (switch not connected?)
 
     @property
@@ -150,17 +152,18 @@ class Ledger:
                 raise
         return True
 
-    def record_counters(self, switch: str, counters: dict[int, tuple[int, int]],
+    def record_counters(self, switch: str, counters: dict[int, tuple[int, int, int]],
                         now: float | None = None) -> None:
-        """Store one read of a switch's per-tenant counters: tenant_id -> (bytes, packets)."""
+        """Store one read of a switch's per-tenant counters: tenant_id -> (bytes, packets,
+        connections)."""
         now = time.time() if now is None else now
-        rows = [(now, switch, t, b, p) for t, (b, p) in sorted(counters.items())]
+        rows = [(now, switch, t, b, p, c) for t, (b, p, c) in sorted(counters.items())]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
-                    "INSERT INTO switch_counters (ts, switch, tenant_id, bytes, packets) "
-                    "VALUES (?, ?, ?, ?, ?)", rows)
+                    "INSERT INTO switch_counters (ts, switch, tenant_id, bytes, packets, conns) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", rows)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -206,13 +209,13 @@ class Ledger:
         out = []
         for tenant in sorted(set(totals) | set(growth)):
             p, c, r = totals.get(tenant, (0, 0, 0))
-            b, pk, n = growth.get(tenant, (0, 0, 0))
-            out.append(CrossCheckRow(tenant, p, c, r, b, pk, n))
+            b, pk, cn, n = growth.get(tenant, (0, 0, 0, 0))
+            out.append(CrossCheckRow(tenant, p, c, r, b, pk, cn, n))
         return out
 
-    def counter_growth(self, since: float | None = None,
-                       until: float | None = None) -> dict[int, tuple[int, int, int]]:
-        """tenant_id -> (bytes, packets, samples): counter growth summed over switches.
+    def counter_growth(self, since: float | None = None, until: float | None = None,
+                       ) -> dict[int, tuple[int, int, int, int]]:
+        """tenant_id -> (bytes, packets, connections, samples): growth summed over switches.
 
         Counters are cumulative; a value lower than the one before means the switch
         restarted, and the new value counts as growth from zero.
@@ -227,19 +230,19 @@ class Ledger:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
-                "SELECT switch, tenant_id, bytes, packets FROM switch_counters "
+                "SELECT switch, tenant_id, bytes, packets, conns FROM switch_counters "
                 f"{where} ORDER BY switch, tenant_id, ts", args).fetchall()
         growth: dict[int, list[int]] = {}
-        last: dict[tuple[str, int], tuple[int, int]] = {}
-        for switch, tenant, b, p in rows:
-            acc = growth.setdefault(tenant, [0, 0, 0])
-            acc[2] += 1
+        last: dict[tuple[str, int], tuple[int, ...]] = {}
+        for switch, tenant, *values in rows:
+            acc = growth.setdefault(tenant, [0, 0, 0, 0])
+            acc[3] += 1
             prev = last.get((switch, tenant))
             if prev is not None:
-                acc[0] += b - prev[0] if b >= prev[0] else b
-                acc[1] += p - prev[1] if p >= prev[1] else p
-            last[(switch, tenant)] = (b, p)
-        return {t: (a[0], a[1], a[2]) for t, a in growth.items()}
+                for i, (now_v, prev_v) in enumerate(zip(values, prev, strict=True)):
+                    acc[i] += now_v - prev_v if now_v >= prev_v else now_v
+            last[(switch, tenant)] = tuple(values)
+        return {t: (a[0], a[1], a[2], a[3]) for t, a in growth.items()}
 
     def export_csv(self, rows: list[UsageRow]) -> str:
         buf = io.StringIO()

@@ -100,8 +100,8 @@ def create_app(ctl: "Controller") -> FastAPI:
     async def counters(who: Viewer) -> list[dict[str, Any]]:
         out = []
         for name, entry in (await ctl.read_counters()).items():
-            tenants = [{"tenant_id": t, "bytes": b, "packets": p}
-                       for t, (b, p) in sorted(entry["tenants"].items())]
+            tenants = [{"tenant_id": t, "bytes": b, "packets": p, "connections": c}
+                       for t, (b, p, c) in sorted(entry["tenants"].items())]
             out.append({"switch": name, "connected": entry["connected"],
                         "error": entry["error"], "tenants": tenants})
         return out
@@ -139,7 +139,8 @@ def create_app(ctl: "Controller") -> FastAPI:
             responses=MUTATION_ERRORS, tags=["agents"])
     async def register_backend(reg: s.BackendRegistration, who: Agent) -> dict[str, Any]:
         backend = ctl.register_backend(reg, who)
-        return {"backend_id": backend.backend_id, "tenants": ctl.grants()}
+        return {"backend_id": backend.backend_id, "tenants": ctl.grants(),
+                "roce": ctl.roce_for_agents()}
 
     @r.delete("/backends/{name}", response_model=s.Done, responses=MUTATION_ERRORS,
               tags=["agents"])
@@ -156,7 +157,9 @@ def create_app(ctl: "Controller") -> FastAPI:
         metrics.report(name, rep, recorded)
         backend = ctl.model.backends.get(name)
         return {"recorded": recorded, "state": str(backend.state) if backend else "deregistered",
-                "weight": backend.weight if backend else 0}
+                "weight": backend.weight if backend else 0,
+                "draining": bool(backend) and ctl.extras[name].drained,
+                "tenants": ctl.grants()}
 
     @r.post("/backends/{name}/drain", response_model=s.BackendView,
             responses=MUTATION_ERRORS, tags=["backends"])
@@ -306,7 +309,9 @@ def create_app(ctl: "Controller") -> FastAPI:
         return [{"tenant_id": c.tenant_id, "tenant": names.get(c.tenant_id),
                  "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                  "requests": c.requests, "switch_bytes": c.switch_bytes,
-                 "switch_packets": c.switch_packets, "counter_samples": c.counter_samples,
+                 "switch_packets": c.switch_packets,
+                 "switch_connections": c.switch_connections,
+                 "counter_samples": c.counter_samples,
                  "bytes_per_token": c.bytes_per_token}
                 for c in await asyncio.to_thread(ctl.ledger.cross_check, since, until)]
 
