@@ -489,7 +489,10 @@ async def serve(ctl: Controller, host: str, port: int) -> None:
         await ctl.southbound.start()  # connects in the background, retrying with backoff
     reconciler = asyncio.create_task(ctl.run(stop))
     try:
-        await server.serve()
+        try:
+            await server.serve()
+        except SystemExit as exc:  # uvicorn exits when it cannot bind
+            raise OSError(f"cannot listen on {host}:{port} (see the error above)") from exc
     finally:
         stop.set()
         await reconciler
