@@ -64,6 +64,10 @@ def _build(data: object, errors: Errors) -> Model:
 def _parse(root: Node, model: Model) -> None:
     fabric = model.fabric
     used_ports: dict[tuple[str, int], str] = {}
+    # Names written in the file, valid or not: a reference to an invalid one is not
+    # reported again (its own error says what is wrong).
+    declared = {kind: set(root.value[kind]) if isinstance(root.value.get(kind), dict)
+                else set() for kind in ("switches", "hosts", "backends")}
 
     node = root.child("switches")
     if node is None:
@@ -72,14 +76,15 @@ def _parse(root: Node, model: Model) -> None:
         device_ids: dict[int, str] = {}
         for name, sw in node.items():
             _parse_switch(name, sw, fabric, device_ids)
-        if not fabric.switches:
+        if not declared["switches"]:
             node.error("at least one switch is required")
 
     def port_ref(n: Node, switch: str | None, port: int | None, what: str) -> bool:
         if switch is None or port is None:
             return False
         if switch not in fabric.switches:
-            n.error(f"unknown switch '{switch}'")
+            if switch not in declared["switches"]:
+                n.error(f"unknown switch '{switch}'")
             return False
         sw = fabric.switches[switch]
         if sw.ports and port not in sw.ports:
@@ -90,11 +95,6 @@ def _parse(root: Node, model: Model) -> None:
             return False
         used_ports[(switch, port)] = what
         return True
-
-    node = root.child("links")
-    if node is not None and node.is_list():
-        for item in node.elements():
-            _parse_link(item, fabric, port_ref)
 
     node = root.child("hosts")
     if node is not None and node.is_map():
@@ -114,12 +114,17 @@ def _parse(root: Node, model: Model) -> None:
             if ok and address and mac and prefix_len is not None:
                 fabric.hosts[name] = Host(name, switch, port, address, mac, prefix_len)
 
+    node = root.child("links")
+    if node is not None and node.is_list():
+        for item in node.elements():
+            _parse_link(item, fabric, port_ref)
+
     node = root.child("backends")
     if node is not None and node.is_map():
         taken: dict[int, str] = {}
         pending: list[tuple[str, Backend]] = []
         for name, b in node.items():
-            backend = _parse_backend(name, b, fabric, taken)
+            backend = _parse_backend(name, b, fabric, taken, declared)
             if backend is not None:
                 pending.append((name, backend))
         for name, backend in pending:
@@ -133,7 +138,7 @@ def _parse(root: Node, model: Model) -> None:
         taken_ids: dict[int, str] = {}
         vips: dict[tuple[str, int], str] = {}
         for name, s in node.items():
-            service = _parse_service(name, s, model, taken_ids, vips)
+            service = _parse_service(name, s, model, taken_ids, vips, declared)
             if service is not None:
                 model.services[name] = service
         for service in model.services.values():
@@ -242,7 +247,8 @@ def _parse_link(item: Node, fabric: Fabric, port_ref: object) -> None:
     fabric.links.append(Link(ends[0], ends[1]))
 
 
-def _parse_backend(name: str, b: Node, fabric: Fabric, taken: dict[int, str]) -> Backend | None:
+def _parse_backend(name: str, b: Node, fabric: Fabric, taken: dict[int, str],
+                   declared: dict[str, set[str]]) -> Backend | None:
     if check_name(name):
         b.error(check_name(name))
         return None
@@ -263,7 +269,8 @@ def _parse_backend(name: str, b: Node, fabric: Fabric, taken: dict[int, str]) ->
     state = b.get_str("state", default="active", choices=[s.value for s in BackendState])
     b.close()
     if host is not None and host not in fabric.hosts:
-        b.error(f"unknown host '{host}'")
+        if host not in declared["hosts"]:
+            b.error(f"unknown host '{host}'")
         return None
     if backend_id is not None and backend_id in taken:
         b.error(f"id {backend_id} is already used by backend '{taken[backend_id]}'")
@@ -287,7 +294,8 @@ def backend_from_host(fabric: Fabric, name: str, backend_id: int, host: str, cap
 
 
 def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
-                   vips: dict[tuple[str, int], str]) -> Service | None:
+                   vips: dict[tuple[str, int], str],
+                   declared: dict[str, set[str]]) -> Service | None:
     if check_name(name):
         s.error(check_name(name))
         return None
@@ -306,7 +314,8 @@ def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
             if b is None:
                 continue
             if b not in model.backends:
-                item.error(f"unknown backend '{b}'")
+                if b not in declared["backends"]:
+                    item.error(f"unknown backend '{b}'")
             elif served is not None and served not in model.backends[b].models:
                 item.error(f"backend '{b}' does not serve model '{served}'")
             elif b in pool:
@@ -321,7 +330,8 @@ def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
     if onode is not None:
         host = onode.as_str()
         if host is not None and host not in model.fabric.hosts:
-            onode.error(f"unknown host '{host}'")
+            if host not in declared["hosts"]:
+                onode.error(f"unknown host '{host}'")
         elif host is not None:
             h = model.fabric.hosts[host]
             overflow = Endpoint(host, 0, h.address, h.mac, h.switch, h.port)
