@@ -85,6 +85,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "tenant_by_dst": ("set_tenant",),
     "dscp_class": ("set_class",),
     "roce_class": ("set_class",),
+    "tunnel_term": ("decap_to_backend",),
     "service": ("set_service",),
     "beacon_source": ("accept_beacon",),
     "tenant_contract": ("set_contract",),

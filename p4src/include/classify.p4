@@ -1,6 +1,6 @@
 /* Classify: which tenant and traffic class a packet belongs to, whether it is
- * addressed to a service VIP:port, and whether a beacon comes from where its
- * backend was registered. */
+ * addressed to a service VIP:port, whether a beacon comes from where its
+ * backend was registered, and whether an IP-in-IP packet ends here. */
 #ifndef TF_CLASSIFY_P4
 #define TF_CLASSIFY_P4
 
@@ -107,6 +107,22 @@ control Classify(inout headers_t hdr,
         size = 2048;
     }
 
+    @name(".decap_to_backend")
+    action decap_to_backend(bit<16> backend_id) {
+        meta.decap = 1;
+        meta.backend_id = backend_id;
+    }
+
+    /* IP-in-IP addressed to a backend behind this switch: strip the outer
+     * header here, and deliver the inner packet to that backend. */
+    @name(".tunnel_term")
+    table tunnel_term {
+        key = { hdr.ipv4.dst_addr: exact @name("dst_addr"); }
+        actions = { decap_to_backend; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = MAX_BACKENDS;
+    }
+
     apply {
         if (!hdr.ipv4.isValid()) {
             meta.drop_reason = DROP_NOT_IPV4;
@@ -123,6 +139,16 @@ control Classify(inout headers_t hdr,
                 beacon_source.apply();
             }
             return;
+        }
+
+        if (hdr.inner_ipv4.isValid()) {
+            tunnel_term.apply();
+            if (meta.decap == 1) {
+                hdr.ipv4 = hdr.inner_ipv4;
+                hdr.ipv4_options = hdr.inner_ipv4_options;
+                hdr.inner_ipv4.setInvalid();
+                hdr.inner_ipv4_options.setInvalid();
+            }
         }
 
         if (hdr.tcp.isValid()) {
@@ -145,7 +171,7 @@ control Classify(inout headers_t hdr,
             meta.is_cnp = (bit<1>)(hdr.bth.opcode == BTH_OPCODE_CNP);
             roce_class.apply();
         }
-        if (hdr.tcp.isValid() || hdr.udp.isValid()) {
+        if (meta.decap == 0 && (hdr.tcp.isValid() || hdr.udp.isValid())) {
             service.apply();
         }
     }

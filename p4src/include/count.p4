@@ -65,7 +65,7 @@ control Count(inout headers_t hdr,
         if (meta.tenant_valid == 1) {
             tenant_traffic.count((bit<32>)meta.tenant_id);
         }
-        if (meta.service_hit == 1 && meta.backend_id < MAX_BACKENDS) {
+        if ((meta.service_hit == 1 || meta.decap == 1) && meta.backend_id < MAX_BACKENDS) {
             backend_traffic.count((bit<32>)meta.backend_id);
             if (meta.pin_state == PIN_NEW) {
                 backend_conns.count((bit<32>)meta.backend_id);

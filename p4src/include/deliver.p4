@@ -67,7 +67,7 @@ control Deliver(inout headers_t hdr,
         if (meta.drop_reason != DROP_NONE || meta.consumed == 1) {
             return;
         }
-        if (meta.service_hit == 1) {
+        if (meta.service_hit == 1 || meta.decap == 1) {
             backend.apply();
             if (delivered || meta.drop_reason != DROP_NONE) {
                 return;

@@ -127,6 +127,7 @@ struct local_metadata_t {
     bit<1> trust_dscp;
     bit<1> is_cnp;
     bit<1> beacon_ok;
+    bit<1> decap;           /* IP-in-IP terminated here, for backend_id */
 
     /* the service (VIP:port) this packet is addressed to */
     bit<1> service_hit;

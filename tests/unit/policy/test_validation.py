@@ -158,6 +158,13 @@ def test_duplicate_tenant_name_id_and_prefix(tmp_path):
                  "id 7 is already used by tenant 'a'")
 
 
+def test_tenant_prefix_must_not_contain_a_vip(tmp_path):
+    errs = errors_of(tmp_path, GOOD.replace("10.0.1.0/24", "10.0.0.0/8"),
+                     fabric="fabric-single.yaml")
+    assert_error(errs, 7, "tenants[0].prefixes[0]",
+                 "prefix 10.0.0.0/8 contains the service VIP 10.0.100.1")
+
+
 def test_tenant_id_range(tmp_path):
     errs = errors_of(tmp_path, GOOD.replace("  - name: a\n", "  - name: a\n    id: 4096\n"))
     assert_error(errs, 7, "tenants[0].id", "must be in 1..4095, got 4096")

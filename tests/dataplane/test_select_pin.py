@@ -1,0 +1,143 @@
+"""Weighted hash over the action selector, and the connection table that pins."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from tests.dataplane import harness as h
+from tests.dataplane.packets import data, parse, syn
+from tokenfabric.dataplane import Event, Mode
+
+pytestmark = [pytest.mark.bmv2, pytest.mark.root]
+
+PORTS = {h.B1: h.B1_PORT, h.B2: h.B2_PORT}
+
+
+def flows(n: int, base: int = 0) -> list[tuple[str, int]]:
+    """n distinct client (address, port) pairs."""
+    return [(f"10.0.1.{2 + i % 200}", 10000 + base + i) for i in range(n)]
+
+
+def open_connections(sw, conns, batch: int = 200) -> dict[tuple[str, int], int]:
+    """Send a SYN per connection; returns the backend each SYN reached."""
+    where = {}
+    for start in range(0, len(conns), batch):
+        chunk = conns[start:start + batch]
+        for src, sport in chunk:
+            sw.io.send(h.CLIENT_PORT, syn(src, sport))
+        out = sw.io.collect()
+        for backend, port in PORTS.items():
+            for frame in out[port]:
+                pkt = parse(frame)
+                where[(pkt[IP].src, pkt[TCP].sport)] = backend
+    return where
+
+
+def send_data(sw, conns) -> dict[tuple[str, int], int]:
+    where = {}
+    for src, sport in conns:
+        sw.io.send(h.CLIENT_PORT, data(src, sport))
+    out = sw.io.collect()
+    for backend, port in PORTS.items():
+        for frame in out[port]:
+            pkt = parse(frame)
+            where[(pkt[IP].src, pkt[TCP].sport)] = backend
+    return where
+
+
+def test_hash_split_follows_the_weights_over_1200_connections(sw):
+    sw.client.insert(h.service(mode=Mode.HASH))
+    h.pool(sw.client, {h.B1: 3, h.B2: 1})
+    conns = flows(1200)
+    assert len(set(conns)) == 1200
+    where = open_connections(sw, conns)
+    assert len(where) == 1200, "every SYN reaches exactly one backend"
+    share = sum(1 for b in where.values() if b == h.B1) / len(where)
+    # 3:1 expects 0.75; the tolerance covers sampling (sd 0.0125) and crc16 bias.
+    assert abs(share - 0.75) <= 0.05, share
+    assert sw.client.packets("backend_conns", h.B1) + sw.client.packets(
+        "backend_conns", h.B2) == 1200
+
+
+def test_delivery_is_direct_server_return_by_l2_rewrite(sw):
+    sw.client.insert(h.service())
+    h.pool(sw.client, {h.B1: 1})
+    sent = Ether(syn("10.0.1.9", 3333))
+    sw.io.send(h.CLIENT_PORT, bytes(sent))
+    (frame,) = sw.io.collect()[h.B1_PORT]
+    pkt = parse(frame)
+    assert pkt[Ether].dst == h.host_mac(h.B1_PORT)
+    assert pkt[Ether].src == h.switch_mac(h.B1_PORT)
+    assert bytes(pkt[IP]) == bytes(sent[IP]), "the IP packet is untouched (VIP, TTL, checksum)"
+
+
+def test_weight_pool_and_mode_changes_do_not_move_established_connections(sw):
+    sw.client.insert(h.service(mode=Mode.HASH))
+    h.pool(sw.client, {h.B1: 1, h.B2: 1})
+    conns = flows(300)
+    first = open_connections(sw, conns)
+    assert set(first.values()) == {h.B1, h.B2}
+
+    # All weight to B2 now: new connections go there only...
+    sw.client.modify(h.pool_group({h.B2: 1}))
+    fresh = open_connections(sw, flows(50, base=5000))
+    assert set(fresh.values()) == {h.B2}
+    # ...but every established connection stays where it was.
+    assert send_data(sw, conns) == first
+
+    # A change of mode (to P2C with an empty pair table) moves nothing either.
+    sw.client.modify(h.service(mode=Mode.P2C))
+    assert send_data(sw, conns) == first
+    assert sw.client.packets("events", Event.PIN_HIT) == 600
+
+
+def test_fin_and_idle_timeout_end_a_pin(sw):
+    sw.client.insert(h.service(idle_us=300_000))
+    h.pool(sw.client, {h.B1: 1})
+    open_connections(sw, [("10.0.1.2", 4000), ("10.0.1.3", 4001)])
+    sw.io.send(h.CLIENT_PORT, data("10.0.1.2", 4000, flags="FA"))
+    sw.io.collect()
+    assert sw.client.packets("events", Event.PIN_CLEARED) == 1
+    sw.io.send(h.CLIENT_PORT, data("10.0.1.2", 4000, flags="A"))
+    sw.io.collect()
+    assert sw.client.packets("events", Event.PIN_MISS) == 1
+
+    time.sleep(0.45)  # past the 300 ms idle timeout
+    sw.io.send(h.CLIENT_PORT, data("10.0.1.3", 4001))
+    out = sw.io.collect()
+    assert len(out[h.B1_PORT]) == 1, "an unpinned packet still gets the stateless choice"
+    assert sw.client.packets("events", Event.PIN_MISS) == 2
+    # The slot is free again: a new SYN claims it.
+    open_connections(sw, [("10.0.1.3", 4001)])
+    assert sw.client.packets("events", Event.PIN_NEW) == 3
+
+
+def colliding_pair() -> tuple[tuple[str, int], tuple[str, int]]:
+    """Two client flows to the VIP whose slot (crc32 mod 65536) is the same."""
+    seen = {}
+    for sport in range(20000, 60000):
+        slot = h.flow_hash("10.0.1.50", h.VIP, 6, sport, h.VIP_PORT) & 0xFFFF
+        if slot in seen:
+            return ("10.0.1.50", seen[slot]), ("10.0.1.50", sport)
+        seen[slot] = sport
+    raise AssertionError("no collision found")
+
+
+def test_a_collision_falls_back_to_the_stateless_choice_and_is_counted(sw):
+    sw.client.insert(h.service(mode=Mode.HASH))
+    h.pool(sw.client, {h.B1: 1, h.B2: 1})
+    a, b = colliding_pair()
+    first = open_connections(sw, [a])
+    second = open_connections(sw, [b])
+    assert sw.client.packets("events", Event.PIN_NEW) == 1
+    assert sw.client.packets("events", Event.PIN_COLLISION) == 1
+    assert len(first) == 1 and len(second) == 1
+    # The first connection keeps its pin; the second keeps its stateless answer.
+    assert send_data(sw, [a]) == first
+    assert send_data(sw, [b]) == second
+    assert sw.client.packets("events", Event.PIN_HIT) == 1
+    assert sw.client.packets("events", Event.PIN_MISS) == 1
