@@ -24,7 +24,7 @@ from typing import Any
 
 from controller import fabric as fabric_file
 from controller import log
-from controller.api.errors import Conflict, Invalid, NotFound, Unavailable
+from controller.api.errors import Conflict, Invalid, NotFound, SwitchFailed, Unavailable
 from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, TokenStore
 from controller.entries import DesiredState
@@ -76,8 +76,11 @@ class Controller:
     def __init__(self, model: Model, ledger: Ledger, tokens: TokenStore | None = None,
                  policy_path: str | Path | None = None, southbound: Any = None,
                  report_timeout_s: float = REPORT_TIMEOUT_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 counters: tuple[str, str] = (TENANT_BYTES_COUNTER, TENANT_CONNS_COUNTER),
+                 ) -> None:
         self.model = model
+        self.counter_names = counters  # P4 counters: per-tenant traffic, per-tenant conns
         self.ledger = ledger
         self.tokens = tokens or TokenStore.disabled()
         self.policy_path = Path(policy_path) if policy_path else None
@@ -269,7 +272,7 @@ class Controller:
                               "is unchanged", list(result.errors))
             self.policy_applies["failed"] += 1
             self.audit(who, "apply-policy-failed", filename, "; ".join(result.errors))
-            raise Unavailable("applying the policy failed on "
+            raise SwitchFailed("applying the policy failed on "
                               f"{result.apply.failed_switch}; every switch was rolled back "
                               "and the running policy is unchanged", [result.summary()])
         policy = self.model.policy
@@ -347,8 +350,8 @@ class Controller:
                 continue
             entry["connected"] = True
             try:
-                traffic = await switch.read_counters(TENANT_BYTES_COUNTER)
-                admitted = await switch.read_counters(TENANT_CONNS_COUNTER)
+                traffic = await switch.read_counters(self.counter_names[0])
+                admitted = await switch.read_counters(self.counter_names[1])
             except Exception as exc:  # a read can fail mid-session; say so, don't raise
                 entry["error"] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -470,16 +473,20 @@ def make_southbound(model: Model, election_id: int) -> Any:
     return southbound
 
 
-async def serve(ctl: Controller, host: str, port: int) -> None:
-    """The REST API and the reconciler in one event loop, until SIGINT/SIGTERM."""
+def build_server(ctl: Controller, host: str, port: int) -> Any:
+    """The uvicorn server of the REST API (not started)."""
     import uvicorn
 
     from controller.api.server import create_app
 
-    app = create_app(ctl)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off")
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(create_app(ctl), host=host, port=port, log_level="warning",
+                            access_log=False, lifespan="off")
+    return uvicorn.Server(config)
+
+
+async def serve(ctl: Controller, host: str, port: int) -> None:
+    """The REST API, the reconciler and the southbound in one event loop, until SIGTERM/SIGINT."""
+    server = build_server(ctl, host, port)
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the previous
     # handler runs; make that a no-op, so that the ledger and southbound close below.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -499,5 +506,3 @@ async def serve(ctl: Controller, host: str, port: int) -> None:
         if ctl.southbound is not None:
             await ctl.southbound.stop()
         ctl.ledger.close()
-    if not server.started:
-        raise OSError(f"cannot listen on {host}:{port}")

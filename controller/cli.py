@@ -146,11 +146,9 @@ def switch_group() -> None:
 @click.argument("name")
 @click.option("--fabric", required=True, type=click.Path(dir_okay=False),
               help="Fabric file that names the switch.")
-@click.option("--election-id", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
-              help="0 opens a read-only (non-primary) session that never disturbs the "
-                   "controller.")
-def shell_command(name: str, fabric: str, election_id: int) -> None:
-    """Open p4runtime-shell on switch NAME (a non-primary client by default)."""
+def shell_command(name: str, fabric: str) -> None:
+    """Open p4runtime-shell on switch NAME as a reader (election id 0): it reads
+    everything and never takes over from the controller."""
     from controller.fabric import load_fabric
     from controller.policy.source import SpecError
 
@@ -164,7 +162,10 @@ def shell_command(name: str, fabric: str, election_id: int) -> None:
               f"{', '.join(sorted(model.fabric.switches)) or 'none'})", exitcodes.USAGE)
     try:
         from controller.switch_shell import open_shell
+        from tokenfabric.dataplane import TOKEN_ROUTER_JSON, TOKEN_ROUTER_P4INFO
     except ImportError as exc:
         _fail(f"tokenfabric switch shell: unavailable ({exc})", exitcodes.MISSING)
-    sys.exit(open_shell(switch, election_id=election_id) or 0)
-
+    built = TOKEN_ROUTER_P4INFO.is_file() and TOKEN_ROUTER_JSON.is_file()
+    sys.exit(open_shell(switch.address, switch.device_id,
+                        TOKEN_ROUTER_P4INFO if built else None,
+                        TOKEN_ROUTER_JSON if built else None))

@@ -33,6 +33,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         403: "the token's role may not do this",
         404: "no such object", 422: "the request is invalid"}.items()}
 MUTATION_ERRORS = {**ERRORS, 409: {"model": s.ErrorBody, "description": "conflicts with state"},
+                   502: {"model": s.ErrorBody, "description": "a switch refused the change; "
+                                                               "every switch was rolled back"},
                    503: {"model": s.ErrorBody, "description": "temporarily unavailable"}}
 
 PathName = Annotated[str, Path(max_length=64)]
