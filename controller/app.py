@@ -39,6 +39,7 @@ from controller.routing import Router
 REPORT_TIMEOUT_S = 3.0  # a backend whose reports stop for this long is marked down
 RECONCILE_INTERVAL_S = 1.0  # a pass at least this often, even when nothing changed
 COUNTER_INTERVAL_S = 10.0  # how often switch counters are sampled into the ledger
+MAX_BACKEND_ID = fabric_file.MAX_BACKEND_ID
 TENANT_BYTES_COUNTER = "tenant_traffic"  # per tenant: packets and bytes (p4src count.p4)
 TENANT_CONNS_COUNTER = "tenant_admitted"  # per tenant: connections admitted
 
@@ -78,7 +79,7 @@ class Controller:
                  report_timeout_s: float = REPORT_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic,
                  counters: tuple[str, str] = (TENANT_BYTES_COUNTER, TENANT_CONNS_COUNTER),
-                 ) -> None:
+                 startup_grace_s: float = 0.0) -> None:
         self.model = model
         self.counter_names = counters  # P4 counters: per-tenant traffic, per-tenant conns
         self.ledger = ledger
@@ -95,6 +96,9 @@ class Controller:
         self.last_reconcile_error: str | None = None
         self.policy_applies = collections.Counter[str]()
         self.pushed: dict[str, DesiredState] = {}  # what the switches were last given
+        # After a restart the switches keep what they hold until the agents had time to
+        # register and report again: pushing the fresh model at once would flap backends.
+        self.hold_until = clock() + startup_grace_s
         self._dirty: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
 
@@ -163,10 +167,7 @@ class Controller:
         extras = self.extras.get(reg.name)
         if old is not None and extras is not None and not extras.registered:
             raise Conflict(f"backend '{reg.name}' is defined in the fabric file")
-        try:
-            backend_id = old.backend_id if old else fabric_file.next_backend_id(self.model)
-        except SpecError as exc:
-            raise Conflict(str(exc)) from None
+        backend_id = old.backend_id if old else self._allocate_backend_id(reg.name)
         if old is not None:
             fabric_file.remove_backend(self.model, reg.name)
         backend = Backend(name=reg.name, backend_id=backend_id, host=reg.host,
@@ -184,6 +185,24 @@ class Controller:
                    f"capacity {reg.capacity}, service {service}")
         self.mark_dirty()
         return backend
+
+    def _allocate_backend_id(self, name: str) -> int:
+        """The id this name had before (also before a controller restart), else the
+        lowest id that neither a backend nor another remembered name holds."""
+        taken = {b.backend_id for b in self.model.backends.values()}
+        remembered = self.ledger.backend_ids()
+        backend_id = remembered.get(name)
+        if backend_id is None or backend_id in taken:
+            reserved = taken | set(remembered.values())
+            backend_id = next((i for i in range(1, MAX_BACKEND_ID + 1) if i not in reserved),
+                              None)
+            if backend_id is None:  # every id was handed out once: reuse a remembered one
+                try:
+                    backend_id = fabric_file.next_backend_id(self.model)
+                except SpecError as exc:
+                    raise Conflict(str(exc)) from None
+        self.ledger.remember_backend_id(name, backend_id)
+        return backend_id
 
     def deregister_backend(self, name: str, who: Principal) -> None:
         self.backend(name)
@@ -397,6 +416,8 @@ class Controller:
 
     async def reconcile_once(self) -> None:
         self.refresh_states()
+        if self.clock() < self.hold_until:
+            return
         try:
             changed = await self.push()
             if changed:
@@ -446,7 +467,7 @@ def build_controller(fabric: str | Path, policy: str | Path | None = None,
         log.warning("no token file: the REST API accepts every request as admin")
     southbound = make_southbound(model, election_id)
     return Controller(model, Ledger(ledger), store, policy_path=policy, southbound=southbound,
-                      report_timeout_s=report_timeout_s)
+                      report_timeout_s=report_timeout_s, startup_grace_s=report_timeout_s)
 
 
 def make_southbound(model: Model, election_id: int) -> Any:

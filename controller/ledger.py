@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS switch_counters (
     conns     INTEGER NOT NULL  -- connections admitted
 );
 CREATE INDEX IF NOT EXISTS switch_counters_ts ON switch_counters (ts);
+CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id across restarts
+    name       TEXT PRIMARY KEY,
+    backend_id INTEGER NOT NULL UNIQUE
+);
 CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
 """
 
@@ -168,6 +172,24 @@ class Ledger:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def remember_backend_id(self, name: str, backend_id: int) -> None:
+        """Keep the id an agent's backend got, so that it gets it again after a restart."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM backend_ids WHERE backend_id = ? AND name != ?",
+                                 (backend_id, name))
+                self._db.execute("INSERT OR REPLACE INTO backend_ids (name, backend_id) "
+                                 "VALUES (?, ?)", (name, backend_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def backend_ids(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT name, backend_id FROM backend_ids"))
 
     # ------------------------------------------------------------ reads
 

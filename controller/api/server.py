@@ -329,6 +329,7 @@ def create_app(ctl: "Controller") -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"ok": True, "switches": {v["name"]: v["status"] for v in ctl.switch_views()},
                 "backends": len(ctl.model.backends), "reconciles": ctl.reconciles,
+                "holding_s": round(max(0.0, ctl.hold_until - ctl.clock()), 3),
                 "last_reconcile_error": ctl.last_reconcile_error}
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["health"])
