@@ -220,13 +220,16 @@ class Controller:
         backend = self.backend(name)
         report_id = rep.report_id or idempotency_key
         default_model = backend.models[0] if backend.models else ""
+        totals = rep.total_items()
+        items = rep.usage_items() if totals is None else totals
         usage = [Usage(u.tenant_id, u.model or default_model, u.prompt_tokens,
                        u.completion_tokens, 1 if u.requests is None else u.requests)
-                 for u in rep.usage_items()
-                 if u.prompt_tokens or u.completion_tokens or u.requests]
+                 for u in items if u.prompt_tokens or u.completion_tokens or u.requests]
+        # cumulative totals are idempotent by themselves; plain usage needs the report id
+        record = self.ledger.record if totals is None else self.ledger.record_totals
         try:
             recorded = await asyncio.to_thread(
-                self.ledger.record, f"{name}/{report_id}" if report_id else None, name, usage)
+                record, f"{name}/{report_id}" if report_id else None, name, usage)
         except Exception as exc:  # sqlite3 errors: disk full, I/O error
             log.error("ledger: cannot record a report of %s: %s", name, exc)
             raise Unavailable(f"ledger cannot record the report ({exc}); retry") from exc

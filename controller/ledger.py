@@ -1,6 +1,9 @@
 """The token ledger: prompt and completion tokens per tenant, model and minute.
 
-Rows come from the host agents' usage reports. SQLite in WAL mode with
+Rows come from the host agents' usage reports: either the usage since the last
+report, deduplicated by a report id, or (preferred) the agent's cumulative totals,
+whose growth is counted, so that retries and lost reports need no id at all.
+SQLite in WAL mode with
 synchronous=FULL: a report is acknowledged (HTTP 2xx) only after its
 transaction committed and the WAL was fsynced, so it survives a kill -9 of the
 controller and a power cut. A report id makes recording idempotent: an agent
@@ -46,6 +49,15 @@ CREATE TABLE IF NOT EXISTS switch_counters (
     conns     INTEGER NOT NULL  -- connections admitted
 );
 CREATE INDEX IF NOT EXISTS switch_counters_ts ON switch_counters (ts);
+CREATE TABLE IF NOT EXISTS usage_totals (  -- the last cumulative totals an agent reported
+    backend           TEXT NOT NULL,
+    tenant_id         INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    requests          INTEGER NOT NULL,
+    PRIMARY KEY (backend, tenant_id, model)
+);
 CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id across restarts
     name       TEXT PRIMARY KEY,
     backend_id INTEGER NOT NULL UNIQUE
@@ -137,15 +149,7 @@ class Ledger:
                         self._db.execute("ROLLBACK")
                         return False
                 for u in usage:
-                    self._db.execute(
-                        "INSERT INTO usage (minute, tenant_id, model, prompt_tokens, "
-                        "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
-                        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                        "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                        "requests = requests + excluded.requests",
-                        (minute, u.tenant_id, u.model, u.prompt_tokens,
-                         u.completion_tokens, u.requests))
+                    self._add_usage(minute, u)
                 if now - self._last_prune > 3600:
                     self._db.execute("DELETE FROM reports WHERE received < ?",
                                      (now - REPORT_ID_RETENTION_S,))
@@ -155,6 +159,58 @@ class Ledger:
                 self._db.execute("ROLLBACK")
                 raise
         return True
+
+    def record_totals(self, report_id: str | None, backend: str, totals: Iterable[Usage],
+                      now: float | None = None) -> bool:
+        """Add the growth of an agent's cumulative totals since its last report.
+
+        Idempotent by construction: a retried or duplicated report has grown by
+        nothing, and a lost report's usage is counted with the next one. Totals
+        lower than the last ones mean the agent restarted: they count from zero.
+        """
+        now = time.time() if now is None else now
+        minute = int(now // 60 * 60)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if report_id is not None:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO reports (report_id, backend, received) "
+                        "VALUES (?, ?, ?)", (report_id, backend, now))
+                    if cur.rowcount == 0:
+                        self._db.execute("ROLLBACK")
+                        return False
+                for u in totals:
+                    new = (u.prompt_tokens, u.completion_tokens, u.requests)
+                    row = self._db.execute(
+                        "SELECT prompt_tokens, completion_tokens, requests FROM usage_totals "
+                        "WHERE backend = ? AND tenant_id = ? AND model = ?",
+                        (backend, u.tenant_id, u.model)).fetchone()
+                    if row is None or any(n < o for n, o in zip(new, row, strict=True)):
+                        grown = new  # first report, or the agent restarted
+                    else:
+                        grown = tuple(n - o for n, o in zip(new, row, strict=True))
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO usage_totals (backend, tenant_id, model, "
+                        "prompt_tokens, completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?)",
+                        (backend, u.tenant_id, u.model, *new))
+                    if any(grown):
+                        self._add_usage(minute, Usage(u.tenant_id, u.model, *grown))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return True
+
+    def _add_usage(self, minute: int, u: Usage) -> None:
+        self._db.execute(
+            "INSERT INTO usage (minute, tenant_id, model, prompt_tokens, "
+            "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "requests = requests + excluded.requests",
+            (minute, u.tenant_id, u.model, u.prompt_tokens, u.completion_tokens, u.requests))
 
     def record_counters(self, switch: str, counters: dict[int, tuple[int, int, int]],
                         now: float | None = None) -> None:

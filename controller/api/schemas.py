@@ -94,12 +94,24 @@ class BackendReport(AgentBody):
         default_factory=list, max_length=10_000,
         description="token usage since the last acknowledged report: a list of items, or "
                     "a mapping tenant name -> item")
+    usage_total: list[UsageItem] | dict[str, UsageItem] | None = Field(
+        default=None, max_length=10_000,
+        description="cumulative usage since the agent started. When present the ledger "
+                    "counts its growth since the last report and ignores `usage`: retries "
+                    "count nothing twice and a lost report loses nothing")
     metrics: dict[str, Any] | None = Field(default=None,
                                            description="vLLM metrics snapshot, for the views")
     rdma: dict[str, Any] | None = Field(default=None, description="RDMA/RoCE status")
 
     def usage_items(self) -> list[UsageItem]:
-        return list(self.usage.values()) if isinstance(self.usage, dict) else list(self.usage)
+        return _items(self.usage)
+
+    def total_items(self) -> list[UsageItem] | None:
+        return None if self.usage_total is None else _items(self.usage_total)
+
+
+def _items(usage: list[UsageItem] | dict[str, UsageItem]) -> list[UsageItem]:
+    return list(usage.values()) if isinstance(usage, dict) else list(usage)
 
 
 class ReportReply(BaseModel):

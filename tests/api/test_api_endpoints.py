@@ -372,14 +372,26 @@ def test_the_host_agents_report_shape(live):
                       "umbrella": {"tenant_id": 2, "requests": 0, "prompt_tokens": 0,
                                    "completion_tokens": 0, "estimated": 0, "rejected": 1,
                                    "errors": 0}},
-            "usage_total": {}, "metrics": None, "rdma": {}, "host": {}, "seq": 0,
+            "metrics": None, "rdma": {}, "host": {}, "seq": 0,
             "bridge": {"mode": "relay", "in_flight": 1}, "beacons": {"sent": 3, "errors": 0}}
+    body["usage_total"] = body["usage"]  # the agent's first report: totals = usage
     r = c.post("/api/v1/backends/gpu2-llama/report", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["tenants"][0]["name"] == "acme"
-    rows = c.get("/api/v1/ledger").json()
+
+    def ledger_rows():
+        return [(x["tenant_id"], x["model"], x["prompt_tokens"], x["completion_tokens"],
+                 x["requests"]) for x in c.get("/api/v1/ledger").json()]
+
     # the model is the backend's; an all-zero item adds no row
-    assert [(x["tenant_id"], x["model"], x["prompt_tokens"], x["completion_tokens"],
-             x["requests"]) for x in rows] == [(1, "tiny-llama", 30, 70, 2)]
+    assert ledger_rows() == [(1, "tiny-llama", 30, 70, 2)]
+    # the same report again (a retry after a timeout, no id): the totals did not grow
+    assert c.post("/api/v1/backends/gpu2-llama/report", json=body).status_code == 200
+    assert ledger_rows() == [(1, "tiny-llama", 30, 70, 2)]
+    # a later report: only the growth of the totals counts, whatever `usage` says
+    later = {**body, "usage": {}, "usage_total": {"acme": {
+        "tenant_id": 1, "requests": 3, "prompt_tokens": 45, "completion_tokens": 100}}}
+    c.post("/api/v1/backends/gpu2-llama/report", json=later)
+    assert ledger_rows() == [(1, "tiny-llama", 45, 100, 3)]
     live.client(ADMIN).post("/api/v1/backends/gpu2-llama/drain")
     assert c.post("/api/v1/backends/gpu2-llama/report", json=body).json()["draining"] is True

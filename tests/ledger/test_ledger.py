@@ -112,3 +112,26 @@ def test_csv_export(ledger):
         "minute,minute_utc,tenant_id,model,prompt_tokens,completion_tokens,total_tokens,"
         "requests",
         f'{T0},2027-01-15T08:00:00Z,7,"model,""quoted""",1,2,3,1']
+
+
+def test_cumulative_totals_count_their_growth(ledger):
+    def totals(p, c, r, tenant=1, model="m"):
+        return [Usage(tenant, model, p, c, r)]
+
+    assert ledger.record_totals(None, "b1", totals(10, 20, 1), now=T0)
+    assert ledger.record_totals(None, "b1", totals(10, 20, 1), now=T0)  # a retry: no growth
+    ledger.record_totals(None, "b1", totals(25, 50, 2), now=T0 + 1)
+    # a lost report: the next totals carry its usage
+    ledger.record_totals(None, "b1", totals(40, 80, 4), now=T0 + 3)
+    assert ledger.totals() == {1: (40, 80, 4)}
+    # another backend's totals are its own
+    ledger.record_totals(None, "b2", totals(5, 5, 1), now=T0 + 3)
+    assert ledger.totals() == {1: (45, 85, 5)}
+    # the agent restarted: totals went down, and count from zero
+    ledger.record_totals(None, "b1", totals(3, 4, 1), now=T0 + 60)
+    assert ledger.totals() == {1: (48, 89, 6)}
+    assert [(r.minute, r.prompt_tokens) for r in ledger.query()] == [(T0, 45), (T0 + 60, 3)]
+    # with a report id, a duplicate is refused outright
+    assert ledger.record_totals("x", "b1", totals(9, 9, 2), now=T0 + 60)
+    assert not ledger.record_totals("x", "b1", totals(9, 9, 2), now=T0 + 60)
+    assert ledger.totals() == {1: (54, 94, 7)}
