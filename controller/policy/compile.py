@@ -83,6 +83,16 @@ class P4:
     SET_ECN_THRESHOLD = "set_ecn_threshold"
 
 
+# Table sizes of token_router (docs/dataplane.md; checked against the P4Info in
+# tests/unit/policy/test_golden.py): a model needing more is refused before any write.
+TABLE_SIZES = {
+    "tenant_by_src": 8192, "tenant_by_dst": 8192, "dscp_class": 64, "roce_class": 2,
+    "service": 256, "beacon_source": 2048, "tunnel_term": 1024, "tenant_contract": 4096,
+    "service_pool": 256, "p2c_pairs": 16384, "backend": 1024, "ipv4_route": 4096,
+    "class_qos": 8, "meter_policy": 8192, "ecn_policy": 8,
+}
+
+
 class CompileError(ValueError):
     """The model cannot be expressed on the switches (e.g. more classes than queues)."""
 
@@ -142,8 +152,20 @@ def compile_model(model: Model) -> dict[str, DesiredState]:
             state.add(entity)
         for entity in _switch_entities(model, switch):
             state.add(entity)
+        _check_sizes(switch.name, state)
         states[switch.name] = state
     return states
+
+
+def _check_sizes(switch: str, state: DesiredState) -> None:
+    counts: dict[str, int] = {}
+    for entity in state.entities.values():
+        if isinstance(entity, TableEntry):
+            counts[entity.table] = counts.get(entity.table, 0) + 1
+    over = [f"{t} needs {n} entries, the switch holds {TABLE_SIZES[t]}"
+            for t, n in sorted(counts.items()) if n > TABLE_SIZES.get(t, n)]
+    if over:
+        raise CompileError(f"switch {switch}: " + "; ".join(over))
 
 
 def _shared_entities(model: Model, classes: ClassPlan) -> list[Entity]:

@@ -112,7 +112,7 @@ def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | N
         name = dnode.as_str()
         if name is not None and name not in declared:
             dnode.error(f"unknown contract '{name}'")
-        elif name is not None:
+        elif name is not None and name in policy.contracts:  # else invalid, reported there
             policy.default_contract = name
 
     tnode = root.child("tenants")
@@ -298,8 +298,9 @@ def _parse_contract(name: str, c: Node, roce: RoceValues,
         elif value is not None:
             fiveqi = FIVEQI_TABLE[value]
             tclass = class_for_fiveqi(value)
-            if not _class_fits_roce(qnode, tclass.dscp, tclass.queue, roce):
-                ok = False
+            if not c.has("class") and not _class_fits_roce(qnode, tclass.dscp, tclass.queue,
+                                                           roce):
+                ok = False  # (an explicit class replaces the 5QI's and is checked itself)
         else:
             ok = False
     knode = c.child("class")
