@@ -188,9 +188,15 @@ class Switch:
         self._handlers.append(handler)
 
     async def start(self) -> None:
+        """Connect (in the background, retrying until stop())."""
+        self.launch()
+
+    def launch(self) -> None:
+        """start() for callers that are not coroutines (needs a running event loop)."""
         if self._task is None:
             self._stopping.clear()
-            self._task = asyncio.create_task(self._run(), name=f"p4rt-{self.name}")
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name=f"p4rt-{self.name}")
 
     async def stop(self) -> None:
         """End the session: the switch then promotes the next controller (if any)."""
@@ -368,10 +374,12 @@ class Switch:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except (grpc.aio.AioRpcError, SouthboundError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # any failure ends the session, never the retry loop
                 self.last_error = _describe(exc)
+                expected = isinstance(exc, (grpc.aio.AioRpcError, SouthboundError, OSError,
+                                            TimeoutError))
                 log.warning("switch %s (%s): session ended: %s", self.name,
-                            self.config.address, self.last_error)
+                            self.config.address, self.last_error, exc_info=not expected)
             finally:
                 await self._end_session()
             if self._stopping.is_set():
@@ -383,7 +391,13 @@ class Switch:
 
     async def _session(self) -> None:
         """One channel + stream; returns (or raises) when the stream ends."""
-        self._channel = grpc.aio.insecure_channel(self.config.address, options=GRPC_OPTIONS)
+        # gRPC's own reconnect backoff (1 s and up by default) would add to ours
+        first, most = int(self.config.backoff_initial * 1000), int(self.config.backoff_max * 1000)
+        backoff_ms = [("grpc.initial_reconnect_backoff_ms", first),
+                      ("grpc.min_reconnect_backoff_ms", first),
+                      ("grpc.max_reconnect_backoff_ms", most)]
+        self._channel = grpc.aio.insecure_channel(self.config.address,
+                                                  options=GRPC_OPTIONS + backoff_ms)
         await asyncio.wait_for(self._channel.channel_ready(), self.config.connect_timeout)
         self._stub = p4runtime_pb2_grpc.P4RuntimeStub(self._channel)
         stream = self._stub.StreamChannel()

@@ -467,3 +467,28 @@ async def test_apply_all_rolls_back_every_switch(fakes, pipeline):
                 normalized(before["s0"], pipeline).entities
     finally:
         await sb.stop()
+
+
+async def test_switches_join_and_leave_a_running_southbound(fakes, pipeline):
+    sb = Southbound(election_id=4)
+    sb.add_switch("s0", fakes[0].address, device_id=0, pipeline=pipeline, **FAST)
+    await sb.start()
+    try:
+        late = sb.add_switch("s1", fakes[1].address, device_id=1, pipeline=pipeline, **FAST)
+        await late.wait_role(Role.PRIMARY)
+        with pytest.raises(ValueError, match="already registered"):
+            sb.add_switch("s1", fakes[1].address)
+        assert (await sb.apply({"s1": mini_state(tenants=1)}))["s1"].applied
+        await sb.remove_switch("s1")
+        for _ in range(200):  # the server sees the stream end shortly after
+            if fakes[1].primary is None:
+                break
+            await asyncio.sleep(0.01)
+        assert fakes[1].primary is None
+        with pytest.raises(Exception, match="no such switch"):
+            await sb.apply({"s1": mini_state(tenants=1)})
+        offline = sb.add_switch("s9", "127.0.0.1:1", device_id=9, pipeline=pipeline, **FAST)
+        result = await offline.apply(mini_state(tenants=1))
+        assert not result.applied and result.reason == "disconnected"
+    finally:
+        await sb.stop()
