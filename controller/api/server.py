@@ -12,11 +12,17 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller.api import schemas as s
-from controller.api.errors import Forbidden, NotFound, Unauthorized, install_error_handlers
+from controller.api.errors import (
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    error_body,
+    install_error_handlers,
+)
 from controller.api.metrics import ApiMetrics
 from controller.auth import Principal, Role
 from controller.ledger import UsageRow
@@ -25,6 +31,7 @@ if TYPE_CHECKING:
     from controller.app import Controller
 
 API = "/api/v1"
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a policy of thousands of tenants fits many times over
 _bearer = HTTPBearer(auto_error=False, description="a token from the controller's token file")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -52,7 +59,13 @@ def create_app(ctl: "Controller") -> FastAPI:
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
         start = time.perf_counter()
-        response = await call_next(request)
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            response: Response = JSONResponse(
+                error_body("too_large", f"the body may be at most {MAX_BODY_BYTES} bytes"),
+                status_code=413)
+        else:
+            response = await call_next(request)
         route = request.scope.get("route")
         metrics.observe(request.method, getattr(route, "path", "unmatched"),
                         response.status_code, time.perf_counter() - start)

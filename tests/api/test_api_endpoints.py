@@ -395,3 +395,12 @@ def test_the_host_agents_report_shape(live):
     assert ledger_rows() == [(1, "tiny-llama", 45, 100, 3)]
     live.client(ADMIN).post("/api/v1/backends/gpu2-llama/drain")
     assert c.post("/api/v1/backends/gpu2-llama/report", json=body).json()["draining"] is True
+
+
+def test_oversized_body_is_413(live):
+    from controller.api.server import MAX_BODY_BYTES
+
+    big = b'{"yaml": "' + b"x" * (MAX_BODY_BYTES + 1) + b'"}'
+    r = live.client(ADMIN).post("/api/v1/policy/validate", content=big,
+                                headers={"content-type": "application/json"})
+    assert error_of(r, 413)["code"] == "too_large"
