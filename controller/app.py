@@ -29,7 +29,7 @@ from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, TokenStore
 from controller.entries import DesiredState
 from controller.ledger import Ledger, Usage
-from controller.model import Backend, Model
+from controller.model import Backend, BackendState, Model
 from controller.policy import reload
 from controller.policy.compile import compile_model
 from controller.policy.schema import load_policy
@@ -90,7 +90,9 @@ class Controller:
         # stale after 3 missed reports, at whatever interval gives the requested timeout
         self.router = Router(model, report_interval=report_timeout_s / 3, stale_after=3,
                              clock=clock)
-        self.extras: dict[str, BackendExtras] = {n: BackendExtras() for n in model.backends}
+        self.extras: dict[str, BackendExtras] = {
+            n: BackendExtras(drained=b.state == BackendState.DRAINING)
+            for n, b in model.backends.items()}
         self.audit_log: collections.deque[AuditEntry] = collections.deque(maxlen=1000)
         self.reconciles = 0
         self.last_reconcile_error: str | None = None
