@@ -31,7 +31,7 @@ from controller.entries import DesiredState
 from controller.ledger import Ledger, Usage
 from controller.model import Backend, BackendState, Model
 from controller.policy import reload
-from controller.policy.compile import compile_model
+from controller.policy.compile import CompileError, compile_model, state_to_list
 from controller.policy.schema import load_policy
 from controller.policy.source import SpecError
 from controller.routing import Router
@@ -358,6 +358,15 @@ class Controller:
                         "primary": None if not connected else role == "primary",
                         "details": details})
         return out
+
+    def entries_of(self, switch: str) -> list[dict[str, Any]]:
+        state = self.pushed.get(switch)
+        if state is None:
+            try:
+                state = compile_model(self.model).get(switch, DesiredState())
+            except CompileError as exc:
+                raise Conflict(f"the model does not compile: {exc}") from None
+        return state_to_list(state)
 
     async def read_counters(self) -> dict[str, dict[str, Any]]:
         """Per switch: {"connected", "error", "tenants": {tenant_id: (bytes, packets, conns)}}."""

@@ -110,6 +110,15 @@ def create_app(ctl: "Controller") -> FastAPI:
                 return view
         raise NotFound(f"no switch '{name}'")
 
+    @r.get("/switches/{name}/entries", response_model=list[dict[str, Any]], responses=ERRORS,
+           tags=["switches"])
+    async def switch_entries(name: PathName, who: Viewer) -> list[dict[str, Any]]:
+        """What the controller wants the switch to hold: the state last handed to it,
+        or, before the first push, what the model compiles to."""
+        if name not in ctl.model.fabric.switches:
+            raise NotFound(f"no switch '{name}'")
+        return ctl.entries_of(name)
+
     @r.get("/counters", response_model=list[s.SwitchCounters], responses=ERRORS,
            tags=["switches"])
     async def counters(who: Viewer) -> list[dict[str, Any]]:

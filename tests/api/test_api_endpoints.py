@@ -39,6 +39,17 @@ def test_switches_not_connected_without_southbound(live):
     assert "not connected" in counters["error"] and counters["tenants"] == []
 
 
+def test_switch_entries_view(live):
+    c = live.client(VIEWER)
+    entries = c.get("/api/v1/switches/s1/entries").json()
+    tables = {e.get("table") for e in entries}
+    assert {"tenant_by_src", "service"} <= tables
+    tenants = sorted(e["match"]["src"] for e in entries
+                     if e.get("table") == "tenant_by_src")
+    assert tenants == ["10.0.1.0/25", "10.0.1.128/25"]
+    error_of(c.get("/api/v1/switches/s9/entries"), 404)
+
+
 def test_services_views_and_mode(live):
     c = live.client(ADMIN)
     services = {s["name"]: s for s in c.get("/api/v1/services").json()}
