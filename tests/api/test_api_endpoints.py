@@ -44,7 +44,7 @@ def test_switch_entries_view(live):
     entries = c.get("/api/v1/switches/s1/entries").json()
     tables = {e.get("table") for e in entries}
     assert {"tenant_by_src", "service"} <= tables
-    tenants = sorted(e["match"]["src"] for e in entries
+    tenants = sorted(e["match"]["src_addr"] for e in entries
                      if e.get("table") == "tenant_by_src")
     assert tenants == ["10.0.1.0/25", "10.0.1.128/25"]
     error_of(c.get("/api/v1/switches/s9/entries"), 404)
