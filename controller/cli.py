@@ -113,28 +113,23 @@ def policy_group() -> None:
 @click.option("--fabric", type=click.Path(dir_okay=False),
               help="Also check the services the policy names against this fabric file.")
 def validate_command(files: tuple[str, ...], fabric: str | None) -> None:
-    """Validate policy FILES: one `file:line: field: problem` per error, exit 4 on any."""
-    from controller.fabric import load_fabric
-    from controller.policy.schema import load_policy
-    from controller.policy.source import SpecError
+    """Validate policy FILES: one `file:line: field: problem` per error, exit 4 on any.
 
-    model = None
-    if fabric:
-        try:
-            model = load_fabric(fabric)
-        except SpecError as exc:
-            _fail("\n".join(exc.errors), exitcodes.INVALID_INPUT)
+    A valid file is also compiled to switch entries, so that what only the switches
+    limit (classes, queues, table sizes) is caught here too.
+    """
+    from controller.policy.cli_support import summarize_file, validate_file
+
     bad = 0
     for name in files:
-        try:
-            policy = load_policy(name, model=model)
-        except SpecError as exc:
+        errors = validate_file(name, fabric)
+        if errors:
             bad += 1
-            for line in exc.errors:
+            for line in errors:
                 click.echo(line, err=True)
             continue
-        click.echo(f"{name}: valid ({len(policy.tenants)} tenants, "
-                   f"{len(policy.contracts)} contracts)")
+        summary = summarize_file(name, fabric)
+        click.echo(f"{name}: valid ({summary[0]})")
     if bad:
         raise SystemExit(exitcodes.INVALID_INPUT)
 
@@ -151,11 +146,9 @@ def switch_group() -> None:
 @click.argument("name")
 @click.option("--fabric", required=True, type=click.Path(dir_okay=False),
               help="Fabric file that names the switch.")
-@click.option("--election-id", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
-              help="0 opens a read-only (non-primary) session that never disturbs the "
-                   "controller.")
-def shell_command(name: str, fabric: str, election_id: int) -> None:
-    """Open p4runtime-shell on switch NAME (a non-primary client by default)."""
+def shell_command(name: str, fabric: str) -> None:
+    """Open p4runtime-shell on switch NAME as a reader (election id 0): it reads
+    everything and never takes over from the controller."""
     from controller.fabric import load_fabric
     from controller.policy.source import SpecError
 
@@ -169,7 +162,10 @@ def shell_command(name: str, fabric: str, election_id: int) -> None:
               f"{', '.join(sorted(model.fabric.switches)) or 'none'})", exitcodes.USAGE)
     try:
         from controller.switch_shell import open_shell
+        from tokenfabric.dataplane import TOKEN_ROUTER_JSON, TOKEN_ROUTER_P4INFO
     except ImportError as exc:
         _fail(f"tokenfabric switch shell: unavailable ({exc})", exitcodes.MISSING)
-    sys.exit(open_shell(switch, election_id=election_id) or 0)
-
+    built = TOKEN_ROUTER_P4INFO.is_file() and TOKEN_ROUTER_JSON.is_file()
+    sys.exit(open_shell(switch.address, switch.device_id,
+                        TOKEN_ROUTER_P4INFO if built else None,
+                        TOKEN_ROUTER_JSON if built else None))

@@ -1,6 +1,9 @@
 """The token ledger: prompt and completion tokens per tenant, model and minute.
 
-Rows come from the host agents' usage reports. SQLite in WAL mode with
+Rows come from the host agents' usage reports: either the usage since the last
+report, deduplicated by a report id, or (preferred) the agent's cumulative totals,
+whose growth is counted, so that retries and lost reports need no id at all.
+SQLite in WAL mode with
 synchronous=FULL: a report is acknowledged (HTTP 2xx) only after its
 transaction committed and the WAL was fsynced, so it survives a kill -9 of the
 controller and a power cut. A report id makes recording idempotent: an agent
@@ -42,9 +45,23 @@ CREATE TABLE IF NOT EXISTS switch_counters (
     switch    TEXT NOT NULL,
     tenant_id INTEGER NOT NULL,
     bytes     INTEGER NOT NULL,
-    packets   INTEGER NOT NULL
+    packets   INTEGER NOT NULL,
+    conns     INTEGER NOT NULL  -- connections admitted
 );
 CREATE INDEX IF NOT EXISTS switch_counters_ts ON switch_counters (ts);
+CREATE TABLE IF NOT EXISTS usage_totals (  -- the last cumulative totals an agent reported
+    backend           TEXT NOT NULL,
+    tenant_id         INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    requests          INTEGER NOT NULL,
+    PRIMARY KEY (backend, tenant_id, model)
+);
+CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id across restarts
+    name       TEXT PRIMARY KEY,
+    backend_id INTEGER NOT NULL UNIQUE
+);
 CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
 """
 
@@ -84,6 +101,7 @@ class CrossCheckRow:
     requests: int
     switch_bytes: int
     switch_packets: int
+    switch_connections: int
     counter_samples: int  # 0: no counter reads in the range (switch not connected?)
 
     @property
@@ -131,15 +149,7 @@ class Ledger:
                         self._db.execute("ROLLBACK")
                         return False
                 for u in usage:
-                    self._db.execute(
-                        "INSERT INTO usage (minute, tenant_id, model, prompt_tokens, "
-                        "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
-                        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                        "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                        "requests = requests + excluded.requests",
-                        (minute, u.tenant_id, u.model, u.prompt_tokens,
-                         u.completion_tokens, u.requests))
+                    self._add_usage(minute, u)
                 if now - self._last_prune > 3600:
                     self._db.execute("DELETE FROM reports WHERE received < ?",
                                      (now - REPORT_ID_RETENTION_S,))
@@ -150,21 +160,92 @@ class Ledger:
                 raise
         return True
 
-    def record_counters(self, switch: str, counters: dict[int, tuple[int, int]],
-                        now: float | None = None) -> None:
-        """Store one read of a switch's per-tenant counters: tenant_id -> (bytes, packets)."""
+    def record_totals(self, report_id: str | None, backend: str, totals: Iterable[Usage],
+                      now: float | None = None) -> bool:
+        """Add the growth of an agent's cumulative totals since its last report.
+
+        Idempotent by construction: a retried or duplicated report has grown by
+        nothing, and a lost report's usage is counted with the next one. Totals
+        lower than the last ones mean the agent restarted: they count from zero.
+        """
         now = time.time() if now is None else now
-        rows = [(now, switch, t, b, p) for t, (b, p) in sorted(counters.items())]
+        minute = int(now // 60 * 60)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO switch_counters (ts, switch, tenant_id, bytes, packets) "
-                    "VALUES (?, ?, ?, ?, ?)", rows)
+                if report_id is not None:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO reports (report_id, backend, received) "
+                        "VALUES (?, ?, ?)", (report_id, backend, now))
+                    if cur.rowcount == 0:
+                        self._db.execute("ROLLBACK")
+                        return False
+                for u in totals:
+                    new = (u.prompt_tokens, u.completion_tokens, u.requests)
+                    row = self._db.execute(
+                        "SELECT prompt_tokens, completion_tokens, requests FROM usage_totals "
+                        "WHERE backend = ? AND tenant_id = ? AND model = ?",
+                        (backend, u.tenant_id, u.model)).fetchone()
+                    if row is None or any(n < o for n, o in zip(new, row, strict=True)):
+                        grown = new  # first report, or the agent restarted
+                    else:
+                        grown = tuple(n - o for n, o in zip(new, row, strict=True))
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO usage_totals (backend, tenant_id, model, "
+                        "prompt_tokens, completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?)",
+                        (backend, u.tenant_id, u.model, *new))
+                    if any(grown):
+                        self._add_usage(minute, Usage(u.tenant_id, u.model, *grown))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        return True
+
+    def _add_usage(self, minute: int, u: Usage) -> None:
+        self._db.execute(
+            "INSERT INTO usage (minute, tenant_id, model, prompt_tokens, "
+            "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "requests = requests + excluded.requests",
+            (minute, u.tenant_id, u.model, u.prompt_tokens, u.completion_tokens, u.requests))
+
+    def record_counters(self, switch: str, counters: dict[int, tuple[int, int, int]],
+                        now: float | None = None) -> None:
+        """Store one read of a switch's per-tenant counters: tenant_id -> (bytes, packets,
+        connections)."""
+        now = time.time() if now is None else now
+        rows = [(now, switch, t, b, p, c) for t, (b, p, c) in sorted(counters.items())]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO switch_counters (ts, switch, tenant_id, bytes, packets, conns) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def remember_backend_id(self, name: str, backend_id: int) -> None:
+        """Keep the id an agent's backend got, so that it gets it again after a restart."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM backend_ids WHERE backend_id = ? AND name != ?",
+                                 (backend_id, name))
+                self._db.execute("INSERT OR REPLACE INTO backend_ids (name, backend_id) "
+                                 "VALUES (?, ?)", (name, backend_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def backend_ids(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT name, backend_id FROM backend_ids"))
 
     # ------------------------------------------------------------ reads
 
@@ -206,13 +287,13 @@ class Ledger:
         out = []
         for tenant in sorted(set(totals) | set(growth)):
             p, c, r = totals.get(tenant, (0, 0, 0))
-            b, pk, n = growth.get(tenant, (0, 0, 0))
-            out.append(CrossCheckRow(tenant, p, c, r, b, pk, n))
+            b, pk, cn, n = growth.get(tenant, (0, 0, 0, 0))
+            out.append(CrossCheckRow(tenant, p, c, r, b, pk, cn, n))
         return out
 
-    def counter_growth(self, since: float | None = None,
-                       until: float | None = None) -> dict[int, tuple[int, int, int]]:
-        """tenant_id -> (bytes, packets, samples): counter growth summed over switches.
+    def counter_growth(self, since: float | None = None, until: float | None = None,
+                       ) -> dict[int, tuple[int, int, int, int]]:
+        """tenant_id -> (bytes, packets, connections, samples): growth summed over switches.
 
         Counters are cumulative; a value lower than the one before means the switch
         restarted, and the new value counts as growth from zero.
@@ -227,19 +308,19 @@ class Ledger:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
-                "SELECT switch, tenant_id, bytes, packets FROM switch_counters "
+                "SELECT switch, tenant_id, bytes, packets, conns FROM switch_counters "
                 f"{where} ORDER BY switch, tenant_id, ts", args).fetchall()
         growth: dict[int, list[int]] = {}
-        last: dict[tuple[str, int], tuple[int, int]] = {}
-        for switch, tenant, b, p in rows:
-            acc = growth.setdefault(tenant, [0, 0, 0])
-            acc[2] += 1
+        last: dict[tuple[str, int], tuple[int, ...]] = {}
+        for switch, tenant, *values in rows:
+            acc = growth.setdefault(tenant, [0, 0, 0, 0])
+            acc[3] += 1
             prev = last.get((switch, tenant))
             if prev is not None:
-                acc[0] += b - prev[0] if b >= prev[0] else b
-                acc[1] += p - prev[1] if p >= prev[1] else p
-            last[(switch, tenant)] = (b, p)
-        return {t: (a[0], a[1], a[2]) for t, a in growth.items()}
+                for i, (now_v, prev_v) in enumerate(zip(values, prev, strict=True)):
+                    acc[i] += now_v - prev_v if now_v >= prev_v else now_v
+            last[(switch, tenant)] = tuple(values)
+        return {t: (a[0], a[1], a[2], a[3]) for t, a in growth.items()}
 
     def export_csv(self, rows: list[UsageRow]) -> str:
         buf = io.StringIO()

@@ -190,7 +190,9 @@ class Backend:
     models: list[str] = field(default_factory=list)
     state: BackendState = BackendState.ACTIVE
     load: BackendLoad = field(default_factory=BackendLoad)
-    weight: int = 0  # weight last written to the selector by the router
+    # Headroom 5..100 the router last accepted (controller/routing.py); 0 before any
+    # report. The selector weight is capacity * headroom, scaled per service.
+    weight: int = 0
 
 
 # ---------------------------------------------------------------- QoS policy

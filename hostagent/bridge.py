@@ -177,12 +177,14 @@ class _Counter:
                     if isinstance(usage, dict):
                         self.usage = usage
                         continue
-            if _has_content(body):
+            if _is_token_chunk(body):
                 self.chunks += 1
 
 
-def _has_content(body: bytes) -> bool:
-    """A chunk that carries generated text (not the role-only or the usage-only chunk)."""
+def _is_token_chunk(body: bytes) -> bool:
+    """A chunk that carries a generated token: vLLM sends one per token, with empty text
+    while a multi-byte character is incomplete. Not the chat stream's opening chunk (the
+    assistant role) nor a usage-only chunk (no choices)."""
     try:
         choices = json.loads(body).get("choices") or []
     except (ValueError, AttributeError):
@@ -190,7 +192,8 @@ def _has_content(body: bytes) -> bool:
     for choice in choices:
         if not isinstance(choice, dict):
             continue
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+        delta = choice.get("delta")
+        if "text" in choice or (isinstance(delta, dict) and "role" not in delta):
             return True
     return False
 
@@ -342,6 +345,8 @@ class Bridge:
                             "bad_gateway") from exc
         lines = [f"{request.method} {request.target} HTTP/1.1"]
         lines += [f"{k}: {v}" for k, v in request.headers if k not in HOP_BY_HOP]
+        if request.header("host") is None:  # HTTP/1.1 needs one; an HTTP/1.0 client may omit it
+            lines.append(f"host: {s.upstream_host}:{s.upstream_port}")
         if request.body or request.method in ("POST", "PUT", "PATCH"):
             lines.append(f"content-length: {len(request.body)}")
         lines.append("connection: close")

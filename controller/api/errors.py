@@ -57,6 +57,13 @@ class Unavailable(ApiError):
     code = "unavailable"
 
 
+class SwitchFailed(ApiError):
+    """The request was good, a switch refused it (and was rolled back)."""
+
+    status = 502
+    code = "switch_failed"
+
+
 def error_body(code: str, message: str, details: list[Any] | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details or []}}
 

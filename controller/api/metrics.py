@@ -85,9 +85,10 @@ class ApiMetrics:
         self.reports.labels(backend, "recorded" if recorded else "duplicate").inc()
         if not recorded:
             return
-        for u in rep.usage:
-            self.tokens.labels(str(u.tenant_id), u.model, "prompt").inc(u.prompt_tokens)
-            self.tokens.labels(str(u.tenant_id), u.model, "completion").inc(u.completion_tokens)
+        for u in rep.usage_items():
+            model = u.model or ""
+            self.tokens.labels(str(u.tenant_id), model, "prompt").inc(u.prompt_tokens)
+            self.tokens.labels(str(u.tenant_id), model, "completion").inc(u.completion_tokens)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -66,11 +66,14 @@ class TenantGrant(BaseModel):
 class RegistrationReply(BaseModel):
     backend_id: int
     tenants: list[TenantGrant]
+    roce: dict[str, Any] = Field(description="the fabric's RoCEv2 class for the host's NIC "
+                                             "(empty when the policy disables RoCE)")
 
 
 class UsageItem(AgentBody):
     tenant_id: int = Field(ge=0, le=U16)
-    model: ModelName
+    model: ModelName | None = Field(
+        default=None, description="absent: the backend's (first) model")
     prompt_tokens: int = Field(ge=0, le=MAX_TOKENS)
     completion_tokens: int = Field(ge=0, le=MAX_TOKENS)
     requests: int | None = Field(
@@ -87,16 +90,37 @@ class BackendReport(AgentBody):
     waiting: int = Field(ge=0, le=1_000_000)
     kv_cache_usage: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     healthy: bool
-    usage: list[UsageItem] = Field(default_factory=list, max_length=10_000)
-    metrics: dict[str, Any] = Field(default_factory=dict,
-                                    description="vLLM metrics snapshot, kept for the views")
+    usage: list[UsageItem] | dict[str, UsageItem] = Field(
+        default_factory=list, max_length=10_000,
+        description="token usage since the last acknowledged report: a list of items, or "
+                    "a mapping tenant name -> item")
+    usage_total: list[UsageItem] | dict[str, UsageItem] | None = Field(
+        default=None, max_length=10_000,
+        description="cumulative usage since the agent started. When present the ledger "
+                    "counts its growth since the last report and ignores `usage`: retries "
+                    "count nothing twice and a lost report loses nothing")
+    metrics: dict[str, Any] | None = Field(default=None,
+                                           description="vLLM metrics snapshot, for the views")
     rdma: dict[str, Any] | None = Field(default=None, description="RDMA/RoCE status")
+
+    def usage_items(self) -> list[UsageItem]:
+        return _items(self.usage)
+
+    def total_items(self) -> list[UsageItem] | None:
+        return None if self.usage_total is None else _items(self.usage_total)
+
+
+def _items(usage: list[UsageItem] | dict[str, UsageItem]) -> list[UsageItem]:
+    return list(usage.values()) if isinstance(usage, dict) else list(usage)
 
 
 class ReportReply(BaseModel):
     recorded: bool = Field(description="false: a report with this id was recorded before")
     state: str
     weight: int
+    draining: bool = Field(description="the operator drained this backend")
+    tenants: list[TenantGrant] = Field(description="the current tenants (policy reloads "
+                                                   "reach the agents this way)")
 
 
 # ---------------------------------------------------------------- admin requests
@@ -210,6 +234,7 @@ class TenantCounter(BaseModel):
     tenant_id: int
     bytes: int
     packets: int
+    connections: int
 
 
 class SwitchCounters(BaseModel):
@@ -237,6 +262,7 @@ class CrossCheckView(BaseModel):
     requests: int
     switch_bytes: int
     switch_packets: int
+    switch_connections: int
     counter_samples: int
     bytes_per_token: float | None
 

@@ -12,11 +12,17 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller.api import schemas as s
-from controller.api.errors import Forbidden, NotFound, Unauthorized, install_error_handlers
+from controller.api.errors import (
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    error_body,
+    install_error_handlers,
+)
 from controller.api.metrics import ApiMetrics
 from controller.auth import Principal, Role
 from controller.ledger import UsageRow
@@ -25,6 +31,7 @@ if TYPE_CHECKING:
     from controller.app import Controller
 
 API = "/api/v1"
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a policy of thousands of tenants fits many times over
 _bearer = HTTPBearer(auto_error=False, description="a token from the controller's token file")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -33,6 +40,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         403: "the token's role may not do this",
         404: "no such object", 422: "the request is invalid"}.items()}
 MUTATION_ERRORS = {**ERRORS, 409: {"model": s.ErrorBody, "description": "conflicts with state"},
+                   502: {"model": s.ErrorBody, "description": "a switch refused the change; "
+                                                               "every switch was rolled back"},
                    503: {"model": s.ErrorBody, "description": "temporarily unavailable"}}
 
 PathName = Annotated[str, Path(max_length=64)]
@@ -50,7 +59,13 @@ def create_app(ctl: "Controller") -> FastAPI:
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
         start = time.perf_counter()
-        response = await call_next(request)
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            response: Response = JSONResponse(
+                error_body("too_large", f"the body may be at most {MAX_BODY_BYTES} bytes"),
+                status_code=413)
+        else:
+            response = await call_next(request)
         route = request.scope.get("route")
         metrics.observe(request.method, getattr(route, "path", "unmatched"),
                         response.status_code, time.perf_counter() - start)
@@ -95,13 +110,22 @@ def create_app(ctl: "Controller") -> FastAPI:
                 return view
         raise NotFound(f"no switch '{name}'")
 
+    @r.get("/switches/{name}/entries", response_model=list[dict[str, Any]], responses=ERRORS,
+           tags=["switches"])
+    async def switch_entries(name: PathName, who: Viewer) -> list[dict[str, Any]]:
+        """What the controller wants the switch to hold: the state last handed to it,
+        or, before the first push, what the model compiles to."""
+        if name not in ctl.model.fabric.switches:
+            raise NotFound(f"no switch '{name}'")
+        return ctl.entries_of(name)
+
     @r.get("/counters", response_model=list[s.SwitchCounters], responses=ERRORS,
            tags=["switches"])
     async def counters(who: Viewer) -> list[dict[str, Any]]:
         out = []
         for name, entry in (await ctl.read_counters()).items():
-            tenants = [{"tenant_id": t, "bytes": b, "packets": p}
-                       for t, (b, p) in sorted(entry["tenants"].items())]
+            tenants = [{"tenant_id": t, "bytes": b, "packets": p, "connections": c}
+                       for t, (b, p, c) in sorted(entry["tenants"].items())]
             out.append({"switch": name, "connected": entry["connected"],
                         "error": entry["error"], "tenants": tenants})
         return out
@@ -139,7 +163,8 @@ def create_app(ctl: "Controller") -> FastAPI:
             responses=MUTATION_ERRORS, tags=["agents"])
     async def register_backend(reg: s.BackendRegistration, who: Agent) -> dict[str, Any]:
         backend = ctl.register_backend(reg, who)
-        return {"backend_id": backend.backend_id, "tenants": ctl.grants()}
+        return {"backend_id": backend.backend_id, "tenants": ctl.grants(),
+                "roce": ctl.roce_for_agents()}
 
     @r.delete("/backends/{name}", response_model=s.Done, responses=MUTATION_ERRORS,
               tags=["agents"])
@@ -156,7 +181,9 @@ def create_app(ctl: "Controller") -> FastAPI:
         metrics.report(name, rep, recorded)
         backend = ctl.model.backends.get(name)
         return {"recorded": recorded, "state": str(backend.state) if backend else "deregistered",
-                "weight": backend.weight if backend else 0}
+                "weight": backend.weight if backend else 0,
+                "draining": bool(backend) and ctl.extras[name].drained,
+                "tenants": ctl.grants()}
 
     @r.post("/backends/{name}/drain", response_model=s.BackendView,
             responses=MUTATION_ERRORS, tags=["backends"])
@@ -306,7 +333,9 @@ def create_app(ctl: "Controller") -> FastAPI:
         return [{"tenant_id": c.tenant_id, "tenant": names.get(c.tenant_id),
                  "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                  "requests": c.requests, "switch_bytes": c.switch_bytes,
-                 "switch_packets": c.switch_packets, "counter_samples": c.counter_samples,
+                 "switch_packets": c.switch_packets,
+                 "switch_connections": c.switch_connections,
+                 "counter_samples": c.counter_samples,
                  "bytes_per_token": c.bytes_per_token}
                 for c in await asyncio.to_thread(ctl.ledger.cross_check, since, until)]
 
@@ -322,6 +351,7 @@ def create_app(ctl: "Controller") -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"ok": True, "switches": {v["name"]: v["status"] for v in ctl.switch_views()},
                 "backends": len(ctl.model.backends), "reconciles": ctl.reconciles,
+                "holding_s": round(max(0.0, ctl.hold_until - ctl.clock()), 3),
                 "last_reconcile_error": ctl.last_reconcile_error}
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["health"])

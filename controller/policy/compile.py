@@ -39,7 +39,7 @@ from controller.model import (
 )
 from controller.routing import MAX_GROUP_WEIGHT, group_weights
 from tokenfabric.beacon import LOAD_FULL
-from tokenfabric.dataplane import NO_BACKEND, NUM_CLASSES, Color, Mode
+from tokenfabric.dataplane import MAX_PAIR_SLOTS, NO_BACKEND, NUM_CLASSES, Color, Mode
 
 PROTO_TCP = 6
 MODE_VALUE = {SelectionMode.HASH: int(Mode.HASH), SelectionMode.P2C: int(Mode.P2C)}
@@ -59,6 +59,8 @@ class P4:
     SET_SERVICE = "set_service"
     BEACON_SOURCE = "beacon_source"
     ACCEPT_BEACON = "accept_beacon"
+    TUNNEL_TERM = "tunnel_term"
+    DECAP_TO_BACKEND = "decap_to_backend"
     TENANT_CONTRACT = "tenant_contract"
     SET_CONTRACT = "set_contract"
     SERVICE_POOL = "service_pool"
@@ -79,6 +81,16 @@ class P4:
     COLOR_DROP = "color_drop"
     ECN_POLICY = "ecn_policy"
     SET_ECN_THRESHOLD = "set_ecn_threshold"
+
+
+# Table sizes of token_router (docs/dataplane.md; checked against the P4Info in
+# tests/unit/policy/test_golden.py): a model needing more is refused before any write.
+TABLE_SIZES = {
+    "tenant_by_src": 8192, "tenant_by_dst": 8192, "dscp_class": 64, "roce_class": 2,
+    "service": 256, "beacon_source": 2048, "tunnel_term": 1024, "tenant_contract": 4096,
+    "service_pool": 256, "p2c_pairs": 16384, "backend": 1024, "ipv4_route": 4096,
+    "class_qos": 8, "meter_policy": 8192, "ecn_policy": 8,
+}
 
 
 class CompileError(ValueError):
@@ -140,8 +152,20 @@ def compile_model(model: Model) -> dict[str, DesiredState]:
             state.add(entity)
         for entity in _switch_entities(model, switch):
             state.add(entity)
+        _check_sizes(switch.name, state)
         states[switch.name] = state
     return states
+
+
+def _check_sizes(switch: str, state: DesiredState) -> None:
+    counts: dict[str, int] = {}
+    for entity in state.entities.values():
+        if isinstance(entity, TableEntry):
+            counts[entity.table] = counts.get(entity.table, 0) + 1
+    over = [f"{t} needs {n} entries, the switch holds {TABLE_SIZES[t]}"
+            for t, n in sorted(counts.items()) if n > TABLE_SIZES.get(t, n)]
+    if over:
+        raise CompileError(f"switch {switch}: " + "; ".join(over))
 
 
 def _shared_entities(model: Model, classes: ClassPlan) -> list[Entity]:
@@ -283,25 +307,23 @@ def _default_conn_cost(model: Model, eligible: list[str]) -> int:
 def _p2c_pairs(ids: list[int], slots: int) -> list[tuple[int, int]]:
     """Fill the pair slots with pairs of distinct backends, each pair equally often.
 
-    One backend: a single slot whose second choice is NO_BACKEND. Where twice the
-    number of pairs is a power of two within `slots`, exactly that many slots (each
-    pair once each way); otherwise all `slots`, round robin (or evenly spaced pairs
-    when there are more pairs than slots). Orientation alternates so that ties (the
-    first wins) do not favour one backend.
+    One backend: a single slot whose second choice is NO_BACKEND. Both orders of a
+    pair are listed, so that ties (the first wins) favour no backend.
     """
     if not ids:
         return []
     if len(ids) == 1:
         return [(ids[0], NO_BACKEND)]
-    pairs = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
-    both_ways = 2 * len(pairs)
-    if both_ways <= slots and both_ways & (both_ways - 1) == 0:
-        slots = both_ways
-    out = []
-    for k in range(slots):
-        a, b = pairs[k % len(pairs)] if len(pairs) <= slots else pairs[k * len(pairs) // slots]
-        out.append((a, b) if (k // len(pairs)) % 2 == 0 else (b, a))
-    return out
+    n = len(ids)
+    while slots < n and slots < MAX_PAIR_SLOTS:  # room for every backend to be a candidate
+        slots *= 2
+    if n * (n - 1) <= slots and (n * (n - 1)) & (n * (n - 1) - 1) == 0:
+        # Every ordered pair exactly once fills a power-of-two number of slots.
+        return [(a, b) for a in ids for b in ids if a != b]
+    # Otherwise slot k pairs backend k mod n with the one d places further,
+    # d = 1, 2, ..., n-1 one round after another: every backend is first and
+    # second equally often (within one slot when n does not divide `slots`).
+    return [(ids[k % n], ids[(k + 1 + (k // n) % (n - 1)) % n]) for k in range(slots)]
 
 
 def _switch_entities(model: Model, switch: Switch) -> list[Entity]:
@@ -318,9 +340,14 @@ def _switch_entities(model: Model, switch: Switch) -> list[Entity]:
         if ep is not None and ep.backend_id not in seen_responders:
             seen_responders.add(ep.backend_id)
             targets.append((ep.backend_id, ep.address, ep.mac, ep.port, ep.switch))
+    tunnelled = len(fabric.switches) > 1  # other switches reach local backends by IP-in-IP
     for bid, address, dmac, port, where in sorted(targets):
         if where == switch.name:
             action = Action.of(P4.DELIVER_LOCAL, port=port, smac=mac(switch.mac), dmac=mac(dmac))
+            if tunnelled:
+                # IP-in-IP from other switches to this backend's address ends here.
+                out.append(TableEntry.of(P4.TUNNEL_TERM, {"dst_addr": Exact(ip(address))},
+                                         Action.of(P4.DECAP_TO_BACKEND, backend_id=bid)))
         else:
             if switch.fabric_ip is None:
                 raise CompileError(f"switch '{switch.name}' needs a fabric_ip to tunnel to "

@@ -142,6 +142,16 @@ async def reload_policy(model: Model, source: str | Path, write: DiffWriter, *,
     return ReloadReport(ok=True, apply=report, states=new)
 
 
+async def sync_model(model: Model, current: dict[str, DesiredState], write: DiffWriter) \
+        -> tuple[ApplyReport, dict[str, DesiredState]]:
+    """After the router changed the model (weights, drain, down, mode, a new backend):
+    compile, write the difference, and return what the switches now hold (the new
+    states, or `current` again when a switch failed and everything was rolled back)."""
+    new = compile_model(model)
+    report = await apply_states(current, new, write)
+    return report, (new if report.ok else current)
+
+
 class SouthboundWriter:
     """The writer Protocol over controller/southbound: each switch takes a whole state.
 

@@ -9,6 +9,7 @@ token buckets and counters.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 
@@ -111,14 +112,15 @@ def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | N
         name = dnode.as_str()
         if name is not None and name not in declared:
             dnode.error(f"unknown contract '{name}'")
-        elif name is not None:
+        elif name is not None and name in policy.contracts:  # else invalid, reported there
             policy.default_contract = name
 
     tnode = root.child("tenants")
     if tnode is None:
         root.error("missing required key 'tenants'")
     elif tnode.is_list():
-        _parse_tenants(tnode, policy, services, previous, declared, nodes)
+        vips = {s.vip for s in model.services.values()} if model is not None else set()
+        _parse_tenants(tnode, policy, services, previous, declared, nodes, vips)
     _check_class_budget(policy, nodes)
 
 
@@ -296,8 +298,9 @@ def _parse_contract(name: str, c: Node, roce: RoceValues,
         elif value is not None:
             fiveqi = FIVEQI_TABLE[value]
             tclass = class_for_fiveqi(value)
-            if not _class_fits_roce(qnode, tclass.dscp, tclass.queue, roce):
-                ok = False
+            if not c.has("class") and not _class_fits_roce(qnode, tclass.dscp, tclass.queue,
+                                                           roce):
+                ok = False  # (an explicit class replaces the 5QI's and is checked itself)
         else:
             ok = False
     knode = c.child("class")
@@ -375,7 +378,7 @@ def _check_camara(v: str) -> str | None:
 
 def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
                    previous: Policy | None, declared: set[str],
-                   nodes: dict[str, Node]) -> None:
+                   nodes: dict[str, Node], vips: set[str]) -> None:
     pending: list[tuple[Node, Tenant, bool]] = []
     ids: dict[int, str] = {}
     prefixes: dict[str, str] = {}
@@ -401,6 +404,13 @@ def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
                     continue
                 if p in prefixes:
                     item.error(f"prefix {p} already belongs to tenant '{prefixes[p]}'")
+                    prefixes_ok = False
+                    continue
+                net = ipaddress.IPv4Network(p)
+                covered = sorted(v for v in vips if ipaddress.IPv4Address(v) in net)
+                if covered:
+                    # Return traffic comes from the VIP: it would count as this tenant's.
+                    item.error(f"prefix {p} contains the service VIP {covered[0]}")
                     prefixes_ok = False
                     continue
                 prefixes[p] = name or "?"

@@ -48,9 +48,38 @@ class Errors:
             raise SpecError(self.messages())
 
 
+MAX_BYTES = 8 << 20  # far above any real policy (1,000 tenants is ~100 kB)
+MAX_NESTING = 64  # flow brackets or indentation levels; ruamel recurses per level
+
+
+def _too_big_or_deep(text: str) -> tuple[int, str] | None:
+    """A cheap scan before parsing: huge or absurdly nested input would cost seconds."""
+    if len(text) > MAX_BYTES:
+        return 1, f"larger than {MAX_BYTES} bytes"
+    depth = 0
+    line = 1
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return line, f"nested deeper than {MAX_NESTING} levels"
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "\n":
+            line += 1
+    for n, row in enumerate(text.splitlines(), 1):
+        if len(row) - len(row.lstrip(" ")) > 2 * MAX_NESTING:
+            return n, f"indented deeper than {2 * MAX_NESTING} spaces"
+    return None
+
+
 def load_yaml(text: str, file: str) -> tuple[Any, Errors]:
     """Parse with ruamel (round-trip, so nodes carry line info); syntax errors are reported."""
     errors = Errors(file)
+    problem = _too_big_or_deep(text)
+    if problem:
+        errors.add(problem[0], "", f"not accepted: {problem[1]}")
+        return None, errors
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
     try:
@@ -61,8 +90,9 @@ def load_yaml(text: str, file: str) -> tuple[Any, Errors]:
         problem = exc.problem or exc.context or "not valid YAML"
         errors.add(line, "", f"not valid YAML: {problem}")
         return None, errors
-    except Exception as exc:  # ruamel raises a few non-marked errors (e.g. bad tags)
-        errors.add(1, "", f"not valid YAML: {exc}")
+    except Exception as exc:  # ruamel raises a few non-marked errors (bad characters...)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        errors.add(1, "", f"not valid YAML: {first}")
         return None, errors
     return data, errors
 
@@ -76,6 +106,16 @@ def read_file(path: str | Path) -> tuple[Any, Errors]:
         errors.add(0, "", f"cannot read: {getattr(exc, 'strerror', None) or exc}")
         return None, errors
     return load_yaml(text, str(path))
+
+
+def _key_line(mapping: object, key: object, default: int) -> int:
+    """1-based line of a key; keys from a merge (<<) have none of their own."""
+    if isinstance(mapping, CommentedMap):
+        try:
+            return mapping.lc.key(key)[0] + 1
+        except (KeyError, TypeError):
+            return default
+    return default
 
 
 def _type_name(value: Any) -> str:
@@ -144,9 +184,7 @@ class Node:
         self._used.add(key)
         if not isinstance(self.value, dict) or key not in self.value:
             return None
-        line = self.line
-        if isinstance(self.value, CommentedMap):
-            line = self.value.lc.key(key)[0] + 1
+        line = _key_line(self.value, key, self.line)
         return Node(self.value[key], self._child_path(key), line, self.errors)
 
     def items(self) -> Iterator[tuple[str, Node]]:
@@ -156,10 +194,8 @@ class Node:
         for key in list(self.value):
             node = self.child(str(key)) if isinstance(key, str) else None
             if node is None:
-                line = self.line
-                if isinstance(self.value, CommentedMap):
-                    line = self.value.lc.key(key)[0] + 1
-                self.errors.add(line, self._child_path(str(key)), "keys must be strings")
+                self.errors.add(_key_line(self.value, key, self.line),
+                                self._child_path(str(key)), "keys must be strings")
                 continue
             yield key, node
 
@@ -169,7 +205,10 @@ class Node:
         for i, item in enumerate(self.value):
             line = self.line
             if isinstance(self.value, CommentedSeq):
-                line = self.value.lc.item(i)[0] + 1
+                try:
+                    line = self.value.lc.item(i)[0] + 1
+                except (KeyError, TypeError):
+                    pass
             yield Node(item, self._child_path(i), line, self.errors)
 
     def close(self) -> None:
@@ -179,9 +218,7 @@ class Node:
         for key in self.value:
             if key in self._used:
                 continue
-            line = self.line
-            if isinstance(self.value, CommentedMap):
-                line = self.value.lc.key(key)[0] + 1
+            line = _key_line(self.value, key, self.line)
             known = ", ".join(sorted(self._used))
             self.errors.add(line, self._child_path(str(key)),
                             f"unknown key (known keys: {known})")

@@ -52,7 +52,7 @@ class Southbound:
         switch = Switch(config)
         self.switches[name] = switch
         if self._started:
-            asyncio.get_running_loop().create_task(switch.start())
+            switch.launch()
         return switch
 
     async def remove_switch(self, name: str) -> None:

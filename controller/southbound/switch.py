@@ -93,6 +93,7 @@ class ReconcileResult:
     deleted: int = 0
     write_rpcs: int = 0
     pipeline_pushed: bool = False
+    read_switch: bool = True  # False: diffed against this session's mirror, no Read
     held: int = 0  # entities the switch held before
     desired: int = 0
     seconds: float = 0.0
@@ -109,6 +110,7 @@ class SwitchStats:
     sessions: int = 0  # sessions that got an arbitration answer
     pipeline_pushes: int = 0
     reconciles: int = 0
+    reads: int = 0  # full reads of the switch's state
     updates_written: int = 0
     write_rpcs: int = 0
     last: ReconcileResult | None = None
@@ -148,6 +150,8 @@ class Switch:
         self._pipeline = config.pipeline
         self._codec: Codec | None = Codec(config.pipeline.index) if config.pipeline else None
         self._desired: DesiredState | None = None
+        self._want: DesiredState | None = None  # _desired normalized for the program
+        self._mirror: DesiredState | None = None  # what the switch holds, while known
         self._handlers: list[Handler] = []
         self._channel: grpc.aio.Channel | None = None
         self._stub: p4runtime_pb2_grpc.P4RuntimeStub | None = None
@@ -184,9 +188,15 @@ class Switch:
         self._handlers.append(handler)
 
     async def start(self) -> None:
+        """Connect (in the background, retrying until stop())."""
+        self.launch()
+
+    def launch(self) -> None:
+        """start() for callers that are not coroutines (needs a running event loop)."""
         if self._task is None:
             self._stopping.clear()
-            self._task = asyncio.create_task(self._run(), name=f"p4rt-{self.name}")
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name=f"p4rt-{self.name}")
 
     async def stop(self) -> None:
         """End the session: the switch then promotes the next controller (if any)."""
@@ -222,19 +232,26 @@ class Switch:
         anything is written when an entity does not fit the P4 program, and
         WriteError when the switch refuses updates.
         """
-        if self._codec is not None:
-            self._normalized(desired)  # fail on a bad entity before remembering it
-        self._desired = desired
+        # Normalizing checks every entity against the P4 program before anything is
+        # remembered or written.
+        want = self._normalized(desired) if self._codec is not None else None
+        self._desired, self._want = desired, want
         if self.role is Role.DISCONNECTED:
             return ReconcileResult(self.name, False, "disconnected", desired=len(desired.entities))
         if self.role is Role.BACKUP:
             return ReconcileResult(self.name, False, "backup", desired=len(desired.entities))
-        return await self.reconcile()
+        async with self._lock:
+            return await self._reconcile_locked(read_switch=False)
 
     async def reconcile(self) -> ReconcileResult:
-        """Read what the switch holds, diff against the desired state, write the difference."""
+        """Read what the switch holds, diff against the desired state, write the difference.
+
+        `apply` skips the read while this session's mirror of the switch is
+        valid (every write since the last read succeeded); `reconcile` always
+        reads, so it also repairs what changed behind the controller's back.
+        """
         async with self._lock:
-            return await self._reconcile_locked()
+            return await self._reconcile_locked(read_switch=True)
 
     async def read_state(self, collapse_weights: bool = True) -> DesiredState:
         """Everything the switch holds: table entries, members, groups, meter configs."""
@@ -310,7 +327,15 @@ class Switch:
         return out
 
     async def write(self, updates: list[Update]) -> int:
-        """Send `updates` (normalized entities) in batches; returns the number of RPCs."""
+        """Send `updates` (normalized entities) in batches; returns the number of RPCs.
+
+        A raw write: the next apply reads the switch again instead of trusting
+        its mirror.
+        """
+        self._mirror = None
+        return await self._write_updates(updates)
+
+    async def _write_updates(self, updates: list[Update]) -> int:
         if not self.is_primary:
             raise NotPrimaryError(f"switch {self.name}: this controller is "
                                   f"{self.role.value}, not primary")
@@ -349,10 +374,12 @@ class Switch:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except (grpc.aio.AioRpcError, SouthboundError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # any failure ends the session, never the retry loop
                 self.last_error = _describe(exc)
+                expected = isinstance(exc, (grpc.aio.AioRpcError, SouthboundError, OSError,
+                                            TimeoutError))
                 log.warning("switch %s (%s): session ended: %s", self.name,
-                            self.config.address, self.last_error)
+                            self.config.address, self.last_error, exc_info=not expected)
             finally:
                 await self._end_session()
             if self._stopping.is_set():
@@ -364,7 +391,13 @@ class Switch:
 
     async def _session(self) -> None:
         """One channel + stream; returns (or raises) when the stream ends."""
-        self._channel = grpc.aio.insecure_channel(self.config.address, options=GRPC_OPTIONS)
+        # gRPC's own reconnect backoff (1 s and up by default) would add to ours
+        first, most = int(self.config.backoff_initial * 1000), int(self.config.backoff_max * 1000)
+        backoff_ms = [("grpc.initial_reconnect_backoff_ms", first),
+                      ("grpc.min_reconnect_backoff_ms", first),
+                      ("grpc.max_reconnect_backoff_ms", most)]
+        self._channel = grpc.aio.insecure_channel(self.config.address,
+                                                  options=GRPC_OPTIONS + backoff_ms)
         await asyncio.wait_for(self._channel.channel_ready(), self.config.connect_timeout)
         self._stub = p4runtime_pb2_grpc.P4RuntimeStub(self._channel)
         stream = self._stub.StreamChannel()
@@ -407,6 +440,7 @@ class Switch:
                  self.config.election_id, self.primary_election_id)
         self.role = role
         self._generation += 1
+        self._mirror = None  # another controller may have written meanwhile
         self._settled.clear()
         if self._lifecycle and not self._lifecycle.done():
             self._lifecycle.cancel()
@@ -436,6 +470,7 @@ class Switch:
         if self.role is not Role.DISCONNECTED:
             self._generation += 1
         self.role = Role.DISCONNECTED
+        self._mirror = None
         self._settled.clear()
         await self._close_channel()
 
@@ -476,6 +511,7 @@ class Switch:
                 raise PipelineError(f"switch {self.name} runs no P4 program and none was given")
             self.installed_cookie = config.cookie.cookie if config.HasField("cookie") else None
             self._codec = Codec(P4InfoIndex(config.p4info))
+            self._want = None
             return False
         config = await self._get_installed(Get.COOKIE_ONLY)
         installed = config.cookie.cookie if config is not None and config.HasField("cookie") \
@@ -523,21 +559,30 @@ class Switch:
             out.add(self.codec.normalize(entity))
         return out
 
-    async def _reconcile_locked(self, pipeline_pushed: bool = False) -> ReconcileResult:
+    async def _reconcile_locked(self, pipeline_pushed: bool = False,
+                                read_switch: bool = True) -> ReconcileResult:
         started = time.monotonic()
         desired = self._desired or DesiredState()
         if not self.is_primary:
             return ReconcileResult(self.name, False, self.role.value,
                                    desired=len(desired.entities))
-        want = self._normalized(desired)
-        held = await self._read_held()
+        if self._want is None:
+            self._want = self._normalized(desired)
+        want = self._want
+        mirror, self._mirror = self._mirror, None  # valid again only if every write succeeds
+        if read_switch or mirror is None:
+            held = await self._read_held()
+            self.stats.reads += 1
+        else:
+            held = mirror
         todo: Plan = plan(want, held)
         result = ReconcileResult(self.name, True, pipeline_pushed=pipeline_pushed,
+                                 read_switch=held is not mirror,
                                  held=len(held.entities), desired=len(want.entities))
         self.stats.reconciles += 1
         try:
             for phase in todo.phases:
-                rpcs = await self.write(phase)
+                rpcs = await self._write_updates(phase)
                 result.write_rpcs += rpcs
                 self.stats.write_rpcs += rpcs
                 self.stats.updates_written += len(phase)
@@ -553,6 +598,7 @@ class Switch:
                             result.modified += 1
                         else:
                             result.inserted += 1
+            self._mirror = DesiredState(dict(want.entities))
         finally:
             result.seconds = time.monotonic() - started
             self.stats.last = result

@@ -39,6 +39,17 @@ def test_switches_not_connected_without_southbound(live):
     assert "not connected" in counters["error"] and counters["tenants"] == []
 
 
+def test_switch_entries_view(live):
+    c = live.client(VIEWER)
+    entries = c.get("/api/v1/switches/s1/entries").json()
+    tables = {e.get("table") for e in entries}
+    assert {"tenant_by_src", "service"} <= tables
+    tenants = sorted(e["match"]["src_addr"] for e in entries
+                     if e.get("table") == "tenant_by_src")
+    assert tenants == ["10.0.1.0/25", "10.0.1.128/25"]
+    error_of(c.get("/api/v1/switches/s9/entries"), 404)
+
+
 def test_services_views_and_mode(live):
     c = live.client(ADMIN)
     services = {s["name"]: s for s in c.get("/api/v1/services").json()}
@@ -94,7 +105,11 @@ def test_register_report_deregister(live):
     assert live.ctl.model.services["llama"].pool.count("gpu2-llama") == 1
 
     r = c.post("/api/v1/backends/gpu2-llama/report", json={**REPORT, "report_id": "r-1"})
-    assert r.json() == {"recorded": True, "state": "active", "weight": 0}
+    reply = r.json()
+    # 3 running + 1 waiting on capacity 4: full, so the router's floor weight (5 of 100)
+    assert (reply["recorded"], reply["state"], reply["weight"], reply["draining"]) == (
+        True, "active", 5, False)
+    assert reply["tenants"] == body["tenants"]
     view = c.get("/api/v1/backends/gpu2-llama").json()
     assert view["capacity"] == 4 and view["registered"] and view["healthy"]
     assert view["load"]["running"] == 3 and view["load"]["waiting"] == 1
@@ -240,8 +255,8 @@ def test_ledger_filters_csv_and_crosscheck(live):
     ledger.record("a", "gpu1-llama", [Usage(1, "tiny-llama", 10, 20)], now=t0 + 5)
     ledger.record("b", "gpu1-llama", [Usage(1, "qwen", 1, 2), Usage(2, "tiny-llama", 3, 4)],
                   now=t0 + 65)
-    ledger.record_counters("s1", {1: (1000, 10), 2: (50, 1)}, now=t0)
-    ledger.record_counters("s1", {1: (4000, 40), 2: (80, 2)}, now=t0 + 70)
+    ledger.record_counters("s1", {1: (1000, 10, 1), 2: (50, 1, 1)}, now=t0)
+    ledger.record_counters("s1", {1: (4000, 40, 3), 2: (80, 2, 1)}, now=t0 + 70)
     c = live.client(VIEWER)
     assert len(c.get("/api/v1/ledger").json()) == 3
     assert [r["model"] for r in c.get("/api/v1/ledger", params={"tenant_id": 1}).json()] == [
@@ -264,6 +279,7 @@ def test_ledger_filters_csv_and_crosscheck(live):
     assert check[1]["prompt_tokens"] == 11 and check[1]["completion_tokens"] == 22
     assert check[1]["bytes_per_token"] == round(3000 / 33, 3)
     assert check[2]["switch_packets"] == 1 and check[2]["counter_samples"] == 2
+    assert check[1]["switch_connections"] == 2 and check[2]["switch_connections"] == 0
 
     for params in ({"tenant_id": -1}, {"tenant_id": "x"}, {"since": -5}, {"limit": 0},
                    {"until": 1e12}, {"model": ""}):
@@ -351,3 +367,51 @@ def test_policy_reload_from_the_started_file(tmp_path):
         assert c.get("/api/v1/contracts/gold").json()["tpm"] == 120000
         ctl.policy_path.unlink()
         assert "cannot read" in error_of(c.post("/api/v1/policy/reload"), 422)["message"]
+
+
+def test_the_host_agents_report_shape(live):
+    """The body hostagent/agent.py sends: usage keyed by tenant name without a model,
+    metrics null before the first scrape, and fields the controller does not use."""
+    c = live.client(AGENT)
+    reg = c.post("/api/v1/backends", json=REGISTRATION).json()
+    assert reg["roce"] == {"dscp": 26, "priority": 3, "cnp_dscp": 48, "cnp_priority": 6,
+                           "ecn": True, "pfc": True}
+    body = {"running": 1, "waiting": 0, "kv_cache_usage": 0.1, "healthy": True, "load": 12,
+            "usage": {"acme": {"tenant_id": 1, "requests": 2, "prompt_tokens": 30,
+                               "completion_tokens": 70, "estimated": 0, "rejected": 0,
+                               "errors": 0},
+                      "umbrella": {"tenant_id": 2, "requests": 0, "prompt_tokens": 0,
+                                   "completion_tokens": 0, "estimated": 0, "rejected": 1,
+                                   "errors": 0}},
+            "metrics": None, "rdma": {}, "host": {}, "seq": 0,
+            "bridge": {"mode": "relay", "in_flight": 1}, "beacons": {"sent": 3, "errors": 0}}
+    body["usage_total"] = body["usage"]  # the agent's first report: totals = usage
+    r = c.post("/api/v1/backends/gpu2-llama/report", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["tenants"][0]["name"] == "acme"
+
+    def ledger_rows():
+        return [(x["tenant_id"], x["model"], x["prompt_tokens"], x["completion_tokens"],
+                 x["requests"]) for x in c.get("/api/v1/ledger").json()]
+
+    # the model is the backend's; an all-zero item adds no row
+    assert ledger_rows() == [(1, "tiny-llama", 30, 70, 2)]
+    # the same report again (a retry after a timeout, no id): the totals did not grow
+    assert c.post("/api/v1/backends/gpu2-llama/report", json=body).status_code == 200
+    assert ledger_rows() == [(1, "tiny-llama", 30, 70, 2)]
+    # a later report: only the growth of the totals counts, whatever `usage` says
+    later = {**body, "usage": {}, "usage_total": {"acme": {
+        "tenant_id": 1, "requests": 3, "prompt_tokens": 45, "completion_tokens": 100}}}
+    c.post("/api/v1/backends/gpu2-llama/report", json=later)
+    assert ledger_rows() == [(1, "tiny-llama", 45, 100, 3)]
+    live.client(ADMIN).post("/api/v1/backends/gpu2-llama/drain")
+    assert c.post("/api/v1/backends/gpu2-llama/report", json=body).json()["draining"] is True
+
+
+def test_oversized_body_is_413(live):
+    from controller.api.server import MAX_BODY_BYTES
+
+    big = b'{"yaml": "' + b"x" * (MAX_BODY_BYTES + 1) + b'"}'
+    r = live.client(ADMIN).post("/api/v1/policy/validate", content=big,
+                                headers={"content-type": "application/json"})
+    assert error_of(r, 413)["code"] == "too_large"

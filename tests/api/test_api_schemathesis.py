@@ -22,7 +22,7 @@ from schemathesis.checks import (
 )
 
 from controller.api.server import create_app
-from tests.api.conftest import ADMIN, make_controller, serve_in_thread
+from tests.api.conftest import ADMIN, VIEWER, make_controller, serve_in_thread
 
 
 def _schema_document() -> dict:
@@ -58,3 +58,14 @@ def test_no_server_errors(case, served):
         base_url=served.url, headers={"Authorization": f"Bearer {ADMIN}"},
         checks=[not_a_server_error, status_code_conformance, content_type_conformance,
                 response_schema_conformance])
+
+
+@schema.parametrize()
+@settings(max_examples=5, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                 HealthCheck.function_scoped_fixture])
+def test_no_server_errors_for_a_viewer(case, served):
+    """With a viewer's token the mutations are refused: documented 401/403/4xx, never 5xx."""
+    case.call_and_validate(
+        base_url=served.url, headers={"Authorization": f"Bearer {VIEWER}"},
+        checks=[not_a_server_error, status_code_conformance, content_type_conformance])

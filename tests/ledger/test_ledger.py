@@ -71,21 +71,24 @@ def test_concurrent_writers_lose_nothing(ledger):
 
 
 def test_counter_growth_handles_restarts_and_switches(ledger):
-    ledger.record_counters("s1", {1: (100, 1), 2: (0, 0)}, now=T0)
-    ledger.record_counters("s1", {1: (400, 4), 2: (10, 1)}, now=T0 + 10)
-    ledger.record_counters("s1", {1: (50, 1)}, now=T0 + 20)  # s1 restarted: counters reset
-    ledger.record_counters("s2", {1: (1000, 9)}, now=T0 + 5)
-    ledger.record_counters("s2", {1: (1500, 12)}, now=T0 + 15)
-    assert ledger.counter_growth() == {1: (300 + 50 + 500, 3 + 1 + 3, 5), 2: (10, 1, 2)}
-    assert ledger.counter_growth(since=T0 + 10) == {1: (50 + 0, 1 + 0, 3), 2: (0, 0, 1)}
+    ledger.record_counters("s1", {1: (100, 1, 1), 2: (0, 0, 0)}, now=T0)
+    ledger.record_counters("s1", {1: (400, 4, 2), 2: (10, 1, 1)}, now=T0 + 10)
+    ledger.record_counters("s1", {1: (50, 1, 1)}, now=T0 + 20)  # s1 restarted: reset to 0
+    ledger.record_counters("s2", {1: (1000, 9, 5)}, now=T0 + 5)
+    ledger.record_counters("s2", {1: (1500, 12, 6)}, now=T0 + 15)
+    assert ledger.counter_growth() == {1: (300 + 50 + 500, 3 + 1 + 3, 1 + 1 + 1, 5),
+                                       2: (10, 1, 1, 2)}
+    assert ledger.counter_growth(since=T0 + 10) == {1: (50 + 0, 1 + 0, 1, 3),
+                                                    2: (0, 0, 0, 1)}
 
 
 def test_cross_check_side_by_side(ledger):
     ledger.record("r", "b", [Usage(1, "m", 40, 60)], now=T0)
-    ledger.record_counters("s1", {1: (0, 0), 3: (0, 0)}, now=T0)
-    ledger.record_counters("s1", {1: (5000, 50), 3: (700, 7)}, now=T0 + 30)
+    ledger.record_counters("s1", {1: (0, 0, 0), 3: (0, 0, 0)}, now=T0)
+    ledger.record_counters("s1", {1: (5000, 50, 4), 3: (700, 7, 1)}, now=T0 + 30)
     rows = {r.tenant_id: r for r in ledger.cross_check()}
     assert rows[1].bytes_per_token == 50.0 and rows[1].switch_packets == 50
+    assert rows[1].switch_connections == 4
     # traffic the switch saw for a tenant no agent reported: visible, not hidden
     assert rows[3].prompt_tokens == 0 and rows[3].switch_bytes == 700
     assert rows[3].bytes_per_token is None
@@ -109,3 +112,26 @@ def test_csv_export(ledger):
         "minute,minute_utc,tenant_id,model,prompt_tokens,completion_tokens,total_tokens,"
         "requests",
         f'{T0},2027-01-15T08:00:00Z,7,"model,""quoted""",1,2,3,1']
+
+
+def test_cumulative_totals_count_their_growth(ledger):
+    def totals(p, c, r, tenant=1, model="m"):
+        return [Usage(tenant, model, p, c, r)]
+
+    assert ledger.record_totals(None, "b1", totals(10, 20, 1), now=T0)
+    assert ledger.record_totals(None, "b1", totals(10, 20, 1), now=T0)  # a retry: no growth
+    ledger.record_totals(None, "b1", totals(25, 50, 2), now=T0 + 1)
+    # a lost report: the next totals carry its usage
+    ledger.record_totals(None, "b1", totals(40, 80, 4), now=T0 + 3)
+    assert ledger.totals() == {1: (40, 80, 4)}
+    # another backend's totals are its own
+    ledger.record_totals(None, "b2", totals(5, 5, 1), now=T0 + 3)
+    assert ledger.totals() == {1: (45, 85, 5)}
+    # the agent restarted: totals went down, and count from zero
+    ledger.record_totals(None, "b1", totals(3, 4, 1), now=T0 + 60)
+    assert ledger.totals() == {1: (48, 89, 6)}
+    assert [(r.minute, r.prompt_tokens) for r in ledger.query()] == [(T0, 45), (T0 + 60, 3)]
+    # with a report id, a duplicate is refused outright
+    assert ledger.record_totals("x", "b1", totals(9, 9, 2), now=T0 + 60)
+    assert not ledger.record_totals("x", "b1", totals(9, 9, 2), now=T0 + 60)
+    assert ledger.totals() == {1: (54, 94, 7)}

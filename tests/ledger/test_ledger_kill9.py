@@ -121,3 +121,77 @@ def test_acknowledged_reports_survive_kill9(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0  # SIGTERM: a clean shutdown
+
+
+def totals_report(k: int, i: int) -> dict:
+    """Sender k's i-th report in the agent's cumulative form (tenant k + 1, no report id)."""
+    total = {"tenant_id": k + 1, "model": "tiny-llama", "prompt_tokens": i,
+             "completion_tokens": 2 * i, "requests": i}
+    return {"running": 1, "waiting": 0, "kv_cache_usage": 0.1, "healthy": True,
+            "usage": [], "usage_total": [total]}
+
+
+def test_cumulative_totals_survive_kill9(tmp_path):
+    (tmp_path / "fabric.yaml").write_text(FABRIC)
+    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({
+        AGENT: {"name": "agents", "role": "agent"}, VIEWER: {"name": "viewer", "role": "viewer"}}))
+    port = free_port()
+    proc = start_controller(tmp_path, port)
+    acked = [0] * SENDERS
+    sent = [0] * SENDERS
+    url = f"http://127.0.0.1:{port}/api/v1/backends/gpu1-llama/report"
+
+    def sender(k: int) -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {AGENT}"}, timeout=5) as c:
+            for i in range(1, 100_000):
+                sent[k] = i
+                try:
+                    r = c.post(url, json=totals_report(k, i))
+                except httpx.HTTPError:
+                    return
+                if r.status_code == 200:
+                    acked[k] = i
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(SENDERS)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while sum(acked) < 150 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        for t in threads:
+            t.join(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+    assert sum(acked) >= 150
+
+    db = sqlite3.connect(tmp_path / "ledger.db")
+    held = dict(db.execute("SELECT tenant_id, SUM(prompt_tokens) FROM usage GROUP BY tenant_id"))
+    db.close()
+    for k in range(SENDERS):
+        # everything acknowledged is there, nothing beyond what was sent
+        assert acked[k] <= held[k + 1] <= sent[k], (k, acked[k], held[k + 1], sent[k])
+
+    # after the restart the agents' next totals make every tenant exact
+    port = free_port()
+    proc = start_controller(tmp_path, port)
+    try:
+        base = f"http://127.0.0.1:{port}/api/v1"
+        agent = httpx.Client(headers={"Authorization": f"Bearer {AGENT}"}, timeout=5)
+        for k in range(SENDERS):
+            r = agent.post(f"{base}/backends/gpu1-llama/report", json=totals_report(k, sent[k]))
+            assert r.status_code == 200
+        rows = httpx.get(f"{base}/ledger", headers={"Authorization": f"Bearer {VIEWER}"}).json()
+        by_tenant: dict[int, list[int]] = {}
+        for row in rows:
+            acc = by_tenant.setdefault(row["tenant_id"], [0, 0, 0])
+            acc[0] += row["prompt_tokens"]
+            acc[1] += row["completion_tokens"]
+            acc[2] += row["requests"]
+        assert by_tenant == {k + 1: [sent[k], 2 * sent[k], sent[k]] for k in range(SENDERS)}
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0

@@ -94,6 +94,7 @@ class FakeP4RuntimeServer(p4runtime_pb2_grpc.P4RuntimeServicer):
         self.connections: list[Connection] = []
         self.write_requests: list[p4runtime_pb2.WriteRequest] = []
         self.set_pipeline_calls = 0
+        self.read_requests = 0
         self._server: grpc.aio.Server | None = None
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -482,6 +483,7 @@ class FakeP4RuntimeServer(p4runtime_pb2_grpc.P4RuntimeServicer):
     # ---- read --------------------------------------------------------------------
 
     async def Read(self, request, context):  # noqa: N802
+        self.read_requests += 1
         if self.state.config is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no pipeline")
         response = p4runtime_pb2.ReadResponse()

@@ -359,6 +359,34 @@ async def test_controller_restart_adopts_without_writing(fake, pipeline):
         await new.stop()
 
 
+async def test_apply_diffs_against_its_mirror_and_reconcile_reads(fake, pipeline):
+    switch = await started(make_switch(fake, pipeline))
+    try:
+        await switch.apply(mini_state(tenants=3))
+        reads = fake.read_requests
+        result = await switch.apply(mini_state(tenants=4))  # one more tenant
+        assert not result.read_switch and fake.read_requests == reads
+        assert result.inserted == 3 and fake.entity_count() == len(mini_state(4).entities)
+        # an entry lost behind the controller's back: apply trusts its mirror ...
+        classify = switch.index.table("classify").id
+        lost = next(k for k in fake.state.tables if k[0] == classify)
+        del fake.state.tables[lost]
+        assert (await switch.apply(mini_state(tenants=4))).writes == 0
+        # ... reconcile reads the switch and repairs it
+        repaired = await switch.reconcile()
+        assert repaired.read_switch and repaired.inserted == 1
+        assert fake.read_requests == reads + 1
+        # a failed write makes the next apply read again
+        broken = mini_state(tenants=4)
+        broken.add(TableEntry.of("select_backend", {"hdr.ipv4.dst_addr": Exact(3)},
+                                 MemberRef(99)))
+        with pytest.raises(WriteError):
+            await switch.apply(broken)
+        assert (await switch.apply(mini_state(tenants=4))).read_switch
+    finally:
+        await switch.stop()
+
+
 async def test_counters_direct_counters_and_meters(fake, pipeline):
     switch = await started(make_switch(fake, pipeline))
     try:
@@ -366,12 +394,12 @@ async def test_counters_direct_counters_and_meters(fake, pipeline):
         await switch.apply(desired)
         fake.set_counter("tenant_packets", 2, packets=5, octets=640)
         cells = await switch.read_counters("tenant_packets")
-        assert len(cells) == 64 and cells[2].packets == 5 and cells[2].bytes == 640
+        assert len(cells) == 4096 and cells[2].packets == 5 and cells[2].bytes == 640
         assert cells[3].packets == 0
         one = await switch.read_counters("MiniIngress.tenant_packets", index=2)
         assert list(one) == [2] and one[2].bytes == 640
         with pytest.raises(TranslationError):
-            await switch.read_counters("tenant_packets", index=64)
+            await switch.read_counters("tenant_packets", index=4096)
 
         fake.set_direct_counters("routes", packets=3, octets=300)
         direct = await switch.read_direct_counters("routes")
@@ -437,5 +465,30 @@ async def test_apply_all_rolls_back_every_switch(fakes, pipeline):
         for server in fakes[:2]:
             assert held_on_fake(server, pipeline).entities == \
                 normalized(before["s0"], pipeline).entities
+    finally:
+        await sb.stop()
+
+
+async def test_switches_join_and_leave_a_running_southbound(fakes, pipeline):
+    sb = Southbound(election_id=4)
+    sb.add_switch("s0", fakes[0].address, device_id=0, pipeline=pipeline, **FAST)
+    await sb.start()
+    try:
+        late = sb.add_switch("s1", fakes[1].address, device_id=1, pipeline=pipeline, **FAST)
+        await late.wait_role(Role.PRIMARY)
+        with pytest.raises(ValueError, match="already registered"):
+            sb.add_switch("s1", fakes[1].address)
+        assert (await sb.apply({"s1": mini_state(tenants=1)}))["s1"].applied
+        await sb.remove_switch("s1")
+        for _ in range(200):  # the server sees the stream end shortly after
+            if fakes[1].primary is None:
+                break
+            await asyncio.sleep(0.01)
+        assert fakes[1].primary is None
+        with pytest.raises(Exception, match="no such switch"):
+            await sb.apply({"s1": mini_state(tenants=1)})
+        offline = sb.add_switch("s9", "127.0.0.1:1", device_id=9, pipeline=pipeline, **FAST)
+        result = await offline.apply(mini_state(tenants=1))
+        assert not result.applied and result.reason == "disconnected"
     finally:
         await sb.stop()

@@ -98,6 +98,8 @@ def test_entries_fit_the_p4info(policy):
     """Every table, key, action and parameter exists in the compiled program, and fits."""
     info = _p4info()
     tables = {t.preamble.name: t for t in info.tables}
+    from controller.policy.compile import TABLE_SIZES
+    assert {n: tables[n].size for n in TABLE_SIZES} == TABLE_SIZES
     actions = {a.preamble.name: a for a in info.actions}
     meters = {m.preamble.name: m for m in info.meters}
     profiles = {p.preamble.name for p in info.action_profiles}

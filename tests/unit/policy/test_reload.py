@@ -10,7 +10,7 @@ import pytest
 from controller.entries import DesiredState, Entity
 from controller.fabric import load_fabric
 from controller.policy.compile import compile_model
-from controller.policy.reload import SouthboundWriter, apply_states, reload_policy
+from controller.policy.reload import SouthboundWriter, apply_states, reload_policy, sync_model
 from controller.policy.schema import load_policy
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -173,3 +173,23 @@ async def test_reload_from_text_names_the_given_file():
                                  file="upload.yaml")
     assert report.errors == ["upload.yaml:1: tenants[0]: must be a mapping, got an integer"]
     assert report.summary()["ok"] is False
+
+
+async def test_sync_model_writes_router_changes_and_keeps_the_old_state_on_failure():
+    from controller.routing import Router
+
+    model = leafspine()
+    current = compile_model(model)
+    switches = FakeSwitches(current)
+    router = Router(model)
+    assert router.drain("gpu1-llama")
+    report, held = await sync_model(model, current, switches.write)
+    assert report.ok and held == compile_model(model)
+    assert all(switches.state(n) == held[n].entities for n in held)
+    # every switch changes its selector group and pairs for service llama
+    assert set(report.changes) == {"leaf1", "leaf2", "spine1"}
+    router.undrain("gpu1-llama")
+    switches.fail_on = len(switches.writes) + 2
+    report, again = await sync_model(model, held, switches.write)
+    assert not report.ok and again is held
+    assert all(switches.state(n) == held[n].entities for n in held)

@@ -158,6 +158,13 @@ def test_duplicate_tenant_name_id_and_prefix(tmp_path):
                  "id 7 is already used by tenant 'a'")
 
 
+def test_tenant_prefix_must_not_contain_a_vip(tmp_path):
+    errs = errors_of(tmp_path, GOOD.replace("10.0.1.0/24", "10.0.0.0/8"),
+                     fabric="fabric-single.yaml")
+    assert_error(errs, 7, "tenants[0].prefixes[0]",
+                 "prefix 10.0.0.0/8 contains the service VIP 10.0.100.1")
+
+
 def test_tenant_id_range(tmp_path):
     errs = errors_of(tmp_path, GOOD.replace("  - name: a\n", "  - name: a\n    id: 4096\n"))
     assert_error(errs, 7, "tenants[0].id", "must be in 1..4095, got 4096")
@@ -273,3 +280,56 @@ def test_every_example_is_valid_with_its_fabric():
         for policy in sorted(EXAMPLES.glob("policy-*.yaml")):
             assert validate_file(policy, EXAMPLES / fabric) == [], policy
             load_policy(policy, model)
+
+
+def test_a_5qi_class_that_collides_with_custom_roce_values(tmp_path):
+    text = "roce: {priority: 5, cnp_priority: 7}\n" + GOOD.replace(
+        "    class: {service_class: low-latency-data, priority_level: 20, queue: 5}",
+        "    fiveqi: 1")
+    errs = errors_of(tmp_path, text)
+    assert_error(errs, 4, "contracts.gold.fiveqi", "queue 5 is reserved for RoCEv2")
+    # an explicit class replaces the 5QI's and is what is checked
+    fixed = text.replace("    fiveqi: 1", "    fiveqi: 1\n    class: {service_class: "
+                                           "telephony, priority_level: 20, queue: 4}")
+    assert errors_of(tmp_path, fixed) == []
+
+
+@pytest.mark.parametrize("text,want", [
+    ("!!python/object/apply:os.system ['true']\n", "u.yaml:1: must be a mapping, got a list"),
+    ("tenants: !!binary aGVsbG8=\n", "u.yaml:1: tenants: must be a list, got bytes"),
+    ("[" * 3000 + "]" * 3000, "u.yaml:1: not accepted: nested deeper than 64 levels"),
+    ("tenants:\n" + " " * 300 + "- x\n", "u.yaml:2: not accepted: indented deeper"),
+    ("tenants: []\n" + "#" * (9 << 20), "u.yaml:1: not accepted: larger than"),
+    ("\x00\x01", "u.yaml:1: not valid YAML: unacceptable character"),
+    ("tenants: []\n<<: {a: 1}\n", "u.yaml:1: a: unknown key"),
+    ("? [a, b]\n: c\ntenants: []\n", "u.yaml:1: ('a', 'b'): unknown key"),
+])
+def test_hostile_yaml_is_an_error_not_a_crash(text, want):
+    from controller.model import Model
+    from controller.policy.reload import validate_policy
+
+    policy, errs = validate_policy(Model(), "", text=text, file="u.yaml")
+    assert policy is None and errs[0].startswith(want), errs
+
+
+def test_anchors_and_merge_keys_work():
+    from controller.model import Model
+    from controller.policy.reload import validate_policy
+
+    text = ("contracts:\n  a: &base\n    class: {service_class: standard, priority_level: 9}\n"
+            "    tpm: 600\n  b:\n    <<: *base\n    tpm: 1200\n"
+            "tenants:\n  - {name: t, prefixes: [10.0.0.0/24], contract: b}\n")
+    policy, errs = validate_policy(Model(), "", text=text, file="u.yaml")
+    assert errs == [] and policy.contracts["b"].limits.tpm == 1200
+    assert policy.contracts["b"].traffic_class.priority_level == 9
+
+
+def test_a_policy_larger_than_the_switch_tables(tmp_path, monkeypatch):
+    from controller.policy import compile as compiler
+
+    # the real limit is 8192 prefixes; a smaller one keeps the test fast
+    monkeypatch.setitem(compiler.TABLE_SIZES, "tenant_by_src", 1)
+    text = GOOD + "  - {name: b, prefixes: [10.0.2.0/24], contract: gold}\n"
+    errs = errors_of(tmp_path, text, fabric="fabric-single.yaml")
+    assert len(errs) == 1 and errs[0].endswith(
+        "policy.yaml: switch s1: tenant_by_src needs 2 entries, the switch holds 1"), errs

@@ -198,6 +198,23 @@ def test_mode_switch_is_one_modify_of_the_service_entry():
         router.set_mode("llama", "round-robin")
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 9, 64, 100, 300])
+def test_p2c_pairs_are_distinct_and_balanced(n):
+    from collections import Counter
+
+    from controller.policy.compile import _p2c_pairs
+
+    ids = list(range(1, n + 1))
+    slots = _p2c_pairs(ids, 64)
+    assert len(slots) & (len(slots) - 1) == 0 and len(slots) <= 256  # pair_mask + 1
+    assert all(a != b for a, b in slots)
+    first, second = Counter(a for a, _ in slots), Counter(b for _, b in slots)
+    if n <= 256:
+        assert set(first) == set(second) == set(ids)  # everyone is a candidate
+    assert max(first.values()) - min(first.values()) <= 1
+    assert max(second.values()) - min(second.values()) <= 1
+
+
 def test_unknown_backend_report_is_a_key_error():
     _, router, _ = setup()
     with pytest.raises(KeyError):

@@ -54,7 +54,7 @@ def test_every_kind_round_trips(codec):
                       MemberRef(2)),
         ProfileMember("backend_selector", 2, Action.of("forward", port=3, dst_mac=0xAABB)),
         ProfileGroup("backend_selector", 4, ((2, 3), (1, 1)), max_size=8),
-        MeterConfig("tenant_meter", 63, cir=1000, cburst=100, pir=2000, pburst=200),
+        MeterConfig("tenant_meter", 4095, cir=1000, cburst=100, pir=2000, pburst=200),
     ]
     for entity in entities:
         canonical = codec.normalize(entity)
@@ -120,7 +120,7 @@ def test_canonical_form_of_matches(codec):
     (ProfileGroup("backend_selector", 1, ((1, 1), (1, 2))), "lists a member twice"),
     (ProfileGroup("backend_selector", 1, ((1, 0),)), "weight must be >= 1"),
     (ProfileMember("backend_selector", 0, Action.of("drop")), "member_id must be"),
-    (MeterConfig("tenant_meter", 64, 1, 1, 1, 1), "index 64 not in 0..63"),
+    (MeterConfig("tenant_meter", 4096, 1, 1, 1, 1), "index 4096 not in 0..4095"),
     (MeterConfig("tenant_meter", 1, 10, 1, 5, 1), "pir 5 < cir 10"),
 ])
 def test_bad_entities_are_named(codec, entity, message):

@@ -59,8 +59,8 @@ control MiniVerify(inout headers_t hdr, inout meta_t meta) {
 
 control MiniIngress(inout headers_t hdr, inout meta_t meta,
                     inout standard_metadata_t standard_metadata) {
-    counter(64, CounterType.packets_and_bytes) tenant_packets;
-    meter(64, MeterType.bytes) tenant_meter;
+    counter(4096, CounterType.packets_and_bytes) tenant_packets;
+    meter(4096, MeterType.bytes) tenant_meter;
     direct_counter(CounterType.packets_and_bytes) route_counter;
     action_selector(HashAlgorithm.crc16, 1024, 16) backend_selector;
 
@@ -90,7 +90,7 @@ control MiniIngress(inout headers_t hdr, inout meta_t meta,
     table classify {
         key = { hdr.ipv4.src_addr: lpm; }
         actions = { set_tenant; drop; }
-        size = 1024;
+        size = 4096;
         default_action = drop();
     }
 
@@ -101,7 +101,7 @@ control MiniIngress(inout headers_t hdr, inout meta_t meta,
             hdr.ipv4.protocol: optional;
         }
         actions = { set_dscp; NoAction; }
-        size = 1024;
+        size = 4096;
         default_action = NoAction();
     }
 
