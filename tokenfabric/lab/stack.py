@@ -240,8 +240,9 @@ class Stack:
             backends = self.get("/backends")
         except (httpx.HTTPError, ValueError) as exc:
             return False, f"controller API: {exc}"
-        waiting = [f"switch {s['name']} ({s.get('status')})" for s in switches
-                   if not switch_programmed(s)]
+        waiting = [f"switch {s['name']} ({s.get('status')}"
+                   + (f"; {err}" if (err := (s.get("details") or {}).get("last_error")) else "")
+                   + ")" for s in switches if not switch_programmed(s)]
         waiting += [f"backend {b['name']}" for b in backends
                     if not b.get("healthy") or not (b.get("load") or {}).get("reports")]
         return not waiting, ", ".join(waiting)
