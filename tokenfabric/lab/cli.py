@@ -19,6 +19,29 @@ NO_DELAY = ("Links get bandwidth only (HTB): the kernel here has no netem, so th
             "link delay, jitter or loss.")
 
 
+def select_runs(runs: list, loads: str | None, modes: str | None) -> list:
+    """The experiment's runs restricted to (or, for loads, re-swept at) the given values."""
+    from tokenfabric.lab.experiments import MODES, Run
+
+    chosen_modes = list(dict.fromkeys(r.mode for r in runs))
+    if modes:
+        chosen_modes = [m.strip() for m in modes.split(",") if m.strip()]
+        unknown = sorted(set(chosen_modes) - set(MODES))
+        if unknown:
+            raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(MODES)}")
+    chosen_loads = list(dict.fromkeys(r.load for r in runs))
+    if loads:
+        try:
+            chosen_loads = [float(x) for x in loads.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--loads: {loads!r} is not a list of numbers") from None
+        if not chosen_loads or any(not 0 < x <= 10 for x in chosen_loads):
+            raise ValueError("--loads: each load must be in (0, 10]")
+    events = runs[0].events if runs else ()
+    return [Run(m, x, events) for m in chosen_modes for x in chosen_loads]
+
+
 def _require(need_mininet: bool = True, what: str = "the lab") -> None:
     missing = prereqs.missing_pieces(need_mininet)
     if missing:
@@ -46,15 +69,23 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
               "vllm-router (4a); overload (4b); failover (4c); reload (4d); realvllm (4e).")
 @click.option("--duration", type=click.FloatRange(min=1), default=None,
               help="Seconds of load per run (default: the experiment's).")
+@click.option("--loads", default=None, help="Comma-separated offered loads (fractions of "
+              "capacity) instead of the experiment's, e.g. 0.5,0.85.")
+@click.option("--modes", default=None, help="Comma-separated modes instead of the "
+              "experiment's (ecmp, weights, p2c, l7-router).")
 @click.option("--out", "out_root", type=click.Path(file_okay=False), default="results",
               show_default=True, help="Folder the results folder is made in.")
 @_bw
 @click.option("--pcap", is_flag=True, help="Write a pcap per switch port.")
-def run_command(topo: str, name: str, duration: float | None, out_root: str, bw_mbps: float,
-                pcap: bool) -> None:
+def run_command(topo: str, name: str, duration: float | None, loads: str | None,
+                modes: str | None, out_root: str, bw_mbps: float, pcap: bool) -> None:
     """Build the fabric, start controller, emulators and agents, run the load, write a
     results folder (JSON lines, PNG plots, summary.md) and tear everything down."""
     exp = experiment(name, duration)
+    try:
+        exp.runs = select_runs(exp.runs, loads, modes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     _require(what=f"experiment {name}")
     if exp.needs_vllm:
         from tokenfabric.doctor import VLLM_VENV

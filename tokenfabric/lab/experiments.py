@@ -35,6 +35,9 @@ def capacity_rps(speeds: list[float], lengths: LengthDist = LAB_LENGTHS) -> floa
     return sum(speeds) * EMULATOR_MAX_NUM_SEQS / mean_service_seconds(lengths)
 
 
+MODES = ("ecmp", "weights", "p2c", "l7-router")
+
+
 @dataclass(frozen=True)
 class LabTenant:
     name: str
@@ -90,8 +93,8 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
         loads = (0.5, 0.7, 0.85, 1.0)
         exp = Experiment("modes", "routing modes on heterogeneous backends (1, 1, 0.5, 0.5)",
                          HETERO, [STANDARD],
-                         [Run(m, f) for m in ("ecmp", "weights", "p2c", "l7-router")
-                          for f in loads], 30.0, needs_router=True)
+                         [Run(m, f) for m in MODES for f in loads], 30.0,
+                         needs_router=True)
     elif name == "overload":
         premium = LabTenant("gold", "premium", 1.0, 500, 60)
         # Best-effort offers 1.5x capacity on its own; its contract admits far less.

@@ -80,8 +80,9 @@ def _no_interrupts() -> Iterator[None]:
 
 
 def lab_plan(exp: Experiment, topo: str) -> LabPlan:
+    router = exp.needs_router or any(r.mode == "l7-router" for r in exp.runs)
     return build_plan(topo, [TenantPlan(t.name, t.traffic_class) for t in exp.tenants],
-                      exp.speeds, with_router=exp.needs_router)
+                      exp.speeds, with_router=router)
 
 
 def workloads(exp: Experiment, run: Run, lab: LabPlan, seed: int = 1,

@@ -49,3 +49,25 @@ def test_report_summarizes_a_jsonl_file(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| all | 5 | 5 |" in done.stdout
     assert (tmp_path / "timeline.png").exists() and (tmp_path / "summary.md").exists()
+
+
+def test_select_runs_restricts_modes_and_resweeps_loads():
+    from tokenfabric.lab.cli import select_runs
+    from tokenfabric.lab.experiments import experiment
+
+    runs = select_runs(experiment("modes").runs, "0.5,0.85", "p2c,l7-router")
+    assert [(r.mode, r.load) for r in runs] == [("p2c", 0.5), ("p2c", 0.85),
+                                                ("l7-router", 0.5), ("l7-router", 0.85)]
+    failover = experiment("failover").runs
+    assert select_runs(failover, "0.3", None)[0].events == failover[0].events
+    for loads, modes in (("x", None), ("0", None), (None, "magic")):
+        try:
+            select_runs(failover, loads, modes)
+        except ValueError:
+            continue
+        raise AssertionError(f"accepted {loads} {modes}")
+
+
+def test_bad_loads_are_a_usage_error():
+    done = _lab(["run", "--loads", "fast"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
