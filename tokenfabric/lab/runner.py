@@ -23,17 +23,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tokenfabric.lab import log, results
-from tokenfabric.lab.experiments import Event, Experiment, Run
+from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS, Event, Experiment, Run
 from tokenfabric.lab.loadgen import TenantSpec, Workload, plan
 from tokenfabric.lab.plan import LabPlan, TenantPlan, build_plan
+from tokenfabric.lab.stack import ECMP_CAPACITY
 
-# Lab modes -> the service's selection mode in the switch (docs/lab.md).
-SWITCH_MODE = {"weights": "hash", "p2c": "p2c"}
-# Modes this checkout cannot run yet, and why (reported, the other runs go on).
-BLOCKED_MODES = {
-    "ecmp": "the controller has no way to hold a hash service at equal weights: its router "
-            "always sets weights from the agents' reports (controller/routing.py)",
-}
+# Lab modes -> the service's selection mode in the switch (docs/lab.md). ECMP is the
+# weighted hash with agents that declare a capacity no load reaches (equal weights).
+SWITCH_MODE = {"ecmp": "hash", "weights": "hash", "p2c": "p2c", "l7-router": "p2c"}
+# Modes this checkout cannot run, and why (reported, the other runs go on).
+BLOCKED_MODES: dict[str, str] = {}
 
 
 class Blocked(RuntimeError):
@@ -187,13 +186,14 @@ class LabRunner:
             raise Blocked(BLOCKED_MODES[run.mode])
         folder = self.folder / "runs" / f"{run.mode}-{run.load:g}"
         folder.mkdir(parents=True, exist_ok=True)
-        url = None
-        if run.mode == "l7-router":
-            url = self.router_url
-        elif run.mode in SWITCH_MODE:
-            self.stack.set_mode("llm", SWITCH_MODE[run.mode])
-        else:
+        if run.mode not in SWITCH_MODE:
             raise Blocked(f"unknown mode {run.mode}")
+        url = self.router_url if run.mode == "l7-router" else None
+        capacity = ECMP_CAPACITY if run.mode == "ecmp" else EMULATOR_MAX_NUM_SEQS
+        if self.stack.set_capacity(capacity):
+            with self.console.status(f"agents re-registering with capacity {capacity}"):
+                self.stack.wait_ready(self.ready_timeout)
+        self.stack.set_mode("llm", SWITCH_MODE[run.mode])
         loads = workloads(self.exp, run, self.plan, url=url)
         planned = {h: len(plan(w)) for h, w in loads.items()}
         procs, outputs = [], []

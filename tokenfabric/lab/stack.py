@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import yaml
@@ -26,9 +26,11 @@ from tokenfabric.lab.experiments import (
     EMULATOR_PREFILL_MS_PER_TOKEN,
     Experiment,
 )
-from tokenfabric.lab.network import LabNetwork
 from tokenfabric.lab.plan import EMULATOR_PORT, LabHost, LabPlan
 from tokenfabric.tools import find_tool
+
+if TYPE_CHECKING:
+    from tokenfabric.lab.network import LabNetwork
 
 API = "/api/v1"
 CLI = [sys.executable, "-m", "tokenfabric.cli"]
@@ -85,13 +87,20 @@ def policy_dict(exp: Experiment, plan: LabPlan, generation: int = 0) -> dict[str
     return {"version": 1, "contracts": contracts, "tenants": tenants}
 
 
+# The capacity agents declare for the ECMP baseline: so large that no backend ever
+# looks loaded, every headroom stays 100 and the controller keeps the hash weights
+# equal (controller/routing.py: weight = capacity x headroom).
+ECMP_CAPACITY = 65535
+
+
 def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
-                 overflow: bool = False) -> dict[str, Any]:
+                 overflow: bool = False,
+                 capacity: int = EMULATOR_MAX_NUM_SEQS) -> dict[str, Any]:
     """The `agent:` section for the agent on `host` (docs/agent.md)."""
     cfg: dict[str, Any] = {
         "name": host.name, "host": host.name, "address": host.ip, "mac": host.mac,
         "switch": host.switch, "port": host.port, "vip": plan.vip, "vip_port": plan.vip_port,
-        "models": [plan.model], "capacity": EMULATOR_MAX_NUM_SEQS,
+        "models": [plan.model], "capacity": capacity,
         "vllm_url": f"http://127.0.0.1:{EMULATOR_PORT}",
         "controller_url": f"http://{host.mgmt_gw}:{controller_port}", "token": token,
         "host_setup": True,
@@ -121,6 +130,7 @@ class Stack:
         self.backend_procs: dict[str, list[subprocess.Popen]] = {}
         self.router: subprocess.Popen | None = None
         self.generation = 0
+        self.capacity = EMULATOR_MAX_NUM_SEQS
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}{API}", timeout=5.0,
                                  headers={"Authorization": f"Bearer {self.admin_token}"})
 
@@ -200,10 +210,21 @@ class Stack:
         return f"http://{host.ip}:{self.plan.vip_port}"
 
     def _start_agent(self, host: LabHost, overflow: bool = False) -> subprocess.Popen:
-        path = self._write(f"agent-{host.name}.yaml",
-                           agent_config(self.plan, host, self.port, self.agent_token, overflow))
+        path = self._write(f"agent-{host.name}.yaml", agent_config(
+            self.plan, host, self.port, self.agent_token, overflow, self.capacity))
         return self.net.popen(host.name, [*CLI, "agent", "run", "--config", str(path)],
-                              f"agent-{host.name}")
+                              f"agent-{host.name}-{self.capacity}")
+
+    def set_capacity(self, capacity: int) -> bool:
+        """Restart the backends' agents declaring `capacity`; False when nothing changes."""
+        if capacity == self.capacity:
+            return False
+        self.capacity = capacity
+        for host in self.plan.by_role("backend"):
+            procs = self.backend_procs[host.name]
+            self.net.stop_process(procs[-1])  # the agent deregisters on SIGTERM
+            procs[-1] = self._start_agent(host)
+        return True
 
     def kill_backend(self, name: str) -> float:
         """SIGKILL a backend's emulator and agent (a crash); returns the wall-clock time."""
@@ -245,6 +266,9 @@ class Stack:
                    + ")" for s in switches if not switch_programmed(s)]
         waiting += [f"backend {b['name']}" for b in backends
                     if not b.get("healthy") or not (b.get("load") or {}).get("reports")]
+        registered = {b["name"] for b in backends}
+        waiting += [f"backend {h.name} (not registered)" for h in self.plan.by_role("backend")
+                    if h.name not in registered]
         return not waiting, ", ".join(waiting)
 
     def wait_ready(self, timeout: float, on_wait: Callable[[str], None] | None = None) -> None:

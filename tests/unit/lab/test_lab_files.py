@@ -80,3 +80,37 @@ def test_a_reloaded_policy_differs_and_still_validates():
     assert first != second and first["tenants"] == second["tenants"]
     model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
     schema.parse_policy(yaml.safe_dump(second), model=model)
+
+
+def test_ecmp_capacity_keeps_the_controller_weights_equal_under_any_lab_load():
+    routing = pytest.importorskip("controller.routing")
+    model_mod = pytest.importorskip("controller.model")
+    from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS
+    from tokenfabric.lab.stack import ECMP_CAPACITY
+
+    model = model_mod.Model()
+    loads = {"b1": (0, 0), "b2": (EMULATOR_MAX_NUM_SEQS, 40), "b3": (2, 5)}
+    for i, (name, (running, waiting)) in enumerate(loads.items(), start=1):
+        b = model_mod.Backend(name, i, name, f"10.0.0.{i}", f"02:00:00:00:00:0{i}", "s1", i,
+                              capacity=ECMP_CAPACITY)
+        b.weight = routing.headroom(b, running, waiting, kv_cache_usage=0.01)
+        model.backends[name] = b
+    weights = routing.group_weights(model, list(loads))
+    assert len(set(weights.values())) == 1
+    # ...while with the true capacity the loaded backend loses weight ("weights" mode)
+    for name, (running, waiting) in loads.items():
+        model.backends[name].capacity = EMULATOR_MAX_NUM_SEQS
+        model.backends[name].weight = routing.headroom(model.backends[name], running, waiting,
+                                                       0.01)
+    weights = routing.group_weights(model, list(loads))
+    assert weights["b2"] < weights["b1"]
+
+
+def test_ecmp_agent_config_validates():
+    config = pytest.importorskip("hostagent.config")
+    from tokenfabric.lab.stack import ECMP_CAPACITY
+
+    _, plan = _plan("modes")
+    host = plan.by_role("backend")[0]
+    section = agent_config(plan, host, 8080, "t" * 32, capacity=ECMP_CAPACITY)["agent"]
+    assert config.validate({**config.DEFAULTS, **section}).capacity == ECMP_CAPACITY
