@@ -88,6 +88,14 @@ def test_run_config_section_is_checked(files):
     assert r.exit_code == exitcodes.INVALID_INPUT and "unknown key(s): fabrik" in r.output
 
 
+@pytest.mark.parametrize("key,value", [("REPORT_TIMEOUT_S", "0"), ("REPORT_TIMEOUT_S", "soon"),
+                                       ("ELECTION_ID", "-3")])
+def test_run_refuses_bad_settings_from_the_environment(files, monkeypatch, key, value):
+    monkeypatch.setenv(f"TOKENFABRIC_CONTROLLER__{key}", value)
+    r = run("controller", "run", "--fabric", str(files / "fabric.yaml"))
+    assert r.exit_code == exitcodes.INVALID_INPUT and "report_timeout_s" in r.output
+
+
 def test_run_without_tokens_only_on_loopback(files):
     r = run("controller", "run", "--fabric", str(files / "fabric.yaml"),
             "--listen", "0.0.0.0:8080", "--ledger", str(files / "l.db"))
