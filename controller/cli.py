@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import sqlite3
 import sys
 from typing import Any
 
@@ -97,6 +98,9 @@ def run_command(config_path: str | None, **flags: Any) -> None:
         _fail(f"tokenfabric controller run: {exc}", exitcodes.INVALID_INPUT)
     except ValueError as exc:  # SpecError, TokenFileError: already file:line messages
         _fail(f"tokenfabric controller run: invalid input:\n{exc}", exitcodes.INVALID_INPUT)
+    except (sqlite3.Error, OSError) as exc:
+        _fail(f"tokenfabric controller run: cannot open the ledger {cfg['ledger']}: {exc}",
+              exitcodes.FAILED)
     if not ctl.tokens.enabled and not _is_loopback(host):
         _fail(f"tokenfabric controller run: refusing to listen on {host} without --tokens "
               "(auth is off without a token file; only loopback is allowed then)",

@@ -82,6 +82,13 @@ def test_run_refuses_bad_input_files(files, which, content, fragment):
     assert fragment in r.output
 
 
+def test_run_ledger_that_cannot_be_opened(files):
+    (files / "dir.db").mkdir()
+    r = run("controller", "run", "--fabric", str(files / "fabric.yaml"),
+            "--ledger", str(files / "dir.db"))
+    assert r.exit_code == exitcodes.FAILED and "cannot open the ledger" in r.output
+
+
 def test_run_config_section_is_checked(files):
     (files / "cfg.yaml").write_text("controller: {fabrik: x}\n")
     r = run("controller", "run", "--config", str(files / "cfg.yaml"))
