@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import sqlite3
 import sys
 from typing import Any
 
@@ -79,16 +80,27 @@ def run_command(config_path: str | None, **flags: Any) -> None:
         _fail("tokenfabric controller run: --fabric is required (or controller.fabric in "
               "the config file)", exitcodes.USAGE)
     host, port = parse_listen(cfg["listen"])
+    try:
+        timeout = float(cfg["report_timeout_s"])
+        election_id = int(cfg["election_id"])
+    except (TypeError, ValueError):
+        timeout = election_id = 0
+    if not 0 < timeout <= 3600 or not 0 < election_id < 2**64:
+        _fail("tokenfabric controller run: report_timeout_s must be in (0, 3600] seconds and "
+              "election_id in 1..2^64-1", exitcodes.INVALID_INPUT)
     from controller.app import build_controller, serve  # the FastAPI stack loads only here
 
     try:
         ctl = build_controller(fabric=cfg["fabric"], policy=cfg["policy"], tokens=cfg["tokens"],
-                               ledger=cfg["ledger"], election_id=int(cfg["election_id"]),
-                               report_timeout_s=float(cfg["report_timeout_s"]))
+                               ledger=cfg["ledger"], election_id=election_id,
+                               report_timeout_s=timeout)
     except FileNotFoundError as exc:
         _fail(f"tokenfabric controller run: {exc}", exitcodes.INVALID_INPUT)
     except ValueError as exc:  # SpecError, TokenFileError: already file:line messages
         _fail(f"tokenfabric controller run: invalid input:\n{exc}", exitcodes.INVALID_INPUT)
+    except (sqlite3.Error, OSError) as exc:
+        _fail(f"tokenfabric controller run: cannot open the ledger {cfg['ledger']}: {exc}",
+              exitcodes.FAILED)
     if not ctl.tokens.enabled and not _is_loopback(host):
         _fail(f"tokenfabric controller run: refusing to listen on {host} without --tokens "
               "(auth is off without a token file; only loopback is allowed then)",

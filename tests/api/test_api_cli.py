@@ -82,10 +82,25 @@ def test_run_refuses_bad_input_files(files, which, content, fragment):
     assert fragment in r.output
 
 
+def test_run_ledger_that_cannot_be_opened(files):
+    (files / "dir.db").mkdir()
+    r = run("controller", "run", "--fabric", str(files / "fabric.yaml"),
+            "--ledger", str(files / "dir.db"))
+    assert r.exit_code == exitcodes.FAILED and "cannot open the ledger" in r.output
+
+
 def test_run_config_section_is_checked(files):
     (files / "cfg.yaml").write_text("controller: {fabrik: x}\n")
     r = run("controller", "run", "--config", str(files / "cfg.yaml"))
     assert r.exit_code == exitcodes.INVALID_INPUT and "unknown key(s): fabrik" in r.output
+
+
+@pytest.mark.parametrize("key,value", [("REPORT_TIMEOUT_S", "0"), ("REPORT_TIMEOUT_S", "soon"),
+                                       ("ELECTION_ID", "-3")])
+def test_run_refuses_bad_settings_from_the_environment(files, monkeypatch, key, value):
+    monkeypatch.setenv(f"TOKENFABRIC_CONTROLLER__{key}", value)
+    r = run("controller", "run", "--fabric", str(files / "fabric.yaml"))
+    assert r.exit_code == exitcodes.INVALID_INPUT and "report_timeout_s" in r.output
 
 
 def test_run_without_tokens_only_on_loopback(files):
