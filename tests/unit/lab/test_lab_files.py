@@ -114,3 +114,16 @@ def test_ecmp_agent_config_validates():
     host = plan.by_role("backend")[0]
     section = agent_config(plan, host, 8080, "t" * 32, capacity=ECMP_CAPACITY)["agent"]
     assert config.validate({**config.DEFAULTS, **section}).capacity == ECMP_CAPACITY
+
+
+@pytest.mark.vllm
+def test_the_tiny_model_for_the_real_vllm_is_made_locally(tmp_path, monkeypatch):
+    from tokenfabric.lab import stack
+
+    monkeypatch.delenv(stack.TINY_MODEL_ENV, raising=False)
+    if not stack.TINY_MODEL_MAKER.is_file():
+        pytest.skip(f"no {stack.TINY_MODEL_MAKER} in this checkout")
+    folder = stack.make_tiny_model(tmp_path / "tiny")
+    assert (folder / "config.json").is_file()
+    monkeypatch.setenv(stack.TINY_MODEL_ENV, str(folder))
+    assert stack.make_tiny_model(tmp_path / "other") == folder  # the environment wins
