@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -40,9 +41,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SCHEDULING = {"policy": "default"}
+
+
 def pin(cpu: int) -> None:
+    """Pin this process to one core and, where allowed (root), schedule it first-in
+    first-out above the machine's other work (other builds share these two cores), so
+    that the percentiles measure the bridge, not which compiler the kernel let run first.
+    Every benchmark process is bounded in time; the kernel's RT throttling stays on."""
     if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > cpu:
         os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+        SCHEDULING["policy"] = "SCHED_FIFO"
+    except (OSError, AttributeError):
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, 0, -10)
+            SCHEDULING["policy"] = "nice -10"
 
 
 def event_loop_policy() -> None:
@@ -93,7 +108,7 @@ def run_upstream(port: int) -> None:
 
 
 def run_bridge(port: int, upstream_port: int) -> None:
-    pin(0)
+    pin(int(os.environ.get("BENCH_BRIDGE_CPU", "0")))
     event_loop_policy()
     from hostagent.bridge import Bridge, BridgeSettings
 
@@ -121,11 +136,11 @@ async def one_request(port: int, payload: bytes) -> tuple[float, int]:
     writer.write(payload)
     first = await reader.read(65536)
     ttfb = time.perf_counter() - started
-    events = first.count(b"\n\n")
+    parts = [first]
     while data := await reader.read(262144):
-        events += data.count(b"\n\n")
+        parts.append(data)
     writer.close()
-    return ttfb, events
+    return ttfb, b"".join(parts).count(b"\n\n")  # joined: an event may span two reads
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -147,6 +162,7 @@ async def latency(direct: int, bridged: int, requests: int) -> dict:
     out = {}
     for name, values in samples.items():
         out[name] = {"p50_ms": percentile(values, 0.5) * 1e3,
+                     "p90_ms": percentile(values, 0.9) * 1e3,
                      "p99_ms": percentile(values, 0.99) * 1e3,
                      "mean_ms": statistics.fmean(values) * 1e3}
     return out
@@ -206,12 +222,12 @@ def main() -> int:
         loop_name = "asyncio"
     added50 = lat["bridge"]["p50_ms"] - lat["direct"]["p50_ms"]
     added99 = lat["bridge"]["p99_ms"] - lat["direct"]["p99_ms"]
-    print(f"bridge benchmark ({loop_name}; {args.requests} sequential requests; "
+    print(f"bridge benchmark ({loop_name}, {SCHEDULING['policy']}; "
+          f"{args.requests} sequential requests; "
           f"{args.streams} streams x {args.chunks} chunks)")
-    print(f"  TTFB direct : p50 {lat['direct']['p50_ms']:.3f} ms  "
-          f"p99 {lat['direct']['p99_ms']:.3f} ms")
-    print(f"  TTFB bridge : p50 {lat['bridge']['p50_ms']:.3f} ms  "
-          f"p99 {lat['bridge']['p99_ms']:.3f} ms")
+    for name in ("direct", "bridge"):
+        print(f"  TTFB {name:7}: p50 {lat[name]['p50_ms']:.3f} ms  "
+              f"p90 {lat[name]['p90_ms']:.3f} ms  p99 {lat[name]['p99_ms']:.3f} ms")
     print(f"  added       : p50 {added50:.3f} ms (target <= 0.5)  "
           f"p99 {added99:.3f} ms (target <= 2)")
     print(f"  ratio bridge/direct p50 {lat['bridge']['p50_ms'] / lat['direct']['p50_ms']:.2f}x "

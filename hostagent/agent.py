@@ -50,6 +50,7 @@ class Agent:
         self.bridge = Bridge(BridgeSettings(
             upstream_host=_url_host(config.vllm_url), upstream_port=_url_port(config.vllm_url),
             mode=config.mode, upstream_timeout=config.upstream_timeout,
+            request_timeout=config.request_timeout,
             trust_tenant_header=config.trust_tenant_header,
             overflow_request_tokens=config.overflow_request_tokens),
             self.tenants, on_finish=self._on_request_finished)
@@ -104,10 +105,14 @@ class Agent:
             waiter.cancel()
         finally:
             log.info("agent stopping")
+            # Tell the switch first (DRAINING: no new connections here), then let the
+            # requests in flight finish while the beacons keep flowing.
+            self.draining = True
+            self._send_load()
+            await self.bridge.stop(grace=cfg.shutdown_grace)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.bridge.stop()
             await self._deregister()
             if self.session:
                 await self.session.close()

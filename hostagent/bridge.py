@@ -38,9 +38,10 @@ MAX_HEAD = 64 * 1024
 MAX_BODY = 16 * 1024 * 1024
 MAX_KEPT_RESPONSE = 8 * 1024 * 1024   # non-streaming bodies kept to read `usage` from
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
-              "transfer-encoding", "content-length", TENANT_HEADER}
+              "transfer-encoding", "content-length", "expect", TENANT_HEADER}
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-_REASONS = {400: "Bad Request", 404: "Not Found", 411: "Length Required",
+_REASONS = {400: "Bad Request", 404: "Not Found", 408: "Request Timeout",
+            411: "Length Required",
             413: "Payload Too Large", 429: "Too Many Requests", 431: "Header Too Large",
             502: "Bad Gateway", 504: "Gateway Timeout"}
 
@@ -64,6 +65,7 @@ class BridgeSettings:
     connect_timeout: float = 5.0
     trust_tenant_header: bool = False
     overflow_request_tokens: int = 512
+    request_timeout: float = 30.0       # a client must send its whole request within this
 
 
 def error_body(status: int, message: str, kind: str) -> bytes:
@@ -132,7 +134,8 @@ async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
         body += (await reader.readexactly(size + 2))[:-2]
 
 
-async def read_request(reader: asyncio.StreamReader) -> _Request:
+async def read_request(reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter | None = None) -> _Request:
     start, headers = _parse_head(await _read_head(reader))
     parts = start.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -140,6 +143,12 @@ async def read_request(reader: asyncio.StreamReader) -> _Request:
     request = _Request(parts[0], parts[1], headers, b"")
     encoding = (request.header("transfer-encoding") or "").lower()
     length = request.header("content-length")
+    if writer is not None and (request.header("expect") or "").lower() == "100-continue":
+        # curl asks this for bodies over 1 KiB and would wait a second for the answer.
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            raise HttpError(413, f"request body larger than {MAX_BODY} bytes",
+                            "invalid_request_error")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     if "chunked" in encoding:
         request.body = await _read_chunked(reader, MAX_BODY)
     elif length is not None:
@@ -177,12 +186,14 @@ class _Counter:
                     if isinstance(usage, dict):
                         self.usage = usage
                         continue
-            if _has_content(body):
+            if _is_token_chunk(body):
                 self.chunks += 1
 
 
-def _has_content(body: bytes) -> bool:
-    """A chunk that carries generated text (not the role-only or the usage-only chunk)."""
+def _is_token_chunk(body: bytes) -> bool:
+    """A chunk that carries a generated token: vLLM sends one per token, with empty text
+    while a multi-byte character is incomplete. Not the chat stream's opening chunk (the
+    assistant role) nor a usage-only chunk (no choices)."""
     try:
         choices = json.loads(body).get("choices") or []
     except (ValueError, AttributeError):
@@ -190,7 +201,8 @@ def _has_content(body: bytes) -> bool:
     for choice in choices:
         if not isinstance(choice, dict):
             continue
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+        delta = choice.get("delta")
+        if "text" in choice or (isinstance(delta, dict) and "role" not in delta):
             return True
     return False
 
@@ -236,9 +248,15 @@ class Bridge:
         assert self.server is not None
         return self.server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting; give the requests in flight up to `grace` seconds to finish."""
         if self.server:
             self.server.close()
+            deadline = asyncio.get_running_loop().time() + grace
+            while self.in_flight and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            if self.in_flight:
+                log.warning("bridge stopped with %d request(s) in flight", self.in_flight)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 
@@ -259,9 +277,15 @@ class Bridge:
         self.in_flight += 1
         try:
             try:
-                request = await read_request(reader)
+                async with asyncio.timeout(self.settings.request_timeout):
+                    request = await read_request(reader, writer)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return  # the client left before sending a whole request
+            except TimeoutError:
+                self._send_error(writer, HttpError(
+                    408, f"no complete request within {self.settings.request_timeout:g} s",
+                    "invalid_request_error"))
+                return
             except HttpError as exc:
                 self._send_error(writer, exc)
                 return
@@ -370,6 +394,8 @@ class Bridge:
         values = dict(headers)
         chunked = "chunked" in values.get("transfer-encoding", "").lower()
         length = values.get("content-length")
+        if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            chunked, length = False, "0"  # no body follows such a head
         is_sse = values.get("content-type", "").startswith("text/event-stream")
         out = [(k, v) for k, v in headers if k not in ("connection", "keep-alive")]
         out.append(("connection", "close"))

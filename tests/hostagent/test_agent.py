@@ -128,6 +128,23 @@ def test_agent_registers_beacons_reports_and_deregisters(agent_process, controll
     wait_for(lambda: (w := loads(beacon_trap.collect(0.2))) and not any(
         b.flags & BeaconFlags.DOWN for b in w), 5, "beacons without DOWN")
 
+    # The controller's report answer: new tenants and drain this backend.
+    controller_stub.report_answer = {"draining": True, "tenants": [
+        {"tenant_id": 13, "name": "silver", "prefixes": ["127.0.0.4/32"], "tokens_per_s": 50}]}
+    wait_for(lambda: [b for b in loads(beacon_trap.collect(0.1))
+                      if b.flags & BeaconFlags.DRAINING], 5, "a DRAINING beacon")
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.4"),
+                      timeout=10) as client:
+        client.post(f"http://127.0.0.1:{port}/v1/completions",
+                    json={"model": "tiny", "prompt": "silver", "max_tokens": 2})
+    silver = wait_for(lambda: [m for _, p in beacon_trap.collect(0.2)
+                               if isinstance(m := beacon.unpack(p), UsageBeacon)],
+                      5, "silver's USAGE beacon")
+    assert (silver[0].tenant_id, silver[0].completion_tokens) == (13, 2)
+    controller_stub.report_answer = {"draining": False}
+    wait_for(lambda: (w := loads(beacon_trap.collect(0.2))) and not any(
+        b.flags & BeaconFlags.DRAINING for b in w), 5, "beacons without DRAINING")
+
     # The controller forgets the backend: the agent registers again.
     controller_stub.report_status = 404
     wait_for(lambda: len(controller_stub.of("POST", "/backends")) >= 2, 5, "re-registration")

@@ -282,3 +282,64 @@ async def test_tenant_header_only_when_trusted(emulator, trusted, expected):
     finally:
         await bridge.stop()
     assert recorder.finished[0][0] == expected
+
+
+async def test_expect_100_continue_is_answered_at_once(emulator):
+    bridge, _ = await start_bridge(emulator.port)
+    body = json.dumps({"model": "tiny", "prompt": "x " * 800, "max_tokens": 1}).encode()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                     b"content-length: %d\r\n\r\n" % len(body))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+        writer.write(body)
+        reply = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+    finally:
+        await bridge.stop()
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["usage"]["prompt_tokens"] == 800
+
+
+async def test_get_and_head_are_relayed(emulator):
+    bridge, recorder = await start_bridge(emulator.port, upstream_timeout=5)
+    try:
+        got = await raw(bridge.port, b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+        started = time.monotonic()
+        head = await raw(bridge.port, b"HEAD /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+        head_time = time.monotonic() - started
+    finally:
+        await bridge.stop()
+    assert json.loads(got.partition(b"\r\n\r\n")[2])["data"][0]["id"] == "tiny"
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+    assert head_time < 2  # no body awaited after the head of a HEAD answer
+    assert all(u["errors"] == 0 for _, u in recorder.finished)
+
+
+async def test_a_client_that_never_finishes_its_request_gets_408():
+    bridge, _ = await start_bridge(free_port(), request_timeout=0.3)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\ncontent-length: 100\r\n\r\n{")
+        reply = await asyncio.wait_for(reader.read(-1), 5)  # the bridge closes: no half-open
+        writer.close()
+    finally:
+        await bridge.stop()
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert bridge.in_flight == 0
+
+
+async def test_stop_lets_the_requests_in_flight_finish(emulator):
+    bridge, recorder = await start_bridge(emulator.port)
+    port = bridge.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post({"model": "tiny", "prompt": "x", "max_tokens": 300, "stream": True}))
+    await reader.readuntil(b"data: ")
+    await bridge.stop(grace=10)   # returns once the stream is over
+    rest = await asyncio.wait_for(reader.read(-1), 5)
+    writer.close()
+    assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the whole chunked body
+    assert recorder.finished[0][1]["errors"] == 0 and bridge.in_flight == 0
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)  # no longer accepting

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import time
@@ -153,9 +154,9 @@ def test_fault_slow_makes_requests_slower(emulator):
         return time.perf_counter() - started
 
     normal = min(duration() for _ in range(2))
-    emulator.fault("slow", 5)
+    emulator.fault("slow", 20)
     slowed = duration()
-    assert slowed > 3 * normal
+    assert slowed > 5 * normal  # 20x the step time, with room for a busy machine
 
 
 def test_fault_crash_ends_the_process(emulator):
@@ -179,3 +180,28 @@ def test_fault_flag_at_start(emulator_factory):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{started.url}/health", timeout=5)
     assert err.value.code == 503
+
+
+def test_full_kv_cache_shows_waiting_requests_and_preemptions(emulator_factory):
+    small = emulator_factory("--kv-cache-tokens", "160", "--decode-base-ms", "2",
+                             "--no-prefix-caching", "--model", "tiny")
+    api = openai.AsyncOpenAI(base_url=f"{small.url}/v1", api_key="unused", max_retries=0)
+    seen_waiting = []
+
+    async def scenario() -> None:
+        calls = [asyncio.ensure_future(api.completions.create(
+            model="tiny", prompt=" ".join(f"w{i}" for i in range(50)), max_tokens=60))
+            for _ in range(4)]
+        for _ in range(40):  # while they run, /metrics shows the queue
+            await asyncio.sleep(0.02)
+            parsed = families(await asyncio.to_thread(small.metrics))
+            seen_waiting.append(parsed["vllm:num_requests_waiting"].samples[0].value)
+        answers = await asyncio.gather(*calls)
+        assert all(a.usage.completion_tokens == 60 for a in answers)
+
+    asyncio.run(scenario())
+    parsed = families(small.metrics())
+    assert max(seen_waiting) >= 1
+    assert parsed["vllm:num_preemptions"].samples[0].value >= 1
+    queue = {s.name: s.value for s in parsed["vllm:request_queue_time_seconds"].samples}
+    assert queue["vllm:request_queue_time_seconds_sum"] > 0

@@ -63,9 +63,9 @@ def test_agent_run_serves_the_vip_and_undoes_the_setup_on_sigterm(tmp_path):
         "controller_url": "http://127.0.0.1:9", "beacon_target": "127.0.0.1:7420"}}
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(config))
-    probe = ("import socket,sys; s=socket.create_connection(('%s',8000),timeout=5); "
+    probe = (f"import socket,sys; s=socket.create_connection(('{VIP}',8000),timeout=5); "
              "s.sendall(b'GET /v1/models HTTP/1.1\\r\\nhost: x\\r\\n\\r\\n'); "
-             "sys.stdout.write(s.recv(4096).decode())" % VIP)
+             "sys.stdout.write(s.recv(4096).decode())")
     with sandbox(PREFIX) as box:
         ns = box.netns("ar")
         proc = box.popen([sys.executable, "-m", "tokenfabric.cli", "agent", "run", "--config",
