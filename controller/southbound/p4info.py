@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
+from google.protobuf.message import DecodeError
 from p4.config.v1 import p4info_pb2
 
-from controller.southbound.errors import TranslationError
+from controller.southbound.errors import PipelineError, TranslationError
 
 MatchType = p4info_pb2.MatchField.MatchType
 
@@ -190,10 +191,13 @@ def load_p4info(path: str | Path) -> p4info_pb2.P4Info:
     path = Path(path)
     data = path.read_bytes()
     p4info = p4info_pb2.P4Info()
-    if path.suffix in (".bin", ".pb") and not path.name.endswith(".pb.txt"):
-        p4info.ParseFromString(data)
-    else:
-        text_format.Parse(data.decode(), p4info, allow_unknown_field=True)
+    try:
+        if path.suffix in (".bin", ".pb"):
+            p4info.ParseFromString(data)
+        else:
+            text_format.Parse(data.decode(), p4info, allow_unknown_field=True)
+    except (text_format.ParseError, DecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not a P4Info: {exc}") from None
     return p4info
 
 

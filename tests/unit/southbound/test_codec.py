@@ -127,3 +127,12 @@ def test_bad_entities_are_named(codec, entity, message):
     with pytest.raises(TranslationError, match=message) as caught:
         codec.normalize(entity)
     assert "(in " in str(caught.value)  # the message names the offending entity
+
+
+def test_a_file_that_is_not_a_p4info_is_named(tmp_path):
+    from controller.southbound import PipelineError, load_p4info
+
+    bad = tmp_path / "broken.p4info.txtpb"
+    bad.write_text("tables { preamble { id: nope } }\n")
+    with pytest.raises(PipelineError, match="broken.p4info.txtpb: not a P4Info"):
+        load_p4info(bad)
