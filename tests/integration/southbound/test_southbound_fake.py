@@ -406,7 +406,7 @@ async def test_counters_direct_counters_and_meters(fake, pipeline):
         route = normalized(desired, pipeline).entities
         [entry] = [e for e in route.values() if isinstance(e, TableEntry)
                    and e.table == "MiniIngress.routes"]
-        assert direct[entry].packets == 3
+        assert direct[entry.key()].packets == 3
 
         meters = await switch.read_meters("tenant_meter")
         assert sorted(m.index for m in meters.entities.values()) == [1, 2, 3]
