@@ -6,6 +6,7 @@ no delay, jitter or loss; see docs/lab.md.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -107,6 +108,7 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
     from tokenfabric.lab.runner import Blocked, LabRunner
     from tokenfabric.lab.stack import StackError
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API poll otherwise
     console = Console(stderr=True)
     runner = LabRunner(exp, topo, Path(out_root), bw_mbps, pcap, console)
     try:
@@ -117,7 +119,7 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
     except (Blocked, StackError) as exc:
         console.print(f"[red]lab run failed:[/] {exc}\nresults and logs: {runner.folder}")
         raise SystemExit(exitcodes.FAILED) from None
-    Console().print(runner.table(outcomes))
+    Console(width=max(Console().width, 130)).print(runner.table(outcomes))
     click.echo(f"results: {runner.folder}")
     if runner.left:
         raise SystemExit(exitcodes.FAILED)
