@@ -45,6 +45,7 @@ class RunOutcome:
     folder: Path
     summaries: list[results.Summary]
     events: dict[str, float] = field(default_factory=dict)  # name -> seconds after load start
+    served: dict[str, float] = field(default_factory=dict)  # backend -> requests it finished
 
 
 @contextmanager
@@ -203,6 +204,7 @@ class LabRunner:
             outputs.append(out)
             procs.append(self.net.popen(host, [sys.executable, "-m", "tokenfabric.lab.loadgen",
                                               str(wl_path), str(out)], f"loadgen-{host}"))
+        served_before = self.stack.served_counts()
         started = time.time()
         events = self._schedule(run.events, started)
         total = sum(planned.values())
@@ -217,6 +219,9 @@ class LabRunner:
             bar.update(task, completed=sum(_count_lines(o) for o in outputs))
         for p in procs:
             self.net.stop_process(p)
+        served_after = self.stack.served_counts()
+        served = {name: served_after[name] - served_before.get(name, 0.0)
+                  for name in served_after}
         for timer in events.pop("_timers", []):
             timer.cancel()
         merged = folder / "requests.jsonl"
@@ -234,7 +239,10 @@ class LabRunner:
                                for s in {r["tenant"] for r in records}},
                               folder / "ttft_cdf.png", f"TTFT, {run.mode} at {run.load:.0%}")
         (folder / "events.json").write_text(json.dumps(marks))
+        (folder / "served.json").write_text(json.dumps(served))
         text = results.markdown_table(summaries, ["mode", "load"])
+        text += "\nserved per backend (its vLLM's request_success_total): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in sorted(served.items())) + "\n"
         for event in run.events:
             if event.kind == "kill_backend" and f"kill {event.target}" in marks:
                 stats = results.failover_stats(records, started + marks[f"kill {event.target}"],
@@ -242,7 +250,7 @@ class LabRunner:
                 marks.update({f"{k} ({event.target})": v for k, v in stats.items()})
                 text += "\n" + results.failover_markdown(event.target, stats)
         (folder / "summary.md").write_text(text)
-        return RunOutcome(run, folder, summaries, marks)
+        return RunOutcome(run, folder, summaries, marks, served)
 
     def _schedule(self, events: tuple[Event, ...], started: float) -> dict[str, Any]:
         """Fire each event on a timer; record when it happened (seconds after start)."""
@@ -277,6 +285,14 @@ class LabRunner:
                 "(HTB; no netem, so no link delay)\n"]
         if summaries:
             text.append(results.markdown_table(summaries, ["mode", "load"]))
+        if outcomes:
+            text.append("\nserved per backend (vllm:request_success_total):\n")
+            text.append("| mode | load | " + " | ".join(b.name for b in self.plan.by_role(
+                "backend")) + " |\n|" + "---|" * (2 + len(self.plan.by_role("backend"))))
+            for o in outcomes:
+                text.append(f"| {o.run.mode} | {o.run.load:g} | " + " | ".join(
+                    f"{o.served.get(b.name, 0):.0f}" for b in self.plan.by_role("backend"))
+                    + " |")
         for o in outcomes:
             if o.events:
                 text.append(f"\nevents of {o.run.mode}@{o.run.load:g}: " + ", ".join(

@@ -251,6 +251,24 @@ class Stack:
             self.net.stop_process(proc, kill=True)
         return at
 
+    def served_counts(self) -> dict[str, float]:
+        """Requests each backend's vLLM (or emulator) finished so far, from its /metrics
+        (`vllm:request_success_total`), read over the management network. This is how the
+        lab knows who served what while the bridge names no backend in its replies."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        counts: dict[str, float] = {}
+        for host in self.plan.by_role("backend"):
+            try:
+                text = httpx.get(f"http://{host.mgmt_ip}:{EMULATOR_PORT}/metrics",
+                                 timeout=2.0).text
+            except httpx.HTTPError:
+                continue  # a killed backend
+            counts[host.name] = sum(
+                sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples if sample.name == "vllm:request_success_total")
+        return counts
+
     # -- REST -----------------------------------------------------------------
     def get(self, path: str) -> Any:
         reply = self.http.get(path)

@@ -55,7 +55,9 @@ def test_quick_writes_results_and_leaves_nothing(tmp_path):
     assert len(ok) >= 0.9 * len(records)
     assert {r["tenant"] for r in records} == {"gold", "bulk"}
     assert all(r["ttft"] > 0 and r["output_tokens"] >= 1 for r in ok)
-    assert len({r["backend"] for r in ok}) == 2  # both backends served
+    served = json.loads((run / "served.json").read_text())  # from the emulators' metrics
+    assert set(served) == {"tflb1", "tflb2"} and all(v > 0 for v in served.values())
+    assert sum(served.values()) == len(ok)
     for png in ("timeline.png", "ttft_cdf.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     summary = (folder / "summary.md").read_text()
