@@ -181,5 +181,17 @@ def report_command(jsonl: str, out_dir: str | None, group_by: str) -> None:
     click.echo(text)
 
 
+@lab_group.command("summarize")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def summarize_command(folder: str) -> None:
+    """Rebuild the summaries and plots of a `lab run` results folder from its JSON lines."""
+    from rich.console import Console
+
+    from tokenfabric.lab.runner import LabRunner
+
+    runner, outcomes = LabRunner.resummarize(Path(folder))
+    Console(width=max(Console().width, 130)).print(runner.table(outcomes))
+
+
 if __name__ == "__main__":
     sys.exit(lab_group())

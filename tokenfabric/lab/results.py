@@ -143,6 +143,10 @@ def _cell(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _label(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else _cell(value)
+
+
 SUMMARY_COLUMNS = [
     ("requests", "requests", 0), ("ok", "ok", 0), ("ttft_p50_ms", "TTFT p50 ms", 1),
     ("ttft_p99_ms", "TTFT p99 ms", 1), ("tpot_p50_ms", "TPOT p50 ms", 1),
@@ -158,7 +162,7 @@ def markdown_table(summaries: Iterable[Summary], label_keys: Sequence[str] = ())
     header = [*label_keys, "group", *(title for _, title, _ in SUMMARY_COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
-        row = [_cell(s.labels.get(k)) for k in label_keys] + [s.group]
+        row = [_label(s.labels.get(k)) for k in label_keys] + [s.group]
         row += [_cell(getattr(s, name), digits) for name, _, digits in SUMMARY_COLUMNS]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -229,17 +229,26 @@ class LabRunner:
             for out in outputs:
                 if out.exists():
                     sink.write(out.read_text())
-        records = results.load_records(merged)
-        labels = {"mode": run.mode, "load": run.load}
-        summaries = results.summarize_by(records, "tenant", labels=labels)
         marks = {k: v for k, v in events.items() if isinstance(v, float)}
+        (folder / "events.json").write_text(json.dumps(marks))
+        (folder / "served.json").write_text(json.dumps(served))
+        (folder / "run.json").write_text(json.dumps({"started": started}))
+        return self.analyse(run, folder)
+
+    def analyse(self, run: Run, folder: Path) -> RunOutcome:
+        """Summary, plots and failover figures of one run folder (also after the fact)."""
+        records = results.load_records(folder / "requests.jsonl")
+        marks = json.loads((folder / "events.json").read_text())
+        served = json.loads((folder / "served.json").read_text())
+        started = json.loads((folder / "run.json").read_text())["started"]
+        labels = {"mode": run.mode, "load": run.load}
+        # goodput over the arrival window: a slow tail must not look like a lower rate
+        summaries = results.summarize_by(records, "tenant", self.exp.duration, labels)
         results.plot_timeline(records, folder / "timeline.png",
                               f"{run.mode} at {run.load:.0%} of capacity", marks)
         results.plot_ttft_cdf({s: [r for r in records if r["tenant"] == s]
                                for s in {r["tenant"] for r in records}},
                               folder / "ttft_cdf.png", f"TTFT, {run.mode} at {run.load:.0%}")
-        (folder / "events.json").write_text(json.dumps(marks))
-        (folder / "served.json").write_text(json.dumps(served))
         text = results.markdown_table(summaries, ["mode", "load"])
         text += "\nserved per backend (its vLLM's request_success_total): " + ", ".join(
             f"{k} {v:.0f}" for k, v in sorted(served.items())) + "\n"
@@ -311,6 +320,25 @@ class LabRunner:
         (self.folder / "summary.md").write_text("\n".join(text))
         (self.folder / "summary.json").write_text(json.dumps(
             [s.as_dict() for s in summaries], indent=2))
+
+    @classmethod
+    def resummarize(cls, folder: Path) -> tuple[LabRunner, list[RunOutcome]]:
+        """Rebuild every summary and plot of a results folder from its JSON lines."""
+        from tokenfabric.lab.experiments import experiment
+
+        meta = json.loads((folder / "experiment.json").read_text())
+        exp = experiment(meta["experiment"], meta["duration"])
+        exp.runs = [Run(r["mode"], r["load"], tuple(Event(**e) for e in r["events"]))
+                    for r in meta["runs"]]
+        runner = cls(exp, meta["topo"], folder.parent, meta.get("bw_mbps"))
+        runner.folder = folder
+        old = (folder / "summary.md").read_text() if (folder / "summary.md").exists() else ""
+        runner.left = [] if "teardown: clean" in old else ["(see the first summary)"]
+        outcomes = [runner.analyse(run, folder / "runs" / f"{run.mode}-{run.load:g}")
+                    for run in exp.runs
+                    if (folder / "runs" / f"{run.mode}-{run.load:g}" / "run.json").exists()]
+        runner._write_summary(outcomes)
+        return runner, outcomes
 
     def table(self, outcomes: list[RunOutcome]) -> Table:
         table = Table(title=f"{self.exp.name} on {self.topo}: {self.folder}")
