@@ -210,6 +210,12 @@ async def _stream(resp: aiohttp.ClientResponse, started: float,
         except ValueError:
             record["error"] = "bad_sse_json"
             continue
+        if isinstance(event, dict) and event.get("error"):
+            # an error event inside a 200 stream (e.g. the bridge: "vLLM failed mid-stream")
+            err = event["error"]
+            record["error"] = "stream_error: " + str(err.get("message") if isinstance(
+                err, dict) else err)[:200]
+            continue
         if _chunk_text(event):
             chunks += 1
             if first is None:

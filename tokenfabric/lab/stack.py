@@ -7,8 +7,10 @@ gRPC ports are), so teardown ends it by PID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -246,8 +248,12 @@ class Stack:
 
     def kill_backend(self, name: str) -> float:
         """SIGKILL a backend's emulator and agent (a crash); returns the wall-clock time."""
+        procs = self.backend_procs.get(name, [])
         at = time.time()
-        for proc in self.backend_procs.get(name, []):
+        for proc in procs:  # signal all first: the whole host dies at once
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in procs:
             self.net.stop_process(proc, kill=True)
         return at
 

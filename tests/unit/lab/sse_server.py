@@ -42,6 +42,11 @@ class TinySSE:
             if self.mode == "drop" and i == n // 2:
                 request.transport.close()
                 return resp
+            if self.mode == "error_event" and i == n // 2:
+                error = {"error": {"message": "vLLM failed mid-stream", "code": 502}}
+                await resp.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+                await resp.write_eof()
+                return resp
             chunk = {"choices": [{"index": 0, "text": f" t{i}"}]}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         usage = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n}}

@@ -32,7 +32,7 @@ def test_policy_validates_against_the_fabric(name, topo):
 def test_overload_contract_limits_best_effort_only():
     exp, plan = _plan("overload")
     contracts = policy_dict(exp, plan)["contracts"]
-    assert contracts["bulk-contract"]["tpm"] == 200 * 60
+    assert contracts["bulk-contract"]["tpm"] == 100 * 60
     assert contracts["gold-contract"]["tpm"] >= 60 * 1_000_000
 
 
@@ -53,7 +53,7 @@ def test_workloads_split_the_offered_load_by_tenant_weight():
     run = exp.runs[0]
     loads = workloads(exp, run, plan)
     rates = {w.tenants[0].name: w.rate for w in loads.values()}
-    assert rates["bulk"] == pytest.approx(3 * rates["gold"])
+    assert rates["bulk"] == pytest.approx(4 * rates["gold"])
     assert sum(rates.values()) == pytest.approx(run.load * exp.capacity())
     for host, w in loads.items():
         assert w.tenants[0].source_ip == plan.hosts[host].ip

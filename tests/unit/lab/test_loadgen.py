@@ -162,3 +162,12 @@ def test_main_refuses_a_bad_workload_file(tmp_path, capsys):
     wl.write_text(json.dumps({"url": "http://x", "rate": -1, "duration": 1}))
     assert loadgen.main([str(wl), str(tmp_path / "r.jsonl")]) == 4
     assert "bad workload" in capsys.readouterr().err
+
+
+async def test_an_error_event_inside_a_200_stream_is_a_failure():
+    # what the bridge sends when vLLM dies mid-stream: an error event, then [DONE]
+    server = TinySSE(mode="error_event")
+    records, _ = await _with_server(server, _load)
+    assert records and not any(r["ok"] for r in records)
+    assert all(r["status"] == 200 and r["done"] for r in records)
+    assert {r["error"] for r in records} == {"stream_error: vLLM failed mid-stream"}
