@@ -101,8 +101,11 @@ def policy_dict(exp: Experiment, plan: LabPlan, generation: int = 0) -> dict[str
     for t in exp.tenants:
         # tpm: tokens per minute; "unlimited" is a budget the lab never reaches.
         tpm = int((t.tokens_per_s or 1_000_000) * 60)
+        # burst: 2 s of refill for a limited tenant (the default, a minute's worth, would
+        # admit a minute of requests at once); the debit comes only when a request ends.
+        burst = int(t.tokens_per_s * 2) if t.tokens_per_s else tpm
         contracts[f"{t.name}-contract"] = {
-            "fiveqi": FIVEQI.get(t.traffic_class, 9), "tpm": tpm,
+            "fiveqi": FIVEQI.get(t.traffic_class, 9), "tpm": tpm, "burst": max(burst, 1),
             "slo": {"ttft_p99_ms": int(t.slo_ttft_ms) + generation,
                     "tpot_p99_ms": int(t.slo_tpot_ms)}}
         tenants.append({"name": t.name, "prefixes": [prefixes[t.name]],
