@@ -216,8 +216,13 @@ class Stack:
             str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--load-format", "dummy", "--served-model-name",
             self.plan.model, "--host", "0.0.0.0", "--port", str(EMULATOR_PORT),
-            "--max-num-seqs", str(EMULATOR_MAX_NUM_SEQS), "--max-model-len", "2048"],
-            f"vllm-{host.name}")
+            "--max-num-seqs", str(EMULATOR_MAX_NUM_SEQS), "--max-model-len", "2048",
+            "--dtype", "bfloat16"],
+            f"vllm-{host.name}",
+            # 1 GiB of KV cache (the CPU backend otherwise reserves most of the RAM);
+            # nothing fetched from a hub, no usage report
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
+                 "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
     def start_router(self) -> str:
         """vLLM's router (vllm-router, PyPI) on the router host, over every backend's
