@@ -1,0 +1,111 @@
+"""Errors the controller raises for a bad request, and how the API turns them into JSON.
+
+Every error body is {"error": {"code": str, "message": str, "details": [...]}}.
+The controller raises ApiError subclasses for what the caller got wrong; the
+API maps them to 4xx. Anything else is a bug: logged with its traceback, 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from controller import log
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, details: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class Invalid(ApiError):
+    status = 422
+    code = "invalid"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+
+
+class Unavailable(ApiError):
+    status = 503
+    code = "unavailable"
+
+
+class SwitchFailed(ApiError):
+    """The request was good, a switch refused it (and was rolled back)."""
+
+    status = 502
+    code = "switch_failed"
+
+
+def error_body(code: str, message: str, details: list[Any] | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details or []}}
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+               413: "too_large", 415: "unsupported_media_type", 422: "invalid"}
+
+
+def _jsonable_details(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pydantic's errors, reduced to what is safe to echo (ctx may hold exceptions)."""
+    out = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        out.append({"field": loc, "message": str(err.get("msg", "")),
+                    "type": str(err.get("type", ""))})
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(error_body(exc.code, exc.message, exc.details),
+                            status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = _jsonable_details(list(exc.errors()))
+        first = details[0] if details else {"field": "", "message": "invalid request"}
+        message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
+        return JSONResponse(error_body("invalid", message, details), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A real bug: the caller did nothing wrong. Log it whole; tell the caller little.
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal", "internal error (logged by the controller)"),
+                            status_code=500)

@@ -1,0 +1,94 @@
+"""The controller's own Prometheus metrics, served at /metrics.
+
+Counters of what happened (HTTP requests, reports, tokens) are updated as it
+happens; gauges of the model (backend load, state, weights, switch connections)
+are computed at scrape time from the model, so they can never disagree with it.
+One registry per app, so that several controllers in one test process don't clash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from controller.api.schemas import BackendReport
+    from controller.app import Controller
+
+NS = "tokenfabric_controller"
+
+
+class ModelCollector:
+    """Gauges read from the model at scrape time."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ctl = self.ctl
+        running = GaugeMetricFamily(f"{NS}_backend_running", "Requests running (last report)",
+                                    labels=["backend"])
+        waiting = GaugeMetricFamily(f"{NS}_backend_waiting", "Requests waiting (last report)",
+                                    labels=["backend"])
+        kv = GaugeMetricFamily(f"{NS}_backend_kv_cache_usage", "KV-cache use 0..1",
+                               labels=["backend"])
+        weight = GaugeMetricFamily(f"{NS}_backend_weight", "Selector weight last written",
+                                   labels=["backend"])
+        state = GaugeMetricFamily(f"{NS}_backend_state", "1 for the backend's current state",
+                                  labels=["backend", "state"])
+        for b in list(ctl.model.backends.values()):
+            running.add_metric([b.name], b.load.running)
+            waiting.add_metric([b.name], b.load.waiting)
+            kv.add_metric([b.name], b.load.kv_cache_usage)
+            weight.add_metric([b.name], b.weight)
+            state.add_metric([b.name, str(b.state)], 1)
+        connected = GaugeMetricFamily(f"{NS}_switch_connected", "1 when the switch is connected",
+                                      labels=["switch"])
+        for view in ctl.switch_views():
+            connected.add_metric([view["name"]], 1 if view["connected"] else 0)
+        tenants = GaugeMetricFamily(f"{NS}_policy_tenants", "Tenants in the running policy")
+        tenants.add_metric([], len(ctl.model.policy.tenants))
+        reconciles = GaugeMetricFamily(f"{NS}_reconcile_passes", "Reconcile passes so far")
+        reconciles.add_metric([], ctl.reconciles)
+        applies = GaugeMetricFamily(f"{NS}_policy_applies", "Policy applies by result",
+                                    labels=["result"])
+        for result in ("applied", "invalid", "failed"):
+            applies.add_metric([result], ctl.policy_applies[result])
+        yield from (running, waiting, kv, weight, state, connected, tenants, reconciles,
+                    applies)
+
+
+class ApiMetrics:
+    def __init__(self, ctl: Controller) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(f"{NS}_http_requests", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram(f"{NS}_http_request_seconds", "HTTP request latency",
+                                 ["route"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                          0.5, 1, 2.5))
+        self.reports = Counter(f"{NS}_reports", "Agent reports received",
+                               ["backend", "outcome"], registry=self.registry)
+        self.tokens = Counter(f"{NS}_tokens", "Tokens recorded in the ledger",
+                              ["tenant_id", "model", "kind"], registry=self.registry)
+        self.registry.register(ModelCollector(ctl))
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def report(self, backend: str, rep: BackendReport, recorded: bool) -> None:
+        self.reports.labels(backend, "recorded" if recorded else "duplicate").inc()
+        if not recorded:
+            return
+        for u in rep.usage_items():
+            model = u.model or ""
+            self.tokens.labels(str(u.tenant_id), model, "prompt").inc(u.prompt_tokens)
+            self.tokens.labels(str(u.tenant_id), model, "completion").inc(u.completion_tokens)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,282 @@
+"""Request and response bodies of the REST API (pydantic, so OpenAPI shows them).
+
+Agent bodies (registration, report) ignore unknown fields, so that an agent newer
+than the controller still registers; admin bodies forbid them, so that a typo in
+an operator's request is an error and not a silent no-op. Every number has a
+bound: nothing a client sends can overflow SQLite or a P4 field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MAC_PATTERN = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
+U16 = 65535
+MAX_TOKENS = 10**9  # per usage item; a report covers about a second of one backend
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["gpu1"])]
+
+
+def _ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError as exc:
+        raise ValueError("must be an IPv4 address like 10.0.0.1") from exc
+
+
+IPv4 = Annotated[str, Field(max_length=15, examples=["10.0.1.1"]), AfterValidator(_ipv4)]
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class AgentBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class AdminBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- agent requests
+
+
+class BackendRegistration(AgentBody):
+    name: Name
+    host: str = Field(min_length=1, max_length=253)
+    address: IPv4
+    mac: str = Field(pattern=MAC_PATTERN, examples=["02:00:00:00:01:01"])
+    switch: Name
+    port: int = Field(ge=0, le=511, description="the switch port the backend is cabled to")
+    capacity: int = Field(ge=1, le=65535, description="requests it runs at once")
+    models: list[ModelName] = Field(min_length=1, max_length=64)
+    vip: IPv4
+    vip_port: int = Field(ge=1, le=65535)
+
+
+class TenantGrant(BaseModel):
+    tenant_id: int
+    name: str
+    prefixes: list[str]
+    tokens_per_s: float
+
+
+class RegistrationReply(BaseModel):
+    backend_id: int
+    tenants: list[TenantGrant]
+    roce: dict[str, Any] = Field(description="the fabric's RoCEv2 class for the host's NIC "
+                                             "(empty when the policy disables RoCE)")
+
+
+class UsageItem(AgentBody):
+    tenant_id: int = Field(ge=0, le=U16)
+    model: ModelName | None = Field(
+        default=None, description="absent: the backend's (first) model")
+    prompt_tokens: int = Field(ge=0, le=MAX_TOKENS)
+    completion_tokens: int = Field(ge=0, le=MAX_TOKENS)
+    requests: int | None = Field(
+        default=None, ge=0, le=MAX_TOKENS,
+        description="finished requests this item covers; absent means one")
+
+
+class BackendReport(AgentBody):
+    report_id: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="unique per report: a retried report with the same id is counted once "
+                    "(the Idempotency-Key header works too)")
+    running: int = Field(ge=0, le=1_000_000)
+    waiting: int = Field(ge=0, le=1_000_000)
+    kv_cache_usage: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    healthy: bool
+    usage: list[UsageItem] | dict[str, UsageItem] = Field(
+        default_factory=list, max_length=10_000,
+        description="token usage since the last acknowledged report: a list of items, or "
+                    "a mapping tenant name -> item")
+    usage_total: list[UsageItem] | dict[str, UsageItem] | None = Field(
+        default=None, max_length=10_000,
+        description="cumulative usage since the agent started. When present the ledger "
+                    "counts its growth since the last report and ignores `usage`: retries "
+                    "count nothing twice and a lost report loses nothing")
+    metrics: dict[str, Any] | None = Field(default=None,
+                                           description="vLLM metrics snapshot, for the views")
+    rdma: dict[str, Any] | None = Field(default=None, description="RDMA/RoCE status")
+
+    def usage_items(self) -> list[UsageItem]:
+        return _items(self.usage)
+
+    def total_items(self) -> list[UsageItem] | None:
+        return None if self.usage_total is None else _items(self.usage_total)
+
+
+def _items(usage: list[UsageItem] | dict[str, UsageItem]) -> list[UsageItem]:
+    return list(usage.values()) if isinstance(usage, dict) else list(usage)
+
+
+class ReportReply(BaseModel):
+    recorded: bool = Field(description="false: a report with this id was recorded before")
+    state: str
+    weight: int
+    draining: bool = Field(description="the operator drained this backend")
+    tenants: list[TenantGrant] = Field(description="the current tenants (policy reloads "
+                                                   "reach the agents this way)")
+
+
+# ---------------------------------------------------------------- admin requests
+
+
+class PolicyText(AdminBody):
+    yaml: str = Field(max_length=10_000_000, description="the policy file's text")
+    filename: str = Field(default="policy.yaml", min_length=1, max_length=255,
+                          pattern=r"^[^/\x00]+$", description="named in error messages")
+
+
+class PolicyCheck(BaseModel):
+    valid: bool
+    errors: list[str]
+
+
+class PolicyApplied(BaseModel):
+    applied: bool
+    tenants: int
+    contracts: int
+    changed: dict[str, int] = Field(description="entities inserted/modified/deleted")
+    switches: dict[str, str] = Field(description="per switch: applied, not connected, failed")
+
+
+class ModeChange(AdminBody):
+    mode: str = Field(pattern=r"^(hash|p2c)$", examples=["p2c"])
+
+
+# ---------------------------------------------------------------- views
+
+
+class BackendLoadView(BaseModel):
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    reports: int
+    last_report_age_s: float | None
+
+
+class BackendView(BaseModel):
+    name: str
+    backend_id: int
+    host: str
+    address: str
+    mac: str
+    switch: str
+    port: int
+    capacity: int
+    models: list[str]
+    state: str
+    drained: bool
+    healthy: bool | None
+    weight: int
+    registered: bool = Field(description="true: registered by an agent; false: fabric file")
+    services: list[str]
+    load: BackendLoadView
+    rdma: dict[str, Any] | None
+    metrics: dict[str, Any]
+
+
+class ServiceView(BaseModel):
+    name: str
+    service_id: int
+    model: str
+    vip: str
+    port: int
+    mode: str
+    pool: list[str]
+    active_backends: int
+    overflow: str | None
+
+
+class SwitchView(BaseModel):
+    name: str
+    address: str
+    device_id: int
+    connected: bool
+    status: str
+    primary: bool | None
+    details: dict[str, Any]
+
+
+class TenantView(BaseModel):
+    name: str
+    tenant_id: int
+    prefixes: list[str]
+    contract: str
+    trust_dscp: bool
+    tokens_per_s: float | None
+
+
+class ContractView(BaseModel):
+    name: str
+    service_class: str
+    dscp: int
+    priority_level: int
+    queue: int
+    tpm: int
+    burst: int
+    rpm: int | None
+    max_parallel: int | None
+    fiveqi: int | None
+    bandwidth: dict[str, Any] | None
+    slo: dict[str, Any]
+    request_priority: int
+    camara_profile: str | None
+    services: list[str]
+
+
+class TenantCounter(BaseModel):
+    tenant_id: int
+    bytes: int
+    packets: int
+    connections: int
+
+
+class SwitchCounters(BaseModel):
+    switch: str
+    connected: bool
+    error: str | None
+    tenants: list[TenantCounter]
+
+
+class LedgerRowView(BaseModel):
+    minute: int
+    tenant_id: int
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    requests: int
+
+
+class CrossCheckView(BaseModel):
+    tenant_id: int
+    tenant: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+    switch_bytes: int
+    switch_packets: int
+    switch_connections: int
+    counter_samples: int
+    bytes_per_token: float | None
+
+
+class Done(BaseModel):
+    ok: bool = True
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: list[Any]
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,362 @@
+"""The REST API: views of the controller's model and its admin actions (docs/rest.md).
+
+Reads need a viewer token, agents' calls an agent token, everything else an admin
+token (controller/auth.py). /metrics, /healthz and /openapi.json are open.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the Annotated aliases that
+# create_app defines locally as objects, not as names it cannot resolve.
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from controller.api import schemas as s
+from controller.api.errors import (
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    error_body,
+    install_error_handlers,
+)
+from controller.api.metrics import ApiMetrics
+from controller.auth import Principal, Role
+from controller.ledger import UsageRow
+
+if TYPE_CHECKING:
+    from controller.app import Controller
+
+API = "/api/v1"
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a policy of thousands of tenants fits many times over
+_bearer = HTTPBearer(auto_error=False, description="a token from the controller's token file")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": s.ErrorBody, "description": text} for code, text in {
+        400: "the request body cannot be parsed", 401: "no token, or an unknown one",
+        403: "the token's role may not do this",
+        404: "no such object", 422: "the request is invalid"}.items()}
+MUTATION_ERRORS = {**ERRORS, 409: {"model": s.ErrorBody, "description": "conflicts with state"},
+                   502: {"model": s.ErrorBody, "description": "a switch refused the change; "
+                                                               "every switch was rolled back"},
+                   503: {"model": s.ErrorBody, "description": "temporarily unavailable"}}
+
+PathName = Annotated[str, Path(max_length=64)]
+
+
+def create_app(ctl: "Controller") -> FastAPI:
+    app = FastAPI(title="tokenfabric controller", version="1",
+                  description="Views and admin actions of the tokenfabric controller. "
+                              "Errors are {\"error\": {code, message, details}}.")
+    install_error_handlers(app)
+    metrics = ApiMetrics(ctl)
+    app.state.controller = ctl
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            response: Response = JSONResponse(
+                error_body("too_large", f"the body may be at most {MAX_BODY_BYTES} bytes"),
+                status_code=413)
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe(request.method, getattr(route, "path", "unmatched"),
+                        response.status_code, time.perf_counter() - start)
+        return response
+
+    async def principal(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        if not ctl.tokens.enabled:
+            return ctl.tokens.lookup("")  # auth disabled: anonymous admin
+        if creds is None or creds.scheme.lower() != "bearer":
+            raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+        who = ctl.tokens.lookup(creds.credentials)
+        if who is None:
+            raise Unauthorized("unknown token")
+        return who
+
+    def role(needed: Role) -> Any:
+        async def check(who: Annotated[Principal, Depends(principal)]) -> Principal:
+            if who.role < needed:
+                raise Forbidden(f"'{who.name}' is a {who.role.label}; this needs {needed.label}")
+            return who
+        return check
+
+    Viewer = Annotated[Principal, Depends(role(Role.VIEWER))]
+    Agent = Annotated[Principal, Depends(role(Role.AGENT))]
+    Admin = Annotated[Principal, Depends(role(Role.ADMIN))]
+
+    r = APIRouter(prefix=API)
+
+    # ------------------------------------------------------------ switches
+
+    @r.get("/switches", response_model=list[s.SwitchView], responses=ERRORS, tags=["switches"])
+    async def list_switches(who: Viewer) -> list[dict[str, Any]]:
+        return ctl.switch_views()
+
+    @r.get("/switches/{name}", response_model=s.SwitchView, responses=ERRORS,
+           tags=["switches"])
+    async def get_switch(name: PathName, who: Viewer) -> dict[str, Any]:
+        for view in ctl.switch_views():
+            if view["name"] == name:
+                return view
+        raise NotFound(f"no switch '{name}'")
+
+    @r.get("/switches/{name}/entries", response_model=list[dict[str, Any]], responses=ERRORS,
+           tags=["switches"])
+    async def switch_entries(name: PathName, who: Viewer) -> list[dict[str, Any]]:
+        """What the controller wants the switch to hold: the state last handed to it,
+        or, before the first push, what the model compiles to."""
+        if name not in ctl.model.fabric.switches:
+            raise NotFound(f"no switch '{name}'")
+        return ctl.entries_of(name)
+
+    @r.get("/counters", response_model=list[s.SwitchCounters], responses=ERRORS,
+           tags=["switches"])
+    async def counters(who: Viewer) -> list[dict[str, Any]]:
+        out = []
+        for name, entry in (await ctl.read_counters()).items():
+            tenants = [{"tenant_id": t, "bytes": b, "packets": p, "connections": c}
+                       for t, (b, p, c) in sorted(entry["tenants"].items())]
+            out.append({"switch": name, "connected": entry["connected"],
+                        "error": entry["error"], "tenants": tenants})
+        return out
+
+    # ------------------------------------------------------------ backends
+
+    def backend_view(name: str) -> dict[str, Any]:
+        b = ctl.backend(name)
+        extras = ctl.extras[name]
+        last = b.load.last_report
+        return {
+            "name": b.name, "backend_id": b.backend_id, "host": b.host, "address": b.address,
+            "mac": b.mac, "switch": b.switch, "port": b.port, "capacity": b.capacity,
+            "models": list(b.models), "state": str(b.state), "drained": extras.drained,
+            "healthy": extras.healthy, "weight": b.weight, "registered": extras.registered,
+            "services": [sv.name for sv in ctl.model.services.values() if name in sv.pool],
+            "load": {"running": b.load.running, "waiting": b.load.waiting,
+                     "kv_cache_usage": b.load.kv_cache_usage, "reports": b.load.reports,
+                     "last_report_age_s": None if last is None
+                     else round(ctl.clock() - last, 3)},
+            "rdma": extras.rdma, "metrics": extras.metrics,
+        }
+
+    @r.get("/backends", response_model=list[s.BackendView], responses=ERRORS,
+           tags=["backends"])
+    async def list_backends(who: Viewer) -> list[dict[str, Any]]:
+        return [backend_view(n) for n in sorted(ctl.model.backends)]
+
+    @r.get("/backends/{name}", response_model=s.BackendView, responses=ERRORS,
+           tags=["backends"])
+    async def get_backend(name: PathName, who: Viewer) -> dict[str, Any]:
+        return backend_view(name)
+
+    @r.post("/backends", status_code=201, response_model=s.RegistrationReply,
+            responses=MUTATION_ERRORS, tags=["agents"])
+    async def register_backend(reg: s.BackendRegistration, who: Agent) -> dict[str, Any]:
+        backend = ctl.register_backend(reg, who)
+        return {"backend_id": backend.backend_id, "tenants": ctl.grants(),
+                "roce": ctl.roce_for_agents()}
+
+    @r.delete("/backends/{name}", response_model=s.Done, responses=MUTATION_ERRORS,
+              tags=["agents"])
+    async def deregister_backend(name: PathName, who: Agent) -> dict[str, Any]:
+        ctl.deregister_backend(name, who)
+        return {"ok": True, "message": f"backend '{name}' deregistered"}
+
+    @r.post("/backends/{name}/report", response_model=s.ReportReply,
+            responses=MUTATION_ERRORS, tags=["agents"])
+    async def report(name: PathName, rep: s.BackendReport, who: Agent,
+                     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+                     ) -> dict[str, Any]:
+        recorded = await ctl.report(name, rep, idempotency_key)
+        metrics.report(name, rep, recorded)
+        backend = ctl.model.backends.get(name)
+        return {"recorded": recorded, "state": str(backend.state) if backend else "deregistered",
+                "weight": backend.weight if backend else 0,
+                "draining": bool(backend) and ctl.extras[name].drained,
+                "tenants": ctl.grants()}
+
+    @r.post("/backends/{name}/drain", response_model=s.BackendView,
+            responses=MUTATION_ERRORS, tags=["backends"])
+    async def drain(name: PathName, who: Admin) -> dict[str, Any]:
+        ctl.set_drained(name, True, who)
+        return backend_view(name)
+
+    @r.post("/backends/{name}/undrain", response_model=s.BackendView,
+            responses=MUTATION_ERRORS, tags=["backends"])
+    async def undrain(name: PathName, who: Admin) -> dict[str, Any]:
+        ctl.set_drained(name, False, who)
+        return backend_view(name)
+
+    # ------------------------------------------------------------ services
+
+    def service_view(name: str) -> dict[str, Any]:
+        sv = ctl.model.services.get(name)
+        if sv is None:
+            raise NotFound(f"no service '{name}'")
+        active = [b for b in ctl.model.pool(name) if str(b.state) == "active"]
+        overflow = f"{sv.overflow.address} on {sv.overflow.switch}:{sv.overflow.port}" \
+            if sv.overflow else None
+        return {"name": sv.name, "service_id": sv.service_id, "model": sv.model, "vip": sv.vip,
+                "port": sv.port, "mode": str(sv.mode), "pool": list(sv.pool),
+                "active_backends": len(active), "overflow": overflow}
+
+    @r.get("/services", response_model=list[s.ServiceView], responses=ERRORS,
+           tags=["services"])
+    async def list_services(who: Viewer) -> list[dict[str, Any]]:
+        return [service_view(n) for n in sorted(ctl.model.services)]
+
+    @r.get("/services/{name}", response_model=s.ServiceView, responses=ERRORS,
+           tags=["services"])
+    async def get_service(name: PathName, who: Viewer) -> dict[str, Any]:
+        return service_view(name)
+
+    @r.put("/services/{name}/mode", response_model=s.ServiceView, responses=MUTATION_ERRORS,
+           tags=["services"])
+    async def set_mode(name: PathName, body: s.ModeChange, who: Admin) -> dict[str, Any]:
+        ctl.set_mode(name, body.mode, who)
+        return service_view(name)
+
+    # ------------------------------------------------------------ tenants, contracts, policy
+
+    def tenant_view(name: str) -> dict[str, Any]:
+        t = ctl.model.policy.tenants.get(name)
+        if t is None:
+            raise NotFound(f"no tenant '{name}'")
+        c = ctl.model.policy.contracts.get(t.contract)
+        return {"name": t.name, "tenant_id": t.tenant_id, "prefixes": list(t.prefixes),
+                "contract": t.contract, "trust_dscp": t.trust_dscp,
+                "tokens_per_s": round(c.limits.tpm / 60.0, 6) if c else None}
+
+    def contract_view(name: str) -> dict[str, Any]:
+        c = ctl.model.policy.contracts.get(name)
+        if c is None:
+            raise NotFound(f"no contract '{name}'")
+        tc, lim = c.traffic_class, c.limits
+        bw = c.bandwidth
+        return {
+            "name": c.name, "service_class": tc.service_class, "dscp": tc.dscp,
+            "priority_level": tc.priority_level, "queue": tc.queue, "tpm": lim.tpm,
+            "burst": lim.burst, "rpm": lim.rpm, "max_parallel": lim.max_parallel,
+            "fiveqi": c.fiveqi.value if c.fiveqi else None,
+            "bandwidth": None if bw is None else {
+                "cir": bw.cir, "cbs": bw.cbs, "pir": bw.pir, "pbs": bw.pbs,
+                "exceed": str(bw.exceed), "violate": str(bw.violate),
+                "exceed_dscp": bw.exceed_dscp, "violate_dscp": bw.violate_dscp},
+            "slo": {"ttft_p99_ms": c.slo.ttft_p99_ms, "tpot_p99_ms": c.slo.tpot_p99_ms},
+            "request_priority": c.request_priority, "camara_profile": c.camara_profile,
+            "services": list(c.services)}
+
+    @r.get("/tenants", response_model=list[s.TenantView], responses=ERRORS, tags=["policy"])
+    async def list_tenants(who: Viewer) -> list[dict[str, Any]]:
+        return [tenant_view(n) for n in sorted(ctl.model.policy.tenants)]
+
+    @r.get("/tenants/{name}", response_model=s.TenantView, responses=ERRORS, tags=["policy"])
+    async def get_tenant(name: PathName, who: Viewer) -> dict[str, Any]:
+        return tenant_view(name)
+
+    @r.get("/contracts", response_model=list[s.ContractView], responses=ERRORS,
+           tags=["policy"])
+    async def list_contracts(who: Viewer) -> list[dict[str, Any]]:
+        return [contract_view(n) for n in sorted(ctl.model.policy.contracts)]
+
+    @r.get("/contracts/{name}", response_model=s.ContractView, responses=ERRORS,
+           tags=["policy"])
+    async def get_contract(name: PathName, who: Viewer) -> dict[str, Any]:
+        return contract_view(name)
+
+    @r.post("/policy/validate", response_model=s.PolicyCheck, responses=MUTATION_ERRORS,
+            tags=["policy"])
+    async def validate_policy(body: s.PolicyText, who: Admin) -> dict[str, Any]:
+        errors = await asyncio.to_thread(ctl.validate_policy, body.yaml, body.filename)
+        return {"valid": not errors, "errors": errors}
+
+    @r.post("/policy/apply", response_model=s.PolicyApplied, responses=MUTATION_ERRORS,
+            tags=["policy"])
+    async def apply_policy(body: s.PolicyText, who: Admin) -> dict[str, Any]:
+        return await ctl.apply_policy(body.yaml, body.filename, who)
+
+    @r.post("/policy/reload", response_model=s.PolicyApplied, responses=MUTATION_ERRORS,
+            tags=["policy"])
+    async def reload_policy(who: Admin) -> dict[str, Any]:
+        return await ctl.reload_policy(who)
+
+    # ------------------------------------------------------------ ledger
+
+    Since = Annotated[float | None, Query(ge=0, le=1e11, description="unix seconds, inclusive")]
+    Until = Annotated[float | None, Query(ge=0, le=1e11, description="unix seconds, exclusive")]
+    TenantId = Annotated[int | None, Query(ge=0, le=s.U16)]
+    ModelQ = Annotated[str | None, Query(min_length=1, max_length=256)]
+    Limit = Annotated[int, Query(ge=1, le=100_000)]
+
+    def row_view(row: UsageRow) -> dict[str, Any]:
+        return {"minute": row.minute, "tenant_id": row.tenant_id, "model": row.model,
+                "prompt_tokens": row.prompt_tokens,
+                "completion_tokens": row.completion_tokens,
+                "total_tokens": row.total_tokens, "requests": row.requests}
+
+    @r.get("/ledger", response_model=list[s.LedgerRowView], responses=ERRORS, tags=["ledger"])
+    async def ledger(who: Viewer, tenant_id: TenantId = None, model: ModelQ = None,
+                     since: Since = None, until: Until = None,
+                     limit: Limit = 10_000) -> list[dict[str, Any]]:
+        rows = await asyncio.to_thread(ctl.ledger.query, tenant_id, model, since, until, limit)
+        return [row_view(r) for r in rows]
+
+    csv_response = {200: {"description": "the ledger rows as CSV, one per tenant, model "
+                                         "and minute",
+                          "content": {"text/csv": {"schema": {"type": "string"}}}}}
+
+    @r.get("/ledger.csv", response_class=Response, responses={**ERRORS, **csv_response},
+           tags=["ledger"])
+    async def ledger_csv(who: Viewer, tenant_id: TenantId = None, model: ModelQ = None,
+                         since: Since = None, until: Until = None,
+                         limit: Limit = 100_000) -> Response:
+        rows = await asyncio.to_thread(ctl.ledger.query, tenant_id, model, since, until, limit)
+        return Response(ctl.ledger.export_csv(rows), media_type="text/csv",
+                                 headers={"Content-Disposition":
+                                          'attachment; filename="ledger.csv"'})
+
+    @r.get("/ledger/crosscheck", response_model=list[s.CrossCheckView], responses=ERRORS,
+           tags=["ledger"])
+    async def crosscheck(who: Viewer, since: Since = None,
+                         until: Until = None) -> list[dict[str, Any]]:
+        names = {t.tenant_id: t.name for t in ctl.model.policy.tenants.values()}
+        return [{"tenant_id": c.tenant_id, "tenant": names.get(c.tenant_id),
+                 "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                 "requests": c.requests, "switch_bytes": c.switch_bytes,
+                 "switch_packets": c.switch_packets,
+                 "switch_connections": c.switch_connections,
+                 "counter_samples": c.counter_samples,
+                 "bytes_per_token": c.bytes_per_token}
+                for c in await asyncio.to_thread(ctl.ledger.cross_check, since, until)]
+
+    @r.get("/audit", responses=ERRORS, tags=["admin"])
+    async def audit(who: Admin) -> list[dict[str, Any]]:
+        return [vars(e) for e in ctl.audit_log]
+
+    app.include_router(r)
+
+    # ------------------------------------------------------------ open endpoints
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, Any]:
+        return {"ok": True, "switches": {v["name"]: v["status"] for v in ctl.switch_views()},
+                "backends": len(ctl.model.backends), "reconciles": ctl.reconciles,
+                "holding_s": round(max(0.0, ctl.hold_until - ctl.clock()), 3),
+                "last_reconcile_error": ctl.last_reconcile_error}
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["health"])
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app

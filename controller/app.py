@@ -1,0 +1,543 @@
+"""The controller process: a desired-state reconciler behind a REST API.
+
+In: the fabric file, the policy file, the agents' registrations and reports, the
+operator's REST calls. Out: P4Runtime state on every switch (through the
+southbound), ledger rows, REST views and Prometheus metrics.
+
+Every input only changes the model and marks it dirty; one reconcile task turns
+the model into entries (policy compiler + router) and hands them to the
+southbound, which writes only the difference. So a burst of reports costs one
+write, and a failed write is retried by the next pass instead of by the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller import fabric as fabric_file
+from controller import log
+from controller.api.errors import Conflict, Invalid, NotFound, SwitchFailed, Unavailable
+from controller.api.schemas import BackendRegistration, BackendReport
+from controller.auth import Principal, TokenStore
+from controller.entries import DesiredState
+from controller.ledger import Ledger, Usage
+from controller.model import Backend, BackendState, Model
+from controller.policy import reload
+from controller.policy.compile import CompileError, compile_model, state_to_list
+from controller.policy.schema import load_policy
+from controller.policy.source import SpecError
+from controller.routing import Router
+
+REPORT_TIMEOUT_S = 3.0  # a backend whose reports stop for this long is marked down
+RECONCILE_INTERVAL_S = 1.0  # a pass at least this often, even when nothing changed
+COUNTER_INTERVAL_S = 10.0  # how often switch counters are sampled into the ledger
+MAX_BACKEND_ID = fabric_file.MAX_BACKEND_ID
+TENANT_BYTES_COUNTER = "tenant_traffic"  # per tenant: packets and bytes (p4src count.p4)
+TENANT_CONNS_COUNTER = "tenant_admitted"  # per tenant: connections admitted
+
+
+@dataclass
+class AuditEntry:
+    ts: float
+    who: str
+    role: str
+    action: str
+    target: str
+    detail: str = ""
+
+
+@dataclass
+class BackendExtras:
+    """What the controller keeps about a backend beyond the shared model."""
+
+    registered: bool = False  # by an agent (True) or from the fabric file (False)
+    drained: bool = False  # by an operator; survives health changes
+    healthy: bool | None = None  # last report's health flag
+    metrics: dict[str, Any] = field(default_factory=dict)
+    rdma: Any = None
+
+
+class Controller:
+    """The model plus everything that changes it; the REST API calls these methods.
+
+    Routing decisions (weights, drain, staleness, mode) are the Router's
+    (controller/routing.py); entries are compile_model's (controller/policy/compile.py);
+    writing them is the southbound's (controller/southbound/), which is None when the
+    controller runs without switches: they are then shown as "not connected".
+    """
+
+    def __init__(self, model: Model, ledger: Ledger, tokens: TokenStore | None = None,
+                 policy_path: str | Path | None = None, southbound: Any = None,
+                 report_timeout_s: float = REPORT_TIMEOUT_S,
+                 clock: Callable[[], float] = time.monotonic,
+                 counters: tuple[str, str] = (TENANT_BYTES_COUNTER, TENANT_CONNS_COUNTER),
+                 startup_grace_s: float = 0.0) -> None:
+        self.model = model
+        self.counter_names = counters  # P4 counters: per-tenant traffic, per-tenant conns
+        self.ledger = ledger
+        self.tokens = tokens or TokenStore.disabled()
+        self.policy_path = Path(policy_path) if policy_path else None
+        self.southbound = southbound
+        self.clock = clock
+        # stale after 3 missed reports, at whatever interval gives the requested timeout
+        self.router = Router(model, report_interval=report_timeout_s / 3, stale_after=3,
+                             clock=clock)
+        self.extras: dict[str, BackendExtras] = {
+            n: BackendExtras(drained=b.state == BackendState.DRAINING)
+            for n, b in model.backends.items()}
+        self.audit_log: collections.deque[AuditEntry] = collections.deque(maxlen=1000)
+        self.reconciles = 0
+        self.last_reconcile_error: str | None = None
+        self.policy_applies = collections.Counter[str]()
+        self.pushed: dict[str, DesiredState] = {}  # what the switches were last given
+        # After a restart the switches keep what they hold until the agents had time to
+        # register and report again: pushing the fresh model at once would flap backends.
+        self.hold_until = clock() + startup_grace_s
+        self._dirty: asyncio.Event | None = None
+        self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
+
+    @property
+    def report_timeout_s(self) -> float:
+        return self.router.stale_seconds
+
+    @report_timeout_s.setter
+    def report_timeout_s(self, seconds: float) -> None:
+        self.router.report_interval = seconds / self.router.stale_after
+
+    # ------------------------------------------------------------ audit
+
+    def audit(self, who: Principal, action: str, target: str, detail: str = "") -> None:
+        entry = AuditEntry(time.time(), who.name, who.role.label, action, target, detail)
+        self.audit_log.append(entry)
+        log.info("audit: %s (%s) %s %s%s", who.name, who.role.label, action, target,
+                 f": {detail}" if detail else "")
+
+    def mark_dirty(self) -> None:
+        if self._dirty is not None:
+            self._dirty.set()
+
+    # ------------------------------------------------------------ backends
+
+    def backend(self, name: str) -> Backend:
+        try:
+            return self.model.backends[name]
+        except KeyError:
+            raise NotFound(f"no backend '{name}'") from None
+
+    def service_at(self, vip: str, port: int) -> str | None:
+        for s in self.model.services.values():
+            if s.vip == vip and s.port == port:
+                return s.name
+        return None
+
+    def register_backend(self, reg: BackendRegistration, who: Principal) -> Backend:
+        """Add (or, for the same name, refresh) an agent's backend; it keeps its id."""
+        service = self.service_at(reg.vip, reg.vip_port)
+        if service is None:
+            raise Invalid(f"no service has the VIP {reg.vip}:{reg.vip_port}")
+        served = self.model.services[service].model
+        if served not in reg.models:
+            raise Invalid(f"service '{service}' at {reg.vip}:{reg.vip_port} serves "
+                          f"'{served}', which is not among the backend's models")
+        switch = self.model.fabric.switches.get(reg.switch)
+        if switch is None:
+            raise Invalid(f"no switch '{reg.switch}' in the fabric")
+        if switch.ports and reg.port not in switch.ports:
+            raise Invalid(f"switch '{reg.switch}' has no port {reg.port}")
+        # Several backends may share a server (one per model), but an address and a MAC
+        # always go together, and a switch port belongs to one fabric host.
+        for other in self.model.backends.values():
+            if other.name == reg.name:
+                continue
+            same_ip, same_mac = other.address == reg.address, other.mac.lower() == reg.mac.lower()
+            if same_ip != same_mac:
+                raise Conflict(f"address {reg.address} / mac {reg.mac} disagree with backend "
+                               f"'{other.name}' ({other.address} / {other.mac})")
+        for host in self.model.fabric.hosts.values():
+            if (host.switch, host.port) == (reg.switch, reg.port) and host.address != reg.address:
+                raise Conflict(f"{reg.switch} port {reg.port} belongs to host '{host.name}' "
+                               f"({host.address})")
+        old = self.model.backends.get(reg.name)
+        extras = self.extras.get(reg.name)
+        if old is not None and extras is not None and not extras.registered:
+            raise Conflict(f"backend '{reg.name}' is defined in the fabric file")
+        backend_id = old.backend_id if old else self._allocate_backend_id(reg.name)
+        if old is not None:
+            fabric_file.remove_backend(self.model, reg.name)
+        backend = Backend(name=reg.name, backend_id=backend_id, host=reg.host,
+                          address=reg.address, mac=reg.mac.lower(), switch=reg.switch,
+                          port=reg.port, capacity=reg.capacity, models=list(reg.models))
+        if old is not None:
+            backend.load, backend.weight, backend.state = old.load, old.weight, old.state
+        fabric_file.add_backend(self.model, backend)
+        kept = extras if extras is not None else BackendExtras()
+        kept.registered = True
+        self.extras[reg.name] = kept
+        self.router.tick()
+        self.audit(who, "register" if old is None else "re-register", f"backend {reg.name}",
+                   f"id {backend_id}, {reg.address} on {reg.switch}:{reg.port}, "
+                   f"capacity {reg.capacity}, service {service}")
+        self.mark_dirty()
+        return backend
+
+    def _allocate_backend_id(self, name: str) -> int:
+        """The id this name had before (also before a controller restart), else the
+        lowest id that neither a backend nor another remembered name holds."""
+        taken = {b.backend_id for b in self.model.backends.values()}
+        remembered = self.ledger.backend_ids()
+        backend_id = remembered.get(name)
+        if backend_id is None or backend_id in taken:
+            reserved = taken | set(remembered.values())
+            backend_id = next((i for i in range(1, MAX_BACKEND_ID + 1) if i not in reserved),
+                              None)
+            if backend_id is None:  # every id was handed out once: reuse a remembered one
+                try:
+                    backend_id = fabric_file.next_backend_id(self.model)
+                except SpecError as exc:
+                    raise Conflict(str(exc)) from None
+        self.ledger.remember_backend_id(name, backend_id)
+        return backend_id
+
+    def deregister_backend(self, name: str, who: Principal) -> None:
+        self.backend(name)
+        if not self.extras[name].registered:
+            raise Conflict(f"backend '{name}' is defined in the fabric file; drain it instead")
+        fabric_file.remove_backend(self.model, name)
+        self.router.forget(name)
+        del self.extras[name]
+        self.audit(who, "deregister", f"backend {name}")
+        self.mark_dirty()
+
+    async def report(self, name: str, rep: BackendReport,
+                     idempotency_key: str | None = None) -> bool:
+        """Take an agent's report: usage into the ledger (durably, first), load into the model."""
+        backend = self.backend(name)
+        report_id = rep.report_id or idempotency_key
+        default_model = backend.models[0] if backend.models else ""
+        totals = rep.total_items()
+        items = rep.usage_items() if totals is None else totals
+        usage = [Usage(u.tenant_id, u.model or default_model, u.prompt_tokens,
+                       u.completion_tokens, 1 if u.requests is None else u.requests)
+                 for u in items if u.prompt_tokens or u.completion_tokens or u.requests]
+        # cumulative totals are idempotent by themselves; plain usage needs the report id
+        record = self.ledger.record if totals is None else self.ledger.record_totals
+        try:
+            recorded = await asyncio.to_thread(
+                record, f"{name}/{report_id}" if report_id else None, name, usage)
+        except Exception as exc:  # sqlite3 errors: disk full, I/O error
+            log.error("ledger: cannot record a report of %s: %s", name, exc)
+            raise Unavailable(f"ledger cannot record the report ({exc}); retry") from exc
+        if self.model.backends.get(name) is not backend:
+            return recorded  # deregistered while the ledger wrote: the usage still counts
+        extras = self.extras[name]
+        extras.healthy = rep.healthy
+        extras.metrics = rep.metrics or {}
+        extras.rdma = rep.rdma
+        if self.router.on_report(name, running=rep.running, waiting=rep.waiting,
+                                 kv_cache_usage=rep.kv_cache_usage, healthy=rep.healthy):
+            self.mark_dirty()
+        return recorded
+
+    def set_drained(self, name: str, drained: bool, who: Principal) -> Backend:
+        backend = self.backend(name)
+        self.extras[name].drained = drained
+        if drained:
+            self.router.drain(name)
+        else:
+            self.router.undrain(name)
+        self.audit(who, "drain" if drained else "undrain", f"backend {name}")
+        self.mark_dirty()
+        return backend
+
+    def refresh_states(self) -> None:
+        """Mark down the backends whose reports stopped (the reconciler calls this)."""
+        if self.router.tick():
+            self.mark_dirty()
+
+    # ------------------------------------------------------------ services
+
+    def set_mode(self, service: str, mode: str, who: Principal) -> None:
+        s = self.model.services.get(service)
+        if s is None:
+            raise NotFound(f"no service '{service}'")
+        before = s.mode
+        self.router.set_mode(service, mode)
+        self.audit(who, "set-mode", f"service {service}", f"{before} -> {s.mode}")
+        self.mark_dirty()
+
+    # ------------------------------------------------------------ policy
+
+    def validate_policy(self, text: str, filename: str) -> list[str]:
+        """Every problem of a policy text (parsed, checked against the model, compiled)."""
+        _, errors = reload.validate_policy(self.model, filename, text=text, file=filename)
+        return errors
+
+    async def apply_policy(self, text: str, filename: str, who: Principal) -> dict[str, Any]:
+        """Validate, diff, apply to every switch; a bad file or a failed apply changes nothing."""
+        async with self._lock:
+            writer = self._writer()
+            result = await reload.reload_policy(self.model, filename, writer, text=text,
+                                                file=filename)
+            if result.ok:
+                self.pushed = {k: DesiredState(dict(v.entities))
+                               for k, v in (result.states or {}).items()}
+        if not result.ok:
+            if result.apply is None:
+                self.policy_applies["invalid"] += 1
+                raise Invalid(f"{filename}: {len(result.errors)} error(s); the running policy "
+                              "is unchanged", list(result.errors))
+            self.policy_applies["failed"] += 1
+            self.audit(who, "apply-policy-failed", filename, "; ".join(result.errors))
+            raise SwitchFailed("applying the policy failed on "
+                              f"{result.apply.failed_switch}; every switch was rolled back "
+                              "and the running policy is unchanged", [result.summary()])
+        policy = self.model.policy
+        self.policy_applies["applied"] += 1
+        changes = result.apply.changes if result.apply else {}
+        self.audit(who, "apply-policy", filename,
+                   f"{len(policy.tenants)} tenants, {len(policy.contracts)} contracts, "
+                   f"changes {changes}")
+        return {"applied": True, "tenants": len(policy.tenants),
+                "contracts": len(policy.contracts),
+                "changed": {k: sum(v) for k, v in changes.items()},
+                "switches": {v["name"]: v["status"] for v in self.switch_views()}}
+
+    async def reload_policy(self, who: Principal) -> dict[str, Any]:
+        if self.policy_path is None:
+            raise Invalid("the controller was started without a policy file")
+        try:
+            text = self.policy_path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Invalid(f"{self.policy_path}: cannot read: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from exc
+        return await self.apply_policy(text, self.policy_path.name, who)
+
+    def grants(self) -> list[dict[str, Any]]:
+        """The tenants an agent needs to attribute usage: id, prefixes, tokens/s."""
+        out = []
+        for t in sorted(self.model.policy.tenants.values(), key=lambda t: t.tenant_id):
+            contract = self.model.policy.contracts.get(t.contract)
+            tps = contract.limits.tpm / 60.0 if contract else 0.0
+            out.append({"tenant_id": t.tenant_id, "name": t.name, "prefixes": list(t.prefixes),
+                        "tokens_per_s": round(tps, 6)})
+        return out
+
+    def roce_for_agents(self) -> dict[str, Any]:
+        """The host side of the fabric's RoCE class (the agent configures its NIC with it)."""
+        r = self.model.policy.roce
+        if not r.enabled:
+            return {}
+        return {"dscp": r.dscp, "priority": r.priority, "cnp_dscp": r.cnp_dscp,
+                "cnp_priority": r.cnp_priority, "ecn": True, "pfc": r.pfc}
+
+    # ------------------------------------------------------------ switches
+
+    def switch_views(self) -> list[dict[str, Any]]:
+        out = []
+        for sw in self.model.fabric.switches.values():
+            status: dict[str, Any] = {}
+            if self.southbound is not None and sw.name in self.southbound.switches:
+                status = dict(self.southbound[sw.name].status())
+            role = status.get("role", "disconnected")
+            connected = role in ("primary", "backup")
+            text = {"primary": "connected (primary)",
+                    "backup": "connected (backup: another controller is primary)"}.get(
+                        role, "not connected")
+            details = {k: v for k, v in status.items()
+                       if k not in ("name", "address", "device_id", "role")}
+            out.append({"name": sw.name, "address": sw.address, "device_id": sw.device_id,
+                        "connected": connected, "status": text,
+                        "primary": None if not connected else role == "primary",
+                        "details": details})
+        return out
+
+    def entries_of(self, switch: str) -> list[dict[str, Any]]:
+        state = self.pushed.get(switch)
+        if state is None:
+            try:
+                state = compile_model(self.model).get(switch, DesiredState())
+            except CompileError as exc:
+                raise Conflict(f"the model does not compile: {exc}") from None
+        return state_to_list(state)
+
+    async def read_counters(self) -> dict[str, dict[str, Any]]:
+        """Per switch: {"connected", "error", "tenants": {tenant_id: (bytes, packets, conns)}}."""
+        out: dict[str, dict[str, Any]] = {}
+        tenant_ids = sorted(t.tenant_id for t in self.model.policy.tenants.values())
+        for name in self.model.fabric.switches:
+            entry: dict[str, Any] = {"connected": False, "error": None, "tenants": {}}
+            out[name] = entry
+            switch = None
+            if self.southbound is not None and name in self.southbound.switches:
+                switch = self.southbound[name]
+            if switch is None or switch.role.value == "disconnected":
+                entry["error"] = "not connected"
+                continue
+            entry["connected"] = True
+            try:
+                traffic = await switch.read_counters(self.counter_names[0])
+                admitted = await switch.read_counters(self.counter_names[1])
+            except Exception as exc:  # a read can fail mid-session; say so, don't raise
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                continue
+            for t in tenant_ids:
+                tv, av = traffic.get(t), admitted.get(t)
+                entry["tenants"][t] = (tv.bytes if tv else 0, tv.packets if tv else 0,
+                                       av.packets if av else 0)
+        return out
+
+    async def sample_counters(self) -> None:
+        for name, entry in (await self.read_counters()).items():
+            if entry["connected"] and entry["tenants"]:
+                await asyncio.to_thread(self.ledger.record_counters, name, entry["tenants"])
+
+    # ------------------------------------------------------------ reconcile
+
+    def _writer(self) -> Any:
+        """The diff writer that policy reloads use: the southbound, or nothing to write to."""
+        async def set_state(switch: str, state: DesiredState) -> None:
+            if self.southbound is not None and switch in self.southbound.switches:
+                await self.southbound[switch].apply(state)
+
+        return reload.SouthboundWriter(set_state, self.pushed)
+
+    async def push(self) -> dict[str, int]:
+        """Compile the model and give each switch its state when it changed.
+
+        The southbound remembers the state per switch and re-pushes it after a
+        reconnect or a change of primary by itself; here only changes are handed over.
+        """
+        desired = compile_model(self.model)
+        changed = {}
+        for name, state in desired.items():
+            before = self.pushed.get(name)
+            if before is not None and before.entities == state.entities:
+                continue
+            if self.southbound is not None and name in self.southbound.switches:
+                await self.southbound[name].apply(state)
+            ins, mod, dele = state.diff(before or DesiredState())
+            changed[name] = len(ins) + len(mod) + len(dele)
+            self.pushed[name] = state
+        return changed
+
+    async def reconcile_once(self) -> None:
+        self.refresh_states()
+        if self.clock() < self.hold_until:
+            return
+        try:
+            changed = await self.push()
+            if changed:
+                log.debug("reconcile: %s", changed)
+            self.last_reconcile_error = None
+        except Exception as exc:  # the next pass retries; the API shows the error
+            self.last_reconcile_error = f"{type(exc).__name__}: {exc}"
+            log.warning("reconcile failed: %s", self.last_reconcile_error)
+        self.reconciles += 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reconcile on every change and at least every RECONCILE_INTERVAL_S until `stop`."""
+        self._dirty = asyncio.Event()
+        next_counters = self.clock()
+        while not stop.is_set():
+            self._dirty.clear()
+            async with self._lock:
+                await self.reconcile_once()
+            if self.clock() >= next_counters:
+                next_counters = self.clock() + COUNTER_INTERVAL_S
+                try:
+                    await self.sample_counters()
+                except Exception as exc:
+                    log.warning("counter sampling failed: %s", exc)
+            waiters = [asyncio.ensure_future(self._dirty.wait()),
+                       asyncio.ensure_future(stop.wait())]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait(waiters, timeout=RECONCILE_INTERVAL_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+
+
+# ---------------------------------------------------------------- process
+
+
+def build_controller(fabric: str | Path, policy: str | Path | None = None,
+                     tokens: str | Path | None = None, ledger: str | Path = "ledger.db",
+                     election_id: int = 1, report_timeout_s: float = REPORT_TIMEOUT_S,
+                     ) -> Controller:
+    """Load every input file (SpecError/TokenFileError name file and line) and wire the parts."""
+    model = fabric_file.load_fabric(fabric)
+    if policy is not None:
+        model.policy = load_policy(policy, model=model)
+    store = TokenStore.from_file(tokens) if tokens else TokenStore.disabled()
+    if not store.enabled:
+        log.warning("no token file: the REST API accepts every request as admin")
+    southbound = make_southbound(model, election_id)
+    return Controller(model, Ledger(ledger), store, policy_path=policy, southbound=southbound,
+                      report_timeout_s=report_timeout_s, startup_grace_s=report_timeout_s)
+
+
+def make_southbound(model: Model, election_id: int) -> Any:
+    """One P4Runtime client per fabric switch, or None where the P4Runtime stack is absent.
+
+    With the compiled program present (p4src/build), a switch that runs another
+    program (or none) gets ours; without it, the controller adopts what the switch runs.
+    """
+    try:
+        from controller.southbound import Pipeline, Southbound
+        from tokenfabric.dataplane import TOKEN_ROUTER_JSON, TOKEN_ROUTER_P4INFO
+    except ImportError as exc:
+        log.warning("no P4Runtime southbound (%s): switches are reported as not connected", exc)
+        return None
+    pipeline = None
+    if TOKEN_ROUTER_P4INFO.is_file() and TOKEN_ROUTER_JSON.is_file():
+        pipeline = Pipeline.from_files(TOKEN_ROUTER_P4INFO, TOKEN_ROUTER_JSON)
+    else:
+        log.warning("no compiled P4 program at %s: adopting what each switch runs",
+                    TOKEN_ROUTER_JSON.parent)
+    southbound = Southbound(election_id=election_id)
+    for sw in model.fabric.switches.values():
+        southbound.add_switch(sw.name, sw.address, device_id=sw.device_id, pipeline=pipeline)
+    return southbound
+
+
+def build_server(ctl: Controller, host: str, port: int) -> Any:
+    """The uvicorn server of the REST API (not started)."""
+    import uvicorn
+
+    from controller.api.server import create_app
+
+    config = uvicorn.Config(create_app(ctl), host=host, port=port, log_level="warning",
+                            access_log=False, lifespan="off")
+    return uvicorn.Server(config)
+
+
+async def serve(ctl: Controller, host: str, port: int) -> None:
+    """The REST API, the reconciler and the southbound in one event loop, until SIGTERM/SIGINT."""
+    server = build_server(ctl, host, port)
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the previous
+    # handler runs; make that a no-op, so that the ledger and southbound close below.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    stop = asyncio.Event()
+    if ctl.southbound is not None:
+        await ctl.southbound.start()  # connects in the background, retrying with backoff
+    reconciler = asyncio.create_task(ctl.run(stop))
+    try:
+        try:
+            await server.serve()
+        except SystemExit as exc:  # uvicorn exits when it cannot bind
+            raise OSError(f"cannot listen on {host}:{port} (see the error above)") from exc
+    finally:
+        stop.set()
+        await reconciler
+        if ctl.southbound is not None:
+            await ctl.southbound.stop()
+        ctl.ledger.close()

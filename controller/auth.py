@@ -1,0 +1,104 @@
+"""Bearer tokens for the REST API: a YAML file maps each token to a name and a role.
+
+    # tokens.yaml
+    s3cr3t-admin-token-0123456789:  {name: alice, role: admin}
+    agent-token-abcdefghijklmnop:   {name: gpu-agents, role: agent}
+    viewer-token-qrstuvwxyz012345:  {name: grafana, role: viewer}
+
+Roles are ordered: a viewer may read (GET), an agent may also register, deregister
+and report backends (what the host agents do), an admin may do everything. The
+agent role exists so that a token copied onto every GPU server cannot change policy.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+MIN_TOKEN_LENGTH = 16  # short tokens are guessable; refuse them at load time
+
+
+class Role(enum.IntEnum):
+    VIEWER = 1
+    AGENT = 2
+    ADMIN = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who made a request: logged with every mutation."""
+
+    name: str
+    role: Role
+
+
+ANONYMOUS_ADMIN = Principal("anonymous", Role.ADMIN)  # only when auth is disabled
+
+
+class TokenFileError(ValueError):
+    """The token file cannot be read or has a bad entry; the message names the file."""
+
+
+class TokenStore:
+    """Token lookup. `None` tokens mean auth is disabled (every request is an admin)."""
+
+    def __init__(self, tokens: dict[str, Principal] | None) -> None:
+        self._tokens = tokens
+
+    @property
+    def enabled(self) -> bool:
+        return self._tokens is not None
+
+    def lookup(self, token: str) -> Principal | None:
+        if self._tokens is None:
+            return ANONYMOUS_ADMIN
+        found = None
+        # Compare against every token in constant time, so timing reveals nothing.
+        for known, principal in self._tokens.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                found = principal
+        return found
+
+    @classmethod
+    def disabled(cls) -> TokenStore:
+        return cls(None)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TokenStore:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise TokenFileError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise TokenFileError(f"{path}: not valid YAML: {exc}") from exc
+        return cls(parse_tokens(data, str(path)))
+
+
+def parse_tokens(data: object, file: str = "tokens") -> dict[str, Principal]:
+    if not isinstance(data, dict) or not data:
+        raise TokenFileError(f"{file}: must be a non-empty mapping of token -> {{name, role}}")
+    roles = {r.label: r for r in Role}
+    tokens: dict[str, Principal] = {}
+    for token, entry in data.items():
+        shown = f"{str(token)[:4]}…"  # never log a whole token
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
+            raise TokenFileError(
+                f"{file}: token {shown}: must be a string of at least {MIN_TOKEN_LENGTH} chars")
+        if not isinstance(entry, dict) or set(entry) != {"name", "role"}:
+            raise TokenFileError(f"{file}: token {shown}: needs exactly the keys name and role")
+        if entry["role"] not in roles:
+            raise TokenFileError(
+                f"{file}: token {shown}: role must be one of {', '.join(roles)}")
+        if not isinstance(entry["name"], str) or not entry["name"]:
+            raise TokenFileError(f"{file}: token {shown}: name must be a non-empty string")
+        tokens[token] = Principal(entry["name"], roles[entry["role"]])
+    return tokens

@@ -1,0 +1,354 @@
+"""The token ledger: prompt and completion tokens per tenant, model and minute.
+
+Rows come from the host agents' usage reports: either the usage since the last
+report, deduplicated by a report id, or (preferred) the agent's cumulative totals,
+whose growth is counted, so that retries and lost reports need no id at all.
+SQLite in WAL mode with
+synchronous=FULL: a report is acknowledged (HTTP 2xx) only after its
+transaction committed and the WAL was fsynced, so it survives a kill -9 of the
+controller and a power cut. A report id makes recording idempotent: an agent
+that retries after a timeout never double counts.
+
+Switch counters (bytes and packets per tenant, read over P4Runtime) are sampled
+into the same file, so that a time range can put what the agents say the
+tenants used beside what the switches saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS reports (
+    report_id TEXT PRIMARY KEY,
+    backend   TEXT NOT NULL,
+    received  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    minute            INTEGER NOT NULL,  -- unix seconds, a multiple of 60
+    tenant_id         INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    requests          INTEGER NOT NULL,
+    PRIMARY KEY (minute, tenant_id, model)
+);
+CREATE TABLE IF NOT EXISTS switch_counters (
+    ts        REAL NOT NULL,
+    switch    TEXT NOT NULL,
+    tenant_id INTEGER NOT NULL,
+    bytes     INTEGER NOT NULL,
+    packets   INTEGER NOT NULL,
+    conns     INTEGER NOT NULL  -- connections admitted
+);
+CREATE INDEX IF NOT EXISTS switch_counters_ts ON switch_counters (ts);
+CREATE TABLE IF NOT EXISTS usage_totals (  -- the last cumulative totals an agent reported
+    backend           TEXT NOT NULL,
+    tenant_id         INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    requests          INTEGER NOT NULL,
+    PRIMARY KEY (backend, tenant_id, model)
+);
+CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id across restarts
+    name       TEXT PRIMARY KEY,
+    backend_id INTEGER NOT NULL UNIQUE
+);
+CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
+"""
+
+REPORT_ID_RETENTION_S = 7 * 24 * 3600  # agents retry for seconds; a week is plenty
+
+
+@dataclass(frozen=True)
+class Usage:
+    tenant_id: int
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int = 1
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    minute: int
+    tenant_id: int
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class CrossCheckRow:
+    """One tenant over a time range: the agents' token counts beside the switches' counters."""
+
+    tenant_id: int
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+    switch_bytes: int
+    switch_packets: int
+    switch_connections: int
+    counter_samples: int  # 0: no counter reads in the range (switch not connected?)
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        tokens = self.prompt_tokens + self.completion_tokens
+        return round(self.switch_bytes / tokens, 3) if tokens and self.counter_samples else None
+
+
+class Ledger:
+    """One SQLite file; safe to call from several threads (one connection, one lock)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: every commit fsyncs the WAL, so an acknowledged report survives power loss,
+        # not just a killed process.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+        self._last_prune = 0.0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------ writes
+
+    def record(self, report_id: str | None, backend: str, usage: Iterable[Usage],
+               now: float | None = None) -> bool:
+        """Add one report's usage; False (and nothing added) if its id was recorded before."""
+        now = time.time() if now is None else now
+        minute = int(now // 60 * 60)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if report_id is not None:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO reports (report_id, backend, received) "
+                        "VALUES (?, ?, ?)", (report_id, backend, now))
+                    if cur.rowcount == 0:
+                        self._db.execute("ROLLBACK")
+                        return False
+                for u in usage:
+                    self._add_usage(minute, u)
+                if now - self._last_prune > 3600:
+                    self._db.execute("DELETE FROM reports WHERE received < ?",
+                                     (now - REPORT_ID_RETENTION_S,))
+                    self._last_prune = now
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return True
+
+    def record_totals(self, report_id: str | None, backend: str, totals: Iterable[Usage],
+                      now: float | None = None) -> bool:
+        """Add the growth of an agent's cumulative totals since its last report.
+
+        Idempotent by construction: a retried or duplicated report has grown by
+        nothing, and a lost report's usage is counted with the next one. Totals
+        lower than the last ones mean the agent restarted: they count from zero.
+        """
+        now = time.time() if now is None else now
+        minute = int(now // 60 * 60)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if report_id is not None:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO reports (report_id, backend, received) "
+                        "VALUES (?, ?, ?)", (report_id, backend, now))
+                    if cur.rowcount == 0:
+                        self._db.execute("ROLLBACK")
+                        return False
+                for u in totals:
+                    new = (u.prompt_tokens, u.completion_tokens, u.requests)
+                    row = self._db.execute(
+                        "SELECT prompt_tokens, completion_tokens, requests FROM usage_totals "
+                        "WHERE backend = ? AND tenant_id = ? AND model = ?",
+                        (backend, u.tenant_id, u.model)).fetchone()
+                    if row is None or any(n < o for n, o in zip(new, row, strict=True)):
+                        grown = new  # first report, or the agent restarted
+                    else:
+                        grown = tuple(n - o for n, o in zip(new, row, strict=True))
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO usage_totals (backend, tenant_id, model, "
+                        "prompt_tokens, completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?)",
+                        (backend, u.tenant_id, u.model, *new))
+                    if any(grown):
+                        self._add_usage(minute, Usage(u.tenant_id, u.model, *grown))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return True
+
+    def _add_usage(self, minute: int, u: Usage) -> None:
+        self._db.execute(
+            "INSERT INTO usage (minute, tenant_id, model, prompt_tokens, "
+            "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "requests = requests + excluded.requests",
+            (minute, u.tenant_id, u.model, u.prompt_tokens, u.completion_tokens, u.requests))
+
+    def record_counters(self, switch: str, counters: dict[int, tuple[int, int, int]],
+                        now: float | None = None) -> None:
+        """Store one read of a switch's per-tenant counters: tenant_id -> (bytes, packets,
+        connections)."""
+        now = time.time() if now is None else now
+        rows = [(now, switch, t, b, p, c) for t, (b, p, c) in sorted(counters.items())]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO switch_counters (ts, switch, tenant_id, bytes, packets, conns) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def remember_backend_id(self, name: str, backend_id: int) -> None:
+        """Keep the id an agent's backend got, so that it gets it again after a restart."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM backend_ids WHERE backend_id = ? AND name != ?",
+                                 (backend_id, name))
+                self._db.execute("INSERT OR REPLACE INTO backend_ids (name, backend_id) "
+                                 "VALUES (?, ?)", (name, backend_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def backend_ids(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT name, backend_id FROM backend_ids"))
+
+    # ------------------------------------------------------------ reads
+
+    def has_report(self, report_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM reports WHERE report_id = ?",
+                                   (report_id,)).fetchone()
+        return row is not None
+
+    def query(self, tenant_id: int | None = None, model: str | None = None,
+              since: float | None = None, until: float | None = None,
+              limit: int | None = None) -> list[UsageRow]:
+        """Rows per minute, tenant and model; `since` inclusive, `until` exclusive (unix s)."""
+        where, args = _filters(tenant_id, model, since, until)
+        sql = ("SELECT minute, tenant_id, model, prompt_tokens, completion_tokens, requests "
+               f"FROM usage {where} ORDER BY minute, tenant_id, model")
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [UsageRow(*r) for r in rows]
+
+    def totals(self, since: float | None = None,
+               until: float | None = None) -> dict[int, tuple[int, int, int]]:
+        """tenant_id -> (prompt, completion, requests) over the range."""
+        where, args = _filters(None, None, since, until)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT tenant_id, SUM(prompt_tokens), SUM(completion_tokens), SUM(requests) "
+                f"FROM usage {where} GROUP BY tenant_id", args).fetchall()
+        return {t: (p, c, r) for t, p, c, r in rows}
+
+    def cross_check(self, since: float | None = None,
+                    until: float | None = None) -> list[CrossCheckRow]:
+        """Per tenant: ledger tokens beside the growth of the switches' counters."""
+        totals = self.totals(since, until)
+        growth = self.counter_growth(since, until)
+        out = []
+        for tenant in sorted(set(totals) | set(growth)):
+            p, c, r = totals.get(tenant, (0, 0, 0))
+            b, pk, cn, n = growth.get(tenant, (0, 0, 0, 0))
+            out.append(CrossCheckRow(tenant, p, c, r, b, pk, cn, n))
+        return out
+
+    def counter_growth(self, since: float | None = None, until: float | None = None,
+                       ) -> dict[int, tuple[int, int, int, int]]:
+        """tenant_id -> (bytes, packets, connections, samples): growth summed over switches.
+
+        Counters are cumulative; a value lower than the one before means the switch
+        restarted, and the new value counts as growth from zero.
+        """
+        clauses, args = [], []
+        if since is not None:
+            clauses.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("ts < ?")
+            args.append(until)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT switch, tenant_id, bytes, packets, conns FROM switch_counters "
+                f"{where} ORDER BY switch, tenant_id, ts", args).fetchall()
+        growth: dict[int, list[int]] = {}
+        last: dict[tuple[str, int], tuple[int, ...]] = {}
+        for switch, tenant, *values in rows:
+            acc = growth.setdefault(tenant, [0, 0, 0, 0])
+            acc[3] += 1
+            prev = last.get((switch, tenant))
+            if prev is not None:
+                for i, (now_v, prev_v) in enumerate(zip(values, prev, strict=True)):
+                    acc[i] += now_v - prev_v if now_v >= prev_v else now_v
+            last[(switch, tenant)] = tuple(values)
+        return {t: (a[0], a[1], a[2], a[3]) for t, a in growth.items()}
+
+    def export_csv(self, rows: list[UsageRow]) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["minute", "minute_utc", "tenant_id", "model", "prompt_tokens",
+                         "completion_tokens", "total_tokens", "requests"])
+        for r in rows:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.minute))
+            writer.writerow([r.minute, stamp, r.tenant_id, r.model, r.prompt_tokens,
+                             r.completion_tokens, r.total_tokens, r.requests])
+        return buf.getvalue()
+
+
+def _filters(tenant_id: int | None, model: str | None, since: float | None,
+             until: float | None) -> tuple[str, list]:
+    clauses: list[str] = []
+    args: list = []
+    if tenant_id is not None:
+        clauses.append("tenant_id = ?")
+        args.append(tenant_id)
+    if model is not None:
+        clauses.append("model = ?")
+        args.append(model)
+    if since is not None:
+        # a minute row counts when its minute starts inside the range
+        clauses.append("minute >= ?")
+        args.append(since)
+    if until is not None:
+        clauses.append("minute < ?")
+        args.append(until)
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args

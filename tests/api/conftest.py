@@ -1,0 +1,108 @@
+"""A controller on a real uvicorn server on 127.0.0.1, with tokens of each role."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+
+from controller.api.server import create_app
+from controller.app import Controller
+from controller.auth import Principal, Role, TokenStore
+from controller.fabric import parse_fabric
+from controller.ledger import Ledger
+from controller.policy.schema import parse_policy
+
+FABRIC = """
+switches:
+  s1: {address: "127.0.0.1:9559", device_id: 1, ports: [1, 2, 3, 4, 5, 6]}
+hosts:
+  clients: {switch: s1, port: 1, address: 10.0.1.0, prefix_len: 24, mac: "02:00:00:00:01:01"}
+  gpu1: {switch: s1, port: 3, address: 10.0.0.11, mac: "02:00:00:00:00:11"}
+  responder: {switch: s1, port: 5, address: 10.0.0.99, mac: "02:00:00:00:00:99"}
+backends:
+  gpu1-llama: {id: 1, host: gpu1, capacity: 16, models: [tiny-llama]}
+services:
+  llama: {id: 1, model: tiny-llama, vip: 10.0.100.1, port: 8000, overflow: responder}
+  qwen: {id: 2, model: qwen, vip: 10.0.100.2, port: 8000, mode: p2c}
+"""
+
+ADMIN = "admin-token-0123456789abcdef"
+AGENT = "agent-token-0123456789abcdef"
+VIEWER = "viewer-token-0123456789abcdef"
+TOKENS = {ADMIN: Principal("alice", Role.ADMIN), AGENT: Principal("agents", Role.AGENT),
+          VIEWER: Principal("grafana", Role.VIEWER)}
+
+REGISTRATION = {"name": "gpu2-llama", "host": "gpu2", "address": "10.0.0.12",
+                "mac": "02:00:00:00:00:12", "switch": "s1", "port": 4, "capacity": 8,
+                "models": ["tiny-llama"], "vip": "10.0.100.1", "vip_port": 8000}
+
+
+POLICY = """
+contracts:
+  gold:
+    class: {service_class: low-latency-data, dscp: 18, queue: 5, priority_level: 2}
+    tpm: 60000
+    burst: 5000
+    rpm: 600
+    max_parallel: 8
+  bronze:
+    class: {service_class: standard, dscp: 0, queue: 1, priority_level: 9}
+    tpm: 6000
+    burst: 500
+tenants:
+  - {name: acme, id: 1, prefixes: [10.0.1.0/25], contract: gold}
+  - {name: umbrella, id: 2, prefixes: [10.0.1.128/25], contract: bronze}
+"""
+
+
+def make_controller(tmp_path, auth: bool = True) -> Controller:
+    model = parse_fabric(FABRIC, "fabric.yaml")
+    model.policy = parse_policy(POLICY, "policy.yaml", model=model)
+    tokens = TokenStore(dict(TOKENS)) if auth else TokenStore.disabled()
+    return Controller(model, Ledger(tmp_path / "ledger.db"), tokens)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Live:
+    url: str
+    ctl: Controller
+
+    def client(self, token: str | None = ADMIN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+
+def serve_in_thread(ctl: Controller) -> Iterator[Live]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ctl), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield Live(f"http://127.0.0.1:{port}", ctl)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        ctl.ledger.close()
+
+
+@pytest.fixture
+def live(tmp_path) -> Iterator[Live]:
+    yield from serve_in_thread(make_controller(tmp_path))

@@ -1,0 +1,124 @@
+"""The agreed contract, live: the real host agent (tokenfabric agent run) in front of the
+vLLM emulator registers with a real controller process, reports load and usage, and the
+usage of a request made through the agent's bridge lands in the controller's ledger."""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+
+from tests.api.conftest import ADMIN, AGENT, free_port
+from tests.hostagent.conftest import env_without_config, start_emulator, stop_process
+
+FABRIC = """
+switches:
+  s1: {address: "127.0.0.1:1", device_id: 1, ports: [1, 2, 3, 4]}
+hosts:
+  clients: {switch: s1, port: 1, address: 10.0.1.0, prefix_len: 24, mac: "02:00:00:00:01:01"}
+services:
+  tiny: {id: 1, model: tiny, vip: 10.0.100.1, port: 8000}
+"""
+
+POLICY = """
+contracts:
+  gold:
+    class: {service_class: low-latency-data, priority_level: 2}
+    tpm: 60000
+tenants:
+  - {name: acme, id: 5, prefixes: [127.0.0.2/32], contract: gold}
+"""
+
+
+def wait_for(check, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started: list[subprocess.Popen] = []
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # stands in for the switch
+    sink.bind(("127.0.0.1", 0))
+    try:
+        (tmp_path / "fabric.yaml").write_text(FABRIC)
+        (tmp_path / "policy.yaml").write_text(POLICY)
+        (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
+            {ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent"}}))
+        api_port = free_port()
+        started.append(subprocess.Popen(
+            [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
+             "--fabric", str(tmp_path / "fabric.yaml"), "--policy", str(tmp_path / "policy.yaml"),
+             "--tokens", str(tmp_path / "tokens.yaml"), "--ledger", str(tmp_path / "l.db"),
+             "--listen", f"127.0.0.1:{api_port}"],
+            stdout=open(tmp_path / "controller.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT))
+        emulator = start_emulator("--speed", "10", "--model", "tiny", "--max-num-seqs", "8")
+        started.append(emulator.proc)
+        bridge_port = free_port()
+        (tmp_path / "agent.yaml").write_text(yaml.safe_dump({"agent": {
+            "name": "gpu2", "address": "10.0.0.12", "mac": "02:00:00:00:00:12", "switch": "s1",
+            "port": 4, "vip": "10.0.100.1", "vip_port": 8000, "capacity": 8,
+            "vllm_url": emulator.url, "controller_url": f"http://127.0.0.1:{api_port}",
+            "token": AGENT, "listen_address": "127.0.0.1", "listen_port": bridge_port,
+            "beacon_target": f"127.0.0.1:{sink.getsockname()[1]}", "report_interval": 0.3}}))
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "tokenfabric.cli", "agent", "run", "--config",
+             str(tmp_path / "agent.yaml")], env=env_without_config(),
+            stdout=open(tmp_path / "agent.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        started.append(agent)
+        api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10,
+                           headers={"Authorization": f"Bearer {ADMIN}"})
+        yield api, agent, bridge_port
+    finally:
+        for proc in reversed(started):
+            stop_process(proc)
+        sink.close()
+
+
+def test_agent_registers_reports_and_its_usage_is_in_the_ledger(processes, tmp_path):
+    api, agent, bridge_port = processes
+
+    def registered():
+        r = api.get("/api/v1/backends/gpu2")
+        return r.status_code == 200 and r.json()["load"]["reports"] >= 2 and r.json()
+
+    view = wait_for(registered, "the agent to register and report")
+    assert view["registered"] and view["services"] == ["tiny"] and view["healthy"]
+    assert view["backend_id"] == 1 and view["models"] == ["tiny"]
+    assert view["state"] == "active" and view["load"]["last_report_age_s"] < 2
+
+    # a request through the bridge, from acme's address
+    transport = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(transport=transport, timeout=20) as client:
+        reply = client.post(f"http://127.0.0.1:{bridge_port}/v1/completions",
+                            json={"model": "tiny", "prompt": "count me", "max_tokens": 9})
+    assert reply.status_code == 200
+    usage = reply.json()["usage"]
+
+    rows = wait_for(lambda: api.get("/api/v1/ledger", params={"tenant_id": 5}).json(),
+                    "the usage in the ledger")
+    assert [(r["model"], r["prompt_tokens"], r["completion_tokens"], r["requests"])
+            for r in rows] == [("tiny", usage["prompt_tokens"], 9, 1)]
+    csv_text = api.get("/api/v1/ledger.csv").text
+    assert f",5,tiny,{usage['prompt_tokens']},9," in csv_text
+
+    # the operator drains it; the agent goes on reporting; on SIGTERM it deregisters
+    assert api.post("/api/v1/backends/gpu2/drain").json()["state"] == "draining"
+    agent.send_signal(signal.SIGTERM)
+    agent.wait(timeout=15)
+    wait_for(lambda: api.get("/api/v1/backends/gpu2").status_code == 404, "deregistration")
+    audit = [(e["who"], e["action"]) for e in api.get("/api/v1/audit").json()]
+    assert audit == [("agents", "register"), ("ops", "drain"), ("agents", "deregister")]

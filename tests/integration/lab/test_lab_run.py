@@ -1,0 +1,98 @@
+"""`tokenfabric lab run` end to end on Mininet + BMv2: results folder, and nothing left behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tokenfabric.lab import prereqs
+from tokenfabric.lab.network import host_shells, leftover_links
+
+pytestmark = [pytest.mark.mininet, pytest.mark.root, pytest.mark.bmv2, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(autouse=True)
+def _components():
+    missing = prereqs.missing_pieces()
+    if missing:
+        pytest.skip("lab components missing: " + "; ".join(m.name for m in missing))
+    if leftover_links():
+        pytest.skip(f"another lab network is up: {leftover_links()[:3]}")
+
+
+def _our_processes(marker: str) -> list[str]:
+    """Command lines of running processes that mention `marker` (our results folder)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def _lab(args, out):
+    return [sys.executable, "-m", "tokenfabric.cli", "lab", "run", *args, "--out", str(out)]
+
+
+def test_quick_writes_results_and_leaves_nothing(tmp_path):
+    done = subprocess.run(_lab(["--topo", "single", "--experiment", "quick", "--duration", "6"],
+                               tmp_path), capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [folder] = list(tmp_path.iterdir())
+    run = folder / "runs" / "p2c-0.5"
+    records = [json.loads(line) for line in (run / "requests.jsonl").read_text().splitlines()]
+    assert len(records) >= 10
+    ok = [r for r in records if r["ok"]]
+    assert len(ok) >= 0.9 * len(records)
+    assert {r["tenant"] for r in records} == {"gold", "bulk"}
+    assert all(r["ttft"] > 0 and r["output_tokens"] >= 1 for r in ok)
+    served = json.loads((run / "served.json").read_text())  # from the emulators' metrics
+    assert set(served) == {"tflb1", "tflb2"} and all(v > 0 for v in served.values())
+    assert sum(served.values()) == len(ok)
+    for png in ("timeline.png", "ttft_cdf.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    summary = (folder / "summary.md").read_text()
+    assert "| p2c | 0.5 | all |" in summary
+    assert "teardown: clean" in summary
+    assert "TTFT p99" in done.stdout
+    assert leftover_links() == [] and host_shells() == []
+    assert _our_processes(str(tmp_path)) == []
+
+
+def test_ctrl_c_mid_run_tears_everything_down(tmp_path):
+    proc = subprocess.Popen(_lab(["--topo", "single", "--experiment", "quick", "--duration",
+                                  "60"], tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            if list(tmp_path.glob("*/runs/*/requests-*.jsonl")):
+                break  # the load has started
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("the load never started")
+        time.sleep(2)
+        assert _our_processes(str(tmp_path))  # loadgens, agents, emulators... are running
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "torn down" in proc.stderr.read()
+    assert leftover_links() == [] and host_shells() == []
+    assert _our_processes(str(tmp_path)) == []
+    # every PID the run started (emulators included) was checked by the runner itself
+    [summary] = tmp_path.glob("*/summary.md")
+    assert "teardown: clean" in summary.read_text()

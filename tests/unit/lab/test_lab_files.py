@@ -1,0 +1,129 @@
+"""The files a lab run writes are accepted by the components that read them."""
+
+import pytest
+import yaml
+
+from tokenfabric.lab.experiments import EXPERIMENTS, experiment
+from tokenfabric.lab.runner import lab_plan, workloads
+from tokenfabric.lab.stack import agent_config, policy_dict
+
+
+def _plan(name, topo="single"):
+    exp = experiment(name)
+    plan = lab_plan(exp, topo)
+    for i, sw in enumerate(plan.switches.values()):
+        sw.grpc_port = 50200 + i
+    return exp, plan
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("topo", ["single", "leafspine"])
+def test_policy_validates_against_the_fabric(name, topo):
+    fabric = pytest.importorskip("controller.fabric")
+    schema = pytest.importorskip("controller.policy.schema")
+    exp, plan = _plan(name, topo)
+    model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
+    policy = schema.parse_policy(yaml.safe_dump(policy_dict(exp, plan)), model=model)
+    names = sorted(t.name for t in (policy.tenants.values() if isinstance(policy.tenants, dict)
+                                    else policy.tenants))
+    assert names == sorted(t.name for t in exp.tenants)
+
+
+def test_overload_contract_limits_best_effort_only():
+    exp, plan = _plan("overload")
+    contracts = policy_dict(exp, plan)["contracts"]
+    assert contracts["bulk-contract"]["tpm"] == 100 * 60
+    assert contracts["gold-contract"]["tpm"] >= 60 * 1_000_000
+
+
+def test_agent_configs_validate_in_the_agent():
+    config = pytest.importorskip("hostagent.config")
+    _, plan = _plan("quick", "leafspine")
+    for host in plan.by_role("backend") + plan.by_role("responder"):
+        section = agent_config(plan, host, 8080, "t" * 32, host.role == "responder")["agent"]
+        cfg = config.validate({**config.DEFAULTS, **section})
+        if host.role == "backend":
+            assert cfg.controller_url == f"http://{host.mgmt_gw}:8080"
+        assert cfg.vip == plan.vip and cfg.address == host.ip
+        assert cfg.mode == ("overflow" if host.role == "responder" else "relay")
+
+
+def test_workloads_split_the_offered_load_by_tenant_weight():
+    exp, plan = _plan("overload")
+    run = exp.runs[0]
+    loads = workloads(exp, run, plan)
+    rates = {w.tenants[0].name: w.rate for w in loads.values()}
+    assert rates["bulk"] == pytest.approx(4 * rates["gold"])
+    assert sum(rates.values()) == pytest.approx(run.load * exp.capacity())
+    for host, w in loads.items():
+        assert w.tenants[0].source_ip == plan.hosts[host].ip
+        assert w.url == f"http://{plan.vip}:{plan.vip_port}"
+
+
+def test_capacity_follows_the_emulator_model():
+    exp = experiment("modes")
+    # 3 speed-units x 4 slots / ~0.7 s per request at speed 1
+    assert 12 < exp.capacity() < 25
+    assert experiment("quick").capacity() == pytest.approx(exp.capacity() * 2 / 3)
+
+
+def test_duration_override_keeps_events_inside_the_run():
+    exp = experiment("failover", duration=6)
+    assert exp.duration == 6 and exp.runs[0].events[0].at <= 3
+
+
+def test_a_reloaded_policy_differs_and_still_validates():
+    fabric = pytest.importorskip("controller.fabric")
+    schema = pytest.importorskip("controller.policy.schema")
+    exp, plan = _plan("reload")
+    first, second = policy_dict(exp, plan), policy_dict(exp, plan, generation=1)
+    assert first != second and first["tenants"] == second["tenants"]
+    model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
+    schema.parse_policy(yaml.safe_dump(second), model=model)
+
+
+def test_ecmp_capacity_keeps_the_controller_weights_equal_under_any_lab_load():
+    routing = pytest.importorskip("controller.routing")
+    model_mod = pytest.importorskip("controller.model")
+    from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS
+    from tokenfabric.lab.stack import ECMP_CAPACITY
+
+    model = model_mod.Model()
+    loads = {"b1": (0, 0), "b2": (EMULATOR_MAX_NUM_SEQS, 40), "b3": (2, 5)}
+    for i, (name, (running, waiting)) in enumerate(loads.items(), start=1):
+        b = model_mod.Backend(name, i, name, f"10.0.0.{i}", f"02:00:00:00:00:0{i}", "s1", i,
+                              capacity=ECMP_CAPACITY)
+        b.weight = routing.headroom(b, running, waiting, kv_cache_usage=0.01)
+        model.backends[name] = b
+    weights = routing.group_weights(model, list(loads))
+    assert len(set(weights.values())) == 1
+    # ...while with the true capacity the loaded backend loses weight ("weights" mode)
+    for name, (running, waiting) in loads.items():
+        model.backends[name].capacity = EMULATOR_MAX_NUM_SEQS
+        model.backends[name].weight = routing.headroom(model.backends[name], running, waiting,
+                                                       0.01)
+    weights = routing.group_weights(model, list(loads))
+    assert weights["b2"] < weights["b1"]
+
+
+def test_ecmp_agent_config_validates():
+    config = pytest.importorskip("hostagent.config")
+    from tokenfabric.lab.stack import ECMP_CAPACITY
+
+    _, plan = _plan("modes")
+    host = plan.by_role("backend")[0]
+    section = agent_config(plan, host, 8080, "t" * 32, capacity=ECMP_CAPACITY)["agent"]
+    assert config.validate({**config.DEFAULTS, **section}).capacity == ECMP_CAPACITY
+
+
+@pytest.mark.vllm
+def test_the_tiny_model_for_the_real_vllm_is_made_locally(tmp_path, monkeypatch):
+    from tokenfabric.lab import stack
+
+    monkeypatch.delenv(stack.TINY_MODEL_ENV, raising=False)
+    if not stack.TINY_MODEL_MAKER.is_file():
+        pytest.skip(f"no {stack.TINY_MODEL_MAKER} in this checkout")
+    folder = stack.make_tiny_model(tmp_path / "tiny")
+    assert (folder / "config.json").is_file()
+    monkeypatch.setenv(stack.TINY_MODEL_ENV, str(folder))
+    assert stack.make_tiny_model(tmp_path / "other") == folder  # the environment wins

