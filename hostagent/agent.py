@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from urllib.parse import urlsplit
 
@@ -52,8 +53,10 @@ class Agent:
             mode=config.mode, upstream_timeout=config.upstream_timeout,
             request_timeout=config.request_timeout,
             trust_tenant_header=config.trust_tenant_header,
-            overflow_request_tokens=config.overflow_request_tokens),
-            self.tenants, on_finish=self._on_request_finished)
+            overflow_request_tokens=config.overflow_request_tokens,
+            backend_name=config.name, priority_scheduling=config.priority_scheduling,
+            charge_step=config.charge_step),
+            self.tenants, on_finish=self._on_request_finished, on_charge=self._on_charge)
         self.session: aiohttp.ClientSession | None = None
         self.controller: ControllerClient | None = None
 
@@ -73,10 +76,12 @@ class Agent:
         self.tenant_ids[tenant.name] = tenant.tenant_id
         self.usage_total.setdefault(tenant.name, TenantUsage()).add(usage)
         self.usage_unreported.setdefault(tenant.name, TenantUsage()).add(usage)
-        tokens = usage.prompt_tokens + usage.completion_tokens
-        if self.backend_id is not None and tenant.tenant_id != UNKNOWN_TENANT_ID and tokens:
-            self.beacons.usage(self.backend_id, tenant.tenant_id, usage.prompt_tokens,
-                               usage.completion_tokens)
+
+    def _on_charge(self, tenant: Tenant, prompt_tokens: int, completion_tokens: int) -> None:
+        """A USAGE beacon per charge: at the start of a request, while it streams, at its end."""
+        if self.backend_id is not None and tenant.tenant_id != UNKNOWN_TENANT_ID:
+            self.beacons.usage(self.backend_id, tenant.tenant_id, prompt_tokens,
+                               completion_tokens)
 
     # -- run -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -225,7 +230,11 @@ class Agent:
 
     def _apply_tenants(self, items: list) -> None:
         try:
-            self.tenants.replace(TenantTable.from_json(items).tenants)
+            tenants = TenantTable.from_json(items).tenants
+            known = self.config.tenant_priorities
+            self.tenants.replace([t if t.request_priority is not None or t.name not in known
+                                  else dataclasses.replace(t, request_priority=known[t.name])
+                                  for t in tenants])
         except ValueError as exc:
             log.error("controller sent bad tenants, keeping the previous ones: %s", exc)
 

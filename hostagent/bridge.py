@@ -9,6 +9,16 @@
   (and estimating the prompt at 4 bytes a token); such requests are marked estimated.
 - The tenant is the longest tenant prefix holding the client's source address; with
   `trust_tenant_header` (labs and tests only) an X-Tokenfabric-Tenant header may name it.
+- Every response names the backend in `X-Tokenfabric-Backend` (the agent's name), so a
+  client (the lab's load generator) knows who served it or answered the error.
+- Charged early: the prompt (estimated, 4 bytes a token) is charged through `on_charge`
+  when the request is sent to vLLM, the completion every `charge_step` streamed tokens,
+  and the rest (usage's exact figures minus what was charged) at the end; so a tenant's
+  token bucket in the switch empties while its requests run, not only when they end.
+- With `priority_scheduling` (vLLM runs with `--scheduling-policy priority`) the request
+  body gets `priority` = - the tenant's contract `request_priority`: the contract follows
+  the Gateway API Inference Extension (higher is more important), vLLM serves lower values
+  first. A client's own `priority` is overwritten, so a tenant cannot promote itself.
 - Overflow mode answers every request 429 with Retry-After from the tenant's refill rate.
 - vLLM unreachable: 502; no response head within the timeout: 504; both JSON errors.
   A stream that breaks or stalls after its head was sent ends with an SSE error event
@@ -34,11 +44,13 @@ from hostagent import log
 from hostagent.tenants import UNKNOWN, Tenant, TenantTable, TenantUsage, retry_after_seconds
 
 TENANT_HEADER = "x-tokenfabric-tenant"
+BACKEND_HEADER = "X-Tokenfabric-Backend"
 MAX_HEAD = 64 * 1024
 MAX_BODY = 16 * 1024 * 1024
 MAX_KEPT_RESPONSE = 8 * 1024 * 1024   # non-streaming bodies kept to read `usage` from
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
-              "transfer-encoding", "content-length", "expect", TENANT_HEADER}
+              "transfer-encoding", "content-length", "expect", TENANT_HEADER,
+              BACKEND_HEADER.lower()}
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _REASONS = {400: "Bad Request", 404: "Not Found", 408: "Request Timeout",
             411: "Length Required",
@@ -66,6 +78,9 @@ class BridgeSettings:
     trust_tenant_header: bool = False
     overflow_request_tokens: int = 512
     request_timeout: float = 30.0       # a client must send its whole request within this
+    backend_name: str = ""              # X-Tokenfabric-Backend of every response
+    priority_scheduling: bool = False   # set the body's `priority` from the tenant's contract
+    charge_step: int = 16               # charge streamed completion tokens this many at a time
 
 
 def error_body(status: int, message: str, kind: str) -> bytes:
@@ -163,12 +178,13 @@ async def read_request(reader: asyncio.StreamReader,
 
 class _Counter:
     """Finds usage, or counts content chunks, in the payload of an SSE stream."""
-    __slots__ = ("pending", "chunks", "usage")
+    __slots__ = ("pending", "chunks", "usage", "on_chunks")
 
     def __init__(self) -> None:
         self.pending = b""
         self.chunks = 0
         self.usage: dict | None = None
+        self.on_chunks: Callable[[int], None] | None = None
 
     def feed(self, payload: bytes) -> None:
         data = self.pending + payload if self.pending else payload
@@ -188,6 +204,8 @@ class _Counter:
                         continue
             if _is_token_chunk(body):
                 self.chunks += 1
+        if self.on_chunks is not None:
+            self.on_chunks(self.chunks)
 
 
 def _is_token_chunk(body: bytes) -> bool:
@@ -227,14 +245,37 @@ def _estimate_prompt_tokens(body: bytes) -> int:
 
 
 UsageCallback = Callable[[Tenant, TenantUsage], None]
+ChargeCallback = Callable[[Tenant, int, int], None]  # tenant, prompt tokens, completion tokens
+
+
+class _Charge:
+    """What one request has been charged so far (see the module docstring)."""
+    __slots__ = ("tenant", "prompt", "completion")
+
+    def __init__(self, tenant: Tenant) -> None:
+        self.tenant, self.prompt, self.completion = tenant, 0, 0
+
+
+def _with_priority(body: bytes, priority: int) -> bytes:
+    """The JSON request body with `priority` set; unchanged if it is not a JSON object."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(data, dict):
+        return body
+    data["priority"] = priority
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 class Bridge:
     def __init__(self, settings: BridgeSettings, tenants: TenantTable | None = None,
-                 on_finish: UsageCallback | None = None) -> None:
+                 on_finish: UsageCallback | None = None,
+                 on_charge: ChargeCallback | None = None) -> None:
         self.settings = settings
         self.tenants = tenants or TenantTable()
         self.on_finish = on_finish
+        self.on_charge = on_charge
         self.in_flight = 0
         self.server: asyncio.Server | None = None
 
@@ -307,9 +348,14 @@ class Bridge:
 
             watcher = asyncio.create_task(watch_client())
             usage.requests = 1
+            charge = _Charge(tenant)
             try:
+                if self.settings.priority_scheduling and request.body:
+                    request.body = _with_priority(request.body,
+                                                  -(tenant.request_priority or 0))
                 upstream_reader, upstream = await self._connect(request)
-                await self._relay(request, upstream_reader, writer, usage)
+                self._charge(charge, _estimate_prompt_tokens(request.body), 0)
+                await self._relay(request, upstream_reader, writer, usage, charge)
             except HttpError as exc:
                 usage.errors = 1
                 self._send_error(writer, exc)
@@ -330,6 +376,21 @@ class Bridge:
             if usage.requests or usage.rejected:
                 self._account(tenant, usage)
 
+    def _charge(self, charge: _Charge, prompt: int, completion: int) -> None:
+        """Charge the tenant `prompt` and `completion` more tokens (USAGE beacons)."""
+        if self.on_charge is None or (prompt <= 0 and completion <= 0):
+            return
+        charge.prompt += max(prompt, 0)
+        charge.completion += max(completion, 0)
+        try:
+            self.on_charge(charge.tenant, max(prompt, 0), max(completion, 0))
+        except Exception:  # accounting must never break the relay
+            log.exception("charge callback failed")
+
+    def _backend_headers(self) -> list[tuple[str, str]]:
+        name = self.settings.backend_name
+        return [(BACKEND_HEADER, name)] if name else []
+
     def _account(self, tenant: Tenant, usage: TenantUsage) -> None:
         if self.on_finish is not None:
             try:
@@ -341,7 +402,7 @@ class Bridge:
         body = error_body(exc.status, exc.message, exc.kind)
         writer.write(_response_head(exc.status, [
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-            ("Connection", "close")]) + body)
+            *self._backend_headers(), ("Connection", "close")]) + body)
 
     def _send_overflow(self, writer: asyncio.StreamWriter, tenant: Tenant) -> None:
         seconds = retry_after_seconds(tenant, self.settings.overflow_request_tokens)
@@ -349,7 +410,8 @@ class Bridge:
                           f"{seconds} s", "rate_limit_exceeded")
         writer.write(_response_head(429, [
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-            ("Retry-After", str(seconds)), ("Connection", "close")]) + body)
+            ("Retry-After", str(seconds)), *self._backend_headers(),
+            ("Connection", "close")]) + body)
 
     async def _connect(self, request: _Request) -> tuple[asyncio.StreamReader,
                                                          asyncio.StreamWriter]:
@@ -375,7 +437,8 @@ class Bridge:
         return reader, writer
 
     async def _relay(self, request: _Request, upstream: asyncio.StreamReader,
-                     client: asyncio.StreamWriter, usage: TenantUsage) -> None:
+                     client: asyncio.StreamWriter, usage: TenantUsage,
+                     charge: _Charge) -> None:
         timeout = self.settings.upstream_timeout
         try:
             async with asyncio.timeout(timeout):
@@ -397,11 +460,14 @@ class Bridge:
         if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             chunked, length = False, "0"  # no body follows such a head
         is_sse = values.get("content-type", "").startswith("text/event-stream")
-        out = [(k, v) for k, v in headers if k not in ("connection", "keep-alive")]
-        out.append(("connection", "close"))
+        out = [(k, v) for k, v in headers
+               if k not in ("connection", "keep-alive", BACKEND_HEADER.lower())]
+        out += [*self._backend_headers(), ("connection", "close")]
         client.write(status_line.encode("latin-1") + b"\r\n"
                      + "".join(f"{k}: {v}\r\n" for k, v in out).encode("latin-1") + b"\r\n")
         counter = _Counter()
+        if status == 200 and is_sse:
+            counter.on_chunks = lambda chunks: self._charge_progress(charge, chunks)
         kept = bytearray()
         try:
             if chunked:
@@ -421,6 +487,14 @@ class Bridge:
                              % (len(event), event, len(done), done))
         if status == 200:
             self._count(request, counter, kept, is_sse, usage)
+        # The rest: exact figures (usage) or counted chunks, minus what was charged already.
+        self._charge(charge, usage.prompt_tokens - charge.prompt,
+                     max(usage.completion_tokens, counter.chunks) - charge.completion)
+
+    def _charge_progress(self, charge: _Charge, chunks: int) -> None:
+        step = self.settings.charge_step
+        if step > 0 and chunks - charge.completion >= step:
+            self._charge(charge, 0, chunks - charge.completion)
 
     @staticmethod
     async def _read(upstream: asyncio.StreamReader, timeout: float) -> bytes:

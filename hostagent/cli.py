@@ -47,6 +47,8 @@ def _run_until_signal(make_coro: Callable[[asyncio.Event], Awaitable[None]],
 @click.option("--default-max-tokens", default=64, show_default=True, type=click.IntRange(1),
               help="Output length of a request that gives no max_tokens.")
 @click.option("--max-num-seqs", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--scheduling-policy", type=click.Choice(["fcfs", "priority"]), default="fcfs",
+              show_default=True, help="As vLLM's: priority serves lower `priority` first.")
 @click.option("--kv-cache-tokens", default=430_000, show_default=True, type=click.IntRange(16),
               help="KV cache size in tokens (A100-80GB with Llama-3-8B: ~430k).")
 @click.option("--block-size", default=16, show_default=True, type=click.IntRange(1))
@@ -69,7 +71,8 @@ def _run_until_signal(make_coro: Callable[[asyncio.Event], Awaitable[None]],
 @click.option("--fault-factor", default=4.0, show_default=True, type=click.FloatRange(min=0.001),
               help="Slow-down factor of the `slow` fault.")
 def emulator_command(host: str, port: int, model: str, max_model_len: int,
-                     default_max_tokens: int, max_num_seqs: int, kv_cache_tokens: int,
+                     default_max_tokens: int, max_num_seqs: int, scheduling_policy: str,
+                     kv_cache_tokens: int,
                      block_size: int, prefill_ms_per_token: float, decode_base_ms: float,
                      decode_ms_per_seq: float, decode_us_per_ctx_token: float,
                      no_prefix_caching: bool, speed: float, legacy_metrics: bool, fault: str,
@@ -84,7 +87,8 @@ def emulator_command(host: str, port: int, model: str, max_model_len: int,
             prefill_s_per_token=prefill_ms_per_token / 1e3, decode_base_s=decode_base_ms / 1e3,
             decode_s_per_seq=decode_ms_per_seq / 1e3,
             decode_s_per_ctx_token=decode_us_per_ctx_token / 1e6,
-            prefix_caching=not no_prefix_caching, speed=speed)
+            prefix_caching=not no_prefix_caching, speed=speed,
+            scheduling_policy=scheduling_policy)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     config = EmulatorConfig(model=model, max_model_len=max_model_len,

@@ -49,6 +49,11 @@ DEFAULTS: dict[str, Any] = {
     "host_setup": False,               # VIP on lo, ARP sysctls, IP-in-IP decap (needs root)
     "decap_interface": "tfa-ipip0",
     "roce": {},                        # RoCE QoS values; the controller's may override
+    "priority_scheduling": False,      # vLLM runs --scheduling-policy priority: send `priority`
+    # tenant name -> request priority (higher is more important), for tenants whose
+    # priority the controller does not send in its tenant list
+    "tenant_priorities": {},
+    "charge_step": 16,                 # charge streamed completion tokens this many at a time
 }
 
 
@@ -87,6 +92,9 @@ class AgentConfig:
     host_setup: bool
     decap_interface: str
     roce: dict
+    priority_scheduling: bool
+    tenant_priorities: dict
+    charge_step: int
 
     @property
     def beacon_addr(self) -> tuple[str, int]:
@@ -122,7 +130,7 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
     if not _MAC.match(str(values["mac"])):
         raise ConfigError(f"agent.mac: {values['mac']!r} is not a MAC address like "
                           "00:00:00:00:00:01")
-    for key in ("port", "capacity", "vip_port", "overflow_request_tokens"):
+    for key in ("port", "capacity", "vip_port", "overflow_request_tokens", "charge_step"):
         if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0:
             raise ConfigError(f"agent.{key} must be a non-negative integer")
     if values["capacity"] < 1:
@@ -137,6 +145,12 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
         raise ConfigError("agent.mode must be relay or overflow")
     if not isinstance(values["models"], list):
         raise ConfigError("agent.models must be a list")
+    priorities = values["tenant_priorities"]
+    if not isinstance(priorities, dict) or any(
+            isinstance(v, bool) or not isinstance(v, int) for v in priorities.values()):
+        raise ConfigError("agent.tenant_priorities must map tenant names to integers")
+    if not isinstance(values["priority_scheduling"], bool):
+        raise ConfigError("agent.priority_scheduling must be true or false")
     if not isinstance(values["roce"], dict):
         raise ConfigError("agent.roce must be a mapping")
     values["listen_address"] = values["listen_address"] or values["vip"]

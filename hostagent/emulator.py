@@ -289,8 +289,11 @@ class Emulator:
             raise ApiError(400, "stream_options must be an object")
         include_usage = bool(options.get("include_usage", False))
         max_tokens = self._max_tokens(body, len(tokens))
+        priority = body.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ApiError(400, "priority must be an integer")
         try:
-            req = self.engine.submit(tokens, max_tokens)
+            req = self.engine.submit(tokens, max_tokens, priority)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc
         prefix = "chatcmpl-" if chat else "cmpl-"

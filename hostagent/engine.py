@@ -12,6 +12,13 @@ It imitates what vLLM's scheduler does with time, not with tensors:
   decode step finds the cache full, the newest running request is preempted (its KV is
   freed, it goes back to the front of the queue and is prefilled again later), as vLLM's
   recompute preemption does;
+- scheduling_policy "priority" (vLLM's `--scheduling-policy priority`): each request has an
+  integer priority, lower is served first, ties by arrival. The waiting request with the
+  best (priority, arrival) is admitted first; when it finds the batch full (or the KV cache
+  without room) and a running request has a worse priority, the worst running one, by
+  (priority, arrival), is preempted to make room, as vLLM's priority scheduler does. The
+  KV-full preemption of a decode step also picks the worst, not the newest. Under "fcfs"
+  every priority is 0 and the order is arrival;
 - an optional prefix cache remembers prompt blocks of `block_size` tokens, so a request
   that shares a prefix with an earlier one prefills only the rest.
 
@@ -47,8 +54,11 @@ class EngineParams:
     decode_s_per_ctx_token: float = 0.000000086
     prefix_caching: bool = True
     speed: float = 1.0
+    scheduling_policy: str = "fcfs"  # or "priority"
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError("scheduling_policy must be fcfs or priority")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.kv_cache_tokens < self.block_size:
@@ -76,6 +86,11 @@ class Request:
     # Tokens are pushed here as they are generated; None marks the end.
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     prefilled: bool = False
+    priority: int = 0  # lower is served first (scheduling_policy "priority")
+
+    @property
+    def rank(self) -> tuple[int, float]:
+        return (self.priority, self.arrival)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -166,9 +181,13 @@ class Engine:
             except asyncio.CancelledError:
                 pass
 
-    def submit(self, prompt_tokens: list[str], max_tokens: int) -> Request:
+    def submit(self, prompt_tokens: list[str], max_tokens: int, priority: int = 0) -> Request:
+        if priority and self.params.scheduling_policy != "priority":
+            # vLLM's answer too: priorities need --scheduling-policy priority
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not "
+                             "enabled.")
         request = Request(f"req-{next(self._ids)}", prompt_tokens, max(1, max_tokens),
-                          arrival=self.clock())
+                          arrival=self.clock(), priority=priority)
         if request.num_prompt_tokens + request.max_tokens > self.params.kv_cache_tokens:
             raise ValueError(f"prompt ({request.num_prompt_tokens}) plus max_tokens "
                              f"({request.max_tokens}) exceed the KV cache "
@@ -228,12 +247,20 @@ class Engine:
         p = self.params
         prefill_tokens = 0
         free = p.kv_cache_tokens - self.kv_used
-        while self.waiting and len(self.running) < p.max_num_seqs:
-            request = self.waiting[0]
+        by_priority = p.scheduling_policy == "priority"
+        while self.waiting:
+            request = min(self.waiting, key=lambda r: r.rank) if by_priority \
+                else self.waiting[0]
             need = request.kv_tokens + 1
-            if need > free:
-                break  # head-of-line waits for room, as vLLM's FCFS scheduler does
-            self.waiting.popleft()
+            if len(self.running) >= p.max_num_seqs or need > free:
+                victim = max(self.running, key=lambda r: r.rank) if by_priority and \
+                    self.running else None
+                if victim is None or victim.priority <= request.priority:
+                    break  # head-of-line waits for room, as vLLM's schedulers do
+                self._preempt(victim)
+                free += victim.kv_tokens
+                continue
+            self.waiting.remove(request)
             cached = 0
             if p.prefix_caching:
                 cached = min(self.prefix_cache.lookup(request.prompt_tokens),
@@ -253,11 +280,17 @@ class Engine:
     def _make_room(self) -> None:
         """Each running request grows by one token this step; preempt the newest if full."""
         while self.running and self.kv_used + len(self.running) > self.params.kv_cache_tokens:
-            victim = self.running.pop()
-            victim.prefilled = False
-            self.waiting.appendleft(victim)
-            self.stats.preemptions += 1
-            log.debug("preempted %s (KV cache full)", victim.request_id)
+            victim = max(self.running, key=lambda r: r.rank) \
+                if self.params.scheduling_policy == "priority" else self.running[-1]
+            self._preempt(victim)
+
+    def _preempt(self, victim: Request) -> None:
+        """Free the victim's KV and send it back to the front of the queue (recompute)."""
+        self.running.remove(victim)
+        victim.prefilled = False
+        self.waiting.appendleft(victim)
+        self.stats.preemptions += 1
+        log.debug("preempted %s (priority %d)", victim.request_id, victim.priority)
 
     def _emit_tokens(self) -> None:
         now = self.clock()

@@ -15,6 +15,9 @@ class Tenant:
     name: str
     prefixes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     tokens_per_s: float = 0.0
+    # The contract's request priority (Gateway API Inference Extension: higher is more
+    # important); None when the controller did not send one.
+    request_priority: int | None = None
 
 
 UNKNOWN = Tenant(UNKNOWN_TENANT_ID, "unknown")
@@ -84,11 +87,14 @@ def tenant_from_json(item: dict) -> Tenant:
         name = str(item["name"])
         prefixes = tuple(ipaddress.ip_network(p, strict=False) for p in item.get("prefixes", []))
         rate = float(item.get("tokens_per_s") or 0.0)
+        priority = item.get("request_priority")
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise ValueError("request_priority must be an integer")
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"bad tenant {item!r}: {exc}") from exc
     if not 0 < tenant_id <= 0xFFFF:
         raise ValueError(f"tenant_id {tenant_id} is outside 1..65535")
-    return Tenant(tenant_id, name, prefixes, rate)
+    return Tenant(tenant_id, name, prefixes, rate, priority)
 
 
 def retry_after_seconds(tenant: Tenant, request_tokens: int) -> int:

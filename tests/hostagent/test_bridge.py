@@ -343,3 +343,98 @@ async def test_stop_lets_the_requests_in_flight_finish(emulator):
     assert recorder.finished[0][1]["errors"] == 0 and bridge.in_flight == 0
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
+
+
+async def test_every_response_names_the_backend(emulator):
+    bridge, _ = await start_bridge(emulator.port, backend_name="tflb7")
+    dead, _ = await start_bridge(free_port(), backend_name="tflb8")
+    full, _ = await start_bridge(emulator.port, backend_name="tfov1", mode="overflow")
+    try:
+        served = await raw(bridge.port, post({"model": "tiny", "prompt": "x", "max_tokens": 2,
+                                              "stream": True}))
+        bad = await raw(bridge.port, b"BROKEN\r\n\r\n")
+        unreachable = await raw(dead.port, post({"model": "tiny", "prompt": "x"}))
+        shed = await raw(full.port, post({"model": "tiny", "prompt": "x"}))
+    finally:
+        for b in (bridge, dead, full):
+            await b.stop()
+    for reply, status, name in ((served, b"200", b"tflb7"), (bad, b"400", b"tflb7"),
+                                (unreachable, b"502", b"tflb8"), (shed, b"429", b"tfov1")):
+        head = reply.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 " + status), head
+        assert head.lower().count(b"x-tokenfabric-backend: " + name + b"\r\n") == 1, head
+
+
+async def test_charges_prompt_at_start_and_completion_while_streaming(emulator):
+    charges: list[tuple[str, int, int, float]] = []
+    bridge = Bridge(BridgeSettings(upstream_port=emulator.port, charge_step=4),
+                    TenantTable.from_json(TENANTS),
+                    on_charge=lambda t, p, c: charges.append((t.name, p, c, time.monotonic())))
+    await bridge.start("127.0.0.1", 0)
+    first_byte = 0.0
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port,
+                                                       local_addr=(GOLD, 0))
+        writer.write(post({"model": "tiny", "prompt": "one two three four five six seven",
+                           "max_tokens": 10, "stream": True,
+                           "stream_options": {"include_usage": True}}))
+        await reader.read(1)
+        first_byte = time.monotonic()
+        body = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+    finally:
+        await bridge.stop()
+    usage = next(json.loads(line[5:]) for line in body.split(b"\n")
+                 if line.startswith(b"data: {") and b'"usage": {' in line.replace(b'":{', b'": {'))
+    usage = usage["usage"]
+    # The estimate (33 bytes -> 9) is charged before vLLM answers; then 4, 4 streamed
+    # tokens; then the rest: 10 - 8 completion tokens (7 words: no prompt correction).
+    assert [(n, p, c) for n, p, c, _ in charges] == [("gold", 9, 0), ("gold", 0, 4),
+                                                    ("gold", 0, 4), ("gold", 0, 2)]
+    assert charges[0][3] <= first_byte
+    assert sum(c for _, _, c, _ in charges) == usage["completion_tokens"] == 10
+    assert sum(p for _, p, _, _ in charges) >= usage["prompt_tokens"]
+
+
+async def test_priority_from_the_tenant_replaces_the_clients(emulator_factory):
+    emulator = emulator_factory("--speed", "10", "--model", "tiny", "--scheduling-policy",
+                                "priority")
+    seen: list[bytes] = []
+
+    async def spy(reader, writer):  # records the body vLLM would get, relays to the emulator
+        data = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in data.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        body = await reader.readexactly(length)
+        seen.append(body)
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", emulator.port)
+        up_w.write(data + body)
+        writer.write(await up_r.read(-1))
+        await writer.drain()
+        writer.close()
+        up_w.close()
+
+    server = await asyncio.start_server(spy, "127.0.0.1", 0)
+    tenants = [dict(TENANTS[0], request_priority=10), dict(TENANTS[1])]
+    bridge = Bridge(BridgeSettings(upstream_port=server.sockets[0].getsockname()[1],
+                                   priority_scheduling=True), TenantTable.from_json(tenants))
+    await bridge.start("127.0.0.1", 0)
+    try:
+        gold = await raw(bridge.port, post({"model": "tiny", "prompt": "x", "max_tokens": 2,
+                                            "priority": -100}), source=GOLD)
+        bronze = await raw(bridge.port, post({"model": "tiny", "prompt": "x", "max_tokens": 2}),
+                           source=BRONZE)
+    finally:
+        await bridge.stop()
+        server.close()
+    assert gold.startswith(b"HTTP/1.1 200") and bronze.startswith(b"HTTP/1.1 200")
+    # Gateway API priority 10 (more important) is vLLM priority -10 (served first); the
+    # client's own -100 is gone; a tenant without a priority gets 0.
+    assert [json.loads(b)["priority"] for b in seen] == [-10, 0]
+
+
+async def test_emulator_rejects_priority_without_priority_scheduling(emulator):
+    reply = await raw(emulator.port, post({"model": "tiny", "prompt": "x", "max_tokens": 1,
+                                           "priority": 3}))
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert b"Priority scheduling is not enabled" in reply

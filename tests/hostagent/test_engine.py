@@ -144,3 +144,40 @@ def test_prefix_cache_matches_whole_blocks_of_the_prefix_only():
     small = PrefixCache(block_size=4, capacity_blocks=1)
     small.insert(words(8))
     assert small.lookup(words(8)) == 0           # the first block was evicted
+
+
+async def test_priority_policy_serves_lower_values_first_and_preempts_worse():
+    engine = Engine(EngineParams(max_num_seqs=2, scheduling_policy="priority",
+                                 prefix_caching=False))
+    low = [engine.submit(words(4, f"l{i}"), 50, priority=5) for i in range(3)]
+    engine.step()
+    assert engine.running == low[:2]
+    # A more important request finds the batch full: the worst running one (priority 5,
+    # latest arrival) goes back to the queue, the new one runs at the next step.
+    urgent = engine.submit(words(4, "u"), 50, priority=-1)
+    engine.step()
+    assert urgent in engine.running and low[0] in engine.running
+    assert low[1] in engine.waiting and low[1].prefilled is False
+    assert engine.stats.preemptions == 1
+    # Another important one pushes out the last priority 5 request; a third of the same
+    # priority finds only its equals running and waits: equal priority never preempts.
+    same = engine.submit(words(4, "s"), 50, priority=-1)
+    engine.step()
+    assert set(engine.running) == {urgent, same} and engine.stats.preemptions == 2
+    third = engine.submit(words(4, "t"), 50, priority=-1)
+    engine.step()
+    assert set(engine.running) == {urgent, same} and engine.stats.preemptions == 2
+    # It waits first in line, ahead of the priority 5 requests that arrived earlier.
+    assert min(engine.waiting, key=lambda r: r.rank) is third
+
+
+async def test_fcfs_policy_rejects_priorities_and_keeps_arrival_order():
+    engine = Engine(EngineParams(max_num_seqs=1, prefix_caching=False))
+    with pytest.raises(ValueError, match="Priority scheduling is not enabled"):
+        engine.submit(words(4), 5, priority=3)
+    first = engine.submit(words(4, "a"), 5)
+    second = engine.submit(words(4, "b"), 5, priority=0)
+    engine.step()
+    assert engine.running == [first] and list(engine.waiting) == [second]
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        EngineParams(scheduling_policy="lifo")
