@@ -46,6 +46,9 @@ class LabTenant:
     slo_ttft_ms: float
     slo_tpot_ms: float
     tokens_per_s: float | None = None  # the contract's token limit (None: unlimited)
+    # The contract's request_priority (Gateway API Inference Extension: higher is more
+    # important); the bridge turns it into vLLM's `priority` (lower is served first).
+    request_priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,9 @@ class Experiment:
         return capacity_rps(self.speeds, self.lengths)
 
 
-PREMIUM = LabTenant("gold", "premium", 1.0, slo_ttft_ms=500, slo_tpot_ms=60)
+PREMIUM_PRIORITY = 10
+PREMIUM = LabTenant("gold", "premium", 1.0, slo_ttft_ms=500, slo_tpot_ms=60,
+                    request_priority=PREMIUM_PRIORITY)
 STANDARD = LabTenant("bulk", "best-effort", 1.0, slo_ttft_ms=2000, slo_tpot_ms=120)
 HETERO = [1.0, 1.0, 0.5, 0.5]
 
@@ -98,7 +103,8 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
     elif name == "overload":
         # Premium offers 40% of capacity; best-effort 160% on its own, and its contract
         # (100 tokens/s, ~2 requests/s of the lab's lengths) admits a fraction of that.
-        premium = LabTenant("gold", "premium", 1.0, 500, 60)
+        premium = LabTenant("gold", "premium", 1.0, 500, 60,
+                            request_priority=PREMIUM_PRIORITY)
         bulk = LabTenant("bulk", "best-effort", 4.0, 2000, 120, tokens_per_s=100.0)
         exp = Experiment("overload", "premium vs best-effort under overload", HETERO,
                          [premium, bulk], [Run("p2c", 2.0)], 30.0)

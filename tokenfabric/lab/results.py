@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tokenfabric.lab import log
+from tokenfabric.lab.capture import HostEvidence
 
 
 @dataclass
@@ -79,6 +80,27 @@ def attains_slo(record: dict[str, Any]) -> bool:
 
 def _percentile(values: Sequence[float], q: float, scale: float) -> float | None:
     return float(np.percentile(np.asarray(values), q) * scale) if values else None
+
+
+def p99_ratio_interval(values: Sequence[float], baseline: Sequence[float],
+                       confidence: float = 0.9, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float, float] | None:
+    """p99(values) / p99(baseline) and its bootstrap confidence interval (percentile
+    method; both samples resampled): (ratio, low, high), None if either is empty.
+
+    How wide the interval is says how much a p99 of a few hundred requests can be trusted.
+    """
+    if not len(values) or not len(baseline):
+        return None
+    a, b = np.asarray(values, dtype=float), np.asarray(baseline, dtype=float)
+    rng = np.random.default_rng(seed)
+    ra = np.percentile(rng.choice(a, (resamples, a.size)), 99, axis=1)
+    rb = np.percentile(rng.choice(b, (resamples, b.size)), 99, axis=1)
+    ratios = ra / np.maximum(rb, 1e-12)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(np.percentile(a, 99) / max(np.percentile(b, 99), 1e-12)), float(low), \
+        float(high)
 
 
 def span_of(records: Sequence[dict[str, Any]]) -> float:
@@ -280,36 +302,41 @@ def report(jsonl: str | Path, out_dir: str | Path, title: str = "run",
     return text
 
 
-# Errors that mean the connection reached a backend that is not serving (its kernel
-# refused or reset it), as opposed to an HTTP error from a live one.
-DEAD_BACKEND_ERRORS = ("connect", "reset", "incomplete_stream")
-
-
-def failover_stats(records: Sequence[dict[str, Any]], killed_at: float,
-                   backend: str) -> dict[str, float]:
+def failover_stats(records: Sequence[dict[str, Any]], killed_at: float, backend: str,
+                   evidence: HostEvidence | None = None) -> dict[str, float]:
     """Experiment c: what a backend killed at epoch `killed_at` cost.
 
-    A request that started after the kill and failed with a dead-backend error, or was
-    served by `backend` (its header), reached the dead backend: the last such start is
-    when the fabric stopped sending new connections there.
+    "Reached the dead backend" takes real evidence only: a SYN to the VIP seen on the dead
+    host's interface (`evidence`, its packet capture), or a response naming it in
+    X-Tokenfabric-Backend. The measure is the time from its last LOAD beacon (also from
+    the capture; the kill time without one) to the last such connection. Refused
+    connections (nothing listens any more) are failures, counted on their own: the
+    client cannot tell which backend refused them.
     """
     after = [r for r in records if r.get("start", 0) >= killed_at]
-    reached = [r for r in after if r.get("backend") == backend
-               or (not r.get("ok") and error_kind(r) in DEAD_BACKEND_ERRORS)]
     inflight = [r for r in records if r.get("start", 0) < killed_at
                 and r["start"] + (r.get("e2e") or 0) >= killed_at]
-    last = max((r["start"] for r in reached), default=None)
+    last_beacon = max(evidence.load_beacons if evidence else [], default=killed_at)
+    served = [r["start"] for r in records if r.get("backend") == backend
+              and r.get("start", 0) >= last_beacon]
+    syns = [t for t in (evidence.syns if evidence else []) if t > last_beacon]
+    last = max(served + syns, default=None)
     return {
         "failed requests": float(sum(not r.get("ok") for r in after + inflight)),
         "failed in flight at the kill": float(sum(not r.get("ok") for r in inflight)),
-        "new connections to the dead backend": float(len(reached)),
-        "last new connection after the kill (ms)":
-            (last - killed_at) * 1000 if last is not None else 0.0,
+        "refused connections after the kill": float(sum(
+            not r.get("ok") and error_kind(r) == "connect" for r in after)),
+        "last LOAD beacon before the kill (ms)": (last_beacon - killed_at) * 1000,
+        "SYNs reaching it after its last beacon": float(len(syns)),
+        "responses served by it after its last beacon": float(len(served)),
+        "last new connection after its last beacon (ms)":
+            max(0.0, (last - last_beacon) * 1000) if last is not None else 0.0,
     }
 
 
-def failover_markdown(backend: str, stats: dict[str, float]) -> str:
-    lines = [f"| backend {backend} killed | value |", "|---|---|"]
+def failover_markdown(backend: str, stats: dict[str, float], evidence: str = "") -> str:
+    lines = [f"| backend {backend} killed{f' ({evidence})' if evidence else ''} | value |",
+             "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" if "ms" in k else f"| {k} | {v:.0f} |"
               for k, v in stats.items()]
     return "\n".join(lines) + "\n"

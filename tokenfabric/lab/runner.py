@@ -8,7 +8,9 @@ removed and reported.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -22,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tokenfabric.lab import log, results
+from tokenfabric.lab import capture, log, results
 from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS, Event, Experiment, Run
 from tokenfabric.lab.loadgen import TenantSpec, Workload, plan
 from tokenfabric.lab.plan import LabPlan, TenantPlan, build_plan
@@ -204,6 +206,7 @@ class LabRunner:
             outputs.append(out)
             procs.append(self.net.popen(host, [sys.executable, "-m", "tokenfabric.lab.loadgen",
                                               str(wl_path), str(out)], f"loadgen-{host}"))
+        captures = self._start_captures(run, folder)
         served_before = self.stack.served_counts()
         started = time.time()
         events = self._schedule(run.events, started)
@@ -219,6 +222,8 @@ class LabRunner:
             bar.update(task, completed=sum(_count_lines(o) for o in outputs))
         for p in procs:
             self.net.stop_process(p)
+        for p in captures:
+            self.net.stop_process(p)  # SIGTERM: tcpdump flushes and closes its file
         served_after = self.stack.served_counts()
         served = {name: served_after[name] - served_before.get(name, 0.0)
                   for name in served_after}
@@ -254,12 +259,39 @@ class LabRunner:
             f"{k} {v:.0f}" for k, v in sorted(served.items())) + "\n"
         for event in run.events:
             if event.kind == "kill_backend" and f"kill {event.target}" in marks:
+                evidence, kind = self._evidence(folder, event.target)
                 stats = results.failover_stats(records, started + marks[f"kill {event.target}"],
-                                               event.target)
+                                               event.target, evidence)
                 marks.update({f"{k} ({event.target})": v for k, v in stats.items()})
-                text += "\n" + results.failover_markdown(event.target, stats)
+                text += "\n" + results.failover_markdown(event.target, stats, kind)
         (folder / "summary.md").write_text(text)
         return RunOutcome(run, folder, summaries, marks, served)
+
+    def _start_captures(self, run: Run, folder: Path) -> list[subprocess.Popen]:
+        """tcpdump on each backend a run kills (capture.py): its beacons and new SYNs."""
+        tcpdump = shutil.which("tcpdump")
+        procs: list[subprocess.Popen] = []
+        for target in {e.target for e in run.events if e.kind == "kill_backend" and e.target}:
+            if tcpdump is None:
+                log.warning("no tcpdump: failover measured from response headers only")
+                break
+            interface = self.net.net.get(target).defaultIntf().name
+            procs.append(self.net.popen(target, capture.tcpdump_argv(
+                tcpdump, interface, folder / f"capture-{target}.pcap", self.plan.vip_port),
+                f"tcpdump-{target}"))
+        if procs:
+            time.sleep(1.0)  # tcpdump needs a moment before it captures
+        return procs
+
+    def _evidence(self, folder: Path, target: str) -> tuple[capture.HostEvidence | None, str]:
+        host = self.plan.hosts[target]
+        path = folder / f"capture-{target}.pcap"
+        try:
+            return (capture.host_evidence(path, host.ip, self.plan.vip, self.plan.vip_port),
+                    "capture on its interface + response headers")
+        except (OSError, ValueError) as exc:
+            log.warning("no capture of %s (%s): response headers only", target, exc)
+            return None, "response headers only; beacon time unknown, kill time used"
 
     def _schedule(self, events: tuple[Event, ...], started: float) -> dict[str, Any]:
         """Fire each event on a timer; record when it happened (seconds after start)."""

@@ -102,10 +102,11 @@ def policy_dict(exp: Experiment, plan: LabPlan, generation: int = 0) -> dict[str
         # tpm: tokens per minute; "unlimited" is a budget the lab never reaches.
         tpm = int((t.tokens_per_s or 1_000_000) * 60)
         # burst: 2 s of refill for a limited tenant (the default, a minute's worth, would
-        # admit a minute of requests at once); the debit comes only when a request ends.
+        # admit a minute of requests at once); the agent debits it while requests run.
         burst = int(t.tokens_per_s * 2) if t.tokens_per_s else tpm
         contracts[f"{t.name}-contract"] = {
             "fiveqi": FIVEQI.get(t.traffic_class, 9), "tpm": tpm, "burst": max(burst, 1),
+            "request_priority": t.request_priority,
             "slo": {"ttft_p99_ms": int(t.slo_ttft_ms) + generation,
                     "tpot_p99_ms": int(t.slo_tpot_ms)}}
         tenants.append({"name": t.name, "prefixes": [prefixes[t.name]],
@@ -120,8 +121,8 @@ ECMP_CAPACITY = 65535
 
 
 def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
-                 overflow: bool = False,
-                 capacity: int = EMULATOR_MAX_NUM_SEQS) -> dict[str, Any]:
+                 overflow: bool = False, capacity: int = EMULATOR_MAX_NUM_SEQS,
+                 priorities: dict[str, int] | None = None) -> dict[str, Any]:
     """The `agent:` section for the agent on `host` (docs/agent.md)."""
     cfg: dict[str, Any] = {
         "name": host.name, "host": host.name, "address": host.ip, "mac": host.mac,
@@ -131,6 +132,11 @@ def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
         "controller_url": f"http://{host.mgmt_gw}:{controller_port}", "token": token,
         "host_setup": True,
     }
+    if priorities is not None:
+        # The emulators run --scheduling-policy priority. The controller's tenant list
+        # has no request_priority yet, so the agent takes the contracts' from here.
+        cfg["priority_scheduling"] = True
+        cfg["tenant_priorities"] = dict(priorities)
     if overflow:
         cfg["mode"] = "overflow"
         # The agent registers every mode as a backend, which would put the responder in
@@ -155,6 +161,7 @@ class Stack:
         self.controller: subprocess.Popen | None = None
         self.backend_procs: dict[str, list[subprocess.Popen]] = {}
         self.router: subprocess.Popen | None = None
+        self.vllm_host: str | None = None  # the backend running the real vLLM (experiment e)
         self.generation = 0
         self.capacity = EMULATOR_MAX_NUM_SEQS
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}{API}", timeout=5.0,
@@ -193,13 +200,14 @@ class Stack:
         backends = self.plan.by_role("backend")
         if self.exp.needs_vllm:
             host = backends.pop(0)
+            self.vllm_host = host.name
             self.backend_procs[host.name] = [self._start_vllm(host), self._start_agent(host)]
         for host in backends:
             # 0.0.0.0: the bridge reaches it on loopback, the L7 router (4a) through the fabric.
             emulator = self.net.popen(host.name, [
                 *CLI, "vllm-emulator", "--host", "0.0.0.0", "--port", str(EMULATOR_PORT),
                 "--model", self.plan.model, "--speed", str(speeds[host.name]),
-                "--max-num-seqs", str(EMULATOR_MAX_NUM_SEQS),
+                "--max-num-seqs", str(EMULATOR_MAX_NUM_SEQS), "--scheduling-policy", "priority",
                 "--decode-base-ms", str(EMULATOR_DECODE_BASE_MS),
                 "--prefill-ms-per-token", str(EMULATOR_PREFILL_MS_PER_TOKEN)],
                 f"emulator-{host.name}")
@@ -238,8 +246,12 @@ class Stack:
         return f"http://{host.ip}:{self.plan.vip_port}"
 
     def _start_agent(self, host: LabHost, overflow: bool = False) -> subprocess.Popen:
+        # The real vLLM runs FCFS (the default): it would refuse a non-zero priority.
+        priority = not overflow and host.name != self.vllm_host
+        priorities = {t.name: t.request_priority for t in self.exp.tenants}
         path = self._write(f"agent-{host.name}.yaml", agent_config(
-            self.plan, host, self.port, self.agent_token, overflow, self.capacity))
+            self.plan, host, self.port, self.agent_token, overflow, self.capacity,
+            priorities if priority else None))
         return self.net.popen(host.name, [*CLI, "agent", "run", "--config", str(path)],
                               f"agent-{host.name}-{self.capacity}")
 
@@ -267,8 +279,8 @@ class Stack:
 
     def served_counts(self) -> dict[str, float]:
         """Requests each backend's vLLM (or emulator) finished so far, from its /metrics
-        (`vllm:request_success_total`), read over the management network. This is how the
-        lab knows who served what while the bridge names no backend in its replies."""
+        (`vllm:request_success_total`), read over the management network: the backends'
+        own count, beside the X-Tokenfabric-Backend header each request records."""
         from prometheus_client.parser import text_string_to_metric_families
 
         counts: dict[str, float] = {}

@@ -1,8 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 
 from tokenfabric.lab import results
+from tokenfabric.lab.capture import HostEvidence
 
 
 def rec(i, ttft=0.1, tpot=0.02, ok=True, tenant="gold", backend="b1", start=0.0, error=None,
@@ -86,20 +88,52 @@ def test_sweep_plot(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_failover_stats_find_the_last_connection_to_the_dead_backend():
+def test_failover_stats_measure_from_the_last_beacon_with_real_evidence():
     kill = 1005.0  # rec() starts at 1000 + start
     rows = [rec(0, backend="b2", start=3.0),  # done before the kill
             rec(1, backend="b2", start=4.9, ttft=0.1, tpot=0.1),  # in flight, succeeded
             rec(2, ok=False, error="reset: ClientOSError", status=200, start=4.95),
-            rec(3, ok=False, error="connect", status=None, start=5.02),  # reached dead b2
+            rec(3, ok=False, error="connect", status=None, start=5.02),  # refused
             rec(4, ok=False, error="connect", status=None, start=5.08),
             rec(5, backend="b1", start=5.5), rec(6, backend="b3", start=6.0),
             rec(7, ok=False, error="http_429", status=429, start=6.5)]  # not b2's fault
     rows[2]["e2e"] = 0.2  # cut by the kill
-    stats = results.failover_stats(rows, kill, "b2")
+    # The capture: beacons every 20 ms up to 1004.99; SYNs at 1005.021 and 1005.081.
+    evidence = HostEvidence(load_beacons=[1004.95, 1004.97, 1004.99],
+                            syns=[1004.90, 1005.021, 1005.081])
+    stats = results.failover_stats(rows, kill, "b2", evidence)
     assert stats["failed in flight at the kill"] == 1
     assert stats["failed requests"] == 4
-    assert stats["new connections to the dead backend"] == 2
-    assert stats["last new connection after the kill (ms)"] == pytest.approx(80, abs=0.01)
-    table = results.failover_markdown("b2", stats)
-    assert "| last new connection after the kill (ms) | 80.0 |" in table
+    assert stats["refused connections after the kill"] == 2
+    assert stats["last LOAD beacon before the kill (ms)"] == pytest.approx(-10, abs=0.01)
+    assert stats["SYNs reaching it after its last beacon"] == 2
+    assert stats["responses served by it after its last beacon"] == 0
+    assert stats["last new connection after its last beacon (ms)"] == pytest.approx(91, abs=0.01)
+    table = results.failover_markdown("b2", stats, "capture")
+    assert "| backend b2 killed (capture) | value |" in table
+    assert "| last new connection after its last beacon (ms) | 91.0 |" in table
+
+    # Without a capture: refused connections are failures, not "reached b2"; only a
+    # response naming b2 counts, measured from the kill.
+    stats = results.failover_stats(rows, kill, "b2")
+    assert stats["refused connections after the kill"] == 2
+    assert stats["last new connection after its last beacon (ms)"] == 0.0
+    rows.append(rec(8, backend="b2", start=5.05))  # served by b2 after the kill
+    stats = results.failover_stats(rows, kill, "b2")
+    assert stats["responses served by it after its last beacon"] == 1
+    assert stats["last new connection after its last beacon (ms)"] == pytest.approx(50, abs=0.01)
+
+
+def test_p99_ratio_interval_narrows_with_more_samples():
+    rng = np.random.default_rng(1)
+    small = [rng.exponential(1.0, 200), rng.exponential(1.0, 200)]
+    large = [rng.exponential(1.0, 5000), rng.exponential(1.0, 5000)]
+    ratio, low, high = results.p99_ratio_interval(*small)
+    assert low <= ratio <= high
+    _, low_l, high_l = results.p99_ratio_interval(*large)
+    assert low_l <= 1.0 <= high_l  # same distribution: 1 is inside
+    assert high_l - low_l < (high - low) / 2
+    # twice as slow: the ratio is 2, and the interval says so
+    ratio, low, high = results.p99_ratio_interval(large[0] * 2, large[1])
+    assert 1.6 < low <= ratio <= high < 2.5
+    assert results.p99_ratio_interval([], [1.0]) is None
