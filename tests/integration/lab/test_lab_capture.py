@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from hostagent.beacons import BeaconSender
 from tokenfabric.beacon import BEACON_PORT
 from tokenfabric.bmv2 import free_port
 from tokenfabric.lab import capture
-from hostagent.beacons import BeaconSender
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(30),
               pytest.mark.skipif(shutil.which("tcpdump") is None, reason="no tcpdump")]
