@@ -47,6 +47,8 @@ def _run_until_signal(make_coro: Callable[[asyncio.Event], Awaitable[None]],
 @click.option("--default-max-tokens", default=64, show_default=True, type=click.IntRange(1),
               help="Output length of a request that gives no max_tokens.")
 @click.option("--max-num-seqs", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--backend-name", default="", help="Name every response in an "
+              "X-Tokenfabric-Backend header (as the host agent's bridge does).")
 @click.option("--scheduling-policy", type=click.Choice(["fcfs", "priority"]), default="fcfs",
               show_default=True, help="As vLLM's: priority serves lower `priority` first.")
 @click.option("--kv-cache-tokens", default=430_000, show_default=True, type=click.IntRange(16),
@@ -71,7 +73,8 @@ def _run_until_signal(make_coro: Callable[[asyncio.Event], Awaitable[None]],
 @click.option("--fault-factor", default=4.0, show_default=True, type=click.FloatRange(min=0.001),
               help="Slow-down factor of the `slow` fault.")
 def emulator_command(host: str, port: int, model: str, max_model_len: int,
-                     default_max_tokens: int, max_num_seqs: int, scheduling_policy: str,
+                     default_max_tokens: int, max_num_seqs: int, backend_name: str,
+                     scheduling_policy: str,
                      kv_cache_tokens: int,
                      block_size: int, prefill_ms_per_token: float, decode_base_ms: float,
                      decode_ms_per_seq: float, decode_us_per_ctx_token: float,
@@ -93,7 +96,8 @@ def emulator_command(host: str, port: int, model: str, max_model_len: int,
         raise click.UsageError(str(exc)) from exc
     config = EmulatorConfig(model=model, max_model_len=max_model_len,
                             default_max_tokens=default_max_tokens,
-                            legacy_metrics=legacy_metrics, engine=params)
+                            legacy_metrics=legacy_metrics, engine=params,
+                            backend_name=backend_name)
     try:
         _run_until_signal(lambda stop: serve(config, host, port, fault, fault_factor,
                                              fault_after, stop))

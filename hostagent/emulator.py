@@ -42,6 +42,7 @@ class EmulatorConfig:
     max_model_len: int = 8192
     default_max_tokens: int = 64
     legacy_metrics: bool = False
+    backend_name: str = ""  # X-Tokenfabric-Backend of every response, as the bridge sets it
     engine: EngineParams = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -186,9 +187,15 @@ class Emulator:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/admin/fault", self.get_fault)
         app.router.add_post("/admin/fault", self.post_fault)
+        app.on_response_prepare.append(self._name_backend)
         app.on_startup.append(self._start_engine)
         app.on_cleanup.append(self._stop_engine)
         return app
+
+    async def _name_backend(self, request: web.Request, response: web.StreamResponse) -> None:
+        # for clients that reach the emulator without a bridge (the lab's L7 router)
+        if self.config.backend_name:
+            response.headers["X-Tokenfabric-Backend"] = self.config.backend_name
 
     async def _start_engine(self, app: web.Application) -> None:
         self.engine.start()

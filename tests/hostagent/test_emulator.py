@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
+import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -205,3 +206,17 @@ def test_full_kv_cache_shows_waiting_requests_and_preemptions(emulator_factory):
     assert parsed["vllm:num_preemptions"].samples[0].value >= 1
     queue = {s.name: s.value for s in parsed["vllm:request_queue_time_seconds"].samples}
     assert queue["vllm:request_queue_time_seconds_sum"] > 0
+
+
+def test_emulator_names_itself_in_every_response(emulator_factory):
+    named = emulator_factory("--speed", "10", "--model", "tiny", "--backend-name", "tflb9")
+    with httpx.Client(timeout=10) as client:
+        stream = client.post(f"http://127.0.0.1:{named.port}/v1/completions",
+                             json={"model": "tiny", "prompt": "x", "max_tokens": 2,
+                                   "stream": True})
+        missing = client.post(f"http://127.0.0.1:{named.port}/v1/completions",
+                              json={"model": "nope", "prompt": "x"})
+        health = client.get(f"http://127.0.0.1:{named.port}/health")
+    for reply in (stream, missing, health):
+        assert reply.headers["x-tokenfabric-backend"] == "tflb9"
+    assert (stream.status_code, missing.status_code) == (200, 404)

@@ -208,6 +208,7 @@ class Stack:
                 *CLI, "vllm-emulator", "--host", "0.0.0.0", "--port", str(EMULATOR_PORT),
                 "--model", self.plan.model, "--speed", str(speeds[host.name]),
                 "--max-num-seqs", str(EMULATOR_MAX_NUM_SEQS), "--scheduling-policy", "priority",
+                "--backend-name", host.name,
                 "--decode-base-ms", str(EMULATOR_DECODE_BASE_MS),
                 "--prefill-ms-per-token", str(EMULATOR_PREFILL_MS_PER_TOKEN)],
                 f"emulator-{host.name}")
