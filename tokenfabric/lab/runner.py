@@ -126,6 +126,7 @@ class LabRunner:
         self.folder = Path(out_root) / f"{exp.name}-{topo}-{stamp}"
         self.plan = lab_plan(exp, topo)
         self.net = None
+        self._router_ready = False
         self.stack = None
         self.left: list[str] = []
         self.router_url: str | None = None
@@ -192,6 +193,10 @@ class LabRunner:
         if run.mode not in SWITCH_MODE:
             raise Blocked(f"unknown mode {run.mode}")
         url = self.router_url if run.mode == "l7-router" else None
+        if url and not self._router_ready:
+            with self.console.status("waiting for vllm-router to find its workers healthy"):
+                self.stack.wait_router()
+            self._router_ready = True
         capacity = ECMP_CAPACITY if run.mode == "ecmp" else EMULATOR_MAX_NUM_SEQS
         if self.stack.set_capacity(capacity):
             with self.console.status(f"agents re-registering with capacity {capacity}"):

@@ -246,6 +246,29 @@ class Stack:
             "--disable-retries"], "vllm-router")
         return f"http://{host.ip}:{self.plan.vip_port}"
 
+    def wait_router(self, timeout: float = 120.0) -> None:
+        """Until vllm-router accepts connections: it listens only once it has found every
+        worker healthy (~30 s here). Checked from the router's own host."""
+        [host] = self.plan.by_role("router")
+        probe = ("import socket, sys, time\n"
+                 f"end = time.monotonic() + {timeout}\n"
+                 "while time.monotonic() < end:\n"
+                 "    try:\n"
+                 f"        socket.create_connection(('{host.ip}', {self.plan.vip_port}), 1)"
+                 ".close()\n"
+                 "        sys.exit(0)\n"
+                 "    except OSError:\n"
+                 "        time.sleep(0.5)\n"
+                 "sys.exit(1)\n")
+        proc = self.net.popen(host.name, [sys.executable, "-c", probe], "wait-router")
+        try:
+            code = proc.wait(timeout + 10)
+        except subprocess.TimeoutExpired:
+            self.net.stop_process(proc, kill=True)
+            code = 1
+        if code != 0:
+            raise StackError(f"vllm-router did not accept connections within {timeout:.0f} s")
+
     def _start_agent(self, host: LabHost, overflow: bool = False) -> subprocess.Popen:
         # The real vLLM runs FCFS (the default): it would refuse a non-zero priority.
         priority = not overflow and host.name != self.vllm_host
