@@ -29,11 +29,15 @@ def load(sw, backend: int, value: int, port: int, addr: str,
 
 
 def where_new_connections_go(sw, n: int, ports: dict[int, int]) -> dict[int, int]:
-    for _ in range(n):
-        sw.io.send(h.CLIENT_PORT, syn("10.0.1.77", next(_sport)))
-    out = sw.io.collect()
-    got = {b: len(out[p]) for b, p in ports.items()}
-    assert sum(got.values()) == n, (got, {p: len(f) for p, f in out.items()})
+    got = dict.fromkeys(ports, 0)
+    out: dict[int, list[bytes]] = {}
+XX
+        for _ in range(min(5, max(0, n - start))):
+            sw.io.send(h.CLIENT_PORT, syn("10.0.1.77", next(_sport)))
+        out = sw.io.collect(idle=0.25 if start >= n else 0.03)
+        for b, p in ports.items():
+            got[b] += len(out[p])
+    assert sum(got.values()) == n, got
     return got
 
 
