@@ -40,9 +40,12 @@ def where_new_connections_go(sw, n: int, ports: dict[int, int]) -> dict[int, int
     return got
 
 
+MAX_AGE_US = 1_000_000  # long enough for a test's batch of SYNs on a busy machine
+
+
 @pytest.fixture
 def p2c(sw):
-    sw.client.insert(h.service(mode=Mode.P2C, pair_mask=0, max_age_us=400_000, conn_cost=10),
+    sw.client.insert(h.service(mode=Mode.P2C, pair_mask=0, max_age_us=MAX_AGE_US, conn_cost=10),
                      pairs(h.B1, h.B2),
                      h.beacon_source(h.B1, h.B1_PORT, B1_ADDR),
                      h.beacon_source(h.B2, h.B2_PORT, B2_ADDR))
@@ -79,7 +82,7 @@ def test_a_backend_whose_beacons_stopped_gets_no_new_connection(p2c):
     load(p2c, h.B2, 0, h.B2_PORT, B2_ADDR)
     p2c.io.collect()
     assert where_new_connections_go(p2c, 5, PORTS) == {h.B1: 0, h.B2: 5}
-    for _ in range(3):  # B1 keeps beaconing for 600 ms, B2 has gone quiet
+    for _ in range(6):  # B1 keeps beaconing for 1.2 s, B2 has gone quiet
         time.sleep(0.2)
         load(p2c, h.B1, 900, h.B1_PORT, B1_ADDR)
     p2c.io.collect()
