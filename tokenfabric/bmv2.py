@@ -43,7 +43,7 @@ class Bmv2Options:
     json_path: Path | None = None  # None: start empty (--no-p4) and wait for P4Runtime
     cpu_port: int | None = None
     priority_queues: int = PRIORITY_QUEUES
-    log_path: Path | None = None
+    log_path: Path | None = None  # BMv2 writes <log_path>.txt; its stdout goes to <log_path>.out
     log_level: str = "info"
     pcap_dir: Path | None = None
     grpc_host: str = "127.0.0.1"
@@ -51,6 +51,10 @@ class Bmv2Options:
     @property
     def grpc_address(self) -> str:
         return f"{self.grpc_host}:{self.grpc_port}"
+
+    @property
+    def log_file(self) -> Path | None:
+        return Path(f"{self.log_path}.txt") if self.log_path else None
 
 
 def command(opts: Bmv2Options) -> list[str]:

@@ -1,0 +1,1 @@
+"""QoS policy files: schema and validation, compilation to switch entries, reload."""

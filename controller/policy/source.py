@@ -1,0 +1,328 @@
+"""Reading YAML with line numbers, for error messages an operator can act on.
+
+Every error is `file:line: field.path: message`, e.g.
+`policy.yaml:14: tenants[2].contract.tpm: must be > 0`. A `Node` wraps one YAML
+value with its path and line; its accessors check type and range, record errors
+in a shared list instead of raising, and return None for a bad value so that one
+pass reports every error in the file. `Node.close()` rejects keys nobody asked for.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class SpecError(ValueError):
+    """A file that failed validation; `errors` lists every problem, one line each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class Errors:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.items: list[tuple[int, str]] = []
+
+    def add(self, line: int, path: str, message: str) -> None:
+        where = f"{path}: " if path else ""
+        self.items.append((line, f"{self.file}:{line}: {where}{message}"))
+
+    def messages(self) -> list[str]:
+        return [m for _, m in sorted(self.items, key=lambda x: x[0])]
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise SpecError(self.messages())
+
+
+MAX_BYTES = 8 << 20  # far above any real policy (1,000 tenants is ~100 kB)
+MAX_NESTING = 64  # flow brackets or indentation levels; ruamel recurses per level
+
+
+def _too_big_or_deep(text: str) -> tuple[int, str] | None:
+    """A cheap scan before parsing: huge or absurdly nested input would cost seconds."""
+    if len(text) > MAX_BYTES:
+        return 1, f"larger than {MAX_BYTES} bytes"
+    depth = 0
+    line = 1
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return line, f"nested deeper than {MAX_NESTING} levels"
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "\n":
+            line += 1
+    for n, row in enumerate(text.splitlines(), 1):
+        if len(row) - len(row.lstrip(" ")) > 2 * MAX_NESTING:
+            return n, f"indented deeper than {2 * MAX_NESTING} spaces"
+    return None
+
+
+def load_yaml(text: str, file: str) -> tuple[Any, Errors]:
+    """Parse with ruamel (round-trip, so nodes carry line info); syntax errors are reported."""
+    errors = Errors(file)
+    problem = _too_big_or_deep(text)
+    if problem:
+        errors.add(problem[0], "", f"not accepted: {problem[1]}")
+        return None, errors
+    yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = False
+    try:
+        data = yaml.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        problem = exc.problem or exc.context or "not valid YAML"
+        errors.add(line, "", f"not valid YAML: {problem}")
+        return None, errors
+    except Exception as exc:  # ruamel raises a few non-marked errors (bad characters...)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        errors.add(1, "", f"not valid YAML: {first}")
+        return None, errors
+    return data, errors
+
+
+def read_file(path: str | Path) -> tuple[Any, Errors]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        errors = Errors(str(path))
+        errors.add(0, "", f"cannot read: {getattr(exc, 'strerror', None) or exc}")
+        return None, errors
+    return load_yaml(text, str(path))
+
+
+def _key_line(mapping: object, key: object, default: int) -> int:
+    """1-based line of a key; keys from a merge (<<) have none of their own."""
+    if isinstance(mapping, CommentedMap):
+        try:
+            return mapping.lc.key(key)[0] + 1
+        except (KeyError, TypeError):
+            return default
+    return default
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+class Node:
+    """One YAML value with where it came from."""
+
+    def __init__(self, value: Any, path: str, line: int, errors: Errors) -> None:
+        self.value = value
+        self.path = path
+        self.line = line
+        self.errors = errors
+        self._used: set[str] = set()
+
+    @classmethod
+    def root(cls, value: Any, errors: Errors) -> Node:
+        return cls(value, "", 1, errors)
+
+    def error(self, message: str) -> None:
+        self.errors.add(self.line, self.path, message)
+
+    # -- structure
+
+    def _child_path(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else str(key)
+
+    def is_map(self) -> bool:
+        if isinstance(self.value, dict):
+            return True
+        self.error(f"must be a mapping, got {_type_name(self.value)}")
+        return False
+
+    def is_list(self) -> bool:
+        if isinstance(self.value, list):
+            return True
+        self.error(f"must be a list, got {_type_name(self.value)}")
+        return False
+
+    def has(self, key: str) -> bool:
+        return isinstance(self.value, dict) and key in self.value
+
+    def child(self, key: str) -> Node | None:
+        """The value under key (marked as known), or None when absent.
+
+        Its line is the key's line: that is where an operator looks for a field,
+        also when its value is a block mapping or list starting below it.
+        """
+        self._used.add(key)
+        if not isinstance(self.value, dict) or key not in self.value:
+            return None
+        line = _key_line(self.value, key, self.line)
+        return Node(self.value[key], self._child_path(key), line, self.errors)
+
+    def items(self) -> Iterator[tuple[str, Node]]:
+        """Key, node pairs of a mapping whose keys are names (switches, services...)."""
+        if not isinstance(self.value, dict):
+            return
+        for key in list(self.value):
+            node = self.child(str(key)) if isinstance(key, str) else None
+            if node is None:
+                self.errors.add(_key_line(self.value, key, self.line),
+                                self._child_path(str(key)), "keys must be strings")
+                continue
+            yield key, node
+
+    def elements(self) -> Iterator[Node]:
+        if not isinstance(self.value, list):
+            return
+        for i, item in enumerate(self.value):
+            line = self.line
+            if isinstance(self.value, CommentedSeq):
+                try:
+                    line = self.value.lc.item(i)[0] + 1
+                except (KeyError, TypeError):
+                    pass
+            yield Node(item, self._child_path(i), line, self.errors)
+
+    def close(self) -> None:
+        """Reject every key of this mapping that no accessor asked for."""
+        if not isinstance(self.value, dict):
+            return
+        for key in self.value:
+            if key in self._used:
+                continue
+            line = _key_line(self.value, key, self.line)
+            known = ", ".join(sorted(self._used))
+            self.errors.add(line, self._child_path(str(key)),
+                            f"unknown key (known keys: {known})")
+
+    # -- typed scalars: each returns the value, or None after recording an error
+
+    def _get(self, key: str, required: bool) -> Node | None:
+        node = self.child(key)
+        if node is None and required:
+            self.error(f"missing required key '{key}'")
+        return node
+
+    def get_int(self, key: str, *, required: bool = False, default: int | None = None,
+            lo: int | None = None, hi: int | None = None, gt: int | None = None) -> int | None:
+        node = self._get(key, required)
+        if node is None:
+            return default
+        return node.as_int(lo=lo, hi=hi, gt=gt)
+
+    def as_int(self, *, lo: int | None = None, hi: int | None = None,
+               gt: int | None = None) -> int | None:
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.error(f"must be an integer, got {_type_name(v)}")
+            return None
+        if gt is not None and v <= gt:
+            self.error(f"must be > {gt}, got {v}")
+            return None
+        if lo is not None and hi is not None and not lo <= v <= hi:
+            self.error(f"must be in {lo}..{hi}, got {v}")
+            return None
+        if lo is not None and v < lo:
+            self.error(f"must be >= {lo}, got {v}")
+            return None
+        if hi is not None and v > hi:
+            self.error(f"must be <= {hi}, got {v}")
+            return None
+        return int(v)
+
+    def get_bool(self, key: str, *, default: bool = False) -> bool:
+        node = self.child(key)
+        if node is None:
+            return default
+        if not isinstance(node.value, bool):
+            node.error(f"must be true or false, got {_type_name(node.value)}")
+            return default
+        return bool(node.value)
+
+    def get_str(self, key: str, *, required: bool = False, default: str | None = None,
+            choices: list[str] | None = None,
+            check: Callable[[str], str | None] | None = None) -> str | None:
+        node = self._get(key, required)
+        if node is None:
+            return default
+        return node.as_str(choices=choices, check=check)
+
+    def as_str(self, *, choices: list[str] | None = None,
+               check: Callable[[str], str | None] | None = None) -> str | None:
+        v = self.value
+        if not isinstance(v, str):
+            self.error(f"must be a string, got {_type_name(v)}")
+            return None
+        if choices is not None and v not in choices:
+            self.error(f"must be one of {', '.join(choices)}; got '{v}'")
+            return None
+        if check is not None:
+            problem = check(v)
+            if problem:
+                self.error(problem)
+                return None
+        return str(v)
+
+
+# -- checks usable as Node.get_str(check=...): return a problem or None
+
+
+def check_name(v: str) -> str | None:
+    if NAME_RE.match(v):
+        return None
+    return f"'{v}' is not a valid name (letters, digits, '_', '.', '-'; at most 64)"
+
+
+def check_ipv4(v: str) -> str | None:
+    try:
+        ipaddress.IPv4Address(v)
+    except ValueError:
+        return f"'{v}' is not an IPv4 address"
+    return None
+
+
+def check_ipv4_net(v: str) -> str | None:
+    try:
+        ipaddress.IPv4Network(v, strict=True)
+    except ValueError as exc:
+        return f"'{v}' is not an IPv4 prefix ({exc})"
+    return None
+
+
+def check_mac(v: str) -> str | None:
+    return None if MAC_RE.match(v) else f"'{v}' is not a MAC address (aa:bb:cc:dd:ee:ff)"
+
+
+def check_hostport(v: str) -> str | None:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"'{v}' is not host:port"
+    return None

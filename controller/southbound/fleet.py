@@ -1,0 +1,108 @@
+"""Several switches driven from one controller process."""
+
+from __future__ import annotations
+
+import asyncio
+
+from controller import log
+from controller.entries import DesiredState
+from controller.southbound.errors import SouthboundError
+from controller.southbound.p4info import Pipeline
+from controller.southbound.switch import ReconcileResult, Switch, SwitchConfig
+
+
+class ApplyError(SouthboundError):
+    """Some switches failed to take a new desired state (the others took it)."""
+
+    def __init__(self, errors: dict[str, BaseException], results: dict[str, ReconcileResult],
+                 rolled_back: bool) -> None:
+        self.errors = errors
+        self.results = results
+        self.rolled_back = rolled_back
+        lines = [f"{len(errors)} switch(es) failed"
+                 + ("; every switch was rolled back to the previous state" if rolled_back
+                    else "")]
+        lines += [f"- {name}: {error}" for name, error in sorted(errors.items())]
+        super().__init__("\n".join(lines))
+
+
+class Southbound:
+    """The switches of one controller; all share one election id.
+
+    Run the primary controller with a higher election id than its backups
+    (e.g. 20 and 10): every switch makes the highest connected id primary and
+    promotes the next one when the primary's stream ends.
+    """
+
+    def __init__(self, election_id: int = 1) -> None:
+        if not 0 < election_id < 2**128:
+            raise ValueError(f"election id must be in 1..2^128-1, got {election_id}")
+        self.election_id = election_id
+        self.switches: dict[str, Switch] = {}
+        self._started = False
+
+    def add_switch(self, name: str, address: str, device_id: int = 0,
+                   pipeline: Pipeline | None = None, **options: object) -> Switch:
+        """Register a switch; it connects on start() (or now, if already started)."""
+        if name in self.switches:
+            raise ValueError(f"switch {name!r} is already registered")
+        config = SwitchConfig(name=name, address=address, device_id=device_id,
+                              election_id=self.election_id, pipeline=pipeline,
+                              **options)  # type: ignore[arg-type]
+        switch = Switch(config)
+        self.switches[name] = switch
+        if self._started:
+            switch.launch()
+        return switch
+
+    async def remove_switch(self, name: str) -> None:
+        switch = self.switches.pop(name)
+        await switch.stop()
+
+    def __getitem__(self, name: str) -> Switch:
+        return self.switches[name]
+
+    async def start(self) -> None:
+        self._started = True
+        for switch in self.switches.values():
+            await switch.start()
+
+    async def stop(self) -> None:
+        self._started = False
+        await asyncio.gather(*(s.stop() for s in self.switches.values()))
+
+    async def wait_settled(self, timeout: float = 10.0) -> None:
+        await asyncio.gather(*(s.wait_settled(timeout) for s in self.switches.values()))
+
+    async def apply(self, desired: dict[str, DesiredState],
+                    previous: dict[str, DesiredState] | None = None) \
+            -> dict[str, ReconcileResult]:
+        """Apply a desired state per switch, concurrently.
+
+        With `previous`, a failure on any switch re-applies `previous` to
+        every switch (a policy reload that fails part-way changes nothing).
+        Raises ApplyError naming each failed switch.
+        """
+        unknown = set(desired) - set(self.switches)
+        if unknown:
+            raise SouthboundError(f"no such switch(es): {', '.join(sorted(unknown))}")
+        names = list(desired)
+        outcomes = await asyncio.gather(*(self.switches[n].apply(desired[n]) for n in names),
+                                        return_exceptions=True)
+        results = {n: o for n, o in zip(names, outcomes, strict=True)
+                   if isinstance(o, ReconcileResult)}
+        errors = {n: o for n, o in zip(names, outcomes, strict=True)
+                  if isinstance(o, BaseException)}
+        if not errors:
+            return results
+        rolled_back = False
+        if previous is not None:
+            log.warning("apply failed on %s: rolling every switch back", ", ".join(errors))
+            back = await asyncio.gather(
+                *(self.switches[n].apply(previous.get(n, DesiredState())) for n in names),
+                return_exceptions=True)
+            rolled_back = not any(isinstance(o, BaseException) for o in back)
+        raise ApplyError(errors, results, rolled_back)
+
+    def status(self) -> list[dict]:
+        return [switch.status() for switch in self.switches.values()]

@@ -1,0 +1,296 @@
+"""The host agent: beside one vLLM server, between it and the fabric.
+
+Loops, all in one asyncio event loop:
+- scrape vLLM's /metrics every scrape_interval, and its /health every health_interval;
+- register with the controller (retrying until it answers), then report every
+  report_interval (re-registering when the controller has forgotten the backend);
+- send a LOAD beacon every beacon_interval once registered (DOWN flag when /health fails
+  or the metrics are older than stale_after), and a USAGE beacon per finished request;
+- run the bridge on VIP:port.
+On exit (SIGTERM included) it deregisters, stops the bridge and undoes the host set-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from hostagent import log, roce
+from hostagent.beacons import BeaconSender
+from hostagent.bridge import Bridge, BridgeSettings
+from hostagent.config import AgentConfig
+from hostagent.controller_api import ControllerClient, ControllerError
+from hostagent.hostsetup import HostSetup
+from hostagent.load import LoadFigures, compute_load
+from hostagent.metrics import ScrapeError, VllmSnapshot, healthy, scrape
+from hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.backend_id: int | None = None
+        self.tenants = TenantTable()
+        self.snapshot: VllmSnapshot | None = None
+        self.vllm_healthy = False
+        self.usage_total: dict[str, TenantUsage] = {}
+        self.usage_unreported: dict[str, TenantUsage] = {}
+        self.tenant_ids: dict[str, int] = {}
+        self.rdma_status: dict = {}
+        self.host_status: dict = {}
+        self.reports_sent = 0
+        self.draining = False       # set by the controller's report answer {"draining": true}
+        self.registered = asyncio.Event()
+        self.host_setup: HostSetup | None = None
+        self.beacons = BeaconSender(config.beacon_addr, config.beacon_source)
+        self.bridge = Bridge(BridgeSettings(
+            upstream_host=_url_host(config.vllm_url), upstream_port=_url_port(config.vllm_url),
+            mode=config.mode, upstream_timeout=config.upstream_timeout,
+            request_timeout=config.request_timeout,
+            trust_tenant_header=config.trust_tenant_header,
+            overflow_request_tokens=config.overflow_request_tokens),
+            self.tenants, on_finish=self._on_request_finished)
+        self.session: aiohttp.ClientSession | None = None
+        self.controller: ControllerClient | None = None
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def down(self) -> bool:
+        snap = self.snapshot
+        stale = snap is None or time.monotonic() - snap.taken_at > self.config.stale_after
+        return not self.vllm_healthy or stale
+
+    def figures(self) -> LoadFigures:
+        snap = self.snapshot or VllmSnapshot()
+        return compute_load(snap.running, snap.waiting, snap.kv_cache_usage,
+                            self.config.capacity, self.bridge.in_flight)
+
+    def _on_request_finished(self, tenant: Tenant, usage: TenantUsage) -> None:
+        self.tenant_ids[tenant.name] = tenant.tenant_id
+        self.usage_total.setdefault(tenant.name, TenantUsage()).add(usage)
+        self.usage_unreported.setdefault(tenant.name, TenantUsage()).add(usage)
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        if self.backend_id is not None and tenant.tenant_id != UNKNOWN_TENANT_ID and tokens:
+            self.beacons.usage(self.backend_id, tenant.tenant_id, usage.prompt_tokens,
+                               usage.completion_tokens)
+
+    # -- run -----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        if cfg.host_setup:
+            self.host_setup = HostSetup(cfg.vip, cfg.address, cfg.decap_interface)
+            self.host_status = await asyncio.to_thread(self.host_setup.apply)
+        tasks: list[asyncio.Task] = []
+        try:
+            self.session = aiohttp.ClientSession()
+            self.controller = ControllerClient(self.session, cfg.controller_url,
+                                               cfg.auth_token())
+            self.rdma_status = await asyncio.to_thread(self._roce)
+            if cfg.bridge:
+                await self.bridge.start(cfg.listen_address, cfg.listen_port)
+                log.info("bridge (%s) on %s:%d -> %s", cfg.mode, cfg.listen_address,
+                         self.bridge.port, cfg.vllm_url)
+            for coro in (self._scrape_loop(), self._health_loop(), self._controller_loop(),
+                         self._beacon_loop()):
+                tasks.append(asyncio.create_task(coro))
+            waiter = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not waiter and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+            waiter.cancel()
+        finally:
+            log.info("agent stopping")
+            # Tell the switch first (DRAINING: no new connections here), then let the
+            # requests in flight finish while the beacons keep flowing.
+            self.draining = True
+            self._send_load()
+            await self.bridge.stop(grace=cfg.shutdown_grace)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._deregister()
+            if self.session:
+                await self.session.close()
+            self.beacons.close()
+            if self.host_setup:
+                await asyncio.to_thread(self.host_setup.undo)
+
+    def _roce(self, overrides: dict | None = None) -> dict:
+        try:
+            qos = roce.RoceQos.from_dict({**self.config.roce, **(overrides or {})})
+        except (TypeError, ValueError) as exc:
+            return {"present": None, "message": f"bad RoCE settings: {exc}"}
+        return roce.apply(qos)
+
+    async def _deregister(self) -> None:
+        if self.controller is None or self.backend_id is None:
+            return
+        try:
+            await self.controller.deregister(self.config.name)
+            log.info("deregistered %s", self.config.name)
+        except ControllerError as exc:
+            log.warning("deregistration failed: %s", exc)
+
+    # -- loops ---------------------------------------------------------------------------
+    async def _scrape_loop(self) -> None:
+        assert self.session is not None
+        failures = 0
+        while True:
+            try:
+                self.snapshot = await scrape(self.session, self.config.vllm_url,
+                                             timeout=max(self.config.stale_after, 0.5))
+                failures = 0
+            except ScrapeError as exc:
+                failures += 1
+                if failures in (1, 100) or failures % 1000 == 0:
+                    log.warning("scrape failed (%d in a row): %s", failures, exc)
+            await asyncio.sleep(self.config.scrape_interval)
+
+    async def _health_loop(self) -> None:
+        assert self.session is not None
+        while True:
+            ok = await healthy(self.session, self.config.vllm_url,
+                               timeout=self.config.health_interval * 2)
+            if ok != self.vllm_healthy:
+                log.log(20 if ok else 30, "vLLM at %s is %s", self.config.vllm_url,
+                        "healthy" if ok else "DOWN (health check failed)")
+                self.vllm_healthy = ok
+                self._send_load()  # tell the switch now, not at the next tick
+            await asyncio.sleep(self.config.health_interval)
+
+    async def _beacon_loop(self) -> None:
+        await self.registered.wait()
+        interval = self.config.beacon_interval
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            self._send_load()
+            next_at += interval
+            delay = next_at - loop.time()
+            if delay < -interval:  # fell behind (a stalled loop): do not burst to catch up
+                next_at = loop.time()
+                delay = 0
+            await asyncio.sleep(max(0.0, delay))
+
+    def _send_load(self) -> None:
+        if self.backend_id is None:
+            return
+        fig = self.figures()
+        self.beacons.load(self.backend_id, fig.load, fig.running, fig.waiting, self.down,
+                          self.draining)
+
+    async def _models(self) -> list[str]:
+        if self.config.models:
+            return list(self.config.models)
+        assert self.session is not None
+        url = self.config.vllm_url.rstrip("/") + "/v1/models"
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as reply:
+                data = await reply.json(content_type=None)
+            return [str(m["id"]) for m in data.get("data", [])]
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, AttributeError,
+                TypeError):
+            return []
+
+    def registration_body(self, models: list[str]) -> dict:
+        c = self.config
+        return {"name": c.name, "host": c.host, "address": c.address, "mac": c.mac,
+                "switch": c.switch, "port": c.port, "capacity": c.capacity, "models": models,
+                "vip": c.vip, "vip_port": c.vip_port}
+
+    async def _register(self) -> None:
+        assert self.controller is not None
+        delay = 0.5
+        while True:
+            models = await self._models()
+            try:
+                reg = await self.controller.register(self.registration_body(models))
+                self._apply_tenants(reg.tenants)
+                if reg.roce:
+                    self.rdma_status = await asyncio.to_thread(self._roce, reg.roce)
+                self.backend_id = reg.backend_id
+                self.registered.set()
+                log.info("registered %s as backend %d (%d tenants, models %s)",
+                         self.config.name, reg.backend_id, len(reg.tenants), models)
+                return
+            except ControllerError as exc:
+                log.warning("registration failed, retrying in %.1f s: %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _apply_tenants(self, items: list) -> None:
+        try:
+            self.tenants.replace(TenantTable.from_json(items).tenants)
+        except ValueError as exc:
+            log.error("controller sent bad tenants, keeping the previous ones: %s", exc)
+
+    def report_body(self) -> dict:
+        snap = self.snapshot or VllmSnapshot()
+        fig = self.figures()
+
+        def usage_view(table: dict[str, TenantUsage]) -> dict:
+            return {name: {"tenant_id": self.tenant_ids.get(name, 0), **vars(u)}
+                    for name, u in table.items()}
+
+        return {"running": snap.running, "waiting": snap.waiting,
+                "kv_cache_usage": snap.kv_cache_usage, "healthy": not self.down,
+                "load": fig.load, "usage": usage_view(self.usage_unreported),
+                "usage_total": usage_view(self.usage_total),
+                "metrics": snap.as_report() if self.snapshot else None,
+                "rdma": self.rdma_status, "host": self.host_status,
+                "bridge": {"mode": self.config.mode, "in_flight": self.bridge.in_flight},
+                "beacons": {"sent": self.beacons.sent, "errors": self.beacons.errors},
+                "seq": self.reports_sent}
+
+    async def _controller_loop(self) -> None:
+        assert self.controller is not None
+        await self._register()
+        while True:
+            await asyncio.sleep(self.config.report_interval)
+            body = self.report_body()
+            sent = {name: TenantUsage(**vars(u)) for name, u in self.usage_unreported.items()}
+            try:
+                answer = await self.controller.report(self.config.name, body)
+            except ControllerError as exc:
+                if exc.status == 404:
+                    log.warning("the controller forgot %s; registering again", self.config.name)
+                    self.registered.clear()
+                    self.backend_id = None  # no beacons under a stale id
+                    await self._register()
+                else:
+                    log.warning("report failed: %s", exc)
+                continue
+            self.reports_sent += 1
+            # What was reported is acknowledged; what arrived meanwhile stays for the next.
+            for name, usage in sent.items():
+                left = self.usage_unreported.get(name)
+                if left is not None:
+                    for field_name in vars(usage):
+                        setattr(left, field_name,
+                                getattr(left, field_name) - getattr(usage, field_name))
+                    if not any(vars(left).values()):
+                        del self.usage_unreported[name]
+            if isinstance(answer.get("draining"), bool) and answer["draining"] != self.draining:
+                self.draining = answer["draining"]
+                log.info("controller: draining %s", "on" if self.draining else "off")
+            if isinstance(answer.get("tenants"), list):
+                self._apply_tenants(answer["tenants"])
+
+
+def _url_host(url: str) -> str:
+    return urlsplit(url).hostname or "127.0.0.1"
+
+
+def _url_port(url: str) -> int:
+    return urlsplit(url).port or 80
+
+
+async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
+    agent = Agent(config)
+    with contextlib.suppress(asyncio.CancelledError):
+        await agent.run(stop)

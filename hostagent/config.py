@@ -1,0 +1,152 @@
+"""The agent's configuration: section `agent:` of a YAML file (see docs/agent.md).
+
+Loaded with tokenfabric.config.load_section (file < TOKENFABRIC_AGENT__KEY < flags), then
+checked here, so a bad value is reported with its key instead of failing later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS
+from tokenfabric.config import ConfigError, load_section
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,                      # backend name, unique in the fabric
+    "host": None,                      # host name (default: name)
+    "address": None,                   # the host's fabric IPv4 address
+    "mac": None,                       # the host's fabric MAC
+    "switch": None,                    # edge switch name
+    "port": None,                      # edge switch port number
+    "capacity": 256,                   # sequences run at once (vLLM max_num_seqs)
+    "models": [],                      # served models; empty: read from vLLM's /v1/models
+    "vip": None,                       # the service VIP this backend serves
+    "vip_port": 8000,
+    "vllm_url": "http://127.0.0.1:8000",
+    "controller_url": "http://127.0.0.1:8080",
+    "token": None,                     # Bearer token for the controller's REST API
+    "token_file": None,                # or a file holding it
+    "bridge": True,                    # run the bridge on listen_address:listen_port
+    "listen_address": None,            # default: vip
+    "listen_port": None,               # default: vip_port
+    "mode": "relay",                   # relay | overflow (answer 429 to everything)
+    "trust_tenant_header": False,      # X-Tokenfabric-Tenant picks the tenant (labs, tests)
+    "overflow_request_tokens": 512,    # tokens one retry is expected to cost (Retry-After)
+    "upstream_timeout": 30.0,          # seconds to wait for vLLM's response headers
+    "request_timeout": 30.0,           # seconds a client has to send its whole request
+    "beacon_target": f"{FABRIC_ADDRESS}:{BEACON_PORT}",
+    "beacon_source": None,             # bind beacons to this address (default: the kernel picks)
+    "beacon_interval": 0.02,
+    "scrape_interval": 0.1,
+    "health_interval": 0.5,
+    "stale_after": 1.0,                # metrics older than this: report down
+    "report_interval": 1.0,
+    "shutdown_grace": 10.0,            # on exit, seconds the requests in flight may finish in
+    "host_setup": False,               # VIP on lo, ARP sysctls, IP-in-IP decap (needs root)
+    "decap_interface": "tfa-ipip0",
+    "roce": {},                        # RoCE QoS values; the controller's may override
+}
+
+
+@dataclass
+class AgentConfig:
+    name: str
+    host: str
+    address: str
+    mac: str
+    switch: str
+    port: int
+    capacity: int
+    models: list[str]
+    vip: str
+    vip_port: int
+    vllm_url: str
+    controller_url: str
+    token: str | None
+    token_file: str | None
+    bridge: bool
+    listen_address: str
+    listen_port: int
+    mode: str
+    trust_tenant_header: bool
+    overflow_request_tokens: int
+    upstream_timeout: float
+    request_timeout: float
+    beacon_target: str
+    beacon_source: str | None
+    beacon_interval: float
+    scrape_interval: float
+    health_interval: float
+    stale_after: float
+    report_interval: float
+    shutdown_grace: float
+    host_setup: bool
+    decap_interface: str
+    roce: dict
+
+    @property
+    def beacon_addr(self) -> tuple[str, int]:
+        host, _, port = self.beacon_target.rpartition(":")
+        return host, int(port)
+
+    def auth_token(self) -> str | None:
+        if self.token:
+            return self.token
+        if self.token_file:
+            return Path(self.token_file).read_text().strip()
+        return None
+
+
+_MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+
+
+def _ipv4(key: str, value: Any) -> str:
+    try:
+        return str(ipaddress.IPv4Address(str(value)))
+    except ValueError as exc:
+        raise ConfigError(f"agent.{key}: {value!r} is not an IPv4 address") from exc
+
+
+def validate(raw: dict[str, Any]) -> AgentConfig:
+    for key in ("name", "address", "mac", "switch", "port", "vip"):
+        if raw.get(key) in (None, ""):
+            raise ConfigError(f"agent.{key} is required")
+    values = dict(raw)
+    values["host"] = values["host"] or values["name"]
+    values["address"] = _ipv4("address", values["address"])
+    values["vip"] = _ipv4("vip", values["vip"])
+    if not _MAC.match(str(values["mac"])):
+        raise ConfigError(f"agent.mac: {values['mac']!r} is not a MAC address like "
+                          "00:00:00:00:00:01")
+    for key in ("port", "capacity", "vip_port", "overflow_request_tokens"):
+        if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0:
+            raise ConfigError(f"agent.{key} must be a non-negative integer")
+    if values["capacity"] < 1:
+        raise ConfigError("agent.capacity must be at least 1")
+    for key in ("beacon_interval", "scrape_interval", "health_interval", "stale_after",
+                "report_interval", "upstream_timeout", "request_timeout"):
+        if not isinstance(values[key], int | float) or values[key] <= 0:
+            raise ConfigError(f"agent.{key} must be a positive number of seconds")
+    if not isinstance(values["shutdown_grace"], int | float) or values["shutdown_grace"] < 0:
+        raise ConfigError("agent.shutdown_grace must be a number of seconds, 0 or more")
+    if values["mode"] not in ("relay", "overflow"):
+        raise ConfigError("agent.mode must be relay or overflow")
+    if not isinstance(values["models"], list):
+        raise ConfigError("agent.models must be a list")
+    if not isinstance(values["roce"], dict):
+        raise ConfigError("agent.roce must be a mapping")
+    values["listen_address"] = values["listen_address"] or values["vip"]
+    values["listen_port"] = values["listen_port"] or values["vip_port"]
+    host, _, port = str(values["beacon_target"]).rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"agent.beacon_target: {values['beacon_target']!r} is not host:port")
+    known = {f.name for f in fields(AgentConfig)}
+    return AgentConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def load(path: str | Path | None, flags: dict[str, Any] | None = None) -> AgentConfig:
+    return validate(load_section("agent", DEFAULTS, path, flags))

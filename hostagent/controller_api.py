@@ -1,0 +1,83 @@
+"""The agent's side of the controller's REST API (see docs/agent.md for the contract).
+
+    POST   /api/v1/backends                 register  -> 201 {"backend_id", "tenants", ...}
+    POST   /api/v1/backends/{name}/report   every ~1 s -> 2xx (may carry "tenants")
+    DELETE /api/v1/backends/{name}          on exit
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+
+class ControllerError(Exception):
+    """The controller refused a call, or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Registration:
+    backend_id: int
+    tenants: list[dict] = field(default_factory=list)
+    roce: dict = field(default_factory=dict)
+
+
+class ControllerClient:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str | None,
+                 timeout: float = 3.0) -> None:
+        self.session = session
+        self.base = base_url.rstrip("/") + "/api/v1"
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        url = self.base + path
+        try:
+            async with self.session.request(method, url, json=body, headers=self.headers,
+                                            timeout=self.timeout) as reply:
+                try:
+                    data = await reply.json(content_type=None)
+                except ValueError:
+                    data = None
+                return reply.status, data
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ControllerError(f"{method} {url}: {exc.__class__.__name__}: {exc}") from exc
+
+    @staticmethod
+    def _detail(status: int, data: Any) -> str:
+        if isinstance(data, dict):
+            return str(data.get("detail") or data.get("error") or data)
+        return f"HTTP {status}"
+
+    async def register(self, body: dict) -> Registration:
+        status, data = await self._call("POST", "/backends", body)
+        if status not in (200, 201):
+            raise ControllerError(f"registration refused: HTTP {status}: "
+                                  f"{self._detail(status, data)}", status)
+        if not isinstance(data, dict) or not isinstance(data.get("backend_id"), int):
+            raise ControllerError(f"registration answer has no integer backend_id: {data!r}",
+                                  status)
+        tenants = data.get("tenants") or []
+        if not isinstance(tenants, list):
+            raise ControllerError("registration answer: tenants is not a list", status)
+        roce = data.get("roce") if isinstance(data.get("roce"), dict) else {}
+        return Registration(data["backend_id"], tenants, roce)
+
+    async def report(self, name: str, body: dict) -> dict:
+        status, data = await self._call("POST", f"/backends/{name}/report", body)
+        if not 200 <= status < 300:
+            raise ControllerError(f"report refused: HTTP {status}: "
+                                  f"{self._detail(status, data)}", status)
+        return data if isinstance(data, dict) else {}
+
+    async def deregister(self, name: str) -> None:
+        status, data = await self._call("DELETE", f"/backends/{name}")
+        if status not in (200, 202, 204, 404):
+            raise ControllerError(f"deregistration refused: HTTP {status}: "
+                                  f"{self._detail(status, data)}", status)

@@ -1,0 +1,146 @@
+"""The emulator's timing model: continuous batching in real time."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import pytest
+
+from hostagent.engine import Engine, EngineParams, PrefixCache
+
+
+def words(n: int, tag: str = "w") -> list[str]:
+    return [f"{tag}{i}" for i in range(n)]
+
+
+async def run_requests(engine: Engine, specs: list[tuple[list[str], int]]) -> list:
+    requests = [engine.submit(tokens, max_tokens) for tokens, max_tokens in specs]
+
+    async def drain(request) -> None:
+        while await request.queue.get() is not None:
+            pass
+
+    await asyncio.wait_for(asyncio.gather(*(drain(r) for r in requests)), 20)
+    return requests
+
+
+def ttft(request) -> float:
+    return request.first_token_at - request.arrival
+
+
+async def test_more_load_gives_longer_ttft():
+    params = EngineParams(decode_base_s=0.004, decode_s_per_seq=0.0005,
+                          prefill_s_per_token=0.0002, prefix_caching=False)
+    engine = Engine(params)
+    engine.start()
+    try:
+        alone = await run_requests(engine, [(words(50), 4)])
+        crowd = await run_requests(engine, [(words(50, f"t{i}"), 4) for i in range(16)])
+    finally:
+        await engine.stop()
+    assert statistics.median(map(ttft, crowd)) > 2 * ttft(alone[0])
+
+
+async def test_decode_step_grows_with_batch_size():
+    params = EngineParams(decode_base_s=0.01, decode_s_per_seq=0.001)
+    engine = Engine(params)
+    assert engine.step_duration(0) == 0  # nothing running, nothing to do
+    engine.submit(words(10), 5)
+    engine._admit()
+    one = engine.step_duration(0)
+    for i in range(9):
+        engine.submit(words(10, f"x{i}"), 5)
+    engine._admit()
+    assert engine.step_duration(0) == pytest.approx(one + 9 * 0.001 + 90 * params
+                                                    .decode_s_per_ctx_token)
+
+
+async def test_max_num_seqs_bounds_the_batch():
+    engine = Engine(EngineParams(max_num_seqs=3))
+    for i in range(5):
+        engine.submit(words(4, f"r{i}"), 2)
+    engine.step()
+    assert len(engine.running) == 3 and len(engine.waiting) == 2
+
+
+async def test_full_kv_cache_makes_requests_wait_and_preempts():
+    # 150 tokens of KV: room to start two 60-token prompts, not a third, and not for both
+    # of them to grow by 60 output tokens each.
+    params = EngineParams(kv_cache_tokens=150, block_size=16, decode_base_s=0.0005,
+                          decode_s_per_seq=0, decode_s_per_ctx_token=0,
+                          prefill_s_per_token=0, prefix_caching=False)
+    engine = Engine(params)
+    first = engine.submit(words(60, "a"), 60)
+    second = engine.submit(words(60, "b"), 60)
+    third = engine.submit(words(60, "c"), 60)
+    engine.step()
+    assert engine.running == [first, second] and list(engine.waiting) == [third]
+    assert engine.kv_usage == pytest.approx(120 / 150)
+    engine.start()
+    try:
+        await run_requests(engine, [])
+        for request in (first, second, third):
+            while request.finished_reason is None:
+                await asyncio.sleep(0.01)
+    finally:
+        await engine.stop()
+    assert engine.stats.preemptions >= 1
+    assert third.first_scheduled - third.arrival > 0.01  # it waited for room
+    assert {r.output_tokens for r in (first, second, third)} == {60}
+
+
+async def test_prefix_cache_shortens_prefill():
+    params = EngineParams(prefill_s_per_token=0.001, decode_base_s=0.001, block_size=16)
+    engine = Engine(params)
+    engine.start()
+    try:
+        shared = words(160, "sys")
+        cold = await run_requests(engine, [(shared + ["q1"], 1)])
+        warm = await run_requests(engine, [(shared + ["q2"], 1)])
+    finally:
+        await engine.stop()
+    assert warm[0].cached_tokens == 160
+    assert engine.stats.prefix_hits == 160
+    assert ttft(warm[0]) < ttft(cold[0]) / 3
+
+
+async def test_speed_multiplier_halves_or_doubles_time():
+    base = dict(decode_base_s=0.01, decode_s_per_seq=0, decode_s_per_ctx_token=0)
+    fast = Engine(EngineParams(speed=1.0, **base))
+    slow = Engine(EngineParams(speed=0.5, **base))
+    for engine in (fast, slow):
+        engine.submit(words(3), 3)
+    assert slow.step() == pytest.approx(2 * fast.step())
+
+
+async def test_abort_frees_the_request():
+    engine = Engine(EngineParams())
+    request = engine.submit(words(10), 100)
+    engine.step()
+    engine.abort(request)
+    assert engine.running == [] and request.finished_reason == "abort"
+    assert engine.stats.finished["abort"] == 1
+
+
+def test_request_larger_than_the_cache_is_refused():
+    engine = Engine(EngineParams(kv_cache_tokens=64))
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        engine.submit(words(60), 10)
+
+
+def test_bad_parameters_are_refused():
+    with pytest.raises(ValueError):
+        EngineParams(max_num_seqs=0)
+    with pytest.raises(ValueError):
+        EngineParams(speed=0)
+
+
+def test_prefix_cache_matches_whole_blocks_of_the_prefix_only():
+    cache = PrefixCache(block_size=4, capacity_blocks=10)
+    cache.insert(words(10))
+    assert cache.lookup(words(10)) == 8          # two whole blocks
+    assert cache.lookup(["other"] + words(9)) == 0
+    small = PrefixCache(block_size=4, capacity_blocks=1)
+    small.insert(words(8))
+    assert small.lookup(words(8)) == 0           # the first block was evicted

