@@ -35,7 +35,7 @@ PACKET_OUTGOING = 4
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _tags = itertools.count()
 QUEUE_DEPTH = 1024
-PACE_EVERY, PACE_PAUSE = 8, 0.0005
+PACE_EVERY, PACE_PAUSE = 8, 0.002
 
 
 @contextlib.contextmanager
