@@ -231,9 +231,13 @@ def _read_all(sh) -> dict:  # noqa: ANN001 (the p4runtime_sh.shell module)
             rows.append(row)
         out["tables"][name] = rows
     for full, profile in sh.context.get_objs(P4Type.action_profile):
-        out["members"][full] = [
-            {"member_id": m.msg().member_id, "action": _action_json(sh, m.msg().action)}
-            for m in sh.ActionProfileMember(full).read()]
+        # BMv2 (PI) emulates a weight w by w copies of the member and reads each copy
+        # back as a row with the same member id: fold them into one.
+        members = {}
+        for m in sh.ActionProfileMember(full).read():
+            row = {"member_id": m.msg().member_id, "action": _action_json(sh, m.msg().action)}
+            members[json.dumps(row, sort_keys=True)] = row
+        out["members"][full] = list(members.values())
         if profile.with_selector:
             out["groups"][full] = [
                 {"group_id": g.msg().group_id,

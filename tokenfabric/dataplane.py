@@ -103,7 +103,3 @@ COUNTERS = ("port_rx", "port_tx", "tenant_admitted", "tenant_overflow", "tenant_
             "backend_conns", "backend_traffic", "class_traffic", "drops", "events",
             "ecn_marked")
 
-
-def refill_micro_tokens(elapsed_us: int, tokens_per_s: int) -> int:
-    """What the switch adds to a bucket: micro-tokens, exact (elapsed capped at 2^32-1 us)."""
-    return min(elapsed_us, 0xFFFFFFFF) * tokens_per_s

@@ -222,9 +222,10 @@ class Codec:
 
     # ---- encode ------------------------------------------------------------------
 
-    def encode(self, entity: Entity) -> p4runtime_pb2.Entity:
-        """Protobuf of a normalized entity."""
-        pb = p4runtime_pb2.Entity()
+    def encode(self, entity: Entity, pb: p4runtime_pb2.Entity | None = None) \
+            -> p4runtime_pb2.Entity:
+        """Protobuf of a normalized entity, built in `pb` when given (saves a copy)."""
+        pb = p4runtime_pb2.Entity() if pb is None else pb
         if isinstance(entity, TableEntry):
             self._encode_table_entry(entity, pb.table_entry)
         elif isinstance(entity, ProfileMember):
@@ -313,8 +314,27 @@ class Codec:
                                config.cir, config.cburst, config.pir, config.pburst)
         raise TranslationError(f"cannot decode entity of kind {kind}")
 
+    def decode_key(self, pb: p4runtime_pb2.TableEntry) -> tuple:
+        """TableEntry.key() of a protobuf table entry (which may carry no action)."""
+        table = self.index.table(pb.table_id)
+        return ("table", table.name, self._decode_match(table, pb), pb.priority)
+
     def _decode_table_entry(self, pb: p4runtime_pb2.TableEntry) -> TableEntry:
         table = self.index.table(pb.table_id)
+        match = self._decode_match(table, pb)
+        which = pb.action.WhichOneof("type")
+        if which == "action":
+            action: Action | GroupRef | MemberRef = self._decode_action(pb.action.action)
+        elif which == "action_profile_group_id":
+            action = GroupRef(pb.action.action_profile_group_id)
+        elif which == "action_profile_member_id":
+            action = MemberRef(pb.action.action_profile_member_id)
+        else:
+            raise TranslationError(f"table {table.name}: entry without action ({which})")
+        return TableEntry(table.name, match, action, pb.priority)
+
+    def _decode_match(self, table: TableInfo, pb: p4runtime_pb2.TableEntry) \
+            -> tuple[tuple[str, MatchValue], ...]:
         match: list[tuple[str, MatchValue]] = []
         for fm in pb.match:
             field = table.fields_by_id.get(fm.field_id)
@@ -334,16 +354,7 @@ class Codec:
             else:
                 raise TranslationError(f"table {table.name}: unsupported match {which}")
             match.append((field.name, value))
-        which = pb.action.WhichOneof("type")
-        if which == "action":
-            action: Action | GroupRef | MemberRef = self._decode_action(pb.action.action)
-        elif which == "action_profile_group_id":
-            action = GroupRef(pb.action.action_profile_group_id)
-        elif which == "action_profile_member_id":
-            action = MemberRef(pb.action.action_profile_member_id)
-        else:
-            raise TranslationError(f"table {table.name}: entry without action ({which})")
-        return TableEntry(table.name, tuple(sorted(match)), action, pb.priority)
+        return tuple(sorted(match))
 
     def _decode_action(self, pb: p4runtime_pb2.Action) -> Action:
         info = self.index.action(pb.action_id)

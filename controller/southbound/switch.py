@@ -31,7 +31,7 @@ from google.rpc import code_pb2, status_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
 from controller import log
-from controller.entries import DesiredState, Entity, TableEntry
+from controller.entries import DesiredState, Entity
 from controller.southbound import weights
 from controller.southbound.codec import Codec
 from controller.southbound.errors import (
@@ -282,8 +282,8 @@ class Switch:
             out[entry.index.index] = CounterValue(entry.data.packet_count, entry.data.byte_count)
         return out
 
-    async def read_direct_counters(self, table: str) -> dict[TableEntry, CounterValue]:
-        """The direct counter of every entry of `table`."""
+    async def read_direct_counters(self, table: str) -> dict[tuple, CounterValue]:
+        """The direct counter of every entry of `table`, by the entry's TableEntry.key()."""
         info = self.index.table(table)
         if not info.direct_counter_ids:
             raise TranslationError(f"table {info.name} has no direct counter")
@@ -292,9 +292,8 @@ class Switch:
         out = {}
         for entity in await self.read_entities([pb]):
             entry = entity.direct_counter_entry
-            wrapped = p4runtime_pb2.Entity(table_entry=entry.table_entry)
-            key = self.codec.decode(wrapped)
-            out[key] = CounterValue(entry.data.packet_count, entry.data.byte_count)
+            out[self.codec.decode_key(entry.table_entry)] = CounterValue(
+                entry.data.packet_count, entry.data.byte_count)
         return out
 
     async def read_meters(self, name: str | None = None) -> DesiredState:
@@ -651,7 +650,7 @@ class Switch:
             request.role = self.config.role_name
         for update in updates:
             pb = request.updates.add(type=_UPDATE_TYPES[update.type])
-            pb.entity.CopyFrom(self.codec.encode(update.entity))
+            self.codec.encode(update.entity, pb.entity)
             if update.type == RESET:
                 pb.entity.meter_entry.ClearField("config")
         try:

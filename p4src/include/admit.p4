@@ -17,8 +17,8 @@ control Admit(inout headers_t hdr,
     @name(".bucket_stamp")
     register<bit<48>>(MAX_TENANTS) bucket_stamp;
 
-    bit<64> rate;
-    bit<64> full;
+    bit<64> rate = 0;
+    bit<64> full = 0;
     bool has_contract = false;
 
     @name(".set_contract")

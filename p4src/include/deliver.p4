@@ -11,8 +11,8 @@ control Deliver(inout headers_t hdr,
 
     bool encap = false;
     bool delivered = false;
-    bit<32> tunnel_src_addr;
-    bit<32> tunnel_dst_addr;
+    bit<32> tunnel_src_addr = 0;
+    bit<32> tunnel_dst_addr = 0;
 
     @name(".deliver_local")
     action deliver_local(port_t port, mac_t smac, mac_t dmac) {

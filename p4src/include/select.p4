@@ -46,8 +46,7 @@ control SelectBackend(inout headers_t hdr,
             meta.l4_src_port: selector @name("src_port");
             meta.l4_dst_port: selector @name("dst_port");
         }
-        actions = { set_pool_backend; @defaultonly NoAction; }
-        const default_action = NoAction();
+        actions = { set_pool_backend; }
         implementation = backend_selector;
         size = MAX_SERVICES;
     }

@@ -34,6 +34,7 @@ ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _tags = itertools.count()
+QUEUE_DEPTH = 1024
 
 
 @contextlib.contextmanager
@@ -175,7 +176,9 @@ def rig(nports: int = 5, log_dir: Path | None = None) -> Iterator[Rig]:
         box.processes.append(switch.proc)  # the sandbox ends it even if we fail here
         client = P4RuntimeClient(opts.grpc_address)
         io = PacketPorts(ns, host_ifs)
-        yield Rig(box, ns, switch, client, io, root_ifs, host_ifs)
+        made = Rig(box, ns, switch, client, io, root_ifs, host_ifs)
+        made.cli(f"set_queue_depth {QUEUE_DEPTH}\n")  # BMv2's 64 drops test bursts
+        yield made
     finally:
         if io:
             io.close()

@@ -37,6 +37,7 @@ def new_connection(sw, src: str = "10.0.1.20") -> str:
 def use(sw, tokens: int, tenant_id: int = TENANT) -> None:
     sw.io.send(h.B1_PORT, beacon(UsageBeacon(h.B1, tenant_id, tokens, 0).pack(),
                                  h.B1_PORT, "10.0.2.2"))
+    sw.io.collect(idle=0.05)  # consumed before the next packet from another port
 
 
 @pytest.fixture

@@ -67,6 +67,6 @@ def test_not_ect_traffic_is_never_marked_and_cnps_ride_the_top_class(roce_sw):
     out = [parse(f)[IP] for f in sw.io.collect(idle=0.5)[h.FAR_PORT]]
     assert len(out) == 41
     assert all(p.tos & 3 == 0 for p in out)
-    cnp = [p for p in out if p.tos >> 2 == 48]
-    assert len(cnp) == 1 and bytes(cnp[0][UDP].payload)[0] == 0x81
-    assert out.index(cnp[0]) < 20, "the CNP overtakes the queued lossless packets"
+    cnp = [i for i, p in enumerate(out) if p.tos >> 2 == 48]
+    assert len(cnp) == 1 and bytes(out[cnp[0]][UDP].payload)[0] == 0x81
+    assert cnp[0] < 20, "the CNP overtakes the queued lossless packets"

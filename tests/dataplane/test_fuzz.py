@@ -17,7 +17,7 @@ from tokenfabric.dataplane import DropReason, Event
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 
 COUNT = 10_000
-BATCH = 250
+BATCH = 100
 
 
 def templates(rng: random.Random) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -18,11 +19,17 @@ PORTS = {h.B1: h.B1_PORT, h.B2: h.B2_PORT}
 
 
 def flows(n: int, base: int = 0) -> list[tuple[str, int]]:
-    """n distinct client (address, port) pairs."""
-    return [(f"10.0.1.{2 + i % 200}", 10000 + base + i) for i in range(n)]
+    """n client (address, ephemeral port) pairs drawn like real clients', each in its own
+    connection-table slot (colliding connections are the stateless exception)."""
+    rng = random.Random(base)
+    chosen: dict[int, tuple[str, int]] = {}
+    while len(chosen) < n:
+        flow = (f"10.0.1.{rng.randint(2, 250)}", rng.randint(32768, 60999))
+        chosen.setdefault(h.flow_hash(flow[0], h.VIP, 6, flow[1], h.VIP_PORT) & 0xFFFF, flow)
+    return list(chosen.values())
 
 
-def open_connections(sw, conns, batch: int = 200) -> dict[tuple[str, int], int]:
+def open_connections(sw, conns, batch: int = 100) -> dict[tuple[str, int], int]:
     """Send a SYN per connection; returns the backend each SYN reached."""
     where = {}
     for start in range(0, len(conns), batch):
@@ -93,6 +100,7 @@ def test_weight_pool_and_mode_changes_do_not_move_established_connections(sw):
     sw.client.modify(h.service(mode=Mode.P2C))
     assert send_data(sw, conns) == first
     assert sw.client.packets("events", Event.PIN_HIT) == 600
+    assert sw.client.packets("events", Event.PIN_COLLISION) == 0
 
 
 def test_fin_and_idle_timeout_end_a_pin(sw):
@@ -119,11 +127,13 @@ def test_fin_and_idle_timeout_end_a_pin(sw):
 def colliding_pair() -> tuple[tuple[str, int], tuple[str, int]]:
     """Two client flows to the VIP whose slot (crc32 mod 65536) is the same."""
     seen = {}
-    for sport in range(20000, 60000):
-        slot = h.flow_hash("10.0.1.50", h.VIP, 6, sport, h.VIP_PORT) & 0xFFFF
-        if slot in seen:
-            return ("10.0.1.50", seen[slot]), ("10.0.1.50", sport)
-        seen[slot] = sport
+    for host in range(2, 250):
+        for sport in range(40000, 40400):
+            flow = (f"10.0.1.{host}", sport)
+            slot = h.flow_hash(*flow[:1], h.VIP, 6, sport, h.VIP_PORT) & 0xFFFF
+            if slot in seen:
+                return seen[slot], flow
+            seen[slot] = flow
     raise AssertionError("no collision found")
 
 

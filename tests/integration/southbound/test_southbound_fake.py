@@ -182,12 +182,16 @@ async def test_apply_reports_failing_updates_of_a_reconcile(fake, pipeline):
 async def test_bad_entity_fails_before_anything_is_written(fake, pipeline):
     switch = await started(make_switch(fake, pipeline))
     try:
+        good = mini_state(tenants=1)
+        await switch.apply(good)
+        written = fake.updates_written()
         desired = mini_state(tenants=2)
         desired.add(TableEntry.of("classify", {"hdr.ipv4.src_addr": Lpm(2**32, 8)},
                                   Action.of("set_tenant", tenant=1)))
         with pytest.raises(TranslationError, match="does not fit in 32 bits"):
             await switch.apply(desired)
-        assert fake.updates_written() == 0
+        assert fake.updates_written() == written
+        assert switch.desired is good  # the bad state was not remembered either
         bad_table = DesiredState()
         bad_table.add(TableEntry.of("nosuch", {}, Action.of("drop")))
         with pytest.raises(TranslationError, match="unknown table 'nosuch'.*MiniIngress.routes"):
@@ -406,7 +410,7 @@ async def test_counters_direct_counters_and_meters(fake, pipeline):
         route = normalized(desired, pipeline).entities
         [entry] = [e for e in route.values() if isinstance(e, TableEntry)
                    and e.table == "MiniIngress.routes"]
-        assert direct[entry].packets == 3
+        assert direct[entry.key()].packets == 3
 
         meters = await switch.read_meters("tenant_meter")
         assert sorted(m.index for m in meters.entities.values()) == [1, 2, 3]
