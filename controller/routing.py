@@ -46,12 +46,16 @@ def headroom(backend: Backend, running: int, waiting: int, kv_cache_usage: float
 
 def _apportion(shares: dict[str, float], total: int) -> dict[str, int]:
     """Largest remainder: integers summing to `total`, each at least 1."""
-    spare = total - len(shares)
-    quotas = {k: v * spare for k, v in shares.items()}
-    out = {k: 1 + math.floor(q) for k, q in quotas.items()}
+    quotas = {k: v * total for k, v in shares.items()}
+    out = {k: max(1, math.floor(q)) for k, q in quotas.items()}
     left = total - sum(out.values())
-    for k in sorted(quotas, key=lambda k: (-(quotas[k] - math.floor(quotas[k])), k))[:left]:
+    by_remainder = sorted(quotas, key=lambda k: (-(quotas[k] - math.floor(quotas[k])), k))
+    for k in by_remainder[:max(0, left)]:
         out[k] += 1
+    while left < 0:  # the minimum of 1 overshot: take from the most over-served
+        k = max((k for k in out if out[k] > 1), key=lambda k: (out[k] - quotas[k], k))
+        out[k] -= 1
+        left += 1
     return out
 
 

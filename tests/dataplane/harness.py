@@ -35,6 +35,7 @@ PACKET_OUTGOING = 4
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _tags = itertools.count()
 QUEUE_DEPTH = 1024
+PACE_EVERY, PACE_PAUSE = 8, 0.0005
 
 
 @contextlib.contextmanager
@@ -68,8 +69,14 @@ class PacketPorts:
                 sock.setblocking(False)
                 self.sockets[port] = sock
         self._port_of = {s.fileno(): p for p, s in self.sockets.items()}
+        self._sent = 0
 
     def send(self, port: int, frame: bytes) -> None:
+        # BMv2 reads each port through a libpcap ring of about 32 frames (default
+        # snaplen and buffer): pace bursts so that a busy machine does not overrun it.
+        self._sent += 1
+        if self._sent % PACE_EVERY == 0:
+            time.sleep(PACE_PAUSE)
         sock = self.sockets[port]
         for _ in range(100):  # a full veth queue says EAGAIN: wait for room, bounded
             try:

@@ -65,10 +65,10 @@ def test_over_budget_tenant_lands_on_the_overflow_responder_and_recovers(metered
 
 def test_the_refill_stops_at_the_burst(metered):
     sw = metered
-    sw.client.modify(contract(1000, 50))
+    sw.client.modify(contract(100, 50))
     new_connection(sw)
-    time.sleep(0.3)  # would refill 300 tokens without the 50-token cap
-    use(sw, 60)
+    time.sleep(0.5)  # a full 50-token bucket plus 50 more without the cap
+    use(sw, 60)  # capped: 10 owed, repaid only after another 100 ms
     assert new_connection(sw) == "overflow"
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
+from scapy.packet import Raw
 
 from controller.entries import (
     DesiredState,
@@ -38,7 +39,7 @@ harness = pytest.importorskip("tests.dataplane.harness")
 packets = pytest.importorskip("tests.dataplane.packets")
 
 VIP, VIP_PORT = "10.10.0.1", 8000
-PREMIUM_NET, BASIC_NET = "10.1.1", "10.1.2"
+PREMIUM_NET, BASIC_NET, LAB_NET, METERED_NET = "10.1.1", "10.1.2", "10.1.3", "10.1.4"
 PREMIUM_PORT, BASIC_PORT, GPU1_PORT, GPU2_PORT, RESPONDER_PORT = 1, 2, 3, 4, 5
 
 FABRIC = f"""
@@ -69,29 +70,36 @@ contracts:
     class: {{service_class: high-throughput-data, priority_level: 80}}          # AF11
     tpm: 60
     burst: 10
+  metered:
+    class: {{service_class: low-latency-data, priority_level: 20, queue: 5}}
+    tpm: 6000000
+    bandwidth: {{cir: 100, cbs: 2000, pir: 100, pbs: 4000, exceed: remark,
+                exceed_dscp: 12, violate: drop}}
 tenants:
   - {{name: premium, id: 1, prefixes: [{PREMIUM_NET}.0/24], contract: premium}}
   - {{name: basic, id: 2, prefixes: [{BASIC_NET}.0/24], contract: basic}}
+  - {{name: lab, id: 3, prefixes: [{LAB_NET}.0/24], contract: premium, trust_dscp: true}}
+  - {{name: metered, id: 4, prefixes: [{METERED_NET}.0/24], contract: metered}}
 """
 
-ORDER = {ProfileMember: 0, ProfileGroup: 1, TableEntry: 2, MeterConfig: 3}
-
-
 class ClientWriter:
-    """The reload Protocol over the dataplane tests' P4Runtime client: what refers to
-    something is written after it and deleted before it."""
+    """The reload Protocol over the dataplane tests' P4Runtime client, in the order a
+    switch accepts: members before the groups that list them before the entries that
+    use them; deletions the other way round, after the modifies that drop references."""
 
     def __init__(self, client: object) -> None:
         self.client = client
 
     async def __call__(self, switch: str, insert: list[Entity], modify: list[Entity],
                        delete: list[Entity]) -> None:
-        if delete:
-            self.client.delete(*sorted(delete, key=lambda e: -ORDER[type(e)]))
-        if insert:
-            self.client.insert(*sorted(insert, key=lambda e: ORDER[type(e)]))
-        if modify:
-            self.client.modify(*sorted(modify, key=lambda e: ORDER[type(e)]))
+        for kind in (ProfileMember, ProfileGroup, TableEntry, MeterConfig):
+            if batch := [e for e in insert if isinstance(e, kind)]:
+                self.client.insert(*batch)
+            if batch := [e for e in modify if isinstance(e, kind)]:
+                self.client.modify(*batch)
+        for kind in (TableEntry, ProfileGroup, ProfileMember):
+            if batch := [e for e in delete if isinstance(e, kind)]:
+                self.client.delete(*batch)
 
 
 def frame(src: str, sport: int, flags: str, port: int) -> bytes:
@@ -161,7 +169,7 @@ async def test_drain_keeps_pinned_connections_and_stops_new_ones(sw):
             on_gpu2 = (src, 40000 + i)
             break
     assert on_gpu2, "no connection landed on gpu2"
-    router = Router(sw.model)
+    router = Router(sw.model, clock=lambda: 0.0)  # no agent reports here: never stale
     assert router.drain("b2")
     await resync(sw)
     for i in range(30):
@@ -192,7 +200,7 @@ async def test_tenant_over_budget_goes_to_the_overflow_responder(sw):
 async def test_mode_switch_at_run_time_moves_no_pinned_connection(sw):
     src, sport = f"{PREMIUM_NET}.20", 60000
     first, _ = where(sw, src, sport)
-    router = Router(sw.model)
+    router = Router(sw.model, clock=lambda: 0.0)
     assert router.set_mode("llama", "p2c")
     before = dict(sw.held["s1"].entities)
     await resync(sw)
@@ -202,3 +210,69 @@ async def test_mode_switch_at_run_time_moves_no_pinned_connection(sw):
         assert where(sw, src, sport, flags="PA")[0] == first
     ports = {where(sw, f"{PREMIUM_NET}.{30 + i}", 61000 + i)[0] for i in range(30)}
     assert ports <= {GPU1_PORT, GPU2_PORT} and ports
+
+
+@pytest.mark.parametrize("src,dscp,want", [
+    (f"{LAB_NET}.4", 26, 18),   # trusted AF31 (RoCE's DSCP) is remapped to AF21
+    (f"{LAB_NET}.4", 30, 18),   # AF33 too
+    (f"{LAB_NET}.4", 10, 10),   # trusted: AF11 picks basic's class
+    (f"{LAB_NET}.4", 46, 18),   # a DSCP no class uses keeps the contract's class
+    (f"{PREMIUM_NET}.4", 10, 18),  # untrusted: the contract decides
+    (f"{PREMIUM_NET}.4", 26, 18),
+])
+async def test_trusted_dscp_and_af3x_remap(sw, src, dscp, want):
+    pkt = bytes(packets.to_switch(PREMIUM_PORT) / IP(src=src, dst=VIP, tos=dscp << 2)
+                / TCP(sport=7000 + dscp, dport=VIP_PORT, flags="S"))
+    sw.io.send(PREMIUM_PORT, pkt)
+    out = [Ether(f) for frames in sw.io.collect(idle=0.15).values() for f in frames]
+    assert len(out) == 1 and out[0][IP].tos >> 2 == want
+
+
+@pytest.mark.parametrize("opcode,dscp", [(0x04, 26), (0x81, 48)])  # RDMA SEND only, CNP
+async def test_roce_and_cnp_take_the_policy_classes(sw, opcode, dscp):
+    bth = bytes([opcode, 0, 0xFF, 0xFF, 0, 0, 0, 0x11, 0, 0, 0, 1])
+    pkt = bytes(packets.to_switch(GPU1_PORT) / IP(src="10.0.0.11", dst="10.0.0.12", tos=2)
+                / UDP(sport=49152, dport=4791) / Raw(bth + bytes(16)))
+    sw.io.send(GPU1_PORT, pkt)
+    out = [(p, Ether(f)) for p, frames in sw.io.collect(idle=0.15).items() for f in frames]
+    assert [p for p, _ in out] == [GPU2_PORT]
+    assert out[0][1][IP].tos >> 2 == dscp
+    assert out[0][1][IP].tos & 3 == 2  # ECT(0) kept: an empty queue marks nothing
+
+
+async def test_bandwidth_profile_remarks_yellow_and_drops_red(sw):
+    """cbs 2000 and pbs 4000 bytes at 100 B/s (refill negligible while sending): of a
+    burst of 200-byte frames about 10 pass green, about 10 more yellow (remarked to
+    DSCP 12), the rest is red."""
+    for i in range(40):
+        pkt = packets.to_switch(PREMIUM_PORT) / IP(src=f"{METERED_NET}.9", dst=VIP) \
+            / TCP(sport=9000 + i, dport=VIP_PORT, flags="S") / Raw(bytes(146))
+        assert len(bytes(pkt)) == 200
+        sw.io.send(PREMIUM_PORT, bytes(pkt))
+    out = [Ether(f) for frames in sw.io.collect(idle=0.3).values() for f in frames]
+    dscps = [p[IP].tos >> 2 for p in sorted(out, key=lambda p: p[TCP].sport)]
+    green, yellow = dscps.count(18), dscps.count(12)
+    assert set(dscps) <= {18, 12}
+    assert 8 <= green <= 13 and 8 <= yellow <= 13, dscps
+    assert dscps[:8] == [18] * 8  # the burst starts green
+    red = 40 - len(out)
+    assert red >= 15
+    assert sw.client.packets("drops", dp.DropReason.METER_RED) == red
+
+
+async def test_load_reports_move_the_hash_split(sw):
+    """gpu1 reports 6 of 8 running: headroom 25 against gpu2's 100, weights 1 : 4."""
+    router = Router(sw.model, clock=lambda: 0.0)
+    assert router.on_report("b1", running=6, waiting=0, kv_cache_usage=0.1)
+    router.on_report("b2", running=0, waiting=0, kv_cache_usage=0.0)
+    await resync(sw)
+    group = sw.held["s1"].entities[("group", "backend_selector", 1)]
+    assert dict(group.members) == {1: 1, 2: 4}
+    n = 400
+    for i in range(n):
+        src = f"{PREMIUM_NET}.{2 + i % 240}"
+        sw.io.send(PREMIUM_PORT, frame(src, 10000 + i, "S", PREMIUM_PORT))
+    got = sw.io.collect(idle=0.3)
+    to1, to2 = len(got[GPU1_PORT]), len(got[GPU2_PORT])
+    assert to1 + to2 == n
+    assert abs(to2 / n - 0.8) <= 0.07, (to1, to2)  # 1:4 within 7 points over 400 connections

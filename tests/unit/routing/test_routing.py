@@ -67,6 +67,8 @@ def test_headroom_formula():
 
 def test_scale_weights_is_small_proportional_and_bounded():
     assert scale_weights({"a": 16, "b": 8}) == {"a": 2, "b": 1}
+    assert scale_weights({"a": 200, "b": 800}) == {"a": 1, "b": 4}
+    assert scale_weights({"a": 100, "b": 5}) == {"a": 17, "b": 1}
     w = scale_weights({"a": 1600, "b": 500, "c": 37})
     assert sum(w.values()) <= MAX_GROUP_WEIGHT and min(w.values()) >= 1
     # within one unit of the 64 the total allows (c's minimum of 1 costs the rest)
