@@ -118,6 +118,9 @@ def test_controller_on_bmv2(bmv2, tmp_path):
         details = switch_view(api)["details"]
         assert details["pipeline_pushes"] == 0
         assert details["updates_written"] == 0, details
+        last = details["last_reconcile"]
+        assert last["applied"] and (last["inserted"], last["modified"], last["deleted"]) == (
+            0, 0, 0)
         assert tenant_rows(bmv2) == 3
     finally:
         if proc.poll() is None:
