@@ -22,7 +22,7 @@ from schemathesis.checks import (
 )
 
 from controller.api.server import create_app
-from tests.api.conftest import ADMIN, VIEWER, make_controller, serve_in_thread
+from tests.integration.api.conftest import ADMIN, VIEWER, make_controller, serve_in_thread
 
 
 def _schema_document() -> dict:

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from controller.entries import Action, Exact, TableEntry
-from tests.dataplane import harness as h
-from tests.dataplane.packets import beacon, golden, syn
+from tests.integration.dataplane import harness as h
+from tests.integration.dataplane.packets import beacon, golden, syn
 from tokenfabric.beacon import BeaconFlags, LoadBeacon, UsageBeacon
 from tokenfabric.dataplane import DropReason, Event, Mode
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from controller.switch_shell import shell_read
-from tests.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
+from tests.integration.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
 from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 

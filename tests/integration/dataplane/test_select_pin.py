@@ -9,8 +9,8 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from tests.dataplane import harness as h
-from tests.dataplane.packets import data, parse, syn
+from tests.integration.dataplane import harness as h
+from tests.integration.dataplane.packets import data, parse, syn
 from tokenfabric.dataplane import Event, Mode
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
