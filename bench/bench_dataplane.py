@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from controller.entries import Action, Exact, Lpm, MeterConfig, TableEntry  # noqa: E402
-from tests.dataplane import harness as h  # noqa: E402
-from tests.dataplane.packets import data, syn  # noqa: E402
+from tests.integration.dataplane import harness as h  # noqa: E402
+from tests.integration.dataplane.packets import data, syn  # noqa: E402
 
 TARGET = 0.7
 CONNECTIONS = 64

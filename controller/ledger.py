@@ -3,8 +3,7 @@
 Rows come from the host agents' usage reports: either the usage since the last
 report, deduplicated by a report id, or (preferred) the agent's cumulative totals,
 whose growth is counted, so that retries and lost reports need no id at all.
-SQLite in WAL mode with
-synchronous=FULL: a report is acknowledged (HTTP 2xx) only after its
+SQLite in WAL mode with synchronous=FULL: a report is acknowledged (HTTP 2xx) only after its
 transaction committed and the WAL was fsynced, so it survives a kill -9 of the
 controller and a power cut. A report id makes recording idempotent: an agent
 that retries after a timeout never double counts.
@@ -21,7 +20,7 @@ import io
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,28 +136,12 @@ class Ledger:
                now: float | None = None) -> bool:
         """Add one report's usage; False (and nothing added) if its id was recorded before."""
         now = time.time() if now is None else now
-        minute = int(now // 60 * 60)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if report_id is not None:
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO reports (report_id, backend, received) "
-                        "VALUES (?, ?, ?)", (report_id, backend, now))
-                    if cur.rowcount == 0:
-                        self._db.execute("ROLLBACK")
-                        return False
-                for u in usage:
-                    self._add_usage(minute, u)
-                if now - self._last_prune > 3600:
-                    self._db.execute("DELETE FROM reports WHERE received < ?",
-                                     (now - REPORT_ID_RETENTION_S,))
-                    self._last_prune = now
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return True
+
+        def add(minute: int) -> None:
+            for u in usage:
+                self._add_usage(minute, u)
+
+        return self._in_report(report_id, backend, now, add)
 
     def record_totals(self, report_id: str | None, backend: str, totals: Iterable[Usage],
                       now: float | None = None) -> bool:
@@ -169,6 +152,30 @@ class Ledger:
         lower than the last ones mean the agent restarted: they count from zero.
         """
         now = time.time() if now is None else now
+
+        def add(minute: int) -> None:
+            for u in totals:
+                new = (u.prompt_tokens, u.completion_tokens, u.requests)
+                row = self._db.execute(
+                    "SELECT prompt_tokens, completion_tokens, requests FROM usage_totals "
+                    "WHERE backend = ? AND tenant_id = ? AND model = ?",
+                    (backend, u.tenant_id, u.model)).fetchone()
+                if row is None or any(n < o for n, o in zip(new, row, strict=True)):
+                    grown = new  # first report, or the agent restarted
+                else:
+                    grown = tuple(n - o for n, o in zip(new, row, strict=True))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO usage_totals (backend, tenant_id, model, "
+                    "prompt_tokens, completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?)",
+                    (backend, u.tenant_id, u.model, *new))
+                if any(grown):
+                    self._add_usage(minute, Usage(u.tenant_id, u.model, *grown))
+
+        return self._in_report(report_id, backend, now, add)
+
+    def _in_report(self, report_id: str | None, backend: str, now: float,
+                   add: Callable[[int], None]) -> bool:
+        """Run `add(minute)` in one committed transaction, once per report id."""
         minute = int(now // 60 * 60)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -180,22 +187,11 @@ class Ledger:
                     if cur.rowcount == 0:
                         self._db.execute("ROLLBACK")
                         return False
-                for u in totals:
-                    new = (u.prompt_tokens, u.completion_tokens, u.requests)
-                    row = self._db.execute(
-                        "SELECT prompt_tokens, completion_tokens, requests FROM usage_totals "
-                        "WHERE backend = ? AND tenant_id = ? AND model = ?",
-                        (backend, u.tenant_id, u.model)).fetchone()
-                    if row is None or any(n < o for n, o in zip(new, row, strict=True)):
-                        grown = new  # first report, or the agent restarted
-                    else:
-                        grown = tuple(n - o for n, o in zip(new, row, strict=True))
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO usage_totals (backend, tenant_id, model, "
-                        "prompt_tokens, completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?)",
-                        (backend, u.tenant_id, u.model, *new))
-                    if any(grown):
-                        self._add_usage(minute, Usage(u.tenant_id, u.model, *grown))
+                add(minute)
+                if now - self._last_prune > 3600:
+                    self._db.execute("DELETE FROM reports WHERE received < ?",
+                                     (now - REPORT_ID_RETENTION_S,))
+                    self._last_prune = now
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

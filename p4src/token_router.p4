@@ -32,10 +32,14 @@ control TokenIngress(inout headers_t hdr,
 
     apply {
         port_rx.count((bit<32>)standard_metadata.ingress_port);
-        meta.backend_id = NO_BACKEND;
 
-        /* Malformed input: dropped and counted by reason. */
-        if (standard_metadata.parser_error == error.PacketTooShort) {
+        /* Malformed input: dropped and counted by reason. One test on the
+         * common path: BMv2 pays for every condition it evaluates. */
+        if (standard_metadata.parser_error == error.NoError) {
+            if (standard_metadata.checksum_error == 1) {
+                meta.drop_reason = DROP_BAD_IPV4_CHECKSUM;
+            }
+        } else if (standard_metadata.parser_error == error.PacketTooShort) {
             meta.drop_reason = DROP_TRUNCATED;
         } else if (standard_metadata.parser_error == error.BadIpv4Version) {
             meta.drop_reason = DROP_BAD_IPV4_VERSION;
@@ -47,10 +51,8 @@ control TokenIngress(inout headers_t hdr,
             meta.drop_reason = DROP_BAD_BEACON_VERSION;
         } else if (standard_metadata.parser_error == error.BadBeaconType) {
             meta.drop_reason = DROP_BAD_BEACON_TYPE;
-        } else if (standard_metadata.parser_error != error.NoError) {
+        } else {
             meta.drop_reason = DROP_PARSER_OTHER;
-        } else if (standard_metadata.checksum_error == 1) {
-            meta.drop_reason = DROP_BAD_IPV4_CHECKSUM;
         }
 
         if (meta.drop_reason == DROP_NONE) {

@@ -61,6 +61,13 @@ def create_app(ctl: "Controller") -> FastAPI:
         start = time.perf_counter()
         length = request.headers.get("content-length", "0")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            # Read and drop the body (never held whole; bounded) so that the client, still
+            # sending, gets the 413 instead of a reset connection.
+            drained = 0
+            async for chunk in request.stream():
+                drained += len(chunk)
+                if drained > 4 * MAX_BODY_BYTES:
+                    break
             response: Response = JSONResponse(
                 error_body("too_large", f"the body may be at most {MAX_BODY_BYTES} bytes"),
                 status_code=413)
@@ -175,7 +182,9 @@ def create_app(ctl: "Controller") -> FastAPI:
     @r.post("/backends/{name}/report", response_model=s.ReportReply,
             responses=MUTATION_ERRORS, tags=["agents"])
     async def report(name: PathName, rep: s.BackendReport, who: Agent,
-                     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+                     idempotency_key: Annotated[str | None, Header(
+                         max_length=128, pattern=r"^[!-~]+$",
+                         description="same as report_id: visible ASCII")] = None,
                      ) -> dict[str, Any]:
         recorded = await ctl.report(name, rep, idempotency_key)
         metrics.report(name, rep, recorded)

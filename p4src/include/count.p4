@@ -25,30 +25,34 @@ control Count(inout headers_t hdr,
     counter(NUM_EVENTS, CounterType.packets) events;
 
     apply {
-        if (meta.beacon_ok == 1 && meta.drop_reason == DROP_NONE) {
-            if (hdr.beacon_load.isValid()) {
-                events.count(EVENT_BEACON_LOAD);
-            } else {
-                events.count(EVENT_BEACON_USAGE);
+        /* Events happen only to service traffic, beacons and metered packets:
+         * one test keeps the common routed path short. */
+        if (meta.service_hit == 1 || meta.consumed == 1 || meta.color != 0) {
+            if (meta.beacon_ok == 1 && meta.drop_reason == DROP_NONE) {
+                if (hdr.beacon_load.isValid()) {
+                    events.count(EVENT_BEACON_LOAD);
+                } else {
+                    events.count(EVENT_BEACON_USAGE);
+                }
             }
-        }
-        if (meta.pin_state == PIN_HIT) {
-            events.count(EVENT_PIN_HIT);
-        } else if (meta.pin_state == PIN_NEW) {
-            events.count(EVENT_PIN_NEW);
-        } else if (meta.pin_state == PIN_STATELESS) {
-            events.count(meta.new_flow == 1 ? EVENT_PIN_COLLISION : EVENT_PIN_MISS);
-        }
-        if (meta.pin_state == PIN_HIT && meta.flow_end == 1) {
-            events.count(EVENT_PIN_CLEARED);
-        }
-        if (meta.select_fallback == 1) {
-            events.count(EVENT_SELECT_FALLBACK);
-        }
-        if (meta.color == 1) {
-            events.count(EVENT_METER_YELLOW);
-        } else if (meta.color == 2) {
-            events.count(EVENT_METER_RED);
+            if (meta.pin_state == PIN_HIT) {
+                events.count(EVENT_PIN_HIT);
+                if (meta.flow_end == 1) {
+                    events.count(EVENT_PIN_CLEARED);
+                }
+            } else if (meta.pin_state == PIN_NEW) {
+                events.count(EVENT_PIN_NEW);
+            } else if (meta.pin_state == PIN_STATELESS) {
+                events.count(meta.new_flow == 1 ? EVENT_PIN_COLLISION : EVENT_PIN_MISS);
+            }
+            if (meta.select_fallback == 1) {
+                events.count(EVENT_SELECT_FALLBACK);
+            }
+            if (meta.color == 1) {
+                events.count(EVENT_METER_YELLOW);
+            } else if (meta.color == 2) {
+                events.count(EVENT_METER_RED);
+            }
         }
 
         if (meta.drop_reason != DROP_NONE) {

@@ -58,8 +58,7 @@ def switch_programmed(view: dict[str, Any]) -> bool:
 
 TINY_MODEL_ENV = "TOKENFABRIC_TINY_MODEL"
 # The host agent's maker of a tiny random-weight Llama folder (nothing downloaded).
-TINY_MODEL_MAKER = Path(__file__).resolve().parents[2] / "tests" / "hostagent" / \
-    "make_tiny_llama.py"
+TINY_MODEL_MAKER = Path(__file__).resolve().parents[2] / "hostagent" / "tiny_llama.py"
 
 
 def tiny_model_dir() -> Path | None:

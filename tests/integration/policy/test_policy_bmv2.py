@@ -35,8 +35,8 @@ from tokenfabric.beacon import UsageBeacon
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 
-harness = pytest.importorskip("tests.dataplane.harness")
-packets = pytest.importorskip("tests.dataplane.packets")
+harness = pytest.importorskip("tests.integration.dataplane.harness")
+packets = pytest.importorskip("tests.integration.dataplane.packets")
 
 VIP, VIP_PORT = "10.10.0.1", 8000
 PREMIUM_NET, BASIC_NET, LAB_NET, METERED_NET = "10.1.1", "10.1.2", "10.1.3", "10.1.4"

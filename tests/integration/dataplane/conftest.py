@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.dataplane import harness
+from tests.integration.dataplane import harness
 
 
 @pytest.fixture(scope="module")

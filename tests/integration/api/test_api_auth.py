@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from controller.auth import Role, TokenFileError, TokenStore, parse_tokens
-from tests.api.conftest import ADMIN, AGENT, REGISTRATION, VIEWER
+from tests.integration.api.conftest import ADMIN, AGENT, REGISTRATION, VIEWER
 
 READS = ["/api/v1/switches", "/api/v1/backends", "/api/v1/services", "/api/v1/tenants",
          "/api/v1/contracts", "/api/v1/counters", "/api/v1/ledger", "/api/v1/ledger.csv",
@@ -76,7 +76,7 @@ def test_open_endpoints_need_no_token(live):
 
 
 def test_auth_disabled_is_anonymous_admin(tmp_path):
-    from tests.api.conftest import make_controller, serve_in_thread
+    from tests.integration.api.conftest import make_controller, serve_in_thread
 
     for live in serve_in_thread(make_controller(tmp_path, auth=False)):
         r = live.client(None).post("/api/v1/backends/gpu1-llama/drain")

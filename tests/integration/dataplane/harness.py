@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.entries import Action, Exact, Lpm, TableEntry
-from tests.dataplane.p4rt import P4RuntimeClient
+from tests.integration.dataplane.p4rt import P4RuntimeClient
 from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.netns import NetSandbox
@@ -35,7 +35,7 @@ PACKET_OUTGOING = 4
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _tags = itertools.count()
 QUEUE_DEPTH = 1024
-PACE_EVERY, PACE_PAUSE = 8, 0.0005
+PACE_EVERY, PACE_PAUSE = 8, 0.002
 
 
 @contextlib.contextmanager

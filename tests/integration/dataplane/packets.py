@@ -9,10 +9,10 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from tests.dataplane.harness import CLIENT_PORT, VIP, VIP_PORT, host_mac, switch_mac
+from tests.integration.dataplane.harness import CLIENT_PORT, VIP, VIP_PORT, host_mac, switch_mac
 from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS
 
-GOLDEN = Path(__file__).resolve().parent.parent / "data" / "beacons.json"
+GOLDEN = Path(__file__).resolve().parents[2] / "data" / "beacons.json"
 
 
 def to_switch(port: int) -> Ether:

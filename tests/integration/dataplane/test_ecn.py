@@ -9,8 +9,8 @@ from scapy.layers.inet import IP, UDP
 from scapy.packet import Raw
 
 from controller.entries import Action, Exact, TableEntry
-from tests.dataplane import harness as h
-from tests.dataplane.packets import parse, to_switch
+from tests.integration.dataplane import harness as h
+from tests.integration.dataplane.packets import parse, to_switch
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 

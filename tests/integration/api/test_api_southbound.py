@@ -12,7 +12,7 @@ from controller.fabric import parse_fabric
 from controller.ledger import Ledger, Usage
 from controller.policy.schema import parse_policy
 from controller.southbound import Role, Southbound
-from tests.api.conftest import ADMIN, FABRIC, POLICY, TOKENS, VIEWER, free_port
+from tests.integration.api.conftest import ADMIN, FABRIC, POLICY, TOKENS, VIEWER, free_port
 from tests.integration.southbound.conftest import FAST
 from tests.integration.southbound.fake_p4rt_server import FakeP4RuntimeServer
 from tests.integration.southbound.helpers import mini_pipeline

@@ -14,7 +14,7 @@ import time
 import httpx
 import yaml
 
-from tests.api.conftest import ADMIN, AGENT, FABRIC, VIEWER
+from tests.integration.api.conftest import ADMIN, AGENT, FABRIC, VIEWER
 
 SENDERS = 3
 

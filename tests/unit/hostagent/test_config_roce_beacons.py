@@ -17,7 +17,7 @@ from hostagent.tenants import TenantTable, retry_after_seconds, tenant_from_json
 from tokenfabric.beacon import BeaconFlags
 from tokenfabric.config import ConfigError
 
-GOLDEN = json.loads((Path(__file__).parent.parent / "data" / "beacons.json").read_text())
+GOLDEN = json.loads((Path(__file__).resolve().parents[2] / "data" / "beacons.json").read_text())
 
 GOOD = """
 agent:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.hostagent.conftest import TOKEN, env_without_config, free_port, wait_http
+from tests.integration.hostagent.conftest import TOKEN, env_without_config, free_port, wait_http
 from tokenfabric import beacon
 from tokenfabric.beacon import BeaconFlags, LoadBeacon, UsageBeacon
 

@@ -6,8 +6,8 @@ import pytest
 from scapy.layers.inet import IP, TCP, IPOption_NOP, IPOption_RR
 from scapy.layers.l2 import ARP, Ether
 
-from tests.dataplane.harness import CLIENT_PORT, FAR_PORT, host_mac, switch_mac
-from tests.dataplane.packets import parse, to_switch
+from tests.integration.dataplane.harness import CLIENT_PORT, FAR_PORT, host_mac, switch_mac
+from tests.integration.dataplane.packets import parse, to_switch
 from tokenfabric.dataplane import DropReason
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]

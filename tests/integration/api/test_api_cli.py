@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tests.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
+from tests.integration.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
 from tokenfabric import cli, exitcodes
 
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hostagent.bridge import Bridge, BridgeSettings
 from hostagent.tenants import TenantTable
-from tests.hostagent.conftest import TENANTS, free_port
+from tests.integration.hostagent.conftest import TENANTS, free_port
 
 GOLD, BRONZE = "127.0.0.2", "127.0.0.3"
 

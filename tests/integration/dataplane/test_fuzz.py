@@ -9,8 +9,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, fuzz
 
-from tests.dataplane import harness as h
-from tests.dataplane.packets import parse, syn, to_switch
+from tests.integration.dataplane import harness as h
+from tests.integration.dataplane.packets import parse, syn, to_switch
 from tokenfabric.beacon import FABRIC_ADDRESS, LoadBeacon, UsageBeacon
 from tokenfabric.dataplane import DropReason, Event
 

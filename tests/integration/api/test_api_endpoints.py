@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.api.conftest import ADMIN, AGENT, REGISTRATION, VIEWER
+from tests.integration.api.conftest import ADMIN, AGENT, REGISTRATION, VIEWER
 
 REPORT = {"running": 3, "waiting": 1, "kv_cache_usage": 0.42, "healthy": True,
           "usage": [{"tenant_id": 1, "model": "tiny-llama", "prompt_tokens": 100,
@@ -304,7 +304,7 @@ def test_metrics_reflect_the_model(live):
 
 
 def test_policy_validate(live):
-    from tests.api.conftest import POLICY
+    from tests.integration.api.conftest import POLICY
 
     c = live.client(ADMIN)
     assert c.post("/api/v1/policy/validate", json={"yaml": POLICY}).json() == {
@@ -324,7 +324,7 @@ def test_policy_validate(live):
 
 
 def test_policy_apply_good_then_bad(live):
-    from tests.api.conftest import POLICY
+    from tests.integration.api.conftest import POLICY
 
     c = live.client(ADMIN)
     changed = POLICY.replace("tpm: 6000\n", "tpm: 12000\n") + \
@@ -352,7 +352,7 @@ def test_policy_apply_good_then_bad(live):
 
 
 def test_policy_reload_from_the_started_file(tmp_path):
-    from tests.api.conftest import POLICY, make_controller, serve_in_thread
+    from tests.integration.api.conftest import POLICY, make_controller, serve_in_thread
 
     ctl = make_controller(tmp_path)
     ctl.policy_path = tmp_path / "policy.yaml"

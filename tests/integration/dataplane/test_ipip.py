@@ -10,8 +10,8 @@ import textwrap
 import pytest
 
 from controller.entries import Action, Exact, Lpm, TableEntry
-from tests.dataplane import harness as h
-from tests.dataplane.p4rt import P4RuntimeClient
+from tests.integration.dataplane import harness as h
+from tests.integration.dataplane.p4rt import P4RuntimeClient
 from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.netns import sandbox

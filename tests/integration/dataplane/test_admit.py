@@ -7,8 +7,8 @@ import time
 import pytest
 
 from controller.entries import Action, Exact, TableEntry
-from tests.dataplane import harness as h
-from tests.dataplane.packets import beacon, data, syn
+from tests.integration.dataplane import harness as h
+from tests.integration.dataplane.packets import beacon, data, syn
 from tokenfabric.beacon import UsageBeacon
 from tokenfabric.dataplane import Event
 

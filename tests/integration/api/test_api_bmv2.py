@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from controller.switch_shell import shell_read
-from tests.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
+from tests.integration.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
 from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 
@@ -118,6 +118,9 @@ def test_controller_on_bmv2(bmv2, tmp_path):
         details = switch_view(api)["details"]
         assert details["pipeline_pushes"] == 0
         assert details["updates_written"] == 0, details
+        last = details["last_reconcile"]
+        assert last["applied"] and (last["inserted"], last["modified"], last["deleted"]) == (
+            0, 0, 0)
         assert tenant_rows(bmv2) == 3
     finally:
         if proc.poll() is None:

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.dataplane.p4rt import P4Info
+from tests.integration.dataplane.p4rt import P4Info
 from tokenfabric import dataplane as dp
 from tokenfabric.tools import tool_env
 

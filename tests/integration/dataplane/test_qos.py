@@ -7,8 +7,8 @@ from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
 from controller.entries import Action, Exact, MeterConfig, TableEntry
-from tests.dataplane import harness as h
-from tests.dataplane.packets import parse, to_switch
+from tests.integration.dataplane import harness as h
+from tests.integration.dataplane.packets import parse, to_switch
 from tokenfabric.dataplane import Color, DropReason, Event
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]

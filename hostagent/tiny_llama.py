@@ -1,6 +1,6 @@
-"""Make a tiny random-weight Llama model folder for the real-vLLM test; nothing downloaded.
+"""Make a tiny random-weight Llama model folder for the real-vLLM test and lab; nothing downloaded.
 
-Run with the vLLM venv's Python (it has `tokenizers`):  python make_tiny_llama.py DIR
+Run with the vLLM venv's Python (it has `tokenizers`):  python hostagent/tiny_llama.py DIR
 The weights come from vLLM's `--load-format dummy`; this writes the config (head_dim 32:
 the CPU attention kernel rejects 16), a byte-level BPE tokenizer trained here on generated
 text, and a chat template.

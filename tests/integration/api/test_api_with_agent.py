@@ -12,8 +12,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.api.conftest import ADMIN, AGENT, free_port
-from tests.hostagent.conftest import env_without_config, start_emulator, stop_process
+from tests.integration.api.conftest import ADMIN, AGENT, free_port
+from tests.integration.hostagent.conftest import env_without_config, start_emulator, stop_process
 
 FABRIC = """
 switches:
