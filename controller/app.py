@@ -321,13 +321,14 @@ class Controller:
         return await self.apply_policy(text, self.policy_path.name, who)
 
     def grants(self) -> list[dict[str, Any]]:
-        """The tenants an agent needs to attribute usage: id, prefixes, tokens/s."""
+        """The tenants an agent needs: id, prefixes, tokens/s and request priority."""
         out = []
         for t in sorted(self.model.policy.tenants.values(), key=lambda t: t.tenant_id):
             contract = self.model.policy.contracts.get(t.contract)
             tps = contract.limits.tpm / 60.0 if contract else 0.0
             out.append({"tenant_id": t.tenant_id, "name": t.name, "prefixes": list(t.prefixes),
-                        "tokens_per_s": round(tps, 6)})
+                        "tokens_per_s": round(tps, 6),
+                        "request_priority": contract.request_priority if contract else 0})
         return out
 
     def roce_for_agents(self) -> dict[str, Any]:

@@ -61,6 +61,8 @@ class TenantGrant(BaseModel):
     name: str
     prefixes: list[str]
     tokens_per_s: float
+    request_priority: int = Field(0, description="the contract's request priority "
+                                  "(higher is more important); agents pass it to vLLM")
 
 
 class RegistrationReply(BaseModel):

@@ -52,6 +52,7 @@ contracts:
     burst: 5000
     rpm: 600
     max_parallel: 8
+    request_priority: 10
   bronze:
     class: {service_class: standard, dscp: 0, queue: 1, priority_level: 9}
     tpm: 6000

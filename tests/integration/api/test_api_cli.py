@@ -41,7 +41,7 @@ def test_policy_validate_errors_name_file_and_line(files):
     bad.write_text(POLICY.replace("burst: 500", "burst: 500\n    colour: blue"))
     r = run("policy", "validate", str(files / "policy.yaml"), str(bad))
     assert r.exit_code == exitcodes.INVALID_INPUT
-    assert "bad.yaml:14: contracts.bronze.colour: unknown key" in r.output
+    assert "bad.yaml:15: contracts.bronze.colour: unknown key" in r.output
     assert "policy.yaml: valid" in r.output  # the good file is still reported
 
 

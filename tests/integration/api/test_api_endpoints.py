@@ -94,9 +94,10 @@ def test_register_report_deregister(live):
     body = r.json()
     assert body["backend_id"] == 2  # 1 is the fabric file's gpu1-llama
     assert body["tenants"] == [
-        {"tenant_id": 1, "name": "acme", "prefixes": ["10.0.1.0/25"], "tokens_per_s": 1000.0},
+        {"tenant_id": 1, "name": "acme", "prefixes": ["10.0.1.0/25"], "tokens_per_s": 1000.0,
+         "request_priority": 10},
         {"tenant_id": 2, "name": "umbrella", "prefixes": ["10.0.1.128/25"],
-         "tokens_per_s": 100.0}]
+         "tokens_per_s": 100.0, "request_priority": 0}]
     assert "gpu2-llama" in live.ctl.model.services["llama"].pool
 
     # the agent restarts and registers again: same id, still one backend
@@ -314,8 +315,8 @@ def test_policy_validate(live):
     assert r.status_code == 200
     body = r.json()
     assert not body["valid"]
-    assert any(e.startswith("mine.yaml:11: contracts.bronze.tpm:") for e in body["errors"])
-    assert any("mine.yaml:14: tenants[0].contract:" in e and "unknown contract 'platinum'" in e
+    assert any(e.startswith("mine.yaml:12: contracts.bronze.tpm:") for e in body["errors"])
+    assert any("mine.yaml:15: tenants[0].contract:" in e and "unknown contract 'platinum'" in e
                for e in body["errors"])
     not_yaml = c.post("/api/v1/policy/validate", json={"yaml": "tenants: [\n"}).json()
     assert not not_yaml["valid"] and "not valid YAML" in not_yaml["errors"][0]
