@@ -38,7 +38,7 @@ def main(folder: Path) -> None:
     vocab = tokenizer.get_vocab_size()
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "pad_token": "</s>", "model_max_length": 4096,
+        "unk_token": "<unk>", "pad_token": "</s>", "model_max_length": 32768,
         "chat_template": CHAT_TEMPLATE, "add_bos_token": False}))
     (folder / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}))
@@ -46,7 +46,7 @@ def main(folder: Path) -> None:
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": vocab, "hidden_size": 128, "intermediate_size": 256,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "head_dim": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
         "bos_token_id": tokenizer.token_to_id("<s>"),
         "eos_token_id": tokenizer.token_to_id("</s>"), "torch_dtype": "bfloat16"}))

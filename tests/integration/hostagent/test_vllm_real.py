@@ -46,7 +46,7 @@ def vllm_server(tmp_path_factory):
         proc = subprocess.Popen(
             [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
              "--served-model-name", "tiny", "--load-format", "dummy", "--host", "127.0.0.1",
-             "--port", str(port), "--max-model-len", "4096", "--max-num-seqs", "4",
+             "--port", str(port), "--max-model-len", "32768", "--max-num-seqs", "4",
              "--dtype", "bfloat16"],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -167,11 +167,12 @@ def test_agent_and_bridge_with_real_vllm(vllm_server, tmp_path, controller_stub,
         assert metrics["requests_finished"] >= 2 and report["healthy"] is True
 
         # A client that leaves mid-stream: vLLM aborts the request (it does not count client
-        # aborts in request_success, so watch the generated tokens stop short of 4000).
+        # aborts in request_success, so watch the generated tokens stop far short of the
+        # 30,000 asked for: a fast CPU makes a few thousand tokens before the abort lands).
         generated_before = metric(url, "vllm:generation_tokens_total")
         with httpx.Client(timeout=60) as raw:
             with raw.stream("POST", f"http://127.0.0.1:{bridge_port}/v1/completions",
-                            json={"model": "tiny", "prompt": "x", "max_tokens": 4000,
+                            json={"model": "tiny", "prompt": "x", "max_tokens": 30000,
                                   "stream": True, "ignore_eos": True}) as response:
                 lines = response.iter_lines()
                 next(lines)
@@ -180,7 +181,7 @@ def test_agent_and_bridge_with_real_vllm(vllm_server, tmp_path, controller_stub,
         generated = metric(url, "vllm:generation_tokens_total") - generated_before
         time.sleep(0.5)
         assert metric(url, "vllm:generation_tokens_total") - generated_before == generated
-        assert generated < 4000
+        assert generated < 30000
 
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(15) == 0
