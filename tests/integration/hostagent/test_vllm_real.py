@@ -177,10 +177,13 @@ def test_agent_and_bridge_with_real_vllm(vllm_server, tmp_path, controller_stub,
                 lines = response.iter_lines()
                 next(lines)
                 assert metric(url, "vllm:num_requests_running") == 1
-        wait_for(lambda: metric(url, "vllm:num_requests_running") == 0, 10, "an idle vLLM")
+        # Under a loaded CI the engine process runs ahead of the API server, which is
+        # where the abort lands: allow time, the token count below still tells.
+        wait_for(lambda: metric(url, "vllm:num_requests_running") == 0, 60, "an idle vLLM")
         generated = metric(url, "vllm:generation_tokens_total") - generated_before
         time.sleep(0.5)
         assert metric(url, "vllm:generation_tokens_total") - generated_before == generated
+        print(f"tokens generated before the abort landed: {generated}")
         assert generated < 30000
 
         agent.send_signal(signal.SIGTERM)
