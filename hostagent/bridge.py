@@ -470,26 +470,29 @@ class Bridge:
             counter.on_chunks = lambda chunks: self._charge_progress(charge, chunks)
         kept = bytearray()
         try:
-            if chunked:
-                await self._relay_chunked(upstream, client, counter, kept, is_sse, timeout)
-            else:
-                remaining = int(length) if length and length.isdigit() else -1
-                await self._relay_plain(upstream, client, counter, kept, is_sse, remaining,
-                                        timeout)
-        except UpstreamBroken as exc:
-            usage.errors = 1
-            log.warning("vLLM failed mid-response: %s", exc)
-            if chunked and is_sse:
-                event = b"data: " + error_body(502, f"vLLM failed mid-stream: {exc}",
-                                               "bad_gateway") + b"\n\n"
-                done = b"data: [DONE]\n\n"
-                client.write(b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
-                             % (len(event), event, len(done), done))
-        if status == 200:
-            self._count(request, counter, kept, is_sse, usage)
-        # The rest: exact figures (usage) or counted chunks, minus what was charged already.
-        self._charge(charge, usage.prompt_tokens - charge.prompt,
-                     max(usage.completion_tokens, counter.chunks) - charge.completion)
+            try:
+                if chunked:
+                    await self._relay_chunked(upstream, client, counter, kept, is_sse, timeout)
+                else:
+                    remaining = int(length) if length and length.isdigit() else -1
+                    await self._relay_plain(upstream, client, counter, kept, is_sse, remaining,
+                                            timeout)
+            except UpstreamBroken as exc:
+                usage.errors = 1
+                log.warning("vLLM failed mid-response: %s", exc)
+                if chunked and is_sse:
+                    event = b"data: " + error_body(502, f"vLLM failed mid-stream: {exc}",
+                                                   "bad_gateway") + b"\n\n"
+                    done = b"data: [DONE]\n\n"
+                    client.write(b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+                                 % (len(event), event, len(done), done))
+            if status == 200:
+                self._count(request, counter, kept, is_sse, usage)
+        finally:
+            # The rest: exact figures (usage) or counted chunks, minus what was charged
+            # already. Also when the client hangs up as the stream ends, which cancels us.
+            self._charge(charge, usage.prompt_tokens - charge.prompt,
+                         max(usage.completion_tokens, counter.chunks) - charge.completion)
 
     def _charge_progress(self, charge: _Charge, chunks: int) -> None:
         step = self.settings.charge_step
