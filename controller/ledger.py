@@ -294,14 +294,7 @@ class Ledger:
         Counters are cumulative; a value lower than the one before means the switch
         restarted, and the new value counts as growth from zero.
         """
-        clauses, args = [], []
-        if since is not None:
-            clauses.append("ts >= ?")
-            args.append(since)
-        if until is not None:
-            clauses.append("ts < ?")
-            args.append(until)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, args = _filters(None, None, since, until, time_column="ts")
         with self._lock:
             rows = self._db.execute(
                 "SELECT switch, tenant_id, bytes, packets, conns FROM switch_counters "
@@ -331,7 +324,7 @@ class Ledger:
 
 
 def _filters(tenant_id: int | None, model: str | None, since: float | None,
-             until: float | None) -> tuple[str, list]:
+             until: float | None, time_column: str = "minute") -> tuple[str, list]:
     clauses: list[str] = []
     args: list = []
     if tenant_id is not None:
@@ -342,9 +335,9 @@ def _filters(tenant_id: int | None, model: str | None, since: float | None,
         args.append(model)
     if since is not None:
         # a minute row counts when its minute starts inside the range
-        clauses.append("minute >= ?")
+        clauses.append(f"{time_column} >= ?")
         args.append(since)
     if until is not None:
-        clauses.append("minute < ?")
+        clauses.append(f"{time_column} < ?")
         args.append(until)
     return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args
