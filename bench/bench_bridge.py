@@ -28,17 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tokenfabric.tools import free_port  # noqa: E402
+
 CHUNK = (b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m",'
          b'"choices":[{"index":0,"text":" token","logprobs":null,"finish_reason":null}]}\n\n')
 USAGE = (b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m",'
          b'"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}'
          b'\n\n')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SCHEDULING = {"policy": "default"}

@@ -5,33 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenfabric import log
-from tokenfabric.tools import find_tool, tool_env
+from tokenfabric.tools import find_tool, free_port, port_open, tool_env
 
 PRIORITY_QUEUES = 8  # queue 0 is the lowest, as in DESIGN.md
 
 
 class Bmv2Error(RuntimeError):
     """simple_switch_grpc is missing, exited early, or never opened its ports."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 import pytest
 
-from tokenfabric.bmv2 import Bmv2Error, Bmv2Options, Bmv2Switch, port_open
+from tokenfabric.bmv2 import Bmv2Error, Bmv2Options, Bmv2Switch
 from tokenfabric.netns import leftovers, sandbox
+from tokenfabric.tools import port_open
 
 pytestmark = [pytest.mark.root, pytest.mark.bmv2]
 

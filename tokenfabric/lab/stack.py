@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import yaml
 
-from tokenfabric.bmv2 import free_port
 from tokenfabric.lab.experiments import (
     EMULATOR_DECODE_BASE_MS,
     EMULATOR_MAX_NUM_SEQS,
@@ -29,7 +28,7 @@ from tokenfabric.lab.experiments import (
     Experiment,
 )
 from tokenfabric.lab.plan import EMULATOR_PORT, LabHost, LabPlan
-from tokenfabric.tools import find_tool
+from tokenfabric.tools import find_tool, free_port
 
 if TYPE_CHECKING:
     from tokenfabric.lab.network import LabNetwork

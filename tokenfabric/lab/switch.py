@@ -17,8 +17,9 @@ from typing import Any
 
 from mininet.node import Switch
 
-from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch, free_port
+from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.lab import log
+from tokenfabric.tools import free_port
 
 
 class Bmv2MininetSwitch(Switch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from controller.auth import Principal, Role, TokenStore
 from controller.fabric import parse_fabric
 from controller.ledger import Ledger
 from controller.policy.schema import parse_policy
+from tokenfabric.tools import free_port
 
 FABRIC = """
 switches:
@@ -68,12 +68,6 @@ def make_controller(tmp_path, auth: bool = True) -> Controller:
     model.policy = parse_policy(POLICY, "policy.yaml", model=model)
     tokens = TokenStore(dict(TOKENS)) if auth else TokenStore.disabled()
     return Controller(model, Ledger(tmp_path / "ledger.db"), tokens)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -18,13 +18,9 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
+from tokenfabric.tools import free_port
+
 TOKEN = "test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, deadline: float = 20.0, proc: subprocess.Popen | None = None) -> None:

@@ -10,8 +10,8 @@ import pytest
 
 from hostagent.beacons import BeaconSender
 from tokenfabric.beacon import BEACON_PORT
-from tokenfabric.bmv2 import free_port
 from tokenfabric.lab import capture
+from tokenfabric.tools import free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(30),
               pytest.mark.skipif(shutil.which("tcpdump") is None, reason="no tcpdump")]

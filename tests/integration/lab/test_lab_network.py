@@ -5,7 +5,6 @@ import time
 
 import pytest
 
-from tokenfabric.bmv2 import port_open
 from tokenfabric.lab.network import (
     LabNetwork,
     alive,
@@ -14,6 +13,7 @@ from tokenfabric.lab.network import (
     leftovers,
 )
 from tokenfabric.lab.plan import TenantPlan, build_plan
+from tokenfabric.tools import port_open
 
 pytestmark = [pytest.mark.mininet, pytest.mark.root, pytest.mark.bmv2, pytest.mark.timeout(120)]
 

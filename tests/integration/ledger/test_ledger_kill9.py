@@ -4,7 +4,6 @@ nothing is counted twice, and retries of acknowledged reports are not recounted.
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,14 +14,9 @@ import httpx
 import yaml
 
 from tests.integration.api.conftest import ADMIN, AGENT, FABRIC, VIEWER
+from tokenfabric.tools import free_port
 
 SENDERS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_controller(tmp_path, port):

@@ -9,7 +9,6 @@ import time
 import httpx
 import pytest
 
-from tokenfabric.bmv2 import free_port
 from tokenfabric.lab import loadgen
 from tokenfabric.lab.experiments import (
     EMULATOR_DECODE_BASE_MS,
@@ -17,6 +16,7 @@ from tokenfabric.lab.experiments import (
     EMULATOR_PREFILL_MS_PER_TOKEN,
 )
 from tokenfabric.lab.loadgen import LengthDist, TenantSpec, Workload
+from tokenfabric.tools import free_port
 
 pytest.importorskip("hostagent.emulator", reason="the vLLM emulator (issue 5) is not here")
 
