@@ -486,11 +486,12 @@ class Bridge:
                     done = b"data: [DONE]\n\n"
                     client.write(b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
                                  % (len(event), event, len(done), done))
+        finally:
+            # Count and charge the rest (exact usage, or counted chunks, minus what was
+            # charged already) also when the client hangs up as the stream ends, which
+            # cancels this task before it gets here otherwise.
             if status == 200:
                 self._count(request, counter, kept, is_sse, usage)
-        finally:
-            # The rest: exact figures (usage) or counted chunks, minus what was charged
-            # already. Also when the client hangs up as the stream ends, which cancels us.
             self._charge(charge, usage.prompt_tokens - charge.prompt,
                          max(usage.completion_tokens, counter.chunks) - charge.completion)
 
