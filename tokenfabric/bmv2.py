@@ -53,6 +53,10 @@ def command(opts: Bmv2Options) -> list[str]:
         argv += ["-i", f"{port}@{ifname}"]
     if opts.log_path:
         argv += ["--log-file", str(opts.log_path), "--log-flush", "-L", opts.log_level]
+    else:
+        # BMv2's level defaults to trace, and it formats every message even into its
+        # null sink: that costs token_router most of its packet rate.
+        argv += ["-L", "off"]
     if opts.pcap_dir:
         argv += ["--pcap", str(opts.pcap_dir)]
     argv.append(str(opts.json_path) if opts.json_path else "--no-p4")
