@@ -25,8 +25,9 @@ from hostagent.beacons import BeaconSender
 from hostagent.bridge import Bridge, BridgeSettings
 from hostagent.config import AgentConfig
 from hostagent.controller_api import ControllerClient, ControllerError
+from hostagent.delay import DelayEstimator
 from hostagent.hostsetup import HostSetup
-from hostagent.load import LoadFigures, compute_load
+from hostagent.load import LoadFigures, compute_load, delay_load
 from hostagent.metrics import ScrapeError, VllmSnapshot, healthy, scrape
 from hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
 
@@ -48,6 +49,7 @@ class Agent:
         self.registered = asyncio.Event()
         self.host_setup: HostSetup | None = None
         self.beacons = BeaconSender(config.beacon_addr, config.beacon_source)
+        self.delay = DelayEstimator(config.capacity) if config.load_metric == "delay" else None
         self.bridge = Bridge(BridgeSettings(
             upstream_host=_url_host(config.vllm_url), upstream_port=_url_port(config.vllm_url),
             mode=config.mode, upstream_timeout=config.upstream_timeout,
@@ -56,7 +58,8 @@ class Agent:
             overflow_request_tokens=config.overflow_request_tokens,
             backend_name=config.name, priority_scheduling=config.priority_scheduling,
             charge_step=config.charge_step),
-            self.tenants, on_finish=self._on_request_finished, on_charge=self._on_charge)
+            self.tenants, on_finish=self._on_request_finished, on_charge=self._on_charge,
+            delay=self.delay)
         self.session: aiohttp.ClientSession | None = None
         self.controller: ControllerClient | None = None
 
@@ -69,8 +72,13 @@ class Agent:
 
     def figures(self) -> LoadFigures:
         snap = self.snapshot or VllmSnapshot()
-        return compute_load(snap.running, snap.waiting, snap.kv_cache_usage,
-                            self.config.capacity, self.bridge.in_flight)
+        fig = compute_load(snap.running, snap.waiting, snap.kv_cache_usage,
+                           self.config.capacity, self.bridge.in_flight)
+        if self.delay is None:
+            return fig
+        ttft = self.delay.expected_ttft(snap.running + snap.waiting,
+                                        snap.kv_cache_usage >= 1.0)
+        return dataclasses.replace(fig, load=delay_load(ttft))
 
     def _on_request_finished(self, tenant: Tenant, usage: TenantUsage) -> None:
         self.tenant_ids[tenant.name] = tenant.tenant_id

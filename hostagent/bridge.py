@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hostagent import log
+from hostagent.delay import DelayEstimator
 from hostagent.tenants import UNKNOWN, Tenant, TenantTable, TenantUsage, retry_after_seconds
 
 TENANT_HEADER = "x-tokenfabric-tenant"
@@ -110,12 +111,13 @@ def _parse_head(raw: bytes) -> tuple[str, list[tuple[str, str]]]:
 
 
 class _Request:
-    __slots__ = ("method", "target", "headers", "body", "started")
+    __slots__ = ("method", "target", "headers", "body", "started", "delay_key")
 
     def __init__(self, method: str, target: str, headers: list[tuple[str, str]],
                  body: bytes) -> None:
         self.method, self.target, self.headers, self.body = method, target, headers, body
         self.started = time.monotonic()
+        self.delay_key: int | None = None
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -225,6 +227,18 @@ def _is_token_chunk(body: bytes) -> bool:
     return False
 
 
+def _max_tokens(body: bytes) -> int | None:
+    """The request's `max_tokens` (or `max_completion_tokens`), if it says."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    value = request.get("max_tokens", request.get("max_completion_tokens"))
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _estimate_prompt_tokens(body: bytes) -> int:
     """About 4 bytes a token, over the prompt or the messages' content."""
     try:
@@ -271,8 +285,10 @@ def _with_priority(body: bytes, priority: int) -> bytes:
 class Bridge:
     def __init__(self, settings: BridgeSettings, tenants: TenantTable | None = None,
                  on_finish: UsageCallback | None = None,
-                 on_charge: ChargeCallback | None = None) -> None:
+                 on_charge: ChargeCallback | None = None,
+                 delay: DelayEstimator | None = None) -> None:
         self.settings = settings
+        self.delay = delay  # told of every relayed request, for the beacons' LOAD
         self.tenants = tenants or TenantTable()
         self.on_finish = on_finish
         self.on_charge = on_charge
@@ -315,6 +331,7 @@ class Bridge:
         upstream: asyncio.StreamWriter | None = None
         watcher: asyncio.Task | None = None
         client_gone = False
+        request: _Request | None = None
         self.in_flight += 1
         try:
             try:
@@ -355,6 +372,8 @@ class Bridge:
                                                   -(tenant.request_priority or 0))
                 upstream_reader, upstream = await self._connect(request)
                 self._charge(charge, _estimate_prompt_tokens(request.body), 0)
+                if self.delay is not None:
+                    request.delay_key = self.delay.start(_max_tokens(request.body))
                 await self._relay(request, upstream_reader, writer, usage, charge)
             except HttpError as exc:
                 usage.errors = 1
@@ -365,6 +384,9 @@ class Bridge:
                 log.info("client %s left mid-request; upstream aborted", peer)
         finally:
             self.in_flight -= 1
+            if self.delay is not None and request is not None \
+                    and request.delay_key is not None:
+                self.delay.end(request.delay_key)
             if watcher is not None:
                 watcher.cancel()
             if upstream is not None:
@@ -467,7 +489,7 @@ class Bridge:
                      + "".join(f"{k}: {v}\r\n" for k, v in out).encode("latin-1") + b"\r\n")
         counter = _Counter()
         if status == 200 and is_sse:
-            counter.on_chunks = lambda chunks: self._charge_progress(charge, chunks)
+            counter.on_chunks = lambda chunks: self._on_chunks(request, charge, chunks)
         kept = bytearray()
         try:
             try:
@@ -494,6 +516,11 @@ class Bridge:
                 self._count(request, counter, kept, is_sse, usage)
             self._charge(charge, usage.prompt_tokens - charge.prompt,
                          max(usage.completion_tokens, counter.chunks) - charge.completion)
+
+    def _on_chunks(self, request: _Request, charge: _Charge, chunks: int) -> None:
+        if self.delay is not None and request.delay_key is not None:
+            self.delay.tokens(request.delay_key, chunks)
+        self._charge_progress(charge, chunks)
 
     def _charge_progress(self, charge: _Charge, chunks: int) -> None:
         step = self.settings.charge_step

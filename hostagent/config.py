@@ -23,6 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "switch": None,                    # edge switch name
     "port": None,                      # edge switch port number
     "capacity": 256,                   # sequences run at once (vLLM max_num_seqs)
+    "load_metric": "delay",            # beacons' LOAD: delay (expected ms to a first token)
+                                       # or occupancy (LOAD_FULL x busy slots / capacity)
     "models": [],                      # served models; empty: read from vLLM's /v1/models
     "vip": None,                       # the service VIP this backend serves
     "vip_port": 8000,
@@ -66,6 +68,7 @@ class AgentConfig:
     switch: str
     port: int
     capacity: int
+    load_metric: str
     models: list[str]
     vip: str
     vip_port: int
@@ -141,6 +144,9 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
             raise ConfigError(f"agent.{key} must be a positive number of seconds")
     if not isinstance(values["shutdown_grace"], int | float) or values["shutdown_grace"] < 0:
         raise ConfigError("agent.shutdown_grace must be a number of seconds, 0 or more")
+    if values["load_metric"] not in ("delay", "occupancy"):
+        raise ConfigError(f"agent.load_metric must be delay or occupancy, "
+                          f"not {values['load_metric']!r}")
     if values["mode"] not in ("relay", "overflow"):
         raise ConfigError("agent.mode must be relay or overflow")
     if not isinstance(values["models"], list):

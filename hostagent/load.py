@@ -1,5 +1,9 @@
 """The load a backend announces in its LOAD beacons.
 
+By default (agent.load_metric: delay) a beacon's LOAD is the time in milliseconds a new
+request would wait here for its first token, as hostagent/delay.py estimates it from the
+requests the bridge relays. With load_metric: occupancy it is
+
     load = LOAD_FULL * ( max(running / capacity, kv_cache_usage) + waiting / capacity )
 
 `capacity` is the number of sequences the backend runs at once (vLLM's max_num_seqs, or
@@ -17,6 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenfabric.beacon import LOAD_FULL, U32_MAX
+
+
+def delay_load(seconds: float) -> int:
+    """A LOAD in milliseconds, clamped to the beacon's u32."""
+    return min(max(0, int(round(seconds * 1000))), U32_MAX)
 
 
 @dataclass(frozen=True)

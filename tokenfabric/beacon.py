@@ -15,7 +15,8 @@ All fields are big-endian.
       seq         u16  per-sender sequence number, wraps at 65536
 
     LOAD body, 8 bytes
-      load        u32  load units: 0 is idle, LOAD_FULL is at capacity
+      load        u32  lower is better: expected ms to a first token (agent.load_metric
+                       delay) or LOAD_FULL x occupancy (occupancy); docs/agent.md
       running     u16  requests running (saturates at 65535)
       waiting     u16  requests waiting (saturates at 65535)
 

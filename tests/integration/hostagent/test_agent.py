@@ -3,6 +3,7 @@ process and a UDP socket standing in for the switch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -28,14 +29,13 @@ def wait_for(predicate, seconds: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def agent_process(tmp_path, controller_stub, beacon_trap, emulator_factory):
-    emulator = emulator_factory("--speed", "10", "--model", "tiny", "--max-num-seqs", "8")
+def start_agent(tmp_path, controller_stub, beacon_trap, emulator, capacity, load_metric):
     port = free_port()
     config = {"agent": {
         "name": "gpu1", "address": "10.0.0.11", "mac": "00:00:00:00:00:11", "switch": "s1",
-        "port": 3, "vip": "10.100.0.1", "vip_port": 8000, "capacity": 8,
-        "vllm_url": emulator.url, "controller_url": controller_stub.url, "token": TOKEN,
+        "port": 3, "vip": "10.100.0.1", "vip_port": 8000, "capacity": capacity,
+        "load_metric": load_metric, "vllm_url": emulator.url,
+        "controller_url": controller_stub.url, "token": TOKEN,
         "listen_address": "127.0.0.1", "listen_port": port,
         "beacon_target": f"127.0.0.1:{beacon_trap.port}", "report_interval": 0.3,
         "health_interval": 0.2}}
@@ -46,11 +46,30 @@ def agent_process(tmp_path, controller_stub, beacon_trap, emulator_factory):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
-        yield proc, port, emulator
+    except BaseException:
+        proc.kill()
+        proc.wait(5)
+        raise
+    return proc, port
+
+
+@contextlib.contextmanager
+def running_agent(*args):
+    proc, port = start_agent(*args)
+    try:
+        yield proc, port
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture
+def agent_process(tmp_path, controller_stub, beacon_trap, emulator_factory):
+    emulator = emulator_factory("--speed", "10", "--model", "tiny", "--max-num-seqs", "8")
+    with running_agent(tmp_path, controller_stub, beacon_trap, emulator, 8,
+                       "occupancy") as (proc, port):
+        yield proc, port, emulator
 
 
 def loads(packets) -> list[LoadBeacon]:
@@ -193,3 +212,28 @@ def test_agent_waits_for_the_controller_and_sends_no_beacons_before(tmp_path, be
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_delay_load_is_the_wait_for_a_free_slot(tmp_path, controller_stub, beacon_trap,
+                                                emulator_factory):
+    """load_metric delay: LOAD is the expected ms to a first token. With the only slot held
+    by a long request it is that request's remaining decode time, far above an idle LOAD."""
+    emulator = emulator_factory("--speed", "10", "--model", "tiny", "--max-num-seqs", "1")
+    with running_agent(tmp_path, controller_stub, beacon_trap, emulator, 1, "delay") as (_, port):
+        idle = wait_for(lambda: loads(beacon_trap.collect(0.1)), 10, "an idle LOAD beacon")
+        with httpx.Client(timeout=60) as client:
+            # A short request teaches the agent this backend's time per output token.
+            client.post(f"http://127.0.0.1:{port}/v1/completions", json={
+                "model": "tiny", "prompt": "x", "max_tokens": 50, "stream": True})
+            beacon_trap.collect(0.1)  # only beacons from now on
+            with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json={
+                    "model": "tiny", "prompt": "x", "max_tokens": 3000,
+                    "stream": True}) as stream:
+                lines = stream.iter_lines()  # held: a dropped iterator closes the response
+                next(lines)
+                busy = wait_for(lambda: [b for b in loads(beacon_trap.collect(0.1))
+                                         if b.running >= 1], 5, "a busy LOAD beacon")
+                later = wait_for(lambda: [b for b in loads(beacon_trap.collect(0.3))
+                                          if b.running >= 1], 5, "a later LOAD beacon")
+    assert busy[0].load > 10 * max(1, idle[-1].load)
+    assert later[-1].load < busy[0].load  # the request's remaining time shrinks as it runs
