@@ -17,15 +17,11 @@ control Admit(inout headers_t hdr,
     @name(".bucket_stamp")
     register<bit<48>>(MAX_TENANTS) bucket_stamp;
 
-    bit<64> rate = 0;
-    bit<64> full = 0;
-    bool has_contract = false;
 
     @name(".set_contract")
     action set_contract(bit<32> tokens_per_s, bit<32> burst_tokens) {
-        rate = (bit<64>)tokens_per_s;
-        full = BUCKET_ZERO + (bit<64>)burst_tokens * MICRO;
-        has_contract = true;
+        meta.contract_rate = (bit<64>)tokens_per_s;
+        meta.contract_full = BUCKET_ZERO + (bit<64>)burst_tokens * MICRO;
     }
 
     /* A tenant without an entry is not rate limited. */
@@ -38,53 +34,54 @@ control Admit(inout headers_t hdr,
     }
 
     apply {
-        bool usage = hdr.beacon_usage.isValid() && meta.beacon_ok == 1
-                     && meta.drop_reason == DROP_NONE;
-        if (usage) {
-            meta.tenant_id = hdr.beacon_usage.tenant_id;
-        } else if (!(meta.pin_state == PIN_NEW && meta.tenant_valid == 1)) {
-            return;
-        }
-        tenant_contract.apply();
-        if (!has_contract) {
-            return;
-        }
+        /* Only USAGE beacons and new connections touch a bucket: one test on
+         * the path of every other packet. */
+        if (hdr.beacon_usage.isValid() || meta.pin_state == PIN_NEW) {
+            bool usage = hdr.beacon_usage.isValid() && meta.beacon_ok == 1
+                         && meta.drop_reason == DROP_NONE;
+            if (usage) {
+                meta.tenant_id = hdr.beacon_usage.tenant_id;
+            }
+            if ((usage || (meta.pin_state == PIN_NEW && meta.tenant_valid == 1))
+                    && tenant_contract.apply().hit) {
+                bit<32> index = (bit<32>)meta.tenant_id;
+                bit<64> level;
+                bit<48> stamp;
+                bucket_level.read(level, index);
+                bucket_stamp.read(stamp, index);
+                bit<48> now = standard_metadata.ingress_global_timestamp;
+                if (stamp == 0) {
+                    level = meta.contract_full;
+                } else {
+                    bit<48> elapsed = now - stamp;
+                    if (elapsed > MAX_REFILL_US) {
+                        elapsed = MAX_REFILL_US;
+                    }
+                    /* elapsed (us) * rate (tokens/s) = micro-tokens; < 2^64 by the caps. */
+                    bit<64> refill = (bit<64>)elapsed * meta.contract_rate;
+                    if (level >= meta.contract_full
+                            || refill >= meta.contract_full - level) {
+                        level = meta.contract_full;
+                    } else {
+                        level = level + refill;
+                    }
+                }
 
-        bit<32> index = (bit<32>)meta.tenant_id;
-        bit<64> level;
-        bit<48> stamp;
-        bucket_level.read(level, index);
-        bucket_stamp.read(stamp, index);
-        bit<48> now = standard_metadata.ingress_global_timestamp;
-        if (stamp == 0) {
-            level = full;
-        } else {
-            bit<48> elapsed = now - stamp;
-            if (elapsed > MAX_REFILL_US) {
-                elapsed = MAX_REFILL_US;
-            }
-            /* elapsed (us) * rate (tokens/s) = micro-tokens; < 2^64 by the caps. */
-            bit<64> refill = (bit<64>)elapsed * rate;
-            if (level >= full || refill >= full - level) {
-                level = full;
-            } else {
-                level = level + refill;
+                if (usage) {
+                    bit<64> used = ((bit<64>)hdr.beacon_usage.prompt_tokens
+                                    + (bit<64>)hdr.beacon_usage.completion_tokens) * MICRO;
+                    if (level > used) {
+                        level = level - used;
+                    } else {
+                        level = 0;
+                    }
+                } else if (level < BUCKET_ZERO + MICRO) {
+                    meta.overflow = 1;
+                }
+                bucket_level.write(index, level);
+                bucket_stamp.write(index, now == 0 ? 48w1 : now);
             }
         }
-
-        if (usage) {
-            bit<64> used = ((bit<64>)hdr.beacon_usage.prompt_tokens
-                            + (bit<64>)hdr.beacon_usage.completion_tokens) * MICRO;
-            if (level > used) {
-                level = level - used;
-            } else {
-                level = 0;
-            }
-        } else if (level < BUCKET_ZERO + MICRO) {
-            meta.overflow = 1;
-        }
-        bucket_level.write(index, level);
-        bucket_stamp.write(index, now == 0 ? 48w1 : now);
     }
 }
 

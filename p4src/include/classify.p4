@@ -126,9 +126,7 @@ control Classify(inout headers_t hdr,
     apply {
         if (!hdr.ipv4.isValid()) {
             meta.drop_reason = DROP_NOT_IPV4;
-            return;
-        }
-        if (hdr.beacon.isValid()) {
+        } else if (hdr.beacon.isValid()) {
             meta.consumed = 1;
             if (hdr.beacon_load.isValid() && hdr.beacon.backend_id >= MAX_BACKENDS) {
                 meta.drop_reason = DROP_BEACON_BAD_ID;
@@ -138,41 +136,33 @@ control Classify(inout headers_t hdr,
             } else {
                 beacon_source.apply();
             }
-            return;
-        }
-
-        if (hdr.inner_ipv4.isValid()) {
-            tunnel_term.apply();
-            if (meta.decap == 1) {
-                hdr.ipv4 = hdr.inner_ipv4;
-                hdr.ipv4_options = hdr.inner_ipv4_options;
-                hdr.inner_ipv4.setInvalid();
-                hdr.inner_ipv4_options.setInvalid();
-            }
-        }
-
-        if (hdr.tcp.isValid()) {
-            meta.new_flow = hdr.tcp.syn & ~hdr.tcp.ack;
-            meta.flow_end = hdr.tcp.fin | hdr.tcp.rst;
         } else {
-            meta.new_flow = 1;
-        }
+            if (hdr.inner_ipv4.isValid()) {
+                tunnel_term.apply();
+                if (meta.decap == 1) {
+                    hdr.ipv4 = hdr.inner_ipv4;
+                    hdr.ipv4_options = hdr.inner_ipv4_options;
+                    hdr.inner_ipv4.setInvalid();
+                    hdr.inner_ipv4_options.setInvalid();
+                }
+            }
 
-        if (!tenant_by_src.apply().hit) {
-            tenant_by_dst.apply();
-        }
-        if (meta.tenant_id >= MAX_TENANTS) {
-            meta.tenant_valid = 0;  /* out of the counters' and registers' range */
-        }
-        if (meta.trust_dscp == 1) {
-            dscp_class.apply();
-        }
-        if (hdr.bth.isValid()) {
-            meta.is_cnp = (bit<1>)(hdr.bth.opcode == BTH_OPCODE_CNP);
-            roce_class.apply();
-        }
-        if (meta.decap == 0 && (hdr.tcp.isValid() || hdr.udp.isValid())) {
-            service.apply();
+            if (!tenant_by_src.apply().hit) {
+                tenant_by_dst.apply();
+            }
+            if (meta.tenant_id >= MAX_TENANTS) {
+                meta.tenant_valid = 0;  /* out of the counters' and registers' range */
+            }
+            if (meta.trust_dscp == 1) {
+                dscp_class.apply();
+            }
+            if (hdr.bth.isValid()) {
+                meta.is_cnp = (bit<1>)(hdr.bth.opcode == BTH_OPCODE_CNP);
+                roce_class.apply();
+            }
+            if (meta.decap == 0 && (hdr.tcp.isValid() || hdr.udp.isValid())) {
+                service.apply();
+            }
         }
     }
 }

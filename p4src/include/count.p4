@@ -25,9 +25,13 @@ control Count(inout headers_t hdr,
     counter(NUM_EVENTS, CounterType.packets) events;
 
     apply {
-        /* Events happen only to service traffic, beacons and metered packets:
-         * one test keeps the common routed path short. */
-        if (meta.service_hit == 1 || meta.consumed == 1 || meta.color != 0) {
+        /* The packets of pinned connections first: the fewest tests for them. */
+        if (meta.pin_state == PIN_HIT) {
+            events.count(EVENT_PIN_HIT);
+            if (ENDS_FLOW) {
+                events.count(EVENT_PIN_CLEARED);
+            }
+        } else if (meta.service_hit == 1 || meta.consumed == 1) {
             if (meta.beacon_ok == 1 && meta.drop_reason == DROP_NONE) {
                 if (hdr.beacon_load.isValid()) {
                     events.count(EVENT_BEACON_LOAD);
@@ -35,19 +39,16 @@ control Count(inout headers_t hdr,
                     events.count(EVENT_BEACON_USAGE);
                 }
             }
-            if (meta.pin_state == PIN_HIT) {
-                events.count(EVENT_PIN_HIT);
-                if (meta.flow_end == 1) {
-                    events.count(EVENT_PIN_CLEARED);
-                }
-            } else if (meta.pin_state == PIN_NEW) {
+            if (meta.pin_state == PIN_NEW) {
                 events.count(EVENT_PIN_NEW);
             } else if (meta.pin_state == PIN_STATELESS) {
-                events.count(meta.new_flow == 1 ? EVENT_PIN_COLLISION : EVENT_PIN_MISS);
+                events.count(OPENS_FLOW ? EVENT_PIN_COLLISION : EVENT_PIN_MISS);
             }
             if (meta.select_fallback == 1) {
                 events.count(EVENT_SELECT_FALLBACK);
             }
+        }
+        if (meta.color != 0) {
             if (meta.color == 1) {
                 events.count(EVENT_METER_YELLOW);
             } else if (meta.color == 2) {
@@ -58,27 +59,24 @@ control Count(inout headers_t hdr,
         if (meta.drop_reason != DROP_NONE) {
             drops.count((bit<32>)meta.drop_reason);
             mark_to_drop(standard_metadata);
-            return;
-        }
-        if (meta.consumed == 1) {
+        } else if (meta.consumed == 1) {
             mark_to_drop(standard_metadata);
-            return;
-        }
-
-        class_traffic.count((bit<32>)meta.tclass);
-        if (meta.tenant_valid == 1) {
-            tenant_traffic.count((bit<32>)meta.tenant_id);
-        }
-        if ((meta.service_hit == 1 || meta.decap == 1) && meta.backend_id < MAX_BACKENDS) {
-            backend_traffic.count((bit<32>)meta.backend_id);
-            if (meta.pin_state == PIN_NEW) {
-                backend_conns.count((bit<32>)meta.backend_id);
-                if (meta.tenant_valid == 1) {
-                    if (meta.overflow == 1) {
-                        tenant_overflow.count((bit<32>)meta.tenant_id);
-                        events.count(EVENT_OVERFLOW);
-                    } else {
-                        tenant_admitted.count((bit<32>)meta.tenant_id);
+        } else {
+            class_traffic.count((bit<32>)meta.tclass);
+            if (meta.tenant_valid == 1) {
+                tenant_traffic.count((bit<32>)meta.tenant_id);
+            }
+            if ((meta.service_hit == 1 || meta.decap == 1) && meta.backend_id < MAX_BACKENDS) {
+                backend_traffic.count((bit<32>)meta.backend_id);
+                if (meta.pin_state == PIN_NEW) {
+                    backend_conns.count((bit<32>)meta.backend_id);
+                    if (meta.tenant_valid == 1) {
+                        if (meta.overflow == 1) {
+                            tenant_overflow.count((bit<32>)meta.tenant_id);
+                            events.count(EVENT_OVERFLOW);
+                        } else {
+                            tenant_admitted.count((bit<32>)meta.tenant_id);
+                        }
                     }
                 }
             }

@@ -80,4 +80,10 @@ const bit<64> BUCKET_ZERO = 0x4000000000000000;
 const bit<64> MICRO = 1000000;
 const bit<48> MAX_REFILL_US = 0xFFFFFFFF;
 
+/* A packet that may open a connection (a TCP SYN without ACK, or anything not
+ * TCP) and one that ends it (TCP FIN or RST). Tests, not metadata: BMv2 pays
+ * more for an assignment than for a test. */
+#define OPENS_FLOW (!hdr.tcp.isValid() || (hdr.tcp.syn == 1 && hdr.tcp.ack == 0))
+#define ENDS_FLOW (hdr.tcp.isValid() && (hdr.tcp.fin == 1 || hdr.tcp.rst == 1))
+
 #endif

@@ -9,24 +9,18 @@ control Deliver(inout headers_t hdr,
                 inout local_metadata_t meta,
                 inout standard_metadata_t standard_metadata) {
 
-    bool encap = false;
-    bool delivered = false;
-    bit<32> tunnel_src_addr = 0;
-    bit<32> tunnel_dst_addr = 0;
-
     @name(".deliver_local")
     action deliver_local(port_t port, mac_t smac, mac_t dmac) {
         standard_metadata.egress_spec = port;
         hdr.ethernet.src_addr = smac;
         hdr.ethernet.dst_addr = dmac;
-        delivered = true;
+        meta.delivered = 1;
     }
 
     @name(".deliver_ipip")
     action deliver_ipip(ipv4_t tunnel_src, ipv4_t tunnel_dst) {
-        tunnel_src_addr = tunnel_src;
-        tunnel_dst_addr = tunnel_dst;
-        encap = true;
+        meta.tunnel_src = tunnel_src;
+        meta.tunnel_dst = tunnel_dst;
     }
 
     @name(".backend_unknown")
@@ -64,37 +58,39 @@ control Deliver(inout headers_t hdr,
     }
 
     apply {
-        if (meta.drop_reason != DROP_NONE || meta.consumed == 1) {
-            return;
-        }
-        if (meta.service_hit == 1 || meta.decap == 1) {
-            backend.apply();
-            if (delivered || meta.drop_reason != DROP_NONE) {
-                return;
+        if (meta.drop_reason == DROP_NONE && meta.consumed == 0) {
+            if (meta.service_hit == 1 || meta.decap == 1) {
+                switch (backend.apply().action_run) {
+                    deliver_ipip: {
+                        if (!hdr.inner_ipv4.isValid()) {
+                            hdr.inner_ipv4 = hdr.ipv4;
+                            if (hdr.ipv4_options.isValid()) {
+                                hdr.inner_ipv4_options = hdr.ipv4_options;
+                                hdr.ipv4_options.setInvalid();
+                            }
+                            hdr.ipv4.ihl = 5;
+                            hdr.ipv4.total_len = hdr.inner_ipv4.total_len + 20;
+                            hdr.ipv4.identification = 0;
+                            hdr.ipv4.flags = 0;
+                            hdr.ipv4.frag_offset = 0;
+                            hdr.ipv4.ttl = 64;
+                            hdr.ipv4.protocol = PROTO_IPIP;
+                            hdr.ipv4.src_addr = meta.tunnel_src;
+                            hdr.ipv4.dst_addr = meta.tunnel_dst;
+                        }
+                    }
+                }
+            }
+            /* Not delivered by L2 rewrite (and the backend known): routed, the
+             * tunnel by its outer address. */
+            if (meta.delivered == 0 && meta.drop_reason == DROP_NONE) {
+                if (hdr.ipv4.ttl <= 1) {
+                    meta.drop_reason = DROP_TTL_EXPIRED;
+                } else {
+                    ipv4_route.apply();
+                }
             }
         }
-        if (encap && !hdr.inner_ipv4.isValid()) {
-            /* Outer header per RFC 2003; DSCP and ECN copied from the inner. */
-            hdr.inner_ipv4 = hdr.ipv4;
-            if (hdr.ipv4_options.isValid()) {
-                hdr.inner_ipv4_options = hdr.ipv4_options;
-                hdr.ipv4_options.setInvalid();
-            }
-            hdr.ipv4.ihl = 5;
-            hdr.ipv4.total_len = hdr.inner_ipv4.total_len + 20;
-            hdr.ipv4.identification = 0;
-            hdr.ipv4.flags = 0;
-            hdr.ipv4.frag_offset = 0;
-            hdr.ipv4.ttl = 64;
-            hdr.ipv4.protocol = PROTO_IPIP;
-            hdr.ipv4.src_addr = tunnel_src_addr;
-            hdr.ipv4.dst_addr = tunnel_dst_addr;
-        }
-        if (hdr.ipv4.ttl <= 1) {
-            meta.drop_reason = DROP_TTL_EXPIRED;
-            return;
-        }
-        ipv4_route.apply();
     }
 }
 

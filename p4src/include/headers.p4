@@ -117,8 +117,6 @@ struct headers_t {
 struct local_metadata_t {
     bit<16> l4_src_port;
     bit<16> l4_dst_port;
-    bit<1> new_flow;        /* TCP SYN without ACK, or any non-TCP packet */
-    bit<1> flow_end;        /* TCP FIN or RST */
 
     /* classify */
     bit<1> tenant_valid;
@@ -145,8 +143,10 @@ struct local_metadata_t {
     bit<32> conn_index;
     bit<2> pin_state;
 
-    /* admit */
+    /* admit: the tenant's contract (tenant_contract), on new connections */
     bit<1> overflow;
+    bit<64> contract_rate;
+    bit<64> contract_full;
 
     /* select */
     bit<8> pair_slot;
@@ -154,6 +154,9 @@ struct local_metadata_t {
     bit<16> backend_id;
 
     /* deliver, qos, count */
+    bit<1> delivered;        /* L2 rewrite to a local backend done */
+    bit<32> tunnel_src;      /* deliver_ipip's outer addresses */
+    bit<32> tunnel_dst;
     bit<1> consumed;         /* a beacon: processed here, forwarded nowhere */
     bit<8> drop_reason;
     bit<2> color;

@@ -49,16 +49,15 @@ control Qos(inout headers_t hdr,
     }
 
     apply {
-        if (meta.drop_reason != DROP_NONE || meta.consumed == 1 || !hdr.ipv4.isValid()) {
-            return;
-        }
-        class_qos.apply();
-        if (meta.tenant_valid == 1) {
-            tenant_meter.execute_meter((bit<32>)meta.tenant_id, meta.color);
-            meter_policy.apply();
-        }
-        if (hdr.inner_ipv4.isValid() && hdr.ipv4.protocol == PROTO_IPIP) {
-            hdr.inner_ipv4.dscp = hdr.ipv4.dscp;
+        if (meta.drop_reason == DROP_NONE && meta.consumed == 0 && hdr.ipv4.isValid()) {
+            class_qos.apply();
+            if (meta.tenant_valid == 1) {
+                tenant_meter.execute_meter((bit<32>)meta.tenant_id, meta.color);
+                meter_policy.apply();
+            }
+            if (hdr.inner_ipv4.isValid() && hdr.ipv4.protocol == PROTO_IPIP) {
+                hdr.inner_ipv4.dscp = hdr.ipv4.dscp;
+            }
         }
     }
 }

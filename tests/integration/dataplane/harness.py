@@ -164,7 +164,8 @@ def unique_tag() -> str:
 
 
 @contextlib.contextmanager
-def rig(nports: int = 5, log_dir: Path | None = None) -> Iterator[Rig]:
+def rig(nports: int = 5, log_dir: Path | None = None,
+        start_timeout: float = 20.0) -> Iterator[Rig]:
     """Namespace, veths, a running simple_switch_grpc and a primary P4Runtime client."""
     tag = unique_tag()
     box = NetSandbox(f"tfdp-{tag}-")
@@ -179,7 +180,7 @@ def rig(nports: int = 5, log_dir: Path | None = None) -> Iterator[Rig]:
         opts = Bmv2Options(ports=root_ifs,
                            log_path=(log_dir / f"bmv2-{tag}.log") if log_dir else None)
         switch = Bmv2Switch(opts)
-        switch.start()
+        switch.start(start_timeout)
         box.processes.append(switch.proc)  # the sandbox ends it even if we fail here
         client = P4RuntimeClient(opts.grpc_address)
         io = PacketPorts(ns, host_ifs)
