@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -56,7 +55,8 @@ services:
         idle_timeout_s: 60}}
 """
 
-GENEROUS_METER = "{cir: 5000000, cbs: 500000, pir: 10000000, pbs: 1000000, exceed: transmit, violate: drop}"
+GENEROUS_METER = ("{cir: 5000000, cbs: 500000, pir: 10000000, pbs: 1000000, "
+                  "exceed: transmit, violate: drop}")
 TIGHT_METER = "{cir: 20000, cbs: 3000, pir: 40000, pbs: 6000, exceed: transmit, violate: drop}"
 POLICY_TEMPLATE = """
 contracts:
@@ -186,8 +186,3 @@ async def wait_connected(switch, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.1)
     await switch.wait_settled(timeout)
 
-
-def needs_ovs() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    return None

@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from controller.app import Controller, build_server, make_southbound
 from controller.api.server import API
+from controller.app import Controller, build_server, make_southbound
 from controller.ledger import Ledger
 from tests.integration.openflow.conftest import VIP, VIP_PORT, model_of
 from tokenfabric.tools import free_port
