@@ -56,7 +56,7 @@ def connect_many(lab, n: int) -> list[str]:
 async def controller(lab, tmp_path):
     """Controller + REST API in this event loop; agents' reports keep b1 and b2 up."""
     model = model_of()
-    southbound = make_southbound(model, 1, f"127.0.0.1:{lab.port}")
+    southbound = make_southbound(model, 1, lab.listen)
     ctl = Controller(model, Ledger(tmp_path / "ledger.db"), southbound=southbound,
                      report_timeout_s=3.0)
     api_port = free_port()
