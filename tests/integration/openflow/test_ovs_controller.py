@@ -18,7 +18,7 @@ import pytest
 from controller.api.server import API
 from controller.app import Controller, build_server, make_southbound
 from controller.ledger import Ledger
-from tests.integration.openflow.conftest import VIP, VIP_PORT, model_of
+from tests.integration.openflow.conftest import POLICY, VIP, VIP_PORT, model_of
 from tokenfabric.tools import free_port
 
 pytestmark = [pytest.mark.ovs, pytest.mark.timeout(240)]
@@ -149,3 +149,26 @@ async def test_over_budget_tenant_is_sent_to_the_responder(lab, controller):
 
 async def _over(sw, tenants):
     return sw.status()["over_budget_tenants"] == tenants
+
+
+async def test_policy_apply_rewrites_only_the_class_flows(lab, controller):
+    """POST /policy/apply with another DSCP for the tenant's class: the OpenFlow switch
+    gets the tenant's classify flows modified, nothing else; a bad file changes nothing."""
+    ctl, client = controller
+    await wait_for(lambda: programmed(client), 30, "s1 programmed")
+    sw = ctl.southbound["s1"]
+    assert "set_field:18->ip_dscp" in lab.ovs.dump_flows(lab.bridge)
+    group_mods, meter_mods = sw.stats.group_mods, sw.stats.meter_mods
+    policy = POLICY.replace("dscp: 18", "dscp: 34")
+    reply = await client.post("/policy/apply", json={"yaml": policy})
+    assert reply.status_code == 200, reply.text
+    flows = lab.ovs.dump_flows(lab.bridge)
+    assert "set_field:34->ip_dscp" in flows and "set_field:18->ip_dscp" not in flows
+    last = sw.stats.last
+    assert last.applied and last.inserted == 0 and last.deleted == 0
+    assert last.modified == 3  # the tenant's source, SYN and destination flows
+    assert (sw.stats.group_mods, sw.stats.meter_mods) == (group_mods, meter_mods)
+    bad = await client.post("/policy/apply", json={"yaml": policy.replace("tpm: 60000",
+                                                                           "tpm: 0")})
+    assert 400 <= bad.status_code < 500, bad.text
+    assert "set_field:34->ip_dscp" in lab.ovs.dump_flows(lab.bridge)
