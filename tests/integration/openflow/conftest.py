@@ -20,7 +20,7 @@ from controller.model import Model
 from controller.policy.compile import compile_model
 from controller.policy.schema import parse_policy
 from tests.integration.openflow.ovs import PrivateOvs
-from tokenfabric.netns import NetSandbox
+from tokenfabric.netns import NetSandbox, leftovers
 from tokenfabric.tools import free_port
 
 PKT = Path(__file__).with_name("pkt.py")
@@ -168,6 +168,8 @@ def lab(tmp_path):
         if ovs is not None:
             ovs.stop()
         box.cleanup()
+    assert leftovers(f"tfo{tag}") == [], "namespaces or links left behind"
+    assert not any(ovs._alive(name) for name in ("ovs-vswitchd", "ovsdb-server"))
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ class PrivateOvs:
     def __init__(self, rundir: Path, netns: str | None = None) -> None:
         self.rundir = Path(rundir)
         self.netns = netns
+        self._started: dict[str, int] = {}  # daemon -> the pid it had when started
         self.db = self.rundir / "conf.db"
         self.sock = self.rundir / "db.sock"
         self.env = {**os.environ, "OVS_RUNDIR": str(self.rundir),
@@ -46,6 +47,7 @@ class PrivateOvs:
                    f"--pidfile={self.rundir / 'ovsdb-server.pid'}", "--detach",
                    f"--log-file={self.rundir / 'ovsdb-server.log'}",
                    f"--unixctl={self.rundir / 'ovsdb-server.ctl'}"])
+        self._started["ovsdb-server"] = self._pid("ovsdb-server") or 0
         self.vsctl("--no-wait", "init")
         self.start_vswitchd()
         return self
@@ -56,6 +58,7 @@ class PrivateOvs:
                    f"--pidfile={self.rundir / 'ovs-vswitchd.pid'}", "--detach",
                    f"--log-file={self.rundir / 'ovs-vswitchd.log'}",
                    f"--unixctl={self.rundir / 'ovs-vswitchd.ctl'}"])
+        self._started["ovs-vswitchd"] = self._pid("ovs-vswitchd") or 0
 
     def _pid(self, name: str) -> int | None:
         path = self.rundir / f"{name}.pid"
@@ -63,6 +66,17 @@ class PrivateOvs:
             return int(path.read_text().strip())
         except (OSError, ValueError):
             return None
+
+    def _alive(self, name: str) -> bool:
+        """Whether the daemon this OVS started (by its pidfile) still runs."""
+        pid = self._started.get(name)
+        if not pid:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
     def _kill(self, name: str) -> None:
         pid = self._pid(name)
