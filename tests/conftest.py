@@ -38,6 +38,11 @@ def _missing(marker: str) -> str | None:
         return None if find_tool("ovs-vsctl") else "Open vSwitch not installed"
     if marker == "root":
         return netns_ability()
+    if marker == "ovs":  # a private ovsdb-server + ovs-vswitchd per test (userspace datapath)
+        if not (find_tool("ovs-vswitchd") and find_tool("ovsdb-server")
+                and find_tool("ovs-vsctl") and find_tool("ovs-ofctl")):
+            return "Open vSwitch not installed: apt-get install openvswitch-switch"
+        return netns_ability()
     if marker == "vllm":
         python = VLLM_VENV / "bin" / "python"
         return None if python.exists() else f"no vLLM venv at {VLLM_VENV} (.ci/run makes it)"
@@ -46,7 +51,7 @@ def _missing(marker: str) -> str | None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        for marker in ("bmv2", "p4c", "mininet", "root", "vllm"):
+        for marker in ("bmv2", "p4c", "mininet", "root", "vllm", "ovs"):
             if marker in item.keywords:
                 reason = _missing(marker)
                 if reason:
