@@ -14,7 +14,8 @@ def _lab(args, **env):
 
 def test_missing_bmv2_is_one_message_and_exit_3_without_traceback(tmp_path):
     # An empty P4 prefix and a PATH without BMv2: simple_switch_grpc cannot be found.
-    done = _lab(["run", "--topo", "single", "--experiment", "quick", "--out", str(tmp_path)],
+    done = _lab(["run", "--topo", "single", "--experiment", "quick", "--out", str(tmp_path),
+                 "--dataplane", "bmv2"],
                 TOKENFABRIC_P4_PREFIX=str(tmp_path / "nop4"), PATH="/usr/sbin:/usr/bin:/sbin:/bin")
     assert done.returncode == exitcodes.MISSING
     assert "Traceback" not in done.stderr
@@ -71,3 +72,39 @@ def test_select_runs_restricts_modes_and_resweeps_loads():
 def test_bad_loads_are_a_usage_error():
     done = _lab(["run", "--loads", "fast"])
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_auto_without_bmv2_takes_ovs_and_says_so(tmp_path):
+    # Neither BMv2 nor OVS nor Mininet on this PATH: auto picks OVS, says why, and names
+    # what OVS needs; nothing is built.
+    done = _lab(["run", "--topo", "single", "--experiment", "quick", "--out", str(tmp_path)],
+                TOKENFABRIC_P4_PREFIX=str(tmp_path / "nop4"), PATH=str(tmp_path / "nothing"))
+    assert done.returncode == exitcodes.MISSING, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "simple_switch_grpc (BMv2) not found: using Open vSwitch" in done.stderr
+    assert "cannot run experiment quick on ovs" in done.stderr
+    assert "Open vSwitch (ovs-vsctl" in done.stderr and "apt-get install openvswitch" \
+        in done.stderr
+    assert "simple_switch_grpc:" not in done.stderr  # BMv2 is not what is missing
+    assert not list(tmp_path.glob("quick-*"))
+
+
+def test_leafspine_on_ovs_is_refused_with_the_reason(tmp_path):
+    done = _lab(["run", "--topo", "leafspine", "--dataplane", "ovs", "--out", str(tmp_path)])
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "needs IP-in-IP" in done.stderr and "--topo single" in " ".join(done.stderr.split())
+    # auto on a machine without BMv2 lands on the same refusal, with the reason for OVS
+    done = _lab(["up", "--topo", "leafspine", "--dataplane", "auto"],
+                TOKENFABRIC_P4_PREFIX=str(tmp_path / "nop4"), PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    assert done.returncode == 2
+    assert "using Open vSwitch" in done.stderr and "needs IP-in-IP" in done.stderr
+
+
+def test_choose_dataplane():
+    assert prereqs.choose_dataplane("bmv2") == ("bmv2", None)
+    assert prereqs.choose_dataplane("ovs") == ("ovs", None)
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown dataplane"):
+        prereqs.choose_dataplane("p4")
