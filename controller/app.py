@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -27,9 +28,11 @@ from controller import log
 from controller.api.errors import Conflict, Invalid, NotFound, SwitchFailed, Unavailable
 from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, TokenStore
+from controller.drivers import Fleet, features_of, openflow_context
 from controller.entries import DesiredState
 from controller.ledger import Ledger, Usage
 from controller.model import Backend, BackendState, Model
+from controller.openflow.budget import TenantBuckets
 from controller.policy import reload
 from controller.policy.compile import CompileError, compile_model, state_to_list
 from controller.policy.schema import load_policy
@@ -101,6 +104,9 @@ class Controller:
         # After a restart the switches keep what they hold until the agents had time to
         # register and report again: pushing the fresh model at once would flap backends.
         self.hold_until = clock() + startup_grace_s
+        # Token buckets for switches that cannot keep them (OpenFlow): fed by reports.
+        self.buckets = TenantBuckets(clock)
+        self._usage_totals: dict[tuple[str, int, str], int] = {}
         self._dirty: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
 
@@ -235,6 +241,8 @@ class Controller:
         except Exception as exc:  # sqlite3 errors: disk full, I/O error
             log.error("ledger: cannot record a report of %s: %s", name, exc)
             raise Unavailable(f"ledger cannot record the report ({exc}); retry") from exc
+        if recorded:
+            self._debit_buckets(name, usage, cumulative=totals is not None)
         if self.model.backends.get(name) is not backend:
             return recorded  # deregistered while the ledger wrote: the usage still counts
         extras = self.extras[name]
@@ -245,6 +253,34 @@ class Controller:
                                  kv_cache_usage=rep.kv_cache_usage, healthy=rep.healthy):
             self.mark_dirty()
         return recorded
+
+    def _debit_buckets(self, backend: str, usage: list[Usage], cumulative: bool) -> None:
+        """A report's tokens out of the tenants' buckets (cumulative reports: the growth)."""
+        for u in usage:
+            tokens = u.prompt_tokens + u.completion_tokens
+            if cumulative:
+                key = (backend, u.tenant_id, u.model)
+                before = self._usage_totals.get(key, 0)
+                self._usage_totals[key] = max(before, tokens)
+                tokens = max(0, tokens - before)
+            self.buckets.debit(u.tenant_id, tokens)
+
+    async def enforce_budgets(self) -> set[int]:
+        """Tell switches without in-switch token buckets which tenants are over budget."""
+        takers = [sw for sw in (self.southbound.switches.values() if self.southbound else ())
+                  if hasattr(sw, "set_over_budget")]
+        if not takers:
+            return set()
+        contracts = {}
+        for t in self.model.policy.tenants.values():
+            c = self.model.policy.contracts.get(t.contract)
+            if c is not None:
+                contracts[t.tenant_id] = (c.limits.tpm / 60.0, float(c.limits.burst))
+        self.buckets.configure(contracts)
+        over = self.buckets.over_budget()
+        for sw in takers:
+            await sw.set_over_budget(over)
+        return over
 
     def set_drained(self, name: str, drained: bool, who: Principal) -> Backend:
         backend = self.backend(name)
@@ -354,7 +390,10 @@ class Controller:
                         role, "not connected")
             details = {k: v for k, v in status.items()
                        if k not in ("name", "address", "device_id", "role")}
+            details.pop("driver", None)
+            features = details.pop("features", None) or features_of(sw.driver)
             out.append({"name": sw.name, "address": sw.address, "device_id": sw.device_id,
+                        "driver": sw.driver, "features": features,
                         "connected": connected, "status": text,
                         "primary": None if not connected else role == "primary",
                         "details": details})
@@ -437,6 +476,7 @@ class Controller:
             changed = await self.push()
             if changed:
                 log.debug("reconcile: %s", changed)
+            await self.enforce_budgets()
             self.last_reconcile_error = None
         except Exception as exc:  # the next pass retries; the API shows the error
             self.last_reconcile_error = f"{type(exc).__name__}: {exc}"
@@ -472,7 +512,7 @@ class Controller:
 def build_controller(fabric: str | Path, policy: str | Path | None = None,
                      tokens: str | Path | None = None, ledger: str | Path = "ledger.db",
                      election_id: int = 1, report_timeout_s: float = REPORT_TIMEOUT_S,
-                     ) -> Controller:
+                     openflow_listen: str = "127.0.0.1:6653") -> Controller:
     """Load every input file (SpecError/TokenFileError name file and line) and wire the parts."""
     model = fabric_file.load_fabric(fabric)
     if policy is not None:
@@ -480,13 +520,45 @@ def build_controller(fabric: str | Path, policy: str | Path | None = None,
     store = TokenStore.from_file(tokens) if tokens else TokenStore.disabled()
     if not store.enabled:
         log.warning("no token file: the REST API accepts every request as admin")
-    southbound = make_southbound(model, election_id)
+    southbound = make_southbound(model, election_id, openflow_listen)
     return Controller(model, Ledger(ledger), store, policy_path=policy, southbound=southbound,
                       report_timeout_s=report_timeout_s, startup_grace_s=report_timeout_s)
 
 
-def make_southbound(model: Model, election_id: int) -> Any:
-    """One P4Runtime client per fabric switch, or None where the P4Runtime stack is absent.
+def make_southbound(model: Model, election_id: int,
+                    openflow_listen: str = "127.0.0.1:6653") -> Any:
+    """Every fabric switch behind its driver (controller/drivers.py): P4Runtime clients
+    for `driver: p4runtime`, the OpenFlow listener for `driver: openflow`."""
+    p4 = [sw for sw in model.fabric.switches.values() if sw.driver != "openflow"]
+    of = [sw for sw in model.fabric.switches.values() if sw.driver == "openflow"]
+    parts: list[Any] = []
+    if p4:
+        parts.append(make_p4runtime_southbound(model, election_id))
+    if of:
+        parts.append(make_openflow_southbound(model, openflow_listen))
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else Fleet(*parts)
+
+
+def make_openflow_southbound(model: Model, listen: str) -> Any:
+    """The OpenFlow 1.3 listener (os-ken's message classes) and the fabric's OVS switches."""
+    try:
+        from controller.openflow.server import OpenFlowSouthbound
+    except ImportError as exc:
+        log.warning("no OpenFlow southbound (%s): install tokenfabric[controller]", exc)
+        return None
+    southbound = OpenFlowSouthbound(listen)
+    for sw in model.fabric.switches.values():
+        if sw.driver == "openflow" and sw.datapath_id is not None:
+            southbound.add_switch(sw.name, sw.datapath_id, device_id=sw.device_id,
+                                  context=functools.partial(openflow_context, model, sw.name))
+    return southbound
+
+
+def make_p4runtime_southbound(model: Model, election_id: int) -> Any:
+    """One P4Runtime client per P4 switch, or None where the P4Runtime stack is absent.
 
     With the compiled program present (p4src/build), a switch that runs another
     program (or none) gets ours; without it, the controller adopts what the switch runs.
@@ -505,7 +577,9 @@ def make_southbound(model: Model, election_id: int) -> Any:
                     TOKEN_ROUTER_JSON.parent)
     southbound = Southbound(election_id=election_id)
     for sw in model.fabric.switches.values():
-        southbound.add_switch(sw.name, sw.address, device_id=sw.device_id, pipeline=pipeline)
+        if sw.driver != "openflow":
+            southbound.add_switch(sw.name, sw.address, device_id=sw.device_id,
+                                  pipeline=pipeline)
     return southbound
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import sqlite3
 import sys
 from typing import Any
@@ -26,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "ledger": "tokenfabric-ledger.db",
     "election_id": 1,
     "report_timeout_s": 3.0,
+    "openflow_listen": "127.0.0.1:6653",
 }
 
 
@@ -70,8 +72,13 @@ def controller_group() -> None:
 @click.option("--ledger", help="SQLite file of the token ledger  [default: tokenfabric-ledger.db]")
 @click.option("--election-id", type=click.IntRange(1, 2**64 - 1),
               help="P4Runtime election id; the highest connected controller is primary.")
+@click.option("--openflow-listen",
+              help="Where OpenFlow switches (driver: openflow) connect, host:port  "
+                   "[default: 127.0.0.1:6653; env TOKENFABRIC_OPENFLOW_LISTEN]")
 def run_command(config_path: str | None, **flags: Any) -> None:
     """Program every switch of the fabric and serve the REST API until stopped."""
+    if not flags.get("openflow_listen") and os.environ.get("TOKENFABRIC_OPENFLOW_LISTEN"):
+        flags["openflow_listen"] = os.environ["TOKENFABRIC_OPENFLOW_LISTEN"]
     try:
         cfg = load_section("controller", DEFAULTS, config_path, flags)
     except ConfigError as exc:
@@ -80,6 +87,11 @@ def run_command(config_path: str | None, **flags: Any) -> None:
         _fail("tokenfabric controller run: --fabric is required (or controller.fabric in "
               "the config file)", exitcodes.USAGE)
     host, port = parse_listen(cfg["listen"])
+    try:
+        parse_listen(str(cfg["openflow_listen"]))
+    except click.BadParameter:
+        _fail(f"tokenfabric controller run: --openflow-listen: '{cfg['openflow_listen']}' "
+              "is not host:port", exitcodes.USAGE)
     try:
         timeout = float(cfg["report_timeout_s"])
         election_id = int(cfg["election_id"])
@@ -93,7 +105,8 @@ def run_command(config_path: str | None, **flags: Any) -> None:
     try:
         ctl = build_controller(fabric=cfg["fabric"], policy=cfg["policy"], tokens=cfg["tokens"],
                                ledger=cfg["ledger"], election_id=election_id,
-                               report_timeout_s=timeout)
+                               report_timeout_s=timeout,
+                               openflow_listen=str(cfg["openflow_listen"]))
     except FileNotFoundError as exc:
         _fail(f"tokenfabric controller run: {exc}", exitcodes.INVALID_INPUT)
     except ValueError as exc:  # SpecError, TokenFileError: already file:line messages

@@ -38,6 +38,7 @@ from tokenfabric.dataplane import MAX_BACKENDS, MAX_PAIR_SLOTS, MAX_SERVICES
 
 MAX_BACKEND_ID = MAX_BACKENDS - 1  # the dataplane's per-backend registers and tables
 MAX_SERVICE_ID = MAX_SERVICES - 1  # the dataplane's service table
+SWITCH_DRIVERS = ("p4runtime", "openflow")  # P4Runtime (BMv2) or OpenFlow 1.3 (OVS)
 
 
 def load_fabric(path: str | Path) -> Model:
@@ -187,8 +188,12 @@ def _parse_switch(name: str, sw: Node, fabric: Fabric, device_ids: dict[int, str
         return
     if not sw.is_map():
         return
-    address = sw.get_str("address", required=True, check=check_hostport)
+    driver = sw.get_str("driver", default="p4runtime", choices=list(SWITCH_DRIVERS))
+    openflow = driver == "openflow"
+    # An OpenFlow switch dials in to the controller: its address is not needed.
+    address = sw.get_str("address", required=not openflow, check=check_hostport)
     device_id = sw.get_int("device_id", required=True, lo=0, hi=2**63 - 1)
+    datapath_id = sw.get_int("datapath_id", required=openflow, lo=0, hi=2**64 - 1)
     fabric_ip = sw.get_str("fabric_ip", check=check_ipv4)
     mac = sw.get_str("mac", check=check_mac)
     cpu_port = sw.get_int("cpu_port", lo=1, hi=511)
@@ -217,12 +222,25 @@ def _parse_switch(name: str, sw: Node, fabric: Fabric, device_ids: dict[int, str
     if device_id is not None and device_id in device_ids:
         sw.error(f"device_id {device_id} is already used by switch '{device_ids[device_id]}'")
         return
-    if address is None or device_id is None:
+    if datapath_id is not None and not openflow:
+        (sw.child("datapath_id") or sw).error("only a switch with driver: openflow has a "
+                                              "datapath_id")
+        return
+    if openflow and datapath_id is not None:
+        taken = next((s.name for s in fabric.switches.values()
+                      if s.datapath_id == datapath_id), None)
+        if taken is not None:
+            (sw.child("datapath_id") or sw).error(
+                f"datapath_id {datapath_id} is already used by switch '{taken}'")
+            return
+        address = address or ""
+    if address is None or device_id is None or (openflow and datapath_id is None):
         return
     device_ids[device_id] = name
     if mac is None:  # locally administered, derived from the device id
         mac = "02:54:46:{:02x}:{:02x}:{:02x}".format(*(device_id & 0xFFFFFF).to_bytes(3, "big"))
-    fabric.switches[name] = Switch(name, address, device_id, ports, fabric_ip, mac, cpu_port)
+    fabric.switches[name] = Switch(name, address, device_id, ports, fabric_ip, mac, cpu_port,
+                                   driver=driver or "p4runtime", datapath_id=datapath_id)
 
 
 def _parse_link(item: Node, fabric: Fabric, port_ref: object) -> None:

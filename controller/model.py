@@ -59,7 +59,7 @@ class Port:
 @dataclass
 class Switch:
     name: str
-    address: str  # P4Runtime gRPC host:port
+    address: str  # P4Runtime gRPC host:port ("" for OpenFlow: the switch dials in)
     device_id: int
     ports: dict[int, Port] = field(default_factory=dict)
     # The switch's own fabric address and MAC: source of IP-in-IP tunnels and of
@@ -67,6 +67,8 @@ class Switch:
     fabric_ip: str | None = None
     mac: str | None = None
     cpu_port: int | None = None
+    driver: str = "p4runtime"  # or "openflow" (controller/openflow/, docs/openflow.md)
+    datapath_id: int | None = None  # OpenFlow only: the dpid the switch connects with
 
 
 @dataclass(frozen=True)

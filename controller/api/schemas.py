@@ -199,6 +199,10 @@ class SwitchView(BaseModel):
     name: str
     address: str
     device_id: int
+    driver: str = Field("p4runtime", description="p4runtime (BMv2) or openflow (OVS)")
+    features: list[str] = Field(default_factory=list,
+                                description="what the switch does itself, e.g. weighted_hash, "
+                                            "pinning, dsr, meters, p2c_in_switch")
     connected: bool
     status: str
     primary: bool | None

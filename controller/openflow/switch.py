@@ -1,0 +1,340 @@
+"""One OpenFlow switch behind the same driver interface as a P4Runtime switch.
+
+The controller hands it a DesiredState (`apply`); it keeps the last one and,
+whenever a session is up, reconciles: read the switch's flows, groups and
+meters, translate the desired state (controller/openflow/flows.py), and write
+only the difference. A new session (OVS restart, controller restart, network)
+reconciles again by itself, exactly like the P4Runtime driver.
+
+Flows are recognised by their cookie (identity and content hashes, see
+FlowSpec.cookie), so a controller that restarts reads back what it wrote
+without trusting OVS to echo matches byte for byte; flows that `learn` made
+(pinned connections) carry LEARNED_COOKIE and are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from os_ken.ofproto import ofproto_v1_3 as ofp
+from os_ken.ofproto import ofproto_v1_3_parser as parser
+
+from controller import log
+from controller.entries import DesiredState
+from controller.openflow import messages
+from controller.openflow.connection import Connection, OpenFlowError
+from controller.openflow.flows import (
+    CLASSIFY,
+    FEATURES,
+    LEARNED_COOKIE,
+    Context,
+    FlowSpec,
+    OfState,
+    translate,
+)
+
+TENANT_TRAFFIC, TENANT_CONNS = "tenant_traffic", "tenant_admitted"  # the P4 counter names
+
+
+class Role(enum.Enum):
+    DISCONNECTED = "disconnected"
+    PRIMARY = "primary"  # an OpenFlow switch has one controller here: connected is primary
+
+
+@dataclass(frozen=True)
+class CounterValue:
+    packets: int
+    bytes: int
+
+
+@dataclass
+class ReconcileResult:
+    switch: str
+    applied: bool
+    reason: str = ""
+    inserted: int = 0
+    modified: int = 0
+    deleted: int = 0
+    seconds: float = 0.0
+
+    @property
+    def writes(self) -> int:
+        return self.inserted + self.modified + self.deleted
+
+
+@dataclass
+class OpenFlowStats:
+    """Counters since the switch object was made (tests assert on them)."""
+
+    sessions: int = 0
+    reconciles: int = 0
+    flow_mods: int = 0
+    group_mods: int = 0
+    meter_mods: int = 0
+    last: ReconcileResult | None = None
+    history: list[ReconcileResult] = field(default_factory=list)
+
+    @property
+    def updates_written(self) -> int:
+        return self.flow_mods + self.group_mods + self.meter_mods
+
+
+class OpenFlowSwitch:
+    """A switch that connects to the controller's OpenFlow listener with `datapath_id`."""
+
+    def __init__(self, name: str, datapath_id: int, device_id: int = 0,
+                 context: Callable[[], Context] | None = None) -> None:
+        self.name = name
+        self.datapath_id = datapath_id
+        self.device_id = device_id
+        self._context = context or Context
+        self.over_budget: frozenset[int] = frozenset()
+        self.connection: Connection | None = None
+        self.stats = OpenFlowStats()
+        self.last_error: str | None = None
+        self.notes: list[str] = []
+        self.pinned = 0  # learned connection flows at the last read
+        self._desired: DesiredState | None = None
+        self._want: OfState | None = None
+        self._lock = asyncio.Lock()
+        self._settled = asyncio.Event()
+        self._session_task: asyncio.Task | None = None
+
+    # ---- the driver interface --------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        if self.connection is None or self.connection.closed.is_set():
+            return Role.DISCONNECTED
+        return Role.PRIMARY
+
+    @property
+    def desired(self) -> DesiredState | None:
+        return self._desired
+
+    @property
+    def features(self) -> list[str]:
+        return list(FEATURES)
+
+    async def start(self) -> None:
+        """Nothing to dial: the switch connects to the listener (OpenFlowSouthbound)."""
+
+    def launch(self) -> None:
+        """Same as start(); the P4Runtime driver's name for starting in the background."""
+
+    async def stop(self) -> None:
+        if self._session_task is not None:
+            self._session_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._session_task
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+    async def apply(self, desired: DesiredState) -> ReconcileResult:
+        """Remember `desired` and, when connected, write the difference."""
+        self._desired = desired
+        return await self.reconcile()
+
+    async def set_over_budget(self, tenants: set[int] | frozenset[int]) -> None:
+        """The controller's admission decision (controller/openflow/budget.py)."""
+        tenants = frozenset(tenants)
+        if tenants != self.over_budget:
+            self.over_budget = tenants
+            if self._desired is not None:
+                await self.reconcile()
+
+    async def wait_settled(self, timeout: float = 10.0) -> Role:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
+        return self.role
+
+    def status(self) -> dict:
+        last = self.stats.last
+        conn = self.connection
+        return {
+            "name": self.name, "address": f"dpid:{self.datapath_id:#018x}",
+            "device_id": self.device_id, "role": self.role.value, "driver": "openflow",
+            "features": self.features, "datapath_id": self.datapath_id,
+            "peer": None if conn is None or not conn.peer else f"{conn.peer[0]}:{conn.peer[1]}",
+            "sessions": self.stats.sessions, "reconciles": self.stats.reconciles,
+            "updates_written": self.stats.updates_written,
+            "flow_mods": self.stats.flow_mods, "group_mods": self.stats.group_mods,
+            "meter_mods": self.stats.meter_mods, "pinned_connections": self.pinned,
+            "over_budget_tenants": sorted(self.over_budget),
+            "last_reconcile": None if last is None else {
+                "applied": last.applied, "reason": last.reason, "inserted": last.inserted,
+                "modified": last.modified, "deleted": last.deleted, "seconds": last.seconds},
+            "last_error": self.last_error, "notes": list(self.notes),
+        }
+
+    async def read_counters(self, name: str, indexes: Any = None) -> dict[int, CounterValue]:
+        """The P4 counters' meaning from flow statistics of the classify table:
+        tenant_traffic = every tenant flow (both directions), tenant_admitted =
+        packets of the tenant's SYN flows (new connections)."""
+        if name not in (TENANT_TRAFFIC, TENANT_CONNS):
+            raise KeyError(f"no counter {name!r} on an OpenFlow switch")
+        want = self._want or OfState()
+        by_cookie = {spec.cookie(): spec for spec in want.flows.values()
+                     if spec.table == CLASSIFY and spec.metadata is not None}
+        out: dict[int, list[int]] = {}
+        for stat in await self._read_flows(table=CLASSIFY):
+            spec = by_cookie.get(stat.cookie)
+            if spec is None:
+                continue
+            syn = any(k == "tcp_flags" for k, _ in spec.match)
+            if name == TENANT_CONNS and not syn:
+                continue
+            tenant = spec.metadata[0]
+            acc = out.setdefault(tenant, [0, 0])
+            acc[0] += stat.packet_count
+            acc[1] += stat.byte_count
+        return {t: CounterValue(p, b) for t, (p, b) in out.items()}
+
+    async def read_flow_stats(self) -> list[Any]:
+        """Every flow the switch holds, as os-ken OFPFlowStats (tests and tooling)."""
+        return await self._read_flows()
+
+    # ---- sessions --------------------------------------------------------------
+
+    def attach(self, conn: Connection) -> None:
+        """A session came up (server.py): replace the old one and reconcile."""
+        old, self.connection = self.connection, conn
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.close())
+        self.stats.sessions += 1
+        self._settled.clear()
+        self._session_task = asyncio.get_running_loop().create_task(self._on_session(conn))
+
+    async def _on_session(self, conn: Connection) -> None:
+        log.info("openflow switch %s (dpid %#x) connected from %s", self.name,
+                 self.datapath_id, conn.peer)
+        try:
+            if self._desired is not None:
+                await self.reconcile()
+        finally:
+            self._settled.set()
+        await conn.closed.wait()
+        if self.connection is conn:
+            log.warning("openflow switch %s disconnected", self.name)
+
+    # ---- reconcile -------------------------------------------------------------
+
+    async def reconcile(self) -> ReconcileResult:
+        async with self._lock:
+            result = await self._reconcile_locked()
+        self.stats.last = result
+        self.stats.history = (self.stats.history + [result])[-32:]
+        return result
+
+    async def _reconcile_locked(self) -> ReconcileResult:
+        start = time.monotonic()
+        if self._desired is None:
+            return ReconcileResult(self.name, False, "nothing desired yet")
+        ctx = self._context()
+        want = translate(self._desired, Context(ctx.macs, ctx.transit, self.over_budget))
+        self._want = want
+        self.notes = want.notes
+        conn = self.connection
+        if conn is None or conn.closed.is_set():
+            return ReconcileResult(self.name, False, "disconnected")
+        dp = conn.datapath
+        try:
+            flows = await self._read_flows()
+            groups = await conn.request(parser.OFPGroupDescStatsRequest(dp))
+            meters = await conn.request(parser.OFPMeterConfigStatsRequest(
+                dp, meter_id=ofp.OFPM_ALL))
+        except (OpenFlowError, TimeoutError) as exc:
+            self.last_error = f"reading the switch: {exc}"
+            raise OpenFlowError(f"{self.name}: {self.last_error}") from exc
+        self.stats.reconciles += 1
+        result = ReconcileResult(self.name, True)
+
+        # meters and groups first (flows point at them), then flows, then removals
+        held_meters = {m.meter_id: messages.meter_of(m) for m in meters}
+        held_groups = {g.group_id: messages.group_of(g) for g in groups}
+        meter_writes, meter_deletes = [], []
+        for mid, spec in want.meters.items():
+            if mid not in held_meters:
+                meter_writes.append(messages.meter_mod(dp, spec, ofp.OFPMC_ADD))
+                result.inserted += 1
+            elif held_meters[mid] != spec:
+                meter_writes.append(messages.meter_mod(dp, spec, ofp.OFPMC_MODIFY))
+                result.modified += 1
+        for mid in held_meters.keys() - want.meters.keys():
+            meter_deletes.append(messages.meter_delete(dp, mid))
+            result.deleted += 1
+        group_writes, group_deletes = [], []
+        for gid, spec in want.groups.items():
+            if gid not in held_groups:
+                group_writes.append(messages.group_mod(dp, spec, ofp.OFPGC_ADD))
+                result.inserted += 1
+            elif held_groups[gid] != spec:
+                group_writes.append(messages.group_mod(dp, spec, ofp.OFPGC_MODIFY))
+                result.modified += 1
+        for gid in held_groups.keys() - want.groups.keys():
+            group_deletes.append(messages.group_delete(dp, gid))
+            result.deleted += 1
+
+        wanted = {spec.cookie(): spec for spec in want.flows.values()}
+        wanted_idents = {c >> 32 for c in wanted}
+        held_cookies: set[int] = set()
+        flow_deletes = []
+        self.pinned = 0
+        for stat in flows:
+            if stat.cookie == LEARNED_COOKIE:
+                self.pinned += 1
+                continue
+            held_cookies.add(stat.cookie)
+            if stat.cookie not in wanted and stat.cookie >> 32 not in wanted_idents:
+                flow_deletes.append(messages.flow_delete(dp, stat.table_id, stat.priority,
+                                                         stat.match, stat.cookie))
+                result.deleted += 1
+        held_idents = {c >> 32 for c in held_cookies}
+        flow_writes = []
+        for cookie, spec in sorted(wanted.items(), key=lambda kv: _order(kv[1])):
+            if cookie in held_cookies:
+                continue
+            flow_writes.append(messages.flow_add(dp, spec))
+            if cookie >> 32 in held_idents:
+                result.modified += 1
+            else:
+                result.inserted += 1
+        try:
+            for batch in (meter_writes, group_writes, flow_writes, flow_deletes,
+                          group_deletes, meter_deletes):
+                if batch:
+                    await conn.write(batch)
+        except (OpenFlowError, TimeoutError) as exc:
+            self.last_error = str(exc)
+            raise OpenFlowError(f"{self.name}: {exc}") from exc
+        finally:
+            self.stats.meter_mods += len(meter_writes) + len(meter_deletes)
+            self.stats.group_mods += len(group_writes) + len(group_deletes)
+            self.stats.flow_mods += len(flow_writes) + len(flow_deletes)
+        self.last_error = None
+        result.seconds = round(time.monotonic() - start, 4)
+        if result.writes:
+            log.info("openflow %s: +%d ~%d -%d", self.name, result.inserted, result.modified,
+                     result.deleted)
+        return result
+
+    async def _read_flows(self, table: int = ofp.OFPTT_ALL) -> list[Any]:
+        conn = self.connection
+        if conn is None or conn.closed.is_set():
+            raise OpenFlowError(f"{self.name}: not connected")
+        return await conn.request(parser.OFPFlowStatsRequest(
+            conn.datapath, table_id=table, out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY))
+
+
+def _order(spec: FlowSpec) -> tuple:
+    """Later tables first: a classify flow never sends packets into an empty table."""
+    return (-spec.table, spec.priority)
+
