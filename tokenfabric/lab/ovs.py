@@ -14,6 +14,7 @@ One userspace ovs-vswitchd per network namespace: the first creates the tap devi
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -35,6 +36,28 @@ RUNDIR = Path(os.environ.get("OVS_RUNDIR", "/var/run/openvswitch"))
 DBDIR = Path(os.environ.get("OVS_DBDIR", "/etc/openvswitch"))
 LOGDIR = Path(os.environ.get("OVS_LOGDIR", "/var/log/openvswitch"))
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
+
+
+# Held while a userspace OVS of ours runs: tests with a private OVS take it too (one
+# userspace ovs-vswitchd per network namespace), so that they wait for each other.
+OVS_LOCK_PATH = Path(os.environ.get("TOKENFABRIC_OVS_LOCK", "/run/tokenfabric-ovs.lock"))
+
+
+def take_ovs_lock(timeout: float = 300.0) -> Any:
+    """The exclusive OVS lock (an open file; closing it releases it), waiting up to
+    `timeout` seconds for another holder."""
+    handle = open(OVS_LOCK_PATH, "a+")  # noqa: SIM115 - held by the caller
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                raise OvsError(f"another user of the userspace OVS holds {OVS_LOCK_PATH} "
+                               f"after {timeout:.0f} s") from None
+            time.sleep(0.5)
 
 
 class OvsError(RuntimeError):
@@ -104,8 +127,17 @@ class OvsDaemons:
     """The OVS daemons `ensure_ovs` found or started; `stop` ends those it started."""
 
     started: dict[str, int] = field(default_factory=dict)  # daemon name -> pid
+    lock: Any = None  # the OVS lock, released by stop()
 
     def stop(self, timeout: float = 5.0) -> None:
+        try:
+            self._stop_started(timeout)
+        finally:
+            if self.lock is not None:
+                lock, self.lock = self.lock, None
+                lock.close()
+
+    def _stop_started(self, timeout: float) -> None:
         if not self.started:
             return
         try:
@@ -150,7 +182,16 @@ def ensure_ovs() -> OvsDaemons:
     if missing_tools():
         raise OvsError(f"Open vSwitch is not installed (no {', '.join(missing_tools())}): "
                        "apt-get install openvswitch-switch")
-    daemons = OvsDaemons()
+    daemons = OvsDaemons(lock=take_ovs_lock())
+    try:
+        _start_daemons(daemons)
+    except BaseException:
+        daemons.stop()
+        raise
+    return daemons
+
+
+def _start_daemons(daemons: OvsDaemons) -> None:
     RUNDIR.mkdir(parents=True, exist_ok=True)
     LOGDIR.mkdir(parents=True, exist_ok=True)
     if not db_running():
@@ -175,11 +216,9 @@ def ensure_ovs() -> OvsDaemons:
                      f"--log-file={LOGDIR / 'ovs-vswitchd.log'}", "-vconsole:emer"], timeout=30)
         pid = vswitchd_pid()
         if done.returncode != 0 or pid is None:
-            daemons.stop()
             raise OvsError(f"ovs-vswitchd did not start: {done.stderr.strip()[-500:]}")
         daemons.started["ovs-vswitchd"] = pid
         log.info("started ovs-vswitchd (pid %d)", pid)
-    return daemons
 
 
 def other_userspace_vswitchd() -> list[str]:
