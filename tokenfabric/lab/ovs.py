@@ -184,11 +184,32 @@ def ensure_ovs() -> OvsDaemons:
                        "apt-get install openvswitch-switch")
     daemons = OvsDaemons(lock=take_ovs_lock())
     try:
+        _wait_for_other_vswitchd(OTHER_VSWITCHD_WAIT_S)
         _start_daemons(daemons)
     except BaseException:
         daemons.stop()
         raise
     return daemons
+
+
+OTHER_VSWITCHD_WAIT_S = 60.0
+
+
+def _wait_for_other_vswitchd(timeout: float) -> None:
+    """Another ovs-vswitchd (a test's private OVS) holds the namespace's userspace
+    datapath: wait a while for it to end, else say so before building anything."""
+    deadline = time.monotonic() + timeout
+    others = other_userspace_vswitchd()
+    if others:
+        log.warning("waiting up to %.0f s for another ovs-vswitchd to end: %s", timeout,
+                    others[0][:160])
+    while others and time.monotonic() < deadline:
+        time.sleep(0.5)
+        others = other_userspace_vswitchd()
+    if others:
+        raise OvsError("another ovs-vswitchd runs in this network namespace and holds its "
+                       "userspace datapath (ovs-netdev), so no lab bridge can work: "
+                       + "; ".join(o[:200] for o in others))
 
 
 def _start_daemons(daemons: OvsDaemons) -> None:
