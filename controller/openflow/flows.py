@@ -14,9 +14,13 @@ Tables (docs/openflow.md):
               MAC (300), over-budget tenants to the overflow responder (200),
               service VIP to the select group (100), else on to routing.
   2 ROUTE     IPv4 routes: L2 rewrite and output.
-A select bucket sets the backend's MAC and port and `learn`s a 5-tuple flow into
-table 1 with the service's idle timeout: later packets of the connection hit the
-learned flow, so a group change (weights, drain) moves no established connection.
+  3 PIN       per service: `learn` a 5-tuple flow into table 1 (the service's idle
+              timeout) that repeats the chosen backend's MAC and port, then output.
+A select bucket sets the backend's MAC (eth_dst) and port (reg0) and resubmits to
+table 3: later packets of the connection hit the learned flow, so a group change
+(weights, drain) moves no established connection. (OVS runs select groups by
+dp_hash with recirculation, and a `learn` directly in a bucket is then not
+executed; one resubmitted from the bucket is.)
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from controller.entries import (
 from controller.policy.compile import P4
 from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS
 
-CLASSIFY, SELECT, ROUTE = 0, 1, 2
+CLASSIFY, SELECT, ROUTE, PIN = 0, 1, 2, 3
 LEARNED_COOKIE = 0x7F0F_0000_0000_0001  # flows made by `learn`: never the reconciler's
 PIN_PRIORITY, TRANSIT_PRIORITY, OVERFLOW_PRIORITY, VIP_PRIORITY = 400, 300, 200, 100
 TENANT_MASK = 0xFFFF  # metadata bits holding the tenant id
@@ -82,7 +86,7 @@ class Bucket:
     weight: int
     backend_mac: str
     port: int
-    learn_idle_s: int  # pin the connection for this long (0: no pinning)
+    pin: bool = True  # resubmit to table PIN, which learns the connection's flow
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,7 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
                      ("ipv4_dst", _ip_text(m["vip"].value)), ("tcp_dst", m["port"].value))
         group = groups.get(sid)
         if group is not None:
-            buckets = tuple(Bucket(w, deliver[members[mid]][1], deliver[members[mid]][0], idle)
+            buckets = tuple(Bucket(w, deliver[members[mid]][1], deliver[members[mid]][0])
                             for mid, w in group.members if members.get(mid) in deliver)
             if buckets:
                 out.groups[sid] = GroupSpec(sid, buckets)
@@ -243,8 +247,11 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
             for tenant in sorted(ctx.over_budget):
                 out.add(FlowSpec(SELECT, OVERFLOW_PRIORITY, vip_match + (
                     ("metadata", (tenant, TENANT_MASK)),),
-                    actions=(("pin", mac, port, idle), ("set_field", "eth_dst", mac),
-                             ("output", port))))
+                    actions=(("set_field", "eth_dst", mac), ("set_field", "reg0", port),
+                             ("resubmit", PIN))))
+        # The pin: a flow for this connection alone, then out on the port in reg0.
+        out.add(FlowSpec(PIN, VIP_PRIORITY, vip_match,
+                         actions=(("learn_pin", idle), ("output_reg0",))))
         # Frames already sent toward a backend by another switch keep their backend.
         for port, mac in sorted(deliver.values()):
             out.add(FlowSpec(SELECT, TRANSIT_PRIORITY, vip_match[:3] + (("eth_dst", mac),),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from os_ken.ofproto import nicira_ext
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from controller.openflow.flows import (
     LEARNED_COOKIE,
+    PIN,
     PIN_PRIORITY,
     SELECT,
     Bucket,
@@ -25,9 +27,9 @@ from controller.openflow.flows import (
 PIN_PORT_REG = "reg0"  # holds the output port while `learn` copies it into the pin
 
 
-def pin_actions(dp: Any, mac: str, port: int, idle_s: int) -> list[Any]:
-    """Load the port into a register, then learn a 5-tuple flow in table SELECT that
-    rewrites to this MAC and outputs on that port (the connection's pin)."""
+def learn_pin(idle_s: int) -> Any:
+    """Learn a 5-tuple flow in table SELECT that rewrites to the eth_dst and outputs on
+    the port (reg0) this packet carries now: the connection's pin."""
     specs = [
         parser.NXFlowSpecMatch(src=0x0800, dst=("eth_type_nxm", 0), n_bits=16),
         parser.NXFlowSpecMatch(src=6, dst=("ip_proto_nxm", 0), n_bits=8),
@@ -35,13 +37,16 @@ def pin_actions(dp: Any, mac: str, port: int, idle_s: int) -> list[Any]:
         parser.NXFlowSpecMatch(src=("ipv4_dst_nxm", 0), dst=("ipv4_dst_nxm", 0), n_bits=32),
         parser.NXFlowSpecMatch(src=("tcp_src_nxm", 0), dst=("tcp_src_nxm", 0), n_bits=16),
         parser.NXFlowSpecMatch(src=("tcp_dst_nxm", 0), dst=("tcp_dst_nxm", 0), n_bits=16),
-        parser.NXFlowSpecLoad(src=int(mac.replace(":", ""), 16), dst=("eth_dst_nxm", 0),
-                              n_bits=48),
+        parser.NXFlowSpecLoad(src=("eth_dst_nxm", 0), dst=("eth_dst_nxm", 0), n_bits=48),
         parser.NXFlowSpecOutput(src=(PIN_PORT_REG, 0), n_bits=32),
     ]
-    return [parser.OFPActionSetField(**{PIN_PORT_REG: port}),
-            parser.NXActionLearn(table_id=SELECT, specs=specs, idle_timeout=idle_s,
-                                 priority=PIN_PRIORITY, cookie=LEARNED_COOKIE)]
+    return parser.NXActionLearn(table_id=SELECT, specs=specs, idle_timeout=idle_s,
+                                priority=PIN_PRIORITY, cookie=LEARNED_COOKIE)
+
+
+def output_reg0() -> Any:
+    return parser.NXActionOutputReg(ofs_nbits=nicira_ext.ofs_nbits(0, 31), src=PIN_PORT_REG,
+                                    max_len=0xFFFF)
 
 
 def _actions(dp: Any, spec: FlowSpec) -> list[Any]:
@@ -54,8 +59,12 @@ def _actions(dp: Any, spec: FlowSpec) -> list[Any]:
             out.append(parser.OFPActionSetField(**{action[1]: action[2]}))
         elif kind == "set_queue":
             out.append(parser.OFPActionSetQueue(action[1]))
-        elif kind == "pin":
-            out.extend(pin_actions(dp, action[1], action[2], action[3]))
+        elif kind == "resubmit":
+            out.append(parser.NXActionResubmitTable(table_id=action[1]))
+        elif kind == "learn_pin":
+            out.append(learn_pin(action[1]))
+        elif kind == "output_reg0":
+            out.append(output_reg0())
         else:
             raise ValueError(f"unknown action {action!r}")
     if spec.group is not None:
@@ -94,10 +103,12 @@ def flow_delete(dp: Any, table: int, priority: int, match: Any, cookie: int) -> 
 
 
 def _bucket(dp: Any, b: Bucket) -> Any:
-    actions: list[Any] = []
-    if b.learn_idle_s:
-        actions += pin_actions(dp, b.backend_mac, b.port, b.learn_idle_s)
-    actions += [parser.OFPActionSetField(eth_dst=b.backend_mac), parser.OFPActionOutput(b.port)]
+    actions: list[Any] = [parser.OFPActionSetField(eth_dst=b.backend_mac)]
+    if b.pin:
+        actions += [parser.OFPActionSetField(**{PIN_PORT_REG: b.port}),
+                    parser.NXActionResubmitTable(table_id=PIN)]
+    else:
+        actions.append(parser.OFPActionOutput(b.port))
     return parser.OFPBucket(weight=b.weight, watch_port=ofp.OFPP_ANY,
                             watch_group=ofp.OFPG_ANY, actions=actions)
 
@@ -129,17 +140,19 @@ def meter_delete(dp: Any, meter_id: int) -> Any:
 def bucket_of(bucket: Any) -> Bucket | None:
     """A held bucket as a spec; None when it is not one of ours."""
     mac = port = None
-    idle = 0
+    pin = False
     for action in bucket.actions:
-        if isinstance(action, parser.NXActionLearn):
-            idle = action.idle_timeout
+        if isinstance(action, parser.NXActionResubmitTable) and action.table_id == PIN:
+            pin = True
         elif isinstance(action, parser.OFPActionSetField) and action.key == "eth_dst":
             mac = action.value
+        elif isinstance(action, parser.OFPActionSetField) and action.key == PIN_PORT_REG:
+            port = action.value
         elif isinstance(action, parser.OFPActionOutput):
             port = action.port
     if mac is None or port is None:
         return None
-    return Bucket(bucket.weight, mac, port, idle)
+    return Bucket(bucket.weight, mac, port, pin)
 
 
 def group_of(desc: Any) -> GroupSpec | None:

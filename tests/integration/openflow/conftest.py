@@ -56,13 +56,15 @@ services:
         idle_timeout_s: 60}}
 """
 
-POLICY = """
+GENEROUS_METER = "{cir: 5000000, cbs: 500000, pir: 10000000, pbs: 1000000, exceed: transmit, violate: drop}"
+TIGHT_METER = "{cir: 20000, cbs: 3000, pir: 40000, pbs: 6000, exceed: transmit, violate: drop}"
+POLICY_TEMPLATE = """
 contracts:
   gold:
     class: {service_class: low-latency-data, dscp: 18, priority_level: 20, queue: 5}
     tpm: 60000
     burst: 1000
-    bandwidth: {cir: 20000, cbs: 3000, pir: 40000, pbs: 6000, exceed: transmit, violate: drop}
+    bandwidth: BANDWIDTH
 tenants:
   - name: acme
     id: 7
@@ -70,6 +72,7 @@ tenants:
     contract: gold
 roce: {enabled: false}
 """
+POLICY = POLICY_TEMPLATE.replace("BANDWIDTH", GENEROUS_METER)
 
 
 def model_of(fabric: str = FABRIC, policy: str = POLICY) -> Model:
