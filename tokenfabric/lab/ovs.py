@@ -195,9 +195,9 @@ def ensure_ovs() -> OvsDaemons:
 OTHER_VSWITCHD_WAIT_S = 60.0
 
 
-def _wait_for_other_vswitchd(timeout: float) -> None:
-    """Another ovs-vswitchd (a test's private OVS) holds the namespace's userspace
-    datapath: wait a while for it to end, else say so before building anything."""
+def wait_for_free_datapath(timeout: float) -> list[str]:
+    """Wait up to `timeout` s for every other ovs-vswitchd (a test's private OVS) to end;
+    those still running."""
     deadline = time.monotonic() + timeout
     others = other_userspace_vswitchd()
     if others:
@@ -206,6 +206,13 @@ def _wait_for_other_vswitchd(timeout: float) -> None:
     while others and time.monotonic() < deadline:
         time.sleep(0.5)
         others = other_userspace_vswitchd()
+    return others
+
+
+def _wait_for_other_vswitchd(timeout: float) -> None:
+    """Another ovs-vswitchd holds the namespace's userspace datapath: wait a while for it
+    to end, else say so before building anything."""
+    others = wait_for_free_datapath(timeout)
     if others:
         raise OvsError("another ovs-vswitchd runs in this network namespace and holds its "
                        "userspace datapath (ovs-netdev), so no lab bridge can work: "

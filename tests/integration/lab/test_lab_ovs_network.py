@@ -11,14 +11,14 @@ from tokenfabric.lab import ovs
 from tokenfabric.lab.network import LabNetwork, in_namespaces, leftover_links, leftovers
 from tokenfabric.lab.plan import GATEWAY_IP, TenantPlan, build_plan
 
-pytestmark = [pytest.mark.mininet, pytest.mark.ovs, pytest.mark.root, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.mininet, pytest.mark.ovs, pytest.mark.root, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(autouse=True)
 def _no_lab_running():
     if leftover_links():
         pytest.skip(f"another lab network is up: {leftover_links()[:3]}")
-    others = ovs.other_userspace_vswitchd()
+    others = ovs.wait_for_free_datapath(120)  # a test's private OVS ends soon
     if others:
         pytest.skip("another ovs-vswitchd holds this namespace's userspace datapath "
                     f"(ovs-netdev): {others[0][:120]}")

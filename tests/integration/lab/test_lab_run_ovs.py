@@ -12,7 +12,7 @@ import pytest
 from tokenfabric.lab import ovs, prereqs
 from tokenfabric.lab.network import host_shells, leftover_links
 
-pytestmark = [pytest.mark.mininet, pytest.mark.ovs, pytest.mark.root, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.mininet, pytest.mark.ovs, pytest.mark.root, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,7 @@ def _components():
         pytest.skip("lab components missing: " + "; ".join(m.name for m in missing))
     if leftover_links():
         pytest.skip(f"another lab network is up: {leftover_links()[:3]}")
-    others = ovs.other_userspace_vswitchd()
+    others = ovs.wait_for_free_datapath(120)  # a test's private OVS ends soon
     if others:
         pytest.skip("another ovs-vswitchd holds this namespace's userspace datapath "
                     f"(ovs-netdev): {others[0][:120]}")
