@@ -143,6 +143,6 @@ def test_an_ovs_fabric_file_is_accepted_by_the_controller():
     assert entry["driver"] == "openflow" and entry["datapath_id"] == 1
     assert "address" not in entry
     model = fabric.parse_fabric(yaml.safe_dump(data))
-    switch = model.switches[name]
+    switch = model.fabric.switches[name]
     assert switch.driver == "openflow" and switch.datapath_id == 1
     assert sorted(switch.ports) == sorted(plan.switches[name].ports)
