@@ -108,7 +108,11 @@ class LabNetwork:
                 for sw in self.plan.switches.values():
                     node = net.get(sw.name)
                     sw.grpc_port, sw.thrift_port = node.grpc_port, node.thrift_port
-            net.start()
+            setLogLevel("critical")  # OVS re-applies the links' HTB (the same warning)
+            try:
+                net.start()
+            finally:
+                setLogLevel("warning")
             self.pids += [n.pid for n in net.hosts + net.switches if n.pid]
             self.pids += [s.switch_pid for s in net.switches
                           if getattr(s, "switch_pid", None)]

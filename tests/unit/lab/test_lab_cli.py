@@ -108,3 +108,24 @@ def test_choose_dataplane():
 
     with pytest.raises(ValueError, match="unknown dataplane"):
         prereqs.choose_dataplane("p4")
+
+
+def test_doctor_without_bmv2_counts_open_vswitch_as_the_lab_dataplane(tmp_path):
+    import json
+
+    from tokenfabric.tools import find_tool
+
+    env = {"TOKENFABRIC_P4_PREFIX": str(tmp_path / "nop4"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "doctor", "--json",
+                           "--vllm-url", "http://127.0.0.1:9"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env}, check=False)
+    findings = {f["name"]: f for f in json.loads(done.stdout)}
+    bmv2, ovs = findings["simple_switch_grpc"], findings["openvswitch"]
+    assert not bmv2["present"]
+    if all(find_tool(t) for t in ("ovs-vsctl", "ovs-vswitchd", "ovsdb-server")):
+        assert not bmv2["main_job"] and ovs["main_job"]
+        assert "runs on Open vSwitch instead" in bmv2["detail"]
+    else:
+        assert bmv2["main_job"]
+    main_job_ok = all(f["present"] for f in findings.values() if f["main_job"])
+    assert done.returncode == (exitcodes.OK if main_job_ok else exitcodes.MISSING)
