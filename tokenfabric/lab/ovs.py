@@ -311,7 +311,10 @@ class OvsMininetSwitch(OVSSwitch):
 
     def __init__(self, name: str, device_id: int | None = None,
                  controller_target: str = OPENFLOW_CONTROLLER, **params: Any) -> None:
-        params.update(datapath="user", protocols=OPENFLOW_VERSION, failMode="secure")
+        # batch=False: `mn --topo` asks for batched start-up, which would queue our
+        # set-controller behind Mininet's own commands
+        params.update(datapath="user", protocols=OPENFLOW_VERSION, failMode="secure",
+                      batch=False)
         super().__init__(name, **params)
         self.device_id = device_id if device_id is not None else int(self.dpid, 16)
         self.controller_target = controller_target

@@ -146,3 +146,20 @@ def test_an_ovs_fabric_file_is_accepted_by_the_controller():
     switch = model.fabric.switches[name]
     assert switch.driver == "openflow" and switch.datapath_id == 1
     assert sorted(switch.ports) == sorted(plan.switches[name].ports)
+
+
+def test_switch_programmed_for_both_drivers():
+    from tokenfabric.lab.stack import switch_programmed
+
+    applied = {"last_reconcile": {"applied": True}}
+    # OpenFlow (the controller's view of an OVS bridge): connected and flows written
+    assert switch_programmed({"driver": "openflow", "connected": True, "details": applied})
+    assert not switch_programmed({"driver": "openflow", "connected": False,
+                                  "details": applied})
+    assert not switch_programmed({"driver": "openflow", "connected": True,
+                                  "details": {"last_reconcile": {"applied": False}}})
+    assert not switch_programmed({"driver": "openflow", "connected": True, "details": {}})
+    # P4Runtime needs its pipeline on the switch as well
+    assert not switch_programmed({"driver": "p4runtime", "connected": True, "details": applied})
+    assert switch_programmed({"driver": "p4runtime", "connected": True, "details": {
+        **applied, "pipeline_cookie": 7, "installed_cookie": 7}})

@@ -13,6 +13,7 @@ def test_custom_file_loads_by_path_and_builds_both_topologies():
     spec.loader.exec_module(module)
     assert set(module.topos) == {"tfsingle", "tfleafspine"}
     assert module.switches["bmv2"].__name__ == "Bmv2MininetSwitch"
+    assert module.switches["tfovs"].__name__ == "OvsMininetSwitch"
     single = module.topos["tfsingle"](3, 2)
     assert len(single.switches()) == 1 and len(single.hosts()) == 3 + 2 + 1
     leafspine = module.topos["tfleafspine"](2, 4)
