@@ -37,6 +37,12 @@ class LabBusy(RuntimeError):
     """Another lab network is up on this machine."""
 
 
+def check_not_busy() -> None:
+    """LabBusy where another lab network holds the lock now (checked before a run makes
+    its results folder; LabNetwork.start takes the lock for real)."""
+    _take_lock().close()
+
+
 def _take_lock() -> Any:
     handle = open(LOCK_PATH, "a+")  # noqa: SIM115 - held until stop()
     try:

@@ -135,9 +135,10 @@ class LabRunner:
 
     # -- the whole experiment -----------------------------------------------------
     def run(self) -> list[RunOutcome]:
-        from tokenfabric.lab.network import LabNetwork, leftovers
+        from tokenfabric.lab.network import LabNetwork, check_not_busy, leftovers
         from tokenfabric.lab.stack import Stack
 
+        check_not_busy()  # another lab's interfaces must not count as this run's leftovers
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "experiment.json").write_text(json.dumps({
             "experiment": self.exp.name, "title": self.exp.title, "topo": self.topo,

@@ -129,3 +129,24 @@ def test_doctor_without_bmv2_counts_open_vswitch_as_the_lab_dataplane(tmp_path):
         assert bmv2["main_job"]
     main_job_ok = all(f["present"] for f in findings.values() if f["main_job"])
     assert done.returncode == (exitcodes.OK if main_job_ok else exitcodes.MISSING)
+
+
+def test_a_second_lab_is_refused_before_it_builds_anything(tmp_path):
+    """One lab per machine (the node names are fixed): the lock holder's pid is named,
+    and no results folder, interface or process is made."""
+    import fcntl
+
+    import pytest
+
+    if prereqs.missing_pieces(dataplane="ovs"):
+        pytest.skip("lab components missing: the run would stop at the prerequisites")
+    lock = tmp_path / "lab.lock"
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        done = _lab(["run", "--topo", "single", "--experiment", "quick", "--dataplane", "ovs",
+                     "--out", str(tmp_path / "out")], TOKENFABRIC_LAB_LOCK=str(lock))
+    assert done.returncode == exitcodes.FAILED, done.stderr
+    assert "another lab network is up" in done.stderr and "4242" in done.stderr
+    assert not (tmp_path / "out").exists()
