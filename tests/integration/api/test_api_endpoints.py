@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from controller.drivers import P4RUNTIME_FEATURES
 from tests.integration.api.conftest import ADMIN, AGENT, REGISTRATION, VIEWER
 
 REPORT = {"running": 3, "waiting": 1, "kv_cache_usage": 0.42, "healthy": True,
@@ -30,6 +31,7 @@ def test_switches_not_connected_without_southbound(live):
     c = live.client(VIEWER)
     [sw] = c.get("/api/v1/switches").json()
     assert sw == {"name": "s1", "address": "127.0.0.1:9559", "device_id": 1,
+                  "driver": "p4runtime", "features": P4RUNTIME_FEATURES,
                   "connected": False, "status": "not connected", "primary": None,
                   "details": {}}
     assert c.get("/api/v1/switches/s1").json() == sw

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from controller.model import Model
 from controller.policy.compile import compile_model
 from controller.policy.schema import parse_policy
 from tests.integration.openflow.ovs import PrivateOvs
-from tokenfabric.netns import NetSandbox
+from tokenfabric.netns import NetSandbox, leftovers
 from tokenfabric.tools import free_port
 
 PKT = Path(__file__).with_name("pkt.py")
@@ -56,7 +55,8 @@ services:
         idle_timeout_s: 60}}
 """
 
-GENEROUS_METER = "{cir: 5000000, cbs: 500000, pir: 10000000, pbs: 1000000, exceed: transmit, violate: drop}"
+GENEROUS_METER = ("{cir: 5000000, cbs: 500000, pir: 10000000, pbs: 1000000, "
+                  "exceed: transmit, violate: drop}")
 TIGHT_METER = "{cir: 20000, cbs: 3000, pir: 40000, pbs: 6000, exceed: transmit, violate: drop}"
 POLICY_TEMPLATE = """
 contracts:
@@ -92,7 +92,7 @@ class Lab:
     ns: dict[str, str]
     ifname: dict[str, str]  # host -> its interface inside its namespace
     bridge: str
-    port: int  # the controller's OpenFlow port
+    listen: str  # where the controller's OpenFlow listener must listen (HOST:PORT)
     tag: str
     procs: list = field(default_factory=list)
 
@@ -133,32 +133,43 @@ def _setup_host(box: NetSandbox, ns: str, ifname: str, address: str, plen: int,
 
 @pytest.fixture
 def lab(tmp_path):
-    """Private OVS + bridge + namespaces; yields before any controller connects."""
+    """Private OVS (ovs-vswitchd in its own namespace) + bridge + host namespaces; yields
+    before any controller connects. The controller listens on a veth into that namespace."""
     tag = uuid.uuid4().hex[:4]
-    ovs = PrivateOvs(tmp_path / "ovs")
     box = NetSandbox(f"tfo{tag}")
     bridge = f"tfo{tag}br"
-    port = free_port()
+    subnet = 1 + int(tag, 16) % 250  # 100.127.<subnet>.0/30: controller <-> OVS namespace
+    ovs = None
     try:
+        sw_ns = box.netns("sw")
+        ovs = PrivateOvs(tmp_path / "ovs", netns=sw_ns)
+        box.veth(f"tfo{tag}of", f"tfo{tag}ofi", ns_b=sw_ns)
+        box.addr(f"tfo{tag}of", f"100.127.{subnet}.1/30")
+        box.addr(f"tfo{tag}ofi", f"100.127.{subnet}.2/30", ns=sw_ns)
+        listen = f"100.127.{subnet}.1:{free_port()}"
         ovs.start()
-        ovs.add_bridge(bridge, DPID, port)
+        ovs.add_bridge(bridge, DPID, listen)
         ns: dict[str, str] = {}
         ifname: dict[str, str] = {}
         ns["client"] = box.netns("cl")
         ifname["client"] = f"tfo{tag}c1i"
-        box.veth(f"tfo{tag}c1", ifname["client"], ns_b=ns["client"], mac_b=CLIENT_MAC)
+        box.veth(f"tfo{tag}c1", ifname["client"], ns_a=sw_ns, ns_b=ns["client"],
+                 mac_b=CLIENT_MAC)
         ovs.add_port(bridge, f"tfo{tag}c1", 1)
         _setup_host(box, ns["client"], ifname["client"], CLIENT_IP, 24, "10.0.1.254")
         for host, (ofport, address, mac) in HOSTS.items():
             ns[host] = box.netns(host)
             ifname[host] = f"tfo{tag}p{ofport}i"
-            box.veth(f"tfo{tag}p{ofport}", ifname[host], ns_b=ns[host], mac_b=mac)
+            box.veth(f"tfo{tag}p{ofport}", ifname[host], ns_a=sw_ns, ns_b=ns[host], mac_b=mac)
             ovs.add_port(bridge, f"tfo{tag}p{ofport}", ofport)
             _setup_host(box, ns[host], ifname[host], address, 32, "10.0.0.254")
-        yield Lab(ovs, box, ns, ifname, bridge, port, tag)
+        yield Lab(ovs, box, ns, ifname, bridge, listen, tag)
     finally:
+        if ovs is not None:
+            ovs.stop()
         box.cleanup()
-        ovs.stop()
+    assert leftovers(f"tfo{tag}") == [], "namespaces or links left behind"
+    assert not any(ovs._alive(name) for name in ("ovs-vswitchd", "ovsdb-server"))
 
 
 @pytest.fixture
@@ -166,7 +177,7 @@ async def southbound(lab):
     """The controller's OpenFlow listener with switch s1; the bridge connects to it."""
     from controller.openflow.server import OpenFlowSouthbound
 
-    sb = OpenFlowSouthbound(f"127.0.0.1:{lab.port}")
+    sb = OpenFlowSouthbound(lab.listen)
     model = model_of()
     sb.model = model  # the tests change it and re-apply
     sb.add_switch("s1", DPID, device_id=1,
@@ -186,8 +197,3 @@ async def wait_connected(switch, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.1)
     await switch.wait_settled(timeout)
 
-
-def needs_ovs() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    return None

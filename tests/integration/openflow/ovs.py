@@ -3,6 +3,11 @@
 Nothing of the system's OVS is touched: database, sockets, pid and log files
 live in `rundir`; processes are ended by the PIDs their pidfiles name. Bridges
 use the userspace datapath (this kernel has no OVS module).
+
+ovs-vswitchd runs in a network namespace of its own (`netns`): a userspace
+ovs-vswitchd makes the tap device `ovs-netdev`, and a second one in the same
+namespace (the system's, the lab's) would fail every netdev bridge. Its unix
+sockets still work from here; the controller is reached over a veth.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 
 
 class PrivateOvs:
-    def __init__(self, rundir: Path) -> None:
+    def __init__(self, rundir: Path, netns: str | None = None) -> None:
         self.rundir = Path(rundir)
+        self.netns = netns
+        self._started: dict[str, int] = {}  # daemon -> the pid it had when started
         self.db = self.rundir / "conf.db"
         self.sock = self.rundir / "db.sock"
         self.env = {**os.environ, "OVS_RUNDIR": str(self.rundir),
@@ -40,15 +47,18 @@ class PrivateOvs:
                    f"--pidfile={self.rundir / 'ovsdb-server.pid'}", "--detach",
                    f"--log-file={self.rundir / 'ovsdb-server.log'}",
                    f"--unixctl={self.rundir / 'ovsdb-server.ctl'}"])
+        self._started["ovsdb-server"] = self._pid("ovsdb-server") or 0
         self.vsctl("--no-wait", "init")
         self.start_vswitchd()
         return self
 
     def start_vswitchd(self) -> None:
-        self._run(["ovs-vswitchd", f"unix:{self.sock}",
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
+        self._run([*inside, "ovs-vswitchd", f"unix:{self.sock}",
                    f"--pidfile={self.rundir / 'ovs-vswitchd.pid'}", "--detach",
                    f"--log-file={self.rundir / 'ovs-vswitchd.log'}",
                    f"--unixctl={self.rundir / 'ovs-vswitchd.ctl'}"])
+        self._started["ovs-vswitchd"] = self._pid("ovs-vswitchd") or 0
 
     def _pid(self, name: str) -> int | None:
         path = self.rundir / f"{name}.pid"
@@ -56,6 +66,17 @@ class PrivateOvs:
             return int(path.read_text().strip())
         except (OSError, ValueError):
             return None
+
+    def _alive(self, name: str) -> bool:
+        """Whether the daemon this OVS started (by its pidfile) still runs."""
+        pid = self._started.get(name)
+        if not pid:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
     def _kill(self, name: str) -> None:
         pid = self._pid(name)
@@ -96,12 +117,12 @@ class PrivateOvs:
     def ofctl(self, *args: str, check: bool = True) -> str:
         return self._run(["ovs-ofctl", "-O", "OpenFlow13", *args], check=check)
 
-    def add_bridge(self, name: str, datapath_id: int, controller_port: int) -> None:
+    def add_bridge(self, name: str, datapath_id: int, controller: str) -> None:
         """The contract's bridge: netdev datapath, OpenFlow 1.3 only, secure fail mode."""
         self.vsctl("add-br", name, "--", "set", "bridge", name, "datapath_type=netdev",
                    "protocols=OpenFlow13", "fail_mode=secure",
                    f"other-config:datapath-id={datapath_id:016x}", "--",
-                   "set-controller", name, f"tcp:127.0.0.1:{controller_port}", "--",
+                   "set-controller", name, f"tcp:{controller}", "--",
                    "set", "controller", name, "max_backoff=1000")
 
     def add_port(self, bridge: str, ifname: str, ofport: int) -> None:

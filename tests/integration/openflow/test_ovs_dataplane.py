@@ -46,7 +46,7 @@ async def capture(lab: Lab, tmp: Path, hosts: list[str], sends: list[list[str]],
                                 "--src-mac", CLIENT_MAC, "--dst-mac", SWITCH_MAC,
                                 "--src", CLIENT_IP, "--dst", VIP, "--dport", str(VIP_PORT),
                                 *args)
-    for h, proc in procs.items():
+    for proc in procs.values():
         await asyncio.to_thread(proc.wait, seconds + 30)
     return {h: json.loads(outs[h].read_text()) for h in hosts}
 

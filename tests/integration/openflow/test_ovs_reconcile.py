@@ -39,7 +39,7 @@ async def test_controller_restart_writes_nothing(lab, southbound):
     assert first.inserted >= total  # flows + group + meter
     await southbound.stop()
 
-    again = OpenFlowSouthbound(f"127.0.0.1:{lab.port}")
+    again = OpenFlowSouthbound(lab.listen)
     sw2 = again.add_switch("s1", DPID, context=lambda: openflow_context(southbound.model, "s1"))
     await sw2.apply(state_of(southbound.model))  # desired before the switch connects
     await again.start()
