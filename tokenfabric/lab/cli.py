@@ -185,6 +185,10 @@ def up_command(topo: str, name: str, bw_mbps: float, dataplane_choice: str) -> N
                    f"(token in {folder}/config/tokens.yaml); VIP {net.plan.vip}:"
                    f"{net.plan.vip_port}. Try: tflc1 curl -s http://{net.plan.vip}:"
                    f"{net.plan.vip_port}/v1/models")
+        from mininet.log import setLogLevel
+
+        setLogLevel("output")  # the CLI prints commands' output at this level
+        logging.getLogger("mininet").propagate = False  # once, not again through ours
         CLI(net.net)
     finally:
         pids, namespaces = list(net.pids), set(net.namespaces)

@@ -70,3 +70,19 @@ def test_readme_main_command_without_bmv2_runs_quick_on_ovs(tmp_path):
     assert "openflow switch tfls1" in (folder / "logs" / "controller.log").read_text()
     assert leftover_links() == [] and host_shells() == []
     assert ovs.lab_bridges("tfl") == []
+
+
+def test_lab_up_on_ovs_answers_from_the_mininet_cli(tmp_path):
+    """`lab up --dataplane ovs`: the whole fabric up behind Mininet's CLI; a client reaches
+    the service VIP through the bridge, the CLI prints it, and exit tears it all down."""
+    commands = ("tflc1 curl -sS -m 10 -w ' code=%{http_code}' http://10.0.100.1:8000/v1/models\n"
+                "exit\n")
+    done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "lab", "up", "--topo",
+                           "single", "--dataplane", "ovs"], input=commands,
+                          capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert '"id": "tiny-llama"' in out and "code=200" in out
+    assert "fabric up" in out and "left behind" not in out
+    assert leftover_links() == [] and host_shells() == []
+    assert ovs.lab_bridges("tfl") == []
