@@ -15,10 +15,13 @@ Links take a bandwidth only: this kernel has no netem, so no delay/jitter/loss.
 This folder is loaded by path, never imported as `mininet` (it would shadow Mininet).
 """
 
+import inspect
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# `mn --custom` execs this file without __file__; the code object still has its path.
+_HERE = Path(globals().get("__file__") or inspect.currentframe().f_code.co_filename)
+sys.path.insert(0, str(_HERE.resolve().parents[1]))
 
 from mininet.topo import Topo  # noqa: E402
 
