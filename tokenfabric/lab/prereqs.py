@@ -61,15 +61,6 @@ def choose_dataplane(choice: str) -> tuple[str, str | None]:
                    "see docs/lab.md.")
 
 
-def topo_refusal(topo: str, dataplane: str) -> str | None:
-    """Why a topology cannot run on a dataplane, or None."""
-    if topo == "leafspine" and dataplane == "ovs":
-        return ("--topo leafspine needs IP-in-IP from the edge leaf to the backends' leaves, "
-                "which only the BMv2 dataplane (token_router.p4) does; on Open vSwitch run "
-                "--topo single, or install simple_switch_grpc (README) for leafspine.")
-    return None
-
-
 def _ovs_missing() -> list[Missing]:
     absent = [t for t in OVS_TOOLS if not find_tool(t)]
     missing = []

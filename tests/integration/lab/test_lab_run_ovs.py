@@ -86,3 +86,24 @@ def test_lab_up_on_ovs_answers_from_the_mininet_cli(tmp_path):
     assert "fabric up" in out and "left behind" not in out
     assert leftover_links() == [] and host_shells() == []
     assert ovs.lab_bridges("tfl") == []
+
+
+def test_quick_on_leafspine_over_ovs(tmp_path):
+    """Five bridges, backends behind other leaves than the clients': without IP-in-IP the
+    controller's flows carry each connection across a spine to its backend."""
+    done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "lab", "run", "--topo",
+                           "leafspine", "--experiment", "quick", "--dataplane", "ovs",
+                           "--duration", "6", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [folder] = list(tmp_path.iterdir())
+    assert "5 Open vSwitch switches" in done.stderr
+    run = folder / "runs" / "p2c-0.5"
+    records = [json.loads(line) for line in (run / "requests.jsonl").read_text().splitlines()]
+    ok = [r for r in records if r["ok"]]
+    assert len(records) >= 10 and len(ok) >= 0.9 * len(records)
+    served = json.loads((run / "served.json").read_text())
+    assert set(served) == {"tflb1", "tflb2"} and all(v > 0 for v in served.values())
+    assert sum(served.values()) == len(ok)
+    assert "teardown: clean" in (folder / "summary.md").read_text()
+    assert leftover_links() == [] and host_shells() == [] and ovs.lab_bridges("tfl") == []

@@ -89,18 +89,6 @@ def test_auto_without_bmv2_takes_ovs_and_says_so(tmp_path):
     assert not list(tmp_path.glob("quick-*"))
 
 
-def test_leafspine_on_ovs_is_refused_with_the_reason(tmp_path):
-    done = _lab(["run", "--topo", "leafspine", "--dataplane", "ovs", "--out", str(tmp_path)])
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    assert "needs IP-in-IP" in done.stderr and "--topo single" in " ".join(done.stderr.split())
-    # auto on a machine without BMv2 lands on the same refusal, with the reason for OVS
-    done = _lab(["up", "--topo", "leafspine", "--dataplane", "auto"],
-                TOKENFABRIC_P4_PREFIX=str(tmp_path / "nop4"), PATH="/usr/sbin:/usr/bin:/sbin:/bin")
-    assert done.returncode == 2
-    assert "using Open vSwitch" in done.stderr and "needs IP-in-IP" in done.stderr
-
-
 def test_choose_dataplane():
     assert prereqs.choose_dataplane("bmv2") == ("bmv2", None)
     assert prereqs.choose_dataplane("ovs") == ("ovs", None)
