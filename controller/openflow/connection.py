@@ -158,6 +158,9 @@ class Connection:
         except (asyncio.IncompleteReadError, ConnectionError, OSError, OpenFlowError) as exc:
             log.info("openflow %s (dpid %s): session ended: %s", self.peer,
                      self.datapath_id, exc or type(exc).__name__)
+        except Exception as exc:  # a message os-ken cannot parse: end the session, say why
+            log.error("openflow %s (dpid %s): session ended on %s: %s", self.peer,
+                      self.datapath_id, type(exc).__name__, exc)
         finally:
             self._fail_all("session ended")
             self.writer.close()
