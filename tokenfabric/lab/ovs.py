@@ -249,12 +249,20 @@ def _start_daemons(daemons: OvsDaemons) -> None:
         log.info("started ovs-vswitchd (pid %d)", pid)
 
 
+def _netns(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
 def other_userspace_vswitchd() -> list[str]:
-    """Command lines of ovs-vswitchd processes that are not the one of RUNDIR (any of them
-    may hold the `ovs-netdev` tap of this namespace)."""
-    ours = vswitchd_pid()
+    """Command lines of ovs-vswitchd processes in this network namespace that are not the
+    one of RUNDIR (any of them may hold this namespace's `ovs-netdev` tap; one in another
+    namespace, such as a test's private OVS there, does not)."""
+    ours, here = vswitchd_pid(), _netns("self")
     return [f"pid {pid}: " + " ".join(a.decode() for a in argv if a)
-            for pid, argv in _processes("ovs-vswitchd") if pid != ours]
+            for pid, argv in _processes("ovs-vswitchd") if pid != ours and _netns(pid) == here]
 
 
 def bridge_ports(bridge: str) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """The lab's Mininet network on Open vSwitch (userspace datapath): bridges as planned,
 TCP through flows written with ovs-ofctl, and nothing left after stop."""
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -125,3 +126,26 @@ def test_daemons_started_by_the_lab_are_stopped_by_it(tmp_path):
     assert not ovs.db_running() and ovs.vswitchd_pid() is None
     assert "ovs-netdev" not in subprocess.run(["ip", "-o", "link"], capture_output=True,
                                               text=True, check=False).stdout
+
+
+def test_only_a_vswitchd_in_this_namespace_counts_as_in_the_way(tmp_path):
+    """A private OVS in a namespace of its own (as the OpenFlow tests run theirs) holds no
+    `ovs-netdev` here: the lab must not wait for it."""
+    import os
+    import signal
+
+    d = tmp_path
+    subprocess.run(["ovsdb-tool", "create", f"{d}/c.db", str(ovs.SCHEMA)], check=True)
+    subprocess.run(["unshare", "--net", "sh", "-c",
+                    f"ovsdb-server {d}/c.db --remote=punix:{d}/db.sock --unixctl={d}/s.ctl "
+                    f"--pidfile={d}/s.pid --detach && ovs-vswitchd unix:{d}/db.sock "
+                    f"--unixctl={d}/v.ctl --pidfile={d}/v.pid --detach"], check=True,
+                   timeout=30)
+    try:
+        pid = int((d / "v.pid").read_text())
+        assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        assert not any(o.startswith(f"pid {pid}:") for o in ovs.other_userspace_vswitchd())
+    finally:
+        for name in ("v.pid", "s.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int((d / name).read_text()), signal.SIGTERM)
