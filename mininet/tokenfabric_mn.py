@@ -1,23 +1,31 @@
-"""tokenfabric's BMv2 switch and lab topologies for plain Mininet (`mn --custom`).
+"""tokenfabric's BMv2 and OVS switches and lab topologies for plain Mininet (`mn --custom`).
 
     sudo mn --custom mininet/tokenfabric_mn.py --switch bmv2 --controller none \
         --topo tfsingle,2,2        # tenants, backends
+    sudo mn --custom mininet/tokenfabric_mn.py --switch tfovs --controller none \
+        --topo tfsingle,2,2        # OVS, userspace datapath, controller 127.0.0.1:6653
     sudo mn --custom mininet/tokenfabric_mn.py --switch bmv2 --controller none \
         --topo tfleafspine,2,4 --link tc,bw=100
 
-The switches start empty (`--no-p4`): push the pipeline with the controller.
+The switches start empty (BMv2 `--no-p4`; OVS fail-secure without flows): the
+controller programs them (OVS: start OVS first, `tokenfabric lab up --dataplane ovs`
+does it all).
 Links take a bandwidth only: this kernel has no netem, so no delay/jitter/loss.
 `tokenfabric lab up` builds the same fabric with everything running.
 This folder is loaded by path, never imported as `mininet` (it would shadow Mininet).
 """
 
+import inspect
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# `mn --custom` execs this file without __file__; the code object still has its path.
+_HERE = Path(globals().get("__file__") or inspect.currentframe().f_code.co_filename)
+sys.path.insert(0, str(_HERE.resolve().parents[1]))
 
 from mininet.topo import Topo  # noqa: E402
 
+from tokenfabric.lab.ovs import OvsMininetSwitch  # noqa: E402
 from tokenfabric.lab.plan import LabPlan, TenantPlan, build_plan  # noqa: E402
 from tokenfabric.lab.switch import Bmv2MininetSwitch  # noqa: E402
 
@@ -46,5 +54,5 @@ def leafspine(tenants: int = 2, backends: int = 4) -> PlanTopo:
     return PlanTopo(plan=build_plan("leafspine", _tenants(tenants), [1.0] * int(backends)))
 
 
-switches = {"bmv2": Bmv2MininetSwitch}
+switches = {"bmv2": Bmv2MininetSwitch, "tfovs": OvsMininetSwitch}
 topos = {"tfsingle": single, "tfleafspine": leafspine}

@@ -88,7 +88,8 @@ def check_ovs() -> Finding:
         found.name = "openvswitch"
         running = _run([found.detail, "--timeout=2", "show"], timeout=5)
         if "ovs_version" not in running and "Bridge" not in running:
-            found.detail += " (ovsdb-server not running: `service openvswitch-switch start`)"
+            found.detail += (" (not running: `tokenfabric lab run --dataplane ovs` starts "
+                             "it; or `service openvswitch-switch start`)")
     else:
         found.name = "openvswitch"
     return found
@@ -138,7 +139,16 @@ CHECKS: list[Callable[[], Finding]] = [check_bmv2, check_p4c, check_mininet, che
 
 
 def run_checks(vllm_url: str) -> list[Finding]:
-    return [check() for check in CHECKS] + [check_vllm(vllm_url)]
+    findings = [check() for check in CHECKS] + [check_vllm(vllm_url)]
+    by_name = {f.name: f for f in findings}
+    bmv2, ovs = by_name["simple_switch_grpc"], by_name["openvswitch"]
+    ovs_tools = all(find_tool(t) for t in ("ovs-vsctl", "ovs-vswitchd", "ovsdb-server"))
+    if not bmv2.present and ovs_tools:
+        # `lab run --dataplane auto` takes Open vSwitch then (docs/lab.md)
+        bmv2.main_job = False
+        bmv2.detail += "; the lab runs on Open vSwitch instead (--dataplane auto)"
+        ovs.main_job = True
+    return findings
 
 
 @click.command("doctor")

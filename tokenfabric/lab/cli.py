@@ -1,4 +1,4 @@
-"""`tokenfabric lab`: run experiments on a Mininet fabric of BMv2 switches.
+"""`tokenfabric lab`: run experiments on a Mininet fabric of BMv2 or Open vSwitch switches.
 
 Link delay: this kernel has no netem, so links have bandwidth (HTB, --bw) but
 no delay, jitter or loss; see docs/lab.md.
@@ -43,14 +43,25 @@ def select_runs(runs: list, loads: str | None, modes: str | None) -> list:
     return [Run(m, x, events) for m in chosen_modes for x in chosen_loads]
 
 
-def _require(need_mininet: bool = True, what: str = "the lab") -> None:
-    missing = prereqs.missing_pieces(need_mininet)
+def _require(need_mininet: bool = True, what: str = "the lab",
+             dataplane: str = "bmv2") -> None:
+    missing = prereqs.missing_pieces(need_mininet, dataplane)
     if missing:
         click.echo(prereqs.message(missing, what), err=True)
         raise SystemExit(exitcodes.MISSING)
 
 
-@click.group("lab", help=f"Run Mininet lab experiments (BMv2 switches, emulated vLLM).\n\n"
+def _dataplane(choice: str) -> str:
+    """--dataplane resolved (auto: BMv2 where simple_switch_grpc exists, else OVS), said
+    aloud when auto picked OVS."""
+    dataplane, note = prereqs.choose_dataplane(choice)
+    if note:
+        click.echo(f"tokenfabric lab: {note}", err=True)
+    return dataplane
+
+
+@click.group("lab", help=f"Run Mininet lab experiments (BMv2 or Open vSwitch switches, "
+                         f"emulated vLLM).\n\n"
                          f"{NO_DELAY}")
 def lab_group() -> None:
     pass
@@ -58,7 +69,13 @@ def lab_group() -> None:
 
 _topo = click.option("--topo", type=click.Choice(["single", "leafspine"]), default="single",
                      show_default=True, help="single: one switch; leafspine: 2 spines, 3 "
-                     "leaves, backends behind other leaves than the clients' (IP-in-IP).")
+                     "leaves, backends behind other leaves than the clients' (IP-in-IP on "
+                     "BMv2; on OVS frames cross the fabric by the backend's MAC).")
+_dataplane_option = click.option(
+    "--dataplane", "dataplane_choice", type=click.Choice(prereqs.DATAPLANES), default="auto",
+    show_default=True, help="bmv2: BMv2 running token_router.p4 (P4Runtime); ovs: Open "
+    "vSwitch, userspace datapath (OpenFlow 1.3; the controller selects backends from the "
+    "agents' reports); auto: bmv2 where simple_switch_grpc exists, else ovs.")
 _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=100.0,
                    show_default=True, help=f"Link bandwidth in Mbit/s. {NO_DELAY}")
 
@@ -77,9 +94,11 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
 @click.option("--out", "out_root", type=click.Path(file_okay=False), default="results",
               show_default=True, help="Folder the results folder is made in.")
 @_bw
-@click.option("--pcap", is_flag=True, help="Write a pcap per switch port.")
+@click.option("--pcap", is_flag=True, help="Write a pcap per switch port (BMv2).")
+@_dataplane_option
 def run_command(topo: str, name: str, duration: float | None, loads: str | None,
-                modes: str | None, out_root: str, bw_mbps: float, pcap: bool) -> None:
+                modes: str | None, out_root: str, bw_mbps: float, pcap: bool,
+                dataplane_choice: str) -> None:
     """Build the fabric, start controller, emulators and agents, run the load, write a
     results folder (JSON lines, PNG plots, summary.md) and tear everything down."""
     exp = experiment(name, duration)
@@ -87,7 +106,8 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
         exp.runs = select_runs(exp.runs, loads, modes)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    _require(what=f"experiment {name}")
+    dataplane = _dataplane(dataplane_choice)
+    _require(what=f"experiment {name} on {dataplane}", dataplane=dataplane)
     if exp.needs_vllm:
         from tokenfabric.doctor import VLLM_VENV
         from tokenfabric.lab.stack import TINY_MODEL_ENV, TINY_MODEL_MAKER, tiny_model_dir
@@ -105,18 +125,23 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
             raise SystemExit(exitcodes.MISSING)
     from rich.console import Console
 
+    from tokenfabric.lab.network import LabBusy
     from tokenfabric.lab.runner import Blocked, LabRunner
     from tokenfabric.lab.stack import StackError
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API poll otherwise
     console = Console(stderr=True)
-    runner = LabRunner(exp, topo, Path(out_root), bw_mbps, pcap, console)
+    runner = LabRunner(exp, topo, Path(out_root), bw_mbps, pcap, console,
+                       dataplane=dataplane)
     try:
         outcomes = runner.run()
     except KeyboardInterrupt:
         console.print(f"interrupted; torn down. Partial results in {runner.folder}")
         raise SystemExit(130) from None
-    except (Blocked, StackError) as exc:
+    except LabBusy as exc:
+        console.print(f"[red]lab run refused:[/] {exc}")
+        raise SystemExit(exitcodes.FAILED) from None
+    except (Blocked, StackError, _ovs_error()) as exc:
         console.print(f"[red]lab run failed:[/] {exc}\nresults and logs: {runner.folder}")
         raise SystemExit(exitcodes.FAILED) from None
     Console(width=max(Console().width, 130)).print(runner.table(outcomes))
@@ -130,10 +155,12 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
 @click.option("--experiment", "name", type=click.Choice(EXPERIMENTS), default="quick",
               show_default=True, help="Whose backends, tenants and policy to set up.")
 @_bw
-def up_command(topo: str, name: str, bw_mbps: float) -> None:
+@_dataplane_option
+def up_command(topo: str, name: str, bw_mbps: float, dataplane_choice: str) -> None:
     """Build the fabric and start everything, then hand over to the Mininet CLI; everything
     is torn down when the CLI exits."""
-    _require(what="lab up")
+    dataplane = _dataplane(dataplane_choice)
+    _require(what="lab up", dataplane=dataplane)
     from mininet.cli import CLI
 
     from tokenfabric.lab.network import LabNetwork, leftovers
@@ -141,13 +168,13 @@ def up_command(topo: str, name: str, bw_mbps: float) -> None:
     from tokenfabric.lab.stack import Stack
 
     exp = experiment(name)
-    folder = Path("results") / f"up-{topo}"
-    net = LabNetwork(lab_plan(exp, topo), folder, bw_mbps)
+    folder = Path("results") / f"up-{topo}-{dataplane}"
+    net = LabNetwork(lab_plan(exp, topo), folder, bw_mbps, dataplane=dataplane)
     stack = None
     try:
         net.start()
         stack = Stack(net, exp, folder)
-        stack.write_files("p2c")
+        stack.write_files("p2c")  # on OVS: weights the controller derives from reports
         stack.start_controller()
         stack.start_backends()
         stack.wait_ready(90)
@@ -155,6 +182,10 @@ def up_command(topo: str, name: str, bw_mbps: float) -> None:
                    f"(token in {folder}/config/tokens.yaml); VIP {net.plan.vip}:"
                    f"{net.plan.vip_port}. Try: tflc1 curl -s http://{net.plan.vip}:"
                    f"{net.plan.vip_port}/v1/models")
+        from mininet.log import setLogLevel
+
+        setLogLevel("output")  # the CLI prints commands' output at this level
+        logging.getLogger("mininet").propagate = False  # once, not again through ours
         CLI(net.net)
     finally:
         pids, namespaces = list(net.pids), set(net.namespaces)
@@ -181,6 +212,23 @@ def report_command(jsonl: str, out_dir: str | None, group_by: str) -> None:
     click.echo(text)
 
 
+@lab_group.command("compare")
+@click.argument("folders", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write comparison.md and comparison.png here.")
+def compare_command(folders: tuple[str, ...], out_dir: str | None) -> None:
+    """Put `lab run` results folders of one experiment side by side (e.g. the same
+    experiment on --dataplane bmv2 and ovs): a table per mode and load, a sweep plot."""
+    from tokenfabric.lab.compare import CompareError, compare
+
+    try:
+        text = compare([Path(f) for f in folders], Path(out_dir) if out_dir else None)
+    except CompareError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(text)
+
+
 @lab_group.command("summarize")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 def summarize_command(folder: str) -> None:
@@ -191,6 +239,12 @@ def summarize_command(folder: str) -> None:
 
     runner, outcomes = LabRunner.resummarize(Path(folder))
     Console(width=max(Console().width, 130)).print(runner.table(outcomes))
+
+
+def _ovs_error() -> type[Exception]:
+    from tokenfabric.lab.ovs import OvsError
+
+    return OvsError
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ is no link delay, jitter or loss (docs/lab.md). Every process started through
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -26,6 +27,38 @@ from tokenfabric.lab import log
 from tokenfabric.lab.plan import GATEWAY_IP, NAME_PREFIX, LabHost, LabPlan
 from tokenfabric.lab.switch import Bmv2MininetSwitch
 
+DATAPLANES = ("bmv2", "ovs")
+# Every lab network uses the same node and interface names (tfl*): a second one would
+# delete the first one's veths. One at a time per machine, held for the network's life.
+LOCK_PATH = Path(os.environ.get("TOKENFABRIC_LAB_LOCK", "/run/tokenfabric-lab.lock"))
+
+
+class LabBusy(RuntimeError):
+    """Another lab network is up on this machine."""
+
+
+def check_not_busy() -> None:
+    """LabBusy where another lab network holds the lock now (checked before a run makes
+    its results folder; LabNetwork.start takes the lock for real)."""
+    _take_lock().close()
+
+
+def _take_lock() -> Any:
+    handle = open(LOCK_PATH, "a+")  # noqa: SIM115 - held until stop()
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise LabBusy(f"another lab network is up on this machine (pid {holder}, lock "
+                      f"{LOCK_PATH}); its node names would collide with this one's") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
 MGMT_NODE = f"{NAME_PREFIX}mgmt"
 
 
@@ -34,11 +67,17 @@ def _quiet(host: Host, command: str) -> str:
 
 
 class LabNetwork:
-    """The Mininet network of one plan: BMv2 switches, hosts, a management network."""
+    """The Mininet network of one plan: BMv2 or Open vSwitch switches, hosts, a management
+    network."""
 
     def __init__(self, plan: LabPlan, run_dir: Path, bw_mbps: float | None = 100.0,
-                 pcap: bool = False, switch_log_level: str = "warn") -> None:
+                 pcap: bool = False, switch_log_level: str = "warn",
+                 dataplane: str = "bmv2") -> None:
+        if dataplane not in DATAPLANES:
+            raise ValueError(f"unknown dataplane {dataplane!r}: one of {', '.join(DATAPLANES)}")
         self.plan = plan
+        self.dataplane = dataplane
+        self.ovs = None  # the OVS daemons (tokenfabric.lab.ovs.OvsDaemons) of an OVS run
         self.run_dir = Path(run_dir)
         self.bw_mbps = bw_mbps
         self.pcap = pcap
@@ -47,14 +86,22 @@ class LabNetwork:
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.pids: list[int] = []  # every PID we made (host shells, switches, processes)
         self.namespaces: set[str] = set()  # net namespace ids ("net:[...]") of our hosts
+        self._lock: Any = None
 
     # -- building -------------------------------------------------------------
     def start(self) -> LabNetwork:
+        self._lock = _take_lock()
         setLogLevel("warning")
         net = Mininet(topo=None, controller=None, build=False, autoSetMacs=False,
                       autoStaticArp=False)
         self.net = net
         try:
+            if self.dataplane == "ovs":
+                from tokenfabric.lab.ovs import ensure_ovs
+
+                for sw in self.plan.switches.values():
+                    sw.driver = "openflow"
+                self.ovs = ensure_ovs()
             # tc warns that HTB's quantum is big at 100 Mbit/s (harmless; r2q default);
             # Mininet would print that as an error once per link.
             setLogLevel("critical")
@@ -63,13 +110,23 @@ class LabNetwork:
                 net.build()
             finally:
                 setLogLevel("warning")
-            for sw in self.plan.switches.values():
-                node = net.get(sw.name)
-                sw.grpc_port, sw.thrift_port = node.grpc_port, node.thrift_port
-            net.start()
+            if self.dataplane == "bmv2":
+                for sw in self.plan.switches.values():
+                    node = net.get(sw.name)
+                    sw.grpc_port, sw.thrift_port = node.grpc_port, node.thrift_port
+            setLogLevel("critical")  # OVS re-applies the links' HTB (the same warning)
+            try:
+                net.start()
+            finally:
+                setLogLevel("warning")
             self.pids += [n.pid for n in net.hosts + net.switches if n.pid]
-            self.pids += [s.switch_pid for s in net.switches if s.switch_pid]
+            self.pids += [s.switch_pid for s in net.switches
+                          if getattr(s, "switch_pid", None)]
             self.namespaces = {netns_of(h.pid) for h in net.hosts if h.inNamespace} - {None}
+            if self.dataplane == "ovs":
+                from tokenfabric.lab.ovs import check_bridges
+
+                check_bridges({sw.name: sw.ports for sw in self.plan.switches.values()})
             for host in self.plan.hosts.values():
                 self._configure_host(host)
         except BaseException:
@@ -79,6 +136,13 @@ class LabNetwork:
 
     def _add_nodes(self, net: Mininet) -> None:
         for sw in self.plan.switches.values():
+            if self.dataplane == "ovs":
+                from tokenfabric.lab.ovs import OvsMininetSwitch
+
+                # datapath id == device_id: the fabric file names the switch by both
+                net.addSwitch(sw.name, cls=OvsMininetSwitch, dpid=f"{sw.device_id:x}",
+                              device_id=sw.device_id)
+                continue
             net.addSwitch(sw.name, cls=Bmv2MininetSwitch, dpid=f"{sw.device_id:x}",
                           device_id=sw.device_id, log_dir=self.run_dir / "switches",
                           pcap=self.pcap, log_level=self.switch_log_level)
@@ -161,15 +225,36 @@ class LabNetwork:
                 if isinstance(sw, Bmv2MininetSwitch) and sw.running():
                     sw.bmv2.stop(kill=True)
             self._remove_links()
+        self._remove_bridges()
+        if self.ovs is not None:
+            ovs, self.ovs = self.ovs, None
+            ovs.stop()
         # Anything still inside our hosts' namespaces (a child a process left behind) is
         # ours too; only now, once Mininet no longer talks to the host shells.
         for pid in in_namespaces(self.namespaces):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not in_namespaces(self.namespaces), timeout=3, interval=0.05)
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.close()  # releases the flock
 
     def _remove_links(self) -> None:
         for name in leftover_links():
+            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+    def _remove_bridges(self) -> None:
+        """OVS bridges of the lab that Mininet's stop missed (it ran, or it failed half way)."""
+        if self.dataplane != "ovs":
+            return
+        from tokenfabric.lab.ovs import OvsError, lab_bridges, vsctl
+
+        for bridge in lab_bridges(NAME_PREFIX):
+            try:
+                vsctl("--if-exists", "del-br", bridge)
+            except OvsError as exc:
+                log.warning("%s", exc)
+        for name in leftover_links():  # the bridge's own tap device of the netdev datapath
             subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
 
     def __enter__(self) -> LabNetwork:
@@ -233,9 +318,12 @@ def in_namespaces(namespaces: set[str]) -> list[int]:
 
 
 def leftovers(pids: Sequence[int], namespaces: set[str] | None = None) -> list[str]:
-    """Everything a finished lab run left behind: links, host shells, living processes,
-    and any process still inside one of the run's host namespaces."""
+    """Everything a finished lab run left behind: links, OVS bridges, host shells, living
+    processes, and any process still inside one of the run's host namespaces."""
+    from tokenfabric.lab.ovs import lab_bridges
+
     left = [f"link {n}" for n in leftover_links()]
+    left += [f"OVS bridge {b}" for b in lab_bridges(NAME_PREFIX)]
     shells = host_shells()
     left += [f"host shell pid {p}" for p in shells]
     others = set(alive(pids)) | set(in_namespaces(namespaces or set()))

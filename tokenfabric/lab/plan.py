@@ -57,6 +57,8 @@ class LabSwitch:
     ports: dict[int, str] = field(default_factory=dict)  # port -> interface name
     grpc_port: int = 0  # filled when the switch starts
     thrift_port: int = 0
+    # p4runtime (BMv2) or openflow (Open vSwitch; its datapath id is the device_id)
+    driver: str = "p4runtime"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class LabPlan:
             entry: dict[str, Any] = {
                 "address": f"127.0.0.1:{sw.grpc_port}", "device_id": sw.device_id,
                 "ports": dict(sorted(sw.ports.items())), "mac": sw.mac}
+            if sw.driver == "openflow":
+                # The switch connects to the controller: no address (docs/fabric.md).
+                entry = {"driver": "openflow", "datapath_id": sw.device_id,
+                         "device_id": sw.device_id, "ports": entry["ports"], "mac": sw.mac}
             if sw.fabric_ip:
                 entry["fabric_ip"] = sw.fabric_ip
             switches[sw.name] = entry

@@ -8,10 +8,17 @@ checked here, because a checkout can lack a branch that is not merged yet.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenfabric.doctor import check_bmv2, check_mininet, check_root_netns
+from tokenfabric.tools import find_tool
+
+DATAPLANES = ("auto", "bmv2", "ovs")
+DATAPLANE_TITLE = {"bmv2": "BMv2 (simple_switch_grpc, token_router.p4)",
+                   "ovs": "Open vSwitch (userspace datapath, OpenFlow 1.3)"}
+OVS_TOOLS = ("ovs-vsctl", "ovs-vswitchd", "ovsdb-server", "ovsdb-tool", "ovs-ofctl")
 
 
 @dataclass
@@ -40,13 +47,51 @@ def p4_program() -> Path | None:
         TOKEN_ROUTER_P4INFO.is_file() else None
 
 
-def missing_pieces(need_mininet: bool = True) -> list[Missing]:
-    """Everything absent that a lab run needs, each with how to get it."""
+def choose_dataplane(choice: str) -> tuple[str, str | None]:
+    """`--dataplane` resolved: (bmv2 | ovs, a note saying why where auto chose OVS)."""
+    if choice not in DATAPLANES:
+        raise ValueError(f"unknown dataplane {choice!r}: one of {', '.join(DATAPLANES)}")
+    if choice != "auto":
+        return choice, None
+    if check_bmv2().present:
+        return "bmv2", None
+    return "ovs", ("simple_switch_grpc (BMv2) not found: using Open vSwitch with the "
+                   "userspace datapath. The controller then does from the agents' reports "
+                   "what token_router.p4 does in the switch (p2c, beacons, token buckets); "
+                   "see docs/lab.md.")
+
+
+def _ovs_missing() -> list[Missing]:
+    absent = [t for t in OVS_TOOLS if not find_tool(t)]
+    missing = []
+    if absent:
+        missing.append(Missing(f"Open vSwitch ({', '.join(absent)})",
+                               "Debian/Ubuntu: apt-get install openvswitch-switch (the lab "
+                               "starts its daemons where they are not running)"))
+    if importlib.util.find_spec("os_ken") is None:
+        missing.append(Missing("os-ken (the controller's OpenFlow library)",
+                               "pip install -e '.[all]' (or tokenfabric[controller])"))
+    try:
+        driver = importlib.util.find_spec("controller.openflow")
+    except ImportError:
+        driver = None
+    if driver is None:
+        missing.append(Missing("the controller's OpenFlow driver (controller/openflow)",
+                               "a checkout that has controller/openflow (the ofdriver branch)"))
+    return missing
+
+
+def missing_pieces(need_mininet: bool = True, dataplane: str = "bmv2") -> list[Missing]:
+    """Everything absent that a lab run on `dataplane` (bmv2 | ovs) needs, each with how
+    to get it."""
     missing: list[Missing] = []
-    for finding in [check_root_netns(), check_bmv2(), *([check_mininet()] if need_mininet
-                                                           else [])]:
+    checks = [check_root_netns(), *([check_bmv2()] if dataplane == "bmv2" else []),
+              *([check_mininet()] if need_mininet else [])]
+    for finding in checks:
         if not finding.present:
             missing.append(Missing(finding.name, finding.detail))
+    if dataplane == "ovs":
+        missing += _ovs_missing()
     if not _command_exists("controller.cli", "controller_group", "run"):
         missing.append(Missing("controller (`tokenfabric controller run`)",
                                "install tokenfabric[controller] from a checkout that has "
@@ -58,7 +103,7 @@ def missing_pieces(need_mininet: bool = True) -> list[Missing]:
     if not _command_exists("hostagent.cli", "emulator_command"):
         missing.append(Missing("vLLM emulator (`tokenfabric vllm-emulator`)",
                                "install tokenfabric[agent] (issue 5)"))
-    if p4_program() is None:
+    if dataplane == "bmv2" and p4_program() is None:
         missing.append(Missing("compiled P4 program (p4src/build/token_router.json + "
                                ".p4info.txtpb)", "a checkout with p4src/build (issue 3), or "
                                "run p4src/build.sh with p4c-bm2-ss"))

@@ -115,15 +115,16 @@ def _count_lines(path: Path) -> int:
 class LabRunner:
     def __init__(self, exp: Experiment, topo: str, out_root: Path, bw_mbps: float | None,
                  pcap: bool = False, console: Console | None = None,
-                 ready_timeout: float = 90.0) -> None:
+                 ready_timeout: float = 90.0, dataplane: str = "bmv2") -> None:
         self.exp = exp
         self.topo = topo
+        self.dataplane = dataplane
         self.bw = bw_mbps
         self.pcap = pcap
         self.console = console or Console(stderr=True)
         self.ready_timeout = ready_timeout
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.folder = Path(out_root) / f"{exp.name}-{topo}-{stamp}"
+        self.folder = Path(out_root) / f"{exp.name}-{topo}-{dataplane}-{stamp}"
         self.plan = lab_plan(exp, topo)
         self.net = None
         self._router_ready = False
@@ -134,12 +135,14 @@ class LabRunner:
 
     # -- the whole experiment -----------------------------------------------------
     def run(self) -> list[RunOutcome]:
-        from tokenfabric.lab.network import LabNetwork, leftovers
+        from tokenfabric.lab.network import LabNetwork, check_not_busy, leftovers
         from tokenfabric.lab.stack import Stack
 
+        check_not_busy()  # another lab's interfaces must not count as this run's leftovers
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "experiment.json").write_text(json.dumps({
             "experiment": self.exp.name, "title": self.exp.title, "topo": self.topo,
+            "dataplane": self.dataplane,
             "speeds": self.exp.speeds, "capacity_rps": self.exp.capacity(),
             "duration": self.exp.duration, "bw_mbps": self.bw,
             "tenants": [asdict(t) for t in self.exp.tenants],
@@ -147,9 +150,11 @@ class LabRunner:
         outcomes: list[RunOutcome] = []
         with _sigterm_as_interrupt():
             try:
+                kind = "BMv2" if self.dataplane == "bmv2" else "Open vSwitch"
                 self.console.print(f"[bold]{self.exp.title}[/] on {self.topo}: building the "
-                                   f"fabric ({len(self.plan.switches)} BMv2 switches)")
-                self.net = LabNetwork(self.plan, self.folder, self.bw, self.pcap).start()
+                                   f"fabric ({len(self.plan.switches)} {kind} switches)")
+                self.net = LabNetwork(self.plan, self.folder, self.bw, self.pcap,
+                                      dataplane=self.dataplane).start()
                 self.stack = Stack(self.net, self.exp, self.folder)
                 first = SWITCH_MODE.get(self.exp.runs[0].mode, "hash")
                 self.stack.write_files(first)
@@ -325,7 +330,10 @@ class LabRunner:
     # -- results --------------------------------------------------------------------
     def _write_summary(self, outcomes: list[RunOutcome]) -> None:
         summaries = [s for o in outcomes for s in o.summaries]
-        text = [f"# {self.exp.title}\n", f"topology `{self.topo}`, backends speeds "
+        from tokenfabric.lab.prereqs import DATAPLANE_TITLE
+
+        text = [f"# {self.exp.title}\n", f"dataplane {DATAPLANE_TITLE[self.dataplane]}, "
+                f"topology `{self.topo}`, backends speeds "
                 f"{self.exp.speeds}, capacity {self.exp.capacity():.1f} req/s, "
                 f"{self.exp.duration:g} s per run, links {self.bw or 'unlimited'} Mbit/s "
                 "(HTB; no netem, so no link delay)\n"]
@@ -367,7 +375,8 @@ class LabRunner:
         exp = experiment(meta["experiment"], meta["duration"])
         exp.runs = [Run(r["mode"], r["load"], tuple(Event(**e) for e in r["events"]))
                     for r in meta["runs"]]
-        runner = cls(exp, meta["topo"], folder.parent, meta.get("bw_mbps"))
+        runner = cls(exp, meta["topo"], folder.parent, meta.get("bw_mbps"),
+                     dataplane=meta.get("dataplane", "bmv2"))
         runner.folder = folder
         old = (folder / "summary.md").read_text() if (folder / "summary.md").exists() else ""
         runner.left = [] if "teardown: clean" in old else ["(see the first summary)"]
@@ -378,7 +387,8 @@ class LabRunner:
         return runner, outcomes
 
     def table(self, outcomes: list[RunOutcome]) -> Table:
-        table = Table(title=f"{self.exp.name} on {self.topo}: {self.folder}")
+        table = Table(title=f"{self.exp.name} on {self.topo} ({self.dataplane}): "
+                            f"{self.folder}")
         for title in ("mode", "load", "tenant", "requests", "ok", "TTFT p50 ms", "TTFT p99 ms",
                       "SLO att.", "goodput req/s", "errors"):
             table.add_column(title)

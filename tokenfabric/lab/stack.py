@@ -43,13 +43,16 @@ READY_SWITCH = {"programmed", "ready", "in_sync", "synced"}
 
 
 def switch_programmed(view: dict[str, Any]) -> bool:
-    """A switch view of GET /switches: connected, our pipeline on it, a reconcile applied."""
+    """A switch view of GET /switches: connected, our pipeline on it (P4Runtime), a
+    reconcile applied."""
     if not view.get("connected"):
         return False
     if view.get("status") in READY_SWITCH:
         return True
     details = view.get("details") or {}
     last = details.get("last_reconcile") or {}
+    if view.get("driver") == "openflow":  # no pipeline to push: flows written is all
+        return bool(last.get("applied"))
     return (details.get("pipeline_cookie") is not None
             and details.get("installed_cookie") == details.get("pipeline_cookie")
             and bool(last.get("applied")))

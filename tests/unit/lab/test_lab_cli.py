@@ -14,7 +14,8 @@ def _lab(args, **env):
 
 def test_missing_bmv2_is_one_message_and_exit_3_without_traceback(tmp_path):
     # An empty P4 prefix and a PATH without BMv2: simple_switch_grpc cannot be found.
-    done = _lab(["run", "--topo", "single", "--experiment", "quick", "--out", str(tmp_path)],
+    done = _lab(["run", "--topo", "single", "--experiment", "quick", "--out", str(tmp_path),
+                 "--dataplane", "bmv2"],
                 TOKENFABRIC_P4_PREFIX=str(tmp_path / "nop4"), PATH="/usr/sbin:/usr/bin:/sbin:/bin")
     assert done.returncode == exitcodes.MISSING
     assert "Traceback" not in done.stderr
@@ -71,3 +72,69 @@ def test_select_runs_restricts_modes_and_resweeps_loads():
 def test_bad_loads_are_a_usage_error():
     done = _lab(["run", "--loads", "fast"])
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_auto_without_bmv2_takes_ovs_and_says_so(tmp_path):
+    # Neither BMv2 nor OVS nor Mininet on this PATH: auto picks OVS, says why, and names
+    # what OVS needs; nothing is built.
+    done = _lab(["run", "--topo", "single", "--experiment", "quick", "--out", str(tmp_path)],
+                TOKENFABRIC_P4_PREFIX=str(tmp_path / "nop4"), PATH=str(tmp_path / "nothing"))
+    assert done.returncode == exitcodes.MISSING, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "simple_switch_grpc (BMv2) not found: using Open vSwitch" in done.stderr
+    assert "cannot run experiment quick on ovs" in done.stderr
+    assert "Open vSwitch (ovs-vsctl" in done.stderr and "apt-get install openvswitch" \
+        in done.stderr
+    assert "simple_switch_grpc:" not in done.stderr  # BMv2 is not what is missing
+    assert not list(tmp_path.glob("quick-*"))
+
+
+def test_choose_dataplane():
+    assert prereqs.choose_dataplane("bmv2") == ("bmv2", None)
+    assert prereqs.choose_dataplane("ovs") == ("ovs", None)
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown dataplane"):
+        prereqs.choose_dataplane("p4")
+
+
+def test_doctor_without_bmv2_counts_open_vswitch_as_the_lab_dataplane(tmp_path):
+    import json
+
+    from tokenfabric.tools import find_tool
+
+    env = {"TOKENFABRIC_P4_PREFIX": str(tmp_path / "nop4"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "doctor", "--json",
+                           "--vllm-url", "http://127.0.0.1:9"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env}, check=False)
+    findings = {f["name"]: f for f in json.loads(done.stdout)}
+    bmv2, ovs = findings["simple_switch_grpc"], findings["openvswitch"]
+    assert not bmv2["present"]
+    if all(find_tool(t) for t in ("ovs-vsctl", "ovs-vswitchd", "ovsdb-server")):
+        assert not bmv2["main_job"] and ovs["main_job"]
+        assert "runs on Open vSwitch instead" in bmv2["detail"]
+    else:
+        assert bmv2["main_job"]
+    main_job_ok = all(f["present"] for f in findings.values() if f["main_job"])
+    assert done.returncode == (exitcodes.OK if main_job_ok else exitcodes.MISSING)
+
+
+def test_a_second_lab_is_refused_before_it_builds_anything(tmp_path):
+    """One lab per machine (the node names are fixed): the lock holder's pid is named,
+    and no results folder, interface or process is made."""
+    import fcntl
+
+    import pytest
+
+    if prereqs.missing_pieces(dataplane="ovs"):
+        pytest.skip("lab components missing: the run would stop at the prerequisites")
+    lock = tmp_path / "lab.lock"
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        done = _lab(["run", "--topo", "single", "--experiment", "quick", "--dataplane", "ovs",
+                     "--out", str(tmp_path / "out")], TOKENFABRIC_LAB_LOCK=str(lock))
+    assert done.returncode == exitcodes.FAILED, done.stderr
+    assert "another lab network is up" in done.stderr and "4242" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -127,3 +127,39 @@ def test_the_tiny_model_for_the_real_vllm_is_made_locally(tmp_path, monkeypatch)
     assert (folder / "config.json").is_file()
     monkeypatch.setenv(stack.TINY_MODEL_ENV, str(folder))
     assert stack.make_tiny_model(tmp_path / "other") == folder  # the environment wins
+
+
+def test_an_ovs_fabric_file_is_accepted_by_the_controller():
+    """The contract with controller/openflow: driver openflow, datapath_id = device_id, the
+    fabric's port numbers (which the lab makes the bridges' OpenFlow port numbers)."""
+    fabric = pytest.importorskip("controller.fabric")
+    pytest.importorskip("controller.openflow", reason="controller without the OpenFlow "
+                        "driver (ofdriver branch not merged)")
+    exp, plan = _plan("quick")
+    for sw in plan.switches.values():
+        sw.driver = "openflow"
+    data = plan.fabric("p2c")
+    [(name, entry)] = data["switches"].items()
+    assert entry["driver"] == "openflow" and entry["datapath_id"] == 1
+    assert "address" not in entry
+    model = fabric.parse_fabric(yaml.safe_dump(data))
+    switch = model.fabric.switches[name]
+    assert switch.driver == "openflow" and switch.datapath_id == 1
+    assert sorted(switch.ports) == sorted(plan.switches[name].ports)
+
+
+def test_switch_programmed_for_both_drivers():
+    from tokenfabric.lab.stack import switch_programmed
+
+    applied = {"last_reconcile": {"applied": True}}
+    # OpenFlow (the controller's view of an OVS bridge): connected and flows written
+    assert switch_programmed({"driver": "openflow", "connected": True, "details": applied})
+    assert not switch_programmed({"driver": "openflow", "connected": False,
+                                  "details": applied})
+    assert not switch_programmed({"driver": "openflow", "connected": True,
+                                  "details": {"last_reconcile": {"applied": False}}})
+    assert not switch_programmed({"driver": "openflow", "connected": True, "details": {}})
+    # P4Runtime needs its pipeline on the switch as well
+    assert not switch_programmed({"driver": "p4runtime", "connected": True, "details": applied})
+    assert switch_programmed({"driver": "p4runtime", "connected": True, "details": {
+        **applied, "pipeline_cookie": 7, "installed_cookie": 7}})
