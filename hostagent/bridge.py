@@ -227,13 +227,19 @@ def _is_token_chunk(body: bytes) -> bool:
     return False
 
 
-def _max_tokens(body: bytes) -> int | None:
-    """The request's `max_tokens` (or `max_completion_tokens`), if it says."""
+def _json_object(body: bytes) -> dict | None:
+    """The request body as a JSON object, or None."""
     try:
-        request = json.loads(body)
+        data = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(request, dict):
+    return data if isinstance(data, dict) else None
+
+
+def _max_tokens(body: bytes) -> int | None:
+    """The request's `max_tokens` (or `max_completion_tokens`), if it says."""
+    request = _json_object(body)
+    if request is None:
         return None
     value = request.get("max_tokens", request.get("max_completion_tokens"))
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -241,11 +247,8 @@ def _max_tokens(body: bytes) -> int | None:
 
 def _estimate_prompt_tokens(body: bytes) -> int:
     """About 4 bytes a token, over the prompt or the messages' content."""
-    try:
-        request = json.loads(body)
-    except ValueError:
-        return 0
-    if not isinstance(request, dict):
+    request = _json_object(body)
+    if request is None:
         return 0
     prompt = request.get("prompt")
     if prompt is None:
@@ -272,11 +275,8 @@ class _Charge:
 
 def _with_priority(body: bytes, priority: int) -> bytes:
     """The JSON request body with `priority` set; unchanged if it is not a JSON object."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body
-    if not isinstance(data, dict):
+    data = _json_object(body)
+    if data is None:
         return body
     data["priority"] = priority
     return json.dumps(data, separators=(",", ":")).encode()

@@ -260,28 +260,14 @@ class OpenFlowSwitch:
         # meters and groups first (flows point at them), then flows, then removals
         held_meters = {m.meter_id: messages.meter_of(m) for m in meters}
         held_groups = {g.group_id: messages.group_of(g) for g in groups}
-        meter_writes, meter_deletes = [], []
-        for mid, spec in want.meters.items():
-            if mid not in held_meters:
-                meter_writes.append(messages.meter_mod(dp, spec, ofp.OFPMC_ADD))
-                result.inserted += 1
-            elif held_meters[mid] != spec:
-                meter_writes.append(messages.meter_mod(dp, spec, ofp.OFPMC_MODIFY))
-                result.modified += 1
-        for mid in held_meters.keys() - want.meters.keys():
-            meter_deletes.append(messages.meter_delete(dp, mid))
-            result.deleted += 1
-        group_writes, group_deletes = [], []
-        for gid, spec in want.groups.items():
-            if gid not in held_groups:
-                group_writes.append(messages.group_mod(dp, spec, ofp.OFPGC_ADD))
-                result.inserted += 1
-            elif held_groups[gid] != spec:
-                group_writes.append(messages.group_mod(dp, spec, ofp.OFPGC_MODIFY))
-                result.modified += 1
-        for gid in held_groups.keys() - want.groups.keys():
-            group_deletes.append(messages.group_delete(dp, gid))
-            result.deleted += 1
+        meter_writes, meter_deletes = _diff(
+            held_meters, want.meters, result,
+            lambda spec, cmd: messages.meter_mod(dp, spec, cmd),
+            lambda mid: messages.meter_delete(dp, mid), ofp.OFPMC_ADD, ofp.OFPMC_MODIFY)
+        group_writes, group_deletes = _diff(
+            held_groups, want.groups, result,
+            lambda spec, cmd: messages.group_mod(dp, spec, cmd),
+            lambda gid: messages.group_delete(dp, gid), ofp.OFPGC_ADD, ofp.OFPGC_MODIFY)
 
         wanted = {spec.cookie(): spec for spec in want.flows.values()}
         wanted_idents = {c >> 32 for c in wanted}
@@ -338,3 +324,20 @@ def _order(spec: FlowSpec) -> tuple:
     """Later tables first: a classify flow never sends packets into an empty table."""
     return (-spec.table, spec.priority)
 
+
+def _diff(held: dict, wanted: dict, result: ReconcileResult, mod: Callable[[Any, int], Any],
+          delete: Callable[[Any], Any], add_cmd: int,
+          modify_cmd: int) -> tuple[list, list]:
+    """Writes (add or modify) and deletes that turn `held` into `wanted`, counted in result."""
+    writes, deletes = [], []
+    for key, spec in wanted.items():
+        if key not in held:
+            writes.append(mod(spec, add_cmd))
+            result.inserted += 1
+        elif held[key] != spec:
+            writes.append(mod(spec, modify_cmd))
+            result.modified += 1
+    for key in held.keys() - wanted.keys():
+        deletes.append(delete(key))
+        result.deleted += 1
+    return writes, deletes
