@@ -131,6 +131,23 @@ def _setup_host(box: NetSandbox, ns: str, ifname: str, address: str, plen: int,
         box.run(["sysctl", "-qw", f"net.ipv4.conf.all.{key}"], ns=ns, check=False)
 
 
+def start_private_ovs(box: NetSandbox, tmp_path: Path, tag: str) -> tuple[PrivateOvs, str, str]:
+    """ovs-vswitchd in a namespace of its own (box's "sw"), reachable from here over a veth:
+    (the OVS, its namespace, the address the controller should listen on)."""
+    subnet = 1 + int(tag, 16) % 250  # 100.127.<subnet>.0/30: controller <-> OVS namespace
+    sw_ns = box.netns("sw")
+    ovs = PrivateOvs(tmp_path / "ovs", netns=sw_ns)
+    box.veth(f"tfo{tag}of", f"tfo{tag}ofi", ns_b=sw_ns)
+    box.addr(f"tfo{tag}of", f"100.127.{subnet}.1/30")
+    box.addr(f"tfo{tag}ofi", f"100.127.{subnet}.2/30", ns=sw_ns)
+    try:
+        ovs.start()
+    except BaseException:
+        ovs.stop()
+        raise
+    return ovs, sw_ns, f"100.127.{subnet}.1:{free_port()}"
+
+
 @pytest.fixture
 def lab(tmp_path):
     """Private OVS (ovs-vswitchd in its own namespace) + bridge + host namespaces; yields
@@ -138,16 +155,9 @@ def lab(tmp_path):
     tag = uuid.uuid4().hex[:4]
     box = NetSandbox(f"tfo{tag}")
     bridge = f"tfo{tag}br"
-    subnet = 1 + int(tag, 16) % 250  # 100.127.<subnet>.0/30: controller <-> OVS namespace
     ovs = None
     try:
-        sw_ns = box.netns("sw")
-        ovs = PrivateOvs(tmp_path / "ovs", netns=sw_ns)
-        box.veth(f"tfo{tag}of", f"tfo{tag}ofi", ns_b=sw_ns)
-        box.addr(f"tfo{tag}of", f"100.127.{subnet}.1/30")
-        box.addr(f"tfo{tag}ofi", f"100.127.{subnet}.2/30", ns=sw_ns)
-        listen = f"100.127.{subnet}.1:{free_port()}"
-        ovs.start()
+        ovs, sw_ns, listen = start_private_ovs(box, tmp_path, tag)
         ovs.add_bridge(bridge, DPID, listen)
         ns: dict[str, str] = {}
         ifname: dict[str, str] = {}

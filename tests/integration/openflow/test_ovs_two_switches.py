@@ -19,12 +19,11 @@ from tests.integration.openflow.conftest import (
     SWITCH_MAC,
     Lab,
     _setup_host,
+    start_private_ovs,
     wait_connected,
 )
-from tests.integration.openflow.ovs import PrivateOvs
 from tests.integration.openflow.test_ovs_dataplane import capture, landed
 from tokenfabric.netns import NetSandbox, leftovers
-from tokenfabric.tools import free_port
 
 pytestmark = [pytest.mark.ovs, pytest.mark.timeout(240)]
 
@@ -53,16 +52,9 @@ def two(tmp_path):
     tag = uuid.uuid4().hex[:4]
     prefix = f"tfo{tag}"
     box = NetSandbox(prefix)
-    subnet = 1 + int(tag, 16) % 250
     ovs = None
     try:
-        sw_ns = box.netns("sw")
-        ovs = PrivateOvs(tmp_path / "ovs", netns=sw_ns)
-        box.veth(f"{prefix}of", f"{prefix}ofi", ns_b=sw_ns)
-        box.addr(f"{prefix}of", f"100.127.{subnet}.1/30")
-        box.addr(f"{prefix}ofi", f"100.127.{subnet}.2/30", ns=sw_ns)
-        listen = f"100.127.{subnet}.1:{free_port()}"
-        ovs.start()
+        ovs, sw_ns, listen = start_private_ovs(box, tmp_path, tag)
         ovs.add_bridge(f"{prefix}b1", 81, listen)
         ovs.add_bridge(f"{prefix}b2", 82, listen)
         box.veth(f"{prefix}l1", f"{prefix}l2", ns_a=sw_ns, ns_b=sw_ns)
