@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.integration.lab.checks import skip_unless_ovs_free
 from tokenfabric.lab import ovs
 from tokenfabric.lab.network import LabNetwork, in_namespaces, leftover_links, leftovers
 from tokenfabric.lab.plan import GATEWAY_IP, TenantPlan, build_plan
@@ -17,12 +18,7 @@ pytestmark = [pytest.mark.mininet, pytest.mark.ovs, pytest.mark.root, pytest.mar
 
 @pytest.fixture(autouse=True)
 def _no_lab_running():
-    if leftover_links():
-        pytest.skip(f"another lab network is up: {leftover_links()[:3]}")
-    others = ovs.wait_for_free_datapath(120)  # a test's private OVS ends soon
-    if others:
-        pytest.skip("another ovs-vswitchd holds this namespace's userspace datapath "
-                    f"(ovs-netdev): {others[0][:120]}")
+    skip_unless_ovs_free()
 
 
 def _ofctl(*args: str) -> str:

@@ -1,0 +1,35 @@
+"""What several lab tests check the same way."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenfabric.lab import ovs
+from tokenfabric.lab.network import leftover_links
+
+
+def skip_unless_ovs_free() -> None:
+    """Skip while another lab network is up or another ovs-vswitchd holds this namespace's
+    userspace datapath (a test's private OVS ends soon, so wait for it first)."""
+    if leftover_links():
+        pytest.skip(f"another lab network is up: {leftover_links()[:3]}")
+    others = ovs.wait_for_free_datapath(120)
+    if others:
+        pytest.skip("another ovs-vswitchd holds this namespace's userspace datapath "
+                    f"(ovs-netdev): {others[0][:120]}")
+
+
+def check_quick_run(run: Path) -> list[dict]:
+    """A quick run's folder: >= 90% of >= 10 requests ok for both tenants, both backends
+    served, and the backends' own counts match what the clients got. The ok records."""
+    records = [json.loads(line) for line in (run / "requests.jsonl").read_text().splitlines()]
+    assert len(records) >= 10
+    ok = [r for r in records if r["ok"]]
+    assert len(ok) >= 0.9 * len(records)
+    assert {r["tenant"] for r in records} == {"gold", "bulk"}
+    assert all(r["ttft"] > 0 and r["output_tokens"] >= 1 for r in ok)
+    served = json.loads((run / "served.json").read_text())  # from the emulators' metrics
+    assert set(served) == {"tflb1", "tflb2"} and all(v > 0 for v in served.values())
+    assert sum(served.values()) == len(ok)
+    return ok
