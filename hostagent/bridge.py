@@ -529,6 +529,10 @@ class Bridge:
 
     @staticmethod
     async def _read(upstream: asyncio.StreamReader, timeout: float) -> bytes:
+        # A read of buffered data does not suspend: without this yield, a relay that
+        # falls behind a fast vLLM never lets the loop run, so a client that left goes
+        # unnoticed (and vLLM unaborted) until the stream ends.
+        await asyncio.sleep(0)
         try:
             async with asyncio.timeout(timeout):
                 data = await upstream.read(65536)
