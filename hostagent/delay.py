@@ -104,13 +104,13 @@ class DelayEstimator:
         """
         now = time.monotonic() if now is None else now
         typical = self.prefill + self.output_tokens * self.tpot
-        ordered = sorted(self.requests.values(), key=lambda r: r.started)
+        ordered = list(self.requests.values())  # arrival order: keys only grow
         # Slot-free times of the running requests, then queued ones in arrival order.
         running, queued = ordered[:self.capacity], ordered[self.capacity:]
         slots = [self._remaining(r, now) for r in running]
         unseen = max(0, round(vllm_busy) - len(ordered))
-        slots += [typical / 2] * min(unseen, self.capacity - len(slots))
-        unseen_queued = unseen - max(0, min(unseen, self.capacity - len(running)))
+        unseen_running = min(unseen, self.capacity - len(running))
+        slots += [typical / 2] * unseen_running
         if kv_cache_full and len(slots) < self.capacity and slots:
             free_at = min(slots)  # a slot frees only when a running sequence ends
         else:
@@ -120,7 +120,7 @@ class DelayEstimator:
         for r in queued:
             start = heapq.heappop(slots)
             heapq.heappush(slots, start + self.prefill + self._length(r) * self.tpot)
-        for _ in range(unseen_queued):
+        for _ in range(unseen - unseen_running):
             heapq.heappush(slots, heapq.heappop(slots) + typical)
         return heapq.heappop(slots) + self.prefill
 
