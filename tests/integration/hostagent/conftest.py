@@ -204,6 +204,17 @@ def beacon_trap() -> Iterator[BeaconTrap]:
     trap.sock.close()
 
 
+def wait_for(predicate, seconds: float, what: str):
+    """The first truthy value of predicate() within `seconds`, else an AssertionError."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def env_without_config() -> dict:
     return {k: v for k, v in os.environ.items()
             if not k.startswith("TOKENFABRIC_AGENT__") and k != "TOKENFABRIC_CONFIG"}

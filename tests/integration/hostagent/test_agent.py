@@ -14,19 +14,15 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.hostagent.conftest import TOKEN, env_without_config, free_port, wait_http
+from tests.integration.hostagent.conftest import (
+    TOKEN,
+    env_without_config,
+    free_port,
+    wait_for,
+    wait_http,
+)
 from tokenfabric import beacon
 from tokenfabric.beacon import BeaconFlags, LoadBeacon, UsageBeacon
-
-
-def wait_for(predicate, seconds: float, what: str):
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_agent(tmp_path, controller_stub, beacon_trap, emulator, capacity, load_metric):

@@ -22,7 +22,13 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.hostagent.conftest import TOKEN, env_without_config, free_port, wait_http
+from tests.integration.hostagent.conftest import (
+    TOKEN,
+    env_without_config,
+    free_port,
+    wait_for,
+    wait_http,
+)
 from tokenfabric import beacon
 from tokenfabric.beacon import LoadBeacon, UsageBeacon
 from tokenfabric.doctor import VLLM_VENV
@@ -80,16 +86,6 @@ def metric(url: str, name: str, **labels) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
-
-
-def wait_for(predicate, seconds: float, what: str):
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def client(port: int, source: str) -> openai.OpenAI:
