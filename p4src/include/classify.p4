@@ -77,7 +77,7 @@ control Classify(inout headers_t hdr,
         key = {
             hdr.ipv4.dst_addr: exact @name("vip");
             hdr.ipv4.protocol: exact @name("protocol");
-            meta.l4_dst_port: exact @name("port");
+            hdr.flow.dst_port: exact @name("port");
         }
         actions = { set_service; @defaultonly NoAction; }
         const default_action = NoAction();

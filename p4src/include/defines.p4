@@ -35,9 +35,10 @@ const bit<16> NO_BACKEND = 0xFFFF;
 
 /* Connection-table states decided by the pin control. */
 const bit<2> PIN_NONE = 0;       /* not service traffic */
-const bit<2> PIN_NEW = 1;        /* a new connection that owns its slot */
-const bit<2> PIN_HIT = 2;        /* a packet of a pinned connection */
+const bit<2> PIN_HIT = 1;        /* a packet of a pinned connection */
+const bit<2> PIN_NEW = 2;        /* a new connection that owns its slot */
 const bit<2> PIN_STATELESS = 3;  /* collision or unpinned mid-connection packet */
+/* pin_state >= PIN_NEW: Select chooses a backend (one test for both). */
 
 /* Drop reasons: index of the `drops` counter (tokenfabric/dataplane.py). */
 const bit<8> DROP_NONE = 0;
@@ -83,6 +84,10 @@ const bit<48> MAX_REFILL_US = 0xFFFFFFFF;
 /* A packet that may open a connection (a TCP SYN without ACK, or anything not
  * TCP) and one that ends it (TCP FIN or RST). Tests, not metadata: BMv2 pays
  * more for an assignment than for a test. */
+/* A 4-bit IHL or TCP data offset of 0..3 (a parser select keyset); 4 is the
+ * other value below the minimum of 5. */
+#define NIBBLE_BELOW_4 4w0 &&& 4w0xC
+
 #define OPENS_FLOW (!hdr.tcp.isValid() || (hdr.tcp.syn == 1 && hdr.tcp.ack == 0))
 #define ENDS_FLOW (hdr.tcp.isValid() && (hdr.tcp.fin == 1 || hdr.tcp.rst == 1))
 

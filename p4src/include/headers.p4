@@ -100,6 +100,18 @@ header beacon_usage_h {
     bit<32> completion_tokens;
 }
 
+/* The 5-tuple of a TCP or UDP packet, filled in by the parser and never
+ * emitted. It is a header, not metadata, so that hashing it costs BMv2 no
+ * copies: p4c copies a hash's inputs into temporaries unless they are one
+ * header that the hash's result cannot alias. Addresses are the outer ones. */
+header flow_h {
+    ipv4_t src_addr;
+    ipv4_t dst_addr;
+    bit<8> protocol;
+    bit<16> src_port;
+    bit<16> dst_port;
+}
+
 struct headers_t {
     ethernet_h ethernet;
     ipv4_h ipv4;
@@ -112,12 +124,10 @@ struct headers_t {
     beacon_h beacon;
     beacon_load_h beacon_load;
     beacon_usage_h beacon_usage;
+    flow_h flow;
 }
 
 struct local_metadata_t {
-    bit<16> l4_src_port;
-    bit<16> l4_dst_port;
-
     /* classify */
     bit<1> tenant_valid;
     bit<16> tenant_id;
@@ -138,9 +148,8 @@ struct local_metadata_t {
     bit<16> conn_cost;
 
     /* pin */
-    bit<32> flow_hash;
-    bit<32> fingerprint;
-    bit<32> conn_index;
+    bit<32> conn_index;     /* crc16 of the 5-tuple */
+    bit<32> fingerprint;    /* crc32 of the 5-tuple, never 0 */
     bit<2> pin_state;
 
     /* admit: the tenant's contract (tenant_contract), on new connections */

@@ -24,17 +24,20 @@ parser TokenParser(packet_in packet,
         }
     }
 
+    /* Bad version and IHL are select cases, not verify(): BMv2 evaluates a
+     * verify() condition into a temporary on every packet. */
     state parse_ipv4 {
         packet.extract(hdr.ipv4);
-        verify(hdr.ipv4.version == 4, error.BadIpv4Version);
-        verify(hdr.ipv4.ihl >= 5, error.BadIpv4Ihl);
-        /* One select for the common case (no options), saving BMv2 a state. */
-        transition select(hdr.ipv4.ihl, hdr.ipv4.frag_offset, hdr.ipv4.protocol) {
-            (5, 0, PROTO_TCP): parse_tcp;
-            (5, 0, PROTO_UDP): parse_udp;
-            (5, 0, PROTO_IPIP): parse_inner_ipv4;
-            (5, _, _): accept;
-            default: parse_ipv4_options;
+        transition select(hdr.ipv4.version, hdr.ipv4.ihl, hdr.ipv4.frag_offset,
+                          hdr.ipv4.protocol) {
+            (4, 5, 0, PROTO_TCP): parse_tcp;
+            (4, 5, 0, PROTO_UDP): parse_udp;
+            (4, 5, 0, PROTO_IPIP): parse_inner_ipv4;
+            (4, 5, _, _): accept;
+            (4, NIBBLE_BELOW_4, _, _): bad_ipv4_ihl;
+            (4, 4, _, _): bad_ipv4_ihl;
+            (4, _, _, _): parse_ipv4_options;
+            default: bad_ipv4_version;
         }
     }
 
@@ -55,11 +58,12 @@ parser TokenParser(packet_in packet,
 
     state parse_inner_ipv4 {
         packet.extract(hdr.inner_ipv4);
-        verify(hdr.inner_ipv4.version == 4, error.BadIpv4Version);
-        verify(hdr.inner_ipv4.ihl >= 5, error.BadIpv4Ihl);
-        transition select(hdr.inner_ipv4.ihl) {
-            5: dispatch_inner_ipv4;
-            default: parse_inner_ipv4_options;
+        transition select(hdr.inner_ipv4.version, hdr.inner_ipv4.ihl) {
+            (4, 5): dispatch_inner_ipv4;
+            (4, NIBBLE_BELOW_4): bad_ipv4_ihl;
+            (4, 4): bad_ipv4_ihl;
+            (4, _): parse_inner_ipv4_options;
+            default: bad_ipv4_version;
         }
     }
 
@@ -78,16 +82,27 @@ parser TokenParser(packet_in packet,
 
     state parse_tcp {
         packet.extract(hdr.tcp);
-        verify(hdr.tcp.data_offset >= 5, error.BadTcpDataOffset);
-        meta.l4_src_port = hdr.tcp.src_port;
-        meta.l4_dst_port = hdr.tcp.dst_port;
-        transition accept;
+        hdr.flow.setValid();
+        hdr.flow.src_addr = hdr.ipv4.src_addr;
+        hdr.flow.dst_addr = hdr.ipv4.dst_addr;
+        hdr.flow.protocol = PROTO_TCP;
+        hdr.flow.src_port = hdr.tcp.src_port;
+        hdr.flow.dst_port = hdr.tcp.dst_port;
+        transition select(hdr.tcp.data_offset) {
+            NIBBLE_BELOW_4: bad_tcp_data_offset;
+            4: bad_tcp_data_offset;
+            default: accept;
+        }
     }
 
     state parse_udp {
         packet.extract(hdr.udp);
-        meta.l4_src_port = hdr.udp.src_port;
-        meta.l4_dst_port = hdr.udp.dst_port;
+        hdr.flow.setValid();
+        hdr.flow.src_addr = hdr.ipv4.src_addr;
+        hdr.flow.dst_addr = hdr.ipv4.dst_addr;
+        hdr.flow.protocol = PROTO_UDP;
+        hdr.flow.src_port = hdr.udp.src_port;
+        hdr.flow.dst_port = hdr.udp.dst_port;
         transition select(hdr.ipv4.dst_addr, hdr.udp.dst_port) {
             (FABRIC_ADDRESS, BEACON_PORT): parse_beacon;
             (_, ROCEV2_PORT): parse_bth;
@@ -122,6 +137,21 @@ parser TokenParser(packet_in packet,
 
     state bad_beacon_type {
         verify(false, error.BadBeaconType);
+        transition accept;
+    }
+
+    state bad_ipv4_version {
+        verify(false, error.BadIpv4Version);
+        transition accept;
+    }
+
+    state bad_ipv4_ihl {
+        verify(false, error.BadIpv4Ihl);
+        transition accept;
+    }
+
+    state bad_tcp_data_offset {
+        verify(false, error.BadTcpDataOffset);
         transition accept;
     }
 }

@@ -20,8 +20,6 @@ control SelectBackend(inout headers_t hdr,
     register<bit<48>>(MAX_BACKENDS) backend_seen;        /* time of the last beacon */
     @name(".backend_flags")
     register<bit<8>>(MAX_BACKENDS) backend_flags;        /* DOWN, DRAINING */
-    @name(".conn_backend")
-    register<bit<16>>(CONN_SLOTS) conn_backend;          /* the pin's backend */
 
     @name(".backend_selector")
     action_selector(HashAlgorithm.crc16, 32w4096, 32w16) backend_selector;
@@ -45,8 +43,8 @@ control SelectBackend(inout headers_t hdr,
             hdr.ipv4.src_addr: selector @name("src_addr");
             hdr.ipv4.dst_addr: selector @name("dst_addr");
             hdr.ipv4.protocol: selector @name("protocol");
-            meta.l4_src_port: selector @name("src_port");
-            meta.l4_dst_port: selector @name("dst_port");
+            hdr.flow.src_port: selector @name("src_port");
+            hdr.flow.dst_port: selector @name("dst_port");
         }
         actions = { set_pool_backend; }
         implementation = backend_selector;
@@ -73,7 +71,108 @@ control SelectBackend(inout headers_t hdr,
     }
 
     apply {
-        if (hdr.beacon_load.isValid()) {
+        /* Pinned packets (Pin read their backend) pass with one test. */
+        if (meta.pin_state >= PIN_NEW) {
+            pool_backend = NO_BACKEND;
+            first = NO_BACKEND;
+            second = NO_BACKEND;
+            /* Every path may need the weighted hash: as the mode, as the
+             * stateless answer, or as the fallback of P2C. */
+            meta.pair_slot = meta.fingerprint[23:16] & meta.pair_mask;
+            service_pool.apply();
+
+            if (meta.pin_state == PIN_STATELESS) {
+                meta.backend_id = pool_backend;
+                if (pool_backend == NO_BACKEND) {
+                    meta.drop_reason = DROP_NO_BACKEND;
+                }
+            } else {
+                /* A new connection. */
+                bit<48> now = standard_metadata.ingress_global_timestamp;
+                bit<16> chosen = NO_BACKEND;
+                if (meta.overflow == 1) {
+                    chosen = meta.overflow_backend;
+                } else {
+                    p2c_pairs.apply();
+
+                    /* Eligible: known, not DOWN or DRAINING, and (when the service
+                     * sets a maximum age) a beacon no older than that age. */
+                    bit<32> load_a = 0;
+                    bit<32> load_b = 0;
+                    bit<32> load_p = 0;
+                    bit<32> pend;
+                    bit<48> seen;
+                    bit<8> flags;
+                    bool ok_a = false;
+                    bool ok_b = false;
+                    bool ok_p = false;
+                    bit<48> max_age = (bit<48>)meta.beacon_max_age_us;
+
+                    if (first < MAX_BACKENDS) {
+                        backend_flags.read(flags, (bit<32>)first);
+                        backend_seen.read(seen, (bit<32>)first);
+                        backend_load.read(load_a, (bit<32>)first);
+                        backend_pending.read(pend, (bit<32>)first);
+                        load_a = load_a + pend * (bit<32>)meta.conn_cost;
+                        ok_a = (flags & 3) == 0
+                               && (max_age == 0 || (seen != 0 && now - seen <= max_age));
+                    }
+                    if (second < MAX_BACKENDS) {
+                        backend_flags.read(flags, (bit<32>)second);
+                        backend_seen.read(seen, (bit<32>)second);
+                        backend_load.read(load_b, (bit<32>)second);
+                        backend_pending.read(pend, (bit<32>)second);
+                        load_b = load_b + pend * (bit<32>)meta.conn_cost;
+                        ok_b = (flags & 3) == 0
+                               && (max_age == 0 || (seen != 0 && now - seen <= max_age));
+                    }
+                    if (pool_backend < MAX_BACKENDS) {
+                        backend_flags.read(flags, (bit<32>)pool_backend);
+                        backend_seen.read(seen, (bit<32>)pool_backend);
+                        ok_p = (flags & 3) == 0
+                               && (max_age == 0 || (seen != 0 && now - seen <= max_age));
+                    }
+
+                    bit<16> by_pair = NO_BACKEND;
+                    if (ok_a && ok_b) {
+                        by_pair = load_a <= load_b ? first : second;
+                    } else if (ok_a) {
+                        by_pair = first;
+                    } else if (ok_b) {
+                        by_pair = second;
+                    }
+
+                    if (meta.mode == MODE_P2C) {
+                        chosen = by_pair;
+                        if (chosen == NO_BACKEND && ok_p) {
+                            chosen = pool_backend;
+                            meta.select_fallback = 1;
+                        }
+                    } else {
+                        if (ok_p) {
+                            chosen = pool_backend;
+                        } else {
+                            chosen = by_pair;
+                            meta.select_fallback = 1;
+                        }
+                    }
+                }
+
+                meta.backend_id = chosen;
+                if (chosen == NO_BACKEND) {
+                    meta.drop_reason = DROP_NO_BACKEND;
+                    /* Free the slot: the connection's next packet chooses anew. */
+                    conn_fingerprint.write(meta.conn_index, 0);
+                } else {
+                    conn_backend.write(meta.conn_index, chosen);
+                    if (chosen < MAX_BACKENDS) {
+                        bit<32> pending;
+                        backend_pending.read(pending, (bit<32>)chosen);
+                        backend_pending.write((bit<32>)chosen, pending + 1);
+                    }
+                }
+            }
+        } else if (hdr.beacon_load.isValid()) {
             if (meta.beacon_ok == 1 && meta.drop_reason == DROP_NONE) {
                 bit<48> now = standard_metadata.ingress_global_timestamp;
                 bit<32> b = (bit<32>)hdr.beacon.backend_id;
@@ -81,111 +180,6 @@ control SelectBackend(inout headers_t hdr,
                 backend_pending.write(b, 0);
                 backend_seen.write(b, now == 0 ? 48w1 : now);
                 backend_flags.write(b, hdr.beacon.flags);
-            }
-        } else if (meta.service_hit == 1 && meta.drop_reason == DROP_NONE) {
-            if (meta.pin_state == PIN_HIT) {
-                conn_backend.read(meta.backend_id, meta.conn_index);
-                if (meta.backend_id == NO_BACKEND) {
-                    /* The slot's first choice found no backend: choose again. */
-                    meta.pin_state = PIN_NEW;
-                }
-            }
-            if (meta.pin_state != PIN_HIT) {
-                pool_backend = NO_BACKEND;
-                first = NO_BACKEND;
-                second = NO_BACKEND;
-                /* Every path may need the weighted hash: as the mode, as the
-                 * stateless answer, or as the fallback of P2C. */
-                meta.pair_slot = meta.flow_hash[23:16] & meta.pair_mask;
-                service_pool.apply();
-
-                if (meta.pin_state == PIN_STATELESS) {
-                    meta.backend_id = pool_backend;
-                    if (pool_backend == NO_BACKEND) {
-                        meta.drop_reason = DROP_NO_BACKEND;
-                    }
-                } else {
-                    /* A new connection. */
-                    bit<48> now = standard_metadata.ingress_global_timestamp;
-                    bit<16> chosen = NO_BACKEND;
-                    if (meta.overflow == 1) {
-                        chosen = meta.overflow_backend;
-                    } else {
-                        p2c_pairs.apply();
-
-                        /* Eligible: known, not DOWN or DRAINING, and (when the service
-                         * sets a maximum age) a beacon no older than that age. */
-                        bit<32> load_a = 0;
-                        bit<32> load_b = 0;
-                        bit<32> load_p = 0;
-                        bit<32> pend;
-                        bit<48> seen;
-                        bit<8> flags;
-                        bool ok_a = false;
-                        bool ok_b = false;
-                        bool ok_p = false;
-                        bit<48> max_age = (bit<48>)meta.beacon_max_age_us;
-
-                        if (first < MAX_BACKENDS) {
-                            backend_flags.read(flags, (bit<32>)first);
-                            backend_seen.read(seen, (bit<32>)first);
-                            backend_load.read(load_a, (bit<32>)first);
-                            backend_pending.read(pend, (bit<32>)first);
-                            load_a = load_a + pend * (bit<32>)meta.conn_cost;
-                            ok_a = (flags & 3) == 0
-                                   && (max_age == 0 || (seen != 0 && now - seen <= max_age));
-                        }
-                        if (second < MAX_BACKENDS) {
-                            backend_flags.read(flags, (bit<32>)second);
-                            backend_seen.read(seen, (bit<32>)second);
-                            backend_load.read(load_b, (bit<32>)second);
-                            backend_pending.read(pend, (bit<32>)second);
-                            load_b = load_b + pend * (bit<32>)meta.conn_cost;
-                            ok_b = (flags & 3) == 0
-                                   && (max_age == 0 || (seen != 0 && now - seen <= max_age));
-                        }
-                        if (pool_backend < MAX_BACKENDS) {
-                            backend_flags.read(flags, (bit<32>)pool_backend);
-                            backend_seen.read(seen, (bit<32>)pool_backend);
-                            ok_p = (flags & 3) == 0
-                                   && (max_age == 0 || (seen != 0 && now - seen <= max_age));
-                        }
-
-                        bit<16> by_pair = NO_BACKEND;
-                        if (ok_a && ok_b) {
-                            by_pair = load_a <= load_b ? first : second;
-                        } else if (ok_a) {
-                            by_pair = first;
-                        } else if (ok_b) {
-                            by_pair = second;
-                        }
-
-                        if (meta.mode == MODE_P2C) {
-                            chosen = by_pair;
-                            if (chosen == NO_BACKEND && ok_p) {
-                                chosen = pool_backend;
-                                meta.select_fallback = 1;
-                            }
-                        } else {
-                            if (ok_p) {
-                                chosen = pool_backend;
-                            } else {
-                                chosen = by_pair;
-                                meta.select_fallback = 1;
-                            }
-                        }
-                    }
-
-                    conn_backend.write(meta.conn_index, chosen);
-                    meta.backend_id = chosen;
-                    if (chosen == NO_BACKEND) {
-                        meta.drop_reason = DROP_NO_BACKEND;
-                    } else if (chosen < MAX_BACKENDS) {
-                        bit<32> pending;
-                        backend_pending.read(pending, (bit<32>)chosen);
-                        backend_pending.write((bit<32>)chosen, pending + 1);
-                    }
-                }
             }
         }
     }

@@ -17,7 +17,6 @@ import select
 import socket
 import subprocess
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,11 +242,17 @@ def base_plan() -> list[TableEntry]:
             local_backend(OVERFLOW, OVERFLOW_PORT)]
 
 
-def flow_hash(src: str, dst: str, proto: int, sport: int, dport: int) -> int:
-    """The switch's crc32 over the pin's 5-tuple (BMv2 crc32 = zlib's)."""
+def conn_slot(src: str, dst: str, proto: int, sport: int, dport: int) -> int:
+    """The connection-table slot of a 5-tuple: BMv2's crc16 (CRC-16/ARC) of the
+    pin's flow header (addresses, protocol, ports)."""
     data = (socket.inet_aton(src) + socket.inet_aton(dst) + bytes([proto])
             + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"))
-    return zlib.crc32(data)
+    crc = 0
+    for byte in data:  # reflected polynomial 0x8005, initial value 0, no final xor
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
 
 
 def pool_members(backends: list[int]) -> list:

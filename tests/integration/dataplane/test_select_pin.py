@@ -25,7 +25,7 @@ def flows(n: int, base: int = 0) -> list[tuple[str, int]]:
     chosen: dict[int, tuple[str, int]] = {}
     while len(chosen) < n:
         flow = (f"10.0.1.{rng.randint(2, 250)}", rng.randint(32768, 60999))
-        chosen.setdefault(h.flow_hash(flow[0], h.VIP, 6, flow[1], h.VIP_PORT) & 0xFFFF, flow)
+        chosen.setdefault(h.conn_slot(flow[0], h.VIP, 6, flow[1], h.VIP_PORT), flow)
     return list(chosen.values())
 
 
@@ -126,12 +126,12 @@ def test_fin_and_idle_timeout_end_a_pin(sw):
 
 
 def colliding_pair() -> tuple[tuple[str, int], tuple[str, int]]:
-    """Two client flows to the VIP whose slot (crc32 mod 65536) is the same."""
+    """Two client flows to the VIP whose connection-table slot is the same."""
     seen = {}
     for host in range(2, 250):
         for sport in range(40000, 40400):
             flow = (f"10.0.1.{host}", sport)
-            slot = h.flow_hash(*flow[:1], h.VIP, 6, sport, h.VIP_PORT) & 0xFFFF
+            slot = h.conn_slot(flow[0], h.VIP, 6, sport, h.VIP_PORT)
             if slot in seen:
                 return seen[slot], flow
             seen[slot] = flow
