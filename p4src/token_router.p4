@@ -7,6 +7,7 @@
 #include "include/defines.p4"
 #include "include/headers.p4"
 #include "include/parser.p4"
+#include "include/state.p4"
 #include "include/classify.p4"
 #include "include/pin.p4"
 #include "include/admit.p4"
@@ -33,12 +34,21 @@ control TokenIngress(inout headers_t hdr,
     apply {
         port_rx.count((bit<32>)standard_metadata.ingress_port);
 
-        /* Malformed input: dropped and counted by reason. One test on the
-         * common path: BMv2 pays for every condition it evaluates. */
-        if (standard_metadata.parser_error == error.NoError) {
-            if (standard_metadata.checksum_error == 1) {
-                meta.drop_reason = DROP_BAD_IPV4_CHECKSUM;
+        /* BMv2 pays for every condition it evaluates: the common path (a
+         * well-formed packet of a pinned connection) takes as few as it can. */
+        if (standard_metadata.parser_error == error.NoError
+                && standard_metadata.checksum_error == 0) {
+            classify.apply(hdr, meta, standard_metadata);     /* tenant, class, service */
+            pin.apply(hdr, meta, standard_metadata);          /* new, pinned or stateless */
+            if (meta.pin_state != PIN_HIT) {
+                admit.apply(hdr, meta, standard_metadata);    /* token bucket, overflow */
+                select_backend.apply(hdr, meta, standard_metadata); /* which backend */
             }
+            deliver.apply(hdr, meta, standard_metadata);      /* DSR, IP-in-IP or route */
+            qos.apply(hdr, meta, standard_metadata);          /* DSCP, priority, meter */
+        /* Malformed input: dropped and counted by reason. */
+        } else if (standard_metadata.parser_error == error.NoError) {
+            meta.drop_reason = DROP_BAD_IPV4_CHECKSUM;
         } else if (standard_metadata.parser_error == error.PacketTooShort) {
             meta.drop_reason = DROP_TRUNCATED;
         } else if (standard_metadata.parser_error == error.BadIpv4Version) {
@@ -53,15 +63,6 @@ control TokenIngress(inout headers_t hdr,
             meta.drop_reason = DROP_BAD_BEACON_TYPE;
         } else {
             meta.drop_reason = DROP_PARSER_OTHER;
-        }
-
-        if (meta.drop_reason == DROP_NONE) {
-            classify.apply(hdr, meta, standard_metadata);     /* tenant, class, service */
-            pin.apply(hdr, meta, standard_metadata);          /* new, pinned or stateless */
-            admit.apply(hdr, meta, standard_metadata);        /* token bucket, overflow */
-            select_backend.apply(hdr, meta, standard_metadata); /* which backend */
-            deliver.apply(hdr, meta, standard_metadata);      /* DSR, IP-in-IP or route */
-            qos.apply(hdr, meta, standard_metadata);          /* DSCP, priority, meter */
         }
         count.apply(hdr, meta, standard_metadata);            /* counters, drops */
     }

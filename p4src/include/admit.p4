@@ -40,15 +40,14 @@ control Admit(inout headers_t hdr,
             bool usage = hdr.beacon_usage.isValid() && meta.beacon_ok == 1
                          && meta.drop_reason == DROP_NONE;
             if (usage) {
-                meta.tenant_id = hdr.beacon_usage.tenant_id;
+                meta.tenant_id = (bit<32>)hdr.beacon_usage.tenant_id;
             }
-            if ((usage || (meta.pin_state == PIN_NEW && meta.tenant_valid == 1))
+            if ((usage || (meta.pin_state == PIN_NEW && meta.tenant_id != 0))
                     && tenant_contract.apply().hit) {
-                bit<32> index = (bit<32>)meta.tenant_id;
                 bit<64> level;
                 bit<48> stamp;
-                bucket_level.read(level, index);
-                bucket_stamp.read(stamp, index);
+                bucket_level.read(level, meta.tenant_id);
+                bucket_stamp.read(stamp, meta.tenant_id);
                 bit<48> now = standard_metadata.ingress_global_timestamp;
                 if (stamp == 0) {
                     level = meta.contract_full;
@@ -78,8 +77,8 @@ control Admit(inout headers_t hdr,
                 } else if (level < BUCKET_ZERO + MICRO) {
                     meta.overflow = 1;
                 }
-                bucket_level.write(index, level);
-                bucket_stamp.write(index, now == 0 ? 48w1 : now);
+                bucket_level.write(meta.tenant_id, level);
+                bucket_stamp.write(meta.tenant_id, now == 0 ? 48w1 : now);
             }
         }
     }

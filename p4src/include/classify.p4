@@ -9,10 +9,9 @@ control Classify(inout headers_t hdr,
                  inout standard_metadata_t standard_metadata) {
 
     @name(".set_tenant")
-    action set_tenant(bit<16> tenant_id, bit<3> tclass, bit<1> trust_dscp) {
-        meta.tenant_valid = 1;
-        meta.tenant_id = tenant_id;
-        meta.tclass = tclass;
+    action set_tenant(bit<12> tenant_id, bit<3> tclass, bit<1> trust_dscp) {
+        meta.tenant_id = (bit<32>)tenant_id;
+        meta.tclass = (bit<32>)tclass;
         meta.trust_dscp = trust_dscp;
     }
 
@@ -36,7 +35,7 @@ control Classify(inout headers_t hdr,
 
     @name(".set_class")
     action set_class(bit<3> tclass) {
-        meta.tclass = tclass;
+        meta.tclass = (bit<32>)tclass;
     }
 
     /* Applied only for tenants whose entry has trust_dscp = 1. */
@@ -110,7 +109,7 @@ control Classify(inout headers_t hdr,
     @name(".decap_to_backend")
     action decap_to_backend(bit<16> backend_id) {
         meta.decap = 1;
-        meta.backend_id = backend_id;
+        meta.backend_id = (bit<32>)backend_id;
     }
 
     /* IP-in-IP addressed to a backend behind this switch: strip the outer
@@ -124,19 +123,8 @@ control Classify(inout headers_t hdr,
     }
 
     apply {
-        if (!hdr.ipv4.isValid()) {
-            meta.drop_reason = DROP_NOT_IPV4;
-        } else if (hdr.beacon.isValid()) {
-            meta.consumed = 1;
-            if (hdr.beacon_load.isValid() && hdr.beacon.backend_id >= MAX_BACKENDS) {
-                meta.drop_reason = DROP_BEACON_BAD_ID;
-            } else if (hdr.beacon_usage.isValid()
-                       && hdr.beacon_usage.tenant_id >= MAX_TENANTS) {
-                meta.drop_reason = DROP_BEACON_BAD_ID;
-            } else {
-                beacon_source.apply();
-            }
-        } else {
+        /* The common case first: one test for it. */
+        if (hdr.ipv4.isValid() && !hdr.beacon.isValid()) {
             if (hdr.inner_ipv4.isValid()) {
                 tunnel_term.apply();
                 if (meta.decap == 1) {
@@ -150,9 +138,6 @@ control Classify(inout headers_t hdr,
             if (!tenant_by_src.apply().hit) {
                 tenant_by_dst.apply();
             }
-            if (meta.tenant_id >= MAX_TENANTS) {
-                meta.tenant_valid = 0;  /* out of the counters' and registers' range */
-            }
             if (meta.trust_dscp == 1) {
                 dscp_class.apply();
             }
@@ -160,8 +145,20 @@ control Classify(inout headers_t hdr,
                 meta.is_cnp = (bit<1>)(hdr.bth.opcode == BTH_OPCODE_CNP);
                 roce_class.apply();
             }
-            if (meta.decap == 0 && (hdr.tcp.isValid() || hdr.udp.isValid())) {
+            if (meta.decap == 0 && hdr.flow.isValid()) {
                 service.apply();
+            }
+        } else if (!hdr.ipv4.isValid()) {
+            meta.drop_reason = DROP_NOT_IPV4;
+        } else {
+            meta.consumed = 1;
+            if (hdr.beacon_load.isValid() && hdr.beacon.backend_id >= MAX_BACKENDS) {
+                meta.drop_reason = DROP_BEACON_BAD_ID;
+            } else if (hdr.beacon_usage.isValid()
+                       && hdr.beacon_usage.tenant_id >= MAX_TENANTS) {
+                meta.drop_reason = DROP_BEACON_BAD_ID;
+            } else {
+                beacon_source.apply();
             }
         }
     }

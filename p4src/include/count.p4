@@ -21,61 +21,60 @@ control Count(inout headers_t hdr,
     counter(NUM_CLASSES, CounterType.packets_and_bytes) class_traffic;
     @name(".drops")
     counter(NUM_DROP_REASONS, CounterType.packets) drops;
-    @name(".events")
-    counter(NUM_EVENTS, CounterType.packets) events;
 
     apply {
-        /* The packets of pinned connections first: the fewest tests for them. */
-        if (meta.pin_state == PIN_HIT) {
+        /* A forwarded packet of a pinned connection of a known tenant: all its
+         * counters in one action. Its backend is below MAX_BACKENDS (Select
+         * pins no other) and so is its tenant (Classify keeps no other). */
+        if (meta.pin_state == PIN_HIT && meta.drop_reason == DROP_NONE
+                && meta.tenant_id != 0) {
             events.count(EVENT_PIN_HIT);
-            if (ENDS_FLOW) {
-                events.count(EVENT_PIN_CLEARED);
-            }
-        } else if (meta.service_hit == 1 || meta.consumed == 1) {
-            if (meta.beacon_ok == 1 && meta.drop_reason == DROP_NONE) {
-                if (hdr.beacon_load.isValid()) {
-                    events.count(EVENT_BEACON_LOAD);
-                } else {
-                    events.count(EVENT_BEACON_USAGE);
+            class_traffic.count(meta.tclass);
+            tenant_traffic.count(meta.tenant_id);
+            backend_traffic.count(meta.backend_id);
+        } else {
+            if (meta.pin_state == PIN_HIT) {
+                events.count(EVENT_PIN_HIT);
+            } else if (meta.service_hit == 1 || meta.consumed == 1) {
+                if (meta.beacon_ok == 1 && meta.drop_reason == DROP_NONE) {
+                    if (hdr.beacon_load.isValid()) {
+                        events.count(EVENT_BEACON_LOAD);
+                    } else {
+                        events.count(EVENT_BEACON_USAGE);
+                    }
+                }
+                if (meta.pin_state == PIN_NEW) {
+                    events.count(EVENT_PIN_NEW);
+                } else if (meta.pin_state == PIN_STATELESS) {
+                    events.count(OPENS_FLOW ? EVENT_PIN_COLLISION : EVENT_PIN_MISS);
+                }
+                if (meta.select_fallback == 1) {
+                    events.count(EVENT_SELECT_FALLBACK);
                 }
             }
-            if (meta.pin_state == PIN_NEW) {
-                events.count(EVENT_PIN_NEW);
-            } else if (meta.pin_state == PIN_STATELESS) {
-                events.count(OPENS_FLOW ? EVENT_PIN_COLLISION : EVENT_PIN_MISS);
-            }
-            if (meta.select_fallback == 1) {
-                events.count(EVENT_SELECT_FALLBACK);
-            }
-        }
-        if (meta.color != 0) {
-            if (meta.color == 1) {
-                events.count(EVENT_METER_YELLOW);
-            } else if (meta.color == 2) {
-                events.count(EVENT_METER_RED);
-            }
-        }
 
-        if (meta.drop_reason != DROP_NONE) {
-            drops.count((bit<32>)meta.drop_reason);
-            mark_to_drop(standard_metadata);
-        } else if (meta.consumed == 1) {
-            mark_to_drop(standard_metadata);
-        } else {
-            class_traffic.count((bit<32>)meta.tclass);
-            if (meta.tenant_valid == 1) {
-                tenant_traffic.count((bit<32>)meta.tenant_id);
-            }
-            if ((meta.service_hit == 1 || meta.decap == 1) && meta.backend_id < MAX_BACKENDS) {
-                backend_traffic.count((bit<32>)meta.backend_id);
-                if (meta.pin_state == PIN_NEW) {
-                    backend_conns.count((bit<32>)meta.backend_id);
-                    if (meta.tenant_valid == 1) {
-                        if (meta.overflow == 1) {
-                            tenant_overflow.count((bit<32>)meta.tenant_id);
-                            events.count(EVENT_OVERFLOW);
-                        } else {
-                            tenant_admitted.count((bit<32>)meta.tenant_id);
+            /* Drops happen here, after counting; beacons end here too. */
+            if (meta.drop_reason != DROP_NONE) {
+                drops.count((bit<32>)meta.drop_reason);
+                mark_to_drop(standard_metadata);
+            } else if (meta.consumed == 1) {
+                mark_to_drop(standard_metadata);
+            } else {
+                class_traffic.count(meta.tclass);
+                if (meta.tenant_id != 0) {
+                    tenant_traffic.count(meta.tenant_id);
+                }
+                if ((meta.service_hit == 1 || meta.decap == 1) && meta.backend_id < MAX_BACKENDS) {
+                    backend_traffic.count(meta.backend_id);
+                    if (meta.pin_state == PIN_NEW) {
+                        backend_conns.count(meta.backend_id);
+                        if (meta.tenant_id != 0) {
+                            if (meta.overflow == 1) {
+                                tenant_overflow.count(meta.tenant_id);
+                                events.count(EVENT_OVERFLOW);
+                            } else {
+                                tenant_admitted.count(meta.tenant_id);
+                            }
                         }
                     }
                 }

@@ -14,7 +14,6 @@ control Deliver(inout headers_t hdr,
         standard_metadata.egress_spec = port;
         hdr.ethernet.src_addr = smac;
         hdr.ethernet.dst_addr = dmac;
-        meta.delivered = 1;
     }
 
     @name(".deliver_ipip")
@@ -81,9 +80,10 @@ control Deliver(inout headers_t hdr,
                     }
                 }
             }
-            /* Not delivered by L2 rewrite (and the backend known): routed, the
-             * tunnel by its outer address. */
-            if (meta.delivered == 0 && meta.drop_reason == DROP_NONE) {
+            /* Routed: traffic that is not to a backend, and tunnels by their
+             * outer address (deliver_ipip set tunnel_dst, never 0). A local
+             * backend (L2 rewrite done) or an unknown one (dropped) is not. */
+            if ((meta.service_hit == 0 && meta.decap == 0) || meta.tunnel_dst != 0) {
                 if (hdr.ipv4.ttl <= 1) {
                     meta.drop_reason = DROP_TTL_EXPIRED;
                 } else {

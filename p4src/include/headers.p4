@@ -128,10 +128,11 @@ struct headers_t {
 }
 
 struct local_metadata_t {
-    /* classify */
-    bit<1> tenant_valid;
-    bit<16> tenant_id;
-    bit<3> tclass;
+    /* classify. Ids that index counters, meters and registers are 32 bits
+     * wide, the width of those indices: a narrower field would cost BMv2 a
+     * copy into a temporary at every use. */
+    bit<32> tenant_id;      /* 0: no tenant (the controller numbers them 1..4095) */
+    bit<32> tclass;
     bit<1> trust_dscp;
     bit<1> is_cnp;
     bit<1> beacon_ok;
@@ -160,10 +161,9 @@ struct local_metadata_t {
     /* select */
     bit<8> pair_slot;
     bit<1> select_fallback;
-    bit<16> backend_id;
+    bit<32> backend_id;
 
     /* deliver, qos, count */
-    bit<1> delivered;        /* L2 rewrite to a local backend done */
     bit<32> tunnel_src;      /* deliver_ipip's outer addresses */
     bit<32> tunnel_dst;
     bit<1> consumed;         /* a beacon: processed here, forwarded nowhere */

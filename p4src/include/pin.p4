@@ -5,16 +5,6 @@
 #ifndef TF_PIN_P4
 #define TF_PIN_P4
 
-/* The connection table, shared by Pin (which finds and refreshes a slot) and
- * Select (which fills a new connection's slot). A fingerprint of 0
- * marks a free slot. */
-@name(".conn_fingerprint")
-register<bit<32>>(CONN_SLOTS) conn_fingerprint;
-@name(".conn_last_seen")
-register<bit<48>>(CONN_SLOTS) conn_last_seen;
-@name(".conn_backend")
-register<bit<16>>(CONN_SLOTS) conn_backend;
-
 control Pin(inout headers_t hdr,
             inout local_metadata_t meta,
             inout standard_metadata_t standard_metadata) {
@@ -46,6 +36,7 @@ control Pin(inout headers_t hdr,
                 conn_backend.read(meta.backend_id, meta.conn_index);
                 if (ENDS_FLOW) {
                     conn_fingerprint.write(meta.conn_index, 0);
+                    events.count(EVENT_PIN_CLEARED);
                 }
             } else if (OPENS_FLOW && (stored == 0 || (meta.idle_timeout_us != 0
                     && now - seen > (bit<48>)meta.idle_timeout_us))) {

@@ -36,7 +36,8 @@ control Qos(inout headers_t hdr,
         meta.drop_reason = DROP_METER_RED;
     }
 
-    /* Colours: 0 green, 1 yellow, 2 red. No entry: the colour changes nothing. */
+    /* Colours: 1 yellow, 2 red (green is not looked up). No entry: the colour
+     * changes nothing. */
     @name(".meter_policy")
     table meter_policy {
         key = {
@@ -49,11 +50,15 @@ control Qos(inout headers_t hdr,
     }
 
     apply {
-        if (meta.drop_reason == DROP_NONE && meta.consumed == 0 && hdr.ipv4.isValid()) {
+        /* Not dropped and not a beacon: IPv4 to forward. */
+        if (meta.drop_reason == DROP_NONE && meta.consumed == 0) {
             class_qos.apply();
-            if (meta.tenant_valid == 1) {
-                tenant_meter.execute_meter((bit<32>)meta.tenant_id, meta.color);
-                meter_policy.apply();
+            if (meta.tenant_id != 0) {
+                tenant_meter.execute_meter(meta.tenant_id, meta.color);
+                if (meta.color != 0) {
+                    events.count(meta.color == 1 ? EVENT_METER_YELLOW : EVENT_METER_RED);
+                    meter_policy.apply();
+                }
             }
             if (hdr.inner_ipv4.isValid() && hdr.ipv4.protocol == PROTO_IPIP) {
                 hdr.inner_ipv4.dscp = hdr.ipv4.dscp;
@@ -93,7 +98,7 @@ control TokenEgress(inout headers_t hdr,
             if (meta.ecn_enabled == 1
                     && standard_metadata.enq_qdepth >= meta.ecn_threshold) {
                 hdr.ipv4.ecn = 3;
-                ecn_marked.count((bit<32>)meta.tclass);
+                ecn_marked.count(meta.tclass);
             }
         }
     }

@@ -82,7 +82,7 @@ control SelectBackend(inout headers_t hdr,
             service_pool.apply();
 
             if (meta.pin_state == PIN_STATELESS) {
-                meta.backend_id = pool_backend;
+                meta.backend_id = (bit<32>)pool_backend;
                 if (pool_backend == NO_BACKEND) {
                     meta.drop_reason = DROP_NO_BACKEND;
                 }
@@ -158,18 +158,18 @@ control SelectBackend(inout headers_t hdr,
                     }
                 }
 
-                meta.backend_id = chosen;
-                if (chosen == NO_BACKEND) {
+                /* Only a backend the per-backend registers and counters cover
+                 * is pinned (the controller numbers them below MAX_BACKENDS). */
+                meta.backend_id = (bit<32>)chosen;
+                if (chosen < MAX_BACKENDS) {
+                    conn_backend.write(meta.conn_index, meta.backend_id);
+                    bit<32> pending;
+                    backend_pending.read(pending, (bit<32>)chosen);
+                    backend_pending.write((bit<32>)chosen, pending + 1);
+                } else {
                     meta.drop_reason = DROP_NO_BACKEND;
                     /* Free the slot: the connection's next packet chooses anew. */
                     conn_fingerprint.write(meta.conn_index, 0);
-                } else {
-                    conn_backend.write(meta.conn_index, chosen);
-                    if (chosen < MAX_BACKENDS) {
-                        bit<32> pending;
-                        backend_pending.read(pending, (bit<32>)chosen);
-                        backend_pending.write((bit<32>)chosen, pending + 1);
-                    }
                 }
             }
         } else if (hdr.beacon_load.isValid()) {
