@@ -43,7 +43,7 @@ PROGRAM_FUNCTIONS = ("bm::Pipeline::apply*", "bm::Parser::parse*", "bm::Deparser
 def program_token_router(rig: h.Rig) -> None:
     rig.load("token_router")
     c = rig.client
-    c.insert(*h.base_plan(), h.service(idle_us=0), *h.tenant("10.0.1.0", 24, 7, tclass=2),
+    c.insert(*h.base_plan(), *h.service(idle_us=0), *h.tenant("10.0.1.0", 24, 7, tclass=2),
              TableEntry.of("class_qos", {"tclass": Exact(2)},
                            Action.of("set_class_qos", dscp=18, priority=2)),
              TableEntry.of("tenant_contract", {"tenant_id": Exact(7)},

@@ -20,9 +20,6 @@ control TokenIngress(inout headers_t hdr,
                      inout local_metadata_t meta,
                      inout standard_metadata_t standard_metadata) {
 
-    @name(".port_rx")
-    counter(MAX_PORTS, CounterType.packets_and_bytes) port_rx;
-
     Classify() classify;
     Pin() pin;
     Admit() admit;
@@ -32,8 +29,6 @@ control TokenIngress(inout headers_t hdr,
     Count() count;
 
     apply {
-        port_rx.count((bit<32>)standard_metadata.ingress_port);
-
         /* BMv2 pays for every condition it evaluates: the common path (a
          * well-formed packet of a pinned connection) takes as few as it can. */
         if (standard_metadata.parser_error == error.NoError

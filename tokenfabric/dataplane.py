@@ -86,6 +86,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "dscp_class": ("set_class",),
     "roce_class": ("set_class",),
     "tunnel_term": ("decap_to_backend",),
+    "vip": ("set_vip",),
     "service": ("set_service",),
     "beacon_source": ("accept_beacon",),
     "tenant_contract": ("set_contract",),

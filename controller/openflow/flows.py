@@ -228,10 +228,11 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
             deliver[bid] = (ctx.transit[bid], ctx.macs[bid])
         else:
             out.notes.append(f"backend {bid}: not reachable over this switch's links")
+    idle_us = {e.match: params(e)["idle_timeout_us"] for e in tables.get(P4.VIP, [])}
     for e in sorted(tables.get(P4.SERVICE, []), key=lambda e: params(e)["service_id"]):
         m, p = match(e), params(e)
         sid = p["service_id"]
-        idle = max(1, round(p["idle_timeout_us"] / 1_000_000))
+        idle = max(1, round(idle_us.get(e.match, 0) / 1_000_000))
         vip_match = (("eth_type", ETH_IPV4), ("ip_proto", PROTO_TCP),
                      ("ipv4_dst", _ip_text(m["vip"].value)), ("tcp_dst", m["port"].value))
         group = groups.get(sid)

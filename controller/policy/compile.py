@@ -55,6 +55,8 @@ class P4:
     DSCP_CLASS = "dscp_class"
     ROCE_CLASS = "roce_class"
     SET_CLASS = "set_class"
+    VIP = "vip"
+    SET_VIP = "set_vip"
     SERVICE = "service"
     SET_SERVICE = "set_service"
     BEACON_SOURCE = "beacon_source"
@@ -270,26 +272,25 @@ def eligible_backends(model: Model, service: Service) -> list[str]:
     return [b.name for b in sorted(pool, key=lambda b: b.backend_id)]
 
 
-def _service_entry(model: Model, service: Service, switch: Switch) -> TableEntry:
-    """The VIP's entry: its mode is action data, so a mode switch is one modify."""
+def _service_entries(model: Model, service: Service, switch: Switch) -> list[TableEntry]:
+    """The VIP's two entries: vip (what every packet needs) and service (what a new
+    connection needs). The mode is action data, so a mode switch is one modify."""
     eligible = eligible_backends(model, service)
     slots = len(_p2c_pairs([model.backends[n].backend_id for n in eligible],
                            service.p2c_slots))
     # Beacons reach only a backend's own switch: the beacon age is checked only where
     # every pool member is local, else remote backends would always look stale.
     local = all(b.switch == switch.name for b in model.pool(service.name))
-    return TableEntry.of(
-        P4.SERVICE,
-        {"vip": Exact(ip(service.vip)), "protocol": Exact(PROTO_TCP),
-         "port": Exact(service.port)},
-        Action.of(P4.SET_SERVICE, service_id=service.service_id,
-                  mode=MODE_VALUE[service.mode],
-                  overflow_backend=service.overflow.backend_id if service.overflow
-                  else NO_BACKEND,
-                  pair_mask=max(slots, 1) - 1,
-                  beacon_max_age_us=int(service.beacon_max_age_ms * 1000) if local else 0,
-                  idle_timeout_us=int(service.idle_timeout_s * 1_000_000),
-                  conn_cost=service.conn_cost or _default_conn_cost(model, eligible)))
+    key = {"vip": Exact(ip(service.vip)), "protocol": Exact(PROTO_TCP),
+           "port": Exact(service.port)}
+    vip = Action.of(P4.SET_VIP, idle_timeout_us=int(service.idle_timeout_s * 1_000_000))
+    selection = Action.of(
+        P4.SET_SERVICE, service_id=service.service_id, mode=MODE_VALUE[service.mode],
+        overflow_backend=service.overflow.backend_id if service.overflow else NO_BACKEND,
+        pair_mask=max(slots, 1) - 1,
+        beacon_max_age_us=int(service.beacon_max_age_ms * 1000) if local else 0,
+        conn_cost=service.conn_cost or _default_conn_cost(model, eligible))
+    return [TableEntry.of(P4.VIP, key, vip), TableEntry.of(P4.SERVICE, key, selection)]
 
 
 def _service_entities(model: Model, service: Service) -> list[Entity]:
@@ -347,8 +348,8 @@ def _p2c_pairs(ids: list[int], slots: int) -> list[tuple[int, int]]:
 def _switch_entities(model: Model, switch: Switch) -> list[Entity]:
     """Entries that differ per switch: delivery, routes, beacon sources."""
     fabric = model.fabric
-    out: list[Entity] = [_service_entry(model, s, switch)
-                         for s in sorted(model.services.values(), key=lambda s: s.service_id)]
+    out: list[Entity] = [e for s in sorted(model.services.values(), key=lambda s: s.service_id)
+                         for e in _service_entries(model, s, switch)]
     targets: list[tuple[int, str, str, int, str]] = []  # (id, address, mac, port, switch)
     for b in model.backends.values():
         targets.append((b.backend_id, b.address, b.mac, b.port, b.switch))

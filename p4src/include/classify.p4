@@ -56,29 +56,23 @@ control Classify(inout headers_t hdr,
         size = 2;
     }
 
-    @name(".set_service")
-    action set_service(bit<16> service_id, bit<8> mode, bit<16> overflow_backend,
-                       bit<8> pair_mask, bit<32> beacon_max_age_us,
-                       bit<32> idle_timeout_us, bit<16> conn_cost) {
+    @name(".set_vip")
+    action set_vip(bit<32> idle_timeout_us) {
         meta.service_hit = 1;
-        meta.service_id = service_id;
-        meta.mode = mode;
-        meta.overflow_backend = overflow_backend;
-        meta.pair_mask = pair_mask;
-        meta.beacon_max_age_us = beacon_max_age_us;
         meta.idle_timeout_us = idle_timeout_us;
-        meta.conn_cost = conn_cost;
     }
 
-    /* One entry per served model: VIP, IP protocol, port. */
-    @name(".service")
-    table service {
+    /* One entry per served model: VIP, IP protocol, port. Only what every
+     * packet needs (the pin's idle timeout); how a new connection chooses its
+     * backend is the service table's, which Select applies for those alone. */
+    @name(".vip")
+    table vip {
         key = {
             hdr.ipv4.dst_addr: exact @name("vip");
             hdr.ipv4.protocol: exact @name("protocol");
             hdr.flow.dst_port: exact @name("port");
         }
-        actions = { set_service; @defaultonly NoAction; }
+        actions = { set_vip; @defaultonly NoAction; }
         const default_action = NoAction();
         size = MAX_SERVICES;
     }
@@ -146,7 +140,7 @@ control Classify(inout headers_t hdr,
                 roce_class.apply();
             }
             if (meta.decap == 0 && hdr.flow.isValid()) {
-                service.apply();
+                vip.apply();
             }
         } else if (!hdr.ipv4.isValid()) {
             meta.drop_reason = DROP_NOT_IPV4;

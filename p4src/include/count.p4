@@ -7,6 +7,8 @@ control Count(inout headers_t hdr,
               inout local_metadata_t meta,
               inout standard_metadata_t standard_metadata) {
 
+    @name(".port_rx")
+    counter(MAX_PORTS, CounterType.packets_and_bytes) port_rx;
     @name(".tenant_admitted")
     counter(MAX_TENANTS, CounterType.packets) tenant_admitted;
     @name(".tenant_overflow")
@@ -28,11 +30,13 @@ control Count(inout headers_t hdr,
          * pins no other) and so is its tenant (Classify keeps no other). */
         if (meta.pin_state == PIN_HIT && meta.drop_reason == DROP_NONE
                 && meta.tenant_id != 0) {
+            port_rx.count((bit<32>)standard_metadata.ingress_port);
             events.count(EVENT_PIN_HIT);
             class_traffic.count(meta.tclass);
             tenant_traffic.count(meta.tenant_id);
             backend_traffic.count(meta.backend_id);
         } else {
+            port_rx.count((bit<32>)standard_metadata.ingress_port);
             if (meta.pin_state == PIN_HIT) {
                 events.count(EVENT_PIN_HIT);
             } else if (meta.service_hit == 1 || meta.consumed == 1) {

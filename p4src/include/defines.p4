@@ -24,6 +24,10 @@ const bit<8> PROTO_IPIP = 4;
 const bit<8> PROTO_TCP = 6;
 const bit<8> PROTO_UDP = 17;
 const bit<16> ROCEV2_PORT = 4791;
+const bit<8> TCP_FIN = 0x01;
+const bit<8> TCP_SYN = 0x02;
+const bit<8> TCP_RST = 0x04;
+const bit<8> TCP_ACK = 0x10;
 const bit<8> BTH_OPCODE_CNP = 0x81;
 
 /* Service selection modes (action data of set_service). */
@@ -88,7 +92,7 @@ const bit<48> MAX_REFILL_US = 0xFFFFFFFF;
  * other value below the minimum of 5. */
 #define NIBBLE_BELOW_4 4w0 &&& 4w0xC
 
-#define OPENS_FLOW (!hdr.tcp.isValid() || (hdr.tcp.syn == 1 && hdr.tcp.ack == 0))
-#define ENDS_FLOW (hdr.tcp.isValid() && (hdr.tcp.fin == 1 || hdr.tcp.rst == 1))
+#define OPENS_FLOW (!hdr.tcp.isValid() || (hdr.tcp.flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+#define ENDS_FLOW (hdr.tcp.isValid() && (hdr.tcp.flags & (TCP_FIN | TCP_RST)) != 0)
 
 #endif

@@ -33,24 +33,16 @@ header ipv4_options_h {
     varbit<320> options;
 }
 
+/* Fields the switch never reads are kept whole: BMv2 pays per field for
+ * every header it extracts and emits. */
 header tcp_h {
     bit<16> src_port;
     bit<16> dst_port;
-    bit<32> seq_no;
-    bit<32> ack_no;
+    bit<64> seq_ack_no;       /* sequence and acknowledgement numbers */
     bit<4> data_offset;
     bit<4> res;
-    bit<1> cwr;
-    bit<1> ece;
-    bit<1> urg;
-    bit<1> ack;
-    bit<1> psh;
-    bit<1> rst;
-    bit<1> syn;
-    bit<1> fin;
-    bit<16> window;
-    bit<16> checksum;
-    bit<16> urgent_ptr;
+    bit<8> flags;             /* CWR ECE URG ACK PSH RST SYN FIN (TCP_* in defines.p4) */
+    bit<48> window_csum_urg;  /* window, checksum, urgent pointer */
 }
 
 header udp_h {
@@ -103,11 +95,12 @@ header beacon_usage_h {
 /* The 5-tuple of a TCP or UDP packet, filled in by the parser and never
  * emitted. It is a header, not metadata, so that hashing it costs BMv2 no
  * copies: p4c copies a hash's inputs into temporaries unless they are one
- * header that the hash's result cannot alias. Addresses are the outer ones. */
+ * header that the hash's result cannot alias. Three fields, not five: making
+ * the header valid zeroes each field, and BMv2 pays per field. The
+ * destination port stays a field of its own, a table key (a slice would cost
+ * a copy). Addresses are the outer ones. */
 header flow_h {
-    ipv4_t src_addr;
-    ipv4_t dst_addr;
-    bit<8> protocol;
+    bit<72> addresses_protocol;  /* source ++ destination address ++ protocol */
     bit<16> src_port;
     bit<16> dst_port;
 }

@@ -12,17 +12,25 @@ control Qos(inout headers_t hdr,
     @name(".tenant_meter")
     meter(MAX_TENANTS, MeterType.bytes) tenant_meter;
 
+    /* The tenant's meter runs in the class's action: one action fewer per
+     * packet. Meter 0 (no tenant) is never configured, so always green. */
     @name(".set_class_qos")
     action set_class_qos(bit<6> dscp, bit<3> priority) {
         hdr.ipv4.dscp = dscp;
         standard_metadata.priority = priority;
+        tenant_meter.execute_meter(meta.tenant_id, meta.color);
+    }
+
+    @name(".meter_only")
+    action meter_only() {
+        tenant_meter.execute_meter(meta.tenant_id, meta.color);
     }
 
     @name(".class_qos")
     table class_qos {
         key = { meta.tclass: exact @name("tclass"); }
-        actions = { set_class_qos; @defaultonly NoAction; }
-        const default_action = NoAction();
+        actions = { set_class_qos; @defaultonly meter_only; }
+        const default_action = meter_only();
         size = NUM_CLASSES;
     }
 
@@ -53,12 +61,9 @@ control Qos(inout headers_t hdr,
         /* Not dropped and not a beacon: IPv4 to forward. */
         if (meta.drop_reason == DROP_NONE && meta.consumed == 0) {
             class_qos.apply();
-            if (meta.tenant_id != 0) {
-                tenant_meter.execute_meter(meta.tenant_id, meta.color);
-                if (meta.color != 0) {
-                    events.count(meta.color == 1 ? EVENT_METER_YELLOW : EVENT_METER_RED);
-                    meter_policy.apply();
-                }
+            if (meta.color != 0) {
+                events.count(meta.color == 1 ? EVENT_METER_YELLOW : EVENT_METER_RED);
+                meter_policy.apply();
             }
             if (hdr.inner_ipv4.isValid() && hdr.ipv4.protocol == PROTO_IPIP) {
                 hdr.inner_ipv4.dscp = hdr.ipv4.dscp;

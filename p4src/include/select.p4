@@ -21,6 +21,30 @@ control SelectBackend(inout headers_t hdr,
     @name(".backend_flags")
     register<bit<8>>(MAX_BACKENDS) backend_flags;        /* DOWN, DRAINING */
 
+    @name(".set_service")
+    action set_service(bit<16> service_id, bit<8> mode, bit<16> overflow_backend,
+                       bit<8> pair_mask, bit<32> beacon_max_age_us, bit<16> conn_cost) {
+        meta.service_id = service_id;
+        meta.mode = mode;
+        meta.overflow_backend = overflow_backend;
+        meta.pair_mask = pair_mask;
+        meta.beacon_max_age_us = beacon_max_age_us;
+        meta.conn_cost = conn_cost;
+    }
+
+    /* The service behind a VIP:port (same key as vip) and how it chooses. */
+    @name(".service")
+    table service {
+        key = {
+            hdr.ipv4.dst_addr: exact @name("vip");
+            hdr.ipv4.protocol: exact @name("protocol");
+            hdr.flow.dst_port: exact @name("port");
+        }
+        actions = { set_service; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = MAX_SERVICES;
+    }
+
     @name(".backend_selector")
     action_selector(HashAlgorithm.crc16, 32w4096, 32w16) backend_selector;
 
@@ -40,9 +64,7 @@ control SelectBackend(inout headers_t hdr,
     table service_pool {
         key = {
             meta.service_id: exact @name("service_id");
-            hdr.ipv4.src_addr: selector @name("src_addr");
-            hdr.ipv4.dst_addr: selector @name("dst_addr");
-            hdr.ipv4.protocol: selector @name("protocol");
+            hdr.flow.addresses_protocol: selector @name("addresses_protocol");
             hdr.flow.src_port: selector @name("src_port");
             hdr.flow.dst_port: selector @name("dst_port");
         }
@@ -73,6 +95,7 @@ control SelectBackend(inout headers_t hdr,
     apply {
         /* Pinned packets (Pin read their backend) pass with one test. */
         if (meta.pin_state >= PIN_NEW) {
+            service.apply();
             pool_backend = NO_BACKEND;
             first = NO_BACKEND;
             second = NO_BACKEND;

@@ -217,13 +217,14 @@ def local_backend(backend_id: int, port: int) -> TableEntry:
 
 def service(mode: int = dp.Mode.HASH, pair_mask: int = 0, max_age_us: int = 0,
             idle_us: int = 0, conn_cost: int = 0, vip: str = VIP, port: int = VIP_PORT,
-            service_id: int = SERVICE, overflow: int = OVERFLOW) -> TableEntry:
-    return TableEntry.of(
-        "service", {"vip": Exact(ip_int(vip)), "protocol": Exact(6), "port": Exact(port)},
-        Action.of("set_service", service_id=service_id, mode=int(mode),
-                  overflow_backend=overflow, pair_mask=pair_mask,
-                  beacon_max_age_us=max_age_us, idle_timeout_us=idle_us,
-                  conn_cost=conn_cost))
+            service_id: int = SERVICE, overflow: int = OVERFLOW) -> list[TableEntry]:
+    """A service's two entries: vip (every packet) and service (new connections)."""
+    key = {"vip": Exact(ip_int(vip)), "protocol": Exact(6), "port": Exact(port)}
+    return [TableEntry.of("vip", key, Action.of("set_vip", idle_timeout_us=idle_us)),
+            TableEntry.of("service", key, Action.of(
+                "set_service", service_id=service_id, mode=int(mode),
+                overflow_backend=overflow, pair_mask=pair_mask,
+                beacon_max_age_us=max_age_us, conn_cost=conn_cost))]
 
 
 def tenant(prefix: str, length: int, tenant_id: int, tclass: int = 0,

@@ -42,7 +42,7 @@ def use(sw, tokens: int, tenant_id: int = TENANT) -> None:
 
 @pytest.fixture
 def metered(sw):
-    sw.client.insert(h.service(), h.beacon_source(h.B1, h.B1_PORT, "10.0.2.2"),
+    sw.client.insert(*h.service(), h.beacon_source(h.B1, h.B1_PORT, "10.0.2.2"),
                      *h.tenant("10.0.1.0", 24, TENANT), contract(2000, 100),
                      *h.tenant("10.0.9.0", 24, 6))
     h.pool(sw.client, {h.B1: 1})

@@ -65,7 +65,7 @@ def frames(rng: random.Random):
 
 
 def test_fuzzed_packets_are_forwarded_or_dropped_and_counted(sw):
-    sw.client.insert(h.service(), *h.tenant("10.0.1.0", 24, 1),
+    sw.client.insert(*h.service(), *h.tenant("10.0.1.0", 24, 1),
                      h.beacon_source(1, h.B1_PORT, "10.0.2.2"))
     h.pool(sw.client, {h.B1: 1, h.B2: 1})
     rng = random.Random(20261127)

@@ -83,7 +83,7 @@ def test_ip_in_ip_reaches_a_backend_behind_the_second_switch(tmp_path):
             for client in (c1, c2):
                 client.set_pipeline(dp.TOKEN_ROUTER_JSON, dp.TOKEN_ROUTER_P4INFO)
             # Edge switch: the service, its pool, and the backend reached by IP-in-IP.
-            c1.insert(h.service(), route("10.0.1.0", 1, MAC["s1p1"], MAC["client"]),
+            c1.insert(*h.service(), route("10.0.1.0", 1, MAC["s1p1"], MAC["client"]),
                       route("10.0.2.0", 2, MAC["s1p2"], MAC["s2p1"]),
                       TableEntry.of("backend", {"backend_id": Exact(1)},
                                     Action.of("deliver_ipip", tunnel_src=h.ip_int(TUNNEL_SRC),

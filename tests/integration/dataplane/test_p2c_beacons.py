@@ -45,7 +45,7 @@ MAX_AGE_US = 1_000_000  # long enough for a test's batch of SYNs on a busy machi
 
 @pytest.fixture
 def p2c(sw):
-    sw.client.insert(h.service(mode=Mode.P2C, pair_mask=0, max_age_us=MAX_AGE_US, conn_cost=10),
+    sw.client.insert(*h.service(mode=Mode.P2C, pair_mask=0, max_age_us=MAX_AGE_US, conn_cost=10),
                      pairs(h.B1, h.B2),
                      h.beacon_source(h.B1, h.B1_PORT, B1_ADDR),
                      h.beacon_source(h.B2, h.B2_PORT, B2_ADDR))
@@ -129,7 +129,7 @@ def test_golden_load_beacons_steer_as_their_fields_say(sw):
     g = golden()
     port = {1: h.B1_PORT, 7: h.B2_PORT, 258: h.FAR_PORT, 3: h.FAR_PORT}
     addr = {1: "10.0.2.2", 7: "10.0.3.2", 258: "10.0.5.2", 3: "10.0.5.3"}
-    sw.client.insert(h.service(mode=Mode.P2C, max_age_us=5_000_000, conn_cost=0),
+    sw.client.insert(*h.service(mode=Mode.P2C, max_age_us=5_000_000, conn_cost=0),
                      pairs(7, 1),
                      *(h.beacon_source(b, port[b], addr[b]) for b in port),
                      *(h.local_backend(b, port[b]) for b in (7, 258, 3)))
@@ -172,7 +172,7 @@ def test_golden_load_beacons_steer_as_their_fields_say(sw):
 def test_golden_usage_beacons_debit_their_tenant(sw):
     g = golden()
     sw.client.insert(
-        h.service(), h.beacon_source(7, h.B2_PORT, "10.0.3.2"),
+        *h.service(), h.beacon_source(7, h.B2_PORT, "10.0.3.2"),
         h.beacon_source(65535, h.B2_PORT, "10.0.3.2"),
         *h.tenant("10.0.1.0", 25, 42), *h.tenant("10.0.1.128", 25, 4095),
         TableEntry.of("tenant_contract", {"tenant_id": Exact(42)},

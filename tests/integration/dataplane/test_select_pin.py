@@ -58,7 +58,7 @@ def send_data(sw, conns) -> dict[tuple[str, int], int]:
 
 
 def test_hash_split_follows_the_weights_over_1200_connections(sw):
-    sw.client.insert(h.service(mode=Mode.HASH))
+    sw.client.insert(*h.service(mode=Mode.HASH))
     h.pool(sw.client, {h.B1: 3, h.B2: 1})
     conns = flows(1200)
     assert len(set(conns)) == 1200
@@ -72,7 +72,7 @@ def test_hash_split_follows_the_weights_over_1200_connections(sw):
 
 
 def test_delivery_is_direct_server_return_by_l2_rewrite(sw):
-    sw.client.insert(h.service())
+    sw.client.insert(*h.service())
     h.pool(sw.client, {h.B1: 1})
     sent = Ether(syn("10.0.1.9", 3333))
     sw.io.send(h.CLIENT_PORT, bytes(sent))
@@ -84,7 +84,7 @@ def test_delivery_is_direct_server_return_by_l2_rewrite(sw):
 
 
 def test_weight_pool_and_mode_changes_do_not_move_established_connections(sw):
-    sw.client.insert(h.service(mode=Mode.HASH))
+    sw.client.insert(*h.service(mode=Mode.HASH))
     h.pool(sw.client, {h.B1: 1, h.B2: 1})
     conns = flows(300)
     first = open_connections(sw, conns)
@@ -98,14 +98,14 @@ def test_weight_pool_and_mode_changes_do_not_move_established_connections(sw):
     assert send_data(sw, conns) == first
 
     # A change of mode (to P2C with an empty pair table) moves nothing either.
-    sw.client.modify(h.service(mode=Mode.P2C))
+    sw.client.modify(*h.service(mode=Mode.P2C))
     assert send_data(sw, conns) == first
     assert sw.client.packets("events", Event.PIN_HIT) == 600
     assert sw.client.packets("events", Event.PIN_COLLISION) == 0
 
 
 def test_fin_and_idle_timeout_end_a_pin(sw):
-    sw.client.insert(h.service(idle_us=300_000))
+    sw.client.insert(*h.service(idle_us=300_000))
     h.pool(sw.client, {h.B1: 1})
     open_connections(sw, [("10.0.1.2", 4000), ("10.0.1.3", 4001)])
     sw.io.send(h.CLIENT_PORT, data("10.0.1.2", 4000, flags="FA"))
@@ -139,7 +139,7 @@ def colliding_pair() -> tuple[tuple[str, int], tuple[str, int]]:
 
 
 def test_a_collision_falls_back_to_the_stateless_choice_and_is_counted(sw):
-    sw.client.insert(h.service(mode=Mode.HASH))
+    sw.client.insert(*h.service(mode=Mode.HASH))
     h.pool(sw.client, {h.B1: 1, h.B2: 1})
     a, b = colliding_pair()
     first = open_connections(sw, [a])
