@@ -39,8 +39,11 @@ control TokenIngress(inout headers_t hdr,
                 admit.apply(hdr, meta, standard_metadata);    /* token bucket, overflow */
                 select_backend.apply(hdr, meta, standard_metadata); /* which backend */
             }
-            deliver.apply(hdr, meta, standard_metadata);      /* DSR, IP-in-IP or route */
-            qos.apply(hdr, meta, standard_metadata);          /* DSCP, priority, meter */
+            /* Not dropped and not a beacon: IPv4 to forward. */
+            if (meta.drop_reason == DROP_NONE && meta.consumed == 0) {
+                deliver.apply(hdr, meta, standard_metadata);  /* DSR, IP-in-IP or route */
+                qos.apply(hdr, meta, standard_metadata);      /* DSCP, priority, meter */
+            }
         /* Malformed input: dropped and counted by reason. */
         } else if (standard_metadata.parser_error == error.NoError) {
             meta.drop_reason = DROP_BAD_IPV4_CHECKSUM;

@@ -81,8 +81,8 @@ class Event(IntEnum):
 
 # Tables, in pipeline order, with the actions each accepts.
 TABLES: dict[str, tuple[str, ...]] = {
-    "tenant_by_src": ("set_tenant",),
-    "tenant_by_dst": ("set_tenant",),
+    "tenant_by_src": ("set_tenant", "set_tenant_trusting_dscp"),
+    "tenant_by_dst": ("set_tenant", "set_tenant_trusting_dscp"),
     "dscp_class": ("set_class",),
     "roce_class": ("set_class",),
     "tunnel_term": ("decap_to_backend",),

@@ -52,6 +52,7 @@ class P4:
     TENANT_BY_SRC = "tenant_by_src"
     TENANT_BY_DST = "tenant_by_dst"
     SET_TENANT = "set_tenant"
+    SET_TENANT_TRUSTING_DSCP = "set_tenant_trusting_dscp"
     DSCP_CLASS = "dscp_class"
     ROCE_CLASS = "roce_class"
     SET_CLASS = "set_class"
@@ -212,8 +213,8 @@ def _shared_entities(model: Model, classes: ClassPlan) -> list[Entity]:
     for tenant in sorted(policy.tenants.values(), key=lambda t: t.tenant_id):
         contract = policy.contracts[tenant.contract]
         tclass = classes.of(contract.traffic_class)
-        action = Action.of(P4.SET_TENANT, tenant_id=tenant.tenant_id, tclass=tclass,
-                           trust_dscp=int(tenant.trust_dscp))
+        action = Action.of(P4.SET_TENANT_TRUSTING_DSCP if tenant.trust_dscp else P4.SET_TENANT,
+                           tenant_id=tenant.tenant_id, tclass=tclass)
         for net in tenant.networks():
             lpm = Lpm(int(net.network_address), net.prefixlen)
             add_table(TableEntry.of(P4.TENANT_BY_SRC, {"src_addr": lpm}, action))

@@ -9,17 +9,24 @@ control Classify(inout headers_t hdr,
                  inout standard_metadata_t standard_metadata) {
 
     @name(".set_tenant")
-    action set_tenant(bit<12> tenant_id, bit<3> tclass, bit<1> trust_dscp) {
+    action set_tenant(bit<12> tenant_id, bit<3> tclass) {
         meta.tenant_id = (bit<32>)tenant_id;
         meta.tclass = (bit<32>)tclass;
-        meta.trust_dscp = trust_dscp;
+    }
+
+    /* A tenant whose policy lets the packet's DSCP choose the class: an action
+     * of its own, so that the other tenants' packets pay for no flag. */
+    @name(".set_tenant_trusting_dscp")
+    action set_tenant_trusting_dscp(bit<12> tenant_id, bit<3> tclass) {
+        set_tenant(tenant_id, tclass);
+        meta.trust_dscp = 1;
     }
 
     /* Client prefixes: forward traffic matches the source address... */
     @name(".tenant_by_src")
     table tenant_by_src {
         key = { hdr.ipv4.src_addr: lpm @name("src_addr"); }
-        actions = { set_tenant; @defaultonly NoAction; }
+        actions = { set_tenant; set_tenant_trusting_dscp; @defaultonly NoAction; }
         const default_action = NoAction();
         size = 8192;
     }
@@ -28,7 +35,7 @@ control Classify(inout headers_t hdr,
     @name(".tenant_by_dst")
     table tenant_by_dst {
         key = { hdr.ipv4.dst_addr: lpm @name("dst_addr"); }
-        actions = { set_tenant; @defaultonly NoAction; }
+        actions = { set_tenant; set_tenant_trusting_dscp; @defaultonly NoAction; }
         const default_action = NoAction();
         size = 8192;
     }
@@ -132,12 +139,15 @@ control Classify(inout headers_t hdr,
             if (!tenant_by_src.apply().hit) {
                 tenant_by_dst.apply();
             }
-            if (meta.trust_dscp == 1) {
-                dscp_class.apply();
-            }
-            if (hdr.bth.isValid()) {
-                meta.is_cnp = (bit<1>)(hdr.bth.opcode == BTH_OPCODE_CNP);
-                roce_class.apply();
+            /* The classes a packet can carry over its tenant's, behind one test. */
+            if (meta.trust_dscp == 1 || hdr.bth.isValid()) {
+                if (meta.trust_dscp == 1) {
+                    dscp_class.apply();
+                }
+                if (hdr.bth.isValid()) {
+                    meta.is_cnp = (bit<1>)(hdr.bth.opcode == BTH_OPCODE_CNP);
+                    roce_class.apply();
+                }
             }
             if (meta.decap == 0 && hdr.flow.isValid()) {
                 vip.apply();

@@ -56,39 +56,38 @@ control Deliver(inout headers_t hdr,
         size = 4096;
     }
 
+    /* Ingress applies this to packets to forward (not dropped, not beacons). */
     apply {
-        if (meta.drop_reason == DROP_NONE && meta.consumed == 0) {
-            if (meta.service_hit == 1 || meta.decap == 1) {
-                switch (backend.apply().action_run) {
-                    deliver_ipip: {
-                        if (!hdr.inner_ipv4.isValid()) {
-                            hdr.inner_ipv4 = hdr.ipv4;
-                            if (hdr.ipv4_options.isValid()) {
-                                hdr.inner_ipv4_options = hdr.ipv4_options;
-                                hdr.ipv4_options.setInvalid();
-                            }
-                            hdr.ipv4.ihl = 5;
-                            hdr.ipv4.total_len = hdr.inner_ipv4.total_len + 20;
-                            hdr.ipv4.identification = 0;
-                            hdr.ipv4.flags = 0;
-                            hdr.ipv4.frag_offset = 0;
-                            hdr.ipv4.ttl = 64;
-                            hdr.ipv4.protocol = PROTO_IPIP;
-                            hdr.ipv4.src_addr = meta.tunnel_src;
-                            hdr.ipv4.dst_addr = meta.tunnel_dst;
+        if (meta.service_hit == 1 || meta.decap == 1) {
+            switch (backend.apply().action_run) {
+                deliver_ipip: {
+                    if (!hdr.inner_ipv4.isValid()) {
+                        hdr.inner_ipv4 = hdr.ipv4;
+                        if (hdr.ipv4_options.isValid()) {
+                            hdr.inner_ipv4_options = hdr.ipv4_options;
+                            hdr.ipv4_options.setInvalid();
                         }
+                        hdr.ipv4.ihl = 5;
+                        hdr.ipv4.total_len = hdr.inner_ipv4.total_len + 20;
+                        hdr.ipv4.identification = 0;
+                        hdr.ipv4.flags = 0;
+                        hdr.ipv4.frag_offset = 0;
+                        hdr.ipv4.ttl = 64;
+                        hdr.ipv4.protocol = PROTO_IPIP;
+                        hdr.ipv4.src_addr = meta.tunnel_src;
+                        hdr.ipv4.dst_addr = meta.tunnel_dst;
                     }
                 }
             }
-            /* Routed: traffic that is not to a backend, and tunnels by their
-             * outer address (deliver_ipip set tunnel_dst, never 0). A local
-             * backend (L2 rewrite done) or an unknown one (dropped) is not. */
-            if ((meta.service_hit == 0 && meta.decap == 0) || meta.tunnel_dst != 0) {
-                if (hdr.ipv4.ttl <= 1) {
-                    meta.drop_reason = DROP_TTL_EXPIRED;
-                } else {
-                    ipv4_route.apply();
-                }
+        }
+        /* Routed: traffic that is not to a backend, and tunnels by their
+         * outer address (deliver_ipip set tunnel_dst, never 0). A local
+         * backend (L2 rewrite done) or an unknown one (dropped) is not. */
+        if ((meta.service_hit == 0 && meta.decap == 0) || meta.tunnel_dst != 0) {
+            if (hdr.ipv4.ttl <= 1) {
+                meta.drop_reason = DROP_TTL_EXPIRED;
+            } else {
+                ipv4_route.apply();
             }
         }
     }

@@ -92,15 +92,15 @@ header beacon_usage_h {
     bit<32> completion_tokens;
 }
 
-/* The 5-tuple of a TCP or UDP packet, filled in by the parser and never
- * emitted. It is a header, not metadata, so that hashing it costs BMv2 no
- * copies: p4c copies a hash's inputs into temporaries unless they are one
- * header that the hash's result cannot alias. Three fields, not five: making
- * the header valid zeroes each field, and BMv2 pays per field. The
- * destination port stays a field of its own, a table key (a slice would cost
- * a copy). Addresses are the outer ones. */
+/* Addresses and ports of a TCP or UDP packet, filled in by the parser and
+ * never emitted. It is a header, not metadata, so that hashing it costs BMv2
+ * no copies: p4c copies a hash's inputs into temporaries unless they are one
+ * header that the hash's result cannot alias. The protocol, the fifth member
+ * of the 5-tuple, enters the pin's fingerprint as the hash's offset. The
+ * addresses are the outer ones. */
 header flow_h {
-    bit<72> addresses_protocol;  /* source ++ destination address ++ protocol */
+    ipv4_t src_addr;
+    ipv4_t dst_addr;
     bit<16> src_port;
     bit<16> dst_port;
 }

@@ -83,7 +83,8 @@ parser TokenParser(packet_in packet,
     state parse_tcp {
         packet.extract(hdr.tcp);
         hdr.flow.setValid();
-        hdr.flow.addresses_protocol = hdr.ipv4.src_addr ++ hdr.ipv4.dst_addr ++ PROTO_TCP;
+        hdr.flow.src_addr = hdr.ipv4.src_addr;
+        hdr.flow.dst_addr = hdr.ipv4.dst_addr;
         hdr.flow.src_port = hdr.tcp.src_port;
         hdr.flow.dst_port = hdr.tcp.dst_port;
         transition select(hdr.tcp.data_offset) {
@@ -96,7 +97,8 @@ parser TokenParser(packet_in packet,
     state parse_udp {
         packet.extract(hdr.udp);
         hdr.flow.setValid();
-        hdr.flow.addresses_protocol = hdr.ipv4.src_addr ++ hdr.ipv4.dst_addr ++ PROTO_UDP;
+        hdr.flow.src_addr = hdr.ipv4.src_addr;
+        hdr.flow.dst_addr = hdr.ipv4.dst_addr;
         hdr.flow.src_port = hdr.udp.src_port;
         hdr.flow.dst_port = hdr.udp.dst_port;
         transition select(hdr.ipv4.dst_addr, hdr.udp.dst_port) {

@@ -14,11 +14,12 @@ control Pin(inout headers_t hdr,
          * path of every packet of an established connection, so it is kept
          * short. Two hashes of the 5-tuple, straight into the fields that use
          * them (an index computed from another field would cost p4c's copies):
-         * crc16 picks the slot, crc32 (1..2^32-1, so never a free slot's 0)
-         * fingerprints the connection in it. */
+         * crc16 picks the slot, crc32 offset by the protocol (so never a free
+         * slot's 0, and TCP and UDP apart) fingerprints the connection in it. */
         if (meta.service_hit == 1) {
             hash(meta.conn_index, HashAlgorithm.crc16, 32w0, hdr.flow, (bit<64>)CONN_SLOTS);
-            hash(meta.fingerprint, HashAlgorithm.crc32, 32w1, hdr.flow, 64w0xFFFFFFFF);
+            hash(meta.fingerprint, HashAlgorithm.crc32, hdr.ipv4.protocol, hdr.flow,
+                 (bit<64>)FINGERPRINT_RANGE);
 
             bit<32> stored;
             bit<48> seen;

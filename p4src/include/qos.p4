@@ -58,16 +58,16 @@ control Qos(inout headers_t hdr,
     }
 
     apply {
-        /* Not dropped and not a beacon: IPv4 to forward. */
-        if (meta.drop_reason == DROP_NONE && meta.consumed == 0) {
-            class_qos.apply();
-            if (meta.color != 0) {
-                events.count(meta.color == 1 ? EVENT_METER_YELLOW : EVENT_METER_RED);
-                meter_policy.apply();
-            }
-            if (hdr.inner_ipv4.isValid() && hdr.ipv4.protocol == PROTO_IPIP) {
-                hdr.inner_ipv4.dscp = hdr.ipv4.dscp;
-            }
+        /* Ingress applies this to packets to forward, after Deliver: one that
+         * Deliver drops (no route, TTL, unknown backend) is still metered, as
+         * ingress policing does. */
+        class_qos.apply();
+        if (meta.color != 0) {
+            events.count(meta.color == 1 ? EVENT_METER_YELLOW : EVENT_METER_RED);
+            meter_policy.apply();
+        }
+        if (hdr.inner_ipv4.isValid() && hdr.ipv4.protocol == PROTO_IPIP) {
+            hdr.inner_ipv4.dscp = hdr.ipv4.dscp;
         }
     }
 }

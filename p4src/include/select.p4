@@ -64,7 +64,8 @@ control SelectBackend(inout headers_t hdr,
     table service_pool {
         key = {
             meta.service_id: exact @name("service_id");
-            hdr.flow.addresses_protocol: selector @name("addresses_protocol");
+            hdr.flow.src_addr: selector @name("src_addr");
+            hdr.flow.dst_addr: selector @name("dst_addr");
             hdr.flow.src_port: selector @name("src_port");
             hdr.flow.dst_port: selector @name("dst_port");
         }

@@ -229,7 +229,8 @@ def service(mode: int = dp.Mode.HASH, pair_mask: int = 0, max_age_us: int = 0,
 
 def tenant(prefix: str, length: int, tenant_id: int, tclass: int = 0,
            trust: int = 0) -> list[TableEntry]:
-    action = Action.of("set_tenant", tenant_id=tenant_id, tclass=tclass, trust_dscp=trust)
+    action = Action.of("set_tenant_trusting_dscp" if trust else "set_tenant",
+                       tenant_id=tenant_id, tclass=tclass)
     return [TableEntry.of("tenant_by_src", {"src_addr": Lpm(ip_int(prefix), length)}, action),
             TableEntry.of("tenant_by_dst", {"dst_addr": Lpm(ip_int(prefix), length)}, action)]
 
@@ -243,10 +244,10 @@ def base_plan() -> list[TableEntry]:
             local_backend(OVERFLOW, OVERFLOW_PORT)]
 
 
-def conn_slot(src: str, dst: str, proto: int, sport: int, dport: int) -> int:
-    """The connection-table slot of a 5-tuple: BMv2's crc16 (CRC-16/ARC) of the
-    pin's flow header (addresses, protocol, ports)."""
-    data = (socket.inet_aton(src) + socket.inet_aton(dst) + bytes([proto])
+def conn_slot(src: str, dst: str, sport: int, dport: int) -> int:
+    """The connection-table slot of a flow: BMv2's crc16 (CRC-16/ARC) of the
+    pin's flow header (addresses, ports)."""
+    data = (socket.inet_aton(src) + socket.inet_aton(dst)
             + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"))
     crc = 0
     for byte in data:  # reflected polynomial 0x8005, initial value 0, no final xor

@@ -25,7 +25,7 @@ def flows(n: int, base: int = 0) -> list[tuple[str, int]]:
     chosen: dict[int, tuple[str, int]] = {}
     while len(chosen) < n:
         flow = (f"10.0.1.{rng.randint(2, 250)}", rng.randint(32768, 60999))
-        chosen.setdefault(h.conn_slot(flow[0], h.VIP, 6, flow[1], h.VIP_PORT), flow)
+        chosen.setdefault(h.conn_slot(flow[0], h.VIP, flow[1], h.VIP_PORT), flow)
     return list(chosen.values())
 
 
@@ -131,7 +131,7 @@ def colliding_pair() -> tuple[tuple[str, int], tuple[str, int]]:
     for host in range(2, 250):
         for sport in range(40000, 40400):
             flow = (f"10.0.1.{host}", sport)
-            slot = h.conn_slot(flow[0], h.VIP, 6, sport, h.VIP_PORT)
+            slot = h.conn_slot(flow[0], h.VIP, sport, h.VIP_PORT)
             if slot in seen:
                 return seen[slot], flow
             seen[slot] = flow
