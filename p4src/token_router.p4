@@ -40,7 +40,7 @@ control TokenIngress(inout headers_t hdr,
                 select_backend.apply(hdr, meta, standard_metadata); /* which backend */
             }
             /* Not dropped and not a beacon: IPv4 to forward. */
-            if (meta.drop_reason == DROP_NONE && meta.consumed == 0) {
+            if (meta.drop_reason == DROP_NONE && NOT(F_CONSUMED)) {
                 deliver.apply(hdr, meta, standard_metadata);  /* DSR, IP-in-IP or route */
                 qos.apply(hdr, meta, standard_metadata);      /* DSCP, priority, meter */
             }

@@ -10,7 +10,7 @@ control Admit(inout headers_t hdr,
               inout local_metadata_t meta,
               inout standard_metadata_t standard_metadata) {
 
-    /* Micro-tokens biased by BUCKET_ZERO (defines.p4); 0 in bucket_stamp means
+    /* Micro-tokens biased by BUCKET_ZERO (defines.p4); a level of 0 means
      * never seen, which starts the tenant with a full bucket. */
     @name(".bucket_level")
     register<bit<64>>(MAX_TENANTS) bucket_level;
@@ -33,55 +33,56 @@ control Admit(inout headers_t hdr,
         size = MAX_TENANTS;
     }
 
+    /* BMv2 zeroes every metadata field and temporary of the program for every
+     * packet, so this path keeps to two variables and no bool temporaries:
+     * the USAGE test is a macro, evaluated where it is needed. */
+#define USAGE_OK (hdr.beacon_usage.isValid() && IS(F_BEACON_OK) \
+                  && meta.drop_reason == DROP_NONE)
     apply {
         /* Only USAGE beacons and new connections touch a bucket: one test on
          * the path of every other packet. */
         if (hdr.beacon_usage.isValid() || meta.pin_state == PIN_NEW) {
-            bool usage = hdr.beacon_usage.isValid() && meta.beacon_ok == 1
-                         && meta.drop_reason == DROP_NONE;
-            if (usage) {
+            if (USAGE_OK) {
                 meta.tenant_id = (bit<32>)hdr.beacon_usage.tenant_id;
             }
-            if ((usage || (meta.pin_state == PIN_NEW && meta.tenant_id != 0))
-                    && tenant_contract.apply().hit) {
-                bit<64> level;
-                bit<48> stamp;
-                bucket_level.read(level, meta.tenant_id);
-                bucket_stamp.read(stamp, meta.tenant_id);
-                bit<48> now = standard_metadata.ingress_global_timestamp;
-                if (stamp == 0) {
-                    level = meta.contract_full;
-                } else {
-                    bit<48> elapsed = now - stamp;
-                    if (elapsed > MAX_REFILL_US) {
-                        elapsed = MAX_REFILL_US;
-                    }
-                    /* elapsed (us) * rate (tokens/s) = micro-tokens; < 2^64 by the caps. */
-                    bit<64> refill = (bit<64>)elapsed * meta.contract_rate;
-                    if (level >= meta.contract_full
-                            || refill >= meta.contract_full - level) {
+            if (USAGE_OK || (meta.pin_state == PIN_NEW && meta.tenant_id != 0)) {
+                if (tenant_contract.apply().hit) {
+                    bit<64> level;
+                    bit<48> elapsed;
+                    bucket_level.read(level, meta.tenant_id);
+                    bucket_stamp.read(elapsed, meta.tenant_id);
+                    if (level == BUCKET_NEVER_SEEN) {
                         level = meta.contract_full;
                     } else {
-                        level = level + refill;
+                        elapsed = standard_metadata.ingress_global_timestamp - elapsed;
+                        if (elapsed > MAX_REFILL_US) {
+                            elapsed = MAX_REFILL_US;
+                        }
+                        /* elapsed (us) * rate (tokens/s) = micro-tokens; < 2^64 by the caps. */
+                        if (level >= meta.contract_full || (bit<64>)elapsed * meta.contract_rate
+                                                           >= meta.contract_full - level) {
+                            level = meta.contract_full;
+                        } else {
+                            level = level + (bit<64>)elapsed * meta.contract_rate;
+                        }
                     }
-                }
 
-                if (usage) {
-                    bit<64> used = ((bit<64>)hdr.beacon_usage.prompt_tokens
-                                    + (bit<64>)hdr.beacon_usage.completion_tokens) * MICRO;
-                    if (level > used) {
-                        level = level - used;
-                    } else {
-                        level = 0;
+                    if (USAGE_OK) {
+                        if (level > BUCKET_FLOOR + USAGE_MICRO) {
+                            level = level - USAGE_MICRO;
+                        } else {
+                            level = BUCKET_FLOOR;
+                        }
+                    } else if (level < BUCKET_ZERO + MICRO) {
+                        SET(F_OVERFLOW);
                     }
-                } else if (level < BUCKET_ZERO + MICRO) {
-                    meta.overflow = 1;
+                    bucket_level.write(meta.tenant_id, level);
+                    bucket_stamp.write(meta.tenant_id, standard_metadata.ingress_global_timestamp);
                 }
-                bucket_level.write(meta.tenant_id, level);
-                bucket_stamp.write(meta.tenant_id, now == 0 ? 48w1 : now);
             }
         }
     }
+#undef USAGE_OK
 }
 
 #endif

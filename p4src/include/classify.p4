@@ -19,7 +19,7 @@ control Classify(inout headers_t hdr,
     @name(".set_tenant_trusting_dscp")
     action set_tenant_trusting_dscp(bit<12> tenant_id, bit<3> tclass) {
         set_tenant(tenant_id, tclass);
-        meta.trust_dscp = 1;
+        SET(F_TRUST_DSCP);
     }
 
     /* Client prefixes: forward traffic matches the source address... */
@@ -45,7 +45,7 @@ control Classify(inout headers_t hdr,
         meta.tclass = (bit<32>)tclass;
     }
 
-    /* Applied only for tenants whose entry has trust_dscp = 1. */
+    /* Applied only for tenants whose entry is set_tenant_trusting_dscp. */
     @name(".dscp_class")
     table dscp_class {
         key = { hdr.ipv4.dscp: exact @name("dscp"); }
@@ -65,7 +65,7 @@ control Classify(inout headers_t hdr,
 
     @name(".set_vip")
     action set_vip(bit<32> idle_timeout_us) {
-        meta.service_hit = 1;
+        SET(F_SERVICE);
         meta.idle_timeout_us = idle_timeout_us;
     }
 
@@ -86,7 +86,8 @@ control Classify(inout headers_t hdr,
 
     @name(".accept_beacon")
     action accept_beacon() {
-        meta.beacon_ok = 1;
+        SET(F_BEACON_OK);
+        meta.backend_id = (bit<32>)hdr.beacon.backend_id;  /* for Select's registers */
     }
 
     @name(".reject_beacon")
@@ -109,7 +110,7 @@ control Classify(inout headers_t hdr,
 
     @name(".decap_to_backend")
     action decap_to_backend(bit<16> backend_id) {
-        meta.decap = 1;
+        SET(F_DECAP);
         meta.backend_id = (bit<32>)backend_id;
     }
 
@@ -128,7 +129,7 @@ control Classify(inout headers_t hdr,
         if (hdr.ipv4.isValid() && !hdr.beacon.isValid()) {
             if (hdr.inner_ipv4.isValid()) {
                 tunnel_term.apply();
-                if (meta.decap == 1) {
+                if (IS(F_DECAP)) {
                     hdr.ipv4 = hdr.inner_ipv4;
                     hdr.ipv4_options = hdr.inner_ipv4_options;
                     hdr.inner_ipv4.setInvalid();
@@ -140,8 +141,8 @@ control Classify(inout headers_t hdr,
                 tenant_by_dst.apply();
             }
             /* The classes a packet can carry over its tenant's, behind one test. */
-            if (meta.trust_dscp == 1 || hdr.bth.isValid()) {
-                if (meta.trust_dscp == 1) {
+            if (IS(F_TRUST_DSCP) || hdr.bth.isValid()) {
+                if (IS(F_TRUST_DSCP)) {
                     dscp_class.apply();
                 }
                 if (hdr.bth.isValid()) {
@@ -149,13 +150,13 @@ control Classify(inout headers_t hdr,
                     roce_class.apply();
                 }
             }
-            if (meta.decap == 0 && hdr.flow.isValid()) {
+            if (NOT(F_DECAP) && hdr.flow.isValid()) {
                 vip.apply();
             }
         } else if (!hdr.ipv4.isValid()) {
             meta.drop_reason = DROP_NOT_IPV4;
         } else {
-            meta.consumed = 1;
+            SET(F_CONSUMED);
             if (hdr.beacon_load.isValid() && hdr.beacon.backend_id >= MAX_BACKENDS) {
                 meta.drop_reason = DROP_BEACON_BAD_ID;
             } else if (hdr.beacon_usage.isValid()

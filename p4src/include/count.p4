@@ -25,22 +25,21 @@ control Count(inout headers_t hdr,
     counter(NUM_DROP_REASONS, CounterType.packets) drops;
 
     apply {
+        port_rx.count((bit<32>)standard_metadata.ingress_port);
         /* A forwarded packet of a pinned connection of a known tenant: all its
          * counters in one action. Its backend is below MAX_BACKENDS (Select
          * pins no other) and so is its tenant (Classify keeps no other). */
         if (meta.pin_state == PIN_HIT && meta.drop_reason == DROP_NONE
                 && meta.tenant_id != 0) {
-            port_rx.count((bit<32>)standard_metadata.ingress_port);
             events.count(EVENT_PIN_HIT);
             class_traffic.count(meta.tclass);
             tenant_traffic.count(meta.tenant_id);
             backend_traffic.count(meta.backend_id);
         } else {
-            port_rx.count((bit<32>)standard_metadata.ingress_port);
             if (meta.pin_state == PIN_HIT) {
                 events.count(EVENT_PIN_HIT);
-            } else if (meta.service_hit == 1 || meta.consumed == 1) {
-                if (meta.beacon_ok == 1 && meta.drop_reason == DROP_NONE) {
+            } else if (IS(F_SERVICE | F_CONSUMED)) {
+                if (IS(F_BEACON_OK) && meta.drop_reason == DROP_NONE) {
                     if (hdr.beacon_load.isValid()) {
                         events.count(EVENT_BEACON_LOAD);
                     } else {
@@ -50,30 +49,34 @@ control Count(inout headers_t hdr,
                 if (meta.pin_state == PIN_NEW) {
                     events.count(EVENT_PIN_NEW);
                 } else if (meta.pin_state == PIN_STATELESS) {
-                    events.count(OPENS_FLOW ? EVENT_PIN_COLLISION : EVENT_PIN_MISS);
+                    if (OPENS_FLOW) {
+                        events.count(EVENT_PIN_COLLISION);
+                    } else {
+                        events.count(EVENT_PIN_MISS);
+                    }
                 }
-                if (meta.select_fallback == 1) {
+                if (IS(F_FALLBACK)) {
                     events.count(EVENT_SELECT_FALLBACK);
                 }
             }
 
             /* Drops happen here, after counting; beacons end here too. */
             if (meta.drop_reason != DROP_NONE) {
-                drops.count((bit<32>)meta.drop_reason);
+                drops.count(meta.drop_reason);
                 mark_to_drop(standard_metadata);
-            } else if (meta.consumed == 1) {
+            } else if (IS(F_CONSUMED)) {
                 mark_to_drop(standard_metadata);
             } else {
                 class_traffic.count(meta.tclass);
                 if (meta.tenant_id != 0) {
                     tenant_traffic.count(meta.tenant_id);
                 }
-                if ((meta.service_hit == 1 || meta.decap == 1) && meta.backend_id < MAX_BACKENDS) {
+                if (IS(F_SERVICE | F_DECAP) && meta.backend_id < MAX_BACKENDS) {
                     backend_traffic.count(meta.backend_id);
                     if (meta.pin_state == PIN_NEW) {
                         backend_conns.count(meta.backend_id);
                         if (meta.tenant_id != 0) {
-                            if (meta.overflow == 1) {
+                            if (IS(F_OVERFLOW)) {
                                 tenant_overflow.count(meta.tenant_id);
                                 events.count(EVENT_OVERFLOW);
                             } else {

@@ -36,7 +36,20 @@ const bit<8> MODE_HASH = 0;
 const bit<8> MODE_P2C = 1;
 
 /* No backend: the sentinel in the connection table and in metadata. */
-const bit<16> NO_BACKEND = 0xFFFF;
+const bit<32> NO_BACKEND = 0xFFFF;
+
+/* One-bit facts about a packet: bits of meta.flags, one field rather than
+ * seven (BMv2 zeroes each metadata field of every packet). */
+const bit<8> F_SERVICE = 0x01;     /* addressed to a service VIP:port (vip hit) */
+const bit<8> F_DECAP = 0x02;       /* IP-in-IP terminated here, for backend_id */
+const bit<8> F_CONSUMED = 0x04;    /* a beacon: processed here, forwarded nowhere */
+const bit<8> F_BEACON_OK = 0x08;   /* from the port and address of its backend */
+const bit<8> F_OVERFLOW = 0x10;    /* a new connection of a tenant over budget */
+const bit<8> F_FALLBACK = 0x20;    /* the mode's choice was not eligible */
+const bit<8> F_TRUST_DSCP = 0x40;  /* the tenant lets DSCP choose the class */
+#define SET(f) meta.flags = meta.flags | (f)
+#define IS(f) ((meta.flags & (f)) != 0)
+#define NOT(f) ((meta.flags & (f)) == 0)
 
 /* Connection-table states decided by the pin control. */
 const bit<2> PIN_NONE = 0;       /* not service traffic */
@@ -46,23 +59,23 @@ const bit<2> PIN_STATELESS = 3;  /* collision or unpinned mid-connection packet 
 /* pin_state >= PIN_NEW: Select chooses a backend (one test for both). */
 
 /* Drop reasons: index of the `drops` counter (tokenfabric/dataplane.py). */
-const bit<8> DROP_NONE = 0;
-const bit<8> DROP_TRUNCATED = 1;
-const bit<8> DROP_BAD_IPV4_VERSION = 2;
-const bit<8> DROP_BAD_IPV4_IHL = 3;
-const bit<8> DROP_BAD_TCP_OFFSET = 4;
-const bit<8> DROP_BAD_BEACON_VERSION = 5;
-const bit<8> DROP_BAD_BEACON_TYPE = 6;
-const bit<8> DROP_BEACON_UNAUTHORIZED = 7;
-const bit<8> DROP_BEACON_BAD_ID = 8;
-const bit<8> DROP_NOT_IPV4 = 9;
-const bit<8> DROP_NO_ROUTE = 10;
-const bit<8> DROP_TTL_EXPIRED = 11;
-const bit<8> DROP_UNKNOWN_BACKEND = 12;
-const bit<8> DROP_NO_BACKEND = 13;
-const bit<8> DROP_METER_RED = 14;
-const bit<8> DROP_PARSER_OTHER = 15;
-const bit<8> DROP_BAD_IPV4_CHECKSUM = 16;
+const bit<32> DROP_NONE = 0;
+const bit<32> DROP_TRUNCATED = 1;
+const bit<32> DROP_BAD_IPV4_VERSION = 2;
+const bit<32> DROP_BAD_IPV4_IHL = 3;
+const bit<32> DROP_BAD_TCP_OFFSET = 4;
+const bit<32> DROP_BAD_BEACON_VERSION = 5;
+const bit<32> DROP_BAD_BEACON_TYPE = 6;
+const bit<32> DROP_BEACON_UNAUTHORIZED = 7;
+const bit<32> DROP_BEACON_BAD_ID = 8;
+const bit<32> DROP_NOT_IPV4 = 9;
+const bit<32> DROP_NO_ROUTE = 10;
+const bit<32> DROP_TTL_EXPIRED = 11;
+const bit<32> DROP_UNKNOWN_BACKEND = 12;
+const bit<32> DROP_NO_BACKEND = 13;
+const bit<32> DROP_METER_RED = 14;
+const bit<32> DROP_PARSER_OTHER = 15;
+const bit<32> DROP_BAD_IPV4_CHECKSUM = 16;
 #define NUM_DROP_REASONS 32
 
 /* Events: index of the `events` counter. */
@@ -85,6 +98,12 @@ const bit<32> EVENT_OVERFLOW = 10;
 const bit<64> BUCKET_ZERO = 0x4000000000000000;
 const bit<64> MICRO = 1000000;
 const bit<48> MAX_REFILL_US = 0xFFFFFFFF;
+/* Level 0: a tenant the switch has not seen; a debt stops at BUCKET_FLOOR. */
+const bit<64> BUCKET_NEVER_SEEN = 0;
+const bit<64> BUCKET_FLOOR = 1;
+/* The micro-tokens a USAGE beacon reports. */
+#define USAGE_MICRO (((bit<64>)hdr.beacon_usage.prompt_tokens \
+                      + (bit<64>)hdr.beacon_usage.completion_tokens) * MICRO)
 
 /* A packet that may open a connection (a TCP SYN without ACK, or anything not
  * TCP) and one that ends it (TCP FIN or RST). Tests, not metadata: BMv2 pays

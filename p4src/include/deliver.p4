@@ -58,7 +58,7 @@ control Deliver(inout headers_t hdr,
 
     /* Ingress applies this to packets to forward (not dropped, not beacons). */
     apply {
-        if (meta.service_hit == 1 || meta.decap == 1) {
+        if (IS(F_SERVICE | F_DECAP)) {
             switch (backend.apply().action_run) {
                 deliver_ipip: {
                     if (!hdr.inner_ipv4.isValid()) {
@@ -83,7 +83,7 @@ control Deliver(inout headers_t hdr,
         /* Routed: traffic that is not to a backend, and tunnels by their
          * outer address (deliver_ipip set tunnel_dst, never 0). A local
          * backend (L2 rewrite done) or an unknown one (dropped) is not. */
-        if ((meta.service_hit == 0 && meta.decap == 0) || meta.tunnel_dst != 0) {
+        if (NOT(F_SERVICE | F_DECAP) || meta.tunnel_dst != 0) {
             if (hdr.ipv4.ttl <= 1) {
                 meta.drop_reason = DROP_TTL_EXPIRED;
             } else {

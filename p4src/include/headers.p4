@@ -120,26 +120,26 @@ struct headers_t {
     flow_h flow;
 }
 
+/* BMv2 zeroes every field here (and every variable and temporary p4c adds)
+ * for every packet it receives, at about the cost of an assignment each:
+ * fields are few, shared where they can be, and flags are bits of one field. */
 struct local_metadata_t {
     /* classify. Ids that index counters, meters and registers are 32 bits
      * wide, the width of those indices: a narrower field would cost BMv2 a
      * copy into a temporary at every use. */
     bit<32> tenant_id;      /* 0: no tenant (the controller numbers them 1..4095) */
     bit<32> tclass;
-    bit<1> trust_dscp;
     bit<1> is_cnp;
-    bit<1> beacon_ok;
-    bit<1> decap;           /* IP-in-IP terminated here, for backend_id */
+    bit<8> flags;           /* F_* of defines.p4 */
 
     /* the service (VIP:port) this packet is addressed to */
-    bit<1> service_hit;
     bit<16> service_id;
     bit<8> mode;
-    bit<16> overflow_backend;
+    bit<32> overflow_backend;
     bit<8> pair_mask;
     bit<32> beacon_max_age_us;
     bit<32> idle_timeout_us;
-    bit<16> conn_cost;
+    bit<32> conn_cost;
 
     /* pin */
     bit<32> conn_index;     /* crc16 of the 5-tuple */
@@ -147,22 +147,18 @@ struct local_metadata_t {
     bit<2> pin_state;
 
     /* admit: the tenant's contract (tenant_contract), on new connections */
-    bit<1> overflow;
     bit<64> contract_rate;
     bit<64> contract_full;
 
     /* select */
     bit<8> pair_slot;
-    bit<1> select_fallback;
     bit<32> backend_id;
 
     /* deliver, qos, count */
     bit<32> tunnel_src;      /* deliver_ipip's outer addresses */
     bit<32> tunnel_dst;
-    bit<1> consumed;         /* a beacon: processed here, forwarded nowhere */
-    bit<8> drop_reason;
+    bit<32> drop_reason;    /* indexes the drops counter */
     bit<2> color;
-    bit<1> ecn_enabled;
     bit<19> ecn_threshold;
 }
 

@@ -115,11 +115,11 @@ parser TokenParser(packet_in packet,
 
     state parse_beacon {
         packet.extract(hdr.beacon);
-        verify(hdr.beacon.version == BEACON_VERSION, error.BadBeaconVersion);
-        transition select(hdr.beacon.type) {
-            BEACON_LOAD: parse_beacon_load;
-            BEACON_USAGE: parse_beacon_usage;
-            default: bad_beacon_type;
+        transition select(hdr.beacon.version, hdr.beacon.type) {
+            (BEACON_VERSION, BEACON_LOAD): parse_beacon_load;
+            (BEACON_VERSION, BEACON_USAGE): parse_beacon_usage;
+            (BEACON_VERSION, _): bad_beacon_type;
+            default: bad_beacon_version;
         }
     }
 
@@ -135,6 +135,11 @@ parser TokenParser(packet_in packet,
 
     state bad_beacon_type {
         verify(false, error.BadBeaconType);
+        transition accept;
+    }
+
+    state bad_beacon_version {
+        verify(false, error.BadBeaconVersion);
         transition accept;
     }
 

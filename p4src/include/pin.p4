@@ -16,7 +16,7 @@ control Pin(inout headers_t hdr,
          * them (an index computed from another field would cost p4c's copies):
          * crc16 picks the slot, crc32 offset by the protocol (so never a free
          * slot's 0, and TCP and UDP apart) fingerprints the connection in it. */
-        if (meta.service_hit == 1) {
+        if (IS(F_SERVICE)) {
             hash(meta.conn_index, HashAlgorithm.crc16, 32w0, hdr.flow, (bit<64>)CONN_SLOTS);
             hash(meta.fingerprint, HashAlgorithm.crc32, hdr.ipv4.protocol, hdr.flow,
                  (bit<64>)FINGERPRINT_RANGE);

@@ -63,7 +63,11 @@ control Qos(inout headers_t hdr,
          * ingress policing does. */
         class_qos.apply();
         if (meta.color != 0) {
-            events.count(meta.color == 1 ? EVENT_METER_YELLOW : EVENT_METER_RED);
+            if (meta.color == 1) {
+                events.count(EVENT_METER_YELLOW);
+            } else {
+                events.count(EVENT_METER_RED);
+            }
             meter_policy.apply();
         }
         if (hdr.inner_ipv4.isValid() && hdr.ipv4.protocol == PROTO_IPIP) {
@@ -84,7 +88,6 @@ control TokenEgress(inout headers_t hdr,
 
     @name(".set_ecn_threshold")
     action set_ecn_threshold(bit<19> qdepth) {
-        meta.ecn_enabled = 1;
         meta.ecn_threshold = qdepth;
     }
 
@@ -99,11 +102,11 @@ control TokenEgress(inout headers_t hdr,
     apply {
         port_tx.count((bit<32>)standard_metadata.egress_port);
         if (hdr.ipv4.isValid() && (hdr.ipv4.ecn == 1 || hdr.ipv4.ecn == 2)) {
-            ecn_policy.apply();
-            if (meta.ecn_enabled == 1
-                    && standard_metadata.enq_qdepth >= meta.ecn_threshold) {
-                hdr.ipv4.ecn = 3;
-                ecn_marked.count(meta.tclass);
+            if (ecn_policy.apply().hit) {
+                if (standard_metadata.enq_qdepth >= meta.ecn_threshold) {
+                    hdr.ipv4.ecn = 3;
+                    ecn_marked.count(meta.tclass);
+                }
             }
         }
     }

@@ -26,10 +26,10 @@ control SelectBackend(inout headers_t hdr,
                        bit<8> pair_mask, bit<32> beacon_max_age_us, bit<16> conn_cost) {
         meta.service_id = service_id;
         meta.mode = mode;
-        meta.overflow_backend = overflow_backend;
+        meta.overflow_backend = (bit<32>)overflow_backend;
         meta.pair_mask = pair_mask;
         meta.beacon_max_age_us = beacon_max_age_us;
-        meta.conn_cost = conn_cost;
+        meta.conn_cost = (bit<32>)conn_cost;
     }
 
     /* The service behind a VIP:port (same key as vip) and how it chooses. */
@@ -48,15 +48,16 @@ control SelectBackend(inout headers_t hdr,
     @name(".backend_selector")
     action_selector(HashAlgorithm.crc16, 32w4096, 32w16) backend_selector;
 
-    /* Set on the path of a new connection only (initializing them for every
-     * packet would cost BMv2 three assignments each time). */
-    bit<16> pool_backend;
-    bit<16> first;
-    bit<16> second;
+    /* Set on the path of a new connection only. BMv2 zeroes every variable of
+     * the program for every packet, so this control keeps to few (and 32-bit
+     * ones where they index registers: a cast would cost a temporary). */
+    bit<32> pool_backend;
+    bit<32> first;
+    bit<32> second;
 
     @name(".set_pool_backend")
     action set_pool_backend(bit<16> backend_id) {
-        pool_backend = backend_id;
+        pool_backend = (bit<32>)backend_id;
     }
 
     /* Weighted hash: one group per service, members weighted by the controller. */
@@ -76,8 +77,8 @@ control SelectBackend(inout headers_t hdr,
 
     @name(".set_candidates")
     action set_candidates(bit<16> first_backend, bit<16> second_backend) {
-        first = first_backend;
-        second = second_backend;
+        first = (bit<32>)first_backend;
+        second = (bit<32>)second_backend;
     }
 
     /* Power of two choices: the controller fills pair_mask + 1 slots per service
@@ -93,103 +94,92 @@ control SelectBackend(inout headers_t hdr,
         size = 16384;
     }
 
+    /* Eligible: known, not DOWN or DRAINING, and (when the service sets a
+     * maximum age) a beacon no older than that age; of the backend whose
+     * flags and seen were just read. */
+#define ELIGIBLE ((flags & (BEACON_FLAG_DOWN | BEACON_FLAG_DRAINING)) == 0 \
+                  && (meta.beacon_max_age_us == 0 || (seen != 0 \
+                      && standard_metadata.ingress_global_timestamp - seen \
+                         <= (bit<48>)meta.beacon_max_age_us)))
     apply {
         /* Pinned packets (Pin read their backend) pass with one test. */
         if (meta.pin_state >= PIN_NEW) {
             service.apply();
             pool_backend = NO_BACKEND;
-            first = NO_BACKEND;
-            second = NO_BACKEND;
             /* Every path may need the weighted hash: as the mode, as the
              * stateless answer, or as the fallback of P2C. */
-            meta.pair_slot = meta.fingerprint[23:16] & meta.pair_mask;
             service_pool.apply();
 
             if (meta.pin_state == PIN_STATELESS) {
-                meta.backend_id = (bit<32>)pool_backend;
+                meta.backend_id = pool_backend;
                 if (pool_backend == NO_BACKEND) {
                     meta.drop_reason = DROP_NO_BACKEND;
                 }
             } else {
                 /* A new connection. */
-                bit<48> now = standard_metadata.ingress_global_timestamp;
-                bit<16> chosen = NO_BACKEND;
-                if (meta.overflow == 1) {
-                    chosen = meta.overflow_backend;
+                bit<8> flags;
+                bit<48> seen;
+                bit<32> load;
+                bit<32> pending;
+                if (IS(F_OVERFLOW)) {
+                    meta.backend_id = meta.overflow_backend;
                 } else {
+                    /* By the pair (into backend_id): the eligible one of lower load,
+                     * the first on a tie. */
+                    first = NO_BACKEND;
+                    second = NO_BACKEND;
+                    meta.pair_slot = meta.fingerprint[23:16] & meta.pair_mask;
                     p2c_pairs.apply();
-
-                    /* Eligible: known, not DOWN or DRAINING, and (when the service
-                     * sets a maximum age) a beacon no older than that age. */
-                    bit<32> load_a = 0;
-                    bit<32> load_b = 0;
-                    bit<32> load_p = 0;
-                    bit<32> pend;
-                    bit<48> seen;
-                    bit<8> flags;
-                    bool ok_a = false;
-                    bool ok_b = false;
-                    bool ok_p = false;
-                    bit<48> max_age = (bit<48>)meta.beacon_max_age_us;
-
+                    meta.backend_id = NO_BACKEND;
+                    bit<32> by_pair_load = 0;
                     if (first < MAX_BACKENDS) {
-                        backend_flags.read(flags, (bit<32>)first);
-                        backend_seen.read(seen, (bit<32>)first);
-                        backend_load.read(load_a, (bit<32>)first);
-                        backend_pending.read(pend, (bit<32>)first);
-                        load_a = load_a + pend * (bit<32>)meta.conn_cost;
-                        ok_a = (flags & 3) == 0
-                               && (max_age == 0 || (seen != 0 && now - seen <= max_age));
+                        backend_flags.read(flags, first);
+                        backend_seen.read(seen, first);
+                        if (ELIGIBLE) {
+                            backend_load.read(load, first);
+                            backend_pending.read(pending, first);
+                            meta.backend_id = first;
+                            by_pair_load = load + pending * meta.conn_cost;
+                        }
                     }
                     if (second < MAX_BACKENDS) {
-                        backend_flags.read(flags, (bit<32>)second);
-                        backend_seen.read(seen, (bit<32>)second);
-                        backend_load.read(load_b, (bit<32>)second);
-                        backend_pending.read(pend, (bit<32>)second);
-                        load_b = load_b + pend * (bit<32>)meta.conn_cost;
-                        ok_b = (flags & 3) == 0
-                               && (max_age == 0 || (seen != 0 && now - seen <= max_age));
+                        backend_flags.read(flags, second);
+                        backend_seen.read(seen, second);
+                        if (ELIGIBLE) {
+                            backend_load.read(load, second);
+                            backend_pending.read(pending, second);
+                            if (meta.backend_id == NO_BACKEND
+                                    || load + pending * meta.conn_cost < by_pair_load) {
+                                meta.backend_id = second;
+                            }
+                        }
                     }
+
+                    /* The weighted hash's choice: flags and seen of the pool's backend. */
+                    flags = BEACON_FLAG_DOWN;
                     if (pool_backend < MAX_BACKENDS) {
-                        backend_flags.read(flags, (bit<32>)pool_backend);
-                        backend_seen.read(seen, (bit<32>)pool_backend);
-                        ok_p = (flags & 3) == 0
-                               && (max_age == 0 || (seen != 0 && now - seen <= max_age));
+                        backend_flags.read(flags, pool_backend);
+                        backend_seen.read(seen, pool_backend);
                     }
-
-                    bit<16> by_pair = NO_BACKEND;
-                    if (ok_a && ok_b) {
-                        by_pair = load_a <= load_b ? first : second;
-                    } else if (ok_a) {
-                        by_pair = first;
-                    } else if (ok_b) {
-                        by_pair = second;
-                    }
-
                     if (meta.mode == MODE_P2C) {
-                        chosen = by_pair;
-                        if (chosen == NO_BACKEND && ok_p) {
-                            chosen = pool_backend;
-                            meta.select_fallback = 1;
+                        if (meta.backend_id == NO_BACKEND && ELIGIBLE) {
+                            meta.backend_id = pool_backend;
+                            SET(F_FALLBACK);
                         }
+                    } else if (ELIGIBLE) {
+                        meta.backend_id = pool_backend;
                     } else {
-                        if (ok_p) {
-                            chosen = pool_backend;
-                        } else {
-                            chosen = by_pair;
-                            meta.select_fallback = 1;
-                        }
+                        SET(F_FALLBACK);  /* the pair's choice stands */
                     }
                 }
 
                 /* Only a backend the per-backend registers and counters cover
                  * is pinned (the controller numbers them below MAX_BACKENDS). */
-                meta.backend_id = (bit<32>)chosen;
-                if (chosen < MAX_BACKENDS) {
+                if (meta.backend_id < MAX_BACKENDS) {
                     conn_backend.write(meta.conn_index, meta.backend_id);
-                    bit<32> pending;
-                    backend_pending.read(pending, (bit<32>)chosen);
-                    backend_pending.write((bit<32>)chosen, pending + 1);
+                    backend_pending.read(pending, meta.backend_id);
+                    pending = pending + 1;
+                    backend_pending.write(meta.backend_id, pending);
                 } else {
                     meta.drop_reason = DROP_NO_BACKEND;
                     /* Free the slot: the connection's next packet chooses anew. */
@@ -197,16 +187,17 @@ control SelectBackend(inout headers_t hdr,
                 }
             }
         } else if (hdr.beacon_load.isValid()) {
-            if (meta.beacon_ok == 1 && meta.drop_reason == DROP_NONE) {
-                bit<48> now = standard_metadata.ingress_global_timestamp;
-                bit<32> b = (bit<32>)hdr.beacon.backend_id;
-                backend_load.write(b, hdr.beacon_load.load);
-                backend_pending.write(b, 0);
-                backend_seen.write(b, now == 0 ? 48w1 : now);
-                backend_flags.write(b, hdr.beacon.flags);
+            /* beacon_source's accept_beacon set backend_id. A beacon at time 0
+             * would read as never seen; the switch is configured long after. */
+            if (IS(F_BEACON_OK) && meta.drop_reason == DROP_NONE) {
+                backend_load.write(meta.backend_id, hdr.beacon_load.load);
+                backend_pending.write(meta.backend_id, 0);
+                backend_seen.write(meta.backend_id, standard_metadata.ingress_global_timestamp);
+                backend_flags.write(meta.backend_id, hdr.beacon.flags);
             }
         }
     }
+#undef ELIGIBLE
 }
 
 #endif
