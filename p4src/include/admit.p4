@@ -20,8 +20,8 @@ control Admit(inout headers_t hdr,
 
     @name(".set_contract")
     action set_contract(bit<32> tokens_per_s, bit<32> burst_tokens) {
-        meta.contract_rate = (bit<64>)tokens_per_s;
-        meta.contract_full = BUCKET_ZERO + (bit<64>)burst_tokens * MICRO;
+        hdr.slow.contract_rate = (bit<64>)tokens_per_s;
+        hdr.slow.contract_full = BUCKET_ZERO + (bit<64>)burst_tokens * MICRO;
     }
 
     /* A tenant without an entry is not rate limited. */
@@ -33,55 +33,57 @@ control Admit(inout headers_t hdr,
         size = MAX_TENANTS;
     }
 
-    /* BMv2 zeroes every metadata field and temporary of the program for every
-     * packet, so this path keeps to two variables and no bool temporaries:
-     * the USAGE test is a macro, evaluated where it is needed. */
+    /* The bucket's arithmetic works in hdr.slow (no metadata, no bool
+     * temporaries: BMv2 zeroes those for every packet); the USAGE test is a
+     * macro, evaluated where it is needed. */
 #define USAGE_OK (hdr.beacon_usage.isValid() && IS(F_BEACON_OK) \
                   && meta.drop_reason == DROP_NONE)
+#define REFILL ((bit<64>)hdr.slow.elapsed * hdr.slow.contract_rate)
     apply {
         /* Only USAGE beacons and new connections touch a bucket: one test on
          * the path of every other packet. */
         if (hdr.beacon_usage.isValid() || meta.pin_state == PIN_NEW) {
+            hdr.slow.setValid();
             if (USAGE_OK) {
                 meta.tenant_id = (bit<32>)hdr.beacon_usage.tenant_id;
             }
             if (USAGE_OK || (meta.pin_state == PIN_NEW && meta.tenant_id != 0)) {
                 if (tenant_contract.apply().hit) {
-                    bit<64> level;
-                    bit<48> elapsed;
-                    bucket_level.read(level, meta.tenant_id);
-                    bucket_stamp.read(elapsed, meta.tenant_id);
-                    if (level == BUCKET_NEVER_SEEN) {
-                        level = meta.contract_full;
+                    bucket_level.read(hdr.slow.level, meta.tenant_id);
+                    bucket_stamp.read(hdr.slow.elapsed, meta.tenant_id);
+                    if (hdr.slow.level == BUCKET_NEVER_SEEN) {
+                        hdr.slow.level = hdr.slow.contract_full;
                     } else {
-                        elapsed = standard_metadata.ingress_global_timestamp - elapsed;
-                        if (elapsed > MAX_REFILL_US) {
-                            elapsed = MAX_REFILL_US;
+                        /* elapsed (us, capped) * rate (tokens/s) = micro-tokens (< 2^64) */
+                        hdr.slow.elapsed = standard_metadata.ingress_global_timestamp
+                                           - hdr.slow.elapsed;
+                        if (hdr.slow.elapsed > MAX_REFILL_US) {
+                            hdr.slow.elapsed = MAX_REFILL_US;
                         }
-                        /* elapsed (us) * rate (tokens/s) = micro-tokens; < 2^64 by the caps. */
-                        if (level >= meta.contract_full || (bit<64>)elapsed * meta.contract_rate
-                                                           >= meta.contract_full - level) {
-                            level = meta.contract_full;
+                        if (hdr.slow.level >= hdr.slow.contract_full
+                                || REFILL >= hdr.slow.contract_full - hdr.slow.level) {
+                            hdr.slow.level = hdr.slow.contract_full;
                         } else {
-                            level = level + (bit<64>)elapsed * meta.contract_rate;
+                            hdr.slow.level = hdr.slow.level + REFILL;
                         }
                     }
 
                     if (USAGE_OK) {
-                        if (level > BUCKET_FLOOR + USAGE_MICRO) {
-                            level = level - USAGE_MICRO;
+                        if (hdr.slow.level > BUCKET_FLOOR + USAGE_MICRO) {
+                            hdr.slow.level = hdr.slow.level - USAGE_MICRO;
                         } else {
-                            level = BUCKET_FLOOR;
+                            hdr.slow.level = BUCKET_FLOOR;
                         }
-                    } else if (level < BUCKET_ZERO + MICRO) {
+                    } else if (hdr.slow.level < BUCKET_ZERO + MICRO) {
                         SET(F_OVERFLOW);
                     }
-                    bucket_level.write(meta.tenant_id, level);
+                    bucket_level.write(meta.tenant_id, hdr.slow.level);
                     bucket_stamp.write(meta.tenant_id, standard_metadata.ingress_global_timestamp);
                 }
             }
         }
     }
+#undef REFILL
 #undef USAGE_OK
 }
 

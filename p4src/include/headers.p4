@@ -105,6 +105,35 @@ header flow_h {
     bit<16> dst_port;
 }
 
+/* State of the slow path (new connections, stateless choices, USAGE beacons),
+ * kept in a header rather than metadata: BMv2 zeroes every metadata field of
+ * every packet, but only clears a header's valid bit. The slow path makes it
+ * valid (zeroed) before using it; it is never emitted. */
+header slow_path_h {
+    /* the service's selection (service table) */
+    bit<16> service_id;
+    bit<8> mode;
+    bit<32> overflow_backend;
+    bit<8> pair_mask;
+    bit<32> beacon_max_age_us;
+    bit<32> conn_cost;
+    /* admit: the tenant's contract (tenant_contract) and bucket */
+    bit<64> contract_rate;
+    bit<64> contract_full;
+    bit<64> level;
+    bit<48> elapsed;
+    /* select: the candidates and what the registers say of them */
+    bit<8> pair_slot;
+    bit<32> pool_backend;
+    bit<32> first;
+    bit<32> second;
+    bit<8> flags;
+    bit<48> seen;
+    bit<32> load;
+    bit<32> pending;
+    bit<32> by_pair_load;
+}
+
 struct headers_t {
     ethernet_h ethernet;
     ipv4_h ipv4;
@@ -118,6 +147,7 @@ struct headers_t {
     beacon_load_h beacon_load;
     beacon_usage_h beacon_usage;
     flow_h flow;
+    slow_path_h slow;
 }
 
 /* BMv2 zeroes every field here (and every variable and temporary p4c adds)
@@ -132,26 +162,16 @@ struct local_metadata_t {
     bit<1> is_cnp;
     bit<8> flags;           /* F_* of defines.p4 */
 
-    /* the service (VIP:port) this packet is addressed to */
-    bit<16> service_id;
-    bit<8> mode;
-    bit<32> overflow_backend;
-    bit<8> pair_mask;
-    bit<32> beacon_max_age_us;
+    /* the service (VIP:port) this packet is addressed to; the rest of the
+     * service is hdr.slow's */
     bit<32> idle_timeout_us;
-    bit<32> conn_cost;
 
     /* pin */
     bit<32> conn_index;     /* crc16 of the 5-tuple */
     bit<32> fingerprint;    /* crc32 of the 5-tuple, never 0 */
     bit<2> pin_state;
 
-    /* admit: the tenant's contract (tenant_contract), on new connections */
-    bit<64> contract_rate;
-    bit<64> contract_full;
-
     /* select */
-    bit<8> pair_slot;
     bit<32> backend_id;
 
     /* deliver, qos, count */

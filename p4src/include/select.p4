@@ -24,12 +24,12 @@ control SelectBackend(inout headers_t hdr,
     @name(".set_service")
     action set_service(bit<16> service_id, bit<8> mode, bit<16> overflow_backend,
                        bit<8> pair_mask, bit<32> beacon_max_age_us, bit<16> conn_cost) {
-        meta.service_id = service_id;
-        meta.mode = mode;
-        meta.overflow_backend = (bit<32>)overflow_backend;
-        meta.pair_mask = pair_mask;
-        meta.beacon_max_age_us = beacon_max_age_us;
-        meta.conn_cost = (bit<32>)conn_cost;
+        hdr.slow.service_id = service_id;
+        hdr.slow.mode = mode;
+        hdr.slow.overflow_backend = (bit<32>)overflow_backend;
+        hdr.slow.pair_mask = pair_mask;
+        hdr.slow.beacon_max_age_us = beacon_max_age_us;
+        hdr.slow.conn_cost = (bit<32>)conn_cost;
     }
 
     /* The service behind a VIP:port (same key as vip) and how it chooses. */
@@ -48,23 +48,16 @@ control SelectBackend(inout headers_t hdr,
     @name(".backend_selector")
     action_selector(HashAlgorithm.crc16, 32w4096, 32w16) backend_selector;
 
-    /* Set on the path of a new connection only. BMv2 zeroes every variable of
-     * the program for every packet, so this control keeps to few (and 32-bit
-     * ones where they index registers: a cast would cost a temporary). */
-    bit<32> pool_backend;
-    bit<32> first;
-    bit<32> second;
-
     @name(".set_pool_backend")
     action set_pool_backend(bit<16> backend_id) {
-        pool_backend = (bit<32>)backend_id;
+        hdr.slow.pool_backend = (bit<32>)backend_id;
     }
 
     /* Weighted hash: one group per service, members weighted by the controller. */
     @name(".service_pool")
     table service_pool {
         key = {
-            meta.service_id: exact @name("service_id");
+            hdr.slow.service_id: exact @name("service_id");
             hdr.flow.src_addr: selector @name("src_addr");
             hdr.flow.dst_addr: selector @name("dst_addr");
             hdr.flow.src_port: selector @name("src_port");
@@ -77,8 +70,8 @@ control SelectBackend(inout headers_t hdr,
 
     @name(".set_candidates")
     action set_candidates(bit<16> first_backend, bit<16> second_backend) {
-        first = (bit<32>)first_backend;
-        second = (bit<32>)second_backend;
+        hdr.slow.first = (bit<32>)first_backend;
+        hdr.slow.second = (bit<32>)second_backend;
     }
 
     /* Power of two choices: the controller fills pair_mask + 1 slots per service
@@ -86,8 +79,8 @@ control SelectBackend(inout headers_t hdr,
     @name(".p2c_pairs")
     table p2c_pairs {
         key = {
-            meta.service_id: exact @name("service_id");
-            meta.pair_slot: exact @name("slot");
+            hdr.slow.service_id: exact @name("service_id");
+            hdr.slow.pair_slot: exact @name("slot");
         }
         actions = { set_candidates; @defaultonly NoAction; }
         const default_action = NoAction();
@@ -97,77 +90,75 @@ control SelectBackend(inout headers_t hdr,
     /* Eligible: known, not DOWN or DRAINING, and (when the service sets a
      * maximum age) a beacon no older than that age; of the backend whose
      * flags and seen were just read. */
-#define ELIGIBLE ((flags & (BEACON_FLAG_DOWN | BEACON_FLAG_DRAINING)) == 0 \
-                  && (meta.beacon_max_age_us == 0 || (seen != 0 \
-                      && standard_metadata.ingress_global_timestamp - seen \
-                         <= (bit<48>)meta.beacon_max_age_us)))
+#define ELIGIBLE ((hdr.slow.flags & (BEACON_FLAG_DOWN | BEACON_FLAG_DRAINING)) == 0 \
+                  && (hdr.slow.beacon_max_age_us == 0 || (hdr.slow.seen != 0 \
+                      && standard_metadata.ingress_global_timestamp - hdr.slow.seen \
+                         <= (bit<48>)hdr.slow.beacon_max_age_us)))
     apply {
         /* Pinned packets (Pin read their backend) pass with one test. */
         if (meta.pin_state >= PIN_NEW) {
+            hdr.slow.setValid();
             service.apply();
-            pool_backend = NO_BACKEND;
+            hdr.slow.pool_backend = NO_BACKEND;
             /* Every path may need the weighted hash: as the mode, as the
              * stateless answer, or as the fallback of P2C. */
             service_pool.apply();
 
             if (meta.pin_state == PIN_STATELESS) {
-                meta.backend_id = pool_backend;
-                if (pool_backend == NO_BACKEND) {
+                meta.backend_id = hdr.slow.pool_backend;
+                if (hdr.slow.pool_backend == NO_BACKEND) {
                     meta.drop_reason = DROP_NO_BACKEND;
                 }
             } else {
                 /* A new connection. */
-                bit<8> flags;
-                bit<48> seen;
-                bit<32> load;
-                bit<32> pending;
                 if (IS(F_OVERFLOW)) {
-                    meta.backend_id = meta.overflow_backend;
+                    meta.backend_id = hdr.slow.overflow_backend;
                 } else {
                     /* By the pair (into backend_id): the eligible one of lower load,
                      * the first on a tie. */
-                    first = NO_BACKEND;
-                    second = NO_BACKEND;
-                    meta.pair_slot = meta.fingerprint[23:16] & meta.pair_mask;
+                    hdr.slow.first = NO_BACKEND;
+                    hdr.slow.second = NO_BACKEND;
+                    hdr.slow.pair_slot = meta.fingerprint[23:16] & hdr.slow.pair_mask;
                     p2c_pairs.apply();
                     meta.backend_id = NO_BACKEND;
-                    bit<32> by_pair_load = 0;
-                    if (first < MAX_BACKENDS) {
-                        backend_flags.read(flags, first);
-                        backend_seen.read(seen, first);
+                    if (hdr.slow.first < MAX_BACKENDS) {
+                        backend_flags.read(hdr.slow.flags, hdr.slow.first);
+                        backend_seen.read(hdr.slow.seen, hdr.slow.first);
                         if (ELIGIBLE) {
-                            backend_load.read(load, first);
-                            backend_pending.read(pending, first);
-                            meta.backend_id = first;
-                            by_pair_load = load + pending * meta.conn_cost;
+                            backend_load.read(hdr.slow.load, hdr.slow.first);
+                            backend_pending.read(hdr.slow.pending, hdr.slow.first);
+                            meta.backend_id = hdr.slow.first;
+                            hdr.slow.by_pair_load = hdr.slow.load
+                                                    + hdr.slow.pending * hdr.slow.conn_cost;
                         }
                     }
-                    if (second < MAX_BACKENDS) {
-                        backend_flags.read(flags, second);
-                        backend_seen.read(seen, second);
+                    if (hdr.slow.second < MAX_BACKENDS) {
+                        backend_flags.read(hdr.slow.flags, hdr.slow.second);
+                        backend_seen.read(hdr.slow.seen, hdr.slow.second);
                         if (ELIGIBLE) {
-                            backend_load.read(load, second);
-                            backend_pending.read(pending, second);
+                            backend_load.read(hdr.slow.load, hdr.slow.second);
+                            backend_pending.read(hdr.slow.pending, hdr.slow.second);
                             if (meta.backend_id == NO_BACKEND
-                                    || load + pending * meta.conn_cost < by_pair_load) {
-                                meta.backend_id = second;
+                                    || hdr.slow.load + hdr.slow.pending * hdr.slow.conn_cost
+                                       < hdr.slow.by_pair_load) {
+                                meta.backend_id = hdr.slow.second;
                             }
                         }
                     }
 
                     /* The weighted hash's choice: flags and seen of the pool's backend. */
-                    flags = BEACON_FLAG_DOWN;
-                    if (pool_backend < MAX_BACKENDS) {
-                        backend_flags.read(flags, pool_backend);
-                        backend_seen.read(seen, pool_backend);
+                    hdr.slow.flags = BEACON_FLAG_DOWN;
+                    if (hdr.slow.pool_backend < MAX_BACKENDS) {
+                        backend_flags.read(hdr.slow.flags, hdr.slow.pool_backend);
+                        backend_seen.read(hdr.slow.seen, hdr.slow.pool_backend);
                     }
-                    if (meta.mode == MODE_P2C) {
+                    if (hdr.slow.mode == MODE_P2C) {
                         if (meta.backend_id == NO_BACKEND && ELIGIBLE) {
-                            meta.backend_id = pool_backend;
+                            meta.backend_id = hdr.slow.pool_backend;
                             SET(F_FALLBACK);
                         }
                     } else if (ELIGIBLE) {
-                        meta.backend_id = pool_backend;
+                        meta.backend_id = hdr.slow.pool_backend;
                     } else {
                         SET(F_FALLBACK);  /* the pair's choice stands */
                     }
@@ -177,9 +168,9 @@ control SelectBackend(inout headers_t hdr,
                  * is pinned (the controller numbers them below MAX_BACKENDS). */
                 if (meta.backend_id < MAX_BACKENDS) {
                     conn_backend.write(meta.conn_index, meta.backend_id);
-                    backend_pending.read(pending, meta.backend_id);
-                    pending = pending + 1;
-                    backend_pending.write(meta.backend_id, pending);
+                    backend_pending.read(hdr.slow.pending, meta.backend_id);
+                    hdr.slow.pending = hdr.slow.pending + 1;
+                    backend_pending.write(meta.backend_id, hdr.slow.pending);
                 } else {
                     meta.drop_reason = DROP_NO_BACKEND;
                     /* Free the slot: the connection's next packet chooses anew. */
