@@ -41,8 +41,8 @@ control TokenIngress(inout headers_t hdr,
             }
             /* Not dropped and not a beacon: IPv4 to forward. */
             if (meta.drop_reason == DROP_NONE && NOT(F_CONSUMED)) {
-                deliver.apply(hdr, meta, standard_metadata);  /* DSR, IP-in-IP or route */
                 qos.apply(hdr, meta, standard_metadata);      /* DSCP, priority, meter */
+                deliver.apply(hdr, meta, standard_metadata);  /* DSR, IP-in-IP or route */
             }
         /* Malformed input: dropped and counted by reason. */
         } else if (standard_metadata.parser_error == error.NoError) {

@@ -1,6 +1,6 @@
-/* Classify: which tenant and traffic class a packet belongs to, whether it is
- * addressed to a service VIP:port, whether a beacon comes from where its
- * backend was registered, and whether an IP-in-IP packet ends here. */
+/* Classify: which tenant and traffic class a packet belongs to, whether a
+ * beacon comes from where its backend was registered, and whether an IP-in-IP
+ * packet ends here. (Whether it is addressed to a service is Pin's.) */
 #ifndef TF_CLASSIFY_P4
 #define TF_CLASSIFY_P4
 
@@ -61,27 +61,6 @@ control Classify(inout headers_t hdr,
         actions = { set_class; @defaultonly NoAction; }
         const default_action = NoAction();
         size = 2;
-    }
-
-    @name(".set_vip")
-    action set_vip(bit<32> idle_timeout_us) {
-        SET(F_SERVICE);
-        meta.idle_timeout_us = idle_timeout_us;
-    }
-
-    /* One entry per served model: VIP, IP protocol, port. Only what every
-     * packet needs (the pin's idle timeout); how a new connection chooses its
-     * backend is the service table's, which Select applies for those alone. */
-    @name(".vip")
-    table vip {
-        key = {
-            hdr.ipv4.dst_addr: exact @name("vip");
-            hdr.ipv4.protocol: exact @name("protocol");
-            hdr.flow.dst_port: exact @name("port");
-        }
-        actions = { set_vip; @defaultonly NoAction; }
-        const default_action = NoAction();
-        size = MAX_SERVICES;
     }
 
     @name(".accept_beacon")
@@ -149,9 +128,6 @@ control Classify(inout headers_t hdr,
                     meta.is_cnp = (bit<1>)(hdr.bth.opcode == BTH_OPCODE_CNP);
                     roce_class.apply();
                 }
-            }
-            if (NOT(F_DECAP) && hdr.flow.isValid()) {
-                vip.apply();
             }
         } else if (!hdr.ipv4.isValid()) {
             meta.drop_reason = DROP_NOT_IPV4;

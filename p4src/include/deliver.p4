@@ -16,22 +16,30 @@ control Deliver(inout headers_t hdr,
         hdr.ethernet.dst_addr = dmac;
     }
 
+    /* Encapsulate: the packet (options and all) becomes the inner header.
+     * Nothing reaches here already encapsulated: a service packet is not
+     * IP-in-IP, and a terminated tunnel's inner header was made the outer. */
     @name(".deliver_ipip")
     action deliver_ipip(ipv4_t tunnel_src, ipv4_t tunnel_dst) {
-        meta.tunnel_src = tunnel_src;
-        meta.tunnel_dst = tunnel_dst;
-    }
-
-    @name(".backend_unknown")
-    action backend_unknown() {
-        meta.drop_reason = DROP_UNKNOWN_BACKEND;
+        hdr.inner_ipv4 = hdr.ipv4;
+        hdr.inner_ipv4_options = hdr.ipv4_options;  /* valid only if there are options */
+        hdr.ipv4_options.setInvalid();
+        hdr.ipv4.ihl = 5;
+        hdr.ipv4.total_len = hdr.inner_ipv4.total_len + 20;
+        hdr.ipv4.identification = 0;
+        hdr.ipv4.flags = 0;
+        hdr.ipv4.frag_offset = 0;
+        hdr.ipv4.ttl = 64;
+        hdr.ipv4.protocol = PROTO_IPIP;
+        hdr.ipv4.src_addr = tunnel_src;
+        hdr.ipv4.dst_addr = tunnel_dst;
     }
 
     @name(".backend")
     table backend {
         key = { meta.backend_id: exact @name("backend_id"); }
-        actions = { deliver_local; deliver_ipip; @defaultonly backend_unknown; }
-        const default_action = backend_unknown();
+        actions = { deliver_local; deliver_ipip; @defaultonly NoAction; }
+        const default_action = NoAction();
         size = MAX_BACKENDS;
     }
 
@@ -58,32 +66,19 @@ control Deliver(inout headers_t hdr,
 
     /* Ingress applies this to packets to forward (not dropped, not beacons). */
     apply {
-        if (IS(F_SERVICE | F_DECAP)) {
-            switch (backend.apply().action_run) {
-                deliver_ipip: {
-                    if (!hdr.inner_ipv4.isValid()) {
-                        hdr.inner_ipv4 = hdr.ipv4;
-                        if (hdr.ipv4_options.isValid()) {
-                            hdr.inner_ipv4_options = hdr.ipv4_options;
-                            hdr.ipv4_options.setInvalid();
-                        }
-                        hdr.ipv4.ihl = 5;
-                        hdr.ipv4.total_len = hdr.inner_ipv4.total_len + 20;
-                        hdr.ipv4.identification = 0;
-                        hdr.ipv4.flags = 0;
-                        hdr.ipv4.frag_offset = 0;
-                        hdr.ipv4.ttl = 64;
-                        hdr.ipv4.protocol = PROTO_IPIP;
-                        hdr.ipv4.src_addr = meta.tunnel_src;
-                        hdr.ipv4.dst_addr = meta.tunnel_dst;
-                    }
+        /* Applied to every packet, one test fewer for the common one: other
+         * traffic has backend_id 0, which no backend has. */
+        switch (backend.apply().action_run) {
+            NoAction: {
+                if (IS(F_SERVICE | F_DECAP)) {
+                    meta.drop_reason = DROP_UNKNOWN_BACKEND;
                 }
             }
         }
-        /* Routed: traffic that is not to a backend, and tunnels by their
-         * outer address (deliver_ipip set tunnel_dst, never 0). A local
-         * backend (L2 rewrite done) or an unknown one (dropped) is not. */
-        if (NOT(F_SERVICE | F_DECAP) || meta.tunnel_dst != 0) {
+        /* Routed: traffic that is not to a backend, and tunnels (deliver_ipip's
+         * among them) by their outer address. A local backend (L2 rewrite done)
+         * or an unknown one (dropped) is not. */
+        if (NOT(F_SERVICE | F_DECAP) || hdr.inner_ipv4.isValid()) {
             if (hdr.ipv4.ttl <= 1) {
                 meta.drop_reason = DROP_TTL_EXPIRED;
             } else {

@@ -175,8 +175,6 @@ struct local_metadata_t {
     bit<32> backend_id;
 
     /* deliver, qos, count */
-    bit<32> tunnel_src;      /* deliver_ipip's outer addresses */
-    bit<32> tunnel_dst;
     bit<32> drop_reason;    /* indexes the drops counter */
     bit<2> color;
     bit<19> ecn_threshold;

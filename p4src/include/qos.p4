@@ -58,9 +58,10 @@ control Qos(inout headers_t hdr,
     }
 
     apply {
-        /* Ingress applies this to packets to forward, after Deliver: one that
-         * Deliver drops (no route, TTL, unknown backend) is still metered, as
-         * ingress policing does. */
+        /* Ingress applies this to packets to forward, before Deliver (so that
+         * an IP-in-IP header carries the class's DSCP inside and out): one
+         * that Deliver drops (no route, TTL, unknown backend) is still metered,
+         * as ingress policing does. */
         class_qos.apply();
         if (meta.color != 0) {
             if (meta.color == 1) {
@@ -69,9 +70,6 @@ control Qos(inout headers_t hdr,
                 events.count(EVENT_METER_RED);
             }
             meter_policy.apply();
-        }
-        if (hdr.inner_ipv4.isValid() && hdr.ipv4.protocol == PROTO_IPIP) {
-            hdr.inner_ipv4.dscp = hdr.ipv4.dscp;
         }
     }
 }
