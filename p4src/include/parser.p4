@@ -41,10 +41,37 @@ parser TokenParser(packet_in packet,
         }
     }
 
+    /* Options by one state per length: a length computed from the IHL would
+     * cost a temporary, which BMv2 zeroes for every packet. */
     state parse_ipv4_options {
-        packet.extract(hdr.ipv4_options, ((bit<32>)hdr.ipv4.ihl - 5) * 32);
-        transition dispatch_ipv4;
+        transition select(hdr.ipv4.ihl) {
+            6: ipv4_options_1;
+            7: ipv4_options_2;
+            8: ipv4_options_3;
+            9: ipv4_options_4;
+            10: ipv4_options_5;
+            11: ipv4_options_6;
+            12: ipv4_options_7;
+            13: ipv4_options_8;
+            14: ipv4_options_9;
+            default: ipv4_options_10;
+        }
     }
+#define OPTIONS_STATE(name, words, next) \
+    state name##_##words { \
+        packet.extract(hdr.name, words * 32); \
+        transition next; \
+    }
+    OPTIONS_STATE(ipv4_options, 1, dispatch_ipv4)
+    OPTIONS_STATE(ipv4_options, 2, dispatch_ipv4)
+    OPTIONS_STATE(ipv4_options, 3, dispatch_ipv4)
+    OPTIONS_STATE(ipv4_options, 4, dispatch_ipv4)
+    OPTIONS_STATE(ipv4_options, 5, dispatch_ipv4)
+    OPTIONS_STATE(ipv4_options, 6, dispatch_ipv4)
+    OPTIONS_STATE(ipv4_options, 7, dispatch_ipv4)
+    OPTIONS_STATE(ipv4_options, 8, dispatch_ipv4)
+    OPTIONS_STATE(ipv4_options, 9, dispatch_ipv4)
+    OPTIONS_STATE(ipv4_options, 10, dispatch_ipv4)
 
     /* Non-first fragments carry no L4 header. */
     state dispatch_ipv4 {
@@ -68,9 +95,30 @@ parser TokenParser(packet_in packet,
     }
 
     state parse_inner_ipv4_options {
-        packet.extract(hdr.inner_ipv4_options, ((bit<32>)hdr.inner_ipv4.ihl - 5) * 32);
-        transition dispatch_inner_ipv4;
+        transition select(hdr.inner_ipv4.ihl) {
+            6: inner_ipv4_options_1;
+            7: inner_ipv4_options_2;
+            8: inner_ipv4_options_3;
+            9: inner_ipv4_options_4;
+            10: inner_ipv4_options_5;
+            11: inner_ipv4_options_6;
+            12: inner_ipv4_options_7;
+            13: inner_ipv4_options_8;
+            14: inner_ipv4_options_9;
+            default: inner_ipv4_options_10;
+        }
     }
+    OPTIONS_STATE(inner_ipv4_options, 1, dispatch_inner_ipv4)
+    OPTIONS_STATE(inner_ipv4_options, 2, dispatch_inner_ipv4)
+    OPTIONS_STATE(inner_ipv4_options, 3, dispatch_inner_ipv4)
+    OPTIONS_STATE(inner_ipv4_options, 4, dispatch_inner_ipv4)
+    OPTIONS_STATE(inner_ipv4_options, 5, dispatch_inner_ipv4)
+    OPTIONS_STATE(inner_ipv4_options, 6, dispatch_inner_ipv4)
+    OPTIONS_STATE(inner_ipv4_options, 7, dispatch_inner_ipv4)
+    OPTIONS_STATE(inner_ipv4_options, 8, dispatch_inner_ipv4)
+    OPTIONS_STATE(inner_ipv4_options, 9, dispatch_inner_ipv4)
+    OPTIONS_STATE(inner_ipv4_options, 10, dispatch_inner_ipv4)
+#undef OPTIONS_STATE
 
     state dispatch_inner_ipv4 {
         transition select(hdr.inner_ipv4.frag_offset, hdr.inner_ipv4.protocol) {
