@@ -38,7 +38,7 @@ control Count(inout headers_t hdr,
         } else {
             if (meta.pin_state == PIN_HIT) {
                 events.count(EVENT_PIN_HIT);
-            } else if (IS(F_SERVICE | F_CONSUMED)) {
+            } else if (SERVICE || IS(F_CONSUMED)) {
                 if (IS(F_BEACON_OK) && meta.drop_reason == DROP_NONE) {
                     if (hdr.beacon_load.isValid()) {
                         events.count(EVENT_BEACON_LOAD);
@@ -71,7 +71,7 @@ control Count(inout headers_t hdr,
                 if (meta.tenant_id != 0) {
                     tenant_traffic.count(meta.tenant_id);
                 }
-                if (IS(F_SERVICE | F_DECAP) && meta.backend_id < MAX_BACKENDS) {
+                if ((SERVICE || IS(F_DECAP)) && meta.backend_id < MAX_BACKENDS) {
                     backend_traffic.count(meta.backend_id);
                     if (meta.pin_state == PIN_NEW) {
                         backend_conns.count(meta.backend_id);

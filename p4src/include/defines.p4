@@ -40,7 +40,6 @@ const bit<32> NO_BACKEND = 0xFFFF;
 
 /* One-bit facts about a packet: bits of meta.flags, one field rather than
  * seven (BMv2 zeroes each metadata field of every packet). */
-const bit<8> F_SERVICE = 0x01;     /* addressed to a service VIP:port (vip hit) */
 const bit<8> F_DECAP = 0x02;       /* IP-in-IP terminated here, for backend_id */
 const bit<8> F_CONSUMED = 0x04;    /* a beacon: processed here, forwarded nowhere */
 const bit<8> F_BEACON_OK = 0x08;   /* from the port and address of its backend */
@@ -52,11 +51,12 @@ const bit<8> F_TRUST_DSCP = 0x40;  /* the tenant lets DSCP choose the class */
 #define NOT(f) ((meta.flags & (f)) == 0)
 
 /* Connection-table states decided by the pin control. */
-const bit<2> PIN_NONE = 0;       /* not service traffic */
+const bit<2> PIN_NONE = 0;       /* not service traffic (no vip entry) */
 const bit<2> PIN_HIT = 1;        /* a packet of a pinned connection */
 const bit<2> PIN_NEW = 2;        /* a new connection that owns its slot */
 const bit<2> PIN_STATELESS = 3;  /* collision or unpinned mid-connection packet */
 /* pin_state >= PIN_NEW: Select chooses a backend (one test for both). */
+#define SERVICE (meta.pin_state != PIN_NONE)  /* addressed to a service VIP:port */
 
 /* Drop reasons: index of the `drops` counter (tokenfabric/dataplane.py). */
 const bit<32> DROP_NONE = 0;

@@ -70,7 +70,7 @@ control Deliver(inout headers_t hdr,
          * traffic has backend_id 0, which no backend has. */
         switch (backend.apply().action_run) {
             NoAction: {
-                if (IS(F_SERVICE | F_DECAP)) {
+                if (SERVICE || IS(F_DECAP)) {
                     meta.drop_reason = DROP_UNKNOWN_BACKEND;
                 }
             }
@@ -78,7 +78,7 @@ control Deliver(inout headers_t hdr,
         /* Routed: traffic that is not to a backend, and tunnels (deliver_ipip's
          * among them) by their outer address. A local backend (L2 rewrite done)
          * or an unknown one (dropped) is not. */
-        if (NOT(F_SERVICE | F_DECAP) || hdr.inner_ipv4.isValid()) {
+        if ((!SERVICE && NOT(F_DECAP)) || hdr.inner_ipv4.isValid()) {
             if (hdr.ipv4.ttl <= 1) {
                 meta.drop_reason = DROP_TTL_EXPIRED;
             } else {

@@ -22,7 +22,6 @@ control Pin(inout headers_t hdr,
      * connection in it. */
     @name(".set_vip")
     action set_vip(bit<32> idle_timeout_us) {
-        SET(F_SERVICE);
         meta.idle_timeout_us = idle_timeout_us;
         hash(meta.conn_index, HashAlgorithm.crc16, 32w0, hdr.flow, (bit<64>)CONN_SLOTS);
         hash(meta.fingerprint, HashAlgorithm.crc32, hdr.ipv4.protocol, hdr.flow,
