@@ -100,7 +100,7 @@ TABLES: dict[str, tuple[str, ...]] = {
 }
 ACTION_PROFILE = "backend_selector"
 METER = "tenant_meter"
-COUNTERS = ("port_rx", "port_tx", "tenant_admitted", "tenant_overflow", "tenant_traffic",
+COUNTERS = ("tenant_admitted", "tenant_overflow", "tenant_traffic",
             "backend_conns", "backend_traffic", "class_traffic", "drops", "events",
             "ecn_marked")
 

@@ -7,8 +7,6 @@ control Count(inout headers_t hdr,
               inout local_metadata_t meta,
               inout standard_metadata_t standard_metadata) {
 
-    @name(".port_rx")
-    counter(MAX_PORTS, CounterType.packets_and_bytes) port_rx;
     @name(".tenant_admitted")
     counter(MAX_TENANTS, CounterType.packets) tenant_admitted;
     @name(".tenant_overflow")
@@ -25,7 +23,6 @@ control Count(inout headers_t hdr,
     counter(NUM_DROP_REASONS, CounterType.packets) drops;
 
     apply {
-        port_rx.count((bit<32>)standard_metadata.ingress_port);
         /* A forwarded packet of a pinned connection of a known tenant: all its
          * counters in one action. Its backend is below MAX_BACKENDS (Select
          * pins no other) and so is its tenant (Classify keeps no other). */

@@ -8,7 +8,6 @@
 #define MAX_SERVICES 256
 #define CONN_SLOTS 65536
 #define FINGERPRINT_RANGE 0xFFFFFF00  /* protocol + this stays below 2^32 */
-#define MAX_PORTS 512
 #define NUM_CLASSES 8
 
 /* The fabric beacon (tokenfabric/beacon.py): UDP to 169.254.42.1:7420. */

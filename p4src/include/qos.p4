@@ -79,8 +79,6 @@ control TokenEgress(inout headers_t hdr,
                     inout local_metadata_t meta,
                     inout standard_metadata_t standard_metadata) {
 
-    @name(".port_tx")
-    counter(MAX_PORTS, CounterType.packets_and_bytes) port_tx;
     @name(".ecn_marked")
     counter(NUM_CLASSES, CounterType.packets) ecn_marked;
 
@@ -98,7 +96,6 @@ control TokenEgress(inout headers_t hdr,
     }
 
     apply {
-        port_tx.count((bit<32>)standard_metadata.egress_port);
         if (hdr.ipv4.isValid() && (hdr.ipv4.ecn == 1 || hdr.ipv4.ecn == 2)) {
             if (ecn_policy.apply().hit) {
                 if (standard_metadata.enq_qdepth >= meta.ecn_threshold) {
