@@ -131,9 +131,7 @@ parser TokenParser(packet_in packet,
     state parse_tcp {
         packet.extract(hdr.tcp);
         hdr.flow.setValid();
-        hdr.flow.src_addr = hdr.ipv4.src_addr;
-        hdr.flow.dst_addr = hdr.ipv4.dst_addr;
-        hdr.flow.src_port = hdr.tcp.src_port;
+        hdr.flow.client = hdr.ipv4.src_addr ++ hdr.ipv4.dst_addr ++ hdr.tcp.src_port;
         hdr.flow.dst_port = hdr.tcp.dst_port;
         transition select(hdr.tcp.data_offset) {
             NIBBLE_BELOW_4: bad_tcp_data_offset;
@@ -145,9 +143,7 @@ parser TokenParser(packet_in packet,
     state parse_udp {
         packet.extract(hdr.udp);
         hdr.flow.setValid();
-        hdr.flow.src_addr = hdr.ipv4.src_addr;
-        hdr.flow.dst_addr = hdr.ipv4.dst_addr;
-        hdr.flow.src_port = hdr.udp.src_port;
+        hdr.flow.client = hdr.ipv4.src_addr ++ hdr.ipv4.dst_addr ++ hdr.udp.src_port;
         hdr.flow.dst_port = hdr.udp.dst_port;
         transition select(hdr.ipv4.dst_addr, hdr.udp.dst_port) {
             (FABRIC_ADDRESS, BEACON_PORT): parse_beacon;

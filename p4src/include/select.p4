@@ -58,9 +58,7 @@ control SelectBackend(inout headers_t hdr,
     table service_pool {
         key = {
             hdr.slow.service_id: exact @name("service_id");
-            hdr.flow.src_addr: selector @name("src_addr");
-            hdr.flow.dst_addr: selector @name("dst_addr");
-            hdr.flow.src_port: selector @name("src_port");
+            hdr.flow.client: selector @name("client");
             hdr.flow.dst_port: selector @name("dst_port");
         }
         actions = { set_pool_backend; }
