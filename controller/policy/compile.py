@@ -90,7 +90,7 @@ class P4:
 # tests/unit/policy/test_golden.py): a model needing more is refused before any write.
 TABLE_SIZES = {
     "tenant_by_src": 8192, "tenant_by_dst": 8192, "dscp_class": 64, "roce_class": 2,
-    "service": 256, "beacon_source": 2048, "tunnel_term": 1024, "tenant_contract": 4096,
+    "vip": 256, "service": 256, "beacon_source": 2048, "tunnel_term": 1024, "tenant_contract": 4096,
     "service_pool": 256, "p2c_pairs": 16384, "backend": 1024, "ipv4_route": 4096,
     "class_qos": 8, "meter_policy": 8192, "ecn_policy": 8,
 }
