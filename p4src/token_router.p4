@@ -33,8 +33,8 @@ control TokenIngress(inout headers_t hdr,
          * well-formed packet of a pinned connection) takes as few as it can. */
         if (standard_metadata.parser_error == error.NoError
                 && standard_metadata.checksum_error == 0) {
-            classify.apply(hdr, meta, standard_metadata);     /* tenant, class, service */
-            pin.apply(hdr, meta, standard_metadata);          /* new, pinned or stateless */
+            classify.apply(hdr, meta, standard_metadata);     /* tenant, class, beacon, tunnel */
+            pin.apply(hdr, meta, standard_metadata);          /* service? new, pinned, stateless */
             if (meta.pin_state != PIN_HIT) {
                 admit.apply(hdr, meta, standard_metadata);    /* token bucket, overflow */
                 select_backend.apply(hdr, meta, standard_metadata); /* which backend */

@@ -25,7 +25,7 @@ control Count(inout headers_t hdr,
     apply {
         /* A forwarded packet of a pinned connection of a known tenant: all its
          * counters in one action. Its backend is below MAX_BACKENDS (Select
-         * pins no other) and so is its tenant (Classify keeps no other). */
+         * pins no other) and so is its tenant (set_tenant takes 12 bits). */
         if (meta.pin_state == PIN_HIT && meta.drop_reason == DROP_NONE
                 && meta.tenant_id != 0) {
             events.count(EVENT_PIN_HIT);

@@ -104,13 +104,13 @@ const bit<64> BUCKET_FLOOR = 1;
 #define USAGE_MICRO (((bit<64>)hdr.beacon_usage.prompt_tokens \
                       + (bit<64>)hdr.beacon_usage.completion_tokens) * MICRO)
 
-/* A packet that may open a connection (a TCP SYN without ACK, or anything not
- * TCP) and one that ends it (TCP FIN or RST). Tests, not metadata: BMv2 pays
- * more for an assignment than for a test. */
 /* A 4-bit IHL or TCP data offset of 0..3 (a parser select keyset); 4 is the
  * other value below the minimum of 5. */
 #define NIBBLE_BELOW_4 4w0 &&& 4w0xC
 
+/* A packet that may open a connection (a TCP SYN without ACK, or anything not
+ * TCP) and one that ends it (TCP FIN or RST). Tests, not metadata: BMv2 pays
+ * more for an assignment than for a test. */
 #define OPENS_FLOW (!hdr.tcp.isValid() || (hdr.tcp.flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
 #define ENDS_FLOW (hdr.tcp.isValid() && (hdr.tcp.flags & (TCP_FIN | TCP_RST)) != 0)
 

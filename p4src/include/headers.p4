@@ -151,7 +151,7 @@ struct headers_t {
 
 /* BMv2 zeroes every field here (and every variable and temporary p4c adds)
  * for every packet it receives, at about the cost of an assignment each:
- * fields are few, shared where they can be, and flags are bits of one field. */
+ * fields are few, and one-bit facts are bits of one field. */
 struct local_metadata_t {
     /* classify. Ids that index counters, meters and registers are 32 bits
      * wide, the width of those indices: a narrower field would cost BMv2 a
@@ -166,8 +166,8 @@ struct local_metadata_t {
     bit<32> idle_timeout_us;
 
     /* pin */
-    bit<32> conn_index;     /* crc16 of the 5-tuple */
-    bit<32> fingerprint;    /* crc32 of the 5-tuple, never 0 */
+    bit<32> conn_index;     /* crc16 of the flow header */
+    bit<32> fingerprint;    /* crc32 of it, offset by the protocol: never 0 */
     bit<2> pin_state;
 
     /* select */

@@ -2,7 +2,7 @@
  *   new connection  -> the overflow responder if admit said so, else by the
  *                      service's mode (weighted hash or power of two choices),
  *                      remembered in conn_backend for the pin;
- *   pinned          -> conn_backend of its slot;
+ *   pinned          -> conn_backend of its slot (Pin read it; Select is not applied);
  *   stateless       -> the weighted hash (same 5-tuple, same answer).
  * LOAD beacons feed the per-backend registers that P2C and eligibility read. */
 #ifndef TF_SELECT_P4
