@@ -156,7 +156,7 @@ def instructions_per_packet(program, packets: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packets", type=int, default=10000, help="frames per measurement")
-    parser.add_argument("--rounds", type=int, default=21, help="measurements per program")
+    parser.add_argument("--rounds", type=int, default=31, help="measurements per program")
     parser.add_argument("--window", type=int, default=16,
                         help="frames in flight (BMv2's pcap ring holds about 32)")
     parser.add_argument("--instructions", action="store_true",
