@@ -93,7 +93,8 @@ control SelectBackend(inout headers_t hdr,
                       && standard_metadata.ingress_global_timestamp - hdr.slow.seen \
                          <= (bit<48>)hdr.slow.beacon_max_age_us)))
     apply {
-        /* Pinned packets (Pin read their backend) pass with one test. */
+        /* New connections and stateless choices choose; LOAD beacons feed the
+         * registers. (Ingress skips this control for pinned packets.) */
         if (meta.pin_state >= PIN_NEW) {
             hdr.slow.setValid();
             service.apply();
