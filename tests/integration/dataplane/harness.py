@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from crccheck.crc import Crc16Arc
+
 from controller.entries import Action, Exact, Lpm, TableEntry
 from tests.integration.dataplane.p4rt import P4RuntimeClient
 from tokenfabric import dataplane as dp
@@ -247,14 +249,8 @@ def base_plan() -> list[TableEntry]:
 def conn_slot(src: str, dst: str, sport: int, dport: int) -> int:
     """The connection-table slot of a flow: BMv2's crc16 (CRC-16/ARC) of the
     pin's flow header (addresses, ports)."""
-    data = (socket.inet_aton(src) + socket.inet_aton(dst)
-            + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"))
-    crc = 0
-    for byte in data:  # reflected polynomial 0x8005, initial value 0, no final xor
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-    return crc
+    return Crc16Arc.calc(socket.inet_aton(src) + socket.inet_aton(dst)
+                         + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"))
 
 
 def pool_members(backends: list[int]) -> list:
