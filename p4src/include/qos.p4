@@ -14,16 +14,16 @@ control Qos(inout headers_t hdr,
 
     /* The tenant's meter runs in the class's action: one action fewer per
      * packet. Meter 0 (no tenant) is never configured, so always green. */
+    @name(".meter_only")
+    action meter_only() {
+        tenant_meter.execute_meter(meta.tenant_id, meta.color);
+    }
+
     @name(".set_class_qos")
     action set_class_qos(bit<6> dscp, bit<3> priority) {
         hdr.ipv4.dscp = dscp;
         standard_metadata.priority = priority;
-        tenant_meter.execute_meter(meta.tenant_id, meta.color);
-    }
-
-    @name(".meter_only")
-    action meter_only() {
-        tenant_meter.execute_meter(meta.tenant_id, meta.color);
+        meter_only();
     }
 
     @name(".class_qos")
