@@ -83,7 +83,13 @@ def test_auto_without_bmv2_takes_ovs_and_says_so(tmp_path):
     assert "Traceback" not in done.stderr
     assert "simple_switch_grpc (BMv2) not found: using Open vSwitch" in done.stderr
     assert "cannot run experiment quick on ovs" in done.stderr
-    assert "Open vSwitch (ovs-vsctl" in done.stderr and "apt-get install openvswitch" \
+    # every tool of the requirements table an OVS run uses, each with its Debian package,
+    # and one install line for them all
+    for tool, package in (("ovs-vsctl", "openvswitch-switch"), ("ovs-vswitchd",
+                          "openvswitch-switch"), ("mnexec", "mininet"), ("tc", "iproute2"),
+                          ("ifconfig", "net-tools")):
+        assert f"  - {tool}: " in done.stderr and f"Debian package {package}" in done.stderr
+    assert "Install them: apt-get install -y iproute2 mininet net-tools openvswitch-switch" \
         in done.stderr
     assert "simple_switch_grpc:" not in done.stderr  # BMv2 is not what is missing
     assert not list(tmp_path.glob("quick-*"))
@@ -108,13 +114,13 @@ def test_doctor_without_bmv2_counts_open_vswitch_as_the_lab_dataplane(tmp_path):
                            "--vllm-url", "http://127.0.0.1:9"], capture_output=True, text=True,
                           timeout=120, env={**os.environ, **env}, check=False)
     findings = {f["name"]: f for f in json.loads(done.stdout)}
-    bmv2, ovs = findings["simple_switch_grpc"], findings["openvswitch"]
+    bmv2 = findings["simple_switch_grpc"]
     assert not bmv2["present"]
-    if all(find_tool(t) for t in ("ovs-vsctl", "ovs-vswitchd", "ovsdb-server")):
-        assert not bmv2["main_job"] and ovs["main_job"]
-        assert "runs on Open vSwitch instead" in bmv2["detail"]
-    else:
-        assert bmv2["main_job"]
+    # --dataplane auto takes OVS without BMv2: OVS's tools are the main job's, BMv2 is not
+    assert not bmv2["main_job"] and "runs on Open vSwitch instead" in bmv2["detail"]
+    for tool in ("ovs-vsctl", "ovs-vswitchd", "ovsdb-server"):
+        assert findings[tool]["main_job"]
+        assert findings[tool]["present"] == bool(find_tool(tool))
     main_job_ok = all(f["present"] for f in findings.values() if f["main_job"])
     assert done.returncode == (exitcodes.OK if main_job_ok else exitcodes.MISSING)
 

@@ -1,0 +1,90 @@
+"""Checksum offload off on the lab's interfaces, through pyroute2 (no `ethtool` binary).
+
+A userspace switch (BMv2, OVS's netdev datapath) reads frames from AF_PACKET sockets
+and never fills in a checksum the sending kernel left to the NIC: with TX offload on,
+every TCP segment arrives with a bad checksum and is dropped (a dead data path that
+looks like timeouts). So every host interface and switch port gets TX and RX checksum
+offload off, the equivalent of `ethtool -K IF tx off rx off`.
+
+A Mininet host's interfaces live in its network namespace: the ioctl runs in a thread
+of its own that joins that namespace (setns moves only the calling thread), so the
+process itself never changes namespace.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+OFFLOADS = ("tx-checksumming", "rx-checksumming")
+T = TypeVar("T")
+
+
+class OffloadError(RuntimeError):
+    """Checksum offload could not be turned off on an interface."""
+
+
+def _set_off(interfaces: Sequence[str]) -> dict[str, dict[str, bool]]:
+    from pyroute2.ethtool.ioctl import IoctlEthtool
+
+    states = {}
+    tool = IoctlEthtool()
+    try:
+        for name in interfaces:
+            tool.change_ifname(name)
+            for flag in OFFLOADS:
+                tool.set_offload_flag(flag, 0)
+            flags = tool.get_offload_flags()
+            states[name] = {flag: flags[flag] for flag in OFFLOADS}
+    finally:
+        tool.close()
+    return states
+
+
+def _in_namespace(pid: int | None, work: Callable[[], T]) -> T:
+    """`work()` in the network namespace of process `pid` (None: ours)."""
+    if pid is None:
+        return work()
+    from pyroute2 import netns
+
+    values: list[T] = []
+    errors: list[Exception] = []
+
+    def joined() -> None:
+        try:
+            netns.setns(f"/proc/{pid}/ns/net", flags=0)
+            values.append(work())
+        except Exception as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+
+    # A new thread each time: it leaves the namespace with it when it ends.
+    thread = threading.Thread(target=joined, name=f"offload-{pid}", daemon=True)
+    thread.start()
+    thread.join(30)
+    if errors:
+        raise errors[0]
+    if not values:
+        raise OffloadError(f"setting offloads in the namespace of pid {pid} did not finish")
+    return values[0]
+
+
+def checksum_offload_off(interfaces: Sequence[str],
+                         pid: int | None = None) -> dict[str, dict[str, bool]]:
+    """TX and RX checksum offload off on `interfaces`, in the network namespace of process
+    `pid` (a Mininet host's shell) or in ours; returns each interface's flags afterwards.
+    OffloadError names the interface where it failed or stayed on."""
+    names = list(interfaces)
+    try:
+        states = _in_namespace(pid, lambda: _set_off(names))
+    except OffloadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyroute2's ioctl errors and OSError alike
+        where = f" (namespace of pid {pid})" if pid is not None else ""
+        raise OffloadError(f"turning checksum offload off on {', '.join(names)}{where}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    still_on = [f"{name} {flag}" for name, flags in states.items()
+                for flag, on in flags.items() if on]
+    if still_on:
+        raise OffloadError(f"checksum offload still on: {', '.join(still_on)}")
+    return states
