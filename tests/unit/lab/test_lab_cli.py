@@ -144,3 +144,54 @@ def test_a_second_lab_is_refused_before_it_builds_anything(tmp_path):
     assert done.returncode == exitcodes.FAILED, done.stderr
     assert "another lab network is up" in done.stderr and "4242" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _path_without(tmp_path, *hidden: str) -> str:
+    """A PATH with every program of this one but `hidden`: one folder of links."""
+    folder = tmp_path / "path"
+    folder.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(directory):
+            continue
+        for name in os.listdir(directory):
+            link = folder / name
+            if name not in hidden and not link.exists():
+                link.symlink_to(os.path.join(directory, name))
+    return str(folder)
+
+
+def test_a_required_tool_hidden_stops_the_lab_naming_it_and_its_package(tmp_path):
+    """`tc` and `ifconfig` absent (nothing else): one message names both and the Debian
+    packages that provide them, exit 3, and nothing is built or written."""
+    from tokenfabric.lab.network import leftover_links
+
+    path = _path_without(tmp_path, "tc", "ifconfig")
+    done = _lab(["run", "--topo", "single", "--experiment", "quick", "--dataplane", "ovs",
+                 "--out", str(tmp_path / "out")], PATH=path)
+    assert done.returncode == exitcodes.MISSING, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("cannot run") == 1
+    assert "  - tc: link bandwidth" in done.stderr and "Debian package iproute2" in done.stderr
+    assert "  - ifconfig: " in done.stderr and "Debian package net-tools" in done.stderr
+    assert "apt-get install -y iproute2 net-tools" in done.stderr
+    assert "  - ip: " not in done.stderr  # what is there is not named
+    assert not (tmp_path / "out").exists()
+    assert leftover_links() == []
+
+
+def test_lab_check_without_a_lab_up_says_so(tmp_path):
+    done = _lab(["check"], TOKENFABRIC_LAB_LOCK=str(tmp_path / "lab.lock"))
+    assert done.returncode == exitcodes.MISSING
+    assert "no lab network is up" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_lab_check_with_a_stale_state_says_the_hosts_are_gone(tmp_path):
+    import json
+
+    (tmp_path / "lab.json").write_text(json.dumps({"pid": 1, "topo": "single",
+        "dataplane": "ovs", "run_dir": str(tmp_path), "targets": [{
+            "host": "tflc1", "tenant": "gold", "source": "10.0.1.10", "pid": 2 ** 22 + 7,
+            "gateway": "10.0.255.254", "gateway_mac": "02:00:00:f0:01:00",
+            "vip": "10.0.100.1", "vip_port": 8000, "model": "tiny-llama"}]}))
+    done = _lab(["check"], TOKENFABRIC_LAB_LOCK=str(tmp_path / "lab.lock"))
+    assert done.returncode == exitcodes.MISSING
+    assert "names hosts that are gone (tflc1" in done.stderr
