@@ -25,7 +25,7 @@ class OffloadError(RuntimeError):
     """Checksum offload could not be turned off on an interface."""
 
 
-def _set_off(interfaces: Sequence[str]) -> dict[str, dict[str, bool]]:
+def _set(interfaces: Sequence[str], enabled: bool) -> dict[str, dict[str, bool]]:
     from pyroute2.ethtool.ioctl import IoctlEthtool
 
     states = {}
@@ -34,7 +34,7 @@ def _set_off(interfaces: Sequence[str]) -> dict[str, dict[str, bool]]:
         for name in interfaces:
             tool.change_ifname(name)
             for flag in OFFLOADS:
-                tool.set_offload_flag(flag, 0)
+                tool.set_offload_flag(flag, int(enabled))
             flags = tool.get_offload_flags()
             states[name] = {flag: flags[flag] for flag in OFFLOADS}
     finally:
@@ -69,22 +69,30 @@ def _in_namespace(pid: int | None, work: Callable[[], T]) -> T:
     return values[0]
 
 
-def checksum_offload_off(interfaces: Sequence[str],
+def set_checksum_offload(interfaces: Sequence[str], enabled: bool,
                          pid: int | None = None) -> dict[str, dict[str, bool]]:
-    """TX and RX checksum offload off on `interfaces`, in the network namespace of process
-    `pid` (a Mininet host's shell) or in ours; returns each interface's flags afterwards.
-    OffloadError names the interface where it failed or stayed on."""
+    """TX and RX checksum offload on or off on `interfaces`, in the network namespace of
+    process `pid` (a Mininet host's shell) or in ours; returns each interface's flags as
+    the kernel reports them afterwards. OffloadError names the interface where it failed
+    or did not take."""
     names = list(interfaces)
     try:
-        states = _in_namespace(pid, lambda: _set_off(names))
+        states = _in_namespace(pid, lambda: _set(names, enabled))
     except OffloadError:
         raise
     except Exception as exc:  # noqa: BLE001 - pyroute2's ioctl errors and OSError alike
         where = f" (namespace of pid {pid})" if pid is not None else ""
-        raise OffloadError(f"turning checksum offload off on {', '.join(names)}{where}: "
-                           f"{type(exc).__name__}: {exc}") from exc
-    still_on = [f"{name} {flag}" for name, flags in states.items()
-                for flag, on in flags.items() if on]
-    if still_on:
-        raise OffloadError(f"checksum offload still on: {', '.join(still_on)}")
+        raise OffloadError(f"turning checksum offload {'on' if enabled else 'off'} on "
+                           f"{', '.join(names)}{where}: {type(exc).__name__}: {exc}") from exc
+    wrong = [f"{name} {flag}" for name, flags in states.items()
+             for flag, on in flags.items() if on != enabled]
+    if wrong:
+        raise OffloadError(f"checksum offload still {'off' if enabled else 'on'}: "
+                           f"{', '.join(wrong)}")
     return states
+
+
+def checksum_offload_off(interfaces: Sequence[str],
+                         pid: int | None = None) -> dict[str, dict[str, bool]]:
+    """What the lab does to every interface: `ethtool -K IF tx off rx off`."""
+    return set_checksum_offload(interfaces, False, pid)
