@@ -282,13 +282,18 @@ def compare_command(folders: tuple[str, ...], out_dir: str | None) -> None:
 @lab_group.command("summarize")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 def summarize_command(folder: str) -> None:
-    """Rebuild the summaries and plots of a `lab run` results folder from its JSON lines."""
+    """Rebuild the summaries, plots and verdicts of a `lab run` results folder from its
+    JSON lines; exits 1 when a run (or its probe) FAILED, as `lab run` does."""
     from rich.console import Console
 
     from tokenfabric.lab.runner import LabRunner
 
     runner, outcomes = LabRunner.resummarize(Path(folder))
-    Console(width=max(Console().width, 130)).print(runner.table(outcomes))
+    Console(width=max(Console().width, 150)).print(runner.table(outcomes))
+    failures = runner.failed(outcomes)
+    if failures:
+        click.echo("FAILED:\n" + "\n".join(f"  {f}" for f in failures), err=True)
+        raise SystemExit(exitcodes.FAILED)
 
 
 def _ovs_error() -> type[Exception]:

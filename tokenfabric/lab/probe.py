@@ -133,6 +133,11 @@ def _request(target: ProbeTarget, sock: socket.socket,
     return True, "a completion came back", 200, backend
 
 
+def _tries(attempt: int, started: float) -> str:
+    return f"{attempt} {'try' if attempt == 1 else 'tries'} in " \
+           f"{time.monotonic() - started:.0f} s"
+
+
 def probe_here(target: ProbeTarget, deadline_s: float = 15.0) -> ProbeResult:
     """The three steps from inside the host; the handshake and the request are retried
     until `deadline_s` (at most 30 tries), and the last failure is reported."""
@@ -156,17 +161,17 @@ def probe_here(target: ProbeTarget, deadline_s: float = 15.0) -> ProbeResult:
                                             timeout=min(3.0, left),
                                             source_address=(target.source, 0))
         except TimeoutError:
-            step, detail = TCP, (f"no SYN-ACK from {target.vip}:{target.vip_port} within "
-                                 f"{min(3.0, left):.0f} s (try {attempt}): the switch does not "
-                                 "carry the SYN to a backend, or the backend's answer back")
+            step, detail = TCP, (f"no SYN-ACK from {target.vip}:{target.vip_port} "
+                                 f"({_tries(attempt, started)}): the switch does not carry "
+                                 "the SYN to a backend, or the backend's answer back")
         except ConnectionRefusedError:
             step, detail = TCP, (f"{target.vip}:{target.vip_port} refused the connection "
-                                 f"(try {attempt}): a host got the SYN but nothing listens "
-                                 "there")
+                                 f"({_tries(attempt, started)}): a host got the SYN but "
+                                 "nothing listens there")
         except OSError as exc:
             unreachable = exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
             step = ARP if unreachable else TCP
-            detail = f"{type(exc).__name__}: {exc} (try {attempt})"
+            detail = f"{type(exc).__name__}: {exc} ({_tries(attempt, started)})"
         else:
             ok, detail, status, backend = _request(target, sock, max(5.0, left))
             if ok:

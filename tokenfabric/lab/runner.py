@@ -419,6 +419,8 @@ class LabRunner:
         failures = self.failed(outcomes)
         if not failures:
             return f"**PASSED**: {expected}{why}."
+        if not all(r.ok for r in self.probe_results):
+            expected = "one request per tenant through the VIP before any load"
         return (f"**FAILED**: expected {expected}{why}.\n\n"
                 + "\n".join(f"- {f}" for f in failures))
 

@@ -195,3 +195,58 @@ def test_lab_check_with_a_stale_state_says_the_hosts_are_gone(tmp_path):
     done = _lab(["check"], TOKENFABRIC_LAB_LOCK=str(tmp_path / "lab.lock"))
     assert done.returncode == exitcodes.MISSING
     assert "names hosts that are gone (tflc1" in done.stderr
+
+
+def _results_folder(tmp_path, ok: int, timeouts: int, planned: int, min_ok=None):
+    """A `lab run` results folder of experiment quick, as the runner leaves it."""
+    import json
+
+    folder = tmp_path / "quick-single-ovs-1"
+    run = folder / "runs" / "p2c-0.5"
+    run.mkdir(parents=True)
+    meta = {"experiment": "quick", "title": "quick", "topo": "single", "dataplane": "ovs",
+            "duration": 10.0, "bw_mbps": 100.0, "min_ok": min_ok,
+            "runs": [{"mode": "p2c", "load": 0.5, "events": []}]}
+    (folder / "experiment.json").write_text(json.dumps(meta))
+    rows = []
+    for i in range(ok + timeouts):
+        good = i < ok
+        rows.append({"id": i, "tenant": "gold" if i % 2 else "bulk", "ok": good,
+                     "status": 200 if good else None, "error": None if good else "timeout",
+                     "start": 1000.0 + i * 0.1, "e2e": 0.5 if good else 30.0,
+                     "ttft": 0.05 if good else None, "tpot": 0.02 if good else None,
+                     "output_tokens": 20 if good else None, "backend": "tflb1" if good else None,
+                     "slo_ttft_ms": 2000, "slo_tpot_ms": 120})
+    (run / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "events.json").write_text("{}")
+    (run / "served.json").write_text(json.dumps({"tflb1": ok, "tflb2": 0}))
+    half = planned // 2
+    (run / "run.json").write_text(json.dumps({"started": 1000.0, "planned": {
+        "bulk": planned - half, "gold": half}}))
+    return folder
+
+
+def test_the_issues_dead_run_is_failed_in_summary_table_and_exit_code(tmp_path):
+    """77 requests, 0 ok, timeout:77 (the run of the issue) is FAILED, not finished."""
+    folder = _results_folder(tmp_path, ok=0, timeouts=77, planned=77)
+    done = _lab(["summarize", str(folder)], COLUMNS="200")
+    assert done.returncode == exitcodes.FAILED, done.stderr
+    assert "FAILED" in done.stdout and "0/77 0%" in done.stdout
+    assert "p2c@0.5 all: FAILED, 0 of 77 requests not shed by the policy succeeded" \
+        in done.stderr
+    summary = (folder / "summary.md").read_text()
+    assert summary.count("**FAILED**") == 1 and "(0.0% < 95%)" in summary
+    assert "- all: FAILED" in (folder / "runs" / "p2c-0.5" / "summary.md").read_text()
+
+
+def test_a_run_above_the_share_passes_and_missing_records_count_as_failed(tmp_path):
+    passed = _results_folder(tmp_path / "a", ok=75, timeouts=2, planned=77)
+    done = _lab(["summarize", str(passed)], COLUMNS="200")
+    assert done.returncode == 0, done.stderr
+    assert "**PASSED**" in (passed / "summary.md").read_text()
+    # the same records, but 10 planned requests never finished: 75 of 87 < 95%
+    short = _results_folder(tmp_path / "b", ok=75, timeouts=2, planned=87)
+    assert _lab(["summarize", str(short)]).returncode == exitcodes.FAILED
+    # a stated lower share (--min-ok, kept in experiment.json) lets it pass
+    lenient = _results_folder(tmp_path / "c", ok=75, timeouts=2, planned=87, min_ok=0.8)
+    assert _lab(["summarize", str(lenient)]).returncode == 0
