@@ -13,6 +13,7 @@ process itself never changes namespace.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -23,6 +24,22 @@ T = TypeVar("T")
 
 class OffloadError(RuntimeError):
     """Checksum offload could not be turned off on an interface."""
+
+
+def _usable_pyroute2() -> None:
+    """OffloadError where this Python has no pyroute2 that can set offload flags (0.9+):
+    e.g. `mn --custom` run by Debian's python3 outside the project's venv."""
+    try:
+        from pyroute2.ethtool.ioctl import IoctlEthtool
+    except ImportError:
+        why = "pyroute2 is not installed"
+    else:
+        if hasattr(IoctlEthtool, "set_offload_flag"):
+            return
+        why = "its pyroute2 is older than 0.9 (no offload flags)"
+    raise OffloadError(f"{sys.executable}: {why}; the lab turns checksum offload off through "
+                       "pyroute2>=0.9, which the project's venv has (plain Mininet: run "
+                       "`sudo .venv/bin/python $(command -v mn) --custom ...`)")
 
 
 def _set(interfaces: Sequence[str], enabled: bool) -> dict[str, dict[str, bool]]:
@@ -76,6 +93,7 @@ def set_checksum_offload(interfaces: Sequence[str], enabled: bool,
     the kernel reports them afterwards. OffloadError names the interface where it failed
     or did not take."""
     names = list(interfaces)
+    _usable_pyroute2()
     try:
         states = _in_namespace(pid, lambda: _set(names, enabled))
     except OffloadError:
