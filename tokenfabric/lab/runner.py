@@ -50,10 +50,6 @@ class RunOutcome:
     served: dict[str, float] = field(default_factory=dict)  # backend -> requests it finished
     verdicts: list[results.Verdict] = field(default_factory=list)  # one per summary
 
-    @property
-    def passed(self) -> bool:
-        return all(v.passed for v in self.verdicts)
-
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
@@ -152,7 +148,6 @@ class LabRunner:
         (self.folder / "experiment.json").write_text(json.dumps({
             "experiment": self.exp.name, "title": self.exp.title, "topo": self.topo,
             "dataplane": self.dataplane, "min_ok": self.min_ok,
-            "min_ok_why": self.exp.min_ok_why if self.min_ok == self.exp.min_ok else "",
             "speeds": self.exp.speeds, "capacity_rps": self.exp.capacity(),
             "duration": self.exp.duration, "bw_mbps": self.bw,
             "tenants": [asdict(t) for t in self.exp.tenants],
@@ -403,8 +398,8 @@ class LabRunner:
     def failed(self, outcomes: list[RunOutcome]) -> list[str]:
         """Why the experiment failed: every verdict that did not pass, a probe that did
         not come back, runs that never ran; [] when it passed."""
-        why = [f"data-path probe: {line}" for line in probe.describe(self.probe_results)
-               if not line.startswith("ok")]
+        why = [f"data-path probe: {line}" for line in
+               probe.describe([r for r in self.probe_results if not r.ok])]
         if not outcomes and not why:
             why.append("no run finished")
         why += [f"{o.run.mode}@{o.run.load:g} {v.text()}" for o in outcomes

@@ -16,6 +16,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from tests.conftest import path_without
 from tests.integration.lab.checks import check_quick_run, skip_unless_ovs_free
 from tokenfabric import exitcodes
 from tokenfabric.lab import ovs, prereqs
@@ -33,25 +34,13 @@ def _components():
     skip_unless_ovs_free()
 
 
-def _path_without(tmp_path, name: str) -> str:
-    """This PATH with every program but `name`: one folder of links."""
-    folder = tmp_path / f"path-without-{name}"
-    folder.mkdir()
-    for directory in os.environ.get("PATH", "").split(os.pathsep):
-        if os.path.isdir(directory):
-            for entry in os.listdir(directory):
-                if entry != name and not (folder / entry).exists():
-                    (folder / entry).symlink_to(os.path.join(directory, entry))
-    return str(folder)
-
-
 def _nothing_left() -> None:
     assert leftover_links() == [] and host_shells() == [] and ovs.lab_bridges("tfl") == []
     assert not STATE_PATH.exists()
 
 
 def test_quick_on_ovs_without_the_ethtool_binary(tmp_path):
-    path = _path_without(tmp_path, "ethtool")
+    path = path_without(tmp_path / "path", "ethtool")
     assert subprocess.run(["sh", "-c", "command -v ethtool"], env={"PATH": path},
                           capture_output=True, check=False).returncode != 0
     done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "lab", "run", "--topo",

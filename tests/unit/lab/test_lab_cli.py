@@ -146,26 +146,12 @@ def test_a_second_lab_is_refused_before_it_builds_anything(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _path_without(tmp_path, *hidden: str) -> str:
-    """A PATH with every program of this one but `hidden`: one folder of links."""
-    folder = tmp_path / "path"
-    folder.mkdir()
-    for directory in os.environ.get("PATH", "").split(os.pathsep):
-        if not os.path.isdir(directory):
-            continue
-        for name in os.listdir(directory):
-            link = folder / name
-            if name not in hidden and not link.exists():
-                link.symlink_to(os.path.join(directory, name))
-    return str(folder)
-
-
 def test_a_required_tool_hidden_stops_the_lab_naming_it_and_its_package(tmp_path):
     """`tc` and `ifconfig` absent (nothing else): one message names both and the Debian
     packages that provide them, exit 3, and nothing is built or written."""
-    from tokenfabric.lab.network import leftover_links
+    from tests.conftest import path_without
 
-    path = _path_without(tmp_path, "tc", "ifconfig")
+    path = path_without(tmp_path / "path", "tc", "ifconfig")
     done = _lab(["run", "--topo", "single", "--experiment", "quick", "--dataplane", "ovs",
                  "--out", str(tmp_path / "out")], PATH=path)
     assert done.returncode == exitcodes.MISSING, done.stderr
@@ -174,8 +160,8 @@ def test_a_required_tool_hidden_stops_the_lab_naming_it_and_its_package(tmp_path
     assert "  - ifconfig: " in done.stderr and "Debian package net-tools" in done.stderr
     assert "apt-get install -y iproute2 net-tools" in done.stderr
     assert "  - ip: " not in done.stderr  # what is there is not named
-    assert not (tmp_path / "out").exists()
-    assert leftover_links() == []
+    assert not (tmp_path / "out").exists()  # stopped before the results folder, so
+    # before any network was built (LabRunner.run makes the folder first)
 
 
 def test_lab_check_without_a_lab_up_says_so(tmp_path):
