@@ -67,7 +67,8 @@ def check_requirement(req: Requirement, dataplane: str) -> Finding:
     scope = {LAB: "every lab run", OVS: "lab runs on Open vSwitch",
              BMV2: "lab runs on BMv2", REBUILD: "rebuilding p4src/",
              OPTIONAL: "optional"}[req.needed_by]
-    needed_by = f"{req.used_for} ({scope})"
+    needed_by = f"{req.used_for} ({scope})" + (f"; from Debian package {req.debian}"
+                                                if req.debian else "")
     main_job = req.needed_on(dataplane)
     if where is None:
         detail = "not found" + ("" if req.module else " on PATH or in /opt/p4/bin")
