@@ -26,7 +26,8 @@ fi
 # Debian packages: only the missing ones, so that a second run needs no network.
 if command -v dpkg-query >/dev/null; then
   missing=$(for p in $APT_PACKAGES; do
-              dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q ' installed$' || echo "$p"
+              status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+              [ "$status" = "install ok installed" ] || echo "$p"
             done | xargs)
   if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
