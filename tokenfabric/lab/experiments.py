@@ -119,7 +119,7 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
                                                               "tflb2"),))], 25.0,
                          min_ok=0.9, min_ok_why="a backend is SIGKILLed mid-run: the "
                          "requests in flight on it, and new ones before the switch "
-                         "learns of it, fail (docs/lab.md: 3 of 365)")
+                         "learns of it, fail; docs/lab.md has 3 of 365 on BMv2")
     elif name == "reload":
         exp = Experiment("reload", "a policy reload under load", [1.0, 1.0],
                          [PREMIUM, STANDARD], [Run("p2c", 0.6, (Event(8.0, "reload_policy"),))],
