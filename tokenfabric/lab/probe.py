@@ -255,6 +255,10 @@ def describe(results: Sequence[ProbeResult]) -> list[str]:
     return lines
 
 
+def as_dicts(results: Sequence[ProbeResult]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in results]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     target = ProbeTarget(**json.loads(args[0]))
@@ -262,10 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     result = probe_here(target, deadline)
     print(json.dumps(asdict(result)))
     return 0 if result.ok else 1
-
-
-def as_dicts(results: Sequence[ProbeResult]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in results]
 
 
 if __name__ == "__main__":
