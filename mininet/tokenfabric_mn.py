@@ -1,10 +1,11 @@
 """tokenfabric's BMv2 and OVS switches and lab topologies for plain Mininet (`mn --custom`).
 
-    sudo mn --custom mininet/tokenfabric_mn.py --switch bmv2 --controller none \
+    MN="sudo .venv/bin/python $(command -v mn)"   # the venv's pyroute2 sets offloads
+    $MN --custom mininet/tokenfabric_mn.py --switch bmv2 --controller none \
         --topo tfsingle,2,2        # tenants, backends
-    sudo mn --custom mininet/tokenfabric_mn.py --switch tfovs --controller none \
+    $MN --custom mininet/tokenfabric_mn.py --switch tfovs --controller none \
         --topo tfsingle,2,2        # OVS, userspace datapath, controller 127.0.0.1:6653
-    sudo mn --custom mininet/tokenfabric_mn.py --switch bmv2 --controller none \
+    $MN --custom mininet/tokenfabric_mn.py --switch bmv2 --controller none \
         --topo tfleafspine,2,4 --link tc,bw=100
 
 The switches start empty (BMv2 `--no-p4`; OVS fail-secure without flows): the

@@ -15,6 +15,20 @@ from tokenfabric.tools import find_tool
 REPO = Path(__file__).resolve().parent.parent
 
 
+def path_without(folder: Path, *hidden: str) -> str:
+    """A PATH with every program of this one but `hidden`: one folder of links, made in
+    `folder` (a machine where those tools were never installed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(directory):
+            continue
+        for name in os.listdir(directory):
+            link = folder / name
+            if name not in hidden and not link.exists() and not link.is_symlink():
+                link.symlink_to(os.path.join(directory, name))
+    return str(folder)
+
+
 @functools.cache
 def netns_ability() -> str | None:
     """None where this process may create network namespaces, else the reason it may not."""

@@ -8,13 +8,22 @@ import re
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 
 from tokenfabric import exitcodes
+from tokenfabric.requirements import (
+    BMV2,
+    LAB,
+    OPTIONAL,
+    OVS,
+    REBUILD,
+    REQUIREMENTS,
+    Requirement,
+    by_name,
+)
 from tokenfabric.tools import find_tool, tool_env
 
 VLLM_VENV = Path(os.environ.get("TOKENFABRIC_VLLM_VENV",
@@ -46,61 +55,46 @@ def _first_version(text: str) -> str:
     return match.group(0) if match else (text.splitlines()[0] if text else "")
 
 
-def _tool(name: str, version_args: list[str], needed_by: str, main_job: bool,
-          hint: str) -> Finding:
-    path = find_tool(name)
-    if not path:
-        return Finding(name, False, "", f"not found on PATH or in /opt/p4/bin; {hint}",
-                       needed_by, main_job)
-    return Finding(name, True, _first_version(_run([path, *version_args])), path,
-                   needed_by, main_job)
+def lab_dataplane() -> str:
+    """The dataplane `lab run --dataplane auto` takes here (tokenfabric/lab/prereqs.py)."""
+    return "bmv2" if by_name("simple_switch_grpc").present() else "ovs"
 
 
-def check_bmv2() -> Finding:
-    return _tool("simple_switch_grpc", ["--version"],
-                 "lab experiments and the dataplane packet tests (P4 switch)", True,
-                 "Ubuntu: p4lang's packages; elsewhere build p4lang/behavioral-model "
-                 "with PI into /opt/p4 (see README)")
-
-
-def check_p4c() -> Finding:
-    return _tool("p4c-bm2-ss", ["--version"],
-                 "rebuilding p4src/ (the compiled program is committed)", False,
-                 "Ubuntu: p4lang's packages; elsewhere build p4lang/p4c's BMv2 backend")
-
-
-def check_mininet() -> Finding:
-    mn = _tool("mn", ["--version"], "lab experiments (hosts and links)", True,
-               "Debian/Ubuntu: apt-get install mininet")
-    mnexec = find_tool("mnexec")
-    if mn.present and not mnexec:
-        mn.present, mn.detail = False, "mn found but mnexec is missing: reinstall mininet"
-    elif mn.present:
-        mn.detail = f"{mn.detail}, {mnexec}"
-    return mn
-
-
-def check_ovs() -> Finding:
-    found = _tool("ovs-vsctl", ["--version"],
-                  "Mininet's default switches and the OpenFlow southbound", False,
-                  "Debian/Ubuntu: apt-get install openvswitch-switch")
-    if found.present:
-        found.name = "openvswitch"
-        running = _run([found.detail, "--timeout=2", "show"], timeout=5)
+def check_requirement(req: Requirement, dataplane: str) -> Finding:
+    """One row of the requirements table, as found here; `main_job` where a lab run on
+    `dataplane` cannot work without it."""
+    where = req.present()
+    scope = {LAB: "every lab run", OVS: "lab runs on Open vSwitch",
+             BMV2: "lab runs on BMv2", REBUILD: "rebuilding p4src/",
+             OPTIONAL: "optional"}[req.needed_by]
+    needed_by = f"{req.used_for} ({scope})" + (f"; from Debian package {req.debian}"
+                                                if req.debian else "")
+    main_job = req.needed_on(dataplane)
+    if where is None:
+        detail = "not found" + ("" if req.module else " on PATH or in /opt/p4/bin")
+        detail += f"; {req.get_it()}"
+        if req.needed_by == BMV2 and dataplane == "ovs":
+            detail += "; the lab runs on Open vSwitch instead (--dataplane auto)"
+        return Finding(req.name, False, "", detail, needed_by, main_job)
+    version = _first_version(_run([where, *req.version_args])) if req.version_args else ""
+    if req.name == "ovs-vsctl":
+        running = _run([where, "--timeout=2", "show"], timeout=5)
         if "ovs_version" not in running and "Bridge" not in running:
-            found.detail += (" (not running: `tokenfabric lab run --dataplane ovs` starts "
-                             "it; or `service openvswitch-switch start`)")
-    else:
-        found.name = "openvswitch"
-    return found
+            where += (" (OVS not running: `tokenfabric lab run --dataplane ovs` starts "
+                      "it; or `service openvswitch-switch start`)")
+    return Finding(req.name, True, version, where, needed_by, main_job)
 
 
 def check_root_netns() -> Finding:
     if os.geteuid() != 0:
         return Finding("root+netns", False, "", "not root: run the lab with sudo",
                        "lab experiments and every test that builds veths", True)
+    if not find_tool("unshare"):
+        return Finding("root+netns", False, "", "root, but no `unshare` to test network "
+                       "namespaces with: Debian package util-linux",
+                       "lab experiments and every test that builds veths", True)
     # A transient namespace that vanishes with the child: nothing to clean up.
-    ok = find_tool("unshare") and subprocess.run(
+    ok = subprocess.run(
         ["unshare", "--net", "true"], capture_output=True, check=False).returncode == 0
     return Finding("root+netns", bool(ok), "", "root; network namespaces work" if ok else
                    "root, but `unshare --net` failed: no network namespaces here",
@@ -134,21 +128,10 @@ def check_rdma() -> Finding:
                    "host-side RoCE QoS (PFC, ECN, DSCP maps)", False)
 
 
-CHECKS: list[Callable[[], Finding]] = [check_bmv2, check_p4c, check_mininet, check_ovs,
-                                       check_root_netns, check_rdma]
-
-
 def run_checks(vllm_url: str) -> list[Finding]:
-    findings = [check() for check in CHECKS] + [check_vllm(vllm_url)]
-    by_name = {f.name: f for f in findings}
-    bmv2, ovs = by_name["simple_switch_grpc"], by_name["openvswitch"]
-    ovs_tools = all(find_tool(t) for t in ("ovs-vsctl", "ovs-vswitchd", "ovsdb-server"))
-    if not bmv2.present and ovs_tools:
-        # `lab run --dataplane auto` takes Open vSwitch then (docs/lab.md)
-        bmv2.main_job = False
-        bmv2.detail += "; the lab runs on Open vSwitch instead (--dataplane auto)"
-        ovs.main_job = True
-    return findings
+    dataplane = lab_dataplane()
+    return ([check_requirement(r, dataplane) for r in REQUIREMENTS]
+            + [check_root_netns(), check_rdma(), check_vllm(vllm_url)])
 
 
 @click.command("doctor")
@@ -156,9 +139,11 @@ def run_checks(vllm_url: str) -> list[Finding]:
               envvar="TOKENFABRIC_VLLM_URL", help="Where to look for a running vLLM.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def doctor(vllm_url: str, as_json: bool) -> None:
-    """Check BMv2, p4c, Mininet, Open vSwitch, root, vLLM and RDMA.
+    """Check every external piece of the lab (tokenfabric/requirements.py: the table the
+    lab's preflight checks), root, vLLM and RDMA.
 
-    Exits 0 only when everything the main job (a lab experiment) needs is present.
+    Exits 0 only when everything the main job (a lab experiment on the dataplane
+    `--dataplane auto` takes here) needs is present.
     """
     findings = run_checks(vllm_url)
     if as_json:
@@ -172,8 +157,11 @@ def doctor(vllm_url: str, as_json: bool) -> None:
     missing = [f.name for f in findings if f.main_job and not f.present]
     if missing:
         if not as_json:
+            packages = sorted({r.debian for r in REQUIREMENTS if r.name in missing and r.debian})
             click.echo(f"\nThe lab cannot run: missing {', '.join(missing)}. "
                        "The unit tests, the controller, the agent and the emulator still run.")
+            if packages:
+                click.echo(f"Install: apt-get install -y {' '.join(packages)}")
         raise SystemExit(exitcodes.MISSING)
     if not as_json:
         click.echo("\nEverything the lab needs is here.")

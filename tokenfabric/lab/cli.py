@@ -43,9 +43,9 @@ def select_runs(runs: list, loads: str | None, modes: str | None) -> list:
     return [Run(m, x, events) for m in chosen_modes for x in chosen_loads]
 
 
-def _require(need_mininet: bool = True, what: str = "the lab",
-             dataplane: str = "bmv2") -> None:
-    missing = prereqs.missing_pieces(need_mininet, dataplane)
+def _require(what: str = "the lab", dataplane: str = "bmv2") -> None:
+    """The preflight: one message naming everything missing, before anything is built."""
+    missing = prereqs.missing_pieces(dataplane)
     if missing:
         click.echo(prereqs.message(missing, what), err=True)
         raise SystemExit(exitcodes.MISSING)
@@ -96,11 +96,19 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
 @_bw
 @click.option("--pcap", is_flag=True, help="Write a pcap per switch port (BMv2).")
 @_dataplane_option
+@click.option("--min-ok", type=click.FloatRange(0, 1), default=None,
+              help="Share of the requests the policy did not shed (429) that must succeed "
+              "in every run and tenant, else the run is FAILED and the command exits 1 "
+              "(default: the experiment's; 0.95, failover 0.9).")
 def run_command(topo: str, name: str, duration: float | None, loads: str | None,
                 modes: str | None, out_root: str, bw_mbps: float, pcap: bool,
-                dataplane_choice: str) -> None:
-    """Build the fabric, start controller, emulators and agents, run the load, write a
-    results folder (JSON lines, PNG plots, summary.md) and tear everything down."""
+                dataplane_choice: str, min_ok: float | None) -> None:
+    """Build the fabric, start controller, emulators and agents, probe the data path (one
+    request per tenant through the VIP), run the load, write a results folder (JSON
+    lines, PNG plots, summary.md with a PASSED/FAILED verdict) and tear everything down.
+
+    Exits 0 only when every run passed: 3 when something the lab needs is missing, 1 when
+    the probe, a run's verdict or the teardown failed."""
     exp = experiment(name, duration)
     try:
         exp.runs = select_runs(exp.runs, loads, modes)
@@ -126,13 +134,15 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
     from rich.console import Console
 
     from tokenfabric.lab.network import LabBusy
+    from tokenfabric.lab.offload import OffloadError
+    from tokenfabric.lab.probe import ProbeFailed
     from tokenfabric.lab.runner import Blocked, LabRunner
     from tokenfabric.lab.stack import StackError
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API poll otherwise
     console = Console(stderr=True)
     runner = LabRunner(exp, topo, Path(out_root), bw_mbps, pcap, console,
-                       dataplane=dataplane)
+                       dataplane=dataplane, min_ok=min_ok)
     try:
         outcomes = runner.run()
     except KeyboardInterrupt:
@@ -141,12 +151,16 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
     except LabBusy as exc:
         console.print(f"[red]lab run refused:[/] {exc}")
         raise SystemExit(exitcodes.FAILED) from None
-    except (Blocked, StackError, _ovs_error()) as exc:
-        console.print(f"[red]lab run failed:[/] {exc}\nresults and logs: {runner.folder}")
+    except (Blocked, StackError, ProbeFailed, OffloadError, _ovs_error()) as exc:
+        console.print(f"[red]lab run failed:[/] {exc}\ntorn down; results and logs: "
+                      f"{runner.folder}")
         raise SystemExit(exitcodes.FAILED) from None
-    Console(width=max(Console().width, 130)).print(runner.table(outcomes))
+    Console(width=max(Console().width, 150)).print(runner.table(outcomes))
     click.echo(f"results: {runner.folder}")
-    if runner.left:
+    failures = runner.failed(outcomes)
+    if failures:
+        click.echo("lab run FAILED:\n" + "\n".join(f"  {f}" for f in failures), err=True)
+    if failures or runner.left:
         raise SystemExit(exitcodes.FAILED)
 
 
@@ -171,6 +185,7 @@ def up_command(topo: str, name: str, bw_mbps: float, dataplane_choice: str) -> N
     folder = Path("results") / f"up-{topo}-{dataplane}"
     net = LabNetwork(lab_plan(exp, topo), folder, bw_mbps, dataplane=dataplane)
     stack = None
+    probe_failed, left = False, []
     try:
         net.start()
         stack = Stack(net, exp, folder)
@@ -178,6 +193,14 @@ def up_command(topo: str, name: str, bw_mbps: float, dataplane_choice: str) -> N
         stack.start_controller()
         stack.start_backends()
         stack.wait_ready(90)
+        from tokenfabric.lab import probe
+
+        results = probe.probe_hosts(net.probe_targets())
+        click.echo("data-path probe:\n  " + "\n  ".join(probe.describe(results)))
+        probe_failed = not all(r.ok for r in results)
+        if probe_failed:
+            click.echo("lab up: the data path is DOWN (above); the CLI is yours to look "
+                       "into it, and the command exits 1 when you leave it", err=True)
         click.echo(f"fabric up; controller API http://127.0.0.1:{stack.port}/api/v1 "
                    f"(token in {folder}/config/tokens.yaml); VIP {net.plan.vip}:"
                    f"{net.plan.vip_port}. Try: tflc1 curl -s http://{net.plan.vip}:"
@@ -195,6 +218,33 @@ def up_command(topo: str, name: str, bw_mbps: float, dataplane_choice: str) -> N
         left = leftovers(pids, namespaces)
         if left:
             click.echo(f"left behind: {', '.join(left)}", err=True)
+    if probe_failed or left:
+        raise SystemExit(exitcodes.FAILED)
+
+
+@lab_group.command("check")
+@click.option("--deadline", type=click.FloatRange(1, 120), default=15.0, show_default=True,
+              help="Seconds each tenant's probe keeps trying.")
+def check_command(deadline: float) -> None:
+    """Probe the data path of the lab network up now (`lab up`, or a `lab run` under
+    way): one request per tenant through the VIP, from the tenant's client host. Names
+    the step that failed (ARP/gateway, TCP handshake to the VIP, HTTP); exits 0 when every
+    tenant's request came back, 1 when one did not, 3 when no lab network is up."""
+    from tokenfabric.lab import probe
+
+    try:
+        state, targets = probe.running_lab()
+    except probe.ProbeFailed as exc:
+        click.echo(f"tokenfabric lab check: {exc}", err=True)
+        raise SystemExit(exitcodes.MISSING) from None
+    click.echo(f"lab network of pid {state['pid']}: {state['topo']} on {state['dataplane']}, "
+               f"VIP {targets[0].vip}:{targets[0].vip_port}" if targets else
+               "lab network without client hosts")
+    results = probe.probe_hosts(targets, deadline)
+    for line in probe.describe(results):
+        click.echo(line)
+    if not all(r.ok for r in results):
+        raise SystemExit(exitcodes.FAILED)
 
 
 @lab_group.command("report")
@@ -232,13 +282,18 @@ def compare_command(folders: tuple[str, ...], out_dir: str | None) -> None:
 @lab_group.command("summarize")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 def summarize_command(folder: str) -> None:
-    """Rebuild the summaries and plots of a `lab run` results folder from its JSON lines."""
+    """Rebuild the summaries, plots and verdicts of a `lab run` results folder from its
+    JSON lines; exits 1 when a run (or its probe) FAILED, as `lab run` does."""
     from rich.console import Console
 
     from tokenfabric.lab.runner import LabRunner
 
     runner, outcomes = LabRunner.resummarize(Path(folder))
-    Console(width=max(Console().width, 130)).print(runner.table(outcomes))
+    Console(width=max(Console().width, 150)).print(runner.table(outcomes))
+    failures = runner.failed(outcomes)
+    if failures:
+        click.echo("FAILED:\n" + "\n".join(f"  {f}" for f in failures), err=True)
+        raise SystemExit(exitcodes.FAILED)
 
 
 def _ovs_error() -> type[Exception]:

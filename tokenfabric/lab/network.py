@@ -23,14 +23,12 @@ from mininet.log import setLogLevel
 from mininet.net import Mininet
 from mininet.node import Host
 
-from tokenfabric.lab import log
-from tokenfabric.lab.plan import GATEWAY_IP, NAME_PREFIX, LabHost, LabPlan
+from tokenfabric.lab import log, probe
+from tokenfabric.lab.offload import checksum_offload_off
+from tokenfabric.lab.plan import GATEWAY_IP, LOCK_PATH, NAME_PREFIX, LabHost, LabPlan
 from tokenfabric.lab.switch import Bmv2MininetSwitch
 
 DATAPLANES = ("bmv2", "ovs")
-# Every lab network uses the same node and interface names (tfl*): a second one would
-# delete the first one's veths. One at a time per machine, held for the network's life.
-LOCK_PATH = Path(os.environ.get("TOKENFABRIC_LAB_LOCK", "/run/tokenfabric-lab.lock"))
 
 
 class LabBusy(RuntimeError):
@@ -129,6 +127,8 @@ class LabNetwork:
                 check_bridges({sw.name: sw.ports for sw in self.plan.switches.values()})
             for host in self.plan.hosts.values():
                 self._configure_host(host)
+            probe.write_state(self.plan.topo, self.dataplane, self.run_dir,
+                              self.probe_targets())
         except BaseException:
             self.stop()
             raise
@@ -155,7 +155,10 @@ class LabNetwork:
             net.addHost(h.name, ip=f"{h.ip}/{h.prefix_len}", mac=h.mac)
         bw = {"bw": self.bw_mbps} if self.bw_mbps else {}
         for lk in self.plan.links:
-            net.addLink(lk.a, lk.b, port1=lk.a_port, port2=lk.b_port, cls=TCLink, **bw)
+            # txo/rxo off: Mininet's own link set-up (its `ethtool -K`, where ethtool is
+            # installed) then agrees with offload.py instead of turning checksum offload on
+            net.addLink(lk.a, lk.b, port1=lk.a_port, port2=lk.b_port, cls=TCLink,
+                        txo=False, rxo=False, **bw)
         for i, h in enumerate(needs_mgmt):
             net.addLink(h.name, MGMT_NODE, cls=Link, intfName1=f"{h.name}-m0",
                         intfName2=f"{MGMT_NODE}-eth{i}",
@@ -171,11 +174,19 @@ class LabNetwork:
             f"ip link set {intf} address {h.mac}",
             f"ip route replace default via {GATEWAY_IP} dev {intf} onlink",
             f"ip neigh replace {GATEWAY_IP} lladdr {gateway_mac} dev {intf} nud permanent",
-            # Userspace switches never fill in offloaded checksums.
-            f"ethtool -K {intf} tx off rx off",
-            "sysctl -qw net.ipv6.conf.all.disable_ipv6=1",
+            # /proc/sys/net is the host's own (per namespace); no sysctl binary needed
+            "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6",
         ):
             _quiet(node, command)
+        # Userspace switches never fill in offloaded checksums (offload.py).
+        checksum_offload_off([intf], node.pid)
+
+    def probe_targets(self) -> list[probe.ProbeTarget]:
+        """What the data-path probe needs of each client host (one per tenant)."""
+        return [probe.ProbeTarget(h.name, h.tenant or "", h.ip, self.net.get(h.name).pid,
+                                  GATEWAY_IP, self.plan.switches[h.switch].mac, self.plan.vip,
+                                  self.plan.vip_port, self.plan.model)
+                for h in self.plan.by_role("client")]
 
     # -- processes ------------------------------------------------------------
     def host(self, name: str) -> Host:
@@ -236,6 +247,7 @@ class LabNetwork:
                 os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not in_namespaces(self.namespaces), timeout=3, interval=0.05)
         if self._lock is not None:
+            probe.clear_state()  # ours: we hold the lock
             lock, self._lock = self._lock, None
             lock.close()  # releases the flock
 

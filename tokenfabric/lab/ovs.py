@@ -26,6 +26,7 @@ from typing import Any
 from mininet.node import OVSSwitch
 
 from tokenfabric.lab import log
+from tokenfabric.lab.offload import checksum_offload_off
 from tokenfabric.tools import find_tool
 
 # The controller's OpenFlow listener (the contract with controller/openflow).
@@ -172,8 +173,10 @@ def _alive(pid: int) -> bool:
 
 
 def missing_tools() -> list[str]:
-    return [t for t in ("ovs-vsctl", "ovs-vswitchd", "ovsdb-server", "ovsdb-tool", "ovs-ofctl")
-            if not find_tool(t)]
+    """The Open vSwitch tools of the requirements table that are absent here."""
+    from tokenfabric.requirements import OVS, REQUIREMENTS
+
+    return [r.name for r in REQUIREMENTS if r.needed_by == OVS and r.present() is None]
 
 
 def ensure_ovs() -> OvsDaemons:
@@ -334,11 +337,9 @@ class OvsMininetSwitch(OVSSwitch):
     def start(self, controllers: list) -> None:  # noqa: ARG002 - our own controller target
         if not hasattr(OVSSwitch, "OVSVersion"):
             OVSSwitch.setup()  # Mininet's version probe (`mn` calls it; we build by hand)
-        for intf in self.intfList():
-            if intf.name != "lo":
-                # TCP over the userspace datapath: the kernel would leave checksums to
-                # an offload that never happens.
-                self.cmd(f"ethtool -K {intf.name} tx off rx off")
+        # TCP over the userspace datapath: the kernel would leave checksums to an
+        # offload that never happens (offload.py; the ports are in the root namespace).
+        checksum_offload_off([i.name for i in self.intfList() if i.name != "lo"])
         super().start([])
         self.vsctl("set-controller", self.name, self.controller_target)
         # No in-band control and a short reconnect back-off: the controller may start later.

@@ -15,7 +15,9 @@ Address plan (docs/lab.md):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 GATEWAY_IP = "10.0.255.254"
@@ -24,6 +26,11 @@ VIP_PORT = 8000
 MODEL = "tiny-llama"
 EMULATOR_PORT = 8001  # the emulator listens here on the backend; the bridge owns VIP:8000
 NAME_PREFIX = "tfl"  # every node, so every root-namespace interface, starts with this
+# Every lab network uses the same node and interface names (tfl*): a second one would
+# delete the first one's veths. One at a time per machine, held for the network's life
+# (tokenfabric/lab/network.py); beside it, the running network's state (probe.py).
+LOCK_PATH = Path(os.environ.get("TOKENFABRIC_LAB_LOCK", "/run/tokenfabric-lab.lock"))
+STATE_PATH = LOCK_PATH.with_suffix(".json")
 
 
 @dataclass(frozen=True)

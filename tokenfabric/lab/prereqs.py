@@ -1,8 +1,10 @@
 """What a lab run needs, checked before anything is built.
 
-External pieces come from tokenfabric.doctor (BMv2, Mininet, root); the
-project's own components (controller, host agent, compiled P4 program) are
-checked here, because a checkout can lack a branch that is not merged yet.
+External tools and modules come from the one requirements table
+(tokenfabric/requirements.py, which `tokenfabric doctor` lists too), root from
+tokenfabric.doctor; the project's own components (controller, host agent, compiled
+P4 program) are checked here, because a checkout can lack a branch that is not
+merged yet.
 """
 
 from __future__ import annotations
@@ -12,19 +14,19 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenfabric.doctor import check_bmv2, check_mininet, check_root_netns
-from tokenfabric.tools import find_tool
+from tokenfabric import requirements
+from tokenfabric.doctor import check_root_netns
 
 DATAPLANES = ("auto", "bmv2", "ovs")
 DATAPLANE_TITLE = {"bmv2": "BMv2 (simple_switch_grpc, token_router.p4)",
                    "ovs": "Open vSwitch (userspace datapath, OpenFlow 1.3)"}
-OVS_TOOLS = ("ovs-vsctl", "ovs-vswitchd", "ovsdb-server", "ovsdb-tool", "ovs-ofctl")
 
 
 @dataclass
 class Missing:
     name: str
     how: str  # how to get it
+    debian: str | None = None  # the Debian package that provides it
 
 
 def _command_exists(module: str, attr: str, sub: str | None = None) -> bool:
@@ -53,7 +55,7 @@ def choose_dataplane(choice: str) -> tuple[str, str | None]:
         raise ValueError(f"unknown dataplane {choice!r}: one of {', '.join(DATAPLANES)}")
     if choice != "auto":
         return choice, None
-    if check_bmv2().present:
+    if requirements.by_name("simple_switch_grpc").present():
         return "bmv2", None
     return "ovs", ("simple_switch_grpc (BMv2) not found: using Open vSwitch with the "
                    "userspace datapath. The controller then does from the agents' reports "
@@ -61,13 +63,9 @@ def choose_dataplane(choice: str) -> tuple[str, str | None]:
                    "see docs/lab.md.")
 
 
-def _ovs_missing() -> list[Missing]:
-    absent = [t for t in OVS_TOOLS if not find_tool(t)]
+def _openflow_missing() -> list[Missing]:
+    """The controller's OpenFlow side, which a run on Open vSwitch needs."""
     missing = []
-    if absent:
-        missing.append(Missing(f"Open vSwitch ({', '.join(absent)})",
-                               "Debian/Ubuntu: apt-get install openvswitch-switch (the lab "
-                               "starts its daemons where they are not running)"))
     if importlib.util.find_spec("os_ken") is None:
         missing.append(Missing("os-ken (the controller's OpenFlow library)",
                                "pip install -e '.[all]' (or tokenfabric[controller])"))
@@ -81,17 +79,18 @@ def _ovs_missing() -> list[Missing]:
     return missing
 
 
-def missing_pieces(need_mininet: bool = True, dataplane: str = "bmv2") -> list[Missing]:
+def missing_pieces(dataplane: str = "bmv2") -> list[Missing]:
     """Everything absent that a lab run on `dataplane` (bmv2 | ovs) needs, each with how
-    to get it."""
+    to get it: every tool of the requirements table the dataplane uses (both topologies
+    use the same ones), root, and the project's own components."""
     missing: list[Missing] = []
-    checks = [check_root_netns(), *([check_bmv2()] if dataplane == "bmv2" else []),
-              *([check_mininet()] if need_mininet else [])]
-    for finding in checks:
-        if not finding.present:
-            missing.append(Missing(finding.name, finding.detail))
+    root = check_root_netns()
+    if not root.present:
+        missing.append(Missing(root.name, root.detail))
+    missing += [Missing(r.name, f"{r.used_for}; {r.get_it()}", r.debian)
+                for r in requirements.missing_for(dataplane)]
     if dataplane == "ovs":
-        missing += _ovs_missing()
+        missing += _openflow_missing()
     if not _command_exists("controller.cli", "controller_group", "run"):
         missing.append(Missing("controller (`tokenfabric controller run`)",
                                "install tokenfabric[controller] from a checkout that has "
@@ -126,5 +125,8 @@ def message(missing: list[Missing], what: str = "the lab") -> str:
     """One message: what is missing, how to get each piece, and what still runs."""
     lines = [f"tokenfabric lab: cannot run {what}; missing:"]
     lines += [f"  - {m.name}: {m.how}" for m in missing]
+    packages = sorted({m.debian for m in missing if m.debian})
+    if packages:
+        lines.append(f"Install them: apt-get install -y {' '.join(packages)}")
     lines.append(still_runs(missing))
     return "\n".join(lines)

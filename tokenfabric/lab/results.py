@@ -155,6 +155,50 @@ def summarize_by(records: Sequence[dict[str, Any]], key: str = "tenant",
     return out
 
 
+# The share of the requests the policy did not shed (429) that must succeed for a run to
+# pass, unless the experiment states its own (failover) or --min-ok another.
+DEFAULT_MIN_OK = 0.95
+SHED = "http_429"  # error_kind of a request the policy shed by design (overflow responder)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether one group of a run did what it should: `ok` of `counted` requests (those
+    the policy did not shed; planned requests that never finished count as failed)."""
+
+    group: str
+    ok: int
+    counted: int
+    shed: int
+    expected: float
+
+    @property
+    def share(self) -> float | None:
+        return self.ok / self.counted if self.counted else None
+
+    @property
+    def passed(self) -> bool:
+        # nothing to judge (no request, or every one shed) is a failure, not a pass
+        return self.share is not None and self.share >= self.expected
+
+    def text(self) -> str:
+        if not self.counted:
+            what = ("no request was recorded" if not self.shed else
+                    f"every one of {self.shed} requests was shed (429): nothing to judge")
+            return f"{self.group}: FAILED, {what}"
+        mark = "PASSED" if self.passed else "FAILED"
+        sign = ">=" if self.passed else "<"
+        return (f"{self.group}: {mark}, {self.ok} of {self.counted} requests not shed by "
+                f"the policy succeeded ({self.share:.1%} {sign} {self.expected:.0%})")
+
+
+def verdict(summary: Summary, expected: float, planned: int | None = None) -> Verdict:
+    """The verdict of one summary; `planned` requests that left no record count as failed."""
+    shed = summary.errors.get(SHED, 0)
+    total = max(summary.requests, planned or 0)
+    return Verdict(summary.group, summary.ok, total - shed, shed, expected)
+
+
 def _cell(value: Any, digits: int = 1) -> str:
     if value is None:
         return "–"

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tokenfabric.lab import capture, log, results
+from tokenfabric.lab import capture, log, probe, results
 from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS, Event, Experiment, Run
 from tokenfabric.lab.loadgen import TenantSpec, Workload, plan
 from tokenfabric.lab.plan import LabPlan, TenantPlan, build_plan
@@ -48,6 +48,7 @@ class RunOutcome:
     summaries: list[results.Summary]
     events: dict[str, float] = field(default_factory=dict)  # name -> seconds after load start
     served: dict[str, float] = field(default_factory=dict)  # backend -> requests it finished
+    verdicts: list[results.Verdict] = field(default_factory=list)  # one per summary
 
 
 @contextmanager
@@ -115,8 +116,11 @@ def _count_lines(path: Path) -> int:
 class LabRunner:
     def __init__(self, exp: Experiment, topo: str, out_root: Path, bw_mbps: float | None,
                  pcap: bool = False, console: Console | None = None,
-                 ready_timeout: float = 90.0, dataplane: str = "bmv2") -> None:
+                 ready_timeout: float = 90.0, dataplane: str = "bmv2",
+                 min_ok: float | None = None) -> None:
         self.exp = exp
+        # the share of unshed requests that must succeed (the experiment's unless given)
+        self.min_ok = exp.min_ok if min_ok is None else min_ok
         self.topo = topo
         self.dataplane = dataplane
         self.bw = bw_mbps
@@ -132,6 +136,7 @@ class LabRunner:
         self.left: list[str] = []
         self.router_url: str | None = None
         self.blocked: list[str] = []
+        self.probe_results: list[probe.ProbeResult] = []
 
     # -- the whole experiment -----------------------------------------------------
     def run(self) -> list[RunOutcome]:
@@ -142,7 +147,7 @@ class LabRunner:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "experiment.json").write_text(json.dumps({
             "experiment": self.exp.name, "title": self.exp.title, "topo": self.topo,
-            "dataplane": self.dataplane,
+            "dataplane": self.dataplane, "min_ok": self.min_ok,
             "speeds": self.exp.speeds, "capacity_rps": self.exp.capacity(),
             "duration": self.exp.duration, "bw_mbps": self.bw,
             "tenants": [asdict(t) for t in self.exp.tenants],
@@ -167,6 +172,7 @@ class LabRunner:
                     timeout = self.ready_timeout + (150 if self.exp.needs_vllm else 0)
                     self.stack.wait_ready(timeout,
                                           lambda what: status.update(f"waiting for {what}"))
+                self._probe()
                 for run in self.exp.runs:
                     try:
                         outcomes.append(self._one_run(run))
@@ -188,6 +194,20 @@ class LabRunner:
                         log.error("left behind after teardown: %s", ", ".join(self.left))
                     self._write_summary(outcomes)
         return outcomes
+
+    def _probe(self) -> None:
+        """One request per tenant through the VIP before any load (probe.py); ProbeFailed
+        naming the step where one does not come back."""
+        with self.console.status("data-path probe: one request per tenant through the VIP"):
+            self.probe_results = probe.probe_hosts(self.net.probe_targets())
+        (self.folder / "probe.json").write_text(json.dumps(
+            probe.as_dicts(self.probe_results), indent=2))
+        for line in probe.describe(self.probe_results):
+            self.console.print(f"probe: {line}")
+        if not all(r.ok for r in self.probe_results):
+            raise probe.ProbeFailed(
+                "the data path is down, so no load was sent:\n  " + "\n  ".join(
+                    probe.describe([r for r in self.probe_results if not r.ok])))
 
     # -- one run (mode x load) ------------------------------------------------------
     def _one_run(self, run: Run) -> RunOutcome:
@@ -247,7 +267,11 @@ class LabRunner:
         marks = {k: v for k, v in events.items() if isinstance(v, float)}
         (folder / "events.json").write_text(json.dumps(marks))
         (folder / "served.json").write_text(json.dumps(served))
-        (folder / "run.json").write_text(json.dumps({"started": started}))
+        # planned requests per tenant: any without a record counts as failed
+        tenants = {h.name: h.tenant for h in self.plan.by_role("client")}
+        per_tenant = {tenants[h]: n for h, n in planned.items()}
+        (folder / "run.json").write_text(json.dumps({"started": started,
+                                                     "planned": per_tenant}))
         return self.analyse(run, folder)
 
     def analyse(self, run: Run, folder: Path) -> RunOutcome:
@@ -255,16 +279,20 @@ class LabRunner:
         records = results.load_records(folder / "requests.jsonl")
         marks = json.loads((folder / "events.json").read_text())
         served = json.loads((folder / "served.json").read_text())
-        started = json.loads((folder / "run.json").read_text())["started"]
+        meta = json.loads((folder / "run.json").read_text())
+        started, planned = meta["started"], meta.get("planned", {})
         labels = {"mode": run.mode, "load": run.load}
         # goodput over the arrival window: a slow tail must not look like a lower rate
         summaries = results.summarize_by(records, "tenant", self.exp.duration, labels)
+        verdicts = [results.verdict(s, self.min_ok, sum(planned.values()) if s.group == "all"
+                                    else planned.get(s.group)) for s in summaries]
         results.plot_timeline(records, folder / "timeline.png",
                               f"{run.mode} at {run.load:.0%} of capacity", marks)
         results.plot_ttft_cdf({s: [r for r in records if r["tenant"] == s]
                                for s in {r["tenant"] for r in records}},
                               folder / "ttft_cdf.png", f"TTFT, {run.mode} at {run.load:.0%}")
         text = results.markdown_table(summaries, ["mode", "load"])
+        text += "\n" + "\n".join(f"- {v.text()}" for v in verdicts) + "\n"
         text += "\nserved per backend (its vLLM's request_success_total): " + ", ".join(
             f"{k} {v:.0f}" for k, v in sorted(served.items())) + "\n"
         for event in run.events:
@@ -275,7 +303,7 @@ class LabRunner:
                 marks.update({f"{k} ({event.target})": v for k, v in stats.items()})
                 text += "\n" + results.failover_markdown(event.target, stats, kind)
         (folder / "summary.md").write_text(text)
-        return RunOutcome(run, folder, summaries, marks, served)
+        return RunOutcome(run, folder, summaries, marks, served, verdicts)
 
     def _start_captures(self, run: Run, folder: Path) -> list[subprocess.Popen]:
         """tcpdump on each backend a run kills (capture.py): its beacons and new SYNs."""
@@ -337,6 +365,7 @@ class LabRunner:
                 f"{self.exp.speeds}, capacity {self.exp.capacity():.1f} req/s, "
                 f"{self.exp.duration:g} s per run, links {self.bw or 'unlimited'} Mbit/s "
                 "(HTB; no netem, so no link delay)\n"]
+        text.append(self._verdict_text(outcomes) + "\n")
         if summaries:
             text.append(results.markdown_table(summaries, ["mode", "load"]))
         if outcomes:
@@ -366,6 +395,30 @@ class LabRunner:
         (self.folder / "summary.json").write_text(json.dumps(
             [s.as_dict() for s in summaries], indent=2))
 
+    def failed(self, outcomes: list[RunOutcome]) -> list[str]:
+        """Why the experiment failed: every verdict that did not pass, a probe that did
+        not come back, runs that never ran; [] when it passed."""
+        why = [f"data-path probe: {line}" for line in
+               probe.describe([r for r in self.probe_results if not r.ok])]
+        if not outcomes and not why:
+            why.append("no run finished")
+        why += [f"{o.run.mode}@{o.run.load:g} {v.text()}" for o in outcomes
+                for v in o.verdicts if not v.passed]
+        return why
+
+    def _verdict_text(self, outcomes: list[RunOutcome]) -> str:
+        expected = f"at least {self.min_ok:.0%} of the requests the policy did not shed (429) " \
+                   "succeed in every run and tenant"
+        why = f" ({self.exp.min_ok_why})" if self.exp.min_ok_why and \
+            self.min_ok == self.exp.min_ok else ""
+        failures = self.failed(outcomes)
+        if not failures:
+            return f"**PASSED**: {expected}{why}."
+        if not all(r.ok for r in self.probe_results):
+            expected = "one request per tenant through the VIP before any load"
+        return (f"**FAILED**: expected {expected}{why}.\n\n"
+                + "\n".join(f"- {f}" for f in failures))
+
     @classmethod
     def resummarize(cls, folder: Path) -> tuple[LabRunner, list[RunOutcome]]:
         """Rebuild every summary and plot of a results folder from its JSON lines."""
@@ -376,7 +429,10 @@ class LabRunner:
         exp.runs = [Run(r["mode"], r["load"], tuple(Event(**e) for e in r["events"]))
                     for r in meta["runs"]]
         runner = cls(exp, meta["topo"], folder.parent, meta.get("bw_mbps"),
-                     dataplane=meta.get("dataplane", "bmv2"))
+                     dataplane=meta.get("dataplane", "bmv2"), min_ok=meta.get("min_ok"))
+        if (folder / "probe.json").exists():
+            runner.probe_results = [probe.ProbeResult(**r) for r in
+                                    json.loads((folder / "probe.json").read_text())]
         runner.folder = folder
         old = (folder / "summary.md").read_text() if (folder / "summary.md").exists() else ""
         runner.left = [] if "teardown: clean" in old else ["(see the first summary)"]
@@ -390,14 +446,17 @@ class LabRunner:
         table = Table(title=f"{self.exp.name} on {self.topo} ({self.dataplane}): "
                             f"{self.folder}")
         for title in ("mode", "load", "tenant", "requests", "ok", "TTFT p50 ms", "TTFT p99 ms",
-                      "SLO att.", "goodput req/s", "errors"):
+                      "SLO att.", "goodput req/s", "errors", "ok/not shed", "verdict"):
             table.add_column(title)
         for o in outcomes:
-            for s in o.summaries:
+            for s, verdict in zip(o.summaries, o.verdicts, strict=True):
+                share = f"{verdict.ok}/{verdict.counted}" + (
+                    f" {verdict.share:.0%}" if verdict.share is not None else "")
                 table.add_row(o.run.mode, f"{o.run.load:g}", s.group, str(s.requests),
                               str(s.ok), _fmt(s.ttft_p50_ms), _fmt(s.ttft_p99_ms),
                               _fmt(s.slo_attainment, 3), _fmt(s.goodput_rps, 2),
-                              ", ".join(f"{k}:{v}" for k, v in s.errors.items()) or "–")
+                              ", ".join(f"{k}:{v}" for k, v in s.errors.items()) or "–",
+                              share, "PASSED" if verdict.passed else "[bold red]FAILED[/]")
         return table
 
 

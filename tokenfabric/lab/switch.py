@@ -11,7 +11,6 @@ Usable from plain Mininet too:
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from mininet.node import Switch
 
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.lab import log
+from tokenfabric.lab.offload import checksum_offload_off
 from tokenfabric.tools import free_port
 
 
@@ -49,9 +49,7 @@ class Bmv2MininetSwitch(Switch):
     def start(self, controllers: list) -> None:  # noqa: ARG002 - P4Runtime, not OpenFlow
         ports = self.data_ports()
         # The kernel would leave TCP checksums to an offload the userspace switch never does.
-        for ifname in ports.values():
-            subprocess.run(["ethtool", "-K", ifname, "tx", "off", "rx", "off"],
-                           capture_output=True, check=False)
+        checksum_offload_off(list(ports.values()))
         log_path = pcap_dir = None
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)

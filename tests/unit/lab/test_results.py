@@ -137,3 +137,49 @@ def test_p99_ratio_interval_narrows_with_more_samples():
     ratio, low, high = results.p99_ratio_interval(large[0] * 2, large[1])
     assert 1.6 < low <= ratio <= high < 2.5
     assert results.p99_ratio_interval([], [1.0]) is None
+
+
+def _records(ok: int, shed: int = 0, failed: int = 0, tenant: str = "gold") -> list[dict]:
+    rows = []
+    for i in range(ok + shed + failed):
+        kind = "ok" if i < ok else ("shed" if i < ok + shed else "failed")
+        rows.append({"id": i, "tenant": tenant, "ok": kind == "ok", "start": 100.0 + i,
+                     "e2e": 0.5, "ttft": 0.1 if kind == "ok" else None,
+                     "status": {"ok": 200, "shed": 429, "failed": None}[kind],
+                     "error": {"ok": None, "shed": "http_429", "failed": "timeout"}[kind]})
+    return rows
+
+
+def test_verdict_counts_only_what_the_policy_did_not_shed():
+    # 735 shed by design, 264 of 264 others ok: the overload experiment passes
+    summary = results.summarize(_records(264, shed=735))
+    verdict = results.verdict(summary, 0.95)
+    assert (verdict.ok, verdict.counted, verdict.shed) == (264, 264, 735)
+    assert verdict.passed and "PASSED" in verdict.text() and "264 of 264" in verdict.text()
+
+
+def test_a_dead_data_path_is_failed_not_finished():
+    # the run: 77 requests, 0 ok, timeout:77
+    verdict = results.verdict(results.summarize(_records(0, failed=77)), 0.95)
+    assert not verdict.passed and verdict.share == 0.0
+    assert "FAILED" in verdict.text() and "0 of 77" in verdict.text()
+
+
+def test_verdict_at_the_threshold_and_below():
+    assert results.verdict(results.summarize(_records(95, failed=5)), 0.95).passed
+    assert not results.verdict(results.summarize(_records(94, failed=6)), 0.95).passed
+    # a stated lower expectation (failover) passes what the default would fail
+    assert results.verdict(results.summarize(_records(94, failed=6)), 0.9).passed
+
+
+def test_planned_requests_without_a_record_count_as_failed():
+    summary = results.summarize(_records(10))
+    assert results.verdict(summary, 0.95).passed
+    verdict = results.verdict(summary, 0.95, planned=20)  # the load generator died half way
+    assert verdict.counted == 20 and not verdict.passed
+
+
+def test_nothing_to_judge_is_a_failure():
+    assert not results.verdict(results.summarize([]), 0.95).passed
+    all_shed = results.verdict(results.summarize(_records(0, shed=5)), 0.95)
+    assert not all_shed.passed and "every one of 5 requests was shed" in all_shed.text()
