@@ -10,7 +10,8 @@ here (see docs/agent.md, "Framing"):
   (`gzip, chunked`): llhttp reads the body as plain chunked, dropping the coding. The
   bridge implements no other coding: 501. Chunked not last: 400 (the length cannot be
   known). Any Transfer-Encoding in an HTTP/1.0 request: 400 (RFC 9112 §6.1).
-- versions other than 1.0 and 1.1 (llhttp takes 0.9 and 2.0): 505.
+- a request line without a version (llhttp reads it as HTTP/0.9, even ended by a bare
+  LF): 400; versions other than 1.0 and 1.1 (llhttp takes 2.0): 505.
 - Host: none in an HTTP/1.1 request, more than one, or not a host[:port]: 400 (§3.2).
 - CONNECT: 501. An Upgrade request with a body: 400 (llhttp stops before an upgrade's
   body); without one, the Upgrade is ignored, as a server may.
@@ -151,13 +152,19 @@ class _Reading:
         self.hop_by_hop: frozenset[str] = frozenset()
 
     # -- httptools callbacks (an exception raised here stops the parser) ------------------
+    # Once the request is complete, llhttp goes on with any bytes after it in the same
+    # feed (a pipelined request): those callbacks are ignored, one request a connection.
     def on_url(self, url: bytes) -> None:
+        if self.complete:
+            return
         self.head_bytes += len(url)
         if self.head_bytes > self.limits.max_head:
             raise HttpError(431, f"request head larger than {self.limits.max_head} bytes")
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            return
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > self.limits.max_head:
             raise HttpError(431, f"request head larger than {self.limits.max_head} bytes")
@@ -169,10 +176,14 @@ class _Reading:
         self.headers.append((name.decode("ascii").lower(), value.decode("latin-1").strip(" \t")))
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return
         self.headers_done = True
         self._check_head()
 
     def on_body(self, data: bytes) -> None:
+        if self.complete:
+            return
         size = len(data)
         if self.body_size + size > self.limits.max_body:
             raise HttpError(413, f"request body larger than {self.limits.max_body} bytes")
@@ -193,6 +204,8 @@ class _Reading:
 
     def _check_head(self) -> None:
         version = self.parser.get_http_version()
+        if version == "0.9":  # llhttp's name for a request line without a version
+            raise _bad("malformed request line: no HTTP version")
         if version not in ("1.0", "1.1"):
             raise HttpError(505, f"HTTP/{version} is not supported; use HTTP/1.1")
         method = self.parser.get_method().decode("ascii")
