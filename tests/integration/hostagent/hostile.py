@@ -70,10 +70,12 @@ class RecordingUpstream:
             seen.body = bytes(body)
             answer = json.dumps({"ok": True, "usage": {"prompt_tokens": 1,
                                                        "completion_tokens": 1}}).encode()
-            writer.write(conn.send(h11.Response(status_code=200, headers=[
+            reply = conn.send(h11.Response(status_code=200, headers=[
                 ("content-type", "application/json"), ("content-length", str(len(answer))),
-                ("connection", "close")])) + conn.send(h11.Data(data=answer))
-                + conn.send(h11.EndOfMessage()))
+                ("connection", "close")]))
+            if seen.method != b"HEAD":  # the answer to HEAD has no body
+                reply += conn.send(h11.Data(data=answer))
+            writer.write(reply + conn.send(h11.EndOfMessage()))
             await writer.drain()
         except (h11.RemoteProtocolError, TimeoutError, ConnectionError) as exc:
             seen.error = f"{type(exc).__name__}: {exc}"

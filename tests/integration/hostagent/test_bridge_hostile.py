@@ -6,13 +6,18 @@ exception; nothing the bridge refuses reaches the upstream; memory stays bounded
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
+import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
-from hostagent.bridge import Bridge, BridgeSettings
+from hostagent.bridge import HOP_BY_HOP, Bridge, BridgeSettings
 from hostagent.http1 import FRAMING_ALLOWANCE
 from tests.integration.hostagent.hostile import (
     BridgeProcess,
@@ -363,3 +368,149 @@ async def test_endless_chunked_bodies_keep_the_bridge_within_its_budget():
     for _, reply in results:
         if reply:
             assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == 503
+
+
+# -- generated heads -----------------------------------------------------------------------
+class ThreadedRig:
+    """The rig served from its own thread's event loop, for hypothesis' synchronous tests."""
+
+    def __init__(self, **settings: object) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.errors: list[dict] = []
+        self.loop.set_exception_handler(lambda _loop, context: self.errors.append(context))
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.upstream = RecordingUpstream()
+        self.bridge = asyncio.run_coroutine_threadsafe(self._start(settings),
+                                                       self.loop).result(10)
+
+    async def _start(self, settings: dict) -> Bridge:
+        port = await self.upstream.start()
+        bridge = Bridge(BridgeSettings(upstream_port=port, **settings))
+        await bridge.start("127.0.0.1", 0)
+        return bridge
+
+    async def _stop(self) -> None:
+        await self.bridge.stop()
+        await self.upstream.stop()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def send(self, payload: bytes, timeout: float = 5.0) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.bridge.port), timeout=timeout) as sock:
+            with contextlib.suppress(OSError):  # the bridge may answer before it all went
+                sock.sendall(payload)
+            parts = []
+            with contextlib.suppress(OSError):
+                while data := sock.recv(65536):
+                    parts.append(data)
+            return b"".join(parts)
+
+
+@pytest.fixture(scope="module")
+def threaded_rig():
+    rig = ThreadedRig(head_timeout=0.3, request_timeout=0.3, trust_tenant_header=True)
+    yield rig
+    rig.close()
+
+
+LATIN1 = st.characters(min_codepoint=0, max_codepoint=255)
+TOKEN = st.sampled_from("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFXYZ")
+FIELD = st.characters(min_codepoint=0x20, max_codepoint=0xff, exclude_characters="\x7f")
+EOL = st.sampled_from(["\r\n"] * 12 + ["\n", "\r", " \r\n", "\r\r\n"])
+METHOD = st.sampled_from(["GET", "POST"] * 4 + ["HEAD", "OPTIONS", "DELETE", "BREW", "get",
+                                                "CONNECT", "PO ST", ""])
+TARGET = st.one_of(st.sampled_from(["/v1/models", "/v1/completions", "/", "*",
+                                    "http://a/b?c=1", "a:443", "", "/a#f", "//x"]),
+                   st.text(TOKEN, max_size=16).map(lambda t: "/" + t),
+                   st.text(LATIN1, max_size=16).map(lambda t: "/" + t))
+VERSION = st.sampled_from(["HTTP/1.1"] * 8 + ["HTTP/1.0", "HTTP/2.0", "HTTP/1.2", "http/1.1",
+                                              "", "HTTP/1.1 ", "HTTP/1"])
+NAME = st.one_of(st.sampled_from(["host", "Host", "content-length", "Content-Length",
+                                  "transfer-encoding", "connection", "expect", "upgrade",
+                                  "x-tokenfabric-tenant", "te", "keep-alive", "x-a"]),
+                 st.text(TOKEN, min_size=1, max_size=8),
+                 st.text(LATIN1, max_size=8))
+VALUE = st.one_of(st.sampled_from(["x", "0", "3", "chunked", "Chunked", "gzip, chunked",
+                                   "chunked, chunked", "close, x-a", "100-continue",
+                                   "upgrade", " 3 ", "٣", "-3", "+3", "3, 3", "a:80", "gold"]),
+                  st.text(FIELD, max_size=12),
+                  st.text(LATIN1, max_size=12))
+HEADER = st.tuples(NAME, st.sampled_from([": "] * 6 + [":", " : ", ":\t", ": \r\n "]),
+                   VALUE, EOL)
+BODY = st.sampled_from(["", "abc", "3\r\nabc\r\n0\r\n\r\n", "3\r\nab", "0\r\n\r\n",
+                        "-1\r\nx\r\n0\r\n\r\n", "3;a=b\r\nabc\r\n0\r\n\r\n"])
+REFUSALS = {400, 408, 413, 417, 431, 501, 505}
+
+
+def _head(method: str, target: str, version: str, eol: str,
+          headers: list[tuple[str, str, str, str]]) -> bytes:
+    line = " ".join(p for p in (method, target, version) if p) + eol
+    # utf-8: a non-Latin-1 character (the Arabic-Indic digit) becomes its UTF-8 bytes
+    return (line + "".join(n + sep + v + end for n, sep, v, end in headers) + eol).encode()
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(method=METHOD, target=TARGET, version=VERSION, eol=EOL,
+       headers=st.lists(HEADER, max_size=4), host=st.booleans(), body=BODY)
+def test_generated_heads_get_an_answer_and_reach_the_upstream_only_clean(
+        threaded_rig, method, target, version, eol, headers, host, body):
+    if host:
+        headers = [("host", ": ", "x", "\r\n"), *headers]
+    payload = _head(method, target, version, eol, headers) + body.encode()
+    before = len(threaded_rig.upstream.received)
+    reply = threaded_rig.send(payload)
+    status = status_of(reply)
+    relayed = threaded_rig.upstream.received[before:]
+    event(f"status {status}")  # the spread shows with --hypothesis-show-statistics
+    assert status == 200 or status in REFUSALS, (payload, reply[:300])
+    if status != 200:
+        assert json_error(reply)["code"] == status
+        assert relayed == []
+    else:
+        assert len(relayed) == 1
+    for seen in relayed:
+        head = seen.raw.partition(b"\r\n\r\n")[0]
+        assert seen.error == "", (payload, seen.raw)
+        assert b"\n" not in head.replace(b"\r\n", b""), seen.raw
+        assert b"\r" not in head.replace(b"\r\n", b""), seen.raw
+        names = [name for name, _ in seen.headers]
+        assert names.count(b"content-length") <= 1 and names.count(b"host") == 1
+        assert not {b"transfer-encoding", b"te", b"keep-alive", b"upgrade", b"expect",
+                    b"x-tokenfabric-tenant"} & set(names), seen.headers
+    assert threaded_rig.errors == []
+
+
+FORWARDED_NAME = st.text(TOKEN, min_size=1, max_size=10).filter(
+    lambda n: n.lower() not in HOP_BY_HOP | {"host", "content-length"})
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(target=st.text(TOKEN, max_size=16),
+       fields=st.lists(st.tuples(FORWARDED_NAME, st.text(FIELD, max_size=20)), max_size=10),
+       body=st.binary(max_size=64), chunked=st.booleans())
+def test_generated_valid_requests_reach_the_upstream_field_for_field(
+        threaded_rig, target, fields, body, chunked):
+    head = (f"POST /{target} HTTP/1.1\r\nhost: x\r\n".encode()
+            + b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in fields))
+    if chunked:
+        payload = head + b"transfer-encoding: chunked\r\n\r\n" + (
+            b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    else:
+        payload = head + b"content-length: %d\r\n\r\n" % len(body) + body
+    before = len(threaded_rig.upstream.received)
+    reply = threaded_rig.send(payload)
+    assert status_of(reply) == 200, (payload, reply)
+    (seen,) = threaded_rig.upstream.received[before:]
+    assert seen.target == f"/{target}".encode() and seen.body == body
+    expected = [(b"host", b"x")] + [(n.lower().encode(), v.strip(" \t").encode("latin-1"))
+                                     for n, v in fields]
+    expected += [(b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+    assert seen.headers == expected
+    assert threaded_rig.errors == []
