@@ -465,8 +465,10 @@ class Bridge:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body)
         try:
             # Once vLLM has the body the bridge need not hold it: its budget is free again.
-            async with asyncio.timeout(s.upstream_timeout):
-                await writer.drain()
+            # (Usually the kernel took it all at once: no wait, no timer.)
+            if writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(s.upstream_timeout):
+                    await writer.drain()
         except TimeoutError as exc:
             writer.transport.abort()
             raise HttpError(504, "vLLM did not take the request in time",

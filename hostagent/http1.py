@@ -331,7 +331,7 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                     if wire > limits.max_head + 4:
                         raise HttpError(431, f"request head larger than {limits.max_head} bytes")
                     continue
-                if not was_done:
+                if not was_done and not reading.complete:  # the body is yet to come
                     deadline.reschedule(started + limits.request_timeout)
                 if wire - reading.body_size > (limits.max_head + FRAMING_ALLOWANCE
                                                + reading.body_size):
