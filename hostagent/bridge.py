@@ -3,7 +3,7 @@
 - One request per connection: the answer carries `Connection: close`, so that every request
   is a new TCP connection and therefore a new balancing decision in the switch.
 - Unbuffered: every complete HTTP chunk from vLLM is written to the client as soon as it
-  is read, framing untouched (SSE events are never held back).
+  is read, as a chunk of the same data (SSE events are never held back).
 - Tokens are counted per tenant, from `usage` (the final SSE chunk, or the JSON body), or,
   where the client did not ask for usage, by counting the content chunks of the stream
   (and estimating the prompt at 4 bytes a token); such requests are marked estimated.
@@ -25,14 +25,14 @@
   and `data: [DONE]`, then a well-formed end of the chunked body.
 - A client that goes away aborts the upstream connection, which makes vLLM abort the
   request; no half-open connection is left on either side.
-
 - Requests are read strictly (RFC 9112) by hostagent/http1.py on llhttp, within limits
   (head size, header count, body size, bytes held across connections, time), and
   forwarded re-serialised from their parsed fields. At most `max_connections` are served
   at once; more get a quick 503.
 
-Plain asyncio streams: the relay only needs the message framing, and skipping a general
-HTTP stack keeps the added latency low.
+Plain asyncio streams with llhttp (httptools) for the framing of both sides, requests and
+vLLM's answers: the relay only needs the message framing, and skipping a general HTTP
+stack keeps the added latency low (bench/bench_bridge.py).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import httptools
 
 from hostagent import log
 from hostagent.delay import DelayEstimator
@@ -109,18 +111,6 @@ class BridgeSettings:
                              request_timeout=self.request_timeout)
 
 
-def _parse_head(raw: bytes) -> tuple[str, list[tuple[str, str]]]:
-    """vLLM's status line and headers (names lower-cased); ValueError when malformed."""
-    lines = raw.decode("latin-1")[:-4].split("\r\n")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise ValueError(f"malformed header line {line[:80]!r}")
-        headers.append((name.lower(), value.strip()))
-    return lines[0], headers
-
-
 class _Exchange:
     """One relayed request and what the bridge worked out from its body."""
     __slots__ = ("request", "prompt_estimate", "max_tokens", "delay_key")
@@ -153,7 +143,7 @@ class _Counter:
             if body == b"[DONE]":
                 continue
             if _USAGE_OBJECT.search(body):
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):
                     usage = json.loads(body).get("usage")
                     if isinstance(usage, dict):
                         self.usage = usage
@@ -170,7 +160,7 @@ def _is_token_chunk(body: bytes) -> bool:
     assistant role) nor a usage-only chunk (no choices)."""
     try:
         choices = json.loads(body).get("choices") or []
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return False
     for choice in choices:
         if not isinstance(choice, dict):
@@ -227,6 +217,74 @@ class _Charge:
 
     def __init__(self, tenant: Tenant) -> None:
         self.tenant, self.prompt, self.completion = tenant, 0, 0
+
+
+class _Response:
+    """httptools' callbacks for vLLM's answer: its head, then its body re-framed chunk by
+    chunk (a chunk is passed on once complete, so the client's framing stays whole even
+    when vLLM breaks off mid-chunk); SSE payloads are fed to the counter as they come."""
+
+    def __init__(self, counter: _Counter, no_body: bool) -> None:
+        self.counter, self.no_body = counter, no_body
+        self.status, self.reason = 0, ""
+        self.headers: list[tuple[str, str]] = []
+        self.headers_done = self.complete = self.chunked = self.is_sse = False
+        self.until_close = False
+        self.kept = bytearray()        # a non-SSE body, to read `usage` from
+        self.pieces: list[bytes] = []  # the chunk being read
+        self.out: list[bytes] = []     # for the client, written after each read
+        self.broken = ""
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.headers_done:  # trailers are dropped
+            self.headers.append((name.decode("latin-1").lower(),
+                                 value.decode("latin-1").strip(" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        assert self.parser is not None
+        self.status = self.parser.get_status_code()
+        values = dict(self.headers)
+        self.chunked = "chunked" in values.get("transfer-encoding", "").lower()
+        self.is_sse = values.get("content-type", "").startswith("text/event-stream")
+        if self.no_body or self.status in (204, 304) or 100 <= self.status < 200:
+            self.complete = True  # no body follows such a head
+        else:
+            self.until_close = not self.chunked and "content-length" not in values
+
+    def on_chunk_header(self) -> None:
+        self.pieces = []
+
+    def on_body(self, data: bytes) -> None:
+        if self.complete:
+            return
+        if self.chunked:
+            self.pieces.append(data)
+        else:
+            self.out.append(data)
+        if self.is_sse:
+            self.counter.feed(data)
+        elif len(self.kept) < MAX_KEPT_RESPONSE:
+            self.kept += data
+
+    def on_chunk_complete(self) -> None:
+        if self.pieces and not self.complete:  # the last chunk (size 0) has none
+            payload = b"".join(self.pieces)
+            self.out.append(b"%x\r\n%s\r\n" % (len(payload), payload))
+        self.pieces = []
+
+    def on_message_complete(self) -> None:
+        if self.chunked and not self.complete:
+            self.out.append(b"0\r\n\r\n")
+        self.complete = True
+
+    def take(self) -> bytes:
+        out, self.out = self.out, []
+        return out[0] if len(out) == 1 else b"".join(out)
 
 
 class Bridge:
@@ -485,47 +543,49 @@ class Bridge:
                      client: asyncio.StreamWriter, usage: TenantUsage,
                      charge: _Charge) -> None:
         timeout = self.settings.upstream_timeout
+        counter = _Counter()
+        answer = _Response(counter, no_body=exchange.request.method == "HEAD")
+        parser = httptools.HttpResponseParser(answer)
+        answer.parser = parser
         try:
             async with asyncio.timeout(timeout):
-                head = await upstream.readuntil(b"\r\n\r\n")
+                wire = 0
+                while not answer.headers_done:
+                    data = await upstream.read(65536)
+                    if not data:
+                        raise HttpError(502, "vLLM closed the connection without a valid "
+                                        "response", "bad_gateway")
+                    wire += len(data)
+                    parser.feed_data(data)
+                    if not answer.headers_done and wire > MAX_RESPONSE_HEAD:
+                        raise HttpError(502, "vLLM sent a response head too large",
+                                        "bad_gateway")
         except TimeoutError as exc:
             raise HttpError(504, f"vLLM sent no response within {timeout:g} s",
                             "gateway_timeout") from exc
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
+        except ConnectionError as exc:
             raise HttpError(502, "vLLM closed the connection without a valid response",
                             "bad_gateway") from exc
-        try:
-            status_line, headers = _parse_head(head)
-            status = int(status_line.split(" ", 2)[1])
-        except (ValueError, IndexError) as exc:
-            raise HttpError(502, "vLLM sent a malformed response head", "bad_gateway") from exc
-        values = dict(headers)
-        chunked = "chunked" in values.get("transfer-encoding", "").lower()
-        length = values.get("content-length")
-        if exchange.request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            chunked, length = False, "0"  # no body follows such a head
-        is_sse = values.get("content-type", "").startswith("text/event-stream")
-        out = [(k, v) for k, v in headers
+        except httptools.HttpParserError as exc:
+            if not answer.headers_done:
+                raise HttpError(502, "vLLM sent a malformed response head",
+                                "bad_gateway") from exc
+            answer.broken = f"malformed framing ({exc})"
+        status = answer.status
+        out = [(k, v) for k, v in answer.headers
                if k not in ("connection", "keep-alive", BACKEND_HEADER.lower())]
         out += [*self._backend_headers(), ("connection", "close")]
-        client.write(status_line.encode("latin-1") + b"\r\n"
+        client.write(f"HTTP/1.1 {status} {answer.reason}\r\n".encode("latin-1")
                      + "".join(f"{k}: {v}\r\n" for k, v in out).encode("latin-1") + b"\r\n")
-        counter = _Counter()
-        if status == 200 and is_sse:
+        if status == 200 and answer.is_sse:
             counter.on_chunks = lambda chunks: self._on_chunks(exchange, charge, chunks)
-        kept = bytearray()
         try:
             try:
-                if chunked:
-                    await self._relay_chunked(upstream, client, counter, kept, is_sse, timeout)
-                else:
-                    remaining = int(length) if length and length.isdigit() else -1
-                    await self._relay_plain(upstream, client, counter, kept, is_sse, remaining,
-                                            timeout)
+                await self._relay_body(upstream, parser, answer, client, timeout)
             except UpstreamBroken as exc:
                 usage.errors = 1
                 log.warning("vLLM failed mid-response: %s", exc)
-                if chunked and is_sse:
+                if answer.chunked and answer.is_sse:
                     event = b"data: " + error_body(502, f"vLLM failed mid-stream: {exc}",
                                                    "bad_gateway") + b"\n\n"
                     done = b"data: [DONE]\n\n"
@@ -536,7 +596,7 @@ class Bridge:
             # charged already) also when the client hangs up as the stream ends, which
             # cancels this task before it gets here otherwise.
             if status == 200:
-                self._count(exchange, counter, kept, is_sse, usage)
+                self._count(exchange, counter, answer.kept, answer.is_sse, usage)
             self._charge(charge, usage.prompt_tokens - charge.prompt,
                          max(usage.completion_tokens, counter.chunks) - charge.completion)
 
@@ -565,73 +625,37 @@ class Bridge:
             raise UpstreamBroken(f"connection lost ({exc.__class__.__name__})") from exc
         return data
 
-    async def _relay_chunked(self, upstream: asyncio.StreamReader,
-                             client: asyncio.StreamWriter, counter: _Counter,
-                             kept: bytearray, is_sse: bool, timeout: float) -> None:
-        buf = b""
+    async def _relay_body(self, upstream: asyncio.StreamReader,
+                          parser: httptools.HttpResponseParser, answer: _Response,
+                          client: asyncio.StreamWriter, timeout: float) -> None:
+        """What the parser made of each read, written to the client at once."""
         while True:
-            data = await self._read(upstream, timeout)
-            if not data:
-                raise UpstreamBroken("connection closed before the end of the stream")
-            buf = buf + data if buf else data
-            pos, end_of_body = 0, False
-            while True:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                try:
-                    size = int(buf[pos:eol].split(b";", 1)[0], 16)
-                except ValueError as exc:
-                    raise UpstreamBroken("malformed chunk framing") from exc
-                if size == 0:
-                    # last-chunk; no trailers expected from vLLM: the body ends with CRLF.
-                    if len(buf) < eol + 4:
-                        break
-                    pos, end_of_body = eol + 4, True
-                    break
-                end = eol + 2 + size + 2
-                if len(buf) < end:
-                    break
-                payload = buf[eol + 2:end - 2]
-                if is_sse:
-                    counter.feed(payload)
-                elif len(kept) < MAX_KEPT_RESPONSE:
-                    kept += payload
-                pos = end
-            if pos:
-                client.write(buf[:pos])
-                buf = buf[pos:]
+            pending = answer.take()
+            if pending:
+                client.write(pending)
                 if client.transport.get_write_buffer_size() > 256 * 1024:
                     await client.drain()
-            if end_of_body:
+            if answer.broken:
+                raise UpstreamBroken(answer.broken)
+            if answer.complete:
                 return
-
-    async def _relay_plain(self, upstream: asyncio.StreamReader, client: asyncio.StreamWriter,
-                           counter: _Counter, kept: bytearray, is_sse: bool, remaining: int,
-                           timeout: float) -> None:
-        while remaining != 0:
             data = await self._read(upstream, timeout)
             if not data:
-                if remaining > 0:
-                    raise UpstreamBroken("connection closed before the end of the body")
-                return  # a body delimited by the close
-            if remaining > 0:
-                data = data[:remaining]
-                remaining -= len(data)
-            client.write(data)
-            if is_sse:
-                counter.feed(data)
-            elif len(kept) < MAX_KEPT_RESPONSE:
-                kept += data
-            if client.transport.get_write_buffer_size() > 256 * 1024:
-                await client.drain()
+                if answer.until_close:
+                    return  # a body delimited by the close
+                raise UpstreamBroken("connection closed before the end of the "
+                                     + ("stream" if answer.chunked else "body"))
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                answer.broken = f"malformed framing ({exc})"
 
     @staticmethod
     def _count(exchange: _Exchange, counter: _Counter, kept: bytearray, is_sse: bool,
                usage: TenantUsage) -> None:
         found = counter.usage
         if not is_sse and kept:
-            with contextlib.suppress(ValueError, AttributeError):
+            with contextlib.suppress(ValueError, AttributeError, RecursionError):
                 found = json.loads(bytes(kept)).get("usage")
         if isinstance(found, dict):
             usage.prompt_tokens = int(found.get("prompt_tokens") or 0)
