@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 
+import h11
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -514,3 +515,81 @@ def test_generated_valid_requests_reach_the_upstream_field_for_field(
     expected += [(b"content-length", b"%d" % len(body)), (b"connection", b"close")]
     assert seen.headers == expected
     assert threaded_rig.errors == []
+
+
+# -- a hostile (or broken) upstream ----------------------------------------------------------
+async def scripted_upstream(answer: bytes) -> asyncio.Server:
+    """A server that reads the request's head and answers `answer`, whatever it is."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def h11_read(raw: bytes) -> tuple[int, bytes]:
+    """The status and body of a raw answer, read by h11: an AssertionError if malformed."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("host", "x"),
+                                                              ("content-length", "0")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(raw)
+    conn.receive_data(b"")
+    status, body = 0, b""
+    while (event := conn.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+        if isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return status, body
+    raise AssertionError(f"the answer did not end well-formed: {raw[-200:]!r}")
+
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n")
+EVENT = b'data: {"choices":[{"index":0,"text":" a"}]}\n\n'
+
+
+@pytest.mark.parametrize("answer, status, what", [
+    (b"HTTP/1.1 200 OK\r\nx-a: 1\nset-cookie: evil=1\r\ncontent-length: 2\r\n\r\nok", 502,
+     "bare LF in vLLM's head"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok", 502,
+     "two Content-Lengths from vLLM"),
+    (b"HTTP/1.1 2000 OK\r\n\r\n", 502, "status of four digits"),
+    (b"garbage\r\n\r\n", 502, "no status line"),
+])
+async def test_a_malformed_answer_head_from_vllm_is_502(rig_factory, answer, status, what):
+    server = await scripted_upstream(answer)
+    try:
+        rig = await rig_factory()
+        rig.bridge.settings.upstream_port = server.sockets[0].getsockname()[1]
+        reply = await rig.send(POST + b"content-length: 42\r\n\r\n" + GOOD_BODY)
+    finally:
+        server.close()
+    assert status_of(reply) == status, (what, reply)
+    assert json_error(reply)["type"] == "bad_gateway"
+    assert b"evil" not in reply
+
+
+@pytest.mark.parametrize("tail, what", [
+    (b"-5\r\nabcde\r\n0\r\n\r\n", "negative chunk size"),
+    (b"zz\r\nabcde\r\n0\r\n\r\n", "chunk size not hex"),
+    (b"5\r\nabcdefgh\r\n0\r\n\r\n", "chunk longer than its size"),
+    (b"%x\r\n%s" % (len(EVENT), EVENT[:10]), "cut mid-chunk"),
+])
+async def test_broken_framing_mid_stream_ends_the_stream_well_formed(rig_factory, tail, what):
+    chunk = b"%x\r\n%s\r\n" % (len(EVENT), EVENT)
+    server = await scripted_upstream(SSE_HEAD + chunk * 3 + tail)
+    try:
+        rig = await rig_factory()
+        rig.bridge.settings.upstream_port = server.sockets[0].getsockname()[1]
+        reply = await rig.send(POST + b"content-length: 42\r\n\r\n" + GOOD_BODY)
+    finally:
+        server.close()
+    status, body = h11_read(reply)
+    events = [e for e in body.split(b"\n\n") if e]
+    assert status == 200 and events[:3] == [EVENT.strip()] * 3, what
+    assert json.loads(events[3][6:])["error"]["code"] == 502 and events[4] == b"data: [DONE]"
