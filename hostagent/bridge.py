@@ -66,6 +66,9 @@ BACKEND_HEADER = "X-Tokenfabric-Backend"
 MAX_KEPT_RESPONSE = 8 * MIB   # non-streaming bodies kept to read `usage` from
 MAX_RESPONSE_HEAD = 64 * KIB  # vLLM's response head
 OFF_LOOP_JSON = 256 * KIB     # request bodies larger than this are parsed in a thread
+# Parsed JSON takes up to ~25 times its text in Python objects (`[{},{},...]`): a body
+# with more values than this (a bound from its commas and colons) is not parsed.
+MAX_JSON_VALUES = 256 * 1024
 LINGER_SECONDS = 1.0          # after an early answer, how long unread input is drained...
 LINGER_BYTES = 1 * MIB        # ...and how much, so that the close does not reset the answer
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -74,11 +77,15 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
-async def _parse_body(body: bytes) -> dict | None:
-    """The body as a JSON object (or None); a large one in a thread, off the event loop."""
-    if len(body) > OFF_LOOP_JSON:
+async def _parse_body(body: bytes, one_at_a_time: asyncio.Semaphore) -> dict | None:
+    """The body as a JSON object (or None); a large one in a thread, off the event loop,
+    one at a time so that the objects of only one large body exist at once."""
+    if len(body) <= OFF_LOOP_JSON:
+        return _json_object(body)
+    if body.count(b",") + body.count(b":") > MAX_JSON_VALUES:
+        return None
+    async with one_at_a_time:
         return await asyncio.to_thread(_json_object, body)
-    return _json_object(body)
 
 
 class UpstreamBroken(Exception):
@@ -302,6 +309,7 @@ class Bridge:
         self.in_flight = 0     # requests read whole and being relayed
         self.connections = 0   # open client connections, against max_connections
         self.refusing = 0      # connections over the cap being answered 503
+        self.large_json = asyncio.Semaphore(1)
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> asyncio.Server:
@@ -424,10 +432,11 @@ class Bridge:
             usage.requests = 1
             charge = _Charge(tenant)
             try:
-                body = await _parse_body(request.body)
+                body = await _parse_body(request.body, self.large_json)
                 if self.settings.priority_scheduling and request.body:
                     if body is None:
-                        raise HttpError(400, "the body must be a JSON object")
+                        raise HttpError(400, "the body must be a JSON object of at most "
+                                        f"{MAX_JSON_VALUES} values")
                     body["priority"] = -(tenant.request_priority or 0)
                     request.body = json.dumps(body, separators=(",", ":")).encode()
                 exchange = _Exchange(request, body)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from hostagent.bridge import HOP_BY_HOP, Bridge, BridgeSettings
+from hostagent.bridge import HOP_BY_HOP, MAX_JSON_VALUES, Bridge, BridgeSettings
 from hostagent.http1 import FRAMING_ALLOWANCE
 from tests.integration.hostagent.hostile import (
     BridgeProcess,
@@ -214,6 +214,20 @@ async def test_deeply_nested_json_body_is_no_crash(rig_factory, priority):
     else:          # relayed as it is: vLLM judges it
         assert status_of(reply) == 200
         assert rig.upstream.received[0].body == body
+
+
+async def test_large_json_bodies_are_parsed_off_the_loop_and_within_a_value_bound(rig_factory):
+    """A large body is parsed in a thread; one with more values than MAX_JSON_VALUES (whose
+    Python objects would be ~25 times its size) is not parsed at all."""
+    rig = await rig_factory(priority_scheduling=True)
+    big = json.dumps({"model": "m", "prompt": "word " * 400_000, "priority": -9}).encode()
+    swarm = b'{"prompt":[' + b",".join([b"{}"] * (MAX_JSON_VALUES + 1)) + b"]}"
+    replies = [await rig.send(POST + b"content-length: %d\r\n\r\n" % len(body) + body)
+               for body in (big, swarm)]
+    assert [status_of(r) for r in replies] == [200, 400]
+    assert "values" in json_error(replies[1])["message"]
+    (seen,) = rig.upstream.received
+    assert json.loads(seen.body)["priority"] == 0 and len(seen.body) > 2_000_000
 
 
 # -- limits ------------------------------------------------------------------------------
