@@ -188,8 +188,9 @@ class _Reading:
         if self.body_size + size > self.limits.max_body:
             raise HttpError(413, f"request body larger than {self.limits.max_body} bytes")
         self.body_size += size
-        if self.body_size > self.reserved:  # a chunked body reserves as it arrives
-            self._reserve(self.body_size - self.reserved)
+        # Reserved as it arrives, not as announced: a head announcing 16 MiB must not
+        # hold the budget of bytes that may never come.
+        self._reserve(size)
         self.parts.append(data)
 
     def on_message_complete(self) -> None:
@@ -243,7 +244,6 @@ class _Reading:
             length = int(lengths[0])
             if length > self.limits.max_body:
                 raise HttpError(413, f"request body larger than {self.limits.max_body} bytes")
-            self._reserve(length)
             self.expected_body = length > 0
         if self.upgrade and self.expected_body:
             raise _bad("an Upgrade request may not carry a body here")
@@ -309,9 +309,9 @@ def _feed(reading: _Reading, data: bytes, first: bytes) -> None:
 
 async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None,
                        limits: RequestLimits, budget: BufferBudget | None = None) -> Request:
-    """One request, read within the limits. HttpError for an answer to send instead;
-    asyncio.IncompleteReadError when the client leaves first; TimeoutError when it is slow.
-    On any error the body's reservation in `budget` is given back."""
+    """One request, read within the limits. HttpError for an answer to send instead (408
+    when the client is too slow); asyncio.IncompleteReadError when it leaves first. On any
+    error the body's reservation in `budget` is given back."""
     reading = _Reading(limits, budget, writer)
     wire = 0
     first = b""

@@ -317,13 +317,17 @@ async def test_bytes_held_across_connections_are_bounded(rig_factory):
     rig = await rig_factory(max_buffered_bytes=1_000_000, max_body_bytes=1_000_000)
     body = b'{"prompt":"' + b"x" * 799_970 + b'"}'
     reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
-    writer.write(POST + b"content-length: %d\r\n\r\n" % len(body) + body[:1000])
-    await asyncio.sleep(0.1)  # its 800 kB are reserved: 200 kB are left
+    writer.write(POST + b"content-length: %d\r\n\r\n" % len(body) + body[:-1000])
+    for _ in range(100):  # its first 798,983 bytes are held: about 200 kB are left
+        if rig.bridge.budget.used == len(body) - 1000:
+            break
+        await asyncio.sleep(0.02)
+    assert rig.bridge.budget.used == len(body) - 1000
     second = b'{"prompt":"' + b"y" * 300_000 + b'"}'
     refused = await rig.send(POST + b"content-length: %d\r\n\r\n" % len(second) + second)
     assert status_of(refused) == 503 and b"retry-after: 1\r\n" in refused.lower()
-    assert rig.bridge.budget.used == 799_983
-    writer.write(body[1000:])
+    assert rig.bridge.budget.used == len(body) - 1000  # the refused one's part given back
+    writer.write(body[-1000:])
     first = await asyncio.wait_for(reader.read(-1), 10)
     writer.close()
     assert status_of(first) == 200
@@ -332,6 +336,20 @@ async def test_bytes_held_across_connections_are_bounded(rig_factory):
     assert status_of(retried) == 200
     assert [len(r.body) for r in rig.upstream.received] == [len(body), len(second)]
     assert rig.bridge.budget.peak <= 1_000_000
+
+
+async def test_an_announced_body_holds_no_budget_until_it_arrives(rig_factory):
+    rig = await rig_factory(max_buffered_bytes=1_000_000, max_body_bytes=1_000_000)
+    idle = []
+    for _ in range(5):  # five heads announcing 1 MB each, no body yet
+        reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+        writer.write(POST + b"content-length: 1000000\r\n\r\n")
+        idle.append(writer)
+    await asyncio.sleep(0.1)
+    served = await rig.send(POST + b"content-length: 42\r\n\r\n" + GOOD_BODY)
+    assert status_of(served) == 200 and rig.bridge.budget.used == 0
+    for writer in idle:
+        writer.transport.abort()
 
 
 async def test_an_early_answer_is_read_by_a_client_still_sending(rig_factory):
