@@ -16,6 +16,9 @@ here (see docs/agent.md, "Framing"):
 - CONNECT: 501. An Upgrade request with a body: 400 (llhttp stops before an upgrade's
   body); without one, the Upgrade is ignored, as a server may.
 - `Expect` other than 100-continue: 417.
+- kept lenient, as RFC 9112 allows and harmless once re-serialised: empty lines before
+  the request line (§2.2), runs of spaces between the request line's parts (§3), HTAB
+  and obs-text inside values (§5.5; forwarded as they are, Latin-1).
 - limits llhttp does not keep: head size and header count (431), body size while it is
   read, chunked included (413), bytes held across all connections (503), chunk framing and
   extensions larger than their data (400), and the time to send the head and the request.
