@@ -195,6 +195,17 @@ async def test_the_upstream_gets_only_reserialised_validated_fields(rig_factory)
     assert b"\n" not in head.replace(b"\r\n", b"") and b"\r" not in head.replace(b"\r\n", b"")
 
 
+@pytest.mark.parametrize("payload", [
+    b"\r\nGET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n",
+    b"GET  /v1/models  HTTP/1.1\r\nhost: x\r\n\r\n",
+], ids=["empty line first", "runs of spaces"])
+async def test_leniencies_rfc_9112_allows_are_served_and_forwarded_clean(rig_factory, payload):
+    rig = await rig_factory()
+    assert status_of(await rig.send(payload)) == 200
+    (seen,) = rig.upstream.received
+    assert seen.raw.startswith(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n")
+
+
 async def test_pipelined_bytes_after_the_request_are_not_relayed(rig_factory):
     rig = await rig_factory()
     payload = (b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n"
