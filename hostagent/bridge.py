@@ -92,6 +92,10 @@ class UpstreamBroken(Exception):
     """vLLM failed after the response head was sent to the client."""
 
 
+class ClientStalled(Exception):
+    """The client took none of the answer for a while (a slow reader)."""
+
+
 @dataclass
 class BridgeSettings:
     upstream_host: str = "127.0.0.1"
@@ -453,6 +457,13 @@ class Bridge:
                 if not client_gone:
                     raise
                 log.info("client %s left mid-request; upstream aborted", peer)
+            except (ClientStalled, ConnectionError) as exc:
+                # The client stopped reading (or its connection broke while written to):
+                # let vLLM go rather than hold its slot for a client that takes nothing.
+                client_gone = True
+                writer.transport.abort()
+                log.info("client %s %s; upstream aborted", peer,
+                         exc if isinstance(exc, ClientStalled) else "broke off")
         finally:
             if self.delay is not None and exchange is not None \
                     and exchange.delay_key is not None:
@@ -643,7 +654,12 @@ class Bridge:
             if pending:
                 client.write(pending)
                 if client.transport.get_write_buffer_size() > 256 * 1024:
-                    await client.drain()
+                    try:
+                        async with asyncio.timeout(self.settings.request_timeout):
+                            await client.drain()
+                    except TimeoutError:
+                        raise ClientStalled("read nothing for "
+                                            f"{self.settings.request_timeout:g} s") from None
             if answer.broken:
                 raise UpstreamBroken(answer.broken)
             if answer.complete:

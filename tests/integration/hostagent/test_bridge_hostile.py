@@ -40,6 +40,7 @@ class Rig:
     def __init__(self, bridge: Bridge, upstream: RecordingUpstream) -> None:
         self.bridge, self.upstream = bridge, upstream
         self.loop_errors: list[dict] = []
+        self.records: list[logging.LogRecord] = []
 
     @property
     def port(self) -> int:
@@ -65,6 +66,7 @@ async def rig_factory(caplog):
         await bridge.start("127.0.0.1", 0)
         rig = Rig(bridge, upstream)
         rig.loop_errors = errors
+        rig.records = caplog.records
         rigs.append(rig)
         return rig
 
@@ -636,3 +638,45 @@ async def test_broken_framing_mid_stream_ends_the_stream_well_formed(rig_factory
     events = [e for e in body.split(b"\n\n") if e]
     assert status == 200 and events[:3] == [EVENT.strip()] * 3, what
     assert json.loads(events[3][6:])["error"]["code"] == 502 and events[4] == b"data: [DONE]"
+
+
+async def test_a_client_that_reads_nothing_lets_vllm_go(rig_factory):
+    """A slow reader (the answer's reverse slowloris): once the client has taken nothing
+    for request_timeout, the bridge drops it and aborts the upstream, whose slot is free."""
+    upstream_gone = asyncio.Event()
+
+    async def endless_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(SSE_HEAD)
+        chunk = b"%x\r\n%s\r\n" % (len(EVENT) * 100, EVENT * 100)
+        try:
+            for _ in range(100_000):  # ~500 MB: far more than any buffer on the way
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 10)
+        except (ConnectionError, TimeoutError):
+            upstream_gone.set()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(endless_stream, "127.0.0.1", 0)
+    try:
+        rig = await rig_factory(request_timeout=0.5)
+        rig.bridge.settings.upstream_port = server.sockets[0].getsockname()[1]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", rig.port))
+        await asyncio.get_running_loop().sock_sendall(
+            sock, POST + b"content-length: 42\r\n\r\n" + GOOD_BODY)
+        started = time.monotonic()
+        await asyncio.wait_for(upstream_gone.wait(), 10)   # never read from `sock`
+        took = time.monotonic() - started
+        for _ in range(100):
+            if rig.bridge.in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        sock.close()
+    finally:
+        server.close()
+    assert took < 5 and rig.bridge.in_flight == 0
+    assert any("read nothing for 0.5 s" in r.getMessage() for r in rig.records)
