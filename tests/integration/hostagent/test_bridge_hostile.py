@@ -680,3 +680,41 @@ async def test_a_client_that_reads_nothing_lets_vllm_go(rig_factory):
         server.close()
     assert took < 5 and rig.bridge.in_flight == 0
     assert any("read nothing for 0.5 s" in r.getMessage() for r in rig.records)
+
+
+CHUNK = st.tuples(st.binary(min_size=1, max_size=40),
+                  st.sampled_from(["", ";a=b", ';a="q"', ";a", ";", "; a=b", ";a=\x01"]),
+                  st.sampled_from(["exact"] * 6 + ["short", "long", "negative", "0x",
+                                                    "upper", "space"]))
+
+
+def _chunk(data: bytes, extension: str, size: str) -> tuple[bytes, bool]:
+    """A chunk's bytes, and whether RFC 9112 calls it well formed."""
+    n = len(data)
+    text = {"exact": f"{n:x}", "short": f"{n - 1:x}" if n > 1 else "0", "long": f"{n + 1:x}",
+            "negative": f"-{n:x}", "0x": f"0x{n:x}", "upper": f"{n:X}",
+            "space": f"{n:x} "}[size]
+    good_extension = extension in ("", ";a=b", ';a="q"', ";a")
+    good = size in ("exact", "upper") and good_extension
+    return f"{text}{extension}\r\n".encode() + data + b"\r\n", good
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(chunks=st.lists(CHUNK, max_size=6), trailer=st.sampled_from(["", "x-t: 1\r\n"]))
+def test_generated_chunked_bodies_are_relayed_exactly_or_refused(threaded_rig, chunks,
+                                                                 trailer):
+    framed = [_chunk(*c) for c in chunks]
+    payload = (POST + b"transfer-encoding: chunked\r\n\r\n" + b"".join(f for f, _ in framed)
+               + b"0\r\n" + trailer.encode() + b"\r\n")
+    before = len(threaded_rig.upstream.received)
+    reply = threaded_rig.send(payload)
+    relayed = threaded_rig.upstream.received[before:]
+    if all(good for _, good in framed):
+        assert status_of(reply) == 200, (payload, reply)
+        assert [r.body for r in relayed] == [b"".join(c[0] for c in chunks)]
+    else:
+        # a wrong size can also read as a longer body still coming: 408 then
+        assert status_of(reply) in (400, 408), (payload, reply)
+        assert json_error(reply)["code"] == status_of(reply) and relayed == []
+    assert threaded_rig.errors == []
