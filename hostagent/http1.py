@@ -265,8 +265,19 @@ class _Reading:
         if url == "*" and self.parser.get_method() == b"OPTIONS":
             return url
         if url.startswith(("http://", "https://")):
-            # absolute-form: forwarded in origin-form (RFC 9112 §3.2.2).
-            parts = httptools.parse_url(self.url)
+            # absolute-form: forwarded in origin-form, its authority as the Host
+            # (RFC 9112 §3.2.2: the Host the client sent beside it is ignored).
+            try:
+                parts = httptools.parse_url(self.url)
+            except httptools.HttpParserInvalidURLError as exc:
+                raise _bad(f"malformed absolute URI: {exc}") from None
+            authority = (parts.host or b"").decode("ascii")
+            if parts.port is not None:
+                authority += f":{parts.port}"
+            if not authority or not _HOST.fullmatch(authority):
+                raise _bad("the absolute URI has no valid host")
+            self.headers = [(k, v) for k, v in self.headers if k != "host"]
+            self.headers.insert(0, ("host", authority))
             path = (parts.path or b"/").decode("ascii")
             return path + ("?" + parts.query.decode("ascii") if parts.query else "")
         raise _bad("the request target must be a path, an absolute URI, or * with OPTIONS")
@@ -274,7 +285,8 @@ class _Reading:
     def request(self) -> Request:
         body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
         self.parts = []
-        return Request(self.parser.get_method().decode("ascii"), self.target(),
+        target = self.target()  # before the headers: an absolute-form sets the Host
+        return Request(self.parser.get_method().decode("ascii"), target,
                        self.parser.get_http_version(), self.headers, body, self.budget,
                        self.reserved, self.hop_by_hop)
 
