@@ -53,7 +53,10 @@ class Agent:
         self.bridge = Bridge(BridgeSettings(
             upstream_host=_url_host(config.vllm_url), upstream_port=_url_port(config.vllm_url),
             mode=config.mode, upstream_timeout=config.upstream_timeout,
-            request_timeout=config.request_timeout,
+            request_timeout=config.request_timeout, head_timeout=config.head_timeout,
+            max_connections=config.max_connections, max_body_bytes=config.max_body_bytes,
+            max_buffered_bytes=config.max_buffered_bytes,
+            max_header_bytes=config.max_header_bytes, max_headers=config.max_headers,
             trust_tenant_header=config.trust_tenant_header,
             overflow_request_tokens=config.overflow_request_tokens,
             backend_name=config.name, priority_scheduling=config.priority_scheduling,

@@ -3,7 +3,7 @@
 - One request per connection: the answer carries `Connection: close`, so that every request
   is a new TCP connection and therefore a new balancing decision in the switch.
 - Unbuffered: every complete HTTP chunk from vLLM is written to the client as soon as it
-  is read, framing untouched (SSE events are never held back).
+  is read, as a chunk of the same data (SSE events are never held back).
 - Tokens are counted per tenant, from `usage` (the final SSE chunk, or the JSON body), or,
   where the client did not ask for usage, by counting the content chunks of the stream
   (and estimating the prompt at 4 bytes a token); such requests are marked estimated.
@@ -25,9 +25,14 @@
   and `data: [DONE]`, then a well-formed end of the chunked body.
 - A client that goes away aborts the upstream connection, which makes vLLM abort the
   request; no half-open connection is left on either side.
+- Requests are read strictly (RFC 9112) by hostagent/http1.py on llhttp, within limits
+  (head size, header count, body size, bytes held across connections, time), and
+  forwarded re-serialised from their parsed fields. At most `max_connections` are served
+  at once; more get a quick 503.
 
-Plain asyncio streams and a small HTTP/1.1 parser: the relay only needs the message
-framing, and skipping a general HTTP stack keeps the added latency low.
+Plain asyncio streams with llhttp (httptools) for the framing of both sides, requests and
+vLLM's answers: the relay only needs the message framing, and skipping a general HTTP
+stack keeps the added latency low (bench/bench_bridge.py).
 """
 
 from __future__ import annotations
@@ -36,37 +41,59 @@ import asyncio
 import contextlib
 import json
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import httptools
+
 from hostagent import log
 from hostagent.delay import DelayEstimator
+from hostagent.http1 import (
+    KIB,
+    MIB,
+    BufferBudget,
+    HttpError,
+    Request,
+    RequestLimits,
+    error_body,
+    read_request,
+    response_head,
+)
 from hostagent.tenants import UNKNOWN, Tenant, TenantTable, TenantUsage, retry_after_seconds
 
 TENANT_HEADER = "x-tokenfabric-tenant"
 BACKEND_HEADER = "X-Tokenfabric-Backend"
-MAX_HEAD = 64 * 1024
-MAX_BODY = 16 * 1024 * 1024
-MAX_KEPT_RESPONSE = 8 * 1024 * 1024   # non-streaming bodies kept to read `usage` from
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
-              "transfer-encoding", "content-length", "expect", TENANT_HEADER,
-              BACKEND_HEADER.lower()}
+MAX_KEPT_RESPONSE = 8 * MIB   # non-streaming bodies kept to read `usage` from
+MAX_RESPONSE_HEAD = 64 * KIB  # vLLM's response head
+OFF_LOOP_JSON = 256 * KIB     # request bodies larger than this are parsed in a thread
+# Parsed JSON takes up to ~25 times its text in Python objects (`[{},{},...]`): a body
+# with more values than this (a bound from its commas and colons) is not parsed.
+MAX_JSON_VALUES = 256 * 1024
+LINGER_SECONDS = 1.0          # after an early answer, how long unread input is drained...
+LINGER_BYTES = 1 * MIB        # ...and how much, so that the close does not reset the answer
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                        "upgrade", "transfer-encoding", "content-length", "expect",
+                        TENANT_HEADER, BACKEND_HEADER.lower()})
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-_REASONS = {400: "Bad Request", 404: "Not Found", 408: "Request Timeout",
-            411: "Length Required",
-            413: "Payload Too Large", 429: "Too Many Requests", 431: "Header Too Large",
-            502: "Bad Gateway", 504: "Gateway Timeout"}
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+async def _parse_body(body: bytes, one_at_a_time: asyncio.Semaphore) -> dict | None:
+    """The body as a JSON object (or None); a large one in a thread, off the event loop,
+    one at a time so that the objects of only one large body exist at once."""
+    if len(body) <= OFF_LOOP_JSON:
+        return _json_object(body)
+    if body.count(b",") + body.count(b":") > MAX_JSON_VALUES:
+        return None
+    async with one_at_a_time:
+        return await asyncio.to_thread(_json_object, body)
 
 
 class UpstreamBroken(Exception):
     """vLLM failed after the response head was sent to the client."""
+
+
+class ClientStalled(Exception):
+    """The client took none of the answer for a while (a slow reader)."""
 
 
 @dataclass
@@ -79,103 +106,31 @@ class BridgeSettings:
     trust_tenant_header: bool = False
     overflow_request_tokens: int = 512
     request_timeout: float = 30.0       # a client must send its whole request within this
+    head_timeout: float = 10.0          # ...and its request line and headers within this
     backend_name: str = ""              # X-Tokenfabric-Backend of every response
     priority_scheduling: bool = False   # set the body's `priority` from the tenant's contract
     charge_step: int = 16               # charge streamed completion tokens this many at a time
+    max_connections: int = 1024         # open client connections; more are answered 503
+    max_body_bytes: int = 16 * MIB      # one request body, chunked included (413)
+    max_buffered_bytes: int = 64 * MIB  # request bodies held across all connections (503)
+    max_header_bytes: int = 64 * KIB    # request line and headers (431)
+    max_headers: int = 100              # header lines (431)
+
+    def limits(self) -> RequestLimits:
+        return RequestLimits(max_head=self.max_header_bytes, max_headers=self.max_headers,
+                             max_body=self.max_body_bytes, head_timeout=self.head_timeout,
+                             request_timeout=self.request_timeout)
 
 
-def error_body(status: int, message: str, kind: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+class _Exchange:
+    """One relayed request and what the bridge worked out from its body."""
+    __slots__ = ("request", "prompt_estimate", "max_tokens", "delay_key")
 
-
-def _response_head(status: int, headers: list[tuple[str, str]]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
-    lines += [f"{k}: {v}" for k, v in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def _parse_head(raw: bytes) -> tuple[str, list[tuple[str, str]]]:
-    """Start line and headers (names lower-cased); HttpError 400 when malformed."""
-    try:
-        text = raw.decode("latin-1")
-    except UnicodeDecodeError as exc:  # latin-1 decodes anything; kept for clarity
-        raise HttpError(400, "undecodable head", "invalid_request_error") from exc
-    lines = text[:-4].split("\r\n")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise HttpError(400, f"malformed header line {line[:80]!r}", "invalid_request_error")
-        headers.append((name.lower(), value.strip()))
-    return lines[0], headers
-
-
-class _Request:
-    __slots__ = ("method", "target", "headers", "body", "started", "delay_key")
-
-    def __init__(self, method: str, target: str, headers: list[tuple[str, str]],
-                 body: bytes) -> None:
-        self.method, self.target, self.headers, self.body = method, target, headers, body
-        self.started = time.monotonic()
+    def __init__(self, request: Request, body: dict | None) -> None:
+        self.request = request
+        self.prompt_estimate = _estimate_prompt_tokens(body)
+        self.max_tokens = _max_tokens(body)
         self.delay_key: int | None = None
-
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
-
-async def _read_head(reader: asyncio.StreamReader) -> bytes:
-    try:
-        return await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError as exc:
-        raise HttpError(431, "request head too large", "invalid_request_error") from exc
-
-
-async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
-    body = bytearray()
-    while True:
-        line = await reader.readuntil(b"\r\n")
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError as exc:
-            raise HttpError(400, "malformed chunk size", "invalid_request_error") from exc
-        if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":  # skip trailers
-                pass
-            return bytes(body)
-        if len(body) + size > limit:
-            raise HttpError(413, f"request body larger than {limit} bytes",
-                            "invalid_request_error")
-        body += (await reader.readexactly(size + 2))[:-2]
-
-
-async def read_request(reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter | None = None) -> _Request:
-    start, headers = _parse_head(await _read_head(reader))
-    parts = start.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise HttpError(400, f"malformed request line {start[:80]!r}", "invalid_request_error")
-    request = _Request(parts[0], parts[1], headers, b"")
-    encoding = (request.header("transfer-encoding") or "").lower()
-    length = request.header("content-length")
-    if writer is not None and (request.header("expect") or "").lower() == "100-continue":
-        # curl asks this for bodies over 1 KiB and would wait a second for the answer.
-        if length is not None and length.isdigit() and int(length) > MAX_BODY:
-            raise HttpError(413, f"request body larger than {MAX_BODY} bytes",
-                            "invalid_request_error")
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    if "chunked" in encoding:
-        request.body = await _read_chunked(reader, MAX_BODY)
-    elif length is not None:
-        if not length.isdigit():
-            raise HttpError(400, "bad Content-Length", "invalid_request_error")
-        if int(length) > MAX_BODY:
-            raise HttpError(413, f"request body larger than {MAX_BODY} bytes",
-                            "invalid_request_error")
-        request.body = await reader.readexactly(int(length))
-    return request
 
 
 class _Counter:
@@ -199,7 +154,7 @@ class _Counter:
             if body == b"[DONE]":
                 continue
             if _USAGE_OBJECT.search(body):
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):
                     usage = json.loads(body).get("usage")
                     if isinstance(usage, dict):
                         self.usage = usage
@@ -216,7 +171,7 @@ def _is_token_chunk(body: bytes) -> bool:
     assistant role) nor a usage-only chunk (no choices)."""
     try:
         choices = json.loads(body).get("choices") or []
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return False
     for choice in choices:
         if not isinstance(choice, dict):
@@ -228,31 +183,33 @@ def _is_token_chunk(body: bytes) -> bool:
 
 
 def _json_object(body: bytes) -> dict | None:
-    """The request body as a JSON object, or None."""
+    """The request body as a JSON object, or None (not JSON, not an object, too deep)."""
+    if not body:
+        return None
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def _max_tokens(body: bytes) -> int | None:
+def _max_tokens(request: dict | None) -> int | None:
     """The request's `max_tokens` (or `max_completion_tokens`), if it says."""
-    request = _json_object(body)
     if request is None:
         return None
     value = request.get("max_tokens", request.get("max_completion_tokens"))
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _estimate_prompt_tokens(body: bytes) -> int:
+def _estimate_prompt_tokens(request: dict | None) -> int:
     """About 4 bytes a token, over the prompt or the messages' content."""
-    request = _json_object(body)
     if request is None:
         return 0
     prompt = request.get("prompt")
     if prompt is None:
-        prompt = " ".join(str(m.get("content", "")) for m in request.get("messages") or []
+        messages = request.get("messages")
+        prompt = " ".join(str(m.get("content", "")) for m in
+                          (messages if isinstance(messages, list) else [])
                           if isinstance(m, dict))
     if isinstance(prompt, list):
         if all(isinstance(t, int) for t in prompt):
@@ -273,13 +230,72 @@ class _Charge:
         self.tenant, self.prompt, self.completion = tenant, 0, 0
 
 
-def _with_priority(body: bytes, priority: int) -> bytes:
-    """The JSON request body with `priority` set; unchanged if it is not a JSON object."""
-    data = _json_object(body)
-    if data is None:
-        return body
-    data["priority"] = priority
-    return json.dumps(data, separators=(",", ":")).encode()
+class _Response:
+    """httptools' callbacks for vLLM's answer: its head, then its body re-framed chunk by
+    chunk (a chunk is passed on once complete, so the client's framing stays whole even
+    when vLLM breaks off mid-chunk); SSE payloads are fed to the counter as they come."""
+
+    def __init__(self, counter: _Counter, no_body: bool) -> None:
+        self.counter, self.no_body = counter, no_body
+        self.status, self.reason = 0, ""
+        self.headers: list[tuple[str, str]] = []
+        self.headers_done = self.complete = self.chunked = self.is_sse = False
+        self.until_close = False
+        self.kept = bytearray()        # a non-SSE body, to read `usage` from
+        self.pieces: list[bytes] = []  # the chunk being read
+        self.out: list[bytes] = []     # for the client, written after each read
+        self.broken = ""
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.headers_done:  # trailers are dropped
+            self.headers.append((name.decode("latin-1").lower(),
+                                 value.decode("latin-1").strip(" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        assert self.parser is not None
+        self.status = self.parser.get_status_code()
+        values = dict(self.headers)
+        self.chunked = "chunked" in values.get("transfer-encoding", "").lower()
+        self.is_sse = values.get("content-type", "").startswith("text/event-stream")
+        if self.no_body or self.status in (204, 304) or 100 <= self.status < 200:
+            self.complete = True  # no body follows such a head
+        else:
+            self.until_close = not self.chunked and "content-length" not in values
+
+    def on_chunk_header(self) -> None:
+        self.pieces = []
+
+    def on_body(self, data: bytes) -> None:
+        if self.complete:
+            return
+        if self.chunked:
+            self.pieces.append(data)
+        else:
+            self.out.append(data)
+        if self.is_sse:
+            self.counter.feed(data)
+        elif len(self.kept) < MAX_KEPT_RESPONSE:
+            self.kept += data
+
+    def on_chunk_complete(self) -> None:
+        if self.pieces and not self.complete:  # the last chunk (size 0) has none
+            payload = b"".join(self.pieces)
+            self.out.append(b"%x\r\n%s\r\n" % (len(payload), payload))
+        self.pieces = []
+
+    def on_message_complete(self) -> None:
+        if self.chunked and not self.complete:
+            self.out.append(b"0\r\n\r\n")
+        self.complete = True
+
+    def take(self) -> bytes:
+        out, self.out = self.out, []
+        return out[0] if len(out) == 1 else b"".join(out)
 
 
 class Bridge:
@@ -292,11 +308,16 @@ class Bridge:
         self.tenants = tenants or TenantTable()
         self.on_finish = on_finish
         self.on_charge = on_charge
-        self.in_flight = 0
+        self.limits = settings.limits()
+        self.budget = BufferBudget(settings.max_buffered_bytes)
+        self.in_flight = 0     # requests read whole and being relayed
+        self.connections = 0   # open client connections, against max_connections
+        self.refusing = 0      # connections over the cap being answered 503
+        self.large_json = asyncio.Semaphore(1)
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> asyncio.Server:
-        self.server = await asyncio.start_server(self._handle, host, port, limit=MAX_HEAD,
+        self.server = await asyncio.start_server(self._handle, host, port, limit=64 * KIB,
                                                  reuse_address=True)
         return self.server
 
@@ -318,7 +339,7 @@ class Bridge:
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 
     # -- one connection ------------------------------------------------------------------
-    def _tenant(self, request: _Request, peer: str) -> Tenant:
+    def _tenant(self, request: Request, peer: str) -> Tenant:
         if self.settings.trust_tenant_header:
             named = request.header(TENANT_HEADER)
             if named:
@@ -326,28 +347,76 @@ class Bridge:
         return self.tenants.by_address(peer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.settings.max_connections:
+            await self._refuse(reader, writer)
+            return
+        self.connections += 1
+        try:
+            await self._serve(reader, writer)
+        except Exception:  # a bug must cost one connection, not an unretrieved task error
+            log.exception("bridge connection failed")
+        finally:
+            self.connections -= 1
+            writer.close()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Over the connection cap: a quick 503, unless even the refusals are over the cap."""
+        if self.refusing >= self.settings.max_connections:
+            writer.transport.abort()
+            return
+        self.refusing += 1
+        try:
+            self._send_error(writer, HttpError(
+                503, f"the bridge has {self.settings.max_connections} connections open; "
+                "retry shortly", "service_unavailable", retry_after=1))
+            await self._linger(reader, writer)
+        finally:
+            self.refusing -= 1
+            writer.close()
+
+    @staticmethod
+    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """After answering before the whole request was read: end our side, and drain what
+        the client still sends for a moment, so that closing with unread input (a TCP
+        reset) does not destroy the answer before the client reads it."""
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+            async with asyncio.timeout(LINGER_SECONDS):
+                drained = 0
+                while drained < LINGER_BYTES:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    drained += len(data)
+        except (TimeoutError, OSError):
+            pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = (writer.get_extra_info("peername") or ("",))[0]
-        tenant, usage = UNKNOWN, TenantUsage()
+        try:
+            request = await read_request(reader, writer, self.limits, self.budget)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return  # the client left before sending a whole request
+        except HttpError as exc:
+            self._send_error(writer, exc)
+            await self._linger(reader, writer)
+            return
+        self.in_flight += 1
+        try:
+            await self._serve_request(request, peer, reader, writer)
+        finally:
+            self.in_flight -= 1
+            request.release()
+
+    async def _serve_request(self, request: Request, peer: str, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        tenant, usage = self._tenant(request, peer), TenantUsage()
         upstream: asyncio.StreamWriter | None = None
         watcher: asyncio.Task | None = None
         client_gone = False
-        request: _Request | None = None
-        self.in_flight += 1
+        exchange: _Exchange | None = None
         try:
-            try:
-                async with asyncio.timeout(self.settings.request_timeout):
-                    request = await read_request(reader, writer)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return  # the client left before sending a whole request
-            except TimeoutError:
-                self._send_error(writer, HttpError(
-                    408, f"no complete request within {self.settings.request_timeout:g} s",
-                    "invalid_request_error"))
-                return
-            except HttpError as exc:
-                self._send_error(writer, exc)
-                return
-            tenant = self._tenant(request, peer)
             if self.settings.mode == "overflow":
                 usage.rejected = 1
                 self._send_overflow(writer, tenant)
@@ -367,14 +436,20 @@ class Bridge:
             usage.requests = 1
             charge = _Charge(tenant)
             try:
+                body = await _parse_body(request.body, self.large_json)
                 if self.settings.priority_scheduling and request.body:
-                    request.body = _with_priority(request.body,
-                                                  -(tenant.request_priority or 0))
+                    if body is None:
+                        raise HttpError(400, "the body must be a JSON object of at most "
+                                        f"{MAX_JSON_VALUES} values")
+                    body["priority"] = -(tenant.request_priority or 0)
+                    request.body = json.dumps(body, separators=(",", ":")).encode()
+                exchange = _Exchange(request, body)
+                del body
                 upstream_reader, upstream = await self._connect(request)
-                self._charge(charge, _estimate_prompt_tokens(request.body), 0)
+                self._charge(charge, exchange.prompt_estimate, 0)
                 if self.delay is not None:
-                    request.delay_key = self.delay.start(_max_tokens(request.body))
-                await self._relay(request, upstream_reader, writer, usage, charge)
+                    exchange.delay_key = self.delay.start(exchange.max_tokens)
+                await self._relay(exchange, upstream_reader, writer, usage, charge)
             except HttpError as exc:
                 usage.errors = 1
                 self._send_error(writer, exc)
@@ -382,11 +457,17 @@ class Bridge:
                 if not client_gone:
                     raise
                 log.info("client %s left mid-request; upstream aborted", peer)
+            except (ClientStalled, ConnectionError) as exc:
+                # The client stopped reading (or its connection broke while written to):
+                # let vLLM go rather than hold its slot for a client that takes nothing.
+                client_gone = True
+                writer.transport.abort()
+                log.info("client %s %s; upstream aborted", peer,
+                         exc if isinstance(exc, ClientStalled) else "broke off")
         finally:
-            self.in_flight -= 1
-            if self.delay is not None and request is not None \
-                    and request.delay_key is not None:
-                self.delay.end(request.delay_key)
+            if self.delay is not None and exchange is not None \
+                    and exchange.delay_key is not None:
+                self.delay.end(exchange.delay_key)
             if watcher is not None:
                 watcher.cancel()
             if upstream is not None:
@@ -394,7 +475,6 @@ class Bridge:
                     upstream.transport.abort()
                 else:
                     upstream.close()
-            writer.close()
             if usage.requests or usage.rejected:
                 self._account(tenant, usage)
 
@@ -422,7 +502,8 @@ class Bridge:
 
     def _send_error(self, writer: asyncio.StreamWriter, exc: HttpError) -> None:
         body = error_body(exc.status, exc.message, exc.kind)
-        writer.write(_response_head(exc.status, [
+        retry = [] if exc.retry_after is None else [("Retry-After", str(exc.retry_after))]
+        writer.write(response_head(exc.status, [*retry,
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
             *self._backend_headers(), ("Connection", "close")]) + body)
 
@@ -430,17 +511,18 @@ class Bridge:
         seconds = retry_after_seconds(tenant, self.settings.overflow_request_tokens)
         body = error_body(429, f"tenant {tenant.name} is over its token budget; retry in "
                           f"{seconds} s", "rate_limit_exceeded")
-        writer.write(_response_head(429, [
+        writer.write(response_head(429, [
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
             ("Retry-After", str(seconds)), *self._backend_headers(),
             ("Connection", "close")]) + body)
 
-    async def _connect(self, request: _Request) -> tuple[asyncio.StreamReader,
+    async def _connect(self, request: Request) -> tuple[asyncio.StreamReader,
                                                          asyncio.StreamWriter]:
         s = self.settings
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(s.upstream_host, s.upstream_port, limit=MAX_HEAD),
+                asyncio.open_connection(s.upstream_host, s.upstream_port,
+                                        limit=MAX_RESPONSE_HEAD),
                 s.connect_timeout)
         except TimeoutError as exc:
             raise HttpError(504, "vLLM did not accept the connection in time",
@@ -448,61 +530,82 @@ class Bridge:
         except OSError as exc:
             raise HttpError(502, f"vLLM is not reachable: {exc.strerror or exc}",
                             "bad_gateway") from exc
+        # Re-serialised from the parsed, validated fields: no byte of the client's head
+        # reaches vLLM as it was sent. Fields the client's Connection names are hop-by-hop.
+        drop = HOP_BY_HOP | request.hop_by_hop
         lines = [f"{request.method} {request.target} HTTP/1.1"]
-        lines += [f"{k}: {v}" for k, v in request.headers if k not in HOP_BY_HOP]
-        if request.header("host") is None:  # HTTP/1.1 needs one; an HTTP/1.0 client may omit it
-            lines.append(f"host: {s.upstream_host}:{s.upstream_port}")
+        lines += [f"{k}: {v}" for k, v in request.headers if k not in drop]
+        if request.header("host") is None or "host" in drop:
+            lines.append(f"host: {s.upstream_host}:{s.upstream_port}")  # an HTTP/1.0 client
         if request.body or request.method in ("POST", "PUT", "PATCH"):
             lines.append(f"content-length: {len(request.body)}")
         lines.append("connection: close")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body)
+        try:
+            # Once vLLM has the body the bridge need not hold it: its budget is free again.
+            # (Usually the kernel took it all at once: no wait, no timer.)
+            if writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(s.upstream_timeout):
+                    await writer.drain()
+        except TimeoutError as exc:
+            writer.transport.abort()
+            raise HttpError(504, "vLLM did not take the request in time",
+                            "gateway_timeout") from exc
+        except OSError as exc:
+            writer.transport.abort()
+            raise HttpError(502, "vLLM closed the connection while the request was sent",
+                            "bad_gateway") from exc
+        request.body = b""
+        request.release()
         return reader, writer
 
-    async def _relay(self, request: _Request, upstream: asyncio.StreamReader,
+    async def _relay(self, exchange: _Exchange, upstream: asyncio.StreamReader,
                      client: asyncio.StreamWriter, usage: TenantUsage,
                      charge: _Charge) -> None:
         timeout = self.settings.upstream_timeout
+        counter = _Counter()
+        answer = _Response(counter, no_body=exchange.request.method == "HEAD")
+        parser = httptools.HttpResponseParser(answer)
+        answer.parser = parser
         try:
             async with asyncio.timeout(timeout):
-                head = await upstream.readuntil(b"\r\n\r\n")
+                wire = 0
+                while not answer.headers_done:
+                    data = await upstream.read(65536)
+                    if not data:
+                        raise HttpError(502, "vLLM closed the connection without a valid "
+                                        "response", "bad_gateway")
+                    wire += len(data)
+                    parser.feed_data(data)
+                    if not answer.headers_done and wire > MAX_RESPONSE_HEAD:
+                        raise HttpError(502, "vLLM sent a response head too large",
+                                        "bad_gateway")
         except TimeoutError as exc:
             raise HttpError(504, f"vLLM sent no response within {timeout:g} s",
                             "gateway_timeout") from exc
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
+        except ConnectionError as exc:
             raise HttpError(502, "vLLM closed the connection without a valid response",
                             "bad_gateway") from exc
-        try:
-            status_line, headers = _parse_head(head)
-            status = int(status_line.split(" ", 2)[1])
-        except (HttpError, ValueError, IndexError) as exc:
-            raise HttpError(502, "vLLM sent a malformed response head", "bad_gateway") from exc
-        values = dict(headers)
-        chunked = "chunked" in values.get("transfer-encoding", "").lower()
-        length = values.get("content-length")
-        if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            chunked, length = False, "0"  # no body follows such a head
-        is_sse = values.get("content-type", "").startswith("text/event-stream")
-        out = [(k, v) for k, v in headers
+        except httptools.HttpParserError as exc:
+            if not answer.headers_done:
+                raise HttpError(502, "vLLM sent a malformed response head",
+                                "bad_gateway") from exc
+            answer.broken = f"malformed framing ({exc})"
+        status = answer.status
+        out = [(k, v) for k, v in answer.headers
                if k not in ("connection", "keep-alive", BACKEND_HEADER.lower())]
         out += [*self._backend_headers(), ("connection", "close")]
-        client.write(status_line.encode("latin-1") + b"\r\n"
+        client.write(f"HTTP/1.1 {status} {answer.reason}\r\n".encode("latin-1")
                      + "".join(f"{k}: {v}\r\n" for k, v in out).encode("latin-1") + b"\r\n")
-        counter = _Counter()
-        if status == 200 and is_sse:
-            counter.on_chunks = lambda chunks: self._on_chunks(request, charge, chunks)
-        kept = bytearray()
+        if status == 200 and answer.is_sse:
+            counter.on_chunks = lambda chunks: self._on_chunks(exchange, charge, chunks)
         try:
             try:
-                if chunked:
-                    await self._relay_chunked(upstream, client, counter, kept, is_sse, timeout)
-                else:
-                    remaining = int(length) if length and length.isdigit() else -1
-                    await self._relay_plain(upstream, client, counter, kept, is_sse, remaining,
-                                            timeout)
+                await self._relay_body(upstream, parser, answer, client, timeout)
             except UpstreamBroken as exc:
                 usage.errors = 1
                 log.warning("vLLM failed mid-response: %s", exc)
-                if chunked and is_sse:
+                if answer.chunked and answer.is_sse:
                     event = b"data: " + error_body(502, f"vLLM failed mid-stream: {exc}",
                                                    "bad_gateway") + b"\n\n"
                     done = b"data: [DONE]\n\n"
@@ -513,13 +616,13 @@ class Bridge:
             # charged already) also when the client hangs up as the stream ends, which
             # cancels this task before it gets here otherwise.
             if status == 200:
-                self._count(request, counter, kept, is_sse, usage)
+                self._count(exchange, counter, answer.kept, answer.is_sse, usage)
             self._charge(charge, usage.prompt_tokens - charge.prompt,
                          max(usage.completion_tokens, counter.chunks) - charge.completion)
 
-    def _on_chunks(self, request: _Request, charge: _Charge, chunks: int) -> None:
-        if self.delay is not None and request.delay_key is not None:
-            self.delay.tokens(request.delay_key, chunks)
+    def _on_chunks(self, exchange: _Exchange, charge: _Charge, chunks: int) -> None:
+        if self.delay is not None and exchange.delay_key is not None:
+            self.delay.tokens(exchange.delay_key, chunks)
         self._charge_progress(charge, chunks)
 
     def _charge_progress(self, charge: _Charge, chunks: int) -> None:
@@ -542,78 +645,47 @@ class Bridge:
             raise UpstreamBroken(f"connection lost ({exc.__class__.__name__})") from exc
         return data
 
-    async def _relay_chunked(self, upstream: asyncio.StreamReader,
-                             client: asyncio.StreamWriter, counter: _Counter,
-                             kept: bytearray, is_sse: bool, timeout: float) -> None:
-        buf = b""
+    async def _relay_body(self, upstream: asyncio.StreamReader,
+                          parser: httptools.HttpResponseParser, answer: _Response,
+                          client: asyncio.StreamWriter, timeout: float) -> None:
+        """What the parser made of each read, written to the client at once."""
         while True:
-            data = await self._read(upstream, timeout)
-            if not data:
-                raise UpstreamBroken("connection closed before the end of the stream")
-            buf = buf + data if buf else data
-            pos, end_of_body = 0, False
-            while True:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                try:
-                    size = int(buf[pos:eol].split(b";", 1)[0], 16)
-                except ValueError as exc:
-                    raise UpstreamBroken("malformed chunk framing") from exc
-                if size == 0:
-                    # last-chunk; no trailers expected from vLLM: the body ends with CRLF.
-                    if len(buf) < eol + 4:
-                        break
-                    pos, end_of_body = eol + 4, True
-                    break
-                end = eol + 2 + size + 2
-                if len(buf) < end:
-                    break
-                payload = buf[eol + 2:end - 2]
-                if is_sse:
-                    counter.feed(payload)
-                elif len(kept) < MAX_KEPT_RESPONSE:
-                    kept += payload
-                pos = end
-            if pos:
-                client.write(buf[:pos])
-                buf = buf[pos:]
+            pending = answer.take()
+            if pending:
+                client.write(pending)
                 if client.transport.get_write_buffer_size() > 256 * 1024:
-                    await client.drain()
-            if end_of_body:
+                    try:
+                        async with asyncio.timeout(self.settings.request_timeout):
+                            await client.drain()
+                    except TimeoutError:
+                        raise ClientStalled("read nothing for "
+                                            f"{self.settings.request_timeout:g} s") from None
+            if answer.broken:
+                raise UpstreamBroken(answer.broken)
+            if answer.complete:
                 return
-
-    async def _relay_plain(self, upstream: asyncio.StreamReader, client: asyncio.StreamWriter,
-                           counter: _Counter, kept: bytearray, is_sse: bool, remaining: int,
-                           timeout: float) -> None:
-        while remaining != 0:
             data = await self._read(upstream, timeout)
             if not data:
-                if remaining > 0:
-                    raise UpstreamBroken("connection closed before the end of the body")
-                return  # a body delimited by the close
-            if remaining > 0:
-                data = data[:remaining]
-                remaining -= len(data)
-            client.write(data)
-            if is_sse:
-                counter.feed(data)
-            elif len(kept) < MAX_KEPT_RESPONSE:
-                kept += data
-            if client.transport.get_write_buffer_size() > 256 * 1024:
-                await client.drain()
+                if answer.until_close:
+                    return  # a body delimited by the close
+                raise UpstreamBroken("connection closed before the end of the "
+                                     + ("stream" if answer.chunked else "body"))
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                answer.broken = f"malformed framing ({exc})"
 
     @staticmethod
-    def _count(request: _Request, counter: _Counter, kept: bytearray, is_sse: bool,
+    def _count(exchange: _Exchange, counter: _Counter, kept: bytearray, is_sse: bool,
                usage: TenantUsage) -> None:
         found = counter.usage
         if not is_sse and kept:
-            with contextlib.suppress(ValueError, AttributeError):
+            with contextlib.suppress(ValueError, AttributeError, RecursionError):
                 found = json.loads(bytes(kept)).get("usage")
         if isinstance(found, dict):
             usage.prompt_tokens = int(found.get("prompt_tokens") or 0)
             usage.completion_tokens = int(found.get("completion_tokens") or 0)
         elif is_sse and counter.chunks:
-            usage.prompt_tokens = _estimate_prompt_tokens(request.body)
+            usage.prompt_tokens = exchange.prompt_estimate
             usage.completion_tokens = counter.chunks
             usage.estimated = 1

@@ -40,6 +40,12 @@ DEFAULTS: dict[str, Any] = {
     "overflow_request_tokens": 512,    # tokens one retry is expected to cost (Retry-After)
     "upstream_timeout": 30.0,          # seconds to wait for vLLM's response headers
     "request_timeout": 30.0,           # seconds a client has to send its whole request
+    "head_timeout": 10.0,              # ...and its request line and headers
+    "max_connections": 1024,           # client connections served at once; more get 503
+    "max_body_bytes": 16 * 1024 * 1024,      # one request body (413)
+    "max_buffered_bytes": 64 * 1024 * 1024,  # request bodies held across connections (503)
+    "max_header_bytes": 64 * 1024,     # request line and headers (431)
+    "max_headers": 100,                # header lines (431)
     "beacon_target": f"{FABRIC_ADDRESS}:{BEACON_PORT}",
     "beacon_source": None,             # bind beacons to this address (default: the kernel picks)
     "beacon_interval": 0.02,
@@ -84,6 +90,12 @@ class AgentConfig:
     overflow_request_tokens: int
     upstream_timeout: float
     request_timeout: float
+    head_timeout: float
+    max_connections: int
+    max_body_bytes: int
+    max_buffered_bytes: int
+    max_header_bytes: int
+    max_headers: int
     beacon_target: str
     beacon_source: str | None
     beacon_interval: float
@@ -138,8 +150,15 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
             raise ConfigError(f"agent.{key} must be a non-negative integer")
     if values["capacity"] < 1:
         raise ConfigError("agent.capacity must be at least 1")
+    for key in ("max_connections", "max_body_bytes", "max_buffered_bytes", "max_header_bytes",
+                "max_headers"):
+        if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1:
+            raise ConfigError(f"agent.{key} must be a positive integer")
+    if values["max_buffered_bytes"] < values["max_body_bytes"]:
+        raise ConfigError("agent.max_buffered_bytes must be at least agent.max_body_bytes "
+                          "(else no body of the largest allowed size could ever be held)")
     for key in ("beacon_interval", "scrape_interval", "health_interval", "stale_after",
-                "report_interval", "upstream_timeout", "request_timeout"):
+                "report_interval", "upstream_timeout", "request_timeout", "head_timeout"):
         if not isinstance(values[key], int | float) or values[key] <= 0:
             raise ConfigError(f"agent.{key} must be a positive number of seconds")
     if not isinstance(values["shutdown_grace"], int | float) or values["shutdown_grace"] < 0:

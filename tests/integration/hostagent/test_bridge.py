@@ -247,7 +247,7 @@ async def test_client_disconnect_cancels_the_upstream_request(emulator):
     (b"POST / HTTP/1.1\r\ncontent-length: x\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nbad header line\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nx: " + b"a" * 70000 + b"\r\n\r\n", 431),
-    (b"POST / HTTP/1.1\r\ncontent-length: 99999999999\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 99999999999\r\n\r\n", 413),
 ])
 async def test_malformed_requests_get_4xx(payload, status):
     bridge, _ = await start_bridge(free_port())
@@ -263,7 +263,7 @@ async def test_chunked_request_body_is_relayed(emulator):
     bridge, _ = await start_bridge(emulator.port)
     body = json.dumps({"model": "tiny", "prompt": "a b c", "max_tokens": 2}).encode()
     half = len(body) // 2
-    payload = (b"POST /v1/completions HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+    payload = (b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
                + b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, body[:half], len(body) - half,
                                                       body[half:]))
     try:
@@ -321,7 +321,7 @@ async def test_a_client_that_never_finishes_its_request_gets_408():
     bridge, _ = await start_bridge(free_port(), request_timeout=0.3)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-        writer.write(b"POST /v1/completions HTTP/1.1\r\ncontent-length: 100\r\n\r\n{")
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
         reply = await asyncio.wait_for(reader.read(-1), 5)  # the bridge closes: no half-open
         writer.close()
     finally:

@@ -51,11 +51,30 @@ def test_config_defaults_and_derived_values(tmp_path):
     ("  beacon_interval: 0", "agent.beacon_interval"),
     ("  capacity: 0", "agent.capacity"),
     ("  colour: blue", "unknown key"),
+    ("  max_connections: 0", "agent.max_connections"),
+    ("  max_headers: -1", "agent.max_headers"),
+    ("  max_body_bytes: many", "agent.max_body_bytes"),
+    ("  max_buffered_bytes: 1000", "agent.max_buffered_bytes must be at least"),
+    ("  head_timeout: 0", "agent.head_timeout"),
 ])
 def test_config_errors_name_the_key(tmp_path, line, message):
     text = GOOD + line + "\n"
     with pytest.raises(ConfigError, match=message):
         load(write(tmp_path, text), {})
+
+
+def test_bridge_limits_reach_the_bridge(tmp_path):
+    from hostagent.agent import Agent
+
+    text = GOOD + "  max_connections: 7\n  max_buffered_bytes: 33554432\n  head_timeout: 2\n"
+    agent = Agent(load(write(tmp_path, text), {"max_header_bytes": 8192}))
+    try:
+        bridge = agent.bridge
+        assert (bridge.settings.max_connections, bridge.budget.limit,
+                bridge.limits.head_timeout, bridge.limits.max_head) == (7, 33554432, 2, 8192)
+        assert bridge.limits.max_body == 16 * 1024 * 1024 and bridge.limits.max_headers == 100
+    finally:
+        agent.beacons.close()
 
 
 def test_config_requires_identity(tmp_path):
