@@ -26,6 +26,7 @@ from controller import log
 from controller.entries import DesiredState, Entity
 from controller.model import Model, Policy
 from controller.policy.compile import CompileError, compile_model
+from controller.policy.lineyaml import gc_paused
 from controller.policy.schema import load_policy, parse_policy
 from controller.policy.source import SpecError
 
@@ -113,11 +114,12 @@ def validate_policy(model: Model, source: str | Path, *, text: str | None = None
     """Parse and check a policy against the model; compile it to catch what only the
     switches limit. Returns (policy, []) or (None, errors). Changes nothing."""
     try:
-        if text is not None:
-            policy = parse_policy(text, file, model=model, previous=model.policy)
-        else:
-            policy = load_policy(source, model=model, previous=model.policy)
-        compile_model(dataclasses.replace(model, policy=policy))
+        with gc_paused():  # every object made here stays alive until the end: nothing to collect
+            if text is not None:
+                policy = parse_policy(text, file, model=model, previous=model.policy)
+            else:
+                policy = load_policy(source, model=model, previous=model.policy)
+            compile_model(dataclasses.replace(model, policy=policy))
     except SpecError as exc:
         return None, exc.errors
     except CompileError as exc:
