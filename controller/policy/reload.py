@@ -27,8 +27,11 @@ from controller.entries import DesiredState, Entity
 from controller.model import Model, Policy
 from controller.policy.compile import CompileError, compile_model
 from controller.policy.lineyaml import gc_paused
+from controller.policy.offload import run_here
 from controller.policy.schema import load_policy, parse_policy
 from controller.policy.source import SpecError
+
+Runner = Callable[..., Awaitable[Any]]  # run(fn, *args) -> fn(*args), here or elsewhere
 
 
 class DiffWriter(Protocol):
@@ -127,15 +130,42 @@ def validate_policy(model: Model, source: str | Path, *, text: str | None = None
     return policy, []
 
 
-async def reload_policy(model: Model, source: str | Path, write: DiffWriter, *,
-                        text: str | None = None, file: str = "policy.yaml") -> ReloadReport:
-    """Validate, diff, apply. On any failure the model keeps its policy and every
-    switch is rolled back to the previous entries."""
+def check_policy_text(model: Model, text: str, file: str) -> list[str]:
+    """validate_policy's errors for a text (a module-level function: it runs in a worker)."""
+    return validate_policy(model, file, text=text, file=file)[1]
+
+
+@dataclass
+class Prepared:
+    """What a reload computes before it writes anything (picklable: see offload.py)."""
+
+    policy: Policy | None
+    errors: list[str]
+    old: dict[str, DesiredState] = field(default_factory=dict)
+    new: dict[str, DesiredState] = field(default_factory=dict)
+
+
+def prepare_reload(model: Model, source: str | Path, text: str | None,
+                   file: str) -> Prepared:
+    """Parse, validate and compile the old and the new model: all of a reload's CPU work."""
     policy, errors = validate_policy(model, source, text=text, file=file)
     if policy is None:
-        return ReloadReport(ok=False, errors=errors)
-    old = compile_model(model)
-    new = compile_model(dataclasses.replace(model, policy=policy))
+        return Prepared(None, errors)
+    with gc_paused():
+        return Prepared(policy, [], compile_model(model),
+                        compile_model(dataclasses.replace(model, policy=policy)))
+
+
+async def reload_policy(model: Model, source: str | Path, write: DiffWriter, *,
+                        text: str | None = None, file: str = "policy.yaml",
+                        run: Runner = run_here) -> ReloadReport:
+    """Validate, diff, apply. On any failure the model keeps its policy and every
+    switch is rolled back to the previous entries. `run` runs the parse, validation
+    and compiling (e.g. PolicyProcess().run: in a worker process, off the loop)."""
+    prepared = await run(prepare_reload, model, source, text, file)
+    policy, old, new = prepared.policy, prepared.old, prepared.new
+    if policy is None:
+        return ReloadReport(ok=False, errors=prepared.errors)
     report = await apply_states(old, new, write)
     if not report.ok:
         return ReloadReport(ok=False, errors=[report.error or "apply failed"], apply=report,
