@@ -600,8 +600,20 @@ def build_server(ctl: Controller, host: str, port: int) -> Any:
     from controller.api.server import create_app
 
     config = uvicorn.Config(create_app(ctl), host=host, port=port, log_level="warning",
-                            access_log=False, lifespan="off")
+                            access_log=False, lifespan="off", **SERVER_LIMITS)
     return uvicorn.Server(config)
+
+
+# The HTTP server's own limits (docs/rest.md, "Limits"). h11, not httptools: a strict
+# pure-Python parser is fast enough for an admin API of ~1 report per backend per second.
+SERVER_LIMITS: dict[str, Any] = {
+    "http": "h11",
+    "limit_concurrency": 1024,  # connections (agents keep theirs open) or requests: then 503
+    "backlog": 256,
+    "timeout_keep_alive": 15,  # an idle keep-alive connection closes after this (agents: 1 s)
+    "h11_max_incomplete_event_size": 64 * 1024,  # request line and headers: then 400
+    "timeout_graceful_shutdown": 5,
+}
 
 
 async def serve(ctl: Controller, host: str, port: int) -> None:

@@ -16,6 +16,7 @@ desired state and write the difference to what they hold) to the writer Protocol
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -135,37 +136,30 @@ def check_policy_text(model: Model, text: str, file: str) -> list[str]:
     return validate_policy(model, file, text=text, file=file)[1]
 
 
-@dataclass
-class Prepared:
-    """What a reload computes before it writes anything (picklable: see offload.py)."""
-
-    policy: Policy | None
-    errors: list[str]
-    old: dict[str, DesiredState] = field(default_factory=dict)
-    new: dict[str, DesiredState] = field(default_factory=dict)
+def validate_policy_of(model: Model, source: str | Path, text: str | None,
+                       file: str) -> tuple[Policy | None, list[str]]:
+    """validate_policy with positional arguments, for a worker process."""
+    return validate_policy(model, source, text=text, file=file)
 
 
-def prepare_reload(model: Model, source: str | Path, text: str | None,
-                   file: str) -> Prepared:
-    """Parse, validate and compile the old and the new model: all of a reload's CPU work."""
-    policy, errors = validate_policy(model, source, text=text, file=file)
-    if policy is None:
-        return Prepared(None, errors)
+def _compile_old_and_new(model: Model, policy: Policy) \
+        -> tuple[dict[str, DesiredState], dict[str, DesiredState]]:
     with gc_paused():
-        return Prepared(policy, [], compile_model(model),
-                        compile_model(dataclasses.replace(model, policy=policy)))
+        return compile_model(model), compile_model(dataclasses.replace(model, policy=policy))
 
 
 async def reload_policy(model: Model, source: str | Path, write: DiffWriter, *,
                         text: str | None = None, file: str = "policy.yaml",
                         run: Runner = run_here) -> ReloadReport:
     """Validate, diff, apply. On any failure the model keeps its policy and every
-    switch is rolled back to the previous entries. `run` runs the parse, validation
-    and compiling (e.g. PolicyProcess().run: in a worker process, off the loop)."""
-    prepared = await run(prepare_reload, model, source, text, file)
-    policy, old, new = prepared.policy, prepared.old, prepared.new
+    switch is rolled back to the previous entries. `run(fn, *args)` runs the parse and
+    validation (e.g. PolicyProcess().run: in a worker process, off the loop); the
+    compile runs in a thread, which leaves the new policy's entries compiled in this
+    process (compile_model keeps them) for the reconciler's next pass."""
+    policy, errors = await run(validate_policy_of, model, source, text, file)
     if policy is None:
-        return ReloadReport(ok=False, errors=prepared.errors)
+        return ReloadReport(ok=False, errors=errors)
+    old, new = await asyncio.to_thread(_compile_old_and_new, model, policy)
     report = await apply_states(old, new, write)
     if not report.ok:
         return ReloadReport(ok=False, errors=[report.error or "apply failed"], apply=report,
@@ -199,11 +193,17 @@ class SouthboundWriter:
 
     async def __call__(self, switch: str, insert: list[Entity], modify: list[Entity],
                        delete: list[Entity]) -> None:
-        target = DesiredState(dict(self.current.get(switch, DesiredState()).entities))
-        for entity in (*insert, *modify):
-            target.entities[entity.key()] = entity
-        for entity in delete:
-            target.entities.pop(entity.key(), None)
+        def build() -> DesiredState:
+            target = DesiredState(dict(self.current.get(switch, DesiredState()).entities))
+            for entity in (*insert, *modify):
+                target.entities[entity.key()] = entity
+            for entity in delete:
+                target.entities.pop(entity.key(), None)
+            return target
+
+        # (a policy of thousands of tenants is tens of thousands of keys: not on the loop)
+        target = await asyncio.to_thread(build) if len(insert) + len(modify) + len(delete) \
+            > 1000 else build()
         # Remember the target before writing: on failure the rollback's reverse diff
         # is taken against it, which brings the switch back to the old state.
         self.current[switch] = target
