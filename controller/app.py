@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from controller import fabric as fabric_file
-from controller import log
+from controller import gctools, log
 from controller.api.errors import Conflict, Invalid, NotFound, SwitchFailed, Unavailable
 from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, TokenStore
@@ -346,6 +346,7 @@ class Controller:
                               f"{result.apply.failed_switch}; every switch was rolled back "
                               "and the running policy is unchanged", [result.summary()])
         policy = self.model.policy
+        gctools.keep()  # the new policy and its entries: out of every later GC pass
         self.policy_applies["applied"] += 1
         changes = result.apply.changes if result.apply else {}
         self.audit(who, "apply-policy", filename,
@@ -628,6 +629,7 @@ async def serve(ctl: Controller, host: str, port: int) -> None:
         await ctl.southbound.start()  # connects in the background, retrying with backoff
     reconciler = asyncio.create_task(ctl.run(stop))
     ctl.policy_process.start()
+    gctools.keep()  # modules, fabric, policy: long-lived (controller/gctools.py)
     try:
         try:
             await server.serve()

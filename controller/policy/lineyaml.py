@@ -21,14 +21,14 @@ keys included), or that contains itself, is refused (TooLarge).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import re
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from controller.gctools import gc_paused
 
 try:  # libyaml is in PyYAML's wheels and Debian's python3-yaml; pure Python is the fallback
     from yaml import CSafeLoader as _Parser
@@ -263,15 +263,3 @@ def _check_expanded_size(data: Any) -> None:
         stack.extend((child, False) for child in children
                      if isinstance(child, dict | list) and id(child) not in sizes)
 
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a document is built: its ~10 objects per line
-    are all alive, and each collection would walk all of them again (3x the load time)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()

@@ -9,7 +9,8 @@ process of its own leaves the loop the whole interpreter.
 `PolicyProcess.run(fn, *args)` runs a module-level function in one long-lived
 worker (started on first use with the `spawn` method: a fresh interpreter, no
 copy of the loop or its sockets) and awaits its result; the model is pickled to
-it with each call, the result is pickled back. `run_here` is the same interface
+it with each call, the result is pickled back (and unpickled in a thread, with the
+garbage collector paused). `run_here` is the same interface
 without a process (tests, the CLI).
 """
 
@@ -18,17 +19,29 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import pickle
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from controller import log
+from controller.gctools import gc_paused
 
 T = TypeVar("T")
 
 
 async def run_here(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
+
+
+def _pickled_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+    """fn(*args), pickled here: the executor's own thread then only moves bytes."""
+    return pickle.dumps(fn(*args), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpickle(data: bytes) -> Any:
+    with gc_paused():  # a policy of thousands of tenants: see controller/gctools.py
+        return pickle.loads(data)
 
 
 def _warm_up() -> None:
@@ -58,7 +71,7 @@ class PolicyProcess:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         pool = self._executor()
         try:
-            return await asyncio.wrap_future(pool.submit(fn, *args))
+            data = await asyncio.wrap_future(pool.submit(_pickled_call, fn, args))
         except concurrent.futures.process.BrokenProcessPool:
             # The worker died (OOM killer, a signal): the next call gets a new one.
             log.warning("policy worker process died; starting a new one")
@@ -67,6 +80,7 @@ class PolicyProcess:
                     self._pool = None
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+        return await asyncio.to_thread(_unpickle, data)
 
     def close(self) -> None:
         with self._lock:

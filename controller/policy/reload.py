@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 from controller import log
 from controller.entries import DesiredState, Entity
+from controller.gctools import gc_paused
 from controller.model import Model, Policy
 from controller.policy.compile import CompileError, compile_model
-from controller.policy.lineyaml import gc_paused
 from controller.policy.offload import run_here
 from controller.policy.schema import load_policy, parse_policy
 from controller.policy.source import SpecError
@@ -194,12 +194,13 @@ class SouthboundWriter:
     async def __call__(self, switch: str, insert: list[Entity], modify: list[Entity],
                        delete: list[Entity]) -> None:
         def build() -> DesiredState:
-            target = DesiredState(dict(self.current.get(switch, DesiredState()).entities))
-            for entity in (*insert, *modify):
-                target.entities[entity.key()] = entity
-            for entity in delete:
-                target.entities.pop(entity.key(), None)
-            return target
+            with gc_paused():
+                target = DesiredState(dict(self.current.get(switch, DesiredState()).entities))
+                for entity in (*insert, *modify):
+                    target.entities[entity.key()] = entity
+                for entity in delete:
+                    target.entities.pop(entity.key(), None)
+                return target
 
         # (a policy of thousands of tenants is tens of thousands of keys: not on the loop)
         target = await asyncio.to_thread(build) if len(insert) + len(modify) + len(delete) \

@@ -32,6 +32,7 @@ from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
 from controller import log
 from controller.entries import DesiredState, Entity
+from controller.gctools import gc_paused
 from controller.southbound import weights
 from controller.southbound.codec import Codec
 from controller.southbound.errors import (
@@ -240,7 +241,7 @@ class Switch:
         # (in a thread: the first time, a policy of thousands of tenants takes ~0.2 s)
         self._applies += 1
         mine = self._applies
-        want = await asyncio.to_thread(self._normalized, desired) \
+        want = await asyncio.to_thread(self._normalized_paused, desired) \
             if self._codec is not None else None
         if mine != self._applies:  # a later apply came while this one normalized: it wins
             return ReconcileResult(self.name, False, "superseded",
@@ -558,6 +559,10 @@ class Switch:
         return True
 
     # ---- reconcile ---------------------------------------------------------------
+
+    def _normalized_paused(self, desired: DesiredState) -> DesiredState:
+        with gc_paused():  # tens of thousands of new objects: see controller/gctools.py
+            return self._normalized(desired)
 
     def _normalized(self, desired: DesiredState) -> DesiredState:
         entities: Iterable[Entity] = desired.entities.values()

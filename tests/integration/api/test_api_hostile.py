@@ -152,6 +152,8 @@ def test_chunked_body_without_token_is_401_unread(server):
     assert status_of(answer) == 401, answer[:300]
     assert b'"unauthorized"' in answer
     grown_mb = (server.memory_kb() - before) / 1024
+    print(f"no token: {sent / MB:.0f} MB sent, peak RSS {before / 1024:.1f} MB -> "
+          f"{server.memory_kb() / 1024:.1f} MB")
     assert grown_mb < 16, f"peak RSS grew {grown_mb:.1f} MB for {sent / MB:.0f} MB sent"
     assert server.client(None).get("/healthz").status_code == 200
 
@@ -164,6 +166,8 @@ def test_chunked_body_over_the_limit_is_413_while_read(server):
     assert b'"too_large"' in answer
     assert sent < 100 * MB, f"{sent / MB:.0f} MB were taken before the 413"
     grown_mb = (server.memory_kb() - before) / 1024
+    print(f"admin token: {sent / MB:.0f} MB sent, peak RSS {before / 1024:.1f} MB -> "
+          f"{server.memory_kb() / 1024:.1f} MB")
     assert grown_mb < 80, f"peak RSS grew {grown_mb:.1f} MB"
 
 
@@ -242,6 +246,7 @@ def test_made_up_label_values_do_not_grow_metrics(server):
             sock.sendall(sent_raw.encode())  # a made-up method: counted as `other`
             sock.recv(65536)
     text = server.client(None).get("/metrics").text
+    print(f"/metrics: {before} bytes -> {len(text)} bytes after 2,000 model names x 20 reports")
     assert len(text) < 64 * 1024, f"/metrics is {len(text)} bytes (was {before})"
     assert 'model="other"' in text and "model-" not in text
     assert 'method="other"' in text and "M0THOD" not in text
@@ -283,4 +288,5 @@ def test_healthz_stays_responsive_during_the_heaviest_admin_calls(server):
         admin.post("/api/v1/policy/apply", json={"yaml": POLICY})
     assert len(latencies) > 20
     worst = max(latencies)
+    print(f"/healthz: max {worst * 1000:.1f} ms over {len(latencies)} polls")
     assert worst < 0.1, f"/healthz took up to {worst * 1000:.0f} ms ({len(latencies)} polls)"
