@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from controller.api.errors import Invalid
 from controller.auth import TokenStore
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a report of 10,000 usage items (and its totals) fits
@@ -195,13 +196,28 @@ class LimitedJsonRequest(Request):
         return self._json
 
 
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route and its dependencies define (FastAPI's Dependant)."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
 class LimitedJsonRoute(APIRoute):
-    """An APIRoute whose JSON bodies go through parse_json (FastAPI's documented hook)."""
+    """An APIRoute whose JSON bodies go through parse_json (FastAPI's documented hook),
+    and which refuses query parameters it does not define (a typo is not a no-op)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        known = _query_names(self.dependant)
 
         async def limited(request: Request) -> Response:
+            unknown = sorted(set(request.query_params) - known)
+            if unknown:
+                shown = ", ".join(repr(name)[:40] for name in unknown[:5])
+                raise Invalid(f"unknown query parameter(s): {shown}"
+                              + (f" (known: {', '.join(sorted(known))})" if known else ""))
             return await handler(LimitedJsonRequest(request.scope, request.receive))
 
         return limited
