@@ -8,6 +8,7 @@ token (controller/auth.py). /metrics, /healthz and /openapi.json are open.
 # create_app defines locally as objects, not as names it cannot resolve.
 
 import asyncio
+import json
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -25,6 +26,7 @@ from controller.api.errors import (
 from controller.api.limits import LimitedJsonRoute, RequestLimits
 from controller.api.metrics import ApiMetrics
 from controller.auth import Principal, Role
+from controller.gctools import gc_paused
 from controller.ledger import UsageRow
 
 if TYPE_CHECKING:
@@ -307,9 +309,13 @@ def create_app(ctl: "Controller") -> FastAPI:
     @r.get("/ledger", response_model=list[s.LedgerRowView], responses=ERRORS, tags=["ledger"])
     async def ledger(who: Viewer, tenant_id: TenantId = None, model: ModelQ = None,
                      since: Since = None, until: Until = None,
-                     limit: Limit = 10_000) -> list[dict[str, Any]]:
-        rows = await asyncio.to_thread(ctl.ledger.query, tenant_id, model, since, until, limit)
-        return [row_view(r) for r in rows]
+                     limit: Limit = 10_000) -> Response:
+        def export() -> bytes:  # up to 100,000 rows: queried and rendered off the loop
+            with gc_paused():
+                rows = ctl.ledger.query(tenant_id, model, since, until, limit)
+                return json.dumps([row_view(r) for r in rows]).encode()
+
+        return Response(await asyncio.to_thread(export), media_type="application/json")
 
     csv_response = {200: {"description": "the ledger rows as CSV, one per tenant, model "
                                          "and minute",
@@ -321,8 +327,9 @@ def create_app(ctl: "Controller") -> FastAPI:
                          since: Since = None, until: Until = None,
                          limit: Limit = 100_000) -> Response:
         def export() -> str:
-            rows = ctl.ledger.query(tenant_id, model, since, until, limit)
-            return ctl.ledger.export_csv(rows)
+            with gc_paused():
+                rows = ctl.ledger.query(tenant_id, model, since, until, limit)
+                return ctl.ledger.export_csv(rows)
 
         return Response(await asyncio.to_thread(export), media_type="text/csv",
                                  headers={"Content-Disposition":
