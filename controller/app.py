@@ -19,12 +19,13 @@ import functools
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from controller import fabric as fabric_file
-from controller import log
+from controller import gctools, log
 from controller.api.errors import Conflict, Invalid, NotFound, SwitchFailed, Unavailable
 from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, TokenStore
@@ -35,6 +36,7 @@ from controller.model import Backend, BackendState, Model
 from controller.openflow.budget import TenantBuckets
 from controller.policy import reload
 from controller.policy.compile import CompileError, compile_model, state_to_list
+from controller.policy.offload import PolicyProcess
 from controller.policy.schema import load_policy
 from controller.policy.source import SpecError
 from controller.routing import Router
@@ -109,6 +111,7 @@ class Controller:
         self._usage_totals: dict[tuple[str, int, str], int] = {}
         self._dirty: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
+        self.policy_process = PolicyProcess()  # parses policies off the event loop
 
     @property
     def report_timeout_s(self) -> float:
@@ -311,17 +314,24 @@ class Controller:
 
     # ------------------------------------------------------------ policy
 
-    def validate_policy(self, text: str, filename: str) -> list[str]:
-        """Every problem of a policy text (parsed, checked against the model, compiled)."""
-        _, errors = reload.validate_policy(self.model, filename, text=text, file=filename)
-        return errors
+    async def validate_policy(self, text: str, filename: str) -> list[str]:
+        """Every problem of a policy text (parsed, checked against the model, compiled),
+        worked out in the policy process."""
+        return await self._run_policy_work(reload.check_policy_text, self.model, text,
+                                           filename)
+
+    async def _run_policy_work(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await self.policy_process.run(fn, *args)
+        except BrokenProcessPool as exc:
+            raise Unavailable("the policy worker process died; retry") from exc
 
     async def apply_policy(self, text: str, filename: str, who: Principal) -> dict[str, Any]:
         """Validate, diff, apply to every switch; a bad file or a failed apply changes nothing."""
         async with self._lock:
             writer = self._writer()
             result = await reload.reload_policy(self.model, filename, writer, text=text,
-                                                file=filename)
+                                                file=filename, run=self._run_policy_work)
             if result.ok:
                 self.pushed = {k: DesiredState(dict(v.entities))
                                for k, v in (result.states or {}).items()}
@@ -336,6 +346,7 @@ class Controller:
                               f"{result.apply.failed_switch}; every switch was rolled back "
                               "and the running policy is unchanged", [result.summary()])
         policy = self.model.policy
+        gctools.keep()  # the new policy and its entries: out of every later GC pass
         self.policy_applies["applied"] += 1
         changes = result.apply.changes if result.apply else {}
         self.audit(who, "apply-policy", filename,
@@ -590,8 +601,20 @@ def build_server(ctl: Controller, host: str, port: int) -> Any:
     from controller.api.server import create_app
 
     config = uvicorn.Config(create_app(ctl), host=host, port=port, log_level="warning",
-                            access_log=False, lifespan="off")
+                            access_log=False, lifespan="off", **SERVER_LIMITS)
     return uvicorn.Server(config)
+
+
+# The HTTP server's own limits (docs/rest.md, "Limits"). h11, not httptools: a strict
+# pure-Python parser is fast enough for an admin API of ~1 report per backend per second.
+SERVER_LIMITS: dict[str, Any] = {
+    "http": "h11",
+    "limit_concurrency": 1024,  # connections (agents keep theirs open) or requests: then 503
+    "backlog": 256,
+    "timeout_keep_alive": 15,  # an idle keep-alive connection closes after this (agents: 1 s)
+    "h11_max_incomplete_event_size": 64 * 1024,  # request line and headers: then 400
+    "timeout_graceful_shutdown": 5,
+}
 
 
 async def serve(ctl: Controller, host: str, port: int) -> None:
@@ -605,6 +628,8 @@ async def serve(ctl: Controller, host: str, port: int) -> None:
     if ctl.southbound is not None:
         await ctl.southbound.start()  # connects in the background, retrying with backoff
     reconciler = asyncio.create_task(ctl.run(stop))
+    ctl.policy_process.start()
+    gctools.keep()  # modules, fabric, policy: long-lived (controller/gctools.py)
     try:
         try:
             await server.serve()
@@ -615,4 +640,5 @@ async def serve(ctl: Controller, host: str, port: int) -> None:
         await reconciler
         if ctl.southbound is not None:
             await ctl.southbound.stop()
+        ctl.policy_process.close()
         ctl.ledger.close()

@@ -8,7 +8,7 @@ One registry per app, so that several controllers in one test process don't clas
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -20,6 +20,26 @@ if TYPE_CHECKING:
     from controller.app import Controller
 
 NS = "tokenfabric_controller"
+OTHER = "other"  # the one label value for everything outside the policy and the fabric
+MAX_LABEL_VALUES = 1024  # per label, even of known values: a scrape stays small and fast
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class LabelSet:
+    """A label's values: those `known()` allows, at most MAX_LABEL_VALUES of them;
+    anything else is OTHER. A client never adds a label value of its own choosing."""
+
+    def __init__(self, known: Callable[[str], bool]) -> None:
+        self.known = known
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) >= MAX_LABEL_VALUES or not self.known(value):
+            return OTHER
+        self.seen.add(value)
+        return value
 
 
 class ModelCollector:
@@ -76,19 +96,38 @@ class ApiMetrics:
         self.tokens = Counter(f"{NS}_tokens", "Tokens recorded in the ledger",
                               ["tenant_id", "model", "kind"], registry=self.registry)
         self.registry.register(ModelCollector(ctl))
+        # Label values come from the model (fabric backends and services, policy tenants),
+        # never from what a report says: 2,000 made-up model names are one `other`.
+        self.ctl = ctl
+        self._tenant_ids: tuple[object, frozenset[str]] = (None, frozenset())
+        self.backend_label = LabelSet(lambda name: name in ctl.model.backends)
+        self.tenant_label = LabelSet(lambda tenant_id: tenant_id in self._policy_tenant_ids())
+        self.model_label = LabelSet(lambda model: model == "" or any(
+            s.model == model for s in ctl.model.services.values()))
+
+    def _policy_tenant_ids(self) -> frozenset[str]:
+        """The running policy's tenant ids, worked out once per policy (applies replace it)."""
+        policy = self.ctl.model.policy
+        if self._tenant_ids[0] is not policy:
+            self._tenant_ids = (policy, frozenset(str(t.tenant_id)
+                                                  for t in policy.tenants.values()))
+        return self._tenant_ids[1]
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in METHODS else OTHER
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
     def report(self, backend: str, rep: BackendReport, recorded: bool) -> None:
-        self.reports.labels(backend, "recorded" if recorded else "duplicate").inc()
+        self.reports.labels(self.backend_label(backend),
+                            "recorded" if recorded else "duplicate").inc()
         if not recorded:
             return
         for u in rep.usage_items():
-            model = u.model or ""
-            self.tokens.labels(str(u.tenant_id), model, "prompt").inc(u.prompt_tokens)
-            self.tokens.labels(str(u.tenant_id), model, "completion").inc(u.completion_tokens)
+            tenant = self.tenant_label(str(u.tenant_id))
+            model = self.model_label(u.model or "")
+            self.tokens.labels(tenant, model, "prompt").inc(u.prompt_tokens)
+            self.tokens.labels(tenant, model, "completion").inc(u.completion_tokens)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

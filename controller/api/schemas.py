@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from controller.api.limits import bounded_json
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAC_PATTERN = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
 U16 = 65535
@@ -30,6 +32,8 @@ def _ipv4(value: str) -> str:
 
 IPv4 = Annotated[str, Field(max_length=15, examples=["10.0.1.1"]), AfterValidator(_ipv4)]
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+# Free-form objects the controller keeps and serves again (GET /backends): small and flat.
+KeptJson = Annotated[dict[str, Any], AfterValidator(bounded_json(max_depth=4, max_values=1000))]
 
 
 class AgentBody(BaseModel):
@@ -101,9 +105,9 @@ class BackendReport(AgentBody):
         description="cumulative usage since the agent started. When present the ledger "
                     "counts its growth since the last report and ignores `usage`: retries "
                     "count nothing twice and a lost report loses nothing")
-    metrics: dict[str, Any] | None = Field(default=None,
-                                           description="vLLM metrics snapshot, for the views")
-    rdma: dict[str, Any] | None = Field(default=None, description="RDMA/RoCE status")
+    metrics: KeptJson | None = Field(default=None,
+                                     description="vLLM metrics snapshot, for the views")
+    rdma: KeptJson | None = Field(default=None, description="RDMA/RoCE status")
 
     def usage_items(self) -> list[UsageItem]:
         return _items(self.usage)

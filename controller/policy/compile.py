@@ -164,18 +164,46 @@ def plan_classes(policy: Policy) -> ClassPlan:
 
 
 def compile_model(model: Model) -> dict[str, DesiredState]:
-    classes = plan_classes(model.policy)
-    shared = _shared_entities(model, classes)
+    """Every switch's entities. The policy's share (classes, tenants: most of a large
+    policy's entries) is compiled once per Policy object and reused by every later
+    call (the reconciler compiles at least once a second): a Policy is a value —
+    replace it, or an attribute of it, rather than change a tenant or contract in place."""
+    classes, policy_part = _compiled_policy(model.policy)
+    services = [e for service in sorted(model.services.values(), key=lambda s: s.service_id)
+                for e in _service_entities(model, service)]
     states: dict[str, DesiredState] = {}
     for switch in model.fabric.switches.values():
-        state = DesiredState()
-        for entity in shared:
+        state = DesiredState(dict(policy_part.entities))
+        for entity in services:
             state.add(entity)
         for entity in _switch_entities(model, switch):
             state.add(entity)
         _check_sizes(switch.name, state)
         states[switch.name] = state
     return states
+
+
+# The last policy compiled: (its objects, its values, its classes, its entities).
+_policy_cache: tuple[tuple, tuple, ClassPlan, DesiredState] | None = None
+
+
+def _compiled_policy(policy: Policy) -> tuple[ClassPlan, DesiredState]:
+    global _policy_cache
+    # The same objects (held here, so never another object at a reused address) and
+    # the same values: an attribute replaced makes it another policy.
+    objects = (policy, policy.tenants, policy.contracts, policy.roce)
+    values = (len(policy.tenants), len(policy.contracts), policy.default_contract,
+              tuple(sorted(policy.class_ids.items())))
+    cached = _policy_cache
+    if cached is not None and values == cached[1] and all(
+            a is b for a, b in zip(objects, cached[0], strict=True)):
+        return cached[2], cached[3]
+    classes = plan_classes(policy)
+    part = DesiredState()
+    for entity in _policy_entities(policy, classes):
+        part.add(entity)
+    _policy_cache = (objects, values, classes, part)
+    return classes, part
 
 
 def _check_sizes(switch: str, state: DesiredState) -> None:
@@ -189,9 +217,8 @@ def _check_sizes(switch: str, state: DesiredState) -> None:
         raise CompileError(f"switch {switch}: " + "; ".join(over))
 
 
-def _shared_entities(model: Model, classes: ClassPlan) -> list[Entity]:
-    """Entries every switch holds: classification, QoS, admission, services, pools."""
-    policy = model.policy
+def _policy_entities(policy: Policy, classes: ClassPlan) -> list[Entity]:
+    """Entries every switch holds for the policy: classification, QoS, admission."""
     out: list[Entity] = []
     add_table = out.append
 
@@ -236,9 +263,6 @@ def _shared_entities(model: Model, classes: ClassPlan) -> list[Entity]:
                                             Action.of(P4.COLOR_REMARK, dscp=dscp)))
                 elif what == BeyondAction.DROP:
                     add_table(TableEntry.of(P4.METER_POLICY, match, Action.of(P4.COLOR_DROP)))
-
-    for service in sorted(model.services.values(), key=lambda s: s.service_id):
-        out.extend(_service_entities(model, service))
     return out
 
 

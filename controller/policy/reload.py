@@ -16,6 +16,7 @@ desired state and write the difference to what they hold) to the writer Protocol
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,10 +25,14 @@ from typing import Any, Protocol
 
 from controller import log
 from controller.entries import DesiredState, Entity
+from controller.gctools import gc_paused
 from controller.model import Model, Policy
 from controller.policy.compile import CompileError, compile_model
+from controller.policy.offload import run_here
 from controller.policy.schema import load_policy, parse_policy
 from controller.policy.source import SpecError
+
+Runner = Callable[..., Awaitable[Any]]  # run(fn, *args) -> fn(*args), here or elsewhere
 
 
 class DiffWriter(Protocol):
@@ -113,11 +118,12 @@ def validate_policy(model: Model, source: str | Path, *, text: str | None = None
     """Parse and check a policy against the model; compile it to catch what only the
     switches limit. Returns (policy, []) or (None, errors). Changes nothing."""
     try:
-        if text is not None:
-            policy = parse_policy(text, file, model=model, previous=model.policy)
-        else:
-            policy = load_policy(source, model=model, previous=model.policy)
-        compile_model(dataclasses.replace(model, policy=policy))
+        with gc_paused():  # every object made here stays alive until the end: nothing to collect
+            if text is not None:
+                policy = parse_policy(text, file, model=model, previous=model.policy)
+            else:
+                policy = load_policy(source, model=model, previous=model.policy)
+            compile_model(dataclasses.replace(model, policy=policy))
     except SpecError as exc:
         return None, exc.errors
     except CompileError as exc:
@@ -125,15 +131,35 @@ def validate_policy(model: Model, source: str | Path, *, text: str | None = None
     return policy, []
 
 
+def check_policy_text(model: Model, text: str, file: str) -> list[str]:
+    """validate_policy's errors for a text (a module-level function: it runs in a worker)."""
+    return validate_policy(model, file, text=text, file=file)[1]
+
+
+def validate_policy_of(model: Model, source: str | Path, text: str | None,
+                       file: str) -> tuple[Policy | None, list[str]]:
+    """validate_policy with positional arguments, for a worker process."""
+    return validate_policy(model, source, text=text, file=file)
+
+
+def _compile_old_and_new(model: Model, policy: Policy) \
+        -> tuple[dict[str, DesiredState], dict[str, DesiredState]]:
+    with gc_paused():
+        return compile_model(model), compile_model(dataclasses.replace(model, policy=policy))
+
+
 async def reload_policy(model: Model, source: str | Path, write: DiffWriter, *,
-                        text: str | None = None, file: str = "policy.yaml") -> ReloadReport:
+                        text: str | None = None, file: str = "policy.yaml",
+                        run: Runner = run_here) -> ReloadReport:
     """Validate, diff, apply. On any failure the model keeps its policy and every
-    switch is rolled back to the previous entries."""
-    policy, errors = validate_policy(model, source, text=text, file=file)
+    switch is rolled back to the previous entries. `run(fn, *args)` runs the parse and
+    validation (e.g. PolicyProcess().run: in a worker process, off the loop); the
+    compile runs in a thread, which leaves the new policy's entries compiled in this
+    process (compile_model keeps them) for the reconciler's next pass."""
+    policy, errors = await run(validate_policy_of, model, source, text, file)
     if policy is None:
         return ReloadReport(ok=False, errors=errors)
-    old = compile_model(model)
-    new = compile_model(dataclasses.replace(model, policy=policy))
+    old, new = await asyncio.to_thread(_compile_old_and_new, model, policy)
     report = await apply_states(old, new, write)
     if not report.ok:
         return ReloadReport(ok=False, errors=[report.error or "apply failed"], apply=report,
@@ -167,11 +193,18 @@ class SouthboundWriter:
 
     async def __call__(self, switch: str, insert: list[Entity], modify: list[Entity],
                        delete: list[Entity]) -> None:
-        target = DesiredState(dict(self.current.get(switch, DesiredState()).entities))
-        for entity in (*insert, *modify):
-            target.entities[entity.key()] = entity
-        for entity in delete:
-            target.entities.pop(entity.key(), None)
+        def build() -> DesiredState:
+            with gc_paused():
+                target = DesiredState(dict(self.current.get(switch, DesiredState()).entities))
+                for entity in (*insert, *modify):
+                    target.entities[entity.key()] = entity
+                for entity in delete:
+                    target.entities.pop(entity.key(), None)
+                return target
+
+        # (a policy of thousands of tenants is tens of thousands of keys: not on the loop)
+        target = await asyncio.to_thread(build) if len(insert) + len(modify) + len(delete) \
+            > 1000 else build()
         # Remember the target before writing: on failure the rollback's reverse diff
         # is taken against it, which brings the switch back to the old state.
         self.current[switch] = target

@@ -382,6 +382,7 @@ def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
                    previous: Policy | None, declared: set[str],
                    nodes: dict[str, Node], vips: set[str]) -> None:
     pending: list[tuple[Node, Tenant, bool]] = []
+    names: set[str] = set()  # of pending tenants (a set: a policy may have thousands)
     ids: dict[int, str] = {}
     prefixes: dict[str, str] = {}
     for t in tnode.elements():
@@ -436,7 +437,7 @@ def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
         else:
             cnode.error("must be a contract name or a contract mapping")
         t.close()
-        if name is not None and any(name == p.name for _, p, _ in pending):
+        if name is not None and name in names:
             t.error(f"tenant '{name}' is defined twice")
             continue
         if tenant_id is not None and tenant_id in ids:
@@ -447,6 +448,7 @@ def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
             continue
         if tenant_id is not None:
             ids[tenant_id] = name
+        names.add(name)
         pending.append((t, Tenant(name=name, tenant_id=tenant_id or 0, prefixes=nets,
                                   contract=contract_name, trust_dscp=trust), tenant_id is None))
     # Tenants without an explicit id keep last policy's id, else take the lowest free one.
@@ -455,12 +457,16 @@ def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
         if auto and old.get(tenant.name) and old[tenant.name] not in ids:
             tenant.tenant_id = old[tenant.name]
             ids[tenant.tenant_id] = tenant.name
-    for node, tenant, auto in pending:
+    free_ids = (i for i in range(1, MAX_TENANT_ID + 1) if i not in ids)  # lowest first
+    for index, (node, tenant, auto) in enumerate(pending):
         if auto and tenant.tenant_id == 0:
-            free = next((i for i in range(1, MAX_TENANT_ID + 1) if i not in ids), None)
+            free = next(free_ids, None)
             if free is None:
-                node.error(f"no free tenant id (at most {MAX_TENANT_ID} tenants)")
-                continue
+                # One error, not one per tenant: a 20,000-tenant file would print thousands.
+                left = sum(1 for _, t, a in pending[index:] if a and t.tenant_id == 0)
+                node.error(f"no free tenant id (at most {MAX_TENANT_ID} tenants): this "
+                           f"tenant and {left - 1} more after it have none")
+                break
             tenant.tenant_id = free
             ids[free] = tenant.name
         policy.tenants[tenant.name] = tenant

@@ -15,20 +15,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
+from controller.policy import lineyaml
+from controller.policy.lineyaml import LineMap, LineSeq
 
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class SpecError(ValueError):
-    """A file that failed validation; `errors` lists every problem, one line each."""
+    """A file that failed validation; `errors` lists the first MAX_SHOWN_ERRORS problems,
+    one line each, then a line that counts the rest; `total` counts them all."""
 
-    def __init__(self, errors: list[str]) -> None:
+    def __init__(self, errors: list[str], total: int | None = None) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
+        self.total = len(errors) if total is None else total
 
 
 class Errors:
@@ -40,57 +41,73 @@ class Errors:
         where = f"{path}: " if path else ""
         self.items.append((line, f"{self.file}:{line}: {where}{message}"))
 
-    def messages(self) -> list[str]:
-        return [m for _, m in sorted(self.items, key=lambda x: x[0])]
+    def messages(self, limit: int | None = None) -> list[str]:
+        """Sorted by line; beyond `limit` the rest are counted in one last line."""
+        ordered = [m for _, m in sorted(self.items, key=lambda x: x[0])]
+        if limit is None or len(ordered) <= limit:
+            return ordered
+        rest = len(ordered) - limit
+        return [*ordered[:limit], f"{self.file}: ... and {rest} more error{'s' * (rest > 1)}"]
 
     def raise_if_any(self) -> None:
         if self.items:
-            raise SpecError(self.messages())
+            raise SpecError(self.messages(MAX_SHOWN_ERRORS), total=len(self.items))
 
 
+MAX_SHOWN_ERRORS = 40  # a file wrong on every line needs its first errors fixed, not all
 MAX_BYTES = 8 << 20  # far above any real policy (1,000 tenants is ~100 kB)
-MAX_NESTING = 64  # flow brackets or indentation levels; ruamel recurses per level
+MAX_NESTING = 64  # flow brackets or indentation levels; the parser recurses per level
+_STRUCTURE = re.compile(r"[^\[\]{}\n]+")
+_DEEP_INDENT = re.compile(rf"^ {{{2 * MAX_NESTING + 1}}}", re.MULTILINE)
+# YAML's printable set (YAML 1.2 §5.1): anything else is refused before parsing.
+_NOT_PRINTABLE = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd"
+                            "\U00010000-\U0010ffff]")
 
 
 def _too_big_or_deep(text: str) -> tuple[int, str] | None:
-    """A cheap scan before parsing: huge or absurdly nested input would cost seconds."""
+    """A cheap scan before parsing: huge, absurdly nested or binary input is refused."""
     if len(text) > MAX_BYTES:
-        return 1, f"larger than {MAX_BYTES} bytes"
+        return 1, f"not accepted: larger than {MAX_BYTES} bytes"
+    bad = _NOT_PRINTABLE.search(text)
+    if bad:
+        line = text.count("\n", 0, bad.start()) + 1
+        return line, (f"not valid YAML: unacceptable character #x{ord(bad.group()):04x}: "
+                      "special characters are not allowed")
     depth = 0
     line = 1
-    for ch in text:
+    for ch in _STRUCTURE.sub("", text):  # only brackets and line feeds are left
         if ch in "[{":
             depth += 1
             if depth > MAX_NESTING:
-                return line, f"nested deeper than {MAX_NESTING} levels"
+                return line, f"not accepted: nested deeper than {MAX_NESTING} levels"
         elif ch in "]}":
             depth = max(0, depth - 1)
-        elif ch == "\n":
+        else:
             line += 1
-    for n, row in enumerate(text.splitlines(), 1):
-        if len(row) - len(row.lstrip(" ")) > 2 * MAX_NESTING:
-            return n, f"indented deeper than {2 * MAX_NESTING} spaces"
+    deep = _DEEP_INDENT.search(text)
+    if deep:
+        return (text.count("\n", 0, deep.start()) + 1,
+                f"not accepted: indented deeper than {2 * MAX_NESTING} spaces")
     return None
 
 
 def load_yaml(text: str, file: str) -> tuple[Any, Errors]:
-    """Parse with ruamel (round-trip, so nodes carry line info); syntax errors are reported."""
+    """Parse (controller/policy/lineyaml.py: values carry their lines); syntax errors
+    are reported as errors of the file."""
     errors = Errors(file)
-    problem = _too_big_or_deep(text)
-    if problem:
-        errors.add(problem[0], "", f"not accepted: {problem[1]}")
+    refused = _too_big_or_deep(text)
+    if refused:
+        errors.add(refused[0], "", refused[1])
         return None, errors
-    yaml = YAML(typ="rt")
-    yaml.allow_duplicate_keys = False
     try:
-        data = yaml.load(text)
-    except MarkedYAMLError as exc:
+        data = lineyaml.load(text)
+    except lineyaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         problem = exc.problem or exc.context or "not valid YAML"
         errors.add(line, "", f"not valid YAML: {problem}")
         return None, errors
-    except Exception as exc:  # ruamel raises a few non-marked errors (bad characters...)
+    except Exception as exc:  # a few errors carry no mark (too large after merging...)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         errors.add(1, "", f"not valid YAML: {first}")
         return None, errors
@@ -110,11 +127,8 @@ def read_file(path: str | Path) -> tuple[Any, Errors]:
 
 def _key_line(mapping: object, key: object, default: int) -> int:
     """1-based line of a key; keys from a merge (<<) have none of their own."""
-    if isinstance(mapping, CommentedMap):
-        try:
-            return mapping.lc.key(key)[0] + 1
-        except (KeyError, TypeError):
-            return default
+    if isinstance(mapping, LineMap):
+        return mapping.lines.get(key, default)
     return default
 
 
@@ -204,11 +218,8 @@ class Node:
             return
         for i, item in enumerate(self.value):
             line = self.line
-            if isinstance(self.value, CommentedSeq):
-                try:
-                    line = self.value.lc.item(i)[0] + 1
-                except (KeyError, TypeError):
-                    pass
+            if isinstance(self.value, LineSeq):
+                line = self.value.lines[i]
             yield Node(item, self._child_path(i), line, self.errors)
 
     def close(self) -> None:

@@ -95,6 +95,7 @@ def serve_in_thread(ctl: Controller) -> Iterator[Live]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        ctl.policy_process.close()
         ctl.ledger.close()
 
 
