@@ -24,6 +24,7 @@ from controller.api.errors import (
     install_error_handlers,
 )
 from controller.api.metrics import ApiMetrics
+from controller.api.prefix_routes import prefix_index_routes
 from controller.auth import Principal, Role
 from controller.ledger import UsageRow
 
@@ -352,6 +353,7 @@ def create_app(ctl: "Controller") -> FastAPI:
     async def audit(who: Admin) -> list[dict[str, Any]]:
         return [vars(e) for e in ctl.audit_log]
 
+    r.include_router(prefix_index_routes(ctl, Viewer, Agent))
     app.include_router(r)
 
     # ------------------------------------------------------------ open endpoints
