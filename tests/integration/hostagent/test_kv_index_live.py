@@ -1,0 +1,149 @@
+"""The whole chain, live: the emulator publishes vLLM's KV events on ZMQ, the real host
+agent (tokenfabric agent run) follows them, and a real controller process keeps the
+prefix index, read over REST: stores, evictions, lookups, memory figures, staleness."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.api.conftest import ADMIN, AGENT, VIEWER
+from tests.integration.hostagent.conftest import (
+    env_without_config,
+    free_port,
+    start_emulator,
+    stop_process,
+)
+from tokenfabric.blockhash import BlockHasher
+
+FABRIC = """
+switches:
+  s1: {address: "127.0.0.1:1", device_id: 1, ports: [1, 2, 3, 4]}
+hosts:
+  clients: {switch: s1, port: 1, address: 10.0.1.0, prefix_len: 24, mac: "02:00:00:00:01:01"}
+services:
+  tiny: {id: 1, model: tiny, vip: 10.0.100.1, port: 8000}
+"""
+
+
+def wait_for(check, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def chain(tmp_path):
+    started: list[subprocess.Popen] = []
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # stands in for the switch
+    sink.bind(("127.0.0.1", 0))
+    try:
+        (tmp_path / "fabric.yaml").write_text(FABRIC)
+        (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
+            {ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent"},
+             VIEWER: {"name": "grafana", "role": "viewer"}}))
+        api_port = free_port()
+        started.append(subprocess.Popen(
+            [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
+             "--fabric", str(tmp_path / "fabric.yaml"), "--tokens", str(tmp_path / "tokens.yaml"),
+             "--ledger", str(tmp_path / "l.db"), "--listen", f"127.0.0.1:{api_port}"],
+            stdout=open(tmp_path / "controller.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT))
+        endpoint, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        emulator = start_emulator(
+            "--speed", "10", "--model", "tiny", "--kv-cache-tokens", "1024", "--kv-events-config",
+            json.dumps({"enable_kv_cache_events": True, "endpoint": endpoint,
+                        "replay_endpoint": replay}))
+        started.append(emulator.proc)
+        (tmp_path / "agent.yaml").write_text(yaml.safe_dump({"agent": {
+            "name": "gpu2", "address": "10.0.0.12", "mac": "02:00:00:00:00:12", "switch": "s1",
+            "port": 4, "vip": "10.0.100.1", "vip_port": 8000, "capacity": 8,
+            "vllm_url": emulator.url, "controller_url": f"http://127.0.0.1:{api_port}",
+            "token": AGENT, "listen_address": "127.0.0.1", "listen_port": free_port(),
+            "beacon_target": f"127.0.0.1:{sink.getsockname()[1]}", "report_interval": 0.3,
+            "kv_events_endpoint": endpoint, "kv_events_replay_endpoint": replay,
+            "kv_report_interval": 0.2}}))
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "tokenfabric.cli", "agent", "run", "--config",
+             str(tmp_path / "agent.yaml")], env=env_without_config(),
+            stdout=open(tmp_path / "agent.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        started.append(agent)
+        viewer = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10,
+                              headers={"Authorization": f"Bearer {VIEWER}"})
+        yield viewer, emulator, agent, api_port
+    finally:
+        for proc in reversed(started):
+            stop_process(proc)
+        sink.close()
+
+
+def test_emulator_events_reach_the_controllers_index_with_evictions(chain):
+    viewer, emulator, agent, api_port = chain
+    wait_for(lambda: viewer.get("/api/v1/backends/gpu2").status_code == 200, "registration")
+    hasher = BlockHasher(16)
+    vllm = httpx.Client(base_url=emulator.url, timeout=20)
+
+    def keys_of(prompt: str) -> list[int]:
+        return hasher.keys(vllm.post("/tokenize", json={"prompt": prompt}).json()["tokens"])
+
+    def lookup(keys: list[int]) -> dict:
+        reply = viewer.post("/api/v1/prefix-index/lookup", json={"block_hashes": keys})
+        assert reply.status_code == 200
+        return reply.json()
+
+    system = " ".join(f"rule{i}" for i in range(200))     # 12 blocks
+    first = keys_of(system + " question one")
+    assert vllm.post("/v1/completions", json={"model": "tiny", "prompt": system + " question one",
+                                              "max_tokens": 2}).status_code == 200
+    found = wait_for(lambda: lookup(first)["best"] == "gpu2" and lookup(first), "the index")
+    [match] = found["matches"]
+    assert match["cached_blocks"] == 12 and match["cached_tokens"] == 192 and match["trusted"]
+    summary = viewer.get("/api/v1/prefix-index").json()
+    assert summary["backends"]["gpu2"]["blocks"] == 12
+    assert summary["backends"]["gpu2"]["synced"] and summary["backends"]["gpu2"]["block_size"] == 16
+    assert summary["memory_bound_bytes"] == summary["max_blocks_per_backend"] * \
+        summary["max_backends"] * 320
+
+    # 64 blocks of cache: three other long prompts push the first one out, tail first
+    for tag in "xyz":
+        other = " ".join(f"{tag}{i}" for i in range(400))
+        assert vllm.post("/v1/completions", json={"model": "tiny", "prompt": other,
+                                                  "max_tokens": 2}).status_code == 200
+    wait_for(lambda: not lookup(first)["matches"], "the eviction in the index")
+    views = viewer.get("/api/v1/prefix-index").json()["backends"]["gpu2"]
+    assert 0 < views["blocks"] <= 64 and views["synced"]
+
+    # bad requests are 4xx, never 500; agents' routes need the agent role
+    assert viewer.post("/api/v1/prefix-index/lookup", json={"block_hashes": [-1]}
+                       ).status_code == 422
+    assert viewer.post("/api/v1/prefix-index/lookup", json={"block_hashes": [1] * 9000}
+                       ).status_code == 422
+    assert viewer.post("/api/v1/prefix-index/lookup", content=b"[").status_code == 422
+    report = {"epoch": 0, "version": 0, "base": -1, "full": True, "stored": [1], "removed": [],
+              "count": 1, "checksum": 1}
+    assert viewer.post("/api/v1/backends/gpu2/kv", json=report).status_code == 403
+    agent_client = httpx.Client(base_url=viewer.base_url, timeout=10,
+                                headers={"Authorization": f"Bearer {AGENT}"})
+    assert agent_client.post("/api/v1/backends/nobody/kv", json=report).status_code == 404
+    assert agent_client.post("/api/v1/backends/gpu2/kv",
+                             json={**report, "stored": ["x"]}).status_code == 422
+
+    # the agent stops: its entries stay, shown untrusted once its last report is too old
+    stop_process(agent)
+    wait_for(lambda: viewer.get("/api/v1/backends/gpu2").status_code == 404 or
+             not viewer.get("/api/v1/prefix-index").json()["backends"].get("gpu2"),
+             "deregistration to drop the backend's index entries")
