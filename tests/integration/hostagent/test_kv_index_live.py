@@ -46,45 +46,55 @@ def wait_for(check, what: str, timeout: float = 30.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def start_controller_and_agent(tmp_path, vllm_url: str, endpoint: str, replay: str,
+                               started: list[subprocess.Popen], sink: socket.socket
+                               ) -> tuple[httpx.Client, subprocess.Popen]:
+    """A controller process and an agent process following `vllm_url`'s KV events."""
+    (tmp_path / "fabric.yaml").write_text(FABRIC)
+    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
+        {ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent"},
+         VIEWER: {"name": "grafana", "role": "viewer"}}))
+    api_port = free_port()
+    started.append(subprocess.Popen(
+        [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
+         "--fabric", str(tmp_path / "fabric.yaml"), "--tokens", str(tmp_path / "tokens.yaml"),
+         "--ledger", str(tmp_path / "l.db"), "--listen", f"127.0.0.1:{api_port}"],
+        stdout=open(tmp_path / "controller.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT))
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump({"agent": {
+        "name": "gpu2", "address": "10.0.0.12", "mac": "02:00:00:00:00:12", "switch": "s1",
+        "port": 4, "vip": "10.0.100.1", "vip_port": 8000, "capacity": 8,
+        "vllm_url": vllm_url, "controller_url": f"http://127.0.0.1:{api_port}",
+        "token": AGENT, "listen_address": "127.0.0.1", "listen_port": free_port(),
+        "beacon_target": f"127.0.0.1:{sink.getsockname()[1]}", "report_interval": 0.3,
+        "kv_events_endpoint": endpoint, "kv_events_replay_endpoint": replay,
+        "kv_report_interval": 0.2}}))
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "tokenfabric.cli", "agent", "run", "--config",
+         str(tmp_path / "agent.yaml")], env=env_without_config(),
+        stdout=open(tmp_path / "agent.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    started.append(agent)
+    viewer = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10,
+                          headers={"Authorization": f"Bearer {VIEWER}"})
+    wait_for(lambda: viewer.get("/api/v1/backends/gpu2").status_code == 200, "registration")
+    return viewer, agent
+
+
 @pytest.fixture
 def chain(tmp_path):
     started: list[subprocess.Popen] = []
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # stands in for the switch
     sink.bind(("127.0.0.1", 0))
     try:
-        (tmp_path / "fabric.yaml").write_text(FABRIC)
-        (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
-            {ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent"},
-             VIEWER: {"name": "grafana", "role": "viewer"}}))
-        api_port = free_port()
-        started.append(subprocess.Popen(
-            [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
-             "--fabric", str(tmp_path / "fabric.yaml"), "--tokens", str(tmp_path / "tokens.yaml"),
-             "--ledger", str(tmp_path / "l.db"), "--listen", f"127.0.0.1:{api_port}"],
-            stdout=open(tmp_path / "controller.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT))
         endpoint, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
         emulator = start_emulator(
             "--speed", "10", "--model", "tiny", "--kv-cache-tokens", "1024", "--kv-events-config",
             json.dumps({"enable_kv_cache_events": True, "endpoint": endpoint,
                         "replay_endpoint": replay}))
         started.append(emulator.proc)
-        (tmp_path / "agent.yaml").write_text(yaml.safe_dump({"agent": {
-            "name": "gpu2", "address": "10.0.0.12", "mac": "02:00:00:00:00:12", "switch": "s1",
-            "port": 4, "vip": "10.0.100.1", "vip_port": 8000, "capacity": 8,
-            "vllm_url": emulator.url, "controller_url": f"http://127.0.0.1:{api_port}",
-            "token": AGENT, "listen_address": "127.0.0.1", "listen_port": free_port(),
-            "beacon_target": f"127.0.0.1:{sink.getsockname()[1]}", "report_interval": 0.3,
-            "kv_events_endpoint": endpoint, "kv_events_replay_endpoint": replay,
-            "kv_report_interval": 0.2}}))
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "tokenfabric.cli", "agent", "run", "--config",
-             str(tmp_path / "agent.yaml")], env=env_without_config(),
-            stdout=open(tmp_path / "agent.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        started.append(agent)
-        viewer = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10,
-                              headers={"Authorization": f"Bearer {VIEWER}"})
-        yield viewer, emulator, agent, api_port
+        viewer, agent = start_controller_and_agent(tmp_path, emulator.url, endpoint, replay,
+                                                   started, sink)
+        yield viewer, emulator, agent
     finally:
         for proc in reversed(started):
             stop_process(proc)
@@ -92,8 +102,7 @@ def chain(tmp_path):
 
 
 def test_emulator_events_reach_the_controllers_index_with_evictions(chain):
-    viewer, emulator, agent, api_port = chain
-    wait_for(lambda: viewer.get("/api/v1/backends/gpu2").status_code == 200, "registration")
+    viewer, emulator, agent = chain
     hasher = BlockHasher(16)
     vllm = httpx.Client(base_url=emulator.url, timeout=20)
 
