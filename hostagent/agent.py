@@ -31,7 +31,7 @@ from hostagent.controller_api import ControllerClient, ControllerError
 from hostagent.delay import DelayEstimator
 from hostagent.hostsetup import HostSetup
 from hostagent.kv_blocks import KvBlockSet
-from hostagent.kv_events import KvEventSubscriber
+from hostagent.kv_events import KvEventSubscriber, local, subscriber_side
 from hostagent.load import LoadFigures, compute_load, delay_load
 from hostagent.metrics import ScrapeError, VllmSnapshot, healthy, scrape
 from hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
@@ -73,10 +73,14 @@ class Agent:
         self.kv_blocks = KvBlockSet(config.kv_index_max_blocks)
         self.kv_subscriber: KvEventSubscriber | None = None
         if config.kv_events_endpoint:
+            # vLLM's own endpoint values: a wildcard one vLLM binds (the agent connects),
+            # a concrete one vLLM connects to (the agent binds); the replay one vLLM binds
+            address, bind = subscriber_side(config.kv_events_endpoint)
+            replay = config.kv_events_replay_endpoint
             self.kv_subscriber = KvEventSubscriber(
-                config.kv_events_endpoint, config.kv_events_replay_endpoint,
-                config.kv_events_topic, self._kv_stored, self.kv_blocks.on_removed,
-                self.kv_blocks.on_cleared)
+                address, local(replay) if replay else None, config.kv_events_topic,
+                self._kv_stored, self.kv_blocks.on_removed, self.kv_blocks.on_cleared,
+                bind=bind)
         self.kv_reports_sent = 0
 
     # -- state ---------------------------------------------------------------------------

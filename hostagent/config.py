@@ -62,8 +62,10 @@ DEFAULTS: dict[str, Any] = {
     # priority the controller does not send in its tenant list
     "tenant_priorities": {},
     "charge_step": 16,                 # charge streamed completion tokens this many at a time
-    # vLLM's KV-cache events (its --kv-events-config endpoint, as this host reaches it):
-    # followed into the controller's prefix index. None: not followed.
+    # vLLM's KV-cache events, followed into the controller's prefix index (None: not):
+    # the endpoint and replay_endpoint values of vLLM's --kv-events-config, as given to it
+    # (tcp://*:5557: vLLM binds, the agent connects; tcp://127.0.0.1:5557: vLLM connects,
+    # the agent binds -- vLLM's rule)
     "kv_events_endpoint": None,        # e.g. tcp://127.0.0.1:5557
     "kv_events_replay_endpoint": None,  # e.g. tcp://127.0.0.1:5558 (gaps are replayed)
     "kv_events_topic": "",

@@ -8,8 +8,15 @@ maps tagged by "type": BlockStored, BlockRemoved, AllBlocksCleared. An optional 
 socket (`replay_endpoint`) answers a DEALER's [b"", start_seq (8 bytes)] with every
 buffered batch from start_seq on, as [b"", topic, seq, payload], then [b"", b"", -1, b""].
 
-The emulator publishes the same frames, so the agent's subscriber takes one code path for
-both. Gaps (a PUB socket drops messages past its high-water mark, and a late subscriber
+Who binds (vLLM's rule, ZmqEventPublisher._is_bind_endpoint): the PUB socket binds a
+wildcard endpoint ("tcp://*:5557", "::") and ipc/inproc ones, and *connects* to any other
+("tcp://127.0.0.1:5557"), where the subscriber must then bind. The replay ROUTER always
+binds. `subscriber_side` turns vLLM's endpoint into what the agent does.
+
+The emulator publishes the same frames, with the same rule, so the agent's subscriber
+takes one code path for both.
+
+Gaps (a PUB socket drops messages past its high-water mark, and a late subscriber
 misses the start): the subscriber asks the replay socket for what it missed; when that is
 impossible (no replay socket, no answer within replay_timeout, or the buffer no longer
 holds the missed batches) it resyncs: it forgets every block it knew (`on_cleared`) and
@@ -132,6 +139,23 @@ class KvEventsConfig:
         return self.enable_kv_cache_events and self.publisher == "zmq"
 
 
+def publisher_binds(endpoint: str) -> bool:
+    """vLLM's rule: bind wildcard and ipc/inproc endpoints, connect to the rest."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+
+
+def local(endpoint: str) -> str:
+    """A bound wildcard endpoint as a process on the same host reaches it."""
+    return endpoint.replace("*", "127.0.0.1").replace("[::]", "127.0.0.1")
+
+
+def subscriber_side(endpoint: str) -> tuple[str, bool]:
+    """(address, bind) of the SUB socket that follows a vLLM configured with `endpoint`."""
+    if publisher_binds(endpoint):
+        return local(endpoint), False
+    return endpoint, True
+
+
 # -- publisher ----------------------------------------------------------------------------
 class KvEventPublisher:
     """PUB socket plus a ROUTER replay socket, in the caller's asyncio loop."""
@@ -141,8 +165,12 @@ class KvEventPublisher:
         self.ctx = zmq.asyncio.Context()
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.set_hwm(hwm)
-        self.pub.bind(endpoint)
-        self.endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        if publisher_binds(endpoint):
+            self.pub.bind(endpoint)
+            self.endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:  # the subscriber binds there (vLLM's rule)
+            self.pub.connect(endpoint)
+            self.endpoint = endpoint
         self.replay: zmq.asyncio.Socket | None = None
         self.replay_endpoint: str | None = None
         if replay_endpoint:
@@ -224,8 +252,10 @@ class KvEventSubscriber:
                  on_stored: Callable[[list[int]], None],
                  on_removed: Callable[[list[int]], None],
                  on_cleared: Callable[[], None], replay_timeout: float = 1.0,
-                 max_replay_batches: int = 100_000) -> None:
+                 max_replay_batches: int = 100_000, bind: bool = False) -> None:
+        """`endpoint` is connected to, or bound when `bind` (see subscriber_side)."""
         self.endpoint, self.replay_endpoint = endpoint, replay_endpoint
+        self.bind = bind
         self.topic = topic.encode()
         self.on_stored, self.on_removed, self.on_cleared = on_stored, on_removed, on_cleared
         self.replay_timeout = replay_timeout
@@ -238,7 +268,10 @@ class KvEventSubscriber:
         ctx = zmq.asyncio.Context()
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        sub.connect(self.endpoint)
+        if self.bind:
+            sub.bind(self.endpoint)
+        else:
+            sub.connect(self.endpoint)
         self.connected.set()
         try:
             while True:

@@ -80,6 +80,24 @@ def start_controller_and_agent(tmp_path, vllm_url: str, endpoint: str, replay: s
     return viewer, agent
 
 
+def warm_up(vllm: httpx.Client, viewer: httpx.Client, model: str, words: int = 40) -> None:
+    """Until the index holds a block: vLLM's PUB connects to the agent's bound SUB with
+    ZMQ's retries, and what it publishes before that is lost (the replay socket brings
+    it back once a later batch shows the gap)."""
+    def indexed() -> bool:
+        backend = viewer.get("/api/v1/prefix-index").json()["backends"].get("gpu2")
+        return bool(backend and backend["blocks"])
+
+    for n in range(60):
+        prompt = " ".join(f"warm{n}w{i}" for i in range(words))
+        assert vllm.post("/v1/completions", json={"model": model, "prompt": prompt,
+                                                  "max_tokens": 1}).status_code == 200
+        if indexed():
+            return
+        time.sleep(0.25)
+    raise AssertionError("no block reached the index")
+
+
 @pytest.fixture
 def chain(tmp_path):
     started: list[subprocess.Popen] = []
@@ -105,6 +123,7 @@ def test_emulator_events_reach_the_controllers_index_with_evictions(chain):
     viewer, emulator, agent = chain
     hasher = BlockHasher(16)
     vllm = httpx.Client(base_url=emulator.url, timeout=20)
+    warm_up(vllm, viewer, "tiny")
 
     def keys_of(prompt: str) -> list[int]:
         return hasher.keys(vllm.post("/tokenize", json={"prompt": prompt}).json()["tokens"])
@@ -122,7 +141,7 @@ def test_emulator_events_reach_the_controllers_index_with_evictions(chain):
     [match] = found["matches"]
     assert match["cached_blocks"] == 12 and match["cached_tokens"] == 192 and match["trusted"]
     summary = viewer.get("/api/v1/prefix-index").json()
-    assert summary["backends"]["gpu2"]["blocks"] == 12
+    assert summary["backends"]["gpu2"]["blocks"] >= 12  # and the warm-up's
     assert summary["backends"]["gpu2"]["synced"] and summary["backends"]["gpu2"]["block_size"] == 16
     assert summary["memory_bound_bytes"] == summary["max_blocks_per_backend"] * \
         summary["max_backends"] * 320

@@ -213,7 +213,10 @@ def test_real_vllm_kv_events_feed_the_agent_and_the_controllers_index(vllm_serve
     """vLLM's own events (block size 128 on CPU, sha256 hashes as ints) go through the
     agent's subscriber into a real controller's prefix index; the keys the index holds are
     those tokenfabric.blockhash computes from vLLM's /tokenize."""
-    from tests.integration.hostagent.test_kv_index_live import start_controller_and_agent
+    from tests.integration.hostagent.test_kv_index_live import (
+        start_controller_and_agent,
+        warm_up,
+    )
     from tokenfabric.blockhash import BlockHasher
 
     url, _, kv = vllm_server
@@ -225,6 +228,7 @@ def test_real_vllm_kv_events_feed_the_agent_and_the_controllers_index(vllm_serve
                                                    kv["replay_endpoint"], started, sink)
         prompt = " ".join(f"kv events feed the index {i}" for i in range(60))
         with httpx.Client(base_url=url, timeout=120) as vllm:
+            warm_up(vllm, viewer, "tiny", words=200)  # 200 words: past a 128-token block
             ids = vllm.post("/tokenize", json={"model": "tiny", "prompt": prompt}).json()["tokens"]
             reply = vllm.post("/v1/completions", json={"model": "tiny", "prompt": prompt,
                                                        "max_tokens": 2})
