@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from hostagent import log
@@ -160,6 +160,10 @@ class Emulator:
         self.queue_time = Histogram("vllm:request_queue_time_seconds",
                                     "Histogram of time spent in WAITING phase for request.",
                                     labels, registry=self.registry, buckets=slow)
+        # not a vLLM metric: shows that an L7 router asked for token ids (docs/lab.md)
+        self.token_calls = Counter("tokenfabric_emulator_token_requests",
+                                   "Calls of the token endpoints the L7 routers use.",
+                                   ["endpoint"], registry=self.registry)
         self.engine = Engine(config.engine, on_finish=self._observe,
                              on_token_gap=self.itl.labels(config.model, "0").observe,
                              on_kv_events=self._publish)
@@ -303,6 +307,7 @@ class Emulator:
 
     async def tokenize(self, request: web.Request) -> web.Response:
         await self._gate()
+        self.token_calls.labels("/tokenize").inc()
         body = await _json_body(request)
         self._check_model(body)
         if "messages" in body:
@@ -321,6 +326,7 @@ class Emulator:
 
     async def detokenize(self, request: web.Request) -> web.Response:
         await self._gate()
+        self.token_calls.labels("/detokenize").inc()
         body = await _json_body(request)
         self._check_model(body)
         ids = body.get("tokens")
@@ -360,6 +366,7 @@ class Emulator:
 
     async def render_completion(self, request: web.Request) -> web.Response:
         await self._gate()
+        self.token_calls.labels("/v1/completions/render").inc()
         body = await _json_body(request)
         self._check_model(body)
         prompt = body.get("prompt")
@@ -375,6 +382,7 @@ class Emulator:
 
     async def render_chat(self, request: web.Request) -> web.Response:
         await self._gate()
+        self.token_calls.labels("/v1/chat/completions/render").inc()
         body = await _json_body(request)
         self._check_model(body)
         ids = self._ids(chat_tokens(body.get("messages")))
