@@ -109,9 +109,13 @@ def emulator_command(host: str, port: int, model: str, max_model_len: int,
                             default_max_tokens=default_max_tokens,
                             legacy_metrics=legacy_metrics, engine=params,
                             backend_name=backend_name, kv_events=kv_events)
+    from hostagent.kv_events import KvEventsError
     try:
         _run_until_signal(lambda stop: serve(config, host, port, fault, fault_factor,
                                              fault_after, stop))
+    except KvEventsError as exc:
+        click.echo(f"vllm-emulator: {exc}", err=True)
+        sys.exit(exitcodes.FAILED)
     except OSError as exc:
         click.echo(f"vllm-emulator: cannot listen on {host}:{port}: {exc.strerror}", err=True)
         sys.exit(exitcodes.FAILED)

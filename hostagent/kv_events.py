@@ -48,6 +48,10 @@ END_SEQ = -1
 MEDIUM_GPU = "GPU"
 
 
+class KvEventsError(Exception):
+    """A KV events socket that cannot be set up (address in use, bad endpoint)."""
+
+
 # -- the wire format (field names and order as vLLM's msgspec structs) -------------------
 class KvEvent(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
     """Events are msgpack maps with a "type" tag, unknown fields ignored (newer vLLMs)."""
@@ -164,19 +168,27 @@ class KvEventPublisher:
                  buffer_steps: int = 10_000, hwm: int = 100_000) -> None:
         self.ctx = zmq.asyncio.Context()
         self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.set_hwm(hwm)
-        if publisher_binds(endpoint):
-            self.pub.bind(endpoint)
-            self.endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:  # the subscriber binds there (vLLM's rule)
-            self.pub.connect(endpoint)
-            self.endpoint = endpoint
         self.replay: zmq.asyncio.Socket | None = None
         self.replay_endpoint: str | None = None
-        if replay_endpoint:
-            self.replay = self.ctx.socket(zmq.ROUTER)
-            self.replay.bind(replay_endpoint)
-            self.replay_endpoint = self.replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self.pub.set_hwm(hwm)
+            if publisher_binds(endpoint):
+                self.pub.bind(endpoint)
+                self.endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            else:  # the subscriber binds there (vLLM's rule)
+                self.pub.connect(endpoint)
+                self.endpoint = endpoint
+            if replay_endpoint:
+                self.replay = self.ctx.socket(zmq.ROUTER)
+                self.replay.bind(replay_endpoint)
+                self.replay_endpoint = self.replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as exc:
+            self.pub.close(linger=0)
+            if self.replay is not None:
+                self.replay.close(linger=0)
+            self.ctx.term()
+            raise KvEventsError(f"KV events: cannot use {endpoint} / {replay_endpoint}: "
+                                f"{exc}") from exc
         self.topic = topic.encode()
         self.buffer: collections.deque[tuple[int, bytes]] = collections.deque(
             maxlen=buffer_steps)
@@ -264,14 +276,27 @@ class KvEventSubscriber:
         self.expected: int | None = None  # the next sequence number
         self.connected = asyncio.Event()  # set once the SUB socket exists
 
-    async def run(self) -> None:
+    async def run(self, retry_s: float = 5.0) -> None:
+        """Follow the events until cancelled; a socket that cannot be set up (its address
+        in use) is logged and retried every retry_s, the agent's other work going on."""
         ctx = zmq.asyncio.Context()
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        if self.bind:
-            sub.bind(self.endpoint)
-        else:
-            sub.connect(self.endpoint)
+        failures = 0
+        while True:
+            try:
+                if self.bind:
+                    sub.bind(self.endpoint)
+                else:
+                    sub.connect(self.endpoint)
+                break
+            except zmq.ZMQError as exc:
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.error("KV events: cannot %s %s (%s); retrying every %g s",
+                              "bind" if self.bind else "connect to", self.endpoint, exc,
+                              retry_s)
+                await asyncio.sleep(retry_s)
         self.connected.set()
         try:
             while True:

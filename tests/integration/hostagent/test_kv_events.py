@@ -189,3 +189,43 @@ def test_a_bad_kv_events_config_is_refused_with_a_clear_message(tmp_path):
 def _no_leaked_contexts():
     yield
     zmq.Context.instance()  # the default context stays usable: no test terminated it
+
+
+def test_an_emulator_whose_kv_events_address_is_taken_says_so(tmp_path):
+    import subprocess
+    import sys
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.ROUTER)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        config = {"enable_kv_cache_events": True, "endpoint": "tcp://127.0.0.1:*",
+                  "replay_endpoint": f"tcp://127.0.0.1:{port}"}
+        result = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "vllm-emulator",
+                                 "--port", "0", "--kv-events-config", json.dumps(config)],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close(linger=0)
+        ctx.term()
+    assert result.returncode == 1
+    assert "KV events: cannot use" in result.stderr and "Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_a_subscriber_whose_address_is_taken_retries_until_it_is_free():
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.PUB)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    blocks = KvBlockSet()
+    sub = KvEventSubscriber(f"tcp://127.0.0.1:{port}", None, "", blocks.on_stored,
+                            blocks.on_removed, blocks.on_cleared, bind=True)
+    task = asyncio.create_task(sub.run(retry_s=0.05))
+    try:
+        await asyncio.sleep(0.3)
+        assert not sub.connected.is_set() and not task.done()
+        taken.close(linger=0)
+        await asyncio.wait_for(sub.connected.wait(), 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        taken.close(linger=0)
+        ctx.term()
