@@ -42,11 +42,13 @@ class LookupBody(BaseModel):
         "block hashes)"))
 
 
-def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any) -> APIRouter:
+def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict,
+                        mutation_errors: dict) -> APIRouter:
+    """`viewer`, `agent`: the API's role dependencies; `errors`: its documented errors."""
     r = APIRouter(tags=["prefix index"])
     index = ctl.prefix_index
 
-    @r.post("/backends/{name}/kv")
+    @r.post("/backends/{name}/kv", responses=mutation_errors)
     async def kv_report(name: Annotated[str, Path(max_length=64)], body: KvReportBody,
                         who: agent) -> dict[str, Any]:
         if name not in ctl.model.backends:
@@ -56,11 +58,11 @@ def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any) -> APIRouter
         except PrefixIndexError as exc:
             raise Conflict(str(exc)) from None
 
-    @r.get("/prefix-index")
+    @r.get("/prefix-index", responses=errors)
     async def summary(who: viewer) -> dict[str, Any]:
         return index.summary()
 
-    @r.post("/prefix-index/lookup")
+    @r.post("/prefix-index/lookup", responses=errors)
     async def lookup(body: LookupBody, who: viewer) -> dict[str, Any]:
         return index.lookup(body.block_hashes)
 

@@ -353,7 +353,7 @@ def create_app(ctl: "Controller") -> FastAPI:
     async def audit(who: Admin) -> list[dict[str, Any]]:
         return [vars(e) for e in ctl.audit_log]
 
-    r.include_router(prefix_index_routes(ctl, Viewer, Agent))
+    r.include_router(prefix_index_routes(ctl, Viewer, Agent, ERRORS, MUTATION_ERRORS))
     app.include_router(r)
 
     # ------------------------------------------------------------ open endpoints
