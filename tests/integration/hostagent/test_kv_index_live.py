@@ -46,6 +46,15 @@ def wait_for(check, what: str, timeout: float = 30.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def start_controller(tmp_path, api_port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
+         "--fabric", str(tmp_path / "fabric.yaml"), "--tokens", str(tmp_path / "tokens.yaml"),
+         "--ledger", str(tmp_path / "l.db"), "--listen", f"127.0.0.1:{api_port}"],
+        stdout=open(tmp_path / "controller.log", "ab"),  # noqa: SIM115
+        stderr=subprocess.STDOUT)
+
+
 def start_controller_and_agent(tmp_path, vllm_url: str, endpoint: str, replay: str,
                                started: list[subprocess.Popen], sink: socket.socket
                                ) -> tuple[httpx.Client, subprocess.Popen]:
@@ -55,12 +64,7 @@ def start_controller_and_agent(tmp_path, vllm_url: str, endpoint: str, replay: s
         {ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent"},
          VIEWER: {"name": "grafana", "role": "viewer"}}))
     api_port = free_port()
-    started.append(subprocess.Popen(
-        [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
-         "--fabric", str(tmp_path / "fabric.yaml"), "--tokens", str(tmp_path / "tokens.yaml"),
-         "--ledger", str(tmp_path / "l.db"), "--listen", f"127.0.0.1:{api_port}"],
-        stdout=open(tmp_path / "controller.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT))
+    started.append(start_controller(tmp_path, api_port))
     (tmp_path / "agent.yaml").write_text(yaml.safe_dump({"agent": {
         "name": "gpu2", "address": "10.0.0.12", "mac": "02:00:00:00:00:12", "switch": "s1",
         "port": 4, "vip": "10.0.100.1", "vip_port": 8000, "capacity": 8,
@@ -112,7 +116,7 @@ def chain(tmp_path):
         started.append(emulator.proc)
         viewer, agent = start_controller_and_agent(tmp_path, emulator.url, endpoint, replay,
                                                    started, sink)
-        yield viewer, emulator, agent
+        yield viewer, emulator, agent, started
     finally:
         for proc in reversed(started):
             stop_process(proc)
@@ -120,7 +124,7 @@ def chain(tmp_path):
 
 
 def test_emulator_events_reach_the_controllers_index_with_evictions(chain):
-    viewer, emulator, agent = chain
+    viewer, emulator, agent, _ = chain
     hasher = BlockHasher(16)
     vllm = httpx.Client(base_url=emulator.url, timeout=20)
     warm_up(vllm, viewer, "tiny")
@@ -175,3 +179,32 @@ def test_emulator_events_reach_the_controllers_index_with_evictions(chain):
     wait_for(lambda: viewer.get("/api/v1/backends/gpu2").status_code == 404 or
              not viewer.get("/api/v1/prefix-index").json()["backends"].get("gpu2"),
              "deregistration to drop the backend's index entries")
+
+
+def test_a_restarted_controller_gets_the_index_back_from_a_snapshot(chain, tmp_path):
+    """The controller forgets everything on a restart; the agent registers again and its
+    next KV report, a delta on a base the new index lacks, is answered resync: the
+    snapshot that follows brings the blocks back."""
+    viewer, emulator, agent, started = chain
+    vllm = httpx.Client(base_url=emulator.url, timeout=20)
+    warm_up(vllm, viewer, "tiny")
+    prompt = " ".join(f"keep{i}" for i in range(100))
+    keys = BlockHasher(16).keys(
+        vllm.post("/tokenize", json={"prompt": prompt}).json()["tokens"])
+    assert vllm.post("/v1/completions", json={"model": "tiny", "prompt": prompt,
+                                              "max_tokens": 1}).status_code == 200
+
+    def found() -> bool:
+        body = viewer.post("/api/v1/prefix-index/lookup", json={"block_hashes": keys}).json()
+        return body["best"] == "gpu2" and body["matches"][0]["cached_blocks"] == len(keys)
+
+    wait_for(found, "the blocks in the index")
+    controller = started[0]
+    port = int(str(viewer.base_url).rsplit(":", 1)[1].split("/")[0])
+    stop_process(controller)
+    started[0] = start_controller(tmp_path, port)
+    wait_for(lambda: viewer.get("/api/v1/backends/gpu2").status_code == 200,
+             "the agent to register again", timeout=40)
+    wait_for(found, "the blocks back in the restarted controller's index", timeout=40)
+    summary = viewer.get("/api/v1/prefix-index").json()["backends"]["gpu2"]
+    assert summary["synced"] and summary["trusted"]
