@@ -208,3 +208,28 @@ def test_a_restarted_controller_gets_the_index_back_from_a_snapshot(chain, tmp_p
     wait_for(found, "the blocks back in the restarted controller's index", timeout=40)
     summary = viewer.get("/api/v1/prefix-index").json()["backends"]["gpu2"]
     assert summary["synced"] and summary["trusted"]
+
+
+def test_a_silent_agents_entries_are_shown_but_not_trusted(chain):
+    """The staleness rule, live: an agent that dies without a word (SIGKILL) leaves its
+    entries in the index; three seconds after its last report they are no longer
+    trusted, and no lookup names its backend best."""
+    viewer, emulator, agent, _ = chain
+    vllm = httpx.Client(base_url=emulator.url, timeout=20)
+    warm_up(vllm, viewer, "tiny")
+    prompt = " ".join(f"stale{i}" for i in range(64))
+    keys = BlockHasher(16).keys(vllm.post("/tokenize", json={"prompt": prompt}).json()["tokens"])
+    assert vllm.post("/v1/completions", json={"model": "tiny", "prompt": prompt,
+                                              "max_tokens": 1}).status_code == 200
+
+    def lookup() -> dict:
+        return viewer.post("/api/v1/prefix-index/lookup", json={"block_hashes": keys}).json()
+
+    wait_for(lambda: lookup()["best"] == "gpu2", "the blocks in the index")
+    agent.kill()
+    agent.wait(timeout=10)
+    found = wait_for(lambda: lookup()["best"] is None and lookup(), "the entries to go stale",
+                     timeout=15)
+    [match] = found["matches"]
+    assert match["cached_blocks"] == len(keys) and not match["trusted"]
+    assert match["reason"] == "last report older than 3 s" and match["report_age_s"] > 3
