@@ -65,7 +65,8 @@ class KvBlockSet:
 
     def on_removed(self, keys: list[int]) -> None:
         for key in keys:
-            if self.current.pop(key, 0) is None:
+            if key in self.current:
+                del self.current[key]
                 self.checksum ^= key
                 self.dirty.add(key)
 
