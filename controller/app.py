@@ -39,6 +39,7 @@ from controller.policy.compile import CompileError, compile_model, state_to_list
 from controller.policy.offload import PolicyProcess
 from controller.policy.schema import load_policy
 from controller.policy.source import SpecError
+from controller.prefix_index import PrefixIndex
 from controller.routing import Router
 
 REPORT_TIMEOUT_S = 3.0  # a backend whose reports stop for this long is marked down
@@ -108,6 +109,7 @@ class Controller:
         self.hold_until = clock() + startup_grace_s
         # Token buckets for switches that cannot keep them (OpenFlow): fed by reports.
         self.buckets = TenantBuckets(clock)
+        self.prefix_index = PrefixIndex(clock=clock)  # fed by the agents' KV events
         self._usage_totals: dict[tuple[str, int, str], int] = {}
         self._dirty: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
@@ -221,6 +223,7 @@ class Controller:
             raise Conflict(f"backend '{name}' is defined in the fabric file; drain it instead")
         fabric_file.remove_backend(self.model, name)
         self.router.forget(name)
+        self.prefix_index.forget(name)
         del self.extras[name]
         self.audit(who, "deregister", f"backend {name}")
         self.mark_dirty()

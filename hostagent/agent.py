@@ -6,7 +6,10 @@ Loops, all in one asyncio event loop:
   report_interval (re-registering when the controller has forgotten the backend);
 - send a LOAD beacon every beacon_interval once registered (DOWN flag when /health fails
   or the metrics are older than stale_after), and a USAGE beacon per finished request;
-- run the bridge on VIP:port.
+- run the bridge on VIP:port;
+- with kv_events_endpoint set, follow vLLM's KV-cache events (hostagent/kv_events.py)
+  and send the block set's deltas to the controller's prefix index every
+  kv_report_interval (hostagent/kv_blocks.py).
 On exit (SIGTERM included) it deregisters, stops the bridge and undoes the host set-up.
 """
 
@@ -27,6 +30,8 @@ from hostagent.config import AgentConfig
 from hostagent.controller_api import ControllerClient, ControllerError
 from hostagent.delay import DelayEstimator
 from hostagent.hostsetup import HostSetup
+from hostagent.kv_blocks import KvBlockSet
+from hostagent.kv_events import KvEventSubscriber, local, subscriber_side
 from hostagent.load import LoadFigures, compute_load, delay_load
 from hostagent.metrics import ScrapeError, VllmSnapshot, healthy, scrape
 from hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
@@ -65,6 +70,18 @@ class Agent:
             delay=self.delay)
         self.session: aiohttp.ClientSession | None = None
         self.controller: ControllerClient | None = None
+        self.kv_blocks = KvBlockSet(config.kv_index_max_blocks)
+        self.kv_subscriber: KvEventSubscriber | None = None
+        if config.kv_events_endpoint:
+            # vLLM's own endpoint values: a wildcard one vLLM binds (the agent connects),
+            # a concrete one vLLM connects to (the agent binds); the replay one vLLM binds
+            address, bind = subscriber_side(config.kv_events_endpoint)
+            replay = config.kv_events_replay_endpoint
+            self.kv_subscriber = KvEventSubscriber(
+                address, local(replay) if replay else None, config.kv_events_topic,
+                self._kv_stored, self.kv_blocks.on_removed, self.kv_blocks.on_cleared,
+                bind=bind)
+        self.kv_reports_sent = 0
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -110,8 +127,11 @@ class Agent:
                 await self.bridge.start(cfg.listen_address, cfg.listen_port)
                 log.info("bridge (%s) on %s:%d -> %s", cfg.mode, cfg.listen_address,
                          self.bridge.port, cfg.vllm_url)
-            for coro in (self._scrape_loop(), self._health_loop(), self._controller_loop(),
-                         self._beacon_loop()):
+            loops = [self._scrape_loop(), self._health_loop(), self._controller_loop(),
+                     self._beacon_loop()]
+            if self.kv_subscriber is not None:
+                loops += [self.kv_subscriber.run(), self._kv_report_loop()]
+            for coro in loops:
                 tasks.append(asyncio.create_task(coro))
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -151,6 +171,32 @@ class Agent:
             log.info("deregistered %s", self.config.name)
         except ControllerError as exc:
             log.warning("deregistration failed: %s", exc)
+
+    def _kv_stored(self, keys: list[int]) -> None:
+        assert self.kv_subscriber is not None
+        self.kv_blocks.block_size = self.kv_subscriber.stats.block_size
+        self.kv_blocks.on_stored(keys)
+
+    async def _kv_report_loop(self) -> None:
+        """The block set's changes to the controller's prefix index, once registered."""
+        assert self.controller is not None
+        while True:
+            await asyncio.sleep(self.config.kv_report_interval)
+            if not self.registered.is_set():
+                self.kv_blocks.need_full = True  # a new registration starts a new index entry
+                continue
+            pending = self.kv_blocks.report()
+            if pending is None:
+                continue
+            try:
+                answer = await self.controller.kv_report(self.config.name, pending.body)
+            except ControllerError as exc:
+                if exc.status in (404, 409):
+                    self.kv_blocks.need_full = True
+                log.warning("KV report failed: %s", exc)
+                continue
+            self.kv_blocks.acknowledge(pending, answer)
+            self.kv_reports_sent += 1
 
     # -- loops ---------------------------------------------------------------------------
     async def _scrape_loop(self) -> None:
@@ -265,6 +311,9 @@ class Agent:
                 "rdma": self.rdma_status, "host": self.host_status,
                 "bridge": {"mode": self.config.mode, "in_flight": self.bridge.in_flight},
                 "beacons": {"sent": self.beacons.sent, "errors": self.beacons.errors},
+                "kv_events": None if self.kv_subscriber is None else {
+                    **vars(self.kv_subscriber.stats), "blocks": len(self.kv_blocks),
+                    "reports_sent": self.kv_reports_sent},
                 "seq": self.reports_sent}
 
     async def _controller_loop(self) -> None:

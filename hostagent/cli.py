@@ -61,6 +61,14 @@ def _run_until_signal(make_coro: Callable[[asyncio.Event], Awaitable[None]],
 @click.option("--decode-us-per-ctx-token", default=0.086, show_default=True,
               type=click.FloatRange(0))
 @click.option("--no-prefix-caching", is_flag=True, help="Disable the prefix cache.")
+@click.option("--prefix-caching-hash-algo", default="sha256", show_default=True,
+              type=click.Choice(["sha256", "sha256_cbor"]),
+              help="vLLM's block hash algorithm (the KV events carry these hashes).")
+@click.option("--kv-events-config", default=None,
+              help="vLLM's KV events config as JSON, e.g. '{\"enable_kv_cache_events\": "
+                   "true, \"endpoint\": \"tcp://127.0.0.1:5557\", \"replay_endpoint\": "
+                   "\"tcp://127.0.0.1:5558\"}': publish BlockStored/BlockRemoved/"
+                   "AllBlocksCleared as vLLM does.")
 @click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0.001),
               help="Speed multiplier of the emulated GPU (0.5: twice as slow).")
 @click.option("--legacy-metrics", is_flag=True,
@@ -78,11 +86,13 @@ def emulator_command(host: str, port: int, model: str, max_model_len: int,
                      kv_cache_tokens: int,
                      block_size: int, prefill_ms_per_token: float, decode_base_ms: float,
                      decode_ms_per_seq: float, decode_us_per_ctx_token: float,
-                     no_prefix_caching: bool, speed: float, legacy_metrics: bool, fault: str,
+                     no_prefix_caching: bool, prefix_caching_hash_algo: str,
+                     kv_events_config: str | None, speed: float, legacy_metrics: bool, fault: str,
                      fault_after: float, fault_factor: float) -> None:
     """Serve an OpenAI-compatible vLLM emulator (continuous-batching timing model)."""
     from hostagent.emulator import EmulatorConfig, serve
     from hostagent.engine import EngineParams
+    from hostagent.kv_events import KvEventsConfig
 
     try:
         params = EngineParams(
@@ -91,16 +101,21 @@ def emulator_command(host: str, port: int, model: str, max_model_len: int,
             decode_s_per_seq=decode_ms_per_seq / 1e3,
             decode_s_per_ctx_token=decode_us_per_ctx_token / 1e6,
             prefix_caching=not no_prefix_caching, speed=speed,
-            scheduling_policy=scheduling_policy)
+            scheduling_policy=scheduling_policy, hash_algo=prefix_caching_hash_algo)
+        kv_events = KvEventsConfig.from_json(kv_events_config) if kv_events_config else None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     config = EmulatorConfig(model=model, max_model_len=max_model_len,
                             default_max_tokens=default_max_tokens,
                             legacy_metrics=legacy_metrics, engine=params,
-                            backend_name=backend_name)
+                            backend_name=backend_name, kv_events=kv_events)
+    from hostagent.kv_events import KvEventsError
     try:
         _run_until_signal(lambda stop: serve(config, host, port, fault, fault_factor,
                                              fault_after, stop))
+    except KvEventsError as exc:
+        click.echo(f"vllm-emulator: {exc}", err=True)
+        sys.exit(exitcodes.FAILED)
     except OSError as exc:
         click.echo(f"vllm-emulator: cannot listen on {host}:{port}: {exc.strerror}", err=True)
         sys.exit(exitcodes.FAILED)

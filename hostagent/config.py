@@ -62,6 +62,15 @@ DEFAULTS: dict[str, Any] = {
     # priority the controller does not send in its tenant list
     "tenant_priorities": {},
     "charge_step": 16,                 # charge streamed completion tokens this many at a time
+    # vLLM's KV-cache events, followed into the controller's prefix index (None: not):
+    # the endpoint and replay_endpoint values of vLLM's --kv-events-config, as given to it
+    # (tcp://*:5557: vLLM binds, the agent connects; tcp://127.0.0.1:5557: vLLM connects,
+    # the agent binds -- vLLM's rule)
+    "kv_events_endpoint": None,        # e.g. tcp://127.0.0.1:5557
+    "kv_events_replay_endpoint": None,  # e.g. tcp://127.0.0.1:5558 (gaps are replayed)
+    "kv_events_topic": "",
+    "kv_index_max_blocks": 32768,      # blocks this agent tracks and reports at most
+    "kv_report_interval": 1.0,         # seconds between block-set deltas to the controller
 }
 
 
@@ -110,6 +119,11 @@ class AgentConfig:
     priority_scheduling: bool
     tenant_priorities: dict
     charge_step: int
+    kv_events_endpoint: str | None
+    kv_events_replay_endpoint: str | None
+    kv_events_topic: str
+    kv_index_max_blocks: int
+    kv_report_interval: float
 
     @property
     def beacon_addr(self) -> tuple[str, int]:
@@ -176,6 +190,18 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
         raise ConfigError("agent.tenant_priorities must map tenant names to integers")
     if not isinstance(values["priority_scheduling"], bool):
         raise ConfigError("agent.priority_scheduling must be true or false")
+    for key in ("kv_events_endpoint", "kv_events_replay_endpoint"):
+        if values[key] is not None and not re.match(r"^(tcp|ipc)://\S+$", str(values[key])):
+            raise ConfigError(f"agent.{key}: {values[key]!r} is not a ZMQ endpoint like "
+                              "tcp://127.0.0.1:5557")
+    if not isinstance(values["kv_events_topic"], str):
+        raise ConfigError("agent.kv_events_topic must be a string")
+    if not isinstance(values["kv_index_max_blocks"], int) or \
+            isinstance(values["kv_index_max_blocks"], bool) or values["kv_index_max_blocks"] < 1:
+        raise ConfigError("agent.kv_index_max_blocks must be a positive integer")
+    if not isinstance(values["kv_report_interval"], int | float) or \
+            values["kv_report_interval"] <= 0:
+        raise ConfigError("agent.kv_report_interval must be a positive number of seconds")
     if not isinstance(values["roce"], dict):
         raise ConfigError("agent.roce must be a mapping")
     values["listen_address"] = values["listen_address"] or values["vip"]

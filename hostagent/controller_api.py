@@ -76,6 +76,14 @@ class ControllerClient:
                                   f"{self._detail(status, data)}", status)
         return data if isinstance(data, dict) else {}
 
+    async def kv_report(self, name: str, body: dict) -> dict:
+        """A block-set delta or snapshot for the prefix index (controller/prefix_index.py)."""
+        status, data = await self._call("POST", f"/backends/{name}/kv", body)
+        if not 200 <= status < 300:
+            raise ControllerError(f"KV report refused: HTTP {status}: "
+                                  f"{self._detail(status, data)}", status)
+        return data if isinstance(data, dict) else {}
+
     async def deregister(self, name: str) -> None:
         status, data = await self._call("DELETE", f"/backends/{name}")
         if status not in (200, 202, 204, 404):

@@ -2,7 +2,10 @@
 
 Serves /v1/models, /v1/completions, /v1/chat/completions (SSE ending in `data: [DONE]`,
 `stream_options.include_usage`), /health and /metrics with vLLM's metric names, types and
-labels. Its timing comes from hostagent.engine. Faults on demand through POST /admin/fault
+labels; the token endpoints the L7 routers call, in vLLM's formats: /tokenize,
+/detokenize, /v1/completions/render, /v1/chat/completions/render; /reset_prefix_cache.
+With --kv-events-config it publishes vLLM's KV-cache events (hostagent/kv_events.py).
+Its timing comes from hostagent.engine. Faults on demand through POST /admin/fault
 {"fault": "crash"|"hang"|"slow"|"503"|"none", "factor": 4} or the --fault flag.
 """
 
@@ -11,29 +14,46 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from hostagent import log
 from hostagent.engine import Engine, EngineParams, Request
+from hostagent.kv_events import KvEventPublisher, KvEventsConfig
+from hostagent.wordtok import split
 
 FAULTS = ("none", "crash", "hang", "slow", "503")
 CRASH_EXIT_CODE = 70
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _WORDS = ("the", "fabric", "routes", "tokens", "to", "a", "backend", "with", "room",
           "and", "every", "switch", "keeps", "its", "promise", "of", "low", "latency")
 
 
 def tokenize(text: str) -> list[str]:
-    """The emulator's tokenizer: words and punctuation marks (about 1.3 per English word)."""
-    return _TOKEN_RE.findall(text)
+    """The emulator's tokenizer: words and punctuation marks (hostagent/wordtok.py)."""
+    return split(text)
+
+
+def chat_tokens(messages: object, add_generation_prompt: bool = True) -> list[str]:
+    """The emulator's chat template: a role marker and the role before each message."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list")
+    tokens: list[str] = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message:
+            raise ApiError(400, "each message needs a role")
+        content = message.get("content") or ""
+        if isinstance(content, list):  # content parts
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        tokens += ["<|role|>", str(message["role"])] + tokenize(str(content))
+    if add_generation_prompt:
+        tokens.append("<|assistant|>")
+    return tokens
 
 
 @dataclass
@@ -44,6 +64,7 @@ class EmulatorConfig:
     legacy_metrics: bool = False
     backend_name: str = ""  # X-Tokenfabric-Backend of every response, as the bridge sets it
     engine: EngineParams = None  # type: ignore[assignment]
+    kv_events: KvEventsConfig | None = None  # vLLM's --kv-events-config
 
     def __post_init__(self) -> None:
         if self.engine is None:
@@ -139,8 +160,18 @@ class Emulator:
         self.queue_time = Histogram("vllm:request_queue_time_seconds",
                                     "Histogram of time spent in WAITING phase for request.",
                                     labels, registry=self.registry, buckets=slow)
+        # not a vLLM metric: shows that an L7 router asked for token ids (docs/lab.md)
+        self.token_calls = Counter("tokenfabric_emulator_token_requests",
+                                   "Calls of the token endpoints the L7 routers use.",
+                                   ["endpoint"], registry=self.registry)
         self.engine = Engine(config.engine, on_finish=self._observe,
-                             on_token_gap=self.itl.labels(config.model, "0").observe)
+                             on_token_gap=self.itl.labels(config.model, "0").observe,
+                             on_kv_events=self._publish)
+        self.publisher: KvEventPublisher | None = None
+
+    def _publish(self, events: list) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(events)
 
     # -- metrics -------------------------------------------------------------------------
     def _observe(self, request: Request) -> None:
@@ -185,6 +216,11 @@ class Emulator:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_post("/v1/completions/render", self.render_completion)
+        app.router.add_post("/v1/chat/completions/render", self.render_chat)
+        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         app.router.add_get("/admin/fault", self.get_fault)
         app.router.add_post("/admin/fault", self.post_fault)
         app.on_response_prepare.append(self._name_backend)
@@ -198,10 +234,19 @@ class Emulator:
             response.headers["X-Tokenfabric-Backend"] = self.config.backend_name
 
     async def _start_engine(self, app: web.Application) -> None:
+        kv = self.config.kv_events
+        if kv is not None and kv.publishes:
+            self.publisher = KvEventPublisher(kv.endpoint, kv.replay_endpoint, kv.topic,
+                                              kv.buffer_steps, kv.hwm)
+            self.publisher.start()
+            log.info("KV events on %s (replay %s, topic %r)", self.publisher.endpoint,
+                     self.publisher.replay_endpoint, kv.topic)
         self.engine.start()
 
     async def _stop_engine(self, app: web.Application) -> None:
         await self.engine.stop()
+        if self.publisher is not None:
+            await self.publisher.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -242,30 +287,113 @@ class Emulator:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            tokens = [str(t) for t in prompt]
-        elif isinstance(prompt, str):
-            tokens = tokenize(prompt)
-        else:
-            raise ApiError(400, "prompt must be a string or a list of token ids")
-        return await self._generate(request, body, tokens, chat=False)
+        return await self._generate(request, body, _prompt_tokens(prompt), chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         await self._gate()
         body = await _json_body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list")
-        tokens: list[str] = []
-        for message in messages:
-            if not isinstance(message, dict) or "role" not in message:
-                raise ApiError(400, "each message needs a role")
-            content = message.get("content") or ""
-            if isinstance(content, list):  # content parts
-                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-            tokens += ["<|role|>", str(message["role"])] + tokenize(str(content))
-        tokens.append("<|assistant|>")
-        return await self._generate(request, body, tokens, chat=True)
+        return await self._generate(request, body, chat_tokens(body.get("messages")),
+                                    chat=True)
+
+    # -- the token endpoints (vLLM's request and response formats) -----------------------
+    def _check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != self.config.model:
+            raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError")
+
+    def _ids(self, tokens: list[str] | list[int]) -> list[int]:
+        tok = self.engine.tokenizer
+        return [t if isinstance(t, int) else tok.token_id(t) for t in tokens]
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        await self._gate()
+        self.token_calls.labels("/tokenize").inc()
+        body = await _json_body(request)
+        self._check_model(body)
+        if "messages" in body:
+            add = body.get("add_generation_prompt", True)
+            if not isinstance(add, bool):
+                raise ApiError(400, "add_generation_prompt must be a boolean")
+            words = chat_tokens(body["messages"], add)
+        elif isinstance(body.get("prompt"), str):
+            words = tokenize(body["prompt"])
+        else:
+            raise ApiError(400, "prompt must be a string (or give messages)")
+        ids = self._ids(words)
+        strs = words if body.get("return_token_strs") else None
+        return web.json_response({"count": len(ids), "max_model_len": self.config.max_model_len,
+                                  "tokens": ids, "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        await self._gate()
+        self.token_calls.labels("/detokenize").inc()
+        body = await _json_body(request)
+        self._check_model(body)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(_is_token_id(t) for t in ids):
+            raise ApiError(400, "tokens must be a list of non-negative integers")
+        return web.json_response({"prompt": self.engine.tokenizer.decode(ids)})
+
+    def _generate_request(self, body: dict, ids: list[int], request_id: str) -> dict:
+        """vLLM's GenerateRequest (entrypoints/scale_out/token_in_token_out), as /render
+        returns it: the token ids the engine would run, and the sampling parameters."""
+        max_tokens = self._max_tokens(body, len(ids)) if "max_tokens" in body \
+            else self.config.max_model_len - len(ids)  # vLLM's default: the room left
+        if max_tokens < 1:
+            raise ApiError(400, f"This model's maximum context length is "
+                           f"{self.config.max_model_len} tokens. However, your request has "
+                           f"{len(ids)} input tokens.")
+        stream = bool(body.get("stream", False))
+        return {"request_id": request_id, "token_ids": ids, "token_offsets": None,
+                "features": None, "content_parts": None,
+                # vLLM dumps its SamplingParams without their defaults, so these keys
+                "sampling_params": {
+                    "presence_penalty": body.get("presence_penalty", 0.0),
+                    "frequency_penalty": body.get("frequency_penalty", 0.0),
+                    "repetition_penalty": body.get("repetition_penalty", 1.0),
+                    "temperature": body.get("temperature", 1.0),
+                    "top_p": body.get("top_p", 1.0), "min_p": body.get("min_p", 0.0),
+                    "stop": [], "stop_token_ids": [], "max_tokens": max_tokens,
+                    "output_kind": 1 if stream else 2,  # DELTA, FINAL_ONLY
+                    "skip_clone": True, "bad_words": [],
+                    "skip_reading_prefix_cache": False},
+                "model": body.get("model"), "reasoning_ended": None,
+                "reasoning_parser_kwargs": None, "return_token_ids": None,
+                "output_mode": "tokens", "stream": stream,
+                "stream_options": body.get("stream_options") if stream else None,
+                "cache_salt": body.get("cache_salt"), "priority": body.get("priority", 0),
+                "kv_transfer_params": None, "ec_transfer_params": None}
+
+    async def render_completion(self, request: web.Request) -> web.Response:
+        await self._gate()
+        self.token_calls.labels("/v1/completions/render").inc()
+        body = await _json_body(request)
+        self._check_model(body)
+        prompt = body.get("prompt")
+        prompts = prompt if isinstance(prompt, list) and prompt and \
+            all(isinstance(p, str) for p in prompt) else [prompt]
+        base = "cmpl-" + uuid.uuid4().hex
+        out = []
+        for i, one in enumerate(prompts):
+            ids = self._ids(_prompt_tokens(one))
+            out.append(self._generate_request(body, ids, base if len(prompts) == 1
+                                              else f"{base}-{i}"))
+        return web.json_response(out)
+
+    async def render_chat(self, request: web.Request) -> web.Response:
+        await self._gate()
+        self.token_calls.labels("/v1/chat/completions/render").inc()
+        body = await _json_body(request)
+        self._check_model(body)
+        ids = self._ids(chat_tokens(body.get("messages")))
+        return web.json_response(self._generate_request(body, ids,
+                                                        "chatcmpl-" + uuid.uuid4().hex))
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        if not self.engine.reset_prefix_cache():
+            raise ApiError(409, "the prefix cache cannot be reset while requests hold "
+                           "blocks", "ConflictError")
+        return web.Response(status=200)
 
     def _max_tokens(self, body: dict, prompt_len: int) -> int:
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -369,6 +497,21 @@ class Emulator:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 63
+
+
+def _prompt_tokens(prompt: object) -> list[str] | list[int]:
+    """A completion prompt: a string (the word tokenizer's words) or a list of token ids."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, str):
+        return tokenize(prompt)
+    raise ApiError(400, "prompt must be a string or a list of token ids")
 
 
 async def _json_body(request: web.Request) -> dict:

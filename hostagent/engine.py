@@ -19,8 +19,13 @@ It imitates what vLLM's scheduler does with time, not with tensors:
   (priority, arrival), is preempted to make room, as vLLM's priority scheduler does. The
   KV-full preemption of a decode step also picks the worst, not the newest. Under "fcfs"
   every priority is 0 and the order is arrival;
-- an optional prefix cache remembers prompt blocks of `block_size` tokens, so a request
-  that shares a prefix with an earlier one prefills only the rest.
+- a prefix cache (KvBlockCache) over the same KV pool, as vLLM's: the full blocks of
+  `block_size` prompt tokens are named by vLLM's chained block hash; a running request pins
+  its blocks, a finished one leaves them cached until the room is needed (LRU). A request
+  whose leading blocks are cached prefills only the rest, so TTFT depends on cache hits.
+  Every change becomes one of vLLM's KV events (hostagent/kv_events.py), handed to
+  `on_kv_events` once per step, as vLLM publishes one batch per engine step. Only prompt
+  blocks are cached (vLLM also caches the blocks its output fills).
 
 Default calibration (see docs/agent.md): a roofline estimate for Llama-3-8B in bf16 on one
 A100-80GB SXM (2.04 TB/s HBM, 312 TFLOPS bf16) at the utilisations that vLLM typically
@@ -34,13 +39,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hostagent import log
+from hostagent.kv_events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from hostagent.wordtok import WordTokenizer
+from tokenfabric.blockhash import HASH_ALGOS, BlockHasher, key64
 
 
 @dataclass
@@ -55,6 +62,7 @@ class EngineParams:
     prefix_caching: bool = True
     speed: float = 1.0
     scheduling_policy: str = "fcfs"  # or "priority"
+    hash_algo: str = "sha256"  # vLLM's --prefix-caching-hash-algo
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -65,6 +73,12 @@ class EngineParams:
             raise ValueError("kv_cache_tokens must hold at least one block")
         if self.speed <= 0:
             raise ValueError("speed must be positive")
+        if self.hash_algo not in HASH_ALGOS:
+            raise ValueError(f"hash_algo must be one of {', '.join(HASH_ALGOS)}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache_tokens // self.block_size
 
 
 class RequestAborted(Exception):
@@ -74,7 +88,7 @@ class RequestAborted(Exception):
 @dataclass(eq=False)  # identity: a request is itself, whatever its fields
 class Request:
     request_id: str
-    prompt_tokens: list[str]
+    prompt_tokens: list[str] | list[int]
     max_tokens: int
     arrival: float = field(default_factory=time.monotonic)
     output_tokens: int = 0
@@ -87,6 +101,8 @@ class Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     prefilled: bool = False
     priority: int = 0  # lower is served first (scheduling_policy "priority")
+    token_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full prompt blocks
 
     @property
     def rank(self) -> tuple[int, float]:
@@ -113,39 +129,103 @@ class EngineStats:
     finished: collections.Counter = field(default_factory=collections.Counter)
 
 
-class PrefixCache:
-    """Block hashes of earlier prompts, least recently used first out."""
+class KvBlockCache:
+    """vLLM's prefix cache over a pool of `num_blocks` KV blocks of `block_size` tokens.
 
-    def __init__(self, block_size: int, capacity_blocks: int) -> None:
+    A block is named by its chained hash (tokenfabric.blockhash, as vLLM computes it).
+    Blocks a running request holds are pinned; a finished (or preempted) request's blocks
+    stay cached but become free, least recently used first out, and a request's tail
+    blocks go out before its head blocks (vLLM frees them in reverse order). Free cached
+    blocks live in the room the running requests leave: `trim(room)` evicts down to it.
+    Changes are queued as vLLM's KV events (BlockStored, BlockRemoved, AllBlocksCleared)
+    until `take_events()`.
+    """
+
+    def __init__(self, block_size: int, num_blocks: int) -> None:
         self.block_size = block_size
-        self.capacity = max(capacity_blocks, 0)
-        self.blocks: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.num_blocks = max(num_blocks, 0)
+        self.pins: dict[bytes, int] = {}
+        self.free: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.events: list[KvEvent] = []
+        self.evictions = 0
 
-    def _hashes(self, tokens: list[str]) -> list[bytes]:
-        hashes, running = [], hashlib.blake2b(digest_size=12)
-        full = len(tokens) // self.block_size
-        for i in range(full):
-            block = tokens[i * self.block_size:(i + 1) * self.block_size]
-            running.update("\x00".join(block).encode() + b"\x01")
-            hashes.append(running.copy().digest())
-        return hashes
+    def __len__(self) -> int:
+        return len(self.pins) + len(self.free)
 
-    def lookup(self, tokens: list[str]) -> int:
-        """Number of prompt tokens already cached (whole blocks of the prefix)."""
+    def __contains__(self, block_hash: bytes) -> bool:
+        return block_hash in self.pins or block_hash in self.free
+
+    def match(self, hashes: list[bytes]) -> int:
+        """How many leading blocks are cached."""
         hit = 0
-        for digest in self._hashes(tokens):
-            if digest not in self.blocks:
+        for block_hash in hashes:
+            if block_hash not in self:
                 break
-            self.blocks.move_to_end(digest)
-            hit += self.block_size
+            hit += 1
         return hit
 
-    def insert(self, tokens: list[str]) -> None:
-        for digest in self._hashes(tokens):
-            self.blocks[digest] = None
-            self.blocks.move_to_end(digest)
-        while len(self.blocks) > self.capacity:
-            self.blocks.popitem(last=False)
+    def acquire(self, hashes: list[bytes], token_ids: list[int]) -> None:
+        """Pin a running request's full blocks; the new ones are stored (one event per run
+        of consecutive new blocks, with its parent's hash, as vLLM publishes them)."""
+        run: list[int] = []
+        for i, block_hash in enumerate(hashes):
+            if block_hash in self.free:
+                del self.free[block_hash]
+                self.pins[block_hash] = 1
+            elif block_hash in self.pins:
+                self.pins[block_hash] += 1
+            else:
+                self.pins[block_hash] = 1
+                run.append(i)
+                continue
+            self._store(run, hashes, token_ids)
+            run = []
+        self._store(run, hashes, token_ids)
+
+    def _store(self, run: list[int], hashes: list[bytes], token_ids: list[int]) -> None:
+        if not run:
+            return
+        size = self.block_size
+        first, last = run[0], run[-1]
+        self.events.append(BlockStored(
+            block_hashes=[key64(hashes[i]) for i in run],
+            parent_block_hash=key64(hashes[first - 1]) if first else None,
+            token_ids=list(token_ids[first * size:(last + 1) * size]), block_size=size,
+            lora_id=None, medium=MEDIUM_GPU, lora_name=None, extra_keys=[None] * len(run),
+            group_idx=0, kv_cache_spec_kind="full_attention"))
+
+    def release(self, hashes: list[bytes]) -> None:
+        for block_hash in reversed(hashes):  # the head blocks end most recently used
+            count = self.pins.get(block_hash)
+            if count is None:
+                continue
+            if count > 1:
+                self.pins[block_hash] = count - 1
+            else:
+                del self.pins[block_hash]
+                self.free[block_hash] = None
+
+    def trim(self, room_blocks: int) -> None:
+        """Evict free cached blocks, least recently used first, until they fit the room."""
+        removed: list[int] = []
+        while self.free and len(self.free) > max(room_blocks, 0):
+            block_hash, _ = self.free.popitem(last=False)
+            removed.append(key64(block_hash))
+        if removed:
+            self.evictions += len(removed)
+            self.events.append(BlockRemoved(block_hashes=removed, medium=MEDIUM_GPU))
+
+    def clear(self) -> bool:
+        """vLLM's reset_prefix_cache: only when no running request holds a block."""
+        if self.pins:
+            return False
+        self.free.clear()
+        self.events.append(AllBlocksCleared())
+        return True
+
+    def take_events(self) -> list[KvEvent]:
+        events, self.events = self.events, []
+        return events
 
 
 class Engine:
@@ -153,13 +233,16 @@ class Engine:
 
     def __init__(self, params: EngineParams, on_finish: Callable[[Request], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 on_token_gap: Callable[[float], None] | None = None) -> None:
+                 on_token_gap: Callable[[float], None] | None = None,
+                 on_kv_events: Callable[[list[KvEvent]], None] | None = None) -> None:
         self.params = params
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.stats = EngineStats()
-        self.prefix_cache = PrefixCache(params.block_size,
-                                        params.kv_cache_tokens // params.block_size // 2)
+        self.kv_cache = KvBlockCache(params.block_size, params.num_blocks)
+        self.hasher = BlockHasher(params.block_size, params.hash_algo)
+        self.tokenizer = WordTokenizer()
+        self.on_kv_events = on_kv_events  # one call per step with that step's KV events
         self.on_finish = on_finish
         self.on_token_gap = on_token_gap  # seconds between a request's consecutive tokens
         self.clock = clock
@@ -181,7 +264,9 @@ class Engine:
             except asyncio.CancelledError:
                 pass
 
-    def submit(self, prompt_tokens: list[str], max_tokens: int, priority: int = 0) -> Request:
+    def submit(self, prompt_tokens: list[str] | list[int], max_tokens: int,
+               priority: int = 0) -> Request:
+        """Queue a prompt given as token ids, or as the word tokenizer's words."""
         if priority and self.params.scheduling_policy != "priority":
             # vLLM's answer too: priorities need --scheduling-policy priority
             raise ValueError(f"Got priority {priority} but Priority scheduling is not "
@@ -192,6 +277,10 @@ class Engine:
             raise ValueError(f"prompt ({request.num_prompt_tokens}) plus max_tokens "
                              f"({request.max_tokens}) exceed the KV cache "
                              f"({self.params.kv_cache_tokens} tokens)")
+        request.token_ids = [t if isinstance(t, int) else self.tokenizer.token_id(t)
+                             for t in prompt_tokens]
+        if self.params.prefix_caching:
+            request.block_hashes = self.hasher.hashes(request.token_ids)
         self.waiting.append(request)
         self._wakeup.set()
         return request
@@ -202,6 +291,7 @@ class Engine:
             return
         if request in self.running:
             self.running.remove(request)
+            self.kv_cache.release(request.block_hashes)
         elif request in self.waiting:
             self.waiting.remove(request)
         self._finish(request, "abort")
@@ -241,7 +331,26 @@ class Engine:
         """Schedule one step; returns how long it takes. Tokens appear at its end."""
         prefill_tokens = self._admit()
         self._make_room()
+        self.kv_cache.trim(self.params.num_blocks - self.held_blocks)
+        events = self.kv_cache.take_events()
+        if events and self.on_kv_events is not None:
+            self.on_kv_events(events)
         return self.step_duration(prefill_tokens)
+
+    @property
+    def held_blocks(self) -> int:
+        """KV blocks the running requests hold, with the one each grows into this step."""
+        size = self.params.block_size
+        return sum(-(-(r.kv_tokens + 1) // size) for r in self.running)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every free cached block (vLLM refuses while requests hold blocks)."""
+        if not self.kv_cache.clear():
+            return False
+        events = self.kv_cache.take_events()
+        if self.on_kv_events is not None:
+            self.on_kv_events(events)
+        return True
 
     def _admit(self) -> int:
         p = self.params
@@ -263,10 +372,13 @@ class Engine:
             self.waiting.remove(request)
             cached = 0
             if p.prefix_caching:
-                cached = min(self.prefix_cache.lookup(request.prompt_tokens),
-                             request.num_prompt_tokens - 1)
+                # vLLM computes at least the last prompt token: whole blocks short of it
+                hit = min(self.kv_cache.match(request.block_hashes),
+                          (request.num_prompt_tokens - 1) // p.block_size)
+                cached = hit * p.block_size
                 self.stats.prefix_queries += request.num_prompt_tokens
                 self.stats.prefix_hits += cached
+                self.kv_cache.acquire(request.block_hashes, request.token_ids)
             request.cached_tokens = cached
             prefill_tokens += request.kv_tokens - cached
             if request.first_scheduled is None:
@@ -287,6 +399,7 @@ class Engine:
     def _preempt(self, victim: Request) -> None:
         """Free the victim's KV and send it back to the front of the queue (recompute)."""
         self.running.remove(victim)
+        self.kv_cache.release(victim.block_hashes)
         victim.prefilled = False
         self.waiting.appendleft(victim)
         self.stats.preemptions += 1
@@ -305,8 +418,7 @@ class Engine:
             request.queue.put_nowait(request.output_tokens)
             if request.output_tokens >= request.max_tokens:
                 self.running.remove(request)
-                if self.params.prefix_caching:
-                    self.prefix_cache.insert(request.prompt_tokens)
+                self.kv_cache.release(request.block_hashes)
                 self._finish(request, "length")
 
     def _finish(self, request: Request, reason: str) -> None:

@@ -4,7 +4,10 @@ Arrivals are planned up front from a seed (Poisson, or bursty: Gamma
 inter-arrival times with a coefficient of variation above 1) and fired at
 their time whether or not earlier requests have finished. Prompt and output
 lengths follow a ShareGPT-like log-normal distribution (docs/lab.md gives the
-source of the parameters). Every finished request becomes one JSON line:
+source of the parameters). Or, with shared prefixes (tokenfabric/lab/workloads.py):
+`trace` replays a Mooncake-format JSONL trace, `chat` generates multi-turn
+conversations with shared system prompts from many client addresses.
+Every finished request becomes one JSON line:
 
     {"id", "tenant", "class", "offset", "start", "status", "ok", "error",
      "ttft", "tpot", "e2e", "prompt_tokens", "output_tokens", "backend",
@@ -33,6 +36,7 @@ import aiohttp
 import numpy as np
 
 from tokenfabric.lab import log
+from tokenfabric.lab.workloads import ChatSpec, TraceSpec, plan_chat, plan_trace
 
 # The header a backend's bridge (or emulator) sets to name itself; see docs/lab.md.
 DEFAULT_BACKEND_HEADER = "X-Tokenfabric-Backend"
@@ -102,8 +106,16 @@ class Workload:
     timeout: float = 60.0  # per request, connect to last byte
     backend_header: str = DEFAULT_BACKEND_HEADER
     max_inflight: int = 2048  # a safety bound; arrivals beyond it are recorded, not sent
+    trace: dict[str, Any] | None = None  # TraceSpec fields: replay a JSONL trace
+    chat: dict[str, Any] | None = None   # ChatSpec fields: multi-turn chat
 
     def __post_init__(self) -> None:
+        if self.trace is not None and self.chat is not None:
+            raise ValueError("a workload replays a trace or generates chat, not both")
+        if self.trace is not None:
+            TraceSpec(**self.trace)  # checks the fields now, reads the file at plan time
+        if self.chat is not None:
+            ChatSpec.from_dict(self.chat)
         if self.rate <= 0 or self.duration <= 0:
             raise ValueError("rate and duration must be positive")
         if self.arrival not in ("poisson", "bursty"):
@@ -131,10 +143,17 @@ class PlannedRequest:
     tenant: TenantSpec
     prompt_tokens: int
     max_tokens: int
+    prompt: str | None = None            # shared-prefix workloads give the text
+    messages: list[dict[str, str]] | None = None
+    source_ip: str | None = None         # overrides the tenant's
+    conversation: int | None = None
+    turn: int | None = None
 
 
 def plan(workload: Workload) -> list[PlannedRequest]:
     """The whole arrival schedule, reproducible from the workload's seed."""
+    if workload.trace is not None or workload.chat is not None:
+        return _plan_shared(workload)
     rng = np.random.default_rng(workload.seed)
     mean_gap = 1.0 / workload.rate
     # Draw more gaps than needed, in one go, then cut at the duration.
@@ -157,6 +176,25 @@ def plan(workload: Workload) -> list[PlannedRequest]:
                            int(outputs[i])) for i in range(offsets.size)]
 
 
+def _plan_shared(workload: Workload) -> list[PlannedRequest]:
+    """A trace's or a chat generator's requests, cut at the workload's duration."""
+    if workload.trace is not None:
+        planned = plan_trace(TraceSpec(**workload.trace))
+    else:
+        planned = plan_chat(ChatSpec.from_dict(workload.chat or {}))
+    tenants = {t.name: t for t in workload.tenants}
+    out = []
+    for p in planned:
+        if p.offset >= workload.duration:
+            break
+        tenant = tenants.get(p.tenant or "") or (TenantSpec(p.tenant) if p.tenant
+                                                 else workload.tenants[0])
+        out.append(PlannedRequest(len(out), p.offset, tenant, len(p.prompt.split()),
+                                  p.output_tokens, p.prompt, p.messages, p.source_ip,
+                                  p.conversation, p.turn))
+    return out
+
+
 def prompt_text(tokens: int, index: int) -> str:
     """About `tokens` tokens of text (one common word each), different per request."""
     words = [_VOCABULARY[(index + i) % len(_VOCABULARY)] for i in range(max(tokens - 1, 0))]
@@ -170,9 +208,9 @@ def _body(workload: Workload, req: PlannedRequest) -> dict[str, Any]:
         "ignore_eos": True,  # vLLM's extension: generate exactly max_tokens
         "user": req.tenant.name,
     }
-    text = prompt_text(req.prompt_tokens, req.index)
+    text = req.prompt if req.prompt is not None else prompt_text(req.prompt_tokens, req.index)
     if workload.endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": text}]
+        body["messages"] = req.messages or [{"role": "user", "content": text}]
     else:
         body["prompt"] = text
     return body
@@ -239,7 +277,12 @@ def _new_record(req: PlannedRequest, start_epoch: float) -> dict[str, Any]:
         "prompt_tokens": req.prompt_tokens, "max_tokens": req.max_tokens,
         "output_tokens": None, "backend": None, "retry_after": None, "done": False,
         "slo_ttft_ms": req.tenant.slo_ttft_ms, "slo_tpot_ms": req.tenant.slo_tpot_ms,
+        "source_ip": _source(req), "conversation": req.conversation, "turn": req.turn,
     }
+
+
+def _source(req: PlannedRequest) -> str | None:
+    return req.source_ip or req.tenant.source_ip
 
 
 async def _send(session: aiohttp.ClientSession, workload: Workload, req: PlannedRequest,
@@ -285,14 +328,16 @@ async def run(workload: Workload, sink: TextIO,
              workload.duration, workload.rate, workload.arrival, workload.url)
     timeout = aiohttp.ClientTimeout(total=workload.timeout)
     sessions: dict[str | None, aiohttp.ClientSession] = {}
-    for tenant in workload.tenants:
-        if tenant.source_ip not in sessions:
+
+    def session_for(source: str | None) -> aiohttp.ClientSession:
+        """One session per client address (chat spreads a tenant over many)."""
+        if source not in sessions:
             # force_close: one request per connection, as the bridge answers Connection: close
-            connector = aiohttp.TCPConnector(
-                force_close=True, limit=0,
-                local_addr=(tenant.source_ip, 0) if tenant.source_ip else None)
-            sessions[tenant.source_ip] = aiohttp.ClientSession(connector=connector,
-                                                               timeout=timeout)
+            connector = aiohttp.TCPConnector(force_close=True, limit=0,
+                                             local_addr=(source, 0) if source else None)
+            sessions[source] = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return sessions[source]
+
     records: list[dict[str, Any]] = []
     inflight: set[asyncio.Task] = set()
 
@@ -304,7 +349,7 @@ async def run(workload: Workload, sink: TextIO,
             on_record(record)
 
     async def fire(req: PlannedRequest) -> None:
-        finished(await _send(sessions[req.tenant.source_ip], workload, req, epoch, t0))
+        finished(await _send(session_for(_source(req)), workload, req, epoch, t0))
 
     epoch, t0 = time.time(), time.perf_counter()
     try:

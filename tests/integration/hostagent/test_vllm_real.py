@@ -8,8 +8,10 @@ one to two minutes on two cores, so everything shares one server.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from tests.integration.hostagent.conftest import (
     TOKEN,
     env_without_config,
     free_port,
+    stop_process,
     wait_for,
     wait_http,
 )
@@ -45,6 +48,10 @@ def vllm_server(tmp_path_factory):
     subprocess.run([python, str(TINY_LLAMA), str(model)], check=True,
                    timeout=300)
     port = free_port()
+    # KV-cache events on ZMQ with a replay socket, and the /render endpoints the L7 routers
+    # call (test_vllm_kv_events.py)
+    kv = {"endpoint": f"tcp://127.0.0.1:{free_port()}",
+          "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"}
     log_path = model / "vllm.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
            "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -53,7 +60,8 @@ def vllm_server(tmp_path_factory):
             [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
              "--served-model-name", "tiny", "--load-format", "dummy", "--host", "127.0.0.1",
              "--port", str(port), "--max-model-len", "32768", "--max-num-seqs", "4",
-             "--dtype", "bfloat16"],
+             "--dtype", "bfloat16", "--enable-scale-out", "--kv-events-config",
+             json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", **kv})],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -61,7 +69,7 @@ def vllm_server(tmp_path_factory):
     except Exception:
         _stop(proc)
         raise AssertionError(f"vLLM did not start:\n{log_path.read_text()[-4000:]}") from None
-    yield url, port
+    yield url, port, kv
     _stop(proc)
 
 
@@ -95,7 +103,7 @@ def client(port: int, source: str) -> openai.OpenAI:
 
 
 def test_agent_and_bridge_with_real_vllm(vllm_server, tmp_path, controller_stub, beacon_trap):
-    url, _ = vllm_server
+    url, _, _ = vllm_server
     bridge_port = free_port()
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump({"agent": {
@@ -198,3 +206,86 @@ def test_agent_and_bridge_with_real_vllm(vllm_server, tmp_path, controller_stub,
         if agent.poll() is None:
             agent.kill()
             agent.wait(5)
+
+
+# -- KV-cache events and the token endpoints of the real vLLM -------------------------------
+def test_real_vllm_kv_events_feed_the_agent_and_the_controllers_index(vllm_server, tmp_path):
+    """vLLM's own events (block size 128 on CPU, sha256 hashes as ints) go through the
+    agent's subscriber into a real controller's prefix index; the keys the index holds are
+    those tokenfabric.blockhash computes from vLLM's /tokenize."""
+    from tests.integration.hostagent.test_kv_index_live import (
+        start_controller_and_agent,
+        warm_up,
+    )
+    from tokenfabric.blockhash import BlockHasher
+
+    url, _, kv = vllm_server
+    started: list[subprocess.Popen] = []
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    try:
+        viewer, agent = start_controller_and_agent(tmp_path, url, kv["endpoint"],
+                                                   kv["replay_endpoint"], started, sink)
+        prompt = " ".join(f"kv events feed the index {i}" for i in range(60))
+        with httpx.Client(base_url=url, timeout=120) as vllm:
+            warm_up(vllm, viewer, "tiny", words=200)  # 200 words: past a 128-token block
+            ids = vllm.post("/tokenize", json={"model": "tiny", "prompt": prompt}).json()["tokens"]
+            reply = vllm.post("/v1/completions", json={"model": "tiny", "prompt": prompt,
+                                                       "max_tokens": 2})
+            assert reply.status_code == 200
+        keys = BlockHasher(128).keys(ids)
+        assert len(keys) >= 2
+
+        def found():
+            body = viewer.post("/api/v1/prefix-index/lookup", json={"block_hashes": keys}).json()
+            return body["best"] == "gpu2" and body["matches"][0]["cached_blocks"] == len(keys) \
+                and body
+        match = wait_for(found, 60, "the real vLLM's blocks in the index")["matches"][0]
+        summary = viewer.get("/api/v1/prefix-index").json()["backends"]["gpu2"]
+        assert match["trusted"] and summary["block_size"] == 128 and summary["synced"]
+        print(f"real vLLM -> agent -> index: {len(ids)} prompt tokens, {len(keys)} blocks "
+              f"found, index holds {summary['blocks']} blocks of 128 tokens")
+    finally:
+        for proc in reversed(started):
+            stop_process(proc)
+        sink.close()
+
+
+def _shape(value):
+    """Keys and value types, recursively: what a client of the JSON relies on."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(value[0])] if value else []
+    return type(value).__name__ if value is not None else None
+
+
+def test_emulator_token_endpoints_answer_in_the_real_vllms_formats(vllm_server,
+                                                                   emulator_factory):
+    url, _, _ = vllm_server
+    emulator = emulator_factory("--model", "tiny")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    calls = [("/tokenize", {"model": "tiny", "prompt": "the fabric routes tokens"}),
+             ("/tokenize", {"model": "tiny", "prompt": "a b", "return_token_strs": True}),
+             ("/tokenize", {"model": "tiny", "messages": messages}),
+             ("/v1/completions/render", {"model": "tiny", "prompt": "the fabric",
+                                         "max_tokens": 5}),
+             ("/v1/completions/render", {"model": "tiny", "prompt": "x y", "max_tokens": 5,
+                                         "stream": True}),
+             ("/v1/chat/completions/render", {"model": "tiny", "messages": messages,
+                                              "max_tokens": 5})]
+    with httpx.Client(timeout=60) as http:
+        for path, body in calls:
+            real = http.post(url + path, json=body)
+            emulated = http.post(emulator.url + path, json=body)
+            assert real.status_code == emulated.status_code == 200, path
+            real_shape, emulated_shape = _shape(real.json()), _shape(emulated.json())
+            if path == "/tokenize" and body.get("return_token_strs"):
+                assert emulated.json()["token_strs"] == ["a", "b"]
+            assert emulated_shape == real_shape, (path, real.json(), emulated.json())
+        # detokenize: the ids each server gave for its own tokenization
+        for base in (url, emulator.url):
+            ids = http.post(base + "/tokenize", json={"prompt": "hello"}).json()["tokens"]
+            reply = http.post(base + "/detokenize", json={"model": "tiny", "tokens": ids})
+            assert reply.status_code == 200 and set(reply.json()) == {"prompt"}
+            assert "hello" in reply.json()["prompt"]

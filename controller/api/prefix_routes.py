@@ -1,0 +1,69 @@
+"""REST routes of the prefix index (controller/prefix_index.py).
+
+POST /api/v1/backends/{name}/kv     an agent's KV block delta or snapshot (role agent)
+GET  /api/v1/prefix-index           per-backend summary, memory bound (role viewer)
+POST /api/v1/prefix-index/lookup    {"block_hashes": [...]}: the longest cached prefix
+                                    per backend (role viewer)
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the role dependencies passed in.
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Path
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller.api.errors import Conflict, NotFound
+from controller.prefix_index import MAX_LOOKUP_BLOCKS, KvReport, PrefixIndexError
+
+if TYPE_CHECKING:
+    from controller.app import Controller
+
+KEY = Annotated[int, Field(ge=0, lt=2 ** 64)]
+MAX_REPORT_KEYS = 200_000  # a full snapshot of the per-backend cap, with room
+
+
+class KvReportBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epoch: int = Field(ge=0, lt=2 ** 63, description="the agent's resync epoch")
+    version: int = Field(ge=0, lt=2 ** 63, description="this delta's number in the epoch")
+    base: int = Field(ge=-1, lt=2 ** 63, description="the version the delta applies to")
+    full: bool = Field(default=False, description="a snapshot: `stored` is every block")
+    stored: list[KEY] = Field(default_factory=list, max_length=MAX_REPORT_KEYS)
+    removed: list[KEY] = Field(default_factory=list, max_length=MAX_REPORT_KEYS)
+    count: int = Field(ge=0, lt=2 ** 63, description="blocks the agent holds after it")
+    checksum: KEY = Field(description="XOR of the block keys the agent holds after it")
+    block_size: int | None = Field(default=None, ge=1, le=1 << 20)
+
+
+class LookupBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    block_hashes: list[KEY] = Field(max_length=MAX_LOOKUP_BLOCKS, description=(
+        "a prompt's block keys in order (tokenfabric.blockhash.key64 of vLLM's chained "
+        "block hashes)"))
+
+
+def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict,
+                        mutation_errors: dict) -> APIRouter:
+    """`viewer`, `agent`: the API's role dependencies; `errors`: its documented errors."""
+    r = APIRouter(tags=["prefix index"])
+    index = ctl.prefix_index
+
+    @r.post("/backends/{name}/kv", responses=mutation_errors)
+    async def kv_report(name: Annotated[str, Path(max_length=64)], body: KvReportBody,
+                        who: agent) -> dict[str, Any]:
+        if name not in ctl.model.backends:
+            raise NotFound(f"no backend '{name}'")
+        try:
+            return index.apply(name, KvReport(**body.model_dump()))
+        except PrefixIndexError as exc:
+            raise Conflict(str(exc)) from None
+
+    @r.get("/prefix-index", responses=errors)
+    async def summary(who: viewer) -> dict[str, Any]:
+        return index.summary()
+
+    @r.post("/prefix-index/lookup", responses=errors)
+    async def lookup(body: LookupBody, who: viewer) -> dict[str, Any]:
+        return index.lookup(body.block_hashes)
+
+    return r

@@ -1,0 +1,203 @@
+"""The fabric-wide prefix index: which backend holds which prompt blocks in its KV cache.
+
+Fed by the agents (POST /api/v1/backends/{name}/kv), each following its vLLM's KV-cache
+events (hostagent/kv_events.py). Keys are 64-bit block keys (tokenfabric.blockhash.key64
+of vLLM's chained block hashes), so a key names a whole prefix up to its block.
+
+Reports are deltas against the last state the controller acknowledged:
+{"epoch", "version", "base", "stored": [keys], "removed": [keys], "count", "checksum"}.
+`checksum` is the XOR of every key the agent holds after the delta, `count` their number:
+the controller checks both after applying, so a lost or doubled delta cannot go unseen.
+A delta whose base is not the controller's version (controller restarted, backend
+re-registered, a report lost) or a checksum mismatch is refused with resync=true; the
+agent then sends a full snapshot ("full": true, every key it holds). A report of the
+version already applied is acknowledged again (retries are idempotent).
+
+Staleness (what a lookup trusts): the index knows a backend's blocks as of its last
+report, no later. A backend's entries count ("trusted") only while
+- it is in sync (its last report applied and its checksum matched), and
+- its last report is at most `stale_after_s` old.
+Otherwise its matches are still shown but flagged untrusted with the reason, and count
+for nothing in `best`. Each match also gives the age of the backend's last report and of
+the oldest matched entry, so a caller can weigh evictions since then: an entry stored
+before the last report that did not remove it was still cached at that report.
+
+Memory: at most `max_blocks_per_backend` keys per backend (beyond it the oldest stored go
+first, counted in `dropped`), at most `max_backends` backends, so at most
+max_backends x max_blocks_per_backend entries of about ENTRY_BYTES each
+(tests/unit/test_prefix_index.py measures it).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_BLOCKS_PER_BACKEND = 32_768   # 512k tokens of 16-token blocks: an 80 GB GPU holds ~430k
+MAX_BACKENDS = 256
+STALE_AFTER_S = 3.0               # three missed reports at the agent's default 1 s interval
+MAX_LOOKUP_BLOCKS = 8192
+# An OrderedDict entry (64-bit int key, links; the float stamp is shared by a report's
+# entries): 256 bytes measured on CPython 3.11, so 10.5 MB per backend at the default cap
+# and 2.7 GB for the default 256 backends at worst.
+ENTRY_BYTES = 320
+
+
+class PrefixIndexError(ValueError):
+    """A report the index cannot take (the API answers 4xx)."""
+
+
+@dataclass
+class BackendBlocks:
+    blocks: collections.OrderedDict[int, float] = field(
+        default_factory=collections.OrderedDict)  # key -> when it was (last) stored
+    epoch: int = -1
+    version: int = -1
+    checksum: int = 0
+    synced: bool = False
+    reason: str = "no report yet"
+    last_report: float | None = None
+    block_size: int | None = None
+    dropped: int = 0
+    reports: int = 0
+    resyncs_asked: int = 0
+
+
+@dataclass
+class KvReport:
+    epoch: int
+    version: int
+    base: int
+    full: bool
+    stored: list[int]
+    removed: list[int]
+    count: int
+    checksum: int
+    block_size: int | None = None
+
+
+class PrefixIndex:
+    def __init__(self, max_blocks_per_backend: int = MAX_BLOCKS_PER_BACKEND,
+                 max_backends: int = MAX_BACKENDS, stale_after_s: float = STALE_AFTER_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_blocks = max_blocks_per_backend
+        self.max_backends = max_backends
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self.backends: dict[str, BackendBlocks] = {}
+
+    @property
+    def memory_bound_bytes(self) -> int:
+        return self.max_backends * self.max_blocks * ENTRY_BYTES
+
+    def forget(self, backend: str) -> None:
+        self.backends.pop(backend, None)
+
+    # -- reports -----------------------------------------------------------------------
+    def apply(self, backend: str, rep: KvReport) -> dict[str, Any]:
+        """Apply an agent's delta or snapshot; the answer tells it whether to resync."""
+        state = self.backends.get(backend)
+        if state is None:
+            if len(self.backends) >= self.max_backends:
+                raise PrefixIndexError(f"the prefix index holds {self.max_backends} backends")
+            state = self.backends[backend] = BackendBlocks()
+        now = self.clock()
+        state.last_report = now
+        state.reports += 1
+        if rep.block_size is not None:
+            state.block_size = rep.block_size
+        if not rep.full:
+            if (rep.epoch, rep.version) == (state.epoch, state.version) and state.synced:
+                return self._answer(state, resync=False)  # a retry of what was applied
+            if rep.epoch != state.epoch or rep.base != state.version or not state.synced:
+                return self._ask_resync(state, "delta against a state the index lacks")
+        else:
+            state.blocks.clear()
+            state.checksum = 0
+        blocks = state.blocks
+        for key in rep.removed:
+            if blocks.pop(key, None) is not None:
+                state.checksum ^= key
+        for key in rep.stored:
+            if key in blocks:
+                blocks.move_to_end(key)
+            else:
+                state.checksum ^= key
+            blocks[key] = now
+        while len(blocks) > self.max_blocks:
+            key, _ = blocks.popitem(last=False)
+            state.checksum ^= key
+            state.dropped += 1
+        state.epoch, state.version = rep.epoch, rep.version
+        capped = rep.count > self.max_blocks
+        if not capped and (len(blocks) != rep.count or state.checksum != rep.checksum):
+            return self._ask_resync(state, "checksum mismatch after the delta")
+        state.synced, state.reason = True, ""
+        return self._answer(state, resync=False)
+
+    def _ask_resync(self, state: BackendBlocks, reason: str) -> dict[str, Any]:
+        state.synced, state.reason = False, reason
+        state.resyncs_asked += 1
+        return self._answer(state, resync=True)
+
+    @staticmethod
+    def _answer(state: BackendBlocks, resync: bool) -> dict[str, Any]:
+        return {"resync": resync, "epoch": state.epoch, "version": state.version,
+                "blocks": len(state.blocks), "synced": state.synced}
+
+    # -- reads -------------------------------------------------------------------------
+    def trust(self, state: BackendBlocks, now: float) -> tuple[bool, str]:
+        if not state.synced:
+            return False, state.reason
+        age = None if state.last_report is None else now - state.last_report
+        if age is None or age > self.stale_after_s:
+            return False, f"last report older than {self.stale_after_s:g} s"
+        return True, ""
+
+    def lookup(self, keys: Iterable[int]) -> dict[str, Any]:
+        """The longest cached prefix of `keys` on every backend that holds its first block."""
+        keys = list(keys)
+        if len(keys) > MAX_LOOKUP_BLOCKS:
+            raise PrefixIndexError(f"at most {MAX_LOOKUP_BLOCKS} block hashes per lookup")
+        now = self.clock()
+        matches = []
+        for name, state in self.backends.items():
+            blocks, n, oldest = state.blocks, 0, now
+            for key in keys:
+                stored_at = blocks.get(key)
+                if stored_at is None:
+                    break
+                n += 1
+                oldest = min(oldest, stored_at)
+            if n == 0:
+                continue
+            trusted, reason = self.trust(state, now)
+            matches.append({"backend": name, "cached_blocks": n,
+                            "cached_tokens": n * state.block_size if state.block_size else None,
+                            "trusted": trusted, "reason": reason,
+                            "report_age_s": round(now - (state.last_report or now), 3),
+                            "oldest_entry_age_s": round(now - oldest, 3)})
+        matches.sort(key=lambda m: (not m["trusted"], -m["cached_blocks"], m["backend"]))
+        best = matches[0]["backend"] if matches and matches[0]["trusted"] else None
+        return {"blocks": len(keys), "best": best, "matches": matches}
+
+    def summary(self) -> dict[str, Any]:
+        now = self.clock()
+        views = {}
+        for name, state in self.backends.items():
+            trusted, reason = self.trust(state, now)
+            views[name] = {
+                "blocks": len(state.blocks), "synced": state.synced, "trusted": trusted,
+                "reason": reason, "epoch": state.epoch, "version": state.version,
+                "block_size": state.block_size, "dropped": state.dropped,
+                "reports": state.reports, "resyncs_asked": state.resyncs_asked,
+                "last_report_age_s": None if state.last_report is None
+                else round(now - state.last_report, 3)}
+        return {"backends": views,
+                "total_blocks": sum(len(s.blocks) for s in self.backends.values()),
+                "max_blocks_per_backend": self.max_blocks, "max_backends": self.max_backends,
+                "stale_after_s": self.stale_after_s,
+                "memory_bound_bytes": self.memory_bound_bytes}
