@@ -24,13 +24,21 @@ from pathlib import Path
 from typing import Any
 
 from controller import fabric as fabric_file
-from controller import log
-from controller.api.errors import Conflict, Invalid, NotFound, SwitchFailed, Unavailable
+from controller import identity, log
+from controller.api.errors import (
+    ApiError,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    SwitchFailed,
+    Unavailable,
+)
 from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, TokenStore
 from controller.drivers import Fleet, features_of, openflow_context
 from controller.entries import DesiredState
-from controller.ledger import Ledger, Usage
+from controller.ledger import Ledger, SignedOutcome, Usage, UsageRefused
 from controller.model import Backend, BackendState, Model
 from controller.openflow.budget import TenantBuckets
 from controller.policy import reload
@@ -58,6 +66,15 @@ class AuditEntry:
 
 
 @dataclass
+class ReportResult:
+    """What a report did: usage recorded (False: a retry of a recorded report)."""
+
+    recorded: bool
+    usage: list[Usage] = field(default_factory=list)  # what this report added
+    signed: SignedOutcome | None = None
+
+
+@dataclass
 class BackendExtras:
     """What the controller keeps about a backend beyond the shared model."""
 
@@ -82,8 +99,10 @@ class Controller:
                  report_timeout_s: float = REPORT_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic,
                  counters: tuple[str, str] = (TENANT_BYTES_COUNTER, TENANT_CONNS_COUNTER),
-                 startup_grace_s: float = 0.0) -> None:
+                 startup_grace_s: float = 0.0,
+                 max_tokens_per_s: int = identity.MAX_TOKENS_PER_S) -> None:
         self.model = model
+        self.max_tokens_per_s = max_tokens_per_s  # bounds what one report may bill
         self.counter_names = counters  # P4 counters: per-tenant traffic, per-tenant conns
         self.ledger = ledger
         self.tokens = tokens or TokenStore.disabled()
@@ -107,6 +126,9 @@ class Controller:
         # Token buckets for switches that cannot keep them (OpenFlow): fed by reports.
         self.buckets = TenantBuckets(clock)
         self._usage_totals: dict[tuple[str, int, str], int] = {}
+        self._last_usage_at: dict[str, float] = {}  # backend -> clock() of its last report
+        self.refusals = collections.Counter[str]()  # usage/identity refusals by kind
+        self.usage_gaps = 0  # holes in agents' record sequences (accepted, flagged)
         self._dirty: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
 
@@ -125,6 +147,21 @@ class Controller:
         self.audit_log.append(entry)
         log.info("audit: %s (%s) %s %s%s", who.name, who.role.label, action, target,
                  f": {detail}" if detail else "")
+
+    def refuse(self, who: Principal, kind: str, target: str, error: ApiError) -> ApiError:
+        """Audit a refused request (identity or usage) and hand back the error to raise."""
+        self.refusals[kind] += 1
+        self.audit(who, f"refused-{kind}", target, error.message)
+        return error
+
+    def authorize(self, who: Principal, action: str, backend: str, *hosts: str | None) -> None:
+        """403 (audited) unless `who` may speak for `backend` on every one of `hosts`."""
+        for host in hosts or (None,):
+            if not identity.may_speak_for(who, backend, host):
+                raise self.refuse(who, "identity", f"backend {backend}", Forbidden(
+                    f"'{who.name}' may not {action} backend '{backend}'"
+                    + (f" on host '{host}'" if host else "")
+                    + " (the tokens file binds its token to other backends)"))
 
     def mark_dirty(self) -> None:
         if self._dirty is not None:
@@ -146,6 +183,8 @@ class Controller:
 
     def register_backend(self, reg: BackendRegistration, who: Principal) -> Backend:
         """Add (or, for the same name, refresh) an agent's backend; it keeps its id."""
+        old = self.model.backends.get(reg.name)
+        self.authorize(who, "register", reg.name, reg.host, *([old.host] if old else []))
         service = self.service_at(reg.vip, reg.vip_port)
         if service is None:
             raise Invalid(f"no service has the VIP {reg.vip}:{reg.vip_port}")
@@ -187,6 +226,7 @@ class Controller:
         kept = extras if extras is not None else BackendExtras()
         kept.registered = True
         self.extras[reg.name] = kept
+        self._last_usage_at.setdefault(reg.name, self.clock())
         self.router.tick()
         self.audit(who, "register" if old is None else "re-register", f"backend {reg.name}",
                    f"id {backend_id}, {reg.address} on {reg.switch}:{reg.port}, "
@@ -213,7 +253,7 @@ class Controller:
         return backend_id
 
     def deregister_backend(self, name: str, who: Principal) -> None:
-        self.backend(name)
+        self.authorize(who, "deregister", name, self.backend(name).host)
         if not self.extras[name].registered:
             raise Conflict(f"backend '{name}' is defined in the fabric file; drain it instead")
         fabric_file.remove_backend(self.model, name)
@@ -222,10 +262,18 @@ class Controller:
         self.audit(who, "deregister", f"backend {name}")
         self.mark_dirty()
 
-    async def report(self, name: str, rep: BackendReport,
-                     idempotency_key: str | None = None) -> bool:
-        """Take an agent's report: usage into the ledger (durably, first), load into the model."""
+    async def report(self, name: str, rep: BackendReport, idempotency_key: str | None = None,
+                     *, who: Principal) -> ReportResult:
+        """Take an agent's report: usage into the ledger (durably, first), load into the model.
+
+        Refused (audited, nothing recorded): a backend `who` may not speak for (403),
+        unsigned usage from an agent that has a key (403), a bad signature (403), a
+        tenant the policy does not name (422), more tokens than fit in the time since
+        the backend's last report (422), totals that go backwards or a replayed or
+        forked record (409)."""
         backend = self.backend(name)
+        self.authorize(who, "report for", name, backend.host)
+        target = f"backend {name}"
         report_id = rep.report_id or idempotency_key
         default_model = backend.models[0] if backend.models else ""
         totals = rep.total_items()
@@ -233,18 +281,57 @@ class Controller:
         usage = [Usage(u.tenant_id, u.model or default_model, u.prompt_tokens,
                        u.completion_tokens, 1 if u.requests is None else u.requests)
                  for u in items if u.prompt_tokens or u.completion_tokens or u.requests]
-        # cumulative totals are idempotent by themselves; plain usage needs the report id
-        record = self.ledger.record if totals is None else self.ledger.record_totals
+        signed_items = rep.records or []
+        known = [t.tenant_id for t in self.model.policy.tenants.values()]
+        unknown = identity.unknown_tenants(
+            [u.tenant_id for u in usage] + [r.tenant_id for r in signed_items], known)
+        if unknown:
+            raise self.refuse(who, "unknown-tenant", target, Invalid(
+                f"tenant id(s) {', '.join(map(str, unknown))} are not in the running policy"))
+        if who.public_key is not None and usage:
+            raise self.refuse(who, "unsigned", target, Forbidden(
+                f"'{who.name}' has a public key: its usage must come as signed `records`"))
+        last = self._last_usage_at.get(name)
+        bound = identity.report_bound(self.max_tokens_per_s,
+                                      None if last is None else self.clock() - last)
+        signed = None
         try:
-            recorded = await asyncio.to_thread(
-                record, f"{name}/{report_id}" if report_id else None, name, usage)
+            if rep.records is not None:
+                try:
+                    records = identity.verified_records(who, name, signed_items)
+                except ApiError as exc:
+                    raise self.refuse(who, "signature", target, exc) from None
+                signed = await asyncio.to_thread(self.ledger.record_signed, name, who.name,
+                                                 records, max_tokens=bound)
+                recorded = signed.added > 0 or not signed.duplicates
+                usage = signed.usage
+            else:
+                events: list[str] = []
+                # cumulative totals are idempotent by themselves; plain usage needs the id
+                rid = f"{name}/{report_id}" if report_id else None
+                if totals is None:
+                    recorded = await asyncio.to_thread(
+                        self.ledger.record, rid, name, usage, agent=who.name, max_tokens=bound)
+                else:
+                    recorded = await asyncio.to_thread(
+                        self.ledger.record_totals, rid, name, usage, agent=who.name,
+                        epoch=rep.epoch, max_tokens=bound, events=events)
+                for event in events:
+                    self.audit(who, "usage-reset", target, event)
+        except UsageRefused as exc:
+            error = Invalid(exc.message) if exc.kind == "too_large" else Conflict(exc.message)
+            raise self.refuse(who, exc.kind, target, error) from None
         except Exception as exc:  # sqlite3 errors: disk full, I/O error
             log.error("ledger: cannot record a report of %s: %s", name, exc)
             raise Unavailable(f"ledger cannot record the report ({exc}); retry") from exc
+        self._last_usage_at[name] = self.clock()
+        if signed is not None:
+            self._audit_signed(who, target, signed)
         if recorded:
-            self._debit_buckets(name, usage, cumulative=totals is not None)
+            self._debit_buckets(name, usage, cumulative=totals is not None and signed is None)
+        result = ReportResult(recorded, usage if recorded else [], signed)
         if self.model.backends.get(name) is not backend:
-            return recorded  # deregistered while the ledger wrote: the usage still counts
+            return result  # deregistered while the ledger wrote: the usage still counts
         extras = self.extras[name]
         extras.healthy = rep.healthy
         extras.metrics = rep.metrics or {}
@@ -252,7 +339,20 @@ class Controller:
         if self.router.on_report(name, running=rep.running, waiting=rep.waiting,
                                  kv_cache_usage=rep.kv_cache_usage, healthy=rep.healthy):
             self.mark_dirty()
-        return recorded
+        return result
+
+    def _audit_signed(self, who: Principal, target: str, outcome: SignedOutcome) -> None:
+        if outcome.new_epoch is not None and outcome.previous_epoch is not None:
+            self.audit(who, "usage-reset", target, f"new epoch {outcome.new_epoch} after "
+                       f"{outcome.previous_epoch}: its sequence restarts")
+        if outcome.gaps:
+            self.usage_gaps += len(outcome.gaps)
+            self.audit(who, "usage-gap", target, f"records {', '.join(outcome.gaps)} never "
+                       "arrived; the records after them were recorded and flagged")
+        if outcome.duplicates:
+            self.refusals["replay-ignored"] += outcome.duplicates
+            self.audit(who, "replay-ignored", target, f"{outcome.duplicates} record(s) "
+                       "recorded before (same signature) were not counted again")
 
     def _debit_buckets(self, backend: str, usage: list[Usage], cumulative: bool) -> None:
         """A report's tokens out of the tenants' buckets (cumulative reports: the growth)."""

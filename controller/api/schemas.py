@@ -83,6 +83,26 @@ class UsageItem(AgentBody):
         description="finished requests this item covers; absent means one")
 
 
+EPOCH_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class SignedUsage(AgentBody):
+    """One usage record signed by the agent's key (tokenfabric/usage_signing.py)."""
+
+    backend: Name
+    epoch: str = Field(pattern=EPOCH_PATTERN, description="the agent's run: new at each start")
+    seq: int = Field(ge=1, le=2**53, description="1, 2, 3, ... within the epoch")
+    time_ms: int = Field(ge=0, le=10**14, description="when the agent made it, unix ms")
+    tenant_id: int = Field(ge=0, le=U16)
+    model: ModelName
+    prompt_tokens: int = Field(ge=0, le=MAX_TOKENS)
+    completion_tokens: int = Field(ge=0, le=MAX_TOKENS)
+    requests: int = Field(ge=0, le=MAX_TOKENS)
+    prev: str = Field(pattern=r"^([0-9a-f]{64})?$",
+                      description="SHA-256 (hex) of the epoch's previous record; empty first")
+    signature: str = Field(min_length=1, max_length=128, description="Ed25519, base64")
+
+
 class BackendReport(AgentBody):
     report_id: str | None = Field(
         default=None, min_length=1, max_length=128,
@@ -101,6 +121,14 @@ class BackendReport(AgentBody):
         description="cumulative usage since the agent started. When present the ledger "
                     "counts its growth since the last report and ignores `usage`: retries "
                     "count nothing twice and a lost report loses nothing")
+    epoch: str | None = Field(
+        default=None, pattern=EPOCH_PATTERN,
+        description="the agent's run (new at each start): lower `usage_total` than the last "
+                    "report's is refused unless the epoch changed (an audited reset)")
+    records: list[SignedUsage] | None = Field(
+        default=None, max_length=10_000,
+        description="signed usage records; agents whose token has a public key must bill "
+                    "with these (and `usage`/`usage_total` are then ignored for billing)")
     metrics: dict[str, Any] | None = Field(default=None,
                                            description="vLLM metrics snapshot, for the views")
     rdma: dict[str, Any] | None = Field(default=None, description="RDMA/RoCE status")
@@ -118,6 +146,10 @@ def _items(usage: list[UsageItem] | dict[str, UsageItem]) -> list[UsageItem]:
 
 class ReportReply(BaseModel):
     recorded: bool = Field(description="false: a report with this id was recorded before")
+    records_added: int = Field(0, description="signed records newly recorded")
+    records_duplicate: int = Field(0, description="signed records recorded before (a retry)")
+    gaps: list[str] = Field(default_factory=list,
+                            description="holes in the record sequence (accepted, flagged)")
     state: str
     weight: int
     draining: bool = Field(description="the operator drained this backend")

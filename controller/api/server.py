@@ -186,10 +186,15 @@ def create_app(ctl: "Controller") -> FastAPI:
                          max_length=128, pattern=r"^[!-~]+$",
                          description="same as report_id: visible ASCII")] = None,
                      ) -> dict[str, Any]:
-        recorded = await ctl.report(name, rep, idempotency_key)
-        metrics.report(name, rep, recorded)
+        result = await ctl.report(name, rep, idempotency_key, who=who)
+        metrics.report(name, rep, result.recorded)
         backend = ctl.model.backends.get(name)
-        return {"recorded": recorded, "state": str(backend.state) if backend else "deregistered",
+        signed = result.signed
+        return {"recorded": result.recorded,
+                "records_added": signed.added if signed else 0,
+                "records_duplicate": signed.duplicates if signed else 0,
+                "gaps": signed.gaps if signed else [],
+                "state": str(backend.state) if backend else "deregistered",
                 "weight": backend.weight if backend else 0,
                 "draining": bool(backend) and ctl.extras[name].drained,
                 "tenants": ctl.grants()}
