@@ -174,7 +174,7 @@ class Stack:
         self._write("policy.yaml", policy_dict(self.exp, self.plan))
         self._write("tokens.yaml", {
             self.admin_token: {"name": "lab", "role": "admin"},
-            self.agent_token: {"name": "lab-agents", "role": "agent"}})
+            self.agent_token: {"name": "lab-agents", "role": "agent", "backends": ["*"]}})
 
     def _write(self, name: str, data: dict[str, Any]) -> Path:
         path = self.dir / name
