@@ -56,7 +56,8 @@ def processes(tmp_path):
         (tmp_path / "fabric.yaml").write_text(FABRIC)
         (tmp_path / "policy.yaml").write_text(POLICY)
         (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
-            {ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent", "backends": ["gpu2"]}}))
+            {ADMIN: {"name": "ops", "role": "admin"},
+             AGENT: {"name": "agents", "role": "agent", "backends": ["gpu2"]}}))
         api_port = free_port()
         started.append(subprocess.Popen(
             [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
