@@ -68,6 +68,14 @@ class TokenStore:
     def enabled(self) -> bool:
         return self._tokens is not None
 
+    def public_keys(self) -> dict[str, list[bytes]]:
+        """Token name -> the public keys bound to it (what `ledger verify` checks against)."""
+        keys: dict[str, list[bytes]] = {}
+        for principal in (self._tokens or {}).values():
+            if principal.public_key is not None:
+                keys.setdefault(principal.name, []).append(principal.public_key)
+        return keys
+
     def lookup(self, token: str) -> Principal | None:
         if self._tokens is None:
             return ANONYMOUS_ADMIN

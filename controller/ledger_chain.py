@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tokenfabric import usage_signing
 
@@ -133,23 +135,17 @@ class VerifyReport:
 MAX_LISTED = 100  # problems listed beyond the first; the counts keep going
 
 
-@dataclass
-class _AgentRun:
-    last_seq: int
-    last_digest: str
-    open_row: tuple | None  # the last row of the unbroken run: its signature vouches for it
-    keys: list[bytes]
-
-
 def verify_rows(rows: Iterable[Sequence], keys: dict[str, list[bytes]] | None = None,
                 all_signatures: bool = False) -> VerifyReport:
     """Walk journal rows (SELECT_ROWS order and columns) and report what does not hold.
 
     `keys`: agent (token name) -> its public keys; None skips the signature checks."""
     report = VerifyReport()
-    prev_hash = GENESIS
+    prev_hash = head = GENESIS
     expected_id = 1
-    runs: dict[tuple[str, str], _AgentRun] = {}
+    # (backend, epoch) -> [last seq, last digest, open row (its signature vouches for the
+    # run so far), the agent's keys]
+    runs: dict[tuple[str, str], list] = {}
     dumps = json.dumps
     sha256 = hashlib.sha256
     canonical = usage_signing.canonical_bytes
@@ -163,18 +159,17 @@ def verify_rows(rows: Iterable[Sequence], keys: dict[str, list[bytes]] | None = 
                     f"row {row_id}: out of order (expected row {expected_id})")
             else:
                 encoded = dumps(list(row[:16]), separators=(",", ":"), ensure_ascii=True)
-                computed = sha256(f"{prev_hash}{encoded}".encode()).hexdigest()
-                if computed != stored:
+                if sha256(f"{prev_hash}{encoded}".encode()).hexdigest() != stored:
                     report.chain_problem = Problem(
                         row_id, f"row {row_id}: does not match its hash (edited, or swapped "
                         "with another row)")
             prev_hash = stored
             expected_id = row_id + 1
         report.rows += 1
-        report.head = stored
+        head = stored
         if row[2] != "usage":
             continue
-        if "gap:" in row[15]:
+        if row[15]:
             report.gaps.append(Problem(row_id, f"row {row_id}: {row[15]}"))
         if not row[14]:
             report.unsigned_rows += 1
@@ -188,26 +183,45 @@ def verify_rows(rows: Iterable[Sequence], keys: dict[str, list[bytes]] | None = 
             continue
         message = canonical(row[4], row[10], row[11], row[12], row[5], row[6], row[7], row[8],
                             row[9], row[13])
-        digest = sha256(message).hexdigest()
+        seq = row[11]
         run = runs.get((row[4], row[10]))
-        if run is not None and row[11] <= run.last_seq:
-            _sig_problem(report, row_id, f"row {row_id}: record {row[11]} of {row[4]} repeats "
-                         f"(the epoch is already at {run.last_seq})")
-        elif run is not None and row[11] == run.last_seq + 1 and row[13] != run.last_digest:
+        if run is None:
+            run = runs[(row[4], row[10])] = [0, "", None, agent_keys]
+        elif seq <= run[0]:
+            _sig_problem(report, row_id, f"row {row_id}: record {seq} of {row[4]} repeats "
+                         f"(the epoch is already at {run[0]})")
+        elif seq == run[0] + 1 and row[13] != run[1]:
             _sig_problem(report, row_id, f"row {row_id}: does not link to {row[4]}'s previous "
                          "record (one of them was edited)")
-        elif run is not None and run.open_row is not None and row[11] != run.last_seq + 1:
-            _check(report, run.open_row, run.keys)  # a gap: the run before it ends there
+        elif run[2] is not None and seq != run[0] + 1:
+            _check(report, run[2], run[3])  # a gap: the run before it ends there
+        run[0], run[1] = seq, sha256(message).hexdigest()
         if all_signatures:
             _check(report, (row_id, message, row[14]), agent_keys)
-            open_row = None
         else:
-            open_row = (row_id, message, row[14])
-        runs[(row[4], row[10])] = _AgentRun(row[11], digest, open_row, agent_keys)
+            run[2] = (row_id, message, row[14])
+    if report.rows:
+        report.head = head
     for run in runs.values():
-        if run.open_row is not None:
-            _check(report, run.open_row, run.keys)
+        if run[2] is not None and not all_signatures:
+            _check(report, run[2], run[3])
     return report
+
+
+def read_only(path: str) -> sqlite3.Connection:
+    """The ledger file opened for reading only: verifying never changes it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such ledger file")
+    return sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+
+
+def verify_file(path: str, keys: dict[str, list[bytes]] | None = None,
+                all_signatures: bool = False) -> VerifyReport:
+    db = read_only(path)
+    try:
+        return verify_rows(db.execute(SELECT_ROWS), keys, all_signatures)
+    finally:
+        db.close()
 
 
 def _check(report: VerifyReport, open_row: tuple, agent_keys: list[bytes]) -> None:
