@@ -318,6 +318,8 @@ class Controller:
                         epoch=rep.epoch, max_tokens=bound, events=events)
                 for event in events:
                     self.audit(who, "usage-reset", target, event)
+        except ApiError:
+            raise
         except UsageRefused as exc:
             error = Invalid(exc.message) if exc.kind == "too_large" else Conflict(exc.message)
             raise self.refuse(who, exc.kind, target, error) from None

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "controller_url": "http://127.0.0.1:8080",
     "token": None,                     # Bearer token for the controller's REST API
     "token_file": None,                # or a file holding it
+    "signing_key": None,               # Ed25519 private key (PEM) that signs usage records
     "bridge": True,                    # run the bridge on listen_address:listen_port
     "listen_address": None,            # default: vip
     "listen_port": None,               # default: vip_port
@@ -76,6 +77,7 @@ class AgentConfig:
     controller_url: str
     token: str | None
     token_file: str | None
+    signing_key: str | None
     bridge: bool
     listen_address: str
     listen_port: int
@@ -164,6 +166,9 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
     host, _, port = str(values["beacon_target"]).rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"agent.beacon_target: {values['beacon_target']!r} is not host:port")
+    if values["signing_key"] is not None and not Path(str(values["signing_key"])).is_file():
+        raise ConfigError(f"agent.signing_key: {values['signing_key']!r} is not a file "
+                          "(make one with `tokenfabric agent keygen --key PATH`)")
     known = {f.name for f in fields(AgentConfig)}
     return AgentConfig(**{k: v for k, v in values.items() if k in known})
 
