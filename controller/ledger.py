@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controller import statement
+from controller.csv_cells import safe_row
 from controller.ledger_chain import GENESIS as GENESIS_HASH
 from controller.ledger_chain import INSERT_ROW, JOURNAL_SCHEMA, JournalRow, chain
 from tokenfabric.usage_signing import UsageRecord
@@ -433,6 +435,19 @@ class Ledger:
             rows = self._db.execute(sql, args).fetchall()
         return [UsageRow(*r) for r in rows]
 
+    def usage_by_model(self, tenant_id: int, since: float | None = None,
+                       until: float | None = None) -> dict[str, tuple[int, int, int]]:
+        """model -> (prompt, completion, requests) of a tenant, from the journal."""
+        with self._lock:
+            return statement.usage_by_model(self._db, tenant_id, since, until)
+
+    def head(self) -> tuple[int, str]:
+        """The journal's last row id and hash (publish it: it anchors the chain)."""
+        with self._lock:
+            row = self._db.execute("SELECT id, hash FROM journal ORDER BY id DESC "
+                                   "LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, GENESIS_HASH)
+
     def totals(self, since: float | None = None,
                until: float | None = None) -> dict[int, tuple[int, int, int]]:
         """tenant_id -> (prompt, completion, requests) over the range."""
@@ -486,8 +501,8 @@ class Ledger:
                          "completion_tokens", "total_tokens", "requests"])
         for r in rows:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.minute))
-            writer.writerow([r.minute, stamp, r.tenant_id, r.model, r.prompt_tokens,
-                             r.completion_tokens, r.total_tokens, r.requests])
+            writer.writerow(safe_row([r.minute, stamp, r.tenant_id, r.model, r.prompt_tokens,
+                                      r.completion_tokens, r.total_tokens, r.requests]))
         return buf.getvalue()
 
 

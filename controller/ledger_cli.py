@@ -6,11 +6,14 @@ controller or on a copy, and need no controller process.
 
 from __future__ import annotations
 
+import datetime
 import json
+import sqlite3
 import time
 
 import click
 
+from controller import statement
 from controller.auth import TokenFileError, TokenStore
 from controller.ledger_chain import VerifyReport, verify_file
 from tokenfabric import exitcodes
@@ -99,3 +102,70 @@ def _print(path: str, report: VerifyReport, seconds: float, with_keys: bool,
                        + ", ".join(sorted(report.unknown_agents)))
     for gap in report.gaps:
         click.echo(f"gap (accepted and flagged at ingest): {gap.message}")
+
+
+def parse_time(text: str | None, option: str) -> float | None:
+    """Unix seconds, or an ISO 8601 date/time (UTC unless it names a zone)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        stamp = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is neither unix seconds nor an ISO 8601 date "
+                                 "like 2026-12-01 or 2026-12-01T10:00:00Z",
+                                 param_hint=option) from None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=datetime.UTC)
+    return stamp.timestamp()
+
+
+@ledger_group.command("statement")
+@click.option("--ledger", "path", default=DEFAULT_LEDGER, show_default=True,
+              type=click.Path(dir_okay=False), help="The controller's ledger file.")
+@click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False),
+              help="The policy file whose contracts price the tokens (docs/policy.md).")
+@click.option("--tenant", required=True, help="Tenant name or id.")
+@click.option("--from", "since", help="Start, inclusive: ISO 8601 (UTC) or unix seconds.")
+@click.option("--to", "until", help="End, exclusive: ISO 8601 (UTC) or unix seconds.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv",
+              show_default=True)
+def statement_command(path: str, policy_path: str, tenant: str, since: str | None,
+                      until: str | None, fmt: str) -> None:
+    """A tenant's tokens per model over [--from, --to), priced by its contract."""
+    from controller.ledger_chain import read_only
+    from controller.policy.schema import load_policy
+    from controller.policy.source import SpecError
+
+    start, end = parse_time(since, "--from"), parse_time(until, "--to")
+    try:
+        policy = load_policy(policy_path)
+    except SpecError as exc:
+        click.echo("\n".join(exc.errors), err=True)
+        raise SystemExit(exitcodes.INVALID_INPUT) from None
+    except OSError as exc:
+        click.echo(f"tokenfabric ledger statement: {policy_path}: {exc}", err=True)
+        raise SystemExit(exitcodes.INVALID_INPUT) from None
+    found = statement.find_tenant(policy, tenant)
+    if found is None:
+        click.echo(f"tokenfabric ledger statement: no tenant '{tenant}' in {policy_path}",
+                   err=True)
+        raise SystemExit(exitcodes.USAGE)
+    try:
+        db = read_only(path)
+    except FileNotFoundError as exc:
+        click.echo(f"tokenfabric ledger statement: {exc}", err=True)
+        raise SystemExit(exitcodes.MISSING) from None
+    try:
+        usage = statement.usage_by_model(db, found.tenant_id, start, end)
+    except sqlite3.Error as exc:
+        click.echo(f"tokenfabric ledger statement: {path}: {exc}", err=True)
+        raise SystemExit(exitcodes.INVALID_INPUT) from None
+    finally:
+        db.close()
+    result = statement.build(found, policy.contracts.get(found.contract), usage, start, end)
+    click.echo(statement.to_csv(result) if fmt == "csv" else json.dumps(result, indent=2),
+               nl=fmt == "json")

@@ -305,6 +305,33 @@ class CrossCheckView(BaseModel):
     bytes_per_token: float | None
 
 
+class LedgerHead(BaseModel):
+    rows: int = Field(description="the journal's last row id (= its number of rows)")
+    head: str = Field(description="that row's hash (SHA-256, hex)")
+
+
+class StatementLine(BaseModel):
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+    input_per_million: str | None = Field(description="price, decimal string; null: unpriced")
+    output_per_million: str | None
+    amount: str | None
+
+
+class StatementView(BaseModel):
+    tenant: str
+    tenant_id: int
+    contract: str
+    currency: str | None
+    from_: str | None = Field(alias="from")
+    to: str | None
+    lines: list[StatementLine]
+    total: str
+    all_priced: bool
+
+
 class Done(BaseModel):
     ok: bool = True
     message: str

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, R
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from controller import statement
 from controller.api import schemas as s
 from controller.api.errors import (
     Forbidden,
@@ -352,6 +353,38 @@ def create_app(ctl: "Controller") -> FastAPI:
                  "counter_samples": c.counter_samples,
                  "bytes_per_token": c.bytes_per_token}
                 for c in await asyncio.to_thread(ctl.ledger.cross_check, since, until)]
+
+    @r.get("/ledger/head", response_model=s.LedgerHead, responses=ERRORS, tags=["ledger"])
+    async def ledger_head(who: Viewer) -> dict[str, Any]:
+        """The journal's last row and hash: recorded elsewhere, it shows rows cut off at
+        the end (`tokenfabric ledger verify --expect-head`)."""
+        rows, head = await asyncio.to_thread(ctl.ledger.head)
+        return {"rows": rows, "head": head}
+
+    statement_csv = {200: {"description": "the statement as JSON, or CSV with format=csv",
+                           "content": {"text/csv": {"schema": {"type": "string"}}}}}
+
+    @r.get("/ledger/statement", response_model=s.StatementView,
+           responses={**ERRORS, **statement_csv}, tags=["ledger"])
+    async def ledger_statement(
+            who: Viewer,
+            tenant: Annotated[str, Query(min_length=1, max_length=64,
+                                         description="tenant name or id")],
+            since: Since = None, until: Until = None,
+            format: Annotated[str, Query(pattern="^(json|csv)$")] = "json") -> Any:
+        """A tenant's tokens per model over [since, until), priced by its contract in the
+        running policy (docs/ledger.md)."""
+        found = statement.find_tenant(ctl.model.policy, tenant)
+        if found is None:
+            raise NotFound(f"no tenant '{tenant}' in the running policy")
+        usage = await asyncio.to_thread(ctl.ledger.usage_by_model, found.tenant_id, since,
+                                        until)
+        result = statement.build(found, ctl.model.policy.contracts.get(found.contract), usage,
+                                 since, until)
+        if format == "csv":
+            return Response(statement.to_csv(result), media_type="text/csv", headers={
+                "Content-Disposition": f'attachment; filename="statement-{found.name}.csv"'})
+        return result
 
     @r.get("/audit", responses=ERRORS, tags=["admin"])
     async def audit(who: Admin) -> list[dict[str, Any]]:
