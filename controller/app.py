@@ -35,7 +35,8 @@ from controller.api.errors import (
     Unavailable,
 )
 from controller.api.schemas import BackendRegistration, BackendReport
-from controller.auth import Principal, TokenStore
+from controller.auth import Principal, Role, TokenStore
+from controller.crosscheck import BackendCheck, CheckSettings, check_ports
 from controller.drivers import Fleet, features_of, openflow_context
 from controller.entries import DesiredState
 from controller.ledger import Ledger, SignedOutcome, Usage, UsageRefused
@@ -53,6 +54,7 @@ COUNTER_INTERVAL_S = 10.0  # how often switch counters are sampled into the ledg
 MAX_BACKEND_ID = fabric_file.MAX_BACKEND_ID
 TENANT_BYTES_COUNTER = "tenant_traffic"  # per tenant: packets and bytes (p4src count.p4)
 TENANT_CONNS_COUNTER = "tenant_admitted"  # per tenant: connections admitted
+CONTROLLER = Principal("controller", Role.ADMIN)  # who the audit names for its own findings
 
 
 @dataclass
@@ -129,6 +131,9 @@ class Controller:
         self._last_usage_at: dict[str, float] = {}  # backend -> clock() of its last report
         self.refusals = collections.Counter[str]()  # usage/identity refusals by kind
         self.usage_gaps = 0  # holes in agents' record sequences (accepted, flagged)
+        self.crosscheck = CheckSettings()  # billed tokens against the bytes backends sent
+        self.counter_interval_s = COUNTER_INTERVAL_S
+        self.billing_checks: list[BackendCheck] = []  # the last periodic check's verdicts
         self._dirty: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
 
@@ -540,6 +545,49 @@ class Controller:
         for name, entry in (await self.read_counters()).items():
             if entry["connected"] and entry["tenants"]:
                 await asyncio.to_thread(self.ledger.record_counters, name, entry["tenants"])
+        for name, switch in (self.southbound.switches.items() if self.southbound else ()):
+            if not hasattr(switch, "read_port_bytes") or switch.role.value == "disconnected":
+                continue
+            try:
+                ports = await switch.read_port_bytes()
+            except Exception as exc:  # a read can fail mid-session; the next one retries
+                log.warning("port counters of %s: %s", name, exc)
+                continue
+            await asyncio.to_thread(self.ledger.record_port_bytes, name, ports)
+
+    def port_checked_backends(self) -> dict[str, tuple[str, int]]:
+        """backend -> (switch, port), for backends on switches that count bytes per port."""
+        return {b.name: (b.switch, b.port) for b in self.model.backends.values()
+                if b.switch in self.model.fabric.switches
+                and self.model.fabric.switches[b.switch].driver == "openflow"}
+
+    async def check_billing(self, since: float | None = None,
+                            until: float | None = None) -> list[BackendCheck]:
+        """Billed completion tokens per backend port against the bytes the port received
+        (controller/crosscheck.py). The default window is the window_s that ended a
+        settle time ago: the port samples that counted its bytes have come in by now.
+        Bytes count from lag_s before the window to settle after it."""
+        settle = self.crosscheck.settle_s(self.counter_interval_s)
+        until = time.time() - settle if until is None else until
+        since = until - self.crosscheck.window_s if since is None else since
+        billed = await asyncio.to_thread(self.ledger.billed_by_backend, since, until)
+        growth = await asyncio.to_thread(self.ledger.port_growth,
+                                         since - self.crosscheck.lag_s, until + settle)
+        return check_ports(billed, self.port_checked_backends(), growth, since, until,
+                           self.crosscheck.min_bytes_per_token)
+
+    async def periodic_billing_check(self) -> list[BackendCheck]:
+        """The check the run loop makes every interval: flags logged, audited, counted."""
+        checks = await self.check_billing()
+        self.billing_checks = checks
+        for c in checks:
+            if c.fits is False:
+                for b in c.backends:
+                    self.crosscheck.flags[b] = self.crosscheck.flags.get(b, 0) + 1
+                    self.crosscheck.first_flagged.setdefault(b, time.time())
+                log.warning("crosscheck: billing does not fit the bytes sent: %s", c.detail)
+                self.audit(CONTROLLER, "billing-flagged", f"port {c.switch}:{c.port}", c.detail)
+        return checks
 
     # ------------------------------------------------------------ reconcile
 
@@ -589,16 +637,23 @@ class Controller:
         """Reconcile on every change and at least every RECONCILE_INTERVAL_S until `stop`."""
         self._dirty = asyncio.Event()
         next_counters = self.clock()
+        next_check = self.clock() + self.crosscheck.interval_s
         while not stop.is_set():
             self._dirty.clear()
             async with self._lock:
                 await self.reconcile_once()
             if self.clock() >= next_counters:
-                next_counters = self.clock() + COUNTER_INTERVAL_S
+                next_counters = self.clock() + self.counter_interval_s
                 try:
                     await self.sample_counters()
                 except Exception as exc:
                     log.warning("counter sampling failed: %s", exc)
+            if self.clock() >= next_check:
+                next_check = self.clock() + self.crosscheck.interval_s
+                try:
+                    await self.periodic_billing_check()
+                except Exception as exc:
+                    log.warning("billing cross-check failed: %s", exc)
             waiters = [asyncio.ensure_future(self._dirty.wait()),
                        asyncio.ensure_future(stop.wait())]
             with contextlib.suppress(asyncio.TimeoutError):

@@ -74,6 +74,13 @@ CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id acro
     backend_id INTEGER NOT NULL UNIQUE
 );
 CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
+CREATE TABLE IF NOT EXISTS port_counters (  -- bytes a switch received on a backend's port
+    ts       REAL NOT NULL,
+    switch   TEXT NOT NULL,
+    port     INTEGER NOT NULL,
+    rx_bytes INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS port_counters_ts ON port_counters (ts);
 """
 
 REPORT_ID_RETENTION_S = 7 * 24 * 3600  # agents retry for seconds; a week is plenty
@@ -394,6 +401,62 @@ class Ledger:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def record_port_bytes(self, switch: str, ports: dict[int, int],
+                          now: float | None = None) -> None:
+        """Store one read of a switch's per-port received bytes: port -> bytes."""
+        now = time.time() if now is None else now
+        rows = [(now, switch, port, b) for port, b in sorted(ports.items())]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO port_counters (ts, switch, port, rx_bytes) "
+                                     "VALUES (?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def port_growth(self, since: float, until: float, baseline_s: float = 120.0,
+                    ) -> dict[tuple[str, int], tuple[int, int]]:
+        """(switch, port) -> (bytes received, samples) from the last sample before `since`
+        (at most `baseline_s` earlier) to the last one before `until`; samples counts
+        those after the baseline, 0 without a baseline (bytes before the first sample
+        are unknown). A counter lower than the one before (a switch restart) counts from
+        zero."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT switch, port, rx_bytes, ts FROM port_counters WHERE ts >= ? AND "
+                "ts < ? ORDER BY switch, port, ts", (since - baseline_s, until)).fetchall()
+        growth: dict[tuple[str, int], list[int]] = {}
+        last: dict[tuple[str, int], int] = {}
+        for switch, port, value, ts in rows:
+            key = (switch, port)
+            acc = growth.setdefault(key, [0, 0])
+            prev = last.get(key)
+            last[key] = value
+            if ts < since or prev is None:
+                continue  # the baseline: the last sample before the window
+            acc[1] += 1
+            acc[0] += value - prev if value >= prev else value
+        baselined = {(sw, p) for sw, p, _, ts in rows if ts < since}
+        return {k: (a[0], a[1]) if k in baselined else (0, 0) for k, a in growth.items()}
+
+    def billed_by_backend(self, since: float | None = None, until: float | None = None,
+                          ) -> dict[str, tuple[int, int]]:
+        """backend -> (prompt, completion) tokens of the journal rows received in range."""
+        clauses, args = ["kind = 'usage'"], []
+        if since is not None:
+            clauses.append("received_ms >= ?")
+            args.append(_ms(since))
+        if until is not None:
+            clauses.append("received_ms < ?")
+            args.append(_ms(until))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT backend, SUM(prompt_tokens), SUM(completion_tokens) FROM journal "
+                f"WHERE {' AND '.join(clauses)} GROUP BY backend", args).fetchall()
+        return {b: (p, c) for b, p, c in rows}
 
     def remember_backend_id(self, name: str, backend_id: int) -> None:
         """Keep the id an agent's backend got, so that it gets it again after a restart."""

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
@@ -58,6 +58,29 @@ class ModelCollector:
                                     labels=["result"])
         for result in ("applied", "invalid", "failed"):
             applies.add_metric([result], ctl.policy_applies[result])
+        refused = CounterMetricFamily(f"{NS}_usage_refused", "Reports refused (identity, "
+                                      "signature, tenant, bound, backwards, replay, fork) and "
+                                      "replayed records ignored, by kind", labels=["kind"])
+        for kind, n in sorted(ctl.refusals.items()):
+            refused.add_metric([kind], n)
+        gaps = CounterMetricFamily(f"{NS}_usage_gaps", "Holes in agents' record sequences")
+        gaps.add_metric([], ctl.usage_gaps)
+        suspect = GaugeMetricFamily(
+            f"{NS}_billing_suspect", "1: the backend's billed tokens did not fit in the "
+            "bytes its port sent in the last cross-check window", labels=["backend"])
+        for check in ctl.billing_checks:
+            for b in check.backends:
+                if check.fits is not None:
+                    suspect.add_metric([b], 0 if check.fits else 1)
+        flagged = CounterMetricFamily(f"{NS}_billing_flagged_windows",
+                                      "Cross-check windows that flagged the backend",
+                                      labels=["backend"])
+        for b, n in sorted(ctl.crosscheck.flags.items()):
+            flagged.add_metric([b], n)
+        yield refused
+        yield gaps
+        yield suspect
+        yield flagged
         yield from (running, waiting, kv, weight, state, connected, tenants, reconciles,
                     applies)
 

@@ -305,6 +305,23 @@ class CrossCheckView(BaseModel):
     bytes_per_token: float | None
 
 
+class BackendCheckView(BaseModel):
+    switch: str
+    port: int
+    backends: list[str] = Field(description="the backends on this switch port")
+    since: float
+    until: float
+    completion_tokens: int = Field(description="billed in [since, until)")
+    bytes_sent: int = Field(description="received by the switch on the port (byte window)")
+    bytes_needed: int = Field(description="completion_tokens x min_bytes_per_token")
+    min_bytes_per_token: int
+    samples: int
+    fits: bool | None = Field(description="false: flagged; null: too few port samples")
+    detail: str
+    flagged_windows: dict[str, int] = Field(description="per backend: periodic checks that "
+                                                        "flagged it so far")
+
+
 class LedgerHead(BaseModel):
     rows: int = Field(description="the journal's last row id (= its number of rows)")
     head: str = Field(description="that row's hash (SHA-256, hex)")

@@ -354,6 +354,20 @@ def create_app(ctl: "Controller") -> FastAPI:
                  "bytes_per_token": c.bytes_per_token}
                 for c in await asyncio.to_thread(ctl.ledger.cross_check, since, until)]
 
+    @r.get("/ledger/crosscheck/backends", response_model=list[s.BackendCheckView],
+           responses=ERRORS, tags=["ledger"])
+    async def crosscheck_backends(who: Viewer, since: Since = None,
+                                  until: Until = None) -> list[dict[str, Any]]:
+        """Per backend port: the completion tokens billed against the bytes the port sent
+        (docs/ledger.md). Without a range: the controller's last periodic check."""
+        if since is None and until is None:
+            checks = ctl.billing_checks
+        else:
+            checks = await ctl.check_billing(since, until)
+        return [{**vars(c), "flagged_windows": {b: ctl.crosscheck.flags.get(b, 0)
+                                                for b in c.backends},
+                 "min_bytes_per_token": ctl.crosscheck.min_bytes_per_token} for c in checks]
+
     @r.get("/ledger/head", response_model=s.LedgerHead, responses=ERRORS, tags=["ledger"])
     async def ledger_head(who: Viewer) -> dict[str, Any]:
         """The journal's last row and hash: recorded elsewhere, it shows rows cut off at
