@@ -580,7 +580,11 @@ class Controller:
         """The check the run loop makes every interval: flags logged, audited, counted."""
         checks = await self.check_billing()
         self.billing_checks = checks
+        self.crosscheck.checks += 1
         for c in checks:
+            if c.fits is not None:
+                for b in c.backends:
+                    self.crosscheck.verdicts[b] = self.crosscheck.verdicts.get(b, 0) + 1
             if c.fits is False:
                 for b in c.backends:
                     self.crosscheck.flags[b] = self.crosscheck.flags.get(b, 0) + 1

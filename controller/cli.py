@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "crosscheck_interval_s": 30.0,
     "crosscheck_window_s": 120.0,
     "crosscheck_lag_s": 60.0,
+    "counter_interval_s": 10.0,  # switch counters sampled into the ledger this often
 }
 
 
@@ -127,6 +128,7 @@ def run_command(config_path: str | None, **flags: Any) -> None:
     ctl.crosscheck.interval_s = checks["crosscheck_interval_s"]
     ctl.crosscheck.window_s = checks["crosscheck_window_s"]
     ctl.crosscheck.lag_s = checks["crosscheck_lag_s"]
+    ctl.counter_interval_s = checks["counter_interval_s"]
     if not ctl.tokens.enabled and not _is_loopback(host):
         _fail(f"tokenfabric controller run: refusing to listen on {host} without --tokens "
               "(auth is off without a token file; only loopback is allowed then)",
@@ -145,7 +147,8 @@ def _billing_settings(cfg: dict[str, Any]) -> dict[str, Any]:
                           ("crosscheck_min_bytes_per_token", int, 0),
                           ("crosscheck_interval_s", float, 1.0),
                           ("crosscheck_window_s", float, 1.0),
-                          ("crosscheck_lag_s", float, 0.0)):
+                          ("crosscheck_lag_s", float, 0.0),
+                          ("counter_interval_s", float, 0.5)):
         value = cfg.get(key)
         try:
             number = kind(value)

@@ -60,6 +60,8 @@ class CheckSettings:
     lag_s: float = LAG_S
     flags: dict[str, int] = field(default_factory=dict)  # backend -> windows it was flagged
     first_flagged: dict[str, float] = field(default_factory=dict)  # backend -> unix time
+    checks: int = 0  # periodic checks run
+    verdicts: dict[str, int] = field(default_factory=dict)  # backend -> windows with one
 
     def settle_s(self, counter_interval_s: float) -> float:
         """How long after a window its bytes may still arrive in a port sample."""

@@ -92,6 +92,9 @@ class Agent:
 
     def _on_request_finished(self, tenant: Tenant, usage: TenantUsage) -> None:
         self.tenant_ids[tenant.name] = tenant.tenant_id
+        if self.config.bill_factor != 1:  # FAULT INJECTION (labs): a lying agent
+            usage = dataclasses.replace(usage, completion_tokens=round(
+                usage.completion_tokens * self.config.bill_factor))
         self.usage_total.setdefault(tenant.name, TenantUsage()).add(usage)
         self.usage_unreported.setdefault(tenant.name, TenantUsage()).add(usage)
 

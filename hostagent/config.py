@@ -57,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
     # priority the controller does not send in its tenant list
     "tenant_priorities": {},
     "charge_step": 16,                 # charge streamed completion tokens this many at a time
+    # FAULT INJECTION, labs only: bill this many times the completion tokens served (a
+    # lying agent, for the controller's billing cross-check). 1: honest.
+    "bill_factor": 1,
 }
 
 
@@ -100,6 +103,7 @@ class AgentConfig:
     priority_scheduling: bool
     tenant_priorities: dict
     charge_step: int
+    bill_factor: float
 
     @property
     def beacon_addr(self) -> tuple[str, int]:
@@ -166,6 +170,9 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
     host, _, port = str(values["beacon_target"]).rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"agent.beacon_target: {values['beacon_target']!r} is not host:port")
+    factor = values["bill_factor"]
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1 <= factor <= 100:
+        raise ConfigError("agent.bill_factor must be a number in 1..100 (1: honest)")
     if values["signing_key"] is not None and not Path(str(values["signing_key"])).is_file():
         raise ConfigError(f"agent.signing_key: {values['signing_key']!r} is not a file "
                           "(make one with `tokenfabric agent keygen --key PATH`)")

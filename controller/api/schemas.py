@@ -322,6 +322,21 @@ class BackendCheckView(BaseModel):
                                                         "flagged it so far")
 
 
+class CrossCheckBackend(BaseModel):
+    verdicts: int = Field(description="periodic windows that judged it (fits or not)")
+    flagged: int = Field(description="of those, the windows that flagged it")
+    first_flagged: float | None = Field(description="unix time of the first flag")
+
+
+class CrossCheckSummary(BaseModel):
+    checks: int
+    interval_s: float
+    window_s: float
+    lag_s: float
+    min_bytes_per_token: int
+    backends: dict[str, CrossCheckBackend]
+
+
 class LedgerHead(BaseModel):
     rows: int = Field(description="the journal's last row id (= its number of rows)")
     head: str = Field(description="that row's hash (SHA-256, hex)")

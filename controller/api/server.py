@@ -368,6 +368,19 @@ def create_app(ctl: "Controller") -> FastAPI:
                                                 for b in c.backends},
                  "min_bytes_per_token": ctl.crosscheck.min_bytes_per_token} for c in checks]
 
+    @r.get("/ledger/crosscheck/summary", response_model=s.CrossCheckSummary,
+           responses=ERRORS, tags=["ledger"])
+    async def crosscheck_summary(who: Viewer) -> dict[str, Any]:
+        """The periodic billing checks so far: how many, and per backend the windows that
+        gave a verdict, the windows that flagged it and when it was first flagged."""
+        cc = ctl.crosscheck
+        names = sorted(set(cc.verdicts) | set(cc.flags))
+        return {"checks": cc.checks, "interval_s": cc.interval_s, "window_s": cc.window_s,
+                "lag_s": cc.lag_s, "min_bytes_per_token": cc.min_bytes_per_token,
+                "backends": {b: {"verdicts": cc.verdicts.get(b, 0),
+                                 "flagged": cc.flags.get(b, 0),
+                                 "first_flagged": cc.first_flagged.get(b)} for b in names}}
+
     @r.get("/ledger/head", response_model=s.LedgerHead, responses=ERRORS, tags=["ledger"])
     async def ledger_head(who: Viewer) -> dict[str, Any]:
         """The journal's last row and hash: recorded elsewhere, it shows rows cut off at
