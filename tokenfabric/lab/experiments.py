@@ -122,7 +122,7 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
                          20.0)
     elif name == "billing":
         exp = Experiment("billing", "one agent bills 3x what it streams (cross-check)",
-                         [1.0, 1.0, 1.0], [PREMIUM, STANDARD], [Run("p2c", 0.6)], 40.0,
+                         [1.0, 1.0, 1.0], [PREMIUM, STANDARD], [Run("p2c", 0.6)], 90.0,
                          liar="tflb2")
     elif name == "realvllm":
         exp = Experiment("realvllm", "a real vLLM backend beside emulated ones", [1.0, 1.0],

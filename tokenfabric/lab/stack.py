@@ -122,11 +122,12 @@ ECMP_CAPACITY = 65535
 
 
 # The controller's billing cross-check in every lab run (docs/ledger.md), on lab time
-# scales: port samples every 2 s, a check every 5 s over 20 s of billing with bytes from
-# 10 s earlier (a lab request lasts ~0.7 s, at most ~6 s). The floor is the emulator's
-# smallest SSE event per token (224 bytes with model "m"; the lab's name is longer).
+# scales: port samples every 2 s, a check every 5 s over 40 s of billing with bytes from
+# 12 s earlier (a lab request generates for ~0.7 s, at most 256 tokens x 20 ms at speed
+# 0.5 = 10.2 s). The floor is the emulator's smallest SSE event per token (224 bytes
+# with model "m"; the lab's model name is longer).
 CROSSCHECK = {"counter_interval_s": 2.0, "crosscheck_interval_s": 5.0,
-              "crosscheck_window_s": 20.0, "crosscheck_lag_s": 10.0,
+              "crosscheck_window_s": 40.0, "crosscheck_lag_s": 12.0,
               "crosscheck_min_bytes_per_token": 220}
 
 
