@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 if TYPE_CHECKING:
     from controller.api.schemas import BackendReport
     from controller.app import Controller
+    from controller.ledger import Usage
 
 NS = "tokenfabric_controller"
 
@@ -104,14 +105,17 @@ class ApiMetrics:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def report(self, backend: str, rep: BackendReport, recorded: bool) -> None:
+    def report(self, backend: str, rep: BackendReport, recorded: bool,
+               signed: list[Usage] | None = None) -> None:
+        """Count a report; `signed`: the usage its signed records added (else `usage`)."""
         self.reports.labels(backend, "recorded" if recorded else "duplicate").inc()
         if not recorded:
             return
-        for u in rep.usage_items():
-            model = u.model or ""
-            self.tokens.labels(str(u.tenant_id), model, "prompt").inc(u.prompt_tokens)
-            self.tokens.labels(str(u.tenant_id), model, "completion").inc(u.completion_tokens)
+        items = [(u.tenant_id, u.model or "", u.prompt_tokens, u.completion_tokens)
+                 for u in (signed if signed is not None else rep.usage_items())]
+        for tenant_id, model, prompt, completion in items:
+            self.tokens.labels(str(tenant_id), model, "prompt").inc(prompt)
+            self.tokens.labels(str(tenant_id), model, "completion").inc(completion)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

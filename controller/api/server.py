@@ -188,7 +188,8 @@ def create_app(ctl: "Controller") -> FastAPI:
                          description="same as report_id: visible ASCII")] = None,
                      ) -> dict[str, Any]:
         result = await ctl.report(name, rep, idempotency_key, who=who)
-        metrics.report(name, rep, result.recorded)
+        metrics.report(name, rep, result.recorded,
+                       result.usage if result.signed is not None else None)
         backend = ctl.model.backends.get(name)
         signed = result.signed
         return {"recorded": result.recorded,
