@@ -582,7 +582,7 @@ class Controller:
         self.billing_checks = checks
         self.crosscheck.checks += 1
         for c in checks:
-            if c.fits is not None:
+            if c.fits is not None and c.completion_tokens:  # a verdict on some billing
                 for b in c.backends:
                     self.crosscheck.verdicts[b] = self.crosscheck.verdicts.get(b, 0) + 1
             if c.fits is False:

@@ -323,7 +323,7 @@ class BackendCheckView(BaseModel):
 
 
 class CrossCheckBackend(BaseModel):
-    verdicts: int = Field(description="periodic windows that judged it (fits or not)")
+    verdicts: int = Field(description="periodic windows that judged some billing of it")
     flagged: int = Field(description="of those, the windows that flagged it")
     first_flagged: float | None = Field(description="unix time of the first flag")
 

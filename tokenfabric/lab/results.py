@@ -355,6 +355,6 @@ def crosscheck_markdown(summary: dict[str, Any]) -> str:
         first = b.get("first_flagged")
         after = "" if first is None else \
             f", first {first - summary['run_started']:.1f} s after the load started"
-        lines.append(f"- {name}{role}: {b['verdicts']} windows judged, {b['flagged']} "
+        lines.append(f"- {name}{role}: {b['verdicts']} windows judged its billing, {b['flagged']} "
                      f"flagged{after}")
     return "\n".join(lines) + "\n"

@@ -191,5 +191,6 @@ def test_crosscheck_markdown_names_the_liar():
         "backends": {"tflb1": {"verdicts": 6, "flagged": 0, "first_flagged": None},
                      "tflb2": {"verdicts": 6, "flagged": 6, "first_flagged": 160.5}}})
     assert "12 windows checked" in text
-    assert "- tflb1: 6 windows judged, 0 flagged" in text
-    assert "- tflb2 (lying agent, 3x): 6 windows judged, 6 flagged, first 60.5 s" in text
+    assert "- tflb1: 6 windows judged its billing, 0 flagged" in text
+    assert "- tflb2 (lying agent, 3x): 6 windows judged its billing, 6 flagged, first 60.5" \
+        in text
