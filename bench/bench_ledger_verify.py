@@ -8,7 +8,8 @@ What it does, in one run:
 - baseline: reading every row (the same SELECT, nothing computed);
 - verify (controller/ledger_chain.verify_file, what `tokenfabric ledger verify
   --tokens` runs): the hash chain of every row, every signed row's link to its
-  agent's previous record, and the signatures that end each agent's unbroken run.
+  agent's previous record, the signatures that end each agent's unbroken run, and
+  the per-minute table against the journal's sums.
   Only those are checked by signature in this mode, so the build signs only them
   and the first --signed rows really (signing a million rows would take minutes);
   the rest carry a well-formed signature that this mode does not look at;
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
+from controller.ledger import SCHEMA  # noqa: E402
 from controller.ledger_chain import (  # noqa: E402
     GENESIS,
     INSERT_ROW,
@@ -88,6 +90,14 @@ def build(path: str, rows: int, agents: int, signed: int, seed: int) -> dict[str
             next_id += len(params)
             prev_hash = params[-1][-1]
             batch = []
+    # the per-minute table the controller keeps beside the journal (verify compares them)
+    db.executescript(SCHEMA)
+    db.execute("BEGIN")
+    db.execute("INSERT INTO usage (minute, tenant_id, model, prompt_tokens, completion_tokens, "
+               "requests) SELECT received_ms / 60000 * 60, tenant_id, model, "
+               "SUM(prompt_tokens), SUM(completion_tokens), SUM(requests) FROM journal "
+               "GROUP BY received_ms / 60000 * 60, tenant_id, model")
+    db.execute("COMMIT")
     db.close()
     return {f"agent{a:02d}": [base64.b64decode(usage_signing.public_key_b64(k))]
             for a, k in enumerate(keys)}
@@ -107,6 +117,11 @@ def timed_verify(path: str, keys: dict, all_signatures: bool = False) -> tuple:
     started = time.perf_counter()
     report = verify_file(path, keys, all_signatures)
     return report, time.perf_counter() - started
+
+
+def every_ok(path: str, keys: dict) -> bool:
+    """After the tamper checks undid their edits, the file verifies again."""
+    return verify_file(path, keys).ok
 
 
 def tamper_checks(path: str, keys: dict, rows: int, rng: random.Random) -> list[str]:
@@ -142,6 +157,11 @@ def tamper_checks(path: str, keys: dict, rows: int, rng: random.Random) -> list[
     db.execute("UPDATE journal SET id = ? WHERE id = -1", (swap + 1,))
     db.execute("COMMIT")
     check("swapped", swap)
+    db.execute("BEGIN")
+    db.execute("UPDATE journal SET id = -1 WHERE id = ?", (swap,))
+    db.execute("UPDATE journal SET id = ? WHERE id = ?", (swap, swap + 1))
+    db.execute("UPDATE journal SET id = ? WHERE id = -1", (swap + 1,))
+    db.execute("COMMIT")
     db.close()
     return failures
 
@@ -174,6 +194,7 @@ def main() -> int:
         print(f"verify, hash chain only (no tokens file): {chain_s:.2f} s "
               f"({n / chain_s:,.0f} rows/s)")
         failures = tamper_checks(path, keys, args.rows, random.Random(args.seed))
+        assert every_ok(path, keys)
         small = str(Path(tmp) / "small.db")
         db = sqlite3.connect(small)
         db.executescript(JOURNAL_SCHEMA)

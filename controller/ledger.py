@@ -353,7 +353,7 @@ class Ledger:
     def _in_report(self, report_id: str | None, backend: str, now: float,
                    add: Callable[[int], None]) -> bool:
         """Run `add(minute)` in one committed transaction, once per report id."""
-        minute = int(now // 60 * 60)
+        minute = _ms(now) // 60_000 * 60  # the journal rows' minute, to the millisecond
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:

@@ -126,10 +126,13 @@ class VerifyReport:
     unsigned_rows: int = 0
     gaps: list[Problem] = field(default_factory=list)  # accepted, flagged at ingest
     unknown_agents: set[str] = field(default_factory=set)
+    # the per-minute table (GET /ledger, ledger.csv) against the journal's sums
+    table_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.chain_problem is None and not self.signature_problems
+        return (self.chain_problem is None and not self.signature_problems
+                and not self.table_problems)
 
 
 MAX_LISTED = 100  # problems listed beyond the first; the counts keep going
@@ -219,9 +222,43 @@ def verify_file(path: str, keys: dict[str, list[bytes]] | None = None,
                 all_signatures: bool = False) -> VerifyReport:
     db = read_only(path)
     try:
-        return verify_rows(db.execute(SELECT_ROWS), keys, all_signatures)
+        report = verify_rows(db.execute(SELECT_ROWS), keys, all_signatures)
+        report.table_problems = compare_minutes(db)
+        return report
     finally:
         db.close()
+
+
+def compare_minutes(db: sqlite3.Connection) -> list[str]:
+    """Where the per-minute `usage` table (what GET /ledger and ledger.csv show) differs
+    from the journal's sums: an edit of the table the chain does not cover. Minutes up
+    to the journal's first are skipped (a ledger from before the journal has usage
+    there that no journal row holds)."""
+    has_usage = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' "
+                           "AND name = 'usage'").fetchone()[0]
+    first = db.execute("SELECT MIN(received_ms) FROM journal").fetchone()[0]
+    if not has_usage or first is None:
+        return []
+    start = first // 60_000 * 60 + 60
+    journal = {(m, t, model): (p, c, r) for m, t, model, p, c, r in db.execute(
+        "SELECT received_ms / 60000 * 60, tenant_id, model, SUM(prompt_tokens), "
+        "SUM(completion_tokens), SUM(requests) FROM journal WHERE kind = 'usage' "
+        "AND received_ms >= ? GROUP BY received_ms / 60000 * 60, tenant_id, model",
+        (start * 1000,))}
+    table = {(m, t, model): (p, c, r) for m, t, model, p, c, r in db.execute(
+        "SELECT minute, tenant_id, model, prompt_tokens, completion_tokens, requests "
+        "FROM usage WHERE minute >= ?", (start,))}
+    zero = (0, 0, 0)
+    problems = []
+    for key in sorted(set(journal) | set(table), key=str):
+        if journal.get(key, zero) != table.get(key, zero):
+            minute, tenant, model = key
+            problems.append(f"minute {minute} tenant {tenant} model {model!r}: the per-minute "
+                            f"table says {table.get(key, zero)} (prompt, completion, "
+                            f"requests), the journal {journal.get(key, zero)}")
+            if len(problems) >= MAX_LISTED:
+                break
+    return problems
 
 
 def _check(report: VerifyReport, open_row: tuple, agent_keys: list[bytes]) -> None:

@@ -77,6 +77,7 @@ def _as_dict(report: VerifyReport, seconds: float, head_ok: bool) -> dict:
             "signatures_checked": report.signatures_checked,
             "signed_rows": report.signed_rows, "unsigned_rows": report.unsigned_rows,
             "gaps": [vars(p) for p in report.gaps],
+            "table_problems": report.table_problems,
             "unknown_agents": sorted(report.unknown_agents)}
 
 
@@ -100,6 +101,8 @@ def _print(path: str, report: VerifyReport, seconds: float, with_keys: bool,
         if report.unknown_agents:
             click.echo("no public key in the tokens file for: "
                        + ", ".join(sorted(report.unknown_agents)))
+    for problem in report.table_problems:
+        click.echo(f"TAMPERED (per-minute table): {problem}")
     for gap in report.gaps:
         click.echo(f"gap (accepted and flagged at ingest): {gap.message}")
 

@@ -95,6 +95,23 @@ def test_verify_names_the_tampered_row(tmp_path, key, tamper, named):
     assert "TAMPERED: " in done.stdout and named in done.stdout
 
 
+def test_an_edit_of_the_per_minute_table_shows(tmp_path, key):
+    """GET /ledger and ledger.csv read the per-minute table: verify sums the journal
+    against it."""
+    path = build(tmp_path, key)
+    assert verify_file(path).table_problems == []
+    db = sqlite3.connect(path)
+    minute = max(m for (m,) in db.execute("SELECT minute FROM usage"))
+    db.execute("UPDATE usage SET completion_tokens = completion_tokens + 1000 "
+               "WHERE minute = ? AND tenant_id = 1", (minute,))
+    db.commit()
+    db.close()
+    done = run_verify("--ledger", path)
+    assert done.returncode == 1
+    assert f"TAMPERED (per-minute table): minute {minute} tenant 1 model 'llama'" in done.stdout
+    assert "hash chain: intact" in done.stdout  # the journal itself was not touched
+
+
 def test_a_rewritten_chain_still_fails_on_the_signatures(tmp_path, key):
     """Whoever can rewrite the file can recompute every hash, but not sign for the agent."""
     path = build(tmp_path, key)
