@@ -6,8 +6,9 @@ row changes its hash; deleting one leaves a hole in the ids and breaks the link;
 swapping two changes what each position hashes to. `verify` walks the rows in id
 order and names the first row at which the chain breaks (an edited row is named
 itself, unless whoever edited it also recomputed its hash: then the row after it).
-The last row's hash is the chain's head: published outside the file (the audit
-log, GET /api/v1/ledger/head, a metric) it also shows rows cut off at the end.
+The last row's hash is the chain's head: recorded outside the file (read it from
+GET /api/v1/ledger/head) and passed to `verify --expect-head`, it also shows rows
+cut off at the end.
 
 Signed rows are further checked against the agents' public keys: each agent's
 records link to its previous one (tokenfabric/usage_signing.py), so a signature
