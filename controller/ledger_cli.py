@@ -36,7 +36,7 @@ def ledger_group() -> None:
               help="Check every row's signature, not one per unbroken run of an agent's "
                    "records (slower: ~0.1-0.4 ms per row).")
 @click.option("--expect-head", help="The head hash published earlier (GET /api/v1/ledger/head"
-              " or the audit log): rows cut off at the end show as a different head.")
+              "): rows cut off at the end show as a different head.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify_command(path: str, tokens: str | None, all_signatures: bool,
                    expect_head: str | None, as_json: bool) -> None:
