@@ -25,13 +25,22 @@ from pathlib import Path
 from typing import Any
 
 from controller import fabric as fabric_file
-from controller import gctools, log
-from controller.api.errors import Conflict, Invalid, NotFound, SwitchFailed, Unavailable
+from controller import gctools, identity, log
+from controller.api.errors import (
+    ApiError,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    SwitchFailed,
+    Unavailable,
+)
 from controller.api.schemas import BackendRegistration, BackendReport
-from controller.auth import Principal, TokenStore
+from controller.auth import Principal, Role, TokenStore
+from controller.crosscheck import BackendCheck, CheckSettings, check_ports
 from controller.drivers import Fleet, features_of, openflow_context
 from controller.entries import DesiredState
-from controller.ledger import Ledger, Usage
+from controller.ledger import Ledger, SignedOutcome, Usage, UsageRefused
 from controller.model import Backend, BackendState, Model
 from controller.openflow.budget import TenantBuckets
 from controller.policy import reload
@@ -48,6 +57,7 @@ COUNTER_INTERVAL_S = 10.0  # how often switch counters are sampled into the ledg
 MAX_BACKEND_ID = fabric_file.MAX_BACKEND_ID
 TENANT_BYTES_COUNTER = "tenant_traffic"  # per tenant: packets and bytes (p4src count.p4)
 TENANT_CONNS_COUNTER = "tenant_admitted"  # per tenant: connections admitted
+CONTROLLER = Principal("controller", Role.ADMIN)  # who the audit names for its own findings
 
 
 @dataclass
@@ -58,6 +68,15 @@ class AuditEntry:
     action: str
     target: str
     detail: str = ""
+
+
+@dataclass
+class ReportResult:
+    """What a report did: usage recorded (False: a retry of a recorded report)."""
+
+    recorded: bool
+    usage: list[Usage] = field(default_factory=list)  # what this report added
+    signed: SignedOutcome | None = None
 
 
 @dataclass
@@ -85,8 +104,10 @@ class Controller:
                  report_timeout_s: float = REPORT_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic,
                  counters: tuple[str, str] = (TENANT_BYTES_COUNTER, TENANT_CONNS_COUNTER),
-                 startup_grace_s: float = 0.0) -> None:
+                 startup_grace_s: float = 0.0,
+                 max_tokens_per_s: int = identity.MAX_TOKENS_PER_S) -> None:
         self.model = model
+        self.max_tokens_per_s = max_tokens_per_s  # bounds what one report may bill
         self.counter_names = counters  # P4 counters: per-tenant traffic, per-tenant conns
         self.ledger = ledger
         self.tokens = tokens or TokenStore.disabled()
@@ -111,6 +132,12 @@ class Controller:
         self.buckets = TenantBuckets(clock)
         self.prefix_index = PrefixIndex(clock=clock)  # fed by the agents' KV events
         self._usage_totals: dict[tuple[str, int, str], int] = {}
+        self._last_usage_at: dict[str, float] = {}  # backend -> clock() of its last report
+        self.refusals = collections.Counter[str]()  # usage/identity refusals by kind
+        self.usage_gaps = 0  # holes in agents' record sequences (accepted, flagged)
+        self.crosscheck = CheckSettings()  # billed tokens against the bytes backends sent
+        self.counter_interval_s = COUNTER_INTERVAL_S
+        self.billing_checks: list[BackendCheck] = []  # the last periodic check's verdicts
         self._dirty: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
         self.policy_process = PolicyProcess()  # parses policies off the event loop
@@ -130,6 +157,21 @@ class Controller:
         self.audit_log.append(entry)
         log.info("audit: %s (%s) %s %s%s", who.name, who.role.label, action, target,
                  f": {detail}" if detail else "")
+
+    def refuse(self, who: Principal, kind: str, target: str, error: ApiError) -> ApiError:
+        """Audit a refused request (identity or usage) and hand back the error to raise."""
+        self.refusals[kind] += 1
+        self.audit(who, f"refused-{kind}", target, error.message)
+        return error
+
+    def authorize(self, who: Principal, action: str, backend: str, *hosts: str | None) -> None:
+        """403 (audited) unless `who` may speak for `backend` on every one of `hosts`."""
+        for host in hosts or (None,):
+            if not identity.may_speak_for(who, backend, host):
+                raise self.refuse(who, "identity", f"backend {backend}", Forbidden(
+                    f"'{who.name}' may not {action} backend '{backend}'"
+                    + (f" on host '{host}'" if host else "")
+                    + " (the tokens file binds its token to other backends)"))
 
     def mark_dirty(self) -> None:
         if self._dirty is not None:
@@ -151,6 +193,8 @@ class Controller:
 
     def register_backend(self, reg: BackendRegistration, who: Principal) -> Backend:
         """Add (or, for the same name, refresh) an agent's backend; it keeps its id."""
+        old = self.model.backends.get(reg.name)
+        self.authorize(who, "register", reg.name, reg.host, *([old.host] if old else []))
         service = self.service_at(reg.vip, reg.vip_port)
         if service is None:
             raise Invalid(f"no service has the VIP {reg.vip}:{reg.vip_port}")
@@ -192,6 +236,7 @@ class Controller:
         kept = extras if extras is not None else BackendExtras()
         kept.registered = True
         self.extras[reg.name] = kept
+        self._last_usage_at.setdefault(reg.name, self.clock())
         self.router.tick()
         self.audit(who, "register" if old is None else "re-register", f"backend {reg.name}",
                    f"id {backend_id}, {reg.address} on {reg.switch}:{reg.port}, "
@@ -218,7 +263,7 @@ class Controller:
         return backend_id
 
     def deregister_backend(self, name: str, who: Principal) -> None:
-        self.backend(name)
+        self.authorize(who, "deregister", name, self.backend(name).host)
         if not self.extras[name].registered:
             raise Conflict(f"backend '{name}' is defined in the fabric file; drain it instead")
         fabric_file.remove_backend(self.model, name)
@@ -228,10 +273,18 @@ class Controller:
         self.audit(who, "deregister", f"backend {name}")
         self.mark_dirty()
 
-    async def report(self, name: str, rep: BackendReport,
-                     idempotency_key: str | None = None) -> bool:
-        """Take an agent's report: usage into the ledger (durably, first), load into the model."""
+    async def report(self, name: str, rep: BackendReport, idempotency_key: str | None = None,
+                     *, who: Principal) -> ReportResult:
+        """Take an agent's report: usage into the ledger (durably, first), load into the model.
+
+        Refused (audited, nothing recorded): a backend `who` may not speak for (403),
+        unsigned usage from an agent that has a key (403), a bad signature (403), a
+        tenant the policy does not name (422), more tokens than fit in the time since
+        the backend's last report (422), totals that go backwards or a replayed or
+        forked record (409)."""
         backend = self.backend(name)
+        self.authorize(who, "report for", name, backend.host)
+        target = f"backend {name}"
         report_id = rep.report_id or idempotency_key
         default_model = backend.models[0] if backend.models else ""
         totals = rep.total_items()
@@ -239,18 +292,59 @@ class Controller:
         usage = [Usage(u.tenant_id, u.model or default_model, u.prompt_tokens,
                        u.completion_tokens, 1 if u.requests is None else u.requests)
                  for u in items if u.prompt_tokens or u.completion_tokens or u.requests]
-        # cumulative totals are idempotent by themselves; plain usage needs the report id
-        record = self.ledger.record if totals is None else self.ledger.record_totals
+        signed_items = rep.records or []
+        known = [t.tenant_id for t in self.model.policy.tenants.values()]
+        unknown = identity.unknown_tenants(
+            [u.tenant_id for u in usage] + [r.tenant_id for r in signed_items], known)
+        if unknown:
+            raise self.refuse(who, "unknown-tenant", target, Invalid(
+                f"tenant id(s) {', '.join(map(str, unknown))} are not in the running policy"))
+        if who.public_key is not None and usage:
+            raise self.refuse(who, "unsigned", target, Forbidden(
+                f"'{who.name}' has a public key: its usage must come as signed `records`"))
+        last = self._last_usage_at.get(name)
+        bound = identity.report_bound(self.max_tokens_per_s,
+                                      None if last is None else self.clock() - last)
+        signed = None
         try:
-            recorded = await asyncio.to_thread(
-                record, f"{name}/{report_id}" if report_id else None, name, usage)
+            if rep.records is not None:
+                try:
+                    records = identity.verified_records(who, name, signed_items)
+                except ApiError as exc:
+                    raise self.refuse(who, "signature", target, exc) from None
+                signed = await asyncio.to_thread(self.ledger.record_signed, name, who.name,
+                                                 records, max_tokens=bound)
+                recorded = signed.added > 0 or not signed.duplicates
+                usage = signed.usage
+            else:
+                events: list[str] = []
+                # cumulative totals are idempotent by themselves; plain usage needs the id
+                rid = f"{name}/{report_id}" if report_id else None
+                if totals is None:
+                    recorded = await asyncio.to_thread(
+                        self.ledger.record, rid, name, usage, agent=who.name, max_tokens=bound)
+                else:
+                    recorded = await asyncio.to_thread(
+                        self.ledger.record_totals, rid, name, usage, agent=who.name,
+                        epoch=rep.epoch, max_tokens=bound, events=events)
+                for event in events:
+                    self.audit(who, "usage-reset", target, event)
+        except ApiError:
+            raise
+        except UsageRefused as exc:
+            error = Invalid(exc.message) if exc.kind == "too_large" else Conflict(exc.message)
+            raise self.refuse(who, exc.kind, target, error) from None
         except Exception as exc:  # sqlite3 errors: disk full, I/O error
             log.error("ledger: cannot record a report of %s: %s", name, exc)
             raise Unavailable(f"ledger cannot record the report ({exc}); retry") from exc
+        self._last_usage_at[name] = self.clock()
+        if signed is not None:
+            self._audit_signed(who, target, signed)
         if recorded:
-            self._debit_buckets(name, usage, cumulative=totals is not None)
+            self._debit_buckets(name, usage, cumulative=totals is not None and signed is None)
+        result = ReportResult(recorded, usage if recorded else [], signed)
         if self.model.backends.get(name) is not backend:
-            return recorded  # deregistered while the ledger wrote: the usage still counts
+            return result  # deregistered while the ledger wrote: the usage still counts
         extras = self.extras[name]
         extras.healthy = rep.healthy
         extras.metrics = rep.metrics or {}
@@ -258,7 +352,20 @@ class Controller:
         if self.router.on_report(name, running=rep.running, waiting=rep.waiting,
                                  kv_cache_usage=rep.kv_cache_usage, healthy=rep.healthy):
             self.mark_dirty()
-        return recorded
+        return result
+
+    def _audit_signed(self, who: Principal, target: str, outcome: SignedOutcome) -> None:
+        if outcome.new_epoch is not None and outcome.previous_epoch is not None:
+            self.audit(who, "usage-reset", target, f"new epoch {outcome.new_epoch} after "
+                       f"{outcome.previous_epoch}: its sequence restarts")
+        if outcome.gaps:
+            self.usage_gaps += len(outcome.gaps)
+            self.audit(who, "usage-gap", target, f"records {', '.join(outcome.gaps)} never "
+                       "arrived; the records after them were recorded and flagged")
+        if outcome.duplicates:
+            self.refusals["replay-ignored"] += outcome.duplicates
+            self.audit(who, "replay-ignored", target, f"{outcome.duplicates} record(s) "
+                       "recorded before (same signature) were not counted again")
 
     def _debit_buckets(self, backend: str, usage: list[Usage], cumulative: bool) -> None:
         """A report's tokens out of the tenants' buckets (cumulative reports: the growth)."""
@@ -452,6 +559,53 @@ class Controller:
         for name, entry in (await self.read_counters()).items():
             if entry["connected"] and entry["tenants"]:
                 await asyncio.to_thread(self.ledger.record_counters, name, entry["tenants"])
+        for name, switch in (self.southbound.switches.items() if self.southbound else ()):
+            if not hasattr(switch, "read_port_bytes") or switch.role.value == "disconnected":
+                continue
+            try:
+                ports = await switch.read_port_bytes()
+            except Exception as exc:  # a read can fail mid-session; the next one retries
+                log.warning("port counters of %s: %s", name, exc)
+                continue
+            await asyncio.to_thread(self.ledger.record_port_bytes, name, ports)
+
+    def port_checked_backends(self) -> dict[str, tuple[str, int]]:
+        """backend -> (switch, port), for backends on switches that count bytes per port."""
+        return {b.name: (b.switch, b.port) for b in self.model.backends.values()
+                if b.switch in self.model.fabric.switches
+                and self.model.fabric.switches[b.switch].driver == "openflow"}
+
+    async def check_billing(self, since: float | None = None,
+                            until: float | None = None) -> list[BackendCheck]:
+        """Billed completion tokens per backend port against the bytes the port received
+        (controller/crosscheck.py). The default window is the window_s that ended a
+        settle time ago: the port samples that counted its bytes have come in by now.
+        Bytes count from lag_s before the window to settle after it."""
+        settle = self.crosscheck.settle_s(self.counter_interval_s)
+        until = time.time() - settle if until is None else until
+        since = until - self.crosscheck.window_s if since is None else since
+        billed = await asyncio.to_thread(self.ledger.billed_by_backend, since, until)
+        growth = await asyncio.to_thread(self.ledger.port_growth,
+                                         since - self.crosscheck.lag_s, until + settle)
+        return check_ports(billed, self.port_checked_backends(), growth, since, until,
+                           self.crosscheck.min_bytes_per_token)
+
+    async def periodic_billing_check(self) -> list[BackendCheck]:
+        """The check the run loop makes every interval: flags logged, audited, counted."""
+        checks = await self.check_billing()
+        self.billing_checks = checks
+        self.crosscheck.checks += 1
+        for c in checks:
+            if c.fits is not None and c.completion_tokens:  # a verdict on some billing
+                for b in c.backends:
+                    self.crosscheck.verdicts[b] = self.crosscheck.verdicts.get(b, 0) + 1
+            if c.fits is False:
+                for b in c.backends:
+                    self.crosscheck.flags[b] = self.crosscheck.flags.get(b, 0) + 1
+                    self.crosscheck.first_flagged.setdefault(b, time.time())
+                log.warning("crosscheck: billing does not fit the bytes sent: %s", c.detail)
+                self.audit(CONTROLLER, "billing-flagged", f"port {c.switch}:{c.port}", c.detail)
+        return checks
 
     # ------------------------------------------------------------ reconcile
 
@@ -501,16 +655,23 @@ class Controller:
         """Reconcile on every change and at least every RECONCILE_INTERVAL_S until `stop`."""
         self._dirty = asyncio.Event()
         next_counters = self.clock()
+        next_check = self.clock() + self.crosscheck.interval_s
         while not stop.is_set():
             self._dirty.clear()
             async with self._lock:
                 await self.reconcile_once()
             if self.clock() >= next_counters:
-                next_counters = self.clock() + COUNTER_INTERVAL_S
+                next_counters = self.clock() + self.counter_interval_s
                 try:
                     await self.sample_counters()
                 except Exception as exc:
                     log.warning("counter sampling failed: %s", exc)
+            if self.clock() >= next_check:
+                next_check = self.clock() + self.crosscheck.interval_s
+                try:
+                    await self.periodic_billing_check()
+                except Exception as exc:
+                    log.warning("billing cross-check failed: %s", exc)
             waiters = [asyncio.ensure_future(self._dirty.wait()),
                        asyncio.ensure_future(stop.wait())]
             with contextlib.suppress(asyncio.TimeoutError):

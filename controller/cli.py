@@ -28,6 +28,14 @@ DEFAULTS: dict[str, Any] = {
     "election_id": 1,
     "report_timeout_s": 3.0,
     "openflow_listen": "127.0.0.1:6653",
+    # what one report may bill, per backend and second of reporting (controller/identity.py)
+    "max_tokens_per_s": 1_000_000,
+    # billed tokens against the bytes backends' ports sent (controller/crosscheck.py)
+    "crosscheck_min_bytes_per_token": 150,
+    "crosscheck_interval_s": 30.0,
+    "crosscheck_window_s": 120.0,
+    "crosscheck_lag_s": 60.0,
+    "counter_interval_s": 10.0,  # switch counters sampled into the ledger this often
 }
 
 
@@ -100,6 +108,7 @@ def run_command(config_path: str | None, **flags: Any) -> None:
     if not 0 < timeout <= 3600 or not 0 < election_id < 2**64:
         _fail("tokenfabric controller run: report_timeout_s must be in (0, 3600] seconds and "
               "election_id in 1..2^64-1", exitcodes.INVALID_INPUT)
+    checks = _billing_settings(cfg)
     from controller.app import build_controller, serve  # the FastAPI stack loads only here
 
     try:
@@ -114,6 +123,12 @@ def run_command(config_path: str | None, **flags: Any) -> None:
     except (sqlite3.Error, OSError) as exc:
         _fail(f"tokenfabric controller run: cannot open the ledger {cfg['ledger']}: {exc}",
               exitcodes.FAILED)
+    ctl.max_tokens_per_s = checks["max_tokens_per_s"]
+    ctl.crosscheck.min_bytes_per_token = checks["crosscheck_min_bytes_per_token"]
+    ctl.crosscheck.interval_s = checks["crosscheck_interval_s"]
+    ctl.crosscheck.window_s = checks["crosscheck_window_s"]
+    ctl.crosscheck.lag_s = checks["crosscheck_lag_s"]
+    ctl.counter_interval_s = checks["counter_interval_s"]
     if not ctl.tokens.enabled and not _is_loopback(host):
         _fail(f"tokenfabric controller run: refusing to listen on {host} without --tokens "
               "(auth is off without a token file; only loopback is allowed then)",
@@ -123,6 +138,27 @@ def run_command(config_path: str | None, **flags: Any) -> None:
         asyncio.run(serve(ctl, host, port))
     except OSError as exc:
         _fail(f"tokenfabric controller run: {exc}", exitcodes.FAILED)
+
+
+def _billing_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The bound on reports and the cross-check's settings, checked (exit 4 when bad)."""
+    out: dict[str, Any] = {}
+    for key, kind, lo in (("max_tokens_per_s", int, 1),
+                          ("crosscheck_min_bytes_per_token", int, 0),
+                          ("crosscheck_interval_s", float, 1.0),
+                          ("crosscheck_window_s", float, 1.0),
+                          ("crosscheck_lag_s", float, 0.0),
+                          ("counter_interval_s", float, 0.5)):
+        value = cfg.get(key)
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or isinstance(value, bool) or number < lo:
+            _fail(f"tokenfabric controller run: {key} must be a number >= {lo}, not {value!r}",
+                  exitcodes.INVALID_INPUT)
+        out[key] = number
+    return out
 
 
 # ---------------------------------------------------------------- policy

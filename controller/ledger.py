@@ -8,6 +8,12 @@ transaction committed and the WAL was fsynced, so it survives a kill -9 of the
 controller and a power cut. A report id makes recording idempotent: an agent
 that retries after a timeout never double counts.
 
+Every usage the ledger counts is also a row of the journal (controller/ledger_chain.py):
+rows chained by hash, with the agent's signature and sequence number when its usage is
+signed, so that `tokenfabric ledger verify` shows an edited, deleted or reordered row.
+Cumulative totals never go backwards: lower totals are refused (UsageRefused) unless the
+agent declared a new epoch (a restart), which is journalled as an `epoch` row.
+
 Switch counters (bytes and packets per tenant, read over P4Runtime) are sampled
 into the same file, so that a time range can put what the agents say the
 tenants used beside what the switches saw.
@@ -21,8 +27,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from controller import statement
+from controller.csv_cells import safe_row
+from controller.ledger_chain import GENESIS as GENESIS_HASH
+from controller.ledger_chain import INSERT_ROW, JOURNAL_SCHEMA, JournalRow, chain
+from tokenfabric.usage_signing import UsageRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -62,9 +74,42 @@ CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id acro
     backend_id INTEGER NOT NULL UNIQUE
 );
 CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
+CREATE TABLE IF NOT EXISTS port_counters (  -- bytes a switch received on a backend's port
+    ts       REAL NOT NULL,
+    switch   TEXT NOT NULL,
+    port     INTEGER NOT NULL,
+    rx_bytes INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS port_counters_ts ON port_counters (ts);
 """
 
 REPORT_ID_RETENTION_S = 7 * 24 * 3600  # agents retry for seconds; a week is plenty
+
+
+class UsageRefused(Exception):
+    """A report's usage cannot be counted; nothing of the report was recorded.
+
+    kind: backwards (lower cumulative totals in the same epoch), too_large (over the
+    per-report bound), replay (an old record whose content differs from the one
+    recorded, or a record of an epoch that ended), fork (a record that does not link
+    to the agent's previous one)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class SignedOutcome:
+    """What a report of signed records did to the ledger."""
+
+    added: int = 0
+    duplicates: int = 0  # records recorded before with the same signature: a retry
+    gaps: list[str] = field(default_factory=list)  # "5-7": records that never arrived
+    usage: list[Usage] = field(default_factory=list)  # what the new records added
+    new_epoch: str | None = None  # the agent declared this new epoch (a restart)
+    previous_epoch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +169,7 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._db.executescript(JOURNAL_SCHEMA)
         self._last_prune = 0.0
 
     def close(self) -> None:
@@ -133,50 +179,181 @@ class Ledger:
     # ------------------------------------------------------------ writes
 
     def record(self, report_id: str | None, backend: str, usage: Iterable[Usage],
-               now: float | None = None) -> bool:
+               now: float | None = None, agent: str = "",
+               max_tokens: int | None = None) -> bool:
         """Add one report's usage; False (and nothing added) if its id was recorded before."""
         now = time.time() if now is None else now
+        usage = list(usage)
 
         def add(minute: int) -> None:
+            _check_bound(usage, max_tokens)
             for u in usage:
                 self._add_usage(minute, u)
+            self._journal([_row(now, agent, backend, u) for u in usage])
 
         return self._in_report(report_id, backend, now, add)
 
     def record_totals(self, report_id: str | None, backend: str, totals: Iterable[Usage],
-                      now: float | None = None) -> bool:
+                      now: float | None = None, agent: str = "", epoch: str | None = None,
+                      max_tokens: int | None = None, events: list[str] | None = None) -> bool:
         """Add the growth of an agent's cumulative totals since its last report.
 
         Idempotent by construction: a retried or duplicated report has grown by
         nothing, and a lost report's usage is counted with the next one. Totals
-        lower than the last ones mean the agent restarted: they count from zero.
+        lower than the last ones are refused (UsageRefused "backwards") unless the
+        report names an epoch other than the backend's last one: the agent restarted,
+        its totals count from zero, and an `epoch` row (and `events`) says so.
         """
         now = time.time() if now is None else now
+        totals = list(totals)
 
         def add(minute: int) -> None:
+            if epoch is not None and self._switch_epoch(now, agent, backend, epoch, events):
+                self._db.execute("DELETE FROM usage_totals WHERE backend = ?", (backend,))
+            growth = []
             for u in totals:
                 new = (u.prompt_tokens, u.completion_tokens, u.requests)
                 row = self._db.execute(
                     "SELECT prompt_tokens, completion_tokens, requests FROM usage_totals "
                     "WHERE backend = ? AND tenant_id = ? AND model = ?",
                     (backend, u.tenant_id, u.model)).fetchone()
-                if row is None or any(n < o for n, o in zip(new, row, strict=True)):
-                    grown = new  # first report, or the agent restarted
-                else:
-                    grown = tuple(n - o for n, o in zip(new, row, strict=True))
+                if row is not None and any(n < o for n, o in zip(new, row, strict=True)):
+                    raise UsageRefused(
+                        "backwards", f"usage_total of tenant {u.tenant_id} model {u.model!r} "
+                        f"went backwards ({_fmt(row)} -> {_fmt(new)}) in the same epoch; a "
+                        "restarted agent declares a new `epoch`")
+                grown = new if row is None else tuple(
+                    n - o for n, o in zip(new, row, strict=True))
                 self._db.execute(
                     "INSERT OR REPLACE INTO usage_totals (backend, tenant_id, model, "
                     "prompt_tokens, completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?)",
                     (backend, u.tenant_id, u.model, *new))
                 if any(grown):
-                    self._add_usage(minute, Usage(u.tenant_id, u.model, *grown))
+                    growth.append(Usage(u.tenant_id, u.model, *grown))
+            _check_bound(growth, max_tokens)
+            for u in growth:
+                self._add_usage(minute, u)
+            self._journal([_row(now, agent, backend, u) for u in growth])
 
         return self._in_report(report_id, backend, now, add)
+
+    def record_signed(self, backend: str, agent: str,
+                      records: list[tuple[UsageRecord, str]], now: float | None = None,
+                      max_tokens: int | None = None) -> SignedOutcome:
+        """Add signed records (signatures already verified by the caller) in seq order.
+
+        A record already recorded with the same signature is a retry (skipped); one
+        whose content differs, or that is older than the epoch's last, is a replay;
+        one that does not link to the epoch's previous record is a fork (both refuse
+        the whole report). A record after a hole in the sequence is recorded and
+        flagged (the hole is in `gaps`). A new epoch restarts the sequence."""
+        now = time.time() if now is None else now
+        outcome = SignedOutcome()
+        records = sorted(records, key=lambda r: r[0].seq)  # one epoch (the caller checks)
+
+        def add(minute: int) -> None:
+            rows: list[JournalRow] = []
+            fresh: list[Usage] = []
+            state = self._db.execute(
+                "SELECT epoch, last_seq, last_digest FROM agent_epochs WHERE backend = ?",
+                (backend,)).fetchone()
+            for rec, signature in records:
+                if self._recorded_before(backend, rec, signature):
+                    outcome.duplicates += 1
+                    continue
+                if state is None or rec.epoch != state[0]:
+                    if self._epoch_seen(backend, rec.epoch):
+                        raise UsageRefused("replay", f"record {rec.seq} belongs to epoch "
+                                           f"{rec.epoch}, which has ended")
+                    outcome.previous_epoch = state[0] if state else None
+                    outcome.new_epoch = rec.epoch
+                    rows.append(JournalRow(_ms(now), "epoch", agent, backend, 0, "", 0, 0, 0,
+                                           epoch=rec.epoch,
+                                           flags=f"after:{state[0]}" if state else ""))
+                    state = (rec.epoch, 0, "")
+                _, last_seq, last_digest = state
+                flags = ""
+                if rec.seq <= last_seq:
+                    raise UsageRefused("replay", f"record {rec.seq} of epoch {rec.epoch} is "
+                                       f"older than the last one recorded ({last_seq}) and "
+                                       "differs from what was recorded")
+                if rec.seq == last_seq + 1 and last_seq and rec.prev != last_digest:
+                    raise UsageRefused("fork", f"record {rec.seq} does not link to record "
+                                       f"{last_seq} (prev digest differs)")
+                if rec.seq > last_seq + 1:
+                    hole = f"{last_seq + 1}-{rec.seq - 1}"
+                    outcome.gaps.append(hole)
+                    flags = f"gap:{hole}"
+                rows.append(JournalRow(
+                    _ms(now), "usage", agent, backend, rec.tenant_id, rec.model,
+                    rec.prompt_tokens, rec.completion_tokens, rec.requests, rec.epoch, rec.seq,
+                    rec.time_ms, rec.prev, signature, flags))
+                fresh.append(Usage(rec.tenant_id, rec.model, rec.prompt_tokens,
+                                   rec.completion_tokens, rec.requests))
+                state = (rec.epoch, rec.seq, rec.digest())
+            _check_bound(fresh, max_tokens)
+            for u in fresh:
+                if u.prompt_tokens or u.completion_tokens or u.requests:
+                    self._add_usage(minute, u)
+            self._journal(rows)
+            if state is not None:
+                self._db.execute("DELETE FROM agent_epochs WHERE backend = ?", (backend,))
+                self._db.execute("INSERT INTO agent_epochs (backend, epoch, last_seq, "
+                                 "last_digest) VALUES (?, ?, ?, ?)", (backend, *state))
+            outcome.added = len(fresh)
+            outcome.usage = fresh
+
+        self._in_report(None, backend, now, add)
+        return outcome
+
+    def _recorded_before(self, backend: str, rec: UsageRecord, signature: str) -> bool:
+        row = self._db.execute(
+            "SELECT signature FROM journal WHERE backend = ? AND epoch = ? AND seq = ? "
+            "AND kind = 'usage'", (backend, rec.epoch, rec.seq)).fetchone()
+        return row is not None and row[0] == signature
+
+    def _epoch_seen(self, backend: str, epoch: str) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM journal WHERE backend = ? AND epoch = ? AND kind = 'epoch'",
+            (backend, epoch)).fetchone() is not None
+
+    def _switch_epoch(self, now: float, agent: str, backend: str, epoch: str,
+                      events: list[str] | None) -> bool:
+        """Make `epoch` the backend's (unsigned totals); True when that ended another one."""
+        row = self._db.execute("SELECT epoch FROM agent_epochs WHERE backend = ?",
+                               (backend,)).fetchone()
+        if row is not None and row[0] == epoch:
+            return False
+        if row is not None or self._db.execute(
+                "SELECT 1 FROM usage_totals WHERE backend = ?", (backend,)).fetchone():
+            if self._epoch_seen(backend, epoch):
+                raise UsageRefused("replay", f"epoch {epoch} of {backend} has ended")
+            reset = True
+        else:
+            reset = False
+        self._db.execute("DELETE FROM agent_epochs WHERE backend = ?", (backend,))
+        self._db.execute("INSERT INTO agent_epochs (backend, epoch, last_seq, last_digest) "
+                         "VALUES (?, ?, 0, '')", (backend, epoch))
+        self._journal([JournalRow(_ms(now), "epoch", agent, backend, 0, "", 0, 0, 0,
+                                  epoch=epoch, flags="reset" if reset else "")])
+        if reset and events is not None:
+            events.append(f"new epoch {epoch}: cumulative totals restart from zero "
+                          f"(previous epoch {row[0] if row else 'none'})")
+        return reset
+
+    def _journal(self, rows: list[JournalRow]) -> None:
+        """Append rows to the chain (inside the caller's transaction)."""
+        if not rows:
+            return
+        last = self._db.execute("SELECT id, hash FROM journal ORDER BY id DESC "
+                                "LIMIT 1").fetchone()
+        first_id, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
+        self._db.executemany(INSERT_ROW, chain(first_id, prev_hash, rows))
 
     def _in_report(self, report_id: str | None, backend: str, now: float,
                    add: Callable[[int], None]) -> bool:
         """Run `add(minute)` in one committed transaction, once per report id."""
-        minute = int(now // 60 * 60)
+        minute = _ms(now) // 60_000 * 60  # the journal rows' minute, to the millisecond
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -225,6 +402,62 @@ class Ledger:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def record_port_bytes(self, switch: str, ports: dict[int, int],
+                          now: float | None = None) -> None:
+        """Store one read of a switch's per-port received bytes: port -> bytes."""
+        now = time.time() if now is None else now
+        rows = [(now, switch, port, b) for port, b in sorted(ports.items())]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO port_counters (ts, switch, port, rx_bytes) "
+                                     "VALUES (?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def port_growth(self, since: float, until: float, baseline_s: float = 120.0,
+                    ) -> dict[tuple[str, int], tuple[int, int]]:
+        """(switch, port) -> (bytes received, samples) from the last sample before `since`
+        (at most `baseline_s` earlier) to the last one before `until`; samples counts
+        those after the baseline, 0 without a baseline (bytes before the first sample
+        are unknown). A counter lower than the one before (a switch restart) counts from
+        zero."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT switch, port, rx_bytes, ts FROM port_counters WHERE ts >= ? AND "
+                "ts < ? ORDER BY switch, port, ts", (since - baseline_s, until)).fetchall()
+        growth: dict[tuple[str, int], list[int]] = {}
+        last: dict[tuple[str, int], int] = {}
+        for switch, port, value, ts in rows:
+            key = (switch, port)
+            acc = growth.setdefault(key, [0, 0])
+            prev = last.get(key)
+            last[key] = value
+            if ts < since or prev is None:
+                continue  # the baseline: the last sample before the window
+            acc[1] += 1
+            acc[0] += value - prev if value >= prev else value
+        baselined = {(sw, p) for sw, p, _, ts in rows if ts < since}
+        return {k: (a[0], a[1]) if k in baselined else (0, 0) for k, a in growth.items()}
+
+    def billed_by_backend(self, since: float | None = None, until: float | None = None,
+                          ) -> dict[str, tuple[int, int]]:
+        """backend -> (prompt, completion) tokens of the journal rows received in range."""
+        clauses, args = ["kind = 'usage'"], []
+        if since is not None:
+            clauses.append("received_ms >= ?")
+            args.append(_ms(since))
+        if until is not None:
+            clauses.append("received_ms < ?")
+            args.append(_ms(until))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT backend, SUM(prompt_tokens), SUM(completion_tokens) FROM journal "
+                f"WHERE {' AND '.join(clauses)} GROUP BY backend", args).fetchall()
+        return {b: (p, c) for b, p, c in rows}
+
     def remember_backend_id(self, name: str, backend_id: int) -> None:
         """Keep the id an agent's backend got, so that it gets it again after a restart."""
         with self._lock:
@@ -264,6 +497,19 @@ class Ledger:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [UsageRow(*r) for r in rows]
+
+    def usage_by_model(self, tenant_id: int, since: float | None = None,
+                       until: float | None = None) -> dict[str, tuple[int, int, int]]:
+        """model -> (prompt, completion, requests) of a tenant, from the journal."""
+        with self._lock:
+            return statement.usage_by_model(self._db, tenant_id, since, until)
+
+    def head(self) -> tuple[int, str]:
+        """The journal's last row id and hash (publish it: it anchors the chain)."""
+        with self._lock:
+            row = self._db.execute("SELECT id, hash FROM journal ORDER BY id DESC "
+                                   "LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, GENESIS_HASH)
 
     def totals(self, since: float | None = None,
                until: float | None = None) -> dict[int, tuple[int, int, int]]:
@@ -318,9 +564,31 @@ class Ledger:
                          "completion_tokens", "total_tokens", "requests"])
         for r in rows:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.minute))
-            writer.writerow([r.minute, stamp, r.tenant_id, r.model, r.prompt_tokens,
-                             r.completion_tokens, r.total_tokens, r.requests])
+            writer.writerow(safe_row([r.minute, stamp, r.tenant_id, r.model, r.prompt_tokens,
+                                      r.completion_tokens, r.total_tokens, r.requests]))
         return buf.getvalue()
+
+
+def _ms(now: float) -> int:
+    return int(round(now * 1000))
+
+
+def _fmt(values: Iterable[int]) -> str:
+    return "/".join(str(v) for v in values)
+
+
+def _row(now: float, agent: str, backend: str, u: Usage) -> JournalRow:
+    return JournalRow(_ms(now), "usage", agent, backend, u.tenant_id, u.model, u.prompt_tokens,
+                      u.completion_tokens, u.requests)
+
+
+def _check_bound(usage: list[Usage], max_tokens: int | None) -> None:
+    if max_tokens is None:
+        return
+    total = sum(u.prompt_tokens + u.completion_tokens for u in usage)
+    if total > max_tokens:
+        raise UsageRefused("too_large", f"the report bills {total} tokens; at most "
+                           f"{max_tokens} fit in the time since the backend's last report")
 
 
 def _filters(tenant_id: int | None, model: str | None, since: float | None,

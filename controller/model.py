@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 
 class SelectionMode(enum.StrEnum):
@@ -251,6 +252,14 @@ class Slo:
     tpot_p99_ms: int | None = None
 
 
+@dataclass(frozen=True)
+class ModelPrice:
+    """What a contract charges per million tokens of one model (in the contract's currency)."""
+
+    input_per_million: Decimal
+    output_per_million: Decimal
+
+
 @dataclass
 class Contract:
     name: str
@@ -262,6 +271,9 @@ class Contract:
     request_priority: int = 0  # Gateway API Inference Extension: higher is more important
     camara_profile: str | None = None  # e.g. "QOS_E", "QOS_S", "QOS_M", "QOS_L"
     services: list[str] = field(default_factory=list)  # empty: every service
+    # model -> price ("*": every model not named); empty: statements show no amounts
+    prices: dict[str, ModelPrice] = field(default_factory=dict)
+    currency: str = "USD"
 
 
 @dataclass

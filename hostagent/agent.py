@@ -35,6 +35,8 @@ from hostagent.kv_events import KvEventSubscriber, local, subscriber_side
 from hostagent.load import LoadFigures, compute_load, delay_load
 from hostagent.metrics import ScrapeError, VllmSnapshot, healthy, scrape
 from hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
+from hostagent.usage_records import UsageSigner
+from tokenfabric import usage_signing
 
 
 class Agent:
@@ -50,6 +52,14 @@ class Agent:
         self.rdma_status: dict = {}
         self.host_status: dict = {}
         self.reports_sent = 0
+        # This run's epoch: the controller refuses totals that go down within one, and
+        # takes a new one as an (audited) restart from zero.
+        self.epoch = usage_signing.new_epoch()
+        self.models: list[str] = list(config.models)
+        self.signer = UsageSigner(usage_signing.load_key_file(config.signing_key),
+                                  config.name) if config.signing_key else None
+        if self.signer is not None:
+            self.epoch = self.signer.epoch
         self.draining = False       # set by the controller's report answer {"draining": true}
         self.registered = asyncio.Event()
         self.host_setup: HostSetup | None = None
@@ -102,6 +112,9 @@ class Agent:
 
     def _on_request_finished(self, tenant: Tenant, usage: TenantUsage) -> None:
         self.tenant_ids[tenant.name] = tenant.tenant_id
+        if self.config.bill_factor != 1:  # FAULT INJECTION (labs): a lying agent
+            usage = dataclasses.replace(usage, completion_tokens=round(
+                usage.completion_tokens * self.config.bill_factor))
         self.usage_total.setdefault(tenant.name, TenantUsage()).add(usage)
         self.usage_unreported.setdefault(tenant.name, TenantUsage()).add(usage)
 
@@ -276,6 +289,7 @@ class Agent:
                 if reg.roce:
                     self.rdma_status = await asyncio.to_thread(self._roce, reg.roce)
                 self.backend_id = reg.backend_id
+                self.models = models or self.models
                 self.registered.set()
                 log.info("registered %s as backend %d (%d tenants, models %s)",
                          self.config.name, reg.backend_id, len(reg.tenants), models)
@@ -299,14 +313,25 @@ class Agent:
         snap = self.snapshot or VllmSnapshot()
         fig = self.figures()
 
-        def usage_view(table: dict[str, TenantUsage]) -> dict:
-            return {name: {"tenant_id": self.tenant_ids.get(name, 0), **vars(u)}
-                    for name, u in table.items()}
+        known = self.known_tenant_ids()
 
+        def usage_view(table: dict[str, TenantUsage]) -> dict:
+            # the controller refuses tenants its policy does not name (one removed by a
+            # policy reload): those stay out of the report instead of blocking it
+            return {name: {"tenant_id": self.tenant_ids.get(name, 0), **vars(u)}
+                    for name, u in table.items() if self.tenant_ids.get(name, 0) in known}
+
+        usage: dict = {"usage": usage_view(self.usage_unreported),
+                       "usage_total": usage_view(self.usage_total), "epoch": self.epoch}
+        if self.signer is not None:
+            # signed records bill; the plain counters are left out (the controller
+            # refuses unsigned usage from an agent whose token has a key)
+            self.signer.take(self.usage_unreported, self.tenant_ids, known,
+                             self.models[0] if self.models else "unknown")
+            usage = {"usage": {}, "records": self.signer.body(), "epoch": self.epoch}
         return {"running": snap.running, "waiting": snap.waiting,
                 "kv_cache_usage": snap.kv_cache_usage, "healthy": not self.down,
-                "load": fig.load, "usage": usage_view(self.usage_unreported),
-                "usage_total": usage_view(self.usage_total),
+                "load": fig.load, **usage,
                 "metrics": snap.as_report() if self.snapshot else None,
                 "rdma": self.rdma_status, "host": self.host_status,
                 "bridge": {"mode": self.config.mode, "in_flight": self.bridge.in_flight},
@@ -315,6 +340,9 @@ class Agent:
                     **vars(self.kv_subscriber.stats), "blocks": len(self.kv_blocks),
                     "reports_sent": self.kv_reports_sent},
                 "seq": self.reports_sent}
+
+    def known_tenant_ids(self) -> set[int]:
+        return {t.tenant_id for t in self.tenants.tenants} | {UNKNOWN_TENANT_ID}
 
     async def _controller_loop(self) -> None:
         assert self.controller is not None
@@ -326,7 +354,12 @@ class Agent:
             try:
                 answer = await self.controller.report(self.config.name, body)
             except ControllerError as exc:
-                if exc.status == 404:
+                if exc.status == 409 and self.signer is not None:
+                    log.error("the controller refused the usage records (%s); signing them "
+                              "again in a new epoch", exc)
+                    self.signer.restart(self.usage_unreported)
+                    self.epoch = self.signer.epoch
+                elif exc.status == 404:
                     log.warning("the controller forgot %s; registering again", self.config.name)
                     self.registered.clear()
                     self.backend_id = None  # no beacons under a stale id
@@ -335,6 +368,8 @@ class Agent:
                     log.warning("report failed: %s", exc)
                 continue
             self.reports_sent += 1
+            if self.signer is not None:
+                self.signer.acknowledged(len(body.get("records", [])))
             # What was reported is acknowledged; what arrived meanwhile stays for the next.
             for name, usage in sent.items():
                 left = self.usage_unreported.get(name)

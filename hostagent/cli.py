@@ -137,6 +137,30 @@ def _load_config(path: str | None, flags: dict) -> AgentConfig:
         sys.exit(exitcodes.INVALID_INPUT)
 
 
+@agent_group.command("keygen")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the new private key (PEM, mode 0600; never overwritten).")
+@click.option("--name", default="AGENT-NAME", show_default=True,
+              help="The token's name, for the tokens-file line printed.")
+def keygen_command(key_path: str, name: str) -> None:
+    """Make the Ed25519 key pair that signs this agent's usage records.
+
+    Put the key's path in the agent config (`signing_key`) and the printed public key
+    on the agent's token in the controller's tokens file (docs/rest.md)."""
+    from tokenfabric.usage_signing import KeyFileError, generate_key_file
+
+    try:
+        public = generate_key_file(key_path)
+    except KeyFileError as exc:
+        click.echo(f"agent keygen: {exc}", err=True)
+        sys.exit(exitcodes.FAILED)
+    click.echo(f"private key: {key_path}  (agent config: signing_key: {key_path})")
+    click.echo(f"public key:  {public}")
+    click.echo("tokens file entry (controller):")
+    click.echo(f'  <agent token>: {{name: {name}, role: agent, backends: [<backend names>], '
+               f'public_key: "{public}"}}')
+
+
 @agent_group.command("run")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               envvar="TOKENFABRIC_CONFIG", help="YAML file with an `agent:` section.")

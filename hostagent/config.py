@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "controller_url": "http://127.0.0.1:8080",
     "token": None,                     # Bearer token for the controller's REST API
     "token_file": None,                # or a file holding it
+    "signing_key": None,               # Ed25519 private key (PEM) that signs usage records
     "bridge": True,                    # run the bridge on listen_address:listen_port
     "listen_address": None,            # default: vip
     "listen_port": None,               # default: vip_port
@@ -71,6 +72,9 @@ DEFAULTS: dict[str, Any] = {
     "kv_events_topic": "",
     "kv_index_max_blocks": 32768,      # blocks this agent tracks and reports at most
     "kv_report_interval": 1.0,         # seconds between block-set deltas to the controller
+    # FAULT INJECTION, labs only: bill this many times the completion tokens served (a
+    # lying agent, for the controller's billing cross-check). 1: honest.
+    "bill_factor": 1,
 }
 
 
@@ -91,6 +95,7 @@ class AgentConfig:
     controller_url: str
     token: str | None
     token_file: str | None
+    signing_key: str | None
     bridge: bool
     listen_address: str
     listen_port: int
@@ -124,6 +129,7 @@ class AgentConfig:
     kv_events_topic: str
     kv_index_max_blocks: int
     kv_report_interval: float
+    bill_factor: float
 
     @property
     def beacon_addr(self) -> tuple[str, int]:
@@ -209,6 +215,12 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
     host, _, port = str(values["beacon_target"]).rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"agent.beacon_target: {values['beacon_target']!r} is not host:port")
+    factor = values["bill_factor"]
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1 <= factor <= 100:
+        raise ConfigError("agent.bill_factor must be a number in 1..100 (1: honest)")
+    if values["signing_key"] is not None and not Path(str(values["signing_key"])).is_file():
+        raise ConfigError(f"agent.signing_key: {values['signing_key']!r} is not a file "
+                          "(make one with `tokenfabric agent keygen --key PATH`)")
     known = {f.name for f in fields(AgentConfig)}
     return AgentConfig(**{k: v for k, v in values.items() if k in known})
 

@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "policy": ("controller.cli", "policy_group", "controller", "Validate QoS policy files."),
     "switch": ("controller.cli", "switch_group", "controller",
                "Inspect a switch (p4runtime-shell as a non-primary client)."),
+    "ledger": ("controller.ledger_cli", "ledger_group", "controller",
+               "Verify the token ledger's hash chain and signatures; tenants' statements."),
     "agent": ("hostagent.cli", "agent_group", "agent",
               "Run the host agent (bridge, beacons, reports) beside vLLM."),
     "vllm-emulator": ("hostagent.cli", "emulator_command", "agent",

@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from controller.api.schemas import BackendReport
     from controller.app import Controller
+    from controller.ledger import Usage
 
 NS = "tokenfabric_controller"
 OTHER = "other"  # the one label value for everything outside the policy and the fabric
@@ -78,6 +79,29 @@ class ModelCollector:
                                     labels=["result"])
         for result in ("applied", "invalid", "failed"):
             applies.add_metric([result], ctl.policy_applies[result])
+        refused = CounterMetricFamily(f"{NS}_usage_refused", "Reports refused (identity, "
+                                      "signature, tenant, bound, backwards, replay, fork) and "
+                                      "replayed records ignored, by kind", labels=["kind"])
+        for kind, n in sorted(ctl.refusals.items()):
+            refused.add_metric([kind], n)
+        gaps = CounterMetricFamily(f"{NS}_usage_gaps", "Holes in agents' record sequences")
+        gaps.add_metric([], ctl.usage_gaps)
+        suspect = GaugeMetricFamily(
+            f"{NS}_billing_suspect", "1: the backend's billed tokens did not fit in the "
+            "bytes its port sent in the last cross-check window", labels=["backend"])
+        for check in ctl.billing_checks:
+            for b in check.backends:
+                if check.fits is not None:
+                    suspect.add_metric([b], 0 if check.fits else 1)
+        flagged = CounterMetricFamily(f"{NS}_billing_flagged_windows",
+                                      "Cross-check windows that flagged the backend",
+                                      labels=["backend"])
+        for b, n in sorted(ctl.crosscheck.flags.items()):
+            flagged.add_metric([b], n)
+        yield refused
+        yield gaps
+        yield suspect
+        yield flagged
         yield from (running, waiting, kv, weight, state, connected, tenants, reconciles,
                     applies)
 
@@ -118,16 +142,20 @@ class ApiMetrics:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def report(self, backend: str, rep: BackendReport, recorded: bool) -> None:
+    def report(self, backend: str, rep: BackendReport, recorded: bool,
+               signed: list[Usage] | None = None) -> None:
+        """Count a report; `signed`: the usage its signed records added (else `usage`)."""
         self.reports.labels(self.backend_label(backend),
                             "recorded" if recorded else "duplicate").inc()
         if not recorded:
             return
-        for u in rep.usage_items():
-            tenant = self.tenant_label(str(u.tenant_id))
-            model = self.model_label(u.model or "")
-            self.tokens.labels(tenant, model, "prompt").inc(u.prompt_tokens)
-            self.tokens.labels(tenant, model, "completion").inc(u.completion_tokens)
+        items = [(u.tenant_id, u.model or "", u.prompt_tokens, u.completion_tokens)
+                 for u in (signed if signed is not None else rep.usage_items())]
+        for tenant_id, model, prompt, completion in items:
+            tenant = self.tenant_label(str(tenant_id))
+            label = self.model_label(model)
+            self.tokens.labels(tenant, label, "prompt").inc(prompt)
+            self.tokens.labels(tenant, label, "completion").inc(completion)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -53,6 +53,8 @@ def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict
                         who: agent) -> dict[str, Any]:
         if name not in ctl.model.backends:
             raise NotFound(f"no backend '{name}'")
+        # an agent speaks only for its own backends (the tokens file's binding)
+        ctl.authorize(who, "report the KV blocks of", name, ctl.model.backends[name].host)
         try:
             return index.apply(name, KvReport(**body.model_dump()))
         except PrefixIndexError as exc:

@@ -87,6 +87,26 @@ class UsageItem(AgentBody):
         description="finished requests this item covers; absent means one")
 
 
+EPOCH_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class SignedUsage(AgentBody):
+    """One usage record signed by the agent's key (tokenfabric/usage_signing.py)."""
+
+    backend: Name
+    epoch: str = Field(pattern=EPOCH_PATTERN, description="the agent's run: new at each start")
+    seq: int = Field(ge=1, le=2**53, description="1, 2, 3, ... within the epoch")
+    time_ms: int = Field(ge=0, le=10**14, description="when the agent made it, unix ms")
+    tenant_id: int = Field(ge=0, le=U16)
+    model: ModelName
+    prompt_tokens: int = Field(ge=0, le=MAX_TOKENS)
+    completion_tokens: int = Field(ge=0, le=MAX_TOKENS)
+    requests: int = Field(ge=0, le=MAX_TOKENS)
+    prev: str = Field(pattern=r"^([0-9a-f]{64})?$",
+                      description="SHA-256 (hex) of the epoch's previous record; empty first")
+    signature: str = Field(min_length=1, max_length=128, description="Ed25519, base64")
+
+
 class BackendReport(AgentBody):
     report_id: str | None = Field(
         default=None, min_length=1, max_length=128,
@@ -105,6 +125,14 @@ class BackendReport(AgentBody):
         description="cumulative usage since the agent started. When present the ledger "
                     "counts its growth since the last report and ignores `usage`: retries "
                     "count nothing twice and a lost report loses nothing")
+    epoch: str | None = Field(
+        default=None, pattern=EPOCH_PATTERN,
+        description="the agent's run (new at each start): lower `usage_total` than the last "
+                    "report's is refused unless the epoch changed (an audited reset)")
+    records: list[SignedUsage] | None = Field(
+        default=None, max_length=10_000,
+        description="signed usage records; agents whose token has a public key must bill "
+                    "with these (and `usage`/`usage_total` are then ignored for billing)")
     metrics: KeptJson | None = Field(default=None,
                                      description="vLLM metrics snapshot, for the views")
     rdma: KeptJson | None = Field(default=None, description="RDMA/RoCE status")
@@ -122,6 +150,10 @@ def _items(usage: list[UsageItem] | dict[str, UsageItem]) -> list[UsageItem]:
 
 class ReportReply(BaseModel):
     recorded: bool = Field(description="false: a report with this id was recorded before")
+    records_added: int = Field(0, description="signed records newly recorded")
+    records_duplicate: int = Field(0, description="signed records recorded before (a retry)")
+    gaps: list[str] = Field(default_factory=list,
+                            description="holes in the record sequence (accepted, flagged)")
     state: str
     weight: int
     draining: bool = Field(description="the operator drained this backend")
@@ -275,6 +307,65 @@ class CrossCheckView(BaseModel):
     switch_connections: int
     counter_samples: int
     bytes_per_token: float | None
+
+
+class BackendCheckView(BaseModel):
+    switch: str
+    port: int
+    backends: list[str] = Field(description="the backends on this switch port")
+    since: float
+    until: float
+    completion_tokens: int = Field(description="billed in [since, until)")
+    bytes_sent: int = Field(description="received by the switch on the port (byte window)")
+    bytes_needed: int = Field(description="completion_tokens x min_bytes_per_token")
+    min_bytes_per_token: int
+    samples: int
+    fits: bool | None = Field(description="false: flagged; null: too few port samples")
+    detail: str
+    flagged_windows: dict[str, int] = Field(description="per backend: periodic checks that "
+                                                        "flagged it so far")
+
+
+class CrossCheckBackend(BaseModel):
+    verdicts: int = Field(description="periodic windows that judged some billing of it")
+    flagged: int = Field(description="of those, the windows that flagged it")
+    first_flagged: float | None = Field(description="unix time of the first flag")
+
+
+class CrossCheckSummary(BaseModel):
+    checks: int
+    interval_s: float
+    window_s: float
+    lag_s: float
+    min_bytes_per_token: int
+    backends: dict[str, CrossCheckBackend]
+
+
+class LedgerHead(BaseModel):
+    rows: int = Field(description="the journal's last row id (= its number of rows)")
+    head: str = Field(description="that row's hash (SHA-256, hex)")
+
+
+class StatementLine(BaseModel):
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+    input_per_million: str | None = Field(description="price, decimal string; null: unpriced")
+    output_per_million: str | None
+    amount: str | None
+
+
+class StatementView(BaseModel):
+    tenant: str
+    tenant_id: int
+    contract: str
+    currency: str | None
+    from_: str | None = Field(alias="from")
+    to: str | None
+    lines: list[StatementLine]
+    total: str
+    all_priced: bool
 
 
 class Done(BaseModel):

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, R
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from controller import statement
 from controller.api import schemas as s
 from controller.api.errors import (
     Forbidden,
@@ -180,10 +181,16 @@ def create_app(ctl: "Controller") -> FastAPI:
                          max_length=128, pattern=r"^[!-~]+$",
                          description="same as report_id: visible ASCII")] = None,
                      ) -> dict[str, Any]:
-        recorded = await ctl.report(name, rep, idempotency_key)
-        metrics.report(name, rep, recorded)
+        result = await ctl.report(name, rep, idempotency_key, who=who)
+        metrics.report(name, rep, result.recorded,
+                       result.usage if result.signed is not None else None)
         backend = ctl.model.backends.get(name)
-        return {"recorded": recorded, "state": str(backend.state) if backend else "deregistered",
+        signed = result.signed
+        return {"recorded": result.recorded,
+                "records_added": signed.added if signed else 0,
+                "records_duplicate": signed.duplicates if signed else 0,
+                "gaps": signed.gaps if signed else [],
+                "state": str(backend.state) if backend else "deregistered",
                 "weight": backend.weight if backend else 0,
                 "draining": bool(backend) and ctl.extras[name].drained,
                 "tenants": ctl.grants()}
@@ -349,6 +356,65 @@ def create_app(ctl: "Controller") -> FastAPI:
                  "counter_samples": c.counter_samples,
                  "bytes_per_token": c.bytes_per_token}
                 for c in await asyncio.to_thread(ctl.ledger.cross_check, since, until)]
+
+    @r.get("/ledger/crosscheck/backends", response_model=list[s.BackendCheckView],
+           responses=ERRORS, tags=["ledger"])
+    async def crosscheck_backends(who: Viewer, since: Since = None,
+                                  until: Until = None) -> list[dict[str, Any]]:
+        """Per backend port: the completion tokens billed against the bytes the port sent
+        (docs/ledger.md). Without a range: the controller's last periodic check."""
+        if since is None and until is None:
+            checks = ctl.billing_checks
+        else:
+            checks = await ctl.check_billing(since, until)
+        return [{**vars(c), "flagged_windows": {b: ctl.crosscheck.flags.get(b, 0)
+                                                for b in c.backends},
+                 "min_bytes_per_token": ctl.crosscheck.min_bytes_per_token} for c in checks]
+
+    @r.get("/ledger/crosscheck/summary", response_model=s.CrossCheckSummary,
+           responses=ERRORS, tags=["ledger"])
+    async def crosscheck_summary(who: Viewer) -> dict[str, Any]:
+        """The periodic billing checks so far: how many, and per backend the windows that
+        gave a verdict, the windows that flagged it and when it was first flagged."""
+        cc = ctl.crosscheck
+        names = sorted(set(cc.verdicts) | set(cc.flags))
+        return {"checks": cc.checks, "interval_s": cc.interval_s, "window_s": cc.window_s,
+                "lag_s": cc.lag_s, "min_bytes_per_token": cc.min_bytes_per_token,
+                "backends": {b: {"verdicts": cc.verdicts.get(b, 0),
+                                 "flagged": cc.flags.get(b, 0),
+                                 "first_flagged": cc.first_flagged.get(b)} for b in names}}
+
+    @r.get("/ledger/head", response_model=s.LedgerHead, responses=ERRORS, tags=["ledger"])
+    async def ledger_head(who: Viewer) -> dict[str, Any]:
+        """The journal's last row and hash: recorded elsewhere, it shows rows cut off at
+        the end (`tokenfabric ledger verify --expect-head`)."""
+        rows, head = await asyncio.to_thread(ctl.ledger.head)
+        return {"rows": rows, "head": head}
+
+    statement_csv = {200: {"description": "the statement as JSON, or CSV with format=csv",
+                           "content": {"text/csv": {"schema": {"type": "string"}}}}}
+
+    @r.get("/ledger/statement", response_model=s.StatementView,
+           responses={**ERRORS, **statement_csv}, tags=["ledger"])
+    async def ledger_statement(
+            who: Viewer,
+            tenant: Annotated[str, Query(min_length=1, max_length=64,
+                                         description="tenant name or id")],
+            since: Since = None, until: Until = None,
+            format: Annotated[str, Query(pattern="^(json|csv)$")] = "json") -> Any:
+        """A tenant's tokens per model over [since, until), priced by its contract in the
+        running policy (docs/ledger.md)."""
+        found = statement.find_tenant(ctl.model.policy, tenant)
+        if found is None:
+            raise NotFound(f"no tenant '{tenant}' in the running policy")
+        usage = await asyncio.to_thread(ctl.ledger.usage_by_model, found.tenant_id, since,
+                                        until)
+        result = statement.build(found, ctl.model.policy.contracts.get(found.contract), usage,
+                                 since, until)
+        if format == "csv":
+            return Response(statement.to_csv(result), media_type="text/csv", headers={
+                "Content-Disposition": f'attachment; filename="statement-{found.name}.csv"'})
+        return result
 
     @r.get("/audit", responses=ERRORS, tags=["admin"])
     async def audit(who: Admin) -> list[dict[str, Any]]:

@@ -198,6 +198,15 @@ class OpenFlowSwitch:
             acc[1] += stat.byte_count
         return {t: CounterValue(p, b) for t, (p, b) in out.items()}
 
+    async def read_port_bytes(self) -> dict[int, int]:
+        """Per port: the bytes the switch received on it (OpenFlow port statistics), i.e.
+        what the host on that port sent; with DSR, a backend's replies (docs/ledger.md)."""
+        conn = self.connection
+        if conn is None or conn.closed.is_set():
+            raise OpenFlowError(f"{self.name}: not connected")
+        stats = await conn.request(parser.OFPPortStatsRequest(conn.datapath, 0, ofp.OFPP_ANY))
+        return {int(s.port_no): int(s.rx_bytes) for s in stats if s.port_no < ofp.OFPP_MAX}
+
     async def read_flow_stats(self) -> list[Any]:
         """Every flow the switch holds, as os-ken OFPFlowStats (tests and tooling)."""
         return await self._read_flows()

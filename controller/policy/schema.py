@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from decimal import Decimal
 from pathlib import Path
 
 from controller.model import (
@@ -18,6 +19,7 @@ from controller.model import (
     BeyondAction,
     Contract,
     Model,
+    ModelPrice,
     Policy,
     RoceValues,
     Slo,
@@ -349,6 +351,10 @@ def _parse_contract(name: str, c: Node, roce: RoceValues,
     request_priority = c.get_int("request_priority", default=0, lo=INT32[0], hi=INT32[1])
     camara = c.get_str("camara_profile", check=_check_camara)
 
+    prices, prices_ok = _parse_prices(c.child("prices"))
+    currency = c.get_str("currency", default="USD", check=_check_currency)
+    ok = ok and prices_ok and currency is not None
+
     contract_services: list[str] = []
     vnode = c.child("services")
     if vnode is not None and vnode.is_list():
@@ -369,7 +375,57 @@ def _parse_contract(name: str, c: Node, roce: RoceValues,
                     limits=TokenLimits(tpm=tpm, burst=burst, rpm=rpm, max_parallel=parallel),
                     fiveqi=fiveqi, bandwidth=bandwidth, slo=slo,
                     request_priority=request_priority, camara_profile=camara,
-                    services=contract_services)
+                    services=contract_services, prices=prices, currency=currency or "USD")
+
+
+MAX_PRICE = Decimal(1_000_000)  # per million tokens: anything above is a typo
+
+
+def _parse_prices(node: Node | None) -> tuple[dict[str, ModelPrice], bool]:
+    """`prices: {model: {input_per_million: 0.5, output_per_million: 1.5}}`; "*" for the
+    models not named. Decimal from the YAML text's value (no binary rounding)."""
+    if node is None:
+        return {}, True
+    if not node.is_map():
+        return {}, False
+    prices: dict[str, ModelPrice] = {}
+    ok = True
+    for model, pnode in node.items():
+        if not pnode.is_map():
+            ok = False
+            continue
+        values = []
+        for key in ("input_per_million", "output_per_million"):
+            vnode = pnode.child(key)
+            value = _price(vnode) if vnode is not None else None
+            if vnode is None:
+                pnode.error(f"missing required key '{key}'")
+            values.append(value)
+        pnode.close()
+        if None in values:
+            ok = False
+            continue
+        prices[model] = ModelPrice(values[0], values[1])
+    return prices, ok
+
+
+def _price(node: Node) -> Decimal | None:
+    v = node.value
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        node.error(f"must be a number, got {type(v).__name__}")
+        return None
+    try:
+        price = Decimal(str(v))
+    except ArithmeticError:
+        price = None
+    if price is None or not price.is_finite() or not 0 <= price <= MAX_PRICE:
+        node.error(f"must be a price per million tokens in 0..{MAX_PRICE}, got {v!r}")
+        return None
+    return price
+
+
+def _check_currency(v: str) -> str | None:
+    return None if re.fullmatch(r"[A-Z]{3}", v) else f"'{v}' is not an ISO 4217 code like USD"
 
 
 def _check_camara(v: str) -> str | None:

@@ -82,6 +82,10 @@ class Experiment:
     # experiment that expects failures states its own, and why.
     min_ok: float = DEFAULT_MIN_OK
     min_ok_why: str = ""
+    # FAULT INJECTION: this backend's agent bills `bill_factor` x the completion tokens it
+    # served (hostagent config bill_factor): the controller's cross-check must flag it.
+    liar: str | None = None
+    bill_factor: float = 3.0
 
     def capacity(self) -> float:
         return capacity_rps(self.speeds, self.lengths)
@@ -124,6 +128,10 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
         exp = Experiment("reload", "a policy reload under load", [1.0, 1.0],
                          [PREMIUM, STANDARD], [Run("p2c", 0.6, (Event(8.0, "reload_policy"),))],
                          20.0)
+    elif name == "billing":
+        exp = Experiment("billing", "one agent bills 3x what it streams (cross-check)",
+                         [1.0, 1.0, 1.0], [PREMIUM, STANDARD], [Run("p2c", 0.6)], 90.0,
+                         liar="tflb2")
     elif name == "realvllm":
         exp = Experiment("realvllm", "a real vLLM backend beside emulated ones", [1.0, 1.0],
                          [STANDARD], [Run("p2c", 0.3)], 20.0, needs_vllm=True)
@@ -136,4 +144,4 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
     return exp
 
 
-EXPERIMENTS = ("quick", "modes", "overload", "failover", "reload", "realvllm")
+EXPERIMENTS = ("quick", "modes", "overload", "failover", "reload", "realvllm", "billing")

@@ -384,3 +384,21 @@ def failover_markdown(backend: str, stats: dict[str, float], evidence: str = "")
     lines += [f"| {k} | {v:.1f} |" if "ms" in k else f"| {k} | {v:.0f} |"
               for k, v in stats.items()]
     return "\n".join(lines) + "\n"
+
+
+def crosscheck_markdown(summary: dict[str, Any]) -> str:
+    """The controller's billing cross-check over the run (crosscheck.json): windows
+    checked, and per backend the windows that judged it and those that flagged it.
+    Counts are the controller's since it started (all runs of the experiment so far)."""
+    liar = summary.get("liar")
+    lines = [f"billing cross-check (controller/crosscheck.py; every {summary['interval_s']:g} s"
+             f" over {summary['window_s']:g} s, floor {summary['min_bytes_per_token']} bytes"
+             f"/token): {summary['checks']} windows checked so far"]
+    for name, b in sorted(summary.get("backends", {}).items()):
+        role = " (lying agent, 3x)" if name == liar else ""
+        first = b.get("first_flagged")
+        after = "" if first is None else \
+            f", first {first - summary['run_started']:.1f} s after the load started"
+        lines.append(f"- {name}{role}: {b['verdicts']} windows judged its billing, {b['flagged']} "
+                     f"flagged{after}")
+    return "\n".join(lines) + "\n"

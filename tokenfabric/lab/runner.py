@@ -255,6 +255,12 @@ class LabRunner:
         for p in captures:
             self.net.stop_process(p)  # SIGTERM: tcpdump flushes and closes its file
         served_after = self.stack.served_counts()
+        try:  # the controller's billing cross-check so far (docs/ledger.md)
+            (folder / "crosscheck.json").write_text(json.dumps(
+                {**self.stack.get("/ledger/crosscheck/summary"), "run_started": started,
+                 "liar": self.exp.liar}))
+        except Exception as exc:  # the run's results stand without it
+            log.warning("cross-check summary unavailable: %s", exc)
         served = {name: served_after[name] - served_before.get(name, 0.0)
                   for name in served_after}
         for timer in events.pop("_timers", []):
@@ -302,6 +308,9 @@ class LabRunner:
                                                event.target, evidence)
                 marks.update({f"{k} ({event.target})": v for k, v in stats.items()})
                 text += "\n" + results.failover_markdown(event.target, stats, kind)
+        if (folder / "crosscheck.json").is_file():
+            text += "\n" + results.crosscheck_markdown(
+                json.loads((folder / "crosscheck.json").read_text()))
         (folder / "summary.md").write_text(text)
         return RunOutcome(run, folder, summaries, marks, served, verdicts)
 

@@ -121,9 +121,20 @@ def policy_dict(exp: Experiment, plan: LabPlan, generation: int = 0) -> dict[str
 ECMP_CAPACITY = 65535
 
 
+# The controller's billing cross-check in every lab run (docs/ledger.md), on lab time
+# scales: port samples every 2 s, a check every 5 s over 40 s of billing with bytes from
+# 12 s earlier (a lab request generates for ~0.7 s, at most 256 tokens x 20 ms at speed
+# 0.5 = 10.2 s). The floor is the emulator's smallest SSE event per token (224 bytes
+# with model "m"; the lab's model name is longer).
+CROSSCHECK = {"counter_interval_s": 2.0, "crosscheck_interval_s": 5.0,
+              "crosscheck_window_s": 40.0, "crosscheck_lag_s": 12.0,
+              "crosscheck_min_bytes_per_token": 220}
+
+
 def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
                  overflow: bool = False, capacity: int = EMULATOR_MAX_NUM_SEQS,
-                 priorities: dict[str, int] | None = None) -> dict[str, Any]:
+                 priorities: dict[str, int] | None = None,
+                 bill_factor: float = 1.0) -> dict[str, Any]:
     """The `agent:` section for the agent on `host` (docs/agent.md)."""
     cfg: dict[str, Any] = {
         "name": host.name, "host": host.name, "address": host.ip, "mac": host.mac,
@@ -133,6 +144,8 @@ def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
         "controller_url": f"http://{host.mgmt_gw}:{controller_port}", "token": token,
         "host_setup": True,
     }
+    if bill_factor != 1.0:
+        cfg["bill_factor"] = bill_factor  # FAULT INJECTION: the lying agent of `billing`
     if priorities is not None:
         # The emulators run --scheduling-policy priority. The controller's tenant list
         # has no request_priority yet, so the agent takes the contracts' from here.
@@ -172,9 +185,10 @@ class Stack:
     def write_files(self, mode: str) -> None:
         self._write("fabric.yaml", self.plan.fabric(mode))
         self._write("policy.yaml", policy_dict(self.exp, self.plan))
+        self._write("controller.yaml", {"controller": dict(CROSSCHECK)})
         self._write("tokens.yaml", {
             self.admin_token: {"name": "lab", "role": "admin"},
-            self.agent_token: {"name": "lab-agents", "role": "agent"}})
+            self.agent_token: {"name": "lab-agents", "role": "agent", "backends": ["*"]}})
 
     def _write(self, name: str, data: dict[str, Any]) -> Path:
         path = self.dir / name
@@ -183,7 +197,8 @@ class Stack:
 
     # -- processes ------------------------------------------------------------
     def start_controller(self) -> None:
-        argv = [*CLI, "controller", "run", "--fabric", str(self.dir / "fabric.yaml"),
+        argv = [*CLI, "controller", "run", "--config", str(self.dir / "controller.yaml"),
+                "--fabric", str(self.dir / "fabric.yaml"),
                 "--policy", str(self.dir / "policy.yaml"), "--tokens",
                 str(self.dir / "tokens.yaml"), "--listen", f"0.0.0.0:{self.port}",
                 "--ledger", str(self.dir.parent / "ledger.db")]
@@ -276,7 +291,8 @@ class Stack:
         priorities = {t.name: t.request_priority for t in self.exp.tenants}
         path = self._write(f"agent-{host.name}.yaml", agent_config(
             self.plan, host, self.port, self.agent_token, overflow, self.capacity,
-            priorities if priority else None))
+            priorities if priority else None,
+            self.exp.bill_factor if host.name == self.exp.liar else 1.0))
         return self.net.popen(host.name, [*CLI, "agent", "run", "--config", str(path)],
                               f"agent-{host.name}-{self.capacity}")
 

@@ -36,7 +36,11 @@ services:
 ADMIN = "admin-token-0123456789abcdef"
 AGENT = "agent-token-0123456789abcdef"
 VIEWER = "viewer-token-0123456789abcdef"
-TOKENS = {ADMIN: Principal("alice", Role.ADMIN), AGENT: Principal("agents", Role.AGENT),
+OTHER_AGENT = "agent-token-of-gpu9-0123456789"
+# The agent token speaks for gpu1's and gpu2's backends; the other one for gpu9's only.
+TOKENS = {ADMIN: Principal("alice", Role.ADMIN),
+          AGENT: Principal("agents", Role.AGENT, backends=("gpu1-*", "gpu2-*")),
+          OTHER_AGENT: Principal("gpu9-agent", Role.AGENT, backends=("gpu9-*",)),
           VIEWER: Principal("grafana", Role.VIEWER)}
 
 REGISTRATION = {"name": "gpu2-llama", "host": "gpu2", "address": "10.0.0.12",

@@ -100,8 +100,12 @@ def test_token_file_roles(tmp_path):
     (["x"], "non-empty mapping"),
     ({"short": {"name": "a", "role": "admin"}}, "at least 16"),
     ({ADMIN: {"name": "a", "role": "root"}}, "role must be one of viewer, agent, admin"),
-    ({ADMIN: {"name": "a"}}, "exactly the keys name and role"),
-    ({ADMIN: {"name": "a", "role": "admin", "extra": 1}}, "exactly the keys"),
+    ({ADMIN: {"name": "a"}}, "needs the keys name and role"),
+    ({ADMIN: {"name": "a", "role": "admin", "extra": 1}}, "needs the keys"),
+    ({ADMIN: {"name": "a", "role": "agent"}}, "an agent token needs `backends` or `hosts`"),
+    ({ADMIN: {"name": "a", "role": "agent", "backends": "gpu1"}}, "must be a list of names"),
+    ({ADMIN: {"name": "a", "role": "agent", "backends": ["*"], "public_key": "abc"}},
+     "base64 Ed25519 public key"),
     ({ADMIN: {"name": "", "role": "admin"}}, "name must be a non-empty string"),
 ])
 def test_bad_token_files_are_refused(data, fragment):

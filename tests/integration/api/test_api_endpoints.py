@@ -408,8 +408,11 @@ def test_the_host_agents_report_shape(live):
         "tenant_id": 1, "requests": 3, "prompt_tokens": 45, "completion_tokens": 100}}}
     c.post("/api/v1/backends/gpu2-llama/report", json=later)
     assert ledger_rows() == [(1, "tiny-llama", 45, 100, 3)]
+    # the earlier totals again: they went backwards, which is refused (no epoch changed)
+    error_of(c.post("/api/v1/backends/gpu2-llama/report", json=body), 409)
+    assert ledger_rows() == [(1, "tiny-llama", 45, 100, 3)]
     live.client(ADMIN).post("/api/v1/backends/gpu2-llama/drain")
-    assert c.post("/api/v1/backends/gpu2-llama/report", json=body).json()["draining"] is True
+    assert c.post("/api/v1/backends/gpu2-llama/report", json=later).json()["draining"] is True
 
 
 def test_oversized_body_is_413(live):

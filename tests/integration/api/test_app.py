@@ -7,7 +7,7 @@ from controller.auth import Principal, Role
 from controller.policy.compile import compile_model
 from tests.integration.api.conftest import REGISTRATION, make_controller
 
-WHO = Principal("agents", Role.AGENT)
+WHO = Principal("agents", Role.AGENT, backends=("*",))
 
 
 def reg(name, address, mac, port=4):
@@ -52,21 +52,22 @@ async def test_reports_change_the_pushed_state_only_past_hysteresis(tmp_path):
     ctl = type(ctl)(ctl.model, ctl.ledger, clock=lambda: now[0])
     ctl.register_backend(reg("gpu2", "10.0.0.12", "02:00:00:00:00:12"), WHO)
     base = {"waiting": 0, "healthy": True, "usage": []}
-    await ctl.report("gpu1-llama", BackendReport(running=0, kv_cache_usage=0.0, **base))
-    await ctl.report("gpu2", BackendReport(running=0, kv_cache_usage=0.0, **base))
+    await ctl.report("gpu1-llama", BackendReport(running=0, kv_cache_usage=0.0, **base), who=WHO)
+    await ctl.report("gpu2", BackendReport(running=0, kv_cache_usage=0.0, **base), who=WHO)
     await ctl.reconcile_once()
     first = ctl.pushed["s1"]
     # a small move (within the band): nothing new to write
-    await ctl.report("gpu2", BackendReport(running=1, kv_cache_usage=0.05, **base))
+    await ctl.report("gpu2", BackendReport(running=1, kv_cache_usage=0.05, **base), who=WHO)
     assert await ctl.push() == {}
     # gpu2 is full: its weight drops and the selector changes
-    await ctl.report("gpu2", BackendReport(running=8, kv_cache_usage=0.9, **base))
+    await ctl.report("gpu2", BackendReport(running=8, kv_cache_usage=0.9, **base), who=WHO)
     changed = await ctl.push()
     assert changed["s1"] > 0 and ctl.pushed["s1"].entities != first.entities
     # gpu2's reports stop: down after the timeout, and out of the selector
     for _ in range(4):
         now[0] += 1.0
-        await ctl.report("gpu1-llama", BackendReport(running=0, kv_cache_usage=0.0, **base))
+        await ctl.report("gpu1-llama", BackendReport(running=0, kv_cache_usage=0.0, **base),
+                         who=WHO)
     ctl.refresh_states()
     assert ctl.model.backends["gpu2"].state == "down"
     assert (await ctl.push())["s1"] > 0
@@ -84,7 +85,7 @@ def test_concurrent_reports_and_views(tmp_path):
                                     kv_cache_usage=0.1, healthy=True,
                                     usage=[{"tenant_id": 1, "prompt_tokens": 1,
                                             "completion_tokens": 1}])
-                await ctl.report("gpu1-llama", rep)
+                await ctl.report("gpu1-llama", rep, who=WHO)
         await asyncio.gather(*(reporter(i) for i in range(5)))
 
     asyncio.run(main())

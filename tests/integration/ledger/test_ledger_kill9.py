@@ -13,7 +13,7 @@ import time
 import httpx
 import yaml
 
-from tests.integration.api.conftest import ADMIN, AGENT, FABRIC, VIEWER
+from tests.integration.api.conftest import ADMIN, AGENT, FABRIC, POLICY, VIEWER
 from tokenfabric.tools import free_port
 
 SENDERS = 3
@@ -24,7 +24,8 @@ def start_controller(tmp_path, port):
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
          "--fabric", str(tmp_path / "fabric.yaml"), "--tokens", str(tmp_path / "tokens.yaml"),
-         "--ledger", str(tmp_path / "ledger.db"), "--listen", f"127.0.0.1:{port}"],
+         "--ledger", str(tmp_path / "ledger.db"), "--listen", f"127.0.0.1:{port}",
+         "--policy", str(tmp_path / "policy.yaml")],  # names the tenants reports bill
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -47,8 +48,10 @@ def report(i: int) -> dict:
 
 def test_acknowledged_reports_survive_kill9(tmp_path):
     (tmp_path / "fabric.yaml").write_text(FABRIC)
+    (tmp_path / "policy.yaml").write_text(POLICY)
     (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({
-        ADMIN: {"name": "admin", "role": "admin"}, AGENT: {"name": "agents", "role": "agent"},
+        ADMIN: {"name": "admin", "role": "admin"},
+        AGENT: {"name": "agents", "role": "agent", "backends": ["gpu1-llama"]},
         VIEWER: {"name": "viewer", "role": "viewer"}}))
     port = free_port()
     proc = start_controller(tmp_path, port)
@@ -127,8 +130,11 @@ def totals_report(k: int, i: int) -> dict:
 
 def test_cumulative_totals_survive_kill9(tmp_path):
     (tmp_path / "fabric.yaml").write_text(FABRIC)
+    (tmp_path / "policy.yaml").write_text(  # a tenant per sender
+        POLICY + "  - {name: initech, id: 3, prefixes: [10.0.2.0/24], contract: bronze}\n")
     (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({
-        AGENT: {"name": "agents", "role": "agent"}, VIEWER: {"name": "viewer", "role": "viewer"}}))
+        AGENT: {"name": "agents", "role": "agent", "backends": ["gpu1-llama"]},
+        VIEWER: {"name": "viewer", "role": "viewer"}}))
     port = free_port()
     proc = start_controller(tmp_path, port)
     acked = [0] * SENDERS

@@ -163,3 +163,34 @@ def test_switch_programmed_for_both_drivers():
     assert not switch_programmed({"driver": "p4runtime", "connected": True, "details": applied})
     assert switch_programmed({"driver": "p4runtime", "connected": True, "details": {
         **applied, "pipeline_cookie": 7, "installed_cookie": 7}})
+
+
+def test_the_billing_experiments_liar_and_the_controllers_cross_check_config():
+    config = pytest.importorskip("hostagent.config")
+    from tokenfabric.lab.stack import CROSSCHECK
+
+    exp, plan = _plan("billing")
+    assert exp.liar in [h.name for h in plan.by_role("backend")] and exp.bill_factor == 3.0
+    liar = plan.hosts[exp.liar]
+    section = agent_config(plan, liar, 8080, "t" * 32, bill_factor=exp.bill_factor)["agent"]
+    assert config.validate({**config.DEFAULTS, **section}).bill_factor == 3.0
+    honest = next(h for h in plan.by_role("backend") if h.name != exp.liar)
+    assert "bill_factor" not in agent_config(plan, honest, 8080, "t" * 32)["agent"]
+    with pytest.raises(config.ConfigError, match="bill_factor"):
+        config.validate({**config.DEFAULTS, **section, "bill_factor": 0.5})
+    # the lag covers the longest generation of the lab (256 tokens at speed 0.5)
+    assert CROSSCHECK["crosscheck_lag_s"] >= 256 * 0.020 / 0.5
+
+
+def test_crosscheck_markdown_names_the_liar():
+    from tokenfabric.lab.results import crosscheck_markdown
+
+    text = crosscheck_markdown({
+        "checks": 12, "interval_s": 5.0, "window_s": 40.0, "lag_s": 12.0,
+        "min_bytes_per_token": 220, "run_started": 100.0, "liar": "tflb2",
+        "backends": {"tflb1": {"verdicts": 6, "flagged": 0, "first_flagged": None},
+                     "tflb2": {"verdicts": 6, "flagged": 6, "first_flagged": 160.5}}})
+    assert "12 windows checked" in text
+    assert "- tflb1: 6 windows judged its billing, 0 flagged" in text
+    assert "- tflb2 (lying agent, 3x): 6 windows judged its billing, 6 flagged, first 60.5" \
+        in text

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from controller.ledger import Ledger, Usage
+from controller.ledger import Ledger, Usage, UsageRefused
 
 T0 = 1_800_000_000  # a minute boundary
 
@@ -127,9 +127,17 @@ def test_cumulative_totals_count_their_growth(ledger):
     # another backend's totals are its own
     ledger.record_totals(None, "b2", totals(5, 5, 1), now=T0 + 3)
     assert ledger.totals() == {1: (45, 85, 5)}
-    # the agent restarted: totals went down, and count from zero
-    ledger.record_totals(None, "b1", totals(3, 4, 1), now=T0 + 60)
+    # totals that go down in the same epoch are refused, and nothing changes
+    with pytest.raises(UsageRefused, match="went backwards") as refused:
+        ledger.record_totals(None, "b1", totals(3, 4, 1), now=T0 + 60)
+    assert refused.value.kind == "backwards"
+    assert ledger.totals() == {1: (45, 85, 5)}
+    # the agent restarted and says so (a new epoch): its totals count from zero
+    events = []
+    ledger.record_totals(None, "b1", totals(3, 4, 1), now=T0 + 60, epoch="boot2",
+                         events=events)
     assert ledger.totals() == {1: (48, 89, 6)}
+    assert "new epoch boot2" in events[0]
     assert [(r.minute, r.prompt_tokens) for r in ledger.query()] == [(T0, 45), (T0 + 60, 3)]
     # with a report id, a duplicate is refused outright
     assert ledger.record_totals("x", "b1", totals(9, 9, 2), now=T0 + 60)
