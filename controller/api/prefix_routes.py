@@ -18,7 +18,7 @@ from controller.prefix_index import MAX_LOOKUP_BLOCKS, KvReport, PrefixIndexErro
 if TYPE_CHECKING:
     from controller.app import Controller
 
-KEY = Annotated[int, Field(ge=0, lt=2 ** 64)]
+KEY = Annotated[int, Field(strict=True, ge=0, lt=2 ** 64)]  # strict: no true/false or "1"
 MAX_REPORT_KEYS = 200_000  # a full snapshot of the per-backend cap, with room
 
 

@@ -58,7 +58,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
     (files / "fabric.yaml").write_text(FABRIC)
     (files / "policy.yaml").write_text(POLICY)
     (files / "tokens.yaml").write_text(yaml.safe_dump({
-        ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent"},
+        ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent", "backends": ["*"]},
         VIEWER: {"name": "grafana", "role": "viewer"}}))
     port = free_port()
     proc = subprocess.Popen(
@@ -191,7 +191,7 @@ def report(depth_of_metrics: int = 1, models: list[str] | None = None) -> dict:
     metrics: object = 1
     for _ in range(depth_of_metrics):
         metrics = {"a": metrics}
-    usage = [{"tenant_id": 1 + i % 3, "model": m, "prompt_tokens": 1, "completion_tokens": 1}
+    usage = [{"tenant_id": 1 + i % 2, "model": m, "prompt_tokens": 1, "completion_tokens": 1}
              for i, m in enumerate(models or [])]
     return {"running": 0, "waiting": 0, "kv_cache_usage": 0.1, "healthy": True,
             "usage": usage, "metrics": metrics}
