@@ -24,7 +24,7 @@ from pathlib import Path
 from crccheck.crc import Crc16Arc
 
 from controller.entries import Action, Exact, Lpm, TableEntry
-from tests.integration.dataplane.p4rt import P4RuntimeClient
+from tests.integration.dataplane.switch_client import SwitchClient
 from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.netns import NetSandbox
@@ -137,7 +137,7 @@ class Rig:
     box: NetSandbox
     ns: str
     switch: Bmv2Switch
-    client: P4RuntimeClient
+    client: SwitchClient
     io: PacketPorts
     root_ifs: dict[int, str]
     host_ifs: dict[int, str]
@@ -184,7 +184,7 @@ def rig(nports: int = 5, log_dir: Path | None = None,
         switch = Bmv2Switch(opts)
         switch.start(start_timeout)
         box.processes.append(switch.proc)  # the sandbox ends it even if we fail here
-        client = P4RuntimeClient(opts.grpc_address)
+        client = SwitchClient(opts.grpc_address)
         io = PacketPorts(ns, host_ifs)
         made = Rig(box, ns, switch, client, io, root_ifs, host_ifs)
         made.cli(f"set_queue_depth {QUEUE_DEPTH}\n")  # BMv2's 64 drops test bursts
@@ -274,7 +274,7 @@ def pool_entry(group_id: int = 1, service_id: int = SERVICE) -> TableEntry:
     return TableEntry.of("service_pool", {"service_id": Exact(service_id)}, GroupRef(group_id))
 
 
-def pool(client: P4RuntimeClient, weights: dict[int, int], group_id: int = 1,
+def pool(client: SwitchClient, weights: dict[int, int], group_id: int = 1,
          service_id: int = SERVICE) -> None:
     """The weighted-hash pool of a service: members, weighted group, and the table entry."""
     client.insert(*pool_members(list(weights)))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.integration.dataplane.p4rt import P4Info
+from controller.southbound.p4info import load_p4info
 from tokenfabric import dataplane as dp
 from tokenfabric.tools import tool_env
 
@@ -30,8 +30,9 @@ def test_committed_output_is_what_the_sources_compile_to(tmp_path):
 
 
 def test_docs_name_everything_in_the_p4info():
-    info = P4Info.load(dp.TOKEN_ROUTER_P4INFO)
+    info = load_p4info(dp.TOKEN_ROUTER_P4INFO)
     docs = (dp.P4SRC.parent / "docs" / "dataplane.md").read_text()
-    for name in [*info.tables, *info.counters, *info.meters, *info.profiles,
-                 *(a for a in info.actions if a != "NoAction")]:
+    entities = [*info.tables, *info.counters, *info.meters, *info.action_profiles,
+                *info.actions]
+    for name in (e.preamble.name for e in entities if e.preamble.name != "NoAction"):
         assert f"`{name}" in docs, f"{name} is in the P4Info but not in docs/dataplane.md"
