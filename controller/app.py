@@ -37,6 +37,7 @@ from controller.api.errors import (
 )
 from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, Role, TokenStore
+from controller.compile import CompileError, compile_model, state_to_list
 from controller.crosscheck import BackendCheck, CheckSettings, check_ports
 from controller.drivers import Fleet, features_of, openflow_context
 from controller.entries import DesiredState
@@ -44,7 +45,6 @@ from controller.ledger import Ledger, SignedOutcome, Usage, UsageRefused
 from controller.model import Backend, BackendState, Model
 from controller.openflow.budget import TenantBuckets
 from controller.policy import reload
-from controller.policy.compile import CompileError, compile_model, state_to_list
 from controller.policy.offload import PolicyProcess
 from controller.policy.schema import load_policy
 from controller.policy.source import SpecError
@@ -94,7 +94,7 @@ class Controller:
     """The model plus everything that changes it; the REST API calls these methods.
 
     Routing decisions (weights, drain, staleness, mode) are the Router's
-    (controller/routing.py); entries are compile_model's (controller/policy/compile.py);
+    (controller/routing.py); entries are compile_model's (controller/compile/);
     writing them is the southbound's (controller/southbound/), which is None when the
     controller runs without switches: they are then shown as "not connected".
     """

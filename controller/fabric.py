@@ -34,7 +34,8 @@ from controller.policy.source import (
     load_yaml,
     read_file,
 )
-from tokenfabric.dataplane import MAX_BACKENDS, MAX_PAIR_SLOTS, MAX_SERVICES
+from tokenfabric.dataplane import MAX_PAIR_SLOTS
+from tokenfabric.p4names import MAX_BACKENDS, MAX_SERVICES
 
 MAX_BACKEND_ID = MAX_BACKENDS - 1  # the dataplane's per-backend registers and tables
 MAX_SERVICE_ID = MAX_SERVICES - 1  # the dataplane's service table

@@ -96,7 +96,7 @@ class Router:
     """Turns reports and operator actions into changes of the model.
 
     Every method returns True when the selector state changed, i.e. when the
-    caller should recompile (controller/policy/compile.py) and apply the diff.
+    caller should recompile (controller/compile/) and apply the diff.
     """
 
     def __init__(self, model: Model, *, report_interval: float = 1.0, stale_after: int = 3,

@@ -8,24 +8,29 @@
 #include "include/headers.p4"
 #include "include/parser.p4"
 #include "include/state.p4"
+#include "include/beacon.p4"
 #include "include/classify.p4"
 #include "include/pin.p4"
 #include "include/admit.p4"
 #include "include/select.p4"
-#include "include/deliver.p4"
 #include "include/qos.p4"
+#include "include/deliver.p4"
 #include "include/count.p4"
 
+/* The stages in this order are controller/compile's STAGES, each a module
+ * named as its file here (docs/dataplane.md, "Pipeline"). */
 control TokenIngress(inout headers_t hdr,
                      inout local_metadata_t meta,
                      inout standard_metadata_t standard_metadata) {
 
+    Beacon() beacon;
+    Decap() decap;
     Classify() classify;
     Pin() pin;
     Admit() admit;
     SelectBackend() select_backend;
-    Deliver() deliver;
     Qos() qos;
+    Deliver() deliver;
     Count() count;
 
     apply {
@@ -33,10 +38,17 @@ control TokenIngress(inout headers_t hdr,
          * well-formed packet of a pinned connection) takes as few as it can. */
         if (standard_metadata.parser_error == error.NoError
                 && standard_metadata.checksum_error == 0) {
-            classify.apply(hdr, meta, standard_metadata);     /* tenant, class, beacon, tunnel */
-            pin.apply(hdr, meta, standard_metadata);          /* service? new, pinned, stateless */
+            if (hdr.ipv4.isValid() && !hdr.beacon.isValid()) {
+                decap.apply(hdr, meta, standard_metadata);    /* a tunnel that ends here */
+                classify.apply(hdr, meta, standard_metadata); /* tenant, class */
+                pin.apply(hdr, meta, standard_metadata);      /* service? new, pinned, stateless */
+            } else if (hdr.beacon.isValid()) {
+                beacon.apply(hdr, meta, standard_metadata);   /* source, LOAD, USAGE: consumed */
+            } else {
+                meta.drop_reason = DROP_NOT_IPV4;
+            }
             if (meta.pin_state != PIN_HIT) {
-                admit.apply(hdr, meta, standard_metadata);    /* token bucket, overflow */
+                admit.apply(hdr, meta, standard_metadata);    /* token bucket, overflow, USAGE debit */
                 select_backend.apply(hdr, meta, standard_metadata); /* which backend */
             }
             /* Not dropped and not a beacon: IPv4 to forward. */

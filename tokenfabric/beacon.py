@@ -29,13 +29,18 @@ All fields are big-endian.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass
-from enum import IntEnum, IntFlag
 
-BEACON_PORT = 7420
-BEACON_VERSION = 1
-FABRIC_ADDRESS = "169.254.42.1"
+from tokenfabric import p4names
+from tokenfabric.p4names import BEACON_PORT, BEACON_VERSION, BeaconFlags, BeaconType
+
+# The wire's numbers are token_router's (p4names, generated from defines.p4).
+__all__ = ["BEACON_PORT", "BEACON_VERSION", "FABRIC_ADDRESS", "LOAD_FULL", "U16_MAX", "U32_MAX",
+           "BeaconError", "BeaconFlags", "BeaconType", "LoadBeacon", "UsageBeacon"]
+
+FABRIC_ADDRESS = str(ipaddress.IPv4Address(p4names.FABRIC_ADDRESS))
 LOAD_FULL = 1000
 
 _COMMON = struct.Struct("!BBBBHH")
@@ -43,17 +48,6 @@ _LOAD = struct.Struct("!IHH")
 _USAGE = struct.Struct("!HHII")
 U16_MAX = 0xFFFF
 U32_MAX = 0xFFFFFFFF
-
-
-class BeaconType(IntEnum):
-    LOAD = 1
-    USAGE = 2
-
-
-class BeaconFlags(IntFlag):
-    NONE = 0
-    DOWN = 1
-    DRAINING = 2
 
 
 class BeaconError(ValueError):

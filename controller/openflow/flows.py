@@ -1,6 +1,6 @@
 """Translate a switch's compiled state into OpenFlow 1.3 flows, groups and meters.
 
-Input: the same DesiredState the P4 switches get (controller/policy/compile.py:
+Input: the same DesiredState the P4 switches get (controller/compile/:
 tenant_by_src, class_qos, service, backend_selector groups, backend, ipv4_route,
 tenant_meter ...), plus what only OpenFlow needs (backend MACs, the tenants the
 controller found over budget). Output: an OfState of plain, hashable specs; the
@@ -39,8 +39,8 @@ from controller.entries import (
     ProfileMember,
     TableEntry,
 )
-from controller.policy.compile import P4
 from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS
+from tokenfabric.p4names import Actions, Tables
 
 CLASSIFY, SELECT, ROUTE, PIN = 0, 1, 2, 3
 LEARNED_COOKIE = 0x7F0F_0000_0000_0001  # flows made by `learn`: never the reconciler's
@@ -170,14 +170,14 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
     def match(e: TableEntry) -> dict:
         return dict(e.match)
 
-    qos = {match(e)["tclass"].value: params(e) for e in tables.get(P4.CLASS_QOS, [])}
+    qos = {match(e)["tclass"].value: params(e) for e in tables.get(Tables.CLASS_QOS, [])}
     # A meter per tenant: a drop band for each colour the policy drops.
     dropping: dict[int, list[int]] = {}
-    for e in tables.get(P4.METER_POLICY, []):
+    for e in tables.get(Tables.METER_POLICY, []):
         m = match(e)
-        if isinstance(e.action, Action) and e.action.name == P4.COLOR_DROP:
+        if isinstance(e.action, Action) and e.action.name == Actions.COLOR_DROP:
             dropping.setdefault(m["tenant_id"].value, []).append(m["color"].value)
-        elif isinstance(e.action, Action) and e.action.name == P4.COLOR_REMARK:
+        elif isinstance(e.action, Action) and e.action.name == Actions.COLOR_REMARK:
             out.notes.append(f"tenant {m['tenant_id'].value}: DSCP remark of colour "
                              f"{m['color'].value} is not supported (OVS meters drop only)")
     for tenant, cfg in sorted(meters.items()):
@@ -199,8 +199,8 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
             return ()
         return (("set_field", "ip_dscp", q["dscp"]), ("set_queue", q["priority"]))
 
-    for table, base, field_name in ((P4.TENANT_BY_SRC, 100, "ipv4_src"),
-                                    (P4.TENANT_BY_DST, 10, "ipv4_dst")):
+    for table, base, field_name in ((Tables.TENANT_BY_SRC, 100, "ipv4_src"),
+                                    (Tables.TENANT_BY_DST, 10, "ipv4_dst")):
         for e in tables.get(table, []):
             lpm = match(e)["src_addr" if field_name == "ipv4_src" else "dst_addr"]
             p = params(e)
@@ -219,17 +219,17 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
 
     # ---- table 1: select
     deliver: dict[int, tuple[int, str]] = {}  # backend id -> (port, mac)
-    for e in tables.get(P4.BACKEND, []):
+    for e in tables.get(Tables.BACKEND, []):
         bid = match(e)["backend_id"].value
         p = params(e)
-        if e.action.name == P4.DELIVER_LOCAL:
+        if e.action.name == Actions.DELIVER_LOCAL:
             deliver[bid] = (p["port"], _mac_text(p["dmac"]))
         elif bid in ctx.transit and bid in ctx.macs:
             deliver[bid] = (ctx.transit[bid], ctx.macs[bid])
         else:
             out.notes.append(f"backend {bid}: not reachable over this switch's links")
-    idle_us = {e.match: params(e)["idle_timeout_us"] for e in tables.get(P4.VIP, [])}
-    for e in sorted(tables.get(P4.SERVICE, []), key=lambda e: params(e)["service_id"]):
+    idle_us = {e.match: params(e)["idle_timeout_us"] for e in tables.get(Tables.VIP, [])}
+    for e in sorted(tables.get(Tables.SERVICE, []), key=lambda e: params(e)["service_id"]):
         m, p = match(e), params(e)
         sid = p["service_id"]
         idle = max(1, round(idle_us.get(e.match, 0) / 1_000_000))
@@ -260,14 +260,14 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
     out.add(FlowSpec(SELECT, 0, (), goto=ROUTE))
 
     # ---- table 2: route
-    for e in tables.get(P4.IPV4_ROUTE, []):
+    for e in tables.get(Tables.IPV4_ROUTE, []):
         lpm, p = match(e)["dst_addr"], params(e)
         out.add(FlowSpec(ROUTE, 1 + lpm.prefix_len,
                          (("eth_type", ETH_IPV4), ("ipv4_dst", _prefix(lpm))),
                          actions=(("set_field", "eth_src", _mac_text(p["smac"])),
                                   ("set_field", "eth_dst", _mac_text(p["dmac"])),
                                   ("output", p["port"]))))
-    if any(isinstance(e.action, GroupRef) for e in tables.get(P4.SERVICE_POOL, [])) \
+    if any(isinstance(e.action, GroupRef) for e in tables.get(Tables.SERVICE_POOL, [])) \
             and not out.groups:
         out.notes.append("no service has a deliverable backend on this switch")
     return out

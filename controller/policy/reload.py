@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from controller import log
+from controller.compile import CompileError, compile_model
 from controller.entries import DesiredState, Entity
 from controller.gctools import gc_paused
 from controller.model import Model, Policy
-from controller.policy.compile import CompileError, compile_model
 from controller.policy.offload import run_here
 from controller.policy.schema import load_policy, parse_policy
 from controller.policy.source import SpecError

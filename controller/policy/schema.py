@@ -14,6 +14,7 @@ import re
 from decimal import Decimal
 from pathlib import Path
 
+from controller.compile import DEFAULT_CLASS, NUM_CLASSES, CompileError, plan_classes
 from controller.model import (
     BandwidthProfile,
     BeyondAction,
@@ -27,7 +28,6 @@ from controller.model import (
     TokenLimits,
     TrafficClass,
 )
-from controller.policy.compile import DEFAULT_CLASS, NUM_CLASSES, CompileError, plan_classes
 from controller.policy.source import (
     Errors,
     Node,
@@ -44,7 +44,7 @@ from controller.policy.standards import (
     RFC4594_CLASSES,
     class_for_fiveqi,
 )
-from tokenfabric.dataplane import MAX_TENANTS
+from tokenfabric.p4names import MAX_TENANTS
 
 MAX_TENANT_ID = MAX_TENANTS - 1  # the dataplane's per-tenant registers and counters
 MAX_QDEPTH = (1 << 19) - 1  # v1model enq_qdepth is bit<19>

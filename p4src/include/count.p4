@@ -1,5 +1,6 @@
 /* Count: per tenant, per backend, per class and per drop reason, all indexed
- * counters readable over P4Runtime. Drops happen here, after counting. */
+ * counters readable over P4Runtime. Drops by reason happen here, after
+ * counting. */
 #ifndef TF_COUNT_P4
 #define TF_COUNT_P4
 
@@ -35,14 +36,7 @@ control Count(inout headers_t hdr,
         } else {
             if (meta.pin_state == PIN_HIT) {
                 events.count(EVENT_PIN_HIT);
-            } else if (SERVICE || IS(F_CONSUMED)) {
-                if (IS(F_BEACON_OK) && meta.drop_reason == DROP_NONE) {
-                    if (hdr.beacon_load.isValid()) {
-                        events.count(EVENT_BEACON_LOAD);
-                    } else {
-                        events.count(EVENT_BEACON_USAGE);
-                    }
-                }
+            } else if (SERVICE) {
                 if (meta.pin_state == PIN_NEW) {
                     events.count(EVENT_PIN_NEW);
                 } else if (meta.pin_state == PIN_STATELESS) {
@@ -57,13 +51,12 @@ control Count(inout headers_t hdr,
                 }
             }
 
-            /* Drops happen here, after counting; beacons end here too. */
+            /* Drops happen here, after counting (Beacon drops the beacons it
+             * consumed; their events are its own). */
             if (meta.drop_reason != DROP_NONE) {
                 drops.count(meta.drop_reason);
                 mark_to_drop(standard_metadata);
-            } else if (IS(F_CONSUMED)) {
-                mark_to_drop(standard_metadata);
-            } else {
+            } else if (NOT(F_CONSUMED)) {
                 class_traffic.count(meta.tclass);
                 if (meta.tenant_id != 0) {
                     tenant_traffic.count(meta.tenant_id);

@@ -2,7 +2,8 @@
 #ifndef TF_DEFINES_P4
 #define TF_DEFINES_P4
 
-/* Table and register sizes: room for ~4096 tenants and ~256 backends. */
+/* Register and counter sizes: room for 4096 tenants, 1024 backends, 256
+ * services (ids are below these) and 65536 pinned connections. */
 #define MAX_TENANTS 4096
 #define MAX_BACKENDS 1024
 #define MAX_SERVICES 256
@@ -10,17 +11,32 @@
 #define FINGERPRINT_RANGE 0xFFFFFF00  /* protocol + this stays below 2^32 */
 #define NUM_CLASSES 8
 
+/* Table sizes beyond those (entries, not ids). */
+#define TENANT_PREFIXES 8192    /* tenant_by_src, tenant_by_dst */
+#define DSCP_VALUES 64          /* dscp_class: every 6-bit DSCP */
+#define ROCE_CLASSES 2          /* roce_class: data and CNP */
+#define BEACON_SOURCES 2048     /* beacon_source: (backend, port, address) */
+#define PAIR_SLOTS 16384        /* p2c_pairs: up to 256 slots of a service */
+#define ROUTES 4096             /* ipv4_route */
+#define METER_POLICIES 8192     /* meter_policy: a yellow and a red per tenant */
+#define SELECTOR_MEMBERS 4096   /* backend_selector: members of all groups */
+#define SELECTOR_HASH_BITS 16
+
 /* The fabric beacon (tokenfabric/beacon.py): UDP to 169.254.42.1:7420. */
 const bit<32> FABRIC_ADDRESS = 0xA9FE2A01;
 const bit<16> BEACON_PORT = 7420;
 const bit<8> BEACON_VERSION = 1;
-const bit<8> BEACON_LOAD = 1;
-const bit<8> BEACON_USAGE = 2;
+const bit<8> BEACON_TYPE_LOAD = 1;
+const bit<8> BEACON_TYPE_USAGE = 2;
+const bit<8> BEACON_FLAG_NONE = 0;
 const bit<8> BEACON_FLAG_DOWN = 1;
 const bit<8> BEACON_FLAG_DRAINING = 2;
 
 const bit<16> ETHERTYPE_IPV4 = 0x0800;
 const bit<8> PROTO_IPIP = 4;
+const bit<8> TUNNEL_TTL = 64;      /* the outer TTL of IP-in-IP */
+const bit<16> IPV4_HEADER_BYTES = 20;
+const bit<4> IPV4_MIN_IHL = 5;
 const bit<8> PROTO_TCP = 6;
 const bit<8> PROTO_UDP = 17;
 const bit<16> ROCEV2_PORT = 4791;
@@ -34,14 +50,25 @@ const bit<8> BTH_OPCODE_CNP = 0x81;
 const bit<8> MODE_HASH = 0;
 const bit<8> MODE_P2C = 1;
 
+/* Meter colours (v1model): meta.color, the key of meter_policy. */
+const bit<2> COLOR_GREEN = 0;
+const bit<2> COLOR_YELLOW = 1;
+const bit<2> COLOR_RED = 2;
+
+/* ECN codepoints (RFC 3168). */
+const bit<2> ECN_NOT_ECT = 0;
+const bit<2> ECN_ECT1 = 1;
+const bit<2> ECN_ECT0 = 2;
+const bit<2> ECN_CE = 3;
+
 /* No backend: the sentinel in the connection table and in metadata. */
 const bit<32> NO_BACKEND = 0xFFFF;
 
 /* One-bit facts about a packet: bits of meta.flags, one field rather than
- * seven (BMv2 zeroes each metadata field of every packet). */
+ * one each (BMv2 zeroes each metadata field of every packet). */
+const bit<8> F_USAGE = 0x01;       /* an accepted USAGE beacon: Admit debits tenant_id */
 const bit<8> F_DECAP = 0x02;       /* IP-in-IP terminated here, for backend_id */
 const bit<8> F_CONSUMED = 0x04;    /* a beacon: processed here, forwarded nowhere */
-const bit<8> F_BEACON_OK = 0x08;   /* from the port and address of its backend */
 const bit<8> F_OVERFLOW = 0x10;    /* a new connection of a tenant over budget */
 const bit<8> F_FALLBACK = 0x20;    /* the mode's choice was not eligible */
 const bit<8> F_TRUST_DSCP = 0x40;  /* the tenant lets DSCP choose the class */

@@ -104,24 +104,28 @@ header flow_h {
     bit<16> dst_port;  /* a field of its own: a table key */
 }
 
-/* State of the slow path (new connections, stateless choices, USAGE beacons),
- * kept in a header rather than metadata: BMv2 zeroes every metadata field of
- * every packet, but only clears a header's valid bit. The slow path makes it
- * valid (zeroed) before using it; it is never emitted. */
-header slow_path_h {
-    /* the service's selection (service table) */
+/* Scratch state of the slow path, one header per control that needs it,
+ * kept in headers rather than metadata: BMv2 zeroes every metadata field of
+ * every packet, but only clears a header's valid bit. The control makes its
+ * header valid (zeroed) before using it; neither is emitted. */
+
+/* Admit: the tenant's contract (tenant_contract) and bucket. */
+header bucket_h {
+    bit<64> contract_rate;
+    bit<64> contract_full;
+    bit<64> level;
+    bit<48> elapsed;
+}
+
+/* Select: the service's selection (service table), the candidates and what
+ * the registers say of them. */
+header choice_h {
     bit<16> service_id;
     bit<8> mode;
     bit<32> overflow_backend;
     bit<8> pair_mask;
     bit<32> beacon_max_age_us;
     bit<32> conn_cost;
-    /* admit: the tenant's contract (tenant_contract) and bucket */
-    bit<64> contract_rate;
-    bit<64> contract_full;
-    bit<64> level;
-    bit<48> elapsed;
-    /* select: the candidates and what the registers say of them */
     bit<8> pair_slot;
     bit<32> pool_backend;
     bit<32> first;
@@ -146,7 +150,8 @@ struct headers_t {
     beacon_load_h beacon_load;
     beacon_usage_h beacon_usage;
     flow_h flow;
-    slow_path_h slow;
+    bucket_h bucket;
+    choice_h choice;
 }
 
 /* BMv2 zeroes every field here (and every variable and temporary p4c adds)
@@ -162,7 +167,7 @@ struct local_metadata_t {
     bit<8> flags;           /* F_* of defines.p4 */
 
     /* the service (VIP:port) this packet is addressed to; the rest of the
-     * service is hdr.slow's */
+     * service is Select's hdr.choice */
     bit<32> idle_timeout_us;
 
     /* pin */

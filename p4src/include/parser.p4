@@ -160,8 +160,8 @@ parser TokenParser(packet_in packet,
     state parse_beacon {
         packet.extract(hdr.beacon);
         transition select(hdr.beacon.version, hdr.beacon.type) {
-            (BEACON_VERSION, BEACON_LOAD): parse_beacon_load;
-            (BEACON_VERSION, BEACON_USAGE): parse_beacon_usage;
+            (BEACON_VERSION, BEACON_TYPE_LOAD): parse_beacon_load;
+            (BEACON_VERSION, BEACON_TYPE_USAGE): parse_beacon_usage;
             (BEACON_VERSION, _): bad_beacon_type;
             default: bad_beacon_version;
         }

@@ -46,8 +46,9 @@ control Pin(inout headers_t hdr,
     }
 
     apply {
-        /* TCP and UDP only; a tunnel ended here goes to the backend it names. */
-        if (NOT(F_DECAP) && hdr.flow.isValid()) {
+        /* TCP and UDP only (a tunnel Decap ended has no flow header: it goes
+         * to the backend it names). */
+        if (hdr.flow.isValid()) {
             if (vip.apply().hit) {
                 bit<48> now = standard_metadata.ingress_global_timestamp;
                 /* A stored fingerprint is never 0, so a match means a live slot

@@ -44,7 +44,7 @@ control Qos(inout headers_t hdr,
         meta.drop_reason = DROP_METER_RED;
     }
 
-    /* Colours: 1 yellow, 2 red (green is not looked up). No entry: the colour
+    /* Colours: yellow and red (green is not looked up). No entry: the colour
      * changes nothing. */
     @name(".meter_policy")
     table meter_policy {
@@ -54,7 +54,7 @@ control Qos(inout headers_t hdr,
         }
         actions = { color_remark; color_drop; @defaultonly NoAction; }
         const default_action = NoAction();
-        size = 8192;
+        size = METER_POLICIES;
     }
 
     apply {
@@ -63,8 +63,8 @@ control Qos(inout headers_t hdr,
          * that Deliver drops (no route, TTL, unknown backend) is still metered,
          * as ingress policing does. */
         class_qos.apply();
-        if (meta.color != 0) {
-            if (meta.color == 1) {
+        if (meta.color != COLOR_GREEN) {
+            if (meta.color == COLOR_YELLOW) {
                 events.count(EVENT_METER_YELLOW);
             } else {
                 events.count(EVENT_METER_RED);
@@ -96,10 +96,10 @@ control TokenEgress(inout headers_t hdr,
     }
 
     apply {
-        if (hdr.ipv4.isValid() && (hdr.ipv4.ecn == 1 || hdr.ipv4.ecn == 2)) {
+        if (hdr.ipv4.isValid() && (hdr.ipv4.ecn == ECN_ECT1 || hdr.ipv4.ecn == ECN_ECT0)) {
             if (ecn_policy.apply().hit) {
                 if (standard_metadata.enq_qdepth >= meta.ecn_threshold) {
-                    hdr.ipv4.ecn = 3;
+                    hdr.ipv4.ecn = ECN_CE;
                     ecn_marked.count(meta.tclass);
                 }
             }

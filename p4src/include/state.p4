@@ -12,6 +12,17 @@ register<bit<48>>(CONN_SLOTS) conn_last_seen;
 @name(".conn_backend")
 register<bit<32>>(CONN_SLOTS) conn_backend;
 
+/* Each backend's last LOAD beacon, written by Beacon and read by Select
+ * (which also counts the connections it sends there since). */
+@name(".backend_load")
+register<bit<32>>(MAX_BACKENDS) backend_load;        /* load of the last beacon */
+@name(".backend_pending")
+register<bit<32>>(MAX_BACKENDS) backend_pending;     /* connections since then */
+@name(".backend_seen")
+register<bit<48>>(MAX_BACKENDS) backend_seen;        /* time of the last beacon */
+@name(".backend_flags")
+register<bit<8>>(MAX_BACKENDS) backend_flags;        /* DOWN, DRAINING */
+
 /* Events (defines.p4 EVENT_*), counted where they happen. */
 @name(".events")
 counter(NUM_EVENTS, CounterType.packets) events;

@@ -58,7 +58,8 @@ def server(tmp_path_factory) -> Iterator[Server]:
     (files / "fabric.yaml").write_text(FABRIC)
     (files / "policy.yaml").write_text(POLICY)
     (files / "tokens.yaml").write_text(yaml.safe_dump({
-        ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent", "backends": ["*"]},
+        ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent",
+                                                 "backends": ["*"]},
         VIEWER: {"name": "grafana", "role": "viewer"}}))
     port = free_port()
     proc = subprocess.Popen(

@@ -4,7 +4,7 @@ import asyncio
 
 from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, Role
-from controller.policy.compile import compile_model
+from controller.compile import compile_model
 from tests.integration.api.conftest import REGISTRATION, make_controller
 
 WHO = Principal("agents", Role.AGENT, backends=("*",))

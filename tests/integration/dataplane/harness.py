@@ -24,10 +24,11 @@ from pathlib import Path
 from crccheck.crc import Crc16Arc
 
 from controller.entries import Action, Exact, Lpm, TableEntry
-from tests.integration.dataplane.p4rt import P4RuntimeClient
+from tests.integration.dataplane.switch_client import SwitchClient
 from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.netns import NetSandbox
+from tokenfabric.p4names import Mode, Profiles
 from tokenfabric.tools import find_tool, tool_env
 
 CLONE_NEWNET = 0x40000000
@@ -136,7 +137,7 @@ class Rig:
     box: NetSandbox
     ns: str
     switch: Bmv2Switch
-    client: P4RuntimeClient
+    client: SwitchClient
     io: PacketPorts
     root_ifs: dict[int, str]
     host_ifs: dict[int, str]
@@ -183,7 +184,7 @@ def rig(nports: int = 5, log_dir: Path | None = None,
         switch = Bmv2Switch(opts)
         switch.start(start_timeout)
         box.processes.append(switch.proc)  # the sandbox ends it even if we fail here
-        client = P4RuntimeClient(opts.grpc_address)
+        client = SwitchClient(opts.grpc_address)
         io = PacketPorts(ns, host_ifs)
         made = Rig(box, ns, switch, client, io, root_ifs, host_ifs)
         made.cli(f"set_queue_depth {QUEUE_DEPTH}\n")  # BMv2's 64 drops test bursts
@@ -217,7 +218,7 @@ def local_backend(backend_id: int, port: int) -> TableEntry:
                                    dmac=mac_int(host_mac(port))))
 
 
-def service(mode: int = dp.Mode.HASH, pair_mask: int = 0, max_age_us: int = 0,
+def service(mode: int = Mode.HASH, pair_mask: int = 0, max_age_us: int = 0,
             idle_us: int = 0, conn_cost: int = 0, vip: str = VIP, port: int = VIP_PORT,
             service_id: int = SERVICE, overflow: int = OVERFLOW) -> list[TableEntry]:
     """A service's two entries: vip (every packet) and service (new connections)."""
@@ -257,14 +258,14 @@ def pool_members(backends: list[int]) -> list:
     """One action-profile member per backend; member id = backend id."""
     from controller.entries import ProfileMember
 
-    return [ProfileMember(dp.ACTION_PROFILE, b, Action.of("set_pool_backend", backend_id=b))
+    return [ProfileMember(Profiles.BACKEND_SELECTOR, b, Action.of("set_pool_backend", backend_id=b))
             for b in backends]
 
 
 def pool_group(weights: dict[int, int], group_id: int = 1):  # noqa: ANN201
     from controller.entries import ProfileGroup
 
-    return ProfileGroup(dp.ACTION_PROFILE, group_id, tuple(weights.items()), max_size=256)
+    return ProfileGroup(Profiles.BACKEND_SELECTOR, group_id, tuple(weights.items()), max_size=256)
 
 
 def pool_entry(group_id: int = 1, service_id: int = SERVICE) -> TableEntry:
@@ -273,7 +274,7 @@ def pool_entry(group_id: int = 1, service_id: int = SERVICE) -> TableEntry:
     return TableEntry.of("service_pool", {"service_id": Exact(service_id)}, GroupRef(group_id))
 
 
-def pool(client: P4RuntimeClient, weights: dict[int, int], group_id: int = 1,
+def pool(client: SwitchClient, weights: dict[int, int], group_id: int = 1,
          service_id: int = SERVICE) -> None:
     """The weighted-hash pool of a service: members, weighted group, and the table entry."""
     client.insert(*pool_members(list(weights)))

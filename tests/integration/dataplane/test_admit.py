@@ -10,7 +10,7 @@ from controller.entries import Action, Exact, TableEntry
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import beacon, data, syn
 from tokenfabric.beacon import UsageBeacon
-from tokenfabric.dataplane import Event
+from tokenfabric.p4names import Event
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 

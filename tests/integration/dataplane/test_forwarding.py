@@ -8,7 +8,7 @@ from scapy.layers.l2 import ARP, Ether
 
 from tests.integration.dataplane.harness import CLIENT_PORT, FAR_PORT, host_mac, switch_mac
 from tests.integration.dataplane.packets import parse, to_switch
-from tokenfabric.dataplane import DropReason
+from tokenfabric.p4names import DropReason
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 

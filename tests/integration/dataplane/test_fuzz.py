@@ -12,7 +12,7 @@ from scapy.packet import Raw, fuzz
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import parse, syn, to_switch
 from tokenfabric.beacon import FABRIC_ADDRESS, LoadBeacon, UsageBeacon
-from tokenfabric.dataplane import DropReason, Event
+from tokenfabric.p4names import DropReason, Event
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 

@@ -11,7 +11,7 @@ import pytest
 
 from controller.entries import Action, Exact, Lpm, TableEntry
 from tests.integration.dataplane import harness as h
-from tests.integration.dataplane.p4rt import P4RuntimeClient
+from tests.integration.dataplane.switch_client import SwitchClient
 from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.netns import sandbox
@@ -78,8 +78,8 @@ def test_ip_in_ip_reaches_a_backend_behind_the_second_switch(tmp_path):
         s2 = Bmv2Switch(Bmv2Options(ports={1: s2p1, 2: s2p2}, device_id=2,
                                     log_path=tmp_path / "s2.log")).start()
         box.processes.append(s2.proc)
-        with P4RuntimeClient(s1.opts.grpc_address, device_id=1) as c1, \
-                P4RuntimeClient(s2.opts.grpc_address, device_id=2) as c2:
+        with SwitchClient(s1.opts.grpc_address, device_id=1) as c1, \
+                SwitchClient(s2.opts.grpc_address, device_id=2) as c2:
             for client in (c1, c2):
                 client.set_pipeline(dp.TOKEN_ROUTER_JSON, dp.TOKEN_ROUTER_P4INFO)
             # Edge switch: the service, its pool, and the backend reached by IP-in-IP.

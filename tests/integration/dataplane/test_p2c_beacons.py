@@ -10,7 +10,7 @@ from controller.entries import Action, Exact, TableEntry
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import beacon, golden, syn
 from tokenfabric.beacon import BeaconFlags, LoadBeacon, UsageBeacon
-from tokenfabric.dataplane import DropReason, Event, Mode
+from tokenfabric.p4names import DropReason, Event, Mode
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 

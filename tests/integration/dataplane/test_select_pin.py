@@ -11,7 +11,7 @@ from scapy.layers.l2 import Ether
 
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import data, parse, syn
-from tokenfabric.dataplane import Event, Mode
+from tokenfabric.p4names import Event, Mode
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 

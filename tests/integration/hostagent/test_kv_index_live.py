@@ -61,7 +61,8 @@ def start_controller_and_agent(tmp_path, vllm_url: str, endpoint: str, replay: s
     """A controller process and an agent process following `vllm_url`'s KV events."""
     (tmp_path / "fabric.yaml").write_text(FABRIC)
     (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
-        {ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent", "backends": ["*"]},
+        {ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent",
+                                                 "backends": ["*"]},
          VIEWER: {"name": "grafana", "role": "viewer"}}))
     api_port = free_port()
     started.append(start_controller(tmp_path, api_port))

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from controller.compile import compile_model
 from controller.drivers import openflow_context
 from controller.fabric import parse_fabric
 from controller.model import Model
-from controller.policy.compile import compile_model
 from controller.policy.schema import parse_policy
 from tests.integration.openflow.ovs import PrivateOvs
 from tokenfabric.netns import NetSandbox, leftovers

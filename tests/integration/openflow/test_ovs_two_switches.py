@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 
+from controller.compile import compile_model
 from controller.drivers import openflow_context
 from controller.fabric import parse_fabric
 from controller.openflow.server import OpenFlowSouthbound
-from controller.policy.compile import compile_model
 from controller.policy.schema import parse_policy
 from tests.integration.openflow.conftest import (
     CLIENT_IP,

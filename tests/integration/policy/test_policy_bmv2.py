@@ -32,6 +32,7 @@ from controller.policy.schema import parse_policy
 from controller.routing import Router
 from tokenfabric import dataplane as dp
 from tokenfabric.beacon import UsageBeacon
+from tokenfabric.p4names import DropReason
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 
@@ -257,7 +258,7 @@ async def test_bandwidth_profile_remarks_yellow_and_drops_red(sw):
     assert dscps[:8] == [18] * 8  # the burst starts green
     red = 40 - len(out)
     assert red >= 15
-    assert sw.client.packets("drops", dp.DropReason.METER_RED) == red
+    assert sw.client.packets("drops", DropReason.METER_RED) == red
 
 
 async def test_load_reports_move_the_hash_split(sw):

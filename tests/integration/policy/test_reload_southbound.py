@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from google.rpc import code_pb2
 
+from controller.compile import compile_model
 from controller.fabric import load_fabric
-from controller.policy.compile import compile_model
 from controller.policy.reload import SouthboundWriter, reload_policy
 from controller.policy.schema import load_policy
 from controller.southbound import Pipeline, Southbound

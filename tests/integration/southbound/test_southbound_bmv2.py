@@ -191,7 +191,7 @@ async def test_bmv2_token_router_takes_a_compiled_example_policy(bmv2):
     program = DATA.parents[3] / "p4src" / "build" / "token_router"
     if not program.with_suffix(".json").exists():
         pytest.skip("p4src/build/token_router.json not built")
-    compile_mod = pytest.importorskip("controller.policy.compile")
+    compile_mod = pytest.importorskip("controller.compile")
     from controller.fabric import load_fabric
     from controller.policy.schema import load_policy
     from controller.southbound import Pipeline

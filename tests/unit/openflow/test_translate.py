@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from os_ken.ofproto import ofproto_v1_3 as ofp
 
+from controller.compile import compile_model
 from controller.drivers import openflow_context
 from controller.fabric import parse_fabric
 from controller.model import BackendState, SelectionMode
@@ -21,7 +22,6 @@ from controller.openflow.flows import (
     kbits,
     translate,
 )
-from controller.policy.compile import compile_model
 from controller.policy.schema import parse_policy
 
 FABRIC = """

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from controller.compile import compile_model
 from controller.entries import DesiredState, Entity
 from controller.fabric import load_fabric
-from controller.policy.compile import compile_model
 from controller.policy.reload import SouthboundWriter, apply_states, reload_policy, sync_model
 from controller.policy.schema import load_policy
 

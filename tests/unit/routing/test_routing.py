@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from controller.compile import compile_model
 from controller.entries import Exact, ProfileGroup, TableEntry
 from controller.fabric import load_fabric
 from controller.model import BackendState, SelectionMode
-from controller.policy.compile import compile_model
 from controller.policy.schema import load_policy
 from controller.routing import MAX_GROUP_WEIGHT, Router, headroom, scale_weights
 
@@ -204,10 +204,10 @@ def test_mode_switch_is_one_modify_of_the_service_entry():
 def test_p2c_pairs_are_distinct_and_balanced(n):
     from collections import Counter
 
-    from controller.policy.compile import _p2c_pairs
+    from controller.compile.select import p2c_pairs
 
     ids = list(range(1, n + 1))
-    slots = _p2c_pairs(ids, 64)
+    slots = p2c_pairs(ids, 64)
     assert len(slots) & (len(slots) - 1) == 0 and len(slots) <= 256  # pair_mask + 1
     assert all(a != b for a, b in slots)
     first, second = Counter(a for a, _ in slots), Counter(b for _, b in slots)

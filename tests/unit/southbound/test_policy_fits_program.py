@@ -27,7 +27,7 @@ def example_pairs() -> list[tuple[Path, Path]]:
 def test_compiled_examples_translate(fabric, policy):
     if not P4INFO.exists():
         pytest.skip("p4src/build/token_router.p4info.txtpb not built yet")
-    compile_mod = pytest.importorskip("controller.policy.compile")
+    compile_mod = pytest.importorskip("controller.compile")
     from controller.fabric import load_fabric
     from controller.policy.schema import load_policy
 

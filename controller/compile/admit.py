@@ -1,0 +1,29 @@
+"""Admit (p4src/include/admit.p4): each tenant's token-bucket contract."""
+
+from __future__ import annotations
+
+from controller.compile.common import ClassPlan
+from controller.entries import Action, Entity, Exact, TableEntry
+from controller.model import Model, Switch
+from tokenfabric.p4names import Actions, Tables
+
+
+def refill_per_second(tpm: int) -> int:
+    """The switch refills whole tokens per second: tpm / 60, at least 1."""
+    return max(1, round(tpm / 60))
+
+
+def shared(model: Model, classes: ClassPlan) -> list[Entity]:
+    policy = model.policy
+    out: list[Entity] = []
+    for tenant in sorted(policy.tenants.values(), key=lambda t: t.tenant_id):
+        limits = policy.contracts[tenant.contract].limits
+        out.append(TableEntry.of(Tables.TENANT_CONTRACT, {"tenant_id": Exact(tenant.tenant_id)},
+                                 Action.of(Actions.SET_CONTRACT,
+                                           tokens_per_s=refill_per_second(limits.tpm),
+                                           burst_tokens=limits.burst)))
+    return out
+
+
+def local(model: Model, classes: ClassPlan, switch: Switch) -> list[Entity]:
+    return []

@@ -1,0 +1,40 @@
+"""QoS (p4src/include/qos.p4): each class's DSCP and queue, tenant meters, ECN marking."""
+
+from __future__ import annotations
+
+from controller.compile.common import ClassPlan
+from controller.entries import Action, Entity, Exact, MeterConfig, TableEntry
+from controller.model import BeyondAction, Model, Switch
+from tokenfabric.p4names import Actions, Color, Meters, Tables
+
+
+def shared(model: Model, classes: ClassPlan) -> list[Entity]:
+    policy = model.policy
+    out: list[Entity] = []
+    for tclass, (dscp, queue) in sorted(classes.rows.items()):
+        out.append(TableEntry.of(Tables.CLASS_QOS, {"tclass": Exact(tclass)},
+                                 Action.of(Actions.SET_CLASS_QOS, dscp=dscp, priority=queue)))
+    if classes.roce is not None:
+        out.append(TableEntry.of(Tables.ECN_POLICY, {"tclass": Exact(classes.roce)},
+                                 Action.of(Actions.SET_ECN_THRESHOLD,
+                                           qdepth=policy.roce.ecn_threshold)))
+    for tenant in sorted(policy.tenants.values(), key=lambda t: t.tenant_id):
+        bw = policy.contracts[tenant.contract].bandwidth
+        if bw is None:
+            continue
+        out.append(MeterConfig(Meters.TENANT_METER, tenant.tenant_id, cir=bw.cir,
+                               cburst=bw.cbs, pir=bw.pir, pburst=bw.pbs))
+        for color, what, dscp in ((int(Color.YELLOW), bw.exceed, bw.exceed_dscp),
+                                  (int(Color.RED), bw.violate, bw.violate_dscp)):
+            match = {"tenant_id": Exact(tenant.tenant_id), "color": Exact(color)}
+            if what == BeyondAction.REMARK:
+                out.append(TableEntry.of(Tables.METER_POLICY, match,
+                                         Action.of(Actions.COLOR_REMARK, dscp=dscp)))
+            elif what == BeyondAction.DROP:
+                out.append(TableEntry.of(Tables.METER_POLICY, match,
+                                         Action.of(Actions.COLOR_DROP)))
+    return out
+
+
+def local(model: Model, classes: ClassPlan, switch: Switch) -> list[Entity]:
+    return []
