@@ -70,17 +70,16 @@ class ControllerClient:
         return Registration(data["backend_id"], tenants, roce)
 
     async def report(self, name: str, body: dict) -> dict:
-        status, data = await self._call("POST", f"/backends/{name}/report", body)
-        if not 200 <= status < 300:
-            raise ControllerError(f"report refused: HTTP {status}: "
-                                  f"{self._detail(status, data)}", status)
-        return data if isinstance(data, dict) else {}
+        return await self._post_backend(name, "report", body, "report")
 
     async def kv_report(self, name: str, body: dict) -> dict:
         """A block-set delta or snapshot for the prefix index (controller/prefix_index.py)."""
-        status, data = await self._call("POST", f"/backends/{name}/kv", body)
+        return await self._post_backend(name, "kv", body, "KV report")
+
+    async def _post_backend(self, name: str, leaf: str, body: dict, what: str) -> dict:
+        status, data = await self._call("POST", f"/backends/{name}/{leaf}", body)
         if not 200 <= status < 300:
-            raise ControllerError(f"KV report refused: HTTP {status}: "
+            raise ControllerError(f"{what} refused: HTTP {status}: "
                                   f"{self._detail(status, data)}", status)
         return data if isinstance(data, dict) else {}
 
