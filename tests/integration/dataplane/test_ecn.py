@@ -49,6 +49,7 @@ def test_roce_is_ecn_marked_above_the_queue_threshold_and_not_below(roce_sw):
     assert len(paced) == 10
     assert all(p.tos == (26 << 2) | 2 for p in paced), "lossless DSCP 26, ECT(0) kept"
 
+    sw.cli(f"set_queue_rate 50 {h.FAR_PORT}\n")  # a burst grows the queue however slowly it is sent
     for i in range(60):  # a burst: the queue grows past the threshold
         sw.io.send(h.CLIENT_PORT, roce(BTH_WRITE, sport=51000 + i))
     burst = [parse(f)[IP].tos & 3 for f in sw.io.collect(idle=0.5)[h.FAR_PORT]]
@@ -61,6 +62,9 @@ def test_roce_is_ecn_marked_above_the_queue_threshold_and_not_below(roce_sw):
 
 def test_not_ect_traffic_is_never_marked_and_cnps_ride_the_top_class(roce_sw):
     sw = roce_sw
+    # a slow queue, so that most of the burst is still queued when the CNP comes even
+    # when a loaded machine sends the burst slowly (at 300 pps half of it had left)
+    sw.cli(f"set_queue_rate 50 {h.FAR_PORT}\n")
     for i in range(40):
         sw.io.send(h.CLIENT_PORT, roce(BTH_WRITE, ecn=0, sport=52000 + i))
     sw.io.send(h.CLIENT_PORT, roce(BTH_CNP, ecn=0))
