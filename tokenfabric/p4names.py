@@ -261,7 +261,7 @@ ACTION_PARAMS: dict[str, dict[str, int]] = {
     "accept_beacon": {},
     "color_drop": {},
     "color_remark": {"dscp": 6},
-    "count_reply": {"backend_id": 16},
+    "count_reply": {"backend_id": 32},
     "decap_to_backend": {"backend_id": 16},
     "deliver_ipip": {"tunnel_src": 32, "tunnel_dst": 32},
     "deliver_local": {"port": 9, "smac": 48, "dmac": 48},

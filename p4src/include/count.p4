@@ -28,9 +28,11 @@ control Count(inout headers_t hdr,
     @name(".reply_bytes")
     counter(MAX_BACKENDS, CounterType.packets_and_bytes) reply_bytes;
 
+    /* bit<32>, the counter's index width: a cast would cost every packet a
+     * temporary (BMv2 zeroes each one). */
     @name(".count_reply")
-    action count_reply(bit<16> backend_id) {
-        reply_bytes.count((bit<32>)backend_id);
+    action count_reply(bit<32> backend_id) {
+        reply_bytes.count(backend_id);
     }
 
     /* The ports backends sit on: one entry per port, for the lowest backend id
