@@ -560,7 +560,7 @@ class Controller:
             if entry["connected"] and entry["tenants"]:
                 await asyncio.to_thread(self.ledger.record_counters, name, entry["tenants"])
         for name, switch in (self.southbound.switches.items() if self.southbound else ()):
-            if not hasattr(switch, "read_port_bytes") or switch.role.value == "disconnected":
+            if switch.role.value == "disconnected":  # both drivers count a backend's bytes
                 continue
             try:
                 ports = await switch.read_port_bytes()
