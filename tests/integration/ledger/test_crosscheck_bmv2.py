@@ -172,7 +172,11 @@ async def test_the_lying_backend_is_flagged_the_honest_one_is_not(billing):
             assert r.status_code == 200, r.text
             if factor == 3 and lied_at is None:
                 lied_at = time.time()  # the lie is in the ledger from now on
-        await asyncio.sleep(1.0)
+        # A round every ~2.4 s: the byte window runs a settle time (1.5 s) past the
+        # billing window, so right after the first lie it may hold one round more than
+        # was billed; at this pace never two, and 3 x 220 billed bytes per token beat
+        # 2 x 274 sent (a faster pace can let the first check pass and the next flag).
+        await asyncio.sleep(2.0)
         flagged_at = ctl.crosscheck.first_flagged.get("b2")
         if flagged_at is not None and time.time() - flagged_at > 2 * 4.0:
             break
@@ -182,8 +186,8 @@ async def test_the_lying_backend_is_flagged_the_honest_one_is_not(billing):
     assert flagged_at is not None and lied_at is not None, ctl.billing_checks
     # by the first check whose billing window holds the lie (it ends a settle time before
     # the check): no check that could have seen it passed it. Checks come an interval
-    # apart, late by the run loop's 1 s tick and its counter reads (~0.4 s on BMv2:
-    # the tenant counters are whole 4096-cell arrays), so that is within one interval.
+    # apart, late by up to the run loop's 1 s tick and its counter reads (~0.4 s on
+    # BMv2: the tenant counters are whole 4096-cell arrays): within one interval.
     settle = ctl.crosscheck.settle_s(ctl.counter_interval_s)
     seeing = [t for t in check_times if t >= lied_at + settle]
     assert seeing and flagged_at <= seeing[0] + 1.0, (lied_at, flagged_at, check_times)
