@@ -560,7 +560,7 @@ class Controller:
             if entry["connected"] and entry["tenants"]:
                 await asyncio.to_thread(self.ledger.record_counters, name, entry["tenants"])
         for name, switch in (self.southbound.switches.items() if self.southbound else ()):
-            if not hasattr(switch, "read_port_bytes") or switch.role.value == "disconnected":
+            if switch.role.value == "disconnected":  # both drivers count a backend's bytes
                 continue
             try:
                 ports = await switch.read_port_bytes()
@@ -570,10 +570,11 @@ class Controller:
             await asyncio.to_thread(self.ledger.record_port_bytes, name, ports)
 
     def port_checked_backends(self) -> dict[str, tuple[str, int]]:
-        """backend -> (switch, port), for backends on switches that count bytes per port."""
+        """backend -> (switch, port), for backends on a switch of the fabric: both drivers
+        count the bytes a backend's port sent (OpenFlow port statistics; the P4
+        program's reply_bytes), each switch's read_port_bytes()."""
         return {b.name: (b.switch, b.port) for b in self.model.backends.values()
-                if b.switch in self.model.fabric.switches
-                and self.model.fabric.switches[b.switch].driver == "openflow"}
+                if b.switch in self.model.fabric.switches}
 
     async def check_billing(self, since: float | None = None,
                             until: float | None = None) -> list[BackendCheck]:

@@ -1,8 +1,9 @@
 """Billing against the network: could a backend's billed tokens fit in the bytes it sent?
 
 With direct server return a backend's replies enter the fabric at its own switch port,
-so the bytes the switch received on that port (OpenFlow port statistics; sampled into
-the ledger with the tenant counters) bound what it streamed. A streamed completion
+so the bytes the switch received on that port (OpenFlow port statistics; on a P4 switch
+the program's reply_bytes of the backend on that port; each driver's read_port_bytes,
+sampled into the ledger with the tenant counters) bound what it streamed. A streamed completion
 sends one SSE event per token, and an event is never shorter than a floor: the
 emulator's smallest is 224 bytes (model "m"), vLLM's compact chunks ~190; the default
 floor MIN_BYTES_PER_TOKEN = 150 leaves room for a shorter id and model name. So
@@ -21,8 +22,7 @@ window (the sample that counted the last bytes); the periodic check therefore lo
 the window that ended that long ago. Bytes count from the port's last sample before the
 byte window (so a verdict needs one sample before and one in the window).
 Not covered: non-streamed responses (a few bytes per token: set min_bytes_per_token to
-0 to switch the check off where they are common), and P4Runtime switches (the P4
-program has no per-port counters; see docs/ledger.md).
+0 to switch the check off where they are common).
 """
 
 from __future__ import annotations

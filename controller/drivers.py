@@ -7,6 +7,7 @@ never needs to know whether P4Runtime (controller/southbound/) or OpenFlow
     await switch.apply(desired_state)   # remember it; write the difference when connected
     switch.status() -> dict             # role, last_reconcile, ...; "driver", "features"
     await switch.read_counters(name)    # {tenant_id: CounterValue(packets, bytes)}
+    await switch.read_port_bytes()      # {port: bytes a backend's port sent} (cross-check)
     switch.role.value                   # "disconnected" | "primary" | "backup"
     await switch.start() / stop()
 

@@ -152,6 +152,7 @@ class Tables:
     IPV4_ROUTE = "ipv4_route"
     METER_POLICY = "meter_policy"
     P2C_PAIRS = "p2c_pairs"
+    REPLY_SOURCE = "reply_source"
     ROCE_CLASS = "roce_class"
     SERVICE = "service"
     SERVICE_POOL = "service_pool"
@@ -168,6 +169,7 @@ class Actions:
     ACCEPT_BEACON = "accept_beacon"
     COLOR_DROP = "color_drop"
     COLOR_REMARK = "color_remark"
+    COUNT_REPLY = "count_reply"
     DECAP_TO_BACKEND = "decap_to_backend"
     DELIVER_IPIP = "deliver_ipip"
     DELIVER_LOCAL = "deliver_local"
@@ -196,6 +198,7 @@ class Counters:
     DROPS = "drops"
     ECN_MARKED = "ecn_marked"
     EVENTS = "events"
+    REPLY_BYTES = "reply_bytes"
     TENANT_ADMITTED = "tenant_admitted"
     TENANT_OVERFLOW = "tenant_overflow"
     TENANT_TRAFFIC = "tenant_traffic"
@@ -223,6 +226,7 @@ TABLE_SIZES: dict[str, int] = {
     "ipv4_route": 4096,
     "meter_policy": 8192,
     "p2c_pairs": 16384,
+    "reply_source": 1024,
     "roce_class": 2,
     "service": 256,
     "service_pool": 256,
@@ -241,6 +245,7 @@ TABLE_ACTIONS: dict[str, tuple[str, ...]] = {
     "ipv4_route": ("route",),
     "meter_policy": ("color_remark", "color_drop"),
     "p2c_pairs": ("set_candidates",),
+    "reply_source": ("count_reply",),
     "roce_class": ("set_class",),
     "service": ("set_service",),
     "service_pool": ("set_pool_backend",),
@@ -256,6 +261,7 @@ ACTION_PARAMS: dict[str, dict[str, int]] = {
     "accept_beacon": {},
     "color_drop": {},
     "color_remark": {"dscp": 6},
+    "count_reply": {"backend_id": 32},
     "decap_to_backend": {"backend_id": 16},
     "deliver_ipip": {"tunnel_src": 32, "tunnel_dst": 32},
     "deliver_local": {"port": 9, "smac": 48, "dmac": 48},
@@ -288,6 +294,7 @@ COUNTER_SIZES: dict[str, int] = {
     "drops": 32,
     "ecn_marked": 8,
     "events": 16,
+    "reply_bytes": 1024,
     "tenant_admitted": 4096,
     "tenant_overflow": 4096,
     "tenant_traffic": 4096,
@@ -320,6 +327,7 @@ IDS: dict[str, int] = {
     "conn_backend": 378810667,
     "conn_fingerprint": 380144589,
     "conn_last_seen": 379140469,
+    "count_reply": 28084370,
     "decap_to_backend": 18776253,
     "deliver_ipip": 21956838,
     "deliver_local": 31792628,
@@ -334,6 +342,8 @@ IDS: dict[str, int] = {
     "no_route": 24278608,
     "p2c_pairs": 34565427,
     "reject_beacon": 24833092,
+    "reply_bytes": 309071740,
+    "reply_source": 44128312,
     "roce_class": 35382541,
     "route": 28656277,
     "service": 50116310,

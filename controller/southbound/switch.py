@@ -31,7 +31,7 @@ from google.rpc import code_pb2, status_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
 from controller import log
-from controller.entries import DesiredState, Entity
+from controller.entries import DesiredState, Entity, TableEntry
 from controller.gctools import gc_paused
 from controller.southbound import weights
 from controller.southbound.codec import Codec
@@ -46,6 +46,7 @@ from controller.southbound.errors import (
 )
 from controller.southbound.p4info import P4InfoIndex, Pipeline
 from controller.southbound.plan import DELETE, INSERT, MODIFY, RESET, Plan, Update, plan
+from tokenfabric.p4names import Counters, Tables
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -292,6 +293,38 @@ class Switch:
             entry = entity.counter_entry
             out[entry.index.index] = CounterValue(entry.data.packet_count, entry.data.byte_count)
         return out
+
+    async def read_counter_cells(self, name: str,
+                                 indices: Iterable[int]) -> dict[int, CounterValue]:
+        """Some cells of an indexed counter, in one Read (a whole array of BMv2's is slow
+        to read: each cell is its own lookup)."""
+        info = self.index.counter(name)
+        entities = []
+        for index in sorted(set(indices)):
+            if not 0 <= index < info.size:
+                raise TranslationError(f"counter {info.name} index {index} not in "
+                                       f"0..{info.size - 1}")
+            pb = p4runtime_pb2.Entity()
+            pb.counter_entry.counter_id = info.id
+            pb.counter_entry.index.index = index
+            entities.append(pb)
+        return {e.counter_entry.index.index: CounterValue(e.counter_entry.data.packet_count,
+                                                          e.counter_entry.data.byte_count)
+                for e in await self.read_entities(entities)}
+
+    async def read_port_bytes(self) -> dict[int, int]:
+        """Per port a backend sits on: the bytes the switch forwarded from it, i.e. with
+        DSR the backend's replies (the `reply_bytes` cell that the port's `reply_source`
+        entry names; docs/ledger.md). The same answer as an OpenFlow switch's port
+        statistics, so the billing cross-check has one code path for both."""
+        cells: dict[int, int] = {}  # port -> backend id
+        for entity in (self._desired or DesiredState()).entities.values():
+            if isinstance(entity, TableEntry) and entity.table == Tables.REPLY_SOURCE:
+                port = dict(entity.match)["ingress_port"]
+                cells[port.value] = dict(entity.action.params)["backend_id"]
+        counts = await self.read_counter_cells(Counters.REPLY_BYTES, set(cells.values()))
+        return {port: counts[bid].bytes if bid in counts else 0
+                for port, bid in sorted(cells.items())}
 
     async def read_direct_counters(self, table: str) -> dict[tuple, CounterValue]:
         """The direct counter of every entry of `table`, by the entry's TableEntry.key()."""

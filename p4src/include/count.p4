@@ -1,6 +1,9 @@
 /* Count: per tenant, per backend, per class and per drop reason, all indexed
  * counters readable over P4Runtime. Drops by reason happen here, after
- * counting. */
+ * counting. With direct server return a backend's replies enter the switch on
+ * its own port: reply_bytes counts, per backend, what the switch forwarded from
+ * that port, the bound the billing cross-check holds billed tokens to
+ * (controller/crosscheck.py). */
 #ifndef TF_COUNT_P4
 #define TF_COUNT_P4
 
@@ -22,6 +25,25 @@ control Count(inout headers_t hdr,
     counter(NUM_CLASSES, CounterType.packets_and_bytes) class_traffic;
     @name(".drops")
     counter(NUM_DROP_REASONS, CounterType.packets) drops;
+    @name(".reply_bytes")
+    counter(MAX_BACKENDS, CounterType.packets_and_bytes) reply_bytes;
+
+    /* bit<32>, the counter's index width: a cast would cost every packet a
+     * temporary (BMv2 zeroes each one). */
+    @name(".count_reply")
+    action count_reply(bit<32> backend_id) {
+        reply_bytes.count(backend_id);
+    }
+
+    /* The ports backends sit on: one entry per port, for the lowest backend id
+     * there (backends sharing a port share a count, as a port's bytes do). */
+    @name(".reply_source")
+    table reply_source {
+        key = { standard_metadata.ingress_port: exact @name("ingress_port"); }
+        actions = { count_reply; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = MAX_BACKENDS;
+    }
 
     apply {
         /* A forwarded packet of a pinned connection of a known tenant: all its
@@ -61,19 +83,26 @@ control Count(inout headers_t hdr,
                 if (meta.tenant_id != 0) {
                     tenant_traffic.count(meta.tenant_id);
                 }
-                if ((SERVICE || IS(F_DECAP)) && meta.backend_id < MAX_BACKENDS) {
-                    backend_traffic.count(meta.backend_id);
-                    if (meta.pin_state == PIN_NEW) {
-                        backend_conns.count(meta.backend_id);
-                        if (meta.tenant_id != 0) {
-                            if (IS(F_OVERFLOW)) {
-                                tenant_overflow.count(meta.tenant_id);
-                                events.count(EVENT_OVERFLOW);
-                            } else {
-                                tenant_admitted.count(meta.tenant_id);
+                if (SERVICE || IS(F_DECAP)) {
+                    if (meta.backend_id < MAX_BACKENDS) {
+                        backend_traffic.count(meta.backend_id);
+                        if (meta.pin_state == PIN_NEW) {
+                            backend_conns.count(meta.backend_id);
+                            if (meta.tenant_id != 0) {
+                                if (IS(F_OVERFLOW)) {
+                                    tenant_overflow.count(meta.tenant_id);
+                                    events.count(EVENT_OVERFLOW);
+                                } else {
+                                    tenant_admitted.count(meta.tenant_id);
+                                }
                             }
                         }
                     }
+                } else {
+                    /* Not to a service: a reply if it came from a backend's
+                     * port. Packets to a service (the pinned path above
+                     * included) pay for no lookup. */
+                    reply_source.apply();
                 }
             }
         }
