@@ -3,9 +3,11 @@
 Rows come from the host agents' usage reports: either the usage since the last
 report, deduplicated by a report id, or (preferred) the agent's cumulative totals,
 whose growth is counted, so that retries and lost reports need no id at all.
-SQLite in WAL mode with synchronous=FULL: a report is acknowledged (HTTP 2xx) only after its
-transaction committed and the WAL was fsynced, so it survives a kill -9 of the
-controller and a power cut. A report id makes recording idempotent: an agent
+The rows live in SQLite (a file in WAL mode with synchronous=FULL, the default) or in
+PostgreSQL (`--ledger postgresql://...`, synchronous_commit on), behind one storage
+interface (controller/ledger_store.py): a report is acknowledged (HTTP 2xx) only after
+its transaction committed and the WAL was flushed to disk, so it survives a kill -9 of
+the controller and a power cut. A report id makes recording idempotent: an agent
 that retries after a timeout never double counts.
 
 Every usage the ledger counts is also a row of the journal (controller/ledger_chain.py):
@@ -15,7 +17,7 @@ Cumulative totals never go backwards: lower totals are refused (UsageRefused) un
 agent declared a new epoch (a restart), which is journalled as an `epoch` row.
 
 Switch counters (bytes and packets per tenant, read over P4Runtime) are sampled
-into the same file, so that a time range can put what the agents say the
+into the same database, so that a time range can put what the agents say the
 tenants used beside what the switches saw.
 """
 
@@ -23,65 +25,19 @@ from __future__ import annotations
 
 import csv
 import io
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from controller import statement
 from controller.csv_cells import safe_row
 from controller.ledger_chain import GENESIS as GENESIS_HASH
-from controller.ledger_chain import INSERT_ROW, JOURNAL_SCHEMA, JournalRow, chain
+from controller.ledger_chain import INSERT_ROW, JournalRow, chain
+from controller.ledger_store import Store, open_store
 from tokenfabric.usage_signing import UsageRecord
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS reports (
-    report_id TEXT PRIMARY KEY,
-    backend   TEXT NOT NULL,
-    received  REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS usage (
-    minute            INTEGER NOT NULL,  -- unix seconds, a multiple of 60
-    tenant_id         INTEGER NOT NULL,
-    model             TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    requests          INTEGER NOT NULL,
-    PRIMARY KEY (minute, tenant_id, model)
-);
-CREATE TABLE IF NOT EXISTS switch_counters (
-    ts        REAL NOT NULL,
-    switch    TEXT NOT NULL,
-    tenant_id INTEGER NOT NULL,
-    bytes     INTEGER NOT NULL,
-    packets   INTEGER NOT NULL,
-    conns     INTEGER NOT NULL  -- connections admitted
-);
-CREATE INDEX IF NOT EXISTS switch_counters_ts ON switch_counters (ts);
-CREATE TABLE IF NOT EXISTS usage_totals (  -- the last cumulative totals an agent reported
-    backend           TEXT NOT NULL,
-    tenant_id         INTEGER NOT NULL,
-    model             TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    requests          INTEGER NOT NULL,
-    PRIMARY KEY (backend, tenant_id, model)
-);
-CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id across restarts
-    name       TEXT PRIMARY KEY,
-    backend_id INTEGER NOT NULL UNIQUE
-);
-CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
-CREATE TABLE IF NOT EXISTS port_counters (  -- bytes a switch received on a backend's port
-    ts       REAL NOT NULL,
-    switch   TEXT NOT NULL,
-    port     INTEGER NOT NULL,
-    rx_bytes INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS port_counters_ts ON port_counters (ts);
-"""
 
 REPORT_ID_RETENTION_S = 7 * 24 * 3600  # agents retry for seconds; a week is plenty
 
@@ -155,22 +111,18 @@ class CrossCheckRow:
 
 
 class Ledger:
-    """One SQLite file; safe to call from several threads (one connection, one lock)."""
+    """A SQLite file (a path) or a PostgreSQL database (a postgresql:// URL); safe to call
+    from several threads (one connection, one lock)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, target: str | Path) -> None:
+        self.path = str(target)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: every commit fsyncs the WAL, so an acknowledged report survives power loss,
-        # not just a killed process.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-        self._db.executescript(JOURNAL_SCHEMA)
+        self._db: Store = open_store(self.path)
         self._last_prune = 0.0
+
+    @property
+    def engine(self) -> str:
+        return self._db.engine
 
     def close(self) -> None:
         with self._lock:
@@ -225,8 +177,12 @@ class Ledger:
                 grown = new if row is None else tuple(
                     n - o for n, o in zip(new, row, strict=True))
                 self._db.execute(
-                    "INSERT OR REPLACE INTO usage_totals (backend, tenant_id, model, "
-                    "prompt_tokens, completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO usage_totals (backend, tenant_id, model, prompt_tokens, "
+                    "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (backend, tenant_id, model) DO UPDATE SET "
+                    "prompt_tokens = excluded.prompt_tokens, "
+                    "completion_tokens = excluded.completion_tokens, "
+                    "requests = excluded.requests",
                     (backend, u.tenant_id, u.model, *new))
                 if any(grown):
                     growth.append(Usage(u.tenant_id, u.model, *grown))
@@ -355,23 +311,23 @@ class Ledger:
         """Run `add(minute)` in one committed transaction, once per report id."""
         minute = _ms(now) // 60_000 * 60  # the journal rows' minute, to the millisecond
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin_write()
             try:
                 if report_id is not None:
                     cur = self._db.execute(
-                        "INSERT OR IGNORE INTO reports (report_id, backend, received) "
-                        "VALUES (?, ?, ?)", (report_id, backend, now))
+                        "INSERT INTO reports (report_id, backend, received) VALUES (?, ?, ?) "
+                        "ON CONFLICT (report_id) DO NOTHING", (report_id, backend, now))
                     if cur.rowcount == 0:
-                        self._db.execute("ROLLBACK")
+                        self._db.rollback()
                         return False
                 add(minute)
                 if now - self._last_prune > 3600:
                     self._db.execute("DELETE FROM reports WHERE received < ?",
                                      (now - REPORT_ID_RETENTION_S,))
                     self._last_prune = now
-                self._db.execute("COMMIT")
+                self._db.commit()
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback()
                 raise
         return True
 
@@ -380,9 +336,9 @@ class Ledger:
             "INSERT INTO usage (minute, tenant_id, model, prompt_tokens, "
             "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
-            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-            "completion_tokens = completion_tokens + excluded.completion_tokens, "
-            "requests = requests + excluded.requests",
+            "prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = usage.completion_tokens + excluded.completion_tokens, "
+            "requests = usage.requests + excluded.requests",
             (minute, u.tenant_id, u.model, u.prompt_tokens, u.completion_tokens, u.requests))
 
     def record_counters(self, switch: str, counters: dict[int, tuple[int, int, int]],
@@ -392,14 +348,14 @@ class Ledger:
         now = time.time() if now is None else now
         rows = [(now, switch, t, b, p, c) for t, (b, p, c) in sorted(counters.items())]
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin_write()
             try:
                 self._db.executemany(
                     "INSERT INTO switch_counters (ts, switch, tenant_id, bytes, packets, conns) "
                     "VALUES (?, ?, ?, ?, ?, ?)", rows)
-                self._db.execute("COMMIT")
+                self._db.commit()
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback()
                 raise
 
     def record_port_bytes(self, switch: str, ports: dict[int, int],
@@ -408,13 +364,13 @@ class Ledger:
         now = time.time() if now is None else now
         rows = [(now, switch, port, b) for port, b in sorted(ports.items())]
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin_write()
             try:
                 self._db.executemany("INSERT INTO port_counters (ts, switch, port, rx_bytes) "
                                      "VALUES (?, ?, ?, ?)", rows)
-                self._db.execute("COMMIT")
+                self._db.commit()
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback()
                 raise
 
     def port_growth(self, since: float, until: float, baseline_s: float = 120.0,
@@ -454,22 +410,24 @@ class Ledger:
             args.append(_ms(until))
         with self._lock:
             rows = self._db.execute(
-                "SELECT backend, SUM(prompt_tokens), SUM(completion_tokens) FROM journal "
+                "SELECT backend, CAST(SUM(prompt_tokens) AS BIGINT), "
+                "CAST(SUM(completion_tokens) AS BIGINT) FROM journal "
                 f"WHERE {' AND '.join(clauses)} GROUP BY backend", args).fetchall()
         return {b: (p, c) for b, p, c in rows}
 
     def remember_backend_id(self, name: str, backend_id: int) -> None:
         """Keep the id an agent's backend got, so that it gets it again after a restart."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin_write()
             try:
                 self._db.execute("DELETE FROM backend_ids WHERE backend_id = ? AND name != ?",
                                  (backend_id, name))
-                self._db.execute("INSERT OR REPLACE INTO backend_ids (name, backend_id) "
-                                 "VALUES (?, ?)", (name, backend_id))
-                self._db.execute("COMMIT")
+                self._db.execute("INSERT INTO backend_ids (name, backend_id) VALUES (?, ?) "
+                                 "ON CONFLICT (name) DO UPDATE SET "
+                                 "backend_id = excluded.backend_id", (name, backend_id))
+                self._db.commit()
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback()
                 raise
 
     def backend_ids(self) -> dict[str, int]:
@@ -517,7 +475,8 @@ class Ledger:
         where, args = _filters(None, None, since, until)
         with self._lock:
             rows = self._db.execute(
-                "SELECT tenant_id, SUM(prompt_tokens), SUM(completion_tokens), SUM(requests) "
+                "SELECT tenant_id, CAST(SUM(prompt_tokens) AS BIGINT), "
+                "CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(requests) AS BIGINT) "
                 f"FROM usage {where} GROUP BY tenant_id", args).fetchall()
         return {t: (p, c, r) for t, p, c, r in rows}
 
@@ -592,9 +551,9 @@ def _check_bound(usage: list[Usage], max_tokens: int | None) -> None:
 
 
 def _filters(tenant_id: int | None, model: str | None, since: float | None,
-             until: float | None, time_column: str = "minute") -> tuple[str, list]:
+             until: float | None, time_column: str = "minute") -> tuple[str, list[Any]]:
     clauses: list[str] = []
-    args: list = []
+    args: list[Any] = []
     if tenant_id is not None:
         clauses.append("tenant_id = ?")
         args.append(tenant_id)
