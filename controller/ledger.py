@@ -36,9 +36,10 @@ from controller import statement
 from controller.csv_cells import safe_row
 from controller.ledger_chain import GENESIS as GENESIS_HASH
 from controller.ledger_chain import INSERT_ROW, JournalRow, chain
-from controller.ledger_store import Store, open_store
+from controller.ledger_store import Cursor, Store, open_store
 from tokenfabric.usage_signing import UsageRecord
 
+INT64 = 2**63
 REPORT_ID_RETENTION_S = 7 * 24 * 3600  # agents retry for seconds; a week is plenty
 
 
@@ -139,9 +140,9 @@ class Ledger:
 
         def add(minute: int) -> None:
             _check_bound(usage, max_tokens)
-            for u in usage:
-                self._add_usage(minute, u)
-            self._journal([_row(now, agent, backend, u) for u in usage])
+            last = _head(self._head_query())
+            self._add_usage(minute, usage)
+            self._journal([_row(now, agent, backend, u) for u in usage], last)
 
         return self._in_report(report_id, backend, now, add)
 
@@ -160,15 +161,30 @@ class Ledger:
         totals = list(totals)
 
         def add(minute: int) -> None:
-            if epoch is not None and self._switch_epoch(now, agent, backend, epoch, events):
-                self._db.execute("DELETE FROM usage_totals WHERE backend = ?", (backend,))
+            # every read first: on PostgreSQL they travel in one round trip (pipeline)
+            head = self._head_query()
+            state_query = self._db.execute("SELECT epoch FROM agent_epochs WHERE backend = ?",
+                                           (backend,))
+            known_query = self._db.execute(
+                "SELECT tenant_id, model, prompt_tokens, completion_tokens, requests "
+                "FROM usage_totals WHERE backend = ?", (backend,))
+            last = _head(head)
+            state = state_query.fetchone()
+            known = {(t, m): (p, c, r) for t, m, p, c, r in known_query.fetchall()}
+            rows: list[JournalRow] = []
+            if epoch is not None:
+                epoch_row = self._switch_epoch(now, agent, backend, epoch, events, state,
+                                               bool(known))
+                if epoch_row is not None:
+                    rows.append(epoch_row)
+                    if epoch_row.flags == "reset":
+                        self._db.execute("DELETE FROM usage_totals WHERE backend = ?",
+                                         (backend,))
+                        known = {}
             growth = []
             for u in totals:
                 new = (u.prompt_tokens, u.completion_tokens, u.requests)
-                row = self._db.execute(
-                    "SELECT prompt_tokens, completion_tokens, requests FROM usage_totals "
-                    "WHERE backend = ? AND tenant_id = ? AND model = ?",
-                    (backend, u.tenant_id, u.model)).fetchone()
+                row = known.get((u.tenant_id, u.model))
                 if row is not None and any(n < o for n, o in zip(new, row, strict=True)):
                     raise UsageRefused(
                         "backwards", f"usage_total of tenant {u.tenant_id} model {u.model!r} "
@@ -176,20 +192,22 @@ class Ledger:
                         "restarted agent declares a new `epoch`")
                 grown = new if row is None else tuple(
                     n - o for n, o in zip(new, row, strict=True))
-                self._db.execute(
-                    "INSERT INTO usage_totals (backend, tenant_id, model, prompt_tokens, "
-                    "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (backend, tenant_id, model) DO UPDATE SET "
-                    "prompt_tokens = excluded.prompt_tokens, "
-                    "completion_tokens = excluded.completion_tokens, "
-                    "requests = excluded.requests",
-                    (backend, u.tenant_id, u.model, *new))
+                known[(u.tenant_id, u.model)] = new  # a pair named twice grows once
                 if any(grown):
                     growth.append(Usage(u.tenant_id, u.model, *grown))
             _check_bound(growth, max_tokens)
-            for u in growth:
-                self._add_usage(minute, u)
-            self._journal([_row(now, agent, backend, u) for u in growth])
+            self._db.executemany(
+                "INSERT INTO usage_totals (backend, tenant_id, model, prompt_tokens, "
+                "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (backend, tenant_id, model) DO UPDATE SET "
+                "prompt_tokens = excluded.prompt_tokens, "
+                "completion_tokens = excluded.completion_tokens, "
+                "requests = excluded.requests",
+                [(backend, u.tenant_id, u.model, u.prompt_tokens, u.completion_tokens,
+                  u.requests) for u in totals])
+            self._add_usage(minute, growth)
+            rows.extend(_row(now, agent, backend, u) for u in growth)
+            self._journal(rows, last)
 
         return self._in_report(report_id, backend, now, add)
 
@@ -210,11 +228,18 @@ class Ledger:
         def add(minute: int) -> None:
             rows: list[JournalRow] = []
             fresh: list[Usage] = []
-            state = self._db.execute(
+            # every read first: on PostgreSQL they travel in one round trip (pipeline)
+            head = self._head_query()
+            state_query = self._db.execute(
                 "SELECT epoch, last_seq, last_digest FROM agent_epochs WHERE backend = ?",
-                (backend,)).fetchone()
+                (backend,))
+            recorded_queries = self._recorded_queries(backend, records)
+            last = _head(head)
+            state = state_query.fetchone()
+            recorded = {(epoch, seq, sig) for epoch, query in recorded_queries
+                        for seq, sig in query.fetchall()}
             for rec, signature in records:
-                if self._recorded_before(backend, rec, signature):
+                if (rec.epoch, rec.seq, signature) in recorded:
                     outcome.duplicates += 1
                     continue
                 if state is None or rec.epoch != state[0]:
@@ -248,25 +273,36 @@ class Ledger:
                                    rec.completion_tokens, rec.requests))
                 state = (rec.epoch, rec.seq, rec.digest())
             _check_bound(fresh, max_tokens)
-            for u in fresh:
-                if u.prompt_tokens or u.completion_tokens or u.requests:
-                    self._add_usage(minute, u)
-            self._journal(rows)
+            self._add_usage(minute, [u for u in fresh
+                                     if u.prompt_tokens or u.completion_tokens or u.requests])
+            self._journal(rows, last)
             if state is not None:
-                self._db.execute("DELETE FROM agent_epochs WHERE backend = ?", (backend,))
-                self._db.execute("INSERT INTO agent_epochs (backend, epoch, last_seq, "
-                                 "last_digest) VALUES (?, ?, ?, ?)", (backend, *state))
+                self._set_epoch(backend, *state)
             outcome.added = len(fresh)
             outcome.usage = fresh
 
         self._in_report(None, backend, now, add)
         return outcome
 
-    def _recorded_before(self, backend: str, rec: UsageRecord, signature: str) -> bool:
-        row = self._db.execute(
-            "SELECT signature FROM journal WHERE backend = ? AND epoch = ? AND seq = ? "
-            "AND kind = 'usage'", (backend, rec.epoch, rec.seq)).fetchone()
-        return row is not None and row[0] == signature
+    def _set_epoch(self, backend: str, epoch: str, last_seq: int, last_digest: str) -> None:
+        self._db.execute(
+            "INSERT INTO agent_epochs (backend, epoch, last_seq, last_digest) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (backend) DO UPDATE SET epoch = excluded.epoch, "
+            "last_seq = excluded.last_seq, last_digest = excluded.last_digest",
+            (backend, epoch, last_seq, last_digest))
+
+    def _recorded_queries(self, backend: str, records: list[tuple[UsageRecord, str]],
+                          ) -> list[tuple[str, Cursor]]:
+        """Per epoch the report names (usually one): the (seq, signature) the journal
+        holds in the records' range of sequence numbers, to fetch."""
+        queries = []
+        for epoch in sorted({rec.epoch for rec, _ in records}):
+            seqs = [rec.seq for rec, _ in records if rec.epoch == epoch]
+            queries.append((epoch, self._db.execute(
+                "SELECT seq, signature FROM journal WHERE backend = ? AND epoch = ? AND "
+                "seq BETWEEN ? AND ? AND kind = 'usage'",
+                (backend, epoch, min(seqs), max(seqs)))))
+        return queries
 
     def _epoch_seen(self, backend: str, epoch: str) -> bool:
         return self._db.execute(
@@ -274,37 +310,31 @@ class Ledger:
             (backend, epoch)).fetchone() is not None
 
     def _switch_epoch(self, now: float, agent: str, backend: str, epoch: str,
-                      events: list[str] | None) -> bool:
-        """Make `epoch` the backend's (unsigned totals); True when that ended another one."""
-        row = self._db.execute("SELECT epoch FROM agent_epochs WHERE backend = ?",
-                               (backend,)).fetchone()
-        if row is not None and row[0] == epoch:
-            return False
-        if row is not None or self._db.execute(
-                "SELECT 1 FROM usage_totals WHERE backend = ?", (backend,)).fetchone():
-            if self._epoch_seen(backend, epoch):
-                raise UsageRefused("replay", f"epoch {epoch} of {backend} has ended")
-            reset = True
-        else:
-            reset = False
-        self._db.execute("DELETE FROM agent_epochs WHERE backend = ?", (backend,))
-        self._db.execute("INSERT INTO agent_epochs (backend, epoch, last_seq, last_digest) "
-                         "VALUES (?, ?, 0, '')", (backend, epoch))
-        self._journal([JournalRow(_ms(now), "epoch", agent, backend, 0, "", 0, 0, 0,
-                                  epoch=epoch, flags="reset" if reset else "")])
+                      events: list[str] | None, state: tuple | None,
+                      has_totals: bool) -> JournalRow | None:
+        """Make `epoch` the backend's (unsigned totals; `state`: its agent_epochs row);
+        the `epoch` journal row when it changed, flagged "reset" when that ended another
+        epoch (the totals restart from zero)."""
+        if state is not None and state[0] == epoch:
+            return None
+        reset = state is not None or has_totals
+        if reset and self._epoch_seen(backend, epoch):
+            raise UsageRefused("replay", f"epoch {epoch} of {backend} has ended")
+        self._set_epoch(backend, epoch, 0, "")
         if reset and events is not None:
             events.append(f"new epoch {epoch}: cumulative totals restart from zero "
-                          f"(previous epoch {row[0] if row else 'none'})")
-        return reset
+                          f"(previous epoch {state[0] if state else 'none'})")
+        return JournalRow(_ms(now), "epoch", agent, backend, 0, "", 0, 0, 0, epoch=epoch,
+                          flags="reset" if reset else "")
 
-    def _journal(self, rows: list[JournalRow]) -> None:
-        """Append rows to the chain (inside the caller's transaction)."""
-        if not rows:
-            return
-        last = self._db.execute("SELECT id, hash FROM journal ORDER BY id DESC "
-                                "LIMIT 1").fetchone()
-        first_id, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-        self._db.executemany(INSERT_ROW, chain(first_id, prev_hash, rows))
+    def _head_query(self) -> Cursor:
+        return self._db.execute("SELECT id, hash FROM journal ORDER BY id DESC LIMIT 1")
+
+    def _journal(self, rows: list[JournalRow], last: tuple[int, str]) -> None:
+        """Append rows to the chain after `last` (the head read inside the caller's
+        transaction, under its write lock)."""
+        if rows:
+            self._db.executemany(INSERT_ROW, chain(last[0] + 1, last[1], rows))
 
     def _in_report(self, report_id: str | None, backend: str, now: float,
                    add: Callable[[int], None]) -> bool:
@@ -314,10 +344,12 @@ class Ledger:
             self._db.begin_write()
             try:
                 if report_id is not None:
-                    cur = self._db.execute(
+                    # RETURNING, not rowcount: a pipelined statement has no count yet
+                    fresh = self._db.execute(
                         "INSERT INTO reports (report_id, backend, received) VALUES (?, ?, ?) "
-                        "ON CONFLICT (report_id) DO NOTHING", (report_id, backend, now))
-                    if cur.rowcount == 0:
+                        "ON CONFLICT (report_id) DO NOTHING RETURNING 1",
+                        (report_id, backend, now)).fetchall()
+                    if not fresh:
                         self._db.rollback()
                         return False
                 add(minute)
@@ -331,15 +363,24 @@ class Ledger:
                 raise
         return True
 
-    def _add_usage(self, minute: int, u: Usage) -> None:
-        self._db.execute(
+    def _add_usage(self, minute: int, usage: list[Usage]) -> None:
+        """Add to the per-minute rows (one round trip: executemany is pipelined)."""
+        if not usage:
+            return
+        for u in usage:  # a number no 64-bit column holds: refused the same on each engine
+            if not all(-INT64 <= v < INT64 for v in (u.tenant_id, u.prompt_tokens,
+                                                     u.completion_tokens, u.requests)):
+                raise OverflowError(f"usage of tenant {u.tenant_id} model {u.model!r} does "
+                                    "not fit 64-bit integers")
+        self._db.executemany(
             "INSERT INTO usage (minute, tenant_id, model, prompt_tokens, "
             "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
             "prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, "
             "completion_tokens = usage.completion_tokens + excluded.completion_tokens, "
             "requests = usage.requests + excluded.requests",
-            (minute, u.tenant_id, u.model, u.prompt_tokens, u.completion_tokens, u.requests))
+            [(minute, u.tenant_id, u.model, u.prompt_tokens, u.completion_tokens, u.requests)
+             for u in usage])
 
     def record_counters(self, switch: str, counters: dict[int, tuple[int, int, int]],
                         now: float | None = None) -> None:
@@ -526,6 +567,12 @@ class Ledger:
             writer.writerow(safe_row([r.minute, stamp, r.tenant_id, r.model, r.prompt_tokens,
                                       r.completion_tokens, r.total_tokens, r.requests]))
         return buf.getvalue()
+
+
+def _head(query: Cursor) -> tuple[int, str]:
+    """The journal's last (id, hash), (0, GENESIS) when empty."""
+    row = query.fetchone()
+    return (row[0], row[1]) if row else (0, GENESIS_HASH)
 
 
 def _ms(now: float) -> int:

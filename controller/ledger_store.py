@@ -18,10 +18,11 @@ already exist: CREATE ... IF NOT EXISTS) is adopted as version 1 unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -201,6 +202,7 @@ class PostgresStore:
         self.target = redact(url)
         self._errors = psycopg.errors
         self._sql: dict[str, str] = {}
+        self._pipeline: Any = None
         try:
             self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
         except (psycopg.Error, ValueError) as exc:  # ValueError: a malformed URL
@@ -222,28 +224,47 @@ class PostgresStore:
         return out
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
-        try:
+        with self._errors_mapped():
             return self._db.execute(self._translate(sql), args)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self._errors_mapped():
+            self._db.cursor().executemany(self._translate(sql), list(rows))
+
+    @contextlib.contextmanager
+    def _errors_mapped(self) -> Iterator[None]:
+        try:
+            yield
         except self._errors.NumericValueOutOfRange as exc:
             # as SQLite's driver: a number no 64-bit column holds is an OverflowError
             raise OverflowError(str(exc)) from exc
 
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        try:
-            self._db.cursor().executemany(self._translate(sql), list(rows))
-        except self._errors.NumericValueOutOfRange as exc:
-            raise OverflowError(str(exc)) from exc
-
     def begin_write(self) -> None:
+        # A write transaction runs in pipeline mode: statements go out without waiting
+        # for their results, so a report costs a round trip per read (whose result the
+        # ledger needs) plus one for all the writes and the COMMIT, not one per statement.
+        pipeline = self._db.pipeline()
+        pipeline.__enter__()
+        self._pipeline = pipeline
         self._db.execute("BEGIN")
         # one writer at a time across every controller on this database: the journal's
         # next id and hash are read then written inside the transaction
         self._db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
 
     def commit(self) -> None:
-        self._db.execute("COMMIT")
+        with self._errors_mapped():
+            self._db.execute("COMMIT")
+            pipeline, self._pipeline = self._pipeline, None
+            if pipeline is not None:
+                pipeline.__exit__(None, None, None)  # waits for every result: errors here
 
     def rollback(self) -> None:
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            try:
+                pipeline.__exit__(None, None, None)
+            except self._errors.Error:
+                pass  # the statement that failed: already raised, or rolled back below
         if self._db.info.transaction_status != 0:  # 0: IDLE, no transaction open
             self._db.execute("ROLLBACK")
 
