@@ -84,16 +84,19 @@ class TempPostgres:
                   f"-c unix_socket_directories={self.dir}")
         return self
 
-    def url(self, database: str = "postgres") -> str:
+    def url(self, database: str = "postgres", unix_socket: bool = False) -> str:
+        """TCP on 127.0.0.1, or the server's Unix socket (in its temporary directory)."""
+        if unix_socket:
+            return f"postgresql://postgres@/{database}?host={self.dir}&port={self.port}"
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self, name: str) -> str:
+    def create_database(self, name: str, unix_socket: bool = False) -> str:
         """A new empty database; its URL."""
         import psycopg
 
         with psycopg.connect(self.url(), autocommit=True, connect_timeout=10) as db:
             db.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
+        return self.url(name, unix_socket)
 
     def stop(self) -> None:
         if self.dir is None:
