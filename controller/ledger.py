@@ -34,12 +34,15 @@ from typing import Any
 
 from controller import statement
 from controller.csv_cells import safe_row
+from controller.ledger_chain import COLUMNS, JournalRow, chain
 from controller.ledger_chain import GENESIS as GENESIS_HASH
-from controller.ledger_chain import INSERT_ROW, JournalRow, chain
 from controller.ledger_store import Cursor, Store, open_store
 from tokenfabric.usage_signing import UsageRecord
 
 INT64 = 2**63
+JOURNAL_INSERT = f"INSERT INTO journal ({', '.join(COLUMNS)}, hash)"
+# rows per INSERT: SQLite binds at most 32766 values in one statement (17 per journal row)
+MAX_ROWS_PER_INSERT = 500
 REPORT_ID_RETENTION_S = 7 * 24 * 3600  # agents retry for seconds; a week is plenty
 
 
@@ -182,6 +185,7 @@ class Ledger:
                                          (backend,))
                         known = {}
             growth = []
+            reported: dict[tuple[int, str], tuple[int, int, int]] = {}
             for u in totals:
                 new = (u.prompt_tokens, u.completion_tokens, u.requests)
                 row = known.get((u.tenant_id, u.model))
@@ -193,18 +197,18 @@ class Ledger:
                 grown = new if row is None else tuple(
                     n - o for n, o in zip(new, row, strict=True))
                 known[(u.tenant_id, u.model)] = new  # a pair named twice grows once
+                reported[(u.tenant_id, u.model)] = new
                 if any(grown):
                     growth.append(Usage(u.tenant_id, u.model, *grown))
             _check_bound(growth, max_tokens)
-            self._db.executemany(
+            self._insert_rows(
                 "INSERT INTO usage_totals (backend, tenant_id, model, prompt_tokens, "
-                "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (backend, tenant_id, model) DO UPDATE SET "
+                "completion_tokens, requests)",
+                [(backend, t, m, *new) for (t, m), new in reported.items()],
+                " ON CONFLICT (backend, tenant_id, model) DO UPDATE SET "
                 "prompt_tokens = excluded.prompt_tokens, "
                 "completion_tokens = excluded.completion_tokens, "
-                "requests = excluded.requests",
-                [(backend, u.tenant_id, u.model, u.prompt_tokens, u.completion_tokens,
-                  u.requests) for u in totals])
+                "requests = excluded.requests")
             self._add_usage(minute, growth)
             rows.extend(_row(now, agent, backend, u) for u in growth)
             self._journal(rows, last)
@@ -334,7 +338,7 @@ class Ledger:
         """Append rows to the chain after `last` (the head read inside the caller's
         transaction, under its write lock)."""
         if rows:
-            self._db.executemany(INSERT_ROW, chain(last[0] + 1, last[1], rows))
+            self._insert_rows(JOURNAL_INSERT, chain(last[0] + 1, last[1], rows))
 
     def _in_report(self, report_id: str | None, backend: str, now: float,
                    add: Callable[[int], None]) -> bool:
@@ -372,15 +376,30 @@ class Ledger:
                                                      u.completion_tokens, u.requests)):
                 raise OverflowError(f"usage of tenant {u.tenant_id} model {u.model!r} does "
                                     "not fit 64-bit integers")
-        self._db.executemany(
+        # one row per key: PostgreSQL refuses an upsert that touches a row twice
+        summed: dict[tuple[int, str], list[int]] = {}
+        for u in usage:
+            acc = summed.setdefault((u.tenant_id, u.model), [0, 0, 0])
+            acc[0] += u.prompt_tokens
+            acc[1] += u.completion_tokens
+            acc[2] += u.requests
+        self._insert_rows(
             "INSERT INTO usage (minute, tenant_id, model, prompt_tokens, "
-            "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
+            "completion_tokens, requests)",
+            [(minute, t, m, *acc) for (t, m), acc in summed.items()],
+            " ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
             "prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, "
             "completion_tokens = usage.completion_tokens + excluded.completion_tokens, "
-            "requests = usage.requests + excluded.requests",
-            [(minute, u.tenant_id, u.model, u.prompt_tokens, u.completion_tokens, u.requests)
-             for u in usage])
+            "requests = usage.requests + excluded.requests")
+
+    def _insert_rows(self, insert: str, rows: list[tuple], tail: str = "") -> None:
+        """`insert` VALUES (...), (...) `tail`: one statement for many rows, not one each
+        (on PostgreSQL every statement costs a message and a parse/bind)."""
+        for start in range(0, len(rows), MAX_ROWS_PER_INSERT):  # none without rows
+            chunk = rows[start:start + MAX_ROWS_PER_INSERT]
+            one = f"({', '.join('?' * len(chunk[0]))})"
+            self._db.execute(f"{insert} VALUES {', '.join([one] * len(chunk))}{tail}",
+                             [v for row in chunk for v in row])
 
     def record_counters(self, switch: str, counters: dict[int, tuple[int, int, int]],
                         now: float | None = None) -> None:
