@@ -232,16 +232,7 @@ class Ledger:
         def add(minute: int) -> None:
             rows: list[JournalRow] = []
             fresh: list[Usage] = []
-            # every read first: on PostgreSQL they travel in one round trip (pipeline)
-            head = self._head_query()
-            state_query = self._db.execute(
-                "SELECT epoch, last_seq, last_digest FROM agent_epochs WHERE backend = ?",
-                (backend,))
-            recorded_queries = self._recorded_queries(backend, records)
-            last = _head(head)
-            state = state_query.fetchone()
-            recorded = {(epoch, seq, sig) for epoch, query in recorded_queries
-                        for seq, sig in query.fetchall()}
+            last, state, recorded = self._signed_state(backend, records)
             for rec, signature in records:
                 if (rec.epoch, rec.seq, signature) in recorded:
                     outcome.duplicates += 1
@@ -295,18 +286,31 @@ class Ledger:
             "last_seq = excluded.last_seq, last_digest = excluded.last_digest",
             (backend, epoch, last_seq, last_digest))
 
-    def _recorded_queries(self, backend: str, records: list[tuple[UsageRecord, str]],
-                          ) -> list[tuple[str, Cursor]]:
-        """Per epoch the report names (usually one): the (seq, signature) the journal
-        holds in the records' range of sequence numbers, to fetch."""
-        queries = []
-        for epoch in sorted({rec.epoch for rec, _ in records}):
-            seqs = [rec.seq for rec, _ in records if rec.epoch == epoch]
-            queries.append((epoch, self._db.execute(
-                "SELECT seq, signature FROM journal WHERE backend = ? AND epoch = ? AND "
-                "seq BETWEEN ? AND ? AND kind = 'usage'",
-                (backend, epoch, min(seqs), max(seqs)))))
-        return queries
+    def _signed_state(self, backend: str, records: list[tuple[UsageRecord, str]],
+                      ) -> tuple[tuple[int, str], tuple | None, set[tuple[str, int, str]]]:
+        """What a signed report needs to read, in one statement (every statement costs a
+        round of messages on PostgreSQL): the journal's head; the backend's epoch, last
+        seq and digest (None: none yet); (epoch, seq, signature) of the journal's rows of
+        the backend in the records' range of sequence numbers."""
+        seqs = [rec.seq for rec, _ in records] or [0]
+        last: tuple[int, str] = (0, GENESIS_HASH)
+        state = None
+        recorded: set[tuple[str, int, str]] = set()
+        for what, number, text, more in self._db.execute(
+                "SELECT 'head', id, hash, '' FROM (SELECT id, hash FROM journal "
+                "ORDER BY id DESC LIMIT 1) AS last_row "
+                "UNION ALL SELECT 'state', last_seq, epoch, last_digest FROM agent_epochs "
+                "WHERE backend = ? "
+                "UNION ALL SELECT 'seen', seq, epoch, signature FROM journal "
+                "WHERE backend = ? AND seq BETWEEN ? AND ? AND kind = 'usage'",
+                (backend, backend, min(seqs), max(seqs))).fetchall():
+            if what == "head":
+                last = (number, text)
+            elif what == "state":
+                state = (text, number, more)
+            else:
+                recorded.add((text, number, more))
+        return last, state, recorded
 
     def _epoch_seen(self, backend: str, epoch: str) -> bool:
         return self._db.execute(
