@@ -19,6 +19,7 @@ already exist: CREATE ... IF NOT EXISTS) is adopted as version 1 unchanged.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import sqlite3
 import time
@@ -32,6 +33,7 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # pg_advisory_xact_lock key of every ledger write: "tokenfab" as bytes, an arbitrary
 # constant other applications sharing the database are unlikely to use
 WRITE_LOCK_KEY = 0x746F6B656E666162
+TRANSLATED_CACHE = 1000  # distinct SQL texts whose $n form is kept
 
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -204,7 +206,11 @@ class PostgresStore:
         self._sql: dict[str, str] = {}
         self._pipeline: Any = None
         try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            # RawCursor: PostgreSQL's own $1 placeholders, sent as they are; psycopg's
+            # %s queries are parsed client-side on every call once over 4 kB or 50
+            # parameters, which a report's multi-row INSERT is
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10,
+                                       cursor_factory=psycopg.RawCursor)
         except (psycopg.Error, ValueError) as exc:  # ValueError: a malformed URL
             raise StoreError(f"{self.target}: {exc}") from exc
         if read_only:
@@ -217,10 +223,13 @@ class PostgresStore:
             self._db.execute(statement)
 
     def _translate(self, sql: str) -> str:
-        # the ledger's SQL has no literal ? or %, so placeholders translate one for one
+        # the ledger's SQL has no literal ?, so each ? is the next parameter: $1, $2, ...
         out = self._sql.get(sql)
         if out is None:
-            out = self._sql[sql] = sql.replace("?", "%s")
+            numbers = itertools.count(1)
+            out = re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
+            if len(self._sql) < TRANSLATED_CACHE:
+                self._sql[sql] = out
         return out
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
@@ -249,7 +258,7 @@ class PostgresStore:
         self._db.execute("BEGIN")
         # one writer at a time across every controller on this database: the journal's
         # next id and hash are read then written inside the transaction
-        self._db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+        self._db.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
 
     def commit(self) -> None:
         with self._errors_mapped():
@@ -269,8 +278,7 @@ class PostgresStore:
             self._db.execute("ROLLBACK")
 
     def has_table(self, name: str) -> bool:
-        return self._db.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                (name,)).fetchone()[0]
+        return self._db.execute("SELECT to_regclass($1) IS NOT NULL", (name,)).fetchone()[0]
 
     def schema_version(self) -> int:
         return _schema_version(self)
