@@ -212,7 +212,7 @@ class PostgresStore:
             self._db = psycopg.connect(url, autocommit=True, connect_timeout=10,
                                        cursor_factory=psycopg.RawCursor)
         except (psycopg.Error, ValueError) as exc:  # ValueError: a malformed URL
-            raise StoreError(f"{self.target}: {exc}") from exc
+            raise StoreError(str(exc)) from exc  # the callers name the (redacted) URL
         if read_only:
             self._db.execute("SET default_transaction_read_only = on")
             return

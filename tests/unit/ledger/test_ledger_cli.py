@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from controller.ledger import Ledger, Usage
+from tests.integration.api.conftest import FABRIC
 from tests.integration.api.test_api_statement import PRICED
 from tokenfabric import exitcodes
 from tokenfabric.tools import free_port
@@ -40,6 +41,19 @@ def test_an_unreachable_database_is_a_clear_error_without_the_password():
     done = run_ledger("verify", "--ledger", url)
     assert done.returncode == exitcodes.INVALID_INPUT
     assert "cannot read the journal" in done.stderr and "billing:***@" in done.stderr
+    assert "s3cret" not in done.stderr + done.stdout
+
+
+def test_a_controller_on_an_unreachable_database_exits_naming_it(tmp_path):
+    (tmp_path / "fabric.yaml").write_text(FABRIC)
+    url = f"postgresql://billing:s3cret@127.0.0.1:{free_port()}/ledger"  # nothing listens
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenfabric.cli", "controller", "run", "--fabric",
+         str(tmp_path / "fabric.yaml"), "--ledger", url, "--listen",
+         f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60,
+        cwd=tmp_path)
+    assert done.returncode == exitcodes.FAILED, done.stderr
+    assert "cannot open the ledger postgresql://billing:***@127.0.0.1" in done.stderr
     assert "s3cret" not in done.stderr + done.stdout
 
 
