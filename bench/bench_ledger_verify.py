@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from controller.ledger import SCHEMA  # noqa: E402
 from controller.ledger_chain import (  # noqa: E402
     GENESIS,
     INSERT_ROW,
@@ -47,6 +46,7 @@ from controller.ledger_chain import (  # noqa: E402
     chain,
     verify_file,
 )
+from controller.ledger_store import SCHEMA_V1 as SCHEMA  # noqa: E402
 from tokenfabric import usage_signing  # noqa: E402
 from tokenfabric.usage_signing import UsageRecord  # noqa: E402
 

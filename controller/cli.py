@@ -77,7 +77,8 @@ def controller_group() -> None:
 @click.option("--tokens", type=click.Path(dir_okay=False),
               help="Bearer tokens file (docs/rest.md). Without it, auth is off and the API "
                    "may only listen on loopback.")
-@click.option("--ledger", help="SQLite file of the token ledger  [default: tokenfabric-ledger.db]")
+@click.option("--ledger", help="The token ledger: a SQLite file, or a postgresql:// URL "
+              "(docs/ledger.md)  [default: tokenfabric-ledger.db]")
 @click.option("--election-id", type=click.IntRange(1, 2**64 - 1),
               help="P4Runtime election id; the highest connected controller is primary.")
 @click.option("--openflow-listen",
@@ -110,6 +111,7 @@ def run_command(config_path: str | None, **flags: Any) -> None:
               "election_id in 1..2^64-1", exitcodes.INVALID_INPUT)
     checks = _billing_settings(cfg)
     from controller.app import build_controller, serve  # the FastAPI stack loads only here
+    from controller.ledger_store import StoreError, redact
 
     try:
         ctl = build_controller(fabric=cfg["fabric"], policy=cfg["policy"], tokens=cfg["tokens"],
@@ -120,9 +122,9 @@ def run_command(config_path: str | None, **flags: Any) -> None:
         _fail(f"tokenfabric controller run: {exc}", exitcodes.INVALID_INPUT)
     except ValueError as exc:  # SpecError, TokenFileError: already file:line messages
         _fail(f"tokenfabric controller run: invalid input:\n{exc}", exitcodes.INVALID_INPUT)
-    except (sqlite3.Error, OSError) as exc:
-        _fail(f"tokenfabric controller run: cannot open the ledger {cfg['ledger']}: {exc}",
-              exitcodes.FAILED)
+    except (sqlite3.Error, OSError, StoreError) as exc:
+        _fail(f"tokenfabric controller run: cannot open the ledger {redact(str(cfg['ledger']))}"
+              f": {exc}", exitcodes.FAILED)
     ctl.max_tokens_per_s = checks["max_tokens_per_s"]
     ctl.crosscheck.min_bytes_per_token = checks["crosscheck_min_bytes_per_token"]
     ctl.crosscheck.interval_s = checks["crosscheck_interval_s"]
@@ -133,7 +135,8 @@ def run_command(config_path: str | None, **flags: Any) -> None:
         _fail(f"tokenfabric controller run: refusing to listen on {host} without --tokens "
               "(auth is off without a token file; only loopback is allowed then)",
               exitcodes.USAGE)
-    log.info("controller: API on http://%s:%d, ledger %s", host, port, cfg["ledger"])
+    log.info("controller: API on http://%s:%d, ledger %s", host, port,
+             redact(str(cfg["ledger"])))
     try:
         asyncio.run(serve(ctl, host, port))
     except OSError as exc:

@@ -3,9 +3,11 @@
 Rows come from the host agents' usage reports: either the usage since the last
 report, deduplicated by a report id, or (preferred) the agent's cumulative totals,
 whose growth is counted, so that retries and lost reports need no id at all.
-SQLite in WAL mode with synchronous=FULL: a report is acknowledged (HTTP 2xx) only after its
-transaction committed and the WAL was fsynced, so it survives a kill -9 of the
-controller and a power cut. A report id makes recording idempotent: an agent
+The rows live in SQLite (a file in WAL mode with synchronous=FULL, the default) or in
+PostgreSQL (`--ledger postgresql://...`, synchronous_commit on), behind one storage
+interface (controller/ledger_store.py): a report is acknowledged (HTTP 2xx) only after
+its transaction committed and the WAL was flushed to disk, so it survives a kill -9 of
+the controller and a power cut. A report id makes recording idempotent: an agent
 that retries after a timeout never double counts.
 
 Every usage the ledger counts is also a row of the journal (controller/ledger_chain.py):
@@ -15,7 +17,7 @@ Cumulative totals never go backwards: lower totals are refused (UsageRefused) un
 agent declared a new epoch (a restart), which is journalled as an `epoch` row.
 
 Switch counters (bytes and packets per tenant, read over P4Runtime) are sampled
-into the same file, so that a time range can put what the agents say the
+into the same database, so that a time range can put what the agents say the
 tenants used beside what the switches saw.
 """
 
@@ -23,66 +25,24 @@ from __future__ import annotations
 
 import csv
 import io
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from controller import statement
 from controller.csv_cells import safe_row
+from controller.ledger_chain import COLUMNS, JournalRow, chain
 from controller.ledger_chain import GENESIS as GENESIS_HASH
-from controller.ledger_chain import INSERT_ROW, JOURNAL_SCHEMA, JournalRow, chain
+from controller.ledger_store import Cursor, Store, open_store
 from tokenfabric.usage_signing import UsageRecord
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS reports (
-    report_id TEXT PRIMARY KEY,
-    backend   TEXT NOT NULL,
-    received  REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS usage (
-    minute            INTEGER NOT NULL,  -- unix seconds, a multiple of 60
-    tenant_id         INTEGER NOT NULL,
-    model             TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    requests          INTEGER NOT NULL,
-    PRIMARY KEY (minute, tenant_id, model)
-);
-CREATE TABLE IF NOT EXISTS switch_counters (
-    ts        REAL NOT NULL,
-    switch    TEXT NOT NULL,
-    tenant_id INTEGER NOT NULL,
-    bytes     INTEGER NOT NULL,
-    packets   INTEGER NOT NULL,
-    conns     INTEGER NOT NULL  -- connections admitted
-);
-CREATE INDEX IF NOT EXISTS switch_counters_ts ON switch_counters (ts);
-CREATE TABLE IF NOT EXISTS usage_totals (  -- the last cumulative totals an agent reported
-    backend           TEXT NOT NULL,
-    tenant_id         INTEGER NOT NULL,
-    model             TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    requests          INTEGER NOT NULL,
-    PRIMARY KEY (backend, tenant_id, model)
-);
-CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id across restarts
-    name       TEXT PRIMARY KEY,
-    backend_id INTEGER NOT NULL UNIQUE
-);
-CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
-CREATE TABLE IF NOT EXISTS port_counters (  -- bytes a switch received on a backend's port
-    ts       REAL NOT NULL,
-    switch   TEXT NOT NULL,
-    port     INTEGER NOT NULL,
-    rx_bytes INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS port_counters_ts ON port_counters (ts);
-"""
-
+INT64 = 2**63
+JOURNAL_INSERT = f"INSERT INTO journal ({', '.join(COLUMNS)}, hash)"
+# rows per INSERT: SQLite binds at most 32766 values in one statement (17 per journal row)
+MAX_ROWS_PER_INSERT = 500
 REPORT_ID_RETENTION_S = 7 * 24 * 3600  # agents retry for seconds; a week is plenty
 
 
@@ -155,22 +115,18 @@ class CrossCheckRow:
 
 
 class Ledger:
-    """One SQLite file; safe to call from several threads (one connection, one lock)."""
+    """A SQLite file (a path) or a PostgreSQL database (a postgresql:// URL); safe to call
+    from several threads (one connection, one lock)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, target: str | Path) -> None:
+        self.path = str(target)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: every commit fsyncs the WAL, so an acknowledged report survives power loss,
-        # not just a killed process.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-        self._db.executescript(JOURNAL_SCHEMA)
+        self._db: Store = open_store(self.path)
         self._last_prune = 0.0
+
+    @property
+    def engine(self) -> str:
+        return self._db.engine
 
     def close(self) -> None:
         with self._lock:
@@ -187,9 +143,9 @@ class Ledger:
 
         def add(minute: int) -> None:
             _check_bound(usage, max_tokens)
-            for u in usage:
-                self._add_usage(minute, u)
-            self._journal([_row(now, agent, backend, u) for u in usage])
+            last = _head(self._head_query())
+            self._add_usage(minute, usage)
+            self._journal([_row(now, agent, backend, u) for u in usage], last)
 
         return self._in_report(report_id, backend, now, add)
 
@@ -208,15 +164,31 @@ class Ledger:
         totals = list(totals)
 
         def add(minute: int) -> None:
-            if epoch is not None and self._switch_epoch(now, agent, backend, epoch, events):
-                self._db.execute("DELETE FROM usage_totals WHERE backend = ?", (backend,))
+            # every read first: on PostgreSQL they travel in one round trip (pipeline)
+            head = self._head_query()
+            state_query = self._db.execute("SELECT epoch FROM agent_epochs WHERE backend = ?",
+                                           (backend,))
+            known_query = self._db.execute(
+                "SELECT tenant_id, model, prompt_tokens, completion_tokens, requests "
+                "FROM usage_totals WHERE backend = ?", (backend,))
+            last = _head(head)
+            state = state_query.fetchone()
+            known = {(t, m): (p, c, r) for t, m, p, c, r in known_query.fetchall()}
+            rows: list[JournalRow] = []
+            if epoch is not None:
+                epoch_row = self._switch_epoch(now, agent, backend, epoch, events, state,
+                                               bool(known))
+                if epoch_row is not None:
+                    rows.append(epoch_row)
+                    if epoch_row.flags == "reset":
+                        self._db.execute("DELETE FROM usage_totals WHERE backend = ?",
+                                         (backend,))
+                        known = {}
             growth = []
+            reported: dict[tuple[int, str], tuple[int, int, int]] = {}
             for u in totals:
                 new = (u.prompt_tokens, u.completion_tokens, u.requests)
-                row = self._db.execute(
-                    "SELECT prompt_tokens, completion_tokens, requests FROM usage_totals "
-                    "WHERE backend = ? AND tenant_id = ? AND model = ?",
-                    (backend, u.tenant_id, u.model)).fetchone()
+                row = known.get((u.tenant_id, u.model))
                 if row is not None and any(n < o for n, o in zip(new, row, strict=True)):
                     raise UsageRefused(
                         "backwards", f"usage_total of tenant {u.tenant_id} model {u.model!r} "
@@ -224,16 +196,22 @@ class Ledger:
                         "restarted agent declares a new `epoch`")
                 grown = new if row is None else tuple(
                     n - o for n, o in zip(new, row, strict=True))
-                self._db.execute(
-                    "INSERT OR REPLACE INTO usage_totals (backend, tenant_id, model, "
-                    "prompt_tokens, completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?)",
-                    (backend, u.tenant_id, u.model, *new))
+                known[(u.tenant_id, u.model)] = new  # a pair named twice grows once
+                reported[(u.tenant_id, u.model)] = new
                 if any(grown):
                     growth.append(Usage(u.tenant_id, u.model, *grown))
             _check_bound(growth, max_tokens)
-            for u in growth:
-                self._add_usage(minute, u)
-            self._journal([_row(now, agent, backend, u) for u in growth])
+            self._insert_rows(
+                "INSERT INTO usage_totals (backend, tenant_id, model, prompt_tokens, "
+                "completion_tokens, requests)",
+                [(backend, t, m, *new) for (t, m), new in reported.items()],
+                " ON CONFLICT (backend, tenant_id, model) DO UPDATE SET "
+                "prompt_tokens = excluded.prompt_tokens, "
+                "completion_tokens = excluded.completion_tokens, "
+                "requests = excluded.requests")
+            self._add_usage(minute, growth)
+            rows.extend(_row(now, agent, backend, u) for u in growth)
+            self._journal(rows, last)
 
         return self._in_report(report_id, backend, now, add)
 
@@ -254,11 +232,9 @@ class Ledger:
         def add(minute: int) -> None:
             rows: list[JournalRow] = []
             fresh: list[Usage] = []
-            state = self._db.execute(
-                "SELECT epoch, last_seq, last_digest FROM agent_epochs WHERE backend = ?",
-                (backend,)).fetchone()
+            last, state, recorded = self._signed_state(backend, records)
             for rec, signature in records:
-                if self._recorded_before(backend, rec, signature):
+                if (rec.epoch, rec.seq, signature) in recorded:
                     outcome.duplicates += 1
                     continue
                 if state is None or rec.epoch != state[0]:
@@ -292,25 +268,49 @@ class Ledger:
                                    rec.completion_tokens, rec.requests))
                 state = (rec.epoch, rec.seq, rec.digest())
             _check_bound(fresh, max_tokens)
-            for u in fresh:
-                if u.prompt_tokens or u.completion_tokens or u.requests:
-                    self._add_usage(minute, u)
-            self._journal(rows)
+            self._add_usage(minute, [u for u in fresh
+                                     if u.prompt_tokens or u.completion_tokens or u.requests])
+            self._journal(rows, last)
             if state is not None:
-                self._db.execute("DELETE FROM agent_epochs WHERE backend = ?", (backend,))
-                self._db.execute("INSERT INTO agent_epochs (backend, epoch, last_seq, "
-                                 "last_digest) VALUES (?, ?, ?, ?)", (backend, *state))
+                self._set_epoch(backend, *state)
             outcome.added = len(fresh)
             outcome.usage = fresh
 
         self._in_report(None, backend, now, add)
         return outcome
 
-    def _recorded_before(self, backend: str, rec: UsageRecord, signature: str) -> bool:
-        row = self._db.execute(
-            "SELECT signature FROM journal WHERE backend = ? AND epoch = ? AND seq = ? "
-            "AND kind = 'usage'", (backend, rec.epoch, rec.seq)).fetchone()
-        return row is not None and row[0] == signature
+    def _set_epoch(self, backend: str, epoch: str, last_seq: int, last_digest: str) -> None:
+        self._db.execute(
+            "INSERT INTO agent_epochs (backend, epoch, last_seq, last_digest) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (backend) DO UPDATE SET epoch = excluded.epoch, "
+            "last_seq = excluded.last_seq, last_digest = excluded.last_digest",
+            (backend, epoch, last_seq, last_digest))
+
+    def _signed_state(self, backend: str, records: list[tuple[UsageRecord, str]],
+                      ) -> tuple[tuple[int, str], tuple | None, set[tuple[str, int, str]]]:
+        """What a signed report needs to read, in one statement (every statement costs a
+        round of messages on PostgreSQL): the journal's head; the backend's epoch, last
+        seq and digest (None: none yet); (epoch, seq, signature) of the journal's rows of
+        the backend in the records' range of sequence numbers."""
+        seqs = [rec.seq for rec, _ in records] or [0]
+        last: tuple[int, str] = (0, GENESIS_HASH)
+        state = None
+        recorded: set[tuple[str, int, str]] = set()
+        for what, number, text, more in self._db.execute(
+                "SELECT 'head', id, hash, '' FROM (SELECT id, hash FROM journal "
+                "ORDER BY id DESC LIMIT 1) AS last_row "
+                "UNION ALL SELECT 'state', last_seq, epoch, last_digest FROM agent_epochs "
+                "WHERE backend = ? "
+                "UNION ALL SELECT 'seen', seq, epoch, signature FROM journal "
+                "WHERE backend = ? AND seq BETWEEN ? AND ? AND kind = 'usage'",
+                (backend, backend, min(seqs), max(seqs))).fetchall():
+            if what == "head":
+                last = (number, text)
+            elif what == "state":
+                state = (text, number, more)
+            else:
+                recorded.add((text, number, more))
+        return last, state, recorded
 
     def _epoch_seen(self, backend: str, epoch: str) -> bool:
         return self._db.execute(
@@ -318,72 +318,92 @@ class Ledger:
             (backend, epoch)).fetchone() is not None
 
     def _switch_epoch(self, now: float, agent: str, backend: str, epoch: str,
-                      events: list[str] | None) -> bool:
-        """Make `epoch` the backend's (unsigned totals); True when that ended another one."""
-        row = self._db.execute("SELECT epoch FROM agent_epochs WHERE backend = ?",
-                               (backend,)).fetchone()
-        if row is not None and row[0] == epoch:
-            return False
-        if row is not None or self._db.execute(
-                "SELECT 1 FROM usage_totals WHERE backend = ?", (backend,)).fetchone():
-            if self._epoch_seen(backend, epoch):
-                raise UsageRefused("replay", f"epoch {epoch} of {backend} has ended")
-            reset = True
-        else:
-            reset = False
-        self._db.execute("DELETE FROM agent_epochs WHERE backend = ?", (backend,))
-        self._db.execute("INSERT INTO agent_epochs (backend, epoch, last_seq, last_digest) "
-                         "VALUES (?, ?, 0, '')", (backend, epoch))
-        self._journal([JournalRow(_ms(now), "epoch", agent, backend, 0, "", 0, 0, 0,
-                                  epoch=epoch, flags="reset" if reset else "")])
+                      events: list[str] | None, state: tuple | None,
+                      has_totals: bool) -> JournalRow | None:
+        """Make `epoch` the backend's (unsigned totals; `state`: its agent_epochs row);
+        the `epoch` journal row when it changed, flagged "reset" when that ended another
+        epoch (the totals restart from zero)."""
+        if state is not None and state[0] == epoch:
+            return None
+        reset = state is not None or has_totals
+        if reset and self._epoch_seen(backend, epoch):
+            raise UsageRefused("replay", f"epoch {epoch} of {backend} has ended")
+        self._set_epoch(backend, epoch, 0, "")
         if reset and events is not None:
             events.append(f"new epoch {epoch}: cumulative totals restart from zero "
-                          f"(previous epoch {row[0] if row else 'none'})")
-        return reset
+                          f"(previous epoch {state[0] if state else 'none'})")
+        return JournalRow(_ms(now), "epoch", agent, backend, 0, "", 0, 0, 0, epoch=epoch,
+                          flags="reset" if reset else "")
 
-    def _journal(self, rows: list[JournalRow]) -> None:
-        """Append rows to the chain (inside the caller's transaction)."""
-        if not rows:
-            return
-        last = self._db.execute("SELECT id, hash FROM journal ORDER BY id DESC "
-                                "LIMIT 1").fetchone()
-        first_id, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-        self._db.executemany(INSERT_ROW, chain(first_id, prev_hash, rows))
+    def _head_query(self) -> Cursor:
+        return self._db.execute("SELECT id, hash FROM journal ORDER BY id DESC LIMIT 1")
+
+    def _journal(self, rows: list[JournalRow], last: tuple[int, str]) -> None:
+        """Append rows to the chain after `last` (the head read inside the caller's
+        transaction, under its write lock)."""
+        if rows:
+            self._insert_rows(JOURNAL_INSERT, chain(last[0] + 1, last[1], rows))
 
     def _in_report(self, report_id: str | None, backend: str, now: float,
                    add: Callable[[int], None]) -> bool:
         """Run `add(minute)` in one committed transaction, once per report id."""
         minute = _ms(now) // 60_000 * 60  # the journal rows' minute, to the millisecond
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin_write()
             try:
                 if report_id is not None:
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO reports (report_id, backend, received) "
-                        "VALUES (?, ?, ?)", (report_id, backend, now))
-                    if cur.rowcount == 0:
-                        self._db.execute("ROLLBACK")
+                    # RETURNING, not rowcount: a pipelined statement has no count yet
+                    fresh = self._db.execute(
+                        "INSERT INTO reports (report_id, backend, received) VALUES (?, ?, ?) "
+                        "ON CONFLICT (report_id) DO NOTHING RETURNING 1",
+                        (report_id, backend, now)).fetchall()
+                    if not fresh:
+                        self._db.rollback()
                         return False
                 add(minute)
                 if now - self._last_prune > 3600:
                     self._db.execute("DELETE FROM reports WHERE received < ?",
                                      (now - REPORT_ID_RETENTION_S,))
                     self._last_prune = now
-                self._db.execute("COMMIT")
+                self._db.commit()
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback()
                 raise
         return True
 
-    def _add_usage(self, minute: int, u: Usage) -> None:
-        self._db.execute(
+    def _add_usage(self, minute: int, usage: list[Usage]) -> None:
+        """Add to the per-minute rows (one round trip: executemany is pipelined)."""
+        if not usage:
+            return
+        for u in usage:  # a number no 64-bit column holds: refused the same on each engine
+            if not all(-INT64 <= v < INT64 for v in (u.tenant_id, u.prompt_tokens,
+                                                     u.completion_tokens, u.requests)):
+                raise OverflowError(f"usage of tenant {u.tenant_id} model {u.model!r} does "
+                                    "not fit 64-bit integers")
+        # one row per key: PostgreSQL refuses an upsert that touches a row twice
+        summed: dict[tuple[int, str], list[int]] = {}
+        for u in usage:
+            acc = summed.setdefault((u.tenant_id, u.model), [0, 0, 0])
+            acc[0] += u.prompt_tokens
+            acc[1] += u.completion_tokens
+            acc[2] += u.requests
+        self._insert_rows(
             "INSERT INTO usage (minute, tenant_id, model, prompt_tokens, "
-            "completion_tokens, requests) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
-            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-            "completion_tokens = completion_tokens + excluded.completion_tokens, "
-            "requests = requests + excluded.requests",
-            (minute, u.tenant_id, u.model, u.prompt_tokens, u.completion_tokens, u.requests))
+            "completion_tokens, requests)",
+            [(minute, t, m, *acc) for (t, m), acc in summed.items()],
+            " ON CONFLICT (minute, tenant_id, model) DO UPDATE SET "
+            "prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = usage.completion_tokens + excluded.completion_tokens, "
+            "requests = usage.requests + excluded.requests")
+
+    def _insert_rows(self, insert: str, rows: list[tuple], tail: str = "") -> None:
+        """`insert` VALUES (...), (...) `tail`: one statement for many rows, not one each
+        (on PostgreSQL every statement costs a message and a parse/bind)."""
+        for start in range(0, len(rows), MAX_ROWS_PER_INSERT):  # none without rows
+            chunk = rows[start:start + MAX_ROWS_PER_INSERT]
+            one = f"({', '.join('?' * len(chunk[0]))})"
+            self._db.execute(f"{insert} VALUES {', '.join([one] * len(chunk))}{tail}",
+                             [v for row in chunk for v in row])
 
     def record_counters(self, switch: str, counters: dict[int, tuple[int, int, int]],
                         now: float | None = None) -> None:
@@ -392,14 +412,14 @@ class Ledger:
         now = time.time() if now is None else now
         rows = [(now, switch, t, b, p, c) for t, (b, p, c) in sorted(counters.items())]
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin_write()
             try:
                 self._db.executemany(
                     "INSERT INTO switch_counters (ts, switch, tenant_id, bytes, packets, conns) "
                     "VALUES (?, ?, ?, ?, ?, ?)", rows)
-                self._db.execute("COMMIT")
+                self._db.commit()
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback()
                 raise
 
     def record_port_bytes(self, switch: str, ports: dict[int, int],
@@ -408,13 +428,13 @@ class Ledger:
         now = time.time() if now is None else now
         rows = [(now, switch, port, b) for port, b in sorted(ports.items())]
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin_write()
             try:
                 self._db.executemany("INSERT INTO port_counters (ts, switch, port, rx_bytes) "
                                      "VALUES (?, ?, ?, ?)", rows)
-                self._db.execute("COMMIT")
+                self._db.commit()
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback()
                 raise
 
     def port_growth(self, since: float, until: float, baseline_s: float = 120.0,
@@ -454,22 +474,24 @@ class Ledger:
             args.append(_ms(until))
         with self._lock:
             rows = self._db.execute(
-                "SELECT backend, SUM(prompt_tokens), SUM(completion_tokens) FROM journal "
+                "SELECT backend, CAST(SUM(prompt_tokens) AS BIGINT), "
+                "CAST(SUM(completion_tokens) AS BIGINT) FROM journal "
                 f"WHERE {' AND '.join(clauses)} GROUP BY backend", args).fetchall()
         return {b: (p, c) for b, p, c in rows}
 
     def remember_backend_id(self, name: str, backend_id: int) -> None:
         """Keep the id an agent's backend got, so that it gets it again after a restart."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin_write()
             try:
                 self._db.execute("DELETE FROM backend_ids WHERE backend_id = ? AND name != ?",
                                  (backend_id, name))
-                self._db.execute("INSERT OR REPLACE INTO backend_ids (name, backend_id) "
-                                 "VALUES (?, ?)", (name, backend_id))
-                self._db.execute("COMMIT")
+                self._db.execute("INSERT INTO backend_ids (name, backend_id) VALUES (?, ?) "
+                                 "ON CONFLICT (name) DO UPDATE SET "
+                                 "backend_id = excluded.backend_id", (name, backend_id))
+                self._db.commit()
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback()
                 raise
 
     def backend_ids(self) -> dict[str, int]:
@@ -517,7 +539,8 @@ class Ledger:
         where, args = _filters(None, None, since, until)
         with self._lock:
             rows = self._db.execute(
-                "SELECT tenant_id, SUM(prompt_tokens), SUM(completion_tokens), SUM(requests) "
+                "SELECT tenant_id, CAST(SUM(prompt_tokens) AS BIGINT), "
+                "CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(requests) AS BIGINT) "
                 f"FROM usage {where} GROUP BY tenant_id", args).fetchall()
         return {t: (p, c, r) for t, p, c, r in rows}
 
@@ -569,6 +592,12 @@ class Ledger:
         return buf.getvalue()
 
 
+def _head(query: Cursor) -> tuple[int, str]:
+    """The journal's last (id, hash), (0, GENESIS) when empty."""
+    row = query.fetchone()
+    return (row[0], row[1]) if row else (0, GENESIS_HASH)
+
+
 def _ms(now: float) -> int:
     return int(round(now * 1000))
 
@@ -592,9 +621,9 @@ def _check_bound(usage: list[Usage], max_tokens: int | None) -> None:
 
 
 def _filters(tenant_id: int | None, model: str | None, since: float | None,
-             until: float | None, time_column: str = "minute") -> tuple[str, list]:
+             until: float | None, time_column: str = "minute") -> tuple[str, list[Any]]:
     clauses: list[str] = []
-    args: list = []
+    args: list[Any] = []
     if tenant_id is not None:
         clauses.append("tenant_id = ?")
         args.append(tenant_id)

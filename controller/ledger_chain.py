@@ -15,19 +15,21 @@ records link to its previous one (tokenfabric/usage_signing.py), so a signature
 check at the end of every unbroken run vouches for the whole run; `all_signatures`
 checks every row's signature instead.
 
-Plain SQL only (the journal moves behind a storage interface later).
+Plain SQL both storage engines speak (controller/ledger_store.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenfabric import usage_signing
+
+if TYPE_CHECKING:
+    from controller.ledger_store import Store
 
 GENESIS = "0" * 64
 
@@ -212,16 +214,17 @@ def verify_rows(rows: Iterable[Sequence], keys: dict[str, list[bytes]] | None = 
     return report
 
 
-def read_only(path: str) -> sqlite3.Connection:
-    """The ledger file opened for reading only: verifying never changes it."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such ledger file")
-    return sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+def read_only(target: str) -> Store:
+    """The ledger (a SQLite file or a postgresql:// URL) opened for reading only:
+    verifying never changes it."""
+    from controller.ledger_store import open_store  # it imports this module's schema
+
+    return open_store(target, read_only=True)
 
 
-def verify_file(path: str, keys: dict[str, list[bytes]] | None = None,
+def verify_file(target: str, keys: dict[str, list[bytes]] | None = None,
                 all_signatures: bool = False) -> VerifyReport:
-    db = read_only(path)
+    db = read_only(target)
     try:
         report = verify_rows(db.execute(SELECT_ROWS), keys, all_signatures)
         report.table_problems = compare_minutes(db)
@@ -230,20 +233,20 @@ def verify_file(path: str, keys: dict[str, list[bytes]] | None = None,
         db.close()
 
 
-def compare_minutes(db: sqlite3.Connection) -> list[str]:
+def compare_minutes(db: Store) -> list[str]:
     """Where the per-minute `usage` table (what GET /ledger and ledger.csv show) differs
     from the journal's sums: an edit of the table the chain does not cover. Minutes up
     to the journal's first are skipped (a ledger from before the journal has usage
     there that no journal row holds)."""
-    has_usage = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' "
-                           "AND name = 'usage'").fetchone()[0]
+    has_usage = db.has_table("usage")
     first = db.execute("SELECT MIN(received_ms) FROM journal").fetchone()[0]
     if not has_usage or first is None:
         return []
     start = first // 60_000 * 60 + 60
     journal = {(m, t, model): (p, c, r) for m, t, model, p, c, r in db.execute(
-        "SELECT received_ms / 60000 * 60, tenant_id, model, SUM(prompt_tokens), "
-        "SUM(completion_tokens), SUM(requests) FROM journal WHERE kind = 'usage' "
+        "SELECT received_ms / 60000 * 60, tenant_id, model, CAST(SUM(prompt_tokens) AS "
+        "BIGINT), CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(requests) AS BIGINT) "
+        "FROM journal WHERE kind = 'usage' "
         "AND received_ms >= ? GROUP BY received_ms / 60000 * 60, tenant_id, model",
         (start * 1000,))}
     table = {(m, t, model): (p, c, r) for m, t, model, p, c, r in db.execute(

@@ -1,14 +1,14 @@
 """`tokenfabric ledger verify|statement`: check a ledger file and bill from it.
 
-Both read the SQLite file directly (read-only), so they run beside a live
-controller or on a copy, and need no controller process.
+Both read the ledger directly (read-only): the SQLite file, or the PostgreSQL database
+of a `postgresql://` URL. They run beside a live controller or on a copy, and need no
+controller process.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import sqlite3
 import time
 
 import click
@@ -16,6 +16,7 @@ import click
 from controller import statement
 from controller.auth import TokenFileError, TokenStore
 from controller.ledger_chain import VerifyReport, verify_file
+from controller.ledger_store import redact
 from tokenfabric import exitcodes
 
 DEFAULT_LEDGER = "tokenfabric-ledger.db"
@@ -28,7 +29,7 @@ def ledger_group() -> None:
 
 @ledger_group.command("verify")
 @click.option("--ledger", "path", default=DEFAULT_LEDGER, show_default=True,
-              type=click.Path(dir_okay=False), help="The controller's ledger file.")
+              help="The controller's ledger: a SQLite file or a postgresql:// URL.")
 @click.option("--tokens", type=click.Path(dir_okay=False),
               help="The controller's tokens file: signatures are checked against its "
                    "public keys (without it, only the hash chain is checked).")
@@ -55,9 +56,9 @@ def verify_command(path: str, tokens: str | None, all_signatures: bool,
     except FileNotFoundError as exc:
         click.echo(f"tokenfabric ledger verify: {exc}", err=True)
         raise SystemExit(exitcodes.MISSING) from None
-    except Exception as exc:  # sqlite3.DatabaseError: not a ledger file
-        click.echo(f"tokenfabric ledger verify: {path}: cannot read the journal: {exc}",
-                   err=True)
+    except Exception as exc:  # not a ledger file, no such database, server unreachable
+        click.echo(f"tokenfabric ledger verify: {redact(path)}: cannot read the journal: "
+                   f"{exc}", err=True)
         raise SystemExit(exitcodes.INVALID_INPUT) from None
     seconds = time.perf_counter() - started
     head_ok = expect_head is None or report.head.startswith(expect_head.lower())
@@ -83,7 +84,7 @@ def _as_dict(report: VerifyReport, seconds: float, head_ok: bool) -> dict:
 
 def _print(path: str, report: VerifyReport, seconds: float, with_keys: bool,
            expect_head: str | None, head_ok: bool) -> None:
-    click.echo(f"{path}: {report.rows} rows in {seconds:.2f} s; head {report.head}")
+    click.echo(f"{redact(path)}: {report.rows} rows in {seconds:.2f} s; head {report.head}")
     if report.chain_problem:
         click.echo(f"TAMPERED: {report.chain_problem.message}")
     else:
@@ -128,7 +129,7 @@ def parse_time(text: str | None, option: str) -> float | None:
 
 @ledger_group.command("statement")
 @click.option("--ledger", "path", default=DEFAULT_LEDGER, show_default=True,
-              type=click.Path(dir_okay=False), help="The controller's ledger file.")
+              help="The controller's ledger: a SQLite file or a postgresql:// URL.")
 @click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False),
               help="The policy file whose contracts price the tokens (docs/policy.md).")
 @click.option("--tenant", required=True, help="Tenant name or id.")
@@ -162,10 +163,13 @@ def statement_command(path: str, policy_path: str, tenant: str, since: str | Non
     except FileNotFoundError as exc:
         click.echo(f"tokenfabric ledger statement: {exc}", err=True)
         raise SystemExit(exitcodes.MISSING) from None
+    except Exception as exc:  # no such database, server unreachable
+        click.echo(f"tokenfabric ledger statement: {redact(path)}: {exc}", err=True)
+        raise SystemExit(exitcodes.INVALID_INPUT) from None
     try:
         usage = statement.usage_by_model(db, found.tenant_id, start, end)
-    except sqlite3.Error as exc:
-        click.echo(f"tokenfabric ledger statement: {path}: {exc}", err=True)
+    except Exception as exc:  # not a ledger (sqlite3.Error, psycopg.Error)
+        click.echo(f"tokenfabric ledger statement: {redact(path)}: {exc}", err=True)
         raise SystemExit(exitcodes.INVALID_INPUT) from None
     finally:
         db.close()

@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import csv
 import io
-import sqlite3
 import time
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.csv_cells import safe_row
 from controller.model import Contract, ModelPrice, Policy, Tenant
+
+if TYPE_CHECKING:
+    from controller.ledger_store import Store
 
 MILLION = Decimal(1_000_000)
 PLACES = Decimal("0.000001")
 
 
-def usage_by_model(db: sqlite3.Connection, tenant_id: int, since: float | None,
+def usage_by_model(db: Store, tenant_id: int, since: float | None,
                    until: float | None) -> dict[str, tuple[int, int, int]]:
     """model -> (prompt, completion, requests) of the tenant's journal rows in the range."""
     clauses, args = ["kind = 'usage'", "tenant_id = ?"], [tenant_id]
@@ -35,7 +37,8 @@ def usage_by_model(db: sqlite3.Connection, tenant_id: int, since: float | None,
         clauses.append("received_ms < ?")
         args.append(int(round(until * 1000)))
     rows = db.execute(
-        "SELECT model, SUM(prompt_tokens), SUM(completion_tokens), SUM(requests) "
+        "SELECT model, CAST(SUM(prompt_tokens) AS BIGINT), "
+        "CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(requests) AS BIGINT) "
         f"FROM journal WHERE {' AND '.join(clauses)} GROUP BY model ORDER BY model",
         args).fetchall()
     return {m: (p, c, r) for m, p, c, r in rows}

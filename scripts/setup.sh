@@ -16,7 +16,7 @@ export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 # dataplane; iproute2 (ip, tc) and net-tools (ifconfig): Mininet's links and the hosts'
 # addresses; ethtool, iputils-ping, tcpdump, curl: Mininet's link set-up, the tests and the
 # failover capture; python3-venv: the venv below; python3-thrift: BMv2's simple_switch_CLI.
-APT_PACKAGES="mininet openvswitch-switch iproute2 net-tools ethtool iputils-ping tcpdump curl python3-venv python3-thrift"
+APT_PACKAGES="mininet openvswitch-switch iproute2 net-tools ethtool iputils-ping tcpdump curl python3-venv python3-thrift postgresql"
 
 if [ "${1:-}" = "--list-packages" ]; then
   echo "$APT_PACKAGES"

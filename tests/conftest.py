@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tokenfabric.doctor import VLLM_VENV
+from tokenfabric.pg_temp import PostgresUnavailable, TempPostgres
 from tokenfabric.tools import find_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,3 +74,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 if reason:
                     item.add_marker(pytest.mark.skip(reason=f"{marker}: {reason}"))
                     break
+
+
+# ---------------------------------------------------------------- ledger engines
+
+LEDGER_ENGINES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[TempPostgres | str]:
+    """One throw-away PostgreSQL server for the session (tokenfabric/pg_temp.py), or the
+    reason it cannot start here."""
+    try:
+        import psycopg  # noqa: F401 - the controller extra's driver
+    except ImportError:
+        yield "psycopg not installed (pip install 'tokenfabric[controller]')"
+        return
+    server = TempPostgres()
+    try:
+        server.start()
+    except (PostgresUnavailable, OSError, subprocess.TimeoutExpired) as exc:
+        server.stop()
+        yield f"cannot start PostgreSQL: {exc}"
+        return
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture(params=LEDGER_ENGINES)
+def ledger_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's ledger lives, once per engine: a SQLite file in tmp_path, or a new
+    database on the session's PostgreSQL server (the test skips, with the reason, where
+    that cannot start)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "sub" / "ledger.db")
+    server = request.getfixturevalue("postgres_server")
+    if isinstance(server, str):
+        pytest.skip(f"postgresql: {server}")
+    return server.create_database(f"ledger_{os.getpid()}_{next(_databases)}")

@@ -1,10 +1,10 @@
 """A real controller process takes a stream of usage reports over HTTP and is killed
 with SIGKILL mid-stream: after a restart, every acknowledged report is in the ledger,
-nothing is counted twice, and retries of acknowledged reports are not recounted."""
+nothing is counted twice, and retries of acknowledged reports are not recounted. On
+each engine: a SQLite file, a PostgreSQL database (a temporary server)."""
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -13,18 +13,19 @@ import time
 import httpx
 import yaml
 
+from controller.ledger_store import open_store
 from tests.integration.api.conftest import ADMIN, AGENT, FABRIC, POLICY, VIEWER
 from tokenfabric.tools import free_port
 
 SENDERS = 3
 
 
-def start_controller(tmp_path, port):
+def start_controller(tmp_path, port, ledger):
     log = open(tmp_path / f"controller-{port}.log", "ab")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
          "--fabric", str(tmp_path / "fabric.yaml"), "--tokens", str(tmp_path / "tokens.yaml"),
-         "--ledger", str(tmp_path / "ledger.db"), "--listen", f"127.0.0.1:{port}",
+         "--ledger", ledger, "--listen", f"127.0.0.1:{port}",
          "--policy", str(tmp_path / "policy.yaml")],  # names the tenants reports bill
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     deadline = time.monotonic() + 30
@@ -46,7 +47,7 @@ def report(i: int) -> dict:
                                         "prompt_tokens": i, "completion_tokens": 2 * i}]}
 
 
-def test_acknowledged_reports_survive_kill9(tmp_path):
+def test_acknowledged_reports_survive_kill9(tmp_path, ledger_target):
     (tmp_path / "fabric.yaml").write_text(FABRIC)
     (tmp_path / "policy.yaml").write_text(POLICY)
     (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({
@@ -54,7 +55,7 @@ def test_acknowledged_reports_survive_kill9(tmp_path):
         AGENT: {"name": "agents", "role": "agent", "backends": ["gpu1-llama"]},
         VIEWER: {"name": "viewer", "role": "viewer"}}))
     port = free_port()
-    proc = start_controller(tmp_path, port)
+    proc = start_controller(tmp_path, port, ledger_target)
     acked: set[int] = set()
     lock = threading.Lock()
     stop = threading.Event()
@@ -90,8 +91,8 @@ def test_acknowledged_reports_survive_kill9(tmp_path):
             proc.kill()
     assert len(acked) >= 150
 
-    # what the file holds, read directly: every acknowledged report, each counted once
-    db = sqlite3.connect(tmp_path / "ledger.db")
+    # what the ledger holds, read directly: every acknowledged report, each counted once
+    db = open_store(ledger_target, read_only=True)
     recorded = {int(rid.split("/r")[1]) for (rid,) in db.execute("SELECT report_id FROM reports")}
     prompt, completion = db.execute(
         "SELECT SUM(prompt_tokens), SUM(completion_tokens) FROM usage").fetchone()
@@ -102,7 +103,7 @@ def test_acknowledged_reports_survive_kill9(tmp_path):
 
     # restart on the same ledger: the API shows the same totals, and retries are not recounted
     port = free_port()
-    proc = start_controller(tmp_path, port)
+    proc = start_controller(tmp_path, port, ledger_target)
     try:
         base = f"http://127.0.0.1:{port}/api/v1"
         agent = httpx.Client(headers={"Authorization": f"Bearer {AGENT}"}, timeout=5)
@@ -128,7 +129,7 @@ def totals_report(k: int, i: int) -> dict:
             "usage": [], "usage_total": [total]}
 
 
-def test_cumulative_totals_survive_kill9(tmp_path):
+def test_cumulative_totals_survive_kill9(tmp_path, ledger_target):
     (tmp_path / "fabric.yaml").write_text(FABRIC)
     (tmp_path / "policy.yaml").write_text(  # a tenant per sender
         POLICY + "  - {name: initech, id: 3, prefixes: [10.0.2.0/24], contract: bronze}\n")
@@ -136,7 +137,7 @@ def test_cumulative_totals_survive_kill9(tmp_path):
         AGENT: {"name": "agents", "role": "agent", "backends": ["gpu1-llama"]},
         VIEWER: {"name": "viewer", "role": "viewer"}}))
     port = free_port()
-    proc = start_controller(tmp_path, port)
+    proc = start_controller(tmp_path, port, ledger_target)
     acked = [0] * SENDERS
     sent = [0] * SENDERS
     url = f"http://127.0.0.1:{port}/api/v1/backends/gpu1-llama/report"
@@ -168,8 +169,9 @@ def test_cumulative_totals_survive_kill9(tmp_path):
             proc.kill()
     assert sum(acked) >= 150
 
-    db = sqlite3.connect(tmp_path / "ledger.db")
-    held = dict(db.execute("SELECT tenant_id, SUM(prompt_tokens) FROM usage GROUP BY tenant_id"))
+    db = open_store(ledger_target, read_only=True)
+    held = dict(db.execute("SELECT tenant_id, CAST(SUM(prompt_tokens) AS BIGINT) FROM usage "
+                           "GROUP BY tenant_id"))
     db.close()
     for k in range(SENDERS):
         # everything acknowledged is there, nothing beyond what was sent
@@ -177,7 +179,7 @@ def test_cumulative_totals_survive_kill9(tmp_path):
 
     # after the restart the agents' next totals make every tenant exact
     port = free_port()
-    proc = start_controller(tmp_path, port)
+    proc = start_controller(tmp_path, port, ledger_target)
     try:
         base = f"http://127.0.0.1:{port}/api/v1"
         agent = httpx.Client(headers={"Authorization": f"Bearer {AGENT}"}, timeout=5)

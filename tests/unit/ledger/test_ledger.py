@@ -1,26 +1,95 @@
-"""The ledger on a real SQLite file: durability settings, idempotency, filters, cross-check."""
+"""The ledger on each engine (a real SQLite file, a real PostgreSQL server): durability
+settings, migrations, idempotency, filters, cross-check, concurrent writers."""
 
 import threading
 
 import pytest
 
 from controller.ledger import Ledger, Usage, UsageRefused
+from controller.ledger_chain import verify_file
+from controller.ledger_store import MIGRATIONS, open_store
 
 T0 = 1_800_000_000  # a minute boundary
 
 
 @pytest.fixture
-def ledger(tmp_path):
-    led = Ledger(tmp_path / "sub" / "ledger.db")
+def ledger(ledger_target):
+    led = Ledger(ledger_target)
     yield led
     led.close()
 
 
-def test_wal_and_full_sync(ledger, tmp_path):
-    assert ledger._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    ledger.record("x", "b", [Usage(1, "m", 1, 1)])
-    assert (tmp_path / "sub" / "ledger.db-wal").exists()
+def test_commits_are_durable(ledger, tmp_path):
+    """A commit returns once the write-ahead log is on disk, on either engine."""
+    if ledger.engine == "sqlite":
+        assert ledger._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        ledger.record("x", "b", [Usage(1, "m", 1, 1)])
+        assert (tmp_path / "sub" / "ledger.db-wal").exists()
+    else:
+        assert ledger._db.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+        assert ledger._db.execute("SHOW fsync").fetchone()[0] == "on"
+
+
+def test_migrations_are_versioned_and_run_once(ledger_target):
+    led = Ledger(ledger_target)
+    assert led._db.schema_version() == max(MIGRATIONS)
+    led.record("r", "b", [Usage(1, "m", 1, 1)], now=T0)
+    led.close()
+    led = Ledger(ledger_target)  # opening again applies nothing twice and keeps the rows
+    assert led._db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == len(
+        MIGRATIONS)
+    assert led.totals() == {1: (1, 1, 1)}
+    led.close()
+
+
+def test_a_sqlite_file_from_before_migrations_is_adopted(tmp_path):
+    """A ledger file written before schema_version existed: its tables are migration 1's,
+    so it is marked version 1 and nothing of it changes."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(MIGRATIONS[1])
+    old.execute("INSERT INTO usage VALUES (?, 1, 'm', 5, 6, 1)", (T0,))
+    old.commit()
+    old.close()
+    led = Ledger(path)
+    assert led._db.schema_version() == 1 and led.totals() == {1: (5, 6, 1)}
+    led.close()
+
+
+def test_writers_on_two_connections_keep_one_chain(ledger_target):
+    """Two Ledger objects (as two controller processes would) append to the journal
+    together: the write lock (SQLite's file lock, PostgreSQL's advisory lock) keeps its
+    ids without holes and its hash chain intact."""
+    first, second = Ledger(ledger_target), Ledger(ledger_target)
+
+    def work(led, k):
+        for i in range(40):
+            led.record(f"{k}-{i}", f"b{k}", [Usage(k, "m", 1, 2)], now=T0 + i)
+
+    threads = [threading.Thread(target=work, args=(led, k))
+               for k, led in enumerate((first, second, first, second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert first.totals() == {k: (40, 80, 40) for k in range(4)}
+    first.close()
+    second.close()
+    report = verify_file(ledger_target)
+    assert report.ok and report.rows == 160, report.chain_problem
+
+
+def test_a_read_only_store_refuses_writes(ledger_target):
+    Ledger(ledger_target).close()
+    store = open_store(ledger_target, read_only=True)
+    try:
+        with pytest.raises(Exception, match="(?i)read.only|readonly"):
+            store.execute("DELETE FROM usage")
+    finally:
+        store.close()
 
 
 def test_same_report_id_counts_once(ledger):
@@ -94,8 +163,8 @@ def test_cross_check_side_by_side(ledger):
     assert rows[3].bytes_per_token is None
 
 
-def test_reopen_keeps_everything(tmp_path):
-    path = tmp_path / "l.db"
+def test_reopen_keeps_everything(ledger_target):
+    path = ledger_target
     led = Ledger(path)
     led.record("r1", "b", [Usage(1, "m", 3, 4)], now=T0)
     led.close()

@@ -1,10 +1,10 @@
 """The journal's hash chain and signed records: what the ledger accepts, and what
-`tokenfabric ledger verify` (a real subprocess) finds after the file was tampered with."""
+`tokenfabric ledger verify` (a real subprocess) finds after the ledger was tampered with,
+on each engine (a SQLite file, a PostgreSQL database)."""
 
 from __future__ import annotations
 
 import base64
-import sqlite3
 import subprocess
 import sys
 
@@ -13,6 +13,7 @@ import yaml
 
 from controller.ledger import Ledger, Usage, UsageRefused
 from controller.ledger_chain import GENESIS, SELECT_ROWS, JournalRow, chain, verify_file
+from controller.ledger_store import open_store
 from tokenfabric import usage_signing
 from tokenfabric.usage_signing import UsageRecord
 
@@ -36,8 +37,8 @@ def records(key, n, epoch="e1", start=1, prev="", backend="gpu1"):
     return out
 
 
-def build(tmp_path, key) -> str:
-    path = str(tmp_path / "ledger.db")
+def build(target, key) -> str:
+    path = target
     ledger = Ledger(path)
     recs = records(key[0], 30)
     for i in range(0, 30, 3):
@@ -47,6 +48,18 @@ def build(tmp_path, key) -> str:
                          epoch="boot")
     ledger.close()
     return path
+
+
+def tamper(target: str, script: str, args: tuple = ()) -> None:
+    """Run SQL on the ledger behind the controller's back (an attacker with write access)."""
+    store = open_store(target)
+    try:
+        store.begin_write()
+        for statement in script.split(";"):
+            store.execute(statement, args)
+        store.commit()
+    finally:
+        store.close()
 
 
 def tokens_file(tmp_path, public) -> str:
@@ -61,8 +74,8 @@ def run_verify(*args):
                           capture_output=True, text=True, timeout=60)
 
 
-def test_an_untouched_ledger_verifies(tmp_path, key):
-    path = build(tmp_path, key)
+def test_an_untouched_ledger_verifies(tmp_path, key, ledger_target):
+    path = build(ledger_target, key)
     report = verify_file(path, {"gpu1-agent": [base64.b64decode(key[1])]})
     # gpu1's epoch row and 30 signed records, 1 plain item, gpu3's epoch row and growth
     assert report.ok and report.rows == 34 and report.signed_rows == 30
@@ -77,49 +90,46 @@ def test_an_untouched_ledger_verifies(tmp_path, key):
     assert run_verify("--ledger", path, "--expect-head", "0" * 16).returncode == 1
 
 
-@pytest.mark.parametrize("tamper,named", [
+@pytest.mark.parametrize("edit,named", [
     ("UPDATE journal SET completion_tokens = 9999 WHERE id = 7", "row 7: does not match"),
     ("DELETE FROM journal WHERE id = 12", "rows 12..12 are missing"),
     ("UPDATE journal SET id = -1 WHERE id = 20; UPDATE journal SET id = 20 WHERE id = 21; "
      "UPDATE journal SET id = 21 WHERE id = -1", "row 20: does not match"),
     ("DELETE FROM journal WHERE id = 1", "rows 1..1 are missing"),
 ])
-def test_verify_names_the_tampered_row(tmp_path, key, tamper, named):
-    path = build(tmp_path, key)
-    db = sqlite3.connect(path)
-    db.executescript(tamper)
-    db.commit()
-    db.close()
+def test_verify_names_the_tampered_row(tmp_path, key, ledger_target, edit, named):
+    path = build(ledger_target, key)
+    tamper(path, edit)
     done = run_verify("--ledger", path, "--tokens", tokens_file(tmp_path, key[1]))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "TAMPERED: " in done.stdout and named in done.stdout
 
 
-def test_an_edit_of_the_per_minute_table_shows(tmp_path, key):
+def test_an_edit_of_the_per_minute_table_shows(key, ledger_target):
     """GET /ledger and ledger.csv read the per-minute table: verify sums the journal
     against it."""
-    path = build(tmp_path, key)
+    path = build(ledger_target, key)
     assert verify_file(path).table_problems == []
-    db = sqlite3.connect(path)
-    minute = max(m for (m,) in db.execute("SELECT minute FROM usage"))
-    db.execute("UPDATE usage SET completion_tokens = completion_tokens + 1000 "
-               "WHERE minute = ? AND tenant_id = 1", (minute,))
-    db.commit()
-    db.close()
+    ledger = Ledger(path)
+    minute = max(r.minute for r in ledger.query())
+    ledger.close()
+    tamper(path, "UPDATE usage SET completion_tokens = completion_tokens + 1000 "
+           "WHERE minute = ? AND tenant_id = 1", (minute,))
     done = run_verify("--ledger", path)
     assert done.returncode == 1
     assert f"TAMPERED (per-minute table): minute {minute} tenant 1 model 'llama'" in done.stdout
     assert "hash chain: intact" in done.stdout  # the journal itself was not touched
 
 
-def test_a_rewritten_chain_still_fails_on_the_signatures(tmp_path, key):
-    """Whoever can rewrite the file can recompute every hash, but not sign for the agent."""
-    path = build(tmp_path, key)
-    db = sqlite3.connect(path)
+def test_a_rewritten_chain_still_fails_on_the_signatures(tmp_path, key, ledger_target):
+    """Whoever can rewrite the ledger can recompute every hash, but not sign for the agent."""
+    path = build(ledger_target, key)
+    db = open_store(path)
     rows = db.execute(SELECT_ROWS).fetchall()
     edited = [list(r[:16]) for r in rows]
     edited[9][8] = 10 ** 6  # row 10's completion tokens (gpu1's 9th record)
     rebuilt = chain(1, GENESIS, [JournalRow(*r[1:]) for r in edited])
+    db.begin_write()
     db.execute("DELETE FROM journal")
     db.executemany(f"INSERT INTO journal VALUES ({', '.join('?' * 17)})", rebuilt)
     db.commit()
@@ -130,8 +140,8 @@ def test_a_rewritten_chain_still_fails_on_the_signatures(tmp_path, key):
     assert "row 11: does not link to gpu1's previous record" in done.stdout
 
 
-def test_signed_records_retries_replays_gaps_forks_epochs(tmp_path, key):
-    ledger = Ledger(tmp_path / "ledger.db")
+def test_signed_records_retries_replays_gaps_forks_epochs(key, ledger_target):
+    ledger = Ledger(ledger_target)
     recs = records(key[0], 6)
     assert ledger.record_signed("gpu1", "a", recs[:2], now=T0).added == 2
     # a retry of the same records: nothing counted twice
@@ -157,5 +167,5 @@ def test_signed_records_retries_replays_gaps_forks_epochs(tmp_path, key):
     with pytest.raises(UsageRefused):
         ledger.record_signed("gpu1", "a", records(key[0], 1, epoch="e1", start=7))
     ledger.close()
-    report = verify_file(str(tmp_path / "ledger.db"), {"a": [base64.b64decode(key[1])]})
+    report = verify_file(ledger_target, {"a": [base64.b64decode(key[1])]})
     assert report.ok and [g.message.split(": ")[1] for g in report.gaps] == ["gap:4-5"]

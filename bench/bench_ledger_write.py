@@ -1,0 +1,170 @@
+"""Benchmark: ledger write throughput on PostgreSQL against SQLite, same workload, same run.
+
+What it does:
+- prepares --reports usage reports the way agents send them: --agents backends, each
+  with its own Ed25519 key and epoch, every report --records signed records linked to
+  the agent's previous one (signed before the clock starts: the controller verifies
+  signatures before the ledger sees them), plus every --totals-every-th report an
+  unsigned cumulative-totals report (record_totals) from another backend;
+- writes them, in the same order, through controller.ledger.Ledger (what the REST
+  handler calls, one committed transaction per report) into:
+  - baseline: SQLite, a file in a temporary directory, the controller's settings
+    (WAL, synchronous=FULL: every commit fsyncs);
+  - PostgreSQL: a throw-away server (tokenfabric/pg_temp.py: Debian's postgresql,
+    initdb in a temporary directory, 127.0.0.1 only) with its default durability
+    (fsync on, synchronous_commit on: every commit waits for the WAL flush);
+- --rounds times, alternating the engines, each time on a fresh ledger (the machine
+  may be busy with other work: a burst hits both, and the medians are compared);
+- checks both ledgers hold the same totals and that each journal verifies;
+- prints reports/s and journal rows/s for both (medians), and the ratio
+  PostgreSQL / SQLite.
+
+Target (issue 18): PostgreSQL >= 0.5x SQLite. --threads runs that many writers at once
+(one Ledger each, as several controller replicas would share a database).
+
+Run: python bench/bench_ledger_write.py [--reports 2000] [--agents 8] [--records 2]
+     [--rounds 5] [--threads 1] [--unix-socket]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+from controller.ledger import Ledger, Usage  # noqa: E402
+from controller.ledger_chain import VerifyReport, verify_file  # noqa: E402
+from tokenfabric import usage_signing  # noqa: E402
+from tokenfabric.pg_temp import PostgresUnavailable, TempPostgres  # noqa: E402
+from tokenfabric.usage_signing import UsageRecord  # noqa: E402
+
+T0 = 1_780_000_000.0
+TARGET_RATIO = 0.5
+
+Report = tuple[str, object]  # ("signed", (backend, [(record, signature)])) | ("totals", ...)
+
+
+def prepare(reports: int, agents: int, records: int, totals_every: int) -> list[Report]:
+    keys = [Ed25519PrivateKey.generate() for _ in range(agents)]
+    seqs = [0] * agents
+    prevs = [""] * agents
+    cumulative = [0] * agents
+    work: list[Report] = []
+    for i in range(reports):
+        a = i % agents
+        backend = f"gpu{a}"
+        batch = []
+        for _ in range(records):
+            seqs[a] += 1
+            rec = UsageRecord(backend, f"boot-{a}", seqs[a], int(T0 * 1000) + i, 1 + i % 5,
+                              "llama" if i % 3 else "qwen", 100 + i % 900, 20 + i % 300, 1,
+                              prevs[a])
+            batch.append((rec, usage_signing.sign(keys[a], rec)))
+            prevs[a] = rec.digest()
+        work.append(("signed", (backend, batch)))
+        if totals_every and i % totals_every == 0:
+            cumulative[a] += 1
+            n = cumulative[a]
+            work.append(("totals", (f"plain{a}", [Usage(1 + a % 5, "llama", 50 * n, 10 * n,
+                                                        n)])))
+    return work
+
+
+def write(target: str, work: list[Report], threads: int) -> tuple[float, dict]:
+    """Seconds to write `work` (split round-robin by backend over `threads` writers)."""
+    ledgers = [Ledger(target) for _ in range(threads)]
+    shards: list[list[Report]] = [[] for _ in range(threads)]
+    for kind, payload in work:
+        backend = payload[0]  # type: ignore[index]
+        shards[hash(backend) % threads].append((kind, payload))
+
+    def run(led: Ledger, shard: list[Report]) -> None:
+        for n, (kind, payload) in enumerate(shard):
+            now = T0 + n * 0.01
+            if kind == "signed":
+                backend, batch = payload  # type: ignore[misc]
+                led.record_signed(backend, backend + "-agent", batch, now=now)
+            else:
+                backend, totals = payload  # type: ignore[misc]
+                led.record_totals(None, backend, totals, now=now, agent=backend + "-agent",
+                                  epoch="boot")
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=run, args=(ledgers[k], shards[k]))
+               for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=3600)
+    seconds = time.perf_counter() - started
+    totals = ledgers[0].totals()
+    for led in ledgers:
+        led.close()
+    return seconds, totals
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reports", type=int, default=2000)
+    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--records", type=int, default=2, help="signed records per report")
+    parser.add_argument("--totals-every", type=int, default=4,
+                        help="a cumulative-totals report after every n-th signed one (0: none)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="runs per engine, alternating; the medians are compared")
+    parser.add_argument("--unix-socket", action="store_true",
+                        help="connect to PostgreSQL over its Unix socket, not TCP 127.0.0.1")
+    args = parser.parse_args()
+
+    work = prepare(args.reports, args.agents, args.records, args.totals_every)
+    print(f"workload: {len(work)} reports ({args.reports} signed x {args.records} records, "
+          f"{len(work) - args.reports} cumulative totals), {args.agents} agents, "
+          f"{args.threads} writer thread(s); one committed transaction per report; "
+          f"PostgreSQL over {'its Unix socket' if args.unix_socket else 'TCP 127.0.0.1'}")
+    seconds: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
+    totals: dict[str, dict] = {}
+    reports: dict[str, VerifyReport] = {}
+    try:
+        with TempPostgres() as pg, tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
+            # rounds alternate the engines, each on a fresh ledger: a burst of load from
+            # elsewhere on the machine hits both, and the medians compare
+            for n in range(args.rounds):
+                targets = {"sqlite": str(Path(tmp) / f"ledger-{n}.db"),
+                           "postgresql": pg.create_database(f"bench{n}",
+                                                            unix_socket=args.unix_socket)}
+                for engine, target in targets.items():
+                    spent, totals[engine] = write(target, work, args.threads)
+                    seconds[engine].append(spent)
+                    reports[engine] = verify_file(target)
+                    print(f"  round {n + 1} {engine:>10}: {len(work) / spent:,.0f} reports/s")
+    except PostgresUnavailable as exc:
+        print(f"PostgreSQL cannot start here: {exc}")
+        return 2
+    median = {engine: statistics.median(s) for engine, s in seconds.items()}
+    for engine, report in reports.items():
+        print(f"{engine:>10}: median of {args.rounds}: {len(work)} reports in "
+              f"{median[engine]:.2f} s = {len(work) / median[engine]:,.0f} reports/s, "
+              f"{report.rows / median[engine]:,.0f} journal rows/s; journal {report.rows} "
+              f"rows, verify {'ok' if report.ok else 'FAILED'}")
+    same = totals["sqlite"] == totals["postgresql"]
+    print(f"same totals in both: {same}")
+    ratio = median["sqlite"] / median["postgresql"]
+    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+    print(f"ratio PostgreSQL/SQLite (write throughput, medians): {ratio:.2f}x  "
+          f"(target >= {TARGET_RATIO}: {verdict})")
+    ok = same and all(r.ok for r in reports.values()) and ratio >= TARGET_RATIO
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The ledger's storage: one interface, two engines (SQLite, PostgreSQL).
+
+The Ledger (controller/ledger.py) writes its SQL once, in the subset both engines
+speak: `?` placeholders, `INSERT ... ON CONFLICT`, `CAST(SUM(x) AS BIGINT)`. An
+engine supplies what differs: connecting, the placeholder style, column types in the
+schema, how a write transaction serialises (SQLite: BEGIN IMMEDIATE takes the file's
+write lock; PostgreSQL: a transaction-scoped advisory lock, so that appending to the
+journal, which reads the last id and hash and writes the next, is one writer at a
+time across every process sharing the database), and the migrations table.
+
+`open_store(target)`: a path (or ":memory:") is a SQLite file, a `postgresql://` or
+`postgres://` URL a PostgreSQL database (psycopg 3, the controller extra).
+
+Migrations are versioned: `schema_version` holds the versions applied; migration 1 is
+the schema as it was before engines existed, so an existing SQLite file (whose tables
+already exist: CREATE ... IF NOT EXISTS) is adopted as version 1 unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from controller.ledger_chain import JOURNAL_SCHEMA
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# pg_advisory_xact_lock key of every ledger write: "tokenfab" as bytes, an arbitrary
+# constant other applications sharing the database are unlikely to use
+WRITE_LOCK_KEY = 0x746F6B656E666162
+TRANSLATED_CACHE = 1000  # distinct SQL texts whose $n form is kept
+
+SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS reports (
+    report_id TEXT PRIMARY KEY,
+    backend   TEXT NOT NULL,
+    received  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    minute            INTEGER NOT NULL,  -- unix seconds, a multiple of 60
+    tenant_id         INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    requests          INTEGER NOT NULL,
+    PRIMARY KEY (minute, tenant_id, model)
+);
+CREATE TABLE IF NOT EXISTS switch_counters (
+    ts        REAL NOT NULL,
+    switch    TEXT NOT NULL,
+    tenant_id INTEGER NOT NULL,
+    bytes     INTEGER NOT NULL,
+    packets   INTEGER NOT NULL,
+    conns     INTEGER NOT NULL  -- connections admitted
+);
+CREATE INDEX IF NOT EXISTS switch_counters_ts ON switch_counters (ts);
+CREATE TABLE IF NOT EXISTS usage_totals (  -- the last cumulative totals an agent reported
+    backend           TEXT NOT NULL,
+    tenant_id         INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    requests          INTEGER NOT NULL,
+    PRIMARY KEY (backend, tenant_id, model)
+);
+CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id across restarts
+    name       TEXT PRIMARY KEY,
+    backend_id INTEGER NOT NULL UNIQUE
+);
+CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
+CREATE TABLE IF NOT EXISTS port_counters (  -- bytes a switch received on a backend's port
+    ts       REAL NOT NULL,
+    switch   TEXT NOT NULL,
+    port     INTEGER NOT NULL,
+    rx_bytes INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS port_counters_ts ON port_counters (ts);
+""" + JOURNAL_SCHEMA
+
+# version -> DDL in SQLite's types; PostgreSQL's are derived by `_postgres_types`
+MIGRATIONS: dict[int, str] = {1: SCHEMA_V1}
+
+VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY,
+    applied REAL NOT NULL
+)
+"""
+
+
+class StoreError(Exception):
+    """The ledger's database cannot be opened (server unreachable, no psycopg, ...)."""
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Any: ...
+
+
+class Store(Protocol):
+    """What the ledger needs of a database; not thread-safe (the Ledger holds a lock)."""
+
+    engine: str  # "sqlite" | "postgresql"
+    target: str  # the path or the URL (without its password)
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+    def begin_write(self) -> None: ...
+    def commit(self) -> None: ...
+    def rollback(self) -> None: ...
+    def has_table(self, name: str) -> bool: ...
+    def schema_version(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def is_postgres(target: str | Path) -> bool:
+    return str(target).startswith(POSTGRES_SCHEMES)
+
+
+def open_store(target: str | Path, read_only: bool = False) -> Store:
+    """The store at `target`, migrated to the newest schema (read_only: as it is, and
+    refusing writes; a missing SQLite file is FileNotFoundError)."""
+    if is_postgres(target):
+        return PostgresStore(str(target), read_only)
+    return SqliteStore(str(target), read_only)
+
+
+def redact(url: str) -> str:
+    """The URL without its password (it goes into messages and logs)."""
+    return re.sub(r"^(\w+://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+class SqliteStore:
+    """One SQLite file in WAL mode with synchronous=FULL: a commit fsyncs the WAL, so an
+    acknowledged report survives power loss, not just a killed process."""
+
+    engine = "sqlite"
+
+    def __init__(self, path: str, read_only: bool = False) -> None:
+        self.target = path
+        if read_only:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: no such ledger file")
+            self._db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True,
+                                       check_same_thread=False, isolation_level=None)
+            return
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        # not executescript: it commits first, and a migration is one transaction
+        _migrate(self, lambda ddl: [self._db.execute(s) for s in _statements(ddl)])
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        return self._db.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._db.executemany(sql, rows)
+
+    def begin_write(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")  # the write lock now, not at the first write
+
+    def commit(self) -> None:
+        self._db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def has_table(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                "name = ?", (name,)).fetchone() is not None
+
+    def schema_version(self) -> int:
+        return _schema_version(self)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class PostgresStore:
+    """A PostgreSQL database over psycopg 3, in autocommit mode with explicit
+    transactions. Durability is the server's: with synchronous_commit on (the default)
+    COMMIT returns after the WAL was flushed, as SQLite's synchronous=FULL."""
+
+    engine = "postgresql"
+
+    def __init__(self, url: str, read_only: bool = False) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:  # the controller extra brings it
+            raise StoreError("a postgresql:// ledger needs psycopg 3: pip install "
+                             "'tokenfabric[controller]' (or 'psycopg[binary]')") from exc
+        self.target = redact(url)
+        self._errors = psycopg.errors
+        self._sql: dict[str, str] = {}
+        self._pipeline: Any = None
+        try:
+            # RawCursor: PostgreSQL's own $1 placeholders, sent as they are; psycopg's
+            # %s queries are parsed client-side on every call once over 4 kB or 50
+            # parameters, which a report's multi-row INSERT is
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10,
+                                       cursor_factory=psycopg.RawCursor)
+        except (psycopg.Error, ValueError) as exc:  # ValueError: a malformed URL
+            raise StoreError(str(exc)) from exc  # the callers name the (redacted) URL
+        if read_only:
+            self._db.execute("SET default_transaction_read_only = on")
+            return
+        _migrate(self, self._run_ddl)
+
+    def _run_ddl(self, ddl: str) -> None:
+        for statement in _statements(_postgres_types(ddl)):
+            self._db.execute(statement)
+
+    def _translate(self, sql: str) -> str:
+        # the ledger's SQL has no literal ?, so each ? is the next parameter: $1, $2, ...
+        out = self._sql.get(sql)
+        if out is None:
+            numbers = itertools.count(1)
+            out = re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
+            if len(self._sql) < TRANSLATED_CACHE:
+                self._sql[sql] = out
+        return out
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        with self._errors_mapped():
+            return self._db.execute(self._translate(sql), args)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self._errors_mapped():
+            self._db.cursor().executemany(self._translate(sql), list(rows))
+
+    @contextlib.contextmanager
+    def _errors_mapped(self) -> Iterator[None]:
+        try:
+            yield
+        except self._errors.NumericValueOutOfRange as exc:
+            # as SQLite's driver: a number no 64-bit column holds is an OverflowError
+            raise OverflowError(str(exc)) from exc
+
+    def begin_write(self) -> None:
+        # A write transaction runs in pipeline mode: statements go out without waiting
+        # for their results, so a report costs a round trip per read (whose result the
+        # ledger needs) plus one for all the writes and the COMMIT, not one per statement.
+        pipeline = self._db.pipeline()
+        pipeline.__enter__()
+        self._pipeline = pipeline
+        self._db.execute("BEGIN")
+        # one writer at a time across every controller on this database: the journal's
+        # next id and hash are read then written inside the transaction
+        self._db.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+
+    def commit(self) -> None:
+        with self._errors_mapped():
+            self._db.execute("COMMIT")
+            pipeline, self._pipeline = self._pipeline, None
+            if pipeline is not None:
+                pipeline.__exit__(None, None, None)  # waits for every result: errors here
+
+    def rollback(self) -> None:
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            try:
+                pipeline.__exit__(None, None, None)
+            except self._errors.Error:
+                pass  # the statement that failed: already raised, or rolled back below
+        if self._db.info.transaction_status != 0:  # 0: IDLE, no transaction open
+            self._db.execute("ROLLBACK")
+
+    def has_table(self, name: str) -> bool:
+        return self._db.execute("SELECT to_regclass($1) IS NOT NULL", (name,)).fetchone()[0]
+
+    def schema_version(self) -> int:
+        return _schema_version(self)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _postgres_types(ddl: str) -> str:
+    """SQLite's column types as PostgreSQL's: every integer 64-bit (token counts, unix
+    ms), REAL double precision."""
+    ddl = re.sub(r"\bINTEGER\b", "BIGINT", ddl)
+    return re.sub(r"\bREAL\b", "DOUBLE PRECISION", ddl)
+
+
+def _statements(ddl: str) -> list[str]:
+    """A DDL script's statements, comments dropped (the schema has no ';' or '--' in a
+    string literal)."""
+    ddl = re.sub(r"--[^\n]*", "", ddl)
+    return [s.strip() for s in ddl.split(";") if s.strip()]
+
+
+def _schema_version(store: Store) -> int:
+    if not store.has_table("schema_version"):
+        return 0
+    row = store.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return row[0] or 0
+
+
+def _migrate(store: Store, run_ddl: Any) -> None:
+    """Apply the migrations newer than the store's version, each in its own write
+    transaction (two controllers starting together migrate once)."""
+    store.begin_write()
+    try:
+        run_ddl(VERSION_TABLE)
+        current = _schema_version(store)
+        for version in sorted(v for v in MIGRATIONS if v > current):
+            run_ddl(MIGRATIONS[version])
+            store.execute("INSERT INTO schema_version (version, applied) VALUES (?, ?)",
+                          (version, time.time()))
+        store.commit()
+    except BaseException:
+        store.rollback()
+        raise
