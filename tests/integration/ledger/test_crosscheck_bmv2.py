@@ -12,19 +12,16 @@ import asyncio
 import json
 import time
 
-import httpx
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from controller.api.server import API
-from controller.app import Controller, build_server, make_southbound
+from controller.app import make_southbound
 from controller.fabric import parse_fabric
-from controller.ledger import Ledger
 from controller.model import Model
 from controller.policy.schema import parse_policy
+from tests.integration.crosscheck_rig import billing_controller
 from tokenfabric import dataplane as dp
-from tokenfabric.tools import free_port
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -91,41 +88,10 @@ async def billing(rig, tmp_path):
     model.policy = parse_policy(POLICY, "policy.yaml", model=model)
     # election id 2: primary over the rig's own client (id 1), which only watches
     southbound = make_southbound(model, 2)
-    ctl = Controller(model, Ledger(tmp_path / "ledger.db"), southbound=southbound,
-                     report_timeout_s=3.0)
-    ctl.counter_interval_s = 1.0  # port samples every second
-    ctl.crosscheck.interval_s = 4.0  # a check every 4 s over the last 6 s of billing, with
-    ctl.crosscheck.window_s = 6.0  # bytes from 3 s earlier (a round of traffic is shorter)
-    ctl.crosscheck.lag_s = 3.0
-    ctl.crosscheck.min_bytes_per_token = EVENT_BYTES  # the floor of this stream format
-    api_port = free_port()
-    server = build_server(ctl, "127.0.0.1", api_port)
-    stop = asyncio.Event()
-    await southbound.start()
-    tasks = [asyncio.create_task(server.serve()), asyncio.create_task(ctl.run(stop))]
-    while not server.started:
-        await asyncio.sleep(0.02)
-    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}{API}", timeout=10)
-
-    async def load_reports() -> None:  # keeps b1 and b2 up (no usage: the test bills)
-        while True:
-            for name in PORTS:
-                await client.post(f"/backends/{name}/report", json={
-                    "running": 0, "waiting": 0, "kv_cache_usage": 0.1, "healthy": True})
-            await asyncio.sleep(0.5)
-
-    tasks.append(asyncio.create_task(load_reports()))
-    try:
+    async with billing_controller(model, southbound, tmp_path / "ledger.db", PORTS,
+                                  EVENT_BYTES) as (ctl, client):
         yield ctl, client, rig
-    finally:
-        stop.set()
-        server.should_exit = True
-        tasks[-1].cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await client.aclose()
-        await southbound.stop()
-        ctl.ledger.close()
-        assert rig.alive(), "simple_switch_grpc died during the test"
+    assert rig.alive(), "simple_switch_grpc died during the test"
 
 
 async def test_the_lying_backend_is_flagged_the_honest_one_is_not(billing):

@@ -13,14 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from controller.api.server import API
-from controller.app import Controller, build_server, make_southbound
-from controller.ledger import Ledger
+from controller.app import make_southbound
+from tests.integration.crosscheck_rig import billing_controller
 from tests.integration.openflow.conftest import POLICY, VIP, VIP_PORT, model_of
-from tokenfabric.tools import free_port
 
 pytestmark = [pytest.mark.ovs, pytest.mark.timeout(240)]
 
@@ -61,46 +58,15 @@ async def billing(lab, tmp_path):
     model = model_of(policy=POLICY.replace("tpm: 60000", "tpm: 600000000").replace(
         "burst: 1000", "burst: 100000000"))
     southbound = make_southbound(model, 1, lab.listen)
-    ctl = Controller(model, Ledger(tmp_path / "ledger.db"), southbound=southbound,
-                     report_timeout_s=3.0)
-    ctl.counter_interval_s = 1.0  # port samples every second
-    ctl.crosscheck.interval_s = 4.0  # a check every 4 s over the last 6 s of billing, with
-    ctl.crosscheck.window_s = 6.0  # bytes from 3 s earlier (a round of traffic is shorter)
-    ctl.crosscheck.lag_s = 3.0
-    ctl.crosscheck.min_bytes_per_token = EVENT_BYTES  # the floor of this stream format
-    api_port = free_port()
-    server = build_server(ctl, "127.0.0.1", api_port)
-    stop = asyncio.Event()
-    await southbound.start()
-    tasks = [asyncio.create_task(server.serve()), asyncio.create_task(ctl.run(stop))]
-    while not server.started:
-        await asyncio.sleep(0.02)
-    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}{API}", timeout=10)
-
-    async def load_reports():  # keeps b1 and b2 up (no usage: the test bills)
-        while True:
-            for name in ("b1", "b2"):
-                await client.post(f"/backends/{name}/report", json={
-                    "running": 0, "waiting": 0, "kv_cache_usage": 0.1, "healthy": True})
-            await asyncio.sleep(0.5)
-
-    tasks.append(asyncio.create_task(load_reports()))
-    served = {}
-    for host, backend in (("gpu1", "b1"), ("gpu2", "b2")):
-        served[backend] = tmp_path / f"{host}.served"
-        lab.box.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"], ns=lab.ns[host])
-        lab.box.popen([sys.executable, "-c", STREAMER, VIP, str(VIP_PORT),
-                       str(TOKENS_PER_REPLY), str(served[backend])], ns=lab.ns[host])
-    try:
+    async with billing_controller(model, southbound, tmp_path / "ledger.db", ("b1", "b2"),
+                                  EVENT_BYTES) as (ctl, client):
+        served = {}
+        for host, backend in (("gpu1", "b1"), ("gpu2", "b2")):
+            served[backend] = tmp_path / f"{host}.served"
+            lab.box.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"], ns=lab.ns[host])
+            lab.box.popen([sys.executable, "-c", STREAMER, VIP, str(VIP_PORT),
+                           str(TOKENS_PER_REPLY), str(served[backend])], ns=lab.ns[host])
         yield ctl, client, served
-    finally:
-        stop.set()
-        server.should_exit = True
-        tasks[-1].cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await client.aclose()
-        await southbound.stop()
-        ctl.ledger.close()
 
 
 def count(path: Path) -> int:
