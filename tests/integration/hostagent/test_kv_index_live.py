@@ -21,6 +21,7 @@ from tests.integration.hostagent.conftest import (
     start_emulator,
     stop_process,
 )
+from tests.integration.hostagent.conftest import wait_for as wait_until
 from tokenfabric.blockhash import BlockHasher
 
 FABRIC = """
@@ -34,16 +35,13 @@ services:
 
 
 def wait_for(check, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """The conftest's wait_for, an HTTP error (a controller still starting) counting as not yet."""
+    def attempt():
         try:
-            value = check()
+            return check()
         except httpx.HTTPError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+            return None
+    return wait_until(attempt, timeout, what)
 
 
 def start_controller(tmp_path, api_port: int) -> subprocess.Popen:

@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from tokenfabric.lab import ovs
+from tokenfabric.lab import ovs, prereqs
 from tokenfabric.lab.network import leftover_links
+
+
+def skip_unless_ovs_lab() -> None:
+    """Skip unless the OVS lab's components are here and no other lab or OVS is in the way."""
+    missing = prereqs.missing_pieces(dataplane="ovs")
+    if missing:
+        pytest.skip("lab components missing: " + "; ".join(m.name for m in missing))
+    skip_unless_ovs_free()
 
 
 def skip_unless_ovs_free() -> None:

@@ -17,9 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import path_without
-from tests.integration.lab.checks import check_quick_run, skip_unless_ovs_free
+from tests.integration.lab.checks import check_quick_run, skip_unless_ovs_lab
 from tokenfabric import exitcodes
-from tokenfabric.lab import ovs, prereqs
+from tokenfabric.lab import ovs
 from tokenfabric.lab.network import host_shells, leftover_links
 from tokenfabric.lab.plan import GATEWAY_IP, STATE_PATH
 
@@ -28,10 +28,7 @@ pytestmark = [pytest.mark.mininet, pytest.mark.ovs, pytest.mark.root, pytest.mar
 
 @pytest.fixture(autouse=True)
 def _components():
-    missing = prereqs.missing_pieces(dataplane="ovs")
-    if missing:
-        pytest.skip("lab components missing: " + "; ".join(m.name for m in missing))
-    skip_unless_ovs_free()
+    skip_unless_ovs_lab()
 
 
 def _nothing_left() -> None:

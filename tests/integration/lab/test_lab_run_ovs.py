@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tests.integration.lab.checks import check_quick_run, skip_unless_ovs_free
-from tokenfabric.lab import ovs, prereqs
+from tests.integration.lab.checks import check_quick_run, skip_unless_ovs_lab
+from tokenfabric.lab import ovs
 from tokenfabric.lab.network import host_shells, leftover_links
 
 pytestmark = [pytest.mark.mininet, pytest.mark.ovs, pytest.mark.root, pytest.mark.timeout(420)]
@@ -18,10 +18,7 @@ pytestmark = [pytest.mark.mininet, pytest.mark.ovs, pytest.mark.root, pytest.mar
 
 @pytest.fixture(autouse=True)
 def _components():
-    missing = prereqs.missing_pieces(dataplane="ovs")
-    if missing:
-        pytest.skip("lab components missing: " + "; ".join(m.name for m in missing))
-    skip_unless_ovs_free()
+    skip_unless_ovs_lab()
 
 
 def _without_bmv2(tmp_path):
