@@ -26,6 +26,7 @@ from controller.api.errors import (
 )
 from controller.api.limits import LimitedJsonRoute, RequestLimits
 from controller.api.metrics import ApiMetrics
+from controller.api.affinity_routes import affinity_routes
 from controller.api.prefix_routes import prefix_index_routes
 from controller.auth import Principal, Role
 from controller.gctools import gc_paused
@@ -421,6 +422,7 @@ def create_app(ctl: "Controller") -> FastAPI:
         return [vars(e) for e in ctl.audit_log]
 
     r.include_router(prefix_index_routes(ctl, Viewer, Agent, ERRORS, MUTATION_ERRORS))
+    r.include_router(affinity_routes(ctl, Viewer, Agent, ERRORS, MUTATION_ERRORS))
     app.include_router(r)
 
     # ------------------------------------------------------------ open endpoints
