@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller import statement
 from controller.api import schemas as s
+from controller.api.affinity_routes import affinity_routes
 from controller.api.errors import (
     Forbidden,
     NotFound,
@@ -26,7 +27,6 @@ from controller.api.errors import (
 )
 from controller.api.limits import LimitedJsonRoute, RequestLimits
 from controller.api.metrics import ApiMetrics
-from controller.api.affinity_routes import affinity_routes
 from controller.api.prefix_routes import prefix_index_routes
 from controller.auth import Principal, Role
 from controller.gctools import gc_paused

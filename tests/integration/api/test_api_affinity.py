@@ -12,6 +12,7 @@ from controller.affinity import AffinityTable
 from controller.app import Controller
 from controller.auth import TokenStore
 from controller.compile import compile_model
+from controller.entries import Action, Exact, TableEntry
 from controller.fabric import parse_fabric
 from controller.ledger import Ledger
 from controller.policy.schema import parse_policy
@@ -51,14 +52,16 @@ def learn(live, client: str, token: str = AGENT, backend: str = "gpu1-llama",
                                    json={"service": service, "client": client})
 
 
-def switch_entries(ctl: Controller) -> dict[int, dict]:
+def switch_entries(ctl: Controller) -> dict[int, dict[str, int]]:
     """The affinity entries compile gives switch s1: client address (int) -> action params."""
     state = compile_model(ctl.model)["s1"]
     out = {}
     for entity in state.entities.values():
-        if getattr(entity, "table", None) == Tables.AFFINITY:
-            match = dict(entity.match)
-            out[match["client"].value] = dict(entity.action.params)
+        if isinstance(entity, TableEntry) and entity.table == Tables.AFFINITY \
+                and isinstance(entity.action, Action):
+            client = dict(entity.match)["client"]
+            assert isinstance(client, Exact)
+            out[client.value] = dict(entity.action.params)
     return out
 
 

@@ -12,6 +12,7 @@ from controller.policy.schema import load_policy
 
 from .test_validation import EXAMPLES, GOOD, assert_error, errors_of
 
+
 def test_a_service_and_a_tenant_opt_in_and_resolve(tmp_path: Path) -> None:
     text = GOOD + """\
   - name: b
@@ -30,10 +31,10 @@ services:
     model = load_fabric(EXAMPLES / "fabric-single.yaml")
     policy = load_policy(path, model=model)
     a, b, c = (policy.tenants[n] for n in "abc")
-    assert resolve(policy, "llama", a) is not None
-    assert (resolve(policy, "llama", a).bound, resolve(policy, "llama", a).ttl_s) == (1.5, 120)
+    got_a, got_c = resolve(policy, "llama", a), resolve(policy, "llama", c)
+    assert got_a is not None and (got_a.bound, got_a.ttl_s) == (1.5, 120)
     assert resolve(policy, "llama", b) is None  # the tenant's explicit false wins
-    assert resolve(policy, "llama", c).bound_percent == 300  # its own bound, service's TTL
+    assert got_c is not None and (got_c.bound_percent, got_c.ttl_s) == (300, 120)
     assert resolve(policy, "llama", None) is not None  # clients of no tenant: the service's
     assert resolve(policy, "qwen", a) is None  # qwen did not opt in
 

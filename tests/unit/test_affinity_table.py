@@ -9,6 +9,7 @@ import pytest
 
 from controller.affinity import TABLE_CAPACITY, AffinityTable, TenantLookup, edge_switches
 from controller.compile import compile_model
+from controller.entries import Action, DesiredState, TableEntry
 from controller.fabric import load_fabric
 from controller.model import AffinityPolicy, BackendState, Tenant
 from tokenfabric.p4names import TABLE_SIZES, Tables
@@ -73,13 +74,13 @@ def test_compile_writes_the_fact_on_the_edge_only_while_the_backend_is_active() 
     model.policy.service_affinity["llama"] = AffinityPolicy(enabled=True, bound=2.0)
     model.affinity.learn("leaf1", "llama", "10.0.1.50", "gpu2-llama", 0, 60)
     states = compile_model(model)
-    got = [e for e in states["leaf1"].entities.values()
-           if getattr(e, "table", None) == Tables.AFFINITY]
-    assert len(got) == 1 and dict(got[0].action.params) == {"backend_id": 2,
-                                                           "bound_percent": 200}
-    assert not any(getattr(e, "table", None) == Tables.AFFINITY
-                   for sw in ("leaf2", "spine1") if sw in states
-                   for e in states[sw].entities.values())
+    assert affinity_params(states["leaf1"]) == [{"backend_id": 2, "bound_percent": 200}]
+    assert all(affinity_params(states[sw]) == [] for sw in states if sw != "leaf1")
     model.backends["gpu2-llama"].state = BackendState.DRAINING
-    assert not any(getattr(e, "table", None) == Tables.AFFINITY
-                   for e in compile_model(model)["leaf1"].entities.values())
+    assert affinity_params(compile_model(model)["leaf1"]) == []
+
+
+def affinity_params(state: DesiredState) -> list[dict[str, int]]:
+    return [dict(e.action.params) for e in state.entities.values()
+            if isinstance(e, TableEntry) and e.table == Tables.AFFINITY
+            and isinstance(e.action, Action)]
