@@ -184,19 +184,26 @@ control SelectBackend(inout headers_t hdr,
                      * is eligible and its score is within bound_percent of the
                      * pair's best score plus one connection's cost (an idle pool
                      * must not refuse it); else the mode's choice stands. */
-                    if (affinity.apply().hit && hdr.choice.affinity < MAX_BACKENDS) {
-                        backend_flags.read(hdr.choice.flags, hdr.choice.affinity);
-                        backend_seen.read(hdr.choice.seen, hdr.choice.affinity);
-                        backend_load.read(hdr.choice.load, hdr.choice.affinity);
-                        backend_pending.read(hdr.choice.pending, hdr.choice.affinity);
-                        if (ELIGIBLE && (hdr.choice.load + hdr.choice.pending * hdr.choice.conn_cost)
-                                        * AFFINITY_BOUND_ONE
-                                <= hdr.choice.by_pair_load * hdr.choice.affinity_bound
-                                   + hdr.choice.conn_cost * AFFINITY_BOUND_ONE) {
-                            meta.backend_id = hdr.choice.affinity;
-                            events.count(EVENT_AFFINITY);
-                        } else {
-                            events.count(EVENT_AFFINITY_OVER_BOUND);
+                    /* (a switch on the action, not `.hit &&`: p4c would add
+                     * metadata temporaries that every packet pays to zero) */
+                    switch (affinity.apply().action_run) {
+                        steer_affinity: {
+                            if (hdr.choice.affinity < MAX_BACKENDS) {
+                                backend_flags.read(hdr.choice.flags, hdr.choice.affinity);
+                                backend_seen.read(hdr.choice.seen, hdr.choice.affinity);
+                                backend_load.read(hdr.choice.load, hdr.choice.affinity);
+                                backend_pending.read(hdr.choice.pending, hdr.choice.affinity);
+                                if (ELIGIBLE && (hdr.choice.load
+                                                 + hdr.choice.pending * hdr.choice.conn_cost)
+                                                * AFFINITY_BOUND_ONE
+                                        <= hdr.choice.by_pair_load * hdr.choice.affinity_bound
+                                           + hdr.choice.conn_cost * AFFINITY_BOUND_ONE) {
+                                    meta.backend_id = hdr.choice.affinity;
+                                    events.count(EVENT_AFFINITY);
+                                } else {
+                                    events.count(EVENT_AFFINITY_OVER_BOUND);
+                                }
+                            }
                         }
                     }
                 }
