@@ -126,6 +126,12 @@ def frame(rig_name: str, batch: list[bytes], sent: int) -> bytes:
     return syn(f"10.0.1.{10 + n % CONNECTIONS}", 1024 + (n // CONNECTIONS) % 64000)
 
 
+def switch_pid(rig: h.Rig) -> int:
+    if rig.switch.proc is None:
+        raise RuntimeError("the switch is not running")
+    return rig.switch.proc.pid
+
+
 def switch_cpu_seconds(pid: int) -> float:
     """User + system time of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -142,7 +148,7 @@ def measure(rig: h.Rig, count: int, window: int, name: str = "forward") -> tuple
     batch = frames()
     rig.io.drain()
     sent = received = lost = 0
-    cpu_start = switch_cpu_seconds(rig.switch.proc.pid)
+    cpu_start = switch_cpu_seconds(switch_pid(rig))
     start = time.perf_counter()
     deadline = start + 120
     while received < count and time.perf_counter() < deadline:
@@ -163,7 +169,7 @@ def measure(rig: h.Rig, count: int, window: int, name: str = "forward") -> tuple
                 if addr[2] != h.PACKET_OUTGOING:
                     received += 1
     elapsed = time.perf_counter() - start
-    cpu = switch_cpu_seconds(rig.switch.proc.pid) - cpu_start
+    cpu = switch_cpu_seconds(switch_pid(rig)) - cpu_start
     if lost:
         print(f"  ({lost} frames lost; BMv2's pcap ring overran)", file=sys.stderr)
     return (received - lost) / elapsed, cpu / max(received - lost, 1)
@@ -186,7 +192,7 @@ def instructions_per_packet(name: str, program, packets: int) -> float:
             with h.rig(nports=5, start_timeout=300) as rig:
                 program(rig)
                 measure(rig, 50, 4, name)
-                pid = str(rig.switch.proc.pid)
+                pid = str(switch_pid(rig))
                 subprocess.run(["callgrind_control", "--zero", pid], check=True,
                                capture_output=True)
                 measure(rig, packets, 4, name)

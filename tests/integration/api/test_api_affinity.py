@@ -186,3 +186,28 @@ def test_a_deregistered_backend_takes_its_entries_along(rig):
     assert switch_entries(live.ctl) == {0x0A000107: {"backend_id": 2, "bound_percent": 150}}
     assert live.client(AGENT).delete("/api/v1/backends/gpu2-llama").status_code == 200
     assert switch_entries(live.ctl) == {} and len(live.ctl.model.affinity) == 0
+
+
+def test_the_agents_client_reports_affinity_and_hears_the_refusal(rig):
+    """hostagent/controller_api.py, as the bridge's agent calls it, over real HTTP."""
+    import aiohttp
+
+    from hostagent.controller_api import ControllerClient, ControllerError
+
+    live, _ = rig
+
+    async def calls() -> tuple[dict, int | None]:
+        async with aiohttp.ClientSession() as session:
+            own = ControllerClient(session, live.url, AGENT)
+            got = await own.affinity_report("gpu1-llama", "llama", "10.0.1.9")
+            foreign = ControllerClient(session, live.url, OTHER_AGENT)
+            try:
+                await foreign.affinity_report("gpu1-llama", "llama", "10.0.1.10")
+            except ControllerError as exc:
+                return got, exc.status
+            return got, None
+
+    got, refused = asyncio.run(calls())
+    assert got["backend"] == "gpu1-llama" and got["switches"] == ["s1"]
+    assert refused == 403
+    assert set(switch_entries(live.ctl)) == {0x0A000109}
