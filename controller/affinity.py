@@ -159,6 +159,11 @@ class AffinityTable:
         table[key] = AffinityEntry(backend, now, now + ttl_s)
         return evicted
 
+    def backend_of(self, switch: str, service: str, client: str) -> str | None:
+        table = self._by_switch.get(switch)
+        entry = table.get((service, client)) if table is not None else None
+        return entry.backend if entry is not None else None
+
     def withdraw(self, service: str, client: str, backend: str) -> int:
         """Drop the fact (service, client) wherever it names `backend`."""
         gone = 0
@@ -191,7 +196,8 @@ class AffinityTable:
         return gone
 
     def entries(self, switch: str) -> list[tuple[str, str, AffinityEntry]]:
-        return [(s, c, e) for (s, c), e in self._by_switch.get(switch, {}).items()]
+        table = self._by_switch.get(switch)
+        return [(s, c, e) for (s, c), e in table.items()] if table is not None else []
 
     def view(self, now: float) -> dict[str, Any]:
         return {"capacity_per_switch": self.capacity,

@@ -71,9 +71,12 @@ def affinity_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict,
             raise Conflict(f"no fabric host's prefix holds {client}: its edge switch is "
                            "unknown")
         now = ctl.clock()
-        evicted = sum(ctl.model.affinity.learn(sw, body.service, client, name, now,
-                                               settings.ttl_s) for sw in switches)
-        ctl.mark_dirty()  # pushed by the next reconcile pass, at once
+        table = ctl.model.affinity
+        new = any(table.backend_of(sw, body.service, client) != name for sw in switches)
+        evicted = sum(table.learn(sw, body.service, client, name, now, settings.ttl_s)
+                      for sw in switches)
+        if new or evicted:  # a refresh alone changes nothing on the switch: no push
+            ctl.mark_dirty()  # pushed by the next reconcile pass, at once
         return {"service": body.service, "client": client, "backend": name,
                 "switches": switches, "ttl_s": settings.ttl_s, "bound": settings.bound,
                 "evicted": evicted}
