@@ -19,6 +19,13 @@ instructions the whole switch executes per packet (receive, metadata reset,
 parser, pipelines, deparser, transmit): a count that does not move with the
 machine's load.
 
+--path new measures new connections instead (each frame a SYN of a connection
+never seen, to a P2C service over two backends: Pin claims a slot, Admit, Select
+with the pair); --affinity also gives every client a prefix affinity entry, so
+each SYN takes Select's affinity branch too. --build DIR runs token_router from
+another build (e.g. the program before a change, for a before/after count);
+--instructions-only skips the rate rounds.
+
 Needs root (namespaces), simple_switch_grpc and the committed p4src/build/.
 """
 
@@ -42,6 +49,7 @@ sys.path.insert(0, str(REPO))
 from controller.entries import Action, Exact, Lpm, MeterConfig, TableEntry  # noqa: E402
 from tests.integration.dataplane import harness as h  # noqa: E402
 from tests.integration.dataplane.packets import data, syn  # noqa: E402
+from tokenfabric.p4names import Mode  # noqa: E402
 
 TARGET = 0.7
 CONNECTIONS = 64
@@ -49,16 +57,45 @@ COLLECT_IDLE = 0.25  # seconds without a frame that end a collection (longer und
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 
+class Setup:
+    """What the run measures (command-line options)."""
+
+    path = "pinned"  # or "new"
+    affinity = False
+    build: Path | None = None  # token_router.json and .p4info.txtpb from elsewhere
+
+
+_new_flows = iter(range(1 << 24))  # a new connection per frame, never one seen before
+
+
 def program_token_router(rig: h.Rig) -> None:
-    rig.load("token_router")
+    if Setup.build is not None:
+        rig.client.set_pipeline(Setup.build / "token_router.json",
+                                Setup.build / "token_router.p4info.txtpb")
+    else:
+        rig.load("token_router")
     c = rig.client
-    c.insert(*h.base_plan(), *h.service(idle_us=0), *h.tenant("10.0.1.0", 24, 7, tclass=2),
+    new = Setup.path == "new"
+    c.insert(*h.base_plan(), *h.service(idle_us=0, mode=Mode.P2C if new else Mode.HASH,
+                                        conn_cost=10),
+             *h.tenant("10.0.1.0", 24, 7, tclass=2),
              TableEntry.of("class_qos", {"tclass": Exact(2)},
                            Action.of("set_class_qos", dscp=18, priority=2)),
              TableEntry.of("tenant_contract", {"tenant_id": Exact(7)},
                            Action.of("set_contract", tokens_per_s=10**6, burst_tokens=10**6)),
              MeterConfig("tenant_meter", 7, cir=10**9, cburst=10**8, pir=10**9, pburst=10**8))
     h.pool(c, {h.B1: 1})
+    if new:
+        c.insert(TableEntry.of("p2c_pairs", {"service_id": Exact(h.SERVICE), "slot": Exact(0)},
+                               Action.of("set_candidates", first_backend=h.B1,
+                                         second_backend=h.B2)))
+        if Setup.affinity:
+            c.insert(*(TableEntry.of("affinity", {"service_id": Exact(h.SERVICE),
+                                                  "client": Exact(h.ip_int(f"10.0.1.{10 + i}"))},
+                                     Action.of("steer_affinity", backend_id=h.B1,
+                                               bound_percent=125))
+                       for i in range(CONNECTIONS)))
+        return
     # Open the connections: the measured frames are all pinned-connection packets.
     for i in range(CONNECTIONS):
         rig.io.send(h.CLIENT_PORT, syn(f"10.0.1.{10 + i}", 40000 + i))
@@ -81,47 +118,64 @@ def frames() -> list[bytes]:
     return [data(f"10.0.1.{10 + i}", 40000 + i, payload=b"x" * 200) for i in range(CONNECTIONS)]
 
 
+def frame(rig_name: str, batch: list[bytes], sent: int) -> bytes:
+    """The next frame: a pinned connection's, or (token_router, --path new) a new one's."""
+    if rig_name != "token_router" or Setup.path != "new":
+        return batch[sent % len(batch)]
+    n = next(_new_flows)
+    return syn(f"10.0.1.{10 + n % CONNECTIONS}", 1024 + (n // CONNECTIONS) % 64000)
+
+
+def switch_pid(rig: h.Rig) -> int:
+    if rig.switch.proc is None:
+        raise RuntimeError("the switch is not running")
+    return rig.switch.proc.pid
+
+
 def switch_cpu_seconds(pid: int) -> float:
     """User + system time of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
-def measure(rig: h.Rig, count: int, window: int) -> tuple[float, float]:
+def measure(rig: h.Rig, count: int, window: int, name: str = "forward") -> tuple[float, float]:
     """Send `count` frames keeping at most `window` in flight. Returns frames/s
     received and the switch's CPU seconds per frame."""
-    out = rig.io.sockets[h.B1_PORT]
+    # New connections are spread over both backends by P2C: count frames on both.
+    outs = [rig.io.sockets[h.B1_PORT]] + (
+        [rig.io.sockets[h.B2_PORT]] if name == "token_router" and Setup.path == "new" else [])
     sock = rig.io.sockets[h.CLIENT_PORT]
     batch = frames()
     rig.io.drain()
     sent = received = lost = 0
-    cpu_start = switch_cpu_seconds(rig.switch.proc.pid)
+    cpu_start = switch_cpu_seconds(switch_pid(rig))
     start = time.perf_counter()
     deadline = start + 120
     while received < count and time.perf_counter() < deadline:
         while sent < count and sent - received < window:
-            sock.send(batch[sent % len(batch)])  # unpaced: the window is the pacing
+            sock.send(frame(name, batch, sent))  # unpaced: the window is the pacing
             sent += 1
-        ready, _, _ = select.select([out], [], [], 0.5)
+        ready, _, _ = select.select(outs, [], [], 0.5)
         if not ready:
             lost += sent - received  # nothing for 0.5 s: what is in flight is lost
             received = sent
             continue
-        while True:
-            try:
-                _, addr = out.recvfrom(65535)
-            except BlockingIOError:
-                break
-            if addr[2] != h.PACKET_OUTGOING:
-                received += 1
+        for out in ready:
+            while True:
+                try:
+                    _, addr = out.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                if addr[2] != h.PACKET_OUTGOING:
+                    received += 1
     elapsed = time.perf_counter() - start
-    cpu = switch_cpu_seconds(rig.switch.proc.pid) - cpu_start
+    cpu = switch_cpu_seconds(switch_pid(rig)) - cpu_start
     if lost:
         print(f"  ({lost} frames lost; BMv2's pcap ring overran)", file=sys.stderr)
     return (received - lost) / elapsed, cpu / max(received - lost, 1)
 
 
-def instructions_per_packet(program, packets: int) -> float:
+def instructions_per_packet(name: str, program, packets: int) -> float:
     """Instructions the whole switch executes per packet, under callgrind: counting
     starts after the program is loaded and warm, and stops after `packets` frames."""
     global COLLECT_IDLE, CONNECTIONS
@@ -137,11 +191,11 @@ def instructions_per_packet(program, packets: int) -> float:
         try:
             with h.rig(nports=5, start_timeout=300) as rig:
                 program(rig)
-                measure(rig, 50, 4)
-                pid = str(rig.switch.proc.pid)
+                measure(rig, 50, 4, name)
+                pid = str(switch_pid(rig))
                 subprocess.run(["callgrind_control", "--zero", pid], check=True,
                                capture_output=True)
-                measure(rig, packets, 4)
+                measure(rig, packets, 4, name)
                 subprocess.run(["callgrind_control", "--dump", pid], check=True,
                                capture_output=True)
         finally:
@@ -161,7 +215,20 @@ def main() -> int:
                         help="frames in flight (BMv2's pcap ring holds about 32)")
     parser.add_argument("--instructions", action="store_true",
                         help="also count the switch's instructions per packet under callgrind")
+    parser.add_argument("--instructions-only", action="store_true",
+                        help="only the callgrind count (no rate rounds)")
+    parser.add_argument("--packets-counted", type=int, default=500,
+                        help="frames counted under callgrind")
+    parser.add_argument("--path", choices=("pinned", "new"), default="pinned",
+                        help="token_router's frames: a pinned connection's, or new connections")
+    parser.add_argument("--affinity", action="store_true",
+                        help="with --path new: a prefix affinity entry for every client")
+    parser.add_argument("--build", type=Path, help="token_router's build directory "
+                        "(default: the committed p4src/build)")
     args = parser.parse_args()
+    Setup.path, Setup.affinity, Setup.build = args.path, args.affinity, args.build
+    if args.instructions_only:
+        return count_instructions(args.packets_counted)
     if os.geteuid() != 0:
         print("bench_dataplane: needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -172,11 +239,11 @@ def main() -> int:
         rigs = {name: stack.enter_context(h.rig(nports=5)) for name in PROGRAMS}
         for name, program in PROGRAMS.items():
             program(rigs[name])
-            measure(rigs[name], 2000, args.window)  # warm up
+            measure(rigs[name], 2000, args.window, name)  # warm up
         for i in range(args.rounds):
             # Alternating order: drift on a shared machine hits both programs alike.
             for name in (list(PROGRAMS) if i % 2 == 0 else list(reversed(PROGRAMS))):
-                rate, seconds = measure(rigs[name], args.packets, args.window)
+                rate, seconds = measure(rigs[name], args.packets, args.window, name)
                 rates[name].append(rate)
                 cpu[name].append(seconds)
             ratios.append(rates["token_router"][-1] / rates["forward"][-1])
@@ -190,17 +257,28 @@ def main() -> int:
     print(f"switch CPU per packet, forward/token_router = {cpu_ratio:.2f}")
     print(f"ratio token_router/forward = {ratio:.2f}, median of the rounds (target >= {TARGET})"
           f" {'OK' if ratio >= TARGET else 'BELOW TARGET'}")
-    if args.instructions:
-        if not shutil.which("valgrind"):
-            print("--instructions needs valgrind (apt-get install valgrind)", file=sys.stderr)
-            return 3
-        counts = {name: instructions_per_packet(program, 500)
-                  for name, program in PROGRAMS.items()}
-        for name, count in counts.items():
-            print(f"{name:14s} {count:10.0f} instructions/packet, whole switch (callgrind)")
-        print(f"instructions token_router/forward = "
-              f"{counts['token_router'] / counts['forward']:.2f}")
+    if args.instructions and count_instructions(args.packets_counted) != 0:
+        return 3
     return 0 if ratio >= TARGET else 1
+
+
+def count_instructions(packets: int) -> int:
+    if os.geteuid() != 0:
+        print("bench_dataplane: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    if not shutil.which("valgrind"):
+        print("--instructions needs valgrind (apt-get install valgrind)", file=sys.stderr)
+        return 3
+    counts = {name: instructions_per_packet(name, program, packets)
+              for name, program in PROGRAMS.items()}
+    for name, count in counts.items():
+        print(f"{name:14s} {count:10.0f} instructions/packet, whole switch (callgrind; "
+              f"{'path ' + Setup.path if name == 'token_router' else 'LPM'}"
+              f"{', affinity entries' if name == 'token_router' and Setup.affinity else ''}"
+              f"{', build ' + str(Setup.build) if name == 'token_router' and Setup.build else ''})")
+    print(f"instructions token_router/forward = "
+          f"{counts['token_router'] / counts['forward']:.2f}")
+    return 0
 
 
 if __name__ == "__main__":

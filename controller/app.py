@@ -269,6 +269,7 @@ class Controller:
         fabric_file.remove_backend(self.model, name)
         self.router.forget(name)
         self.prefix_index.forget(name)
+        self.model.affinity.forget_backend(name)
         del self.extras[name]
         self.audit(who, "deregister", f"backend {name}")
         self.mark_dirty()
@@ -639,6 +640,7 @@ class Controller:
 
     async def reconcile_once(self) -> None:
         self.refresh_states()
+        self.model.affinity.sweep(self.clock())  # expired affinity entries leave the switches
         if self.clock() < self.hold_until:
             return
         try:

@@ -18,6 +18,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from controller.affinity import AffinityTable
+
 
 class SelectionMode(enum.StrEnum):
     """How a service's switch picks a backend for a new connection."""
@@ -276,6 +278,16 @@ class Contract:
     currency: str = "USD"
 
 
+@dataclass(frozen=True)
+class AffinityPolicy:
+    """Prefix affinity as a service or a tenant opts in (docs/policy.md); None: not said
+    here (a tenant's unsaid values are its service's, then the defaults)."""
+
+    enabled: bool | None = None  # prefix_affinity
+    bound: float | None = None  # affinity_bound: load within bound x the pair's best
+    ttl_s: int | None = None  # affinity_ttl_s: an entry lives this long after its report
+
+
 @dataclass
 class Tenant:
     name: str
@@ -283,6 +295,7 @@ class Tenant:
     prefixes: list[str]  # IPv4 CIDRs of the tenant's clients
     contract: str
     trust_dscp: bool = False  # take the class from the packet's DSCP instead of the contract
+    affinity: AffinityPolicy = field(default_factory=AffinityPolicy)
 
     def networks(self) -> list[ipaddress.IPv4Network]:
         return [ipaddress.IPv4Network(p) for p in self.prefixes]
@@ -311,6 +324,8 @@ class Policy:
     default_contract: str | None = None  # traffic from no tenant prefix; None: best effort
     # (dscp, queue) -> the switch's tclass, kept across reloads (compile.plan_classes)
     class_ids: dict[tuple[int, int], int] = field(default_factory=dict)
+    # service name -> its prefix affinity opt-in (the policy file's `services`)
+    service_affinity: dict[str, AffinityPolicy] = field(default_factory=dict)
 
 
 @dataclass
@@ -321,6 +336,8 @@ class Model:
     services: dict[str, Service] = field(default_factory=dict)
     backends: dict[str, Backend] = field(default_factory=dict)
     policy: Policy = field(default_factory=Policy)
+    # learned client -> backend entries (controller/affinity.py), compiled by select.py
+    affinity: AffinityTable = field(default_factory=lambda: AffinityTable())
 
     def pool(self, service: str) -> list[Backend]:
         return [self.backends[n] for n in self.services[service].pool if n in self.backends]

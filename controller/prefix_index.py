@@ -163,7 +163,7 @@ class PrefixIndex:
         if len(keys) > MAX_LOOKUP_BLOCKS:
             raise PrefixIndexError(f"at most {MAX_LOOKUP_BLOCKS} block hashes per lookup")
         now = self.clock()
-        matches = []
+        matches: list[dict[str, Any]] = []
         for name, state in self.backends.items():
             blocks, n, oldest = state.blocks, 0, now
             for key in keys:

@@ -2,6 +2,8 @@
 
     POST   /api/v1/backends                 register  -> 201 {"backend_id", "tenants", ...}
     POST   /api/v1/backends/{name}/report   every ~1 s -> 2xx (may carry "tenants")
+    POST   /api/v1/backends/{name}/kv       the KV block set (prefix index)
+    POST   /api/v1/backends/{name}/affinity a client's prefix is cached here (switch affinity)
     DELETE /api/v1/backends/{name}          on exit
 """
 
@@ -66,7 +68,9 @@ class ControllerClient:
         tenants = data.get("tenants") or []
         if not isinstance(tenants, list):
             raise ControllerError("registration answer: tenants is not a list", status)
-        roce = data.get("roce") if isinstance(data.get("roce"), dict) else {}
+        roce = data.get("roce")
+        if not isinstance(roce, dict):
+            roce = {}
         return Registration(data["backend_id"], tenants, roce)
 
     async def report(self, name: str, body: dict) -> dict:
@@ -75,6 +79,13 @@ class ControllerClient:
     async def kv_report(self, name: str, body: dict) -> dict:
         """A block-set delta or snapshot for the prefix index (controller/prefix_index.py)."""
         return await self._post_backend(name, "kv", body, "KV report")
+
+    async def affinity_report(self, name: str, service: str, client: str) -> dict:
+        """The bridge of `name` decided that `client`'s prompts are cached here: the
+        client's edge switch steers its next new connections to `name` (docs/rest.md)."""
+        return await self._post_backend(name, "affinity", {"service": service,
+                                                            "client": client},
+                                        "affinity report")
 
     async def _post_backend(self, name: str, leaf: str, body: dict, what: str) -> dict:
         status, data = await self._call("POST", f"/backends/{name}/{leaf}", body)

@@ -23,6 +23,7 @@ ROUTES = 4096
 METER_POLICIES = 8192
 SELECTOR_MEMBERS = 4096
 SELECTOR_HASH_BITS = 16
+AFFINITY_ENTRIES = 4096
 FABRIC_ADDRESS = 0xA9FE2A01
 BEACON_PORT = 7420
 BEACON_VERSION = 1
@@ -39,6 +40,7 @@ TCP_SYN = 0x02
 TCP_RST = 0x04
 TCP_ACK = 0x10
 BTH_OPCODE_CNP = 0x81
+AFFINITY_BOUND_ONE = 100
 NO_BACKEND = 0xFFFF
 F_USAGE = 0x01
 F_DECAP = 0x02
@@ -106,6 +108,8 @@ class Event(IntEnum):
     METER_YELLOW = 8
     METER_RED = 9
     OVERFLOW = 10
+    AFFINITY = 11
+    AFFINITY_OVER_BOUND = 12
 
 
 class BeaconType(IntEnum):
@@ -144,6 +148,7 @@ class PinState(IntEnum):
 class Tables:
     """Table names (P4Info)."""
 
+    AFFINITY = "affinity"
     BACKEND = "backend"
     BEACON_SOURCE = "beacon_source"
     CLASS_QOS = "class_qos"
@@ -187,6 +192,7 @@ class Actions:
     SET_TENANT = "set_tenant"
     SET_TENANT_TRUSTING_DSCP = "set_tenant_trusting_dscp"
     SET_VIP = "set_vip"
+    STEER_AFFINITY = "steer_affinity"
 
 
 class Counters:
@@ -218,6 +224,7 @@ class Profiles:
 
 # Each table's size, and the actions an entry may name (not default-only).
 TABLE_SIZES: dict[str, int] = {
+    "affinity": 4096,
     "backend": 1024,
     "beacon_source": 2048,
     "class_qos": 8,
@@ -237,6 +244,7 @@ TABLE_SIZES: dict[str, int] = {
     "vip": 256,
 }
 TABLE_ACTIONS: dict[str, tuple[str, ...]] = {
+    "affinity": ("steer_affinity",),
     "backend": ("deliver_local", "deliver_ipip"),
     "beacon_source": ("accept_beacon",),
     "class_qos": ("set_class_qos",),
@@ -286,6 +294,7 @@ ACTION_PARAMS: dict[str, dict[str, int]] = {
     "set_tenant": {"tenant_id": 12, "tclass": 3},
     "set_tenant_trusting_dscp": {"tenant_id": 12, "tclass": 3},
     "set_vip": {"idle_timeout_us": 32},
+    "steer_affinity": {"backend_id": 16, "bound_percent": 16},
 }
 COUNTER_SIZES: dict[str, int] = {
     "backend_conns": 1024,
@@ -309,6 +318,7 @@ PROFILE_SIZES: dict[str, int] = {
 IDS: dict[str, int] = {
     "NoAction": 21257015,
     "accept_beacon": 28446016,
+    "affinity": 44316389,
     "backend": 41570436,
     "backend_conns": 311651326,
     "backend_flags": 374759027,
@@ -358,6 +368,7 @@ IDS: dict[str, int] = {
     "set_tenant": 21958556,
     "set_tenant_trusting_dscp": 22634958,
     "set_vip": 32372594,
+    "steer_affinity": 19055564,
     "tenant_admitted": 314457096,
     "tenant_by_dst": 41282842,
     "tenant_by_src": 39381676,

@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller import statement
 from controller.api import schemas as s
+from controller.api.affinity_routes import affinity_routes
 from controller.api.errors import (
     Forbidden,
     NotFound,
@@ -421,6 +422,7 @@ def create_app(ctl: "Controller") -> FastAPI:
         return [vars(e) for e in ctl.audit_log]
 
     r.include_router(prefix_index_routes(ctl, Viewer, Agent, ERRORS, MUTATION_ERRORS))
+    r.include_router(affinity_routes(ctl, Viewer, Agent, ERRORS, MUTATION_ERRORS))
     app.include_router(r)
 
     # ------------------------------------------------------------ open endpoints

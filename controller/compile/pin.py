@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from controller.compile.common import ClassPlan, ip
-from controller.entries import Action, Entity, Exact, TableEntry
+from controller.entries import Action, Entity, Exact, MatchValue, TableEntry
 from controller.model import Model, Service, Switch
 from tokenfabric.p4names import PROTO_TCP, Actions, Tables
 
 
-def service_key(service: Service) -> dict[str, Exact]:
+def service_key(service: Service) -> dict[str, MatchValue]:
     """The key of vip and of Select's service table: VIP, protocol, port."""
     return {"vip": Exact(ip(service.vip)), "protocol": Exact(PROTO_TCP),
             "port": Exact(service.port)}

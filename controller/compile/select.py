@@ -1,7 +1,11 @@
-"""Select (p4src/include/select.p4): each service's mode, weighted hash and P2C pairs."""
+"""Select (p4src/include/select.p4): each service's mode, weighted hash and P2C pairs,
+and the prefix affinity entries learned for the clients of this edge switch."""
 
 from __future__ import annotations
 
+import ipaddress
+
+from controller.affinity import resolve, tenant_lookup
 from controller.compile.common import ClassPlan
 from controller.compile.pin import service_key
 from controller.entries import (
@@ -70,6 +74,34 @@ def local(model: Model, classes: ClassPlan, switch: Switch) -> list[Entity]:
             pair_mask=max(slots, 1) - 1,
             beacon_max_age_us=int(service.beacon_max_age_ms * 1000) if local_pool else 0,
             conn_cost=service.conn_cost or _default_conn_cost(model, eligible))))
+    out.extend(affinity_entries(model, switch))
+    return out
+
+
+def affinity_entries(model: Model, switch: Switch) -> list[Entity]:
+    """The learned (service, client) -> backend facts of this switch that still hold: the
+    backend active in the service's pool, and the service or the client's tenant opted
+    in (a policy reload that withdraws the opt-in removes them at the next push)."""
+    facts = model.affinity.entries(switch.name)
+    if not facts:
+        return []
+    lookup = tenant_lookup(model.policy)
+    out: list[Entity] = []
+    for service_name, client, fact in facts:
+        service = model.services.get(service_name)
+        backend = model.backends.get(fact.backend)
+        if service is None or backend is None or backend.name not in service.pool \
+                or backend.state != BackendState.ACTIVE:
+            continue
+        address = ipaddress.IPv4Address(client)
+        settings = resolve(model.policy, service_name, lookup.find(address))
+        if settings is None:
+            continue
+        out.append(TableEntry.of(
+            Tables.AFFINITY, {"service_id": Exact(service.service_id),
+                              "client": Exact(int(address))},
+            Action.of(Actions.STEER_AFFINITY, backend_id=backend.backend_id,
+                      bound_percent=settings.bound_percent)))
     return out
 
 

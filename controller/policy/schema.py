@@ -1,4 +1,5 @@
-"""The policy file: tenants, contracts and the fabric's RoCE values (docs/policy.md).
+"""The policy file: tenants, contracts, the fabric's RoCE values and the services'
+prefix affinity opt-in (docs/policy.md).
 
 `parse_policy(text, file, model=None, previous=None)` returns a Policy or raises
 SpecError with every problem as `file:line: field.path: message`. With a model,
@@ -14,8 +15,10 @@ import re
 from decimal import Decimal
 from pathlib import Path
 
+from controller.affinity import MAX_BOUND, MAX_TTL_S, MIN_BOUND
 from controller.compile import DEFAULT_CLASS, NUM_CLASSES, CompileError, plan_classes
 from controller.model import (
+    AffinityPolicy,
     BandwidthProfile,
     BeyondAction,
     Contract,
@@ -117,6 +120,18 @@ def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | N
         elif name is not None and name in policy.contracts:  # else invalid, reported there
             policy.default_contract = name
 
+    snode = root.child("services")
+    if snode is not None and snode.is_map():
+        for name, sn in snode.items():
+            if services is not None and name not in services:
+                sn.error(f"unknown service '{name}'")
+                continue
+            if sn.is_map():
+                affinity = _parse_affinity(sn)
+                sn.close()
+                if affinity is not None:
+                    policy.service_affinity[name] = affinity
+
     tnode = root.child("tenants")
     if tnode is None:
         root.error("missing required key 'tenants'")
@@ -144,6 +159,32 @@ def _check_class_budget(policy: Policy, nodes: dict[str, Node]) -> None:
             if len(seen) > budget and name in nodes:
                 nodes[name].error(f"one traffic class too many: {exc}")
                 return
+
+
+def _parse_affinity(n: Node) -> AffinityPolicy | None:
+    """`prefix_affinity`, `affinity_bound`, `affinity_ttl_s` of a service or a tenant."""
+    enabled = n.get_bool("prefix_affinity") if n.has("prefix_affinity") else None
+    bnode = n.child("affinity_bound")
+    n.child("prefix_affinity")  # a known key, also when absent
+    bound = None
+    ok = True
+    if bnode is not None:
+        v = bnode.value
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            bnode.error(f"must be a number, got {type(v).__name__}")
+            ok = False
+        elif not MIN_BOUND <= v <= MAX_BOUND:
+            bnode.error(f"must be in {MIN_BOUND}..{MAX_BOUND} (times the pair's best load), "
+                        f"got {v}")
+            ok = False
+        else:
+            bound = float(v)
+    ttl = n.get_int("affinity_ttl_s", lo=1, hi=MAX_TTL_S)
+    if n.has("affinity_ttl_s") and ttl is None:
+        ok = False
+    if n.has("prefix_affinity") and not isinstance(n.value.get("prefix_affinity"), bool):
+        ok = False
+    return AffinityPolicy(enabled=enabled, bound=bound, ttl_s=ttl) if ok else None
 
 
 def _parse_roce(n: Node) -> RoceValues | None:
@@ -492,6 +533,7 @@ def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
                 contract_name = inline.name
         else:
             cnode.error("must be a contract name or a contract mapping")
+        affinity = _parse_affinity(t)
         t.close()
         if name is not None and name in names:
             t.error(f"tenant '{name}' is defined twice")
@@ -505,8 +547,11 @@ def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
         if tenant_id is not None:
             ids[tenant_id] = name
         names.add(name)
+        if affinity is None:
+            continue  # reported
         pending.append((t, Tenant(name=name, tenant_id=tenant_id or 0, prefixes=nets,
-                                  contract=contract_name, trust_dscp=trust), tenant_id is None))
+                                  contract=contract_name, trust_dscp=trust, affinity=affinity),
+                        tenant_id is None))
     # Tenants without an explicit id keep last policy's id, else take the lowest free one.
     old = {t.name: t.tenant_id for t in previous.tenants.values()} if previous else {}
     for _, tenant, auto in pending:

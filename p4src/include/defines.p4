@@ -21,6 +21,7 @@
 #define METER_POLICIES 8192     /* meter_policy: a yellow and a red per tenant */
 #define SELECTOR_MEMBERS 4096   /* backend_selector: members of all groups */
 #define SELECTOR_HASH_BITS 16
+#define AFFINITY_ENTRIES 4096   /* affinity: learned (service, client address) -> backend */
 
 /* The fabric beacon (tokenfabric/beacon.py): UDP to 169.254.42.1:7420. */
 const bit<32> FABRIC_ADDRESS = 0xA9FE2A01;
@@ -60,6 +61,11 @@ const bit<2> ECN_NOT_ECT = 0;
 const bit<2> ECN_ECT1 = 1;
 const bit<2> ECN_ECT0 = 2;
 const bit<2> ECN_CE = 3;
+
+/* Prefix affinity's load bound (steer_affinity's bound_percent): a backend's
+ * score times AFFINITY_BOUND_ONE is compared with the pair's best score times
+ * bound_percent, so 100 means "no more loaded than the best of the pair". */
+const bit<32> AFFINITY_BOUND_ONE = 100;
 
 /* No backend: the sentinel in the connection table and in metadata. */
 const bit<32> NO_BACKEND = 0xFFFF;
@@ -116,6 +122,8 @@ const bit<32> EVENT_SELECT_FALLBACK = 7;
 const bit<32> EVENT_METER_YELLOW = 8;
 const bit<32> EVENT_METER_RED = 9;
 const bit<32> EVENT_OVERFLOW = 10;
+const bit<32> EVENT_AFFINITY = 11;             /* a new connection steered by affinity */
+const bit<32> EVENT_AFFINITY_OVER_BOUND = 12;  /* an affinity entry passed over: load, state */
 #define NUM_EVENTS 16
 
 /* Token bucket fixed point: the level is kept in micro-tokens (1 token = 10^6),

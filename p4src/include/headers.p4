@@ -135,6 +135,8 @@ header choice_h {
     bit<32> load;
     bit<32> pending;
     bit<32> by_pair_load;
+    bit<32> affinity;        /* steer_affinity: the learned backend */
+    bit<32> affinity_bound;  /* and its bound, percent of by_pair_load */
 }
 
 struct headers_t {

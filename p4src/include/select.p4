@@ -79,6 +79,26 @@ control SelectBackend(inout headers_t hdr,
         size = PAIR_SLOTS;
     }
 
+    /* Prefix affinity (docs/dataplane.md, "Select: prefix affinity"): the
+     * controller learns "this client's prompts are cached on that backend" from
+     * the bridges' handoff decisions and installs it here, per service. */
+    @name(".steer_affinity")
+    action steer_affinity(bit<16> backend_id, bit<16> bound_percent) {
+        hdr.choice.affinity = (bit<32>)backend_id;
+        hdr.choice.affinity_bound = (bit<32>)bound_percent;
+    }
+
+    @name(".affinity")
+    table affinity {
+        key = {
+            hdr.choice.service_id: exact @name("service_id");
+            hdr.ipv4.src_addr: exact @name("client");
+        }
+        actions = { steer_affinity; @defaultonly NoAction; }
+        const default_action = NoAction();
+        size = AFFINITY_ENTRIES;
+    }
+
     /* Eligible: known, not DOWN or DRAINING, and (when the service sets a
      * maximum age) a beacon no older than that age; of the backend whose
      * flags and seen were just read. */
@@ -135,6 +155,9 @@ control SelectBackend(inout headers_t hdr,
                                     || hdr.choice.load + hdr.choice.pending * hdr.choice.conn_cost
                                        < hdr.choice.by_pair_load) {
                                 meta.backend_id = hdr.choice.second;
+                                /* the pair's best score: prefix affinity's reference */
+                                hdr.choice.by_pair_load = hdr.choice.load
+                                                        + hdr.choice.pending * hdr.choice.conn_cost;
                             }
                         }
                     }
@@ -154,6 +177,34 @@ control SelectBackend(inout headers_t hdr,
                         meta.backend_id = hdr.choice.pool_backend;
                     } else {
                         SET(F_FALLBACK);  /* the pair's choice stands */
+                    }
+
+                    /* Prefix affinity, bounded by load: a new connection whose
+                     * client has an entry goes to its backend while that backend
+                     * is eligible and its score is within bound_percent of the
+                     * pair's best score plus one connection's cost (an idle pool
+                     * must not refuse it); else the mode's choice stands. */
+                    /* (a switch on the action, not `.hit &&`: p4c would add
+                     * metadata temporaries that every packet pays to zero) */
+                    switch (affinity.apply().action_run) {
+                        steer_affinity: {
+                            if (hdr.choice.affinity < MAX_BACKENDS) {
+                                backend_flags.read(hdr.choice.flags, hdr.choice.affinity);
+                                backend_seen.read(hdr.choice.seen, hdr.choice.affinity);
+                                backend_load.read(hdr.choice.load, hdr.choice.affinity);
+                                backend_pending.read(hdr.choice.pending, hdr.choice.affinity);
+                                if (ELIGIBLE && (hdr.choice.load
+                                                 + hdr.choice.pending * hdr.choice.conn_cost)
+                                                * AFFINITY_BOUND_ONE
+                                        <= hdr.choice.by_pair_load * hdr.choice.affinity_bound
+                                           + hdr.choice.conn_cost * AFFINITY_BOUND_ONE) {
+                                    meta.backend_id = hdr.choice.affinity;
+                                    events.count(EVENT_AFFINITY);
+                                } else {
+                                    events.count(EVENT_AFFINITY_OVER_BOUND);
+                                }
+                            }
+                        }
                     }
                 }
 

@@ -8,7 +8,7 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from controller.compile import compile_model
 from controller.drivers import openflow_context
 from controller.fabric import parse_fabric
-from controller.model import BackendState, SelectionMode
+from controller.model import AffinityPolicy, BackendState, SelectionMode
 from controller.openflow import messages
 from controller.openflow.connection import _Datapath
 from controller.openflow.flows import (
@@ -188,3 +188,16 @@ services:
     st2 = translate(compile_model(m)["s2"], openflow_context(m, "s2"))
     transit = [f for f in flows(st2, SELECT) if ("eth_dst", "02:00:00:00:00:11") in f.match]
     assert transit and transit[0].actions == (("output", 1),)
+
+
+def test_prefix_affinity_is_p4_only_and_says_so(model):
+    """An opted-in affinity fact compiles to an `affinity` entry; OVS gets no flow for
+    it (no per-backend load to bound it) and a note instead; the flows stay as before."""
+    before = of_state(model)
+    model.policy.service_affinity["svc"] = AffinityPolicy(enabled=True)
+    model.affinity.learn("s1", "svc", "10.0.1.7", "b2", 0, 60)
+    after = of_state(model)
+    assert after.flows == before.flows and after.groups == before.groups
+    assert [n for n in after.notes if "affinity" in n] == [
+        "1 prefix affinity entries not installed: affinity is P4-only (OVS has no "
+        "per-backend load to bound it)"]
