@@ -24,11 +24,8 @@ import socket
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tokenfabric.tools import free_port  # noqa: E402
+from tokenfabric.tools import free_port
 
 CHUNK = (b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m",'
          b'"choices":[{"index":0,"text":" token","logprobs":null,"finish_reason":null}]}\n\n')

@@ -15,17 +15,14 @@ import asyncio
 import collections
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hostagent.bridge import BridgeSettings  # noqa: E402
-from tests.integration.hostagent.hostile import (  # noqa: E402
+from hostagent.bridge import BridgeSettings
+from tests.integration.hostagent.hostile import (
     BridgeProcess,
     endless_chunked_sender,
     status_of,
 )
-from tokenfabric.tools import free_port  # noqa: E402
+from tokenfabric.tools import free_port
 
 
 async def run(clients: int, each: int, seconds: float) -> int:

@@ -33,27 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from controller import entries as ent
+from controller.southbound import Pipeline, Role, Switch, SwitchConfig
+from controller.switch_shell import shell_commands, shell_write
+from tokenfabric import exitcodes
+from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
+from tokenfabric.tools import find_tool
 
-from controller.entries import (  # noqa: E402
-    Action,
-    DesiredState,
-    Exact,
-    GroupRef,
-    Lpm,
-    MeterConfig,
-    ProfileGroup,
-    ProfileMember,
-    Range,
-    TableEntry,
-    Ternary,
-)
-from controller.southbound import Pipeline, Role, Switch, SwitchConfig  # noqa: E402
-from controller.switch_shell import shell_commands, shell_write  # noqa: E402
-from tokenfabric import exitcodes  # noqa: E402
-from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch  # noqa: E402
-from tokenfabric.tools import find_tool  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TOKEN_ROUTER = REPO / "p4src" / "build" / "token_router"
 MINI = REPO / "tests" / "integration" / "southbound" / "data" / "mini"
@@ -110,7 +97,7 @@ def policy_yaml(tenants: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compiled_policy(tenants: int, backends: int) -> tuple[DesiredState, float, str] | None:
+def compiled_policy(tenants: int, backends: int) -> tuple[ent.DesiredState, float, str] | None:
     """(state, compile seconds, what) with the real compiler and program, or None."""
     if not (TOKEN_ROUTER.with_suffix(".json").exists()
             and TOKEN_ROUTER.with_suffix(".p4info.txtpb").exists()):
@@ -128,30 +115,32 @@ def compiled_policy(tenants: int, backends: int) -> tuple[DesiredState, float, s
     return state, time.perf_counter() - started, "controller.compile, token_router.p4"
 
 
-def generated_mini_state(tenants: int, backends: int) -> DesiredState:
+def generated_mini_state(tenants: int, backends: int) -> ent.DesiredState:
     """Entities of the same shape for data/mini.p4 (no policy compiler used)."""
-    state = DesiredState()
+    state = ent.DesiredState()
     for t in range(1, tenants + 1):
         prefix = int(ipaddress.IPv4Address(f"10.{t // 256}.{t % 256}.0"))
-        state.add(TableEntry.of("classify", {"hdr.ipv4.src_addr": Lpm(prefix, 24)},
-                                Action.of("set_tenant", tenant=t)))
-        state.add(TableEntry.of("qos", {"meta.tenant": Ternary(t, 0xFFFF),
-                                        "meta.l4_port": Range(8000, 8999)},
-                                Action.of("set_dscp", dscp=18 if t % 4 == 0 else 0),
-                                priority=10))
-        state.add(MeterConfig("tenant_meter", t, cir=1_000_000, cburst=64_000,
-                              pir=2_000_000, pburst=128_000))
+        state.add(ent.TableEntry.of(
+            "classify", {"hdr.ipv4.src_addr": ent.Lpm(prefix, 24)},
+            ent.Action.of("set_tenant", tenant=t)))
+        state.add(ent.TableEntry.of(
+            "qos", {"meta.tenant": ent.Ternary(t, 0xFFFF), "meta.l4_port": ent.Range(8000, 8999)},
+            ent.Action.of("set_dscp", dscp=18 if t % 4 == 0 else 0), priority=10))
+        state.add(ent.MeterConfig("tenant_meter", t, cir=1_000_000, cburst=64_000,
+                                  pir=2_000_000, pburst=128_000))
     for b in range(1, backends + 1):
-        state.add(ProfileMember("backend_selector", b,
-                                Action.of("forward", port=b + 1, dst_mac=0x020000010000 + b)))
-        state.add(TableEntry.of("routes", {"hdr.ipv4.dst_addr": Lpm(0xAC100000 + b, 32)},
-                                Action.of("route", port=b + 1)))
+        state.add(ent.ProfileMember(
+            "backend_selector", b,
+            ent.Action.of("forward", port=b + 1, dst_mac=0x020000010000 + b)))
+        state.add(ent.TableEntry.of(
+            "routes", {"hdr.ipv4.dst_addr": ent.Lpm(0xAC100000 + b, 32)},
+            ent.Action.of("route", port=b + 1)))
     for s in range(8):
         members = tuple((b, 1 + b % 3) for b in range(1, backends + 1) if b % 8 == s)
-        state.add(ProfileGroup("backend_selector", s + 1, members))
-        state.add(TableEntry.of("select_backend",
-                                {"hdr.ipv4.dst_addr": Exact(0x0AFF0000 + s + 1)},
-                                GroupRef(s + 1)))
+        state.add(ent.ProfileGroup("backend_selector", s + 1, members))
+        state.add(ent.TableEntry.of(
+            "select_backend", {"hdr.ipv4.dst_addr": ent.Exact(0x0AFF0000 + s + 1)},
+            ent.GroupRef(s + 1)))
     return state
 
 

@@ -32,12 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-
-from controller.ledger_chain import (  # noqa: E402
+from controller.ledger_chain import (
     GENESIS,
     INSERT_ROW,
     JOURNAL_SCHEMA,
@@ -46,9 +43,9 @@ from controller.ledger_chain import (  # noqa: E402
     chain,
     verify_file,
 )
-from controller.ledger_store import SCHEMA_V1 as SCHEMA  # noqa: E402
-from tokenfabric import usage_signing  # noqa: E402
-from tokenfabric.usage_signing import UsageRecord  # noqa: E402
+from controller.ledger_store import SCHEMA_V1 as SCHEMA
+from tokenfabric import usage_signing
+from tokenfabric.usage_signing import UsageRecord
 
 T0_MS = 1_780_000_000_000
 BATCH = 20_000

@@ -36,16 +36,13 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-
-from controller.ledger import Ledger, Usage  # noqa: E402
-from controller.ledger_chain import VerifyReport, verify_file  # noqa: E402
-from tokenfabric import usage_signing  # noqa: E402
-from tokenfabric.pg_temp import PostgresUnavailable, TempPostgres  # noqa: E402
-from tokenfabric.usage_signing import UsageRecord  # noqa: E402
+from controller.ledger import Ledger, Usage
+from controller.ledger_chain import VerifyReport, verify_file
+from tokenfabric import usage_signing
+from tokenfabric.pg_temp import PostgresUnavailable, TempPostgres
+from tokenfabric.usage_signing import UsageRecord
 
 T0 = 1_780_000_000.0
 TARGET_RATIO = 0.5

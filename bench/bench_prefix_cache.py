@@ -24,15 +24,11 @@ import statistics
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from controller.prefix_index import ENTRY_BYTES, KvReport, PrefixIndex  # noqa: E402
-from hostagent.engine import Engine, EngineParams  # noqa: E402
-from hostagent.kv_blocks import KvBlockSet  # noqa: E402
-from tokenfabric.blockhash import BlockHasher  # noqa: E402
+from controller.prefix_index import ENTRY_BYTES, KvReport, PrefixIndex
+from hostagent.engine import Engine, EngineParams
+from hostagent.kv_blocks import KvBlockSet
+from tokenfabric.blockhash import BlockHasher
 
 
 async def ttft_run(prefix_caching: bool, conversations: int, turns: int) -> list[float]:

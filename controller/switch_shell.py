@@ -102,48 +102,38 @@ def shell_write(address: str, device_id: int, commands: list[dict], election_id:
 
 def shell_commands(entities: list) -> list[dict]:
     """Normalized controller.entries entities as shell_write commands, in write order."""
-    from controller.entries import (
-        Action,
-        Exact,
-        GroupRef,
-        Lpm,
-        MeterConfig,
-        ProfileGroup,
-        ProfileMember,
-        Range,
-        Ternary,
-    )
+    from controller import entries as ent
 
-    def action(a: Action) -> dict:
+    def action(a: ent.Action) -> dict:
         return {"name": a.name, "params": dict(a.params)}
 
     def match(value: object) -> dict:
-        if isinstance(value, Exact):
+        if isinstance(value, ent.Exact):
             return {"exact": value.value}
-        if isinstance(value, Lpm):
+        if isinstance(value, ent.Lpm):
             return {"lpm": [value.value, value.prefix_len]}
-        if isinstance(value, Ternary):
+        if isinstance(value, ent.Ternary):
             return {"ternary": [value.value, value.mask]}
-        assert isinstance(value, Range)
+        assert isinstance(value, ent.Range)
         return {"range": [value.low, value.high]}
 
     out: list[tuple[int, dict]] = []
     for e in entities:
-        if isinstance(e, ProfileMember):
+        if isinstance(e, ent.ProfileMember):
             out.append((0, {"kind": "member", "profile": e.profile, "member_id": e.member_id,
                             "action": action(e.action)}))
-        elif isinstance(e, ProfileGroup):
+        elif isinstance(e, ent.ProfileGroup):
             out.append((1, {"kind": "group", "profile": e.profile, "group_id": e.group_id,
                             "members": [list(m) for m in e.members]}))
-        elif isinstance(e, MeterConfig):
+        elif isinstance(e, ent.MeterConfig):
             out.append((2, {"kind": "meter", "meter": e.meter, "index": e.index, "cir": e.cir,
                             "cburst": e.cburst, "pir": e.pir, "pburst": e.pburst}))
         else:
             row = {"kind": "table", "table": e.table, "priority": e.priority,
                    "match": {name: match(v) for name, v in e.match}}
-            if isinstance(e.action, Action):
+            if isinstance(e.action, ent.Action):
                 row["action"] = action(e.action)
-            elif isinstance(e.action, GroupRef):
+            elif isinstance(e.action, ent.GroupRef):
                 row["group_id"] = e.action.group_id
             else:
                 row["member_id"] = e.action.member_id

@@ -110,18 +110,12 @@ def render(info: p4info_pb2.P4Info, defines: dict[str, str]) -> str:
         else:  # one parameter a line, within ruff's line length
             out += [f'    "{a.preamble.name}": {{', *(f"        {p}," for p in params), "    },"]
     out.append("}")
-    out.append("COUNTER_SIZES: dict[str, int] = {")
-    out += [f'    "{c.preamble.name}": {c.size},'
-            for c in sorted(info.counters, key=lambda c: c.preamble.name)]
-    out.append("}")
-    out.append("METER_SIZES: dict[str, int] = {")
-    out += [f'    "{m.preamble.name}": {m.size},'
-            for m in sorted(info.meters, key=lambda m: m.preamble.name)]
-    out.append("}")
-    out.append("PROFILE_SIZES: dict[str, int] = {")
-    out += [f'    "{p.preamble.name}": {p.size},'
-            for p in sorted(info.action_profiles, key=lambda p: p.preamble.name)]
-    out.append("}")
+    for title, sized in (("COUNTER_SIZES", info.counters), ("METER_SIZES", info.meters),
+                         ("PROFILE_SIZES", info.action_profiles)):
+        out.append(f"{title}: dict[str, int] = {{")
+        out += [f'    "{e.preamble.name}": {e.size},'
+                for e in sorted(sized, key=lambda e: e.preamble.name)]
+        out.append("}")
     out.append("# P4Info ids of every named entity.")
     out.append("IDS: dict[str, int] = {")
     entities = [*info.tables, *info.actions, *info.counters, *info.meters,
