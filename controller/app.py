@@ -50,6 +50,7 @@ from controller.policy.schema import load_policy
 from controller.policy.source import SpecError
 from controller.prefix_index import PrefixIndex
 from controller.routing import Router
+from tokenfabric.bucket import Contract
 
 REPORT_TIMEOUT_S = 3.0  # a backend whose reports stop for this long is marked down
 RECONCILE_INTERVAL_S = 1.0  # a pass at least this often, even when nothing changed
@@ -388,7 +389,7 @@ class Controller:
         for t in self.model.policy.tenants.values():
             c = self.model.policy.contracts.get(t.contract)
             if c is not None:
-                contracts[t.tenant_id] = (c.limits.tpm / 60.0, float(c.limits.burst))
+                contracts[t.tenant_id] = Contract.of_tpm(c.limits.tpm, c.limits.burst)
         self.buckets.configure(contracts)
         over = self.buckets.over_budget()
         for sw in takers:
