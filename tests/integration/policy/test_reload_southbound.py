@@ -16,10 +16,9 @@ from google.rpc import code_pb2
 
 from controller.compile import compile_model
 from controller.fabric import load_fabric
-from controller.policy.reload import SouthboundWriter, reload_policy
+from controller.policy.reload import reload_policy
 from controller.policy.schema import load_policy
-from controller.southbound import Pipeline, Southbound
-from controller.southbound.switch import Role
+from controller.southbound import Pipeline, Role, Southbound
 from tokenfabric import dataplane as dp
 
 fake_server = pytest.importorskip("tests.integration.southbound.fake_p4rt_server")
@@ -95,8 +94,7 @@ async def test_reload_through_the_southbound(fabric, pipeline, tmp_path):
 
     path = tmp_path / "policy.yaml"
     path.write_text(NEW)
-    writer = SouthboundWriter(lambda name, state: sb[name].apply(state), old)
-    report = await reload_policy(model, path, writer)
+    report = await reload_policy(model, path, sb.switches, old)
     assert report.ok, report.errors
     new = compile_model(model)
     for name, server in servers.items():
@@ -114,8 +112,7 @@ async def test_a_switch_refusing_part_way_rolls_every_switch_back(fabric, pipeli
 
     path = tmp_path / "policy.yaml"
     path.write_text(NEW)
-    writer = SouthboundWriter(lambda name, state: sb[name].apply(state), old)
-    report = await reload_policy(model, path, writer)
+    report = await reload_policy(model, path, sb.switches, old)
     assert not report.ok and report.apply.failed_switch == "leaf2"
     assert report.errors[0].startswith("leaf2: ")
     # leaf1 was written, leaf2 partly: both are rolled back; spine1 was never touched

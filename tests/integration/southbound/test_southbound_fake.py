@@ -464,8 +464,10 @@ async def test_apply_all_rolls_back_every_switch(fakes, pipeline):
         broken.add(TableEntry.of("select_backend", {"hdr.ipv4.dst_addr": Exact(9)},
                                  MemberRef(99)))  # no member 99: the switch refuses
         with pytest.raises(ApplyError) as caught:
-            await sb.apply({"s0": mini_state(tenants=3), "s1": broken}, previous=before)
+            await sb.apply({"s0": mini_state(tenants=3), "s1": broken})
+        # s0 took its new state first (name order), then s1 refused: both are back
         assert set(caught.value.errors) == {"s1"} and caught.value.rolled_back
+        assert caught.value.results["s0"].inserted == 3  # tenant 3: its three entries
         for server in fakes[:2]:
             assert held_on_fake(server, pipeline).entities == \
                 normalized(before["s0"], pipeline).entities
