@@ -14,7 +14,7 @@ AF3X_DSCPS = (26, 28, 30)
 def shared(model: Model, classes: ClassPlan) -> list[Entity]:
     policy = model.policy
     out: list[Entity] = []
-    if classes.roce is not None:
+    if classes.roce is not None and classes.cnp is not None:  # set together
         out.append(TableEntry.of(Tables.ROCE_CLASS, {"is_cnp": Exact(0)},
                                  Action.of(Actions.SET_CLASS, tclass=classes.roce)))
         out.append(TableEntry.of(Tables.ROCE_CLASS, {"is_cnp": Exact(1)},

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller.entries import (
     Action,
@@ -167,7 +168,7 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
     def params(e: TableEntry) -> dict[str, int]:
         return dict(e.action.params) if isinstance(e.action, Action) else {}
 
-    def match(e: TableEntry) -> dict:
+    def match(e: TableEntry) -> dict[str, Any]:
         return dict(e.match)
 
     qos = {match(e)["tclass"].value: params(e) for e in tables.get(Tables.CLASS_QOS, [])}
@@ -205,13 +206,13 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
             lpm = match(e)["src_addr" if field_name == "ipv4_src" else "dst_addr"]
             p = params(e)
             tenant = p["tenant_id"]
-            common = dict(actions=class_actions(p["tclass"]), goto=SELECT,
+            common: dict[str, Any] = dict(actions=class_actions(p["tclass"]), goto=SELECT,
                           meter=tenant if tenant in out.meters else None,
                           metadata=(tenant, TENANT_MASK))
-            m = (("eth_type", ETH_IPV4), (field_name, _prefix(lpm)))
-            out.add(FlowSpec(CLASSIFY, base + 2 * lpm.prefix_len, m, **common))
+            flow_match = (("eth_type", ETH_IPV4), (field_name, _prefix(lpm)))
+            out.add(FlowSpec(CLASSIFY, base + 2 * lpm.prefix_len, flow_match, **common))
             if field_name == "ipv4_src":  # a SYN of the tenant: the connection counter
-                syn = m + (("ip_proto", PROTO_TCP), ("tcp_flags", SYN_ONLY))
+                syn = flow_match + (("ip_proto", PROTO_TCP), ("tcp_flags", SYN_ONLY))
                 out.add(FlowSpec(CLASSIFY, base + 2 * lpm.prefix_len + 1, syn, **common))
     out.add(FlowSpec(CLASSIFY, 1, (("eth_type", ETH_IPV4),), actions=class_actions(0),
                      goto=SELECT))
@@ -222,7 +223,7 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
     for e in tables.get(Tables.BACKEND, []):
         bid = match(e)["backend_id"].value
         p = params(e)
-        if e.action.name == Actions.DELIVER_LOCAL:
+        if isinstance(e.action, Action) and e.action.name == Actions.DELIVER_LOCAL:
             deliver[bid] = (p["port"], _mac_text(p["dmac"]))
         elif bid in ctx.transit and bid in ctx.macs:
             deliver[bid] = (ctx.transit[bid], ctx.macs[bid])

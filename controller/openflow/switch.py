@@ -162,7 +162,7 @@ class OpenFlowSwitch:
         out: dict[int, list[int]] = {}
         for stat in await self._read_flows(table=CLASSIFY):
             spec = by_cookie.get(stat.cookie)
-            if spec is None:
+            if spec is None or spec.metadata is None:
                 continue
             syn = any(k == "tcp_flags" for k, _ in spec.match)
             if name == TENANT_CONNS and not syn:

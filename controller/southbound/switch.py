@@ -33,7 +33,7 @@ from p4.v1 import p4runtime_pb2
 
 from controller import log
 from controller.drivers import CounterValue, ReconcileResult, Role
-from controller.entries import DesiredState, TableEntry
+from controller.entries import Action, DesiredState, Exact, TableEntry
 from controller.southbound import weights
 from controller.southbound.codec import Codec
 from controller.southbound.errors import (
@@ -286,9 +286,11 @@ class Switch:
         statistics, so the billing cross-check has one code path for both."""
         cells: dict[int, int] = {}  # port -> backend id
         for entity in (self._desired or DesiredState()).entities.values():
-            if isinstance(entity, TableEntry) and entity.table == Tables.REPLY_SOURCE:
+            if isinstance(entity, TableEntry) and entity.table == Tables.REPLY_SOURCE \
+                    and isinstance(entity.action, Action):
                 port = dict(entity.match)["ingress_port"]
-                cells[port.value] = dict(entity.action.params)["backend_id"]
+                if isinstance(port, Exact):
+                    cells[port.value] = dict(entity.action.params)["backend_id"]
         counts = await self.read_counter_cells(Counters.REPLY_BYTES, set(cells.values()))
         return {port: counts[bid].bytes if bid in counts else 0
                 for port, bid in sorted(cells.items())}
