@@ -53,28 +53,24 @@ class Normalizer:
             return self(codec, desired)
 
 
+def wildcard(kind: str, id_field: str, id_value: int) -> p4runtime_pb2.Entity:
+    """An entity that reads every entry of one table, profile, meter or counter, e.g.
+    wildcard("table_entry", "table_id", 33554433)."""
+    pb = p4runtime_pb2.Entity()
+    setattr(getattr(pb, kind), id_field, id_value)
+    return pb
+
+
 def read_all_request(index: P4InfoIndex) -> list[p4runtime_pb2.Entity]:
     """Wildcard reads of every non-const table, every profile's members and groups,
     and every meter's cells."""
-    entities = []
-    for table in index.tables():
-        if table.is_const:
-            continue
-        pb = p4runtime_pb2.Entity()
-        pb.table_entry.table_id = table.id
-        entities.append(pb)
+    entities = [wildcard("table_entry", "table_id", table.id)
+                for table in index.tables() if not table.is_const]
     for profile in index.profiles():
-        member = p4runtime_pb2.Entity()
-        member.action_profile_member.action_profile_id = profile.id
-        entities.append(member)
+        entities.append(wildcard("action_profile_member", "action_profile_id", profile.id))
         if profile.with_selector:
-            group = p4runtime_pb2.Entity()
-            group.action_profile_group.action_profile_id = profile.id
-            entities.append(group)
-    for meter in index.meters():
-        pb = p4runtime_pb2.Entity()
-        pb.meter_entry.meter_id = meter.id
-        entities.append(pb)
+            entities.append(wildcard("action_profile_group", "action_profile_id", profile.id))
+    entities += [wildcard("meter_entry", "meter_id", meter.id) for meter in index.meters()]
     return entities
 
 
@@ -105,4 +101,4 @@ def count_phase(phase: list[Update], held: DesiredState) -> tuple[int, int, int]
     return inserted, modified, deleted
 
 
-__all__ = ["Normalizer", "count_phase", "decode_all", "plan", "read_all_request"]
+__all__ = ["Normalizer", "count_phase", "decode_all", "plan", "read_all_request", "wildcard"]

@@ -33,7 +33,7 @@ from p4.v1 import p4runtime_pb2
 
 from controller import log
 from controller.drivers import CounterValue, ReconcileResult, Role
-from controller.entries import Action, DesiredState, Exact, TableEntry
+from controller.entries import Action, DesiredState, EntityKey, Exact, TableEntry
 from controller.southbound import weights
 from controller.southbound.codec import Codec
 from controller.southbound.errors import (
@@ -46,7 +46,13 @@ from controller.southbound.errors import (
 from controller.southbound.p4info import P4InfoIndex, Pipeline
 from controller.southbound.pipeline import ensure_pipeline
 from controller.southbound.plan import Plan, Update, plan
-from controller.southbound.reconcile import Normalizer, count_phase, decode_all, read_all_request
+from controller.southbound.reconcile import (
+    Normalizer,
+    count_phase,
+    decode_all,
+    read_all_request,
+    wildcard,
+)
 from controller.southbound.rpc import Rpc
 from controller.southbound.session import Election, Session, Standing
 from tokenfabric.p4names import Counters, Tables
@@ -247,19 +253,11 @@ class Switch:
     async def read_counters(self, name: str,
                             index: int | None = None) -> dict[int, CounterValue]:
         """One cell (index) or the whole array of an indexed counter."""
-        info = self.index.counter(name)
-        pb = p4runtime_pb2.Entity()
-        pb.counter_entry.counter_id = info.id
         if index is not None:
-            if not 0 <= index < info.size:
-                raise TranslationError(f"counter {info.name} index {index} not in "
-                                       f"0..{info.size - 1}")
-            pb.counter_entry.index.index = index
-        out: dict[int, CounterValue] = {}
-        for entity in await self.read_entities([pb]):
-            entry = entity.counter_entry
-            out[entry.index.index] = CounterValue(entry.data.packet_count, entry.data.byte_count)
-        return out
+            return await self.read_counter_cells(name, [index])
+        info = self.index.counter(name)
+        return _counter_values(await self.read_entities(
+            [wildcard("counter_entry", "counter_id", info.id)]))
 
     async def read_counter_cells(self, name: str,
                                  indices: Iterable[int]) -> dict[int, CounterValue]:
@@ -271,13 +269,10 @@ class Switch:
             if not 0 <= index < info.size:
                 raise TranslationError(f"counter {info.name} index {index} not in "
                                        f"0..{info.size - 1}")
-            pb = p4runtime_pb2.Entity()
-            pb.counter_entry.counter_id = info.id
+            pb = wildcard("counter_entry", "counter_id", info.id)
             pb.counter_entry.index.index = index
             entities.append(pb)
-        return {e.counter_entry.index.index: CounterValue(e.counter_entry.data.packet_count,
-                                                          e.counter_entry.data.byte_count)
-                for e in await self.read_entities(entities)}
+        return _counter_values(await self.read_entities(entities))
 
     async def read_port_bytes(self) -> dict[int, int]:
         """Per port a backend sits on: the bytes the switch forwarded from it, i.e. with
@@ -295,14 +290,14 @@ class Switch:
         return {port: counts[bid].bytes if bid in counts else 0
                 for port, bid in sorted(cells.items())}
 
-    async def read_direct_counters(self, table: str) -> dict[tuple[Any, ...], CounterValue]:
+    async def read_direct_counters(self, table: str) -> dict[EntityKey, CounterValue]:
         """The direct counter of every entry of `table`, by the entry's TableEntry.key()."""
         info = self.index.table(table)
         if not info.direct_counter_ids:
             raise TranslationError(f"table {info.name} has no direct counter")
         pb = p4runtime_pb2.Entity()
         pb.direct_counter_entry.table_entry.table_id = info.id
-        out: dict[tuple[Any, ...], CounterValue] = {}
+        out: dict[EntityKey, CounterValue] = {}
         for entity in await self.read_entities([pb]):
             entry = entity.direct_counter_entry
             out[self.codec.decode_key(entry.table_entry)] = CounterValue(
@@ -312,11 +307,7 @@ class Switch:
     async def read_meters(self, name: str | None = None) -> DesiredState:
         """The configured cells of one meter (or of all meters)."""
         infos = [self.index.meter(name)] if name else self.index.meters()
-        entities = []
-        for info in infos:
-            pb = p4runtime_pb2.Entity()
-            pb.meter_entry.meter_id = info.id
-            entities.append(pb)
+        entities = [wildcard("meter_entry", "meter_id", info.id) for info in infos]
         return decode_all(self.codec, await self.read_entities(entities))
 
     async def read_entities(self, entities: list[p4runtime_pb2.Entity]) \
@@ -521,6 +512,12 @@ async def _builtin_ready(switch: Switch) -> None:
         # the switch holds: reconciling to "nothing" would wipe a working fabric.
         if switch.is_primary and switch.desired is not None:
             await switch._reconcile_locked(pipeline_pushed=pushed)
+
+
+def _counter_values(entities: list[p4runtime_pb2.Entity]) -> dict[int, CounterValue]:
+    return {e.counter_entry.index.index: CounterValue(e.counter_entry.data.packet_count,
+                                                      e.counter_entry.data.byte_count)
+            for e in entities}
 
 
 def _describe(exc: BaseException) -> str:
