@@ -74,6 +74,15 @@ class Southbound:
         self._started = False
         await asyncio.gather(*(s.stop() for s in self.switches.values()))
 
+    async def set_election_id(self, election_id: int) -> None:
+        """Arbitrate every switch again with another election id on its open stream (a
+        replica taking over or stepping down); switches added later use it too."""
+        if not 0 < election_id < 2**128:
+            raise ValueError(f"election id must be in 1..2^128-1, got {election_id}")
+        self.election_id = election_id
+        await asyncio.gather(*(s.set_election_id(election_id)
+                               for s in self.switches.values()))
+
     async def wait_settled(self, timeout: float = 10.0) -> None:
         await asyncio.gather(*(s.wait_settled(timeout) for s in self.switches.values()))
 
