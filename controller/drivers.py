@@ -20,6 +20,10 @@ from controller.model import Model
 
 if TYPE_CHECKING:
     from controller.openflow.flows import Context
+    from controller.openflow.server import OpenFlowSouthbound
+    from controller.openflow.switch import OpenFlowSwitch
+    from controller.southbound.fleet import Southbound as P4RuntimeSouthbound
+    from controller.southbound.switch import Switch as P4RuntimeSwitch
 
 P4RUNTIME_FEATURES = ["weighted_hash", "pinning", "dsr", "ipip", "dscp", "priority_queues",
                       "meters", "p2c_in_switch", "beacons", "token_buckets_in_switch",
@@ -191,3 +195,11 @@ def openflow_context(model: Model, switch: str) -> Context:
             if port is not None:
                 transit[bid] = port
     return Context(macs=macs, transit=transit)
+
+
+if TYPE_CHECKING:
+    # mypy checks here that both drivers implement the Protocols (no runtime cost).
+    def _drivers_conform(p4: P4RuntimeSwitch, of: OpenFlowSwitch, p4_sb: P4RuntimeSouthbound,
+                         of_sb: OpenFlowSouthbound) -> tuple[list[SwitchDriver],
+                                                             list[Southbound]]:
+        return [p4, of], [p4_sb, of_sb]
