@@ -64,13 +64,13 @@ class FlowSpec:
     table: int
     priority: int
     match: tuple[tuple[str, object], ...]
-    actions: tuple[tuple, ...] = ()
+    actions: tuple[tuple[Any, ...], ...] = ()
     goto: int | None = None
     meter: int | None = None
     metadata: tuple[int, int] | None = None  # (value, mask)
     group: int | None = None  # output to this group (an apply-action, last)
 
-    def identity(self) -> tuple:
+    def identity(self) -> tuple[Any, ...]:
         return (self.table, self.priority, self.match)
 
     def cookie(self) -> int:
@@ -106,7 +106,7 @@ class MeterSpec:
 
 @dataclass
 class OfState:
-    flows: dict[tuple, FlowSpec] = field(default_factory=dict)
+    flows: dict[tuple[Any, ...], FlowSpec] = field(default_factory=dict)
     groups: dict[int, GroupSpec] = field(default_factory=dict)
     meters: dict[int, MeterSpec] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what could not be expressed
@@ -194,7 +194,7 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
                                       ("ipv4_dst", FABRIC_ADDRESS), ("udp_dst", BEACON_PORT))))
     out.add(FlowSpec(CLASSIFY, 900, (("eth_type", ETH_ARP),), actions=(("output", FLOOD),)))
 
-    def class_actions(tclass: int) -> tuple[tuple, ...]:
+    def class_actions(tclass: int) -> tuple[tuple[Any, ...], ...]:
         q = qos.get(tclass)
         if q is None:
             return ()

@@ -81,7 +81,7 @@ class OpenFlowSwitch:
         self._want: OfState | None = None
         self._lock = asyncio.Lock()
         self._settled = asyncio.Event()
-        self._session_task: asyncio.Task | None = None
+        self._session_task: asyncio.Task[None] | None = None
 
     # ---- the driver interface --------------------------------------------------
 
@@ -133,7 +133,7 @@ class OpenFlowSwitch:
                 await self._settled.wait()
         return self.role
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         last = self.stats.last
         conn = self.connection
         return {
@@ -307,11 +307,12 @@ class OpenFlowSwitch:
         conn = self.connection
         if conn is None or conn.closed.is_set():
             raise OpenFlowError(f"{self.name}: not connected")
-        return await conn.request(parser.OFPFlowStatsRequest(
+        flows: list[Any] = await conn.request(parser.OFPFlowStatsRequest(
             conn.datapath, table_id=table, out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY))
+        return flows
 
 
-def _order(spec: FlowSpec) -> tuple:
+def _order(spec: FlowSpec) -> tuple[int, int]:
     """Later tables first: a classify flow never sends packets into an empty table."""
     return (-spec.table, spec.priority)
 
@@ -325,9 +326,9 @@ class _Tally:
     deleted: int = 0
 
 
-def _diff(held: dict, wanted: dict, result: _Tally, mod: Callable[[Any, int], Any],
-          delete: Callable[[Any], Any], add_cmd: int,
-          modify_cmd: int) -> tuple[list, list]:
+def _diff(held: dict[int, Any], wanted: dict[int, Any], result: _Tally,
+          mod: Callable[[Any, int], Any], delete: Callable[[Any], Any], add_cmd: int,
+          modify_cmd: int) -> tuple[list[Any], list[Any]]:
     """Writes (add or modify) and deletes that turn `held` into `wanted`, counted in result."""
     writes, deletes = [], []
     for key, spec in wanted.items():
