@@ -36,10 +36,11 @@ from controller.api.errors import (
     Unavailable,
 )
 from controller.api.schemas import BackendRegistration, BackendReport
+from controller.applier import ApplyReport, apply_states
 from controller.auth import Principal, Role, TokenStore
 from controller.compile import CompileError, compile_model, state_to_list
 from controller.crosscheck import BackendCheck, CheckSettings, check_ports
-from controller.drivers import Fleet, features_of, openflow_context
+from controller.drivers import Fleet, Southbound, StateTaker, features_of, openflow_context
 from controller.entries import DesiredState
 from controller.ledger import Ledger, SignedOutcome, Usage, UsageRefused
 from controller.model import Backend, BackendState, Model
@@ -50,6 +51,7 @@ from controller.policy.schema import load_policy
 from controller.policy.source import SpecError
 from controller.prefix_index import PrefixIndex
 from controller.routing import Router
+from tokenfabric.bucket import Contract
 
 REPORT_TIMEOUT_S = 3.0  # a backend whose reports stop for this long is marked down
 RECONCILE_INTERVAL_S = 1.0  # a pass at least this often, even when nothing changed
@@ -58,6 +60,18 @@ MAX_BACKEND_ID = fabric_file.MAX_BACKEND_ID
 TENANT_BYTES_COUNTER = "tenant_traffic"  # per tenant: packets and bytes (p4src count.p4)
 TENANT_CONNS_COUNTER = "tenant_admitted"  # per tenant: connections admitted
 CONTROLLER = Principal("controller", Role.ADMIN)  # who the audit names for its own findings
+
+
+class PushFailed(RuntimeError):
+    """A reconcile pass's write failed on a switch; every switch was given its previous
+    state back (or the report names the ones whose rollback failed)."""
+
+    def __init__(self, report: ApplyReport) -> None:
+        self.report = report
+        rolled = ", ".join(report.rolled_back) or "none"
+        super().__init__(f"{report.error}; rolled back: {rolled}"
+                         + (f"; rollback failed on {', '.join(report.rollback_errors)}"
+                            if report.rollback_errors else ""))
 
 
 @dataclass
@@ -100,7 +114,8 @@ class Controller:
     """
 
     def __init__(self, model: Model, ledger: Ledger, tokens: TokenStore | None = None,
-                 policy_path: str | Path | None = None, southbound: Any = None,
+                 policy_path: str | Path | None = None,
+                 southbound: Southbound | None = None,
                  report_timeout_s: float = REPORT_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic,
                  counters: tuple[str, str] = (TENANT_BYTES_COUNTER, TENANT_CONNS_COUNTER),
@@ -382,18 +397,18 @@ class Controller:
     async def enforce_budgets(self) -> set[int]:
         """Tell switches without in-switch token buckets which tenants are over budget."""
         takers = [sw for sw in (self.southbound.switches.values() if self.southbound else ())
-                  if hasattr(sw, "set_over_budget")]
+                  if not sw.keeps_token_buckets]
         if not takers:
             return set()
         contracts = {}
         for t in self.model.policy.tenants.values():
             c = self.model.policy.contracts.get(t.contract)
             if c is not None:
-                contracts[t.tenant_id] = (c.limits.tpm / 60.0, float(c.limits.burst))
+                contracts[t.tenant_id] = Contract.of_tpm(c.limits.tpm, c.limits.burst)
         self.buckets.configure(contracts)
         over = self.buckets.over_budget()
         for sw in takers:
-            await sw.set_over_budget(over)
+            await sw.set_over_budget(frozenset(over))
         return over
 
     def set_drained(self, name: str, drained: bool, who: Principal) -> Backend:
@@ -440,9 +455,9 @@ class Controller:
     async def apply_policy(self, text: str, filename: str, who: Principal) -> dict[str, Any]:
         """Validate, diff, apply to every switch; a bad file or a failed apply changes nothing."""
         async with self._lock:
-            writer = self._writer()
-            result = await reload.reload_policy(self.model, filename, writer, text=text,
-                                                file=filename, run=self._run_policy_work)
+            result = await reload.reload_policy(self.model, filename, self._switches(),
+                                                self.pushed, text=text, file=filename,
+                                                run=self._run_policy_work)
             if result.ok:
                 self.pushed = {k: DesiredState(dict(v.entities))
                                for k, v in (result.states or {}).items()}
@@ -611,32 +626,26 @@ class Controller:
 
     # ------------------------------------------------------------ reconcile
 
-    def _writer(self) -> Any:
-        """The diff writer that policy reloads use: the southbound, or nothing to write to."""
-        async def set_state(switch: str, state: DesiredState) -> None:
-            if self.southbound is not None and switch in self.southbound.switches:
-                await self.southbound[switch].apply(state)
-
-        return reload.SouthboundWriter(set_state, self.pushed)
+    def _switches(self) -> dict[str, StateTaker]:
+        """The switches the controller writes to (none without a southbound)."""
+        return dict(self.southbound.switches) if self.southbound is not None else {}
 
     async def push(self) -> dict[str, int]:
         """Compile the model and give each switch its state when it changed.
 
-        The southbound remembers the state per switch and re-pushes it after a
-        reconnect or a change of primary by itself; here only changes are handed over.
+        The one write path (controller/applier.py): a switch that fails makes every
+        switch given a new state in this pass get its previous one back, and the next
+        pass retries. The southbound remembers the state per switch and re-pushes it
+        after a reconnect or a change of primary by itself; here only changes are
+        handed over.
         """
         desired = compile_model(self.model)
-        changed = {}
-        for name, state in desired.items():
-            before = self.pushed.get(name)
-            if before is not None and before.entities == state.entities:
-                continue
-            if self.southbound is not None and name in self.southbound.switches:
-                await self.southbound[name].apply(state)
-            ins, mod, dele = state.diff(before or DesiredState())
-            changed[name] = len(ins) + len(mod) + len(dele)
-            self.pushed[name] = state
-        return changed
+        report = await apply_states(self._switches(), self.pushed, desired)
+        if not report.ok:
+            raise PushFailed(report)
+        for name in report.changes:
+            self.pushed[name] = desired[name]
+        return {name: sum(c) for name, c in report.changes.items()}
 
     async def reconcile_once(self) -> None:
         self.refresh_states()
@@ -704,23 +713,23 @@ def build_controller(fabric: str | Path, policy: str | Path | None = None,
 
 
 def make_southbound(model: Model, election_id: int,
-                    openflow_listen: str = "127.0.0.1:6653") -> Any:
+                    openflow_listen: str = "127.0.0.1:6653") -> Southbound | None:
     """Every fabric switch behind its driver (controller/drivers.py): P4Runtime clients
     for `driver: p4runtime`, the OpenFlow listener for `driver: openflow`."""
     p4 = [sw for sw in model.fabric.switches.values() if sw.driver != "openflow"]
     of = [sw for sw in model.fabric.switches.values() if sw.driver == "openflow"]
-    parts: list[Any] = []
+    parts: list[Southbound | None] = []
     if p4:
         parts.append(make_p4runtime_southbound(model, election_id))
     if of:
         parts.append(make_openflow_southbound(model, openflow_listen))
-    parts = [p for p in parts if p is not None]
-    if not parts:
+    present = [p for p in parts if p is not None]
+    if not present:
         return None
-    return parts[0] if len(parts) == 1 else Fleet(*parts)
+    return present[0] if len(present) == 1 else Fleet(*present)
 
 
-def make_openflow_southbound(model: Model, listen: str) -> Any:
+def make_openflow_southbound(model: Model, listen: str) -> Southbound | None:
     """The OpenFlow 1.3 listener (os-ken's message classes) and the fabric's OVS switches."""
     try:
         from controller.openflow.server import OpenFlowSouthbound
@@ -735,7 +744,7 @@ def make_openflow_southbound(model: Model, listen: str) -> Any:
     return southbound
 
 
-def make_p4runtime_southbound(model: Model, election_id: int) -> Any:
+def make_p4runtime_southbound(model: Model, election_id: int) -> Southbound | None:
     """One P4Runtime client per P4 switch, or None where the P4Runtime stack is absent.
 
     With the compiled program present (p4src/build), a switch that runs another

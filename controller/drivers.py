@@ -1,30 +1,139 @@
 """The switch-driver interface and the fleet that holds switches of either kind.
 
-The rest of the controller talks to a switch only through this interface, so it
+The rest of the controller talks to a switch only through `SwitchDriver`, so it
 never needs to know whether P4Runtime (controller/southbound/) or OpenFlow
-(controller/openflow/) drives it:
-
-    await switch.apply(desired_state)   # remember it; write the difference when connected
-    switch.status() -> dict             # role, last_reconcile, ...; "driver", "features"
-    await switch.read_counters(name)    # {tenant_id: CounterValue(packets, bytes)}
-    await switch.read_port_bytes()      # {port: bytes a backend's port sent} (cross-check)
-    switch.role.value                   # "disconnected" | "primary" | "backup"
-    await switch.start() / stop()
-
-OpenFlow switches also take `set_over_budget(tenants)`: what a P4 switch's token
-buckets decide in the dataplane, the controller decides for them.
+(controller/openflow/) drives it. Both drivers return the same `ReconcileResult`,
+`CounterValue` and `Role`, defined here. Writing a set of states to a set of
+switches, with rollback, is controller/applier.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
+from controller.entries import DesiredState
 from controller.model import Model
+
+if TYPE_CHECKING:
+    from controller.openflow.flows import Context
+    from controller.openflow.server import OpenFlowSouthbound
+    from controller.openflow.switch import OpenFlowSwitch
+    from controller.southbound.fleet import Southbound as P4RuntimeSouthbound
+    from controller.southbound.switch import Switch as P4RuntimeSwitch
 
 P4RUNTIME_FEATURES = ["weighted_hash", "pinning", "dsr", "ipip", "dscp", "priority_queues",
                       "meters", "p2c_in_switch", "beacons", "token_buckets_in_switch",
                       "counters"]
+
+
+class Role(enum.Enum):
+    """This controller's standing on a switch (an OpenFlow switch: connected is primary)."""
+
+    DISCONNECTED = "disconnected"
+    PRIMARY = "primary"
+    BACKUP = "backup"
+
+
+@dataclass(frozen=True)
+class CounterValue:
+    packets: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    """What one apply/reconcile of one switch did; `writes` is the number of updates sent."""
+
+    switch: str
+    applied: bool
+    reason: str = ""  # why not applied: "backup", "disconnected", "superseded", ...
+    inserted: int = 0
+    modified: int = 0
+    deleted: int = 0
+    write_rpcs: int = 0  # P4Runtime Write RPCs (OpenFlow: barrier-checked batches)
+    pipeline_pushed: bool = False
+    read_switch: bool = True  # False: diffed against this session's mirror, no Read
+    held: int = 0  # entities the switch held before
+    desired: int = 0
+    seconds: float = 0.0
+
+    @property
+    def writes(self) -> int:
+        return self.inserted + self.modified + self.deleted
+
+    def view(self) -> dict[str, Any]:
+        """The `last_reconcile` of a switch's status (REST)."""
+        return {"applied": self.applied, "reason": self.reason, "inserted": self.inserted,
+                "modified": self.modified, "deleted": self.deleted, "seconds": self.seconds}
+
+
+class StateTaker(Protocol):
+    """What controller/applier.py needs of a switch: take a whole desired state."""
+
+    async def apply(self, desired: DesiredState) -> ReconcileResult: ...
+
+
+class SwitchDriver(StateTaker, Protocol):
+    """One switch, P4Runtime (controller.southbound.Switch) or OpenFlow
+    (controller.openflow.switch.OpenFlowSwitch)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def role(self) -> Role: ...
+
+    @property
+    def desired(self) -> DesiredState | None: ...
+
+    @property
+    def keeps_token_buckets(self) -> bool:
+        """True when the switch admits by its own token buckets (P4); False when the
+        controller decides (controller/openflow/budget.py) and says so by
+        set_over_budget."""
+        ...
+
+    async def reconcile(self) -> ReconcileResult:
+        """Read what the switch holds and write the difference to the desired state."""
+        ...
+
+    async def set_over_budget(self, tenants: frozenset[int]) -> None: ...
+
+    def status(self) -> dict[str, Any]:
+        """JSON for REST: name, address, device_id, role, last_reconcile, ..."""
+        ...
+
+    async def read_counters(self, name: str) -> dict[int, CounterValue]:
+        """{tenant_id: CounterValue} of a per-tenant counter (tenant_traffic, ...)."""
+        ...
+
+    async def read_port_bytes(self) -> dict[int, int]:
+        """{port: bytes a backend's port sent} (the billing cross-check)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def wait_settled(self, timeout: float = 10.0) -> Role: ...
+
+
+class Southbound(Protocol):
+    """The switches of one driver kind, by name: controller.southbound.Southbound
+    (P4Runtime), controller.openflow.server.OpenFlowSouthbound, or a Fleet of both."""
+
+    @property
+    def switches(self) -> Mapping[str, SwitchDriver]: ...
+
+    def __getitem__(self, name: str) -> SwitchDriver: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 def features_of(driver: str) -> list[str]:
@@ -39,17 +148,17 @@ def features_of(driver: str) -> list[str]:
 class Fleet:
     """Several southbounds (one per driver kind) seen as one: name -> switch."""
 
-    def __init__(self, *parts: Any) -> None:
+    def __init__(self, *parts: Southbound | None) -> None:
         self.parts = [p for p in parts if p is not None]
 
     @property
-    def switches(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def switches(self) -> dict[str, SwitchDriver]:
+        out: dict[str, SwitchDriver] = {}
         for part in self.parts:
             out.update(part.switches)
         return out
 
-    def __getitem__(self, name: str) -> Any:
+    def __getitem__(self, name: str) -> SwitchDriver:
         for part in self.parts:
             if name in part.switches:
                 return part.switches[name]
@@ -62,11 +171,11 @@ class Fleet:
     async def stop(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.parts), return_exceptions=True)
 
-    def status(self) -> list[dict]:
+    def status(self) -> list[dict[str, Any]]:
         return [s.status() for s in self.switches.values()]
 
 
-def openflow_context(model: Model, switch: str) -> Any:
+def openflow_context(model: Model, switch: str) -> Context:
     """Backend and responder MACs, and the port toward each backend of another switch."""
     from controller.openflow.flows import Context
 
@@ -86,3 +195,11 @@ def openflow_context(model: Model, switch: str) -> Any:
             if port is not None:
                 transit[bid] = port
     return Context(macs=macs, transit=transit)
+
+
+if TYPE_CHECKING:
+    # mypy checks here that both drivers implement the Protocols (no runtime cost).
+    def _drivers_conform(p4: P4RuntimeSwitch, of: OpenFlowSwitch, p4_sb: P4RuntimeSouthbound,
+                         of_sb: OpenFlowSouthbound) -> tuple[list[SwitchDriver],
+                                                             list[Southbound]]:
+        return [p4, of], [p4_sb, of_sb]

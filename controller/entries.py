@@ -8,7 +8,9 @@ caller), so entries hash, compare and sort, and golden files stay readable.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, order=True)
@@ -59,6 +61,9 @@ class MemberRef:
     member_id: int
 
 
+EntityKey = tuple[Any, ...]  # (kind, where, identity...): one per entity a switch holds
+
+
 @dataclass(frozen=True, order=True)
 class TableEntry:
     table: str
@@ -67,11 +72,11 @@ class TableEntry:
     priority: int = 0  # ternary/range/optional tables only
 
     @classmethod
-    def of(cls, table: str, match: dict[str, MatchValue],
+    def of(cls, table: str, match: Mapping[str, MatchValue],
            action: Action | GroupRef | MemberRef, priority: int = 0) -> TableEntry:
         return cls(table, tuple(sorted(match.items())), action, priority)
 
-    def key(self) -> tuple:
+    def key(self) -> EntityKey:
         """Identity on the switch: two entries with the same key cannot coexist."""
         return ("table", self.table, self.match, self.priority)
 
@@ -82,7 +87,7 @@ class ProfileMember:
     member_id: int
     action: Action
 
-    def key(self) -> tuple:
+    def key(self) -> EntityKey:
         return ("member", self.profile, self.member_id)
 
 
@@ -93,7 +98,7 @@ class ProfileGroup:
     members: tuple[tuple[int, int], ...]  # (member_id, weight)
     max_size: int = 0
 
-    def key(self) -> tuple:
+    def key(self) -> EntityKey:
         return ("group", self.profile, self.group_id)
 
 
@@ -108,7 +113,7 @@ class MeterConfig:
     pir: int
     pburst: int
 
-    def key(self) -> tuple:
+    def key(self) -> EntityKey:
         return ("meter", self.meter, self.index)
 
 
@@ -119,7 +124,7 @@ Entity = TableEntry | ProfileMember | ProfileGroup | MeterConfig
 class DesiredState:
     """Everything one switch should hold; keyed so that a diff is a dict comparison."""
 
-    entities: dict[tuple, Entity] = field(default_factory=dict)
+    entities: dict[EntityKey, Entity] = field(default_factory=dict)
 
     def add(self, entity: Entity) -> None:
         key = entity.key()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
-import math
 from dataclasses import dataclass, field
+
+from tokenfabric import bucket
 
 UNKNOWN_TENANT_ID = 0
 
@@ -100,9 +101,11 @@ def tenant_from_json(item: dict) -> Tenant:
 def retry_after_seconds(tenant: Tenant, request_tokens: int) -> int:
     """Seconds until the tenant's bucket has refilled one request's worth of tokens.
 
-    ceil(request_tokens / tokens_per_s), at least 1 s and at most an hour; 60 s for a
-    tenant without a known refill rate.
+    At the switch's own integer rate (tokenfabric/bucket.py): ceil(request_tokens /
+    max(1, round(tokens_per_s))), at least 1 s and at most an hour; 60 s for a tenant
+    without a known refill rate.
     """
     if tenant.tokens_per_s <= 0:
         return 60
-    return max(1, min(3600, math.ceil(request_tokens / tenant.tokens_per_s)))
+    rate = bucket.rate_of_tokens_per_s(tenant.tokens_per_s)
+    return bucket.seconds_to_refill(request_tokens, rate)

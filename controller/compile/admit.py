@@ -5,12 +5,8 @@ from __future__ import annotations
 from controller.compile.common import ClassPlan
 from controller.entries import Action, Entity, Exact, TableEntry
 from controller.model import Model, Switch
+from tokenfabric.bucket import refill_per_second
 from tokenfabric.p4names import Actions, Tables
-
-
-def refill_per_second(tpm: int) -> int:
-    """The switch refills whole tokens per second: tpm / 60, at least 1."""
-    return max(1, round(tpm / 60))
 
 
 def shared(model: Model, classes: ClassPlan) -> list[Entity]:

@@ -19,7 +19,9 @@ def ip(text: str) -> int:
     return int(ipaddress.IPv4Address(text))
 
 
-def mac(text: str) -> int:
+def mac(text: str | None) -> int:
+    if text is None:  # a switch without `mac` that must source frames
+        raise CompileError("a MAC address is needed here and none is configured")
     return int(text.replace(":", ""), 16)
 
 

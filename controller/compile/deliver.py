@@ -55,8 +55,9 @@ def _route_entries(model: Model, switch: Switch) -> list[Entity]:
     fabric = model.fabric
     routes: dict[tuple[int, int], tuple[str, int, str]] = {}  # (net, len) -> (switch, port, mac)
     for h in fabric.hosts.values():
-        net = ipaddress.IPv4Network(f"{h.address}/{h.prefix_len}", strict=False)
-        routes.setdefault((int(net.network_address), net.prefixlen), (h.switch, h.port, h.mac))
+        network = ipaddress.IPv4Network(f"{h.address}/{h.prefix_len}", strict=False)
+        routes.setdefault((int(network.network_address), network.prefixlen),
+                          (h.switch, h.port, h.mac))
     for b in model.backends.values():
         routes.setdefault((ip(b.address), 32), (b.switch, b.port, b.mac))
     out: list[Entity] = []

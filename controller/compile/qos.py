@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller.compile.common import ClassPlan
+from controller.compile.common import ClassPlan, CompileError
 from controller.entries import Action, Entity, Exact, MeterConfig, TableEntry
 from controller.model import BeyondAction, Model, Switch
 from tokenfabric.p4names import Actions, Color, Meters, Tables
@@ -24,12 +24,16 @@ def shared(model: Model, classes: ClassPlan) -> list[Entity]:
             continue
         out.append(MeterConfig(Meters.TENANT_METER, tenant.tenant_id, cir=bw.cir,
                                cburst=bw.cbs, pir=bw.pir, pburst=bw.pbs))
-        for color, what, dscp in ((int(Color.YELLOW), bw.exceed, bw.exceed_dscp),
-                                  (int(Color.RED), bw.violate, bw.violate_dscp)):
+        bands: tuple[tuple[int, BeyondAction, int | None], ...] = (
+            (int(Color.YELLOW), bw.exceed, bw.exceed_dscp),
+            (int(Color.RED), bw.violate, bw.violate_dscp))
+        for color, what, remark_dscp in bands:
             match = {"tenant_id": Exact(tenant.tenant_id), "color": Exact(color)}
             if what == BeyondAction.REMARK:
+                if remark_dscp is None:  # the policy schema requires it with remark
+                    raise CompileError(f"tenant {tenant.name}: remark without a DSCP")
                 out.append(TableEntry.of(Tables.METER_POLICY, match,
-                                         Action.of(Actions.COLOR_REMARK, dscp=dscp)))
+                                         Action.of(Actions.COLOR_REMARK, dscp=remark_dscp)))
             elif what == BeyondAction.DROP:
                 out.append(TableEntry.of(Tables.METER_POLICY, match,
                                          Action.of(Actions.COLOR_DROP)))

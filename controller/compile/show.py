@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from typing import Any
 
 from controller.entries import (
     Action,
@@ -12,6 +13,7 @@ from controller.entries import (
     Exact,
     GroupRef,
     Lpm,
+    MemberRef,
     ProfileGroup,
     ProfileMember,
     Range,
@@ -32,7 +34,7 @@ def _show(name: str, value: int) -> int | str:
     return value
 
 
-def entity_to_dict(entity: Entity) -> dict:
+def entity_to_dict(entity: Entity) -> dict[str, Any]:
     """A readable, JSON-ready form (golden files, REST views)."""
     def match_value(name: str, v: object) -> object:
         if isinstance(v, Exact):
@@ -45,7 +47,7 @@ def entity_to_dict(entity: Entity) -> dict:
             return f"{v.low}..{v.high}"
         raise TypeError(v)
 
-    def action(a: object) -> dict:
+    def action(a: Action | GroupRef | MemberRef) -> dict[str, Any]:
         if isinstance(a, Action):
             return {"action": a.name, "params": {k: _show(k, v) for k, v in a.params}}
         if isinstance(a, GroupRef):
@@ -53,7 +55,7 @@ def entity_to_dict(entity: Entity) -> dict:
         return {"member": a.member_id}  # MemberRef
 
     if isinstance(entity, TableEntry):
-        d = {"table": entity.table,
+        d: dict[str, Any] = {"table": entity.table,
              "match": {k: match_value(k, v) for k, v in entity.match}}
         d.update(action(entity.action))
         if entity.priority:
@@ -69,7 +71,7 @@ def entity_to_dict(entity: Entity) -> dict:
             "cburst": entity.cburst, "pir": entity.pir, "pburst": entity.pburst}
 
 
-def _sort_key(entity: Entity) -> tuple:
+def _sort_key(entity: Entity) -> tuple[Any, ...]:
     """Numeric order within a table (slot 2 before slot 10)."""
     if isinstance(entity, TableEntry):
         fields = tuple((k, type(v).__name__, dataclasses.astuple(v)) for k, v in entity.match)
@@ -77,5 +79,5 @@ def _sort_key(entity: Entity) -> tuple:
     return entity.key()
 
 
-def state_to_list(state: DesiredState) -> list[dict]:
+def state_to_list(state: DesiredState) -> list[dict[str, Any]]:
     return [entity_to_dict(e) for e in sorted(state.entities.values(), key=_sort_key)]

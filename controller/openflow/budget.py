@@ -1,75 +1,67 @@
 """Per-tenant token buckets kept by the controller, for switches without them (OpenFlow).
 
 A P4 switch refills each tenant's bucket at the contract's tokens/s up to its
-burst and debits it by USAGE beacons; a tenant whose bucket is empty has its new
-connections sent to the overflow responder. An OpenFlow switch has no registers,
-so the controller keeps the same buckets from the agents' reports (usage) and
-tells the switches which tenants are over budget; they steer those tenants' new
-connections to the responder with one flow per tenant and service.
-
-The bucket may go negative (a request's tokens are counted when it ends), so a
-tenant that overdrew waits until the refill brings it back above zero.
+burst and debits it by USAGE beacons; a tenant whose bucket holds less than one
+token has its new connections sent to the overflow responder. An OpenFlow switch
+has no registers, so the controller keeps the same buckets from the agents'
+reports (usage) and tells the switches which tenants are over budget; they steer
+those tenants' new connections to the responder with one flow per tenant and
+service. The arithmetic is the switch's own (tokenfabric/bucket.py): integer
+rate, micro-tokens, a debt that stops at the switch's floor.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-
-@dataclass
-class Bucket:
-    rate: float  # tokens per second
-    burst: float  # depth
-    level: float
-    at: float  # clock of the last refill
+from tokenfabric.bucket import Contract, TokenBucket
 
 
 class TenantBuckets:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.buckets: dict[int, Bucket] = {}
+        self.contracts: dict[int, Contract] = {}
+        self.buckets: dict[int, TokenBucket] = {}
 
-    def configure(self, contracts: dict[int, tuple[float, float]]) -> None:
-        """{tenant_id: (tokens_per_s, burst)}; a new tenant starts full, a known one keeps
-        its level (capped by a smaller burst); tenants not listed are forgotten."""
-        now = self.clock()
-        for tenant, (rate, burst) in contracts.items():
-            b = self.buckets.get(tenant)
-            if b is None:
-                self.buckets[tenant] = Bucket(rate, burst, burst, now)
-            else:
-                self._refill(b, now)
-                b.rate, b.burst = rate, burst
-                b.level = min(b.level, burst)
+    def _now_us(self) -> int:
+        return round(self.clock() * 1_000_000)
+
+    def configure(self, contracts: dict[int, Contract]) -> None:
+        """A new tenant starts full, a known one keeps its level (capped by a smaller
+        burst at its next refill, as in the switch); tenants not listed are forgotten."""
+        now = self._now_us()
+        for tenant, contract in contracts.items():
+            bucket = self.buckets.get(tenant)
+            if bucket is None:
+                bucket = self.buckets[tenant] = TokenBucket()
+            else:  # what the old contract earned until now
+                bucket.refill(self.contracts[tenant], now)
+            self.contracts[tenant] = contract
+            bucket.refill(contract, now)
         for tenant in set(self.buckets) - set(contracts):
             del self.buckets[tenant]
-
-    def _refill(self, b: Bucket, now: float) -> None:
-        b.level = min(b.burst, b.level + b.rate * max(0.0, now - b.at))
-        b.at = now
+            del self.contracts[tenant]
 
     def debit(self, tenant: int, tokens: int) -> None:
         """Tokens a finished request used (from an agent's report); unknown tenants: none."""
-        b = self.buckets.get(tenant)
-        if b is not None and tokens > 0:
-            self._refill(b, self.clock())
-            b.level -= tokens
+        bucket = self.buckets.get(tenant)
+        if bucket is not None and tokens > 0:
+            bucket.debit(self.contracts[tenant], self._now_us(), tokens)
 
     def level(self, tenant: int) -> float | None:
-        b = self.buckets.get(tenant)
-        if b is None:
+        bucket = self.buckets.get(tenant)
+        if bucket is None:
             return None
-        self._refill(b, self.clock())
-        return b.level
+        bucket.refill(self.contracts[tenant], self._now_us())
+        return bucket.tokens
 
     def over_budget(self) -> set[int]:
-        """Tenants whose bucket is empty (at or below zero tokens)."""
-        now = self.clock()
+        """Tenants whose bucket holds less than one token: the switch would overflow them."""
+        now = self._now_us()
         out = set()
-        for tenant, b in self.buckets.items():
-            self._refill(b, now)
-            if b.level <= 0:
+        for tenant, bucket in self.buckets.items():
+            bucket.refill(self.contracts[tenant], now)
+            if bucket.over_budget():
                 out.add(tenant)
         return out

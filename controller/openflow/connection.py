@@ -59,11 +59,11 @@ class Connection:
         self.datapath_id: int | None = None
         self.closed = asyncio.Event()
         self._xids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future] = {}  # xid -> reply (or list of parts)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}  # xid -> reply (or list of parts)
         self._parts: dict[int, list[Any]] = {}  # multipart bodies collected so far
         self._errors: dict[int, str] = {}  # xid -> error text, for writes checked by barrier
-        self._reader_task: asyncio.Task | None = None
-        self._echo_task: asyncio.Task | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._echo_task: asyncio.Task[None] | None = None
         self.messages_sent = 0
 
     # ---- framing ---------------------------------------------------------------
@@ -87,7 +87,7 @@ class Connection:
         msg.serialize()
         self.writer.write(bytes(msg.buf))
         self.messages_sent += 1
-        return msg.xid
+        return int(msg.xid)
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -111,7 +111,7 @@ class Connection:
         self.datapath.id = msg.datapath_id
         self._reader_task = asyncio.create_task(self._read_loop())
         self._echo_task = asyncio.create_task(self._keepalive())
-        return msg.datapath_id
+        return int(msg.datapath_id)
 
     async def close(self) -> None:
         for task in (self._echo_task, self._reader_task):
@@ -200,7 +200,7 @@ class Connection:
         if self.closed.is_set():
             raise OpenFlowError("session closed")
         msg.set_xid(next(self._xids) & 0xFFFFFFFF)
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[msg.xid] = fut
         self.send(msg)
         try:

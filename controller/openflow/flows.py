@@ -64,13 +64,13 @@ class FlowSpec:
     table: int
     priority: int
     match: tuple[tuple[str, object], ...]
-    actions: tuple[tuple, ...] = ()
+    actions: tuple[tuple[Any, ...], ...] = ()
     goto: int | None = None
     meter: int | None = None
     metadata: tuple[int, int] | None = None  # (value, mask)
     group: int | None = None  # output to this group (an apply-action, last)
 
-    def identity(self) -> tuple:
+    def identity(self) -> tuple[Any, ...]:
         return (self.table, self.priority, self.match)
 
     def cookie(self) -> int:
@@ -106,7 +106,7 @@ class MeterSpec:
 
 @dataclass
 class OfState:
-    flows: dict[tuple, FlowSpec] = field(default_factory=dict)
+    flows: dict[tuple[Any, ...], FlowSpec] = field(default_factory=dict)
     groups: dict[int, GroupSpec] = field(default_factory=dict)
     meters: dict[int, MeterSpec] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what could not be expressed
@@ -168,7 +168,7 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
     def params(e: TableEntry) -> dict[str, int]:
         return dict(e.action.params) if isinstance(e.action, Action) else {}
 
-    def match(e: TableEntry) -> dict:
+    def match(e: TableEntry) -> dict[str, Any]:
         return dict(e.match)
 
     qos = {match(e)["tclass"].value: params(e) for e in tables.get(Tables.CLASS_QOS, [])}
@@ -194,7 +194,7 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
                                       ("ipv4_dst", FABRIC_ADDRESS), ("udp_dst", BEACON_PORT))))
     out.add(FlowSpec(CLASSIFY, 900, (("eth_type", ETH_ARP),), actions=(("output", FLOOD),)))
 
-    def class_actions(tclass: int) -> tuple[tuple, ...]:
+    def class_actions(tclass: int) -> tuple[tuple[Any, ...], ...]:
         q = qos.get(tclass)
         if q is None:
             return ()
@@ -207,13 +207,12 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
             p = params(e)
             tenant = p["tenant_id"]
             common: dict[str, Any] = dict(actions=class_actions(p["tclass"]), goto=SELECT,
-                                          meter=tenant if tenant in out.meters else None,
-                                          metadata=(tenant, TENANT_MASK))
-            prefix_match: tuple[tuple[str, object], ...] = (("eth_type", ETH_IPV4),
-                                                            (field_name, _prefix(lpm)))
-            out.add(FlowSpec(CLASSIFY, base + 2 * lpm.prefix_len, prefix_match, **common))
+                          meter=tenant if tenant in out.meters else None,
+                          metadata=(tenant, TENANT_MASK))
+            flow_match = (("eth_type", ETH_IPV4), (field_name, _prefix(lpm)))
+            out.add(FlowSpec(CLASSIFY, base + 2 * lpm.prefix_len, flow_match, **common))
             if field_name == "ipv4_src":  # a SYN of the tenant: the connection counter
-                syn = prefix_match + (("ip_proto", PROTO_TCP), ("tcp_flags", SYN_ONLY))
+                syn = flow_match + (("ip_proto", PROTO_TCP), ("tcp_flags", SYN_ONLY))
                 out.add(FlowSpec(CLASSIFY, base + 2 * lpm.prefix_len + 1, syn, **common))
     out.add(FlowSpec(CLASSIFY, 1, (("eth_type", ETH_IPV4),), actions=class_actions(0),
                      goto=SELECT))
@@ -269,12 +268,6 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
                          actions=(("set_field", "eth_src", _mac_text(p["smac"])),
                                   ("set_field", "eth_dst", _mac_text(p["dmac"])),
                                   ("output", p["port"]))))
-    # Prefix affinity is bounded by the backends' load registers, which OVS lacks: not
-    # translated (docs/openflow.md); said once, so an operator sees it in /switches.
-    if tables.get(Tables.AFFINITY):
-        out.notes.append(f"{len(tables[Tables.AFFINITY])} prefix affinity entries not "
-                         "installed: affinity is P4-only (OVS has no per-backend load to "
-                         "bound it)")
     if any(isinstance(e.action, GroupRef) for e in tables.get(Tables.SERVICE_POOL, [])) \
             and not out.groups:
         out.notes.append("no service has a deliverable backend on this switch")

@@ -34,7 +34,7 @@ class OpenFlowSouthbound:
         self.host, self.port = parse_listen(listen)
         self.switches: dict[str, OpenFlowSwitch] = {}
         self._server: asyncio.base_events.Server | None = None
-        self._handshakes: set[asyncio.Task] = set()
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     def add_switch(self, name: str, datapath_id: int, device_id: int = 0,
                    context: Callable[[], Context] | None = None) -> OpenFlowSwitch:
@@ -54,7 +54,7 @@ class OpenFlowSouthbound:
         """The port actually listened on (useful with port 0 in tests)."""
         if self._server is None or not self._server.sockets:
             return None
-        return self._server.sockets[0].getsockname()[1]
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, self.host, self.port)

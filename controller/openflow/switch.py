@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from controller import log
+from controller.drivers import CounterValue, ReconcileResult, Role
 from controller.entries import DesiredState
 from controller.openflow import messages
 from controller.openflow.connection import Connection, OpenFlowError
@@ -40,32 +40,6 @@ from controller.openflow.flows import (
 )
 
 TENANT_TRAFFIC, TENANT_CONNS = "tenant_traffic", "tenant_admitted"  # the P4 counter names
-
-
-class Role(enum.Enum):
-    DISCONNECTED = "disconnected"
-    PRIMARY = "primary"  # an OpenFlow switch has one controller here: connected is primary
-
-
-@dataclass(frozen=True)
-class CounterValue:
-    packets: int
-    bytes: int
-
-
-@dataclass
-class ReconcileResult:
-    switch: str
-    applied: bool
-    reason: str = ""
-    inserted: int = 0
-    modified: int = 0
-    deleted: int = 0
-    seconds: float = 0.0
-
-    @property
-    def writes(self) -> int:
-        return self.inserted + self.modified + self.deleted
 
 
 @dataclass
@@ -86,7 +60,10 @@ class OpenFlowStats:
 
 
 class OpenFlowSwitch:
-    """A switch that connects to the controller's OpenFlow listener with `datapath_id`."""
+    """A switch that connects to the controller's OpenFlow listener with `datapath_id`
+    (a SwitchDriver; the one controller of the switch is its primary once connected)."""
+
+    keeps_token_buckets = False  # the controller's buckets decide: set_over_budget
 
     def __init__(self, name: str, datapath_id: int, device_id: int = 0,
                  context: Callable[[], Context] | None = None) -> None:
@@ -104,7 +81,7 @@ class OpenFlowSwitch:
         self._want: OfState | None = None
         self._lock = asyncio.Lock()
         self._settled = asyncio.Event()
-        self._session_task: asyncio.Task | None = None
+        self._session_task: asyncio.Task[None] | None = None
 
     # ---- the driver interface --------------------------------------------------
 
@@ -142,7 +119,7 @@ class OpenFlowSwitch:
         self._desired = desired
         return await self.reconcile()
 
-    async def set_over_budget(self, tenants: set[int] | frozenset[int]) -> None:
+    async def set_over_budget(self, tenants: frozenset[int]) -> None:
         """The controller's admission decision (controller/openflow/budget.py)."""
         tenants = frozenset(tenants)
         if tenants != self.over_budget:
@@ -156,7 +133,7 @@ class OpenFlowSwitch:
                 await self._settled.wait()
         return self.role
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         last = self.stats.last
         conn = self.connection
         return {
@@ -169,9 +146,7 @@ class OpenFlowSwitch:
             "flow_mods": self.stats.flow_mods, "group_mods": self.stats.group_mods,
             "meter_mods": self.stats.meter_mods, "pinned_connections": self.pinned,
             "over_budget_tenants": sorted(self.over_budget),
-            "last_reconcile": None if last is None else {
-                "applied": last.applied, "reason": last.reason, "inserted": last.inserted,
-                "modified": last.modified, "deleted": last.deleted, "seconds": last.seconds},
+            "last_reconcile": None if last is None else last.view(),
             "last_error": self.last_error, "notes": list(self.notes),
         }
 
@@ -187,7 +162,7 @@ class OpenFlowSwitch:
         out: dict[int, list[int]] = {}
         for stat in await self._read_flows(table=CLASSIFY):
             spec = by_cookie.get(stat.cookie)
-            if spec is None:
+            if spec is None or spec.metadata is None:
                 continue
             syn = any(k == "tcp_flags" for k, _ in spec.match)
             if name == TENANT_CONNS and not syn:
@@ -264,7 +239,7 @@ class OpenFlowSwitch:
             self.last_error = f"reading the switch: {exc}"
             raise OpenFlowError(f"{self.name}: {self.last_error}") from exc
         self.stats.reconciles += 1
-        result = ReconcileResult(self.name, True)
+        result = _Tally()
 
         # meters and groups first (flows point at them), then flows, then removals
         held_meters = {m.meter_id: messages.meter_of(m) for m in meters}
@@ -302,11 +277,13 @@ class OpenFlowSwitch:
                 result.modified += 1
             else:
                 result.inserted += 1
+        batches = 0
         try:
             for batch in (meter_writes, group_writes, flow_writes, flow_deletes,
                           group_deletes, meter_deletes):
                 if batch:
                     await conn.write(batch)
+                    batches += 1
         except (OpenFlowError, TimeoutError) as exc:
             self.last_error = str(exc)
             raise OpenFlowError(f"{self.name}: {exc}") from exc
@@ -315,28 +292,43 @@ class OpenFlowSwitch:
             self.stats.group_mods += len(group_writes) + len(group_deletes)
             self.stats.flow_mods += len(flow_writes) + len(flow_deletes)
         self.last_error = None
-        result.seconds = round(time.monotonic() - start, 4)
-        if result.writes:
-            log.info("openflow %s: +%d ~%d -%d", self.name, result.inserted, result.modified,
-                     result.deleted)
-        return result
+        done = ReconcileResult(
+            self.name, True, inserted=result.inserted, modified=result.modified,
+            deleted=result.deleted, write_rpcs=batches,
+            held=len(held_cookies) + len(held_groups) + len(held_meters),
+            desired=len(want.flows) + len(want.groups) + len(want.meters),
+            seconds=round(time.monotonic() - start, 4))
+        if done.writes:
+            log.info("openflow %s: +%d ~%d -%d", self.name, done.inserted, done.modified,
+                     done.deleted)
+        return done
 
     async def _read_flows(self, table: int = ofp.OFPTT_ALL) -> list[Any]:
         conn = self.connection
         if conn is None or conn.closed.is_set():
             raise OpenFlowError(f"{self.name}: not connected")
-        return await conn.request(parser.OFPFlowStatsRequest(
+        flows: list[Any] = await conn.request(parser.OFPFlowStatsRequest(
             conn.datapath, table_id=table, out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY))
+        return flows
 
 
-def _order(spec: FlowSpec) -> tuple:
+def _order(spec: FlowSpec) -> tuple[int, int]:
     """Later tables first: a classify flow never sends packets into an empty table."""
     return (-spec.table, spec.priority)
 
 
-def _diff(held: dict, wanted: dict, result: ReconcileResult, mod: Callable[[Any, int], Any],
-          delete: Callable[[Any], Any], add_cmd: int,
-          modify_cmd: int) -> tuple[list, list]:
+@dataclass
+class _Tally:
+    """The counts of a reconcile while it diffs."""
+
+    inserted: int = 0
+    modified: int = 0
+    deleted: int = 0
+
+
+def _diff(held: dict[int, Any], wanted: dict[int, Any], result: _Tally,
+          mod: Callable[[Any, int], Any], delete: Callable[[Any], Any], add_cmd: int,
+          modify_cmd: int) -> tuple[list[Any], list[Any]]:
     """Writes (add or modify) and deletes that turn `held` into `wanted`, counted in result."""
     writes, deletes = [], []
     for key, spec in wanted.items():

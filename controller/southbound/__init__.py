@@ -7,6 +7,7 @@
     results = await sb.apply({"s1": desired_state})   # writes only the difference
 """
 
+from controller.drivers import CounterValue, ReconcileResult, Role
 from controller.southbound.codec import Codec, decode_int, encode_int
 from controller.southbound.errors import (
     NotPrimaryError,
@@ -19,17 +20,12 @@ from controller.southbound.errors import (
 )
 from controller.southbound.fleet import ApplyError, Southbound
 from controller.southbound.p4info import P4InfoIndex, Pipeline, load_p4info, pipeline_cookie
-from controller.southbound.switch import (
-    CounterValue,
-    ReconcileResult,
-    Role,
-    Switch,
-    SwitchConfig,
-)
+from controller.southbound.session import Election
+from controller.southbound.switch import Switch, SwitchConfig
 
 __all__ = [
-    "ApplyError", "Codec", "CounterValue", "NotPrimaryError", "P4InfoIndex", "PipelineError",
-    "Pipeline", "ReconcileResult", "Role", "SouthboundError", "Southbound", "Switch",
-    "SwitchConfig", "SwitchUnavailable", "TranslationError", "UpdateFailure", "WriteError",
-    "decode_int", "encode_int", "load_p4info", "pipeline_cookie",
+    "ApplyError", "Codec", "CounterValue", "Election", "NotPrimaryError", "P4InfoIndex",
+    "PipelineError", "Pipeline", "ReconcileResult", "Role", "SouthboundError", "Southbound",
+    "Switch", "SwitchConfig", "SwitchUnavailable", "TranslationError", "UpdateFailure",
+    "WriteError", "decode_int", "encode_int", "load_p4info", "pipeline_cookie",
 ]

@@ -19,6 +19,7 @@ from p4.v1 import p4runtime_pb2
 from controller.entries import (
     Action,
     Entity,
+    EntityKey,
     Exact,
     GroupRef,
     Lpm,
@@ -260,7 +261,7 @@ class Codec:
             field = table.match_fields[name]
             fm = pb.match.add(field_id=field.id)
             width = field.bitwidth
-            if field.match_type == MatchType.OPTIONAL:
+            if field.match_type == MatchType.OPTIONAL and isinstance(value, Exact):
                 fm.optional.value = encode_int(value.value, width, name)
             elif isinstance(value, Exact):
                 fm.exact.value = encode_int(value.value, width, name)
@@ -314,7 +315,7 @@ class Codec:
                                config.cir, config.cburst, config.pir, config.pburst)
         raise TranslationError(f"cannot decode entity of kind {kind}")
 
-    def decode_key(self, pb: p4runtime_pb2.TableEntry) -> tuple:
+    def decode_key(self, pb: p4runtime_pb2.TableEntry) -> EntityKey:
         """TableEntry.key() of a protobuf table entry (which may carry no action)."""
         table = self.index.table(pb.table_id)
         return ("table", table.name, self._decode_match(table, pb), pb.priority)

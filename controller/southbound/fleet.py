@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
-from controller import log
+from controller.applier import apply_states
+from controller.drivers import ReconcileResult
 from controller.entries import DesiredState
 from controller.southbound.errors import SouthboundError
 from controller.southbound.p4info import Pipeline
-from controller.southbound.switch import ReconcileResult, Switch, SwitchConfig
+from controller.southbound.switch import Switch, SwitchConfig
 
 
 class ApplyError(SouthboundError):
@@ -71,38 +74,33 @@ class Southbound:
         self._started = False
         await asyncio.gather(*(s.stop() for s in self.switches.values()))
 
+    async def set_election_id(self, election_id: int) -> None:
+        """Arbitrate every switch again with another election id on its open stream (a
+        replica taking over or stepping down); switches added later use it too."""
+        if not 0 < election_id < 2**128:
+            raise ValueError(f"election id must be in 1..2^128-1, got {election_id}")
+        self.election_id = election_id
+        await asyncio.gather(*(s.set_election_id(election_id)
+                               for s in self.switches.values()))
+
     async def wait_settled(self, timeout: float = 10.0) -> None:
         await asyncio.gather(*(s.wait_settled(timeout) for s in self.switches.values()))
 
-    async def apply(self, desired: dict[str, DesiredState],
-                    previous: dict[str, DesiredState] | None = None) \
-            -> dict[str, ReconcileResult]:
-        """Apply a desired state per switch, concurrently.
-
-        With `previous`, a failure on any switch re-applies `previous` to
-        every switch (a policy reload that fails part-way changes nothing).
-        Raises ApplyError naming each failed switch.
-        """
+    async def apply(self, desired: Mapping[str, DesiredState]) -> dict[str, ReconcileResult]:
+        """Give each named switch its desired state through the one write path
+        (controller/applier.py): switches whose state changed, in name order; a
+        failure gives every switch touched so far its previous state back and raises
+        ApplyError naming the failed switch."""
         unknown = set(desired) - set(self.switches)
         if unknown:
             raise SouthboundError(f"no such switch(es): {', '.join(sorted(unknown))}")
-        names = list(desired)
-        outcomes = await asyncio.gather(*(self.switches[n].apply(desired[n]) for n in names),
-                                        return_exceptions=True)
-        results = {n: o for n, o in zip(names, outcomes, strict=True)
-                   if isinstance(o, ReconcileResult)}
-        errors = {n: o for n, o in zip(names, outcomes, strict=True)
-                  if isinstance(o, BaseException)}
-        if not errors:
-            return results
-        rolled_back = False
-        if previous is not None:
-            log.warning("apply failed on %s: rolling every switch back", ", ".join(errors))
-            back = await asyncio.gather(
-                *(self.switches[n].apply(previous.get(n, DesiredState())) for n in names),
-                return_exceptions=True)
-            rolled_back = not any(isinstance(o, BaseException) for o in back)
-        raise ApplyError(errors, results, rolled_back)
+        installed = {name: self.switches[name].desired or DesiredState() for name in desired}
+        report = await apply_states(self.switches, installed, desired)
+        if report.ok:
+            return report.results
+        failed = report.failed_switch or "?"
+        raise ApplyError({failed: SouthboundError(report.error or "apply failed")},
+                         report.results, rolled_back=not report.rollback_errors)
 
-    def status(self) -> list[dict]:
+    def status(self) -> list[dict[str, Any]]:
         return [switch.status() for switch in self.switches.values()]

@@ -11,6 +11,7 @@ import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
@@ -79,29 +80,38 @@ class IndexedInfo:
     size: int
 
 
+Info = TypeVar("Info")
+
+
 @dataclass
-class _Names:
+class _Names(Generic[Info]):
     """One kind of P4 object: by full name, by alias, by id."""
 
     kind: str
-    by_name: dict[str, object] = field(default_factory=dict)
-    by_alias: dict[str, object] = field(default_factory=dict)
-    by_id: dict[int, object] = field(default_factory=dict)
+    by_name: dict[str, Info] = field(default_factory=dict)
+    by_alias: dict[str, Info] = field(default_factory=dict)
+    by_id: dict[int, Info] = field(default_factory=dict)
 
-    def add(self, preamble: p4info_pb2.Preamble, info: object) -> None:
+    def add(self, preamble: p4info_pb2.Preamble, info: Info) -> None:
         self.by_name[preamble.name] = info
         if preamble.alias:
             self.by_alias.setdefault(preamble.alias, info)
         self.by_id[preamble.id] = info
 
-    def get(self, name: str) -> object:
+    def __call__(self, name_or_id: str | int) -> Info:
+        """By id (an int) or by full name or alias."""
+        if isinstance(name_or_id, int):
+            return self.get_id(name_or_id)
+        return self.get(name_or_id)
+
+    def get(self, name: str) -> Info:
         found = self.by_name.get(name) or self.by_alias.get(name)
         if found is None:
             known = ", ".join(sorted(self.by_name)) or "none"
             raise TranslationError(f"unknown {self.kind} {name!r} (the P4 program has: {known})")
         return found
 
-    def get_id(self, p4_id: int) -> object:
+    def get_id(self, p4_id: int) -> Info:
         found = self.by_id.get(p4_id)
         if found is None:
             raise TranslationError(f"unknown {self.kind} id {p4_id}")
@@ -113,12 +123,12 @@ class P4InfoIndex:
 
     def __init__(self, p4info: p4info_pb2.P4Info) -> None:
         self.p4info = p4info
-        self._tables = _Names("table")
-        self._actions = _Names("action")
-        self._profiles = _Names("action profile")
-        self._counters = _Names("counter")
-        self._direct_counters = _Names("direct counter")
-        self._meters = _Names("meter")
+        self._tables = _Names[TableInfo]("table")
+        self._actions = _Names[ActionInfo]("action")
+        self._profiles = _Names[ProfileInfo]("action profile")
+        self._counters = _Names[IndexedInfo]("counter")
+        self._direct_counters = _Names[IndexedInfo]("direct counter")
+        self._meters = _Names[IndexedInfo]("meter")
         for action in p4info.actions:
             params = {p.name: ParamInfo(p.id, p.name, p.bitwidth) for p in action.params}
             self._actions.add(action.preamble, ActionInfo(
@@ -149,41 +159,31 @@ class P4InfoIndex:
                 meter.preamble.id, meter.preamble.name, meter.size))
 
     def table(self, name_or_id: str | int) -> TableInfo:
-        if isinstance(name_or_id, int):
-            return self._tables.get_id(name_or_id)  # type: ignore[return-value]
-        return self._tables.get(name_or_id)  # type: ignore[return-value]
+        return self._tables(name_or_id)
 
     def action(self, name_or_id: str | int) -> ActionInfo:
-        if isinstance(name_or_id, int):
-            return self._actions.get_id(name_or_id)  # type: ignore[return-value]
-        return self._actions.get(name_or_id)  # type: ignore[return-value]
+        return self._actions(name_or_id)
 
     def profile(self, name_or_id: str | int) -> ProfileInfo:
-        if isinstance(name_or_id, int):
-            return self._profiles.get_id(name_or_id)  # type: ignore[return-value]
-        return self._profiles.get(name_or_id)  # type: ignore[return-value]
+        return self._profiles(name_or_id)
 
     def counter(self, name_or_id: str | int) -> IndexedInfo:
-        if isinstance(name_or_id, int):
-            return self._counters.get_id(name_or_id)  # type: ignore[return-value]
-        return self._counters.get(name_or_id)  # type: ignore[return-value]
+        return self._counters(name_or_id)
 
     def meter(self, name_or_id: str | int) -> IndexedInfo:
-        if isinstance(name_or_id, int):
-            return self._meters.get_id(name_or_id)  # type: ignore[return-value]
-        return self._meters.get(name_or_id)  # type: ignore[return-value]
+        return self._meters(name_or_id)
 
     def tables(self) -> list[TableInfo]:
-        return list(self._tables.by_id.values())  # type: ignore[arg-type]
+        return list(self._tables.by_id.values())
 
     def profiles(self) -> list[ProfileInfo]:
-        return list(self._profiles.by_id.values())  # type: ignore[arg-type]
+        return list(self._profiles.by_id.values())
 
     def meters(self) -> list[IndexedInfo]:
-        return list(self._meters.by_id.values())  # type: ignore[arg-type]
+        return list(self._meters.by_id.values())
 
     def counters(self) -> list[IndexedInfo]:
-        return list(self._counters.by_id.values())  # type: ignore[arg-type]
+        return list(self._counters.by_id.values())
 
 
 def load_p4info(path: str | Path) -> p4info_pb2.P4Info:

@@ -9,6 +9,7 @@ RPC(s) and the next phase starts only when the previous one succeeded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller.entries import (
     DesiredState,
@@ -84,7 +85,7 @@ def plan(desired: DesiredState, held: DesiredState) -> Plan:
     return result
 
 
-def _sort_key(update: Update) -> tuple:
+def _sort_key(update: Update) -> tuple[Any, ...]:
     # deterministic order: the same diff always makes the same batches
     entity = update.entity
     if isinstance(entity, TableEntry):

@@ -1,38 +1,39 @@
-"""One P4Runtime switch: connection, arbitration, pipeline, reads, batched writes, reconcile.
+"""One P4Runtime switch: its lifecycle, as in finsy.
 
-The switch's lifecycle is the organizing idea (as in finsy): a session is a
-gRPC channel plus a StreamChannel on which we sent our MasterArbitrationUpdate.
-Every time a session comes up, and every time the switch tells us that the
-primary changed, the ready handlers run again: the built-in one pushes the
-pipeline if the switch's cookie differs from ours and, when we are primary,
-reconciles the switch to the last desired state (read, diff, write only the
-difference). A session that ends (switch restart, network, primary gone) is
-retried with bounded exponential backoff until `stop()`.
+A session (controller/southbound/session.py) is a gRPC channel plus a
+StreamChannel on which we sent our MasterArbitrationUpdate. Every time a session
+comes up, and every time the switch tells us that the primary changed, the ready
+handlers run again: the built-in one pushes the pipeline if the switch's cookie
+differs from ours (pipeline.py) and, when we are primary, reconciles the switch
+to the last desired state (reconcile.py: read, diff, write only the difference,
+through rpc.py's batched Writes). A session that ends (switch restart, network,
+primary gone) is retried with bounded exponential backoff until `stop()`.
 
 Election ids: every controller process has one election id for all its
 switches. P4Runtime makes the highest id of the connected controllers the
 primary; the others are backups and never write. When the primary's stream
 ends the switch promotes the next-highest and tells it with an arbitration
 update whose status is OK; its handlers then run and it adopts the switch.
+`election_id`, `is_primary`, `primary_election_id` read it back;
+`set_election_id` re-arbitrates on the open stream (a replica taking over).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import grpc
-from google.rpc import code_pb2, status_pb2
-from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
+from p4.v1 import p4runtime_pb2
 
 from controller import log
-from controller.entries import DesiredState, Entity, TableEntry
-from controller.gctools import gc_paused
+from controller.drivers import CounterValue, ReconcileResult, Role
+from controller.entries import Action, DesiredState, EntityKey, Exact, TableEntry
 from controller.southbound import weights
 from controller.southbound.codec import Codec
 from controller.southbound.errors import (
@@ -41,33 +42,26 @@ from controller.southbound.errors import (
     SouthboundError,
     SwitchUnavailable,
     TranslationError,
-    UpdateFailure,
-    WriteError,
 )
 from controller.southbound.p4info import P4InfoIndex, Pipeline
-from controller.southbound.plan import DELETE, INSERT, MODIFY, RESET, Plan, Update, plan
+from controller.southbound.pipeline import ensure_pipeline
+from controller.southbound.plan import Plan, Update, plan
+from controller.southbound.reconcile import (
+    Normalizer,
+    count_phase,
+    decode_all,
+    read_all_request,
+    wildcard,
+)
+from controller.southbound.rpc import Rpc
+from controller.southbound.session import Election, Session, Standing
 from tokenfabric.p4names import Counters, Tables
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 256 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    # The switch is on 127.0.0.1 or a lab netns: never go through a proxy.
-    ("grpc.enable_http_proxy", 0),
-]
-
-_UPDATE_TYPES = {INSERT: p4runtime_pb2.Update.INSERT, MODIFY: p4runtime_pb2.Update.MODIFY,
-                 DELETE: p4runtime_pb2.Update.DELETE, RESET: p4runtime_pb2.Update.MODIFY}
+__all__ = ["CounterValue", "Handler", "ReconcileResult", "Role", "Switch", "SwitchConfig",
+           "SwitchStats"]
 
 
-class Role(enum.Enum):
-    DISCONNECTED = "disconnected"
-    PRIMARY = "primary"
-    BACKUP = "backup"
-
-
-@dataclass
+@dataclass(frozen=True)
 class SwitchConfig:
     name: str
     address: str  # host:port of the switch's P4Runtime server
@@ -84,28 +78,6 @@ class SwitchConfig:
 
 
 @dataclass
-class ReconcileResult:
-    """What one apply/reconcile did; `writes` is the number of updates sent."""
-
-    switch: str
-    applied: bool
-    reason: str = ""  # why not applied: "backup", "disconnected"
-    inserted: int = 0
-    modified: int = 0
-    deleted: int = 0
-    write_rpcs: int = 0
-    pipeline_pushed: bool = False
-    read_switch: bool = True  # False: diffed against this session's mirror, no Read
-    held: int = 0  # entities the switch held before
-    desired: int = 0
-    seconds: float = 0.0
-
-    @property
-    def writes(self) -> int:
-        return self.inserted + self.modified + self.deleted
-
-
-@dataclass
 class SwitchStats:
     """Counters since the Switch object was made (tests assert on them)."""
 
@@ -116,28 +88,16 @@ class SwitchStats:
     updates_written: int = 0
     write_rpcs: int = 0
     last: ReconcileResult | None = None
-    history: deque = field(default_factory=lambda: deque(maxlen=32))
-
-
-@dataclass(frozen=True)
-class CounterValue:
-    packets: int
-    bytes: int
+    history: deque[ReconcileResult] = field(default_factory=lambda: deque(maxlen=32))
 
 
 Handler = Callable[["Switch"], Awaitable[None]]
 
 
-def _uint128(value: int) -> p4runtime_pb2.Uint128:
-    return p4runtime_pb2.Uint128(high=value >> 64, low=value & (2**64 - 1))
-
-
-def _from_uint128(value: p4runtime_pb2.Uint128) -> int:
-    return (value.high << 64) | value.low
-
-
 class Switch:
-    """A P4Runtime switch driven by this controller process."""
+    """A P4Runtime switch driven by this controller process (a SwitchDriver)."""
+
+    keeps_token_buckets = True  # admit.p4 decides in the dataplane
 
     def __init__(self, config: SwitchConfig) -> None:
         if config.weights not in ("native", "expand"):
@@ -152,16 +112,15 @@ class Switch:
         self._pipeline = config.pipeline
         self._codec: Codec | None = Codec(config.pipeline.index) if config.pipeline else None
         self._applies = 0  # apply() calls so far: the latest one's state is remembered
-        # (codec, {id(entity): (entity, normalized)}) of the last state normalized
-        self._normalize_memo: tuple[Codec | None, dict[int, tuple[Entity, Entity]]] = (None, {})
+        self._normalize = Normalizer(expand_weights=config.weights == "expand")
         self._desired: DesiredState | None = None
         self._want: DesiredState | None = None  # _desired normalized for the program
         self._mirror: DesiredState | None = None  # what the switch holds, while known
         self._handlers: list[Handler] = []
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: p4runtime_pb2_grpc.P4RuntimeStub | None = None
-        self._task: asyncio.Task | None = None
-        self._lifecycle: asyncio.Task | None = None
+        self._session: Session | None = None
+        self._rpc: Rpc | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lifecycle: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._settled = asyncio.Event()  # the handlers of the current session/role ran
         self._lock = asyncio.Lock()  # one reconcile or pipeline push at a time
@@ -173,6 +132,22 @@ class Switch:
     @property
     def is_primary(self) -> bool:
         return self.role is Role.PRIMARY
+
+    @property
+    def election_id(self) -> int:
+        return self.config.election_id
+
+    async def set_election_id(self, election_id: int) -> None:
+        """Arbitrate again with another election id on the open stream (a higher one than
+        the primary's makes us primary); the answer arrives as an arbitration update,
+        after which the ready handlers run: wait_role() waits for it."""
+        if not 0 < election_id < 2**128:
+            raise ValueError(f"election id must be in 1..2^128-1, got {election_id}")
+        self.config = replace(self.config, election_id=election_id)
+        if self._rpc is not None:
+            self._rpc = replace(self._rpc, election_id=election_id)
+        if self._session is not None:
+            await self._session.arbitrate(self._election())
 
     @property
     def codec(self) -> Codec:
@@ -212,7 +187,7 @@ class Switch:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._task = self._lifecycle = None
-        await self._close_channel()
+        await self._close_session()
         self.role = Role.DISCONNECTED
 
     async def wait_settled(self, timeout: float = 10.0) -> Role:
@@ -242,7 +217,7 @@ class Switch:
         # (in a thread: the first time, a policy of thousands of tenants takes ~0.2 s)
         self._applies += 1
         mine = self._applies
-        want = await asyncio.to_thread(self._normalized_paused, desired) \
+        want = await asyncio.to_thread(self._normalize.paused, self._codec, desired) \
             if self._codec is not None else None
         if mine != self._applies:  # a later apply came while this one normalized: it wins
             return ReconcileResult(self.name, False, "superseded",
@@ -265,6 +240,9 @@ class Switch:
         async with self._lock:
             return await self._reconcile_locked(read_switch=True)
 
+    async def set_over_budget(self, tenants: frozenset[int]) -> None:
+        """Nothing to do: the switch's own token buckets decide (admit.p4)."""
+
     async def read_state(self, collapse_weights: bool = True) -> DesiredState:
         """Everything the switch holds: table entries, members, groups, meter configs."""
         held = await self._read_held()
@@ -272,27 +250,14 @@ class Switch:
             return DesiredState({e.key(): e for e in weights.collapse(held.entities.values())})
         return held
 
-    async def ensure_pipeline(self) -> bool:
-        """Push our pipeline unless the switch runs it already; True when pushed."""
-        async with self._lock:
-            return await self._ensure_pipeline_locked()
-
     async def read_counters(self, name: str,
                             index: int | None = None) -> dict[int, CounterValue]:
         """One cell (index) or the whole array of an indexed counter."""
-        info = self.index.counter(name)
-        pb = p4runtime_pb2.Entity()
-        pb.counter_entry.counter_id = info.id
         if index is not None:
-            if not 0 <= index < info.size:
-                raise TranslationError(f"counter {info.name} index {index} not in "
-                                       f"0..{info.size - 1}")
-            pb.counter_entry.index.index = index
-        out = {}
-        for entity in await self.read_entities([pb]):
-            entry = entity.counter_entry
-            out[entry.index.index] = CounterValue(entry.data.packet_count, entry.data.byte_count)
-        return out
+            return await self.read_counter_cells(name, [index])
+        info = self.index.counter(name)
+        return _counter_values(await self.read_entities(
+            [wildcard("counter_entry", "counter_id", info.id)]))
 
     async def read_counter_cells(self, name: str,
                                  indices: Iterable[int]) -> dict[int, CounterValue]:
@@ -304,13 +269,10 @@ class Switch:
             if not 0 <= index < info.size:
                 raise TranslationError(f"counter {info.name} index {index} not in "
                                        f"0..{info.size - 1}")
-            pb = p4runtime_pb2.Entity()
-            pb.counter_entry.counter_id = info.id
+            pb = wildcard("counter_entry", "counter_id", info.id)
             pb.counter_entry.index.index = index
             entities.append(pb)
-        return {e.counter_entry.index.index: CounterValue(e.counter_entry.data.packet_count,
-                                                          e.counter_entry.data.byte_count)
-                for e in await self.read_entities(entities)}
+        return _counter_values(await self.read_entities(entities))
 
     async def read_port_bytes(self) -> dict[int, int]:
         """Per port a backend sits on: the bytes the switch forwarded from it, i.e. with
@@ -319,21 +281,23 @@ class Switch:
         statistics, so the billing cross-check has one code path for both."""
         cells: dict[int, int] = {}  # port -> backend id
         for entity in (self._desired or DesiredState()).entities.values():
-            if isinstance(entity, TableEntry) and entity.table == Tables.REPLY_SOURCE:
+            if isinstance(entity, TableEntry) and entity.table == Tables.REPLY_SOURCE \
+                    and isinstance(entity.action, Action):
                 port = dict(entity.match)["ingress_port"]
-                cells[port.value] = dict(entity.action.params)["backend_id"]
+                if isinstance(port, Exact):
+                    cells[port.value] = dict(entity.action.params)["backend_id"]
         counts = await self.read_counter_cells(Counters.REPLY_BYTES, set(cells.values()))
         return {port: counts[bid].bytes if bid in counts else 0
                 for port, bid in sorted(cells.items())}
 
-    async def read_direct_counters(self, table: str) -> dict[tuple, CounterValue]:
+    async def read_direct_counters(self, table: str) -> dict[EntityKey, CounterValue]:
         """The direct counter of every entry of `table`, by the entry's TableEntry.key()."""
         info = self.index.table(table)
         if not info.direct_counter_ids:
             raise TranslationError(f"table {info.name} has no direct counter")
         pb = p4runtime_pb2.Entity()
         pb.direct_counter_entry.table_entry.table_id = info.id
-        out = {}
+        out: dict[EntityKey, CounterValue] = {}
         for entity in await self.read_entities([pb]):
             entry = entity.direct_counter_entry
             out[self.codec.decode_key(entry.table_entry)] = CounterValue(
@@ -343,31 +307,13 @@ class Switch:
     async def read_meters(self, name: str | None = None) -> DesiredState:
         """The configured cells of one meter (or of all meters)."""
         infos = [self.index.meter(name)] if name else self.index.meters()
-        entities = []
-        for info in infos:
-            pb = p4runtime_pb2.Entity()
-            pb.meter_entry.meter_id = info.id
-            entities.append(pb)
-        return self._decode_all(await self.read_entities(entities))
+        entities = [wildcard("meter_entry", "meter_id", info.id) for info in infos]
+        return decode_all(self.codec, await self.read_entities(entities))
 
     async def read_entities(self, entities: list[p4runtime_pb2.Entity]) \
             -> list[p4runtime_pb2.Entity]:
         """A raw P4Runtime Read of (wildcard) entities."""
-        if not entities:
-            return []
-        stub = self._require_stub()
-        request = p4runtime_pb2.ReadRequest(device_id=self.config.device_id,
-                                            entities=entities)
-        if self.config.role_name:
-            request.role = self.config.role_name
-        out: list[p4runtime_pb2.Entity] = []
-        try:
-            async for response in stub.Read(request, timeout=self.config.rpc_timeout):
-                out.extend(response.entities)
-        except grpc.aio.AioRpcError as exc:
-            raise SouthboundError(f"switch {self.name}: Read failed: {exc.code().name} "
-                                  f"{exc.details()}") from None
-        return out
+        return await self._require_rpc().read(entities)
 
     async def write(self, updates: list[Update]) -> int:
         """Send `updates` (normalized entities) in batches; returns the number of RPCs.
@@ -382,14 +328,9 @@ class Switch:
         if not self.is_primary:
             raise NotPrimaryError(f"switch {self.name}: this controller is "
                                   f"{self.role.value}, not primary")
-        rpcs = 0
-        size = max(1, self.config.batch_size)
-        for start in range(0, len(updates), size):
-            await self._write_batch(updates[start:start + size])
-            rpcs += 1
-        return rpcs
+        return await self._require_rpc().write(updates, self.codec)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """A JSON-able view for REST and CLI."""
         last = self.stats.last
         return {
@@ -401,20 +342,21 @@ class Switch:
             "installed_cookie": self.installed_cookie,
             "sessions": self.stats.sessions, "pipeline_pushes": self.stats.pipeline_pushes,
             "reconciles": self.stats.reconciles, "updates_written": self.stats.updates_written,
-            "last_reconcile": None if last is None else {
-                "applied": last.applied, "reason": last.reason, "inserted": last.inserted,
-                "modified": last.modified, "deleted": last.deleted, "seconds": last.seconds},
+            "last_reconcile": None if last is None else last.view(),
             "last_error": self.last_error,
         }
 
     # ---- session and lifecycle ---------------------------------------------------
+
+    def _election(self) -> Election:
+        return Election(self.config.device_id, self.config.election_id, self.config.role_name)
 
     async def _run(self) -> None:
         attempt = 0
         while not self._stopping.is_set():
             self._arbitrated = False
             try:
-                await self._session()
+                await self._run_session()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure ends the session, never the retry loop
@@ -432,51 +374,24 @@ class Switch:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
 
-    async def _session(self) -> None:
+    async def _run_session(self) -> None:
         """One channel + stream; returns (or raises) when the stream ends."""
-        # gRPC's own reconnect backoff (1 s and up by default) would add to ours
-        first, most = int(self.config.backoff_initial * 1000), int(self.config.backoff_max * 1000)
-        backoff_ms = [("grpc.initial_reconnect_backoff_ms", first),
-                      ("grpc.min_reconnect_backoff_ms", first),
-                      ("grpc.max_reconnect_backoff_ms", most)]
-        self._channel = grpc.aio.insecure_channel(self.config.address,
-                                                  options=GRPC_OPTIONS + backoff_ms)
-        await asyncio.wait_for(self._channel.channel_ready(), self.config.connect_timeout)
-        self._stub = p4runtime_pb2_grpc.P4RuntimeStub(self._channel)
-        stream = self._stub.StreamChannel()
-        request = p4runtime_pb2.StreamMessageRequest()
-        arbitration = request.arbitration
-        arbitration.device_id = self.config.device_id
-        arbitration.election_id.CopyFrom(_uint128(self.config.election_id))
-        if self.config.role_name:
-            arbitration.role.name = self.config.role_name
-        await stream.write(request)
-        first = await asyncio.wait_for(stream.read(), self.config.connect_timeout)
-        if first is grpc.aio.EOF:
-            raise SwitchUnavailable(f"switch {self.name}: stream closed during arbitration")
-        if not first.HasField("arbitration"):
-            raise SwitchUnavailable(f"switch {self.name}: expected an arbitration answer, "
-                                    f"got {first.WhichOneof('update')}")
+        config = self.config
+        session = self._session = Session(self.name, config.address, config.connect_timeout,
+                                           (config.backoff_initial, config.backoff_max))
+        first = await session.open(self._election())
+        assert session.stub is not None  # open() made it
+        self._rpc = Rpc(self.name, session.stub, config.device_id, config.election_id,
+                        config.role_name, config.rpc_timeout, config.batch_size)
         self.stats.sessions += 1
         self._arbitrated = True
-        self._on_arbitration(first.arbitration, new_session=True)
-        while True:
-            message = await stream.read()
-            if message is grpc.aio.EOF:
-                log.warning("switch %s: stream closed by the switch", self.name)
-                return
-            which = message.WhichOneof("update")
-            if which == "arbitration":
-                self._on_arbitration(message.arbitration, new_session=False)
-            elif which == "error":
-                log.warning("switch %s: stream error: %s", self.name, message.error)
-            else:
-                log.debug("switch %s: ignoring stream message %s", self.name, which)
+        self._on_arbitration(first, new_session=True)
+        async for standing in session.updates():
+            self._on_arbitration(standing, new_session=False)
 
-    def _on_arbitration(self, update: p4runtime_pb2.MasterArbitrationUpdate,
-                        new_session: bool) -> None:
-        self.primary_election_id = _from_uint128(update.election_id)
-        role = Role.PRIMARY if update.status.code == code_pb2.OK else Role.BACKUP
+    def _on_arbitration(self, standing: Standing, new_session: bool) -> None:
+        self.primary_election_id = standing.primary_election_id
+        role = standing.role
         if role is self.role and not new_session:
             return
         log.info("switch %s: %s (election id %d, primary's %d)", self.name, role.value,
@@ -515,105 +430,32 @@ class Switch:
         self.role = Role.DISCONNECTED
         self._mirror = None
         self._settled.clear()
-        await self._close_channel()
+        await self._close_session()
 
-    async def _close_channel(self) -> None:
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
-            with contextlib.suppress(Exception):
-                await channel.close(grace=None)
+    async def _close_session(self) -> None:
+        session, self._session, self._rpc = self._session, None, None
+        if session is not None:
+            await session.close()
 
-    def _require_stub(self) -> p4runtime_pb2_grpc.P4RuntimeStub:
-        if self._stub is None:
+    def _require_rpc(self) -> Rpc:
+        if self._rpc is None:
             raise SwitchUnavailable(f"switch {self.name} ({self.config.address}) "
                                     f"is not connected")
-        return self._stub
+        return self._rpc
 
     # ---- pipeline ----------------------------------------------------------------
 
-    async def _get_installed(self, response_type: int) \
-            -> p4runtime_pb2.ForwardingPipelineConfig | None:
-        stub = self._require_stub()
-        request = p4runtime_pb2.GetForwardingPipelineConfigRequest(
-            device_id=self.config.device_id, response_type=response_type)
-        try:
-            response = await stub.GetForwardingPipelineConfig(
-                request, timeout=self.config.rpc_timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                return None  # the switch runs no program yet
-            raise
-        return response.config
-
     async def _ensure_pipeline_locked(self) -> bool:
-        Get = p4runtime_pb2.GetForwardingPipelineConfigRequest
-        if self._pipeline is None:
-            # Adopt the switch's program (a controller given no program, or a reader).
-            config = await self._get_installed(Get.P4INFO_AND_COOKIE)
-            if config is None or not config.HasField("p4info"):
-                raise PipelineError(f"switch {self.name} runs no P4 program and none was given")
-            self.installed_cookie = config.cookie.cookie if config.HasField("cookie") else None
-            self._codec = Codec(P4InfoIndex(config.p4info))
+        state = await ensure_pipeline(self._require_rpc(), self._pipeline, self.is_primary)
+        self.installed_cookie = state.installed_cookie
+        if state.adopted_p4info is not None:
+            self._codec = Codec(P4InfoIndex(state.adopted_p4info))
             self._want = None
-            return False
-        config = await self._get_installed(Get.COOKIE_ONLY)
-        installed = config.cookie.cookie if config is not None and config.HasField("cookie") \
-            else None
-        self.installed_cookie = installed
-        if installed == self._pipeline.cookie:
-            log.info("switch %s: pipeline cookie %#x already installed", self.name, installed)
-            return False
-        if not self.is_primary:
-            log.info("switch %s: runs cookie %s, not ours, but we are backup: not pushing",
-                     self.name, installed)
-            return False
-        request = p4runtime_pb2.SetForwardingPipelineConfigRequest(
-            device_id=self.config.device_id,
-            action=p4runtime_pb2.SetForwardingPipelineConfigRequest.VERIFY_AND_COMMIT)
-        request.election_id.CopyFrom(_uint128(self.config.election_id))
-        if self.config.role_name:
-            request.role = self.config.role_name
-        request.config.p4info.CopyFrom(self._pipeline.p4info)
-        request.config.p4_device_config = self._pipeline.device_config
-        request.config.cookie.cookie = self._pipeline.cookie
-        try:
-            await self._require_stub().SetForwardingPipelineConfig(
-                request, timeout=max(self.config.rpc_timeout, 60.0))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
-                raise NotPrimaryError(f"switch {self.name}: not primary: {exc.details()}") \
-                    from None
-            raise PipelineError(f"switch {self.name} refused the pipeline: "
-                                f"{exc.code().name} {exc.details()}") from None
-        self.installed_cookie = self._pipeline.cookie
-        self.stats.pipeline_pushes += 1
-        log.info("switch %s: pushed pipeline cookie %#x (was %s)", self.name,
-                 self._pipeline.cookie, None if installed is None else hex(installed))
-        return True
+        if state.pushed:
+            self.stats.pipeline_pushes += 1
+        return state.pushed
 
     # ---- reconcile ---------------------------------------------------------------
-
-    def _normalized_paused(self, desired: DesiredState) -> DesiredState:
-        with gc_paused():  # tens of thousands of new objects: see controller/gctools.py
-            return self._normalized(desired)
-
-    def _normalized(self, desired: DesiredState) -> DesiredState:
-        entities: Iterable[Entity] = desired.entities.values()
-        if self.config.weights == "expand":
-            entities = weights.expand(entities)
-        # The compiler hands the same entity objects again while the policy is the same
-        # (thousands of tenant entries): normalize each object once, not at every push.
-        codec = self.codec
-        memo = self._normalize_memo if self._normalize_memo[0] is codec else (codec, {})
-        seen: dict[int, tuple[Entity, Entity]] = {}
-        out = DesiredState()
-        for entity in entities:
-            hit = memo[1].get(id(entity))
-            normal = hit[1] if hit is not None and hit[0] is entity else codec.normalize(entity)
-            seen[id(entity)] = (entity, normal)  # holds entity: its id stays its own
-            out.add(normal)
-        self._normalize_memo = (codec, seen)
-        return out
 
     async def _reconcile_locked(self, pipeline_pushed: bool = False,
                                 read_switch: bool = True) -> ReconcileResult:
@@ -623,7 +465,7 @@ class Switch:
             return ReconcileResult(self.name, False, self.role.value,
                                    desired=len(desired.entities))
         if self._want is None:
-            self._want = self._normalized(desired)
+            self._want = self._normalize(self.codec, desired)
         want = self._want
         mirror, self._mirror = self._mirror, None  # valid again only if every write succeeds
         if read_switch or mirror is None:
@@ -639,24 +481,16 @@ class Switch:
         try:
             for phase in todo.phases:
                 rpcs = await self._write_updates(phase)
-                result.write_rpcs += rpcs
                 self.stats.write_rpcs += rpcs
                 self.stats.updates_written += len(phase)
-                for update in phase:
-                    if update.type == INSERT:
-                        result.inserted += 1
-                    elif update.type in (DELETE, RESET):
-                        result.deleted += 1
-                    else:
-                        # a meter cell set for the first time counts as an insert
-                        key = update.entity.key()
-                        if key in held.entities:
-                            result.modified += 1
-                        else:
-                            result.inserted += 1
+                inserted, modified, deleted = count_phase(phase, held)
+                result = replace(result, write_rpcs=result.write_rpcs + rpcs,
+                                 inserted=result.inserted + inserted,
+                                 modified=result.modified + modified,
+                                 deleted=result.deleted + deleted)
             self._mirror = DesiredState(dict(want.entities))
         finally:
-            result.seconds = time.monotonic() - started
+            result = replace(result, seconds=time.monotonic() - started)
             self.stats.last = result
             self.stats.history.append(result)
         log.info("switch %s: reconciled: +%d ~%d -%d in %d RPCs, %.3f s", self.name,
@@ -665,59 +499,7 @@ class Switch:
         return result
 
     async def _read_held(self) -> DesiredState:
-        index = self.index
-        entities = []
-        for table in index.tables():
-            if table.is_const:
-                continue
-            pb = p4runtime_pb2.Entity()
-            pb.table_entry.table_id = table.id
-            entities.append(pb)
-        for profile in index.profiles():
-            member = p4runtime_pb2.Entity()
-            member.action_profile_member.action_profile_id = profile.id
-            entities.append(member)
-            if profile.with_selector:
-                group = p4runtime_pb2.Entity()
-                group.action_profile_group.action_profile_id = profile.id
-                entities.append(group)
-        for meter in index.meters():
-            pb = p4runtime_pb2.Entity()
-            pb.meter_entry.meter_id = meter.id
-            entities.append(pb)
-        return self._decode_all(await self.read_entities(entities))
-
-    def _decode_all(self, pbs: list[p4runtime_pb2.Entity]) -> DesiredState:
-        held = DesiredState()
-        for pb in pbs:
-            if pb.HasField("table_entry") and pb.table_entry.is_default_action:
-                continue
-            entity = self.codec.decode(pb)
-            if entity is not None:
-                held.entities[entity.key()] = entity
-        return held
-
-    async def _write_batch(self, updates: list[Update]) -> None:
-        stub = self._require_stub()
-        request = p4runtime_pb2.WriteRequest(
-            device_id=self.config.device_id,
-            atomicity=p4runtime_pb2.WriteRequest.CONTINUE_ON_ERROR)
-        request.election_id.CopyFrom(_uint128(self.config.election_id))
-        if self.config.role_name:
-            request.role = self.config.role_name
-        for update in updates:
-            pb = request.updates.add(type=_UPDATE_TYPES[update.type])
-            self.codec.encode(update.entity, pb.entity)
-            if update.type == RESET:
-                pb.entity.meter_entry.ClearField("config")
-        try:
-            await stub.Write(request, timeout=self.config.rpc_timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
-                raise NotPrimaryError(f"switch {self.name}: not primary: {exc.details()}") \
-                    from None
-            raise WriteError(self.name, _failures(exc, updates), len(updates),
-                             f"{exc.code().name}: {exc.details()}") from None
+        return decode_all(self.codec, await self.read_entities(read_all_request(self.index)))
 
 
 async def _builtin_ready(switch: Switch) -> None:
@@ -732,25 +514,10 @@ async def _builtin_ready(switch: Switch) -> None:
             await switch._reconcile_locked(pipeline_pushed=pushed)
 
 
-def _failures(exc: grpc.aio.AioRpcError, updates: list[Update]) -> list[UpdateFailure]:
-    """The per-update errors of a failed batch (P4Runtime: google.rpc.Status details)."""
-    details = None
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            details = status_pb2.Status.FromString(value)
-    failures = []
-    if details is not None and len(details.details) == len(updates):
-        for i, (any_error, update) in enumerate(zip(details.details, updates, strict=True)):
-            error = p4runtime_pb2.Error()
-            if not any_error.Unpack(error) or error.canonical_code == code_pb2.OK:
-                continue
-            failures.append(UpdateFailure(i, update.type, update.entity,
-                                          code_pb2.Code.Name(error.canonical_code),
-                                          error.message))
-    if not failures:  # the batch failed as a whole
-        failures = [UpdateFailure(i, u.type, u.entity, exc.code().name, exc.details() or "")
-                    for i, u in enumerate(updates)]
-    return failures
+def _counter_values(entities: list[p4runtime_pb2.Entity]) -> dict[int, CounterValue]:
+    return {e.counter_entry.index.index: CounterValue(e.counter_entry.data.packet_count,
+                                                      e.counter_entry.data.byte_count)
+            for e in entities}
 
 
 def _describe(exc: BaseException) -> str:

@@ -33,8 +33,6 @@ from tokenfabric.lab.stack import ECMP_CAPACITY
 # Lab modes -> the service's selection mode in the switch (docs/lab.md). ECMP is the
 # weighted hash with agents that declare a capacity no load reaches (equal weights).
 SWITCH_MODE = {"ecmp": "hash", "weights": "hash", "p2c": "p2c", "l7-router": "p2c"}
-# Modes this checkout cannot run, and why (reported, the other runs go on).
-BLOCKED_MODES: dict[str, str] = {}
 
 
 class Blocked(RuntimeError):
@@ -211,8 +209,6 @@ class LabRunner:
 
     # -- one run (mode x load) ------------------------------------------------------
     def _one_run(self, run: Run) -> RunOutcome:
-        if run.mode in BLOCKED_MODES:
-            raise Blocked(BLOCKED_MODES[run.mode])
         folder = self.folder / "runs" / f"{run.mode}-{run.load:g}"
         folder.mkdir(parents=True, exist_ok=True)
         if run.mode not in SWITCH_MODE:

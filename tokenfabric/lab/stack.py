@@ -38,17 +38,11 @@ CLI = [sys.executable, "-m", "tokenfabric.cli"]
 FIVEQI = {"premium": 80, "best-effort": 9}  # TS 23.501 Table 5.7.4-1: low-latency eMBB; default
 
 
-# Switch states (GET /switches .status) that mean "pipeline pushed and entries written".
-READY_SWITCH = {"programmed", "ready", "in_sync", "synced"}
-
-
 def switch_programmed(view: dict[str, Any]) -> bool:
     """A switch view of GET /switches: connected, our pipeline on it (P4Runtime), a
     reconcile applied."""
     if not view.get("connected"):
         return False
-    if view.get("status") in READY_SWITCH:
-        return True
     details = view.get("details") or {}
     last = details.get("last_reconcile") or {}
     if view.get("driver") == "openflow":  # no pipeline to push: flows written is all

@@ -10,6 +10,7 @@ from controller.entries import Action, Exact, TableEntry
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import beacon, data, syn
 from tokenfabric.beacon import UsageBeacon
+from tokenfabric.bucket import Contract, TokenBucket
 from tokenfabric.p4names import Event
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
@@ -61,6 +62,33 @@ def test_over_budget_tenant_lands_on_the_overflow_responder_and_recovers(metered
     assert new_connection(sw) == "gpu"
     assert sw.client.packets("tenant_admitted", TENANT) == 2
     assert sw.client.packets("backend_conns", h.OVERFLOW) == 2
+
+
+def test_admission_follows_the_reference_bucket(metered):
+    """The switch decides as tokenfabric.bucket does for the same events at the same
+    times (this process's clock; the margins dwarf the packets' delays)."""
+    sw = metered
+    terms = Contract(10, 5)
+    sw.client.modify(contract(terms.tokens_per_s, terms.burst_tokens))
+    model = TokenBucket()
+
+    def now_us() -> int:
+        return round(time.monotonic() * 1_000_000)
+
+    def both_decide() -> tuple[str, str]:
+        expected = "gpu" if model.admit(terms, now_us()) else "overflow"
+        return new_connection(sw), expected
+
+    decisions = [both_decide()]  # full bucket: 5 tokens
+    model.debit(terms, now_us(), 15)
+    use(sw, 15)  # 10 owed: a token again only after 1.1 s
+    decisions.append(both_decide())
+    time.sleep(0.4)
+    decisions.append(both_decide())
+    time.sleep(1.0)
+    decisions.append(both_decide())
+    assert [switch for switch, _ in decisions] == [model for _, model in decisions]
+    assert [d[0] for d in decisions] == ["gpu", "overflow", "overflow", "gpu"]
 
 
 def test_the_refill_stops_at_the_burst(metered):

@@ -2,7 +2,7 @@
 
 One switch on veths into a namespace the test makes (the dataplane tests' rig).
 The fabric file below describes exactly that rig; the policy and the router's
-decisions go through compile_model and a P4Runtime diff writer, and packets
+decisions go through compile_model and the applier (controller/applier.py), and packets
 check what the switch then does: classes' DSCPs, weighted selection, drain with
 pinned connections finishing, the overflow responder after USAGE beacons, and a
 run-time mode switch.
@@ -10,6 +10,7 @@ run-time mode switch.
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -17,17 +18,12 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from controller.entries import (
-    DesiredState,
-    Entity,
-    MeterConfig,
-    ProfileGroup,
-    ProfileMember,
-    TableEntry,
-)
+from controller.applier import apply_states
+from controller.compile import compile_model
+from controller.drivers import ReconcileResult
+from controller.entries import DesiredState
 from controller.fabric import parse_fabric
 from controller.model import Model
-from controller.policy.reload import sync_model
 from controller.policy.schema import parse_policy
 from controller.routing import Router
 from tokenfabric import dataplane as dp
@@ -83,24 +79,16 @@ tenants:
   - {{name: metered, id: 4, prefixes: [{METERED_NET}.0/24], contract: metered}}
 """
 
-class ClientWriter:
-    """The reload Protocol over the dataplane tests' P4Runtime client, in the order a
-    switch accepts: members before the groups that list them before the entries that
-    use them; deletions the other way round, after the modifies that drop references."""
+class RigSwitch:
+    """The rig's switch as the applier sees it: the controller's Switch under the
+    dataplane tests' client (controller/southbound), run on the client's own loop."""
 
     def __init__(self, client: object) -> None:
         self.client = client
 
-    async def __call__(self, switch: str, insert: list[Entity], modify: list[Entity],
-                       delete: list[Entity]) -> None:
-        for kind in (ProfileMember, ProfileGroup, TableEntry, MeterConfig):
-            if batch := [e for e in insert if isinstance(e, kind)]:
-                self.client.insert(*batch)
-            if batch := [e for e in modify if isinstance(e, kind)]:
-                self.client.modify(*batch)
-        for kind in (TableEntry, ProfileGroup, ProfileMember):
-            if batch := [e for e in delete if isinstance(e, kind)]:
-                self.client.delete(*batch)
+    async def apply(self, desired: DesiredState) -> ReconcileResult:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+            self.client.switch.apply(desired), self.client._loop))
 
 
 def frame(src: str, sport: int, flags: str, port: int) -> bytes:
@@ -131,18 +119,21 @@ async def sw(rig):
     rig.load("token_router")
     model: Model = parse_fabric(FABRIC)
     model.policy = parse_policy(POLICY, model=model)
-    writer = ClientWriter(rig.client)
-    report, held = await sync_model(model, {"s1": DesiredState()}, writer)
+    switches = {"s1": RigSwitch(rig.client)}
+    held = compile_model(model)
+    report = await apply_states(switches, {"s1": DesiredState()}, held)
     assert report.ok, report.error
     rig.io.drain()
-    rig.model, rig.writer, rig.held = model, writer, held
+    rig.model, rig.switches, rig.held = model, switches, held
     yield rig
     assert rig.alive(), "simple_switch_grpc died during the test"
 
 
 async def resync(sw: object) -> None:
-    report, sw.held = await sync_model(sw.model, sw.held, sw.writer)
+    new = compile_model(sw.model)
+    report = await apply_states(sw.switches, sw.held, new)
     assert report.ok, report.error
+    sw.held = new
 
 
 async def test_classes_and_weighted_selection(sw):

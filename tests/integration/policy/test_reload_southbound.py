@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from google.rpc import code_pb2
 
+from controller.app import Controller, PushFailed
 from controller.compile import compile_model
 from controller.fabric import load_fabric
-from controller.policy.reload import SouthboundWriter, reload_policy
+from controller.ledger import Ledger
+from controller.policy.reload import reload_policy
 from controller.policy.schema import load_policy
-from controller.southbound import Pipeline, Southbound
-from controller.southbound.switch import Role
+from controller.southbound import Pipeline, Role, Southbound
 from tokenfabric import dataplane as dp
 
 fake_server = pytest.importorskip("tests.integration.southbound.fake_p4rt_server")
@@ -95,8 +96,7 @@ async def test_reload_through_the_southbound(fabric, pipeline, tmp_path):
 
     path = tmp_path / "policy.yaml"
     path.write_text(NEW)
-    writer = SouthboundWriter(lambda name, state: sb[name].apply(state), old)
-    report = await reload_policy(model, path, writer)
+    report = await reload_policy(model, path, sb.switches, old)
     assert report.ok, report.errors
     new = compile_model(model)
     for name, server in servers.items():
@@ -114,8 +114,7 @@ async def test_a_switch_refusing_part_way_rolls_every_switch_back(fabric, pipeli
 
     path = tmp_path / "policy.yaml"
     path.write_text(NEW)
-    writer = SouthboundWriter(lambda name, state: sb[name].apply(state), old)
-    report = await reload_policy(model, path, writer)
+    report = await reload_policy(model, path, sb.switches, old)
     assert not report.ok and report.apply.failed_switch == "leaf2"
     assert report.errors[0].startswith("leaf2: ")
     # leaf1 was written, leaf2 partly: both are rolled back; spine1 was never touched
@@ -124,3 +123,35 @@ async def test_a_switch_refusing_part_way_rolls_every_switch_back(fabric, pipeli
         assert held(server, pipeline) == want(old[name], pipeline), name
     assert model.policy is policy_before
     assert dataclasses.asdict(model.policy.roce)["ecn_threshold"] == 20
+
+
+async def test_a_failed_reconcile_pass_rolls_back_and_the_next_one_retries(fabric, pipeline,
+                                                                           tmp_path):
+    """Controller.push goes through the same applier: a switch that refuses part-way
+    makes every switch of the pass go back, `pushed` stays, the next pass retries."""
+    model, servers, sb = fabric
+    ctl = Controller(model, Ledger(tmp_path / "ledger.db"), southbound=sb)
+    try:
+        assert set(await ctl.push()) == set(servers)
+        old = compile_model(model)
+        path = tmp_path / "policy.yaml"
+        path.write_text(NEW)
+        model.policy = load_policy(path, model)  # as an operator's edit would, unapplied
+        servers["leaf2"].refuse_after = 2
+        with pytest.raises(PushFailed, match="leaf2") as caught:
+            await ctl.push()
+        assert caught.value.report.rolled_back == ["leaf2", "leaf1"]
+        for name, server in servers.items():
+            assert held(server, pipeline) == want(old[name], pipeline), name
+            assert ctl.pushed[name].entities == old[name].entities
+        await ctl.reconcile_once()
+        assert ctl.last_reconcile_error is not None and "leaf2" in ctl.last_reconcile_error
+
+        servers["leaf2"].refuse_after = None
+        await ctl.reconcile_once()
+        assert ctl.last_reconcile_error is None
+        new = compile_model(model)
+        for name, server in servers.items():
+            assert held(server, pipeline) == want(new[name], pipeline), name
+    finally:
+        ctl.ledger.close()

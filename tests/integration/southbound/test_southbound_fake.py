@@ -277,6 +277,42 @@ async def test_backup_stays_passive_and_takes_over(fake, pipeline):
         await backup.stop()
 
 
+async def test_a_backup_raising_its_election_id_becomes_primary(fake, pipeline):
+    """A replica takes over without reconnecting: a new arbitration update on the open
+    stream with a higher id than the primary's (the API issue 18's failover uses)."""
+    primary = await started(make_switch(fake, pipeline, election_id=20, name="primary"))
+    backup = await started(make_switch(fake, pipeline, election_id=10, name="backup"),
+                           Role.BACKUP)
+    try:
+        desired = mini_state(tenants=2)
+        assert (await primary.apply(desired)).applied
+        assert not (await backup.apply(desired)).applied
+        sessions = backup.stats.sessions
+        await backup.set_election_id(30)
+        await backup.wait_role(Role.PRIMARY, timeout=10)
+        await primary.wait_role(Role.BACKUP, timeout=10)
+        assert backup.is_primary and backup.election_id == 30
+        assert backup.primary_election_id == 30 and primary.primary_election_id == 30
+        assert backup.stats.sessions == sessions  # the same stream
+        assert backup.stats.last.applied and backup.stats.last.writes == 0  # adopted
+        more = mini_state(tenants=3)
+        assert (await backup.apply(more)).inserted == 3
+        assert held_on_fake(fake, pipeline).entities == normalized(more, pipeline).entities
+        assert (await primary.apply(desired)).reason == "backup"
+        with pytest.raises(ValueError):
+            await backup.set_election_id(0)
+        # the whole southbound of the old primary raises its id above: it is back
+        fleet = Southbound(election_id=20)
+        fleet.switches["primary"] = primary
+        await fleet.set_election_id(40)
+        await primary.wait_role(Role.PRIMARY, timeout=10)
+        await backup.wait_role(Role.BACKUP, timeout=10)
+        assert fleet.election_id == 40 and primary.primary_election_id == 40
+    finally:
+        await primary.stop()
+        await backup.stop()
+
+
 async def test_duplicate_election_id_is_refused_and_retried(fake, pipeline):
     first = await started(make_switch(fake, pipeline, election_id=7))
     twin = make_switch(fake, pipeline, election_id=7, name="twin")
@@ -464,8 +500,10 @@ async def test_apply_all_rolls_back_every_switch(fakes, pipeline):
         broken.add(TableEntry.of("select_backend", {"hdr.ipv4.dst_addr": Exact(9)},
                                  MemberRef(99)))  # no member 99: the switch refuses
         with pytest.raises(ApplyError) as caught:
-            await sb.apply({"s0": mini_state(tenants=3), "s1": broken}, previous=before)
+            await sb.apply({"s0": mini_state(tenants=3), "s1": broken})
+        # s0 took its new state first (name order), then s1 refused: both are back
         assert set(caught.value.errors) == {"s1"} and caught.value.rolled_back
+        assert caught.value.results["s0"].inserted == 3  # tenant 3: its three entries
         for server in fakes[:2]:
             assert held_on_fake(server, pipeline).entities == \
                 normalized(before["s0"], pipeline).entities

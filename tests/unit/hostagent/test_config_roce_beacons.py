@@ -120,6 +120,17 @@ def test_retry_after_from_refill_rate():
     assert retry_after_seconds(table.by_address("1.1.1.1"), 512) == 60
 
 
+def test_retry_after_uses_the_switch_s_integer_rate():
+    """The switch refills max(1, round(tpm / 60)) whole tokens per second: a contract of
+    24 tpm (0.4 tokens/s) refills 1 token/s, one of 6036 tpm (100.6/s) 101 tokens/s."""
+    table = TenantTable.from_json([
+        {"tenant_id": 1, "name": "slow", "tokens_per_s": 0.4},
+        {"tenant_id": 2, "name": "odd", "tokens_per_s": 100.6}])
+    assert retry_after_seconds(table.tenants[0], 512) == 512   # not ceil(512 / 0.4) = 1280
+    assert retry_after_seconds(table.tenants[1], 5050) == 50   # 5050 / 101, not 50.2 -> 51
+    assert retry_after_seconds(table.tenants[0], 10**6) == 3600
+
+
 def test_roce_dry_run_prints_exact_commands():
     done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "agent", "roce", "--dry-run",
                            "--netdev", "ens1f0", "--rdma-dev", "mlx5_0", "--dscp", "24"],

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from controller.applier import apply_states
 from controller.compile import compile_model
+from controller.drivers import ReconcileResult
 from controller.entries import DesiredState, Entity
 from controller.fabric import load_fabric
-from controller.policy.reload import SouthboundWriter, apply_states, reload_policy, sync_model
+from controller.policy.reload import reload_policy
 from controller.policy.schema import load_policy
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -20,40 +22,45 @@ class SwitchError(RuntimeError):
     pass
 
 
+class FakeSwitch:
+    """One switch of FakeSwitches: takes a whole desired state, as a driver does."""
+
+    def __init__(self, name: str, fleet: FakeSwitches) -> None:
+        self.name, self.fleet = name, fleet
+
+    async def apply(self, desired: DesiredState) -> ReconcileResult:
+        return self.fleet.write(self.name, desired)
+
+
 class FakeSwitches:
-    """Switches holding entities by key, written like P4Runtime: inserting a key that
-    holds a different entity or modifying an absent one is an error. Deleting an
-    absent entity or re-inserting an identical one is not (a rollback may meet both).
+    """Switches holding entities by key, written like P4Runtime: the difference between
+    what a switch holds and its new desired state, inserts, modifies, then deletes.
     `fail_on=N` makes the N-th write (1-based) apply half its updates, then raise."""
 
     def __init__(self, states: dict[str, DesiredState], fail_on: int | None = None) -> None:
         self.held = {name: dict(state.entities) for name, state in states.items()}
         self.fail_on = fail_on
         self.writes: list[tuple[str, int, int, int]] = []
+        self.switches = {name: FakeSwitch(name, self) for name in states}
 
-    async def write(self, switch: str, insert: list[Entity], modify: list[Entity],
-                    delete: list[Entity]) -> None:
-        self.writes.append((switch, len(insert), len(modify), len(delete)))
+    def write(self, switch: str, desired: DesiredState) -> ReconcileResult:
         held = self.held.setdefault(switch, {})
-        updates = [("insert", e) for e in insert] + [("modify", e) for e in modify] + \
-                  [("delete", e) for e in delete]
+        insert, modify, delete = desired.diff(DesiredState(dict(held)))
+        self.writes.append((switch, len(insert), len(modify), len(delete)))
+        updates: list[tuple[str, Entity]] = [("insert", e) for e in insert] + \
+            [("modify", e) for e in modify] + [("delete", e) for e in delete]
         failing = len(self.writes) == self.fail_on
         if failing:
             updates = updates[: len(updates) // 2]
         for kind, e in updates:
-            key = e.key()
-            if kind == "insert":
-                if key in held and held[key] != e:
-                    raise SwitchError(f"{switch}: ALREADY_EXISTS {key}")
-                held[key] = e
-            elif kind == "modify":
-                if key not in held:
-                    raise SwitchError(f"{switch}: NOT_FOUND {key}")
-                held[key] = e
+            if kind == "delete":
+                held.pop(e.key(), None)
             else:
-                held.pop(key, None)
+                held[e.key()] = e
         if failing:
             raise SwitchError(f"{switch}: RESOURCE_EXHAUSTED (injected)")
+        return ReconcileResult(switch, True, inserted=len(insert), modified=len(modify),
+                               deleted=len(delete))
 
     def state(self, switch: str) -> dict:
         return self.held[switch]
@@ -76,7 +83,7 @@ async def test_a_good_reload_writes_only_the_difference(tmp_path):
     switches = FakeSwitches(old)
     path = tmp_path / "policy.yaml"
     path.write_text(NEW_POLICY)
-    report = await reload_policy(model, path, switches.write)
+    report = await reload_policy(model, path, switches.switches)
     assert report.ok, report.errors
     new = compile_model(model)
     assert model.policy.tenants["newcomer"].tenant_id == 3
@@ -95,7 +102,7 @@ async def test_a_bad_file_changes_nothing(tmp_path):
     switches = FakeSwitches(compile_model(model))
     path = tmp_path / "policy.yaml"
     path.write_text(NEW_POLICY.replace("ecn_threshold: 20", "ecn_threshold: -5"))
-    report = await reload_policy(model, path, switches.write)
+    report = await reload_policy(model, path, switches.switches)
     assert not report.ok
     assert report.errors == [f"{path}:12: roce.ecn_threshold: must be in 1..524287, got -5"]
     assert switches.writes == []
@@ -110,7 +117,7 @@ async def test_failure_on_the_nth_switch_rolls_every_switch_back(tmp_path, fail_
     path = tmp_path / "policy.yaml"
     path.write_text(NEW_POLICY)
     policy_before = model.policy
-    report = await reload_policy(model, path, switches.write)
+    report = await reload_policy(model, path, switches.switches)
     assert not report.ok
     names = sorted(old)
     assert report.apply.failed_switch == names[fail_on - 1]
@@ -129,53 +136,45 @@ async def test_apply_states_reports_a_failing_rollback():
     old = compile_model(model)
     model.services["llama"].vip = "10.0.100.9"
     new = compile_model(model)
+    switches = FakeSwitches(old)
     calls = []
 
-    async def write(switch, insert, modify, delete):
-        calls.append(switch)
-        if len(calls) in (2, 3):  # leaf2 fails, then its rollback fails too
-            raise SwitchError("switch went away")
+    class Flaky(FakeSwitch):
+        async def apply(self, desired: DesiredState) -> ReconcileResult:
+            calls.append(self.name)
+            if len(calls) in (2, 3):  # leaf2 fails, then its rollback fails too
+                raise SwitchError("switch went away")
+            return await super().apply(desired)
 
-    report = await apply_states(old, new, write)
+    flaky = {name: Flaky(name, switches) for name in old}
+    report = await apply_states(flaky, old, new)
     assert not report.ok and report.failed_switch == "leaf2"
     assert report.rolled_back == ["leaf1"]
     assert set(report.rollback_errors) == {"leaf2"}
+    assert switches.state("leaf1") == old["leaf1"].entities
 
 
-async def test_southbound_writer_rolls_back_whole_states():
-    """The adapter for a southbound whose switches take a whole desired state."""
+async def test_only_changed_switches_are_given_a_state():
     model = leafspine()
     old = compile_model(model)
-    given: dict[str, list[dict]] = {name: [] for name in old}
-
-    async def set_state(name: str, state: DesiredState) -> None:
-        given[name].append(dict(state.entities))
-        if name == "leaf2" and len(given[name]) == 1:
-            raise SwitchError("leaf2 refused")
-
-    writer = SouthboundWriter(set_state, old)
-    changed = dataclasses.replace(model, policy=load_policy(EXAMPLES / "policy-roce.yaml",
-                                                            model))
-    changed.policy.roce = dataclasses.replace(changed.policy.roce, ecn_threshold=99)
-    new = compile_model(changed)
-    report = await apply_states(old, new, writer)
-    assert not report.ok and report.failed_switch == "leaf2"
-    assert given["leaf1"] == [new["leaf1"].entities, old["leaf1"].entities]
-    assert given["leaf2"] == [new["leaf2"].entities, old["leaf2"].entities]
-    assert given["spine1"] == []
-    assert writer.current["leaf1"].entities == old["leaf1"].entities
+    switches = FakeSwitches(old)
+    report = await apply_states(switches.switches, old, compile_model(model))
+    assert report.ok and report.changes == {} and switches.writes == []
+    # a switch the controller has no driver for counts as given
+    report = await apply_states({}, {}, old)
+    assert report.ok and set(report.changes) == set(old)
 
 
 async def test_reload_from_text_names_the_given_file():
     model = leafspine()
     switches = FakeSwitches(compile_model(model))
-    report = await reload_policy(model, "", switches.write, text="tenants: [1]\n",
+    report = await reload_policy(model, "", switches.switches, text="tenants: [1]\n",
                                  file="upload.yaml")
     assert report.errors == ["upload.yaml:1: tenants[0]: must be a mapping, got an integer"]
     assert report.summary()["ok"] is False
 
 
-async def test_sync_model_writes_router_changes_and_keeps_the_old_state_on_failure():
+async def test_router_changes_are_written_and_the_old_state_kept_on_failure():
     from controller.routing import Router
 
     model = leafspine()
@@ -183,16 +182,17 @@ async def test_sync_model_writes_router_changes_and_keeps_the_old_state_on_failu
     switches = FakeSwitches(current)
     router = Router(model)
     assert router.drain("gpu1-llama")
-    report, held = await sync_model(model, current, switches.write)
-    assert report.ok and held == compile_model(model)
-    assert all(switches.state(n) == held[n].entities for n in held)
+    new = compile_model(model)
+    report = await apply_states(switches.switches, current, new)
+    assert report.ok
+    assert all(switches.state(n) == new[n].entities for n in new)
     # every switch changes its selector group and pairs for service llama
     assert set(report.changes) == {"leaf1", "leaf2", "spine1"}
     router.undrain("gpu1-llama")
     switches.fail_on = len(switches.writes) + 2
-    report, again = await sync_model(model, held, switches.write)
-    assert not report.ok and again is held
-    assert all(switches.state(n) == held[n].entities for n in held)
+    report = await apply_states(switches.switches, new, compile_model(model))
+    assert not report.ok and report.rolled_back == ["leaf2", "leaf1"]
+    assert all(switches.state(n) == new[n].entities for n in new)
 
 
 async def test_a_new_class_keeps_the_numbers_of_the_others(tmp_path):
@@ -205,7 +205,7 @@ async def test_a_new_class_keeps_the_numbers_of_the_others(tmp_path):
     path.write_text((EXAMPLES / "policy-roce.yaml").read_text().replace(
         "contracts:\n", "contracts:\n  aaa-voice:\n    class: {service_class: telephony, "
         "priority_level: 10}\n    tpm: 6000\n"))
-    report = await reload_policy(model, path, switches.write)
+    report = await reload_policy(model, path, switches.switches)
     assert report.ok, report.errors
     for key, tclass in before.items():
         assert model.policy.class_ids[key] == tclass
