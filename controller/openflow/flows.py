@@ -268,6 +268,12 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
                          actions=(("set_field", "eth_src", _mac_text(p["smac"])),
                                   ("set_field", "eth_dst", _mac_text(p["dmac"])),
                                   ("output", p["port"]))))
+    # Prefix affinity is bounded by the backends' load registers, which OVS lacks: not
+    # translated (docs/openflow.md); said once, so an operator sees it in /switches.
+    if tables.get(Tables.AFFINITY):
+        out.notes.append(f"{len(tables[Tables.AFFINITY])} prefix affinity entries not "
+                         "installed: affinity is P4-only (OVS has no per-backend load to "
+                         "bound it)")
     if any(isinstance(e.action, GroupRef) for e in tables.get(Tables.SERVICE_POOL, [])) \
             and not out.groups:
         out.notes.append("no service has a deliverable backend on this switch")
