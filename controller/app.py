@@ -485,7 +485,8 @@ class Controller:
             tps = contract.limits.tpm / 60.0 if contract else 0.0
             out.append({"tenant_id": t.tenant_id, "name": t.name, "prefixes": list(t.prefixes),
                         "tokens_per_s": round(tps, 6),
-                        "request_priority": contract.request_priority if contract else 0})
+                        "request_priority": contract.request_priority if contract else 0,
+                        "prefix_affinity": t.prefix_affinity})
         return out
 
     def roce_for_agents(self) -> dict[str, Any]:

@@ -283,6 +283,7 @@ class Tenant:
     prefixes: list[str]  # IPv4 CIDRs of the tenant's clients
     contract: str
     trust_dscp: bool = False  # take the class from the packet's DSCP instead of the contract
+    prefix_affinity: bool = False  # opt-in: KV-cache prefix affinity (handoff, issue 15)
 
     def networks(self) -> list[ipaddress.IPv4Network]:
         return [ipaddress.IPv4Network(p) for p in self.prefixes]

@@ -447,6 +447,9 @@ def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
         name = t.get_str("name", required=True, check=check_name)
         tenant_id = t.get_int("id", lo=1, hi=MAX_TENANT_ID)
         trust = t.get_bool("trust_dscp", default=False)
+        # issue 15: the bridge may hand this tenant's requests to the peer holding their
+        # prompt prefix (hostagent/handoff.py); the switch side reads the same field
+        affinity = t.get_bool("prefix_affinity", default=False)
         nets: list[str] = []
         prefixes_ok = False
         pnode = t.child("prefixes")
@@ -506,7 +509,8 @@ def _parse_tenants(tnode: Node, policy: Policy, services: set[str] | None,
             ids[tenant_id] = name
         names.add(name)
         pending.append((t, Tenant(name=name, tenant_id=tenant_id or 0, prefixes=nets,
-                                  contract=contract_name, trust_dscp=trust), tenant_id is None))
+                                  contract=contract_name, trust_dscp=trust,
+                                  prefix_affinity=affinity), tenant_id is None))
     # Tenants without an explicit id keep last policy's id, else take the lowest free one.
     old = {t.name: t.tenant_id for t in previous.tenants.values()} if previous else {}
     for _, tenant, auto in pending:
