@@ -402,7 +402,7 @@ class Emulator:
                            f"the maximum context length {self.config.max_model_len}")
         return limit
 
-    async def _generate(self, http: web.Request, body: dict, tokens: list[str],
+    async def _generate(self, http: web.Request, body: dict, tokens: list[str] | list[int],
                         chat: bool) -> web.StreamResponse:
         model = body.get("model", self.config.model)
         if model != self.config.model:

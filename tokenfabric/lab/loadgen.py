@@ -183,7 +183,7 @@ def _plan_shared(workload: Workload) -> list[PlannedRequest]:
     else:
         planned = plan_chat(ChatSpec.from_dict(workload.chat or {}))
     tenants = {t.name: t for t in workload.tenants}
-    out = []
+    out: list[PlannedRequest] = []
     for p in planned:
         if p.offset >= workload.duration:
             break

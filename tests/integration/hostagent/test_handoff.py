@@ -148,8 +148,8 @@ class Rig:
                 stdout=open(self.tmp / f"{name}.log", "wb"),  # noqa: SIM115
                 stderr=subprocess.STDOUT))
         for name in ("gpu1", "gpu2"):
-            wait_for(lambda name=name: self.viewer.get(f"/api/v1/backends/{name}"
-                                                       ).json().get("load", {}).get("reports", 0) > 0,
+            wait_for(lambda name=name: self.viewer.get(
+                f"/api/v1/backends/{name}").json().get("load", {}).get("reports", 0) > 0,
                      f"{name}'s registration and first report")
             wait_for(lambda name=name: httpx.get(self.metrics[name]).status_code == 200,
                      f"{name}'s metrics")
