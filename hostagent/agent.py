@@ -41,6 +41,8 @@ from hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsag
 from hostagent.usage_records import UsageSigner
 from tokenfabric import usage_signing
 
+KV_KEEPALIVE_S = 1.0  # an unchanged block set is re-confirmed to the index this often
+
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
@@ -244,12 +246,16 @@ class Agent:
     async def _kv_report_loop(self) -> None:
         """The block set's changes to the controller's prefix index, once registered."""
         assert self.controller is not None
+        loop = asyncio.get_running_loop()
+        last_sent = loop.time()
         while True:
             await asyncio.sleep(self.config.kv_report_interval)
             if not self.registered.is_set():
                 self.kv_blocks.need_full = True  # a new registration starts a new index entry
                 continue
-            pending = self.kv_blocks.report()
+            # an idle cache still holds its blocks: an empty delta at least every second
+            # keeps the index trusting them (its stale_after_s is 3 s)
+            pending = self.kv_blocks.report(keepalive=loop.time() - last_sent >= KV_KEEPALIVE_S)
             if pending is None:
                 continue
             try:
@@ -261,6 +267,7 @@ class Agent:
                 continue
             self.kv_blocks.acknowledge(pending, answer)
             self.kv_reports_sent += 1
+            last_sent = loop.time()
 
     # -- loops ---------------------------------------------------------------------------
     async def _scrape_loop(self) -> None:

@@ -134,7 +134,7 @@ class BridgeSettings:
 class _Exchange:
     """One relayed request and what the bridge worked out from its body."""
     __slots__ = ("request", "prompt_estimate", "max_tokens", "delay_key", "decision",
-                 "handed_at", "tenant")
+                 "handed_at", "added_s", "tenant")
 
     def __init__(self, request: Request, body: dict | None, tenant: Tenant) -> None:
         self.request = request
@@ -144,6 +144,7 @@ class _Exchange:
         self.tenant = tenant
         self.decision: Decision | None = None  # the prefix handoff's, when one was made
         self.handed_at: float | None = None    # set when the request went to a peer
+        self.added_s = 0.0                     # what the handoff added: lookup + connect
 
 
 class _Counter:
@@ -565,6 +566,8 @@ class Bridge:
         assert peer is not None
         request = exchange.request
         signed = self.handoff.header(exchange.tenant, request.body)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             handed = await self._connect(request, (peer.address, self.handoff.settings.port),
                                          [f"{HANDOFF_HEADER}: {signed}"], keep_body=True,
@@ -573,7 +576,10 @@ class Bridge:
             log.warning("handoff to %s failed, serving here: %s", peer.name, exc.message)
             self.handoff.failed()
             return None
-        exchange.handed_at = asyncio.get_running_loop().time()
+        exchange.handed_at = loop.time()
+        # the handoff's own cost: the decision (keys, lookup) and reaching the peer; the
+        # peer bridge's relay of the bytes adds what any bridge adds (bench_bridge.py)
+        exchange.added_s = exchange.decision.lookup_ms / 1000 + exchange.handed_at - started
         self.handoff.begin(peer)
         request.body = b""
         request.release()
@@ -728,8 +734,7 @@ class Bridge:
         else:
             assert self.handoff is not None and decision is not None \
                 and decision.peer is not None
-            added = decision.lookup_ms / 1000 + \
-                asyncio.get_running_loop().time() - exchange.handed_at
+            added = exchange.added_s
             self.handoff.relayed(decision.peer, exchange.tenant, added)
             out = [(k, v) for k, v in headers if k not in ("connection", "keep-alive")]
             out += [(HANDOFF_FROM_HEADER, self.settings.backend_name),

@@ -11,7 +11,12 @@ Per request of a tenant that opted in (policy `prefix_affinity`):
 3. the cost model (`decide`): hand off when a trusted peer holds at least `min_extra_blocks`
    more blocks (and `min_ratio` times as many) as this backend and
        prefill saved  >  max(0, peer's expected queueing - ours) + relay cost + min_gain,
-   prefill saved = extra cached tokens x prefill time per token; expected queueing from
+   prefill saved = the request's own (extra cached tokens x prefill time per token) plus,
+   weighted by `stall_weight`, the stall its prefill puts on the batch: a prefill step
+   delays every running request of its backend, so computing P - cached_here tokens here
+   stalls our running requests and P - cached_there tokens there stalls the peer's
+   (saved += running_here x (P - cached_here) - running_there x (P - cached_there),
+   times the prefill time per token); expected queueing from
    the peer's last reported running/waiting (plus the handoffs this agent sent it since)
    against its capacity, in units of a typical request's time here; relay cost = the
    measured moving average of the lookup-to-peer-head time;
@@ -69,10 +74,11 @@ class HandoffSettings:
     hash_algo: str = "sha256"
     min_blocks: int = 4                  # prompts with fewer full blocks are never looked up
     min_extra_blocks: int = 4            # "markedly longer": at least this many more...
-    min_ratio: float = 1.5               # ...and this many times our cached blocks
+    min_ratio: float = 1.2               # ...and this many times our cached blocks
     prefill_ms_per_token: float = 0.1    # prefill time a cached token saves (lab: 0.1)
     relay_ms: float = 3.0                # the relay's cost until measured
     min_gain_ms: float = 5.0             # net gain a handoff must promise
+    stall_weight: float = 1.0            # weight of the batch's prefill stall (0: own only)
     max_peer_load: float = 1.5           # (running + waiting) / capacity a peer may have
     lookup_timeout: float = 0.05         # s: the budget of a lookup
     max_lookups: int = 32                # lookups in flight at once; more serve locally
@@ -140,8 +146,8 @@ class HandoffMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1))
         self.relay_seconds = Histogram(
             "tokenfabric_handoff_added_seconds",
-            "A handoff's added latency: lookup, then the peer's response head minus nothing "
-            "else (connect and the peer bridge's relay).", ["backend"],
+            "A handoff's added latency: the decision (block keys, index lookup) and the "
+            "connection to the peer's handoff listener.", ["backend"],
             registry=self.registry, buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -199,7 +205,7 @@ def queue_wait_s(running: float, waiting: float, capacity: int, service_s: float
 
 def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
            local: LocalLoad, relay_ms: float, pending: dict[str, int],
-           block_size: int) -> Decision:
+           block_size: int, prompt_blocks: int = 0) -> Decision:
     """Where the request should run: here, or a peer (see the module docstring)."""
     local_blocks = 0
     peers: list[Peer] = []
@@ -234,7 +240,11 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
         if busy > settings.max_peer_load * peer.capacity:
             outcome = "peer_busy"
             continue
-        saved_ms = extra * block_size * settings.prefill_ms_per_token
+        per_block = block_size * settings.prefill_ms_per_token
+        prompt = max(prompt_blocks, peer.cached_blocks)
+        stall = local.running * (prompt - local_blocks) - \
+            (peer.running + pending.get(peer.name, 0)) * (prompt - peer.cached_blocks)
+        saved_ms = (extra + settings.stall_weight * stall) * per_block
         peer_wait = queue_wait_s(busy, 0, peer.capacity, local.service_s)
         cost_ms = max(0.0, peer_wait - local_wait) * 1000 + relay_ms
         gain = saved_ms - cost_ms
@@ -371,7 +381,8 @@ class Handoff:
             self.metrics.lookup_seconds.labels(self.backend).observe(
                 time.monotonic() - started)
         decision = decide(self.settings, self.backend, matches, self.local_load(),
-                          self.relay_ms, self.pending, self._hasher().block_size)
+                          self.relay_ms, self.pending, self._hasher().block_size,
+                          len(keys))
         decision.lookup_ms = (time.monotonic() - started) * 1000
         return self._done(decision)
 
@@ -410,7 +421,7 @@ class Handoff:
             self.pending.pop(peer.name, None)
 
     def relayed(self, peer: Peer, tenant: Tenant, added_s: float) -> None:
-        """A handoff whose answer head came back `added_s` after the decision started."""
+        """A handoff that added `added_s` (decision and connect) is streaming back."""
         self.metrics.decided("handoff")
         self.metrics.handed(peer.name, tenant.name)
         self.metrics.relay_seconds.labels(self.backend).observe(added_s)
