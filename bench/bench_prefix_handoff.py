@@ -180,7 +180,7 @@ class Cluster:
                 "beacon_target": f"127.0.0.1:{self.beacons.getsockname()[1]}",
                 "report_interval": 0.25, "kv_events_endpoint": endpoint,
                 "kv_events_replay_endpoint": replay, "kv_report_interval": 0.25,
-                "handoff": {"secret": SECRET, "port": handoff_port, "lookup_timeout": 0.15,
+                "handoff": {"secret": SECRET, "port": handoff_port, "lookup_timeout": 0.25,
                             "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN}}}))
             self._popen([*CLI, "agent", "run", "--config", str(cfg / f"agent-{name}.yaml")],
                         f"agent-{name}")

@@ -192,6 +192,8 @@ class Agent:
         return Handoff(HandoffSettings(**cfg.handoff), cfg.name, session, cfg.controller_url,
                        cfg.auth_token(), cfg.vllm_url, self.local_load,
                        block_size=lambda: self.kv_subscriber.stats.block_size
+                       if self.kv_subscriber is not None else None,
+                       local_keys=lambda: self.kv_blocks.current
                        if self.kv_subscriber is not None else None)
 
     def local_load(self) -> LocalLoad:

@@ -40,7 +40,7 @@ import collections
 import hashlib
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,6 +309,9 @@ class Handoff:
     vllm_url: str
     local_load: Callable[[], LocalLoad]
     block_size: Callable[[], int | None] = lambda: None  # the KV events' block size
+    # this backend's own block keys (its KV events), when the agent follows them: a prompt
+    # held here nearly whole needs no lookup, no peer can hold markedly more
+    local_keys: Callable[[], Container[int] | None] = lambda: None
     metrics: HandoffMetrics = field(init=False)
     pending: dict[str, int] = field(default_factory=dict)  # handoffs in flight per peer
     relay_ms: float = field(init=False)
@@ -366,6 +369,9 @@ class Handoff:
             return self._done(Decision("not_tokenized"))
         if len(keys) < self.settings.min_blocks:
             return self._done(Decision("short_prompt"))
+        held = self._held_here(keys)
+        if len(keys) - held < self.settings.min_extra_blocks:
+            return self._done(Decision("local_longest", local_blocks=held))
         matches = self._cache.get(keys, started)
         if matches is None:
             if self._lookups >= self.settings.max_lookups:
@@ -385,6 +391,17 @@ class Handoff:
                           len(keys))
         decision.lookup_ms = (time.monotonic() - started) * 1000
         return self._done(decision)
+
+    def _held_here(self, keys: list[int]) -> int:
+        local = self.local_keys()
+        if local is None:
+            return 0
+        held = 0
+        for key in keys:
+            if key not in local:
+                break
+            held += 1
+        return held
 
     def _done(self, decision: Decision) -> Decision:
         if decision.decision != "handoff":
