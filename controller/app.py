@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller import affinity, gctools, identity, log
 from controller import fabric as fabric_file
-from controller import gctools, identity, log
 from controller.api.errors import (
     ApiError,
     Conflict,
@@ -43,7 +43,7 @@ from controller.crosscheck import BackendCheck, CheckSettings, check_ports
 from controller.drivers import Fleet, Southbound, StateTaker, features_of, openflow_context
 from controller.entries import DesiredState
 from controller.ledger import Ledger, SignedOutcome, Usage, UsageRefused
-from controller.model import Backend, BackendState, Model
+from controller.model import Backend, BackendState, Model, Tenant
 from controller.openflow.budget import TenantBuckets
 from controller.policy import reload
 from controller.policy.offload import PolicyProcess
@@ -501,8 +501,16 @@ class Controller:
             tps = contract.limits.tpm / 60.0 if contract else 0.0
             out.append({"tenant_id": t.tenant_id, "name": t.name, "prefixes": list(t.prefixes),
                         "tokens_per_s": round(tps, 6),
-                        "request_priority": contract.request_priority if contract else 0})
+                        "request_priority": contract.request_priority if contract else 0,
+                        "prefix_affinity": self._handoff_opt_in(t)})
         return out
+
+    def _handoff_opt_in(self, tenant: Tenant) -> bool:
+        """Whether the bridges may hand this tenant's requests to a peer holding their
+        prefix: the same opt-in as the switch's affinity, for any service."""
+        policy = self.model.policy
+        return any(affinity.resolve(policy, service, tenant) is not None
+                   for service in self.model.services)
 
     def roce_for_agents(self) -> dict[str, Any]:
         """The host side of the fabric's RoCE class (the agent configures its NIC with it)."""

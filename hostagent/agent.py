@@ -22,6 +22,8 @@ import time
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hostagent import log, roce
 from hostagent.beacons import BeaconSender
@@ -29,6 +31,7 @@ from hostagent.bridge import Bridge, BridgeSettings
 from hostagent.config import AgentConfig
 from hostagent.controller_api import ControllerClient, ControllerError
 from hostagent.delay import DelayEstimator
+from hostagent.handoff import Handoff, HandoffSettings, LocalLoad
 from hostagent.hostsetup import HostSetup
 from hostagent.kv_blocks import KvBlockSet
 from hostagent.kv_events import KvEventSubscriber, local, subscriber_side
@@ -37,6 +40,8 @@ from hostagent.metrics import ScrapeError, VllmSnapshot, healthy, scrape
 from hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
 from hostagent.usage_records import UsageSigner
 from tokenfabric import usage_signing
+
+KV_KEEPALIVE_S = 1.0  # an unchanged block set is re-confirmed to the index this often
 
 
 class Agent:
@@ -92,6 +97,8 @@ class Agent:
                 self._kv_stored, self.kv_blocks.on_removed, self.kv_blocks.on_cleared,
                 bind=bind)
         self.kv_reports_sent = 0
+        self.handoff: Handoff | None = None  # made in run(), with the HTTP session
+        self.metrics_runner: web.AppRunner | None = None
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -136,10 +143,19 @@ class Agent:
             self.controller = ControllerClient(self.session, cfg.controller_url,
                                                cfg.auth_token())
             self.rdma_status = await asyncio.to_thread(self._roce)
+            if cfg.handoff:
+                self.handoff = self._make_handoff(self.session)
+                self.bridge.handoff = self.handoff
+            if cfg.metrics_listen:
+                await self._start_metrics(cfg.metrics_listen)
             if cfg.bridge:
                 await self.bridge.start(cfg.listen_address, cfg.listen_port)
                 log.info("bridge (%s) on %s:%d -> %s", cfg.mode, cfg.listen_address,
                          self.bridge.port, cfg.vllm_url)
+                if self.handoff is not None:
+                    await self.bridge.start_handoff(cfg.address, self.handoff.settings.port)
+                    log.info("handoff listener on %s:%d", cfg.address,
+                             self.handoff.settings.port)
             loops = [self._scrape_loop(), self._health_loop(), self._controller_loop(),
                      self._beacon_loop()]
             if self.kv_subscriber is not None:
@@ -163,11 +179,50 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._deregister()
+            if self.metrics_runner is not None:
+                await self.metrics_runner.cleanup()
             if self.session:
                 await self.session.close()
             self.beacons.close()
             if self.host_setup:
                 await asyncio.to_thread(self.host_setup.undo)
+
+    def _make_handoff(self, session: aiohttp.ClientSession) -> Handoff:
+        cfg = self.config
+        return Handoff(HandoffSettings(**cfg.handoff), cfg.name, session, cfg.controller_url,
+                       cfg.auth_token(), cfg.vllm_url, self.local_load,
+                       block_size=lambda: self.kv_subscriber.stats.block_size
+                       if self.kv_subscriber is not None else None,
+                       local_keys=lambda: self.kv_blocks.current
+                       if self.kv_subscriber is not None else None)
+
+    def local_load(self) -> LocalLoad:
+        """This backend's load, for the handoff's cost model."""
+        fig = self.figures()
+        wait = None
+        service = 0.7
+        if self.delay is not None:
+            snap = self.snapshot or VllmSnapshot()
+            # the delay model's time to a first token, less the prefill it includes
+            wait = max(0.0, self.delay.expected_ttft(snap.running + snap.waiting,
+                                                     snap.kv_cache_usage >= 1.0)
+                       - self.delay.prefill)
+            service = self.delay.prefill + self.delay.output_tokens * self.delay.tpot
+        return LocalLoad(fig.running, fig.waiting, self.config.capacity, wait, service)
+
+    async def _start_metrics(self, listen: str) -> None:
+        """GET /metrics: the agent's Prometheus counters (the handoffs')."""
+        async def metrics(request: web.Request) -> web.Response:
+            body = generate_latest(self.handoff.metrics.registry) if self.handoff else b""
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        self.metrics_runner = web.AppRunner(app, access_log=None)
+        await self.metrics_runner.setup()
+        host, _, port = listen.rpartition(":")
+        await web.TCPSite(self.metrics_runner, host, int(port), reuse_address=True).start()
+        log.info("metrics on http://%s/metrics", listen)
 
     def _roce(self, overrides: dict | None = None) -> dict:
         try:
@@ -193,12 +248,16 @@ class Agent:
     async def _kv_report_loop(self) -> None:
         """The block set's changes to the controller's prefix index, once registered."""
         assert self.controller is not None
+        loop = asyncio.get_running_loop()
+        last_sent = loop.time()
         while True:
             await asyncio.sleep(self.config.kv_report_interval)
             if not self.registered.is_set():
                 self.kv_blocks.need_full = True  # a new registration starts a new index entry
                 continue
-            pending = self.kv_blocks.report()
+            # an idle cache still holds its blocks: an empty delta at least every second
+            # keeps the index trusting them (its stale_after_s is 3 s)
+            pending = self.kv_blocks.report(keepalive=loop.time() - last_sent >= KV_KEEPALIVE_S)
             if pending is None:
                 continue
             try:
@@ -210,6 +269,7 @@ class Agent:
                 continue
             self.kv_blocks.acknowledge(pending, answer)
             self.kv_reports_sent += 1
+            last_sent = loop.time()
 
     # -- loops ---------------------------------------------------------------------------
     async def _scrape_loop(self) -> None:

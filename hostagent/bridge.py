@@ -48,6 +48,15 @@ import httptools
 
 from hostagent import log
 from hostagent.delay import DelayEstimator
+from hostagent.handoff import (
+    HANDOFF_FROM_HEADER,
+    HANDOFF_HEADER,
+    HANDOFF_MS_HEADER,
+    LOOKUP_MS_HEADER,
+    Decision,
+    Handoff,
+    verify,
+)
 from hostagent.http1 import (
     KIB,
     MIB,
@@ -73,7 +82,7 @@ LINGER_SECONDS = 1.0          # after an early answer, how long unread input is 
 LINGER_BYTES = 1 * MIB        # ...and how much, so that the close does not reset the answer
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                         "upgrade", "transfer-encoding", "content-length", "expect",
-                        TENANT_HEADER, BACKEND_HEADER.lower()})
+                        TENANT_HEADER, BACKEND_HEADER.lower(), HANDOFF_HEADER})
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
@@ -124,13 +133,18 @@ class BridgeSettings:
 
 class _Exchange:
     """One relayed request and what the bridge worked out from its body."""
-    __slots__ = ("request", "prompt_estimate", "max_tokens", "delay_key")
+    __slots__ = ("request", "prompt_estimate", "max_tokens", "delay_key", "decision",
+                 "handed_at", "added_s", "tenant")
 
-    def __init__(self, request: Request, body: dict | None) -> None:
+    def __init__(self, request: Request, body: dict | None, tenant: Tenant) -> None:
         self.request = request
         self.prompt_estimate = _estimate_prompt_tokens(body)
         self.max_tokens = _max_tokens(body)
         self.delay_key: int | None = None
+        self.tenant = tenant
+        self.decision: Decision | None = None  # the prefix handoff's, when one was made
+        self.handed_at: float | None = None    # set when the request went to a peer
+        self.added_s = 0.0                     # what the handoff added: lookup + connect
 
 
 class _Counter:
@@ -223,11 +237,13 @@ ChargeCallback = Callable[[Tenant, int, int], None]  # tenant, prompt tokens, co
 
 
 class _Charge:
-    """What one request has been charged so far (see the module docstring)."""
-    __slots__ = ("tenant", "prompt", "completion")
+    """What one request has been charged so far (see the module docstring). A request
+    handed to a peer is `muted`: the peer's agent charges it, once."""
+    __slots__ = ("tenant", "prompt", "completion", "muted")
 
     def __init__(self, tenant: Tenant) -> None:
         self.tenant, self.prompt, self.completion = tenant, 0, 0
+        self.muted = False
 
 
 class _Response:
@@ -302,8 +318,11 @@ class Bridge:
     def __init__(self, settings: BridgeSettings, tenants: TenantTable | None = None,
                  on_finish: UsageCallback | None = None,
                  on_charge: ChargeCallback | None = None,
-                 delay: DelayEstimator | None = None) -> None:
+                 delay: DelayEstimator | None = None, handoff: Handoff | None = None) -> None:
         self.settings = settings
+        # prefix handoff (hostagent/handoff.py): hands requests to peers, takes theirs
+        self.handoff = handoff
+        self.handoff_server: asyncio.Server | None = None
         self.delay = delay  # told of every relayed request, for the beacons' LOAD
         self.tenants = tenants or TenantTable()
         self.on_finish = on_finish
@@ -321,6 +340,17 @@ class Bridge:
                                                  reuse_address=True)
         return self.server
 
+    async def start_handoff(self, host: str, port: int) -> asyncio.Server:
+        """The listener peers' bridges hand requests to (signed; see hostagent/handoff.py)."""
+        assert self.handoff is not None
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._handle(reader, writer, received=True)
+
+        self.handoff_server = await asyncio.start_server(handle, host, port, limit=64 * KIB,
+                                                         reuse_address=True)
+        return self.handoff_server
+
     @property
     def port(self) -> int:
         assert self.server is not None
@@ -328,6 +358,8 @@ class Bridge:
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop accepting; give the requests in flight up to `grace` seconds to finish."""
+        if self.handoff_server:
+            self.handoff_server.close()
         if self.server:
             self.server.close()
             deadline = asyncio.get_running_loop().time() + grace
@@ -346,13 +378,14 @@ class Bridge:
                 return self.tenants.by_name_or_id(named) or UNKNOWN
         return self.tenants.by_address(peer)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      received: bool = False) -> None:
         if self.connections >= self.settings.max_connections:
             await self._refuse(reader, writer)
             return
         self.connections += 1
         try:
-            await self._serve(reader, writer)
+            await self._serve(reader, writer, received)
         except Exception:  # a bug must cost one connection, not an unretrieved task error
             log.exception("bridge connection failed")
         finally:
@@ -392,7 +425,8 @@ class Bridge:
         except (TimeoutError, OSError):
             pass
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     received: bool = False) -> None:
         peer = (writer.get_extra_info("peername") or ("",))[0]
         try:
             request = await read_request(reader, writer, self.limits, self.budget)
@@ -404,14 +438,15 @@ class Bridge:
             return
         self.in_flight += 1
         try:
-            await self._serve_request(request, peer, reader, writer)
+            await self._serve_request(request, peer, reader, writer, received)
         finally:
             self.in_flight -= 1
             request.release()
 
     async def _serve_request(self, request: Request, peer: str, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
+                             writer: asyncio.StreamWriter, received: bool = False) -> None:
         tenant, usage = self._tenant(request, peer), TenantUsage()
+        charge = _Charge(tenant)
         upstream: asyncio.StreamWriter | None = None
         watcher: asyncio.Task | None = None
         client_gone = False
@@ -434,8 +469,9 @@ class Bridge:
 
             watcher = asyncio.create_task(watch_client())
             usage.requests = 1
-            charge = _Charge(tenant)
             try:
+                if received:
+                    tenant = charge.tenant = self._handed_tenant(request)
                 body = await _parse_body(request.body, self.large_json)
                 if self.settings.priority_scheduling and request.body:
                     if body is None:
@@ -443,12 +479,23 @@ class Bridge:
                                         f"{MAX_JSON_VALUES} values")
                     body["priority"] = -(tenant.request_priority or 0)
                     request.body = json.dumps(body, separators=(",", ":")).encode()
-                exchange = _Exchange(request, body)
+                exchange = _Exchange(request, body, tenant)
+                if self.handoff is not None and not received and body is not None \
+                        and self.handoff.wants(tenant, body):
+                    exchange.decision = await self.handoff.choose(body)
                 del body
-                upstream_reader, upstream = await self._connect(request)
-                self._charge(charge, exchange.prompt_estimate, 0)
-                if self.delay is not None:
-                    exchange.delay_key = self.delay.start(exchange.max_tokens)
+                handed = await self._hand_off(exchange) if exchange.decision is not None \
+                    and exchange.decision.peer is not None else None
+                if handed is not None:
+                    # the peer's agent serves, counts and charges it; here only the relay
+                    upstream_reader, upstream = handed
+                    charge.muted = True
+                    usage.requests = 0
+                else:
+                    upstream_reader, upstream = await self._connect(request)
+                    self._charge(charge, exchange.prompt_estimate, 0)
+                    if self.delay is not None:
+                        exchange.delay_key = self.delay.start(exchange.max_tokens)
                 await self._relay(exchange, upstream_reader, writer, usage, charge)
             except HttpError as exc:
                 usage.errors = 1
@@ -468,6 +515,10 @@ class Bridge:
             if self.delay is not None and exchange is not None \
                     and exchange.delay_key is not None:
                 self.delay.end(exchange.delay_key)
+            if exchange is not None and exchange.handed_at is not None:
+                assert self.handoff is not None and exchange.decision is not None \
+                    and exchange.decision.peer is not None
+                self.handoff.end(exchange.decision.peer)
             if watcher is not None:
                 watcher.cancel()
             if upstream is not None:
@@ -480,7 +531,7 @@ class Bridge:
 
     def _charge(self, charge: _Charge, prompt: int, completion: int) -> None:
         """Charge the tenant `prompt` and `completion` more tokens (USAGE beacons)."""
-        if self.on_charge is None or (prompt <= 0 and completion <= 0):
+        if self.on_charge is None or charge.muted or (prompt <= 0 and completion <= 0):
             return
         charge.prompt += max(prompt, 0)
         charge.completion += max(completion, 0)
@@ -488,6 +539,51 @@ class Bridge:
             self.on_charge(charge.tenant, max(prompt, 0), max(completion, 0))
         except Exception:  # accounting must never break the relay
             log.exception("charge callback failed")
+
+    def _handed_tenant(self, request: Request) -> Tenant:
+        """The tenant of a request a peer's bridge handed here: its signed header names
+        it; a request without a valid signature is refused (403)."""
+        value = request.header(HANDOFF_HEADER)
+        verified = None if self.handoff is None or value is None else \
+            verify(self.handoff.settings.secret, value, request.body)
+        if verified is None:
+            if self.handoff is not None:
+                self.handoff.metrics.refused.labels(self.handoff.backend).inc()
+            raise HttpError(403, "a handoff needs a valid X-Tokenfabric-Handoff signature",
+                            "forbidden")
+        origin, tenant_id = verified
+        tenant = self.tenants.by_name_or_id(str(tenant_id)) or UNKNOWN
+        assert self.handoff is not None
+        self.handoff.metrics.took(origin, tenant.name)
+        return tenant
+
+    async def _hand_off(self, exchange: _Exchange) -> tuple[asyncio.StreamReader,
+                                                            asyncio.StreamWriter] | None:
+        """The request sent to the peer's handoff listener; None (serve here) when the peer
+        cannot be reached."""
+        assert self.handoff is not None and exchange.decision is not None
+        peer = exchange.decision.peer
+        assert peer is not None
+        request = exchange.request
+        signed = self.handoff.header(exchange.tenant, request.body)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            handed = await self._connect(request, (peer.address, self.handoff.settings.port),
+                                         [f"{HANDOFF_HEADER}: {signed}"], keep_body=True,
+                                         connect_timeout=self.handoff.settings.connect_timeout)
+        except HttpError as exc:
+            log.warning("handoff to %s failed, serving here: %s", peer.name, exc.message)
+            self.handoff.failed()
+            return None
+        exchange.handed_at = loop.time()
+        # the handoff's own cost: the decision (keys, lookup) and reaching the peer; the
+        # peer bridge's relay of the bytes adds what any bridge adds (bench_bridge.py)
+        exchange.added_s = exchange.decision.lookup_ms / 1000 + exchange.handed_at - started
+        self.handoff.begin(peer)
+        request.body = b""
+        request.release()
+        return handed
 
     def _backend_headers(self) -> list[tuple[str, str]]:
         name = self.settings.backend_name
@@ -516,14 +612,18 @@ class Bridge:
             ("Retry-After", str(seconds)), *self._backend_headers(),
             ("Connection", "close")]) + body)
 
-    async def _connect(self, request: Request) -> tuple[asyncio.StreamReader,
-                                                         asyncio.StreamWriter]:
+    async def _connect(self, request: Request, target: tuple[str, int] | None = None,
+                       extra: list[str] | None = None, keep_body: bool = False,
+                       connect_timeout: float | None = None
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Send the request to vLLM (or to `target`, a peer's handoff listener, with the
+        `extra` header lines); the body is dropped once sent unless `keep_body`."""
         s = self.settings
+        host, port = target or (s.upstream_host, s.upstream_port)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(s.upstream_host, s.upstream_port,
-                                        limit=MAX_RESPONSE_HEAD),
-                s.connect_timeout)
+                asyncio.open_connection(host, port, limit=MAX_RESPONSE_HEAD),
+                connect_timeout or s.connect_timeout)
         except TimeoutError as exc:
             raise HttpError(504, "vLLM did not accept the connection in time",
                             "gateway_timeout") from exc
@@ -535,8 +635,9 @@ class Bridge:
         drop = HOP_BY_HOP | request.hop_by_hop
         lines = [f"{request.method} {request.target} HTTP/1.1"]
         lines += [f"{k}: {v}" for k, v in request.headers if k not in drop]
+        lines += extra or []
         if request.header("host") is None or "host" in drop:
-            lines.append(f"host: {s.upstream_host}:{s.upstream_port}")  # an HTTP/1.0 client
+            lines.append(f"host: {host}:{port}")  # an HTTP/1.0 client
         if request.body or request.method in ("POST", "PUT", "PATCH"):
             lines.append(f"content-length: {len(request.body)}")
         lines.append("connection: close")
@@ -555,8 +656,9 @@ class Bridge:
             writer.transport.abort()
             raise HttpError(502, "vLLM closed the connection while the request was sent",
                             "bad_gateway") from exc
-        request.body = b""
-        request.release()
+        if not keep_body:
+            request.body = b""
+            request.release()
         return reader, writer
 
     async def _relay(self, exchange: _Exchange, upstream: asyncio.StreamReader,
@@ -592,9 +694,7 @@ class Bridge:
                                 "bad_gateway") from exc
             answer.broken = f"malformed framing ({exc})"
         status = answer.status
-        out = [(k, v) for k, v in answer.headers
-               if k not in ("connection", "keep-alive", BACKEND_HEADER.lower())]
-        out += [*self._backend_headers(), ("connection", "close")]
+        out = self._answer_headers(exchange, answer.headers)
         client.write(f"HTTP/1.1 {status} {answer.reason}\r\n".encode("latin-1")
                      + "".join(f"{k}: {v}\r\n" for k, v in out).encode("latin-1") + b"\r\n")
         if status == 200 and answer.is_sse:
@@ -619,6 +719,28 @@ class Bridge:
                 self._count(exchange, counter, answer.kept, answer.is_sse, usage)
             self._charge(charge, usage.prompt_tokens - charge.prompt,
                          max(usage.completion_tokens, counter.chunks) - charge.completion)
+
+    def _answer_headers(self, exchange: _Exchange,
+                        headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """vLLM's (or the peer bridge's) head for the client: our backend name -- the
+        peer's, when it generated -- and the handoff's figures for the lab."""
+        decision = exchange.decision
+        if exchange.handed_at is None:
+            out = [(k, v) for k, v in headers
+                   if k not in ("connection", "keep-alive", BACKEND_HEADER.lower())]
+            out += self._backend_headers()
+            if decision is not None and decision.lookup_ms:
+                out.append((LOOKUP_MS_HEADER, f"{decision.lookup_ms:.3f}"))
+        else:
+            assert self.handoff is not None and decision is not None \
+                and decision.peer is not None
+            added = exchange.added_s
+            self.handoff.relayed(decision.peer, exchange.tenant, added)
+            out = [(k, v) for k, v in headers if k not in ("connection", "keep-alive")]
+            out += [(HANDOFF_FROM_HEADER, self.settings.backend_name),
+                    (HANDOFF_MS_HEADER, f"{added * 1000:.3f}")]
+        out.append(("connection", "close"))
+        return out
 
     def _on_chunks(self, exchange: _Exchange, charge: _Charge, chunks: int) -> None:
         if self.delay is not None and exchange.delay_key is not None:

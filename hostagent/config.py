@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from hostagent.handoff import HandoffSettings
 from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS
 from tokenfabric.config import ConfigError, load_section
 
@@ -72,6 +73,10 @@ DEFAULTS: dict[str, Any] = {
     "kv_events_topic": "",
     "kv_index_max_blocks": 32768,      # blocks this agent tracks and reports at most
     "kv_report_interval": 1.0,         # seconds between block-set deltas to the controller
+    # Prefix handoff (hostagent/handoff.py, docs/prefix-cache.md): {} is off; keys are
+    # HandoffSettings' (enabled, secret_file or secret, port, tokenizer, min_gain_ms, ...)
+    "handoff": {},
+    "metrics_listen": None,            # host:port of the agent's Prometheus /metrics
     # FAULT INJECTION, labs only: bill this many times the completion tokens served (a
     # lying agent, for the controller's billing cross-check). 1: honest.
     "bill_factor": 1,
@@ -129,6 +134,8 @@ class AgentConfig:
     kv_events_topic: str
     kv_index_max_blocks: int
     kv_report_interval: float
+    handoff: dict
+    metrics_listen: str | None
     bill_factor: float
 
     @property
@@ -221,8 +228,57 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
     if values["signing_key"] is not None and not Path(str(values["signing_key"])).is_file():
         raise ConfigError(f"agent.signing_key: {values['signing_key']!r} is not a file "
                           "(make one with `tokenfabric agent keygen --key PATH`)")
+    values["handoff"] = _handoff(values["handoff"])
+    if values["metrics_listen"] is not None:
+        mhost, _, mport = str(values["metrics_listen"]).rpartition(":")
+        if not mhost or not mport.isdigit() or not 0 < int(mport) < 65536:
+            raise ConfigError(f"agent.metrics_listen: {values['metrics_listen']!r} is not "
+                              "host:port")
     known = {f.name for f in fields(AgentConfig)}
     return AgentConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def _handoff(raw: Any) -> dict[str, Any]:
+    """The `handoff` mapping, checked against HandoffSettings; the secret read from its
+    file. Empty or `enabled: false`: {} (off)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("agent.handoff must be a mapping")
+    values = dict(raw)
+    enabled = values.pop("enabled", bool(values))
+    if not isinstance(enabled, bool):
+        raise ConfigError("agent.handoff.enabled must be true or false")
+    if not enabled:
+        return {}
+    secret_file = values.pop("secret_file", None)
+    if secret_file is not None:
+        try:
+            values["secret"] = Path(str(secret_file)).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"agent.handoff.secret_file: {exc}") from exc
+    elif isinstance(values.get("secret"), str):
+        values["secret"] = values["secret"].encode()
+    if not values.get("secret"):
+        raise ConfigError("agent.handoff needs secret_file (or secret): the fabric's agents "
+                          "sign handoffs with it")
+    names = {f.name: f for f in fields(HandoffSettings)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"agent.handoff.{key}: unknown key (known: enabled, "
+                              f"secret_file, {', '.join(sorted(names))})")
+        if key == "secret":
+            continue
+        default = getattr(HandoffSettings(secret=b"x" * 16), key)
+        wanted: tuple[type, ...] = (int, float) if isinstance(default, float) \
+            else (type(default),)
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            raise ConfigError(f"agent.handoff.{key} must be a {type(default).__name__}")
+        if isinstance(value, int | float) and value < 0:
+            raise ConfigError(f"agent.handoff.{key} must not be negative")
+    try:
+        HandoffSettings(**values)
+    except ValueError as exc:
+        raise ConfigError(f"agent.handoff: {exc}") from exc
+    return values
 
 
 def load(path: str | Path | None, flags: dict[str, Any] | None = None) -> AgentConfig:

@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from hostagent import log
 from hostagent.engine import Engine, EngineParams, Request
 from hostagent.kv_events import KvEventPublisher, KvEventsConfig
-from hostagent.wordtok import split
+from hostagent.wordtok import chat_words, split
 
 FAULTS = ("none", "crash", "hang", "slow", "503")
 CRASH_EXIT_CODE = 70
@@ -40,20 +40,11 @@ def tokenize(text: str) -> list[str]:
 
 
 def chat_tokens(messages: object, add_generation_prompt: bool = True) -> list[str]:
-    """The emulator's chat template: a role marker and the role before each message."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list")
-    tokens: list[str] = []
-    for message in messages:
-        if not isinstance(message, dict) or "role" not in message:
-            raise ApiError(400, "each message needs a role")
-        content = message.get("content") or ""
-        if isinstance(content, list):  # content parts
-            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        tokens += ["<|role|>", str(message["role"])] + tokenize(str(content))
-    if add_generation_prompt:
-        tokens.append("<|assistant|>")
-    return tokens
+    """The emulator's chat template (hostagent/wordtok.py, shared with the bridge)."""
+    try:
+        return chat_words(messages, add_generation_prompt)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 @dataclass
@@ -411,7 +402,7 @@ class Emulator:
                            f"the maximum context length {self.config.max_model_len}")
         return limit
 
-    async def _generate(self, http: web.Request, body: dict, tokens: list[str],
+    async def _generate(self, http: web.Request, body: dict, tokens: list[str] | list[int],
                         chat: bool) -> web.StreamResponse:
         model = body.get("model", self.config.model)
         if model != self.config.model:

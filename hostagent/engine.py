@@ -207,7 +207,7 @@ class KvBlockCache:
 
     def trim(self, room_blocks: int) -> None:
         """Evict free cached blocks, least recently used first, until they fit the room."""
-        removed: list[int] = []
+        removed: list[int | bytes] = []
         while self.free and len(self.free) > max(room_blocks, 0):
             block_hash, _ = self.free.popitem(last=False)
             removed.append(key64(block_hash))

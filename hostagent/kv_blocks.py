@@ -79,10 +79,12 @@ class KvBlockSet:
         self.resyncs += 1
 
     # -- to the controller -------------------------------------------------------------
-    def report(self, max_delta: int = 20_000) -> PendingReport | None:
-        """The next report, or None when the controller already has everything."""
+    def report(self, max_delta: int = 20_000, keepalive: bool = False) -> PendingReport | None:
+        """The next report, or None when the controller already has everything -- unless
+        `keepalive`: then an empty delta, which tells the index the set still holds (it
+        distrusts a backend whose last report is old, docs/prefix-cache.md)."""
         full = self.need_full or len(self.dirty) > min(max_delta, len(self.current) + 1)
-        if not full and not self.dirty:
+        if not full and not self.dirty and not keepalive:
             return None
         version, self.next_version = self.next_version, self.next_version + 1
         if full:

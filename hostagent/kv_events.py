@@ -33,7 +33,7 @@ import collections
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -90,8 +90,12 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(EventBatch)
 
 
-def encode_batch(events: list[KvEvent], ts: float | None = None, rank: int = 0) -> bytes:
-    return _encoder.encode(EventBatch(time.time() if ts is None else ts, events, rank))
+def encode_batch(events: Sequence[BlockStored | BlockRemoved | AllBlocksCleared]
+                 | Sequence[KvEvent], ts: float | None = None, rank: int = 0) -> bytes:
+    # every KvEvent is one of the three tagged kinds (msgspec encodes any of them)
+    batch = EventBatch(time.time() if ts is None else ts, list(events),  # type: ignore[arg-type]
+                       rank)
+    return _encoder.encode(batch)
 
 
 def decode_batch(payload: bytes) -> EventBatch:

@@ -19,6 +19,9 @@ class Tenant:
     # The contract's request priority (Gateway API Inference Extension: higher is more
     # important); None when the controller did not send one.
     request_priority: int | None = None
+    # The policy's opt-in (tenant field `prefix_affinity`): the bridge may hand this
+    # tenant's requests to the peer that holds their prompt prefix (hostagent/handoff.py).
+    prefix_affinity: bool = False
 
 
 UNKNOWN = Tenant(UNKNOWN_TENANT_ID, "unknown")
@@ -91,11 +94,14 @@ def tenant_from_json(item: dict) -> Tenant:
         priority = item.get("request_priority")
         if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
             raise ValueError("request_priority must be an integer")
+        affinity = item.get("prefix_affinity", False)
+        if not isinstance(affinity, bool):
+            raise ValueError("prefix_affinity must be a boolean")
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"bad tenant {item!r}: {exc}") from exc
     if not 0 < tenant_id <= 0xFFFF:
         raise ValueError(f"tenant_id {tenant_id} is outside 1..65535")
-    return Tenant(tenant_id, name, prefixes, rate, priority)
+    return Tenant(tenant_id, name, prefixes, rate, priority, affinity)
 
 
 def retry_after_seconds(tenant: Tenant, request_tokens: int) -> int:

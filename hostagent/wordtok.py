@@ -24,6 +24,25 @@ def split(text: str) -> list[str]:
     return _TOKEN_RE.findall(text)
 
 
+def chat_words(messages: object, add_generation_prompt: bool = True) -> list[str]:
+    """The emulator's chat template: a role marker and the role before each message's
+    words. One place, so that the emulator and the bridge's block hashes agree.
+    ValueError for messages that are not a non-empty list of role-bearing objects."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    tokens: list[str] = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message:
+            raise ValueError("each message needs a role")
+        content = message.get("content") or ""
+        if isinstance(content, list):  # content parts
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        tokens += ["<|role|>", str(message["role"])] + split(str(content))
+    if add_generation_prompt:
+        tokens.append("<|assistant|>")
+    return tokens
+
+
 class WordTokenizer:
     def __init__(self, max_reverse: int = MAX_REVERSE) -> None:
         self.max_reverse = max_reverse

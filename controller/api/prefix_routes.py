@@ -7,6 +7,7 @@ POST /api/v1/prefix-index/lookup    {"block_hashes": [...]}: the longest cached 
 """
 
 # No `from __future__ import annotations`: FastAPI must see the role dependencies passed in.
+import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Path
@@ -66,6 +67,20 @@ def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict
 
     @r.post("/prefix-index/lookup", responses=errors)
     async def lookup(body: LookupBody, who: viewer) -> dict[str, Any]:
-        return index.lookup(body.block_hashes)
+        answer = index.lookup(body.block_hashes)
+        # what a bridge's handoff cost model needs of each holder: where its agent is,
+        # and its load as last reported (hostagent/handoff.py)
+        now = time.monotonic()
+        for match in answer["matches"]:
+            backend = ctl.model.backends.get(match["backend"])
+            if backend is None:
+                continue
+            load = backend.load
+            match.update(address=backend.address, capacity=backend.capacity,
+                         running=load.running, waiting=load.waiting,
+                         kv_cache_usage=load.kv_cache_usage,
+                         load_age_s=None if load.last_report is None
+                         else round(now - load.last_report, 3))
+        return answer
 
     return r

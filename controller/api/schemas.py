@@ -67,6 +67,9 @@ class TenantGrant(BaseModel):
     tokens_per_s: float
     request_priority: int = Field(0, description="the contract's request priority "
                                   "(higher is more important); agents pass it to vLLM")
+    prefix_affinity: bool = Field(False, description="the policy's opt-in to KV-cache "
+                                  "prefix affinity: the bridge may hand the tenant's "
+                                  "requests to the peer holding their prefix")
 
 
 class RegistrationReply(BaseModel):

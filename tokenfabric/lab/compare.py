@@ -94,8 +94,8 @@ def compare(folders: list[Path], out_dir: Path | None = None) -> str:
         row = [key[0], f"{key[1]:g}"]
         for name, _, digits in COLUMNS:
             for r in found:
-                s = by_key[key].get(r.label)
-                row.append("–" if s is None else _cell(s, name, digits))
+                cell = by_key[key].get(r.label)
+                row.append("–" if cell is None else _cell(cell, name, digits))
         lines.append("| " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
     if out_dir is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -108,6 +109,9 @@ class Workload:
     max_inflight: int = 2048  # a safety bound; arrivals beyond it are recorded, not sent
     trace: dict[str, Any] | None = None  # TraceSpec fields: replay a JSONL trace
     chat: dict[str, Any] | None = None   # ChatSpec fields: multi-turn chat
+    # send X-Tokenfabric-Tenant (the agents' trust_tenant_header: benches where every
+    # client shares 127.0.0.1); the lab's tenants are their source addresses instead
+    tenant_header: bool = False
 
     def __post_init__(self) -> None:
         if self.trace is not None and self.chat is not None:
@@ -183,7 +187,7 @@ def _plan_shared(workload: Workload) -> list[PlannedRequest]:
     else:
         planned = plan_chat(ChatSpec.from_dict(workload.chat or {}))
     tenants = {t.name: t for t in workload.tenants}
-    out = []
+    out: list[PlannedRequest] = []
     for p in planned:
         if p.offset >= workload.duration:
             break
@@ -262,6 +266,9 @@ async def _stream(resp: aiohttp.ClientResponse, started: float,
         if usage:
             record["output_tokens"] = usage.get("completion_tokens")
             record["prompt_tokens"] = usage.get("prompt_tokens", record["prompt_tokens"])
+            details = usage.get("prompt_tokens_details")  # vLLM's, when it reports them
+            if isinstance(details, dict):
+                record["cached_tokens"] = details.get("cached_tokens")
     record["chunks"] = chunks
     if record.get("output_tokens") is None:
         record["output_tokens"] = chunks
@@ -278,6 +285,7 @@ def _new_record(req: PlannedRequest, start_epoch: float) -> dict[str, Any]:
         "output_tokens": None, "backend": None, "retry_after": None, "done": False,
         "slo_ttft_ms": req.tenant.slo_ttft_ms, "slo_tpot_ms": req.tenant.slo_tpot_ms,
         "source_ip": _source(req), "conversation": req.conversation, "turn": req.turn,
+        "cached_tokens": None, "handoff_from": None, "handoff_ms": None,
     }
 
 
@@ -291,10 +299,16 @@ async def _send(session: aiohttp.ClientSession, workload: Workload, req: Planned
     path = "/v1/chat/completions" if workload.endpoint == "chat" else "/v1/completions"
     started = time.perf_counter()
     try:
-        async with session.post(workload.url.rstrip("/") + path,
+        headers = {"X-Tokenfabric-Tenant": req.tenant.name} if workload.tenant_header else None
+        async with session.post(workload.url.rstrip("/") + path, headers=headers,
                                 json=_body(workload, req)) as resp:
             record["status"] = resp.status
             record["backend"] = resp.headers.get(workload.backend_header)
+            # a bridge that handed the request to the peer holding its prefix says so
+            # (hostagent/handoff.py): who relayed it, and the time the handoff added
+            record["handoff_from"] = resp.headers.get("X-Tokenfabric-Handoff-From")
+            with contextlib.suppress(KeyError, ValueError):
+                record["handoff_ms"] = float(resp.headers["X-Tokenfabric-Handoff-Ms"])
             record["retry_after"] = resp.headers.get("Retry-After")
             if resp.status == 200:
                 await _stream(resp, started, record)

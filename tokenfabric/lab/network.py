@@ -75,7 +75,7 @@ class LabNetwork:
             raise ValueError(f"unknown dataplane {dataplane!r}: one of {', '.join(DATAPLANES)}")
         self.plan = plan
         self.dataplane = dataplane
-        self.ovs = None  # the OVS daemons (tokenfabric.lab.ovs.OvsDaemons) of an OVS run
+        self.ovs: Any = None  # the OVS daemons (tokenfabric.lab.ovs.OvsDaemons) of an OVS run
         self.run_dir = Path(run_dir)
         self.bw_mbps = bw_mbps
         self.pcap = pcap
@@ -120,7 +120,8 @@ class LabNetwork:
             self.pids += [n.pid for n in net.hosts + net.switches if n.pid]
             self.pids += [s.switch_pid for s in net.switches
                           if getattr(s, "switch_pid", None)]
-            self.namespaces = {netns_of(h.pid) for h in net.hosts if h.inNamespace} - {None}
+            self.namespaces = {ns for h in net.hosts if h.inNamespace
+                               if (ns := netns_of(h.pid)) is not None}
             if self.dataplane == "ovs":
                 from tokenfabric.lab.ovs import check_bridges
 
@@ -165,7 +166,7 @@ class LabNetwork:
                         params1={"ip": f"{h.mgmt_ip}/30"}, params2={"ip": f"{h.mgmt_gw}/30"})
 
     def _configure_host(self, h: LabHost) -> None:
-        node = self.net.get(h.name)
+        node = self._mininet().get(h.name)
         intf = node.defaultIntf().name
         gateway_mac = self.plan.switches[h.switch].mac
         for command in (
@@ -183,14 +184,18 @@ class LabNetwork:
 
     def probe_targets(self) -> list[probe.ProbeTarget]:
         """What the data-path probe needs of each client host (one per tenant)."""
-        return [probe.ProbeTarget(h.name, h.tenant or "", h.ip, self.net.get(h.name).pid,
+        return [probe.ProbeTarget(h.name, h.tenant or "", h.ip, self._mininet().get(h.name).pid,
                                   GATEWAY_IP, self.plan.switches[h.switch].mac, self.plan.vip,
                                   self.plan.vip_port, self.plan.model)
                 for h in self.plan.by_role("client")]
 
     # -- processes ------------------------------------------------------------
+    def _mininet(self) -> Mininet:
+        assert self.net is not None, "the lab network is not started"
+        return self.net
+
     def host(self, name: str) -> Host:
-        return self.net.get(name)
+        return self._mininet().get(name)
 
     def popen(self, host: str, argv: Sequence[str], log_name: str,
               env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -200,7 +205,7 @@ class LabNetwork:
         with open(logs / f"{log_name}.log", "wb") as out:
             # No start_new_session: Mininet's `mnexec -d` calls setsid() itself, and would
             # fork (losing the PID we track) if the process already led its group.
-            proc = self.net.get(host).popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
+            proc = self._mininet().get(host).popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
                                             env=env or dict(os.environ))
         self.processes.append((log_name, proc))
         self.pids.append(proc.pid)
@@ -233,7 +238,7 @@ class LabNetwork:
             except Exception as exc:  # noqa: BLE001 - keep tearing down whatever is left
                 log.warning("mininet stop: %s", exc)
             for sw in net.switches:
-                if isinstance(sw, Bmv2MininetSwitch) and sw.running():
+                if isinstance(sw, Bmv2MininetSwitch) and sw.running() and sw.bmv2:
                     sw.bmv2.stop(kill=True)
             self._remove_links()
         self._remove_bridges()

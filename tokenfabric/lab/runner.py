@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,6 +29,10 @@ from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS, Event, Experiment
 from tokenfabric.lab.loadgen import TenantSpec, Workload, plan
 from tokenfabric.lab.plan import LabPlan, TenantPlan, build_plan
 from tokenfabric.lab.stack import ECMP_CAPACITY
+
+if TYPE_CHECKING:
+    from tokenfabric.lab.network import LabNetwork
+    from tokenfabric.lab.stack import Stack
 
 # Lab modes -> the service's selection mode in the switch (docs/lab.md). ECMP is the
 # weighted hash with agents that declare a capacity no load reaches (equal weights).
@@ -128,13 +132,21 @@ class LabRunner:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.folder = Path(out_root) / f"{exp.name}-{topo}-{dataplane}-{stamp}"
         self.plan = lab_plan(exp, topo)
-        self.net = None
+        self.net: LabNetwork | None = None
         self._router_ready = False
-        self.stack = None
+        self.stack: Stack | None = None
         self.left: list[str] = []
         self.router_url: str | None = None
         self.blocked: list[str] = []
         self.probe_results: list[probe.ProbeResult] = []
+
+    def _net(self) -> LabNetwork:
+        assert self.net is not None, "the lab network is not up"
+        return self.net
+
+    def _stack(self) -> Stack:
+        assert self.stack is not None, "the stack is not up"
+        return self.stack
 
     # -- the whole experiment -----------------------------------------------------
     def run(self) -> list[RunOutcome]:
@@ -160,15 +172,15 @@ class LabRunner:
                                       dataplane=self.dataplane).start()
                 self.stack = Stack(self.net, self.exp, self.folder)
                 first = SWITCH_MODE.get(self.exp.runs[0].mode, "hash")
-                self.stack.write_files(first)
-                self.stack.start_controller()
-                self.stack.start_backends()
+                self._stack().write_files(first)
+                self._stack().start_controller()
+                self._stack().start_backends()
                 if any(r.mode == "l7-router" for r in self.exp.runs):
-                    self.router_url = self.stack.start_router()
+                    self.router_url = self._stack().start_router()
                 with self.console.status("waiting for the switches and backends") as status:
                     # the real vLLM takes ~40 s to start on a CPU
                     timeout = self.ready_timeout + (150 if self.exp.needs_vllm else 0)
-                    self.stack.wait_ready(timeout,
+                    self._stack().wait_ready(timeout,
                                           lambda what: status.update(f"waiting for {what}"))
                 self._probe()
                 for run in self.exp.runs:
@@ -181,12 +193,12 @@ class LabRunner:
             finally:
                 with _no_interrupts():
                     self.console.print("tearing down")
-                    pids = list(self.net.pids) if self.net else []
-                    namespaces = set(self.net.namespaces) if self.net else set()
+                    pids: list[int] = list(self.net.pids) if self.net else []
+                    namespaces: set[str] = set(self.net.namespaces) if self.net else set()
                     if self.stack:
-                        self.stack.close()
+                        self._stack().close()
                     if self.net:
-                        self.net.stop()
+                        self._net().stop()
                     self.left = leftovers(pids, namespaces)
                     if self.left:
                         log.error("left behind after teardown: %s", ", ".join(self.left))
@@ -197,7 +209,7 @@ class LabRunner:
         """One request per tenant through the VIP before any load (probe.py); ProbeFailed
         naming the step where one does not come back."""
         with self.console.status("data-path probe: one request per tenant through the VIP"):
-            self.probe_results = probe.probe_hosts(self.net.probe_targets())
+            self.probe_results = probe.probe_hosts(self._net().probe_targets())
         (self.folder / "probe.json").write_text(json.dumps(
             probe.as_dicts(self.probe_results), indent=2))
         for line in probe.describe(self.probe_results):
@@ -216,13 +228,13 @@ class LabRunner:
         url = self.router_url if run.mode == "l7-router" else None
         if url and not self._router_ready:
             with self.console.status("waiting for vllm-router to find its workers healthy"):
-                self.stack.wait_router()
+                self._stack().wait_router()
             self._router_ready = True
         capacity = ECMP_CAPACITY if run.mode == "ecmp" else EMULATOR_MAX_NUM_SEQS
-        if self.stack.set_capacity(capacity):
+        if self._stack().set_capacity(capacity):
             with self.console.status(f"agents re-registering with capacity {capacity}"):
-                self.stack.wait_ready(self.ready_timeout)
-        self.stack.set_mode("llm", SWITCH_MODE[run.mode])
+                self._stack().wait_ready(self.ready_timeout)
+        self._stack().set_mode("llm", SWITCH_MODE[run.mode])
         loads = workloads(self.exp, run, self.plan, url=url)
         planned = {h: len(plan(w)) for h, w in loads.items()}
         procs, outputs = [], []
@@ -230,10 +242,10 @@ class LabRunner:
             wl_path, out = folder / f"workload-{host}.json", folder / f"requests-{host}.jsonl"
             wl_path.write_text(json.dumps(workload.to_dict()))
             outputs.append(out)
-            procs.append(self.net.popen(host, [sys.executable, "-m", "tokenfabric.lab.loadgen",
+            procs.append(self._net().popen(host, [sys.executable, "-m", "tokenfabric.lab.loadgen",
                                               str(wl_path), str(out)], f"loadgen-{host}"))
         captures = self._start_captures(run, folder)
-        served_before = self.stack.served_counts()
+        served_before = self._stack().served_counts()
         started = time.time()
         events = self._schedule(run.events, started)
         total = sum(planned.values())
@@ -247,13 +259,13 @@ class LabRunner:
                 time.sleep(0.25)
             bar.update(task, completed=sum(_count_lines(o) for o in outputs))
         for p in procs:
-            self.net.stop_process(p)
+            self._net().stop_process(p)
         for p in captures:
-            self.net.stop_process(p)  # SIGTERM: tcpdump flushes and closes its file
-        served_after = self.stack.served_counts()
+            self._net().stop_process(p)  # SIGTERM: tcpdump flushes and closes its file
+        served_after = self._stack().served_counts()
         try:  # the controller's billing cross-check so far (docs/ledger.md)
             (folder / "crosscheck.json").write_text(json.dumps(
-                {**self.stack.get("/ledger/crosscheck/summary"), "run_started": started,
+                {**self._stack().get("/ledger/crosscheck/summary"), "run_started": started,
                  "liar": self.exp.liar}))
         except Exception as exc:  # the run's results stand without it
             log.warning("cross-check summary unavailable: %s", exc)
@@ -298,7 +310,8 @@ class LabRunner:
         text += "\nserved per backend (its vLLM's request_success_total): " + ", ".join(
             f"{k} {v:.0f}" for k, v in sorted(served.items())) + "\n"
         for event in run.events:
-            if event.kind == "kill_backend" and f"kill {event.target}" in marks:
+            if event.kind == "kill_backend" and event.target is not None \
+                    and f"kill {event.target}" in marks:
                 evidence, kind = self._evidence(folder, event.target)
                 stats = results.failover_stats(records, started + marks[f"kill {event.target}"],
                                                event.target, evidence)
@@ -318,8 +331,10 @@ class LabRunner:
             if tcpdump is None:
                 log.warning("no tcpdump: failover measured from response headers only")
                 break
-            interface = self.net.net.get(target).defaultIntf().name
-            procs.append(self.net.popen(target, capture.tcpdump_argv(
+            mininet = self._net().net
+            assert mininet is not None
+            interface = mininet.get(target).defaultIntf().name
+            procs.append(self._net().popen(target, capture.tcpdump_argv(
                 tcpdump, interface, folder / f"capture-{target}.pcap", self.plan.vip_port),
                 f"tcpdump-{target}"))
         if procs:
@@ -342,12 +357,12 @@ class LabRunner:
 
         def fire(event: Event) -> None:
             try:
-                if event.kind == "kill_backend":
-                    at = self.stack.kill_backend(event.target)
+                if event.kind == "kill_backend" and event.target is not None:
+                    at = self._stack().kill_backend(event.target)
                     done[f"kill {event.target}"] = at - started
                 elif event.kind == "reload_policy":
                     t0 = time.time()
-                    self.stack.reload_policy()
+                    self._stack().reload_policy()
                     done["policy reload"] = t0 - started
             except Exception as exc:  # noqa: BLE001 - an event failing must not kill the run
                 log.error("event %s failed: %s", event, exc)

@@ -107,13 +107,14 @@ def read_trace(path: str | Path, limit: int = MAX_TRACE_LINES) -> list[TraceReco
             raise WorkloadError(f"{where}: a line must be a JSON object")
         ts, inp, out, ids = (row.get(k) for k in ("timestamp", "input_length",
                                                    "output_length", "hash_ids"))
-        if not _number(ts) or ts < 0:
+        if not isinstance(ts, int | float) or not _number(ts) or ts < 0:
             raise WorkloadError(f"{where}: timestamp must be milliseconds, 0 or more")
         for name, value in (("input_length", inp), ("output_length", out)):
-            if not _int(value) or value < 1:
+            if not isinstance(value, int) or not _int(value) or value < 1:
                 raise WorkloadError(f"{where}: {name} must be a positive integer")
         if not isinstance(ids, list) or not all(_int(i) and i >= 0 for i in ids):
             raise WorkloadError(f"{where}: hash_ids must be a list of non-negative integers")
+        assert isinstance(ts, int | float) and isinstance(inp, int) and isinstance(out, int)
         records.append(TraceRecord(float(ts), inp, out, ids))
     if not records:
         raise WorkloadError(f"{path}: no requests")

@@ -97,9 +97,9 @@ def test_register_report_deregister(live):
     assert body["backend_id"] == 2  # 1 is the fabric file's gpu1-llama
     assert body["tenants"] == [
         {"tenant_id": 1, "name": "acme", "prefixes": ["10.0.1.0/25"], "tokens_per_s": 1000.0,
-         "request_priority": 10},
+         "request_priority": 10, "prefix_affinity": False},
         {"tenant_id": 2, "name": "umbrella", "prefixes": ["10.0.1.128/25"],
-         "tokens_per_s": 100.0, "request_priority": 0}]
+         "tokens_per_s": 100.0, "request_priority": 0, "prefix_affinity": False}]
     assert "gpu2-llama" in live.ctl.model.services["llama"].pool
 
     # the agent restarts and registers again: same id, still one backend

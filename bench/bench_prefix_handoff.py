@@ -1,0 +1,499 @@
+"""Benchmark: prefix-cache-aware steering (issue 15) against the L7 cache-aware routers,
+every figure against baselines measured in the same run.
+
+On 127.0.0.1 (no Mininet): a real controller (prefix index, policy with the tenants'
+`prefix_affinity` opt-in), four emulated vLLMs (speeds 1, 1, 0.5, 0.5; 4 slots; the lab's
+step model; an evicting KV cache of --kv-tokens, swept), each with its real host agent
+(bridge, KV events, reports, handoff listener on 127.0.0.1..4, LOAD beacons). The switch
+is emulated here: power-of-two-choices over the agents' LOAD beacons as the P4 program does
+(load + conn_cost per connection since the last beacon); mode `prefix-affinity` adds item
+4's bounded-load client affinity (client address -> the backend that generated its last
+answer, as the agents would tell the edge; entries expire after 30 s; used while the
+backend's load is within 1.25x of the pool's mean + one connection's cost) -- the lab's
+switch gets that from the affinity branch. The L7 routers (vllm-router
+`cache_aware`, `power_of_two`; sglang-router `cache_aware`) reach the emulators directly.
+
+Workloads at 85% of capacity: the chat generator (per-device tenant and app-server
+tenant), the sample Mooncake trace, and a prefix-free workload (p2c vs prefix only).
+
+Targets (printed as ratios, PASS/FAIL):
+- hit rate of prefix modes >= the best L7 cache-aware router's;
+- TTFT p99 <= 0.8 x the best L7 router's (90% bootstrap interval shown);
+- per-device clients: <= 25% of requests handed off (prefix-affinity);
+- the app-server tenant reaches that hit rate through handoffs;
+- prefix-free workload: prefix mode p99 within 1.05 x p2c's.
+
+    python bench/bench_prefix_handoff.py [--duration 40] [--kv-tokens 4096 16384]
+        [--modes ...] [--workloads chat trace free] [--out results/prefix-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import aiohttp  # noqa: E402
+import httpx  # noqa: E402
+import yaml  # noqa: E402
+
+from tokenfabric import beacon  # noqa: E402
+from tokenfabric.lab import prefix  # noqa: E402
+from tokenfabric.lab.experiments import (  # noqa: E402
+    EMULATOR_DECODE_BASE_MS,
+    EMULATOR_MAX_NUM_SEQS,
+    EMULATOR_PREFILL_MS_PER_TOKEN,
+)
+from tokenfabric.lab.loadgen import PlannedRequest, TenantSpec, Workload, _send  # noqa: E402
+from tokenfabric.lab.results import p99_ratio_interval  # noqa: E402
+from tokenfabric.lab.workloads import Planned  # noqa: E402
+from tokenfabric.tools import free_port  # noqa: E402
+
+SPEEDS = [1.0, 1.0, 0.5, 0.5]
+CLI = [sys.executable, "-m", "tokenfabric.cli"]
+ADMIN, AGENT, VIEWER = "bench-admin-token-0123456789", "bench-agent-token-0123456789", \
+    "bench-viewer-token-0123456789"
+SECRET = "bench-handoff-secret-0123456789"
+CONN_COST = 1000 // EMULATOR_MAX_NUM_SEQS
+FABRIC = """
+switches:
+  s1: {address: "127.0.0.1:1", device_id: 1, ports: [1, 2, 3, 4, 5, 6]}
+hosts:
+  clients: {switch: s1, port: 1, address: 10.0.1.0, prefix_len: 24, mac: "02:00:00:00:01:01"}
+services:
+  tiny: {id: 1, model: tiny, vip: 10.0.100.1, port: 8000}
+"""
+
+
+def policy_text() -> str:
+    tenants = []
+    for i, (base, opted) in enumerate(prefix.OPTED_IN.items()):
+        tenants.append({"name": base, "id": 10 + 2 * i, "prefixes": [f"10.0.{10 + 2 * i}.0/24"],
+                        "contract": "std"})
+        tenants.append({"name": opted, "id": 11 + 2 * i,
+                        "prefixes": [f"10.0.{11 + 2 * i}.0/24"], "contract": "std",
+                        "prefix_affinity": True})
+    return yaml.safe_dump({"contracts": {"std": {
+        "class": {"service_class": "standard", "dscp": 0, "queue": 1, "priority_level": 9},
+        "tpm": 60_000_000, "burst": 5_000_000}}, "tenants": tenants})
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def wait(check: Any, what: str, timeout: float = 90.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+            value = check()
+            if value:
+                return value
+        time.sleep(0.3)
+    raise TimeoutError(f"no {what} within {timeout:.0f} s")
+
+
+class Cluster:
+    """Controller, four emulators and their agents, the L7 routers; on 127.0.0.x."""
+
+    def __init__(self, folder: Path, kv_tokens: int, modes: list[str],
+                 lookup_timeout: float = 0.05) -> None:
+        self.folder, self.kv_tokens, self.modes = folder, kv_tokens, modes
+        self.lookup_timeout = lookup_timeout
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+        self.emulators: dict[str, str] = {}
+        self.bridges: dict[str, str] = {}
+        self.routers: dict[str, str] = {}
+        self.router_logs: dict[str, Path] = {}
+        self.ids: dict[int, str] = {}
+        self.agent_metrics: dict[str, str] = {}
+        self.beacons = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.beacons.bind(("127.0.0.1", 0))
+
+    def _popen(self, argv: list[str], log: str) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, stdout=open(self.folder / f"{log}.log", "wb"),  # noqa: SIM115
+                                stderr=subprocess.STDOUT, env={**os.environ,
+                                                               "PYTHONHASHSEED": "0"})
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        cfg = self.folder / "config"
+        cfg.mkdir(exist_ok=True)
+        (cfg / "fabric.yaml").write_text(FABRIC)
+        (cfg / "policy.yaml").write_text(policy_text())
+        (cfg / "tokens.yaml").write_text(yaml.safe_dump({
+            ADMIN: {"name": "ops", "role": "admin"},
+            AGENT: {"name": "agents", "role": "agent", "backends": ["*"]},
+            VIEWER: {"name": "bench", "role": "viewer"}}))
+        api = free_port()
+        self._popen([*CLI, "controller", "run", "--fabric", str(cfg / "fabric.yaml"),
+                     "--policy", str(cfg / "policy.yaml"), "--tokens", str(cfg / "tokens.yaml"),
+                     "--ledger", str(cfg / "ledger.db"), "--listen", f"127.0.0.1:{api}"],
+                    "controller")
+        self.api = httpx.Client(base_url=f"http://127.0.0.1:{api}", timeout=10,
+                                headers={"Authorization": f"Bearer {VIEWER}"})
+        handoff_port = free_port()
+        for i, speed in enumerate(SPEEDS):
+            name = f"b{i + 1}"
+            port = free_port()
+            endpoint, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+            self._popen([*CLI, "vllm-emulator", "--host", "127.0.0.1", "--port", str(port),
+                         "--model", "tiny", "--speed", str(speed), "--max-num-seqs",
+                         str(EMULATOR_MAX_NUM_SEQS), "--backend-name", name,
+                         "--decode-base-ms", str(EMULATOR_DECODE_BASE_MS),
+                         "--prefill-ms-per-token", str(EMULATOR_PREFILL_MS_PER_TOKEN),
+                         "--kv-cache-tokens", str(self.kv_tokens), "--max-model-len", "8192",
+                         "--kv-events-config", json.dumps({
+                             "enable_kv_cache_events": True, "endpoint": endpoint,
+                             "replay_endpoint": replay})], f"emulator-{name}")
+            self.emulators[name] = f"http://127.0.0.1:{port}"
+            listen, metrics = free_port(), free_port()
+            self.bridges[name] = f"http://127.0.0.1:{listen}"
+            self.agent_metrics[name] = f"http://127.0.0.1:{metrics}/metrics"
+            (cfg / f"agent-{name}.yaml").write_text(yaml.safe_dump({"agent": {
+                "name": name, "address": f"127.0.0.{i + 1}", "mac": f"02:00:00:00:00:1{i}",
+                "switch": "s1", "port": 3 + i, "vip": "10.0.100.1", "vip_port": 8000,
+                "capacity": EMULATOR_MAX_NUM_SEQS, "models": ["tiny"],
+                "vllm_url": self.emulators[name], "controller_url": f"http://127.0.0.1:{api}",
+                "token": AGENT, "listen_address": "127.0.0.1", "listen_port": listen,
+                "trust_tenant_header": True, "metrics_listen": f"127.0.0.1:{metrics}",
+                "beacon_target": f"127.0.0.1:{self.beacons.getsockname()[1]}",
+                "report_interval": 0.25, "kv_events_endpoint": endpoint,
+                "kv_events_replay_endpoint": replay, "kv_report_interval": 0.25,
+                "handoff": {"secret": SECRET, "port": handoff_port,
+                            "lookup_timeout": self.lookup_timeout,
+                            "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN}}}))
+            self._popen([*CLI, "agent", "run", "--config", str(cfg / f"agent-{name}.yaml")],
+                        f"agent-{name}")
+        for name in self.emulators:
+            wait(lambda n=name: self.api.get(f"/api/v1/backends/{n}").json()["load"]
+                 ["reports"] > 0, f"{name}'s registration")
+        self.ids = {b["backend_id"]: b["name"] for b in self.api.get("/api/v1/backends").json()}
+        for mode in self.modes:
+            if mode in prefix.L7_MODES:
+                self._start_router(mode)
+        for mode, url in self.routers.items():
+            wait(lambda u=url: httpx.get(u + "/health", timeout=2).status_code == 200,
+                 f"{mode}'s router", timeout=150)
+
+    def _start_router(self, mode: str) -> None:
+        name, _ = prefix.L7_MODES[mode]
+        binary = str(Path(sys.executable).parent / name)
+        if not Path(binary).exists():
+            print(f"  {mode}: {name} is not installed (the lab extra); mode skipped")
+            return
+        port = free_port()
+        self.router_logs[mode] = self.folder / f"router-{mode}.log"
+        self._popen(prefix.router_command(mode, binary, "127.0.0.1", port,
+                                          list(self.emulators.values()), free_port()),
+                    f"router-{mode}")
+        self.routers[mode] = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+        self.beacons.close()
+
+    def metrics(self) -> dict[str, str]:
+        return {n: httpx.get(u + "/metrics", timeout=10).text for n, u in self.emulators.items()}
+
+    def decisions(self) -> dict[str, float]:
+        """The agents' handoff decisions so far, summed over the backends."""
+        out: dict[str, float] = {}
+        for url in self.agent_metrics.values():
+            for line in httpx.get(url, timeout=10).text.splitlines():
+                if line.startswith("tokenfabric_handoff_decisions_total{"):
+                    kind = line.split('decision="', 1)[1].split('"', 1)[0]
+                    out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+    def reset_caches(self) -> None:
+        """Every emulator's prefix cache emptied (vLLM's /reset_prefix_cache; 409 while
+        requests still hold blocks), then time for the index to hear of it."""
+        for url in self.emulators.values():
+            wait(lambda u=url: httpx.post(u + "/reset_prefix_cache", timeout=10
+                                          ).status_code == 200, "an idle backend to reset", 60)
+        time.sleep(1.0)
+
+
+class EmulatedSwitch(asyncio.DatagramProtocol):
+    """The P4 switch's choice, in Python: p2c over LOAD beacons plus conn_cost per new
+    connection since the backend's last beacon; optional bounded-load client affinity."""
+
+    def __init__(self, ids: dict[int, str], affinity: bool, seed: int = 7) -> None:
+        self.ids, self.affinity = ids, affinity
+        self.load: dict[str, float] = {n: 0.0 for n in ids.values()}
+        self.since: dict[str, int] = {n: 0 for n in ids.values()}
+        self.table: dict[str, tuple[str, float]] = {}
+        self.rng = random.Random(seed)
+        self.affinity_hits = 0
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        with contextlib.suppress(beacon.BeaconError):
+            b = beacon.unpack(data)
+            if isinstance(b, beacon.LoadBeacon) and b.backend_id in self.ids:
+                name = self.ids[b.backend_id]
+                self.load[name], self.since[name] = float(b.load), 0
+
+    def cost(self, name: str) -> float:
+        return self.load[name] + CONN_COST * self.since[name]
+
+    def choose(self, client: str | None) -> str:
+        names = list(self.load)
+        choice = None
+        if self.affinity and client in self.table:
+            backend, at = self.table[client]
+            mean = sum(self.cost(n) for n in names) / len(names)
+            if time.monotonic() - at < 30 and self.cost(backend) <= 1.25 * mean + CONN_COST:
+                choice = backend
+                self.affinity_hits += 1
+        if choice is None:
+            a, b = self.rng.sample(names, 2)
+            choice = a if self.cost(a) <= self.cost(b) else b
+        self.since[choice] += 1
+        return choice
+
+    def learn(self, client: str | None, backend: str | None) -> None:
+        """The agents' "this client -> that backend": where its last answer was
+        generated, so where its prefix is cached (item 4)."""
+        if self.affinity and client and backend in self.load:
+            self.table[client] = (backend, time.monotonic())
+
+
+async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint: str,
+                   duration: float) -> list[dict[str, Any]]:
+    loop = asyncio.get_running_loop()
+    switch = EmulatedSwitch(cluster.ids, affinity=mode == "prefix-affinity")
+    transport = None
+    if mode not in prefix.L7_MODES:
+        transport, _ = await loop.create_datagram_endpoint(lambda: switch,
+                                                           sock=cluster.beacons.dup())
+        await asyncio.sleep(0.3)  # a round of beacons
+    opted = mode in prefix.HANDOFF_MODES
+    workload = Workload(url="http://127.0.0.1:1", rate=1.0, duration=duration,
+                        endpoint=endpoint, tenant_header=True, timeout=120.0)
+    timeout = aiohttp.ClientTimeout(total=120)
+    records: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0),
+                                     timeout=timeout) as session:
+        async def fire(i: int, p: Planned) -> None:
+            tenant = str(p.tenant or "plain")
+            name = prefix.OPTED_IN.get(tenant, tenant) if opted else tenant
+            req = PlannedRequest(i, p.offset, TenantSpec(name, slo_ttft_ms=prefix.SLO_TTFT_MS,
+                                                         slo_tpot_ms=prefix.SLO_TPOT_MS),
+                                 len(p.prompt.split()), p.output_tokens, p.prompt, p.messages,
+                                 p.source_ip, p.conversation, p.turn)
+            if mode in prefix.L7_MODES:
+                url = cluster.routers[mode]
+            else:
+                url = cluster.bridges[switch.choose(p.source_ip)]
+            record = await _send(session, dataclasses.replace(workload, url=url), req,
+                                 epoch, t0)
+            if opted and record.get("ok"):
+                switch.learn(p.source_ip, record.get("backend"))
+            records.append(record)
+
+        tasks = []
+        epoch, t0 = time.time(), time.perf_counter()
+        for i, p in enumerate(planned):
+            delay = p.offset - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(fire(i, p)))
+        await asyncio.wait(tasks, timeout=150)
+    if transport is not None:
+        transport.close()
+    return records
+
+
+def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
+            duration: float, out: Path) -> dict[str, Any]:
+    cluster.reset_caches()
+    before = cluster.metrics()
+    decided = cluster.decisions()
+    endpoint = "chat" if workload == "chat" else "completions"
+    started = time.time()
+    records = asyncio.run(run_mode(cluster, mode, planned, endpoint, duration))
+    after = cluster.metrics()
+    hits = prefix.hit_rate({n: prefix.prefix_counters(t) for n, t in before.items()},
+                           {n: prefix.prefix_counters(t) for n, t in after.items()})
+    with (out / f"requests-{workload}-{mode}.jsonl").open("w") as sink:
+        for r in records:
+            sink.write(json.dumps(r) + "\n")
+    figures = prefix.mode_figures(records, hits, time.time() - started)
+    figures["valid"], figures["evidence"] = True, "the fabric's own mode"
+    figures["decisions"] = {k: v - decided.get(k, 0.0) for k, v in cluster.decisions().items()
+                            if v - decided.get(k, 0.0) > 0}
+    if mode in prefix.L7_MODES:
+        renders = sum(prefix.token_calls(after[n], e) - prefix.token_calls(before[n], e)
+                      for n in after for e in ("/v1/completions/render",
+                                               "/v1/chat/completions/render"))
+        log_text = cluster.router_logs[mode].read_text(errors="replace")
+        figures["valid"], figures["evidence"] = prefix.baseline_evidence(
+            mode, log_text, renders, len(records))
+    figures["ttft_s"] = [r["ttft"] for r in records if r.get("ok") and r.get("ttft") is not None]
+    return figures
+
+
+def fmt(value: Any, digits: int = 1, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:.{digits}f}%" if pct else f"{value:.{digits}f}"
+
+
+def report_group(label: str, results: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [f"\n{label}", "  mode                 valid  ok/req     hit    TTFT p50  TTFT p99  "
+             "goodput  handoff  added p50/p99 ms   devices/appserver handoff, hit"]
+    for mode, f in results.items():
+        t = f["tenants"]
+        dev, app = t.get(prefix.DEVICES, {}), t.get(prefix.APP_SERVER, {})
+        lines.append(
+            f"  {mode:20s} {'yes' if f['valid'] else 'NO':5s}  {f['ok']:4d}/{f['requests']:<4d} "
+            f"{fmt(f['hit_rate'], 1, True):>6s}  {fmt(f['ttft_p50_ms']):>8s}  "
+            f"{fmt(f['ttft_p99_ms']):>8s}  {fmt(f['goodput_rps'], 2):>7s}  "
+            f"{fmt(f['handoff_share'], 1, True):>7s}  "
+            f"{fmt(f['handoff_added_ms_p50'], 2)}/{fmt(f['handoff_added_ms_p99'], 2):<8s}   "
+            f"{fmt(dev.get('handoff_share'), 0, True)}/{fmt(app.get('handoff_share'), 0, True)}, "
+            f"{fmt(dev.get('hit_rate_usage'), 0, True)}/{fmt(app.get('hit_rate_usage'), 0, True)}")
+        if not f["valid"]:
+            lines.append(f"      INVALID: {f['evidence']}")
+        elif mode in prefix.L7_MODES:
+            lines.append(f"      evidence: {f['evidence']}")
+        if f.get("decisions"):
+            lines.append("      handoff decisions: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
+    return lines
+
+
+def targets(label: str, results: dict[str, dict[str, Any]], ours: str) -> list[str]:
+    lines: list[str] = []
+    if ours not in results:
+        return lines
+    me = results[ours]
+    aware = {m: results[m] for m in prefix.CACHE_AWARE_L7 if m in results and results[m]["valid"]}
+    l7 = {m: results[m] for m in prefix.L7_MODES if m in results and results[m]["valid"]}
+    if aware:
+        best = max(aware, key=lambda m: aware[m]["hit_rate"] or 0)
+        ok = (me["hit_rate"] or 0) >= (aware[best]["hit_rate"] or 0)
+        lines.append(f"  {label} {ours}: hit rate {fmt(me['hit_rate'], 1, True)} vs best L7 "
+                     f"cache-aware ({best}) {fmt(aware[best]['hit_rate'], 1, True)}: "
+                     f"{'PASS' if ok else 'FAIL'} (>=)")
+        app = me["tenants"].get(prefix.APP_SERVER)
+        if app is not None:
+            ref = aware[best]["tenants"].get(prefix.APP_SERVER, {}).get("hit_rate_usage") or 0
+            got = app.get("hit_rate_usage") or 0
+            passed = got >= ref and (app.get("handoff_share") or 0) > 0
+            lines.append(f"  {label} {ours}: app-server tenant hit {fmt(got, 1, True)} vs "
+                         f"{best}'s {fmt(ref, 1, True)}, handed off "
+                         f"{fmt(app.get('handoff_share'), 1, True)}: "
+                         f"{'PASS' if passed else 'FAIL'}")
+    for kind, group in (("L7 router's", l7), ("L7 cache-aware router's", aware)):
+        if not group:
+            continue
+        best = min(group, key=lambda m: group[m]["ttft_p99_ms"] or float("inf"))
+        interval = p99_ratio_interval(me["ttft_s"], group[best]["ttft_s"])
+        if interval:
+            ratio, low, high = interval
+            lines.append(f"  {label} {ours}: TTFT p99 / best {kind} ({best}) = {ratio:.2f}"
+                         f" [90% CI {low:.2f}..{high:.2f}]: "
+                         f"{'PASS' if ratio <= 0.8 else 'FAIL'} (<= 0.8)")
+    dev = me["tenants"].get(prefix.DEVICES)
+    if dev is not None and ours == "prefix-affinity":
+        share = dev.get("handoff_share") or 0
+        lines.append(f"  {label} {ours}: per-device clients handed off {fmt(share, 1, True)}: "
+                     f"{'PASS' if share <= 0.25 else 'FAIL'} (<= 25%)")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=40.0)
+    parser.add_argument("--load", type=float, default=0.85)
+    parser.add_argument("--kv-tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--modes", nargs="+", default=list(prefix.MODES))
+    parser.add_argument("--workloads", nargs="+", default=["chat", "trace", "free"])
+    parser.add_argument("--trace-kv", type=int, default=None,
+                        help="run the trace and prefix-free workloads at this KV size only "
+                             "(default: the first of --kv-tokens)")
+    parser.add_argument("--lookup-timeout", type=float, default=0.05,
+                        help="the agents' handoff.lookup_timeout (s)")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "prefix-bench")
+    args = parser.parse_args()
+    out = args.out / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"prefix bench: speeds {SPEEDS}, {EMULATOR_MAX_NUM_SEQS} slots, load "
+          f"{args.load:.0%}, {args.duration:g} s a run, KV sizes {args.kv_tokens} tokens; "
+          f"uptime: {os.popen('uptime').read().strip()}")
+    plans = {"chat": prefix.chat_workload(args.duration, SPEEDS, args.load),
+             "trace": prefix.trace_workload(args.duration, SPEEDS, args.load),
+             "free": prefix.prefix_free_workload(args.duration, SPEEDS, args.load)}
+    trace_kv = args.trace_kv or args.kv_tokens[0]
+    everything: dict[str, dict[str, dict[str, Any]]] = {}
+    lines: list[str] = []
+    for kv in args.kv_tokens:
+        wanted = [w for w in args.workloads if w == "chat" or kv == trace_kv]
+        if not wanted:
+            continue
+        cluster = Cluster(out / f"kv{kv}", kv, args.modes, args.lookup_timeout)
+        try:
+            cluster.start()
+            for workload in wanted:
+                modes = [m for m in args.modes if workload != "free" or m in ("p2c", "prefix")]
+                label = f"{workload}, KV {kv} tokens, {len(plans[workload])} requests"
+                results: dict[str, dict[str, Any]] = {}
+                for mode in modes:
+                    if mode in prefix.L7_MODES and mode not in cluster.routers:
+                        continue
+                    print(f"  running {label}: {mode}", flush=True)
+                    results[mode] = one_run(cluster, mode, workload, plans[workload],
+                                            args.duration, cluster.folder)
+                everything[f"{workload} kv{kv}"] = results
+                lines += report_group(label, results)
+                for ours in ("prefix", "prefix-affinity"):
+                    if workload != "free":
+                        lines += targets(f"[{workload} kv{kv}]", results, ours)
+                if workload == "free" and "p2c" in results and "prefix" in results:
+                    ratio, low, high = p99_ratio_interval(results["prefix"]["ttft_s"],
+                                                          results["p2c"]["ttft_s"]) or (0, 0, 0)
+                    lines.append(f"  [free kv{kv}] prefix TTFT p99 / p2c's = {ratio:.2f} "
+                                 f"[90% CI {low:.2f}..{high:.2f}]: "
+                                 f"{'PASS' if ratio <= 1.05 else 'FAIL'} (<= 1.05)")
+                print("\n".join(lines[-(len(results) + 8):]), flush=True)
+        finally:
+            cluster.stop()
+    (out / "summary.json").write_text(json.dumps(
+        {k: {m: {x: y for x, y in f.items() if x != "ttft_s"} for m, f in v.items()}
+         for k, v in everything.items()}, indent=2))
+    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    with contextlib.suppress(Exception):
+        prefix.plot_modes({k: v for k, v in everything.items()}, out / "modes.png",
+                          "prefix experiment (bench, 127.0.0.1)")
+    print("\n".join(lines))
+    print(f"\nresults: {out}; uptime: {os.popen('uptime').read().strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

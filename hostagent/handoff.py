@@ -1,0 +1,458 @@
+"""Prefix handoff: the bridge of the backend the switch chose hands a request to the peer
+whose KV cache holds a markedly longer prefix of its prompt, when that pays (issue 15).
+
+Per request of a tenant that opted in (policy `prefix_affinity`):
+1. the prompt's block keys: the emulator's word tokenizer and chat template
+   (hostagent/wordtok.py; exact for the emulator) or the local vLLM's own `/tokenize`,
+   hashed as vLLM hashes blocks (tokenfabric/blockhash.py);
+2. the fabric's prefix index (POST /api/v1/prefix-index/lookup on the controller), under a
+   time budget, at most `max_lookups` at once, answers cached briefly; a slow or failed
+   lookup means "serve here" -- the handoff is an optimisation, never a dependency;
+3. the cost model (`decide`): hand off when a trusted peer holds at least `min_extra_blocks`
+   more blocks (and `min_ratio` times as many) as this backend and
+       prefill saved  >  max(0, peer's expected queueing - ours) + relay cost + min_gain,
+   prefill saved = the request's own (extra cached tokens x prefill time per token) plus,
+   weighted by `stall_weight`, the stall its prefill puts on the batch: a prefill step
+   delays every running request of its backend, so computing P - cached_here tokens here
+   stalls our running requests and P - cached_there tokens there stalls the peer's
+   (saved += running_here x (P - cached_here) - running_there x (P - cached_there),
+   times the prefill time per token); expected queueing from
+   the peer's last reported running/waiting (plus the handoffs this agent sent it since)
+   against its capacity, in units of a typical request's time here; relay cost = the
+   measured moving average of the lookup-to-peer-head time;
+4. the relay: the request goes to the peer agent's handoff listener (its fabric address,
+   `handoff_port`), signed (`X-Tokenfabric-Handoff`: origin, tenant id, time, HMAC-SHA256
+   over them and the body's SHA-256 with the fabric's handoff secret); the peer serves it
+   as its own request of that tenant -- it charges the usage and never hands it on -- and
+   the answer streams back through this bridge. A client that leaves aborts the relay
+   connection, and the peer's bridge then aborts its vLLM.
+
+Why the controller's index and not each agent subscribing to every peer's KV events: one
+subscription per backend (not N x N), the index's staleness rules and memory bound apply
+once, and peers' events need no route between hosts' ZMQ sockets. The price is one REST
+round trip per eligible request (bounded by `lookup_timeout`, skipped for prompts shorter
+than `min_blocks` and for tenants not opted in).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from hostagent import log
+from hostagent.tenants import Tenant
+from hostagent.wordtok import WordTokenizer, chat_words, split
+from tokenfabric.blockhash import BlockHasher
+
+HANDOFF_HEADER = "x-tokenfabric-handoff"
+HANDOFF_FROM_HEADER = "X-Tokenfabric-Handoff-From"
+HANDOFF_MS_HEADER = "X-Tokenfabric-Handoff-Ms"
+LOOKUP_MS_HEADER = "X-Tokenfabric-Prefix-Lookup-Ms"
+MAX_CLOCK_SKEW_S = 30.0      # a signed handoff older (or newer) than this is refused
+MAX_KEYS = 8192              # the index's lookup bound (controller/prefix_index.py)
+RELAY_SMOOTHING = 0.2
+TOKENIZERS = ("emulator", "vllm")
+DECISIONS = ("handoff", "no_match", "local_longest", "short_prefix", "peer_busy", "no_gain",
+             "short_prompt", "lookup_failed", "lookup_busy", "relay_failed", "not_tokenized")
+
+
+@dataclass
+class HandoffSettings:
+    """The agent's `handoff_*` keys (docs/agent.md)."""
+    secret: bytes                        # shared by the fabric's agents: signs handoffs
+    port: int = 8002                     # every agent's handoff listener, on its address
+    tokenizer: str = "emulator"          # emulator (word tokenizer) | vllm (its /tokenize)
+    block_size: int = 16                 # vLLM's GPU default; the KV events' wins when known
+    hash_algo: str = "sha256"
+    min_blocks: int = 4                  # prompts with fewer full blocks are never looked up
+    min_extra_blocks: int = 4            # "markedly longer": at least this many more...
+    min_ratio: float = 1.2               # ...and this many times our cached blocks
+    prefill_ms_per_token: float = 0.1    # prefill time a cached token saves (lab: 0.1)
+    relay_ms: float = 3.0                # the relay's cost until measured
+    min_gain_ms: float = 5.0             # net gain a handoff must promise
+    stall_weight: float = 1.0            # weight of the batch's prefill stall (0: own only)
+    max_peer_load: float = 1.5           # (running + waiting) / capacity a peer may have
+    lookup_timeout: float = 0.05         # s: the budget of a lookup
+    max_lookups: int = 32                # lookups in flight at once; more serve locally
+    cache_ttl: float = 0.25              # s an index answer is reused for the same prompt
+    cache_size: int = 1024
+    connect_timeout: float = 0.5         # s to reach the peer's handoff listener
+    load_stale_s: float = 3.0            # a peer whose load report is older is not used
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"handoff tokenizer must be one of {TOKENIZERS}")
+        if len(self.secret) < 16:
+            raise ValueError("the handoff secret must be at least 16 bytes")
+
+
+@dataclass
+class Peer:
+    """A holder of the prompt's prefix, as the index answered."""
+    name: str
+    address: str
+    cached_blocks: int
+    capacity: int = 1
+    running: int = 0
+    waiting: int = 0
+
+
+@dataclass
+class Decision:
+    decision: str                    # one of DECISIONS
+    peer: Peer | None = None
+    gain_ms: float = 0.0
+    lookup_ms: float = 0.0
+    local_blocks: int = 0
+
+
+@dataclass
+class LocalLoad:
+    running: float
+    waiting: float
+    capacity: int
+    expected_wait_s: float | None = None  # the delay model's, when it runs
+    service_s: float = 0.7                # a typical request's time in a slot here
+
+
+class HandoffMetrics:
+    """Prometheus counters of one agent (GET /metrics of the agent's metrics listener)."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.registry = CollectorRegistry()
+        self.sent = Counter("tokenfabric_handoffs", "Requests this bridge handed to a peer.",
+                            ["backend", "peer", "tenant"], registry=self.registry)
+        self.received = Counter("tokenfabric_handoffs_received",
+                                "Requests a peer's bridge handed to this backend.",
+                                ["backend", "origin", "tenant"], registry=self.registry)
+        self.decisions = Counter("tokenfabric_handoff_decisions",
+                                 "Handoff decisions of this bridge, by outcome.",
+                                 ["backend", "decision"], registry=self.registry)
+        self.refused = Counter("tokenfabric_handoffs_refused",
+                               "Handoffs refused here (bad or missing signature).",
+                               ["backend"], registry=self.registry)
+        self.lookup_seconds = Histogram(
+            "tokenfabric_prefix_lookup_seconds", "Time of the prefix-index lookups.",
+            ["backend"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1))
+        self.relay_seconds = Histogram(
+            "tokenfabric_handoff_added_seconds",
+            "A handoff's added latency: the decision (block keys, index lookup) and the "
+            "connection to the peer's handoff listener.", ["backend"],
+            registry=self.registry, buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def decided(self, decision: str) -> None:
+        self.decisions.labels(self.backend, decision).inc()
+        self.counts[("decision", decision)] += 1
+
+    def handed(self, peer: str, tenant: str) -> None:
+        self.sent.labels(self.backend, peer, tenant).inc()
+        self.counts[("sent", peer)] += 1
+
+    def took(self, origin: str, tenant: str) -> None:
+        self.received.labels(self.backend, origin, tenant).inc()
+        self.counts[("received", origin)] += 1
+
+
+# -- signing ------------------------------------------------------------------------------
+def sign(secret: bytes, origin: str, tenant_id: int, body: bytes,
+         now: float | None = None) -> str:
+    """The X-Tokenfabric-Handoff value of a request handed on by `origin`."""
+    stamp = int(time.time() if now is None else now)
+    digest = _mac(secret, origin, tenant_id, stamp, body)
+    return f"origin={origin}; tenant={tenant_id}; ts={stamp}; sig={digest}"
+
+
+def verify(secret: bytes, value: str, body: bytes,
+           now: float | None = None) -> tuple[str, int] | None:
+    """(origin, tenant id) of a well-signed, fresh handoff header, else None."""
+    try:
+        fields = dict(part.strip().split("=", 1) for part in value.split(";"))
+        origin, tenant_id, stamp = fields["origin"], int(fields["tenant"]), int(fields["ts"])
+        given = fields["sig"]
+    except (KeyError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    if abs(now - stamp) > MAX_CLOCK_SKEW_S:
+        return None
+    if not hmac.compare_digest(given, _mac(secret, origin, tenant_id, stamp, body)):
+        return None
+    return origin, tenant_id
+
+
+def _mac(secret: bytes, origin: str, tenant_id: int, stamp: int, body: bytes) -> str:
+    message = f"{origin}|{tenant_id}|{stamp}|{hashlib.sha256(body).hexdigest()}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+# -- the cost model -----------------------------------------------------------------------
+def queue_wait_s(running: float, waiting: float, capacity: int, service_s: float) -> float:
+    """Expected wait for a slot: the requests beyond the free slots, each `capacity` of
+    them taking one typical request's time."""
+    beyond = running + waiting - capacity + 1
+    return max(0.0, beyond) / max(1, capacity) * service_s
+
+
+def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
+           local: LocalLoad, relay_ms: float, pending: dict[str, int],
+           block_size: int, prompt_blocks: int = 0) -> Decision:
+    """Where the request should run: here, or a peer (see the module docstring)."""
+    local_blocks = 0
+    peers: list[Peer] = []
+    for m in matches:
+        if m.get("backend") == me:
+            local_blocks = int(m.get("cached_blocks") or 0)
+            continue
+        if not m.get("trusted") or not m.get("address"):
+            continue
+        age = m.get("load_age_s")
+        if age is None or age > settings.load_stale_s:
+            continue
+        peers.append(Peer(str(m["backend"]), str(m["address"]), int(m["cached_blocks"]),
+                          max(1, int(m.get("capacity") or 1)), int(m.get("running") or 0),
+                          int(m.get("waiting") or 0)))
+    if not peers:
+        return Decision("no_match" if local_blocks == 0 else "local_longest",
+                        local_blocks=local_blocks)
+    local_wait = local.expected_wait_s if local.expected_wait_s is not None else \
+        queue_wait_s(local.running, local.waiting, local.capacity, local.service_s)
+    best: Decision | None = None
+    outcome = "local_longest"
+    for peer in peers:
+        extra = peer.cached_blocks - local_blocks
+        if extra <= 0:
+            continue
+        if extra < settings.min_extra_blocks or \
+                peer.cached_blocks < settings.min_ratio * local_blocks:
+            outcome = "short_prefix" if outcome == "local_longest" else outcome
+            continue
+        busy = peer.running + peer.waiting + pending.get(peer.name, 0)
+        if busy > settings.max_peer_load * peer.capacity:
+            outcome = "peer_busy"
+            continue
+        per_block = block_size * settings.prefill_ms_per_token
+        prompt = max(prompt_blocks, peer.cached_blocks)
+        stall = local.running * (prompt - local_blocks) - \
+            (peer.running + pending.get(peer.name, 0)) * (prompt - peer.cached_blocks)
+        saved_ms = (extra + settings.stall_weight * stall) * per_block
+        peer_wait = queue_wait_s(busy, 0, peer.capacity, local.service_s)
+        cost_ms = max(0.0, peer_wait - local_wait) * 1000 + relay_ms
+        gain = saved_ms - cost_ms
+        if gain < settings.min_gain_ms:
+            outcome = "no_gain" if outcome != "peer_busy" else outcome
+            continue
+        if best is None or gain > best.gain_ms:
+            best = Decision("handoff", peer, gain, local_blocks=local_blocks)
+    return best or Decision(outcome, local_blocks=local_blocks)
+
+
+# -- block keys ---------------------------------------------------------------------------
+def emulator_token_ids(body: dict[str, Any], tokenizer: WordTokenizer) -> list[int] | None:
+    """The prompt's token ids as the emulator makes them (its word tokenizer and chat
+    template), or None when the body has no prompt the emulator would take."""
+    if "messages" in body:
+        try:
+            words = chat_words(body["messages"])
+        except ValueError:
+            return None
+        return tokenizer.ids(words)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer.ids(split(prompt))
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        return list(prompt)
+    return None
+
+
+class _LookupCache:
+    """Index answers by the prompt's last key (a chained key names the whole prefix)."""
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size, self.ttl = size, ttl
+        self.items: collections.OrderedDict[tuple[int, int], tuple[float, list[dict]]] = \
+            collections.OrderedDict()
+
+    def get(self, keys: list[int], now: float) -> list[dict] | None:
+        item = self.items.get((len(keys), keys[-1]))
+        if item is None or now - item[0] > self.ttl:
+            return None
+        return item[1]
+
+    def put(self, keys: list[int], now: float, matches: list[dict]) -> None:
+        self.items[(len(keys), keys[-1])] = (now, matches)
+        self.items.move_to_end((len(keys), keys[-1]))
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+@dataclass
+class Handoff:
+    """One agent's handoff side: decides, and tells the bridge where to connect."""
+    settings: HandoffSettings
+    backend: str                                   # this agent's backend name
+    session: aiohttp.ClientSession
+    controller_url: str
+    token: str | None
+    vllm_url: str
+    local_load: Callable[[], LocalLoad]
+    block_size: Callable[[], int | None] = lambda: None  # the KV events' block size
+    # this backend's own block keys (its KV events), when the agent follows them: a prompt
+    # held here nearly whole needs no lookup, no peer can hold markedly more
+    local_keys: Callable[[], Container[int] | None] = lambda: None
+    metrics: HandoffMetrics = field(init=False)
+    pending: dict[str, int] = field(default_factory=dict)  # handoffs in flight per peer
+    relay_ms: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = HandoffMetrics(self.backend)
+        self.relay_ms = self.settings.relay_ms
+        self._tokenizer = WordTokenizer(max_reverse=1)
+        self._hashers: dict[int, BlockHasher] = {}
+        self._cache = _LookupCache(self.settings.cache_size, self.settings.cache_ttl)
+        self._lookups = 0
+
+    def wants(self, tenant: Tenant, body: dict | None) -> bool:
+        return tenant.prefix_affinity and body is not None
+
+    def _hasher(self) -> BlockHasher:
+        size = self.block_size() or self.settings.block_size
+        hasher = self._hashers.get(size)
+        if hasher is None:
+            hasher = self._hashers[size] = BlockHasher(size, self.settings.hash_algo)
+        return hasher
+
+    async def keys(self, body: dict[str, Any]) -> list[int] | None:
+        if self.settings.tokenizer == "emulator":
+            ids = emulator_token_ids(body, self._tokenizer)
+        else:
+            ids = await self._vllm_token_ids(body)
+        if ids is None:
+            return None
+        size = self._hasher().block_size
+        return self._hasher().keys(ids[:MAX_KEYS * size])
+
+    async def _vllm_token_ids(self, body: dict[str, Any]) -> list[int] | None:
+        """vLLM's own tokenizer: its /tokenize (one loopback call, within the budget)."""
+        ask: dict[str, Any] = {k: body[k] for k in ("model", "messages", "prompt") if k in body}
+        if not isinstance(ask.get("prompt", ""), str):
+            return None
+        try:
+            async with self.session.post(
+                    self.vllm_url.rstrip("/") + "/tokenize", json=ask,
+                    timeout=aiohttp.ClientTimeout(total=self.settings.lookup_timeout)) as r:
+                if r.status != 200:
+                    return None
+                tokens = (await r.json(content_type=None)).get("tokens")
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return None
+        return tokens if isinstance(tokens, list) and all(isinstance(t, int) for t in tokens) \
+            else None
+
+    async def choose(self, body: dict[str, Any]) -> Decision:
+        """The decision for one request (never raises, never waits past the budget)."""
+        started = time.monotonic()
+        keys = await self.keys(body)
+        if keys is None:
+            return self._done(Decision("not_tokenized"))
+        if len(keys) < self.settings.min_blocks:
+            return self._done(Decision("short_prompt"))
+        held = self._held_here(keys)
+        if len(keys) - held < self.settings.min_extra_blocks:
+            return self._done(Decision("local_longest", local_blocks=held))
+        matches = self._cache.get(keys, started)
+        if matches is None:
+            if self._lookups >= self.settings.max_lookups:
+                return self._done(Decision("lookup_busy"))
+            self._lookups += 1
+            try:
+                matches = await self._lookup(keys)
+            finally:
+                self._lookups -= 1
+            if matches is None:
+                return self._done(Decision("lookup_failed"))
+            self._cache.put(keys, time.monotonic(), matches)
+            self.metrics.lookup_seconds.labels(self.backend).observe(
+                time.monotonic() - started)
+        decision = decide(self.settings, self.backend, matches, self.local_load(),
+                          self.relay_ms, self.pending, self._hasher().block_size,
+                          len(keys))
+        decision.lookup_ms = (time.monotonic() - started) * 1000
+        return self._done(decision)
+
+    def _held_here(self, keys: list[int]) -> int:
+        local = self.local_keys()
+        if local is None:
+            return 0
+        held = 0
+        for key in keys:
+            if key not in local:
+                break
+            held += 1
+        return held
+
+    def _done(self, decision: Decision) -> Decision:
+        if decision.decision != "handoff":
+            self.metrics.decided(decision.decision)
+        return decision
+
+    async def _lookup(self, keys: list[int]) -> list[dict] | None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            async with self.session.post(
+                    self.controller_url.rstrip("/") + "/api/v1/prefix-index/lookup",
+                    json={"block_hashes": keys}, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=self.settings.lookup_timeout)) as r:
+                if r.status != 200:
+                    log.debug("prefix lookup answered %d", r.status)
+                    return None
+                answer = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("prefix lookup failed: %s", exc)
+            return None
+        matches = answer.get("matches") if isinstance(answer, dict) else None
+        return [m for m in matches if isinstance(m, dict)] if isinstance(matches, list) \
+            else None
+
+    # -- the relay's bookkeeping ---------------------------------------------------------
+    def begin(self, peer: Peer) -> None:
+        self.pending[peer.name] = self.pending.get(peer.name, 0) + 1
+
+    def end(self, peer: Peer) -> None:
+        left = self.pending.get(peer.name, 0) - 1
+        if left > 0:
+            self.pending[peer.name] = left
+        else:
+            self.pending.pop(peer.name, None)
+
+    def relayed(self, peer: Peer, tenant: Tenant, added_s: float) -> None:
+        """A handoff that added `added_s` (decision and connect) is streaming back."""
+        self.metrics.decided("handoff")
+        self.metrics.handed(peer.name, tenant.name)
+        self.metrics.relay_seconds.labels(self.backend).observe(added_s)
+        self.relay_ms += RELAY_SMOOTHING * (added_s * 1000 - self.relay_ms)
+
+    def failed(self) -> None:
+        self.metrics.decided("relay_failed")
+
+    def header(self, tenant: Tenant, body: bytes) -> str:
+        return sign(self.settings.secret, self.backend, tenant.tenant_id, body)
+
+    def summary(self) -> dict[str, Any]:
+        """For the agent's report and logs: counts by decision, sent and received."""
+        out: dict[str, dict[str, int]] = {"decision": {}, "sent": {}, "received": {}}
+        for (kind, name), n in self.metrics.counts.items():
+            out[kind][name] = n
+        return {**out, "relay_ms": round(self.relay_ms, 3)}

@@ -1,0 +1,389 @@
+"""The prefix handoff, live: a real controller (prefix index, policy with the opt-in), two
+real emulators publishing KV events, two real agents (bridge, handoff listener on
+127.0.0.1 and 127.0.0.2, KV reports), UDP sinks standing in for the switch's beacons.
+
+gpu1's bridge gets requests whose prompt prefix gpu2 holds: it hands them over and the
+answer streams back; a client abort cancels gpu2's generation; usage is charged once, by
+gpu2; no handoff when gpu2 is overloaded or the shared prefix is short; counters."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+
+from hostagent.handoff import sign
+from tests.integration.api.conftest import ADMIN, AGENT, VIEWER
+from tests.integration.hostagent.conftest import (
+    env_without_config,
+    free_port,
+    start_emulator,
+    stop_process,
+)
+from tests.integration.hostagent.conftest import wait_for as wait_until
+from tokenfabric import beacon
+
+FABRIC = """
+switches:
+  s1: {address: "127.0.0.1:1", device_id: 1, ports: [1, 2, 3, 4]}
+hosts:
+  clients: {switch: s1, port: 1, address: 10.0.1.0, prefix_len: 24, mac: "02:00:00:00:01:01"}
+services:
+  tiny: {id: 1, model: tiny, vip: 10.0.100.1, port: 8000}
+"""
+POLICY = """
+contracts:
+  std:
+    class: {service_class: standard, dscp: 0, queue: 1, priority_level: 9}
+    tpm: 6000000
+    burst: 500000
+tenants:
+  - {name: chat, id: 5, prefixes: [10.0.1.0/25], contract: std, prefix_affinity: true}
+  - {name: plain, id: 6, prefixes: [10.0.1.128/25], contract: std}
+"""
+SECRET = "handoff-test-secret-0123456789"
+CAPACITY = 2
+
+
+def wait_for(check, what: str, timeout: float = 30.0):
+    def attempt():
+        try:
+            return check()
+        except httpx.HTTPError:
+            return None
+    return wait_until(attempt, timeout, what)
+
+
+class Sink:
+    """A UDP socket where an agent's beacons land (the switch's place)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.usage: list[beacon.UsageBeacon] = []
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def drain(self) -> list[beacon.UsageBeacon]:
+        for _ in range(100_000):
+            try:
+                data = self.sock.recv(2048)
+            except BlockingIOError:
+                break
+            parsed = beacon.unpack(data)
+            if isinstance(parsed, beacon.UsageBeacon):
+                self.usage.append(parsed)
+        return self.usage
+
+
+class Rig:
+    def __init__(self, tmp_path) -> None:
+        self.tmp = tmp_path
+        self.started: list[subprocess.Popen] = []
+        self.sinks: dict[str, Sink] = {}
+        self.emulators: dict = {}
+        self.bridges: dict[str, str] = {}
+        self.metrics: dict[str, str] = {}
+        self.handoff_port = free_port()
+
+    def start(self) -> None:
+        (self.tmp / "fabric.yaml").write_text(FABRIC)
+        (self.tmp / "policy.yaml").write_text(POLICY)
+        (self.tmp / "tokens.yaml").write_text(yaml.safe_dump(
+            {ADMIN: {"name": "ops", "role": "admin"},
+             AGENT: {"name": "agents", "role": "agent", "backends": ["*"]},
+             VIEWER: {"name": "grafana", "role": "viewer"}}))
+        api_port = free_port()
+        self.started.append(subprocess.Popen(
+            [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
+             "--fabric", str(self.tmp / "fabric.yaml"), "--policy", str(self.tmp / "policy.yaml"),
+             "--tokens", str(self.tmp / "tokens.yaml"), "--ledger", str(self.tmp / "l.db"),
+             "--listen", f"127.0.0.1:{api_port}"],
+            stdout=open(self.tmp / "controller.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT))
+        self.viewer = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10,
+                                   headers={"Authorization": f"Bearer {VIEWER}"})
+        for n, address in ((1, "127.0.0.1"), (2, "127.0.0.2")):
+            name = f"gpu{n}"
+            endpoint = f"tcp://127.0.0.1:{free_port()}"
+            replay = f"tcp://127.0.0.1:{free_port()}"
+            # speed 1: 0.1 ms of prefill a token, 20 ms a decode step
+            emulator = start_emulator(
+                "--speed", "1", "--model", "tiny", "--max-num-seqs", str(CAPACITY),
+                "--kv-cache-tokens", "20000", "--kv-events-config",
+                json.dumps({"enable_kv_cache_events": True, "endpoint": endpoint,
+                            "replay_endpoint": replay}))
+            self.started.append(emulator.proc)
+            self.emulators[name] = emulator
+            sink = self.sinks[name] = Sink()
+            listen, metrics = free_port(), free_port()
+            self.bridges[name] = f"http://127.0.0.1:{listen}"
+            self.metrics[name] = f"http://127.0.0.1:{metrics}/metrics"
+            (self.tmp / f"{name}.yaml").write_text(yaml.safe_dump({"agent": {
+                "name": name, "address": address, "mac": f"02:00:00:00:00:1{n}",
+                "switch": "s1", "port": 2 + n, "vip": "10.0.100.1", "vip_port": 8000,
+                "capacity": CAPACITY, "vllm_url": emulator.url,
+                "controller_url": f"http://127.0.0.1:{api_port}", "token": AGENT,
+                "listen_address": "127.0.0.1", "listen_port": listen,
+                "trust_tenant_header": True, "beacon_target": sink.target,
+                "report_interval": 0.2, "kv_events_endpoint": endpoint,
+                "kv_events_replay_endpoint": replay, "kv_report_interval": 0.2,
+                "metrics_listen": f"127.0.0.1:{metrics}",
+                "handoff": {"secret": SECRET, "port": self.handoff_port,
+                            "lookup_timeout": 1.0, "min_gain_ms": 5.0,
+                            "max_peer_load": 1.0, "cache_ttl": 0.0}}}))
+            self.started.append(subprocess.Popen(
+                [sys.executable, "-m", "tokenfabric.cli", "agent", "run", "--config",
+                 str(self.tmp / f"{name}.yaml")], env=env_without_config(),
+                stdout=open(self.tmp / f"{name}.log", "wb"),  # noqa: SIM115
+                stderr=subprocess.STDOUT))
+        for name in ("gpu1", "gpu2"):
+            wait_for(lambda name=name: self.viewer.get(
+                f"/api/v1/backends/{name}").json().get("load", {}).get("reports", 0) > 0,
+                     f"{name}'s registration and first report")
+            wait_for(lambda name=name: httpx.get(self.metrics[name]).status_code == 200,
+                     f"{name}'s metrics")
+
+    def stop(self) -> None:
+        for proc in reversed(self.started):
+            stop_process(proc)
+        for sink in self.sinks.values():
+            sink.sock.close()
+
+    def metric(self, name: str, pattern: str) -> float:
+        text = httpx.get(self.metrics[name], timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if re.match(pattern, line):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def warm(self, name: str, prompt: str) -> None:
+        """`prompt` into `name`'s KV cache, and into the index."""
+        reply = httpx.post(self.emulators[name].url + "/v1/completions", timeout=30,
+                           json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
+        assert reply.status_code == 200
+        keys = len(prompt.split()) // 16
+
+        def indexed() -> bool:
+            body = self.viewer.post("/api/v1/prefix-index/lookup", json={
+                "block_hashes": self.keys(prompt)}).json()
+            return any(m["backend"] == name and m["cached_blocks"] >= keys and m["trusted"]
+                       for m in body["matches"])
+        wait_for(indexed, f"{name}'s blocks in the index")
+
+    def keys(self, prompt: str) -> list[int]:
+        from tokenfabric.blockhash import BlockHasher
+        ids = httpx.post(self.emulators["gpu1"].url + "/tokenize",
+                         json={"prompt": prompt}).json()["tokens"]
+        return BlockHasher(16).keys(ids)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    rig = Rig(tmp_path_factory.mktemp("handoff"))
+    try:
+        rig.start()
+        yield rig
+    finally:
+        rig.stop()
+
+
+def completion(rig: Rig, prompt: str, tenant: str = "chat", max_tokens: int = 8,
+               ) -> tuple[httpx.Response, list[dict]]:
+    """A streamed completion through gpu1's bridge; the response and its SSE events."""
+    with httpx.stream("POST", rig.bridges["gpu1"] + "/v1/completions", timeout=30,
+                      headers={"X-Tokenfabric-Tenant": tenant},
+                      json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                            "stream": True, "ignore_eos": True,
+                            "stream_options": {"include_usage": True}}) as reply:
+        events = []
+        done = False
+        for line in reply.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+        assert done, "the stream did not end with [DONE]"
+    return reply, events
+
+
+def words(tag: str, n: int) -> str:
+    return " ".join(f"{tag}{i}" for i in range(n))
+
+
+def test_a_request_whose_prefix_the_peer_holds_is_handed_off_and_streamed_back(rig):
+    system = words("sysA", 1600)  # 100 blocks: 160 ms of prefill saved at speed 1
+    rig.warm("gpu2", system + " first question")
+    before_hits = rig.emulators["gpu2"].metrics()
+    rig.sinks["gpu1"].drain()
+    rig.sinks["gpu2"].drain()
+    gpu1_usage, gpu2_usage = len(rig.sinks["gpu1"].usage), len(rig.sinks["gpu2"].usage)
+
+    reply, events = completion(rig, system + " second question", max_tokens=12)
+    assert reply.status_code == 200
+    assert reply.headers["x-tokenfabric-backend"] == "gpu2"
+    assert reply.headers["x-tokenfabric-handoff-from"] == "gpu1"
+    assert float(reply.headers["x-tokenfabric-handoff-ms"]) > 0
+    text_chunks = [e for e in events if e.get("choices")]
+    assert len(text_chunks) == 12  # one per token, none lost or doubled on the way
+    [usage] = [e["usage"] for e in events if e.get("usage")]
+    assert usage["completion_tokens"] == 12 and usage["prompt_tokens"] == 1602
+    assert _hits(rig.emulators["gpu2"].metrics()) - _hits(before_hits) >= 1600 - 16
+
+    # charged once: gpu2's agent sent the USAGE beacons of tenant 5, gpu1's none
+    def charged() -> bool:
+        got = rig.sinks["gpu2"].drain()[gpu2_usage:]
+        return sum(b.completion_tokens for b in got if b.tenant_id == 5) == 12
+    wait_for(charged, "gpu2's USAGE beacons")
+    assert [b for b in rig.sinks["gpu1"].drain()[gpu1_usage:] if b.tenant_id == 5] == []
+    assert rig.metric("gpu1", r'tokenfabric_handoffs_total\{.*peer="gpu2".*tenant="chat"') == 1
+    assert rig.metric("gpu2", r'tokenfabric_handoffs_received_total\{.*origin="gpu1"') == 1
+
+
+def test_a_handed_off_request_is_billed_once_in_the_controllers_ledger(rig):
+    system = words("sysU", 800)
+    rig.warm("gpu2", system + " x")
+    time.sleep(0.5)  # earlier tests' usage reported
+    before = _ledger(rig)
+    reply, _ = completion(rig, system + " y", max_tokens=5)
+    assert reply.headers["x-tokenfabric-backend"] == "gpu2"
+    wait_for(lambda: _ledger(rig)[0] > before[0] or None, "the usage in the ledger")
+    time.sleep(1.0)  # five more report intervals: a second count would have come
+    requests, completion_tokens = _ledger(rig)
+    assert requests == before[0] + 1 and completion_tokens == before[1] + 5
+
+
+def test_a_client_abort_during_a_handoff_cancels_the_peers_generation(rig):
+    system = words("sysB", 1600)
+    rig.warm("gpu2", system + " q")
+    aborted = _aborts(rig.emulators["gpu2"].metrics())
+    with httpx.stream("POST", rig.bridges["gpu1"] + "/v1/completions", timeout=30,
+                      headers={"X-Tokenfabric-Tenant": "chat"},
+                      json={"model": "tiny", "prompt": system + " long answer",
+                            "max_tokens": 3000, "stream": True, "ignore_eos": True}) as reply:
+        assert reply.headers["x-tokenfabric-backend"] == "gpu2"
+        lines = reply.iter_lines()
+        got = 0
+        for line in lines:
+            if line.startswith("data: "):
+                got += 1
+            if got >= 3:
+                break
+    # the client left after 3 tokens of 3000 (60 s of decoding): gpu2 aborts now
+    wait_for(lambda: _aborts(rig.emulators["gpu2"].metrics()) > aborted or None,
+             "gpu2's emulator to abort the request", timeout=10)
+    wait_for(lambda: _running(rig.emulators["gpu2"].metrics()) == 0 or None,
+             "gpu2 to run nothing", timeout=10)
+
+
+def test_no_handoff_for_a_short_shared_prefix_or_a_tenant_not_opted_in(rig):
+    system = words("sysC", 1600)
+    rig.warm("gpu2", system + " q")
+    # 2 blocks shared: too short to pay the relay
+    reply, _ = completion(rig, words("sysC", 40) + " " + words("other", 800))
+    assert reply.headers["x-tokenfabric-backend"] == "gpu1"
+    assert "x-tokenfabric-handoff-from" not in reply.headers
+    # the whole prefix held, but tenant plain has no prefix_affinity in the policy
+    reply, _ = completion(rig, system + " q2", tenant="plain")
+    assert reply.headers["x-tokenfabric-backend"] == "gpu1"
+    assert rig.metric("gpu1", r'tokenfabric_handoff_decisions_total\{.*decision="short_prefix"'
+                      ) + rig.metric("gpu1", r'tokenfabric_handoff_decisions_total\{.*'
+                                     r'decision="no_match"') >= 1
+
+
+def test_no_handoff_when_the_peer_is_overloaded(rig):
+    system = words("sysD", 1600)
+    rig.warm("gpu2", system + " q")
+    # fill gpu2: 2 slots running and 2 waiting (long generations sent to it directly)
+    fillers = [subprocess.Popen(
+        [sys.executable, "-c", "import httpx,sys; httpx.post(sys.argv[1], timeout=60, json="
+         "{'model': 'tiny', 'prompt': 'fill', 'max_tokens': 400, 'ignore_eos': True})",
+         rig.emulators["gpu2"].url + "/v1/completions"]) for _ in range(4)]
+    try:
+        wait_for(lambda: rig.viewer.get("/api/v1/backends/gpu2").json()["load"]["waiting"] >= 1
+                 or None,
+                 "gpu2's report of its queue")
+        said_no = r'tokenfabric_handoff_decisions_total\{.*decision="(peer_busy|no_gain)"'
+        before = rig.metric("gpu1", said_no)
+        reply, _ = completion(rig, system + " q3")
+        assert reply.headers["x-tokenfabric-backend"] == "gpu1"
+        # the load said no: over max_peer_load, or its queue costs more than the prefill
+        assert rig.metric("gpu1", said_no) == before + 1, rig.viewer.post(
+            "/api/v1/prefix-index/lookup", json={"block_hashes": rig.keys(system + " q3")}
+        ).json()
+    finally:
+        for proc in fillers:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def test_the_handoff_listener_refuses_unsigned_or_forged_requests(rig):
+    url = f"http://127.0.0.2:{rig.handoff_port}/v1/completions"
+    body = json.dumps({"model": "tiny", "prompt": "hello there", "max_tokens": 1}).encode()
+    assert httpx.post(url, content=body, timeout=10).status_code == 403
+    forged = sign(b"not-the-fabric-secret-000", "gpu1", 5, body)
+    assert httpx.post(url, content=body, timeout=10,
+                      headers={"X-Tokenfabric-Handoff": forged}).status_code == 403
+    # signed for another body: refused
+    other = sign(SECRET.encode(), "gpu1", 5, b"{}")
+    assert httpx.post(url, content=body, timeout=10,
+                      headers={"X-Tokenfabric-Handoff": other}).status_code == 403
+    good = sign(SECRET.encode(), "gpu1", 5, body)
+    reply = httpx.post(url, content=body, timeout=10, headers={"X-Tokenfabric-Handoff": good})
+    assert reply.status_code == 200 and reply.headers["x-tokenfabric-backend"] == "gpu2"
+    assert rig.metric("gpu2", r"tokenfabric_handoffs_refused_total") >= 3
+
+
+def _ledger(rig: Rig) -> tuple[int, int]:
+    """Requests and completion tokens of tenant chat (id 5) in the controller's ledger."""
+    rows = rig.viewer.get("/api/v1/ledger", params={"tenant_id": 5}).json()
+    return sum(r["requests"] for r in rows), sum(r["completion_tokens"] for r in rows)
+
+
+def _metric(text: str, pattern: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if re.match(pattern, line))
+
+
+def _hits(text: str) -> float:
+    return _metric(text, r"vllm:prefix_cache_hits_total")
+
+
+def _aborts(text: str) -> float:
+    return _metric(text, r'vllm:request_success_total\{.*finished_reason="abort"')
+
+
+def _running(text: str) -> float:
+    return _metric(text, r"vllm:num_requests_running")
+
+
+def test_handoff_decisions_need_a_longer_prefix_and_pay_for_queueing():
+    """The cost model on its own numbers (no servers): what makes it say no."""
+    from hostagent.handoff import HandoffSettings, LocalLoad, decide
+    s = HandoffSettings(secret=b"x" * 16)
+    idle = LocalLoad(0, 0, 4, 0.0, 1.0)
+    peer = {"backend": "b", "address": "10.0.0.2", "cached_blocks": 50, "trusted": True,
+            "capacity": 4, "running": 0, "waiting": 0, "load_age_s": 0.1}
+    assert decide(s, "a", [peer], idle, 3.0, {}, 16).decision == "handoff"
+    # 50 blocks x 16 tokens x 0.1 ms = 80 ms saved; a peer 2 typical requests behind: no
+    queued = {**peer, "running": 4, "waiting": 4}
+    assert decide(s, "a", [queued], idle, 3.0, {}, 16).decision in ("no_gain", "peer_busy")
+    # we hold 45 of the 50 blocks ourselves: not markedly longer
+    mine = {**peer, "backend": "a", "cached_blocks": 45}
+    assert decide(s, "a", [peer, mine], idle, 3.0, {}, 16).decision == "short_prefix"
+    # untrusted or stale-loaded peers are not used
+    assert decide(s, "a", [{**peer, "trusted": False}], idle, 3.0, {}, 16).decision == "no_match"
+    assert decide(s, "a", [{**peer, "load_age_s": 10}], idle, 3.0, {}, 16).decision == "no_match"
+    # handoffs in flight to the peer count as its load
+    assert decide(s, "a", [peer], idle, 3.0, {"b": 8}, 16).decision == "peer_busy"

@@ -1,0 +1,57 @@
+"""The handoff's pieces without servers: its config keys, signatures, block keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostagent.config import _handoff
+from hostagent.handoff import emulator_token_ids, sign, verify
+from hostagent.wordtok import WordTokenizer
+from tokenfabric.blockhash import BlockHasher
+from tokenfabric.config import ConfigError
+
+SECRET = "0123456789abcdef-secret"
+
+
+def test_handoff_config_is_off_by_default_and_checked_key_by_key(tmp_path):
+    assert _handoff({}) == {} and _handoff({"enabled": False, "port": 1}) == {}
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    got = _handoff({"secret_file": str(secret), "port": 9000, "min_ratio": 2})
+    assert got == {"secret": SECRET.encode(), "port": 9000, "min_ratio": 2}
+    for bad, message in (({"enabled": True}, "needs secret_file"),
+                         ({"secret": "short"}, "at least 16 bytes"),
+                         ({"secret": SECRET, "nope": 1}, "unknown key"),
+                         ({"secret": SECRET, "port": 1.5}, "must be a int"),
+                         ({"secret": SECRET, "min_gain_ms": -1}, "must not be negative"),
+                         ({"secret": SECRET, "tokenizer": "bpe"}, "tokenizer must be"),
+                         ({"secret_file": str(tmp_path / "none")}, "secret_file"),
+                         ("yes", "must be a mapping")):
+        with pytest.raises(ConfigError, match=message):
+            _handoff(bad)
+
+
+def test_a_handoff_signature_binds_origin_tenant_time_and_body():
+    body = b'{"prompt": "hi"}'
+    value = sign(SECRET.encode(), "gpu1", 5, body, now=1000.0)
+    assert verify(SECRET.encode(), value, body, now=1010.0) == ("gpu1", 5)
+    assert verify(SECRET.encode(), value, body + b" ", now=1010.0) is None   # other body
+    assert verify(b"another-secret-000000", value, body, now=1010.0) is None
+    assert verify(SECRET.encode(), value, body, now=1100.0) is None          # too old
+    assert verify(SECRET.encode(), value.replace("tenant=5", "tenant=6"), body,
+                  now=1010.0) is None
+    for garbage in ("", "origin=a", "origin=a; tenant=x; ts=1; sig=00", "=;=;"):
+        assert verify(SECRET.encode(), garbage, body) is None
+
+
+def test_block_keys_follow_the_emulators_tokenizer_and_chat_template():
+    tok = WordTokenizer()
+    words = " ".join(f"w{i}" for i in range(40))
+    assert emulator_token_ids({"prompt": words}, tok) == tok.encode(words)
+    assert emulator_token_ids({"prompt": [words]}, tok) == tok.encode(words)
+    assert emulator_token_ids({"prompt": [1, 2, 3]}, tok) == [1, 2, 3]
+    chat = emulator_token_ids({"messages": [{"role": "user", "content": words}]}, tok)
+    assert chat is not None and chat[:2] == tok.ids(["<|role|>", "user"])
+    assert len(BlockHasher(16).keys(chat)) == (2 + 40 + 1) // 16
+    for bad in ({"prompt": 3}, {"messages": "x"}, {"messages": [{"content": "no role"}]}, {}):
+        assert emulator_token_ids(bad, tok) is None
