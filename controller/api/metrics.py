@@ -16,9 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from controller.api.schemas import BackendReport
     from controller.app import Controller
     from controller.ledger import Usage
+    from tokenfabric.wire import BackendReport
 
 NS = "tokenfabric_controller"
 OTHER = "other"  # the one label value for everything outside the policy and the fabric

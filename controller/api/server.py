@@ -17,7 +17,6 @@ from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller import statement
-from controller.api import schemas as s
 from controller.api.errors import (
     Forbidden,
     NotFound,
@@ -30,6 +29,7 @@ from controller.api.prefix_routes import prefix_index_routes
 from controller.auth import Principal, Role
 from controller.gctools import gc_paused
 from controller.ledger import UsageRow
+from tokenfabric import wire as s
 
 if TYPE_CHECKING:
     from controller.app import Controller

@@ -2,10 +2,10 @@
 
 import asyncio
 
-from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, Role
 from controller.compile import compile_model
 from tests.integration.api.conftest import REGISTRATION, make_controller
+from tokenfabric.wire import BackendRegistration, BackendReport
 
 WHO = Principal("agents", Role.AGENT, backends=("*",))
 
