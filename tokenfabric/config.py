@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
+from tokenfabric import yamlio
 
 ENV_PREFIX = "TOKENFABRIC_"
 CONFIG_ENV = "TOKENFABRIC_CONFIG"
@@ -29,8 +29,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
+        data = yamlio.load(text) or {}
+    except yamlio.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
@@ -68,7 +68,7 @@ def load_section(
         key = name[len(prefix):].lower()
         if key not in defaults:
             raise ConfigError(f"{name}: '{key}' is not a key of section '{section}'")
-        merged[key] = yaml.safe_load(raw) if raw else raw
+        merged[key] = yamlio.load(raw) if raw else raw
     for key, value in (flags or {}).items():
         if value is not None:
             merged[key] = value

@@ -1,8 +1,8 @@
 """The files a lab run writes are accepted by the components that read them."""
 
 import pytest
-import yaml
 
+from tokenfabric import yamlio
 from tokenfabric.lab.experiments import EXPERIMENTS, experiment
 from tokenfabric.lab.runner import lab_plan, workloads
 from tokenfabric.lab.stack import agent_config, policy_dict
@@ -22,8 +22,8 @@ def test_policy_validates_against_the_fabric(name, topo):
     fabric = pytest.importorskip("controller.fabric")
     schema = pytest.importorskip("controller.policy.schema")
     exp, plan = _plan(name, topo)
-    model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
-    policy = schema.parse_policy(yaml.safe_dump(policy_dict(exp, plan)), model=model)
+    model = fabric.parse_fabric(yamlio.dump(plan.fabric("p2c")))
+    policy = schema.parse_policy(yamlio.dump(policy_dict(exp, plan)), model=model)
     names = sorted(t.name for t in (policy.tenants.values() if isinstance(policy.tenants, dict)
                                     else policy.tenants))
     assert names == sorted(t.name for t in exp.tenants)
@@ -78,8 +78,8 @@ def test_a_reloaded_policy_differs_and_still_validates():
     exp, plan = _plan("reload")
     first, second = policy_dict(exp, plan), policy_dict(exp, plan, generation=1)
     assert first != second and first["tenants"] == second["tenants"]
-    model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
-    schema.parse_policy(yaml.safe_dump(second), model=model)
+    model = fabric.parse_fabric(yamlio.dump(plan.fabric("p2c")))
+    schema.parse_policy(yamlio.dump(second), model=model)
 
 
 def test_ecmp_capacity_keeps_the_controller_weights_equal_under_any_lab_load():
@@ -142,7 +142,7 @@ def test_an_ovs_fabric_file_is_accepted_by_the_controller():
     [(name, entry)] = data["switches"].items()
     assert entry["driver"] == "openflow" and entry["datapath_id"] == 1
     assert "address" not in entry
-    model = fabric.parse_fabric(yaml.safe_dump(data))
+    model = fabric.parse_fabric(yamlio.dump(data))
     switch = model.fabric.switches[name]
     assert switch.driver == "openflow" and switch.datapath_id == 1
     assert sorted(switch.ports) == sorted(plan.switches[name].ports)
