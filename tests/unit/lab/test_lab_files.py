@@ -41,7 +41,7 @@ def test_agent_configs_validate_in_the_agent():
     _, plan = _plan("quick", "leafspine")
     for host in plan.by_role("backend") + plan.by_role("responder"):
         section = agent_config(plan, host, 8080, "t" * 32, host.role == "responder")["agent"]
-        cfg = config.validate({**config.DEFAULTS, **section})
+        cfg = config.validate(section)
         if host.role == "backend":
             assert cfg.controller_url == f"http://{host.mgmt_gw}:8080"
         assert cfg.vip == plan.vip and cfg.address == host.ip
@@ -113,7 +113,7 @@ def test_ecmp_agent_config_validates():
     _, plan = _plan("modes")
     host = plan.by_role("backend")[0]
     section = agent_config(plan, host, 8080, "t" * 32, capacity=ECMP_CAPACITY)["agent"]
-    assert config.validate({**config.DEFAULTS, **section}).capacity == ECMP_CAPACITY
+    assert config.validate(section).capacity == ECMP_CAPACITY
 
 
 @pytest.mark.vllm
@@ -173,11 +173,11 @@ def test_the_billing_experiments_liar_and_the_controllers_cross_check_config():
     assert exp.liar in [h.name for h in plan.by_role("backend")] and exp.bill_factor == 3.0
     liar = plan.hosts[exp.liar]
     section = agent_config(plan, liar, 8080, "t" * 32, bill_factor=exp.bill_factor)["agent"]
-    assert config.validate({**config.DEFAULTS, **section}).bill_factor == 3.0
+    assert config.validate(section).bill_factor == 3.0
     honest = next(h for h in plan.by_role("backend") if h.name != exp.liar)
     assert "bill_factor" not in agent_config(plan, honest, 8080, "t" * 32)["agent"]
     with pytest.raises(config.ConfigError, match="bill_factor"):
-        config.validate({**config.DEFAULTS, **section, "bill_factor": 0.5})
+        config.validate({**section, "bill_factor": 0.5})
     # the lag covers the longest generation of the lab (256 tokens at speed 0.5)
     assert CROSSCHECK["crosscheck_lag_s"] >= 256 * 0.020 / 0.5
 
