@@ -132,7 +132,8 @@ def _key_line(mapping: object, key: object, default: int) -> int:
     return default
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """How an error names a value's YAML type."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -177,13 +178,13 @@ class Node:
     def is_map(self) -> bool:
         if isinstance(self.value, dict):
             return True
-        self.error(f"must be a mapping, got {_type_name(self.value)}")
+        self.error(f"must be a mapping, got {type_name(self.value)}")
         return False
 
     def is_list(self) -> bool:
         if isinstance(self.value, list):
             return True
-        self.error(f"must be a list, got {_type_name(self.value)}")
+        self.error(f"must be a list, got {type_name(self.value)}")
         return False
 
     def has(self, key: str) -> bool:
@@ -212,6 +213,11 @@ class Node:
                                 self._child_path(str(key)), "keys must be strings")
                 continue
             yield key, node
+
+    def element(self, index: int) -> Node:
+        """Item `index` of a list (which has it)."""
+        line = self.value.lines[index] if isinstance(self.value, LineSeq) else self.line
+        return Node(self.value[index], self._child_path(index), line, self.errors)
 
     def elements(self) -> Iterator[Node]:
         if not isinstance(self.value, list):
@@ -253,7 +259,7 @@ class Node:
                gt: int | None = None) -> int | None:
         v = self.value
         if isinstance(v, bool) or not isinstance(v, int):
-            self.error(f"must be an integer, got {_type_name(v)}")
+            self.error(f"must be an integer, got {type_name(v)}")
             return None
         if gt is not None and v <= gt:
             self.error(f"must be > {gt}, got {v}")
@@ -274,7 +280,7 @@ class Node:
         if node is None:
             return default
         if not isinstance(node.value, bool):
-            node.error(f"must be true or false, got {_type_name(node.value)}")
+            node.error(f"must be true or false, got {type_name(node.value)}")
             return default
         return bool(node.value)
 
@@ -290,7 +296,7 @@ class Node:
                check: Callable[[str], str | None] | None = None) -> str | None:
         v = self.value
         if not isinstance(v, str):
-            self.error(f"must be a string, got {_type_name(v)}")
+            self.error(f"must be a string, got {type_name(v)}")
             return None
         if choices is not None and v not in choices:
             self.error(f"must be one of {', '.join(choices)}; got '{v}'")
