@@ -210,8 +210,8 @@ def _parse(root: Node, model: Model) -> None:
         _number_responders(model, node)
 
     if fabric.links:
-        for name, sw in fabric.switches.items():
-            if sw.fabric_ip is None:
+        for name, switch in fabric.switches.items():
+            if switch.fabric_ip is None:
                 root.error(f"switches.{name}.fabric_ip is required when the fabric has links "
                            "(it is the source of IP-in-IP tunnels)")
 

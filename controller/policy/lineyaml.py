@@ -168,9 +168,10 @@ class _Builder:
 
     def value(self, node: Node) -> Any:
         if isinstance(node, ScalarNode):
-            if node.tag == _PLAIN:
+            tag = node.tag or ""  # a property in ruamel: read once
+            if tag == _PLAIN:
                 return _plain(node.value)
-            if node.tag == _STR or not node.tag.startswith("tag:yaml.org,2002:"):
+            if tag == _STR or not tag.startswith("tag:yaml.org,2002:"):
                 return node.value  # quoted, !!str, or an unknown tag: the text
             return self._tagged_scalar(node)
         known = self.built.get(id(node))
@@ -178,6 +179,7 @@ class _Builder:
             return known
         if isinstance(node, SequenceNode):
             return self._seq(node)
+        assert isinstance(node, MappingNode)
         return self._map(node)
 
     def _tagged_scalar(self, node: ScalarNode) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -75,7 +76,7 @@ def _check_camara(v: str) -> str | None:
     return (f"'{v}' is not a CAMARA QoS profile name (e.g. {', '.join(CAMARA_PROFILES)})")
 
 
-def _rate(bytes_: bool) -> Any:
+def _rate(bytes_: bool) -> Callable[[Any], int]:
     """Bytes per second (or bytes): an integer, or text with a unit: 10Mbit/s, 1.5MB/s,
     64kB (k, M, G are powers of 1000)."""
     def parse(v: Any) -> int:
@@ -97,7 +98,7 @@ def _rate(bytes_: bool) -> Any:
         if not 1 <= v <= U32_MAX:
             raise Problem(f"must be in 1..{U32_MAX}, got {v}")
         return v
-    return Annotated[int, BeforeValidator(parse)]
+    return parse
 
 
 def _price(v: Any) -> Decimal:
@@ -115,8 +116,8 @@ def _price(v: Any) -> Decimal:
 
 Dscp = Annotated[int, in_range(0, 63)]
 Queue = Annotated[int, in_range(0, 7)]
-Rate = _rate(bytes_=False)
-Size = _rate(bytes_=True)
+Rate = Annotated[int, BeforeValidator(_rate(bytes_=False))]
+Size = Annotated[int, BeforeValidator(_rate(bytes_=True))]
 Price = Annotated[Decimal, BeforeValidator(_price)]
 U32 = Annotated[int, in_range(gt=0, hi=U32_MAX)]
 Slot = Annotated[int, in_range(1, MAX_TENANT_ID)]
@@ -222,15 +223,14 @@ def _build(data: object, errors: Errors, model: Model | None,
     if data is None:
         root.error("the policy file is empty")
     else:
-        shape = check(PolicyFile, root)  # unknown keys, version; the sections below
+        check(PolicyFile, root)  # unknown keys, version, section types; the sections below
         if isinstance(data, dict):
-            _parse(root, policy, model, previous, shape)
+            _parse(root, policy, model, previous)
     errors.raise_if_any()
     return policy
 
 
-def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | None,
-           shape: PolicyFile | None) -> None:
+def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | None) -> None:
     nodes: dict[str, Node] = {}  # contract name -> where it is written
     rnode = root.child("roce")
     if rnode is not None:
@@ -255,13 +255,12 @@ def _parse(root: Node, policy: Policy, model: Model | None, previous: Policy | N
                 nodes[name] = c
 
     dnode = root.child("default_contract")
-    name = shape.default_contract if shape is not None else None
-    if dnode is not None and isinstance(dnode.value, str):
-        name = dnode.value
-        if name not in declared:
-            dnode.error(f"unknown contract '{name}'")
-        elif name in policy.contracts:  # else invalid, reported there
-            policy.default_contract = name
+    if dnode is not None and isinstance(dnode.value, str):  # (else reported by PolicyFile)
+        default = dnode.value
+        if default not in declared:
+            dnode.error(f"unknown contract '{default}'")
+        elif default in policy.contracts:  # else invalid, reported there
+            policy.default_contract = default
 
     tnode = root.child("tenants")
     if tnode is not None and isinstance(tnode.value, list):
