@@ -15,6 +15,7 @@ FileModel is strict, so `Annotated[int, in_range(0, 63)]` refuses `true` and "8"
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -175,12 +176,26 @@ def _without(value: Any, key_paths: list[tuple[Any, ...]]) -> Any:
     return value
 
 
+@functools.cache
+def _keys(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(field.alias or name for name, field in model.model_fields.items())
+
+
 def check(model: type[M], node: Node) -> M | None:
     """node's value as model, or None after reporting every problem in it. Unknown keys
     are reported and then left out: the rest of the value still counts (as a value with
     a typo'd extra key did before; its other checks and references still run)."""
+    value = node.value
+    if isinstance(value, dict):  # this level's unknown keys: found without a second pass
+        known = _keys(model)
+        unknown = [k for k in value if k not in known]
+        if unknown:
+            message = f"unknown key (known keys: {', '.join(sorted(known))})"
+            for key in unknown:
+                (node.child(key) or node).error(message)
+            value = {k: v for k, v in value.items() if k in known}
     try:
-        return model.model_validate(node.value)
+        return model.model_validate(value)
     except ValidationError as exc:
         report(exc, node, model)
         errors = exc.errors()
@@ -189,6 +204,6 @@ def check(model: type[M], node: Node) -> M | None:
         unknown = [(*e["loc"][:-1], e["input"] if e["type"] == "invalid_key" else e["loc"][-1])
                    for e in errors]
         try:
-            return model.model_validate(_without(node.value, unknown))
+            return model.model_validate(_without(value, unknown))
         except ValidationError:  # pragma: no cover - only unknown keys were wrong
             return None

@@ -134,6 +134,18 @@ def _compose(text: str) -> Node | None:
         composer.dispose()
 
 
+def _tag(node: Node) -> str:
+    """A node's tag as text. ruamel wraps every tag in a Tag object whose `tag` property
+    URI-decodes it on each read; the tags _Composer gives (the only ones on most nodes)
+    are plain suffixes, read as they are."""
+    ctag = node.ctag
+    if ctag is None:
+        return ""
+    if ctag.handle is None and "%" not in ctag.suffix:
+        return str(ctag.suffix)
+    return node.tag or ""
+
+
 def _plain(value: str) -> Any:
     """A plain scalar's value under the 1.2 core schema."""
     if not value or value[0] in _MAYBE_NOT_STR:
@@ -168,7 +180,7 @@ class _Builder:
 
     def value(self, node: Node) -> Any:
         if isinstance(node, ScalarNode):
-            tag = node.tag or ""  # a property in ruamel: read once
+            tag = _tag(node)
             if tag == _PLAIN:
                 return _plain(node.value)
             if tag == _STR or not tag.startswith("tag:yaml.org,2002:"):
@@ -254,7 +266,7 @@ class _Builder:
             for key_node, value_node in [*self._merged_pairs(source, seen), *source.value]:
                 if _is_merge(key_node):
                     continue
-                identity = (key_node.tag, key_node.value) if isinstance(key_node, ScalarNode) \
+                identity = (_tag(key_node), key_node.value) if isinstance(key_node, ScalarNode) \
                     else id(key_node)
                 pairs.pop(identity, None)
                 pairs[identity] = (key_node, value_node)
@@ -263,7 +275,7 @@ class _Builder:
 
 
 def _is_merge(key_node: Node) -> bool:
-    return key_node.tag == _PLAIN and key_node.value == _MERGE_KEY
+    return key_node.value == _MERGE_KEY and _tag(key_node) == _PLAIN
 
 
 def load(text: str) -> Any:
