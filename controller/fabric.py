@@ -1,7 +1,9 @@
 """The fabric file: switches, links, hosts, services and static backends (docs/fabric.md).
 
 `load_fabric(path)` returns a Model (fabric, services, backends; empty policy) or
-raises SpecError listing every problem as `file:line: field.path: message`.
+raises SpecError listing every problem as `file:line: field.path: message`. The file's
+shape is the pydantic models below (`FabricFile`, `SwitchFile`, ...), each entry checked
+on its own (controller/policy/filemodel.py); references and ids are checked after.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ SpecError with every problem as `file:line: field.path: message`. With a model,
 references to services are checked against its fabric. With a previous Policy,
 tenants without an explicit id keep the id they had, so a reload does not renumber
 token buckets and counters.
+
+The file's shape is the pydantic models below (`PolicyFile` and its parts), checked
+piece by piece on line-numbered nodes (controller/policy/filemodel.py); what a model
+cannot say alone (references, RoCE collisions, ids, the class budget) is checked after,
+on the typed values, with errors placed at the key they are about.
 """
 
 from __future__ import annotations
