@@ -49,9 +49,8 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
-import yaml  # noqa: E402
 
-from tokenfabric import beacon  # noqa: E402
+from tokenfabric import beacon, yamlio  # noqa: E402
 from tokenfabric.lab import prefix  # noqa: E402
 from tokenfabric.lab.experiments import (  # noqa: E402
     EMULATOR_DECODE_BASE_MS,
@@ -87,7 +86,7 @@ def policy_text() -> str:
         tenants.append({"name": opted, "id": 11 + 2 * i,
                         "prefixes": [f"10.0.{11 + 2 * i}.0/24"], "contract": "std",
                         "prefix_affinity": True})
-    return yaml.safe_dump({"contracts": {"std": {
+    return yamlio.dump({"contracts": {"std": {
         "class": {"service_class": "standard", "dscp": 0, "queue": 1, "priority_level": 9},
         "tpm": 60_000_000, "burst": 5_000_000}}, "tenants": tenants})
 
@@ -143,7 +142,7 @@ class Cluster:
         cfg.mkdir(exist_ok=True)
         (cfg / "fabric.yaml").write_text(FABRIC)
         (cfg / "policy.yaml").write_text(policy_text())
-        (cfg / "tokens.yaml").write_text(yaml.safe_dump({
+        (cfg / "tokens.yaml").write_text(yamlio.dump({
             ADMIN: {"name": "ops", "role": "admin"},
             AGENT: {"name": "agents", "role": "agent", "backends": ["*"]},
             VIEWER: {"name": "bench", "role": "viewer"}}))
@@ -172,7 +171,7 @@ class Cluster:
             listen, metrics = free_port(), free_port()
             self.bridges[name] = f"http://127.0.0.1:{listen}"
             self.agent_metrics[name] = f"http://127.0.0.1:{metrics}/metrics"
-            (cfg / f"agent-{name}.yaml").write_text(yaml.safe_dump({"agent": {
+            (cfg / f"agent-{name}.yaml").write_text(yamlio.dump({"agent": {
                 "name": name, "address": f"127.0.0.{i + 1}", "mac": f"02:00:00:00:00:1{i}",
                 "switch": "s1", "port": 3 + i, "vip": "10.0.100.1", "vip_port": 8000,
                 "capacity": EMULATOR_MAX_NUM_SEQS, "models": ["tiny"],

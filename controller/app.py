@@ -35,7 +35,6 @@ from controller.api.errors import (
     SwitchFailed,
     Unavailable,
 )
-from controller.api.schemas import BackendRegistration, BackendReport
 from controller.applier import ApplyReport, apply_states
 from controller.auth import Principal, Role, TokenStore
 from controller.compile import CompileError, compile_model, state_to_list
@@ -52,6 +51,7 @@ from controller.policy.source import SpecError
 from controller.prefix_index import PrefixIndex
 from controller.routing import Router
 from tokenfabric.bucket import Contract
+from tokenfabric.wire import BackendRegistration, BackendReport
 
 REPORT_TIMEOUT_S = 3.0  # a backend whose reports stop for this long is marked down
 RECONCILE_INTERVAL_S = 1.0  # a pass at least this often, even when nothing changed

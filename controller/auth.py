@@ -23,7 +23,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from tokenfabric import yamlio
 
 MIN_TOKEN_LENGTH = 16  # short tokens are guessable; refuse them at load time
 
@@ -94,10 +94,10 @@ class TokenStore:
     def from_file(cls, path: str | Path) -> TokenStore:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yamlio.load(path.read_text())
         except OSError as exc:
             raise TokenFileError(f"{path}: cannot read: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
+        except yamlio.YAMLError as exc:
             raise TokenFileError(f"{path}: not valid YAML: {exc}") from exc
         return cls(parse_tokens(data, str(path)))
 

@@ -1,13 +1,17 @@
 """The fabric file: switches, links, hosts, services and static backends (docs/fabric.md).
 
 `load_fabric(path)` returns a Model (fabric, services, backends; empty policy) or
-raises SpecError listing every problem as `file:line: field.path: message`.
+raises SpecError listing every problem as `file:line: field.path: message`. The file's
+shape is the pydantic models below (`FabricFile`, `SwitchFile`, ...), each entry checked
+on its own (controller/policy/filemodel.py); references and ids are checked after.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Any
 
 from controller.model import (
     Backend,
@@ -23,6 +27,7 @@ from controller.model import (
     Service,
     Switch,
 )
+from controller.policy.filemodel import FileModel, check, in_range, text_check
 from controller.policy.source import (
     Errors,
     Node,
@@ -41,6 +46,68 @@ MAX_BACKEND_ID = MAX_BACKENDS - 1  # the dataplane's per-backend registers and t
 MAX_SERVICE_ID = MAX_SERVICES - 1  # the dataplane's service table
 SWITCH_DRIVERS = ("p4runtime", "openflow")  # P4Runtime (BMv2) or OpenFlow 1.3 (OVS)
 
+Str = Annotated[str, text_check()]
+IPv4 = Annotated[str, text_check(check_ipv4)]
+Mac = Annotated[str, text_check(check_mac)]
+PortNumber = Annotated[int, in_range(0, 511)]
+PortRef = Callable[[Node, str, int, str], bool]
+
+
+# ---------------------------------------------------------------- the file's shape
+
+
+class SwitchFile(FileModel):
+    driver: Annotated[str, text_check(choices=SWITCH_DRIVERS)] = "p4runtime"
+    # An OpenFlow switch dials in to the controller: its address is not needed.
+    address: Annotated[str, text_check(check_hostport)] | None = None
+    device_id: Annotated[int, in_range(0, 2**63 - 1)]
+    datapath_id: Annotated[int, in_range(0, 2**64 - 1)] | None = None  # OpenFlow only
+    fabric_ip: IPv4 | None = None
+    mac: Mac | None = None  # default: locally administered, from the device id
+    cpu_port: Annotated[int, in_range(1, 511)] | None = None
+    ports: Any = None  # a list of port numbers, or a mapping port: interface
+
+
+class HostFile(FileModel):
+    switch: Str
+    port: PortNumber
+    address: IPv4
+    mac: Mac
+    prefix_len: Annotated[int, in_range(8, 32)] = 32
+
+
+class BackendFile(FileModel):
+    id: Annotated[int, in_range(1, MAX_BACKEND_ID)] | None = None
+    host: Str
+    capacity: Annotated[int, in_range(1, 65535)] = 1
+    models: list[Str]
+    state: Annotated[str, text_check(choices=[s.value for s in BackendState])] = "active"
+
+
+class ServiceFile(FileModel):
+    id: Annotated[int, in_range(1, MAX_SERVICE_ID)] | None = None
+    model: Str
+    vip: IPv4
+    port: Annotated[int, in_range(1, 65535)]
+    mode: Annotated[str, text_check(choices=[m.value for m in SelectionMode])] = "hash"
+    pool: list[Str] | None = None  # default: every static backend serving the model
+    overflow: Str | None = None  # the host of the overflow responder
+    idle_timeout_s: Annotated[int, in_range(0, 3600)] = 120
+    beacon_max_age_ms: Annotated[int, in_range(0, 60_000)] = 100
+    conn_cost: Annotated[int, in_range(0, 65535)] = 0
+    p2c_slots: Annotated[int, in_range(1, MAX_PAIR_SLOTS)] = 64
+
+
+class FabricFile(FileModel):
+    """The top level; each switch, host, link, backend and service is checked on its own
+    (one bad entry does not hide the problems of the others)."""
+
+    switches: dict[Any, Any]
+    hosts: dict[Any, Any] = {}
+    links: list[Any] = []
+    backends: dict[Any, Any] = {}
+    services: dict[Any, Any] = {}
+
 
 def load_fabric(path: str | Path) -> Model:
     data, errors = read_file(path)
@@ -56,11 +123,25 @@ def _build(data: object, errors: Errors) -> Model:
     errors.raise_if_any()
     root = Node.root(data, errors)
     model = Model()
-    if root.is_map():
+    check(FabricFile, root)  # unknown keys, section types; the entries below
+    if isinstance(data, dict):
         _parse(root, model)
-        root.close()
     errors.raise_if_any()
     return model
+
+
+def _named(section: Node | None) -> list[tuple[str, Node]]:
+    """A mapping section's entries whose names are valid (the others are reported)."""
+    if section is None or not isinstance(section.value, dict):
+        return []
+    entries = []
+    for name, node in section.items():
+        problem = check_name(name)
+        if problem:
+            node.error(problem)
+            continue
+        entries.append((name, node))
+    return entries
 
 
 def _parse(root: Node, model: Model) -> None:
@@ -72,18 +153,14 @@ def _parse(root: Node, model: Model) -> None:
                 else set() for kind in ("switches", "hosts", "backends")}
 
     node = root.child("switches")
-    if node is None:
-        root.error("missing required key 'switches'")
-    elif node.is_map():
+    if node is not None and isinstance(node.value, dict):
         device_ids: dict[int, str] = {}
-        for name, sw in node.items():
+        for name, sw in _named(node):
             _parse_switch(name, sw, fabric, device_ids)
         if not declared["switches"]:
             node.error("at least one switch is required")
 
-    def port_ref(n: Node, switch: str | None, port: int | None, what: str) -> bool:
-        if switch is None or port is None:
-            return False
+    def port_ref(n: Node, switch: str, port: int, what: str) -> bool:
         if switch not in fabric.switches:
             if switch not in declared["switches"]:
                 n.error(f"unknown switch '{switch}'")
@@ -98,49 +175,34 @@ def _parse(root: Node, model: Model) -> None:
         used_ports[(switch, port)] = what
         return True
 
-    node = root.child("hosts")
-    if node is not None and node.is_map():
-        for name, h in node.items():
-            if check_name(name):
-                h.error(check_name(name))
-                continue
-            if not h.is_map():
-                continue
-            switch = h.get_str("switch", required=True)
-            port = h.get_int("port", required=True, lo=0, hi=511)
-            address = h.get_str("address", required=True, check=check_ipv4)
-            mac = h.get_str("mac", required=True, check=check_mac)
-            prefix_len = h.get_int("prefix_len", default=32, lo=8, hi=32)
-            h.close()
-            ok = port_ref(h, switch, port, f"host '{name}'")
-            if ok and address and mac and prefix_len is not None:
-                fabric.hosts[name] = Host(name, switch, port, address, mac, prefix_len)
+    for name, n in _named(root.child("hosts")):
+        h = check(HostFile, n)
+        if h is not None and port_ref(n, h.switch, h.port, f"host '{name}'"):
+            fabric.hosts[name] = Host(name, h.switch, h.port, h.address, h.mac, h.prefix_len)
 
     node = root.child("links")
-    if node is not None and node.is_list():
+    if node is not None and isinstance(node.value, list):
         for item in node.elements():
             _parse_link(item, fabric, port_ref)
 
-    node = root.child("backends")
-    if node is not None and node.is_map():
-        taken: dict[int, str] = {}
-        pending: list[tuple[str, Backend]] = []
-        for name, b in node.items():
-            backend = _parse_backend(name, b, fabric, taken, declared)
-            if backend is not None:
-                pending.append((name, backend))
-        for name, backend in pending:
-            if backend.backend_id == 0:
-                backend.backend_id = _next_free(taken)
-                taken[backend.backend_id] = name
-            model.backends[name] = backend
+    taken: dict[int, str] = {}
+    pending: list[tuple[str, Backend]] = []
+    for name, n in _named(root.child("backends")):
+        backend = _parse_backend(name, n, fabric, taken, declared)
+        if backend is not None:
+            pending.append((name, backend))
+    for name, backend in pending:
+        if backend.backend_id == 0:
+            backend.backend_id = _next_free(taken)
+            taken[backend.backend_id] = name
+        model.backends[name] = backend
 
     node = root.child("services")
-    if node is not None and node.is_map():
+    if node is not None and isinstance(node.value, dict):
         taken_ids: dict[int, str] = {}
         vips: dict[tuple[str, int], str] = {}
-        for name, s in node.items():
-            service = _parse_service(name, s, model, taken_ids, vips, declared)
+        for name, n in _named(node):
+            service = _parse_service(name, n, model, taken_ids, vips, declared)
             if service is not None:
                 model.services[name] = service
         for service in model.services.values():
@@ -150,8 +212,8 @@ def _parse(root: Node, model: Model) -> None:
         _number_responders(model, node)
 
     if fabric.links:
-        for name, sw in fabric.switches.items():
-            if sw.fabric_ip is None:
+        for name, switch in fabric.switches.items():
+            if switch.fabric_ip is None:
                 root.error(f"switches.{name}.fabric_ip is required when the fabric has links "
                            "(it is the source of IP-in-IP tunnels)")
 
@@ -183,68 +245,67 @@ def _next_free(taken: dict[int, str]) -> int:
     return i
 
 
-def _parse_switch(name: str, sw: Node, fabric: Fabric, device_ids: dict[int, str]) -> None:
-    if check_name(name):
-        sw.error(check_name(name))
-        return
-    if not sw.is_map():
-        return
-    driver = sw.get_str("driver", default="p4runtime", choices=list(SWITCH_DRIVERS))
-    openflow = driver == "openflow"
-    # An OpenFlow switch dials in to the controller: its address is not needed.
-    address = sw.get_str("address", required=not openflow, check=check_hostport)
-    device_id = sw.get_int("device_id", required=True, lo=0, hi=2**63 - 1)
-    datapath_id = sw.get_int("datapath_id", required=openflow, lo=0, hi=2**64 - 1)
-    fabric_ip = sw.get_str("fabric_ip", check=check_ipv4)
-    mac = sw.get_str("mac", check=check_mac)
-    cpu_port = sw.get_int("cpu_port", lo=1, hi=511)
+def _ports(pnode: Node | None) -> dict[int, Port]:
     ports: dict[int, Port] = {}
-    pnode = sw.child("ports")
-    if pnode is not None:
-        if isinstance(pnode.value, list):
-            for item in pnode.elements():
-                n = item.as_int(lo=0, hi=511)
-                if n is not None:
-                    if n in ports:
-                        item.error(f"port {n} listed twice")
-                    ports[n] = Port(n)
-        elif isinstance(pnode.value, dict):
-            for key, intf in pnode.value.items():
-                if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= 511:
-                    pnode.error(f"port numbers must be integers in 0..511, got {key!r}")
-                    continue
-                if not isinstance(intf, str):
-                    pnode.error(f"port {key}: interface name must be a string")
-                    continue
-                ports[key] = Port(key, intf)
-        else:
-            pnode.error("must be a list of port numbers or a mapping port: interface")
-    sw.close()
-    if device_id is not None and device_id in device_ids:
-        sw.error(f"device_id {device_id} is already used by switch '{device_ids[device_id]}'")
+    if pnode is None or pnode.value is None:
+        return ports
+    if isinstance(pnode.value, list):
+        for item in pnode.elements():
+            n = item.as_int(lo=0, hi=511)
+            if n is not None:
+                if n in ports:
+                    item.error(f"port {n} listed twice")
+                ports[n] = Port(n)
+    elif isinstance(pnode.value, dict):
+        for key, intf in pnode.value.items():
+            if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= 511:
+                pnode.error(f"port numbers must be integers in 0..511, got {key!r}")
+                continue
+            if not isinstance(intf, str):
+                pnode.error(f"port {key}: interface name must be a string")
+                continue
+            ports[key] = Port(key, intf)
+    else:
+        pnode.error("must be a list of port numbers or a mapping port: interface")
+    return ports
+
+
+def _parse_switch(name: str, n: Node, fabric: Fabric, device_ids: dict[int, str]) -> None:
+    sw = check(SwitchFile, n)
+    ports = _ports(n.child("ports")) if isinstance(n.value, dict) else {}
+    if sw is None:
         return
-    if datapath_id is not None and not openflow:
-        (sw.child("datapath_id") or sw).error("only a switch with driver: openflow has a "
-                                              "datapath_id")
+    openflow = sw.driver == "openflow"
+    if sw.address is None and not openflow:
+        n.error("missing required key 'address'")
         return
-    if openflow and datapath_id is not None:
+    if sw.datapath_id is None and openflow:
+        n.error("missing required key 'datapath_id'")
+        return
+    if sw.device_id in device_ids:
+        n.error(f"device_id {sw.device_id} is already used by switch "
+                f"'{device_ids[sw.device_id]}'")
+        return
+    if sw.datapath_id is not None and not openflow:
+        (n.child("datapath_id") or n).error("only a switch with driver: openflow has a "
+                                            "datapath_id")
+        return
+    if openflow:
         taken = next((s.name for s in fabric.switches.values()
-                      if s.datapath_id == datapath_id), None)
+                      if s.datapath_id == sw.datapath_id), None)
         if taken is not None:
-            (sw.child("datapath_id") or sw).error(
-                f"datapath_id {datapath_id} is already used by switch '{taken}'")
+            (n.child("datapath_id") or n).error(
+                f"datapath_id {sw.datapath_id} is already used by switch '{taken}'")
             return
-        address = address or ""
-    if address is None or device_id is None or (openflow and datapath_id is None):
-        return
-    device_ids[device_id] = name
-    if mac is None:  # locally administered, derived from the device id
-        mac = "02:54:46:{:02x}:{:02x}:{:02x}".format(*(device_id & 0xFFFFFF).to_bytes(3, "big"))
-    fabric.switches[name] = Switch(name, address, device_id, ports, fabric_ip, mac, cpu_port,
-                                   driver=driver or "p4runtime", datapath_id=datapath_id)
+    device_ids[sw.device_id] = name
+    mac = sw.mac or "02:54:46:{:02x}:{:02x}:{:02x}".format(
+        *(sw.device_id & 0xFFFFFF).to_bytes(3, "big"))  # locally administered
+    fabric.switches[name] = Switch(name, sw.address or "", sw.device_id, ports, sw.fabric_ip,
+                                   mac, sw.cpu_port, driver=sw.driver,
+                                   datapath_id=sw.datapath_id)
 
 
-def _parse_link(item: Node, fabric: Fabric, port_ref: object) -> None:
+def _parse_link(item: Node, fabric: Fabric, port_ref: PortRef) -> None:
     ends: list[LinkEnd] = []
     if not isinstance(item.value, list) or len(item.value) != 2:
         item.error("a link is a list of two ends, e.g. [s1:3, s2:1]")
@@ -257,7 +318,7 @@ def _parse_link(item: Node, fabric: Fabric, port_ref: object) -> None:
         if not sep or not port.isdigit():
             end.error(f"'{text}' is not switch:port")
             return
-        if not port_ref(end, switch, int(port), f"link {item.path}"):  # type: ignore[operator]
+        if not port_ref(end, switch, int(port), f"link {item.path}"):
             return
         ends.append(LinkEnd(switch, int(port)))
     if ends[0].switch == ends[1].switch:
@@ -266,40 +327,22 @@ def _parse_link(item: Node, fabric: Fabric, port_ref: object) -> None:
     fabric.links.append(Link(ends[0], ends[1]))
 
 
-def _parse_backend(name: str, b: Node, fabric: Fabric, taken: dict[int, str],
+def _parse_backend(name: str, n: Node, fabric: Fabric, taken: dict[int, str],
                    declared: dict[str, set[str]]) -> Backend | None:
-    if check_name(name):
-        b.error(check_name(name))
+    b = check(BackendFile, n)
+    if b is None:
         return None
-    if not b.is_map():
+    if b.host not in fabric.hosts:
+        if b.host not in declared["hosts"]:
+            n.error(f"unknown host '{b.host}'")
         return None
-    backend_id = b.get_int("id", lo=1, hi=MAX_BACKEND_ID)
-    host = b.get_str("host", required=True)
-    capacity = b.get_int("capacity", default=1, lo=1, hi=65535)
-    models: list[str] = []
-    mnode = b.child("models")
-    if mnode is None:
-        b.error("missing required key 'models'")
-    elif mnode.is_list():
-        for item in mnode.elements():
-            m = item.as_str()
-            if m is not None:
-                models.append(m)
-    state = b.get_str("state", default="active", choices=[s.value for s in BackendState])
-    b.close()
-    if host is not None and host not in fabric.hosts:
-        if host not in declared["hosts"]:
-            b.error(f"unknown host '{host}'")
+    if b.id is not None and b.id in taken:
+        n.error(f"id {b.id} is already used by backend '{taken[b.id]}'")
         return None
-    if backend_id is not None and backend_id in taken:
-        b.error(f"id {backend_id} is already used by backend '{taken[backend_id]}'")
-        return None
-    if host is None or capacity is None or state is None:
-        return None
-    if backend_id is not None:
-        taken[backend_id] = name
-    return backend_from_host(fabric, name, backend_id or 0, host, capacity, models,
-                             BackendState(state))
+    if b.id is not None:
+        taken[b.id] = name
+    return backend_from_host(fabric, name, b.id or 0, b.host, b.capacity, list(b.models),
+                             BackendState(b.state))
 
 
 def backend_from_host(fabric: Fabric, name: str, backend_id: int, host: str, capacity: int,
@@ -312,75 +355,59 @@ def backend_from_host(fabric: Fabric, name: str, backend_id: int, host: str, cap
                    state=state)
 
 
-def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
+def _parse_service(name: str, n: Node, model: Model, taken: dict[int, str],
                    vips: dict[tuple[str, int], str],
                    declared: dict[str, set[str]]) -> Service | None:
-    if check_name(name):
-        s.error(check_name(name))
+    s = check(ServiceFile, n)
+    if s is None:
         return None
-    if not s.is_map():
-        return None
-    service_id = s.get_int("id", lo=1, hi=MAX_SERVICE_ID)
-    served = s.get_str("model", required=True)
-    vip = s.get_str("vip", required=True, check=check_ipv4)
-    port = s.get_int("port", required=True, lo=1, hi=65535)
-    mode = s.get_str("mode", default="hash", choices=[m.value for m in SelectionMode])
+    ok = True
     pool: list[str] = []
-    pnode = s.child("pool")
-    if pnode is not None and pnode.is_list():
-        for item in pnode.elements():
-            b = item.as_str()
-            if b is None:
-                continue
-            if b not in model.backends:
-                if b not in declared["backends"]:
-                    item.error(f"unknown backend '{b}'")
-            elif served is not None and served not in model.backends[b].models:
-                item.error(f"backend '{b}' does not serve model '{served}'")
-            elif b in pool:
-                item.error(f"backend '{b}' listed twice")
-            else:
-                pool.append(b)
-    elif pnode is None and served is not None:
-        # No explicit pool: every static backend serving the model.
-        pool = [b.name for b in model.backends.values() if served in b.models]
+    if s.pool is None:  # every static backend serving the model
+        pool = [b.name for b in model.backends.values() if s.model in b.models]
+    pnode = n.child("pool")
+    for i, b in enumerate(s.pool or []):
+        if b not in model.backends:
+            if b not in declared["backends"]:
+                _element(pnode, n, i).error(f"unknown backend '{b}'")
+        elif s.model not in model.backends[b].models:
+            _element(pnode, n, i).error(f"backend '{b}' does not serve model '{s.model}'")
+        elif b in pool:
+            _element(pnode, n, i).error(f"backend '{b}' listed twice")
+        else:
+            pool.append(b)
     overflow = None
-    onode = s.child("overflow")
-    if onode is not None:
-        host = onode.as_str()
-        if host is not None and host not in model.fabric.hosts:
-            if host not in declared["hosts"]:
-                onode.error(f"unknown host '{host}'")
-        elif host is not None:
-            h = model.fabric.hosts[host]
-            overflow = Endpoint(host, 0, h.address, h.mac, h.switch, h.port)
-    idle = s.get_int("idle_timeout_s", default=120, lo=0, hi=3600)
-    max_age = s.get_int("beacon_max_age_ms", default=100, lo=0, hi=60_000)
-    conn_cost = s.get_int("conn_cost", default=0, lo=0, hi=65535)
-    slots = s.get_int("p2c_slots", default=64, lo=1, hi=MAX_PAIR_SLOTS)
-    if slots is not None and slots & (slots - 1):
-        (s.child("p2c_slots") or s).error(f"must be a power of two, got {slots}")
-        slots = None
-    s.close()
-    if vip is not None and port is not None:
-        if (vip, port) in vips:
-            s.error(f"{vip}:{port} is already the VIP of service '{vips[(vip, port)]}'")
-            return None
-        vips[(vip, port)] = name
-        if vip in {h.address for h in model.fabric.hosts.values()}:
-            s.error(f"vip {vip} is also a host's address")
-            return None
-    if service_id is not None and service_id in taken:
-        s.error(f"id {service_id} is already used by service '{taken[service_id]}'")
+    if s.overflow is not None and s.overflow not in model.fabric.hosts:
+        if s.overflow not in declared["hosts"]:
+            (n.child("overflow") or n).error(f"unknown host '{s.overflow}'")
+    elif s.overflow is not None:
+        h = model.fabric.hosts[s.overflow]
+        overflow = Endpoint(s.overflow, 0, h.address, h.mac, h.switch, h.port)
+    if s.p2c_slots & (s.p2c_slots - 1):
+        (n.child("p2c_slots") or n).error(f"must be a power of two, got {s.p2c_slots}")
+        ok = False
+    if (s.vip, s.port) in vips:
+        n.error(f"{s.vip}:{s.port} is already the VIP of service '{vips[(s.vip, s.port)]}'")
         return None
-    if None in (served, vip, port, mode, idle, max_age, conn_cost, slots):
+    vips[(s.vip, s.port)] = name
+    if s.vip in {h.address for h in model.fabric.hosts.values()}:
+        n.error(f"vip {s.vip} is also a host's address")
         return None
-    if service_id is not None:
-        taken[service_id] = name
-    return Service(name=name, service_id=service_id or 0, model=served, vip=vip, port=port,
-                   pool=pool, mode=SelectionMode(mode), overflow=overflow,
-                   idle_timeout_s=idle, beacon_max_age_ms=max_age, conn_cost=conn_cost,
-                   p2c_slots=slots)
+    if s.id is not None and s.id in taken:
+        n.error(f"id {s.id} is already used by service '{taken[s.id]}'")
+        return None
+    if not ok:
+        return None
+    if s.id is not None:
+        taken[s.id] = name
+    return Service(name=name, service_id=s.id or 0, model=s.model, vip=s.vip, port=s.port,
+                   pool=pool, mode=SelectionMode(s.mode), overflow=overflow,
+                   idle_timeout_s=s.idle_timeout_s, beacon_max_age_ms=s.beacon_max_age_ms,
+                   conn_cost=s.conn_cost, p2c_slots=s.p2c_slots)
+
+
+def _element(list_node: Node | None, parent: Node, index: int) -> Node:
+    return list_node.element(index) if list_node is not None else parent
 
 
 def add_backend(model: Model, backend: Backend) -> None:

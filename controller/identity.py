@@ -24,7 +24,7 @@ from tokenfabric import usage_signing
 from tokenfabric.usage_signing import UsageRecord
 
 if TYPE_CHECKING:
-    from controller.api.schemas import SignedUsage
+    from tokenfabric.wire import SignedUsage
 
 MAX_TOKENS_PER_S = 1_000_000  # per backend; ~10-100x what one GPU server decodes
 MIN_WINDOW_S = 1.0  # a report covers at least this long (agents report every second)

@@ -40,6 +40,7 @@ from hostagent.metrics import ScrapeError, VllmSnapshot, healthy, scrape
 from hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
 from hostagent.usage_records import UsageSigner
 from tokenfabric import usage_signing
+from tokenfabric.wire import BackendRegistration
 
 KV_KEEPALIVE_S = 1.0  # an unchanged block set is re-confirmed to the index this often
 
@@ -332,11 +333,13 @@ class Agent:
                 TypeError):
             return []
 
-    def registration_body(self, models: list[str]) -> dict:
+    def registration_body(self, models: list[str]) -> BackendRegistration:
+        # Not validated here: the controller judges it (an agent whose vLLM lists no model
+        # yet still asks, and retries on the 422).
         c = self.config
-        return {"name": c.name, "host": c.host, "address": c.address, "mac": c.mac,
-                "switch": c.switch, "port": c.port, "capacity": c.capacity, "models": models,
-                "vip": c.vip, "vip_port": c.vip_port}
+        return BackendRegistration.model_construct(
+            name=c.name, host=c.host, address=c.address, mac=c.mac, switch=c.switch,
+            port=c.port, capacity=c.capacity, models=models, vip=c.vip, vip_port=c.vip_port)
 
     async def _register(self) -> None:
         assert self.controller is not None
@@ -345,7 +348,7 @@ class Agent:
             models = await self._models()
             try:
                 reg = await self.controller.register(self.registration_body(models))
-                self._apply_tenants(reg.tenants)
+                self._apply_tenants([t.model_dump(exclude_unset=True) for t in reg.tenants])
                 if reg.roce:
                     self.rdma_status = await asyncio.to_thread(self._roce, reg.roce)
                 self.backend_id = reg.backend_id

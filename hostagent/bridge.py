@@ -69,6 +69,7 @@ from hostagent.http1 import (
     response_head,
 )
 from hostagent.tenants import UNKNOWN, Tenant, TenantTable, TenantUsage, retry_after_seconds
+from tokenfabric.sse import is_token_payload
 
 TENANT_HEADER = "x-tokenfabric-tenant"
 BACKEND_HEADER = "X-Tokenfabric-Backend"
@@ -173,27 +174,10 @@ class _Counter:
                     if isinstance(usage, dict):
                         self.usage = usage
                         continue
-            if _is_token_chunk(body):
+            if is_token_payload(body):
                 self.chunks += 1
         if self.on_chunks is not None:
             self.on_chunks(self.chunks)
-
-
-def _is_token_chunk(body: bytes) -> bool:
-    """A chunk that carries a generated token: vLLM sends one per token, with empty text
-    while a multi-byte character is incomplete. Not the chat stream's opening chunk (the
-    assistant role) nor a usage-only chunk (no choices)."""
-    try:
-        choices = json.loads(body).get("choices") or []
-    except (ValueError, AttributeError, RecursionError):
-        return False
-    for choice in choices:
-        if not isinstance(choice, dict):
-            continue
-        delta = choice.get("delta")
-        if "text" in choice or (isinstance(delta, dict) and "role" not in delta):
-            return True
-    return False
 
 
 def _json_object(body: bytes) -> dict | None:

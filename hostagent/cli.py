@@ -235,17 +235,16 @@ def roce_command(config_path: str | None, dscp: int | None, priority: int | None
                  cnp_dscp: int | None, cnp_priority: int | None, no_ecn: bool, no_pfc: bool,
                  netdev: str | None, rdma_dev: str | None, dry_run: bool) -> None:
     """RoCEv2 QoS on this host: DSCP->priority, PFC, ECN, CNP DSCP."""
-    import yaml
-
     from hostagent import roce
+    from tokenfabric import yamlio
 
     values: dict = {}
     if config_path:
         try:
             with open(config_path) as handle:
-                section = (yaml.safe_load(handle) or {}).get("agent") or {}
+                section = (yamlio.load(handle) or {}).get("agent") or {}
             values = dict(section.get("roce") or {})
-        except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:
+        except (OSError, yamlio.YAMLError, AttributeError, TypeError, ValueError) as exc:
             click.echo(f"roce: {config_path}: no readable agent.roce mapping: {exc}", err=True)
             sys.exit(exitcodes.INVALID_INPUT)
     for key, value in (("dscp", dscp), ("priority", priority), ("cnp_dscp", cnp_dscp),

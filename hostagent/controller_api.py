@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
+
+from tokenfabric.wire import BackendRegistration, RegistrationReply
 
 
 class ControllerError(Exception):
@@ -21,13 +23,6 @@ class ControllerError(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass
-class Registration:
-    backend_id: int
-    tenants: list[dict] = field(default_factory=list)
-    roce: dict = field(default_factory=dict)
 
 
 class ControllerClient:
@@ -57,21 +52,20 @@ class ControllerClient:
             return str(data.get("detail") or data.get("error") or data)
         return f"HTTP {status}"
 
-    async def register(self, body: dict) -> Registration:
-        status, data = await self._call("POST", "/backends", body)
+    async def register(self, body: BackendRegistration) -> RegistrationReply:
+        """The reply's tenants keep only the keys the controller sent (exclude_unset), so
+        that a tenant without a request priority takes the agent's configured one."""
+        status, data = await self._call("POST", "/backends", body.model_dump())
         if status not in (200, 201):
             raise ControllerError(f"registration refused: HTTP {status}: "
                                   f"{self._detail(status, data)}", status)
-        if not isinstance(data, dict) or not isinstance(data.get("backend_id"), int):
-            raise ControllerError(f"registration answer has no integer backend_id: {data!r}",
-                                  status)
-        tenants = data.get("tenants") or []
-        if not isinstance(tenants, list):
-            raise ControllerError("registration answer: tenants is not a list", status)
-        roce = data.get("roce")
-        if not isinstance(roce, dict):
-            roce = {}
-        return Registration(data["backend_id"], tenants, roce)
+        try:
+            return RegistrationReply.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "the reply"
+            raise ControllerError(f"registration answer is not valid: {where}: "
+                                  f"{first['msg']}", status) from None
 
     async def report(self, name: str, body: dict) -> dict:
         return await self._post_backend(name, "report", body, "report")

@@ -315,7 +315,7 @@ class Engine:
             duration = self.step()
             # Sleep what is left of the step, so that the loop's own cost is part of it.
             await asyncio.sleep(max(0.0, duration - (self.clock() - started)))
-            self._emit_tokens()
+            self.emit_tokens()
 
     def step_duration(self, prefill_tokens: int) -> float:
         p = self.params
@@ -405,7 +405,8 @@ class Engine:
         self.stats.preemptions += 1
         log.debug("preempted %s (priority %d)", victim.request_id, victim.priority)
 
-    def _emit_tokens(self) -> None:
+    def emit_tokens(self) -> None:
+        """The end of a step: each running request gets its next token."""
         now = self.clock()
         for request in list(self.running):
             request.output_tokens += 1

@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.api.errors import Invalid
 from controller.auth import TokenStore
+from tokenfabric.wire import json_limits_problem
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a report of 10,000 usage items (and its totals) fits
 MAX_POLICY_BODY_BYTES = 16 * 1024 * 1024  # a policy of thousands of tenants fits many times
@@ -156,33 +157,6 @@ def parse_json(body: bytes) -> Any:
     if problem:
         raise BadJson(f"the body {problem}")
     return value
-
-
-def json_limits_problem(value: Any, max_depth: int, max_values: int) -> str | None:
-    """None when value nests at most max_depth levels and holds at most max_values values."""
-    count = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:  # iterative: the point is not to recurse on what a client sent
-        item, depth = stack.pop()
-        count += 1
-        if count > max_values:
-            return f"has more than {max_values} values"
-        if isinstance(item, dict | list):
-            if depth > max_depth:
-                return f"nests deeper than {max_depth} levels"
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return None
-
-
-def bounded_json(max_depth: int, max_values: int) -> Callable[[Any], Any]:
-    """A pydantic AfterValidator for free-form objects the controller keeps and serves."""
-    def check(value: Any) -> Any:
-        problem = json_limits_problem(value, max_depth, max_values)
-        if problem:
-            raise ValueError(problem)
-        return value
-    return check
 
 
 class LimitedJsonRequest(Request):

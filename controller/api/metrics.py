@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from controller.api.schemas import BackendReport
     from controller.app import Controller
     from controller.ledger import Usage
+    from tokenfabric.wire import BackendReport
 
 NS = "tokenfabric_controller"
 OTHER = "other"  # the one label value for everything outside the policy and the fabric
@@ -49,7 +49,7 @@ class ModelCollector:
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         ctl = self.ctl
         running = GaugeMetricFamily(f"{NS}_backend_running", "Requests running (last report)",
                                     labels=["backend"])
@@ -90,14 +90,14 @@ class ModelCollector:
             f"{NS}_billing_suspect", "1: the backend's billed tokens did not fit in the "
             "bytes its port sent in the last cross-check window", labels=["backend"])
         for check in ctl.billing_checks:
-            for b in check.backends:
+            for name in check.backends:
                 if check.fits is not None:
-                    suspect.add_metric([b], 0 if check.fits else 1)
+                    suspect.add_metric([name], 0 if check.fits else 1)
         flagged = CounterMetricFamily(f"{NS}_billing_flagged_windows",
                                       "Cross-check windows that flagged the backend",
                                       labels=["backend"])
-        for b, n in sorted(ctl.crosscheck.flags.items()):
-            flagged.add_metric([b], n)
+        for name, n in sorted(ctl.crosscheck.flags.items()):
+            flagged.add_metric([name], n)
         yield refused
         yield gaps
         yield suspect

@@ -17,7 +17,6 @@ from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller import statement
-from controller.api import schemas as s
 from controller.api.affinity_routes import affinity_routes
 from controller.api.errors import (
     Forbidden,
@@ -28,9 +27,10 @@ from controller.api.errors import (
 from controller.api.limits import LimitedJsonRoute, RequestLimits
 from controller.api.metrics import ApiMetrics
 from controller.api.prefix_routes import prefix_index_routes
-from controller.auth import Principal, Role
+from controller.auth import ANONYMOUS_ADMIN, Principal, Role
 from controller.gctools import gc_paused
 from controller.ledger import UsageRow
+from tokenfabric import wire as s
 
 if TYPE_CHECKING:
     from controller.app import Controller
@@ -78,7 +78,7 @@ def create_app(ctl: "Controller") -> FastAPI:
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         if not ctl.tokens.enabled:
-            return ctl.tokens.lookup("")  # auth disabled: anonymous admin
+            return ANONYMOUS_ADMIN  # auth disabled
         if creds is None or creds.scheme.lower() != "bearer":
             raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
         who = ctl.tokens.lookup(creds.credentials)
@@ -326,9 +326,9 @@ def create_app(ctl: "Controller") -> FastAPI:
 
         return Response(await asyncio.to_thread(export), media_type="application/json")
 
-    csv_response = {200: {"description": "the ledger rows as CSV, one per tenant, model "
-                                         "and minute",
-                          "content": {"text/csv": {"schema": {"type": "string"}}}}}
+    csv_response: dict[int | str, dict[str, Any]] = {
+        200: {"description": "the ledger rows as CSV, one per tenant, model and minute",
+              "content": {"text/csv": {"schema": {"type": "string"}}}}}
 
     @r.get("/ledger.csv", response_class=Response, responses={**ERRORS, **csv_response},
            tags=["ledger"])
@@ -392,8 +392,9 @@ def create_app(ctl: "Controller") -> FastAPI:
         rows, head = await asyncio.to_thread(ctl.ledger.head)
         return {"rows": rows, "head": head}
 
-    statement_csv = {200: {"description": "the statement as JSON, or CSV with format=csv",
-                           "content": {"text/csv": {"schema": {"type": "string"}}}}}
+    statement_csv: dict[int | str, dict[str, Any]] = {
+        200: {"description": "the statement as JSON, or CSV with format=csv",
+              "content": {"text/csv": {"schema": {"type": "string"}}}}}
 
     @r.get("/ledger/statement", response_model=s.StatementView,
            responses={**ERRORS, **statement_csv}, tags=["ledger"])

@@ -1,11 +1,12 @@
-"""YAML with line numbers, parsed by libyaml (PyYAML's C parser) under the YAML 1.2 core schema.
+"""YAML with line numbers, parsed by libyaml (ruamel.yaml.clib) under the YAML 1.2 core schema.
 
 `load(text)` returns plain dicts and lists that also carry the 1-based line of
 each key (`LineMap.lines`) and of each list item (`LineSeq.lines`), for
 `file:line: field.path: message` errors. It replaces ruamel's round-trip loader,
-which is pure Python and took ~10 s for a 20,000-tenant policy: here libyaml
-parses and composes the node tree in C, and one small pass turns the nodes into
-values (PyYAML's generic constructor costs as much again as the parse).
+which is pure Python and took ~10 s for a 20,000-tenant policy: here libyaml (through
+ruamel.yaml's C extension, the project's one YAML library) parses and composes the node
+tree in C, and one small pass turns the nodes into values (a generic constructor costs
+as much again as the parse).
 
 What the loader keeps from the round-trip loader the policy and fabric files were
 written against: YAML 1.2 scalars (`yes`, `on`, `0777` stay what 1.2 says they are),
@@ -25,18 +26,18 @@ import re
 from collections.abc import Hashable
 from typing import Any
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from _ruamel_yaml import CParser  # ruamel.yaml.clib: libyaml
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import ConstructorError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.loader import BaseLoader
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.tag import Tag
 
 from controller.gctools import gc_paused
 
-try:  # libyaml is in PyYAML's wheels and Debian's python3-yaml; pure Python is the fallback
-    from yaml import CSafeLoader as _Parser
-except ImportError:  # pragma: no cover - a PyYAML built without libyaml
-    from yaml import SafeLoader as _Parser  # type: ignore[assignment]
-
-YAMLError = yaml.YAMLError
-MarkedYAMLError = yaml.MarkedYAMLError
+__all__ = ["MAX_VALUES", "LineMap", "LineSeq", "MarkedYAMLError", "TooLarge", "YAMLError",
+           "load"]
 MAX_VALUES = 1_000_000  # keys, values and items, aliases counted as often as they are used
 
 _PLAIN = "!plain"  # a plain scalar, resolved below (cheaper than in the parser's callback)
@@ -55,7 +56,7 @@ _SPECIAL_FLOATS = {".inf": float("inf"), ".Inf": float("inf"), ".INF": float("in
 _MAYBE_NOT_STR = set("~nNtTfF-+.0123456789")  # first characters of anything but a string
 
 
-class TooLarge(yaml.YAMLError):
+class TooLarge(YAMLError):
     """Aliases or merges that make a small text into more than MAX_VALUES values."""
 
 
@@ -81,14 +82,68 @@ class LineSeq(list):
         self.lines: list[int] = []
 
 
-class _Composer(_Parser):  # type: ignore[misc, valid-type]
+class _Composer(CParser):  # type: ignore[misc]
     """libyaml's parser and composer; plain scalars are only marked, not resolved."""
 
-    def resolve(self, kind: type, value: Any, implicit: tuple[bool, bool]) -> str:
+    # ruamel's composer asks its resolver to follow the path; path-based tags are unused.
+    def descend_resolver(self, *_: Any) -> None:
+        pass
+
+    def ascend_resolver(self, *_: Any) -> None:
+        pass
+
+    def resolve(self, kind: type, value: Any, implicit: Any, *_: Any) -> str:
         # Called from C for every node: the less it does, the faster the parse.
         if kind is ScalarNode:
             return _PLAIN if implicit[0] else _STR
         return "tag:yaml.org,2002:seq" if kind is SequenceNode else "tag:yaml.org,2002:map"
+
+
+_TAGS = {kind: Tag(suffix=tag) for kind, tag in (
+    ("plain", _PLAIN), ("str", _STR), ("seq", "tag:yaml.org,2002:seq"),
+    ("map", "tag:yaml.org,2002:map"))}
+
+
+class _PureComposer(BaseLoader):
+    """ruamel's pure-Python parser and composer, with the same marking as _Composer.
+
+    Only for text libyaml refuses: the libyaml inside ruamel.yaml.clib predates YAML 1.2's
+    rule that a `:` not followed by a space is part of a plain scalar in flow context
+    (`[leaf1:4, spine1:1]`), which the fabric files use."""
+
+    max_depth = None  # the text was checked for depth before parsing (policy/source.py)
+
+    def resolve(self, kind: type, value: Any, implicit: Any) -> Tag:
+        if kind is ScalarNode:
+            return _TAGS["plain"] if implicit[0] else _TAGS["str"]
+        return _TAGS["seq"] if kind is SequenceNode else _TAGS["map"]
+
+
+def _compose(text: str) -> Node | None:
+    """libyaml's node tree; ruamel's pure-Python one where libyaml refuses the text (and
+    then libyaml's error when both refuse it, so that errors read the same either way)."""
+    composer = _Composer(text)
+    try:
+        return composer.get_single_node()
+    except MarkedYAMLError as first:
+        try:
+            return _PureComposer(text).get_single_node()
+        except MarkedYAMLError:
+            raise first from None
+    finally:
+        composer.dispose()
+
+
+def _tag(node: Node) -> str:
+    """A node's tag as text. ruamel wraps every tag in a Tag object whose `tag` property
+    URI-decodes it on each read; the tags _Composer gives (the only ones on most nodes)
+    are plain suffixes, read as they are."""
+    ctag = node.ctag
+    if ctag is None:
+        return ""
+    if ctag.handle is None and "%" not in ctag.suffix:
+        return str(ctag.suffix)
+    return node.tag or ""
 
 
 def _plain(value: str) -> Any:
@@ -115,7 +170,8 @@ class _Builder:
     def __init__(self) -> None:
         self.built: dict[int, Any] = {}
         self.budget = MAX_VALUES
-        self.tagged = yaml.SafeLoader("")  # for explicitly tagged scalars (!!binary, !!int)
+        # for explicitly tagged scalars (!!binary, !!int)
+        self.tagged = YAML(typ="safe", pure=True).constructor
 
     def _spend(self, n: int) -> None:
         self.budget -= n
@@ -124,9 +180,10 @@ class _Builder:
 
     def value(self, node: Node) -> Any:
         if isinstance(node, ScalarNode):
-            if node.tag == _PLAIN:
+            tag = _tag(node)
+            if tag == _PLAIN:
                 return _plain(node.value)
-            if node.tag == _STR or not node.tag.startswith("tag:yaml.org,2002:"):
+            if tag == _STR or not tag.startswith("tag:yaml.org,2002:"):
                 return node.value  # quoted, !!str, or an unknown tag: the text
             return self._tagged_scalar(node)
         known = self.built.get(id(node))
@@ -134,15 +191,16 @@ class _Builder:
             return known
         if isinstance(node, SequenceNode):
             return self._seq(node)
+        assert isinstance(node, MappingNode)
         return self._map(node)
 
     def _tagged_scalar(self, node: ScalarNode) -> Any:
         try:
             return self.tagged.construct_object(node, deep=True)
-        except yaml.constructor.ConstructorError:
+        except ConstructorError:
             raise
         except (ValueError, TypeError) as exc:  # e.g. !!int "x"
-            raise yaml.constructor.ConstructorError(
+            raise ConstructorError(
                 None, None, f"{node.tag} {node.value!r}: {exc}", node.start_mark) from None
 
     def _seq(self, node: SequenceNode) -> LineSeq:
@@ -166,7 +224,7 @@ class _Builder:
                 continue
             key = self._key(key_node, node)
             if key in data.lines:
-                raise yaml.constructor.ConstructorError(
+                raise ConstructorError(
                     "while constructing a mapping", node.start_mark,
                     f"found duplicate key {key!r}", key_node.start_mark)
             data[key] = self.value(value_node)
@@ -178,7 +236,7 @@ class _Builder:
             return tuple(self._key(k, parent) for k in key_node.value)
         key = self.value(key_node)
         if not isinstance(key, Hashable):
-            raise yaml.constructor.ConstructorError(
+            raise ConstructorError(
                 "while constructing a mapping", parent.start_mark,
                 "found an unhashable key", key_node.start_mark)
         return key
@@ -197,7 +255,7 @@ class _Builder:
                     isinstance(v, MappingNode) for v in value_node.value):
                 sources.extend(reversed(value_node.value))
             else:
-                raise yaml.constructor.ConstructorError(
+                raise ConstructorError(
                     "while constructing a mapping", node.start_mark,
                     "'<<' takes a mapping or a list of mappings", value_node.start_mark)
         pairs: dict[Any, tuple[Node, Node]] = {}
@@ -208,7 +266,7 @@ class _Builder:
             for key_node, value_node in [*self._merged_pairs(source, seen), *source.value]:
                 if _is_merge(key_node):
                     continue
-                identity = (key_node.tag, key_node.value) if isinstance(key_node, ScalarNode) \
+                identity = (_tag(key_node), key_node.value) if isinstance(key_node, ScalarNode) \
                     else id(key_node)
                 pairs.pop(identity, None)
                 pairs[identity] = (key_node, value_node)
@@ -217,17 +275,13 @@ class _Builder:
 
 
 def _is_merge(key_node: Node) -> bool:
-    return key_node.tag == _PLAIN and key_node.value == _MERGE_KEY
+    return key_node.value == _MERGE_KEY and _tag(key_node) == _PLAIN
 
 
 def load(text: str) -> Any:
-    """One YAML document; raises yaml.YAMLError (MarkedYAMLError with a line for most)."""
+    """One YAML document; raises YAMLError (MarkedYAMLError with a line for most)."""
     with gc_paused():
-        composer = _Composer(text)
-        try:
-            node = composer.get_single_node()
-        finally:
-            composer.dispose()
+        node = _compose(text)
         if node is None:
             return None
         data = _Builder().value(node)

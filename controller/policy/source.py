@@ -2,9 +2,10 @@
 
 Every error is `file:line: field.path: message`, e.g.
 `policy.yaml:14: tenants[2].contract.tpm: must be > 0`. A `Node` wraps one YAML
-value with its path and line; its accessors check type and range, record errors
-in a shared list instead of raising, and return None for a bad value so that one
-pass reports every error in the file. `Node.close()` rejects keys nobody asked for.
+value with its path and line, and records errors in a shared list instead of raising,
+so that one pass reports every error in the file. The files' shapes are pydantic models
+checked on nodes (controller/policy/filemodel.py); `as_int`/`as_str` remain for the few
+values whose shape is free-form (a fabric's ports and links).
 """
 
 from __future__ import annotations
@@ -132,22 +133,18 @@ def _key_line(mapping: object, key: object, default: int) -> int:
     return default
 
 
-def _type_name(value: Any) -> str:
+# How errors name a YAML value's type; bool before int (a bool is an int in Python).
+_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+    (dict, "a mapping"), (list, "a list"))
+
+
+def type_name(value: Any) -> str:
+    """How an error names a value's YAML type."""
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
+    return next((name for kind, name in _TYPE_NAMES if isinstance(value, kind)),
+                type(value).__name__)
 
 
 class Node:
@@ -158,7 +155,6 @@ class Node:
         self.path = path
         self.line = line
         self.errors = errors
-        self._used: set[str] = set()
 
     @classmethod
     def root(cls, value: Any, errors: Errors) -> Node:
@@ -174,28 +170,12 @@ class Node:
             return f"{self.path}[{key}]"
         return f"{self.path}.{key}" if self.path else str(key)
 
-    def is_map(self) -> bool:
-        if isinstance(self.value, dict):
-            return True
-        self.error(f"must be a mapping, got {_type_name(self.value)}")
-        return False
-
-    def is_list(self) -> bool:
-        if isinstance(self.value, list):
-            return True
-        self.error(f"must be a list, got {_type_name(self.value)}")
-        return False
-
-    def has(self, key: str) -> bool:
-        return isinstance(self.value, dict) and key in self.value
-
     def child(self, key: str) -> Node | None:
         """The value under key (marked as known), or None when absent.
 
         Its line is the key's line: that is where an operator looks for a field,
         also when its value is a block mapping or list starting below it.
         """
-        self._used.add(key)
         if not isinstance(self.value, dict) or key not in self.value:
             return None
         line = _key_line(self.value, key, self.line)
@@ -213,6 +193,11 @@ class Node:
                 continue
             yield key, node
 
+    def element(self, index: int) -> Node:
+        """Item `index` of a list (which has it)."""
+        line = self.value.lines[index] if isinstance(self.value, LineSeq) else self.line
+        return Node(self.value[index], self._child_path(index), line, self.errors)
+
     def elements(self) -> Iterator[Node]:
         if not isinstance(self.value, list):
             return
@@ -222,38 +207,11 @@ class Node:
                 line = self.value.lines[i]
             yield Node(item, self._child_path(i), line, self.errors)
 
-    def close(self) -> None:
-        """Reject every key of this mapping that no accessor asked for."""
-        if not isinstance(self.value, dict):
-            return
-        for key in self.value:
-            if key in self._used:
-                continue
-            line = _key_line(self.value, key, self.line)
-            known = ", ".join(sorted(self._used))
-            self.errors.add(line, self._child_path(str(key)),
-                            f"unknown key (known keys: {known})")
-
-    # -- typed scalars: each returns the value, or None after recording an error
-
-    def _get(self, key: str, required: bool) -> Node | None:
-        node = self.child(key)
-        if node is None and required:
-            self.error(f"missing required key '{key}'")
-        return node
-
-    def get_int(self, key: str, *, required: bool = False, default: int | None = None,
-            lo: int | None = None, hi: int | None = None, gt: int | None = None) -> int | None:
-        node = self._get(key, required)
-        if node is None:
-            return default
-        return node.as_int(lo=lo, hi=hi, gt=gt)
-
     def as_int(self, *, lo: int | None = None, hi: int | None = None,
                gt: int | None = None) -> int | None:
         v = self.value
         if isinstance(v, bool) or not isinstance(v, int):
-            self.error(f"must be an integer, got {_type_name(v)}")
+            self.error(f"must be an integer, got {type_name(v)}")
             return None
         if gt is not None and v <= gt:
             self.error(f"must be > {gt}, got {v}")
@@ -269,28 +227,11 @@ class Node:
             return None
         return int(v)
 
-    def get_bool(self, key: str, *, default: bool = False) -> bool:
-        node = self.child(key)
-        if node is None:
-            return default
-        if not isinstance(node.value, bool):
-            node.error(f"must be true or false, got {_type_name(node.value)}")
-            return default
-        return bool(node.value)
-
-    def get_str(self, key: str, *, required: bool = False, default: str | None = None,
-            choices: list[str] | None = None,
-            check: Callable[[str], str | None] | None = None) -> str | None:
-        node = self._get(key, required)
-        if node is None:
-            return default
-        return node.as_str(choices=choices, check=check)
-
     def as_str(self, *, choices: list[str] | None = None,
                check: Callable[[str], str | None] | None = None) -> str | None:
         v = self.value
         if not isinstance(v, str):
-            self.error(f"must be a string, got {_type_name(v)}")
+            self.error(f"must be a string, got {type_name(v)}")
             return None
         if choices is not None and v not in choices:
             self.error(f"must be one of {', '.join(choices)}; got '{v}'")
@@ -303,7 +244,7 @@ class Node:
         return str(v)
 
 
-# -- checks usable as Node.get_str(check=...): return a problem or None
+# -- checks for text fields (filemodel.text_check): return a problem or None
 
 
 def check_name(v: str) -> str | None:

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -6,7 +7,6 @@ from click.testing import CliRunner
 
 from tokenfabric import cli, exitcodes
 from tokenfabric.doctor import run_checks
-from tokenfabric.tools import find_tool
 
 
 def test_help_lists_every_role():
@@ -36,14 +36,32 @@ def test_missing_extra_is_reported_not_raised(monkeypatch):
     assert "pip install 'tokenfabric[controller]'" in result.output
 
 
-def test_doctor_tells_the_truth_about_bmv2():
-    result = CliRunner().invoke(cli.main, ["doctor", "--json", "--vllm-url",
-                                           "http://127.0.0.1:9"])
-    findings = {f["name"]: f for f in json.loads(result.output)}
-    assert findings["simple_switch_grpc"]["present"] == bool(find_tool("simple_switch_grpc"))
-    assert findings["p4c-bm2-ss"]["present"] == bool(find_tool("p4c-bm2-ss"))
+def _doctor(tmp_path, bin_dir) -> tuple[int, dict]:
+    """`tokenfabric doctor --json` with only bin_dir and the system's directories on PATH
+    and no /opt/p4 prefix: what it finds is what the test put there."""
+    env = {**os.environ, "TOKENFABRIC_P4_PREFIX": str(tmp_path / "no-p4"),
+           "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "doctor", "--json",
+                           "--vllm-url", "http://127.0.0.1:9"], capture_output=True, text=True,
+                          timeout=120, env=env, check=False)
+    return done.returncode, {f["name"]: f for f in json.loads(done.stdout)}
+
+
+def test_doctor_tells_the_truth_about_bmv2(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    code, findings = _doctor(tmp_path, bin_dir)
+    assert not findings["simple_switch_grpc"]["present"]
+    assert not findings["p4c-bm2-ss"]["present"]
+    assert code == exitcodes.MISSING or not findings["simple_switch_grpc"]["main_job"]
+    for tool in ("simple_switch_grpc", "p4c-bm2-ss"):  # executables of those names appear
+        (bin_dir / tool).write_text("#!/bin/sh\necho 1.15.0\n")
+        (bin_dir / tool).chmod(0o755)
+    code, findings = _doctor(tmp_path, bin_dir)
+    assert findings["simple_switch_grpc"]["present"]
+    assert findings["p4c-bm2-ss"]["present"]
     main_job_ok = all(f["present"] for f in findings.values() if f["main_job"])
-    assert result.exit_code == (exitcodes.OK if main_job_ok else exitcodes.MISSING)
+    assert code == (exitcodes.OK if main_job_ok else exitcodes.MISSING)
 
 
 def test_doctor_finds_a_vllm_on_loopback():

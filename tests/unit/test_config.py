@@ -43,3 +43,20 @@ def test_unknown_environment_key_is_an_error():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_section("controller", DEFAULTS, tmp_path / "absent.yaml", environ={})
+
+
+def test_agent_settings_take_file_then_environment_then_flags(tmp_path, monkeypatch):
+    from hostagent.config import load
+
+    path = tmp_path / "agent.yaml"
+    path.write_text("agent:\n  name: gpu1\n  address: 10.0.0.11\n  mac: '00:00:00:00:00:11'\n"
+                    "  switch: s1\n  port: 1\n  vip: 10.100.0.1\n  capacity: 4\n"
+                    "  mode: overflow\n")
+    monkeypatch.setenv("TOKENFABRIC_AGENT__CAPACITY", "8")
+    monkeypatch.setenv("TOKENFABRIC_AGENT__MODELS", "[a, b]")
+    cfg = load(path, {"mode": "relay", "listen_port": None})
+    assert (cfg.capacity, cfg.models, cfg.mode, cfg.listen_port) == (8, ["a", "b"], "relay",
+                                                                     8000)
+    monkeypatch.setenv("TOKENFABRIC_AGENT__CAPACITY", "true")  # YAML: a boolean, refused
+    with pytest.raises(ConfigError, match="agent.capacity: must be an integer|agent.capacity"):
+        load(path, {})

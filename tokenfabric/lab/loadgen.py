@@ -38,6 +38,7 @@ import numpy as np
 
 from tokenfabric.lab import log
 from tokenfabric.lab.workloads import ChatSpec, TraceSpec, plan_chat, plan_trace
+from tokenfabric.sse import is_token_chunk
 
 # The header a backend's bridge (or emulator) sets to name itself; see docs/lab.md.
 DEFAULT_BACKEND_HEADER = "X-Tokenfabric-Backend"
@@ -220,16 +221,6 @@ def _body(workload: Workload, req: PlannedRequest) -> dict[str, Any]:
     return body
 
 
-def _chunk_text(event: dict[str, Any]) -> str:
-    choices = event.get("choices") or []
-    if not choices:
-        return ""
-    choice = choices[0]
-    if "delta" in choice:
-        return (choice.get("delta") or {}).get("content") or ""
-    return choice.get("text") or ""
-
-
 async def _stream(resp: aiohttp.ClientResponse, started: float,
                   record: dict[str, Any]) -> None:
     """Read the SSE stream: first-token time, token count, usage, [DONE]."""
@@ -258,7 +249,7 @@ async def _stream(resp: aiohttp.ClientResponse, started: float,
             record["error"] = "stream_error: " + str(err.get("message") if isinstance(
                 err, dict) else err)[:200]
             continue
-        if _chunk_text(event):
+        if is_token_chunk(event):  # the bridge's rule: the same tokens it bills
             chunks += 1
             if first is None:
                 first = time.perf_counter()

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import yaml
 
+from tokenfabric import yamlio
 from tokenfabric.lab.experiments import (
     EMULATOR_DECODE_BASE_MS,
     EMULATOR_MAX_NUM_SEQS,
@@ -186,7 +186,7 @@ class Stack:
 
     def _write(self, name: str, data: dict[str, Any]) -> Path:
         path = self.dir / name
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        path.write_text(yamlio.dump(data))
         return path
 
     # -- processes ------------------------------------------------------------

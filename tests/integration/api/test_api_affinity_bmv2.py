@@ -13,13 +13,13 @@ import time
 
 import httpx
 import pytest
-import yaml
 from scapy.layers.inet import IP, TCP
 
 from controller.switch_shell import shell_read
 from tests.integration.api.test_api_bmv2 import wait_for
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import data, parse, syn
+from tokenfabric import yamlio
 from tokenfabric.tools import free_port
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root, pytest.mark.timeout(300)]
@@ -36,7 +36,7 @@ def fabric(grpc: str, device_id: int) -> str:
         return {"switch": "s1", "port": port, "address": address, "prefix_len": prefix,
                 "mac": h.host_mac(port)}
 
-    return yaml.safe_dump({
+    return yamlio.dump({
         "switches": {"s1": {"address": grpc, "device_id": device_id, "ports": [1, 2, 3, 4, 5],
                             "mac": h.switch_mac(1)}},
         "hosts": {"clients": host(h.CLIENT_PORT, "10.0.1.0", 24),
@@ -120,7 +120,7 @@ def test_a_reported_affinity_steers_until_its_ttl_ends(tmp_path):
         (tmp_path / "fabric.yaml").write_text(fabric(rig.switch.opts.grpc_address,
                                                      rig.switch.opts.device_id))
         (tmp_path / "policy.yaml").write_text(POLICY)
-        (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({
+        (tmp_path / "tokens.yaml").write_text(yamlio.dump({
             ADMIN: {"name": "ops", "role": "admin"},
             GPU1_AGENT: {"name": "gpu1-agent", "role": "agent", "backends": ["gpu1-*"]},
             GPU2_AGENT: {"name": "gpu2-agent", "role": "agent", "backends": ["gpu2-*"]}}))

@@ -3,10 +3,10 @@
 import logging
 
 import pytest
-import yaml
 
 from controller.auth import Role, TokenFileError, TokenStore, parse_tokens
 from tests.integration.api.conftest import ADMIN, AGENT, REGISTRATION, VIEWER
+from tokenfabric import yamlio
 
 READS = ["/api/v1/switches", "/api/v1/backends", "/api/v1/services", "/api/v1/tenants",
          "/api/v1/contracts", "/api/v1/counters", "/api/v1/ledger", "/api/v1/ledger.csv",
@@ -86,7 +86,7 @@ def test_auth_disabled_is_anonymous_admin(tmp_path):
 
 def test_token_file_roles(tmp_path):
     path = tmp_path / "tokens.yaml"
-    path.write_text(yaml.safe_dump({ADMIN: {"name": "alice", "role": "admin"},
+    path.write_text(yamlio.dump({ADMIN: {"name": "alice", "role": "admin"},
                                     VIEWER: {"name": "bob", "role": "viewer"}}))
     store = TokenStore.from_file(path)
     assert store.lookup(ADMIN).role is Role.ADMIN

@@ -11,11 +11,11 @@ import time
 
 import httpx
 import pytest
-import yaml
 
 from controller.switch_shell import shell_read
 from tests.integration.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
 from tokenfabric import dataplane as dp
+from tokenfabric import yamlio
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.timeout(300)]
@@ -71,7 +71,7 @@ def test_controller_on_bmv2(bmv2, tmp_path):
     fabric = FABRIC.replace("127.0.0.1:9559", bmv2.opts.grpc_address)
     (tmp_path / "fabric.yaml").write_text(fabric)
     (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
+    (tmp_path / "tokens.yaml").write_text(yamlio.dump(
         {ADMIN: {"name": "ops", "role": "admin"}, VIEWER: {"name": "v", "role": "viewer"}}))
     port = free_port()
     proc = start(tmp_path, port)

@@ -7,11 +7,10 @@ import time
 
 import httpx
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from tests.integration.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
-from tokenfabric import cli, exitcodes
+from tokenfabric import cli, exitcodes, yamlio
 
 
 def run(*args):
@@ -22,7 +21,7 @@ def run(*args):
 def files(tmp_path):
     (tmp_path / "fabric.yaml").write_text(FABRIC)
     (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
+    (tmp_path / "tokens.yaml").write_text(yamlio.dump(
         {ADMIN: {"name": "ops", "role": "admin"}, VIEWER: {"name": "v", "role": "viewer"}}))
     return tmp_path
 
@@ -126,7 +125,7 @@ def test_run_port_taken_is_a_failure(files):
 def test_run_serves_with_config_file_and_env(files):
     """controller: section from a file, one key from the environment, flags win."""
     port = free_port()
-    (files / "cfg.yaml").write_text(yaml.safe_dump({"controller": {
+    (files / "cfg.yaml").write_text(yamlio.dump({"controller": {
         "fabric": str(files / "fabric.yaml"), "policy": str(files / "policy.yaml"),
         "tokens": str(files / "tokens.yaml"), "listen": "127.0.0.1:1"}}))
     env = {"TOKENFABRIC_CONTROLLER__LEDGER": str(files / "env.db"), "PATH": "/usr/bin:/bin"}

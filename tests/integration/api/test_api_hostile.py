@@ -26,10 +26,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from bench.policygen import policy_text
 from tests.integration.api.conftest import ADMIN, AGENT, FABRIC, POLICY, VIEWER
+from tokenfabric import yamlio
 from tokenfabric.tools import free_port
 
 MB = 1024 * 1024
@@ -57,7 +57,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
     files = tmp_path_factory.mktemp("hostile")
     (files / "fabric.yaml").write_text(FABRIC)
     (files / "policy.yaml").write_text(POLICY)
-    (files / "tokens.yaml").write_text(yaml.safe_dump({
+    (files / "tokens.yaml").write_text(yamlio.dump({
         ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent",
                                                  "backends": ["*"]},
         VIEWER: {"name": "grafana", "role": "viewer"}}))

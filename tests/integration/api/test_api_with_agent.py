@@ -11,10 +11,10 @@ import time
 
 import httpx
 import pytest
-import yaml
 
 from tests.integration.api.conftest import ADMIN, AGENT, free_port
 from tests.integration.hostagent.conftest import env_without_config, start_emulator, stop_process
+from tokenfabric import yamlio
 
 FABRIC = """
 switches:
@@ -74,7 +74,7 @@ def run_stack(tmp_path, signed: bool):
         if signed:
             agent_entry["public_key"] = keygen(tmp_path)
             signing = {"signing_key": str(tmp_path / "agent.key")}
-        (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
+        (tmp_path / "tokens.yaml").write_text(yamlio.dump(
             {ADMIN: {"name": "ops", "role": "admin"}, AGENT: agent_entry}))
         api_port = free_port()
         started.append(subprocess.Popen(
@@ -87,7 +87,7 @@ def run_stack(tmp_path, signed: bool):
         emulator = start_emulator("--speed", "10", "--model", "tiny", "--max-num-seqs", "8")
         started.append(emulator.proc)
         bridge_port = free_port()
-        (tmp_path / "agent.yaml").write_text(yaml.safe_dump({"agent": {
+        (tmp_path / "agent.yaml").write_text(yamlio.dump({"agent": {
             "name": "gpu2", "address": "10.0.0.12", "mac": "02:00:00:00:00:12", "switch": "s1",
             "port": 4, "vip": "10.0.100.1", "vip_port": 8000, "capacity": 8,
             "vllm_url": emulator.url, "controller_url": f"http://127.0.0.1:{api_port}",

@@ -2,10 +2,10 @@
 
 import asyncio
 
-from controller.api.schemas import BackendRegistration, BackendReport
 from controller.auth import Principal, Role
-from controller.compile import compile_model
+from controller.compile import state_to_list
 from tests.integration.api.conftest import REGISTRATION, make_controller
+from tokenfabric.wire import BackendRegistration, BackendReport
 
 WHO = Principal("agents", Role.AGENT, backends=("*",))
 
@@ -42,7 +42,15 @@ async def test_startup_hold_then_push(tmp_path):
     assert held.pushed == {}  # the switches keep what they hold for now
     now[0] += 3.5
     await held.reconcile_once()
-    assert held.pushed["s1"].entities == compile_model(held.model)["s1"].entities
+    entries = state_to_list(held.pushed["s1"])
+    # what the fabric file says, as entries: each VIP a service, gpu1-llama (id 1, port 3)
+    # and the overflow responder (the top id, port 5) delivered locally
+    services = {e["match"]["vip"]: e["params"]["service_id"] for e in entries
+                if e.get("table") == "service"}
+    assert services == {"10.0.100.1": 1, "10.0.100.2": 2}
+    backends = {e["match"]["backend_id"]: e["params"]["port"] for e in entries
+                if e.get("table") == "backend"}
+    assert backends == {1: 3, 1023: 5}
     ctl.ledger.close()
 
 

@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-import yaml
 
 from tests.integration.hostagent.conftest import (
     TOKEN,
@@ -21,7 +20,7 @@ from tests.integration.hostagent.conftest import (
     wait_for,
     wait_http,
 )
-from tokenfabric import beacon
+from tokenfabric import beacon, yamlio
 from tokenfabric.beacon import BeaconFlags, LoadBeacon, UsageBeacon
 
 
@@ -36,7 +35,7 @@ def start_agent(tmp_path, controller_stub, beacon_trap, emulator, capacity, load
         "beacon_target": f"127.0.0.1:{beacon_trap.port}", "report_interval": 0.3,
         "health_interval": 0.2}}
     path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yamlio.dump(config))
     proc = subprocess.Popen([sys.executable, "-m", "tokenfabric.cli", "agent", "run",
                              "--config", str(path)], env=env_without_config(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -17,7 +17,6 @@ import time
 
 import httpx
 import pytest
-import yaml
 
 from hostagent.handoff import sign
 from tests.integration.api.conftest import ADMIN, AGENT, VIEWER
@@ -28,7 +27,7 @@ from tests.integration.hostagent.conftest import (
     stop_process,
 )
 from tests.integration.hostagent.conftest import wait_for as wait_until
-from tokenfabric import beacon
+from tokenfabric import beacon, yamlio
 
 FABRIC = """
 switches:
@@ -99,7 +98,7 @@ class Rig:
     def start(self) -> None:
         (self.tmp / "fabric.yaml").write_text(FABRIC)
         (self.tmp / "policy.yaml").write_text(POLICY)
-        (self.tmp / "tokens.yaml").write_text(yaml.safe_dump(
+        (self.tmp / "tokens.yaml").write_text(yamlio.dump(
             {ADMIN: {"name": "ops", "role": "admin"},
              AGENT: {"name": "agents", "role": "agent", "backends": ["*"]},
              VIEWER: {"name": "grafana", "role": "viewer"}}))
@@ -129,7 +128,7 @@ class Rig:
             listen, metrics = free_port(), free_port()
             self.bridges[name] = f"http://127.0.0.1:{listen}"
             self.metrics[name] = f"http://127.0.0.1:{metrics}/metrics"
-            (self.tmp / f"{name}.yaml").write_text(yaml.safe_dump({"agent": {
+            (self.tmp / f"{name}.yaml").write_text(yamlio.dump({"agent": {
                 "name": name, "address": address, "mac": f"02:00:00:00:00:1{n}",
                 "switch": "s1", "port": 2 + n, "vip": "10.0.100.1", "vip_port": 8000,
                 "capacity": CAPACITY, "vllm_url": emulator.url,

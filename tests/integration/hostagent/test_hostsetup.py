@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-import yaml
 
+from tokenfabric import yamlio
 from tokenfabric.netns import leftovers, sandbox
 
 pytestmark = pytest.mark.root
@@ -62,7 +62,7 @@ def test_agent_run_serves_the_vip_and_undoes_the_setup_on_sigterm(tmp_path):
         "vllm_url": "http://127.0.0.1:9",           # nothing there: the bridge answers 502
         "controller_url": "http://127.0.0.1:9", "beacon_target": "127.0.0.1:7420"}}
     path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yamlio.dump(config))
     probe = (f"import socket,sys; s=socket.create_connection(('{VIP}',8000),timeout=5); "
              "s.sendall(b'GET /v1/models HTTP/1.1\\r\\nhost: x\\r\\n\\r\\n'); "
              "sys.stdout.write(s.recv(4096).decode())")

@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-import yaml
 
 from tests.integration.api.conftest import ADMIN, AGENT, VIEWER
 from tests.integration.hostagent.conftest import (
@@ -22,6 +21,7 @@ from tests.integration.hostagent.conftest import (
     stop_process,
 )
 from tests.integration.hostagent.conftest import wait_for as wait_until
+from tokenfabric import yamlio
 from tokenfabric.blockhash import BlockHasher
 
 FABRIC = """
@@ -58,13 +58,13 @@ def start_controller_and_agent(tmp_path, vllm_url: str, endpoint: str, replay: s
                                ) -> tuple[httpx.Client, subprocess.Popen]:
     """A controller process and an agent process following `vllm_url`'s KV events."""
     (tmp_path / "fabric.yaml").write_text(FABRIC)
-    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
+    (tmp_path / "tokens.yaml").write_text(yamlio.dump(
         {ADMIN: {"name": "ops", "role": "admin"}, AGENT: {"name": "agents", "role": "agent",
                                                  "backends": ["*"]},
          VIEWER: {"name": "grafana", "role": "viewer"}}))
     api_port = free_port()
     started.append(start_controller(tmp_path, api_port))
-    (tmp_path / "agent.yaml").write_text(yaml.safe_dump({"agent": {
+    (tmp_path / "agent.yaml").write_text(yamlio.dump({"agent": {
         "name": "gpu2", "address": "10.0.0.12", "mac": "02:00:00:00:00:12", "switch": "s1",
         "port": 4, "vip": "10.0.100.1", "vip_port": 8000, "capacity": 8,
         "vllm_url": vllm_url, "controller_url": f"http://127.0.0.1:{api_port}",

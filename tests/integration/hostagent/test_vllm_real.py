@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.hostagent.conftest import (
@@ -32,7 +31,7 @@ from tests.integration.hostagent.conftest import (
     wait_for,
     wait_http,
 )
-from tokenfabric import beacon
+from tokenfabric import beacon, yamlio
 from tokenfabric.beacon import LoadBeacon, UsageBeacon
 from tokenfabric.doctor import VLLM_VENV
 
@@ -106,7 +105,7 @@ def test_agent_and_bridge_with_real_vllm(vllm_server, tmp_path, controller_stub,
     url, _, _ = vllm_server
     bridge_port = free_port()
     path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump({"agent": {
+    path.write_text(yamlio.dump({"agent": {
         "name": "cpu1", "address": "10.0.0.21", "mac": "00:00:00:00:00:21", "switch": "s1",
         "port": 2, "vip": "10.100.0.1", "capacity": 4, "vllm_url": url,
         "controller_url": controller_stub.url, "token": TOKEN, "listen_address": "127.0.0.1",

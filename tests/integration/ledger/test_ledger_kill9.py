@@ -11,10 +11,10 @@ import threading
 import time
 
 import httpx
-import yaml
 
 from controller.ledger_store import open_store
 from tests.integration.api.conftest import ADMIN, AGENT, FABRIC, POLICY, VIEWER
+from tokenfabric import yamlio
 from tokenfabric.tools import free_port
 
 SENDERS = 3
@@ -50,7 +50,7 @@ def report(i: int) -> dict:
 def test_acknowledged_reports_survive_kill9(tmp_path, ledger_target):
     (tmp_path / "fabric.yaml").write_text(FABRIC)
     (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({
+    (tmp_path / "tokens.yaml").write_text(yamlio.dump({
         ADMIN: {"name": "admin", "role": "admin"},
         AGENT: {"name": "agents", "role": "agent", "backends": ["gpu1-llama"]},
         VIEWER: {"name": "viewer", "role": "viewer"}}))
@@ -133,7 +133,7 @@ def test_cumulative_totals_survive_kill9(tmp_path, ledger_target):
     (tmp_path / "fabric.yaml").write_text(FABRIC)
     (tmp_path / "policy.yaml").write_text(  # a tenant per sender
         POLICY + "  - {name: initech, id: 3, prefixes: [10.0.2.0/24], contract: bronze}\n")
-    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({
+    (tmp_path / "tokens.yaml").write_text(yamlio.dump({
         AGENT: {"name": "agents", "role": "agent", "backends": ["gpu1-llama"]},
         VIEWER: {"name": "viewer", "role": "viewer"}}))
     port = free_port()

@@ -58,7 +58,9 @@ def test_config_defaults_and_derived_values(tmp_path):
     ("  head_timeout: 0", "agent.head_timeout"),
 ])
 def test_config_errors_name_the_key(tmp_path, line, message):
-    text = GOOD + line + "\n"
+    key = line.split(":")[0]
+    lines = [x for x in GOOD.splitlines() if x.split(":")[0] != key]  # a key once (YAML)
+    text = "\n".join([*lines, line]) + "\n"
     with pytest.raises(ConfigError, match=message):
         load(write(tmp_path, text), {})
 

@@ -31,16 +31,35 @@ def ttft(request) -> float:
     return request.first_token_at - request.arrival
 
 
+class StepClock:
+    """Time that moves only by the steps the engine takes: the timing model's own
+    seconds, whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_stepped(engine: Engine, clock: StepClock, specs: list[tuple[list[str], int]]) -> list:
+    """Submit, then step the engine (as its loop does, without sleeping) until all finish."""
+    requests = [engine.submit(tokens, max_tokens) for tokens, max_tokens in specs]
+    for _ in range(100_000):
+        if all(r.finished_reason is not None for r in requests):
+            return requests
+        clock.now += engine.step()
+        engine.emit_tokens()
+    raise AssertionError("the requests did not finish in 100,000 steps")
+
+
 async def test_more_load_gives_longer_ttft():
     params = EngineParams(decode_base_s=0.004, decode_s_per_seq=0.0005,
                           prefill_s_per_token=0.0002, prefix_caching=False)
-    engine = Engine(params)
-    engine.start()
-    try:
-        alone = await run_requests(engine, [(words(50), 4)])
-        crowd = await run_requests(engine, [(words(50, f"t{i}"), 4) for i in range(16)])
-    finally:
-        await engine.stop()
+    clock = StepClock()
+    engine = Engine(params, clock=clock)
+    alone = run_stepped(engine, clock, [(words(50), 4)])
+    crowd = run_stepped(engine, clock, [(words(50, f"t{i}"), 4) for i in range(16)])
     assert statistics.median(map(ttft, crowd)) > 2 * ttft(alone[0])
 
 
@@ -72,36 +91,33 @@ async def test_full_kv_cache_makes_requests_wait_and_preempts():
     params = EngineParams(kv_cache_tokens=150, block_size=16, decode_base_s=0.0005,
                           decode_s_per_seq=0, decode_s_per_ctx_token=0,
                           prefill_s_per_token=0, prefix_caching=False)
-    engine = Engine(params)
+    clock = StepClock()
+    engine = Engine(params, clock=clock)
     first = engine.submit(words(60, "a"), 60)
     second = engine.submit(words(60, "b"), 60)
     third = engine.submit(words(60, "c"), 60)
-    engine.step()
+    clock.now += engine.step()
     assert engine.running == [first, second] and list(engine.waiting) == [third]
     assert engine.kv_usage == pytest.approx(120 / 150)
-    engine.start()
-    try:
-        await run_requests(engine, [])
-        for request in (first, second, third):
-            while request.finished_reason is None:
-                await asyncio.sleep(0.01)
-    finally:
-        await engine.stop()
+    engine.emit_tokens()
+    for _ in range(10_000):
+        if all(r.finished_reason is not None for r in (first, second, third)):
+            break
+        clock.now += engine.step()
+        engine.emit_tokens()
     assert engine.stats.preemptions >= 1
-    assert third.first_scheduled - third.arrival > 0.01  # it waited for room
+    # it waited for room: scheduled only after the first two had run some steps
+    assert third.first_scheduled - third.arrival >= 10 * params.decode_base_s
     assert {r.output_tokens for r in (first, second, third)} == {60}
 
 
 async def test_prefix_cache_shortens_prefill():
     params = EngineParams(prefill_s_per_token=0.001, decode_base_s=0.001, block_size=16)
-    engine = Engine(params)
-    engine.start()
-    try:
-        shared = words(160, "sys")
-        cold = await run_requests(engine, [(shared + ["q1"], 1)])
-        warm = await run_requests(engine, [(shared + ["q2"], 1)])
-    finally:
-        await engine.stop()
+    clock = StepClock()
+    engine = Engine(params, clock=clock)
+    shared = words(160, "sys")
+    cold = run_stepped(engine, clock, [(shared + ["q1"], 1)])
+    warm = run_stepped(engine, clock, [(shared + ["q2"], 1)])
     assert warm[0].cached_tokens == 160
     assert engine.stats.prefix_hits == 160
     assert ttft(warm[0]) < ttft(cold[0]) / 3
@@ -188,7 +204,7 @@ def test_cache_beyond_the_room_is_evicted_and_published():
     engine = Engine(EngineParams(kv_cache_tokens=64, block_size=16), on_kv_events=batches.append)
     first = engine.submit(words(33, "a"), 1)
     engine.step()
-    engine._emit_tokens()                          # finishes: its 2 blocks stay cached
+    engine.emit_tokens()                          # finishes: its 2 blocks stay cached
     assert first.finished_reason == "length" and len(engine.kv_cache) == 2
     engine.submit(words(40, "b"), 1)               # holds 3 of the 4 blocks: room for 1
     engine.step()

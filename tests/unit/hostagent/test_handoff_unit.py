@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hostagent.config import _handoff
+from hostagent.config import validate
 from hostagent.handoff import emulator_token_ids, sign, verify
 from hostagent.wordtok import WordTokenizer
 from tokenfabric.blockhash import BlockHasher
@@ -13,11 +13,20 @@ from tokenfabric.config import ConfigError
 SECRET = "0123456789abcdef-secret"
 
 
+AGENT = {"name": "gpu1", "address": "10.0.2.10", "mac": "02:00:00:00:00:01",
+         "switch": "s1", "port": 3, "vip": "10.0.100.1"}
+
+
+def handoff(raw: object) -> dict:
+    return validate({**AGENT, "handoff": raw}).handoff
+
+
 def test_handoff_config_is_off_by_default_and_checked_key_by_key(tmp_path):
-    assert _handoff({}) == {} and _handoff({"enabled": False, "port": 1}) == {}
+    assert validate(AGENT).handoff == {}
+    assert handoff({}) == {} and handoff({"enabled": False, "port": 1}) == {}
     secret = tmp_path / "secret"
     secret.write_text(SECRET + "\n")
-    got = _handoff({"secret_file": str(secret), "port": 9000, "min_ratio": 2})
+    got = handoff({"secret_file": str(secret), "port": 9000, "min_ratio": 2})
     assert got == {"secret": SECRET.encode(), "port": 9000, "min_ratio": 2}
     for bad, message in (({"enabled": True}, "needs secret_file"),
                          ({"secret": "short"}, "at least 16 bytes"),
@@ -26,9 +35,9 @@ def test_handoff_config_is_off_by_default_and_checked_key_by_key(tmp_path):
                          ({"secret": SECRET, "min_gain_ms": -1}, "must not be negative"),
                          ({"secret": SECRET, "tokenizer": "bpe"}, "tokenizer must be"),
                          ({"secret_file": str(tmp_path / "none")}, "secret_file"),
-                         ("yes", "must be a mapping")):
+                         ("yes", "agent.handoff")):
         with pytest.raises(ConfigError, match=message):
-            _handoff(bad)
+            handoff(bad)
 
 
 def test_a_handoff_signature_binds_origin_tenant_time_and_body():

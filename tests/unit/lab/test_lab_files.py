@@ -1,8 +1,8 @@
 """The files a lab run writes are accepted by the components that read them."""
 
 import pytest
-import yaml
 
+from tokenfabric import yamlio
 from tokenfabric.lab.experiments import EXPERIMENTS, experiment
 from tokenfabric.lab.runner import lab_plan, workloads
 from tokenfabric.lab.stack import agent_config, policy_dict
@@ -22,8 +22,8 @@ def test_policy_validates_against_the_fabric(name, topo):
     fabric = pytest.importorskip("controller.fabric")
     schema = pytest.importorskip("controller.policy.schema")
     exp, plan = _plan(name, topo)
-    model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
-    policy = schema.parse_policy(yaml.safe_dump(policy_dict(exp, plan)), model=model)
+    model = fabric.parse_fabric(yamlio.dump(plan.fabric("p2c")))
+    policy = schema.parse_policy(yamlio.dump(policy_dict(exp, plan)), model=model)
     names = sorted(t.name for t in (policy.tenants.values() if isinstance(policy.tenants, dict)
                                     else policy.tenants))
     assert names == sorted(t.name for t in exp.tenants)
@@ -41,7 +41,7 @@ def test_agent_configs_validate_in_the_agent():
     _, plan = _plan("quick", "leafspine")
     for host in plan.by_role("backend") + plan.by_role("responder"):
         section = agent_config(plan, host, 8080, "t" * 32, host.role == "responder")["agent"]
-        cfg = config.validate({**config.DEFAULTS, **section})
+        cfg = config.validate(section)
         if host.role == "backend":
             assert cfg.controller_url == f"http://{host.mgmt_gw}:8080"
         assert cfg.vip == plan.vip and cfg.address == host.ip
@@ -78,8 +78,8 @@ def test_a_reloaded_policy_differs_and_still_validates():
     exp, plan = _plan("reload")
     first, second = policy_dict(exp, plan), policy_dict(exp, plan, generation=1)
     assert first != second and first["tenants"] == second["tenants"]
-    model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
-    schema.parse_policy(yaml.safe_dump(second), model=model)
+    model = fabric.parse_fabric(yamlio.dump(plan.fabric("p2c")))
+    schema.parse_policy(yamlio.dump(second), model=model)
 
 
 def test_ecmp_capacity_keeps_the_controller_weights_equal_under_any_lab_load():
@@ -113,7 +113,7 @@ def test_ecmp_agent_config_validates():
     _, plan = _plan("modes")
     host = plan.by_role("backend")[0]
     section = agent_config(plan, host, 8080, "t" * 32, capacity=ECMP_CAPACITY)["agent"]
-    assert config.validate({**config.DEFAULTS, **section}).capacity == ECMP_CAPACITY
+    assert config.validate(section).capacity == ECMP_CAPACITY
 
 
 @pytest.mark.vllm
@@ -142,7 +142,7 @@ def test_an_ovs_fabric_file_is_accepted_by_the_controller():
     [(name, entry)] = data["switches"].items()
     assert entry["driver"] == "openflow" and entry["datapath_id"] == 1
     assert "address" not in entry
-    model = fabric.parse_fabric(yaml.safe_dump(data))
+    model = fabric.parse_fabric(yamlio.dump(data))
     switch = model.fabric.switches[name]
     assert switch.driver == "openflow" and switch.datapath_id == 1
     assert sorted(switch.ports) == sorted(plan.switches[name].ports)
@@ -173,11 +173,11 @@ def test_the_billing_experiments_liar_and_the_controllers_cross_check_config():
     assert exp.liar in [h.name for h in plan.by_role("backend")] and exp.bill_factor == 3.0
     liar = plan.hosts[exp.liar]
     section = agent_config(plan, liar, 8080, "t" * 32, bill_factor=exp.bill_factor)["agent"]
-    assert config.validate({**config.DEFAULTS, **section}).bill_factor == 3.0
+    assert config.validate(section).bill_factor == 3.0
     honest = next(h for h in plan.by_role("backend") if h.name != exp.liar)
     assert "bill_factor" not in agent_config(plan, honest, 8080, "t" * 32)["agent"]
     with pytest.raises(config.ConfigError, match="bill_factor"):
-        config.validate({**config.DEFAULTS, **section, "bill_factor": 0.5})
+        config.validate({**section, "bill_factor": 0.5})
     # the lag covers the longest generation of the lab (256 tokens at speed 0.5)
     assert CROSSCHECK["crosscheck_lag_s"] >= 256 * 0.020 / 0.5
 

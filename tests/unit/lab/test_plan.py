@@ -1,6 +1,6 @@
 import pytest
-import yaml
 
+from tokenfabric import yamlio
 from tokenfabric.lab.plan import NAME_PREFIX, TenantPlan, build_plan
 
 TENANTS = [TenantPlan("gold", "premium"), TenantPlan("bulk")]
@@ -46,7 +46,7 @@ def test_fabric_file_loads_in_the_controller(topo):
     plan = build_plan(topo, TENANTS, SPEEDS)
     for i, sw in enumerate(plan.switches.values()):
         sw.grpc_port = 50100 + i
-    model = fabric.parse_fabric(yaml.safe_dump(plan.fabric("p2c")))
+    model = fabric.parse_fabric(yamlio.dump(plan.fabric("p2c")))
     service = model.services["llm"]
     assert service.vip == plan.vip and service.pool == [] and not model.backends
     assert service.overflow.address == "10.0.0.99"

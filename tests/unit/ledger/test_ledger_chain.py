@@ -9,12 +9,11 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from controller.ledger import Ledger, Usage, UsageRefused
 from controller.ledger_chain import GENESIS, SELECT_ROWS, JournalRow, chain, verify_file
 from controller.ledger_store import open_store
-from tokenfabric import usage_signing
+from tokenfabric import usage_signing, yamlio
 from tokenfabric.usage_signing import UsageRecord
 
 T0 = 1_780_000_000.0
@@ -64,7 +63,7 @@ def tamper(target: str, script: str, args: tuple = ()) -> None:
 
 def tokens_file(tmp_path, public) -> str:
     path = tmp_path / "tokens.yaml"
-    path.write_text(yaml.safe_dump({AGENT_TOKEN: {"name": "gpu1-agent", "role": "agent",
+    path.write_text(yamlio.dump({AGENT_TOKEN: {"name": "gpu1-agent", "role": "agent",
                                                   "backends": ["gpu1"], "public_key": public}}))
     return str(path)
 

@@ -333,3 +333,17 @@ def test_a_policy_larger_than_the_switch_tables(tmp_path, monkeypatch):
     errs = errors_of(tmp_path, text, fabric="fabric-single.yaml")
     assert len(errs) == 1 and errs[0].endswith(
         "policy.yaml: switch s1: tenant_by_src needs 2 entries, the switch holds 1"), errs
+
+
+def test_unknown_key_in_a_nested_mapping_is_placed_at_its_line(tmp_path):
+    errs = errors_of(tmp_path, GOOD.replace("queue: 5}", "queue: 5, colour: red}"))
+    assert_error(errs, 3, "contracts.gold.class.colour", "unknown key")
+    assert "known keys: dscp, priority_level, queue, service_class" in errs[0]
+
+
+def test_one_pass_reports_a_bad_tenant_beside_a_bad_contract(tmp_path):
+    text = GOOD + "  - name: b\n    prefixes: [10.0.2.0/24]\n    contract: gold\n    id: true\n"
+    errs = errors_of(tmp_path, text.replace("tpm: 60000", "tpm: 6"))
+    assert [e.split(": ", 1)[0].rsplit("/", 1)[-1] for e in errs] == [
+        "policy.yaml:4", "policy.yaml:12"], errs
+    assert errs[1].endswith("tenants[1].id: must be an integer, got a boolean")

@@ -1,4 +1,6 @@
-"""Request and response bodies of the REST API (pydantic, so OpenAPI shows them).
+"""The REST API's wire format: every request and response body, in one module that the
+controller's API (controller/api/server.py) and the host agent (hostagent/controller_api.py)
+both import. Only pydantic: the agent imports it without the controller's stack.
 
 Agent bodies (registration, report) ignore unknown fields, so that an agent newer
 than the controller still registers; admin bodies forbid them, so that a typo in
@@ -9,16 +11,44 @@ bound: nothing a client sends can overflow SQLite or a P4 field.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-
-from controller.api.limits import bounded_json
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAC_PATTERN = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
 U16 = 65535
 MAX_TOKENS = 10**9  # per usage item; a report covers about a second of one backend
+
+
+
+def json_limits_problem(value: Any, max_depth: int, max_values: int) -> str | None:
+    """None when value nests at most max_depth levels and holds at most max_values values."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:  # iterative: the point is not to recurse on what a client sent
+        item, depth = stack.pop()
+        count += 1
+        if count > max_values:
+            return f"has more than {max_values} values"
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                return f"nests deeper than {max_depth} levels"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def bounded_json(max_depth: int, max_values: int) -> Callable[[Any], Any]:
+    """A pydantic AfterValidator for free-form objects the controller keeps and serves."""
+    def check(value: Any) -> Any:
+        problem = json_limits_problem(value, max_depth, max_values)
+        if problem:
+            raise ValueError(problem)
+        return value
+    return check
+
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["gpu1"])]
 
@@ -75,7 +105,8 @@ class TenantGrant(BaseModel):
 class RegistrationReply(BaseModel):
     backend_id: int
     tenants: list[TenantGrant]
-    roce: dict[str, Any] = Field(description="the fabric's RoCEv2 class for the host's NIC "
+    roce: dict[str, Any] = Field(default_factory=dict,
+                                 description="the fabric's RoCEv2 class for the host's NIC "
                                              "(empty when the policy disables RoCE)")
 
 
