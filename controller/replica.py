@@ -53,6 +53,7 @@ MAX_BASE_ELECTION_ID = 2**TERM_SHIFT - 1
 POLL_S = 0.2  # how often a backup tries the lock (and a leader checks its connection)
 CONNECT_TIMEOUT_S = 3
 PRIMARY_HEADER = "X-Tokenfabric-Primary"
+ROLE_HEADER = "X-Tokenfabric-Role"
 
 # REST calls a backup takes: reads, and the agents' feed (registrations, reports, KV
 # deltas and deregistrations go to every replica, so that each keeps the model current)
@@ -293,11 +294,15 @@ def install_backup_guard(app: Any, replica: Replica | None) -> None:
     @app.middleware("http")
     async def refuse_on_backup(request: Any, call_next: Any) -> Any:
         if replica.is_primary or not backup_refusal(request.url.path, request.method):
-            return await call_next(request)
+            response = await call_next(request)
+            # agents prefer the leader's answer (drain flags, tenants: hostagent)
+            response.headers[ROLE_HEADER] = "primary" if replica.is_primary else "backup"
+            return response
         primary = replica.primary_url
         message = ("this controller replica is a backup: send mutations to the primary"
                    + (f" at {primary}" if primary else " (none elected yet: retry)"))
         headers = {PRIMARY_HEADER: primary} if primary else {}
+        headers[ROLE_HEADER] = "backup"
         return JSONResponse(error_body("not_primary", message, [{"primary": primary}]),
                             status_code=409, headers=headers)
 

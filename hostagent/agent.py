@@ -27,7 +27,7 @@ from hostagent import log, roce
 from hostagent.beacons import BeaconSender
 from hostagent.bridge import Bridge, BridgeSettings
 from hostagent.config import AgentConfig
-from hostagent.controller_api import ControllerClient, ControllerError
+from hostagent.controller_api import ControllerClient, ControllerError, Replicated
 from hostagent.delay import DelayEstimator
 from hostagent.hostsetup import HostSetup
 from hostagent.kv_blocks import KvBlockSet
@@ -52,6 +52,7 @@ class Agent:
         self.rdma_status: dict = {}
         self.host_status: dict = {}
         self.reports_sent = 0
+        self.report_bodies = 0  # report bodies built: their ids' counter
         # This run's epoch: the controller refuses totals that go down within one, and
         # takes a new one as an (audited) restart from zero.
         self.epoch = usage_signing.new_epoch()
@@ -79,7 +80,7 @@ class Agent:
             self.tenants, on_finish=self._on_request_finished, on_charge=self._on_charge,
             delay=self.delay)
         self.session: aiohttp.ClientSession | None = None
-        self.controller: ControllerClient | None = None
+        self.controller: Replicated | None = None
         self.kv_blocks = KvBlockSet(config.kv_index_max_blocks)
         self.kv_subscriber: KvEventSubscriber | None = None
         if config.kv_events_endpoint:
@@ -133,8 +134,8 @@ class Agent:
         tasks: list[asyncio.Task] = []
         try:
             self.session = aiohttp.ClientSession()
-            self.controller = ControllerClient(self.session, cfg.controller_url,
-                                               cfg.auth_token())
+            self.controller = Replicated([ControllerClient(self.session, url, cfg.auth_token())
+                                          for url in cfg.controller_urls])
             self.rdma_status = await asyncio.to_thread(self._roce)
             if cfg.bridge:
                 await self.bridge.start(cfg.listen_address, cfg.listen_port)
@@ -339,7 +340,13 @@ class Agent:
                 "kv_events": None if self.kv_subscriber is None else {
                     **vars(self.kv_subscriber.stats), "blocks": len(self.kv_blocks),
                     "reports_sent": self.kv_reports_sent},
-                "seq": self.reports_sent}
+                "seq": self.reports_sent, "report_id": self._next_report_id()}
+
+    def _next_report_id(self) -> str:
+        """An idempotency key per report body: this run's epoch and a counter. Replicas
+        that get the same report write it once (the ledger's reports table)."""
+        self.report_bodies += 1
+        return f"{self.epoch}-{self.report_bodies}"
 
     def known_tenant_ids(self) -> set[int]:
         return {t.tenant_id for t in self.tenants.tenants} | {UNKNOWN_TENANT_ID}

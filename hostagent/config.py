@@ -30,6 +30,9 @@ DEFAULTS: dict[str, Any] = {
     "vip_port": 8000,
     "vllm_url": "http://127.0.0.1:8000",
     "controller_url": "http://127.0.0.1:8080",
+    # controller replicas (docs/replicas.md): report to each of these URLs (a list, or
+    # one comma-separated string); when set, controller_url is not used
+    "controller_urls": None,
     "token": None,                     # Bearer token for the controller's REST API
     "token_file": None,                # or a file holding it
     "signing_key": None,               # Ed25519 private key (PEM) that signs usage records
@@ -93,6 +96,7 @@ class AgentConfig:
     vip_port: int
     vllm_url: str
     controller_url: str
+    controller_urls: list[str]
     token: str | None
     token_file: str | None
     signing_key: str | None
@@ -154,6 +158,24 @@ def _ipv4(key: str, value: Any) -> str:
         raise ConfigError(f"agent.{key}: {value!r} is not an IPv4 address") from exc
 
 
+def _controller_urls(urls: Any, single: Any) -> list[str]:
+    """controller_urls (a list or a comma-separated string) or else [controller_url]."""
+    if urls is None or urls == "" or urls == []:
+        urls = [single]
+    elif isinstance(urls, str):
+        urls = [u.strip() for u in urls.split(",") if u.strip()]
+    if not isinstance(urls, list) or not urls:
+        raise ConfigError("agent.controller_urls must be a list of http(s):// URLs")
+    out: list[str] = []
+    for url in urls:
+        if not isinstance(url, str) or not re.match(r"^https?://[^\s/]+(/\S*)?$", url):
+            raise ConfigError(f"agent.controller_urls: {url!r} is not an http(s):// URL")
+        if url.rstrip("/") in out:
+            raise ConfigError(f"agent.controller_urls: {url!r} is named twice")
+        out.append(url.rstrip("/"))
+    return out
+
+
 def validate(raw: dict[str, Any]) -> AgentConfig:
     for key in ("name", "address", "mac", "switch", "port", "vip"):
         if raw.get(key) in (None, ""):
@@ -210,6 +232,8 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
         raise ConfigError("agent.kv_report_interval must be a positive number of seconds")
     if not isinstance(values["roce"], dict):
         raise ConfigError("agent.roce must be a mapping")
+    values["controller_urls"] = _controller_urls(values["controller_urls"],
+                                                 values["controller_url"])
     values["listen_address"] = values["listen_address"] or values["vip"]
     values["listen_port"] = values["listen_port"] or values["vip_port"]
     host, _, port = str(values["beacon_target"]).rpartition(":")
