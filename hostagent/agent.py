@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import time
 from urllib.parse import urlsplit
 
@@ -155,6 +156,10 @@ class Agent:
             waiter.cancel()
         finally:
             log.info("agent stopping")
+            # the agent's own count of what the controller acknowledged (the lab's `ha`
+            # experiment checks the ledger against it: nothing lost, nothing twice)
+            log.info("usage acknowledged at exit: %s", json.dumps(self.acknowledged_usage(),
+                                                                 sort_keys=True))
             # Tell the switch first (DRAINING: no new connections here), then let the
             # requests in flight finish while the beacons keep flowing.
             self.draining = True
@@ -347,6 +352,23 @@ class Agent:
         that get the same report write it once (the ledger's reports table)."""
         self.report_bodies += 1
         return f"{self.epoch}-{self.report_bodies}"
+
+    def acknowledged_usage(self) -> dict[str, dict[str, int]]:
+        """tenant id -> the tokens and requests of this run that a controller acknowledged:
+        all counted so far, less what waits unreported or in unacknowledged records."""
+        out: dict[str, dict[str, int]] = {}
+        waiting: dict[str, TenantUsage] = {n: TenantUsage(**vars(u))
+                                           for n, u in self.usage_unreported.items()}
+        for pending in (self.signer.pending if self.signer is not None else []):
+            waiting.setdefault(pending.tenant, TenantUsage()).add(TenantUsage(
+                requests=pending.record.requests, prompt_tokens=pending.record.prompt_tokens,
+                completion_tokens=pending.record.completion_tokens))
+        for name, total in self.usage_total.items():
+            left = waiting.get(name, TenantUsage())
+            out[str(self.tenant_ids.get(name, 0))] = {
+                k: getattr(total, k) - getattr(left, k)
+                for k in ("prompt_tokens", "completion_tokens", "requests")}
+        return out
 
     def known_tenant_ids(self) -> set[int]:
         return {t.tenant_id for t in self.tenants.tenants} | {UNKNOWN_TENANT_ID}
