@@ -11,7 +11,7 @@ import ipaddress
 import os
 import sqlite3
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(message, err=True)
     raise SystemExit(code)
 
@@ -185,7 +185,7 @@ def _billing_settings(cfg: dict[str, Any]) -> dict[str, Any]:
                           ("crosscheck_window_s", float, 1.0),
                           ("crosscheck_lag_s", float, 0.0),
                           ("counter_interval_s", float, 0.5)):
-        value = cfg.get(key)
+        value: Any = cfg.get(key)
         try:
             number = kind(value)
         except (TypeError, ValueError):

@@ -119,7 +119,8 @@ class ConnectionLost(StoreError):
 
 
 class Cursor(Protocol):
-    rowcount: int
+    @property
+    def rowcount(self) -> int: ...
 
     def fetchone(self) -> Any: ...
     def fetchall(self) -> list[Any]: ...
@@ -237,9 +238,11 @@ class PostgresStore:
         self._read_only = read_only
         self._psycopg = psycopg
         self._errors = psycopg.errors
-        self.unique_violation = (psycopg.errors.UniqueViolation,)
+        self.unique_violation: tuple[type[BaseException], ...] = (
+            psycopg.errors.UniqueViolation,)
         # OperationalError: the server closed the connection, went away, restarted
-        self.connection_lost = (psycopg.OperationalError, psycopg.InterfaceError)
+        self.connection_lost: tuple[type[BaseException], ...] = (
+            psycopg.OperationalError, psycopg.InterfaceError)
         self._sql: dict[str, str] = {}
         self._pipeline: Any = None
         self._batch: list[str] | None = None  # a write-only transaction's statements

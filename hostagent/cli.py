@@ -31,8 +31,8 @@ def _run_until_signal(make_coro: Callable[[asyncio.Event], Awaitable[None]],
         try:
             import uvloop
         except ImportError:
-            uvloop = None
-        if uvloop is not None:
+            pass  # the standard event loop then
+        else:
             uvloop.run(main())
             return
     asyncio.run(main())
@@ -267,7 +267,7 @@ def roce_command(config_path: str | None, dscp: int | None, priority: int | None
         sys.exit(exitcodes.INVALID_INPUT)
     devices = roce.rdma_devices()
     if rdma_dev or netdev:
-        devices = {rdma_dev or "rdma0": [netdev] if netdev else devices.get(rdma_dev, [])}
+        devices = {rdma_dev or "rdma0": [netdev] if netdev else devices.get(rdma_dev or "", [])}
         if not any(devices.values()):
             click.echo(f"roce: no network device known for {rdma_dev}; name it with --netdev",
                        err=True)

@@ -79,7 +79,8 @@ class ControllerClient:
         tenants = data.get("tenants") or []
         if not isinstance(tenants, list):
             raise ControllerError("registration answer: tenants is not a list", status)
-        roce = data.get("roce") if isinstance(data.get("roce"), dict) else {}
+        given = data.get("roce")
+        roce: dict = given if isinstance(given, dict) else {}
         return Registration(data["backend_id"], tenants, roce)
 
     async def report(self, name: str, body: dict) -> dict:

@@ -393,6 +393,7 @@ class LabRunner:
 
         ha, self.ha = self.ha, None
         ha.stop()
+        assert self.stack is not None  # a run has its stack
         found = ha.result
         try:
             found["ledger"] = replicas.ledger_against_agents(self.stack, self.folder / "logs")
