@@ -128,3 +128,30 @@ def test_agent_reports_to_both_replicas_rows_written_once(ledger_url, tmp_path):
         for proc in reversed(started):
             stop_process(proc)
         sink.close()
+
+
+def test_a_second_controller_on_a_sqlite_ledger_is_refused(tmp_path):
+    """SQLite has no server to elect a leader through: one controller per file, and the
+    second one says so (exit 2) instead of doing the fabric-wide work twice."""
+    (tmp_path / "fabric.yaml").write_text(FABRIC)
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({ADMIN: {"name": "ops",
+                                                                  "role": "admin"}}))
+    port = free_port()
+    first = controller(tmp_path, port, 10, str(tmp_path / "l.db"))
+    try:
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                           headers={"Authorization": f"Bearer {ADMIN}"})
+        view = wait_for(lambda: api.get("/api/v1/replica").json(), "the first controller")
+        assert view["role"] == "primary" and view["replicas"] is False
+        second = subprocess.run(
+            [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
+             "--fabric", str(tmp_path / "fabric.yaml"), "--ledger", str(tmp_path / "l.db"),
+             "--listen", f"127.0.0.1:{free_port()}"],
+            capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert f"another controller (pid {first.pid}) runs on the SQLite ledger" in \
+            second.stderr and "postgresql://" in second.stderr
+        assert first.poll() is None  # the first one goes on
+    finally:
+        stop_process(first)
