@@ -209,6 +209,11 @@ class Stack:
         if len(self.replica_ports) > 1:  # replicas share a PostgreSQL ledger
             from tokenfabric.pg_temp import TempPostgres
 
+            if self.net.dataplane != "bmv2":
+                raise StackError("controller replicas need P4Runtime switches (--dataplane "
+                                 "bmv2): OVS connects to one OpenFlow listener "
+                                 "(docs/replicas.md)")
+
             self.postgres = TempPostgres().start()
             ledger = self.postgres.create_database("tokenfabric")
         self.ledger = ledger
