@@ -126,7 +126,9 @@ class Replicated:
             try:
                 return await call(client)
             except ControllerError as exc:
-                if exc.status != 404 or name is None or self._registration is None:
+                # one controller: its 404 goes to the agent, which registers again
+                if exc.status != 404 or name is None or self._registration is None \
+                        or len(self.clients) == 1:
                     raise
                 await client.register(self._registration)  # it restarted: register there
                 return await call(client)
