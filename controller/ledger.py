@@ -238,7 +238,9 @@ class Ledger:
         records = sorted(records, key=lambda r: r[0].seq)  # one epoch (the caller checks)
 
         def add(minute: int, cached: bool) -> None:
-            outcome.duplicates = 0
+            # a second attempt (stale view, dropped connection) starts from nothing
+            outcome.duplicates, outcome.gaps = 0, []
+            outcome.new_epoch = outcome.previous_epoch = None
             rows: list[JournalRow] = []
             fresh: list[Usage] = []
             from_cache = self._signed_from_cache(backend, records) if cached else None
