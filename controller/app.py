@@ -796,6 +796,8 @@ async def serve(ctl: Controller, host: str, port: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
     stop = asyncio.Event()
+    if ctl.replica is not None:
+        await ctl.replica.first_try()  # a leader from the start arbitrates as one at once
     if ctl.southbound is not None:
         await ctl.southbound.start()  # connects in the background, retrying with backoff
     reconciler = asyncio.create_task(ctl.run(stop))

@@ -50,6 +50,7 @@ from controller import log
 LEADER_LOCK_KEY = 0x74666C6561646572
 TERM_SHIFT = 32  # the leader's election id: term << TERM_SHIFT | base
 MAX_BASE_ELECTION_ID = 2**TERM_SHIFT - 1
+REARBITRATE_TIMEOUT_S = 10.0
 POLL_S = 0.2  # how often a backup tries the lock (and a leader checks its connection)
 CONNECT_TIMEOUT_S = 3
 PRIMARY_HEADER = "X-Tokenfabric-Primary"
@@ -121,16 +122,43 @@ class Replica:
                 await asyncio.wait_for(stop.wait(), self.poll_s)
         await asyncio.to_thread(self._close)
 
-    async def _try_lead(self) -> None:
-        led = await asyncio.to_thread(self._try_lock)
-        if led is None:
+    async def first_try(self) -> None:
+        """One try for the lock before the switches are connected: a replica that leads
+        from the start arbitrates with its leader id at once, instead of opening
+        sessions with its base id and opening them again (while a pipeline push of the
+        first session may be under way)."""
+        try:
+            led = await asyncio.to_thread(self._try_lock)
+        except Exception as exc:  # the loop tries again and says why
+            log.warning("replica %s: ledger database unreachable at start (%s)", self.url, exc)
+            await asyncio.to_thread(self._close)
             return
-        term, election_id = led
+        if led is not None:
+            self._lead(*led)
+            for switch in _p4runtime_switches(self.southbound):
+                switch.config.election_id = self.election_id  # not connected yet
+            self._set_southbound_id(self.election_id)
+
+    def _lead(self, term: int, election_id: int) -> None:
         self.term, self.election_id = term, election_id
         self.is_primary = True
         self.primary_url = self.url
         self.primary_since = self.became_primary_at = time.time()
         log.info("replica %s: leader (term %d, election id %d)", self.url, term, election_id)
+
+    def _set_southbound_id(self, election_id: int) -> None:
+        if hasattr(self.southbound, "election_id"):
+            self.southbound.election_id = election_id  # switches added later
+        for part in getattr(self.southbound, "parts", ()):
+            if hasattr(part, "election_id"):
+                part.election_id = election_id
+
+    async def _try_lead(self) -> None:
+        led = await asyncio.to_thread(self._try_lock)
+        if led is None:
+            return
+        term, election_id = led
+        self._lead(term, election_id)
         await self.raise_election_id(election_id)
 
     async def _lost(self, exc: BaseException) -> None:
@@ -153,18 +181,17 @@ class Replica:
         """Arbitrate again on every P4Runtime switch with `election_id`: a new session
         (the switch makes the highest id primary); the ready handler then reconciles."""
         switches = _p4runtime_switches(self.southbound)
-        if hasattr(self.southbound, "election_id"):
-            self.southbound.election_id = election_id  # switches added later
-        for part in getattr(self.southbound, "parts", ()):
-            if hasattr(part, "election_id"):
-                part.election_id = election_id
+        self._set_southbound_id(election_id)
 
         async def rearbitrate(switch: Any) -> None:
             switch.config.election_id = election_id
             await switch.stop()
             switch.launch()
 
-        await asyncio.gather(*(rearbitrate(sw) for sw in switches))
+        # bounded: a leader that cannot re-open its sessions fails (and, as a leader,
+        # exits: the service manager restarts it) rather than hang the process
+        await asyncio.wait_for(asyncio.gather(*(rearbitrate(sw) for sw in switches)),
+                               REARBITRATE_TIMEOUT_S)
 
     # ------------------------------------------------------------ database (in a thread)
 
