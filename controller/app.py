@@ -155,7 +155,13 @@ class Controller:
         self.billing_checks: list[BackendCheck] = []  # the last periodic check's verdicts
         self._dirty: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
+        self.replica: Any = None  # controller/replica.py: None is the only controller
         self.policy_process = PolicyProcess()  # parses policies off the event loop
+
+    @property
+    def leads(self) -> bool:
+        """This replica does the fabric-wide work (pushes, counters, cross-check)."""
+        return self.replica is None or self.replica.is_primary
 
     @property
     def report_timeout_s(self) -> float:
@@ -658,7 +664,7 @@ class Controller:
     async def reconcile_once(self) -> None:
         self.refresh_states()
         self.model.affinity.sweep(self.clock())  # expired affinity entries leave the switches
-        if self.clock() < self.hold_until:
+        if self.clock() < self.hold_until or not self.leads:
             return
         try:
             changed = await self.push()
@@ -680,13 +686,13 @@ class Controller:
             self._dirty.clear()
             async with self._lock:
                 await self.reconcile_once()
-            if self.clock() >= next_counters:
+            if self.leads and self.clock() >= next_counters:
                 next_counters = self.clock() + self.counter_interval_s
                 try:
                     await self.sample_counters()
                 except Exception as exc:
                     log.warning("counter sampling failed: %s", exc)
-            if self.clock() >= next_check:
+            if self.leads and self.clock() >= next_check:
                 next_check = self.clock() + self.crosscheck.interval_s
                 try:
                     await self.periodic_billing_check()
@@ -809,9 +815,12 @@ async def serve(ctl: Controller, host: str, port: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
     stop = asyncio.Event()
+    if ctl.replica is not None:
+        await ctl.replica.first_try()  # a leader from the start arbitrates as one at once
     if ctl.southbound is not None:
         await ctl.southbound.start()  # connects in the background, retrying with backoff
     reconciler = asyncio.create_task(ctl.run(stop))
+    elector = asyncio.create_task(ctl.replica.run(stop)) if ctl.replica is not None else None
     ctl.policy_process.start()
     gctools.keep()  # modules, fabric, policy: long-lived (controller/gctools.py)
     try:
@@ -822,6 +831,8 @@ async def serve(ctl: Controller, host: str, port: int) -> None:
     finally:
         stop.set()
         await reconciler
+        if elector is not None:
+            await elector
         if ctl.southbound is not None:
             await ctl.southbound.stop()
         ctl.policy_process.close()

@@ -11,7 +11,7 @@ import ipaddress
 import os
 import sqlite3
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -28,6 +28,9 @@ DEFAULTS: dict[str, Any] = {
     "election_id": 1,
     "report_timeout_s": 3.0,
     "openflow_listen": "127.0.0.1:6653",
+    # the URL agents and other replicas reach this controller at (replicas on a
+    # postgresql:// ledger, docs/replicas.md); default http://<listen>
+    "advertise_url": None,
     # what one report may bill, per backend and second of reporting (controller/identity.py)
     "max_tokens_per_s": 1_000_000,
     # billed tokens against the bytes backends' ports sent (controller/crosscheck.py)
@@ -39,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(message, err=True)
     raise SystemExit(code)
 
@@ -80,7 +83,12 @@ def controller_group() -> None:
 @click.option("--ledger", help="The token ledger: a SQLite file, or a postgresql:// URL "
               "(docs/ledger.md)  [default: tokenfabric-ledger.db]")
 @click.option("--election-id", type=click.IntRange(1, 2**64 - 1),
-              help="P4Runtime election id; the highest connected controller is primary.")
+              help="P4Runtime election id; the highest connected controller is primary. "
+                   "Replicas (a postgresql:// ledger): distinct, below 2^32; the leader "
+                   "arbitrates with term * 2^32 + it (docs/replicas.md).")
+@click.option("--advertise-url",
+              help="This replica's REST URL, named to clients by backups "
+                   "[default: http://<listen>]")
 @click.option("--openflow-listen",
               help="Where OpenFlow switches (driver: openflow) connect, host:port  "
                    "[default: 127.0.0.1:6653; env TOKENFABRIC_OPENFLOW_LISTEN]")
@@ -111,7 +119,27 @@ def run_command(config_path: str | None, **flags: Any) -> None:
               "election_id in 1..2^64-1", exitcodes.INVALID_INPUT)
     checks = _billing_settings(cfg)
     from controller.app import build_controller, serve  # the FastAPI stack loads only here
-    from controller.ledger_store import StoreError, redact
+    from controller.ledger_store import StoreError, is_postgres, redact
+    from controller.replica import MAX_BASE_ELECTION_ID, Replica, ReplicaError, SqliteOwner
+
+    advertise = str(cfg["advertise_url"] or f"http://{host}:{port}")
+    if not advertise.startswith(("http://", "https://")):
+        _fail(f"tokenfabric controller run: --advertise-url: '{advertise}' is not an "
+              "http(s):// URL", exitcodes.USAGE)
+    owner: SqliteOwner | None = None
+    if is_postgres(cfg["ledger"]):
+        if election_id > MAX_BASE_ELECTION_ID:
+            _fail("tokenfabric controller run: on a postgresql:// ledger controllers run as "
+                  f"replicas, whose election_id must be in 1..{MAX_BASE_ELECTION_ID}",
+                  exitcodes.INVALID_INPUT)
+    else:
+        try:
+            owner = SqliteOwner(str(cfg["ledger"]))
+        except ReplicaError as exc:
+            _fail(f"tokenfabric controller run: {exc}", exitcodes.USAGE)
+        except OSError as exc:
+            _fail(f"tokenfabric controller run: cannot lock the ledger "
+                  f"{cfg['ledger']}: {exc}", exitcodes.FAILED)
 
     try:
         ctl = build_controller(fabric=cfg["fabric"], policy=cfg["policy"], tokens=cfg["tokens"],
@@ -125,6 +153,8 @@ def run_command(config_path: str | None, **flags: Any) -> None:
     except (sqlite3.Error, OSError, StoreError) as exc:
         _fail(f"tokenfabric controller run: cannot open the ledger {redact(str(cfg['ledger']))}"
               f": {exc}", exitcodes.FAILED)
+    if owner is None:
+        ctl.replica = Replica(str(cfg["ledger"]), advertise, election_id, ctl.southbound)
     ctl.max_tokens_per_s = checks["max_tokens_per_s"]
     ctl.crosscheck.min_bytes_per_token = checks["crosscheck_min_bytes_per_token"]
     ctl.crosscheck.interval_s = checks["crosscheck_interval_s"]
@@ -141,6 +171,9 @@ def run_command(config_path: str | None, **flags: Any) -> None:
         asyncio.run(serve(ctl, host, port))
     except OSError as exc:
         _fail(f"tokenfabric controller run: {exc}", exitcodes.FAILED)
+    finally:
+        if owner is not None:
+            owner.release()
 
 
 def _billing_settings(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +185,7 @@ def _billing_settings(cfg: dict[str, Any]) -> dict[str, Any]:
                           ("crosscheck_window_s", float, 1.0),
                           ("crosscheck_lag_s", float, 0.0),
                           ("counter_interval_s", float, 0.5)):
-        value = cfg.get(key)
+        value: Any = cfg.get(key)
         try:
             number = kind(value)
         except (TypeError, ValueError):

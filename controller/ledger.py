@@ -27,12 +27,12 @@ import csv
 import io
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller import statement
+from controller import log, statement
 from controller.csv_cells import safe_row
 from controller.ledger_chain import COLUMNS, JournalRow, chain
 from controller.ledger_chain import GENESIS as GENESIS_HASH
@@ -44,6 +44,8 @@ JOURNAL_INSERT = f"INSERT INTO journal ({', '.join(COLUMNS)}, hash)"
 # rows per INSERT: SQLite binds at most 32766 values in one statement (17 per journal row)
 MAX_ROWS_PER_INSERT = 500
 REPORT_ID_RETENTION_S = 7 * 24 * 3600  # agents retry for seconds; a week is plenty
+CACHED_MAX_RECORDS = 4  # a signed report this small may skip its reads (one round trip)
+SIGNED_CACHE_SEQS = 512  # per backend: the recent records whose signatures are remembered
 
 
 class UsageRefused(Exception):
@@ -123,6 +125,13 @@ class Ledger:
         self._lock = threading.Lock()
         self._db: Store = open_store(self.path)
         self._last_prune = 0.0
+        # What this process last wrote, to skip the reads of the next signed report when
+        # nobody else wrote meanwhile (see _signed_from_cache): the journal's head, and
+        # per backend its (epoch, last seq, last digest) and recent seq -> signature.
+        self._head_cache: tuple[int, str] | None = None
+        self._signed_cache: dict[str, tuple[tuple[str, int, str], dict[int, str]]] = {}
+        self.reconnects = 0  # PostgreSQL connections re-opened after a drop
+        self.cache_misses = 0  # signed reports written again after another writer's
 
     @property
     def engine(self) -> str:
@@ -141,7 +150,7 @@ class Ledger:
         now = time.time() if now is None else now
         usage = list(usage)
 
-        def add(minute: int) -> None:
+        def add(minute: int, cached: bool) -> None:
             _check_bound(usage, max_tokens)
             last = _head(self._head_query())
             self._add_usage(minute, usage)
@@ -163,7 +172,7 @@ class Ledger:
         now = time.time() if now is None else now
         totals = list(totals)
 
-        def add(minute: int) -> None:
+        def add(minute: int, cached: bool) -> None:
             # every read first: on PostgreSQL they travel in one round trip (pipeline)
             head = self._head_query()
             state_query = self._db.execute("SELECT epoch FROM agent_epochs WHERE backend = ?",
@@ -229,10 +238,14 @@ class Ledger:
         outcome = SignedOutcome()
         records = sorted(records, key=lambda r: r[0].seq)  # one epoch (the caller checks)
 
-        def add(minute: int) -> None:
+        def add(minute: int, cached: bool) -> None:
+            # a second attempt (stale view, dropped connection) starts from nothing
+            outcome.duplicates, outcome.gaps = 0, []
+            outcome.new_epoch = outcome.previous_epoch = None
             rows: list[JournalRow] = []
             fresh: list[Usage] = []
-            last, state, recorded = self._signed_state(backend, records)
+            from_cache = self._signed_from_cache(backend, records) if cached else None
+            last, state, recorded = from_cache or self._signed_state(backend, records)
             for rec, signature in records:
                 if (rec.epoch, rec.seq, signature) in recorded:
                     outcome.duplicates += 1
@@ -271,13 +284,52 @@ class Ledger:
             self._add_usage(minute, [u for u in fresh
                                      if u.prompt_tokens or u.completion_tokens or u.requests])
             self._journal(rows, last)
-            if state is not None:
+            if state is not None and rows:  # nothing new: the state stays as it is
                 self._set_epoch(backend, *state)
+                self._remember_signed(backend, state, rows)
             outcome.added = len(fresh)
             outcome.usage = fresh
 
-        self._in_report(None, backend, now, add)
+        # small reports only: binding the values client-side (the one-message batch)
+        # costs more than the round trip it saves past a few records (measured)
+        self._in_report(None, backend, now, add,
+                        cached=lambda: len(records) <= CACHED_MAX_RECORDS
+                        and self._signed_from_cache(backend, records) is not None)
         return outcome
+
+    def _signed_from_cache(self, backend: str, records: list[tuple[UsageRecord, str]],
+                           ) -> tuple[tuple[int, str], tuple, set[tuple[str, int, str]]] | None:
+        """_signed_state's answer from what this process wrote last, without a read; None
+        when it does not know (another epoch, a seq older than it remembers).
+
+        Safe because every change of a backend's signed state comes with journal rows:
+        if another writer (a replica) appended meanwhile, the journal row id this report
+        takes is already taken, the INSERT fails on the primary key, and the report is
+        written again from fresh reads (_in_report)."""
+        if self._head_cache is None or backend not in self._signed_cache:
+            return None
+        state, seen = self._signed_cache[backend]
+        recorded: set[tuple[str, int, str]] = set()
+        for rec, _ in records:
+            if rec.epoch != state[0]:
+                return None
+            if rec.seq <= state[1]:
+                if rec.seq not in seen:
+                    return None
+                recorded.add((rec.epoch, rec.seq, seen[rec.seq]))
+        return self._head_cache, state, recorded
+
+    def _remember_signed(self, backend: str, state: tuple[str, int, str],
+                         rows: list[JournalRow]) -> None:
+        old_state, seen = self._signed_cache.get(backend, (("", 0, ""), {}))
+        if old_state[0] != state[0]:
+            seen = {}
+        for row in rows:
+            if row.kind == "usage" and row.epoch == state[0]:
+                seen[row.seq] = row.signature
+        if len(seen) > SIGNED_CACHE_SEQS:  # the newest seqs: retries resend recent ones
+            seen = dict(sorted(seen.items())[-SIGNED_CACHE_SEQS // 2:])
+        self._signed_cache[backend] = (state, seen)
 
     def _set_epoch(self, backend: str, epoch: str, last_seq: int, last_digest: str) -> None:
         self._db.execute(
@@ -342,34 +394,86 @@ class Ledger:
         """Append rows to the chain after `last` (the head read inside the caller's
         transaction, under its write lock)."""
         if rows:
-            self._insert_rows(JOURNAL_INSERT, chain(last[0] + 1, last[1], rows))
+            chained = chain(last[0] + 1, last[1], rows)
+            self._insert_rows(JOURNAL_INSERT, chained)
+            self._head_cache = (last[0] + len(chained), chained[-1][-1])
+        else:
+            self._head_cache = last
 
     def _in_report(self, report_id: str | None, backend: str, now: float,
-                   add: Callable[[int], None]) -> bool:
-        """Run `add(minute)` in one committed transaction, once per report id."""
+                   add: Callable[[int, bool], None],
+                   cached: Callable[[], bool] | None = None) -> bool:
+        """Run `add(minute, cached)` in one committed transaction, once per report id.
+
+        cached(): True when `add` can use what this process wrote last instead of reading;
+        when that was stale (another writer appended: a duplicate key) it runs again
+        with reads.
+        """
         minute = _ms(now) // 60_000 * 60  # the journal rows' minute, to the millisecond
+
+        def work(cached: bool) -> bool:
+            if report_id is not None:
+                # RETURNING, not rowcount: a pipelined statement has no count yet
+                fresh = self._db.execute(
+                    "INSERT INTO reports (report_id, backend, received) VALUES (?, ?, ?) "
+                    "ON CONFLICT (report_id) DO NOTHING RETURNING 1",
+                    (report_id, backend, now)).fetchall()
+                if not fresh:
+                    return False
+            add(minute, cached)
+            if now - self._last_prune > 3600:
+                self._db.execute("DELETE FROM reports WHERE received < ?",
+                                 (now - REPORT_ID_RETENTION_S,))
+                self._last_prune = now
+            return True
+
         with self._lock:
-            self._db.begin_write()
-            try:
-                if report_id is not None:
-                    # RETURNING, not rowcount: a pipelined statement has no count yet
-                    fresh = self._db.execute(
-                        "INSERT INTO reports (report_id, backend, received) VALUES (?, ?, ?) "
-                        "ON CONFLICT (report_id) DO NOTHING RETURNING 1",
-                        (report_id, backend, now)).fetchall()
-                    if not fresh:
-                        self._db.rollback()
-                        return False
-                add(minute)
-                if now - self._last_prune > 3600:
-                    self._db.execute("DELETE FROM reports WHERE received < ?",
-                                     (now - REPORT_ID_RETENTION_S,))
-                    self._last_prune = now
-                self._db.commit()
-            except BaseException:
+            if cached is not None and report_id is None and cached():
+                try:
+                    return self._write(work, True)
+                except self._db.unique_violation:
+                    self.cache_misses += 1  # another writer appended: read, write again
+            return self._write(work, False)
+
+    def _write(self, work: Callable[[bool], Any], cached: bool) -> Any:
+        """`work` in one committed write transaction; a dropped database connection
+        (PostgreSQL restarted, network) is re-opened and the transaction run once more.
+        Safe to repeat: a report whose COMMIT was lost in the drop is recognised by its
+        report id, its records' signatures or its cumulative totals."""
+        try:
+            return self._write_once(work, cached)
+        except self._db.connection_lost as exc:
+            log.warning("ledger: connection to %s lost (%s); re-opening and retrying once",
+                        self._db.target, exc)
+            self._db.reconnect()
+            self.reconnects += 1
+            return self._write_once(work, False)
+
+    def _write_once(self, work: Callable[[bool], Any], cached: bool) -> Any:
+        # what the cache answers needs no reads: the writes go out in one batch
+        self._db.begin_write(batch=cached)
+        try:
+            result = work(cached)
+            if result is False:
                 self._db.rollback()
-                raise
-        return True
+            else:
+                self._db.commit()
+            return result
+        except BaseException:
+            self._head_cache = None  # whatever was written did not happen
+            self._signed_cache.clear()
+            self._db.rollback()
+            raise
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        """Rows of a read; a dropped connection is re-opened and the read sent again."""
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except self._db.connection_lost:
+                self._db.reconnect()
+                self.reconnects += 1
+                return self._db.execute(sql, args).fetchall()
 
     def _add_usage(self, minute: int, usage: list[Usage]) -> None:
         """Add to the per-minute rows (one round trip: executemany is pipelined)."""
@@ -412,15 +516,9 @@ class Ledger:
         now = time.time() if now is None else now
         rows = [(now, switch, t, b, p, c) for t, (b, p, c) in sorted(counters.items())]
         with self._lock:
-            self._db.begin_write()
-            try:
-                self._db.executemany(
-                    "INSERT INTO switch_counters (ts, switch, tenant_id, bytes, packets, conns) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", rows)
-                self._db.commit()
-            except BaseException:
-                self._db.rollback()
-                raise
+            self._write(lambda _: self._db.executemany(
+                "INSERT INTO switch_counters (ts, switch, tenant_id, bytes, packets, conns) "
+                "VALUES (?, ?, ?, ?, ?, ?)", rows), False)
 
     def record_port_bytes(self, switch: str, ports: dict[int, int],
                           now: float | None = None) -> None:
@@ -428,14 +526,9 @@ class Ledger:
         now = time.time() if now is None else now
         rows = [(now, switch, port, b) for port, b in sorted(ports.items())]
         with self._lock:
-            self._db.begin_write()
-            try:
-                self._db.executemany("INSERT INTO port_counters (ts, switch, port, rx_bytes) "
-                                     "VALUES (?, ?, ?, ?)", rows)
-                self._db.commit()
-            except BaseException:
-                self._db.rollback()
-                raise
+            self._write(lambda _: self._db.executemany(
+                "INSERT INTO port_counters (ts, switch, port, rx_bytes) VALUES (?, ?, ?, ?)",
+                rows), False)
 
     def port_growth(self, since: float, until: float, baseline_s: float = 120.0,
                     ) -> dict[tuple[str, int], tuple[int, int]]:
@@ -444,10 +537,9 @@ class Ledger:
         those after the baseline, 0 without a baseline (bytes before the first sample
         are unknown). A counter lower than the one before (a switch restart) counts from
         zero."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT switch, port, rx_bytes, ts FROM port_counters WHERE ts >= ? AND "
-                "ts < ? ORDER BY switch, port, ts", (since - baseline_s, until)).fetchall()
+        rows = self._read(
+            "SELECT switch, port, rx_bytes, ts FROM port_counters WHERE ts >= ? AND "
+            "ts < ? ORDER BY switch, port, ts", (since - baseline_s, until))
         growth: dict[tuple[str, int], list[int]] = {}
         last: dict[tuple[str, int], int] = {}
         for switch, port, value, ts in rows:
@@ -472,39 +564,31 @@ class Ledger:
         if until is not None:
             clauses.append("received_ms < ?")
             args.append(_ms(until))
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT backend, CAST(SUM(prompt_tokens) AS BIGINT), "
-                "CAST(SUM(completion_tokens) AS BIGINT) FROM journal "
-                f"WHERE {' AND '.join(clauses)} GROUP BY backend", args).fetchall()
+        rows = self._read(
+            "SELECT backend, CAST(SUM(prompt_tokens) AS BIGINT), "
+            "CAST(SUM(completion_tokens) AS BIGINT) FROM journal "
+            f"WHERE {' AND '.join(clauses)} GROUP BY backend", args)
         return {b: (p, c) for b, p, c in rows}
 
     def remember_backend_id(self, name: str, backend_id: int) -> None:
         """Keep the id an agent's backend got, so that it gets it again after a restart."""
+        def work(_: bool) -> None:
+            self._db.execute("DELETE FROM backend_ids WHERE backend_id = ? AND name != ?",
+                             (backend_id, name))
+            self._db.execute("INSERT INTO backend_ids (name, backend_id) VALUES (?, ?) "
+                             "ON CONFLICT (name) DO UPDATE SET "
+                             "backend_id = excluded.backend_id", (name, backend_id))
+
         with self._lock:
-            self._db.begin_write()
-            try:
-                self._db.execute("DELETE FROM backend_ids WHERE backend_id = ? AND name != ?",
-                                 (backend_id, name))
-                self._db.execute("INSERT INTO backend_ids (name, backend_id) VALUES (?, ?) "
-                                 "ON CONFLICT (name) DO UPDATE SET "
-                                 "backend_id = excluded.backend_id", (name, backend_id))
-                self._db.commit()
-            except BaseException:
-                self._db.rollback()
-                raise
+            self._write(work, False)
 
     def backend_ids(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._db.execute("SELECT name, backend_id FROM backend_ids"))
+        return dict(self._read("SELECT name, backend_id FROM backend_ids"))
 
     # ------------------------------------------------------------ reads
 
     def has_report(self, report_id: str) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM reports WHERE report_id = ?",
-                                   (report_id,)).fetchone()
-        return row is not None
+        return bool(self._read("SELECT 1 FROM reports WHERE report_id = ?", (report_id,)))
 
     def query(self, tenant_id: int | None = None, model: str | None = None,
               since: float | None = None, until: float | None = None,
@@ -516,8 +600,7 @@ class Ledger:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+        rows = self._read(sql, args)
         return [UsageRow(*r) for r in rows]
 
     def usage_by_model(self, tenant_id: int, since: float | None = None,
@@ -528,20 +611,17 @@ class Ledger:
 
     def head(self) -> tuple[int, str]:
         """The journal's last row id and hash (publish it: it anchors the chain)."""
-        with self._lock:
-            row = self._db.execute("SELECT id, hash FROM journal ORDER BY id DESC "
-                                   "LIMIT 1").fetchone()
-        return (row[0], row[1]) if row else (0, GENESIS_HASH)
+        rows = self._read("SELECT id, hash FROM journal ORDER BY id DESC LIMIT 1")
+        return (rows[0][0], rows[0][1]) if rows else (0, GENESIS_HASH)
 
     def totals(self, since: float | None = None,
                until: float | None = None) -> dict[int, tuple[int, int, int]]:
         """tenant_id -> (prompt, completion, requests) over the range."""
         where, args = _filters(None, None, since, until)
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT tenant_id, CAST(SUM(prompt_tokens) AS BIGINT), "
-                "CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(requests) AS BIGINT) "
-                f"FROM usage {where} GROUP BY tenant_id", args).fetchall()
+        rows = self._read(
+            "SELECT tenant_id, CAST(SUM(prompt_tokens) AS BIGINT), "
+            "CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(requests) AS BIGINT) "
+            f"FROM usage {where} GROUP BY tenant_id", args)
         return {t: (p, c, r) for t, p, c, r in rows}
 
     def cross_check(self, since: float | None = None,
@@ -564,10 +644,9 @@ class Ledger:
         restarted, and the new value counts as growth from zero.
         """
         where, args = _filters(None, None, since, until, time_column="ts")
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT switch, tenant_id, bytes, packets, conns FROM switch_counters "
-                f"{where} ORDER BY switch, tenant_id, ts", args).fetchall()
+        rows = self._read(
+            "SELECT switch, tenant_id, bytes, packets, conns FROM switch_counters "
+            f"{where} ORDER BY switch, tenant_id, ts", args)
         growth: dict[int, list[int]] = {}
         last: dict[tuple[str, int], tuple[int, ...]] = {}
         for switch, tenant, *values in rows:

@@ -102,8 +102,8 @@ def _print(path: str, report: VerifyReport, seconds: float, with_keys: bool,
         if report.unknown_agents:
             click.echo("no public key in the tokens file for: "
                        + ", ".join(sorted(report.unknown_agents)))
-    for problem in report.table_problems:
-        click.echo(f"TAMPERED (per-minute table): {problem}")
+    for table_problem in report.table_problems:
+        click.echo(f"TAMPERED (per-minute table): {table_problem}")
     for gap in report.gaps:
         click.echo(f"gap (accepted and flagged at ingest): {gap.message}")
 

@@ -23,7 +23,7 @@ import itertools
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,8 +82,25 @@ CREATE TABLE IF NOT EXISTS port_counters (  -- bytes a switch received on a back
 CREATE INDEX IF NOT EXISTS port_counters_ts ON port_counters (ts);
 """ + JOURNAL_SCHEMA
 
+# Migration 2 (issue 18, replicas): agents report to every controller replica, each of
+# which may write a signed record; the schema itself says a record is one row, whichever
+# replica wrote it (the advisory lock already serialises writers: this is the guarantee
+# that does not depend on the code path), and a replica's leadership term (its P4Runtime
+# election ids rise with it, controller/replica.py) lives beside the ledger.
+SCHEMA_V2 = """
+CREATE UNIQUE INDEX IF NOT EXISTS journal_record_once ON journal (backend, epoch, seq)
+    WHERE kind = 'usage' AND seq > 0;
+CREATE TABLE IF NOT EXISTS replica_leader (  -- one row: the replica that leads, and its term
+    one       INTEGER PRIMARY KEY CHECK (one = 1),
+    term      INTEGER NOT NULL,
+    url       TEXT NOT NULL,
+    election  INTEGER NOT NULL,
+    since     REAL NOT NULL
+);
+"""
+
 # version -> DDL in SQLite's types; PostgreSQL's are derived by `_postgres_types`
-MIGRATIONS: dict[int, str] = {1: SCHEMA_V1}
+MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2}
 
 VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -97,8 +114,13 @@ class StoreError(Exception):
     """The ledger's database cannot be opened (server unreachable, no psycopg, ...)."""
 
 
+class ConnectionLost(StoreError):
+    """The database connection dropped and could not be re-opened."""
+
+
 class Cursor(Protocol):
-    rowcount: int
+    @property
+    def rowcount(self) -> int: ...
 
     def fetchone(self) -> Any: ...
     def fetchall(self) -> list[Any]: ...
@@ -110,14 +132,18 @@ class Store(Protocol):
 
     engine: str  # "sqlite" | "postgresql"
     target: str  # the path or the URL (without its password)
+    # what the driver raises for a duplicate key, and for a connection that dropped
+    unique_violation: tuple[type[BaseException], ...]
+    connection_lost: tuple[type[BaseException], ...]
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
-    def begin_write(self) -> None: ...
+    def begin_write(self, batch: bool = False) -> None: ...
     def commit(self) -> None: ...
     def rollback(self) -> None: ...
     def has_table(self, name: str) -> bool: ...
     def schema_version(self) -> int: ...
+    def reconnect(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -143,6 +169,8 @@ class SqliteStore:
     acknowledged report survives power loss, not just a killed process."""
 
     engine = "sqlite"
+    unique_violation: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
+    connection_lost: tuple[type[BaseException], ...] = ()  # a file does not drop
 
     def __init__(self, path: str, read_only: bool = False) -> None:
         self.target = path
@@ -167,7 +195,8 @@ class SqliteStore:
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._db.executemany(sql, rows)
 
-    def begin_write(self) -> None:
+    def begin_write(self, batch: bool = False) -> None:
+        # batch (writes only, no reads): nothing to gain in-process
         self._db.execute("BEGIN IMMEDIATE")  # the write lock now, not at the first write
 
     def commit(self) -> None:
@@ -183,6 +212,9 @@ class SqliteStore:
 
     def schema_version(self) -> int:
         return _schema_version(self)
+
+    def reconnect(self) -> None:
+        pass  # never needed: connection_lost is empty
 
     def close(self) -> None:
         self._db.close()
@@ -202,21 +234,46 @@ class PostgresStore:
             raise StoreError("a postgresql:// ledger needs psycopg 3: pip install "
                              "'tokenfabric[controller]' (or 'psycopg[binary]')") from exc
         self.target = redact(url)
+        self._url = url
+        self._read_only = read_only
+        self._psycopg = psycopg
         self._errors = psycopg.errors
+        self.unique_violation: tuple[type[BaseException], ...] = (
+            psycopg.errors.UniqueViolation,)
+        # OperationalError: the server closed the connection, went away, restarted
+        self.connection_lost: tuple[type[BaseException], ...] = (
+            psycopg.OperationalError, psycopg.InterfaceError)
         self._sql: dict[str, str] = {}
         self._pipeline: Any = None
+        self._batch: list[str] | None = None  # a write-only transaction's statements
+        self._db = self._connect()
+        if not read_only:
+            _migrate(self, self._run_ddl)
+
+    def _connect(self) -> Any:
+        psycopg = self._psycopg
         try:
             # RawCursor: PostgreSQL's own $1 placeholders, sent as they are; psycopg's
             # %s queries are parsed client-side on every call once over 4 kB or 50
             # parameters, which a report's multi-row INSERT is
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10,
-                                       cursor_factory=psycopg.RawCursor)
+            db = psycopg.connect(self._url, autocommit=True, connect_timeout=10,
+                                 cursor_factory=psycopg.RawCursor)
         except (psycopg.Error, ValueError) as exc:  # ValueError: a malformed URL
             raise StoreError(str(exc)) from exc  # the callers name the (redacted) URL
-        if read_only:
-            self._db.execute("SET default_transaction_read_only = on")
-            return
-        _migrate(self, self._run_ddl)
+        if self._read_only:
+            db.execute("SET default_transaction_read_only = on")
+        return db
+
+    def reconnect(self) -> None:
+        """A new connection in place of one that dropped (server restart, network)."""
+        self._pipeline = None
+        with contextlib.suppress(Exception):
+            self._db.close()
+        try:
+            self._db = self._connect()
+        except StoreError as exc:
+            raise ConnectionLost(f"{self.target}: connection lost and not re-opened: "
+                                 f"{exc}") from exc
 
     def _run_ddl(self, ddl: str) -> None:
         for statement in _statements(_postgres_types(ddl)):
@@ -233,12 +290,27 @@ class PostgresStore:
         return out
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        if self._batch is not None:
+            self._batch.append(self._bound(sql, args))
+            return _NO_ROWS
         with self._errors_mapped():
             return self._db.execute(self._translate(sql), args)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        if self._batch is not None:
+            self._batch.extend(self._bound(sql, row) for row in rows)
+            return
         with self._errors_mapped():
             self._db.cursor().executemany(self._translate(sql), list(rows))
+
+    def _bound(self, sql: str, args: Sequence[Any]) -> str:
+        """The statement with its values bound client-side (psycopg quotes them)."""
+        numbers = itertools.count()
+        values = list(args)
+        text = re.sub(r"\?", lambda _: f"{{{next(numbers)}}}", sql)
+        literal = self._psycopg.sql.Literal
+        query = self._psycopg.sql.SQL(text).format(*(literal(v) for v in values))
+        return str(query.as_string(self._db))
 
     @contextlib.contextmanager
     def _errors_mapped(self) -> Iterator[None]:
@@ -248,7 +320,12 @@ class PostgresStore:
             # as SQLite's driver: a number no 64-bit column holds is an OverflowError
             raise OverflowError(str(exc)) from exc
 
-    def begin_write(self) -> None:
+    def begin_write(self, batch: bool = False) -> None:
+        if batch:
+            # Writes only (the ledger already knows what it needs to know): every
+            # statement, BEGIN to COMMIT, goes in one message, one round trip.
+            self._batch = ["BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"]
+            return
         # A write transaction runs in pipeline mode: statements go out without waiting
         # for their results, so a report costs a round trip per read (whose result the
         # ledger needs) plus one for all the writes and the COMMIT, not one per statement.
@@ -261,6 +338,11 @@ class PostgresStore:
         self._db.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
 
     def commit(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            with self._errors_mapped():  # a simple query: several statements, no parameters
+                self._db.execute(";\n".join([*batch, "COMMIT"]).encode(), prepare=False)
+            return
         with self._errors_mapped():
             self._db.execute("COMMIT")
             pipeline, self._pipeline = self._pipeline, None
@@ -268,23 +350,45 @@ class PostgresStore:
                 pipeline.__exit__(None, None, None)  # waits for every result: errors here
 
     def rollback(self) -> None:
+        self._batch = None
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
             try:
                 pipeline.__exit__(None, None, None)
             except self._errors.Error:
                 pass  # the statement that failed: already raised, or rolled back below
+        if self._db.closed:
+            return  # a dropped connection: the server rolled the transaction back
         if self._db.info.transaction_status != 0:  # 0: IDLE, no transaction open
             self._db.execute("ROLLBACK")
 
     def has_table(self, name: str) -> bool:
-        return self._db.execute("SELECT to_regclass($1) IS NOT NULL", (name,)).fetchone()[0]
+        return bool(self._db.execute("SELECT to_regclass($1) IS NOT NULL",
+                                     (name,)).fetchone()[0])
 
     def schema_version(self) -> int:
         return _schema_version(self)
 
     def close(self) -> None:
         self._db.close()
+
+
+class _NoRows:
+    """The cursor of a statement queued in a write-only batch: it has no rows yet."""
+
+    rowcount = -1
+
+    def fetchone(self) -> Any:
+        raise RuntimeError("a batched write transaction cannot read")
+
+    def fetchall(self) -> list[Any]:
+        raise RuntimeError("a batched write transaction cannot read")
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("a batched write transaction cannot read")
+
+
+_NO_ROWS = _NoRows()
 
 
 def _postgres_types(ddl: str) -> str:
@@ -305,10 +409,10 @@ def _schema_version(store: Store) -> int:
     if not store.has_table("schema_version"):
         return 0
     row = store.execute("SELECT MAX(version) FROM schema_version").fetchone()
-    return row[0] or 0
+    return int(row[0] or 0)
 
 
-def _migrate(store: Store, run_ddl: Any) -> None:
+def _migrate(store: Store, run_ddl: Callable[[str], Any]) -> None:
     """Apply the migrations newer than the store's version, each in its own write
     transaction (two controllers starting together migrate once)."""
     store.begin_write()

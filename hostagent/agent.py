@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import time
 from urllib.parse import urlsplit
 
@@ -29,7 +30,7 @@ from hostagent import log, roce
 from hostagent.beacons import BeaconSender
 from hostagent.bridge import Bridge, BridgeSettings
 from hostagent.config import AgentConfig
-from hostagent.controller_api import ControllerClient, ControllerError
+from hostagent.controller_api import ControllerClient, ControllerError, Replicated
 from hostagent.delay import DelayEstimator
 from hostagent.handoff import Handoff, HandoffSettings, LocalLoad
 from hostagent.hostsetup import HostSetup
@@ -58,6 +59,7 @@ class Agent:
         self.rdma_status: dict = {}
         self.host_status: dict = {}
         self.reports_sent = 0
+        self.report_bodies = 0  # report bodies built: their ids' counter
         # This run's epoch: the controller refuses totals that go down within one, and
         # takes a new one as an (audited) restart from zero.
         self.epoch = usage_signing.new_epoch()
@@ -85,7 +87,7 @@ class Agent:
             self.tenants, on_finish=self._on_request_finished, on_charge=self._on_charge,
             delay=self.delay)
         self.session: aiohttp.ClientSession | None = None
-        self.controller: ControllerClient | None = None
+        self.controller: Replicated | None = None
         self.kv_blocks = KvBlockSet(config.kv_index_max_blocks)
         self.kv_subscriber: KvEventSubscriber | None = None
         if config.kv_events_endpoint:
@@ -141,8 +143,8 @@ class Agent:
         tasks: list[asyncio.Task] = []
         try:
             self.session = aiohttp.ClientSession()
-            self.controller = ControllerClient(self.session, cfg.controller_url,
-                                               cfg.auth_token())
+            self.controller = Replicated([ControllerClient(self.session, url, cfg.auth_token())
+                                          for url in cfg.controller_urls])
             self.rdma_status = await asyncio.to_thread(self._roce)
             if cfg.handoff:
                 self.handoff = self._make_handoff(self.session)
@@ -171,6 +173,10 @@ class Agent:
             waiter.cancel()
         finally:
             log.info("agent stopping")
+            # the agent's own count of what the controller acknowledged (the lab's `ha`
+            # experiment checks the ledger against it: nothing lost, nothing twice)
+            log.info("usage acknowledged at exit: %s", json.dumps(self.acknowledged_usage(),
+                                                                 sort_keys=True))
             # Tell the switch first (DRAINING: no new connections here), then let the
             # requests in flight finish while the beacons keep flowing.
             self.draining = True
@@ -402,7 +408,30 @@ class Agent:
                 "kv_events": None if self.kv_subscriber is None else {
                     **vars(self.kv_subscriber.stats), "blocks": len(self.kv_blocks),
                     "reports_sent": self.kv_reports_sent},
-                "seq": self.reports_sent}
+                "seq": self.reports_sent, "report_id": self._next_report_id()}
+
+    def _next_report_id(self) -> str:
+        """An idempotency key per report body: this run's epoch and a counter. Replicas
+        that get the same report write it once (the ledger's reports table)."""
+        self.report_bodies += 1
+        return f"{self.epoch}-{self.report_bodies}"
+
+    def acknowledged_usage(self) -> dict[str, dict[str, int]]:
+        """tenant id -> the tokens and requests of this run that a controller acknowledged:
+        all counted so far, less what waits unreported or in unacknowledged records."""
+        out: dict[str, dict[str, int]] = {}
+        waiting: dict[str, TenantUsage] = {n: TenantUsage(**vars(u))
+                                           for n, u in self.usage_unreported.items()}
+        for pending in (self.signer.pending if self.signer is not None else []):
+            waiting.setdefault(pending.tenant, TenantUsage()).add(TenantUsage(
+                requests=pending.record.requests, prompt_tokens=pending.record.prompt_tokens,
+                completion_tokens=pending.record.completion_tokens))
+        for name, total in self.usage_total.items():
+            left = waiting.get(name, TenantUsage())
+            out[str(self.tenant_ids.get(name, 0))] = {
+                k: getattr(total, k) - getattr(left, k)
+                for k in ("prompt_tokens", "completion_tokens", "requests")}
+        return out
 
     def known_tenant_ids(self) -> set[int]:
         return {t.tenant_id for t in self.tenants.tenants} | {UNKNOWN_TENANT_ID}

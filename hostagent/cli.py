@@ -31,8 +31,8 @@ def _run_until_signal(make_coro: Callable[[asyncio.Event], Awaitable[None]],
         try:
             import uvloop
         except ImportError:
-            uvloop = None
-        if uvloop is not None:
+            pass  # the standard event loop then
+        else:
             uvloop.run(main())
             return
     asyncio.run(main())
@@ -164,19 +164,23 @@ def keygen_command(key_path: str, name: str) -> None:
 @agent_group.command("run")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               envvar="TOKENFABRIC_CONFIG", help="YAML file with an `agent:` section.")
-@click.option("--controller-url", default=None, help="Override agent.controller_url.")
+@click.option("--controller-url", "controller_urls", multiple=True,
+              help="Override agent.controller_url; repeat it for controller replicas "
+                   "(agent.controller_urls; env TOKENFABRIC_AGENT__CONTROLLER_URLS).")
 @click.option("--vllm-url", default=None, help="Override agent.vllm_url.")
 @click.option("--listen-port", default=None, type=click.IntRange(0, 65535),
               help="Override agent.listen_port (the bridge).")
 @click.option("--mode", default=None, type=click.Choice(["relay", "overflow"]),
               help="Override agent.mode.")
-def run_command(config_path: str | None, controller_url: str | None, vllm_url: str | None,
+def run_command(config_path: str | None, controller_urls: tuple[str, ...],
+                vllm_url: str | None,
                 listen_port: int | None, mode: str | None) -> None:
     """Run the agent: bridge, beacons, registration and reports (until SIGTERM)."""
     from hostagent.agent import run_agent
     from hostagent.hostsetup import HostSetupError
 
-    config = _load_config(config_path, {"controller_url": controller_url, "vllm_url": vllm_url,
+    config = _load_config(config_path, {"controller_urls": list(controller_urls) or None,
+                                        "vllm_url": vllm_url,
                                         "listen_port": listen_port, "mode": mode})
     try:
         _run_until_signal(lambda stop: run_agent(config, stop))
@@ -262,7 +266,7 @@ def roce_command(config_path: str | None, dscp: int | None, priority: int | None
         sys.exit(exitcodes.INVALID_INPUT)
     devices = roce.rdma_devices()
     if rdma_dev or netdev:
-        devices = {rdma_dev or "rdma0": [netdev] if netdev else devices.get(rdma_dev, [])}
+        devices = {rdma_dev or "rdma0": [netdev] if netdev else devices.get(rdma_dev or "", [])}
         if not any(devices.values()):
             click.echo(f"roce: no network device known for {rdma_dev}; name it with --netdev",
                        err=True)

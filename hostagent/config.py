@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 
 from hostagent.handoff import HandoffSettings
 from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS
@@ -97,6 +97,24 @@ def _handoff(raw: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _controller_urls(value: Any) -> list[str]:
+    """controller_urls: a list, or one comma-separated string (the environment's form)."""
+    if value is None or value == "":
+        return []
+    urls = [u.strip() for u in value.split(",") if u.strip()] if isinstance(value, str) \
+        else value
+    if not isinstance(urls, list):
+        raise ValueError("must be a list of http(s):// URLs")
+    out: list[str] = []
+    for url in urls:
+        if not isinstance(url, str) or not re.match(r"^https?://[^\s/]+(/\S*)?$", url):
+            raise ValueError(f"{url!r} is not an http(s):// URL")
+        if url.rstrip("/") in out:
+            raise ValueError(f"{url!r} is named twice")
+        out.append(url.rstrip("/"))
+    return out
+
+
 def _signing_key(value: str | None) -> str | None:
     if value is not None and not Path(value).is_file():
         raise ValueError(f"{value!r} is not a file (make one with "
@@ -130,6 +148,9 @@ class AgentConfig(SectionSettings):
     vip_port: Count = 8000
     vllm_url: str = "http://127.0.0.1:8000"
     controller_url: str = "http://127.0.0.1:8080"
+    # controller replicas (docs/replicas.md): report to each of these URLs (a list, or one
+    # comma-separated string); when set, controller_url is not used
+    controller_urls: Annotated[list[str], BeforeValidator(_controller_urls)] = []
     token: str | None = None           # Bearer token for the controller's REST API
     token_file: str | None = None      # or a file holding it
     # Ed25519 private key (PEM) that signs usage records
@@ -205,6 +226,7 @@ class AgentConfig(SectionSettings):
         self.host = self.host or self.name
         self.listen_address = self.listen_address or self.vip
         self.listen_port = self.listen_port or self.vip_port
+        self.controller_urls = self.controller_urls or [self.controller_url.rstrip("/")]
         return self
 
     @property

@@ -5,11 +5,17 @@
     POST   /api/v1/backends/{name}/kv       the KV block set (prefix index)
     POST   /api/v1/backends/{name}/affinity a client's prefix is cached here (switch affinity)
     DELETE /api/v1/backends/{name}          on exit
+
+With controller replicas (docs/replicas.md) the agent talks to every one of them
+(Replicated): each keeps its model current from the agent's calls, and the shared
+ledger writes a report once whichever replica writes it first (the report's id).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 from pydantic import ValidationError
@@ -25,19 +31,26 @@ class ControllerError(Exception):
         self.status = status
 
 
+ROLE_HEADER = "X-Tokenfabric-Role"  # a replica's answers say whether it leads
+T = TypeVar("T")
+
+
 class ControllerClient:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str | None,
                  timeout: float = 3.0) -> None:
         self.session = session
-        self.base = base_url.rstrip("/") + "/api/v1"
+        self.url = base_url.rstrip("/")
+        self.base = self.url + "/api/v1"
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.role: str | None = None  # "primary" | "backup" from its last answer, if said
 
     async def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         url = self.base + path
         try:
             async with self.session.request(method, url, json=body, headers=self.headers,
                                             timeout=self.timeout) as reply:
+                self.role = reply.headers.get(ROLE_HEADER)
                 try:
                     data = await reply.json(content_type=None)
                 except ValueError:
@@ -93,3 +106,67 @@ class ControllerClient:
         if status not in (200, 202, 204, 404):
             raise ControllerError(f"deregistration refused: HTTP {status}: "
                                   f"{self._detail(status, data)}", status)
+
+
+class Replicated:
+    """ControllerClient's calls made to every controller replica at once.
+
+    A call succeeds when one replica took it (they share the ledger: a report one of
+    them recorded is recorded); the answer used is the leader's when it answered (its
+    drain flags and tenants are the ones of record), else the first one. A replica
+    that has forgotten the backend (404: restarted) is registered again and the call
+    repeated there. Failing everywhere raises the most telling error (a refusal over
+    404 over unreachable)."""
+
+    def __init__(self, clients: list[ControllerClient]) -> None:
+        if not clients:
+            raise ValueError("no controller URL")
+        self.clients = clients
+        self._registration: BackendRegistration | None = None
+
+    async def _each(self, call: Callable[[ControllerClient], Awaitable[T]],
+                    name: str | None = None) -> T:
+        async def one(client: ControllerClient) -> T:
+            try:
+                return await call(client)
+            except ControllerError as exc:
+                # one controller: its 404 goes to the agent, which registers again
+                if exc.status != 404 or name is None or self._registration is None \
+                        or len(self.clients) == 1:
+                    raise
+                await client.register(self._registration)  # it restarted: register there
+                return await call(client)
+
+        results = await asyncio.gather(*(one(c) for c in self.clients),
+                                       return_exceptions=True)
+        answers = [(c, r) for c, r in zip(self.clients, results, strict=True)
+                   if not isinstance(r, BaseException)]
+        if answers:
+            for client, answer in answers:
+                if client.role == "primary":
+                    return answer
+            return answers[0][1]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, ControllerError):
+                raise error
+        refusals = [e for e in errors if isinstance(e, ControllerError)
+                    and e.status is not None and e.status != 404]
+        not_found = [e for e in errors if isinstance(e, ControllerError) and e.status == 404]
+        raise (refusals or not_found or errors)[0]
+
+    async def register(self, body: BackendRegistration) -> RegistrationReply:
+        self._registration = body
+        return await self._each(lambda c: c.register(body))
+
+    async def report(self, name: str, body: dict) -> dict:
+        return await self._each(lambda c: c.report(name, body), name)
+
+    async def kv_report(self, name: str, body: dict) -> dict:
+        return await self._each(lambda c: c.kv_report(name, body), name)
+
+    async def affinity_report(self, name: str, service: str, client: str) -> dict:
+        return await self._each(lambda c: c.affinity_report(name, service, client), name)
+
+    async def deregister(self, name: str) -> None:
+        await self._each(lambda c: c.deregister(name))

@@ -58,7 +58,7 @@ class HostSetup:
     decap_interface: str = "tfa-ipip0"
     decap: bool = True
     status: dict = field(default_factory=dict)
-    _undo: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    _undo: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
 
     def apply(self) -> dict:
         """Apply every step; on a failure undo what was done and raise HostSetupError."""

@@ -19,7 +19,14 @@ __all__ = ["YAMLError", "dump", "load"]
 def load(text: str | IO[str]) -> Any:
     """One document as plain dicts, lists and scalars (YAML 1.2 core schema: `yes` and `on`
     are strings); never constructs objects from tags."""
-    return YAML(typ="safe").load(text)
+    if not isinstance(text, str):
+        text = text.read()
+    try:
+        return YAML(typ="safe").load(text)
+    except YAMLError:
+        # libyaml is YAML 1.1 and refuses some 1.2 text (`[http://a:8080]`: a colon in a
+        # flow scalar); ruamel's own parser is 1.2, and slower, so it only takes these.
+        return YAML(typ="safe", pure=True).load(text)
 
 
 def dump(data: Any) -> str:

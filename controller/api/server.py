@@ -30,6 +30,7 @@ from controller.api.prefix_routes import prefix_index_routes
 from controller.auth import ANONYMOUS_ADMIN, Principal, Role
 from controller.gctools import gc_paused
 from controller.ledger import UsageRow
+from controller.replica import install_backup_guard
 from tokenfabric import wire as s
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ def create_app(ctl: "Controller") -> FastAPI:
     app.state.controller = ctl
     app.state.metrics = metrics
 
+    # A backup replica refuses mutations (controller/replica.py); inside the auth below
+    install_backup_guard(app, ctl.replica)
     # Auth and body size before any work (controller/api/limits.py); added first, so that
     # count_requests below is outside it and counts its refusals too.
     app.add_middleware(RequestLimits, tokens=ctl.tokens, api_prefix=API)

@@ -85,7 +85,8 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
 @click.option("--experiment", "name", type=click.Choice(EXPERIMENTS), default="quick",
               show_default=True, help="quick: a smoke run; modes: ECMP vs weights vs p2c vs "
               "vllm-router (4a); overload (4b); failover (4c); reload (4d); realvllm (4e); "
-              "billing: a 3x lying agent beside honest ones (the billing cross-check).")
+              "billing: a 3x lying agent beside honest ones (the billing cross-check); "
+              "ha: two controller replicas, the leader SIGKILLed and restarted.")
 @click.option("--duration", type=click.FloatRange(min=1), default=None,
               help="Seconds of load per run (default: the experiment's).")
 @click.option("--loads", default=None, help="Comma-separated offered loads (fractions of "

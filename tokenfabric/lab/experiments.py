@@ -86,6 +86,8 @@ class Experiment:
     # served (hostagent config bill_factor): the controller's cross-check must flag it.
     liar: str | None = None
     bill_factor: float = 3.0
+    # controller replicas on a PostgreSQL ledger (experiment `ha`; docs/replicas.md)
+    replicas: int = 1
 
     def capacity(self) -> float:
         return capacity_rps(self.speeds, self.lengths)
@@ -132,6 +134,12 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
         exp = Experiment("billing", "one agent bills 3x what it streams (cross-check)",
                          [1.0, 1.0, 1.0], [PREMIUM, STANDARD], [Run("p2c", 0.6)], 90.0,
                          liar="tflb2")
+    elif name == "ha":
+        exp = Experiment("ha", "controller replicas: the leader SIGKILLed under load, then "
+                         "restarted", [1.0, 1.0, 1.0], [PREMIUM, STANDARD],
+                         [Run("p2c", 0.5, (Event(10.0, "kill_controller"),
+                                           Event(20.0, "restart_controller")))], 30.0,
+                         replicas=2)
     elif name == "realvllm":
         exp = Experiment("realvllm", "a real vLLM backend beside emulated ones", [1.0, 1.0],
                          [STANDARD], [Run("p2c", 0.3)], 20.0, needs_vllm=True)
@@ -144,4 +152,5 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
     return exp
 
 
-EXPERIMENTS = ("quick", "modes", "overload", "failover", "reload", "realvllm", "billing")
+EXPERIMENTS = ("quick", "modes", "overload", "failover", "reload", "realvllm", "billing",
+               "ha")

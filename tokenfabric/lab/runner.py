@@ -139,6 +139,7 @@ class LabRunner:
         self.router_url: str | None = None
         self.blocked: list[str] = []
         self.probe_results: list[probe.ProbeResult] = []
+        self.ha: Any = None  # the `ha` experiment's probe while a run goes
 
     def _net(self) -> LabNetwork:
         assert self.net is not None, "the lab network is not up"
@@ -246,6 +247,7 @@ class LabRunner:
                                               str(wl_path), str(out)], f"loadgen-{host}"))
         captures = self._start_captures(run, folder)
         served_before = self._stack().served_counts()
+        self.ha = self._ha_probe(run)
         started = time.time()
         events = self._schedule(run.events, started)
         total = sum(planned.values())
@@ -263,6 +265,8 @@ class LabRunner:
         for p in captures:
             self._net().stop_process(p)  # SIGTERM: tcpdump flushes and closes its file
         served_after = self._stack().served_counts()
+        if self.ha is not None:
+            self._ha_results(folder, outputs)
         try:  # the controller's billing cross-check so far (docs/ledger.md)
             (folder / "crosscheck.json").write_text(json.dumps(
                 {**self._stack().get("/ledger/crosscheck/summary"), "run_started": started,
@@ -317,6 +321,10 @@ class LabRunner:
                                                event.target, evidence)
                 marks.update({f"{k} ({event.target})": v for k, v in stats.items()})
                 text += "\n" + results.failover_markdown(event.target, stats, kind)
+        if (folder / "ha.json").is_file():
+            from tokenfabric.lab import replicas
+
+            text += "\n" + replicas.markdown(json.loads((folder / "ha.json").read_text()))
         if (folder / "crosscheck.json").is_file():
             text += "\n" + results.crosscheck_markdown(
                 json.loads((folder / "crosscheck.json").read_text()))
@@ -360,6 +368,11 @@ class LabRunner:
                 if event.kind == "kill_backend" and event.target is not None:
                     at = self._stack().kill_backend(event.target)
                     done[f"kill {event.target}"] = at - started
+                elif event.kind == "kill_controller" and self.ha is not None:
+                    done["kill controller"] = self.ha.kill_leader(self._stack(), started) - started
+                elif event.kind == "restart_controller" and self.ha is not None:
+                    done["restart controller"] = self.ha.restart_killed(self._stack(),
+                                                                        started) - started
                 elif event.kind == "reload_policy":
                     t0 = time.time()
                     self._stack().reload_policy()
@@ -374,6 +387,35 @@ class LabRunner:
             timer.start()
             done["_timers"].append(timer)
         return done
+
+    def _ha_probe(self, run: Run) -> Any:
+        """The `ha` experiment's P4Runtime read-back (tokenfabric/lab/replicas.py)."""
+        if not any(e.kind == "kill_controller" for e in run.events):
+            return None
+        from tokenfabric.lab.replicas import HaProbe
+
+        switches = self.plan.fabric(SWITCH_MODE[run.mode])["switches"]
+        probe_ = HaProbe(switches if self.dataplane == "bmv2" else {})
+        probe_.start()
+        return probe_
+
+    def _ha_results(self, folder: Path, outputs: list[Path]) -> None:
+        from tokenfabric.lab import replicas
+
+        ha, self.ha = self.ha, None
+        ha.stop()
+        assert self.stack is not None  # a run has its stack
+        found = ha.result
+        try:
+            found["ledger"] = replicas.ledger_against_agents(self.stack, self.folder / "logs")
+        except Exception as exc:  # noqa: BLE001 - the run's other results stand
+            found["ledger_error"] = str(exc)
+        records = [json.loads(line) for out in outputs if out.exists()
+                   for line in out.read_text().splitlines() if line.strip()]
+        found["failed_total"] = sum(1 for r in records if not r.get("ok"))
+        if found.get("killed_wall") is not None:
+            found["failed_near_kill"] = replicas.failed_near(records, found["killed_wall"])
+        (folder / "ha.json").write_text(json.dumps(found, indent=2))
 
     # -- results --------------------------------------------------------------------
     def _write_summary(self, outcomes: list[RunOutcome]) -> None:

@@ -128,7 +128,8 @@ CROSSCHECK = {"counter_interval_s": 2.0, "crosscheck_interval_s": 5.0,
 def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
                  overflow: bool = False, capacity: int = EMULATOR_MAX_NUM_SEQS,
                  priorities: dict[str, int] | None = None,
-                 bill_factor: float = 1.0) -> dict[str, Any]:
+                 bill_factor: float = 1.0,
+                 replica_ports: list[int] | None = None) -> dict[str, Any]:
     """The `agent:` section for the agent on `host` (docs/agent.md)."""
     cfg: dict[str, Any] = {
         "name": host.name, "host": host.name, "address": host.ip, "mac": host.mac,
@@ -138,6 +139,8 @@ def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
         "controller_url": f"http://{host.mgmt_gw}:{controller_port}", "token": token,
         "host_setup": True,
     }
+    if replica_ports and len(replica_ports) > 1:  # controller replicas: report to each
+        cfg["controller_urls"] = [f"http://{host.mgmt_gw}:{p}" for p in replica_ports]
     if bill_factor != 1.0:
         cfg["bill_factor"] = bill_factor  # FAULT INJECTION: the lying agent of `billing`
     if priorities is not None:
@@ -151,6 +154,7 @@ def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
         # the service's pool; until it can register as a responder, it answers 429 on
         # VIP:8000 without a controller (nothing listens on port 9). docs/lab.md.
         cfg["controller_url"] = "http://127.0.0.1:9"
+        cfg.pop("controller_urls", None)
     return {"agent": cfg}
 
 
@@ -164,6 +168,10 @@ class Stack:
         self.dir = Path(run_dir) / "config"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        # controller replicas (experiment `ha`): ports, processes, their PostgreSQL
+        self.replica_ports = [self.port] + [free_port() for _ in range(exp.replicas - 1)]
+        self.replicas: list[subprocess.Popen | None] = [None] * exp.replicas
+        self.postgres: Any = None
         self.admin_token = secrets.token_hex(16)
         self.agent_token = secrets.token_hex(16)
         self.controller: subprocess.Popen | None = None
@@ -191,18 +199,99 @@ class Stack:
 
     # -- processes ------------------------------------------------------------
     def start_controller(self) -> None:
+        ledger = str(self.dir.parent / "ledger.db")
+        if len(self.replica_ports) > 1:  # replicas share a PostgreSQL ledger
+            from tokenfabric.pg_temp import TempPostgres
+
+            if self.net.dataplane != "bmv2":
+                raise StackError("controller replicas need P4Runtime switches (--dataplane "
+                                 "bmv2): OVS connects to one OpenFlow listener "
+                                 "(docs/replicas.md)")
+
+            self.postgres = TempPostgres().start()
+            ledger = self.postgres.create_database("tokenfabric")
+        self.ledger = ledger
+        for index in range(len(self.replica_ports)):
+            self._start_replica(index)
+            if index == 0 and len(self.replica_ports) > 1:
+                self.wait_role(0, 30.0)  # the first one leads: the others join as backups
+        self.controller = self.replicas[0]
+
+    def _start_replica(self, index: int) -> None:
+        port = self.replica_ports[index]
         argv = [*CLI, "controller", "run", "--config", str(self.dir / "controller.yaml"),
                 "--fabric", str(self.dir / "fabric.yaml"),
                 "--policy", str(self.dir / "policy.yaml"), "--tokens",
-                str(self.dir / "tokens.yaml"), "--listen", f"0.0.0.0:{self.port}",
-                "--ledger", str(self.dir.parent / "ledger.db")]
+                str(self.dir / "tokens.yaml"), "--listen", f"0.0.0.0:{port}",
+                "--ledger", self.ledger]
+        if len(self.replica_ports) > 1:
+            argv += ["--election-id", str(10 * (index + 1)),
+                     "--advertise-url", f"http://127.0.0.1:{port}"]
         logs = self.dir.parent / "logs"
         logs.mkdir(exist_ok=True)
-        with open(logs / "controller.log", "wb") as out:
-            self.controller = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                               start_new_session=True)
-        self.net.processes.append(("controller", self.controller))
-        self.net.pids.append(self.controller.pid)
+        name = "controller" if index == 0 else f"controller-{index}"
+        with open(logs / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.replicas[index] = proc
+        self.net.processes.append((name, proc))
+        self.net.pids.append(proc.pid)
+
+    def replica_role(self, index: int) -> str | None:
+        try:
+            reply = httpx.get(f"http://127.0.0.1:{self.replica_ports[index]}{API}/replica",
+                              timeout=2.0,
+                              headers={"Authorization": f"Bearer {self.admin_token}"})
+            return str(reply.json()["role"]) if reply.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+
+    def wait_role(self, index: int, timeout: float) -> str | None:
+        """The replica's role once it says one (None after `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            role = self.replica_role(index)
+            if role is not None:
+                return role
+            time.sleep(0.1)
+        return None
+
+    def kill_controller(self) -> tuple[int, float]:
+        """SIGKILL the leading replica (the REST calls go to another one from now):
+        (its index, the wall-clock time of the kill)."""
+        leader = next((i for i in range(len(self.replicas))
+                       if self.replica_role(i) == "primary"), 0)
+        proc = self.replicas[leader]
+        at = time.time()
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            self.net.stop_process(proc, kill=True)
+        other = (leader + 1) % len(self.replicas)
+        self._use_replica(other)
+        self.controller = self.replicas[other]
+        return leader, at
+
+    def wait_leader(self, timeout: float) -> float | None:
+        """time.time() when a live replica says it is primary (its REST becomes ours)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i, proc in enumerate(self.replicas):
+                if proc is not None and proc.poll() is None and \
+                        self.replica_role(i) == "primary":
+                    self._use_replica(i)
+                    return time.time()
+            time.sleep(0.01)
+        return None
+
+    def restart_controller(self, index: int) -> None:
+        self._start_replica(index)
+
+    def _use_replica(self, index: int) -> None:
+        self.http.close()
+        self.http = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.replica_ports[index]}{API}", timeout=5.0,
+            headers={"Authorization": f"Bearer {self.admin_token}"})
 
     def start_backends(self) -> None:
         speeds = dict(zip([h.name for h in self.plan.by_role("backend")], self.exp.speeds,
@@ -286,7 +375,8 @@ class Stack:
         path = self._write(f"agent-{host.name}.yaml", agent_config(
             self.plan, host, self.port, self.agent_token, overflow, self.capacity,
             priorities if priority else None,
-            self.exp.bill_factor if host.name == self.exp.liar else 1.0))
+            self.exp.bill_factor if host.name == self.exp.liar else 1.0,
+            self.replica_ports))
         return self.net.popen(host.name, [*CLI, "agent", "run", "--config", str(path)],
                               f"agent-{host.name}-{self.capacity}")
 
@@ -390,4 +480,10 @@ class Stack:
 
     def close(self) -> None:
         self.http.close()
+        if self.postgres is not None:
+            for proc in self.replicas:  # before their database goes
+                if proc is not None:
+                    self.net.stop_process(proc)
+            self.postgres.stop()
+            self.postgres = None
 

@@ -65,6 +65,30 @@ def test_config_errors_name_the_key(tmp_path, line, message):
         load(write(tmp_path, text), {})
 
 
+def test_controller_urls_from_file_env_and_flags(tmp_path, monkeypatch):
+    """Controller replicas (docs/replicas.md): a list, a comma-separated string (env), or
+    the repeated flag; without them, controller_url alone."""
+    assert load(write(tmp_path, GOOD), {}).controller_urls == ["http://127.0.0.1:8080"]
+    text = GOOD + "  controller_urls: [http://a:8080/, 'https://b:8443']\n"
+    assert load(write(tmp_path, text), {}).controller_urls == ["http://a:8080",
+                                                               "https://b:8443"]
+    monkeypatch.setenv("TOKENFABRIC_AGENT__CONTROLLER_URLS", "http://c:1, http://d:2")
+    assert load(write(tmp_path, GOOD), {}).controller_urls == ["http://c:1", "http://d:2"]
+    flags = {"controller_urls": ["http://e:3"]}
+    assert load(write(tmp_path, GOOD), flags).controller_urls == ["http://e:3"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[ftp://a]", "is not an http"),
+    ("[http://a:1, http://a:1/]", "named twice"),
+    ("{a: 1}", "must be a list"),
+    ("[http://a b]", "is not an http"),
+])
+def test_bad_controller_urls_are_refused(tmp_path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, GOOD + f"  controller_urls: {value}\n"), {})
+
+
 def test_bridge_limits_reach_the_bridge(tmp_path):
     from hostagent.agent import Agent
 
