@@ -357,6 +357,20 @@ def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
     idle = s.get_int("idle_timeout_s", default=120, lo=0, hi=3600)
     max_age = s.get_int("beacon_max_age_ms", default=100, lo=0, hi=60_000)
     conn_cost = s.get_int("conn_cost", default=0, lo=0, hi=65535)
+    edges: list[str] = []
+    enode = s.child("edges")
+    if enode is not None and enode.is_list():
+        for item in enode.elements():
+            sw = item.as_str()
+            if sw is None:
+                continue
+            if sw not in model.fabric.switches:
+                if sw not in declared["switches"]:
+                    item.error(f"unknown switch '{sw}'")
+            elif sw in edges:
+                item.error(f"switch '{sw}' listed twice")
+            else:
+                edges.append(sw)
     slots = s.get_int("p2c_slots", default=64, lo=1, hi=MAX_PAIR_SLOTS)
     if slots is not None and slots & (slots - 1):
         (s.child("p2c_slots") or s).error(f"must be a power of two, got {slots}")
@@ -380,7 +394,7 @@ def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
     return Service(name=name, service_id=service_id or 0, model=served, vip=vip, port=port,
                    pool=pool, mode=SelectionMode(mode), overflow=overflow,
                    idle_timeout_s=idle, beacon_max_age_ms=max_age, conn_cost=conn_cost,
-                   p2c_slots=slots)
+                   p2c_slots=slots, edges=edges)
 
 
 def add_backend(model: Model, backend: Backend) -> None:

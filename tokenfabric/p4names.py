@@ -106,6 +106,7 @@ class Event(IntEnum):
     METER_YELLOW = 8
     METER_RED = 9
     OVERFLOW = 10
+    BEACON_RELAYED = 11
 
 
 class BeaconType(IntEnum):
@@ -176,6 +177,7 @@ class Actions:
     METER_ONLY = "meter_only"
     NO_ROUTE = "no_route"
     REJECT_BEACON = "reject_beacon"
+    RELAY_BEACON = "relay_beacon"
     ROUTE = "route"
     SET_CANDIDATES = "set_candidates"
     SET_CLASS = "set_class"
@@ -238,7 +240,7 @@ TABLE_SIZES: dict[str, int] = {
 }
 TABLE_ACTIONS: dict[str, tuple[str, ...]] = {
     "backend": ("deliver_local", "deliver_ipip"),
-    "beacon_source": ("accept_beacon",),
+    "beacon_source": ("accept_beacon", "relay_beacon"),
     "class_qos": ("set_class_qos",),
     "dscp_class": ("set_class",),
     "ecn_policy": ("set_ecn_threshold",),
@@ -268,6 +270,7 @@ ACTION_PARAMS: dict[str, dict[str, int]] = {
     "meter_only": {},
     "no_route": {},
     "reject_beacon": {},
+    "relay_beacon": {"group": 16, "relay_src": 32},
     "route": {"port": 9, "smac": 48, "dmac": 48},
     "set_candidates": {"first_backend": 16, "second_backend": 16},
     "set_class": {"tclass": 3},
@@ -342,6 +345,7 @@ IDS: dict[str, int] = {
     "no_route": 24278608,
     "p2c_pairs": 34565427,
     "reject_beacon": 24833092,
+    "relay_beacon": 18243118,
     "reply_bytes": 309071740,
     "reply_source": 44128312,
     "roce_class": 35382541,

@@ -1,9 +1,11 @@
-"""Beacon (p4src/include/beacon.p4): where each backend's beacons may come from."""
+"""Beacon (p4src/include/beacon.p4): where each backend's beacons may come from, and
+the beacon plane's relays (controller/beacon_plane.py)."""
 
 from __future__ import annotations
 
+from controller.beacon_plane import relay_tree
 from controller.compile.common import ClassPlan, ip
-from controller.entries import Action, Entity, Exact, TableEntry
+from controller.entries import Action, Entity, Exact, MulticastGroup, TableEntry
 from controller.model import Model, Switch
 from tokenfabric.p4names import Actions, Tables
 
@@ -13,9 +15,28 @@ def shared(model: Model, classes: ClassPlan) -> list[Entity]:
 
 
 def local(model: Model, classes: ClassPlan, switch: Switch) -> list[Entity]:
-    """A beacon counts only from the port and address of a backend on this switch."""
-    return [TableEntry.of(Tables.BEACON_SOURCE,
-                          {"backend_id": Exact(b.backend_id), "ingress_port": Exact(b.port),
-                           "src_addr": Exact(ip(b.address))},
-                          Action.of(Actions.ACCEPT_BEACON))
-            for b in model.backends.values() if b.switch == switch.name]
+    """A beacon counts only from the port and address of a backend on this switch, or,
+    relayed, from the fabric port facing that backend's switch with that switch's
+    fabric_ip as its source. Where the backend's tree goes on, the entry relays to a
+    multicast group numbered as the backend, of the tree's ports down."""
+    out: list[Entity] = []
+    for b in sorted(model.backends.values(), key=lambda b: b.backend_id):
+        tree = relay_tree(model, b)
+        hop = tree.hops.get(switch.name)
+        if b.switch == switch.name:
+            source = b.address
+        elif hop is not None:
+            source = model.fabric.switches[b.switch].fabric_ip or ""
+        else:
+            continue
+        key = {"backend_id": Exact(b.backend_id),
+               "ingress_port": Exact(hop.in_port if hop else b.port),
+               "src_addr": Exact(ip(source))}
+        if hop is None or not hop.out_ports:
+            out.append(TableEntry.of(Tables.BEACON_SOURCE, key, Action.of(Actions.ACCEPT_BEACON)))
+            continue
+        relay_src = model.fabric.switches[b.switch].fabric_ip or ""
+        out.append(TableEntry.of(Tables.BEACON_SOURCE, key, Action.of(
+            Actions.RELAY_BEACON, group=b.backend_id, relay_src=ip(relay_src))))
+        out.append(MulticastGroup(b.backend_id, tuple((port, 0) for port in hop.out_ports)))
+    return out

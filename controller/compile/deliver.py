@@ -32,12 +32,16 @@ def _backend_entries(model: Model, switch: Switch) -> list[Entity]:
             targets.append((ep.backend_id, ep.address, ep.mac, ep.port, ep.switch))
     tunnelled = len(model.fabric.switches) > 1  # other switches reach local backends by IP-in-IP
     out: list[Entity] = []
+    terminated: set[str] = set()
     for bid, address, dmac, port, where in sorted(targets):
         if where == switch.name:
             action = Action.of(Actions.DELIVER_LOCAL, port=port, smac=mac(switch.mac),
                                dmac=mac(dmac))
-            if tunnelled:
-                # IP-in-IP from other switches to this backend's address ends here.
+            if tunnelled and address not in terminated:
+                # IP-in-IP from other switches to this backend's address ends here. The
+                # tunnel names an address, not a backend: backends sharing a host share
+                # one entry, to the lowest id (delivered alike: same port, same MAC).
+                terminated.add(address)
                 out.append(TableEntry.of(Tables.TUNNEL_TERM, {"dst_addr": Exact(ip(address))},
                                          Action.of(Actions.DECAP_TO_BACKEND, backend_id=bid)))
         else:

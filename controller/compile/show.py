@@ -12,6 +12,7 @@ from controller.entries import (
     Exact,
     GroupRef,
     Lpm,
+    MulticastGroup,
     ProfileGroup,
     ProfileMember,
     Range,
@@ -65,6 +66,9 @@ def entity_to_dict(entity: Entity) -> dict:
     if isinstance(entity, ProfileGroup):
         return {"profile": entity.profile, "group": entity.group_id,
                 "members": [list(m) for m in entity.members], "max_size": entity.max_size}
+    if isinstance(entity, MulticastGroup):
+        return {"multicast_group": entity.group_id,
+                "replicas": [list(r) for r in entity.replicas]}
     return {"meter": entity.meter, "index": entity.index, "cir": entity.cir,
             "cburst": entity.cburst, "pir": entity.pir, "pburst": entity.pburst}
 

@@ -685,6 +685,10 @@ class Switch:
             pb = p4runtime_pb2.Entity()
             pb.meter_entry.meter_id = meter.id
             entities.append(pb)
+        # Group id 0: every multicast group (the beacon plane's relays).
+        pb = p4runtime_pb2.Entity()
+        pb.packet_replication_engine_entry.multicast_group_entry.multicast_group_id = 0
+        entities.append(pb)
         return self._decode_all(await self.read_entities(entities))
 
     def _decode_all(self, pbs: list[p4runtime_pb2.Entity]) -> DesiredState:

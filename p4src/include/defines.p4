@@ -116,6 +116,7 @@ const bit<32> EVENT_SELECT_FALLBACK = 7;
 const bit<32> EVENT_METER_YELLOW = 8;
 const bit<32> EVENT_METER_RED = 9;
 const bit<32> EVENT_OVERFLOW = 10;
+const bit<32> EVENT_BEACON_RELAYED = 11;  /* accepted and sent on (beacon plane) */
 #define NUM_EVENTS 16
 
 /* Token bucket fixed point: the level is kept in micro-tokens (1 token = 10^6),

@@ -1,0 +1,116 @@
+"""The beacon plane: which switch hears which backend's LOAD and USAGE beacons.
+
+A backend beacons to its own switch, which checks the port and address (as a
+single switch does) and relays the beacon down a tree of fabric links to every
+switch that needs it: the edges of the services the backend is in (a
+service's `edges` in the fabric file; by default every edge switch, one with a
+host that is not a backend's). Every switch on the tree stores the beacon in
+its own registers with its own receive time, so that:
+
+- the backend's own switch and every edge of its services hold its load,
+  pending-connection count, flags and beacon time (P2C and the beacon-age
+  check read them there);
+- those edges debit a tenant's token bucket by the backend's USAGE beacons
+  (each edge keeps its own bucket per tenant and hears all of the tenant's
+  usage on these backends);
+- a spine in the middle of a tree stores them too, unread (it selects for no
+  client).
+
+The tree is a breadth-first shortest-path tree from the backend's switch over
+the fabric's links, ties broken by switch name and port (stable across
+recompiles), pruned to the branches that lead to a switch that needs the
+backend. compile/beacon.py turns it into beacon_source entries and one
+multicast group per (switch, backend) whose replicas are the tree's ports down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controller.model import Backend, Model
+
+
+@dataclass(frozen=True)
+class RelayHop:
+    """One switch of a backend's tree: where the beacon comes in, where it goes on."""
+
+    switch: str
+    in_port: int  # the backend's own port at the root; else the port facing the parent
+    out_ports: tuple[int, ...]  # the tree's ports down (empty: a leaf of the tree)
+
+
+@dataclass
+class RelayTree:
+    backend: str
+    root: str
+    hops: dict[str, RelayHop] = field(default_factory=dict)  # switch -> hop, root included
+
+
+def edge_switches(model: Model) -> list[str]:
+    """Switches a client may enter: those with a host that is no backend's host."""
+    backend_hosts = {(b.switch, b.port) for b in model.backends.values()}
+    return sorted({h.switch for h in model.fabric.hosts.values()
+                   if (h.switch, h.port) not in backend_hosts})
+
+
+def listeners(model: Model, backend: Backend) -> list[str]:
+    """Switches other than the backend's own that need its beacons: the edges of the
+    services whose pool holds it."""
+    edges = edge_switches(model)
+    wanted: set[str] = set()
+    for service in model.services.values():
+        if backend.name in service.pool:
+            wanted.update(service.edges or edges)
+    wanted.discard(backend.switch)
+    return sorted(wanted)
+
+
+def holders(model: Model, backend: Backend) -> set[str]:
+    """Switches whose registers hold this backend's beacon state (own switch included)."""
+    return {backend.switch, *relay_tree(model, backend).hops}
+
+
+def relay_tree(model: Model, backend: Backend) -> RelayTree:
+    """The backend's relay tree; only its root when no other switch needs it or the
+    fabric cannot reach one (no links, or no fabric_ip to source the relays from)."""
+    fabric = model.fabric
+    tree = RelayTree(backend.name, backend.switch)
+    root_switch = fabric.switches.get(backend.switch)
+    targets = listeners(model, backend)
+    if root_switch is None or root_switch.fabric_ip is None or not targets:
+        return tree
+    # BFS: parent switch and the ports of the link from it.
+    parent: dict[str, tuple[str, int, int]] = {}  # child -> (parent, parent port, child port)
+    frontier, seen = [backend.switch], {backend.switch}
+    while frontier:
+        nxt: list[str] = []
+        for sw in frontier:
+            for link in sorted(fabric.links_of(sw), key=lambda lk: (lk.a.switch, lk.a.port,
+                                                                   lk.b.switch, lk.b.port)):
+                here = link.a if link.a.switch == sw else link.b
+                there = link.other(sw)
+                if there.switch in seen:
+                    continue
+                seen.add(there.switch)
+                parent[there.switch] = (sw, here.port, there.port)
+                nxt.append(there.switch)
+        frontier = nxt
+    down: dict[str, set[int]] = {backend.switch: set()}
+    in_port: dict[str, int] = {backend.switch: backend.port}
+    for target in targets:
+        sw = target
+        while sw != backend.switch and sw in parent:
+            up, up_port, my_port = parent[sw]
+            down.setdefault(sw, set())
+            in_port[sw] = my_port
+            down.setdefault(up, set()).add(up_port)
+            sw = up
+    for sw, ports in down.items():
+        tree.hops[sw] = RelayHop(sw, in_port[sw], tuple(sorted(ports)))
+    return tree
+
+
+def heard_everywhere(model: Model, switch: str, pool: list[Backend]) -> bool:
+    """Does `switch` hear the beacons of every backend in `pool` (so that it may
+    check their beacon age)?"""
+    return all(switch in holders(model, b) for b in pool)
