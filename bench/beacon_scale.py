@@ -73,7 +73,7 @@ def simulate_kept_fraction(seconds: float = 600.0, seats: int = 16, load: float 
     next_arrival = rng.expovariate(arrival_rate)
     departures: list[float] = []
     beacons = kept = 0
-    last_sent_load, last_sent_t = -10**9, -10**9
+    last_sent_load, last_sent_t = -10**9, -1e9
     next_beacon = 0.0
     steps = 0
     while t < seconds and steps < 10_000_000:  # bounded in time and steps

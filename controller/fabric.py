@@ -101,8 +101,9 @@ def _parse(root: Node, model: Model) -> None:
     node = root.child("hosts")
     if node is not None and node.is_map():
         for name, h in node.items():
-            if check_name(name):
-                h.error(check_name(name))
+            problem = check_name(name)
+            if problem:
+                h.error(problem)
                 continue
             if not h.is_map():
                 continue
@@ -113,7 +114,8 @@ def _parse(root: Node, model: Model) -> None:
             prefix_len = h.get_int("prefix_len", default=32, lo=8, hi=32)
             h.close()
             ok = port_ref(h, switch, port, f"host '{name}'")
-            if ok and address and mac and prefix_len is not None:
+            if ok and switch and port is not None and address and mac \
+                    and prefix_len is not None:
                 fabric.hosts[name] = Host(name, switch, port, address, mac, prefix_len)
 
     node = root.child("links")
@@ -150,8 +152,8 @@ def _parse(root: Node, model: Model) -> None:
         _number_responders(model, node)
 
     if fabric.links:
-        for name, sw in fabric.switches.items():
-            if sw.fabric_ip is None:
+        for name, declared_switch in fabric.switches.items():
+            if declared_switch.fabric_ip is None:
                 root.error(f"switches.{name}.fabric_ip is required when the fabric has links "
                            "(it is the source of IP-in-IP tunnels)")
 
@@ -184,8 +186,9 @@ def _next_free(taken: dict[int, str]) -> int:
 
 
 def _parse_switch(name: str, sw: Node, fabric: Fabric, device_ids: dict[int, str]) -> None:
-    if check_name(name):
-        sw.error(check_name(name))
+    problem = check_name(name)
+    if problem:
+        sw.error(problem)
         return
     if not sw.is_map():
         return
@@ -268,8 +271,9 @@ def _parse_link(item: Node, fabric: Fabric, port_ref: object) -> None:
 
 def _parse_backend(name: str, b: Node, fabric: Fabric, taken: dict[int, str],
                    declared: dict[str, set[str]]) -> Backend | None:
-    if check_name(name):
-        b.error(check_name(name))
+    problem = check_name(name)
+    if problem:
+        b.error(problem)
         return None
     if not b.is_map():
         return None
@@ -315,8 +319,9 @@ def backend_from_host(fabric: Fabric, name: str, backend_id: int, host: str, cap
 def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
                    vips: dict[tuple[str, int], str],
                    declared: dict[str, set[str]]) -> Service | None:
-    if check_name(name):
-        s.error(check_name(name))
+    problem = check_name(name)
+    if problem:
+        s.error(problem)
         return None
     if not s.is_map():
         return None
@@ -387,7 +392,8 @@ def _parse_service(name: str, s: Node, model: Model, taken: dict[int, str],
     if service_id is not None and service_id in taken:
         s.error(f"id {service_id} is already used by service '{taken[service_id]}'")
         return None
-    if None in (served, vip, port, mode, idle, max_age, conn_cost, slots):
+    if served is None or vip is None or port is None or mode is None or idle is None \
+            or max_age is None or conn_cost is None or slots is None:
         return None
     if service_id is not None:
         taken[service_id] = name

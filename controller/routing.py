@@ -72,7 +72,8 @@ def scale_weights(raw: dict[str, float], total: int = MAX_GROUP_WEIGHT,
     if len(raw) >= total or s <= 0:
         return dict.fromkeys(raw, 1)
     shares = {k: v / s for k, v in raw.items()}
-    best, best_err = None, math.inf
+    best: dict[str, int] = dict.fromkeys(raw, 1)  # replaced by the first total tried
+    best_err = math.inf
     for t in range(len(raw), total + 1):
         w = _apportion(shares, t)
         err = max(abs(w[k] / t - shares[k]) for k in w)
@@ -85,7 +86,7 @@ def scale_weights(raw: dict[str, float], total: int = MAX_GROUP_WEIGHT,
 
 def group_weights(model: Model, eligible: list[str]) -> dict[str, int]:
     """Selector weights for a service's eligible backends (names, in order)."""
-    raw = {}
+    raw: dict[str, float] = {}
     for name in eligible:
         b = model.backends[name]
         raw[name] = b.capacity * (b.weight if b.weight != UNSET else 100)

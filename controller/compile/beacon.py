@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from controller.beacon_plane import relay_tree
 from controller.compile.common import ClassPlan, ip
-from controller.entries import Action, Entity, Exact, MulticastGroup, TableEntry
+from controller.entries import (
+    Action,
+    Entity,
+    Exact,
+    MatchValue,
+    MulticastGroup,
+    TableEntry,
+)
 from controller.model import Model, Switch
 from tokenfabric.p4names import Actions, Tables
 
@@ -29,9 +36,10 @@ def local(model: Model, classes: ClassPlan, switch: Switch) -> list[Entity]:
             source = model.fabric.switches[b.switch].fabric_ip or ""
         else:
             continue
-        key = {"backend_id": Exact(b.backend_id),
-               "ingress_port": Exact(hop.in_port if hop else b.port),
-               "src_addr": Exact(ip(source))}
+        key: dict[str, MatchValue] = {
+            "backend_id": Exact(b.backend_id),
+            "ingress_port": Exact(hop.in_port if hop else b.port),
+            "src_addr": Exact(ip(source))}
         if hop is None or not hop.out_ports:
             out.append(TableEntry.of(Tables.BEACON_SOURCE, key, Action.of(Actions.ACCEPT_BEACON)))
             continue

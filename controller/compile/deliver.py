@@ -35,7 +35,7 @@ def _backend_entries(model: Model, switch: Switch) -> list[Entity]:
     terminated: set[str] = set()
     for bid, address, dmac, port, where in sorted(targets):
         if where == switch.name:
-            action = Action.of(Actions.DELIVER_LOCAL, port=port, smac=mac(switch.mac),
+            action = Action.of(Actions.DELIVER_LOCAL, port=port, smac=_own_mac(switch),
                                dmac=mac(dmac))
             if tunnelled and address not in terminated:
                 # IP-in-IP from other switches to this backend's address ends here. The
@@ -59,21 +59,22 @@ def _route_entries(model: Model, switch: Switch) -> list[Entity]:
     fabric = model.fabric
     routes: dict[tuple[int, int], tuple[str, int, str]] = {}  # (net, len) -> (switch, port, mac)
     for h in fabric.hosts.values():
-        net = ipaddress.IPv4Network(f"{h.address}/{h.prefix_len}", strict=False)
-        routes.setdefault((int(net.network_address), net.prefixlen), (h.switch, h.port, h.mac))
+        network = ipaddress.IPv4Network(f"{h.address}/{h.prefix_len}", strict=False)
+        routes.setdefault((int(network.network_address), network.prefixlen),
+                          (h.switch, h.port, h.mac))
     for b in model.backends.values():
         routes.setdefault((ip(b.address), 32), (b.switch, b.port, b.mac))
     out: list[Entity] = []
     for (net, plen), (where, port, dmac) in sorted(routes.items()):
         if where == switch.name:
-            action = Action.of(Actions.ROUTE, port=port, smac=mac(switch.mac), dmac=mac(dmac))
+            action = Action.of(Actions.ROUTE, port=port, smac=_own_mac(switch), dmac=mac(dmac))
         else:
             out_port = fabric.next_hop_port(switch.name, where)
             if out_port is None:
                 continue  # not connected: nothing to route by
             peer = _peer(model, switch.name, out_port)
-            action = Action.of(Actions.ROUTE, port=out_port, smac=mac(switch.mac),
-                               dmac=mac(fabric.switches[peer].mac))
+            action = Action.of(Actions.ROUTE, port=out_port, smac=_own_mac(switch),
+                               dmac=_own_mac(fabric.switches[peer]))
         out.append(TableEntry.of(Tables.IPV4_ROUTE, {"dst_addr": Lpm(net, plen)}, action))
     return out
 
@@ -84,3 +85,10 @@ def _peer(model: Model, switch: str, port: int) -> str:
         if here.port == port:
             return link.other(switch).switch
     raise CompileError(f"no link on {switch} port {port}")
+
+
+def _own_mac(switch: Switch) -> int:
+    """The source MAC of frames the switch rewrites (the fabric file gives every switch one)."""
+    if switch.mac is None:
+        raise CompileError(f"switch '{switch.name}' has no mac")
+    return mac(switch.mac)

@@ -12,6 +12,7 @@ from controller.entries import (
     Exact,
     GroupRef,
     Lpm,
+    MemberRef,
     MulticastGroup,
     ProfileGroup,
     ProfileMember,
@@ -46,15 +47,15 @@ def entity_to_dict(entity: Entity) -> dict:
             return f"{v.low}..{v.high}"
         raise TypeError(v)
 
-    def action(a: object) -> dict:
+    def action(a: Action | GroupRef | MemberRef) -> dict:
         if isinstance(a, Action):
             return {"action": a.name, "params": {k: _show(k, v) for k, v in a.params}}
         if isinstance(a, GroupRef):
             return {"group": a.group_id}
-        return {"member": a.member_id}  # MemberRef
+        return {"member": a.member_id}
 
     if isinstance(entity, TableEntry):
-        d = {"table": entity.table,
+        d: dict[str, object] = {"table": entity.table,
              "match": {k: match_value(k, v) for k, v in entity.match}}
         d.update(action(entity.action))
         if entity.priority:

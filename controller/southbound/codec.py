@@ -285,7 +285,7 @@ class Codec:
             field = table.match_fields[name]
             fm = pb.match.add(field_id=field.id)
             width = field.bitwidth
-            if field.match_type == MatchType.OPTIONAL:
+            if field.match_type == MatchType.OPTIONAL and isinstance(value, Exact):
                 fm.optional.value = encode_int(value.value, width, name)
             elif isinstance(value, Exact):
                 fm.exact.value = encode_int(value.value, width, name)

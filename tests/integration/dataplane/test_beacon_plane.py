@@ -163,6 +163,7 @@ def fabric3(tmp_path_factory) -> Iterator[Fabric3]:
             sw = Bmv2Switch(Bmv2Options(ports=switch_if[name], device_id=device_id,
                                         log_path=log_dir / f"{name}.log"))
             sw.start(20.0)
+            assert sw.proc is not None
             box.processes.append(sw.proc)
             switches[name] = sw
             clients[name] = SwitchClient(sw.opts.grpc_address, device_id=device_id)
