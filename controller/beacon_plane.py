@@ -53,14 +53,14 @@ def edge_switches(model: Model) -> list[str]:
                    if (h.switch, h.port) not in backend_hosts})
 
 
-def listeners(model: Model, backend: Backend) -> list[str]:
+def listeners(model: Model, backend: Backend, edges: list[str] | None = None) -> list[str]:
     """Switches other than the backend's own that need its beacons: the edges of the
     services whose pool holds it."""
-    edges = edge_switches(model)
+    every_edge = edge_switches(model) if edges is None else edges
     wanted: set[str] = set()
     for service in model.services.values():
         if backend.name in service.pool:
-            wanted.update(service.edges or edges)
+            wanted.update(service.edges or every_edge)
     wanted.discard(backend.switch)
     return sorted(wanted)
 
@@ -73,15 +73,40 @@ def holders(model: Model, backend: Backend) -> set[str]:
 def relay_tree(model: Model, backend: Backend) -> RelayTree:
     """The backend's relay tree; only its root when no other switch needs it or the
     fabric cannot reach one (no links, or no fabric_ip to source the relays from)."""
+    tree = relay_trees(model).get(backend.name)
+    return tree if tree is not None else _relay_tree(model, backend, edge_switches(model), {})
+
+
+# The trees of the last model seen, by a key of what they depend on: the compiler asks
+# for them once per switch and service at every compile (at least once a second).
+_trees_cache: tuple[tuple, dict[str, RelayTree]] | None = None
+
+
+def relay_trees(model: Model) -> dict[str, RelayTree]:
+    """Every backend's relay tree, by backend name."""
+    global _trees_cache
     fabric = model.fabric
-    tree = RelayTree(backend.name, backend.switch)
-    root_switch = fabric.switches.get(backend.switch)
-    targets = listeners(model, backend)
-    if root_switch is None or root_switch.fabric_ip is None or not targets:
-        return tree
-    # BFS: parent switch and the ports of the link from it.
-    parent: dict[str, tuple[str, int, int]] = {}  # child -> (parent, parent port, child port)
-    frontier, seen = [backend.switch], {backend.switch}
+    key = (tuple((lk.a, lk.b) for lk in fabric.links),
+           tuple(sorted((h.name, h.switch, h.port) for h in fabric.hosts.values())),
+           tuple(sorted((s.name, s.fabric_ip) for s in fabric.switches.values())),
+           tuple(sorted((b.name, b.switch, b.port) for b in model.backends.values())),
+           tuple(sorted((s.name, tuple(s.pool), tuple(s.edges))
+                        for s in model.services.values())))
+    cached = _trees_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    edges = edge_switches(model)
+    parents: dict[str, dict[str, tuple[str, int, int]]] = {}
+    trees = {b.name: _relay_tree(model, b, edges, parents) for b in model.backends.values()}
+    _trees_cache = (key, trees)
+    return trees
+
+
+def _bfs_parents(model: Model, root: str) -> dict[str, tuple[str, int, int]]:
+    """child -> (parent, parent's port, child's port) of the BFS tree from `root`."""
+    fabric = model.fabric
+    parent: dict[str, tuple[str, int, int]] = {}
+    frontier, seen = [root], {root}
     while frontier:
         nxt: list[str] = []
         for sw in frontier:
@@ -95,6 +120,19 @@ def relay_tree(model: Model, backend: Backend) -> RelayTree:
                 parent[there.switch] = (sw, here.port, there.port)
                 nxt.append(there.switch)
         frontier = nxt
+    return parent
+
+
+def _relay_tree(model: Model, backend: Backend, edges: list[str],
+                parents: dict[str, dict[str, tuple[str, int, int]]]) -> RelayTree:
+    tree = RelayTree(backend.name, backend.switch)
+    root_switch = model.fabric.switches.get(backend.switch)
+    targets = listeners(model, backend, edges)
+    if root_switch is None or root_switch.fabric_ip is None or not targets:
+        return tree
+    if backend.switch not in parents:  # one BFS per switch with backends
+        parents[backend.switch] = _bfs_parents(model, backend.switch)
+    parent = parents[backend.switch]
     down: dict[str, set[int]] = {backend.switch: set()}
     in_port: dict[str, int] = {backend.switch: backend.port}
     for target in targets:
@@ -113,4 +151,6 @@ def relay_tree(model: Model, backend: Backend) -> RelayTree:
 def heard_everywhere(model: Model, switch: str, pool: list[Backend]) -> bool:
     """Does `switch` hear the beacons of every backend in `pool` (so that it may
     check their beacon age)?"""
-    return all(switch in holders(model, b) for b in pool)
+    trees = relay_trees(model)
+    return all(b.switch == switch or (b.name in trees and switch in trees[b.name].hops)
+               for b in pool)

@@ -3,7 +3,7 @@ the beacon plane's relays (controller/beacon_plane.py)."""
 
 from __future__ import annotations
 
-from controller.beacon_plane import relay_tree
+from controller.beacon_plane import relay_trees
 from controller.compile.common import ClassPlan, ip
 from controller.entries import (
     Action,
@@ -27,9 +27,9 @@ def local(model: Model, classes: ClassPlan, switch: Switch) -> list[Entity]:
     fabric_ip as its source. Where the backend's tree goes on, the entry relays to a
     multicast group numbered as the backend, of the tree's ports down."""
     out: list[Entity] = []
+    trees = relay_trees(model)
     for b in sorted(model.backends.values(), key=lambda b: b.backend_id):
-        tree = relay_tree(model, b)
-        hop = tree.hops.get(switch.name)
+        hop = trees[b.name].hops.get(switch.name)
         if b.switch == switch.name:
             source = b.address
         elif hop is not None:
