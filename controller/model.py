@@ -186,6 +186,11 @@ class BackendLoad:
 
 @dataclass
 class Backend:
+    """A serving endpoint. Its beacons' state (load, pending connections, flags, beacon
+    time; USAGE debits of tenant buckets) is held by its own switch and by every switch
+    its relay tree reaches: the edges of its services (controller/beacon_plane.py,
+    `holders`; docs/fabric.md, "The beacon plane")."""
+
     name: str
     backend_id: int  # u16: beacons carry it; also the P4 backend index
     host: str
