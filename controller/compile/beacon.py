@@ -25,11 +25,17 @@ def local(model: Model, classes: ClassPlan, switch: Switch) -> list[Entity]:
     """A beacon counts only from the port and address of a backend on this switch, or,
     relayed, from the fabric port facing that backend's switch with that switch's
     fabric_ip as its source. Where the backend's tree goes on, the entry relays to a
-    multicast group numbered as the backend, of the tree's ports down."""
-    out: list[Entity] = []
+    multicast group of the tree's ports down: one group per distinct set of ports, so
+    a switch holds as many groups as its trees have shapes (a handful in a leaf-spine),
+    not one per backend; numbered 1.. in the order of their port sets."""
     trees = relay_trees(model)
+    hops = {b.name: trees[b.name].hops.get(switch.name) for b in model.backends.values()}
+    port_sets = sorted({h.out_ports for h in hops.values() if h is not None and h.out_ports})
+    group_of = {ports: i for i, ports in enumerate(port_sets, start=1)}
+    out: list[Entity] = [MulticastGroup(gid, tuple((port, 0) for port in ports))
+                         for ports, gid in group_of.items()]
     for b in sorted(model.backends.values(), key=lambda b: b.backend_id):
-        hop = trees[b.name].hops.get(switch.name)
+        hop = hops[b.name]
         if b.switch == switch.name:
             source = b.address
         elif hop is not None:
@@ -45,6 +51,5 @@ def local(model: Model, classes: ClassPlan, switch: Switch) -> list[Entity]:
             continue
         relay_src = model.fabric.switches[b.switch].fabric_ip or ""
         out.append(TableEntry.of(Tables.BEACON_SOURCE, key, Action.of(
-            Actions.RELAY_BEACON, group=b.backend_id, relay_src=ip(relay_src))))
-        out.append(MulticastGroup(b.backend_id, tuple((port, 0) for port in hop.out_ports)))
+            Actions.RELAY_BEACON, group=group_of[hop.out_ports], relay_src=ip(relay_src))))
     return out
