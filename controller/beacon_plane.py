@@ -19,8 +19,8 @@ its own registers with its own receive time, so that:
 The tree is a breadth-first shortest-path tree from the backend's switch over
 the fabric's links, ties broken by switch name and port (stable across
 recompiles), pruned to the branches that lead to a switch that needs the
-backend. compile/beacon.py turns it into beacon_source entries and one
-multicast group per (switch, backend) whose replicas are the tree's ports down.
+backend. compile/beacon.py turns it into beacon_source entries and, per switch,
+one multicast group per distinct set of the trees' ports down.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
  *
  * The beacon plane (docs/fabric.md, "The beacon plane"): the backend's own
  * switch accepts a beacon from the backend's port and address and relays it
- * (relay_beacon) to the multicast group the controller built for that backend:
+ * (relay_beacon) to a multicast group the controller built (one per port set):
  * the fabric ports of a tree that reaches every switch selecting for the
  * backend's services. The relayed copy carries the backend switch's fabric_ip
  * as its source, and another switch accepts it only on the fabric port facing
