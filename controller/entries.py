@@ -117,7 +117,19 @@ class MeterConfig:
         return ("meter", self.meter, self.index)
 
 
-Entity = TableEntry | ProfileMember | ProfileGroup | MeterConfig
+@dataclass(frozen=True, order=True)
+class MulticastGroup:
+    """A packet replication engine group: a packet sent to it is copied to each
+    (egress port, instance) replica. The beacon plane's relays (compile/beacon.py)."""
+
+    group_id: int
+    replicas: tuple[tuple[int, int], ...]  # (egress port, instance), sorted
+
+    def key(self) -> tuple:
+        return ("mcast", self.group_id)
+
+
+Entity = TableEntry | ProfileMember | ProfileGroup | MeterConfig | MulticastGroup
 
 
 @dataclass

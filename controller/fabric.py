@@ -96,6 +96,7 @@ class ServiceFile(FileModel):
     beacon_max_age_ms: Annotated[int, in_range(0, 60_000)] = 100
     conn_cost: Annotated[int, in_range(0, 65535)] = 0
     p2c_slots: Annotated[int, in_range(1, MAX_PAIR_SLOTS)] = 64
+    edges: list[Str] = []  # the switches that hear its backends' beacons (default: every edge)
 
 
 class FabricFile(FileModel):
@@ -383,6 +384,16 @@ def _parse_service(name: str, n: Node, model: Model, taken: dict[int, str],
     elif s.overflow is not None:
         h = model.fabric.hosts[s.overflow]
         overflow = Endpoint(s.overflow, 0, h.address, h.mac, h.switch, h.port)
+    edges: list[str] = []
+    enode = n.child("edges")
+    for i, sw in enumerate(s.edges):
+        if sw not in model.fabric.switches:
+            if sw not in declared["switches"]:
+                _element(enode, n, i).error(f"unknown switch '{sw}'")
+        elif sw in edges:
+            _element(enode, n, i).error(f"switch '{sw}' listed twice")
+        else:
+            edges.append(sw)
     if s.p2c_slots & (s.p2c_slots - 1):
         (n.child("p2c_slots") or n).error(f"must be a power of two, got {s.p2c_slots}")
         ok = False
@@ -403,7 +414,7 @@ def _parse_service(name: str, n: Node, model: Model, taken: dict[int, str],
     return Service(name=name, service_id=s.id or 0, model=s.model, vip=s.vip, port=s.port,
                    pool=pool, mode=SelectionMode(s.mode), overflow=overflow,
                    idle_timeout_s=s.idle_timeout_s, beacon_max_age_ms=s.beacon_max_age_ms,
-                   conn_cost=s.conn_cost, p2c_slots=s.p2c_slots)
+                   conn_cost=s.conn_cost, p2c_slots=s.p2c_slots, edges=edges)
 
 
 def _element(list_node: Node | None, parent: Node, index: int) -> Node:

@@ -165,6 +165,10 @@ class Service:
     beacon_max_age_ms: float = 100.0  # older LOAD beacon: backend gets no new connection
     conn_cost: int = 0  # load units per connection since the last beacon; 0: from capacity
     p2c_slots: int = 64  # power-of-two-choices pair slots (a power of two, at most 256)
+    # The switches whose clients use this service: its backends' beacons are relayed
+    # there (controller/beacon_plane.py). Empty: every edge switch (one with a host
+    # that is not a backend's).
+    edges: list[str] = field(default_factory=list)
 
     @property
     def vip_port(self) -> str:
@@ -184,6 +188,11 @@ class BackendLoad:
 
 @dataclass
 class Backend:
+    """A serving endpoint. Its beacons' state (load, pending connections, flags, beacon
+    time; USAGE debits of tenant buckets) is held by its own switch and by every switch
+    its relay tree reaches: the edges of its services (controller/beacon_plane.py,
+    `holders`; docs/fabric.md, "The beacon plane")."""
+
     name: str
     backend_id: int  # u16: beacons carry it; also the P4 backend index
     host: str

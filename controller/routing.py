@@ -72,7 +72,7 @@ def scale_weights(raw: dict[str, float], total: int = MAX_GROUP_WEIGHT,
     if len(raw) >= total or s <= 0:
         return dict.fromkeys(raw, 1)
     shares = {k: v / s for k, v in raw.items()}
-    best: dict[str, int] = {}  # the first total tried always sets it (err < inf)
+    best: dict[str, int] = dict.fromkeys(raw, 1)  # replaced by the first total tried
     best_err = math.inf
     for t in range(len(raw), total + 1):
         w = _apportion(shares, t)

@@ -128,6 +128,8 @@ def shell_commands(entities: list) -> list[dict]:
         elif isinstance(e, ent.MeterConfig):
             out.append((2, {"kind": "meter", "meter": e.meter, "index": e.index, "cir": e.cir,
                             "cburst": e.cburst, "pir": e.pir, "pburst": e.pburst}))
+        elif isinstance(e, ent.MulticastGroup):
+            continue  # the packet replication engine: shell_read does not read it either
         else:
             row = {"kind": "table", "table": e.table, "priority": e.priority,
                    "match": {name: match(v) for name, v in e.match}}

@@ -110,6 +110,7 @@ class Event(IntEnum):
     OVERFLOW = 10
     AFFINITY = 11
     AFFINITY_OVER_BOUND = 12
+    BEACON_RELAYED = 13
 
 
 class BeaconType(IntEnum):
@@ -181,6 +182,7 @@ class Actions:
     METER_ONLY = "meter_only"
     NO_ROUTE = "no_route"
     REJECT_BEACON = "reject_beacon"
+    RELAY_BEACON = "relay_beacon"
     ROUTE = "route"
     SET_CANDIDATES = "set_candidates"
     SET_CLASS = "set_class"
@@ -246,7 +248,7 @@ TABLE_SIZES: dict[str, int] = {
 TABLE_ACTIONS: dict[str, tuple[str, ...]] = {
     "affinity": ("steer_affinity",),
     "backend": ("deliver_local", "deliver_ipip"),
-    "beacon_source": ("accept_beacon",),
+    "beacon_source": ("accept_beacon", "relay_beacon"),
     "class_qos": ("set_class_qos",),
     "dscp_class": ("set_class",),
     "ecn_policy": ("set_ecn_threshold",),
@@ -276,6 +278,7 @@ ACTION_PARAMS: dict[str, dict[str, int]] = {
     "meter_only": {},
     "no_route": {},
     "reject_beacon": {},
+    "relay_beacon": {"group": 16, "relay_src": 32},
     "route": {"port": 9, "smac": 48, "dmac": 48},
     "set_candidates": {"first_backend": 16, "second_backend": 16},
     "set_class": {"tclass": 3},
@@ -352,6 +355,7 @@ IDS: dict[str, int] = {
     "no_route": 24278608,
     "p2c_pairs": 34565427,
     "reject_beacon": 24833092,
+    "relay_beacon": 18243118,
     "reply_bytes": 309071740,
     "reply_source": 44128312,
     "roce_class": 35382541,

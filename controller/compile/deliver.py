@@ -32,12 +32,16 @@ def _backend_entries(model: Model, switch: Switch) -> list[Entity]:
             targets.append((ep.backend_id, ep.address, ep.mac, ep.port, ep.switch))
     tunnelled = len(model.fabric.switches) > 1  # other switches reach local backends by IP-in-IP
     out: list[Entity] = []
+    terminated: set[str] = set()
     for bid, address, dmac, port, where in sorted(targets):
         if where == switch.name:
-            action = Action.of(Actions.DELIVER_LOCAL, port=port, smac=mac(switch.mac),
+            action = Action.of(Actions.DELIVER_LOCAL, port=port, smac=_own_mac(switch),
                                dmac=mac(dmac))
-            if tunnelled:
-                # IP-in-IP from other switches to this backend's address ends here.
+            if tunnelled and address not in terminated:
+                # IP-in-IP from other switches to this backend's address ends here. The
+                # tunnel names an address, not a backend: backends sharing a host share
+                # one entry, to the lowest id (delivered alike: same port, same MAC).
+                terminated.add(address)
                 out.append(TableEntry.of(Tables.TUNNEL_TERM, {"dst_addr": Exact(ip(address))},
                                          Action.of(Actions.DECAP_TO_BACKEND, backend_id=bid)))
         else:
@@ -63,14 +67,14 @@ def _route_entries(model: Model, switch: Switch) -> list[Entity]:
     out: list[Entity] = []
     for (net, plen), (where, port, dmac) in sorted(routes.items()):
         if where == switch.name:
-            action = Action.of(Actions.ROUTE, port=port, smac=mac(switch.mac), dmac=mac(dmac))
+            action = Action.of(Actions.ROUTE, port=port, smac=_own_mac(switch), dmac=mac(dmac))
         else:
             out_port = fabric.next_hop_port(switch.name, where)
             if out_port is None:
                 continue  # not connected: nothing to route by
             peer = _peer(model, switch.name, out_port)
-            action = Action.of(Actions.ROUTE, port=out_port, smac=mac(switch.mac),
-                               dmac=mac(fabric.switches[peer].mac))
+            action = Action.of(Actions.ROUTE, port=out_port, smac=_own_mac(switch),
+                               dmac=_own_mac(fabric.switches[peer]))
         out.append(TableEntry.of(Tables.IPV4_ROUTE, {"dst_addr": Lpm(net, plen)}, action))
     return out
 
@@ -81,3 +85,10 @@ def _peer(model: Model, switch: str, port: int) -> str:
         if here.port == port:
             return link.other(switch).switch
     raise CompileError(f"no link on {switch} port {port}")
+
+
+def _own_mac(switch: Switch) -> int:
+    """The source MAC of frames the switch rewrites (the fabric file gives every switch one)."""
+    if switch.mac is None:
+        raise CompileError(f"switch '{switch.name}' has no mac")
+    return mac(switch.mac)

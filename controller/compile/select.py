@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 
 from controller.affinity import resolve, tenant_lookup
+from controller.beacon_plane import heard_everywhere
 from controller.compile.common import ClassPlan
 from controller.compile.pin import service_key
 from controller.entries import (
@@ -65,9 +66,9 @@ def local(model: Model, classes: ClassPlan, switch: Switch) -> list[Entity]:
         eligible = eligible_backends(model, service)
         slots = len(p2c_pairs([model.backends[n].backend_id for n in eligible],
                               service.p2c_slots))
-        # Beacons reach only a backend's own switch: the beacon age is checked only where
-        # every pool member is local, else remote backends would always look stale.
-        local_pool = all(b.switch == switch.name for b in model.pool(service.name))
+        # The beacon age is checked only where every pool member's beacons arrive (its
+        # own switch or the beacon plane's relays), else unheard ones would look stale.
+        local_pool = heard_everywhere(model, switch.name, model.pool(service.name))
         out.append(TableEntry.of(Tables.SERVICE, service_key(service), Action.of(
             Actions.SET_SERVICE, service_id=service.service_id, mode=MODE_VALUE[service.mode],
             overflow_backend=service.overflow.backend_id if service.overflow else NO_BACKEND,

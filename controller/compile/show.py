@@ -14,6 +14,7 @@ from controller.entries import (
     GroupRef,
     Lpm,
     MemberRef,
+    MulticastGroup,
     ProfileGroup,
     ProfileMember,
     Range,
@@ -52,7 +53,7 @@ def entity_to_dict(entity: Entity) -> dict[str, Any]:
             return {"action": a.name, "params": {k: _show(k, v) for k, v in a.params}}
         if isinstance(a, GroupRef):
             return {"group": a.group_id}
-        return {"member": a.member_id}  # MemberRef
+        return {"member": a.member_id}
 
     if isinstance(entity, TableEntry):
         d: dict[str, Any] = {"table": entity.table,
@@ -67,6 +68,9 @@ def entity_to_dict(entity: Entity) -> dict[str, Any]:
     if isinstance(entity, ProfileGroup):
         return {"profile": entity.profile, "group": entity.group_id,
                 "members": [list(m) for m in entity.members], "max_size": entity.max_size}
+    if isinstance(entity, MulticastGroup):
+        return {"multicast_group": entity.group_id,
+                "replicas": [list(r) for r in entity.replicas]}
     return {"meter": entity.meter, "index": entity.index, "cir": entity.cir,
             "cburst": entity.cburst, "pir": entity.pir, "pburst": entity.pburst}
 

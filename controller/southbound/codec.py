@@ -26,6 +26,7 @@ from controller.entries import (
     MatchValue,
     MemberRef,
     MeterConfig,
+    MulticastGroup,
     ProfileGroup,
     ProfileMember,
     Range,
@@ -75,6 +76,8 @@ class Codec:
                 return self._normalize_group(entity)
             if isinstance(entity, MeterConfig):
                 return self._normalize_meter(entity)
+            if isinstance(entity, MulticastGroup):
+                return self._normalize_multicast(entity)
         except TranslationError as exc:
             raise TranslationError(f"{exc} (in {entity})") from None
         raise TranslationError(f"not an entity: {entity!r}")
@@ -221,6 +224,23 @@ class Codec:
                                    f"(RFC 2698 needs PIR >= CIR)")
         return replace(meter, meter=info.name)
 
+    @staticmethod
+    def _normalize_multicast(group: MulticastGroup) -> MulticastGroup:
+        # Group 0 means "no multicast" to the dataplane (v1model mcast_grp).
+        if not isinstance(group.group_id, int) or not 0 < group.group_id < 2**16:
+            raise TranslationError(f"multicast group id must be in 1..65535, "
+                                   f"got {group.group_id!r}")
+        replicas = tuple(sorted(group.replicas))
+        if len(set(replicas)) != len(replicas):
+            raise TranslationError(f"multicast group {group.group_id} lists a replica twice")
+        for port, instance in replicas:
+            if not isinstance(port, int) or not 0 <= port < 2**32:
+                raise TranslationError(f"multicast group {group.group_id}: bad port {port!r}")
+            if not isinstance(instance, int) or not 0 <= instance < 2**32:
+                raise TranslationError(f"multicast group {group.group_id}: bad instance "
+                                       f"{instance!r}")
+        return MulticastGroup(group.group_id, replicas)
+
     # ---- encode ------------------------------------------------------------------
 
     def encode(self, entity: Entity, pb: p4runtime_pb2.Entity | None = None) \
@@ -249,6 +269,11 @@ class Codec:
             entry.config.cburst = entity.cburst
             entry.config.pir = entity.pir
             entry.config.pburst = entity.pburst
+        elif isinstance(entity, MulticastGroup):
+            mcast = pb.packet_replication_engine_entry.multicast_group_entry
+            mcast.multicast_group_id = entity.group_id
+            for port, instance in entity.replicas:
+                mcast.replicas.add(egress_port=port, instance=instance)
         else:
             raise TranslationError(f"not an entity: {entity!r}")
         return pb
@@ -313,6 +338,12 @@ class Codec:
                 return None
             return MeterConfig(self.index.meter(entry.meter_id).name, entry.index.index,
                                config.cir, config.cburst, config.pir, config.pburst)
+        if kind == "packet_replication_engine_entry" \
+                and pb.packet_replication_engine_entry.HasField("multicast_group_entry"):
+            mcast = pb.packet_replication_engine_entry.multicast_group_entry
+            return MulticastGroup(mcast.multicast_group_id,
+                                  tuple(sorted((r.egress_port, r.instance)
+                                               for r in mcast.replicas)))
         raise TranslationError(f"cannot decode entity of kind {kind}")
 
     def decode_key(self, pb: p4runtime_pb2.TableEntry) -> EntityKey:

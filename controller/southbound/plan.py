@@ -15,6 +15,7 @@ from controller.entries import (
     DesiredState,
     Entity,
     MeterConfig,
+    MulticastGroup,
     ProfileGroup,
     ProfileMember,
     TableEntry,
@@ -45,8 +46,8 @@ class Plan:
 def _rank(entity: Entity) -> int:
     if isinstance(entity, ProfileMember):
         return 0
-    if isinstance(entity, ProfileGroup):
-        return 1
+    if isinstance(entity, ProfileGroup | MulticastGroup):
+        return 1  # before the table entries whose actions name them
     return 2  # table entries and meter cells
 
 

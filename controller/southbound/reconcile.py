@@ -63,7 +63,7 @@ def wildcard(kind: str, id_field: str, id_value: int) -> p4runtime_pb2.Entity:
 
 def read_all_request(index: P4InfoIndex) -> list[p4runtime_pb2.Entity]:
     """Wildcard reads of every non-const table, every profile's members and groups,
-    and every meter's cells."""
+    every meter's cells and every multicast group."""
     entities = [wildcard("table_entry", "table_id", table.id)
                 for table in index.tables() if not table.is_const]
     for profile in index.profiles():
@@ -71,6 +71,10 @@ def read_all_request(index: P4InfoIndex) -> list[p4runtime_pb2.Entity]:
         if profile.with_selector:
             entities.append(wildcard("action_profile_group", "action_profile_id", profile.id))
     entities += [wildcard("meter_entry", "meter_id", meter.id) for meter in index.meters()]
+    # Group id 0: every multicast group (the beacon plane's relays).
+    pre = p4runtime_pb2.Entity()
+    pre.packet_replication_engine_entry.multicast_group_entry.multicast_group_id = 0
+    entities.append(pre)
     return entities
 
 

@@ -124,6 +124,7 @@ const bit<32> EVENT_METER_RED = 9;
 const bit<32> EVENT_OVERFLOW = 10;
 const bit<32> EVENT_AFFINITY = 11;             /* a new connection steered by affinity */
 const bit<32> EVENT_AFFINITY_OVER_BOUND = 12;  /* an affinity entry passed over: load, state */
+const bit<32> EVENT_BEACON_RELAYED = 13;      /* accepted and sent on (beacon plane) */
 #define NUM_EVENTS 16
 
 /* Token bucket fixed point: the level is kept in micro-tokens (1 token = 10^6),

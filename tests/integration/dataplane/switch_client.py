@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controller.entries import Entity, MeterConfig
+from controller.entries import DesiredState, Entity, MeterConfig
 from controller.southbound.p4info import Pipeline
 from controller.southbound.plan import DELETE, INSERT, MODIFY, Update
 from controller.southbound.switch import Role, Switch, SwitchConfig
@@ -83,6 +83,17 @@ class SwitchClient:
         updates = [Update(MODIFY if isinstance(e, MeterConfig) else kind,
                           switch.codec.normalize(e)) for e in entities]
         self._run(switch.write(updates))
+
+    def apply(self, state: DesiredState) -> None:
+        """The controller's reconcile: read what the switch holds, write the difference."""
+        result = self._run(self._switch().apply(state))
+        if not result.applied:
+            raise RuntimeError(f"{self.address}: not applied: {result}")
+
+    def reconcile(self) -> tuple[int, int, int]:
+        """Read the switch back and write what differs: (inserted, modified, deleted)."""
+        result = self._run(self._switch().reconcile())
+        return result.inserted, result.modified, result.deleted
 
     # -- reads ----------------------------------------------------------------
 

@@ -64,6 +64,7 @@ class DeviceState:
     groups: dict[tuple[int, int], p4runtime_pb2.ActionProfileGroup] = field(
         default_factory=dict)
     meters: dict[tuple[int, int], p4runtime_pb2.MeterConfig] = field(default_factory=dict)
+    multicast: dict[int, p4runtime_pb2.MulticastGroupEntry] = field(default_factory=dict)
     counters: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     direct_counters: dict[tuple, tuple[int, int]] = field(default_factory=dict)
 
@@ -72,6 +73,7 @@ class DeviceState:
         self.members.clear()
         self.groups.clear()
         self.meters.clear()
+        self.multicast.clear()
         self.counters.clear()
         self.direct_counters.clear()
 
@@ -315,8 +317,30 @@ class FakeP4RuntimeServer(p4runtime_pb2_grpc.P4RuntimeServicer):
             self._write_group(update.type, entity.action_profile_group)
         elif kind == "meter_entry":
             self._write_meter(update.type, entity.meter_entry)
+        elif kind == "packet_replication_engine_entry" \
+                and entity.packet_replication_engine_entry.HasField("multicast_group_entry"):
+            self._write_multicast(update.type,
+                                  entity.packet_replication_engine_entry.multicast_group_entry)
         else:
             raise EntityError(code_pb2.UNIMPLEMENTED, f"entity {kind} not supported")
+
+    def _write_multicast(self, kind: int, group: p4runtime_pb2.MulticastGroupEntry) -> None:
+        groups = self.state.multicast
+        gid = group.multicast_group_id
+        if gid == 0:
+            raise EntityError(code_pb2.INVALID_ARGUMENT, "multicast group 0")
+        if kind == Update.DELETE:
+            if gid not in groups:
+                raise EntityError(code_pb2.NOT_FOUND, "no such multicast group")
+            del groups[gid]
+            return
+        if kind == Update.INSERT and gid in groups:
+            raise EntityError(code_pb2.ALREADY_EXISTS, "multicast group exists")
+        if kind == Update.MODIFY and gid not in groups:
+            raise EntityError(code_pb2.NOT_FOUND, "no such multicast group")
+        stored = p4runtime_pb2.MulticastGroupEntry()
+        stored.CopyFrom(group)
+        groups[gid] = stored
 
     def _lookup(self, getter, what: int):  # noqa: ANN001, ANN202
         try:
@@ -549,6 +573,14 @@ class FakeP4RuntimeServer(p4runtime_pb2_grpc.P4RuntimeServicer):
                 cell.direct_counter_entry.data.packet_count = packets
                 cell.direct_counter_entry.data.byte_count = octets
                 out.append(cell)
+        elif kind == "packet_replication_engine_entry" \
+                and entity.packet_replication_engine_entry.HasField("multicast_group_entry"):
+            want = entity.packet_replication_engine_entry.multicast_group_entry.multicast_group_id
+            for gid, group in sorted(s.multicast.items()):
+                if want in (0, gid):
+                    cell = p4runtime_pb2.Entity()
+                    cell.packet_replication_engine_entry.multicast_group_entry.CopyFrom(group)
+                    out.append(cell)
         else:
             raise EntityError(code_pb2.UNIMPLEMENTED, f"cannot read {kind}")
         return out

@@ -86,7 +86,12 @@ def held_on_fake(server, pipeline: Pipeline) -> DesiredState:  # noqa: ANN001
         pb.meter_entry.index.index = index
         pb.meter_entry.config.CopyFrom(config)
         pbs.append(pb)
+    for group in s.multicast.values():
+        pb = p4runtime_pb2.Entity()
+        pb.packet_replication_engine_entry.multicast_group_entry.CopyFrom(group)
+        pbs.append(pb)
     for pb in pbs:
         entity = codec.decode(pb)
-        out.add(entity)
+        if entity is not None:  # a meter cell without config
+            out.add(entity)
     return out

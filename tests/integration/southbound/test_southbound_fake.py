@@ -13,6 +13,7 @@ from controller.entries import (
     GroupRef,
     Lpm,
     MemberRef,
+    MulticastGroup,
     ProfileGroup,
     ProfileMember,
     TableEntry,
@@ -534,3 +535,22 @@ async def test_switches_join_and_leave_a_running_southbound(fakes, pipeline):
         assert not result.applied and result.reason == "disconnected"
     finally:
         await sb.stop()
+
+
+async def test_multicast_groups_are_written_read_back_and_repaired(fake, pipeline):
+    switch = await started(make_switch(fake, pipeline))
+    try:
+        desired = mini_state(tenants=2)
+        desired.add(MulticastGroup(5, ((3, 0), (1, 0))))
+        assert (await switch.apply(desired)).inserted == len(desired.entities)
+        assert [(g.multicast_group_id, [r.egress_port for r in g.replicas])
+                for g in fake.state.multicast.values()] == [(5, [1, 3])]
+        # read back: nothing to write; a group lost behind our back is put back
+        assert (await switch.reconcile()).writes == 0
+        del fake.state.multicast[5]
+        assert (await switch.reconcile()).inserted == 1
+        # a group the controller no longer wants is deleted
+        assert (await switch.apply(mini_state(tenants=2))).deleted == 1
+        assert fake.state.multicast == {}
+    finally:
+        await switch.stop()
