@@ -1,0 +1,62 @@
+"""The affinity reports' queue without a controller: bounded, deduplicated, never blocking.
+(Sending them to a real controller: tests/integration/hostagent/test_handoff.py.)"""
+
+from __future__ import annotations
+
+from hostagent.affinity_reports import AffinityReporter
+from hostagent.handoff import HandoffMetrics
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counted(reporter: AffinityReporter, outcome: str) -> float:
+    value = reporter.metrics.registry.get_sample_value(
+        "tokenfabric_affinity_reports_total", {"backend": "gpu1", "outcome": outcome})
+    return value or 0.0
+
+
+def test_a_full_queue_drops_and_counts_and_a_pending_client_is_not_queued_twice():
+    reporter = AffinityReporter("gpu1", HandoffMetrics("gpu1"), max_pending=2)
+    reporter.note("10.0.1.7")
+    reporter.note("10.0.1.7")        # already waiting: one report
+    reporter.note("10.0.1.8")
+    reporter.note("10.0.1.9")        # the queue holds 2: dropped
+    assert list(reporter.pending) == ["10.0.1.7", "10.0.1.8"]
+    assert counted(reporter, "deduped") == 1 and counted(reporter, "dropped") == 1
+    assert reporter.wake.is_set()
+    # not an IPv4 client: the switch's table cannot hold it, nothing queued or counted
+    for bad in ("", "::1", "not-an-address", "10.0.1.300"):
+        reporter.note(bad)
+    assert len(reporter.pending) == 2 and counted(reporter, "dropped") == 1
+
+
+def test_a_client_reported_within_the_window_is_deduplicated_then_reported_again():
+    clock = Clock()
+    reporter = AffinityReporter("gpu1", HandoffMetrics("gpu1"), window_s=30.0, clock=clock)
+    reporter.services = ["tiny"]
+    reporter.recent[("tiny", "10.0.1.7")] = clock.now + 30.0  # as _send leaves it
+    reporter.note("10.0.1.7")
+    assert not reporter.pending and counted(reporter, "deduped") == 1
+    clock.now += 31.0
+    reporter.note("10.0.1.7")
+    assert list(reporter.pending) == ["10.0.1.7"]
+    # a backend in two services: reported again while one of them has no fresh report
+    reporter.pending.clear()
+    reporter.services = ["tiny", "big"]
+    reporter.recent[("tiny", "10.0.1.7")] = clock.now + 30.0
+    reporter.note("10.0.1.7")
+    assert list(reporter.pending) == ["10.0.1.7"]
+
+
+def test_the_outcomes_are_kept_for_the_handoff_summary_too():
+    metrics = HandoffMetrics("gpu1")
+    reporter = AffinityReporter("gpu1", metrics, max_pending=1)
+    reporter.note("10.0.1.7")
+    reporter.note("10.0.1.8")
+    assert metrics.counts[("affinity", "dropped")] == 1
