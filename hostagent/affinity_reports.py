@@ -94,7 +94,12 @@ class AffinityReporter:
             while self.pending:
                 client, _ = self.pending.popitem(last=False)
                 for service in self.services or []:
-                    await self._send(controller, service, client)
+                    try:
+                        await self._send(controller, service, client)
+                    except Exception:  # a bug must cost one report, not the agent
+                        self._count("failed")
+                        log.exception("affinity report %s -> %s failed", client,
+                                      self.backend)
 
     async def _learn_services(self, controller: ControllerClient) -> bool:
         try:

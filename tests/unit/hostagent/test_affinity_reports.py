@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
+import aiohttp
+
 from hostagent.affinity_reports import AffinityReporter
+from hostagent.controller_api import ControllerClient
 from hostagent.handoff import HandoffMetrics
 
 
@@ -60,3 +66,34 @@ def test_the_outcomes_are_kept_for_the_handoff_summary_too():
     reporter.note("10.0.1.7")
     reporter.note("10.0.1.8")
     assert metrics.counts[("affinity", "dropped")] == 1
+
+
+def test_an_unreachable_controller_counts_failed_and_the_client_may_come_again():
+    """A real ControllerClient at a closed port on 127.0.0.1: the report fails fast."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def scenario() -> AffinityReporter:
+        reporter = AffinityReporter("gpu1", HandoffMetrics("gpu1"))
+        reporter.services = ["tiny"]
+        ready = asyncio.Event()
+        ready.set()
+        async with aiohttp.ClientSession() as session:
+            controller = ControllerClient(session, f"http://127.0.0.1:{port}", None, 2.0)
+            task = asyncio.create_task(reporter.run(controller, ready))
+            reporter.note("10.0.1.7")
+            for _ in range(200):  # at most 2 s
+                if counted(reporter, "failed"):
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return reporter
+
+    reporter = asyncio.run(scenario())
+    assert counted(reporter, "failed") == 1 and counted(reporter, "sent") == 0
+    # not learned by the controller: the client's next request may report it again
+    assert ("tiny", "10.0.1.7") not in reporter.recent
+    reporter.note("10.0.1.7")
+    assert list(reporter.pending) == ["10.0.1.7"]
