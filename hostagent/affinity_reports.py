@@ -64,6 +64,8 @@ class AffinityReporter:
             address = ipaddress.IPv4Address(client)
         except ValueError:
             return  # not an IPv4 client (the switch's affinity table keys IPv4 sources)
+        if address.is_loopback or address.is_unspecified or address.is_multicast:
+            return  # no switch sees such a source (the controller would answer 422)
         client = str(address)
         now = self.clock()
         services = self.services

@@ -36,8 +36,9 @@ def test_a_full_queue_drops_and_counts_and_a_pending_client_is_not_queued_twice(
     assert list(reporter.pending) == ["10.0.1.7", "10.0.1.8"]
     assert counted(reporter, "deduped") == 1 and counted(reporter, "dropped") == 1
     assert reporter.wake.is_set()
-    # not an IPv4 client: the switch's table cannot hold it, nothing queued or counted
-    for bad in ("", "::1", "not-an-address", "10.0.1.300"):
+    # not a client the switch can see (not IPv4, loopback, ...): nothing queued or counted
+    for bad in ("", "::1", "not-an-address", "10.0.1.300", "127.0.0.1", "0.0.0.0",
+                "224.0.0.1"):
         reporter.note(bad)
     assert len(reporter.pending) == 2 and counted(reporter, "dropped") == 1
 
