@@ -9,7 +9,9 @@ Loops, all in one asyncio event loop:
 - run the bridge on VIP:port;
 - with kv_events_endpoint set, follow vLLM's KV-cache events (hostagent/kv_events.py)
   and send the block set's deltas to the controller's prefix index every
-  kv_report_interval (hostagent/kv_blocks.py).
+  kv_report_interval (hostagent/kv_blocks.py);
+- with handoff set, send the affinity reports the bridge files (a client served here for
+  its cached prefix: hostagent/affinity_reports.py) to the controller, for the switch.
 On exit (SIGTERM included) it deregisters, stops the bridge and undoes the host set-up.
 """
 
@@ -27,6 +29,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hostagent import log, roce
+from hostagent.affinity_reports import AffinityReporter
 from hostagent.beacons import BeaconSender
 from hostagent.bridge import Bridge, BridgeSettings
 from hostagent.config import AgentConfig
@@ -101,6 +104,7 @@ class Agent:
                 bind=bind)
         self.kv_reports_sent = 0
         self.handoff: Handoff | None = None  # made in run(), with the HTTP session
+        self.affinity: AffinityReporter | None = None  # with the handoff
         self.metrics_runner: web.AppRunner | None = None
 
     # -- state ---------------------------------------------------------------------------
@@ -149,6 +153,10 @@ class Agent:
             if cfg.handoff:
                 self.handoff = self._make_handoff(self.session)
                 self.bridge.handoff = self.handoff
+                self.affinity = AffinityReporter(
+                    cfg.name, self.handoff.metrics, self.handoff.settings.affinity_window_s,
+                    self.handoff.settings.affinity_queue)
+                self.bridge.on_affinity = self.affinity.note
             if cfg.metrics_listen:
                 await self._start_metrics(cfg.metrics_listen)
             if cfg.bridge:
@@ -163,6 +171,9 @@ class Agent:
                      self._beacon_loop()]
             if self.kv_subscriber is not None:
                 loops += [self.kv_subscriber.run(), self._kv_report_loop()]
+            if self.affinity is not None:
+                assert self.controller is not None
+                loops.append(self.affinity.run(self.controller, self.registered))
             for coro in loops:
                 tasks.append(asyncio.create_task(coro))
             waiter = asyncio.create_task(stop.wait())
@@ -455,6 +466,8 @@ class Agent:
                     log.warning("the controller forgot %s; registering again", self.config.name)
                     self.registered.clear()
                     self.backend_id = None  # no beacons under a stale id
+                    if self.affinity is not None:
+                        self.affinity.forget_services()
                     await self._register()
                 else:
                     log.warning("report failed: %s", exc)

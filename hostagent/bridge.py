@@ -8,7 +8,11 @@
   where the client did not ask for usage, by counting the content chunks of the stream
   (and estimating the prompt at 4 bytes a token); such requests are marked estimated.
 - The tenant is the longest tenant prefix holding the client's source address; with
-  `trust_tenant_header` (labs and tests only) an X-Tokenfabric-Tenant header may name it.
+  `trust_tenant_header` (labs and tests only) an X-Tokenfabric-Tenant header may name it,
+  and an X-Tokenfabric-Client header may stand for the source address.
+- Prefix affinity: a request of an opted-in tenant served here because this backend holds
+  its prefix, or handed here by a peer, is passed to `on_affinity` with its client's
+  address (hostagent/affinity_reports.py: the agent tells the switch, off the request path).
 - Every response names the backend in `X-Tokenfabric-Backend` (the agent's name), so a
   client (the lab's load generator) knows who served it or answered the error.
 - Charged early: the prompt (estimated, 4 bytes a token) is charged through `on_charge`
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import re
 from collections.abc import Callable
@@ -72,6 +77,7 @@ from hostagent.tenants import UNKNOWN, Tenant, TenantTable, TenantUsage, retry_a
 from tokenfabric.sse import is_token_payload
 
 TENANT_HEADER = "x-tokenfabric-tenant"
+CLIENT_HEADER = "x-tokenfabric-client"  # trusted with trust_tenant_header only
 BACKEND_HEADER = "X-Tokenfabric-Backend"
 MAX_KEPT_RESPONSE = 8 * MIB   # non-streaming bodies kept to read `usage` from
 MAX_RESPONSE_HEAD = 64 * KIB  # vLLM's response head
@@ -83,7 +89,8 @@ LINGER_SECONDS = 1.0          # after an early answer, how long unread input is 
 LINGER_BYTES = 1 * MIB        # ...and how much, so that the close does not reset the answer
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                         "upgrade", "transfer-encoding", "content-length", "expect",
-                        TENANT_HEADER, BACKEND_HEADER.lower(), HANDOFF_HEADER})
+                        TENANT_HEADER, CLIENT_HEADER, BACKEND_HEADER.lower(),
+                        HANDOFF_HEADER})
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
@@ -135,10 +142,12 @@ class BridgeSettings:
 class _Exchange:
     """One relayed request and what the bridge worked out from its body."""
     __slots__ = ("request", "prompt_estimate", "max_tokens", "delay_key", "decision",
-                 "handed_at", "added_s", "tenant")
+                 "handed_at", "added_s", "tenant", "client")
 
-    def __init__(self, request: Request, body: dict | None, tenant: Tenant) -> None:
+    def __init__(self, request: Request, body: dict | None, tenant: Tenant,
+                 client: str) -> None:
         self.request = request
+        self.client = client  # the client's address (a handed request: the signed one)
         self.prompt_estimate = _estimate_prompt_tokens(body)
         self.max_tokens = _max_tokens(body)
         self.delay_key: int | None = None
@@ -302,8 +311,11 @@ class Bridge:
     def __init__(self, settings: BridgeSettings, tenants: TenantTable | None = None,
                  on_finish: UsageCallback | None = None,
                  on_charge: ChargeCallback | None = None,
-                 delay: DelayEstimator | None = None, handoff: Handoff | None = None) -> None:
+                 delay: DelayEstimator | None = None, handoff: Handoff | None = None,
+                 on_affinity: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        # told the client of each request served here for its cached prefix (never blocks)
+        self.on_affinity = on_affinity
         # prefix handoff (hostagent/handoff.py): hands requests to peers, takes theirs
         self.handoff = handoff
         self.handoff_server: asyncio.Server | None = None
@@ -355,12 +367,22 @@ class Bridge:
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 
     # -- one connection ------------------------------------------------------------------
-    def _tenant(self, request: Request, peer: str) -> Tenant:
+    def _client(self, request: Request, peer: str) -> str:
+        """The client's address: the connection's source, or (trust_tenant_header: labs and
+        tests, whose clients all come from 127.0.0.1) the X-Tokenfabric-Client header."""
+        if self.settings.trust_tenant_header:
+            named = request.header(CLIENT_HEADER)
+            if named:
+                with contextlib.suppress(ValueError):
+                    return str(ipaddress.ip_address(named.strip()))
+        return peer
+
+    def _tenant(self, request: Request, client: str) -> Tenant:
         if self.settings.trust_tenant_header:
             named = request.header(TENANT_HEADER)
             if named:
                 return self.tenants.by_name_or_id(named) or UNKNOWN
-        return self.tenants.by_address(peer)
+        return self.tenants.by_address(client)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       received: bool = False) -> None:
@@ -429,7 +451,8 @@ class Bridge:
 
     async def _serve_request(self, request: Request, peer: str, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter, received: bool = False) -> None:
-        tenant, usage = self._tenant(request, peer), TenantUsage()
+        client = self._client(request, peer)
+        tenant, usage = self._tenant(request, client), TenantUsage()
         charge = _Charge(tenant)
         upstream: asyncio.StreamWriter | None = None
         watcher: asyncio.Task | None = None
@@ -455,7 +478,8 @@ class Bridge:
             usage.requests = 1
             try:
                 if received:
-                    tenant = charge.tenant = self._handed_tenant(request)
+                    tenant, client = self._handed(request)
+                    charge.tenant = tenant
                 body = await _parse_body(request.body, self.large_json)
                 if self.settings.priority_scheduling and request.body:
                     if body is None:
@@ -463,7 +487,7 @@ class Bridge:
                                         f"{MAX_JSON_VALUES} values")
                     body["priority"] = -(tenant.request_priority or 0)
                     request.body = json.dumps(body, separators=(",", ":")).encode()
-                exchange = _Exchange(request, body, tenant)
+                exchange = _Exchange(request, body, tenant, client)
                 if self.handoff is not None and not received and body is not None \
                         and self.handoff.wants(tenant, body):
                     exchange.decision = await self.handoff.choose(body)
@@ -477,6 +501,8 @@ class Bridge:
                     usage.requests = 0
                 else:
                     upstream_reader, upstream = await self._connect(request)
+                    if self._cached_here(exchange, received):
+                        self._affinity(exchange.client)
                     self._charge(charge, exchange.prompt_estimate, 0)
                     if self.delay is not None:
                         exchange.delay_key = self.delay.start(exchange.max_tokens)
@@ -524,9 +550,29 @@ class Bridge:
         except Exception:  # accounting must never break the relay
             log.exception("charge callback failed")
 
-    def _handed_tenant(self, request: Request) -> Tenant:
-        """The tenant of a request a peer's bridge handed here: its signed header names
-        it; a request without a valid signature is refused (403)."""
+    def _cached_here(self, exchange: _Exchange, received: bool) -> bool:
+        """Served here for its prefix: handed here by a peer (whose index lookup chose this
+        backend), or this backend holds at least `min_blocks` of the prompt and no peer
+        markedly more (`local_longest`)."""
+        if self.on_affinity is None or self.handoff is None \
+                or not exchange.tenant.prefix_affinity:
+            return False
+        if received:
+            return True
+        decision = exchange.decision
+        return decision is not None and decision.decision == "local_longest" \
+            and decision.local_blocks >= self.handoff.settings.min_blocks
+
+    def _affinity(self, client: str) -> None:
+        assert self.on_affinity is not None
+        try:
+            self.on_affinity(client)
+        except Exception:  # a report must never break the relay
+            log.exception("affinity callback failed")
+
+    def _handed(self, request: Request) -> tuple[Tenant, str]:
+        """The tenant and client of a request a peer's bridge handed here: its signed
+        header names them; a request without a valid signature is refused (403)."""
         value = request.header(HANDOFF_HEADER)
         verified = None if self.handoff is None or value is None else \
             verify(self.handoff.settings.secret, value, request.body)
@@ -535,11 +581,10 @@ class Bridge:
                 self.handoff.metrics.refused.labels(self.handoff.backend).inc()
             raise HttpError(403, "a handoff needs a valid X-Tokenfabric-Handoff signature",
                             "forbidden")
-        origin, tenant_id = verified
-        tenant = self.tenants.by_name_or_id(str(tenant_id)) or UNKNOWN
+        tenant = self.tenants.by_name_or_id(str(verified.tenant_id)) or UNKNOWN
         assert self.handoff is not None
-        self.handoff.metrics.took(origin, tenant.name)
-        return tenant
+        self.handoff.metrics.took(verified.origin, tenant.name)
+        return tenant, verified.client
 
     async def _hand_off(self, exchange: _Exchange) -> tuple[asyncio.StreamReader,
                                                             asyncio.StreamWriter] | None:
@@ -549,7 +594,7 @@ class Bridge:
         peer = exchange.decision.peer
         assert peer is not None
         request = exchange.request
-        signed = self.handoff.header(exchange.tenant, request.body)
+        signed = self.handoff.header(exchange.tenant, request.body, exchange.client)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:

@@ -4,6 +4,7 @@
     POST   /api/v1/backends/{name}/report   every ~1 s -> 2xx (may carry "tenants")
     POST   /api/v1/backends/{name}/kv       the KV block set (prefix index)
     POST   /api/v1/backends/{name}/affinity a client's prefix is cached here (switch affinity)
+    GET    /api/v1/backends/{name}          the backend as the controller sees it (services)
     DELETE /api/v1/backends/{name}          on exit
 
 With controller replicas (docs/replicas.md) the agent talks to every one of them
@@ -93,6 +94,14 @@ class ControllerClient:
         return await self._post_backend(name, "affinity", {"service": service,
                                                             "client": client},
                                         "affinity report")
+
+    async def backend(self, name: str) -> dict:
+        """The controller's view of backend `name` (its `services` among others)."""
+        status, data = await self._call("GET", f"/backends/{name}")
+        if status != 200 or not isinstance(data, dict):
+            raise ControllerError(f"backend view refused: HTTP {status}: "
+                                  f"{self._detail(status, data)}", status)
+        return data
 
     async def _post_backend(self, name: str, leaf: str, body: dict, what: str) -> dict:
         status, data = await self._call("POST", f"/backends/{name}/{leaf}", body)

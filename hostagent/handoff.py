@@ -21,11 +21,16 @@ Per request of a tenant that opted in (policy `prefix_affinity`):
    against its capacity, in units of a typical request's time here; relay cost = the
    measured moving average of the lookup-to-peer-head time;
 4. the relay: the request goes to the peer agent's handoff listener (its fabric address,
-   `handoff_port`), signed (`X-Tokenfabric-Handoff`: origin, tenant id, time, HMAC-SHA256
-   over them and the body's SHA-256 with the fabric's handoff secret); the peer serves it
+   `handoff_port`), signed (`X-Tokenfabric-Handoff`: origin, tenant id, the client's
+   address, time, HMAC-SHA256 over them and the body's SHA-256 with the fabric's handoff
+   secret); the peer serves it
    as its own request of that tenant -- it charges the usage and never hands it on -- and
    the answer streams back through this bridge. A client that leaves aborts the relay
-   connection, and the peer's bridge then aborts its vLLM.
+   connection, and the peer's bridge then aborts its vLLM;
+5. the switch learns from it (hostagent/affinity_reports.py): a request served here
+   because this backend holds its prefix (`local_longest`), or handed here by a peer,
+   makes this backend's agent report "client -> this backend" to the controller, which
+   installs it on the client's edge switch.
 
 Why the controller's index and not each agent subscribing to every peer's KV events: one
 subscription per backend (not N x N), the index's staleness rules and memory bound apply
@@ -42,7 +47,7 @@ import hmac
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -86,10 +91,15 @@ class HandoffSettings:
     cache_size: int = 1024
     connect_timeout: float = 0.5         # s to reach the peer's handoff listener
     load_stale_s: float = 3.0            # a peer whose load report is older is not used
+    affinity_window_s: float = 30.0      # a client is re-reported at most this often (and
+                                         # at most every quarter of the switch's TTL)
+    affinity_queue: int = 1024           # affinity reports waiting to be sent; more dropped
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"handoff tokenizer must be one of {TOKENIZERS}")
+        if self.affinity_window_s < 0 or self.affinity_queue < 1:
+            raise ValueError("handoff affinity_window_s must be >= 0, affinity_queue >= 1")
         if len(self.secret) < 16:
             raise ValueError("the handoff secret must be at least 16 bytes")
 
@@ -149,6 +159,12 @@ class HandoffMetrics:
             "A handoff's added latency: the decision (block keys, index lookup) and the "
             "connection to the peer's handoff listener.", ["backend"],
             registry=self.registry, buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
+        self.affinity = Counter(
+            "tokenfabric_affinity_reports",
+            "Affinity reports (client -> this backend) for the switch, by outcome: sent, "
+            "deduped (reported within the window), dropped (queue full), refused (4xx: not "
+            "opted in, no edge, ...), failed (controller unreachable or 5xx).",
+            ["backend", "outcome"], registry=self.registry)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def decided(self, decision: str) -> None:
@@ -165,33 +181,43 @@ class HandoffMetrics:
 
 
 # -- signing ------------------------------------------------------------------------------
+class Handed(NamedTuple):
+    """What a verified handoff header says: who handed it, whose it is, whose it was."""
+    origin: str
+    tenant_id: int
+    client: str  # the client's address as the origin bridge saw it ("" unknown)
+
+
 def sign(secret: bytes, origin: str, tenant_id: int, body: bytes,
-         now: float | None = None) -> str:
-    """The X-Tokenfabric-Handoff value of a request handed on by `origin`."""
+         now: float | None = None, *, client: str = "") -> str:
+    """The X-Tokenfabric-Handoff value of a request of `client` handed on by `origin`.
+    The client's address is signed too: the receiving agent reports affinity for it."""
     stamp = int(time.time() if now is None else now)
-    digest = _mac(secret, origin, tenant_id, stamp, body)
-    return f"origin={origin}; tenant={tenant_id}; ts={stamp}; sig={digest}"
+    digest = _mac(secret, origin, tenant_id, client, stamp, body)
+    return f"origin={origin}; tenant={tenant_id}; client={client}; ts={stamp}; sig={digest}"
 
 
 def verify(secret: bytes, value: str, body: bytes,
-           now: float | None = None) -> tuple[str, int] | None:
-    """(origin, tenant id) of a well-signed, fresh handoff header, else None."""
+           now: float | None = None) -> Handed | None:
+    """What a well-signed, fresh handoff header says, else None."""
     try:
         fields = dict(part.strip().split("=", 1) for part in value.split(";"))
         origin, tenant_id, stamp = fields["origin"], int(fields["tenant"]), int(fields["ts"])
-        given = fields["sig"]
+        client, given = fields["client"], fields["sig"]
     except (KeyError, ValueError):
         return None
     now = time.time() if now is None else now
     if abs(now - stamp) > MAX_CLOCK_SKEW_S:
         return None
-    if not hmac.compare_digest(given, _mac(secret, origin, tenant_id, stamp, body)):
+    if not hmac.compare_digest(given, _mac(secret, origin, tenant_id, client, stamp, body)):
         return None
-    return origin, tenant_id
+    return Handed(origin, tenant_id, client)
 
 
-def _mac(secret: bytes, origin: str, tenant_id: int, stamp: int, body: bytes) -> str:
-    message = f"{origin}|{tenant_id}|{stamp}|{hashlib.sha256(body).hexdigest()}".encode()
+def _mac(secret: bytes, origin: str, tenant_id: int, client: str, stamp: int,
+         body: bytes) -> str:
+    message = (f"{origin}|{tenant_id}|{client}|{stamp}|"
+               f"{hashlib.sha256(body).hexdigest()}").encode()
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
@@ -447,12 +473,14 @@ class Handoff:
     def failed(self) -> None:
         self.metrics.decided("relay_failed")
 
-    def header(self, tenant: Tenant, body: bytes) -> str:
-        return sign(self.settings.secret, self.backend, tenant.tenant_id, body)
+    def header(self, tenant: Tenant, body: bytes, client: str) -> str:
+        return sign(self.settings.secret, self.backend, tenant.tenant_id, body, client=client)
 
     def summary(self) -> dict[str, Any]:
-        """For the agent's report and logs: counts by decision, sent and received."""
-        out: dict[str, dict[str, int]] = {"decision": {}, "sent": {}, "received": {}}
+        """For the agent's report and logs: counts by decision, sent, received, and the
+        affinity reports' by outcome."""
+        out: dict[str, dict[str, int]] = {"decision": {}, "sent": {}, "received": {},
+                                          "affinity": {}}
         for (kind, name), n in self.metrics.counts.items():
-            out[kind][name] = n
+            out.setdefault(kind, {})[name] = n
         return {**out, "relay_ms": round(self.relay_ms, 3)}

@@ -4,7 +4,12 @@ real emulators publishing KV events, two real agents (bridge, handoff listener o
 
 gpu1's bridge gets requests whose prompt prefix gpu2 holds: it hands them over and the
 answer streams back; a client abort cancels gpu2's generation; usage is charged once, by
-gpu2; no handoff when gpu2 is overloaded or the shared prefix is short; counters."""
+gpu2; no handoff when gpu2 is overloaded or the shared prefix is short; counters.
+
+The switch learns from it: the agent of the backend that served a request for its cached
+prefix (handed to it, or held longest where it landed) reports "client -> backend" to the
+controller's affinity table (the clients' addresses come in X-Tokenfabric-Client: every
+test client connects from 127.0.0.1, which no edge switch has)."""
 
 from __future__ import annotations
 
@@ -199,10 +204,13 @@ def rig(tmp_path_factory):
 
 
 def completion(rig: Rig, prompt: str, tenant: str = "chat", max_tokens: int = 8,
-               ) -> tuple[httpx.Response, list[dict]]:
+               client: str | None = None) -> tuple[httpx.Response, list[dict]]:
     """A streamed completion through gpu1's bridge; the response and its SSE events."""
+    headers = {"X-Tokenfabric-Tenant": tenant}
+    if client is not None:
+        headers["X-Tokenfabric-Client"] = client
     with httpx.stream("POST", rig.bridges["gpu1"] + "/v1/completions", timeout=30,
-                      headers={"X-Tokenfabric-Tenant": tenant},
+                      headers=headers,
                       json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
                             "stream": True, "ignore_eos": True,
                             "stream_options": {"include_usage": True}}) as reply:
@@ -334,6 +342,11 @@ def test_the_handoff_listener_refuses_unsigned_or_forged_requests(rig):
     forged = sign(b"not-the-fabric-secret-000", "gpu1", 5, body)
     assert httpx.post(url, content=body, timeout=10,
                       headers={"X-Tokenfabric-Handoff": forged}).status_code == 403
+    # a well-signed header whose client address was changed on the way: refused
+    signed = sign(SECRET.encode(), "gpu1", 5, body, client="10.0.1.40")
+    assert httpx.post(url, content=body, timeout=10, headers={
+        "X-Tokenfabric-Handoff": signed.replace("client=10.0.1.40", "client=10.0.1.41")
+    }).status_code == 403
     # signed for another body: refused
     other = sign(SECRET.encode(), "gpu1", 5, b"{}")
     assert httpx.post(url, content=body, timeout=10,
@@ -341,7 +354,69 @@ def test_the_handoff_listener_refuses_unsigned_or_forged_requests(rig):
     good = sign(SECRET.encode(), "gpu1", 5, body)
     reply = httpx.post(url, content=body, timeout=10, headers={"X-Tokenfabric-Handoff": good})
     assert reply.status_code == 200 and reply.headers["x-tokenfabric-backend"] == "gpu2"
-    assert rig.metric("gpu2", r"tokenfabric_handoffs_refused_total") >= 3
+    assert rig.metric("gpu2", r"tokenfabric_handoffs_refused_total") >= 4
+
+
+def _affinity(rig: Rig, client: str) -> list[str]:
+    """The backends the controller's affinity table sends `client` to (switch s1)."""
+    view = rig.viewer.get("/api/v1/affinity").json()
+    return [e["backend"] for e in view["switches"].get("s1", []) if e["client"] == client]
+
+
+def _reports(rig: Rig, name: str, outcome: str) -> float:
+    return rig.metric(name, rf'tokenfabric_affinity_reports_total\{{.*outcome="{outcome}"')
+
+
+def test_after_a_handoff_the_peers_agent_teaches_the_switch_the_client(rig):
+    system = words("sysE", 1600)
+    rig.warm("gpu2", system + " q")
+    sent = _reports(rig, "gpu2", "sent"), _reports(rig, "gpu1", "sent")
+    reply, _ = completion(rig, system + " q2", client="10.0.1.21")
+    assert reply.headers["x-tokenfabric-backend"] == "gpu2"
+    assert reply.headers["x-tokenfabric-handoff-from"] == "gpu1"
+    # the client's address travelled in the signed header: gpu2's agent reported it
+    wait_for(lambda: _affinity(rig, "10.0.1.21") == ["gpu2"] or None,
+             "10.0.1.21 -> gpu2 in the controller's affinity table", timeout=10)
+    assert _reports(rig, "gpu2", "sent") == sent[0] + 1
+    assert _reports(rig, "gpu1", "sent") == sent[1]  # the origin reports nothing
+
+
+def test_a_prompt_held_where_it_landed_teaches_the_switch_once_per_window(rig):
+    system = words("sysF", 1600)
+    rig.warm("gpu1", system + " q")
+    before = _reports(rig, "gpu1", "sent"), _reports(rig, "gpu1", "deduped")
+    reply, _ = completion(rig, system + " q2", client="10.0.1.22")
+    assert reply.headers["x-tokenfabric-backend"] == "gpu1"
+    assert "x-tokenfabric-handoff-from" not in reply.headers
+    wait_for(lambda: _affinity(rig, "10.0.1.22") == ["gpu1"] or None,
+             "10.0.1.22 -> gpu1 in the controller's affinity table", timeout=10)
+    # the same client again within the window (30 s): no second report
+    reply, _ = completion(rig, system + " q3", client="10.0.1.22")
+    assert reply.headers["x-tokenfabric-backend"] == "gpu1"
+    wait_for(lambda: _reports(rig, "gpu1", "deduped") == before[1] + 1 or None,
+             "gpu1's deduplication", timeout=10)
+    assert _reports(rig, "gpu1", "sent") == before[0] + 1
+    assert rig.metric("gpu1", r'tokenfabric_handoff_decisions_total\{.*'
+                      r'decision="local_longest"') >= 2
+
+
+def test_affinity_reports_the_controller_refuses_are_counted_and_change_nothing(rig):
+    system = words("sysG", 1600)
+    rig.warm("gpu1", system + " q")
+    refused = _reports(rig, "gpu1", "refused")
+    # tenant chat by its header, but 10.9.9.9 is in no tenant's prefix (nor behind an edge
+    # switch): the controller answers 409, the request was served all the same
+    reply, _ = completion(rig, system + " q2", client="10.9.9.9")
+    assert reply.status_code == 200 and reply.headers["x-tokenfabric-backend"] == "gpu1"
+    wait_for(lambda: _reports(rig, "gpu1", "refused") == refused + 1 or None,
+             "gpu1's refused report", timeout=10)
+    assert _affinity(rig, "10.9.9.9") == []
+    # a tenant that did not opt in: no decision, no report
+    sent = _reports(rig, "gpu1", "sent")
+    reply, _ = completion(rig, system + " q3", tenant="plain", client="10.0.1.200")
+    assert reply.headers["x-tokenfabric-backend"] == "gpu1"
+    time.sleep(0.5)
+    assert _reports(rig, "gpu1", "sent") == sent and _affinity(rig, "10.0.1.200") == []
 
 
 def _ledger(rig: Rig) -> tuple[int, int]:

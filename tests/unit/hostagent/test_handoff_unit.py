@@ -34,22 +34,33 @@ def test_handoff_config_is_off_by_default_and_checked_key_by_key(tmp_path):
                          ({"secret": SECRET, "port": 1.5}, "must be a int"),
                          ({"secret": SECRET, "min_gain_ms": -1}, "must not be negative"),
                          ({"secret": SECRET, "tokenizer": "bpe"}, "tokenizer must be"),
+                         ({"secret": SECRET, "affinity_queue": 0}, "affinity_queue"),
                          ({"secret_file": str(tmp_path / "none")}, "secret_file"),
                          ("yes", "agent.handoff")):
         with pytest.raises(ConfigError, match=message):
             handoff(bad)
 
 
-def test_a_handoff_signature_binds_origin_tenant_time_and_body():
+def test_a_handoff_signature_binds_origin_tenant_client_time_and_body():
     body = b'{"prompt": "hi"}'
-    value = sign(SECRET.encode(), "gpu1", 5, body, now=1000.0)
-    assert verify(SECRET.encode(), value, body, now=1010.0) == ("gpu1", 5)
+    value = sign(SECRET.encode(), "gpu1", 5, body, now=1000.0, client="10.0.1.7")
+    handed = verify(SECRET.encode(), value, body, now=1010.0)
+    assert handed == ("gpu1", 5, "10.0.1.7") and handed.client == "10.0.1.7"
+    # the client's address is signed: another one in the header fails
+    assert verify(SECRET.encode(), value.replace("client=10.0.1.7", "client=10.0.1.8"),
+                  body, now=1010.0) is None
+    # a header without the client field (the old format) fails too
+    assert verify(SECRET.encode(), value.replace("client=10.0.1.7; ", ""), body,
+                  now=1010.0) is None
+    unknown = sign(SECRET.encode(), "gpu1", 5, body, now=1000.0)
+    assert verify(SECRET.encode(), unknown, body, now=1010.0) == ("gpu1", 5, "")
     assert verify(SECRET.encode(), value, body + b" ", now=1010.0) is None   # other body
     assert verify(b"another-secret-000000", value, body, now=1010.0) is None
     assert verify(SECRET.encode(), value, body, now=1100.0) is None          # too old
     assert verify(SECRET.encode(), value.replace("tenant=5", "tenant=6"), body,
                   now=1010.0) is None
-    for garbage in ("", "origin=a", "origin=a; tenant=x; ts=1; sig=00", "=;=;"):
+    for garbage in ("", "origin=a", "origin=a; tenant=x; ts=1; sig=00", "=;=;",
+                    "origin=a; tenant=1; ts=1; sig=00"):
         assert verify(SECRET.encode(), garbage, body) is None
 
 
