@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from hostagent import log
-from hostagent.controller_api import ControllerClient, ControllerError
+from hostagent.controller_api import ControllerClient, ControllerError, Replicated
 from hostagent.handoff import HandoffMetrics
 
 SERVICES_RETRY_S = 1.0       # the backend's services unknown: ask again this often
@@ -83,7 +83,7 @@ class AffinityReporter:
         """The backend registered anew: its services may have changed."""
         self.services = None
 
-    async def run(self, controller: ControllerClient, ready: asyncio.Event) -> None:
+    async def run(self, controller: ControllerClient | Replicated, ready: asyncio.Event) -> None:
         """Send the pending reports, one at a time, once the backend is registered."""
         while True:
             await self.wake.wait()
@@ -103,7 +103,7 @@ class AffinityReporter:
                         log.exception("affinity report %s -> %s failed", client,
                                       self.backend)
 
-    async def _learn_services(self, controller: ControllerClient) -> bool:
+    async def _learn_services(self, controller: ControllerClient | Replicated) -> bool:
         try:
             view = await controller.backend(self.backend)
         except ControllerError as exc:
@@ -115,7 +115,8 @@ class AffinityReporter:
         self.services = [s for s in services if isinstance(s, str)]
         return True
 
-    async def _send(self, controller: ControllerClient, service: str, client: str) -> None:
+    async def _send(self, controller: ControllerClient | Replicated, service: str,
+                    client: str) -> None:
         now = self.clock()
         if self._fresh(service, client, now):
             self._count("deduped")

@@ -177,5 +177,8 @@ class Replicated:
     async def affinity_report(self, name: str, service: str, client: str) -> dict:
         return await self._each(lambda c: c.affinity_report(name, service, client), name)
 
+    async def backend(self, name: str) -> dict:
+        return await self._each(lambda c: c.backend(name))
+
     async def deregister(self, name: str) -> None:
         await self._each(lambda c: c.deregister(name))
