@@ -103,7 +103,7 @@ def run_upstream(port: int) -> None:
 def run_bridge(port: int, upstream_port: int) -> None:
     pin(int(os.environ.get("BENCH_BRIDGE_CPU", "0")))
     event_loop_policy()
-    from hostagent.bridge import Bridge, BridgeSettings
+    from tokenfabric.hostagent.bridge import Bridge, BridgeSettings
 
     async def main() -> None:
         bridge = Bridge(BridgeSettings(upstream_port=upstream_port))

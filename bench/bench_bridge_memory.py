@@ -16,12 +16,12 @@ import collections
 import sys
 import time
 
-from hostagent.bridge import BridgeSettings
 from tests.integration.hostagent.hostile import (
     BridgeProcess,
     endless_chunked_sender,
     status_of,
 )
+from tokenfabric.hostagent.bridge import BridgeSettings
 from tokenfabric.tools import free_port
 
 

@@ -33,11 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from controller import entries as ent
-from controller.southbound import Pipeline, Role, Switch, SwitchConfig
-from controller.switch_shell import shell_commands, shell_write
 from tokenfabric import exitcodes
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
+from tokenfabric.controller import entries as ent
+from tokenfabric.controller.southbound import Pipeline, Role, Switch, SwitchConfig
+from tokenfabric.controller.switch_shell import shell_commands, shell_write
 from tokenfabric.tools import find_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,16 +103,16 @@ def compiled_policy(tenants: int, backends: int) -> tuple[ent.DesiredState, floa
             and TOKEN_ROUTER.with_suffix(".p4info.txtpb").exists()):
         return None
     try:
-        from controller.compile import compile_model
-        from controller.fabric import parse_fabric
-        from controller.policy.schema import parse_policy
+        from tokenfabric.controller.compile import compile_model
+        from tokenfabric.controller.fabric import parse_fabric
+        from tokenfabric.controller.policy.schema import parse_policy
     except ImportError:
         return None
     started = time.perf_counter()
     model = parse_fabric(fabric_yaml(backends), "bench-fabric.yaml")
     model.policy = parse_policy(policy_yaml(tenants), "bench-policy.yaml", model=model)
     state = compile_model(model)["s1"]
-    return state, time.perf_counter() - started, "controller.compile, token_router.p4"
+    return state, time.perf_counter() - started, "tokenfabric.controller.compile, token_router.p4"
 
 
 def generated_mini_state(tenants: int, backends: int) -> ent.DesiredState:

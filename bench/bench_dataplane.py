@@ -46,9 +46,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from controller.entries import Action, Exact, Lpm, MeterConfig, TableEntry  # noqa: E402
 from tests.integration.dataplane import harness as h  # noqa: E402
 from tests.integration.dataplane.packets import data, syn  # noqa: E402
+from tokenfabric.controller.entries import Action, Exact, Lpm, MeterConfig, TableEntry  # noqa: E402
 from tokenfabric.p4names import Mode  # noqa: E402
 
 TARGET = 0.7

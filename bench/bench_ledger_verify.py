@@ -34,7 +34,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controller.ledger_chain import (
+from tokenfabric import usage_signing
+from tokenfabric.controller.ledger_chain import (
     GENESIS,
     INSERT_ROW,
     JOURNAL_SCHEMA,
@@ -43,8 +44,7 @@ from controller.ledger_chain import (
     chain,
     verify_file,
 )
-from controller.ledger_store import SCHEMA_V1 as SCHEMA
-from tokenfabric import usage_signing
+from tokenfabric.controller.ledger_store import SCHEMA_V1 as SCHEMA
 from tokenfabric.usage_signing import UsageRecord
 
 T0_MS = 1_780_000_000_000

@@ -38,9 +38,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controller.ledger import Ledger, Usage
-from controller.ledger_chain import VerifyReport, verify_file
 from tokenfabric import usage_signing
+from tokenfabric.controller.ledger import Ledger, Usage
+from tokenfabric.controller.ledger_chain import VerifyReport, verify_file
 from tokenfabric.pg_temp import PostgresUnavailable, TempPostgres
 from tokenfabric.usage_signing import UsageRecord
 

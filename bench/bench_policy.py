@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.policygen import policy_text  # noqa: E402
-from controller.fabric import load_fabric  # noqa: E402
-from controller.policy.reload import validate_policy  # noqa: E402
+from tokenfabric.controller.fabric import load_fabric  # noqa: E402
+from tokenfabric.controller.policy.reload import validate_policy  # noqa: E402
 from tokenfabric.p4names import MAX_TENANTS  # noqa: E402
 
 FABRIC = REPO / "examples" / "fabric-single.yaml"

@@ -25,10 +25,10 @@ import sys
 import time
 import tracemalloc
 
-from controller.prefix_index import ENTRY_BYTES, KvReport, PrefixIndex
-from hostagent.engine import Engine, EngineParams
-from hostagent.kv_blocks import KvBlockSet
 from tokenfabric.blockhash import BlockHasher
+from tokenfabric.controller.prefix_index import ENTRY_BYTES, KvReport, PrefixIndex
+from tokenfabric.hostagent.engine import Engine, EngineParams
+from tokenfabric.hostagent.kv_blocks import KvBlockSet
 
 
 async def ttft_run(prefix_caching: bool, conversations: int, turns: int) -> list[float]:

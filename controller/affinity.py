@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tokenfabric.p4names import AFFINITY_BOUND_ONE, TABLE_SIZES, Tables
 
 if TYPE_CHECKING:  # model.py holds an AffinityTable: no runtime import back
-    from controller.model import Fabric, Policy, Tenant
+    from tokenfabric.controller.model import Fabric, Policy, Tenant
 
 DEFAULT_BOUND = 1.25  # a backend keeps its clients while no more than 25% above the pair's best
 MIN_BOUND = 1.0  # below 1 affinity would be stricter than the pair itself

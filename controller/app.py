@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller import affinity, gctools, identity, log
-from controller import fabric as fabric_file
-from controller.api.errors import (
+from tokenfabric.bucket import Contract
+from tokenfabric.controller import affinity, gctools, identity
+from tokenfabric.controller import fabric as fabric_file
+from tokenfabric.controller.api.errors import (
     ApiError,
     Conflict,
     Forbidden,
@@ -35,23 +37,31 @@ from controller.api.errors import (
     SwitchFailed,
     Unavailable,
 )
-from controller.applier import ApplyReport, apply_states
-from controller.auth import Principal, Role, TokenStore
-from controller.compile import CompileError, compile_model, state_to_list
-from controller.crosscheck import BackendCheck, CheckSettings, check_ports
-from controller.drivers import Fleet, Southbound, StateTaker, features_of, openflow_context
-from controller.entries import DesiredState
-from controller.ledger import Ledger, SignedOutcome, Usage, UsageRefused
-from controller.model import Backend, BackendState, Model, Tenant
-from controller.openflow.budget import TenantBuckets
-from controller.policy import reload
-from controller.policy.offload import PolicyProcess
-from controller.policy.schema import load_policy
-from controller.policy.source import SpecError
-from controller.prefix_index import PrefixIndex
-from controller.routing import Router
-from tokenfabric.bucket import Contract
+from tokenfabric.controller.applier import ApplyReport, apply_states
+from tokenfabric.controller.auth import Principal, Role, TokenStore
+from tokenfabric.controller.compile import CompileError, compile_model, state_to_list
+from tokenfabric.controller.crosscheck import BackendCheck, CheckSettings, check_ports
+from tokenfabric.controller.drivers import (
+    Fleet,
+    Southbound,
+    StateTaker,
+    features_of,
+    openflow_context,
+)
+from tokenfabric.controller.entries import DesiredState
+from tokenfabric.controller.ledger import Ledger, SignedOutcome, Usage, UsageRefused
+from tokenfabric.controller.model import Backend, BackendState, Model, Tenant
+from tokenfabric.controller.openflow.budget import TenantBuckets
+from tokenfabric.controller.policy import reload
+from tokenfabric.controller.policy.offload import PolicyProcess
+from tokenfabric.controller.policy.schema import load_policy
+from tokenfabric.controller.policy.source import SpecError
+from tokenfabric.controller.prefix_index import PrefixIndex
+from tokenfabric.controller.routing import Router
 from tokenfabric.wire import BackendRegistration, BackendReport
+
+log = logging.getLogger(__name__)
+
 
 REPORT_TIMEOUT_S = 3.0  # a backend whose reports stop for this long is marked down
 RECONCILE_INTERVAL_S = 1.0  # a pass at least this often, even when nothing changed
@@ -746,7 +756,7 @@ def make_southbound(model: Model, election_id: int,
 def make_openflow_southbound(model: Model, listen: str) -> Southbound | None:
     """The OpenFlow 1.3 listener (os-ken's message classes) and the fabric's OVS switches."""
     try:
-        from controller.openflow.server import OpenFlowSouthbound
+        from tokenfabric.controller.openflow.server import OpenFlowSouthbound
     except ImportError as exc:
         log.warning("no OpenFlow southbound (%s): install tokenfabric[controller]", exc)
         return None
@@ -765,7 +775,7 @@ def make_p4runtime_southbound(model: Model, election_id: int) -> Southbound | No
     program (or none) gets ours; without it, the controller adopts what the switch runs.
     """
     try:
-        from controller.southbound import Pipeline, Southbound
+        from tokenfabric.controller.southbound import Pipeline, Southbound
         from tokenfabric.dataplane import TOKEN_ROUTER_JSON, TOKEN_ROUTER_P4INFO
     except ImportError as exc:
         log.warning("no P4Runtime southbound (%s): switches are reported as not connected", exc)
@@ -788,7 +798,7 @@ def build_server(ctl: Controller, host: str, port: int) -> Any:
     """The uvicorn server of the REST API (not started)."""
     import uvicorn
 
-    from controller.api.server import create_app
+    from tokenfabric.controller.api.server import create_app
 
     config = uvicorn.Config(create_app(ctl), host=host, port=port, log_level="warning",
                             access_log=False, lifespan="off", **SERVER_LIMITS)

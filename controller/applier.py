@@ -12,13 +12,16 @@ reconcile loop (Controller.push), the policy reload and the tests all use it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller import log
-from controller.drivers import ReconcileResult, StateTaker
-from controller.entries import DesiredState
+from tokenfabric.controller.drivers import ReconcileResult, StateTaker
+from tokenfabric.controller.entries import DesiredState
+
+log = logging.getLogger(__name__)
+
 
 Changes = tuple[int, int, int]  # inserted, modified, deleted entities of a state
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from controller.model import Backend, Model
+from tokenfabric.controller.model import Backend, Model
 
 
 @dataclass(frozen=True)

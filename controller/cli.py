@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import sqlite3
 import sys
@@ -15,9 +16,11 @@ from typing import Any, NoReturn
 
 import click
 
-from controller import log
 from tokenfabric import exitcodes
 from tokenfabric.config import ConfigError, load_section
+
+log = logging.getLogger(__name__)
+
 
 DEFAULTS: dict[str, Any] = {
     "fabric": None,
@@ -118,9 +121,17 @@ def run_command(config_path: str | None, **flags: Any) -> None:
         _fail("tokenfabric controller run: report_timeout_s must be in (0, 3600] seconds and "
               "election_id in 1..2^64-1", exitcodes.INVALID_INPUT)
     checks = _billing_settings(cfg)
-    from controller.app import build_controller, serve  # the FastAPI stack loads only here
-    from controller.ledger_store import StoreError, is_postgres, redact
-    from controller.replica import MAX_BASE_ELECTION_ID, Replica, ReplicaError, SqliteOwner
+    from tokenfabric.controller.app import (  # the FastAPI stack loads only here
+        build_controller,
+        serve,
+    )
+    from tokenfabric.controller.ledger_store import StoreError, is_postgres, redact
+    from tokenfabric.controller.replica import (
+        MAX_BASE_ELECTION_ID,
+        Replica,
+        ReplicaError,
+        SqliteOwner,
+    )
 
     advertise = str(cfg["advertise_url"] or f"http://{host}:{port}")
     if not advertise.startswith(("http://", "https://")):
@@ -215,7 +226,7 @@ def validate_command(files: tuple[str, ...], fabric: str | None) -> None:
     A valid file is also compiled to switch entries, so that what only the switches
     limit (classes, queues, table sizes) is caught here too.
     """
-    from controller.policy.cli_support import summarize_file, validate_file
+    from tokenfabric.controller.policy.cli_support import summarize_file, validate_file
 
     bad = 0
     for name in files:
@@ -246,8 +257,8 @@ def switch_group() -> None:
 def shell_command(name: str, fabric: str) -> None:
     """Open p4runtime-shell on switch NAME as a reader (election id 0): it reads
     everything and never takes over from the controller."""
-    from controller.fabric import load_fabric
-    from controller.policy.source import SpecError
+    from tokenfabric.controller.fabric import load_fabric
+    from tokenfabric.controller.policy.source import SpecError
 
     try:
         model = load_fabric(fabric)
@@ -258,7 +269,7 @@ def shell_command(name: str, fabric: str) -> None:
         _fail(f"no switch '{name}' in {fabric} (it has: "
               f"{', '.join(sorted(model.fabric.switches)) or 'none'})", exitcodes.USAGE)
     try:
-        from controller.switch_shell import open_shell
+        from tokenfabric.controller.switch_shell import open_shell
         from tokenfabric.dataplane import TOKEN_ROUTER_JSON, TOKEN_ROUTER_P4INFO
     except ImportError as exc:
         _fail(f"tokenfabric switch shell: unavailable ({exc})", exitcodes.MISSING)

@@ -15,15 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from controller.entries import DesiredState
-from controller.model import Model
+from tokenfabric.controller.entries import DesiredState
+from tokenfabric.controller.model import Model
 
 if TYPE_CHECKING:
-    from controller.openflow.flows import Context
-    from controller.openflow.server import OpenFlowSouthbound
-    from controller.openflow.switch import OpenFlowSwitch
-    from controller.southbound.fleet import Southbound as P4RuntimeSouthbound
-    from controller.southbound.switch import Switch as P4RuntimeSwitch
+    from tokenfabric.controller.openflow.flows import Context
+    from tokenfabric.controller.openflow.server import OpenFlowSouthbound
+    from tokenfabric.controller.openflow.switch import OpenFlowSwitch
+    from tokenfabric.controller.southbound.fleet import Southbound as P4RuntimeSouthbound
+    from tokenfabric.controller.southbound.switch import Switch as P4RuntimeSwitch
 
 P4RUNTIME_FEATURES = ["weighted_hash", "pinning", "dsr", "ipip", "dscp", "priority_queues",
                       "meters", "p2c_in_switch", "beacons", "token_buckets_in_switch",
@@ -139,7 +139,7 @@ class Southbound(Protocol):
 def features_of(driver: str) -> list[str]:
     """What a switch of this driver can do (before it connected, too)."""
     if driver == "openflow":
-        from controller.openflow.flows import FEATURES
+        from tokenfabric.controller.openflow.flows import FEATURES
 
         return list(FEATURES)
     return list(P4RUNTIME_FEATURES)
@@ -177,7 +177,7 @@ class Fleet:
 
 def openflow_context(model: Model, switch: str) -> Context:
     """Backend and responder MACs, and the port toward each backend of another switch."""
-    from controller.openflow.flows import Context
+    from tokenfabric.controller.openflow.flows import Context
 
     macs: dict[int, str] = {}
     where: dict[int, str] = {}

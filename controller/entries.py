@@ -125,7 +125,7 @@ class MulticastGroup:
     group_id: int
     replicas: tuple[tuple[int, int], ...]  # (egress port, instance), sorted
 
-    def key(self) -> tuple:
+    def key(self) -> EntityKey:
         return ("mcast", self.group_id)
 
 

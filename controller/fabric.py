@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from controller.model import (
+from tokenfabric.controller.model import (
     Backend,
     BackendState,
     Endpoint,
@@ -27,8 +27,8 @@ from controller.model import (
     Service,
     Switch,
 )
-from controller.policy.filemodel import FileModel, check, in_range, text_check
-from controller.policy.source import (
+from tokenfabric.controller.policy.filemodel import FileModel, check, in_range, text_check
+from tokenfabric.controller.policy.source import (
     Errors,
     Node,
     SpecError,

@@ -18,9 +18,9 @@ import fnmatch
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from controller.api.errors import Forbidden, Invalid
-from controller.auth import Principal, Role
 from tokenfabric import usage_signing
+from tokenfabric.controller.api.errors import Forbidden, Invalid
+from tokenfabric.controller.auth import Principal, Role
 from tokenfabric.usage_signing import UsageRecord
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,12 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller import log, statement
-from controller.csv_cells import safe_row
-from controller.ledger_chain import COLUMNS, JournalRow, chain
-from controller.ledger_chain import GENESIS as GENESIS_HASH
-from controller.ledger_store import Cursor, Store, open_store
+from tokenfabric.controller import statement
+from tokenfabric.controller.csv_cells import safe_row
+from tokenfabric.controller.ledger_chain import COLUMNS, JournalRow, chain
+from tokenfabric.controller.ledger_chain import GENESIS as GENESIS_HASH
+from tokenfabric.controller.ledger_store import Cursor, Store, open_store
 from tokenfabric.usage_signing import UsageRecord
+
+log = logging.getLogger(__name__)
+
 
 INT64 = 2**63
 JOURNAL_INSERT = f"INSERT INTO journal ({', '.join(COLUMNS)}, hash)"

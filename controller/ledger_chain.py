@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from tokenfabric import usage_signing
 
 if TYPE_CHECKING:
-    from controller.ledger_store import Store
+    from tokenfabric.controller.ledger_store import Store
 
 GENESIS = "0" * 64
 
@@ -217,7 +217,7 @@ def verify_rows(rows: Iterable[Sequence], keys: dict[str, list[bytes]] | None = 
 def read_only(target: str) -> Store:
     """The ledger (a SQLite file or a postgresql:// URL) opened for reading only:
     verifying never changes it."""
-    from controller.ledger_store import open_store  # it imports this module's schema
+    from tokenfabric.controller.ledger_store import open_store  # it imports this module's schema
 
     return open_store(target, read_only=True)
 

@@ -13,11 +13,11 @@ import time
 
 import click
 
-from controller import statement
-from controller.auth import TokenFileError, TokenStore
-from controller.ledger_chain import VerifyReport, verify_file
-from controller.ledger_store import redact
 from tokenfabric import exitcodes
+from tokenfabric.controller import statement
+from tokenfabric.controller.auth import TokenFileError, TokenStore
+from tokenfabric.controller.ledger_chain import VerifyReport, verify_file
+from tokenfabric.controller.ledger_store import redact
 
 DEFAULT_LEDGER = "tokenfabric-ledger.db"
 
@@ -140,9 +140,9 @@ def parse_time(text: str | None, option: str) -> float | None:
 def statement_command(path: str, policy_path: str, tenant: str, since: str | None,
                       until: str | None, fmt: str) -> None:
     """A tenant's tokens per model over [--from, --to), priced by its contract."""
-    from controller.ledger_chain import read_only
-    from controller.policy.schema import load_policy
-    from controller.policy.source import SpecError
+    from tokenfabric.controller.ledger_chain import read_only
+    from tokenfabric.controller.policy.schema import load_policy
+    from tokenfabric.controller.policy.source import SpecError
 
     start, end = parse_time(since, "--from"), parse_time(until, "--to")
     try:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller.ledger_chain import JOURNAL_SCHEMA
+from tokenfabric.controller.ledger_chain import JOURNAL_SCHEMA
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # pg_advisory_xact_lock key of every ledger write: "tokenfab" as bytes, an arbitrary

@@ -18,7 +18,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from controller.affinity import AffinityTable
+from tokenfabric.controller.affinity import AffinityTable
 
 
 class SelectionMode(enum.StrEnum):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -45,7 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from controller import log
+log = logging.getLogger(__name__)
+
 
 # pg_try_advisory_lock key of the leader: "tfleader", distinct from the ledger's write lock
 LEADER_LOCK_KEY = 0x74666C6561646572
@@ -308,7 +310,7 @@ def install_backup_guard(app: Any, replica: Replica | None) -> None:
     /api/v1/replica: this replica's role, election id, term and the leader's URL."""
     from fastapi.responses import JSONResponse
 
-    from controller.api.errors import error_body
+    from tokenfabric.controller.api.errors import error_body
 
     @app.get("/api/v1/replica", tags=["replicas"])
     async def replica_view() -> dict[str, Any]:
@@ -343,7 +345,7 @@ class PrimaryWatch:
     the lab's takeover time."""
 
     def __init__(self, address: str, device_id: int, election_id: int = 1) -> None:
-        from controller.southbound import Switch, SwitchConfig
+        from tokenfabric.controller.southbound import Switch, SwitchConfig
 
         self.switch = Switch(SwitchConfig(name=f"watch-{address}", address=address,
                                           device_id=device_id, election_id=election_id,

@@ -26,12 +26,15 @@ A backend never heard from counts from when the router first saw it.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
 
-from controller import log
-from controller.model import Backend, BackendState, Model, SelectionMode
+from tokenfabric.controller.model import Backend, BackendState, Model, SelectionMode
+
+log = logging.getLogger(__name__)
+
 
 MAX_GROUP_WEIGHT = 64
 FLOOR = 0.05

@@ -16,11 +16,11 @@ import time
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any
 
-from controller.csv_cells import safe_row
-from controller.model import Contract, ModelPrice, Policy, Tenant
+from tokenfabric.controller.csv_cells import safe_row
+from tokenfabric.controller.model import Contract, ModelPrice, Policy, Tenant
 
 if TYPE_CHECKING:
-    from controller.ledger_store import Store
+    from tokenfabric.controller.ledger_store import Store
 
 MILLION = Decimal(1_000_000)
 PLACES = Decimal("0.000001")

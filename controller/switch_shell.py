@@ -37,7 +37,7 @@ def check_program(address: str, device_id: int, p4info_path: str | Path,
     import grpc
     from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-    from controller.southbound.p4info import Pipeline
+    from tokenfabric.controller.southbound.p4info import Pipeline
 
     wanted = Pipeline.from_files(p4info_path, bmv2_json_path)
     with grpc.insecure_channel(address) as channel:
@@ -102,7 +102,7 @@ def shell_write(address: str, device_id: int, commands: list[dict], election_id:
 
 def shell_commands(entities: list) -> list[dict]:
     """Normalized controller.entries entities as shell_write commands, in write order."""
-    from controller import entries as ent
+    from tokenfabric.controller import entries as ent
 
     def action(a: ent.Action) -> dict:
         return {"name": a.name, "params": dict(a.params)}
@@ -168,7 +168,7 @@ def _tmp_json(data: object) -> str:
 
 
 def _child(args: list[str], timeout: float) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "controller.switch_shell", *args],
+    proc = subprocess.run([sys.executable, "-m", "tokenfabric.controller.switch_shell", *args],
                           capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"p4runtime-shell child failed ({proc.returncode}): "
@@ -300,7 +300,7 @@ def _child_main(argv: list[str]) -> int:
     import logging
     import time
 
-    parser = argparse.ArgumentParser(prog="python -m controller.switch_shell")
+    parser = argparse.ArgumentParser(prog="python -m tokenfabric.controller.switch_shell")
     parser.add_argument("mode", choices=["read", "write"])
     parser.add_argument("--grpc-addr", required=True)
     parser.add_argument("--device-id", type=int, default=0)

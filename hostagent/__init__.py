@@ -2,7 +2,3 @@
 
 Never imports `controller`: the agent installs beside vLLM without the P4Runtime stack.
 """
-
-import logging
-
-log = logging.getLogger("hostagent")

@@ -20,12 +20,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import ipaddress
+import logging
 import time
 from collections.abc import Callable
 
-from hostagent import log
-from hostagent.controller_api import ControllerClient, ControllerError, Replicated
-from hostagent.handoff import HandoffMetrics
+from tokenfabric.hostagent.controller_api import ControllerClient, ControllerError, Replicated
+from tokenfabric.hostagent.handoff import HandoffMetrics
+
+log = logging.getLogger(__name__)
+
 
 SERVICES_RETRY_S = 1.0       # the backend's services unknown: ask again this often
 MAX_REMEMBERED = 65536       # (service, client) pairs whose last report is remembered

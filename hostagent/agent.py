@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from urllib.parse import urlsplit
 
@@ -28,23 +29,26 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from hostagent import log, roce
-from hostagent.affinity_reports import AffinityReporter
-from hostagent.beacons import BeaconSender
-from hostagent.bridge import Bridge, BridgeSettings
-from hostagent.config import AgentConfig
-from hostagent.controller_api import ControllerClient, ControllerError, Replicated
-from hostagent.delay import DelayEstimator
-from hostagent.handoff import Handoff, HandoffSettings, LocalLoad
-from hostagent.hostsetup import HostSetup
-from hostagent.kv_blocks import KvBlockSet
-from hostagent.kv_events import KvEventSubscriber, local, subscriber_side
-from hostagent.load import LoadFigures, compute_load, delay_load
-from hostagent.metrics import ScrapeError, VllmSnapshot, healthy, scrape
-from hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
-from hostagent.usage_records import UsageSigner
 from tokenfabric import usage_signing
+from tokenfabric.hostagent import roce
+from tokenfabric.hostagent.affinity_reports import AffinityReporter
+from tokenfabric.hostagent.beacons import BeaconSender
+from tokenfabric.hostagent.bridge import Bridge, BridgeSettings
+from tokenfabric.hostagent.config import AgentConfig
+from tokenfabric.hostagent.controller_api import ControllerClient, ControllerError, Replicated
+from tokenfabric.hostagent.delay import DelayEstimator
+from tokenfabric.hostagent.handoff import Handoff, HandoffSettings, LocalLoad
+from tokenfabric.hostagent.hostsetup import HostSetup
+from tokenfabric.hostagent.kv_blocks import KvBlockSet
+from tokenfabric.hostagent.kv_events import KvEventSubscriber, local, subscriber_side
+from tokenfabric.hostagent.load import LoadFigures, compute_load, delay_load
+from tokenfabric.hostagent.metrics import ScrapeError, VllmSnapshot, healthy, scrape
+from tokenfabric.hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
+from tokenfabric.hostagent.usage_records import UsageSigner
 from tokenfabric.wire import BackendRegistration
+
+log = logging.getLogger(__name__)
+
 
 KV_KEEPALIVE_S = 1.0  # an unchanged block set is re-confirmed to the index this often
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
-from hostagent import log
 from tokenfabric.beacon import U16_MAX, U32_MAX, BeaconFlags, LoadBeacon, UsageBeacon
+
+log = logging.getLogger(__name__)
 
 
 class BeaconSender:

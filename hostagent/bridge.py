@@ -45,15 +45,15 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
 
-from hostagent import log
-from hostagent.delay import DelayEstimator
-from hostagent.handoff import (
+from tokenfabric.hostagent.delay import DelayEstimator
+from tokenfabric.hostagent.handoff import (
     HANDOFF_FROM_HEADER,
     HANDOFF_HEADER,
     HANDOFF_MS_HEADER,
@@ -62,7 +62,7 @@ from hostagent.handoff import (
     Handoff,
     verify,
 )
-from hostagent.http1 import (
+from tokenfabric.hostagent.http1 import (
     KIB,
     MIB,
     BufferBudget,
@@ -73,8 +73,17 @@ from hostagent.http1 import (
     read_request,
     response_head,
 )
-from hostagent.tenants import UNKNOWN, Tenant, TenantTable, TenantUsage, retry_after_seconds
+from tokenfabric.hostagent.tenants import (
+    UNKNOWN,
+    Tenant,
+    TenantTable,
+    TenantUsage,
+    retry_after_seconds,
+)
 from tokenfabric.sse import is_token_payload
+
+log = logging.getLogger(__name__)
+
 
 TENANT_HEADER = "x-tokenfabric-tenant"
 CLIENT_HEADER = "x-tokenfabric-client"  # trusted with trust_tenant_header only

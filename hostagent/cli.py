@@ -13,7 +13,7 @@ import click
 from tokenfabric import exitcodes
 
 if TYPE_CHECKING:
-    from hostagent.config import AgentConfig
+    from tokenfabric.hostagent.config import AgentConfig
 
 
 def _run_until_signal(make_coro: Callable[[asyncio.Event], Awaitable[None]],
@@ -90,9 +90,9 @@ def emulator_command(host: str, port: int, model: str, max_model_len: int,
                      kv_events_config: str | None, speed: float, legacy_metrics: bool, fault: str,
                      fault_after: float, fault_factor: float) -> None:
     """Serve an OpenAI-compatible vLLM emulator (continuous-batching timing model)."""
-    from hostagent.emulator import EmulatorConfig, serve
-    from hostagent.engine import EngineParams
-    from hostagent.kv_events import KvEventsConfig
+    from tokenfabric.hostagent.emulator import EmulatorConfig, serve
+    from tokenfabric.hostagent.engine import EngineParams
+    from tokenfabric.hostagent.kv_events import KvEventsConfig
 
     try:
         params = EngineParams(
@@ -109,7 +109,7 @@ def emulator_command(host: str, port: int, model: str, max_model_len: int,
                             default_max_tokens=default_max_tokens,
                             legacy_metrics=legacy_metrics, engine=params,
                             backend_name=backend_name, kv_events=kv_events)
-    from hostagent.kv_events import KvEventsError
+    from tokenfabric.hostagent.kv_events import KvEventsError
     try:
         _run_until_signal(lambda stop: serve(config, host, port, fault, fault_factor,
                                              fault_after, stop))
@@ -127,8 +127,8 @@ def agent_group() -> None:
 
 
 def _load_config(path: str | None, flags: dict) -> AgentConfig:
-    from hostagent.config import load
     from tokenfabric.config import ConfigError
+    from tokenfabric.hostagent.config import load
 
     try:
         return load(path, flags)
@@ -176,8 +176,8 @@ def run_command(config_path: str | None, controller_urls: tuple[str, ...],
                 vllm_url: str | None,
                 listen_port: int | None, mode: str | None) -> None:
     """Run the agent: bridge, beacons, registration and reports (until SIGTERM)."""
-    from hostagent.agent import run_agent
-    from hostagent.hostsetup import HostSetupError
+    from tokenfabric.hostagent.agent import run_agent
+    from tokenfabric.hostagent.hostsetup import HostSetupError
 
     config = _load_config(config_path, {"controller_urls": list(controller_urls) or None,
                                         "vllm_url": vllm_url,
@@ -202,7 +202,7 @@ def host_setup_command(vip: str, address: str | None, decap_interface: str,
     """Apply the host set-up, hold it until SIGINT/SIGTERM, then undo it."""
     import json
 
-    from hostagent.hostsetup import HostSetup, HostSetupError
+    from tokenfabric.hostagent.hostsetup import HostSetup, HostSetupError
 
     setup = HostSetup(vip, address, decap_interface, decap=not no_decap)
     try:
@@ -239,8 +239,8 @@ def roce_command(config_path: str | None, dscp: int | None, priority: int | None
                  cnp_dscp: int | None, cnp_priority: int | None, no_ecn: bool, no_pfc: bool,
                  netdev: str | None, rdma_dev: str | None, dry_run: bool) -> None:
     """RoCEv2 QoS on this host: DSCP->priority, PFC, ECN, CNP DSCP."""
-    from hostagent import roce
     from tokenfabric import yamlio
+    from tokenfabric.hostagent import roce
 
     values: dict = {}
     if config_path:
@@ -294,7 +294,7 @@ def scrape_command(vllm_url: str) -> None:
 
     import aiohttp
 
-    from hostagent.metrics import ScrapeError, scrape
+    from tokenfabric.hostagent.metrics import ScrapeError, scrape
 
     async def once() -> dict:
         async with aiohttp.ClientSession() as session:

@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 
-from hostagent.handoff import HandoffSettings
 from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS
 from tokenfabric.config import ConfigError, SectionSettings, load_settings, validation_message
+from tokenfabric.hostagent.handoff import HandoffSettings
 
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 _ZMQ_ENDPOINT = re.compile(r"^(tcp|ipc)://\S+$")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 import uuid
@@ -23,10 +24,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from hostagent import log
-from hostagent.engine import Engine, EngineParams, Request
-from hostagent.kv_events import KvEventPublisher, KvEventsConfig
-from hostagent.wordtok import chat_words, split
+from tokenfabric.hostagent.engine import Engine, EngineParams, Request
+from tokenfabric.hostagent.kv_events import KvEventPublisher, KvEventsConfig
+from tokenfabric.hostagent.wordtok import chat_words, split
+
+log = logging.getLogger(__name__)
+
 
 FAULTS = ("none", "crash", "hang", "slow", "503")
 CRASH_EXIT_CODE = 70

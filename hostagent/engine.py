@@ -40,14 +40,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hostagent import log
-from hostagent.kv_events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
-from hostagent.wordtok import WordTokenizer
 from tokenfabric.blockhash import HASH_ALGOS, BlockHasher, key64
+from tokenfabric.hostagent.kv_events import (
+    MEDIUM_GPU,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvEvent,
+)
+from tokenfabric.hostagent.wordtok import WordTokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

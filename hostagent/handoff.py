@@ -44,6 +44,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import logging
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -52,10 +53,12 @@ from typing import Any, NamedTuple
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from hostagent import log
-from hostagent.tenants import Tenant
-from hostagent.wordtok import WordTokenizer, chat_words, split
 from tokenfabric.blockhash import BlockHasher
+from tokenfabric.hostagent.tenants import Tenant
+from tokenfabric.hostagent.wordtok import WordTokenizer, chat_words, split
+
+log = logging.getLogger(__name__)
+
 
 HANDOFF_HEADER = "x-tokenfabric-handoff"
 HANDOFF_FROM_HEADER = "X-Tokenfabric-Handoff-From"

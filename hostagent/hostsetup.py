@@ -17,13 +17,16 @@ undo(), which the agent runs on exit, SIGTERM included. A kernel without ipip su
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostagent import log
 from tokenfabric.tools import find_tool
+
+log = logging.getLogger(__name__)
+
 
 PROC_SYS = Path("/proc/sys")
 

@@ -32,6 +32,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -41,8 +42,10 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from hostagent import log
 from tokenfabric.blockhash import key64
+
+log = logging.getLogger(__name__)
+
 
 END_SEQ = -1
 MEDIUM_GPU = "GPU"

@@ -18,12 +18,14 @@ applied and the agent says so in its reports.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostagent import log
+log = logging.getLogger(__name__)
+
 
 SYS_INFINIBAND = Path("/sys/class/infiniband")
 

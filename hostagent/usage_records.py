@@ -10,15 +10,18 @@ unsigned in the agent's counters, so nothing is lost and no sequence number skip
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hostagent import log
-from hostagent.tenants import TenantUsage
 from tokenfabric import usage_signing
+from tokenfabric.hostagent.tenants import TenantUsage
 from tokenfabric.usage_signing import UsageRecord
+
+log = logging.getLogger(__name__)
+
 
 MAX_PENDING = 1000  # ~15 minutes of one record per tenant per second for one tenant
 

@@ -5,8 +5,4 @@ tool discovery, `doctor`, and the beacon wire format that the host agent
 sends and the P4 dataplane parses.
 """
 
-import logging
-
 __version__ = "0.1.0"
-
-log = logging.getLogger("tokenfabric")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -10,8 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenfabric import log
 from tokenfabric.tools import find_tool, free_port, port_open, tool_env
+
+log = logging.getLogger(__name__)
+
 
 PRIORITY_QUEUES = 8  # queue 0 is the lowest, as in DESIGN.md
 
@@ -87,7 +90,7 @@ class Bmv2Switch:
             else subprocess.DEVNULL
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                      env=tool_env(), start_new_session=True)
-        if out is not subprocess.DEVNULL:
+        if not isinstance(out, int):  # our log file, not DEVNULL
             out.close()
         self.wait_ready(timeout)
         log.info("simple_switch_grpc pid %s on %s", self.proc.pid, self.opts.grpc_address)

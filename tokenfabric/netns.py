@@ -8,13 +8,16 @@ Names carry the sandbox's prefix, so parallel users never collide.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 
-from tokenfabric import log
 from tokenfabric.tools import find_tool
+
+log = logging.getLogger(__name__)
+
 
 IFNAMSIZ = 15  # Linux interface names are at most 15 characters
 

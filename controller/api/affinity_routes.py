@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from controller.affinity import edge_switches, resolve, tenant_lookup
-from controller.api.errors import Conflict, Invalid, NotFound
-from controller.model import BackendState
+from tokenfabric.controller.affinity import edge_switches, resolve, tenant_lookup
+from tokenfabric.controller.api.errors import Conflict, Invalid, NotFound
+from tokenfabric.controller.model import BackendState
 
 if TYPE_CHECKING:
-    from controller.app import Controller
+    from tokenfabric.controller.app import Controller
 
 
 class AffinityBody(BaseModel):

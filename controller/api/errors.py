@@ -7,6 +7,7 @@ API maps them to 4xx. Anything else is a bug: logged with its traceback, 500.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from controller import log
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):

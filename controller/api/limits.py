@@ -28,8 +28,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from controller.api.errors import Invalid
-from controller.auth import TokenStore
+from tokenfabric.controller.api.errors import Invalid
+from tokenfabric.controller.auth import TokenStore
 from tokenfabric.wire import json_limits_problem
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a report of 10,000 usage items (and its totals) fits

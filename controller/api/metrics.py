@@ -16,8 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from controller.app import Controller
-    from controller.ledger import Usage
+    from tokenfabric.controller.app import Controller
+    from tokenfabric.controller.ledger import Usage
     from tokenfabric.wire import BackendReport
 
 NS = "tokenfabric_controller"

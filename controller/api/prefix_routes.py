@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from controller.api.errors import Conflict, NotFound
-from controller.prefix_index import MAX_LOOKUP_BLOCKS, KvReport, PrefixIndexError
+from tokenfabric.controller.api.errors import Conflict, NotFound
+from tokenfabric.controller.prefix_index import MAX_LOOKUP_BLOCKS, KvReport, PrefixIndexError
 
 if TYPE_CHECKING:
-    from controller.app import Controller
+    from tokenfabric.controller.app import Controller
 
 KEY = Annotated[int, Field(strict=True, ge=0, lt=2 ** 64)]  # strict: no true/false or "1"
 MAX_REPORT_KEYS = 200_000  # a full snapshot of the per-backend cap, with room

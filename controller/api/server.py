@@ -16,25 +16,25 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, R
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from controller import statement
-from controller.api.affinity_routes import affinity_routes
-from controller.api.errors import (
+from tokenfabric import wire as s
+from tokenfabric.controller import statement
+from tokenfabric.controller.api.affinity_routes import affinity_routes
+from tokenfabric.controller.api.errors import (
     Forbidden,
     NotFound,
     Unauthorized,
     install_error_handlers,
 )
-from controller.api.limits import LimitedJsonRoute, RequestLimits
-from controller.api.metrics import ApiMetrics
-from controller.api.prefix_routes import prefix_index_routes
-from controller.auth import ANONYMOUS_ADMIN, Principal, Role
-from controller.gctools import gc_paused
-from controller.ledger import UsageRow
-from controller.replica import install_backup_guard
-from tokenfabric import wire as s
+from tokenfabric.controller.api.limits import LimitedJsonRoute, RequestLimits
+from tokenfabric.controller.api.metrics import ApiMetrics
+from tokenfabric.controller.api.prefix_routes import prefix_index_routes
+from tokenfabric.controller.auth import ANONYMOUS_ADMIN, Principal, Role
+from tokenfabric.controller.gctools import gc_paused
+from tokenfabric.controller.ledger import UsageRow
+from tokenfabric.controller.replica import install_backup_guard
 
 if TYPE_CHECKING:
-    from controller.app import Controller
+    from tokenfabric.controller.app import Controller
 
 API = "/api/v1"
 _bearer = HTTPBearer(auto_error=False, description="a token from the controller's token file")

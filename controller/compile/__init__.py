@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from controller.compile import admit, beacon, classify, count, deliver, pin, qos, select
-from controller.compile.common import (
+from tokenfabric.controller.compile import admit, beacon, classify, count, deliver, pin, qos, select
+from tokenfabric.controller.compile.common import (
     DEFAULT_CLASS,
     ClassPlan,
     CompileError,
     plan_classes,
 )
-from controller.compile.show import entity_to_dict, state_to_list
-from controller.entries import DesiredState, Entity, TableEntry
-from controller.model import Model, Switch
+from tokenfabric.controller.compile.show import entity_to_dict, state_to_list
+from tokenfabric.controller.entries import DesiredState, Entity, TableEntry
+from tokenfabric.controller.model import Model, Switch
 from tokenfabric.p4names import NUM_CLASSES, TABLE_SIZES
 
 

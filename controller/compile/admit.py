@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from controller.compile.common import ClassPlan
-from controller.entries import Action, Entity, Exact, TableEntry
-from controller.model import Model, Switch
 from tokenfabric.bucket import refill_per_second
+from tokenfabric.controller.compile.common import ClassPlan
+from tokenfabric.controller.entries import Action, Entity, Exact, TableEntry
+from tokenfabric.controller.model import Model, Switch
 from tokenfabric.p4names import Actions, Tables
 
 

@@ -3,9 +3,9 @@ the beacon plane's relays (controller/beacon_plane.py)."""
 
 from __future__ import annotations
 
-from controller.beacon_plane import relay_trees
-from controller.compile.common import ClassPlan, ip
-from controller.entries import (
+from tokenfabric.controller.beacon_plane import relay_trees
+from tokenfabric.controller.compile.common import ClassPlan, ip
+from tokenfabric.controller.entries import (
     Action,
     Entity,
     Exact,
@@ -13,7 +13,7 @@ from controller.entries import (
     MulticastGroup,
     TableEntry,
 )
-from controller.model import Model, Switch
+from tokenfabric.controller.model import Model, Switch
 from tokenfabric.p4names import Actions, Tables
 
 

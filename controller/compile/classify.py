@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from controller.compile.common import ClassPlan
-from controller.entries import Action, Entity, Exact, Lpm, TableEntry
-from controller.model import Model, Policy, Switch
+from tokenfabric.controller.compile.common import ClassPlan
+from tokenfabric.controller.entries import Action, Entity, Exact, Lpm, TableEntry
+from tokenfabric.controller.model import Model, Policy, Switch
 from tokenfabric.p4names import Actions, Tables
 
 # RoCEv2's DSCP 26 and the rest of AF3x: remapped when the policy says so.

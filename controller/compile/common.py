@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from controller.model import Policy, TrafficClass
+from tokenfabric.controller.model import Policy, TrafficClass
 from tokenfabric.p4names import NUM_CLASSES
 
 DEFAULT_CLASS = TrafficClass(service_class="standard", dscp=0, priority_level=90, queue=1)

@@ -8,9 +8,9 @@ docs/ledger.md); backends sharing a port share the lowest one's cell.
 
 from __future__ import annotations
 
-from controller.compile.common import ClassPlan
-from controller.entries import Action, Entity, Exact, TableEntry
-from controller.model import Model, Switch
+from tokenfabric.controller.compile.common import ClassPlan
+from tokenfabric.controller.entries import Action, Entity, Exact, TableEntry
+from tokenfabric.controller.model import Model, Switch
 from tokenfabric.p4names import Actions, Tables
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from controller.compile.common import ClassPlan, CompileError, ip, mac
-from controller.entries import Action, Entity, Exact, Lpm, TableEntry
-from controller.model import Model, Switch
+from tokenfabric.controller.compile.common import ClassPlan, CompileError, ip, mac
+from tokenfabric.controller.entries import Action, Entity, Exact, Lpm, TableEntry
+from tokenfabric.controller.model import Model, Switch
 from tokenfabric.p4names import Actions, Tables
 
 

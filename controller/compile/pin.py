@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from controller.compile.common import ClassPlan, ip
-from controller.entries import Action, Entity, Exact, MatchValue, TableEntry
-from controller.model import Model, Service, Switch
+from tokenfabric.controller.compile.common import ClassPlan, ip
+from tokenfabric.controller.entries import Action, Entity, Exact, MatchValue, TableEntry
+from tokenfabric.controller.model import Model, Service, Switch
 from tokenfabric.p4names import PROTO_TCP, Actions, Tables
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from controller.compile.common import ClassPlan, CompileError
-from controller.entries import Action, Entity, Exact, MeterConfig, TableEntry
-from controller.model import BeyondAction, Model, Switch
+from tokenfabric.controller.compile.common import ClassPlan, CompileError
+from tokenfabric.controller.entries import Action, Entity, Exact, MeterConfig, TableEntry
+from tokenfabric.controller.model import BeyondAction, Model, Switch
 from tokenfabric.p4names import Actions, Color, Meters, Tables
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from controller.affinity import resolve, tenant_lookup
-from controller.beacon_plane import heard_everywhere
-from controller.compile.common import ClassPlan
-from controller.compile.pin import service_key
-from controller.entries import (
+from tokenfabric.beacon import LOAD_FULL
+from tokenfabric.controller.affinity import resolve, tenant_lookup
+from tokenfabric.controller.beacon_plane import heard_everywhere
+from tokenfabric.controller.compile.common import ClassPlan
+from tokenfabric.controller.compile.pin import service_key
+from tokenfabric.controller.entries import (
     Action,
     Entity,
     Exact,
@@ -18,9 +19,8 @@ from controller.entries import (
     ProfileMember,
     TableEntry,
 )
-from controller.model import BackendState, Model, SelectionMode, Service, Switch
-from controller.routing import MAX_GROUP_WEIGHT, group_weights
-from tokenfabric.beacon import LOAD_FULL
+from tokenfabric.controller.model import BackendState, Model, SelectionMode, Service, Switch
+from tokenfabric.controller.routing import MAX_GROUP_WEIGHT, group_weights
 from tokenfabric.dataplane import MAX_PAIR_SLOTS
 from tokenfabric.p4names import NO_BACKEND, Actions, Mode, Profiles, Tables
 

@@ -6,7 +6,7 @@ import dataclasses
 import ipaddress
 from typing import Any
 
-from controller.entries import (
+from tokenfabric.controller.entries import (
     Action,
     DesiredState,
     Entity,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import struct
 from typing import Any
 
@@ -20,7 +21,8 @@ from os_ken.ofproto import ofproto_parser
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from controller import log
+log = logging.getLogger(__name__)
+
 
 HEADER = struct.Struct("!BBHI")  # version, type, length, xid
 ECHO_INTERVAL_S = 5.0

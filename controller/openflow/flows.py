@@ -30,7 +30,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.entries import (
+from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS
+from tokenfabric.controller.entries import (
     Action,
     DesiredState,
     GroupRef,
@@ -40,7 +41,6 @@ from controller.entries import (
     ProfileMember,
     TableEntry,
 )
-from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS
 from tokenfabric.p4names import Actions, Tables
 
 CLASSIFY, SELECT, ROUTE, PIN = 0, 1, 2, 3

@@ -13,7 +13,7 @@ from os_ken.ofproto import nicira_ext
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from controller.openflow.flows import (
+from tokenfabric.controller.openflow.flows import (
     LEARNED_COOKIE,
     PIN,
     PIN_PRIORITY,

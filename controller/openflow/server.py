@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 
-from controller import log
-from controller.openflow.connection import Connection
-from controller.openflow.flows import Context
-from controller.openflow.switch import OpenFlowSwitch
+from tokenfabric.controller.openflow.connection import Connection
+from tokenfabric.controller.openflow.flows import Context
+from tokenfabric.controller.openflow.switch import OpenFlowSwitch
+
+log = logging.getLogger(__name__)
+
 
 DEFAULT_LISTEN = "127.0.0.1:6653"
 

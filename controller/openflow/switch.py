@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,12 +25,11 @@ from typing import Any
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from controller import log
-from controller.drivers import CounterValue, ReconcileResult, Role
-from controller.entries import DesiredState
-from controller.openflow import messages
-from controller.openflow.connection import Connection, OpenFlowError
-from controller.openflow.flows import (
+from tokenfabric.controller.drivers import CounterValue, ReconcileResult, Role
+from tokenfabric.controller.entries import DesiredState
+from tokenfabric.controller.openflow import messages
+from tokenfabric.controller.openflow.connection import Connection, OpenFlowError
+from tokenfabric.controller.openflow.flows import (
     CLASSIFY,
     FEATURES,
     LEARNED_COOKIE,
@@ -38,6 +38,9 @@ from controller.openflow.flows import (
     OfState,
     translate,
 )
+
+log = logging.getLogger(__name__)
+
 
 TENANT_TRAFFIC, TENANT_CONNS = "tenant_traffic", "tenant_admitted"  # the P4 counter names
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controller.fabric import load_fabric
-from controller.model import Model
-from controller.policy.reload import validate_policy
-from controller.policy.source import SpecError
+from tokenfabric.controller.fabric import load_fabric
+from tokenfabric.controller.model import Model
+from tokenfabric.controller.policy.reload import validate_policy
+from tokenfabric.controller.policy.source import SpecError
 
 
 def validate_file(path: str | Path, fabric: str | Path | None = None) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
-from controller.policy.source import Node, type_name
+from tokenfabric.controller.policy.source import Node, type_name
 
 M = TypeVar("M", bound=BaseModel)
 

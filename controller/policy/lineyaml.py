@@ -34,7 +34,7 @@ from ruamel.yaml.loader import BaseLoader
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.tag import Tag
 
-from controller.gctools import gc_paused
+from tokenfabric.controller.gctools import gc_paused
 
 __all__ = ["MAX_VALUES", "LineMap", "LineSeq", "MarkedYAMLError", "TooLarge", "YAMLError",
            "load"]

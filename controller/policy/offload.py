@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import multiprocessing
 import pickle
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from controller import log
-from controller.gctools import gc_paused
+from tokenfabric.controller.gctools import gc_paused
+
+log = logging.getLogger(__name__)
+
 
 T = TypeVar("T")
 
@@ -46,7 +49,7 @@ def _unpickle(data: bytes) -> Any:
 
 def _warm_up() -> None:
     """Import the policy code in the worker before the first real call needs it."""
-    import controller.policy.reload  # noqa: F401
+    import tokenfabric.controller.policy.reload  # noqa: F401
 
 
 class PolicyProcess:

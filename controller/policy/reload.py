@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.applier import ApplyReport, apply_states
-from controller.compile import CompileError, compile_model
-from controller.drivers import StateTaker
-from controller.entries import DesiredState
-from controller.gctools import gc_paused
-from controller.model import Model, Policy
-from controller.policy.offload import run_here
-from controller.policy.schema import load_policy, parse_policy
-from controller.policy.source import SpecError
+from tokenfabric.controller.applier import ApplyReport, apply_states
+from tokenfabric.controller.compile import CompileError, compile_model
+from tokenfabric.controller.drivers import StateTaker
+from tokenfabric.controller.entries import DesiredState
+from tokenfabric.controller.gctools import gc_paused
+from tokenfabric.controller.model import Model, Policy
+from tokenfabric.controller.policy.offload import run_here
+from tokenfabric.controller.policy.schema import load_policy, parse_policy
+from tokenfabric.controller.policy.source import SpecError
 
 Runner = Callable[..., Awaitable[Any]]  # run(fn, *args) -> fn(*args), here or elsewhere
 

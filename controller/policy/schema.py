@@ -24,9 +24,9 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
-from controller.affinity import MAX_BOUND, MAX_TTL_S, MIN_BOUND
-from controller.compile import DEFAULT_CLASS, NUM_CLASSES, CompileError, plan_classes
-from controller.model import (
+from tokenfabric.controller.affinity import MAX_BOUND, MAX_TTL_S, MIN_BOUND
+from tokenfabric.controller.compile import DEFAULT_CLASS, NUM_CLASSES, CompileError, plan_classes
+from tokenfabric.controller.model import (
     AffinityPolicy,
     BandwidthProfile,
     BeyondAction,
@@ -40,8 +40,8 @@ from controller.model import (
     TokenLimits,
     TrafficClass,
 )
-from controller.policy.filemodel import FileModel, Problem, check, in_range, text_check
-from controller.policy.source import (
+from tokenfabric.controller.policy.filemodel import FileModel, Problem, check, in_range, text_check
+from tokenfabric.controller.policy.source import (
     Errors,
     Node,
     SpecError,
@@ -51,7 +51,7 @@ from controller.policy.source import (
     read_file,
     type_name,
 )
-from controller.policy.standards import (
+from tokenfabric.controller.policy.standards import (
     AF3X,
     CAMARA_PROFILES,
     FIVEQI_TABLE,

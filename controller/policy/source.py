@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from controller.policy import lineyaml
-from controller.policy.lineyaml import LineMap, LineSeq
+from tokenfabric.controller.policy import lineyaml
+from tokenfabric.controller.policy.lineyaml import LineMap, LineSeq
 
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

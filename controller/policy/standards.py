@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from controller.model import FiveQI, ResourceType, TrafficClass
+from tokenfabric.controller.model import FiveQI, ResourceType, TrafficClass
 
 _G, _N, _D = ResourceType.GBR, ResourceType.NON_GBR, ResourceType.DELAY_CRITICAL_GBR
 

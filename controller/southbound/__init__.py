@@ -7,9 +7,9 @@
     results = await sb.apply({"s1": desired_state})   # writes only the difference
 """
 
-from controller.drivers import CounterValue, ReconcileResult, Role
-from controller.southbound.codec import Codec, decode_int, encode_int
-from controller.southbound.errors import (
+from tokenfabric.controller.drivers import CounterValue, ReconcileResult, Role
+from tokenfabric.controller.southbound.codec import Codec, decode_int, encode_int
+from tokenfabric.controller.southbound.errors import (
     NotPrimaryError,
     PipelineError,
     SouthboundError,
@@ -18,10 +18,15 @@ from controller.southbound.errors import (
     UpdateFailure,
     WriteError,
 )
-from controller.southbound.fleet import ApplyError, Southbound
-from controller.southbound.p4info import P4InfoIndex, Pipeline, load_p4info, pipeline_cookie
-from controller.southbound.session import Election
-from controller.southbound.switch import Switch, SwitchConfig
+from tokenfabric.controller.southbound.fleet import ApplyError, Southbound
+from tokenfabric.controller.southbound.p4info import (
+    P4InfoIndex,
+    Pipeline,
+    load_p4info,
+    pipeline_cookie,
+)
+from tokenfabric.controller.southbound.session import Election
+from tokenfabric.controller.southbound.switch import Switch, SwitchConfig
 
 __all__ = [
     "ApplyError", "Codec", "CounterValue", "Election", "NotPrimaryError", "P4InfoIndex",

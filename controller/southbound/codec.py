@@ -1,4 +1,4 @@
-"""controller.entries entities <-> P4Runtime protobuf Entities, through the P4Info.
+"""tokenfabric.controller.entries entities <-> P4Runtime protobuf Entities, through the P4Info.
 
 Two steps, both checked against the P4 program:
 - `normalize` puts an entity into the one form a switch will give back on a
@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from p4.v1 import p4runtime_pb2
 
-from controller.entries import (
+from tokenfabric.controller.entries import (
     Action,
     Entity,
     EntityKey,
@@ -33,8 +33,8 @@ from controller.entries import (
     TableEntry,
     Ternary,
 )
-from controller.southbound.errors import TranslationError
-from controller.southbound.p4info import MatchType, P4InfoIndex, TableInfo
+from tokenfabric.controller.southbound.errors import TranslationError
+from tokenfabric.controller.southbound.p4info import MatchType, P4InfoIndex, TableInfo
 
 
 def encode_int(value: int, bitwidth: int, what: str = "value") -> bytes:

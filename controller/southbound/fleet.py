@@ -6,12 +6,12 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from controller.applier import apply_states
-from controller.drivers import ReconcileResult
-from controller.entries import DesiredState
-from controller.southbound.errors import SouthboundError
-from controller.southbound.p4info import Pipeline
-from controller.southbound.switch import Switch, SwitchConfig
+from tokenfabric.controller.applier import apply_states
+from tokenfabric.controller.drivers import ReconcileResult
+from tokenfabric.controller.entries import DesiredState
+from tokenfabric.controller.southbound.errors import SouthboundError
+from tokenfabric.controller.southbound.p4info import Pipeline
+from tokenfabric.controller.southbound.switch import Switch, SwitchConfig
 
 
 class ApplyError(SouthboundError):

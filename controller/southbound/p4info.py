@@ -17,7 +17,7 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 from p4.config.v1 import p4info_pb2
 
-from controller.southbound.errors import PipelineError, TranslationError
+from tokenfabric.controller.southbound.errors import PipelineError, TranslationError
 
 MatchType = p4info_pb2.MatchField.MatchType
 

@@ -7,15 +7,18 @@ reports differs from ours, and only from the primary.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2
 
-from controller import log
-from controller.southbound.errors import PipelineError
-from controller.southbound.p4info import Pipeline
-from controller.southbound.rpc import Rpc
+from tokenfabric.controller.southbound.errors import PipelineError
+from tokenfabric.controller.southbound.p4info import Pipeline
+from tokenfabric.controller.southbound.rpc import Rpc
+
+log = logging.getLogger(__name__)
+
 
 _Get = p4runtime_pb2.GetForwardingPipelineConfigRequest
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.entries import (
+from tokenfabric.controller.entries import (
     DesiredState,
     Entity,
     MeterConfig,

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 from p4.v1 import p4runtime_pb2
 
-from controller.entries import DesiredState, Entity
-from controller.gctools import gc_paused
-from controller.southbound import weights
-from controller.southbound.codec import Codec
-from controller.southbound.p4info import P4InfoIndex
-from controller.southbound.plan import DELETE, INSERT, RESET, Update, plan
+from tokenfabric.controller.entries import DesiredState, Entity
+from tokenfabric.controller.gctools import gc_paused
+from tokenfabric.controller.southbound import weights
+from tokenfabric.controller.southbound.codec import Codec
+from tokenfabric.controller.southbound.p4info import P4InfoIndex
+from tokenfabric.controller.southbound.plan import DELETE, INSERT, RESET, Update, plan
 
 
 @dataclass

@@ -15,15 +15,15 @@ import grpc
 from google.rpc import code_pb2, status_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-from controller.southbound.codec import Codec
-from controller.southbound.errors import (
+from tokenfabric.controller.southbound.codec import Codec
+from tokenfabric.controller.southbound.errors import (
     NotPrimaryError,
     PipelineError,
     SouthboundError,
     UpdateFailure,
     WriteError,
 )
-from controller.southbound.plan import DELETE, INSERT, MODIFY, RESET, Update
+from tokenfabric.controller.southbound.plan import DELETE, INSERT, MODIFY, RESET, Update
 
 _UPDATE_TYPES = {INSERT: p4runtime_pb2.Update.INSERT, MODIFY: p4runtime_pb2.Update.MODIFY,
                  DELETE: p4runtime_pb2.Update.DELETE, RESET: p4runtime_pb2.Update.MODIFY}

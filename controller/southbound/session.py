@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,12 @@ import grpc
 from google.rpc import code_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-from controller import log
-from controller.drivers import Role
-from controller.southbound.errors import SwitchUnavailable
-from controller.southbound.rpc import from_uint128, uint128
+from tokenfabric.controller.drivers import Role
+from tokenfabric.controller.southbound.errors import SwitchUnavailable
+from tokenfabric.controller.southbound.rpc import from_uint128, uint128
+
+log = logging.getLogger(__name__)
+
 
 GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,31 +32,33 @@ from typing import Any
 import grpc
 from p4.v1 import p4runtime_pb2
 
-from controller import log
-from controller.drivers import CounterValue, ReconcileResult, Role
-from controller.entries import Action, DesiredState, EntityKey, Exact, TableEntry
-from controller.southbound import weights
-from controller.southbound.codec import Codec
-from controller.southbound.errors import (
+from tokenfabric.controller.drivers import CounterValue, ReconcileResult, Role
+from tokenfabric.controller.entries import Action, DesiredState, EntityKey, Exact, TableEntry
+from tokenfabric.controller.southbound import weights
+from tokenfabric.controller.southbound.codec import Codec
+from tokenfabric.controller.southbound.errors import (
     NotPrimaryError,
     PipelineError,
     SouthboundError,
     SwitchUnavailable,
     TranslationError,
 )
-from controller.southbound.p4info import P4InfoIndex, Pipeline
-from controller.southbound.pipeline import ensure_pipeline
-from controller.southbound.plan import Plan, Update, plan
-from controller.southbound.reconcile import (
+from tokenfabric.controller.southbound.p4info import P4InfoIndex, Pipeline
+from tokenfabric.controller.southbound.pipeline import ensure_pipeline
+from tokenfabric.controller.southbound.plan import Plan, Update, plan
+from tokenfabric.controller.southbound.reconcile import (
     Normalizer,
     count_phase,
     decode_all,
     read_all_request,
     wildcard,
 )
-from controller.southbound.rpc import Rpc
-from controller.southbound.session import Election, Session, Standing
+from tokenfabric.controller.southbound.rpc import Rpc
+from tokenfabric.controller.southbound.session import Election, Session, Standing
 from tokenfabric.p4names import Counters, Tables
+
+log = logging.getLogger(__name__)
+
 
 __all__ = ["CounterValue", "Handler", "ReconcileResult", "Role", "Switch", "SwitchConfig",
            "SwitchStats"]

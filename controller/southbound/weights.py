@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from controller.entries import Entity, ProfileGroup, ProfileMember
-from controller.southbound.errors import TranslationError
+from tokenfabric.controller.entries import Entity, ProfileGroup, ProfileMember
+from tokenfabric.controller.southbound.errors import TranslationError
 
 COPY_SHIFT = 20
 MAX_BASE_ID = 1 << COPY_SHIFT  # member ids below this may carry weights

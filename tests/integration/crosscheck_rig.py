@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 
-from controller.api.server import API
-from controller.app import Controller, build_server
-from controller.ledger import Ledger
-from controller.model import Model
+from tokenfabric.controller.api.server import API
+from tokenfabric.controller.app import Controller, build_server
+from tokenfabric.controller.ledger import Ledger
+from tokenfabric.controller.model import Model
 from tokenfabric.tools import free_port
 
 

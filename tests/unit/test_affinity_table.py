@@ -7,11 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from controller.affinity import TABLE_CAPACITY, AffinityTable, TenantLookup, edge_switches
-from controller.compile import compile_model
-from controller.entries import Action, DesiredState, TableEntry
-from controller.fabric import load_fabric
-from controller.model import AffinityPolicy, BackendState, Tenant
+from tokenfabric.controller.affinity import (
+    TABLE_CAPACITY,
+    AffinityTable,
+    TenantLookup,
+    edge_switches,
+)
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.entries import Action, DesiredState, TableEntry
+from tokenfabric.controller.fabric import load_fabric
+from tokenfabric.controller.model import AffinityPolicy, BackendState, Tenant
 from tokenfabric.p4names import TABLE_SIZES, Tables
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -3,9 +3,9 @@ lowest backend id there (backends sharing a port share its bytes)."""
 
 from __future__ import annotations
 
-from controller.compile import compile_model
-from controller.entries import Action, Exact, TableEntry
-from controller.fabric import parse_fabric
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.entries import Action, Exact, TableEntry
+from tokenfabric.controller.fabric import parse_fabric
 from tokenfabric.p4names import Actions, Tables
 
 FABRIC = """

@@ -46,7 +46,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_agent_settings_take_file_then_environment_then_flags(tmp_path, monkeypatch):
-    from hostagent.config import load
+    from tokenfabric.hostagent.config import load
 
     path = tmp_path / "agent.yaml"
     path.write_text("agent:\n  name: gpu1\n  address: 10.0.0.11\n  mac: '00:00:00:00:00:11'\n"

@@ -3,8 +3,8 @@ growth they rest on (a real SQLite ledger)."""
 
 from __future__ import annotations
 
-from controller.crosscheck import check_ports
-from controller.ledger import Ledger, Usage
+from tokenfabric.controller.crosscheck import check_ports
+from tokenfabric.controller.ledger import Ledger, Usage
 
 
 def test_a_port_whose_billing_does_not_fit_is_flagged():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 import tracemalloc
 
-from controller.prefix_index import ENTRY_BYTES, KvReport, PrefixIndex
-from hostagent.kv_blocks import KvBlockSet
+from tokenfabric.controller.prefix_index import ENTRY_BYTES, KvReport, PrefixIndex
+from tokenfabric.hostagent.kv_blocks import KvBlockSet
 
 
 class Clock:

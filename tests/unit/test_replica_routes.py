@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from controller.replica import MAX_BASE_ELECTION_ID, Replica, ReplicaError, backup_refusal
+from tokenfabric.controller.replica import (
+    MAX_BASE_ELECTION_ID,
+    Replica,
+    ReplicaError,
+    backup_refusal,
+)
 
 
 @pytest.mark.parametrize("method, path", [

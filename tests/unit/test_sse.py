@@ -9,7 +9,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from hostagent.bridge import _Counter
+from tokenfabric.hostagent.bridge import _Counter
 from tokenfabric.lab.loadgen import _stream
 from tokenfabric.sse import is_token_chunk, is_token_payload
 

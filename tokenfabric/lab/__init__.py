@@ -3,7 +3,3 @@
 Importable lab code lives here; `mininet/` at the top of the repository holds
 runnable scripts only (a package named `mininet` would shadow Mininet itself).
 """
-
-import logging
-
-log = logging.getLogger("tokenfabric.lab")

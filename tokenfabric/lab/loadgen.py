@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -36,9 +37,11 @@ from typing import Any, TextIO
 import aiohttp
 import numpy as np
 
-from tokenfabric.lab import log
 from tokenfabric.lab.workloads import ChatSpec, TraceSpec, plan_chat, plan_trace
 from tokenfabric.sse import is_token_chunk
+
+log = logging.getLogger(__name__)
+
 
 # The header a backend's bridge (or emulator) sets to name itself; see docs/lab.md.
 DEFAULT_BACKEND_HEADER = "X-Tokenfabric-Backend"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import subprocess
@@ -23,10 +24,13 @@ from mininet.log import setLogLevel
 from mininet.net import Mininet
 from mininet.node import Host
 
-from tokenfabric.lab import log, probe
+from tokenfabric.lab import probe
 from tokenfabric.lab.offload import checksum_offload_off
 from tokenfabric.lab.plan import GATEWAY_IP, LOCK_PATH, NAME_PREFIX, LabHost, LabPlan
 from tokenfabric.lab.switch import Bmv2MininetSwitch
+
+log = logging.getLogger(__name__)
+
 
 DATAPLANES = ("bmv2", "ovs")
 

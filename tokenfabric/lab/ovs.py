@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import subprocess
@@ -25,9 +26,11 @@ from typing import Any
 
 from mininet.node import OVSSwitch
 
-from tokenfabric.lab import log
 from tokenfabric.lab.offload import checksum_offload_off
 from tokenfabric.tools import find_tool
+
+log = logging.getLogger(__name__)
+
 
 # The controller's OpenFlow listener (the contract with controller/openflow).
 OPENFLOW_CONTROLLER = "tcp:127.0.0.1:6653"

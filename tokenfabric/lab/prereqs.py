@@ -70,7 +70,7 @@ def _openflow_missing() -> list[Missing]:
         missing.append(Missing("os-ken (the controller's OpenFlow library)",
                                "pip install -e '.[all]' (or tokenfabric[controller])"))
     try:
-        driver = importlib.util.find_spec("controller.openflow")
+        driver = importlib.util.find_spec("tokenfabric.controller.openflow")
     except ImportError:
         driver = None
     if driver is None:
@@ -91,15 +91,15 @@ def missing_pieces(dataplane: str = "bmv2") -> list[Missing]:
                 for r in requirements.missing_for(dataplane)]
     if dataplane == "ovs":
         missing += _openflow_missing()
-    if not _command_exists("controller.cli", "controller_group", "run"):
+    if not _command_exists("tokenfabric.controller.cli", "controller_group", "run"):
         missing.append(Missing("controller (`tokenfabric controller run`)",
                                "install tokenfabric[controller] from a checkout that has "
                                "controller/cli.py (issue 4)"))
-    if not _command_exists("hostagent.cli", "agent_group", "run"):
+    if not _command_exists("tokenfabric.hostagent.cli", "agent_group", "run"):
         missing.append(Missing("host agent (`tokenfabric agent run`)",
                                "install tokenfabric[agent] from a checkout that has the "
                                "agent (issue 5)"))
-    if not _command_exists("hostagent.cli", "emulator_command"):
+    if not _command_exists("tokenfabric.hostagent.cli", "emulator_command"):
         missing.append(Missing("vLLM emulator (`tokenfabric vllm-emulator`)",
                                "install tokenfabric[agent] (issue 5)"))
     if dataplane == "bmv2" and p4_program() is None:

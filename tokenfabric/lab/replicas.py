@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenfabric.lab import log
-
 if TYPE_CHECKING:
     from tokenfabric.lab.stack import Stack
+
+log = logging.getLogger(__name__)
+
 
 TAKEOVER_TARGET_S = 2.0
 ACK_LINE = re.compile(r"usage acknowledged at exit: (\{.*\})")
@@ -36,7 +38,7 @@ class HaProbe:
     """P4Runtime read-back of who is primary on each switch, in its own event loop."""
 
     def __init__(self, switches: dict[str, dict[str, Any]]) -> None:
-        from controller.replica import PrimaryWatch
+        from tokenfabric.controller.replica import PrimaryWatch
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,

@@ -12,6 +12,7 @@ Definitions (docs/lab.md repeats them):
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from tokenfabric.lab import log
 from tokenfabric.lab.capture import HostEvidence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

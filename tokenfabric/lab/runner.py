@@ -8,6 +8,7 @@ removed and reported.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tokenfabric.lab import capture, log, probe, results
+from tokenfabric.lab import capture, probe, results
 from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS, Event, Experiment, Run
 from tokenfabric.lab.loadgen import TenantSpec, Workload, plan
 from tokenfabric.lab.plan import LabPlan, TenantPlan, build_plan
@@ -33,6 +34,9 @@ from tokenfabric.lab.stack import ECMP_CAPACITY
 if TYPE_CHECKING:
     from tokenfabric.lab.network import LabNetwork
     from tokenfabric.lab.stack import Stack
+
+log = logging.getLogger(__name__)
+
 
 # Lab modes -> the service's selection mode in the switch (docs/lab.md). ECMP is the
 # weighted hash with agents that declare a capacity no load reaches (equal weights).

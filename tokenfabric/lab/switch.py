@@ -11,15 +11,17 @@ Usable from plain Mininet too:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from mininet.node import Switch
 
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
-from tokenfabric.lab import log
 from tokenfabric.lab.offload import checksum_offload_off
 from tokenfabric.tools import free_port
+
+log = logging.getLogger(__name__)
 
 
 class Bmv2MininetSwitch(Switch):

@@ -11,12 +11,12 @@ import httpx
 import pytest
 import uvicorn
 
-from controller.api.server import create_app
-from controller.app import Controller
-from controller.auth import Principal, Role, TokenStore
-from controller.fabric import parse_fabric
-from controller.ledger import Ledger
-from controller.policy.schema import parse_policy
+from tokenfabric.controller.api.server import create_app
+from tokenfabric.controller.app import Controller
+from tokenfabric.controller.auth import Principal, Role, TokenStore
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.ledger import Ledger
+from tokenfabric.controller.policy.schema import parse_policy
 from tokenfabric.tools import free_port
 
 FABRIC = """

@@ -8,14 +8,14 @@ import asyncio
 
 import pytest
 
-from controller.affinity import AffinityTable
-from controller.app import Controller
-from controller.auth import TokenStore
-from controller.compile import compile_model
-from controller.entries import Action, Exact, TableEntry
-from controller.fabric import parse_fabric
-from controller.ledger import Ledger
-from controller.policy.schema import parse_policy
+from tokenfabric.controller.affinity import AffinityTable
+from tokenfabric.controller.app import Controller
+from tokenfabric.controller.auth import TokenStore
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.entries import Action, Exact, TableEntry
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.ledger import Ledger
+from tokenfabric.controller.policy.schema import parse_policy
 from tokenfabric.p4names import Tables
 
 from .conftest import ADMIN, AGENT, FABRIC, OTHER_AGENT, POLICY, TOKENS, VIEWER, serve_in_thread
@@ -192,7 +192,7 @@ def test_the_agents_client_reports_affinity_and_hears_the_refusal(rig):
     """hostagent/controller_api.py, as the bridge's agent calls it, over real HTTP."""
     import aiohttp
 
-    from hostagent.controller_api import ControllerClient, ControllerError
+    from tokenfabric.hostagent.controller_api import ControllerClient, ControllerError
 
     live, _ = rig
 

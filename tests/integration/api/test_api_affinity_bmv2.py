@@ -15,11 +15,11 @@ import httpx
 import pytest
 from scapy.layers.inet import IP, TCP
 
-from controller.switch_shell import shell_read
 from tests.integration.api.test_api_bmv2 import wait_for
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import data, parse, syn
 from tokenfabric import yamlio
+from tokenfabric.controller.switch_shell import shell_read
 from tokenfabric.tools import free_port
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root, pytest.mark.timeout(300)]

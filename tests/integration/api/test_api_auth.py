@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
-from controller.auth import Role, TokenFileError, TokenStore, parse_tokens
 from tests.integration.api.conftest import ADMIN, AGENT, REGISTRATION, VIEWER
 from tokenfabric import yamlio
+from tokenfabric.controller.auth import Role, TokenFileError, TokenStore, parse_tokens
 
 READS = ["/api/v1/switches", "/api/v1/backends", "/api/v1/services", "/api/v1/tenants",
          "/api/v1/contracts", "/api/v1/counters", "/api/v1/ledger", "/api/v1/ledger.csv",
@@ -59,7 +59,7 @@ def test_mutations_check_the_role(live, method, path, body, lowest):
 
 
 def test_agent_token_registers_and_mutation_is_audited(live, caplog):
-    with caplog.at_level(logging.INFO, logger="controller"):
+    with caplog.at_level(logging.INFO, logger="tokenfabric.controller"):
         r = live.client(AGENT).post("/api/v1/backends", json=REGISTRATION)
     assert r.status_code == 201
     assert any("audit: agents (agent) register backend gpu2-llama" in m

@@ -12,11 +12,11 @@ import time
 import httpx
 import pytest
 
-from controller.switch_shell import shell_read
 from tests.integration.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
 from tokenfabric import dataplane as dp
 from tokenfabric import yamlio
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
+from tokenfabric.controller.switch_shell import shell_read
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.timeout(300)]
 

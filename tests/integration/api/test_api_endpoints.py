@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from controller.drivers import P4RUNTIME_FEATURES
 from tests.integration.api.conftest import ADMIN, AGENT, REGISTRATION, VIEWER
+from tokenfabric.controller.drivers import P4RUNTIME_FEATURES
 
 REPORT = {"running": 3, "waiting": 1, "kv_cache_usage": 0.42, "healthy": True,
           "usage": [{"tenant_id": 1, "model": "tiny-llama", "prompt_tokens": 100,
@@ -253,7 +253,7 @@ def test_unknown_route_and_method(live):
 
 def test_ledger_filters_csv_and_crosscheck(live):
     ledger = live.ctl.ledger
-    from controller.ledger import Usage
+    from tokenfabric.controller.ledger import Usage
 
     t0 = 1_800_000_000  # a minute boundary
     ledger.record("a", "gpu1-llama", [Usage(1, "tiny-llama", 10, 20)], now=t0 + 5)
@@ -416,7 +416,7 @@ def test_the_host_agents_report_shape(live):
 
 
 def test_oversized_body_is_413(live):
-    from controller.api.limits import MAX_POLICY_BODY_BYTES
+    from tokenfabric.controller.api.limits import MAX_POLICY_BODY_BYTES
 
     big = b'{"yaml": "' + b"x" * (MAX_POLICY_BODY_BYTES + 1) + b'"}'
     r = live.client(ADMIN).post("/api/v1/policy/validate", content=big,

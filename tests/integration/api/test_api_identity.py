@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.auth import Principal, Role, TokenStore
+from tokenfabric.controller.auth import Principal, Role, TokenStore
 
 from .conftest import ADMIN, AGENT, OTHER_AGENT, REGISTRATION, make_controller, serve_in_thread
 

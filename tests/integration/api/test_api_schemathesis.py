@@ -24,8 +24,8 @@ from schemathesis.checks import (
 from schemathesis.config import SchemathesisConfig
 from schemathesis.core.parameters import ParameterLocation
 
-from controller.api.server import create_app
 from tests.integration.api.conftest import ADMIN, VIEWER, make_controller, serve_in_thread
+from tokenfabric.controller.api.server import create_app
 
 
 def _schema_document() -> dict:

@@ -6,16 +6,16 @@ import asyncio
 
 import httpx
 
-from controller.app import Controller, build_server
-from controller.auth import TokenStore
-from controller.fabric import parse_fabric
-from controller.ledger import Ledger, Usage
-from controller.policy.schema import parse_policy
-from controller.southbound import Role, Southbound
 from tests.integration.api.conftest import ADMIN, FABRIC, POLICY, TOKENS, VIEWER, free_port
 from tests.integration.southbound.conftest import FAST
 from tests.integration.southbound.fake_p4rt_server import FakeP4RuntimeServer
 from tests.integration.southbound.helpers import mini_pipeline
+from tokenfabric.controller.app import Controller, build_server
+from tokenfabric.controller.auth import TokenStore
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.ledger import Ledger, Usage
+from tokenfabric.controller.policy.schema import parse_policy
+from tokenfabric.controller.southbound import Role, Southbound
 
 
 def controller_for(fake, tmp_path, election_id, name):

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from controller.policy.schema import parse_policy
-from controller.policy.source import SpecError
+from tokenfabric.controller.policy.schema import parse_policy
+from tokenfabric.controller.policy.source import SpecError
 
 from .conftest import ADMIN, AGENT, POLICY, REGISTRATION, make_controller, serve_in_thread
 

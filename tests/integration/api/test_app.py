@@ -2,9 +2,9 @@
 
 import asyncio
 
-from controller.auth import Principal, Role
-from controller.compile import state_to_list
 from tests.integration.api.conftest import REGISTRATION, make_controller
+from tokenfabric.controller.auth import Principal, Role
+from tokenfabric.controller.compile import state_to_list
 from tokenfabric.wire import BackendRegistration, BackendReport
 
 WHO = Principal("agents", Role.AGENT, backends=("*",))

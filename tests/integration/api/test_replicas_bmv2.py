@@ -18,10 +18,10 @@ import httpx
 import pytest
 import yaml
 
-from controller.replica import PRIMARY_HEADER, TERM_SHIFT, PrimaryWatch
 from tests.integration.api.conftest import ADMIN, AGENT, FABRIC, POLICY, REGISTRATION, free_port
 from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
+from tokenfabric.controller.replica import PRIMARY_HEADER, TERM_SHIFT, PrimaryWatch
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.timeout(300)]
 

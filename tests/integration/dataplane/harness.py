@@ -23,10 +23,10 @@ from pathlib import Path
 
 from crccheck.crc import Crc16Arc
 
-from controller.entries import Action, Exact, Lpm, TableEntry
 from tests.integration.dataplane.switch_client import SwitchClient
 from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
+from tokenfabric.controller.entries import Action, Exact, Lpm, TableEntry
 from tokenfabric.netns import NetSandbox
 from tokenfabric.p4names import Mode, Profiles
 from tokenfabric.tools import find_tool, tool_env
@@ -256,20 +256,20 @@ def conn_slot(src: str, dst: str, sport: int, dport: int) -> int:
 
 def pool_members(backends: list[int]) -> list:
     """One action-profile member per backend; member id = backend id."""
-    from controller.entries import ProfileMember
+    from tokenfabric.controller.entries import ProfileMember
 
     return [ProfileMember(Profiles.BACKEND_SELECTOR, b, Action.of("set_pool_backend", backend_id=b))
             for b in backends]
 
 
 def pool_group(weights: dict[int, int], group_id: int = 1):  # noqa: ANN201
-    from controller.entries import ProfileGroup
+    from tokenfabric.controller.entries import ProfileGroup
 
     return ProfileGroup(Profiles.BACKEND_SELECTOR, group_id, tuple(weights.items()), max_size=256)
 
 
 def pool_entry(group_id: int = 1, service_id: int = SERVICE) -> TableEntry:
-    from controller.entries import GroupRef
+    from tokenfabric.controller.entries import GroupRef
 
     return TableEntry.of("service_pool", {"service_id": Exact(service_id)}, GroupRef(group_id))
 

@@ -17,10 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controller.entries import DesiredState, Entity, MeterConfig
-from controller.southbound.p4info import Pipeline
-from controller.southbound.plan import DELETE, INSERT, MODIFY, Update
-from controller.southbound.switch import Role, Switch, SwitchConfig
+from tokenfabric.controller.entries import DesiredState, Entity, MeterConfig
+from tokenfabric.controller.southbound.p4info import Pipeline
+from tokenfabric.controller.southbound.plan import DELETE, INSERT, MODIFY, Update
+from tokenfabric.controller.southbound.switch import Role, Switch, SwitchConfig
 
 T = TypeVar("T")
 TIMEOUT = 60.0

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from controller.entries import Action, Exact, TableEntry
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import beacon, data, syn
 from tokenfabric.beacon import UsageBeacon
 from tokenfabric.bucket import Contract, TokenBucket
+from tokenfabric.controller.entries import Action, Exact, TableEntry
 from tokenfabric.p4names import Event
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 from scapy.layers.inet import IP, TCP
 
-from controller.entries import Action, Exact, TableEntry
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import beacon, data, parse, syn
 from tokenfabric.beacon import BeaconFlags, LoadBeacon
+from tokenfabric.controller.entries import Action, Exact, TableEntry
 from tokenfabric.p4names import AFFINITY_BOUND_ONE, Event, Mode
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from controller.compile import compile_model
-from controller.entries import DesiredState, MulticastGroup
-from controller.fabric import parse_fabric
-from controller.policy.schema import parse_policy
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.switch_client import SwitchClient
 from tokenfabric import dataplane as dp
 from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS, LoadBeacon, UsageBeacon
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.entries import DesiredState, MulticastGroup
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.policy.schema import parse_policy
 from tokenfabric.netns import NetSandbox
 from tokenfabric.p4names import DropReason, Event
 from tokenfabric.tools import find_tool, tool_env

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from controller.southbound.p4info import load_p4info
 from tokenfabric import dataplane as dp
+from tokenfabric.controller.southbound.p4info import load_p4info
 from tokenfabric.tools import tool_env
 
 # Output name -> the committed file build.sh would write there.

@@ -8,9 +8,9 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.packet import Raw
 
-from controller.entries import Action, Exact, TableEntry
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import parse, to_switch
+from tokenfabric.controller.entries import Action, Exact, TableEntry
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 

@@ -9,11 +9,11 @@ import textwrap
 
 import pytest
 
-from controller.entries import Action, Exact, Lpm, TableEntry
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.switch_client import SwitchClient
 from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
+from tokenfabric.controller.entries import Action, Exact, Lpm, TableEntry
 from tokenfabric.netns import sandbox
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from controller.entries import Action, Exact, TableEntry
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import beacon, golden, syn
 from tokenfabric.beacon import BeaconFlags, LoadBeacon, UsageBeacon
+from tokenfabric.controller.entries import Action, Exact, TableEntry
 from tokenfabric.p4names import DropReason, Event, Mode
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]

@@ -6,9 +6,9 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from controller.entries import Action, Exact, MeterConfig, TableEntry
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import parse, to_switch
+from tokenfabric.controller.entries import Action, Exact, MeterConfig, TableEntry
 from tokenfabric.p4names import Color, DropReason, Event
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]

@@ -8,10 +8,10 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from controller.entries import Action, Exact, TableEntry
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import beacon, data, syn, to_switch
 from tokenfabric.beacon import LoadBeacon
+from tokenfabric.controller.entries import Action, Exact, TableEntry
 from tokenfabric.p4names import Actions, Counters, Tables
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]

@@ -108,7 +108,7 @@ def json_error(reply: bytes) -> dict:
 
 BRIDGE_MAIN = """
 import asyncio, json, sys
-from hostagent.bridge import Bridge, BridgeSettings
+from tokenfabric.hostagent.bridge import Bridge, BridgeSettings
 
 async def main() -> None:
     bridge = Bridge(BridgeSettings(**json.loads(sys.argv[1])))

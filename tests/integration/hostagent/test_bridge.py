@@ -15,9 +15,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hostagent.bridge import Bridge, BridgeSettings
-from hostagent.tenants import TenantTable
 from tests.integration.hostagent.conftest import TENANTS, free_port
+from tokenfabric.hostagent.bridge import Bridge, BridgeSettings
+from tokenfabric.hostagent.tenants import TenantTable
 
 GOLD, BRONZE = "127.0.0.2", "127.0.0.3"
 

@@ -18,8 +18,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from hostagent.bridge import HOP_BY_HOP, MAX_JSON_VALUES, Bridge, BridgeSettings
-from hostagent.http1 import FRAMING_ALLOWANCE
 from tests.integration.hostagent.hostile import (
     BridgeProcess,
     RecordingUpstream,
@@ -28,6 +26,8 @@ from tests.integration.hostagent.hostile import (
     json_error,
     status_of,
 )
+from tokenfabric.hostagent.bridge import HOP_BY_HOP, MAX_JSON_VALUES, Bridge, BridgeSettings
+from tokenfabric.hostagent.http1 import FRAMING_ALLOWANCE
 from tokenfabric.tools import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,7 +57,7 @@ async def rig_factory(caplog):
     errors: list[dict] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    caplog.set_level(logging.INFO, logger="hostagent")
+    caplog.set_level(logging.INFO, logger="tokenfabric.hostagent")
 
     async def make(**settings: object) -> Rig:
         upstream = RecordingUpstream()

@@ -23,7 +23,6 @@ import time
 import httpx
 import pytest
 
-from hostagent.handoff import sign
 from tests.integration.api.conftest import ADMIN, AGENT, VIEWER
 from tests.integration.hostagent.conftest import (
     env_without_config,
@@ -33,6 +32,7 @@ from tests.integration.hostagent.conftest import (
 )
 from tests.integration.hostagent.conftest import wait_for as wait_until
 from tokenfabric import beacon, yamlio
+from tokenfabric.hostagent.handoff import sign
 
 FABRIC = """
 switches:
@@ -444,7 +444,7 @@ def _running(text: str) -> float:
 
 def test_handoff_decisions_need_a_longer_prefix_and_pay_for_queueing():
     """The cost model on its own numbers (no servers): what makes it say no."""
-    from hostagent.handoff import HandoffSettings, LocalLoad, decide
+    from tokenfabric.hostagent.handoff import HandoffSettings, LocalLoad, decide
     s = HandoffSettings(secret=b"x" * 16)
     idle = LocalLoad(0, 0, 4, 0.0, 1.0)
     peer = {"backend": "b", "address": "10.0.0.2", "cached_blocks": 50, "trusted": True,

@@ -12,16 +12,16 @@ import httpx
 import pytest
 import zmq
 
-from hostagent.kv_blocks import KvBlockSet
-from hostagent.kv_events import (
+from tests.integration.hostagent.conftest import free_port
+from tokenfabric.blockhash import BlockHasher
+from tokenfabric.hostagent.kv_blocks import KvBlockSet
+from tokenfabric.hostagent.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     KvEventPublisher,
     KvEventSubscriber,
 )
-from tests.integration.hostagent.conftest import free_port
-from tokenfabric.blockhash import BlockHasher
 
 
 def stored(*keys: int) -> list:

@@ -6,11 +6,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from hostagent.emulator import Emulator, EmulatorConfig
-from hostagent.engine import EngineParams
-from hostagent.load import compute_load
-from hostagent.metrics import ScrapeError, healthy, parse, scrape
 from tokenfabric.beacon import LOAD_FULL
+from tokenfabric.hostagent.emulator import Emulator, EmulatorConfig
+from tokenfabric.hostagent.engine import EngineParams
+from tokenfabric.hostagent.load import compute_load
+from tokenfabric.hostagent.metrics import ScrapeError, healthy, parse, scrape
 
 # What vLLM 0.6-era servers exported (names before the V1 engine), trimmed.
 LEGACY_VLLM_TEXT = """\

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from hostagent.beacons import BeaconSender
 from tokenfabric.beacon import BEACON_PORT
+from tokenfabric.hostagent.beacons import BeaconSender
 from tokenfabric.lab import capture
 from tokenfabric.tools import free_port
 

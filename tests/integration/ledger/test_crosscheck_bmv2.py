@@ -16,12 +16,12 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from controller.app import make_southbound
-from controller.fabric import parse_fabric
-from controller.model import Model
-from controller.policy.schema import parse_policy
 from tests.integration.crosscheck_rig import billing_controller
 from tokenfabric import dataplane as dp
+from tokenfabric.controller.app import make_southbound
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.model import Model
+from tokenfabric.controller.policy.schema import parse_policy
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root, pytest.mark.timeout(240)]
 

@@ -12,9 +12,9 @@ import time
 
 import httpx
 
-from controller.ledger_store import open_store
 from tests.integration.api.conftest import ADMIN, AGENT, FABRIC, POLICY, VIEWER
 from tokenfabric import yamlio
+from tokenfabric.controller.ledger_store import open_store
 from tokenfabric.tools import free_port
 
 SENDERS = 3

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from controller.compile import compile_model
-from controller.drivers import openflow_context
-from controller.fabric import parse_fabric
-from controller.model import Model
-from controller.policy.schema import parse_policy
 from tests.integration.openflow.ovs import PrivateOvs
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.drivers import openflow_context
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.model import Model
+from tokenfabric.controller.policy.schema import parse_policy
 from tokenfabric.netns import NetSandbox, leftovers
 from tokenfabric.tools import free_port
 
@@ -185,7 +185,7 @@ def lab(tmp_path):
 @pytest.fixture
 async def southbound(lab):
     """The controller's OpenFlow listener with switch s1; the bridge connects to it."""
-    from controller.openflow.server import OpenFlowSouthbound
+    from tokenfabric.controller.openflow.server import OpenFlowSouthbound
 
     sb = OpenFlowSouthbound(lab.listen)
     model = model_of()

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.app import make_southbound
 from tests.integration.crosscheck_rig import billing_controller
 from tests.integration.openflow.conftest import POLICY, VIP, VIP_PORT, model_of
+from tokenfabric.controller.app import make_southbound
 
 pytestmark = [pytest.mark.ovs, pytest.mark.timeout(240)]
 

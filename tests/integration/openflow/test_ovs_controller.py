@@ -15,10 +15,10 @@ import time
 import httpx
 import pytest
 
-from controller.api.server import API
-from controller.app import Controller, build_server, make_southbound
-from controller.ledger import Ledger
 from tests.integration.openflow.conftest import POLICY, VIP, VIP_PORT, model_of
+from tokenfabric.controller.api.server import API
+from tokenfabric.controller.app import Controller, build_server, make_southbound
+from tokenfabric.controller.ledger import Ledger
 from tokenfabric.tools import free_port
 
 pytestmark = [pytest.mark.ovs, pytest.mark.timeout(240)]

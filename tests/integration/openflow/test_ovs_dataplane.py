@@ -17,7 +17,6 @@ import pytest
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from controller.policy.schema import parse_policy
 from tests.integration.openflow.conftest import (
     CLIENT_IP,
     CLIENT_MAC,
@@ -30,6 +29,7 @@ from tests.integration.openflow.conftest import (
     state_of,
     wait_connected,
 )
+from tokenfabric.controller.policy.schema import parse_policy
 
 pytestmark = [pytest.mark.ovs, pytest.mark.timeout(300)]
 
@@ -135,8 +135,8 @@ async def test_set_queue_and_counters(lab, southbound, tmp_path):
     assert traffic[TENANT].packets == 150
     assert traffic[TENANT].bytes >= 150 * 54
 
-    from controller.app import Controller
-    from controller.ledger import Ledger
+    from tokenfabric.controller.app import Controller
+    from tokenfabric.controller.ledger import Ledger
 
     ctl = Controller(southbound.model, Ledger(tmp_path / "ledger.db"), southbound=southbound)
     counters = await ctl.read_counters()

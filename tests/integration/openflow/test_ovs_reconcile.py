@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from controller.drivers import openflow_context
-from controller.openflow.flows import translate
-from controller.openflow.server import OpenFlowSouthbound
 from tests.integration.openflow.conftest import DPID, state_of, wait_connected
+from tokenfabric.controller.drivers import openflow_context
+from tokenfabric.controller.openflow.flows import translate
+from tokenfabric.controller.openflow.server import OpenFlowSouthbound
 
 pytestmark = [pytest.mark.ovs, pytest.mark.timeout(180)]
 

@@ -7,11 +7,6 @@ import uuid
 
 import pytest
 
-from controller.compile import compile_model
-from controller.drivers import openflow_context
-from controller.fabric import parse_fabric
-from controller.openflow.server import OpenFlowSouthbound
-from controller.policy.schema import parse_policy
 from tests.integration.openflow.conftest import (
     CLIENT_IP,
     CLIENT_MAC,
@@ -23,6 +18,11 @@ from tests.integration.openflow.conftest import (
     wait_connected,
 )
 from tests.integration.openflow.test_ovs_dataplane import capture, landed
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.drivers import openflow_context
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.openflow.server import OpenFlowSouthbound
+from tokenfabric.controller.policy.schema import parse_policy
 from tokenfabric.netns import NetSandbox, leftovers
 
 pytestmark = [pytest.mark.ovs, pytest.mark.timeout(240)]

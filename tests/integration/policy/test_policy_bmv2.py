@@ -18,16 +18,16 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from controller.applier import apply_states
-from controller.compile import compile_model
-from controller.drivers import ReconcileResult
-from controller.entries import DesiredState
-from controller.fabric import parse_fabric
-from controller.model import Model
-from controller.policy.schema import parse_policy
-from controller.routing import Router
 from tokenfabric import dataplane as dp
 from tokenfabric.beacon import UsageBeacon
+from tokenfabric.controller.applier import apply_states
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.drivers import ReconcileResult
+from tokenfabric.controller.entries import DesiredState
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.model import Model
+from tokenfabric.controller.policy.schema import parse_policy
+from tokenfabric.controller.routing import Router
 from tokenfabric.p4names import DropReason
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from google.rpc import code_pb2
 
-from controller.app import Controller, PushFailed
-from controller.compile import compile_model
-from controller.fabric import load_fabric
-from controller.ledger import Ledger
-from controller.policy.reload import reload_policy
-from controller.policy.schema import load_policy
-from controller.southbound import Pipeline, Role, Southbound
 from tokenfabric import dataplane as dp
+from tokenfabric.controller.app import Controller, PushFailed
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.fabric import load_fabric
+from tokenfabric.controller.ledger import Ledger
+from tokenfabric.controller.policy.reload import reload_policy
+from tokenfabric.controller.policy.schema import load_policy
+from tokenfabric.controller.southbound import Pipeline, Role, Southbound
 
 fake_server = pytest.importorskip("tests.integration.southbound.fake_p4rt_server")
 helpers = pytest.importorskip("tests.integration.southbound.helpers")

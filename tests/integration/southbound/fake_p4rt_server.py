@@ -22,7 +22,7 @@ from google.rpc import code_pb2, status_pb2
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-from controller.southbound.p4info import P4InfoIndex
+from tokenfabric.controller.southbound.p4info import P4InfoIndex
 
 MatchType = p4info_pb2.MatchField.MatchType
 Update = p4runtime_pb2.Update

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from p4.v1 import p4runtime_pb2
 
-from controller.entries import (
+from tokenfabric.controller.entries import (
     Action,
     DesiredState,
     Exact,
@@ -20,7 +20,7 @@ from controller.entries import (
     TableEntry,
     Ternary,
 )
-from controller.southbound import Codec, Pipeline, load_p4info, pipeline_cookie
+from tokenfabric.controller.southbound import Codec, Pipeline, load_p4info, pipeline_cookie
 
 DATA = Path(__file__).parent / "data"
 P4INFO = DATA / "mini.p4info.txtpb"

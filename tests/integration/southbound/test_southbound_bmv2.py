@@ -8,9 +8,6 @@ import subprocess
 
 import pytest
 
-from controller.entries import DesiredState, Exact, MemberRef, TableEntry
-from controller.southbound import Role, Switch, SwitchConfig, WriteError
-from controller.switch_shell import shell_read, shell_view
 from tests.integration.southbound.conftest import FAST
 from tests.integration.southbound.helpers import (
     BMV2_JSON,
@@ -21,6 +18,9 @@ from tests.integration.southbound.helpers import (
     normalized,
 )
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
+from tokenfabric.controller.entries import DesiredState, Exact, MemberRef, TableEntry
+from tokenfabric.controller.southbound import Role, Switch, SwitchConfig, WriteError
+from tokenfabric.controller.switch_shell import shell_read, shell_view
 from tokenfabric.tools import tool_env
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.timeout(180)]
@@ -191,10 +191,10 @@ async def test_bmv2_token_router_takes_a_compiled_example_policy(bmv2):
     program = DATA.parents[3] / "p4src" / "build" / "token_router"
     if not program.with_suffix(".json").exists():
         pytest.skip("p4src/build/token_router.json not built")
-    compile_mod = pytest.importorskip("controller.compile")
-    from controller.fabric import load_fabric
-    from controller.policy.schema import load_policy
-    from controller.southbound import Pipeline
+    compile_mod = pytest.importorskip("tokenfabric.controller.compile")
+    from tokenfabric.controller.fabric import load_fabric
+    from tokenfabric.controller.policy.schema import load_policy
+    from tokenfabric.controller.southbound import Pipeline
 
     examples = DATA.parents[3] / "examples"
     model = load_fabric(examples / "fabric-single.yaml")

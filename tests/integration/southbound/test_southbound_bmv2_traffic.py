@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from controller.entries import Action, DesiredState, Lpm, TableEntry
-from controller.southbound import Role, Switch, SwitchConfig
 from tests.integration.southbound.conftest import FAST
 from tests.integration.southbound.helpers import BMV2_JSON, ip, mini_pipeline
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
+from tokenfabric.controller.entries import Action, DesiredState, Lpm, TableEntry
+from tokenfabric.controller.southbound import Role, Switch, SwitchConfig
 from tokenfabric.netns import leftovers, sandbox
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root, pytest.mark.timeout(120)]

@@ -6,7 +6,16 @@ import asyncio
 
 import pytest
 
-from controller.entries import (
+from tests.integration.southbound.conftest import FAST
+from tests.integration.southbound.fake_p4rt_server import FakeP4RuntimeServer
+from tests.integration.southbound.helpers import (
+    held_on_fake,
+    ip,
+    mini_pipeline,
+    mini_state,
+    normalized,
+)
+from tokenfabric.controller.entries import (
     Action,
     DesiredState,
     Exact,
@@ -18,7 +27,7 @@ from controller.entries import (
     ProfileMember,
     TableEntry,
 )
-from controller.southbound import (
+from tokenfabric.controller.southbound import (
     ApplyError,
     NotPrimaryError,
     Role,
@@ -28,16 +37,7 @@ from controller.southbound import (
     TranslationError,
     WriteError,
 )
-from controller.southbound.plan import INSERT, Update
-from tests.integration.southbound.conftest import FAST
-from tests.integration.southbound.fake_p4rt_server import FakeP4RuntimeServer
-from tests.integration.southbound.helpers import (
-    held_on_fake,
-    ip,
-    mini_pipeline,
-    mini_state,
-    normalized,
-)
+from tokenfabric.controller.southbound.plan import INSERT, Update
 
 pytestmark = pytest.mark.timeout(60)
 

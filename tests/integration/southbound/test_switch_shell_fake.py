@@ -6,16 +6,16 @@ import asyncio
 
 import pytest
 
-from controller.southbound import Role, Switch, SwitchConfig
-from controller.switch_shell import (
+from tests.integration.southbound.conftest import FAST
+from tests.integration.southbound.helpers import P4INFO, mini_state, normalized
+from tokenfabric.controller.southbound import Role, Switch, SwitchConfig
+from tokenfabric.controller.switch_shell import (
     check_program,
     shell_commands,
     shell_read,
     shell_view,
     shell_write,
 )
-from tests.integration.southbound.conftest import FAST
-from tests.integration.southbound.helpers import P4INFO, mini_state, normalized
 
 pytestmark = pytest.mark.timeout(90)
 

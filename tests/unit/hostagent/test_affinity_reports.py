@@ -8,9 +8,9 @@ import socket
 
 import aiohttp
 
-from hostagent.affinity_reports import AffinityReporter
-from hostagent.controller_api import ControllerClient
-from hostagent.handoff import HandoffMetrics
+from tokenfabric.hostagent.affinity_reports import AffinityReporter
+from tokenfabric.hostagent.controller_api import ControllerClient
+from tokenfabric.hostagent.handoff import HandoffMetrics
 
 
 class Clock:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from hostagent import roce
-from hostagent.beacons import BeaconSender
-from hostagent.config import load
-from hostagent.tenants import TenantTable, retry_after_seconds, tenant_from_json
 from tokenfabric.beacon import BeaconFlags
 from tokenfabric.config import ConfigError
+from tokenfabric.hostagent import roce
+from tokenfabric.hostagent.beacons import BeaconSender
+from tokenfabric.hostagent.config import load
+from tokenfabric.hostagent.tenants import TenantTable, retry_after_seconds, tenant_from_json
 
 GOLDEN = json.loads((Path(__file__).resolve().parents[2] / "data" / "beacons.json").read_text())
 
@@ -90,7 +90,7 @@ def test_bad_controller_urls_are_refused(tmp_path, value, message):
 
 
 def test_bridge_limits_reach_the_bridge(tmp_path):
-    from hostagent.agent import Agent
+    from tokenfabric.hostagent.agent import Agent
 
     text = GOOD + "  max_connections: 7\n  max_buffered_bytes: 33554432\n  head_timeout: 2\n"
     agent = Agent(load(write(tmp_path, text), {"max_header_bytes": 8192}))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from hostagent.delay import DelayEstimator
-from hostagent.load import delay_load
+from tokenfabric.hostagent.delay import DelayEstimator
+from tokenfabric.hostagent.load import delay_load
 
 
 def estimator(capacity=2, tpot=0.01, prefill=0.1):

@@ -7,9 +7,9 @@ import statistics
 
 import pytest
 
-from hostagent.engine import Engine, EngineParams, KvBlockCache
-from hostagent.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from tokenfabric.blockhash import BlockHasher, key64
+from tokenfabric.hostagent.engine import Engine, EngineParams, KvBlockCache
+from tokenfabric.hostagent.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 
 def words(n: int, tag: str = "w") -> list[str]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from hostagent.config import validate
-from hostagent.handoff import emulator_token_ids, sign, verify
-from hostagent.wordtok import WordTokenizer
 from tokenfabric.blockhash import BlockHasher
 from tokenfabric.config import ConfigError
+from tokenfabric.hostagent.config import validate
+from tokenfabric.hostagent.handoff import emulator_token_ids, sign, verify
+from tokenfabric.hostagent.wordtok import WordTokenizer
 
 SECRET = "0123456789abcdef-secret"
 

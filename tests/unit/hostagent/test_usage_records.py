@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 
-from hostagent import usage_records
-from hostagent.tenants import TenantUsage
-from hostagent.usage_records import UsageSigner
 from tokenfabric import usage_signing
+from tokenfabric.hostagent import usage_records
+from tokenfabric.hostagent.tenants import TenantUsage
+from tokenfabric.hostagent.usage_records import UsageSigner
 
 
 def test_records_are_signed_linked_and_kept_until_acknowledged(tmp_path, monkeypatch):

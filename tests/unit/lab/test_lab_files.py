@@ -19,8 +19,8 @@ def _plan(name, topo="single"):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 @pytest.mark.parametrize("topo", ["single", "leafspine"])
 def test_policy_validates_against_the_fabric(name, topo):
-    fabric = pytest.importorskip("controller.fabric")
-    schema = pytest.importorskip("controller.policy.schema")
+    fabric = pytest.importorskip("tokenfabric.controller.fabric")
+    schema = pytest.importorskip("tokenfabric.controller.policy.schema")
     exp, plan = _plan(name, topo)
     model = fabric.parse_fabric(yamlio.dump(plan.fabric("p2c")))
     policy = schema.parse_policy(yamlio.dump(policy_dict(exp, plan)), model=model)
@@ -37,7 +37,7 @@ def test_overload_contract_limits_best_effort_only():
 
 
 def test_agent_configs_validate_in_the_agent():
-    config = pytest.importorskip("hostagent.config")
+    config = pytest.importorskip("tokenfabric.hostagent.config")
     _, plan = _plan("quick", "leafspine")
     for host in plan.by_role("backend") + plan.by_role("responder"):
         section = agent_config(plan, host, 8080, "t" * 32, host.role == "responder")["agent"]
@@ -73,8 +73,8 @@ def test_duration_override_keeps_events_inside_the_run():
 
 
 def test_a_reloaded_policy_differs_and_still_validates():
-    fabric = pytest.importorskip("controller.fabric")
-    schema = pytest.importorskip("controller.policy.schema")
+    fabric = pytest.importorskip("tokenfabric.controller.fabric")
+    schema = pytest.importorskip("tokenfabric.controller.policy.schema")
     exp, plan = _plan("reload")
     first, second = policy_dict(exp, plan), policy_dict(exp, plan, generation=1)
     assert first != second and first["tenants"] == second["tenants"]
@@ -83,8 +83,8 @@ def test_a_reloaded_policy_differs_and_still_validates():
 
 
 def test_ecmp_capacity_keeps_the_controller_weights_equal_under_any_lab_load():
-    routing = pytest.importorskip("controller.routing")
-    model_mod = pytest.importorskip("controller.model")
+    routing = pytest.importorskip("tokenfabric.controller.routing")
+    model_mod = pytest.importorskip("tokenfabric.controller.model")
     from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS
     from tokenfabric.lab.stack import ECMP_CAPACITY
 
@@ -107,7 +107,7 @@ def test_ecmp_capacity_keeps_the_controller_weights_equal_under_any_lab_load():
 
 
 def test_ecmp_agent_config_validates():
-    config = pytest.importorskip("hostagent.config")
+    config = pytest.importorskip("tokenfabric.hostagent.config")
     from tokenfabric.lab.stack import ECMP_CAPACITY
 
     _, plan = _plan("modes")
@@ -132,8 +132,8 @@ def test_the_tiny_model_for_the_real_vllm_is_made_locally(tmp_path, monkeypatch)
 def test_an_ovs_fabric_file_is_accepted_by_the_controller():
     """The contract with controller/openflow: driver openflow, datapath_id = device_id, the
     fabric's port numbers (which the lab makes the bridges' OpenFlow port numbers)."""
-    fabric = pytest.importorskip("controller.fabric")
-    pytest.importorskip("controller.openflow", reason="controller without the OpenFlow "
+    fabric = pytest.importorskip("tokenfabric.controller.fabric")
+    pytest.importorskip("tokenfabric.controller.openflow", reason="controller without the OpenFlow "
                         "driver (ofdriver branch not merged)")
     exp, plan = _plan("quick")
     for sw in plan.switches.values():
@@ -166,7 +166,7 @@ def test_switch_programmed_for_both_drivers():
 
 
 def test_the_billing_experiments_liar_and_the_controllers_cross_check_config():
-    config = pytest.importorskip("hostagent.config")
+    config = pytest.importorskip("tokenfabric.hostagent.config")
     from tokenfabric.lab.stack import CROSSCHECK
 
     exp, plan = _plan("billing")

@@ -18,7 +18,8 @@ from tokenfabric.lab.experiments import (
 from tokenfabric.lab.loadgen import LengthDist, TenantSpec, Workload
 from tokenfabric.tools import free_port
 
-pytest.importorskip("hostagent.emulator", reason="the vLLM emulator (issue 5) is not here")
+pytest.importorskip("tokenfabric.hostagent.emulator",
+                    reason="the vLLM emulator (issue 5) is not here")
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def test_backends_and_the_router_get_a_management_network():
 
 @pytest.mark.parametrize("topo", ["single", "leafspine"])
 def test_fabric_file_loads_in_the_controller(topo):
-    fabric = pytest.importorskip("controller.fabric")
+    fabric = pytest.importorskip("tokenfabric.controller.fabric")
     plan = build_plan(topo, TENANTS, SPEEDS)
     for i, sw in enumerate(plan.switches.values()):
         sw.grpc_port = 50100 + i

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.wordtok import WordTokenizer
 from tokenfabric.blockhash import BlockHasher
+from tokenfabric.hostagent.wordtok import WordTokenizer
 from tokenfabric.lab import loadgen
 from tokenfabric.lab.loadgen import TenantSpec, Workload
 from tokenfabric.lab.workloads import (

@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
-from controller.ledger import Ledger, Usage, UsageRefused
-from controller.ledger_chain import verify_file
-from controller.ledger_store import MIGRATIONS, open_store
+from tokenfabric.controller.ledger import Ledger, Usage, UsageRefused
+from tokenfabric.controller.ledger_chain import verify_file
+from tokenfabric.controller.ledger_store import MIGRATIONS, open_store
 
 T0 = 1_800_000_000  # a minute boundary
 

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from controller.ledger import Ledger, Usage, UsageRefused
-from controller.ledger_chain import GENESIS, SELECT_ROWS, JournalRow, chain, verify_file
-from controller.ledger_store import open_store
 from tokenfabric import usage_signing, yamlio
+from tokenfabric.controller.ledger import Ledger, Usage, UsageRefused
+from tokenfabric.controller.ledger_chain import GENESIS, SELECT_ROWS, JournalRow, chain, verify_file
+from tokenfabric.controller.ledger_store import open_store
 from tokenfabric.usage_signing import UsageRecord
 
 T0 = 1_780_000_000.0

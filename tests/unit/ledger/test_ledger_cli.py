@@ -7,10 +7,10 @@ import json
 import subprocess
 import sys
 
-from controller.ledger import Ledger, Usage
 from tests.integration.api.conftest import FABRIC
 from tests.integration.api.test_api_statement import PRICED
 from tokenfabric import exitcodes
+from tokenfabric.controller.ledger import Ledger, Usage
 from tokenfabric.tools import free_port
 
 T0 = 1_800_000_000

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from controller.ledger import Ledger, Usage
-from controller.ledger_chain import verify_file
 from tokenfabric import usage_signing
+from tokenfabric.controller.ledger import Ledger, Usage
+from tokenfabric.controller.ledger_chain import verify_file
 from tokenfabric.pg_temp import PostgresUnavailable, TempPostgres
 from tokenfabric.usage_signing import UsageRecord
 

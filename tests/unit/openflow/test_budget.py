@@ -3,8 +3,8 @@ the switch's own arithmetic (tokenfabric/bucket.py)."""
 
 from __future__ import annotations
 
-from controller.openflow.budget import TenantBuckets
 from tokenfabric.bucket import Contract, TokenBucket
+from tokenfabric.controller.openflow.budget import TenantBuckets
 
 
 class Clock:

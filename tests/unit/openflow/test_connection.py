@@ -9,10 +9,10 @@ import struct
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from controller.openflow.connection import OpenFlowError
-from controller.openflow.flows import FlowSpec
-from controller.openflow.messages import flow_add
-from controller.openflow.server import OpenFlowSouthbound
+from tokenfabric.controller.openflow.connection import OpenFlowError
+from tokenfabric.controller.openflow.flows import FlowSpec
+from tokenfabric.controller.openflow.messages import flow_add
+from tokenfabric.controller.openflow.server import OpenFlowSouthbound
 
 HEADER = struct.Struct("!BBHI")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from controller.app import Controller
-from controller.fabric import parse_fabric
-from controller.ledger import Ledger
-from controller.policy.source import SpecError
+from tokenfabric.controller.app import Controller
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.ledger import Ledger
+from tokenfabric.controller.policy.source import SpecError
 
 BASE = """
 switches:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from os_ken.ofproto import ofproto_v1_3 as ofp
 
-from controller.compile import compile_model
-from controller.drivers import openflow_context
-from controller.fabric import parse_fabric
-from controller.model import AffinityPolicy, BackendState, SelectionMode
-from controller.openflow import messages
-from controller.openflow.connection import _Datapath
-from controller.openflow.flows import (
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.drivers import openflow_context
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.model import AffinityPolicy, BackendState, SelectionMode
+from tokenfabric.controller.openflow import messages
+from tokenfabric.controller.openflow.connection import _Datapath
+from tokenfabric.controller.openflow.flows import (
     CLASSIFY,
     OVERFLOW_PRIORITY,
     PIN,
@@ -22,7 +22,7 @@ from controller.openflow.flows import (
     kbits,
     translate,
 )
-from controller.policy.schema import parse_policy
+from tokenfabric.controller.policy.schema import parse_policy
 
 FABRIC = """
 switches:

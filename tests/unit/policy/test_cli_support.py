@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controller.policy.cli_support import summarize_file, validate_file
+from tokenfabric.controller.policy.cli_support import summarize_file, validate_file
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 

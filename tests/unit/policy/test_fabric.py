@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.fabric import (
+from tokenfabric.controller.fabric import (
     add_backend,
     backend_from_host,
     load_fabric,
@@ -14,8 +14,8 @@ from controller.fabric import (
     parse_fabric,
     remove_backend,
 )
-from controller.model import SelectionMode
-from controller.policy.source import SpecError
+from tokenfabric.controller.model import SelectionMode
+from tokenfabric.controller.policy.source import SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 

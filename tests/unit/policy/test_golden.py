@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.compile import compile_model, state_to_list
-from controller.fabric import load_fabric
-from controller.policy.schema import load_policy
+from tokenfabric.controller.compile import compile_model, state_to_list
+from tokenfabric.controller.fabric import load_fabric
+from tokenfabric.controller.policy.schema import load_policy
 from tokenfabric.dataplane import TOKEN_ROUTER_P4INFO
 from tokenfabric.p4names import TABLE_ACTIONS
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from bench.policygen import policy_text
-from controller.model import Model
-from controller.policy import lineyaml
-from controller.policy.reload import validate_policy
-from controller.policy.source import MAX_SHOWN_ERRORS
+from tokenfabric.controller.model import Model
+from tokenfabric.controller.policy import lineyaml
+from tokenfabric.controller.policy.reload import validate_policy
+from tokenfabric.controller.policy.source import MAX_SHOWN_ERRORS
 
 
 def test_yaml_1_2_core_schema_values():

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from controller.fabric import load_fabric
-from controller.policy.reload import validate_policy
-from controller.policy.source import SpecError
+from tokenfabric.controller.fabric import load_fabric
+from tokenfabric.controller.policy.reload import validate_policy
+from tokenfabric.controller.policy.source import SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 LINE = re.compile(r"^[^:]+:\d+: ")

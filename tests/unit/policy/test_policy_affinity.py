@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.affinity import DEFAULT_BOUND, DEFAULT_TTL_S, resolve
-from controller.fabric import load_fabric
-from controller.policy.schema import load_policy
+from tokenfabric.controller.affinity import DEFAULT_BOUND, DEFAULT_TTL_S, resolve
+from tokenfabric.controller.fabric import load_fabric
+from tokenfabric.controller.policy.schema import load_policy
 
 from .test_validation import EXAMPLES, GOOD, assert_error, errors_of
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from controller.beacon_plane import edge_switches, holders, listeners, relay_tree
-from controller.compile import compile_model
-from controller.entries import Action, Exact, MulticastGroup, TableEntry
-from controller.fabric import load_fabric, parse_fabric
-from controller.policy.source import SpecError
-from controller.southbound import Codec, TranslationError
 from tests.integration.southbound.helpers import mini_pipeline
+from tokenfabric.controller.beacon_plane import edge_switches, holders, listeners, relay_tree
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.entries import Action, Exact, MulticastGroup, TableEntry
+from tokenfabric.controller.fabric import load_fabric, parse_fabric
+from tokenfabric.controller.policy.source import SpecError
+from tokenfabric.controller.southbound import Codec, TranslationError
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from controller.applier import apply_states
-from controller.compile import compile_model
-from controller.drivers import ReconcileResult
-from controller.entries import DesiredState, Entity
-from controller.fabric import load_fabric
-from controller.policy.reload import reload_policy
-from controller.policy.schema import load_policy
+from tokenfabric.controller.applier import apply_states
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.drivers import ReconcileResult
+from tokenfabric.controller.entries import DesiredState, Entity
+from tokenfabric.controller.fabric import load_fabric
+from tokenfabric.controller.policy.reload import reload_policy
+from tokenfabric.controller.policy.schema import load_policy
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -175,7 +175,7 @@ async def test_reload_from_text_names_the_given_file():
 
 
 async def test_router_changes_are_written_and_the_old_state_kept_on_failure():
-    from controller.routing import Router
+    from tokenfabric.controller.routing import Router
 
     model = leafspine()
     current = compile_model(model)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.fabric import load_fabric
-from controller.policy.cli_support import validate_file
-from controller.policy.schema import load_policy
-from controller.policy.source import SpecError
+from tokenfabric.controller.fabric import load_fabric
+from tokenfabric.controller.policy.cli_support import validate_file
+from tokenfabric.controller.policy.schema import load_policy
+from tokenfabric.controller.policy.source import SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -305,16 +305,16 @@ def test_a_5qi_class_that_collides_with_custom_roce_values(tmp_path):
     ("? [a, b]\n: c\ntenants: []\n", "u.yaml:1: ('a', 'b'): unknown key"),
 ])
 def test_hostile_yaml_is_an_error_not_a_crash(text, want):
-    from controller.model import Model
-    from controller.policy.reload import validate_policy
+    from tokenfabric.controller.model import Model
+    from tokenfabric.controller.policy.reload import validate_policy
 
     policy, errs = validate_policy(Model(), "", text=text, file="u.yaml")
     assert policy is None and errs[0].startswith(want), errs
 
 
 def test_anchors_and_merge_keys_work():
-    from controller.model import Model
-    from controller.policy.reload import validate_policy
+    from tokenfabric.controller.model import Model
+    from tokenfabric.controller.policy.reload import validate_policy
 
     text = ("contracts:\n  a: &base\n    class: {service_class: standard, priority_level: 9}\n"
             "    tpm: 600\n  b:\n    <<: *base\n    tpm: 1200\n"
@@ -325,7 +325,7 @@ def test_anchors_and_merge_keys_work():
 
 
 def test_a_policy_larger_than_the_switch_tables(tmp_path, monkeypatch):
-    import controller.compile as compiler
+    import tokenfabric.controller.compile as compiler
 
     # the real limit is 8192 prefixes; a smaller one keeps the test fast
     monkeypatch.setitem(compiler.TABLE_SIZES, "tenant_by_src", 1)

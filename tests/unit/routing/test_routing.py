@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from controller.compile import compile_model
-from controller.entries import Exact, ProfileGroup, TableEntry
-from controller.fabric import load_fabric
-from controller.model import BackendState, SelectionMode
-from controller.policy.schema import load_policy
-from controller.routing import MAX_GROUP_WEIGHT, Router, headroom, scale_weights
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.entries import Exact, ProfileGroup, TableEntry
+from tokenfabric.controller.fabric import load_fabric
+from tokenfabric.controller.model import BackendState, SelectionMode
+from tokenfabric.controller.policy.schema import load_policy
+from tokenfabric.controller.routing import MAX_GROUP_WEIGHT, Router, headroom, scale_weights
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -204,7 +204,7 @@ def test_mode_switch_is_one_modify_of_the_service_entry():
 def test_p2c_pairs_are_distinct_and_balanced(n):
     from collections import Counter
 
-    from controller.compile.select import p2c_pairs
+    from tokenfabric.controller.compile.select import p2c_pairs
 
     ids = list(range(1, n + 1))
     slots = p2c_pairs(ids, 64)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.entries import (
+from tests.integration.southbound.helpers import ip, mini_pipeline
+from tokenfabric.controller.entries import (
     Action,
     Exact,
     GroupRef,
@@ -17,8 +18,7 @@ from controller.entries import (
     TableEntry,
     Ternary,
 )
-from controller.southbound import Codec, TranslationError, decode_int, encode_int
-from tests.integration.southbound.helpers import ip, mini_pipeline
+from tokenfabric.controller.southbound import Codec, TranslationError, decode_int, encode_int
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_bad_entities_are_named(codec, entity, message):
 
 
 def test_a_file_that_is_not_a_p4info_is_named(tmp_path):
-    from controller.southbound import PipelineError, load_p4info
+    from tokenfabric.controller.southbound import PipelineError, load_p4info
 
     bad = tmp_path / "broken.p4info.txtpb"
     bad.write_text("tables { preamble { id: nope } }\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.entries import (
+from tokenfabric.controller.entries import (
     Action,
     DesiredState,
     Exact,
@@ -14,9 +14,9 @@ from controller.entries import (
     ProfileMember,
     TableEntry,
 )
-from controller.southbound import TranslationError
-from controller.southbound.plan import DELETE, INSERT, MODIFY, RESET, meters_match, plan
-from controller.southbound.weights import collapse, copy_id, expand
+from tokenfabric.controller.southbound import TranslationError
+from tokenfabric.controller.southbound.plan import DELETE, INSERT, MODIFY, RESET, meters_match, plan
+from tokenfabric.controller.southbound.weights import collapse, copy_id, expand
 
 
 def state(*entities) -> DesiredState:

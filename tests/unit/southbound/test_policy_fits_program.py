@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.southbound import Codec, P4InfoIndex, load_p4info
+from tokenfabric.controller.southbound import Codec, P4InfoIndex, load_p4info
 
 REPO = Path(__file__).resolve().parents[3]
 P4INFO = REPO / "p4src" / "build" / "token_router.p4info.txtpb"
@@ -27,9 +27,9 @@ def example_pairs() -> list[tuple[Path, Path]]:
 def test_compiled_examples_translate(fabric, policy):
     if not P4INFO.exists():
         pytest.skip("p4src/build/token_router.p4info.txtpb not built yet")
-    compile_mod = pytest.importorskip("controller.compile")
-    from controller.fabric import load_fabric
-    from controller.policy.schema import load_policy
+    compile_mod = pytest.importorskip("tokenfabric.controller.compile")
+    from tokenfabric.controller.fabric import load_fabric
+    from tokenfabric.controller.policy.schema import load_policy
 
     model = load_fabric(fabric)
     model.policy = load_policy(policy, model)
