@@ -54,12 +54,14 @@ def test_class_sets_dscp_in_both_directions_and_trust_decides_who_picks_it(sw):
 
 def positions_of_late_class(sw, late_priority: int) -> list[int]:
     """40 packets of class 1 (priority 0), then 10 of class 7 (`late_priority`), into a
-    200 packets/s queue: where in the output order the class-7 packets land."""
+    50 packets/s queue: where in the output order the class-7 packets land. The queue is
+    slow so that the backlog is still there when the late class arrives, even when a
+    loaded machine sends the 50 frames slowly (at 200/s half of it had drained)."""
     sw.load("token_router")
     sw.client.insert(*h.base_plan(), class_qos(1, 8, 0), class_qos(7, 56, late_priority),
                      *h.tenant("10.0.1.0", 25, 1, tclass=1),
                      *h.tenant("10.0.1.128", 25, 2, tclass=7))
-    sw.cli(f"set_queue_rate 200 {h.FAR_PORT}\n")
+    sw.cli(f"set_queue_rate 50 {h.FAR_PORT}\n")
     try:
         for i in range(40):
             sw.io.send(h.CLIENT_PORT, routed("10.0.1.5", sport=1000 + i))
