@@ -205,18 +205,16 @@ class Emulator:
     # -- HTTP ---------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=8 * 1024 * 1024)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_post("/tokenize", self.tokenize)
-        app.router.add_post("/detokenize", self.detokenize)
-        app.router.add_post("/v1/completions/render", self.render_completion)
-        app.router.add_post("/v1/chat/completions/render", self.render_chat)
-        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
-        app.router.add_get("/admin/fault", self.get_fault)
-        app.router.add_post("/admin/fault", self.post_fault)
+        reads = {"/health": self.health, "/metrics": self.metrics, "/v1/models": self.models,
+                 "/admin/fault": self.get_fault}
+        # vLLM's OpenAI-style POST endpoints, then the emulator's own fault switch
+        calls = {"/v1/completions": self.completions, "/v1/chat/completions": self.chat_completions,
+                 "/tokenize": self.tokenize, "/detokenize": self.detokenize,
+                 "/v1/completions/render": self.render_completion,
+                 "/v1/chat/completions/render": self.render_chat,
+                 "/reset_prefix_cache": self.reset_prefix_cache, "/admin/fault": self.post_fault}
+        app.add_routes([web.get(path, handler) for path, handler in reads.items()]
+                       + [web.post(path, handler) for path, handler in calls.items()])
         app.on_response_prepare.append(self._name_backend)
         app.on_startup.append(self._start_engine)
         app.on_cleanup.append(self._stop_engine)
