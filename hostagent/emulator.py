@@ -297,11 +297,17 @@ class Emulator:
         tok = self.engine.tokenizer
         return [t if isinstance(t, int) else tok.token_id(t) for t in tokens]
 
-    async def tokenize(self, request: web.Request) -> web.Response:
+    async def _token_call(self, request: web.Request, endpoint: str) -> dict:
+        """What the tokenizer and render endpoints do first: faults, the per-endpoint
+        counter, a JSON object body naming the served model."""
         await self._gate()
-        self.token_calls.labels("/tokenize").inc()
+        self.token_calls.labels(endpoint).inc()
         body = await _json_body(request)
         self._check_model(body)
+        return body
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await self._token_call(request, "/tokenize")
         if "messages" in body:
             add = body.get("add_generation_prompt", True)
             if not isinstance(add, bool):
@@ -317,10 +323,7 @@ class Emulator:
                                   "tokens": ids, "token_strs": strs})
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        await self._gate()
-        self.token_calls.labels("/detokenize").inc()
-        body = await _json_body(request)
-        self._check_model(body)
+        body = await self._token_call(request, "/detokenize")
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(_is_token_id(t) for t in ids):
             raise ApiError(400, "tokens must be a list of non-negative integers")
@@ -357,10 +360,7 @@ class Emulator:
                 "kv_transfer_params": None, "ec_transfer_params": None}
 
     async def render_completion(self, request: web.Request) -> web.Response:
-        await self._gate()
-        self.token_calls.labels("/v1/completions/render").inc()
-        body = await _json_body(request)
-        self._check_model(body)
+        body = await self._token_call(request, "/v1/completions/render")
         prompt = body.get("prompt")
         prompts = prompt if isinstance(prompt, list) and prompt and \
             all(isinstance(p, str) for p in prompt) else [prompt]
@@ -373,10 +373,7 @@ class Emulator:
         return web.json_response(out)
 
     async def render_chat(self, request: web.Request) -> web.Response:
-        await self._gate()
-        self.token_calls.labels("/v1/chat/completions/render").inc()
-        body = await _json_body(request)
-        self._check_model(body)
+        body = await self._token_call(request, "/v1/chat/completions/render")
         ids = self._ids(chat_tokens(body.get("messages")))
         return web.json_response(self._generate_request(body, ids,
                                                         "chatcmpl-" + uuid.uuid4().hex))
