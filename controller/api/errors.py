@@ -33,9 +33,10 @@ class ApiError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init_subclass__(cls, status: int = 400, **kwargs: Any) -> None:
+    def __init_subclass__(cls, status: int | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.status, cls.code = status, _HTTP_CODES[status]
+        if status is not None:  # else the parent's status and code
+            cls.status, cls.code = status, _HTTP_CODES[status]
 
     def __init__(self, message: str, details: list[Any] | None = None) -> None:
         super().__init__(message)
