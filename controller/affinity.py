@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -167,32 +168,30 @@ class AffinityTable:
     def withdraw(self, service: str, client: str, backend: str) -> int:
         """Drop the fact (service, client) wherever it names `backend`."""
         gone = 0
-        for table in self._by_switch.values():
+        for table in self._by_switch.values():  # one lookup a switch, no scan
             entry = table.get((service, client))
             if entry is not None and entry.backend == backend:
                 del table[(service, client)]
                 gone += 1
-        if gone:
-            self.stats["withdrawn"] += gone
+        self.stats["withdrawn"] += gone
         return gone
 
     def sweep(self, now: float) -> int:
         """Forget the expired facts (the reconcile loop calls this before each push)."""
-        gone = 0
-        for table in self._by_switch.values():
-            for key in [k for k, e in table.items() if e.expires_at <= now]:
-                del table[key]
-                gone += 1
-        if gone:
-            self.stats["expired"] += gone
-        return gone
+        return self._drop(lambda k, e: e.expires_at <= now, "expired")
 
     def forget_backend(self, backend: str) -> int:
+        return self._drop(lambda k, e: e.backend == backend, None)
+
+    def _drop(self, doomed: Callable[[Key, AffinityEntry], bool], stat: str | None) -> int:
+        """Delete the facts `doomed` picks on every switch; count them under `stat`."""
         gone = 0
         for table in self._by_switch.values():
-            for key in [k for k, e in table.items() if e.backend == backend]:
+            for key in [k for k, e in table.items() if doomed(k, e)]:
                 del table[key]
                 gone += 1
+        if gone and stat is not None:
+            self.stats[stat] += gone
         return gone
 
     def entries(self, switch: str) -> list[tuple[str, str, AffinityEntry]]:

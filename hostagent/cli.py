@@ -6,7 +6,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -36,6 +36,18 @@ def _run_until_signal(make_coro: Callable[[asyncio.Event], Awaitable[None]],
             uvloop.run(main())
             return
     asyncio.run(main())
+
+
+def _serve_or_fail(prog: str, make_coro: Callable[[asyncio.Event], Awaitable[None]],
+                   failures: dict[type[Exception], Callable[[Any], str]]) -> None:
+    """Run until a signal; an expected failure (the first kind in `failures` it is)
+    prints `prog: message` and exits FAILED, without a traceback."""
+    try:
+        _run_until_signal(make_coro)
+    except tuple(failures) as exc:
+        message = next(say for kind, say in failures.items() if isinstance(exc, kind))
+        click.echo(f"{prog}: {message(exc)}", err=True)
+        sys.exit(exitcodes.FAILED)
 
 
 @click.command("vllm-emulator")
@@ -110,15 +122,10 @@ def emulator_command(host: str, port: int, model: str, max_model_len: int,
                             legacy_metrics=legacy_metrics, engine=params,
                             backend_name=backend_name, kv_events=kv_events)
     from tokenfabric.hostagent.kv_events import KvEventsError
-    try:
-        _run_until_signal(lambda stop: serve(config, host, port, fault, fault_factor,
-                                             fault_after, stop))
-    except KvEventsError as exc:
-        click.echo(f"vllm-emulator: {exc}", err=True)
-        sys.exit(exitcodes.FAILED)
-    except OSError as exc:
-        click.echo(f"vllm-emulator: cannot listen on {host}:{port}: {exc.strerror}", err=True)
-        sys.exit(exitcodes.FAILED)
+    _serve_or_fail("vllm-emulator",
+                   lambda stop: serve(config, host, port, fault, fault_factor, fault_after, stop),
+                   {KvEventsError: str,
+                    OSError: lambda exc: f"cannot listen on {host}:{port}: {exc.strerror}"})
 
 
 @click.group("agent")
@@ -182,14 +189,9 @@ def run_command(config_path: str | None, controller_urls: tuple[str, ...],
     config = _load_config(config_path, {"controller_urls": list(controller_urls) or None,
                                         "vllm_url": vllm_url,
                                         "listen_port": listen_port, "mode": mode})
-    try:
-        _run_until_signal(lambda stop: run_agent(config, stop))
-    except HostSetupError as exc:
-        click.echo(f"agent: host set-up failed (nothing left changed): {exc}", err=True)
-        sys.exit(exitcodes.FAILED)
-    except OSError as exc:
-        click.echo(f"agent: {exc}", err=True)
-        sys.exit(exitcodes.FAILED)
+    _serve_or_fail("agent", lambda stop: run_agent(config, stop),
+                   {HostSetupError: lambda exc: f"host set-up failed (nothing left changed): {exc}",
+                    OSError: str})
 
 
 @agent_group.command("host-setup")

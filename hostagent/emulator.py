@@ -205,18 +205,16 @@ class Emulator:
     # -- HTTP ---------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=8 * 1024 * 1024)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_post("/tokenize", self.tokenize)
-        app.router.add_post("/detokenize", self.detokenize)
-        app.router.add_post("/v1/completions/render", self.render_completion)
-        app.router.add_post("/v1/chat/completions/render", self.render_chat)
-        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
-        app.router.add_get("/admin/fault", self.get_fault)
-        app.router.add_post("/admin/fault", self.post_fault)
+        reads = {"/health": self.health, "/metrics": self.metrics, "/v1/models": self.models,
+                 "/admin/fault": self.get_fault}
+        # vLLM's OpenAI-style POST endpoints, then the emulator's own fault switch
+        calls = {"/v1/completions": self.completions, "/v1/chat/completions": self.chat_completions,
+                 "/tokenize": self.tokenize, "/detokenize": self.detokenize,
+                 "/v1/completions/render": self.render_completion,
+                 "/v1/chat/completions/render": self.render_chat,
+                 "/reset_prefix_cache": self.reset_prefix_cache, "/admin/fault": self.post_fault}
+        app.add_routes([web.get(path, handler) for path, handler in reads.items()]
+                       + [web.post(path, handler) for path, handler in calls.items()])
         app.on_response_prepare.append(self._name_backend)
         app.on_startup.append(self._start_engine)
         app.on_cleanup.append(self._stop_engine)
@@ -299,11 +297,17 @@ class Emulator:
         tok = self.engine.tokenizer
         return [t if isinstance(t, int) else tok.token_id(t) for t in tokens]
 
-    async def tokenize(self, request: web.Request) -> web.Response:
+    async def _token_call(self, request: web.Request, endpoint: str) -> dict:
+        """What the tokenizer and render endpoints do first: faults, the per-endpoint
+        counter, a JSON object body naming the served model."""
         await self._gate()
-        self.token_calls.labels("/tokenize").inc()
+        self.token_calls.labels(endpoint).inc()
         body = await _json_body(request)
         self._check_model(body)
+        return body
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await self._token_call(request, "/tokenize")
         if "messages" in body:
             add = body.get("add_generation_prompt", True)
             if not isinstance(add, bool):
@@ -319,10 +323,7 @@ class Emulator:
                                   "tokens": ids, "token_strs": strs})
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        await self._gate()
-        self.token_calls.labels("/detokenize").inc()
-        body = await _json_body(request)
-        self._check_model(body)
+        body = await self._token_call(request, "/detokenize")
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(_is_token_id(t) for t in ids):
             raise ApiError(400, "tokens must be a list of non-negative integers")
@@ -359,10 +360,7 @@ class Emulator:
                 "kv_transfer_params": None, "ec_transfer_params": None}
 
     async def render_completion(self, request: web.Request) -> web.Response:
-        await self._gate()
-        self.token_calls.labels("/v1/completions/render").inc()
-        body = await _json_body(request)
-        self._check_model(body)
+        body = await self._token_call(request, "/v1/completions/render")
         prompt = body.get("prompt")
         prompts = prompt if isinstance(prompt, list) and prompt and \
             all(isinstance(p, str) for p in prompt) else [prompt]
@@ -375,10 +373,7 @@ class Emulator:
         return web.json_response(out)
 
     async def render_chat(self, request: web.Request) -> web.Response:
-        await self._gate()
-        self.token_calls.labels("/v1/chat/completions/render").inc()
-        body = await _json_body(request)
-        self._check_model(body)
+        body = await self._token_call(request, "/v1/chat/completions/render")
         ids = self._ids(chat_tokens(body.get("messages")))
         return web.json_response(self._generate_request(body, ids,
                                                         "chatcmpl-" + uuid.uuid4().hex))

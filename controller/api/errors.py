@@ -19,9 +19,24 @@ from starlette.routing import Match
 log = logging.getLogger(__name__)
 
 
+# One table, both ways: the body's code for each HTTP status, for the ApiError kinds
+# below and for the errors FastAPI/Starlette raise themselves (405, 413, ...).
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+               413: "too_large", 415: "unsupported_media_type", 422: "invalid",
+               502: "switch_failed", 503: "unavailable"}
+
+
 class ApiError(Exception):
+    """What the caller got wrong; a subclass names its HTTP status, the code follows."""
+
     status = 400
     code = "bad_request"
+
+    def __init_subclass__(cls, status: int | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:  # else the parent's status and code
+            cls.status, cls.code = status, _HTTP_CODES[status]
 
     def __init__(self, message: str, details: list[Any] | None = None) -> None:
         super().__init__(message)
@@ -29,50 +44,36 @@ class ApiError(Exception):
         self.details = details or []
 
 
-class NotFound(ApiError):
-    status = 404
-    code = "not_found"
+class NotFound(ApiError, status=404):
+    """The named switch, backend, service, tenant or contract does not exist."""
 
 
-class Conflict(ApiError):
-    status = 409
-    code = "conflict"
+class Conflict(ApiError, status=409):
+    """The change clashes with what is there."""
 
 
-class Invalid(ApiError):
-    status = 422
-    code = "invalid"
+class Invalid(ApiError, status=422):
+    """Well-formed, but the model refuses it."""
 
 
-class Unauthorized(ApiError):
-    status = 401
-    code = "unauthorized"
+class Unauthorized(ApiError, status=401):
+    """No bearer token, or one the controller does not know."""
 
 
-class Forbidden(ApiError):
-    status = 403
-    code = "forbidden"
+class Forbidden(ApiError, status=403):
+    """A known token whose role is too low for this call."""
 
 
-class Unavailable(ApiError):
-    status = 503
-    code = "unavailable"
+class Unavailable(ApiError, status=503):
+    """Not now (e.g. this replica is a backup, or a part is not ready)."""
 
 
-class SwitchFailed(ApiError):
+class SwitchFailed(ApiError, status=502):
     """The request was good, a switch refused it (and was rolled back)."""
-
-    status = 502
-    code = "switch_failed"
 
 
 def error_body(code: str, message: str, details: list[Any] | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details or []}}
-
-
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-               413: "too_large", 415: "unsupported_media_type", 422: "invalid"}
 
 
 def _jsonable_details(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -10,6 +10,8 @@ token (controller/auth.py). /metrics, /healthz and /openapi.json are open.
 import asyncio
 import json
 import time
+from collections.abc import Callable, Iterable
+from types import GenericAlias
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
@@ -102,6 +104,23 @@ def create_app(ctl: "Controller") -> FastAPI:
 
     r = APIRouter(prefix=API, route_class=LimitedJsonRoute)  # JSON within limits, else 400
 
+    def list_and_get(path: str, noun: str, model: type, tag: str,
+                     names: Callable[[], Iterable[str]],
+                     view: Callable[[str], dict[str, Any]]) -> None:
+        """GET <path>: every view, by name; GET <path>/{name}: one (view raises NotFound).
+        Route names (list_<noun>s, get_<noun>) keep the OpenAPI operation ids."""
+        async def list_all(who: Viewer) -> list[dict[str, Any]]:
+            return [view(n) for n in sorted(names())]
+
+        async def get_one(name: PathName, who: Viewer) -> dict[str, Any]:
+            return view(name)
+
+        r.add_api_route(path, list_all, methods=["GET"], name=f"list_{noun}s",
+                        response_model=GenericAlias(list, (model,)), responses=ERRORS,
+                        tags=[tag])
+        r.add_api_route(f"{path}/{{name}}", get_one, methods=["GET"], name=f"get_{noun}",
+                        response_model=model, responses=ERRORS, tags=[tag])
+
     # ------------------------------------------------------------ switches
 
     @r.get("/switches", response_model=list[s.SwitchView], responses=ERRORS, tags=["switches"])
@@ -155,15 +174,8 @@ def create_app(ctl: "Controller") -> FastAPI:
             "rdma": extras.rdma, "metrics": extras.metrics,
         }
 
-    @r.get("/backends", response_model=list[s.BackendView], responses=ERRORS,
-           tags=["backends"])
-    async def list_backends(who: Viewer) -> list[dict[str, Any]]:
-        return [backend_view(n) for n in sorted(ctl.model.backends)]
-
-    @r.get("/backends/{name}", response_model=s.BackendView, responses=ERRORS,
-           tags=["backends"])
-    async def get_backend(name: PathName, who: Viewer) -> dict[str, Any]:
-        return backend_view(name)
+    list_and_get("/backends", "backend", s.BackendView, "backends",
+                 lambda: ctl.model.backends, backend_view)
 
     @r.post("/backends", status_code=201, response_model=s.RegistrationReply,
             responses=MUTATION_ERRORS, tags=["agents"])
@@ -224,15 +236,8 @@ def create_app(ctl: "Controller") -> FastAPI:
                 "port": sv.port, "mode": str(sv.mode), "pool": list(sv.pool),
                 "active_backends": len(active), "overflow": overflow}
 
-    @r.get("/services", response_model=list[s.ServiceView], responses=ERRORS,
-           tags=["services"])
-    async def list_services(who: Viewer) -> list[dict[str, Any]]:
-        return [service_view(n) for n in sorted(ctl.model.services)]
-
-    @r.get("/services/{name}", response_model=s.ServiceView, responses=ERRORS,
-           tags=["services"])
-    async def get_service(name: PathName, who: Viewer) -> dict[str, Any]:
-        return service_view(name)
+    list_and_get("/services", "service", s.ServiceView, "services",
+                 lambda: ctl.model.services, service_view)
 
     @r.put("/services/{name}/mode", response_model=s.ServiceView, responses=MUTATION_ERRORS,
            tags=["services"])
@@ -270,23 +275,10 @@ def create_app(ctl: "Controller") -> FastAPI:
             "request_priority": c.request_priority, "camara_profile": c.camara_profile,
             "services": list(c.services)}
 
-    @r.get("/tenants", response_model=list[s.TenantView], responses=ERRORS, tags=["policy"])
-    async def list_tenants(who: Viewer) -> list[dict[str, Any]]:
-        return [tenant_view(n) for n in sorted(ctl.model.policy.tenants)]
-
-    @r.get("/tenants/{name}", response_model=s.TenantView, responses=ERRORS, tags=["policy"])
-    async def get_tenant(name: PathName, who: Viewer) -> dict[str, Any]:
-        return tenant_view(name)
-
-    @r.get("/contracts", response_model=list[s.ContractView], responses=ERRORS,
-           tags=["policy"])
-    async def list_contracts(who: Viewer) -> list[dict[str, Any]]:
-        return [contract_view(n) for n in sorted(ctl.model.policy.contracts)]
-
-    @r.get("/contracts/{name}", response_model=s.ContractView, responses=ERRORS,
-           tags=["policy"])
-    async def get_contract(name: PathName, who: Viewer) -> dict[str, Any]:
-        return contract_view(name)
+    list_and_get("/tenants", "tenant", s.TenantView, "policy",
+                 lambda: ctl.model.policy.tenants, tenant_view)
+    list_and_get("/contracts", "contract", s.ContractView, "policy",
+                 lambda: ctl.model.policy.contracts, contract_view)
 
     @r.post("/policy/validate", response_model=s.PolicyCheck, responses=MUTATION_ERRORS,
             tags=["policy"])
