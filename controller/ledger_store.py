@@ -245,8 +245,10 @@ class PostgresStore:
             psycopg.OperationalError, psycopg.InterfaceError)
         self._sql: dict[str, str] = {}
         self._pipeline: Any = None
-        self._batch: list[str] | None = None  # a write-only transaction's statements
+        self._batch: list[bytes] | None = None  # a write-only transaction's statements
+        self._split: dict[str, list[bytes]] = {}  # SQL text -> its bytes around each ?
         self._db = self._connect()
+        self._literal = self._quoter()
         if not read_only:
             _migrate(self, self._run_ddl)
 
@@ -271,9 +273,15 @@ class PostgresStore:
             self._db.close()
         try:
             self._db = self._connect()
+            self._literal = self._quoter()
         except StoreError as exc:
             raise ConnectionLost(f"{self.target}: connection lost and not re-opened: "
                                  f"{exc}") from exc
+
+    def _quoter(self) -> Callable[[Any], bytes]:
+        """A value as an SQL literal, quoted for this connection (its encoding and
+        standard_conforming_strings) by psycopg's adapters."""
+        return self._psycopg.adapt.Transformer(self._db).as_literal  # type: ignore[no-any-return]
 
     def _run_ddl(self, ddl: str) -> None:
         for statement in _statements(_postgres_types(ddl)):
@@ -303,14 +311,22 @@ class PostgresStore:
         with self._errors_mapped():
             self._db.cursor().executemany(self._translate(sql), list(rows))
 
-    def _bound(self, sql: str, args: Sequence[Any]) -> str:
-        """The statement with its values bound client-side (psycopg quotes them)."""
-        numbers = itertools.count()
-        values = list(args)
-        text = re.sub(r"\?", lambda _: f"{{{next(numbers)}}}", sql)
-        literal = self._psycopg.sql.Literal
-        query = self._psycopg.sql.SQL(text).format(*(literal(v) for v in values))
-        return str(query.as_string(self._db))
+    def _bound(self, sql: str, args: Sequence[Any]) -> bytes:
+        """The statement with its values bound client-side, each quoted by psycopg's
+        adapters (what sql.Literal does, without composing an SQL object per value)."""
+        parts = self._split.get(sql)
+        if parts is None:
+            parts = sql.encode().split(b"?")  # the ledger's SQL has no literal ?
+            if len(self._split) < TRANSLATED_CACHE:
+                self._split[sql] = parts
+        if len(parts) != len(args) + 1:
+            raise ValueError(f"{len(args)} values for {len(parts) - 1} placeholders")
+        literal = self._literal
+        out = [parts[0]]
+        for value, part in zip(args, parts[1:]):  # noqa: B905 (lengths checked above)
+            out.append(literal(value))
+            out.append(part)
+        return b"".join(out)
 
     @contextlib.contextmanager
     def _errors_mapped(self) -> Iterator[None]:
@@ -324,7 +340,7 @@ class PostgresStore:
         if batch:
             # Writes only (the ledger already knows what it needs to know): every
             # statement, BEGIN to COMMIT, goes in one message, one round trip.
-            self._batch = ["BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"]
+            self._batch = [b"BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})".encode()]
             return
         # A write transaction runs in pipeline mode: statements go out without waiting
         # for their results, so a report costs a round trip per read (whose result the
@@ -341,7 +357,7 @@ class PostgresStore:
         batch, self._batch = self._batch, None
         if batch is not None:
             with self._errors_mapped():  # a simple query: several statements, no parameters
-                self._db.execute(";\n".join([*batch, "COMMIT"]).encode(), prepare=False)
+                self._db.execute(b";\n".join([*batch, b"COMMIT"]), prepare=False)
             return
         with self._errors_mapped():
             self._db.execute("COMMIT")

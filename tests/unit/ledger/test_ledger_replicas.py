@@ -60,6 +60,37 @@ def test_records_sent_to_two_replicas_are_written_once(ledger_target, tmp_path):
     assert report.ok and report.rows == 42, report.chain_problem
 
 
+def test_reports_written_without_reads_keep_every_value_exactly(ledger_target, tmp_path):
+    """A signed report this process can answer from what it wrote last goes, on
+    PostgreSQL, as one message with its values quoted client-side: text with quotes,
+    backslashes, `?`, `;`, `--` and non-ASCII comes back byte for byte, big integers
+    too, for a 2-record report and for a 40-record one, and the chain verifies."""
+    usage_signing.generate_key_file(tmp_path / "agent.key")
+    key = usage_signing.load_key_file(tmp_path / "agent.key")
+    led = Ledger(ledger_target)
+    model = "l'la\\ma ?; DROP TABLE journal; -- \u00e9\u6f22 $1 E'x'"
+    prev, recs = "", []
+    for seq in range(1, 45):
+        big = 2**62 if seq == 44 else 10 * seq  # the minute row sums it: no 2**63 - 1
+        rec = UsageRecord("gpu'1", "boot", seq, int(T0 * 1000) + seq, seq % 3, model, big,
+                          seq, 1, prev)
+        recs.append((rec, usage_signing.sign(key, rec)))
+        prev = rec.digest()
+    for batch in (recs[:2], recs[2:4], recs[4:44]):  # the 2nd and 3rd: from the cache
+        outcome = led.record_signed("gpu'1", "ag'ent", batch, now=T0)
+        assert (outcome.added, outcome.duplicates) == (len(batch), 0)
+    assert led.cache_misses == 0
+    rows = led._read("SELECT seq, model, backend, agent, prompt_tokens, signature FROM journal "
+                     "WHERE kind = 'usage' ORDER BY seq")
+    assert rows == [(rec.seq, model, "gpu'1", "ag'ent", rec.prompt_tokens, sig)
+                    for rec, sig in recs]
+    assert led.usage_by_model(1)[model][0] == sum(r.prompt_tokens for r, _ in recs
+                                                  if r.tenant_id == 1)
+    led.close()
+    report = verify_file(ledger_target)
+    assert report.ok and report.rows == 45, report.chain_problem
+
+
 def test_a_duplicate_signed_record_is_refused_by_the_schema(ledger_target, tmp_path):
     """The unique index of migration 2: one (backend, epoch, seq) usage row, whatever code
     path tries to write another."""
