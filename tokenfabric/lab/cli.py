@@ -98,6 +98,8 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
 @click.option("--modes", default=None, help="Comma-separated modes instead of the "
               "experiment's (ecmp, weights, p2c, l7-router; experiment prefix: p2c, "
               "prefix-affinity, vllm-cache_aware, vllm-power_of_two, sglang-cache_aware).")
+@click.option("--kv-cache-tokens", type=click.IntRange(min=256, max=1_000_000), default=None,
+              help="Experiment prefix: each emulator's KV cache in tokens (default 4096).")
 @click.option("--out", "out_root", type=click.Path(file_okay=False), default="results",
               show_default=True, help="Folder the results folder is made in.")
 @_bw
@@ -108,8 +110,9 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
               "in every run and tenant, else the run is FAILED and the command exits 1 "
               "(default: the experiment's; 0.95, failover 0.9).")
 def run_command(topo: str, name: str, duration: float | None, loads: str | None,
-                modes: str | None, out_root: str, bw_mbps: float, pcap: bool,
-                dataplane_choice: str, min_ok: float | None) -> None:
+                modes: str | None, kv_cache_tokens: int | None, out_root: str,
+                bw_mbps: float, pcap: bool, dataplane_choice: str,
+                min_ok: float | None) -> None:
     """Build the fabric, start controller, emulators and agents, probe the data path (one
     request per tenant through the VIP), run the load, write a results folder (JSON
     lines, PNG plots, summary.md with a PASSED/FAILED verdict) and tear everything down.
@@ -122,6 +125,11 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
                                PREFIX_MODES if name == "prefix" else None)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    if kv_cache_tokens is not None:
+        if exp.kv_cache_tokens is None:
+            raise click.BadParameter("--kv-cache-tokens is for experiment prefix")
+        exp.kv_cache_tokens = kv_cache_tokens
+        exp.title = exp.title.replace("KV 4096", f"KV {kv_cache_tokens}")
     dataplane = _dataplane(dataplane_choice)
     _require(what=f"experiment {name} on {dataplane}", dataplane=dataplane)
     if exp.needs_vllm:

@@ -180,6 +180,15 @@ def run_figures(mode: str, records: list[dict[str, Any]], before: dict[str, str]
     return figures
 
 
+def affinity_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The controller's affinity table over a run (GET /api/v1/affinity): entries the
+    agents' reports installed or refreshed, and those in the switches at its end."""
+    out: dict[str, Any] = {k: after["stats"].get(k, 0) - before["stats"].get(k, 0)
+                           for k in after.get("stats", {})}
+    out["entries_at_end"] = sum(len(v) for v in after.get("switches", {}).values())
+    return out
+
+
 def _fmt(value: Any, digits: int = 1, pct: bool = False) -> str:
     if value is None:
         return "–"
@@ -205,6 +214,12 @@ def markdown(figures: list[dict[str, Any]], kv_tokens: int | None) -> str:
             f"{_fmt(f['handoff_added_ms_p50'])} / {_fmt(f['handoff_added_ms_p99'])} | "
             f"{'yes' if f['valid'] else 'NO'} |")
     for f in figures:
+        if f["mode"] in prefix.HANDOFF_MODES and f.get("affinity") is not None:
+            a = f["affinity"]
+            lines.append(f"\n- {f['mode']}: the switch's affinity table got "
+                         f"{a.get('installed', 0)} entries installed and "
+                         f"{a.get('refreshed', 0)} refreshed from the agents' reports; "
+                         f"{a['entries_at_end']} in the switch at the end of the run")
         if f["mode"] in prefix.L7_MODES:
             lines.append(f"\n- baseline {f['mode']}: {'valid' if f['valid'] else 'INVALID'}: "
                          f"{f['evidence']}")

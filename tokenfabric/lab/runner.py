@@ -175,6 +175,7 @@ class LabRunner:
             "dataplane": self.dataplane, "min_ok": self.min_ok,
             "speeds": self.exp.speeds, "capacity_rps": self.exp.capacity(),
             "duration": self.exp.duration, "bw_mbps": self.bw,
+            "kv_cache_tokens": self.exp.kv_cache_tokens,
             "tenants": [asdict(t) for t in self.exp.tenants],
             "runs": [asdict(r) for r in self.exp.runs]}, indent=2))
         outcomes: list[RunOutcome] = []
@@ -268,6 +269,7 @@ class LabRunner:
                 time.sleep(2.0)  # the agents take the opt-in from their reports' answers
             prefix_lab.reset_caches(self.plan)
             before = prefix_lab.emulator_metrics(self.plan)
+            affinity_before = self._stack().get("/affinity")
         loads = workloads(self.exp, run, self.plan, url=url)
         planned = {h: len(plan(w)) for h, w in loads.items()}
         procs, outputs = [], []
@@ -314,6 +316,8 @@ class LabRunner:
                 run.mode, records, before, prefix_lab.emulator_metrics(self.plan),
                 self.exp.duration, self._stack().router_log(run.mode)
                 if run.mode in prefix.L7_MODES else None)
+            figures["affinity"] = prefix_lab.affinity_change(affinity_before,
+                                                             self._stack().get("/affinity"))
             (folder / "prefix.json").write_text(json.dumps(figures, indent=2))
         for timer in events.pop("_timers", []):
             timer.cancel()
@@ -539,6 +543,7 @@ class LabRunner:
 
         meta = json.loads((folder / "experiment.json").read_text())
         exp = experiment(meta["experiment"], meta["duration"])
+        exp.kv_cache_tokens = meta.get("kv_cache_tokens", exp.kv_cache_tokens)
         exp.runs = [Run(r["mode"], r["load"], tuple(Event(**e) for e in r["events"]))
                     for r in meta["runs"]]
         runner = cls(exp, meta["topo"], folder.parent, meta.get("bw_mbps"),
