@@ -14,23 +14,26 @@ import click
 
 from tokenfabric import exitcodes
 from tokenfabric.lab import prereqs
-from tokenfabric.lab.experiments import EXPERIMENTS, experiment
+from tokenfabric.lab.experiments import EXPERIMENTS, PREFIX_MODES, experiment
 
 NO_DELAY = ("Links get bandwidth only (HTB): the kernel here has no netem, so there is no "
             "link delay, jitter or loss.")
 
 
-def select_runs(runs: list, loads: str | None, modes: str | None) -> list:
-    """The experiment's runs restricted to (or, for loads, re-swept at) the given values."""
+def select_runs(runs: list, loads: str | None, modes: str | None,
+                known: tuple[str, ...] | None = None) -> list:
+    """The experiment's runs restricted to (or, for loads, re-swept at) the given values;
+    `known`: the modes the experiment can run (default: the routing modes)."""
     from tokenfabric.lab.experiments import MODES, Run
 
+    known = known or MODES
     chosen_modes = list(dict.fromkeys(r.mode for r in runs))
     if modes:
         chosen_modes = [m.strip() for m in modes.split(",") if m.strip()]
-        unknown = sorted(set(chosen_modes) - set(MODES))
+        unknown = sorted(set(chosen_modes) - set(known))
         if unknown:
             raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from "
-                             f"{', '.join(MODES)}")
+                             f"{', '.join(known)}")
     chosen_loads = list(dict.fromkeys(r.load for r in runs))
     if loads:
         try:
@@ -86,13 +89,17 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
               show_default=True, help="quick: a smoke run; modes: ECMP vs weights vs p2c vs "
               "vllm-router (4a); overload (4b); failover (4c); reload (4d); realvllm (4e); "
               "billing: a 3x lying agent beside honest ones (the billing cross-check); "
-              "ha: two controller replicas, the leader SIGKILLed and restarted.")
+              "ha: two controller replicas, the leader SIGKILLed and restarted; prefix: "
+              "prefix-cache-aware steering against L7 cache-aware routers (issue 15).")
 @click.option("--duration", type=click.FloatRange(min=1), default=None,
               help="Seconds of load per run (default: the experiment's).")
 @click.option("--loads", default=None, help="Comma-separated offered loads (fractions of "
               "capacity) instead of the experiment's, e.g. 0.5,0.85.")
 @click.option("--modes", default=None, help="Comma-separated modes instead of the "
-              "experiment's (ecmp, weights, p2c, l7-router).")
+              "experiment's (ecmp, weights, p2c, l7-router; experiment prefix: p2c, "
+              "prefix-affinity, vllm-cache_aware, vllm-power_of_two, sglang-cache_aware).")
+@click.option("--kv-cache-tokens", type=click.IntRange(min=256, max=1_000_000), default=None,
+              help="Experiment prefix: each emulator's KV cache in tokens (default 4096).")
 @click.option("--out", "out_root", type=click.Path(file_okay=False), default="results",
               show_default=True, help="Folder the results folder is made in.")
 @_bw
@@ -103,8 +110,9 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
               "in every run and tenant, else the run is FAILED and the command exits 1 "
               "(default: the experiment's; 0.95, failover 0.9).")
 def run_command(topo: str, name: str, duration: float | None, loads: str | None,
-                modes: str | None, out_root: str, bw_mbps: float, pcap: bool,
-                dataplane_choice: str, min_ok: float | None) -> None:
+                modes: str | None, kv_cache_tokens: int | None, out_root: str,
+                bw_mbps: float, pcap: bool, dataplane_choice: str,
+                min_ok: float | None) -> None:
     """Build the fabric, start controller, emulators and agents, probe the data path (one
     request per tenant through the VIP), run the load, write a results folder (JSON
     lines, PNG plots, summary.md with a PASSED/FAILED verdict) and tear everything down.
@@ -113,9 +121,15 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
     the probe, a run's verdict or the teardown failed."""
     exp = experiment(name, duration)
     try:
-        exp.runs = select_runs(exp.runs, loads, modes)
+        exp.runs = select_runs(exp.runs, loads, modes,
+                               PREFIX_MODES if name == "prefix" else None)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    if kv_cache_tokens is not None:
+        if exp.kv_cache_tokens is None:
+            raise click.BadParameter("--kv-cache-tokens is for experiment prefix")
+        exp.kv_cache_tokens = kv_cache_tokens
+        exp.title = exp.title.replace("KV 4096", f"KV {kv_cache_tokens}")
     dataplane = _dataplane(dataplane_choice)
     _require(what=f"experiment {name} on {dataplane}", dataplane=dataplane)
     if exp.needs_vllm:

@@ -37,6 +37,10 @@ def capacity_rps(speeds: list[float], lengths: LengthDist = LAB_LENGTHS) -> floa
 
 
 MODES = ("ecmp", "weights", "p2c", "l7-router")
+# experiment `prefix`'s modes in the lab (tokenfabric/lab/prefix.py has them all; `prefix`,
+# the handoff without the switch's affinity, needs a knob the policy does not have yet)
+PREFIX_MODES = ("p2c", "prefix-affinity", "vllm-cache_aware", "vllm-power_of_two",
+                "sglang-cache_aware")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class Experiment:
     bill_factor: float = 3.0
     # controller replicas on a PostgreSQL ledger (experiment `ha`; docs/replicas.md)
     replicas: int = 1
+    # experiment `prefix` (tokenfabric/lab/prefix_lab.py): the emulators' KV cache in
+    # tokens (evicting, with KV events), the agents' handoff, the chat workload
+    kv_cache_tokens: int | None = None
 
     def capacity(self) -> float:
         return capacity_rps(self.speeds, self.lengths)
@@ -140,6 +147,15 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
                          [Run("p2c", 0.5, (Event(10.0, "kill_controller"),
                                            Event(20.0, "restart_controller")))], 30.0,
                          replicas=2)
+    elif name == "prefix":
+        # issue 15 item 7: per-device clients (one address per conversation) and an app
+        # server; modes from tokenfabric/lab/prefix.py; 85% of the chat's capacity
+        devices = LabTenant("devices", "best-effort", 1.0, slo_ttft_ms=1000, slo_tpot_ms=200)
+        appserver = LabTenant("appserver", "best-effort", 1.0, slo_ttft_ms=1000,
+                              slo_tpot_ms=200)
+        exp = Experiment("prefix", "prefix-cache-aware steering against L7 cache-aware "
+                         "routers (chat, KV 4096 tokens)", HETERO, [devices, appserver],
+                         [Run(m, 0.85) for m in PREFIX_MODES], 30.0, kv_cache_tokens=4096)
     elif name == "realvllm":
         exp = Experiment("realvllm", "a real vLLM backend beside emulated ones", [1.0, 1.0],
                          [STANDARD], [Run("p2c", 0.3)], 20.0, needs_vllm=True)
@@ -153,4 +169,4 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
 
 
 EXPERIMENTS = ("quick", "modes", "overload", "failover", "reload", "realvllm", "billing",
-               "ha")
+               "ha", "prefix")

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tokenfabric.lab import capture, probe, results
+from tokenfabric.lab import capture, prefix, prefix_lab, probe, results
 from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS, Event, Experiment, Run
 from tokenfabric.lab.loadgen import TenantSpec, Workload, plan
 from tokenfabric.lab.plan import LabPlan, TenantPlan, build_plan
@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 # Lab modes -> the service's selection mode in the switch (docs/lab.md). ECMP is the
 # weighted hash with agents that declare a capacity no load reaches (equal weights).
-SWITCH_MODE = {"ecmp": "hash", "weights": "hash", "p2c": "p2c", "l7-router": "p2c"}
+SWITCH_MODE = {"ecmp": "hash", "weights": "hash", "p2c": "p2c", "l7-router": "p2c",
+               # experiment `prefix` (prefix_lab.py): p2c under the handoff, the
+               # switch's affinity and the L7 routers alike
+               **{m: prefix_lab.SWITCH_MODE for m in prefix.MODES}}
 
 
 class Blocked(RuntimeError):
@@ -89,7 +92,8 @@ def _no_interrupts() -> Iterator[None]:
 
 
 def lab_plan(exp: Experiment, topo: str) -> LabPlan:
-    router = exp.needs_router or any(r.mode == "l7-router" for r in exp.runs)
+    router = exp.needs_router or any(r.mode == "l7-router" or r.mode in prefix.L7_MODES
+                                     for r in exp.runs)
     return build_plan(topo, [TenantPlan(t.name, t.traffic_class) for t in exp.tenants],
                       exp.speeds, with_router=router)
 
@@ -99,6 +103,9 @@ def workloads(exp: Experiment, run: Run, lab: LabPlan, seed: int = 1,
     """One open-loop workload per client host (tenant), together `run.load` of capacity."""
     total = sum(t.weight for t in exp.tenants)
     rate = run.load * exp.capacity()
+    # experiment `prefix`: the multi-turn chat of prefix.py instead of independent prompts
+    chats = prefix_lab.chat_specs(exp, lab, run.load, seed) if prefix_lab.is_prefix(exp) \
+        else {}
     out = {}
     for i, host in enumerate(lab.by_role("client")):
         tenant = next(t for t in exp.tenants if t.name == host.tenant)
@@ -107,7 +114,8 @@ def workloads(exp: Experiment, run: Run, lab: LabPlan, seed: int = 1,
             duration=exp.duration, model=lab.model, arrival=exp.arrival, lengths=exp.lengths,
             tenants=[TenantSpec(tenant.name, tenant.traffic_class, 1.0, host.ip,
                                 tenant.slo_ttft_ms, tenant.slo_tpot_ms)],
-            seed=seed * 1000 + i, timeout=max(30.0, exp.duration))
+            seed=seed * 1000 + i, timeout=max(30.0, exp.duration),
+            chat=chats.get(host.name), endpoint="chat" if host.name in chats else "completions")
     return out
 
 
@@ -144,6 +152,8 @@ class LabRunner:
         self.blocked: list[str] = []
         self.probe_results: list[probe.ProbeResult] = []
         self.ha: Any = None  # the `ha` experiment's probe while a run goes
+        self.prefix_figures: list[dict[str, Any]] = []  # experiment `prefix`, per mode
+        self._routers_ready: set[str] = set()
 
     def _net(self) -> LabNetwork:
         assert self.net is not None, "the lab network is not up"
@@ -165,6 +175,7 @@ class LabRunner:
             "dataplane": self.dataplane, "min_ok": self.min_ok,
             "speeds": self.exp.speeds, "capacity_rps": self.exp.capacity(),
             "duration": self.exp.duration, "bw_mbps": self.bw,
+            "kv_cache_tokens": self.exp.kv_cache_tokens,
             "tenants": [asdict(t) for t in self.exp.tenants],
             "runs": [asdict(r) for r in self.exp.runs]}, indent=2))
         outcomes: list[RunOutcome] = []
@@ -180,6 +191,12 @@ class LabRunner:
                 self._stack().write_files(first)
                 self._stack().start_controller()
                 self._stack().start_backends()
+                if prefix_lab.is_prefix(self.exp):
+                    added = prefix_lab.add_device_addresses(self._net())
+                    self.console.print(f"per-device clients: {added} addresses on the "
+                                       "devices tenant's client host")
+                    self._stack().start_prefix_routers(
+                        [r.mode for r in self.exp.runs if r.mode in prefix.L7_MODES])
                 if any(r.mode == "l7-router" for r in self.exp.runs):
                     self.router_url = self._stack().start_router()
                 with self.console.status("waiting for the switches and backends") as status:
@@ -231,6 +248,12 @@ class LabRunner:
         if run.mode not in SWITCH_MODE:
             raise Blocked(f"unknown mode {run.mode}")
         url = self.router_url if run.mode == "l7-router" else None
+        if run.mode in prefix.L7_MODES:
+            url = prefix_lab.router_url(self.plan, run.mode)
+            if run.mode not in self._routers_ready:
+                with self.console.status(f"waiting for {run.mode}'s router"):
+                    self._stack().wait_router(port=prefix_lab.ROUTER_PORTS[run.mode])
+                self._routers_ready.add(run.mode)
         if url and not self._router_ready:
             with self.console.status("waiting for vllm-router to find its workers healthy"):
                 self._stack().wait_router()
@@ -240,6 +263,13 @@ class LabRunner:
             with self.console.status(f"agents re-registering with capacity {capacity}"):
                 self._stack().wait_ready(self.ready_timeout)
         self._stack().set_mode("llm", SWITCH_MODE[run.mode])
+        before: dict[str, str] = {}
+        if prefix_lab.is_prefix(self.exp):
+            if self._stack().set_prefix_affinity(run.mode in prefix.HANDOFF_MODES):
+                time.sleep(2.0)  # the agents take the opt-in from their reports' answers
+            prefix_lab.reset_caches(self.plan)
+            before = prefix_lab.emulator_metrics(self.plan)
+            affinity_before = self._stack().get("/affinity")
         loads = workloads(self.exp, run, self.plan, url=url)
         planned = {h: len(plan(w)) for h, w in loads.items()}
         procs, outputs = [], []
@@ -279,6 +309,16 @@ class LabRunner:
             log.warning("cross-check summary unavailable: %s", exc)
         served = {name: served_after[name] - served_before.get(name, 0.0)
                   for name in served_after}
+        if prefix_lab.is_prefix(self.exp):
+            records = [json.loads(line) for out in outputs if out.exists()
+                       for line in out.read_text().splitlines() if line.strip()]
+            figures = prefix_lab.run_figures(
+                run.mode, records, before, prefix_lab.emulator_metrics(self.plan),
+                self.exp.duration, self._stack().router_log(run.mode)
+                if run.mode in prefix.L7_MODES else None)
+            figures["affinity"] = prefix_lab.affinity_change(affinity_before,
+                                                             self._stack().get("/affinity"))
+            (folder / "prefix.json").write_text(json.dumps(figures, indent=2))
         for timer in events.pop("_timers", []):
             timer.cancel()
         merged = folder / "requests.jsonl"
@@ -329,6 +369,11 @@ class LabRunner:
             from tokenfabric.lab import replicas
 
             text += "\n" + replicas.markdown(json.loads((folder / "ha.json").read_text()))
+        if (folder / "prefix.json").is_file():
+            figures = json.loads((folder / "prefix.json").read_text())
+            self.prefix_figures = [f for f in self.prefix_figures
+                                   if f["mode"] != figures["mode"]] + [figures]
+            text += prefix_lab.markdown([figures], self.exp.kv_cache_tokens)
         if (folder / "crosscheck.json").is_file():
             text += "\n" + results.crosscheck_markdown(
                 json.loads((folder / "crosscheck.json").read_text()))
@@ -453,6 +498,12 @@ class LabRunner:
                 ("slo_attainment", "SLO attainment"), ("goodput_rps", "goodput (req/s)")],
                 self.folder / "sweep.png")
             text.append("\n![sweep](sweep.png)\n")
+        if self.prefix_figures:
+            text.append(prefix_lab.markdown(self.prefix_figures, self.exp.kv_cache_tokens))
+            prefix.plot_modes({f"chat kv{self.exp.kv_cache_tokens}": {
+                f["mode"]: f for f in self.prefix_figures}}, self.folder / "prefix.png",
+                f"{self.exp.title} ({self.topo}, {self.dataplane})")
+            text.append("\n![prefix](prefix.png)\n")
         if self.blocked:
             text.append("\nnot run:\n" + "\n".join(f"- {b}" for b in self.blocked))
         text.append("\nteardown: " + ("clean (no interface or process left)" if not self.left
@@ -492,6 +543,7 @@ class LabRunner:
 
         meta = json.loads((folder / "experiment.json").read_text())
         exp = experiment(meta["experiment"], meta["duration"])
+        exp.kv_cache_tokens = meta.get("kv_cache_tokens", exp.kv_cache_tokens)
         exp.runs = [Run(r["mode"], r["load"], tuple(Event(**e) for e in r["events"]))
                     for r in meta["runs"]]
         runner = cls(exp, meta["topo"], folder.parent, meta.get("bw_mbps"),

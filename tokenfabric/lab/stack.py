@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from tokenfabric import yamlio
+from tokenfabric.lab import prefix, prefix_lab
 from tokenfabric.lab.experiments import (
     EMULATOR_DECODE_BASE_MS,
     EMULATOR_MAX_NUM_SEQS,
@@ -85,14 +86,18 @@ class StackError(RuntimeError):
     """A component did not start or did not become ready."""
 
 
-def policy_dict(exp: Experiment, plan: LabPlan, generation: int = 0) -> dict[str, Any]:
+def policy_dict(exp: Experiment, plan: LabPlan, generation: int = 0,
+                prefix_affinity: bool = False) -> dict[str, Any]:
     """The policy file (docs/policy.md): one contract per tenant, its prefix from the plan.
 
     `generation` > 0 makes a changed but equivalent policy (the SLOs of every contract
     move by `generation` ms), so that a reload really rewrites the switches' state.
+    `prefix_affinity`: every tenant opts in to the handoff and the switch's affinity
+    (experiment `prefix`, docs/prefix-cache.md).
     """
     prefixes = {h.tenant: f"{h.ip.rsplit('.', 1)[0]}.0/24" for h in plan.by_role("client")}
-    contracts, tenants = {}, []
+    contracts: dict[str, Any] = {}
+    tenants: list[dict[str, Any]] = []
     for t in exp.tenants:
         # tpm: tokens per minute; "unlimited" is a budget the lab never reaches.
         tpm = int((t.tokens_per_s or 1_000_000) * 60)
@@ -106,6 +111,8 @@ def policy_dict(exp: Experiment, plan: LabPlan, generation: int = 0) -> dict[str
                     "tpot_p99_ms": int(t.slo_tpot_ms)}}
         tenants.append({"name": t.name, "prefixes": [prefixes[t.name]],
                         "contract": f"{t.name}-contract"})
+        if prefix_affinity:
+            tenants[-1]["prefix_affinity"] = True
     return {"version": 1, "contracts": contracts, "tenants": tenants}
 
 
@@ -129,7 +136,8 @@ def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
                  overflow: bool = False, capacity: int = EMULATOR_MAX_NUM_SEQS,
                  priorities: dict[str, int] | None = None,
                  bill_factor: float = 1.0,
-                 replica_ports: list[int] | None = None) -> dict[str, Any]:
+                 replica_ports: list[int] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The `agent:` section for the agent on `host` (docs/agent.md)."""
     cfg: dict[str, Any] = {
         "name": host.name, "host": host.name, "address": host.ip, "mac": host.mac,
@@ -141,6 +149,8 @@ def agent_config(plan: LabPlan, host: LabHost, controller_port: int, token: str,
     }
     if replica_ports and len(replica_ports) > 1:  # controller replicas: report to each
         cfg["controller_urls"] = [f"http://{host.mgmt_gw}:{p}" for p in replica_ports]
+    if extra and not overflow:
+        cfg.update(extra)  # experiment `prefix`: KV events and handoff (prefix_lab.py)
     if bill_factor != 1.0:
         cfg["bill_factor"] = bill_factor  # FAULT INJECTION: the lying agent of `billing`
     if priorities is not None:
@@ -179,6 +189,8 @@ class Stack:
         self.router: subprocess.Popen | None = None
         self.vllm_host: str | None = None  # the backend running the real vLLM (experiment e)
         self.generation = 0
+        self.prefix_affinity = False  # the policy's opt-in (experiment `prefix`)
+        self.routers: dict[str, subprocess.Popen] = {}  # experiment `prefix`: mode -> router
         self.capacity = EMULATOR_MAX_NUM_SEQS
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}{API}", timeout=5.0,
                                  headers={"Authorization": f"Bearer {self.admin_token}"})
@@ -191,6 +203,10 @@ class Stack:
         self._write("tokens.yaml", {
             self.admin_token: {"name": "lab", "role": "admin"},
             self.agent_token: {"name": "lab-agents", "role": "agent", "backends": ["*"]}})
+        if prefix_lab.is_prefix(self.exp):  # the fabric's handoff secret, for the agents
+            secret = self.dir / "handoff.secret"
+            secret.write_text(secrets.token_hex(32))
+            secret.chmod(0o600)
 
     def _write(self, name: str, data: dict[str, Any]) -> Path:
         path = self.dir / name
@@ -309,7 +325,9 @@ class Stack:
                 "--max-num-seqs", str(EMULATOR_MAX_NUM_SEQS), "--scheduling-policy", "priority",
                 "--backend-name", host.name,
                 "--decode-base-ms", str(EMULATOR_DECODE_BASE_MS),
-                "--prefill-ms-per-token", str(EMULATOR_PREFILL_MS_PER_TOKEN)],
+                "--prefill-ms-per-token", str(EMULATOR_PREFILL_MS_PER_TOKEN),
+                *(prefix_lab.emulator_args(self.exp) if prefix_lab.is_prefix(self.exp)
+                  else [])],
                 f"emulator-{host.name}")
             self.backend_procs[host.name] = [emulator, self._start_agent(host)]
         for host in self.plan.by_role("responder"):
@@ -345,15 +363,41 @@ class Stack:
             "--disable-retries"], "vllm-router")
         return f"http://{host.ip}:{self.plan.vip_port}"
 
-    def wait_router(self, timeout: float = 120.0) -> None:
+    def start_prefix_routers(self, modes: list[str]) -> None:
+        """Experiment `prefix`: the L7 router of each of `modes` on the router host, each
+        on its own port (prefix_lab.ROUTER_PORTS), logging its decisions."""
+        [host] = self.plan.by_role("router")
+        for mode in modes:
+            name, _ = prefix.L7_MODES[mode]
+            binary = find_tool(name) or str(Path(sys.executable).parent / name)
+            if not Path(binary).exists():
+                raise StackError(f"{name} is not installed (the lab extra): mode {mode}")
+            self.routers[mode] = self.net.popen(
+                host.name, prefix_lab.router_argv(self.plan, mode, binary), f"router-{mode}")
+
+    def router_log(self, mode: str) -> str:
+        path = self.dir.parent / "logs" / f"router-{mode}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def set_prefix_affinity(self, enabled: bool) -> bool:
+        """Reload the policy with every tenant's `prefix_affinity` opt-in on or off; True
+        when it changed (the agents learn it with their next report's answer)."""
+        if enabled == self.prefix_affinity:
+            return False
+        self.prefix_affinity = enabled
+        self.reload_policy()
+        return True
+
+    def wait_router(self, timeout: float = 120.0, port: int | None = None) -> None:
         """Until vllm-router accepts connections: it listens only once it has found every
         worker healthy (~30 s here). Checked from the router's own host."""
+        port = port or self.plan.vip_port
         [host] = self.plan.by_role("router")
         probe = ("import socket, sys, time\n"
                  f"end = time.monotonic() + {timeout}\n"
                  "while time.monotonic() < end:\n"
                  "    try:\n"
-                 f"        socket.create_connection(('{host.ip}', {self.plan.vip_port}), 1)"
+                 f"        socket.create_connection(('{host.ip}', {port}), 1)"
                  ".close()\n"
                  "        sys.exit(0)\n"
                  "    except OSError:\n"
@@ -376,7 +420,9 @@ class Stack:
             self.plan, host, self.port, self.agent_token, overflow, self.capacity,
             priorities if priority else None,
             self.exp.bill_factor if host.name == self.exp.liar else 1.0,
-            self.replica_ports))
+            self.replica_ports,
+            prefix_lab.agent_settings(self.dir / "handoff.secret")
+            if prefix_lab.is_prefix(self.exp) else None))
         return self.net.popen(host.name, [*CLI, "agent", "run", "--config", str(path)],
                               f"agent-{host.name}-{self.capacity}")
 
@@ -435,7 +481,8 @@ class Stack:
     def reload_policy(self) -> dict[str, Any]:
         """Rewrite the policy file (a new generation) and make the controller reload it."""
         self.generation += 1
-        self._write("policy.yaml", policy_dict(self.exp, self.plan, self.generation))
+        self._write("policy.yaml", policy_dict(self.exp, self.plan, self.generation,
+                                               self.prefix_affinity))
         reply = self.http.post("/policy/reload")
         if reply.status_code >= 400:
             raise StackError(f"POST /policy/reload: {reply.status_code} {reply.text[:300]}")

@@ -1,0 +1,226 @@
+"""Experiment `prefix` in the Mininet lab (issue 15 item 7): its parts beside the runner.
+
+The modes, workload, figures and baseline evidence are tokenfabric/lab/prefix.py's (shared
+with bench/bench_prefix_handoff.py); here is what the lab adds:
+
+- the emulators' evicting KV cache and KV events, and the agents that follow them, with
+  the handoff configured (the fabric's shared secret in a file; listeners on each
+  backend's fabric address, peers reached through the switch);
+- per-device client addresses: the devices tenant's client host holds 10.0.1.1-126 (the
+  chat generator's /25, one address per conversation; the fabric routes the /24 to it), the
+  app-server tenant sends everything from its host's one address;
+- the chat workload split per client host, its times scaled to a share of the emulators'
+  capacity exactly as prefix.at_load scales the bench's;
+- the L7 routers of the L7 modes on the router host, one port each;
+- the figures of one run (hit rate from the emulators' prefix-cache counters, read over the
+  management network before and after; the routers' evidence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from tokenfabric.lab import prefix
+from tokenfabric.lab.experiments import EMULATOR_PREFILL_MS_PER_TOKEN, Experiment
+from tokenfabric.lab.plan import EMULATOR_PORT, LabHost, LabPlan
+from tokenfabric.lab.workloads import ChatTenant, plan_chat
+
+if TYPE_CHECKING:
+    from tokenfabric.lab.network import LabNetwork
+
+HANDOFF_PORT = 8002
+KV_EVENTS = "tcp://127.0.0.1:5557"         # in each backend's own namespace
+KV_REPLAY = "tcp://127.0.0.1:5558"
+# the L7 routers share the router host: one HTTP port and one Prometheus port each
+ROUTER_PORTS = {"vllm-cache_aware": 8000, "vllm-power_of_two": 8003, "sglang-cache_aware": 8004}
+ROUTER_METRICS_PORTS = {"vllm-cache_aware": 29001, "vllm-power_of_two": 29002,
+                        "sglang-cache_aware": 29003}
+DEVICE_PREFIX_LEN = 25  # the devices tenant's conversations come from a /25 of its /24
+SWITCH_MODE = "p2c"     # every mode of the experiment runs the switch's p2c under it
+
+
+def is_prefix(exp: Experiment) -> bool:
+    return exp.kv_cache_tokens is not None
+
+
+def emulator_args(exp: Experiment) -> list[str]:
+    """The emulator flags that give it vLLM's evicting prefix cache and KV events."""
+    assert exp.kv_cache_tokens is not None
+    return ["--kv-cache-tokens", str(exp.kv_cache_tokens), "--max-model-len", "8192",
+            "--kv-events-config", json.dumps({"enable_kv_cache_events": True,
+                                              "endpoint": KV_EVENTS,
+                                              "replay_endpoint": KV_REPLAY})]
+
+
+def agent_settings(secret_file: Path) -> dict[str, Any]:
+    """The agent keys of the experiment: follow the KV events, hand off (docs/agent.md)."""
+    return {"kv_events_endpoint": KV_EVENTS, "kv_events_replay_endpoint": KV_REPLAY,
+            "kv_report_interval": 0.25, "report_interval": 0.25,
+            "handoff": {"secret_file": str(secret_file), "port": HANDOFF_PORT,
+                        "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN}}
+
+
+def _tenant_hosts(plan: LabPlan) -> dict[str, LabHost]:
+    return {str(h.tenant): h for h in plan.by_role("client")}
+
+
+def _chat_tenants(plan: LabPlan) -> list[ChatTenant]:
+    hosts = _tenant_hosts(plan)
+    devices = hosts[prefix.DEVICES].ip.rsplit(".", 1)[0] + f".0/{DEVICE_PREFIX_LEN}"
+    return [ChatTenant(prefix.DEVICES, clients=devices),
+            ChatTenant(prefix.APP_SERVER, app_server=hosts[prefix.APP_SERVER].ip)]
+
+
+def device_addresses(plan: LabPlan) -> dict[str, list[str]]:
+    """Client host -> the extra addresses it must hold (the per-device clients)."""
+    hosts = _tenant_hosts(plan)
+    out: dict[str, list[str]] = {}
+    for tenant in _chat_tenants(plan):
+        if tenant.clients is not None:
+            host = hosts[tenant.name]
+            out[host.name] = [a for a in tenant.addresses() if a != host.ip]
+    return out
+
+
+def add_device_addresses(net: LabNetwork) -> int:
+    """Put the per-device addresses on the client hosts' interfaces; how many were added."""
+    added = 0
+    for name, addresses in device_addresses(net.plan).items():
+        node = net.host(name)
+        intf = node.defaultIntf().name
+        for address in addresses:
+            node.cmd(f"ip addr add {address}/24 dev {intf} 2>&1")
+        held = node.cmd(f"ip -4 -o addr show dev {intf}")
+        missing = [a for a in addresses if f" {a}/" not in held]
+        if missing:
+            raise RuntimeError(f"{name}: could not add {len(missing)} client addresses, "
+                               f"e.g. {missing[0]}")
+        added += len(addresses)
+    return added
+
+
+def chat_specs(exp: Experiment, plan: LabPlan, load: float, seed: int = 1
+               ) -> dict[str, dict[str, Any]]:
+    """Client host -> its ChatSpec (as a dict for the loadgen): the bench's chat
+    (prefix.chat_spec) with the lab's addresses, times scaled so that both hosts together
+    offer `load` x the capacity of prefix.capacity_rps; each host its own tenant, half the
+    conversations, its own seed."""
+    tenants = _chat_tenants(plan)
+    base = dataclasses.replace(prefix.chat_spec(exp.duration * 3, seed), tenants=tenants)
+    planned = plan_chat(base)
+    span = max(p.offset for p in planned) - min(p.offset for p in planned)
+    rate = len(planned) / max(span, 1e-9)
+    factor = rate / (load * prefix.capacity_rps(planned, exp.speeds))  # time stretch
+    hosts = _tenant_hosts(plan)
+    out = {}
+    for i, tenant in enumerate(tenants):
+        spec = dataclasses.replace(
+            base, tenants=[tenant], seed=seed * 100 + i, duration=exp.duration,
+            conversations_per_s=base.conversations_per_s / factor / len(tenants),
+            think_s=base.think_s * factor)
+        out[hosts[tenant.name].name] = dataclasses.asdict(spec)
+    return out
+
+
+def router_url(plan: LabPlan, mode: str) -> str:
+    [host] = plan.by_role("router")
+    return f"http://{host.ip}:{ROUTER_PORTS[mode]}"
+
+
+def router_argv(plan: LabPlan, mode: str, binary: str) -> list[str]:
+    workers = [f"http://{b.ip}:{EMULATOR_PORT}" for b in plan.by_role("backend")]
+    return prefix.router_command(mode, binary, "0.0.0.0", ROUTER_PORTS[mode], workers,
+                                 ROUTER_METRICS_PORTS[mode])
+
+
+def emulator_metrics(plan: LabPlan) -> dict[str, str]:
+    """Each backend's emulator /metrics, over the management network."""
+    out = {}
+    for host in plan.by_role("backend"):
+        out[host.name] = httpx.get(f"http://{host.mgmt_ip}:{EMULATOR_PORT}/metrics",
+                                   timeout=10).text
+    return out
+
+
+def reset_caches(plan: LabPlan, timeout: float = 60.0) -> None:
+    """Every emulator's prefix cache emptied before a mode (vLLM's /reset_prefix_cache,
+    409 while requests still hold blocks), then a moment for the index to hear of it."""
+    for host in plan.by_role("backend"):
+        url = f"http://{host.mgmt_ip}:{EMULATOR_PORT}/reset_prefix_cache"
+        deadline = time.monotonic() + timeout
+        while httpx.post(url, timeout=10).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{host.name}'s emulator stayed busy: cache not reset")
+            time.sleep(0.5)
+    time.sleep(1.0)
+
+
+def run_figures(mode: str, records: list[dict[str, Any]], before: dict[str, str],
+                after: dict[str, str], duration: float, router_log: str | None
+                ) -> dict[str, Any]:
+    """One mode's figures (prefix.mode_figures) with the hit rate from the emulators'
+    counters and, for an L7 mode, whether its router did what it claims."""
+    hits = prefix.hit_rate({n: prefix.prefix_counters(t) for n, t in before.items()},
+                           {n: prefix.prefix_counters(t) for n, t in after.items()})
+    figures = prefix.mode_figures(records, hits, duration)
+    figures["mode"] = mode
+    figures["valid"], figures["evidence"] = True, "the fabric's own mode"
+    if mode in prefix.L7_MODES:
+        renders = sum(prefix.token_calls(after[n], e) - prefix.token_calls(before.get(n, ""), e)
+                      for n in after for e in ("/v1/completions/render",
+                                               "/v1/chat/completions/render"))
+        figures["valid"], figures["evidence"] = prefix.baseline_evidence(
+            mode, router_log or "", renders, len(records))
+    return figures
+
+
+def affinity_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The controller's affinity table over a run (GET /api/v1/affinity): entries the
+    agents' reports installed or refreshed, and those in the switches at its end."""
+    out: dict[str, Any] = {k: after["stats"].get(k, 0) - before["stats"].get(k, 0)
+                           for k in after.get("stats", {})}
+    out["entries_at_end"] = sum(len(v) for v in after.get("switches", {}).values())
+    return out
+
+
+def _fmt(value: Any, digits: int = 1, pct: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value * 100:.{digits}f}%" if pct else f"{value:,.{digits}f}"
+
+
+def markdown(figures: list[dict[str, Any]], kv_tokens: int | None) -> str:
+    """The per-mode table of the experiment, and a validity line per L7 baseline."""
+    lines = [f"\nprefix experiment, KV cache {kv_tokens} tokens per backend:\n",
+             "| mode | ok/requests | hit rate | TTFT p50 / p99 ms | goodput rps | handed off "
+             "(devices / app server) | added ms p50 / p99 | baseline valid |",
+             "|---|---|---|---|---|---|---|---|"]
+    for f in figures:
+        t = f.get("tenants", {})
+        dev, app = t.get(prefix.DEVICES, {}), t.get(prefix.APP_SERVER, {})
+        handed = "–" if f["mode"] not in prefix.HANDOFF_MODES else (
+            f"{_fmt(f['handoff_share'], 0, True)} ({_fmt(dev.get('handoff_share'), 0, True)}"
+            f" / {_fmt(app.get('handoff_share'), 0, True)})")
+        lines.append(
+            f"| {f['mode']} | {f['ok']}/{f['requests']} | {_fmt(f['hit_rate'], 1, True)} | "
+            f"{_fmt(f['ttft_p50_ms'], 0)} / {_fmt(f['ttft_p99_ms'], 0)} | "
+            f"{_fmt(f['goodput_rps'], 2)} | {handed} | "
+            f"{_fmt(f['handoff_added_ms_p50'])} / {_fmt(f['handoff_added_ms_p99'])} | "
+            f"{'yes' if f['valid'] else 'NO'} |")
+    for f in figures:
+        if f["mode"] in prefix.HANDOFF_MODES and f.get("affinity") is not None:
+            a = f["affinity"]
+            lines.append(f"\n- {f['mode']}: the switch's affinity table got "
+                         f"{a.get('installed', 0)} entries installed and "
+                         f"{a.get('refreshed', 0)} refreshed from the agents' reports; "
+                         f"{a['entries_at_end']} in the switch at the end of the run")
+        if f["mode"] in prefix.L7_MODES:
+            lines.append(f"\n- baseline {f['mode']}: {'valid' if f['valid'] else 'INVALID'}: "
+                         f"{f['evidence']}")
+    return "\n".join(lines) + "\n"
