@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +14,8 @@ import httpx
 import pytest
 import uvicorn
 
+from tokenfabric import dataplane as dp
+from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.controller.api.server import create_app
 from tokenfabric.controller.app import Controller
 from tokenfabric.controller.auth import Principal, Role, TokenStore
@@ -31,6 +36,16 @@ backends:
 services:
   llama: {id: 1, model: tiny-llama, vip: 10.0.100.1, port: 8000, overflow: responder}
   qwen: {id: 2, model: qwen, vip: 10.0.100.2, port: 8000, mode: p2c}
+"""
+
+# One switch, no static backends: the agents of the tests with real processes register theirs.
+TINY_FABRIC = """
+switches:
+  s1: {address: "127.0.0.1:1", device_id: 1, ports: [1, 2, 3, 4]}
+hosts:
+  clients: {switch: s1, port: 1, address: 10.0.1.0, prefix_len: 24, mac: "02:00:00:00:01:01"}
+services:
+  tiny: {id: 1, model: tiny, vip: 10.0.100.1, port: 8000}
 """
 
 ADMIN = "admin-token-0123456789abcdef"
@@ -106,3 +121,34 @@ def serve_in_thread(ctl: Controller) -> Iterator[Live]:
 @pytest.fixture
 def live(tmp_path) -> Iterator[Live]:
     yield from serve_in_thread(make_controller(tmp_path))
+
+
+@pytest.fixture
+def bmv2(tmp_path):
+    """A real BMv2 switch with no ports (the controller programs it over P4Runtime)."""
+    if not (dp.TOKEN_ROUTER_JSON.exists() and dp.TOKEN_ROUTER_P4INFO.exists()):
+        pytest.skip("p4src/build/token_router.* not built (p4src/build.sh)")
+    switch = Bmv2Switch(Bmv2Options(ports={}, device_id=1, log_path=tmp_path / "bmv2.log"))
+    switch.start()
+    yield switch
+    switch.stop()
+
+
+@pytest.fixture
+def replica_ledger(postgres_server):
+    """A fresh database on the session's temporary PostgreSQL, for controller replicas."""
+    if isinstance(postgres_server, str):
+        pytest.skip(f"postgresql: {postgres_server}")
+    return postgres_server.create_database(f"replicas_{os.getpid()}_{time.monotonic_ns()}")
+
+
+def start_replica(tmp_path, port: int, election_id: int, ledger: str,
+                  env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`tokenfabric controller run` on tmp_path's fabric, policy and tokens files."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
+         "--fabric", str(tmp_path / "fabric.yaml"), "--policy", str(tmp_path / "policy.yaml"),
+         "--tokens", str(tmp_path / "tokens.yaml"), "--ledger", ledger,
+         "--listen", f"127.0.0.1:{port}", "--election-id", str(election_id)],
+        stdout=open(tmp_path / f"controller-{port}.log", "ab"),  # noqa: SIM115
+        stderr=subprocess.STDOUT, env=env)

@@ -13,24 +13,12 @@ import httpx
 import pytest
 
 from tests.integration.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
-from tokenfabric import dataplane as dp
 from tokenfabric import yamlio
-from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.controller.switch_shell import shell_read
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.timeout(300)]
 
 MORE = "  - {name: initech, id: 3, prefixes: [10.0.2.0/24], contract: bronze}\n"
-
-
-@pytest.fixture
-def bmv2(tmp_path):
-    if not (dp.TOKEN_ROUTER_JSON.exists() and dp.TOKEN_ROUTER_P4INFO.exists()):
-        pytest.skip("p4src/build/token_router.* not built (p4src/build.sh)")
-    switch = Bmv2Switch(Bmv2Options(ports={}, device_id=1, log_path=tmp_path / "bmv2.log"))
-    switch.start()
-    yield switch
-    switch.stop()
 
 
 def start(tmp_path, port, election_id=10):

@@ -4,7 +4,6 @@ it, through a kill -9 of the leader; the ledger's totals equal what the requests
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -13,33 +12,16 @@ import time
 
 import httpx
 import pytest
-import yaml
 
-from tests.integration.api.conftest import ADMIN, AGENT, free_port
+from tests.integration.api.conftest import ADMIN, AGENT, free_port, start_replica
 from tests.integration.api.test_api_with_agent import FABRIC, POLICY, keygen, wait_for
 from tests.integration.hostagent.conftest import env_without_config, start_emulator, stop_process
+from tokenfabric import yamlio
 
 pytestmark = [pytest.mark.timeout(240)]
 
 
-@pytest.fixture
-def ledger_url(postgres_server):
-    if isinstance(postgres_server, str):
-        pytest.skip(f"postgresql: {postgres_server}")
-    return postgres_server.create_database(f"agent_replicas_{os.getpid()}_{time.monotonic_ns()}")
-
-
-def controller(tmp_path, port: int, election_id: int, ledger: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
-         "--fabric", str(tmp_path / "fabric.yaml"), "--policy", str(tmp_path / "policy.yaml"),
-         "--tokens", str(tmp_path / "tokens.yaml"), "--ledger", ledger,
-         "--listen", f"127.0.0.1:{port}", "--election-id", str(election_id)],
-        stdout=open(tmp_path / f"controller-{port}.log", "ab"),  # noqa: SIM115
-        stderr=subprocess.STDOUT)
-
-
-def test_agent_reports_to_both_replicas_rows_written_once(ledger_url, tmp_path):
+def test_agent_reports_to_both_replicas_rows_written_once(replica_ledger, tmp_path):
     import psycopg
 
     started: list[subprocess.Popen] = []
@@ -48,17 +30,17 @@ def test_agent_reports_to_both_replicas_rows_written_once(ledger_url, tmp_path):
     try:
         (tmp_path / "fabric.yaml").write_text(FABRIC)
         (tmp_path / "policy.yaml").write_text(POLICY)
-        (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
+        (tmp_path / "tokens.yaml").write_text(yamlio.dump(
             {ADMIN: {"name": "ops", "role": "admin"},
              AGENT: {"name": "agents", "role": "agent", "backends": ["gpu2"],
                      "public_key": keygen(tmp_path)}}))
         port_a, port_b = free_port(), free_port()
-        a = controller(tmp_path, port_a, 10, ledger_url)
+        a = start_replica(tmp_path, port_a, 10, replica_ledger)
         started.append(a)
         api_a = httpx.Client(base_url=f"http://127.0.0.1:{port_a}", timeout=10,
                              headers={"Authorization": f"Bearer {ADMIN}"})
         wait_for(lambda: api_a.get("/api/v1/replica").json()["role"] == "primary", "A leads")
-        b = controller(tmp_path, port_b, 20, ledger_url)
+        b = start_replica(tmp_path, port_b, 20, replica_ledger)
         started.append(b)
         api_b = httpx.Client(base_url=f"http://127.0.0.1:{port_b}", timeout=10,
                              headers={"Authorization": f"Bearer {ADMIN}"})
@@ -67,7 +49,7 @@ def test_agent_reports_to_both_replicas_rows_written_once(ledger_url, tmp_path):
         emulator = start_emulator("--speed", "10", "--model", "tiny", "--max-num-seqs", "8")
         started.append(emulator.proc)
         bridge_port = free_port()
-        (tmp_path / "agent.yaml").write_text(yaml.safe_dump({"agent": {
+        (tmp_path / "agent.yaml").write_text(yamlio.dump({"agent": {
             "name": "gpu2", "address": "10.0.0.12", "mac": "02:00:00:00:00:12", "switch": "s1",
             "port": 4, "vip": "10.0.100.1", "vip_port": 8000, "capacity": 8,
             "vllm_url": emulator.url, "token": AGENT, "listen_address": "127.0.0.1",
@@ -114,14 +96,15 @@ def test_agent_reports_to_both_replicas_rows_written_once(ledger_url, tmp_path):
             time.sleep(1.0)  # more reports: nothing more may be counted
             assert billed(api_b, completion)
 
-        with psycopg.connect(ledger_url) as db:
+        with psycopg.connect(replica_ledger) as db:
             seqs = [s for (s,) in db.execute(
                 "SELECT seq FROM journal WHERE kind = 'usage' ORDER BY id").fetchall()]
             assert seqs == list(range(1, len(seqs) + 1))  # each record once, none lost
             writers = db.execute("SELECT count(*) FROM reports").fetchone()[0]
             assert writers == 0  # signed records dedup by signature, not report ids
         done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "ledger", "verify",
-                               "--ledger", ledger_url, "--tokens", str(tmp_path / "tokens.yaml")],
+                               "--ledger", replica_ledger,
+                               "--tokens", str(tmp_path / "tokens.yaml")],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
     finally:
@@ -135,10 +118,10 @@ def test_a_second_controller_on_a_sqlite_ledger_is_refused(tmp_path):
     second one says so (exit 2) instead of doing the fabric-wide work twice."""
     (tmp_path / "fabric.yaml").write_text(FABRIC)
     (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({ADMIN: {"name": "ops",
+    (tmp_path / "tokens.yaml").write_text(yamlio.dump({ADMIN: {"name": "ops",
                                                                   "role": "admin"}}))
     port = free_port()
-    first = controller(tmp_path, port, 10, str(tmp_path / "l.db"))
+    first = start_replica(tmp_path, port, 10, str(tmp_path / "l.db"))
     try:
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
                            headers={"Authorization": f"Bearer {ADMIN}"})

@@ -10,17 +10,22 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
-import yaml
 
-from tests.integration.api.conftest import ADMIN, AGENT, FABRIC, POLICY, REGISTRATION, free_port
-from tokenfabric import dataplane as dp
-from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
+from tests.integration.api.conftest import (
+    ADMIN,
+    AGENT,
+    FABRIC,
+    POLICY,
+    REGISTRATION,
+    free_port,
+    start_replica,
+)
+from tokenfabric import yamlio
 from tokenfabric.controller.replica import PRIMARY_HEADER, TERM_SHIFT, PrimaryWatch
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.timeout(300)]
@@ -29,32 +34,9 @@ TAKEOVER_TARGET_S = 2.0
 BASE_A, BASE_B = 10, 20  # B's base id is higher, and still never takes the switch back
 
 
-@pytest.fixture
-def bmv2(tmp_path):
-    if not (dp.TOKEN_ROUTER_JSON.exists() and dp.TOKEN_ROUTER_P4INFO.exists()):
-        pytest.skip("p4src/build/token_router.* not built (p4src/build.sh)")
-    switch = Bmv2Switch(Bmv2Options(ports={}, device_id=1, log_path=tmp_path / "bmv2.log"))
-    switch.start()
-    yield switch
-    switch.stop()
-
-
-@pytest.fixture
-def ledger_url(postgres_server):
-    if isinstance(postgres_server, str):
-        pytest.skip(f"postgresql: {postgres_server}")
-    return postgres_server.create_database(f"replicas_{os.getpid()}_{time.monotonic_ns()}")
-
-
 def start(tmp_path, port: int, election_id: int, ledger: str) -> subprocess.Popen:
-    env = {**os.environ, "TOKENFABRIC_CONTROLLER__REPORT_TIMEOUT_S": "1.0"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
-         "--fabric", str(tmp_path / "fabric.yaml"), "--policy", str(tmp_path / "policy.yaml"),
-         "--tokens", str(tmp_path / "tokens.yaml"), "--ledger", ledger,
-         "--listen", f"127.0.0.1:{port}", "--election-id", str(election_id)],
-        stdout=open(tmp_path / f"controller-{port}.log", "ab"),  # noqa: SIM115
-        stderr=subprocess.STDOUT, env=env)
+    return start_replica(tmp_path, port, election_id, ledger,
+                         {**os.environ, "TOKENFABRIC_CONTROLLER__REPORT_TIMEOUT_S": "1.0"})
 
 
 def client(port: int, token: str = ADMIN) -> httpx.Client:
@@ -91,11 +73,11 @@ def report(n: int) -> dict:
                              "completion_tokens": 3 * n, "requests": n}]}
 
 
-def test_two_replicas_on_bmv2(bmv2, ledger_url, tmp_path):
+def test_two_replicas_on_bmv2(bmv2, replica_ledger, tmp_path):
     (tmp_path / "fabric.yaml").write_text(FABRIC.replace("127.0.0.1:9559",
                                                          bmv2.opts.grpc_address))
     (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(
+    (tmp_path / "tokens.yaml").write_text(yamlio.dump(
         {ADMIN: {"name": "ops", "role": "admin"},
          AGENT: {"name": "agents", "role": "agent", "backends": ["gpu2-*"]}}))
     # the read-back of who is primary runs in its own event loop, beside the test
@@ -105,7 +87,7 @@ def test_two_replicas_on_bmv2(bmv2, ledger_url, tmp_path):
     watch = PrimaryWatch(bmv2.opts.grpc_address, bmv2.opts.device_id)
     asyncio.run_coroutine_threadsafe(watch.start(), loop).result(10)
     port_a, port_b = free_port(), free_port()
-    procs = {"a": start(tmp_path, port_a, BASE_A, ledger_url)}
+    procs = {"a": start(tmp_path, port_a, BASE_A, replica_ledger)}
     a, b = client(port_a), client(port_b)
     agent_a, agent_b = client(port_a, AGENT), client(port_b, AGENT)
     try:
@@ -114,7 +96,7 @@ def test_two_replicas_on_bmv2(bmv2, ledger_url, tmp_path):
         leader_a = 1 << TERM_SHIFT | BASE_A
         assert replica(a)["election_id"] == leader_a
         wait_for(lambda: watch.primary_election_id == leader_a, "A primary on the switch")
-        procs["b"] = start(tmp_path, port_b, BASE_B, ledger_url)
+        procs["b"] = start(tmp_path, port_b, BASE_B, replica_ledger)
         wait_for(lambda: replica(b)["role"] == "backup" and replica(b)["primary_url"],
                  "B to join as backup")
         assert replica(b)["primary_url"] == f"http://127.0.0.1:{port_a}"
@@ -178,7 +160,7 @@ def test_two_replicas_on_bmv2(bmv2, ledger_url, tmp_path):
                  "the drain on the switch", 10)
 
         # A restarts: a backup (term 0: its base id), pointing at B; B stays primary
-        procs["a"] = start(tmp_path, port_a, BASE_A, ledger_url)
+        procs["a"] = start(tmp_path, port_a, BASE_A, replica_ledger)
         wait_for(lambda: replica(a)["role"] == "backup" and replica(a)["primary_url"],
                  "A to rejoin as backup")
         assert replica(a)["primary_url"] == f"http://127.0.0.1:{port_b}"

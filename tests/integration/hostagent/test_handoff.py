@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.integration.api.conftest import ADMIN, AGENT, VIEWER
+from tests.integration.api.conftest import TINY_FABRIC as FABRIC
 from tests.integration.hostagent.conftest import (
     env_without_config,
     free_port,
@@ -34,14 +35,6 @@ from tests.integration.hostagent.conftest import wait_for as wait_until
 from tokenfabric import beacon, yamlio
 from tokenfabric.hostagent.handoff import sign
 
-FABRIC = """
-switches:
-  s1: {address: "127.0.0.1:1", device_id: 1, ports: [1, 2, 3, 4]}
-hosts:
-  clients: {switch: s1, port: 1, address: 10.0.1.0, prefix_len: 24, mac: "02:00:00:00:01:01"}
-services:
-  tiny: {id: 1, model: tiny, vip: 10.0.100.1, port: 8000}
-"""
 POLICY = """
 contracts:
   std:
