@@ -152,3 +152,18 @@ def start_replica(tmp_path, port: int, election_id: int, ledger: str,
          "--listen", f"127.0.0.1:{port}", "--election-id", str(election_id)],
         stdout=open(tmp_path / f"controller-{port}.log", "ab"),  # noqa: SIM115
         stderr=subprocess.STDOUT, env=env)
+
+
+def wait_for(check, what: str, timeout: float = 60.0):
+    """The first truthy value of check() within `timeout` seconds (an HTTP error counts as
+    not yet), else an AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from scapy.layers.inet import IP, TCP
 
-from tests.integration.api.test_api_bmv2 import wait_for
+from tests.integration.api.conftest import wait_for
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import data, parse, syn
 from tokenfabric import yamlio

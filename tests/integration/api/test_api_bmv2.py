@@ -5,14 +5,20 @@ adopts what the switch holds without writing anything."""
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from tests.integration.api.conftest import ADMIN, FABRIC, POLICY, VIEWER, free_port
+from tests.integration.api.conftest import (
+    ADMIN,
+    FABRIC,
+    POLICY,
+    VIEWER,
+    free_port,
+    start_replica,
+    wait_for,
+)
 from tokenfabric import yamlio
 from tokenfabric.controller.switch_shell import shell_read
 
@@ -23,27 +29,7 @@ MORE = "  - {name: initech, id: 3, prefixes: [10.0.2.0/24], contract: bronze}\n"
 
 def start(tmp_path, port, election_id=10):
     env = {**os.environ, "TOKENFABRIC_CONTROLLER__REPORT_TIMEOUT_S": "1.0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
-         "--fabric", str(tmp_path / "fabric.yaml"), "--policy", str(tmp_path / "policy.yaml"),
-         "--tokens", str(tmp_path / "tokens.yaml"), "--ledger", str(tmp_path / "l.db"),
-         "--listen", f"127.0.0.1:{port}", "--election-id", str(election_id)],
-        stdout=open(tmp_path / f"controller-{port}.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT, env=env)
-    return proc
-
-
-def wait_for(check, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return start_replica(tmp_path, port, election_id, str(tmp_path / "l.db"), env)
 
 
 def switch_view(api):

@@ -7,12 +7,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-from tests.integration.api.conftest import ADMIN, AGENT, free_port
+from tests.integration.api.conftest import ADMIN, AGENT, free_port, wait_for
 from tests.integration.api.conftest import TINY_FABRIC as FABRIC
 from tests.integration.hostagent.conftest import env_without_config, start_emulator, stop_process
 from tokenfabric import yamlio
@@ -25,19 +24,6 @@ contracts:
 tenants:
   - {name: acme, id: 5, prefixes: [127.0.0.2/32], contract: gold}
 """
-
-
-def wait_for(check, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except httpx.HTTPError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import time
 import httpx
 import pytest
 
-from tests.integration.api.conftest import ADMIN, AGENT, free_port, start_replica
-from tests.integration.api.test_api_with_agent import FABRIC, POLICY, keygen, wait_for
+from tests.integration.api.conftest import ADMIN, AGENT, free_port, start_replica, wait_for
+from tests.integration.api.test_api_with_agent import FABRIC, POLICY, keygen
 from tests.integration.hostagent.conftest import env_without_config, start_emulator, stop_process
 from tokenfabric import yamlio
 

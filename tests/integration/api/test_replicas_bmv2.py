@@ -24,6 +24,7 @@ from tests.integration.api.conftest import (
     REGISTRATION,
     free_port,
     start_replica,
+    wait_for,
 )
 from tokenfabric import yamlio
 from tokenfabric.controller.replica import PRIMARY_HEADER, TERM_SHIFT, PrimaryWatch
@@ -42,19 +43,6 @@ def start(tmp_path, port: int, election_id: int, ledger: str) -> subprocess.Pope
 def client(port: int, token: str = ADMIN) -> httpx.Client:
     return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
                         headers={"Authorization": f"Bearer {token}"})
-
-
-def wait_for(check, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def replica(api: httpx.Client) -> dict:
