@@ -45,6 +45,19 @@ def read_defines(text: str) -> dict[str, str]:
     return values
 
 
+def _wrapped(opening: str, items: list[str], closing: str) -> list[str]:
+    """opening + items joined by ", " + closing, as few lines of at most 100 characters as
+    fit (ruff's line length), continuation lines indented by four."""
+    lines = [opening]
+    for i, item in enumerate(items):
+        piece = item + (closing if i == len(items) - 1 else ",")
+        if len(lines[-1]) + 1 + len(piece) <= 100:
+            lines[-1] += ("" if lines[-1] == opening else " ") + piece
+        else:
+            lines.append("    " + piece)
+    return lines
+
+
 def _names_class(title: str, doc: str, names: list[str]) -> list[str]:
     lines = [f"class {title}:", f'    """{doc}"""', ""]
     lines += [f'    {n.upper()} = "{n}"' for n in sorted(names)]
@@ -69,13 +82,12 @@ def render(info: p4info_pb2.P4Info, defines: dict[str, str]) -> str:
     for name, value in defines.items():
         if not name.startswith(enum_prefixes):
             out.append(f"{name} = {value}")
-    out += ["", ""]
+    out += ["", "", "# The enums of defines.p4, each from its members' table (name: value)."]
     for title, prefix, doc in ENUMS:
-        members = [(n[len(prefix):], v) for n, v in defines.items() if n.startswith(prefix)]
+        members = [f'"{n[len(prefix):]}": {v}' for n, v in defines.items() if n.startswith(prefix)]
         base = "IntFlag" if title == "BeaconFlags" else "IntEnum"
-        out += [f"class {title}({base}):", f'    """{doc}"""', ""]
-        out += [f"    {member} = {value}" for member, value in members]
-        out += ["", ""]
+        out += [f"# {doc}", *_wrapped(f'{title} = {base}("{title}", {{', members, "})")]
+    out += ["", ""]
 
     tables = sorted(info.tables, key=lambda t: t.preamble.name)
     out += _names_class("Tables", "Table names (P4Info).", [t.preamble.name for t in tables])
