@@ -161,7 +161,7 @@ class Profiles:
     BACKEND_SELECTOR = "backend_selector"
 
 
-# Each table's size, and the actions an entry may name (not default-only).
+# Each table's size.
 TABLE_SIZES: dict[str, int] = {
     "affinity": 4096,
     "backend": 1024,
@@ -181,26 +181,6 @@ TABLE_SIZES: dict[str, int] = {
     "tenant_contract": 4096,
     "tunnel_term": 1024,
     "vip": 256,
-}
-TABLE_ACTIONS: dict[str, tuple[str, ...]] = {
-    "affinity": ("steer_affinity",),
-    "backend": ("deliver_local", "deliver_ipip"),
-    "beacon_source": ("accept_beacon", "relay_beacon"),
-    "class_qos": ("set_class_qos",),
-    "dscp_class": ("set_class",),
-    "ecn_policy": ("set_ecn_threshold",),
-    "ipv4_route": ("route",),
-    "meter_policy": ("color_remark", "color_drop"),
-    "p2c_pairs": ("set_candidates",),
-    "reply_source": ("count_reply",),
-    "roce_class": ("set_class",),
-    "service": ("set_service",),
-    "service_pool": ("set_pool_backend",),
-    "tenant_by_dst": ("set_tenant", "set_tenant_trusting_dscp"),
-    "tenant_by_src": ("set_tenant", "set_tenant_trusting_dscp"),
-    "tenant_contract": ("set_contract",),
-    "tunnel_term": ("decap_to_backend",),
-    "vip": ("set_vip",),
 }
 # Each action's parameters and their widths in bits.
 ACTION_PARAMS: dict[str, dict[str, int]] = {
