@@ -14,7 +14,6 @@ bridge pinned to one core, and the client pinned to the other core with the upst
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -25,6 +24,7 @@ import statistics
 import sys
 import time
 
+from tokenfabric.benchcli import bench_args
 from tokenfabric.tools import free_port
 
 CHUNK = (b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m",'
@@ -185,11 +185,7 @@ def wait_port(port: int, deadline: float = 10.0) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--chunks", type=int, default=5000)
-    args = parser.parse_args()
+    args = bench_args(__doc__, requests=2000, streams=16, chunks=5000)
     up_port, bridge_port = free_port(), free_port()
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=run_upstream, args=(up_port,), daemon=True),

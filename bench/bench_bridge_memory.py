@@ -10,7 +10,6 @@ the growth against max_buffered_bytes, and what the clients were told.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import sys
@@ -21,6 +20,7 @@ from tests.integration.hostagent.hostile import (
     endless_chunked_sender,
     status_of,
 )
+from tokenfabric.benchcli import bench_args
 from tokenfabric.hostagent.bridge import BridgeSettings
 from tokenfabric.tools import free_port
 
@@ -52,11 +52,7 @@ async def run(clients: int, each: int, seconds: float) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--each", type=int, default=15_000_000)
-    parser.add_argument("--seconds", type=float, default=6.0)
-    args = parser.parse_args()
+    args = bench_args(__doc__, clients=10, each=15_000_000, seconds=6.0)
     return asyncio.run(run(args.clients, args.each, args.seconds))
 
 

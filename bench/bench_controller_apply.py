@@ -25,7 +25,6 @@ Exit 3 when simple_switch_grpc is absent.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import sys
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 from tokenfabric import exitcodes
+from tokenfabric.benchcli import bench_args
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.controller import entries as ent
 from tokenfabric.controller.southbound import Pipeline, Role, Switch, SwitchConfig
@@ -241,10 +241,7 @@ async def measure(tenants: int, backends: int, workdir: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tenants", type=int, default=1000)
-    parser.add_argument("--backends", type=int, default=64)
-    args = parser.parse_args()
+    args = bench_args(__doc__, tenants=1000, backends=64)
     if not find_tool("simple_switch_grpc"):
         print("simple_switch_grpc (BMv2) not found: skipping", file=sys.stderr)
         return exitcodes.MISSING

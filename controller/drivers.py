@@ -3,7 +3,7 @@
 The rest of the controller talks to a switch only through `SwitchDriver`, so it
 never needs to know whether P4Runtime (controller/southbound/) or OpenFlow
 (controller/openflow/) drives it. Both drivers return the same `ReconcileResult`,
-`CounterValue` and `Role`, defined here. Writing a set of states to a set of
+`CounterValue`, `Role` and `DriverStats`, defined here. Writing a set of states to a set of
 switches, with rollback, is controller/applier.py's.
 """
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tokenfabric.controller.entries import DesiredState
@@ -69,6 +70,23 @@ class ReconcileResult:
         """The `last_reconcile` of a switch's status (REST)."""
         return {"applied": self.applied, "reason": self.reason, "inserted": self.inserted,
                 "modified": self.modified, "deleted": self.deleted, "seconds": self.seconds}
+
+
+@dataclass
+class DriverStats:
+    """Counters since a driver's switch object was made, kept alike by both drivers (each
+    adds its own); tests assert on them."""
+
+    sessions: int = 0  # sessions that came up (P4Runtime: got an arbitration answer)
+    reconciles: int = 0
+    updates_written: int = 0  # entities written (OpenFlow: flow, group and meter mods)
+    last: ReconcileResult | None = None
+    history: deque[ReconcileResult] = field(default_factory=lambda: deque(maxlen=32))
+
+    def record(self, result: ReconcileResult) -> None:
+        """One reconcile's outcome: the last, and the history of the last 32."""
+        self.last = result
+        self.history.append(result)
 
 
 class StateTaker(Protocol):

@@ -39,6 +39,7 @@ from tokenfabric.controller.ledger_chain import COLUMNS, JournalRow, chain
 from tokenfabric.controller.ledger_chain import GENESIS as GENESIS_HASH
 from tokenfabric.controller.ledger_store import Cursor, Store, open_store
 from tokenfabric.usage_signing import UsageRecord
+from tokenfabric.wire import CrossCheckView
 
 log = logging.getLogger(__name__)
 
@@ -98,25 +99,6 @@ class UsageRow:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True)
-class CrossCheckRow:
-    """One tenant over a time range: the agents' token counts beside the switches' counters."""
-
-    tenant_id: int
-    prompt_tokens: int
-    completion_tokens: int
-    requests: int
-    switch_bytes: int
-    switch_packets: int
-    switch_connections: int
-    counter_samples: int  # 0: no counter reads in the range (switch not connected?)
-
-    @property
-    def bytes_per_token(self) -> float | None:
-        tokens = self.prompt_tokens + self.completion_tokens
-        return round(self.switch_bytes / tokens, 3) if tokens and self.counter_samples else None
 
 
 class Ledger:
@@ -627,7 +609,7 @@ class Ledger:
         return {t: (p, c, r) for t, p, c, r in rows}
 
     def cross_check(self, since: float | None = None,
-                    until: float | None = None) -> list[CrossCheckRow]:
+                    until: float | None = None) -> list[CrossCheckView]:
         """Per tenant: ledger tokens beside the growth of the switches' counters."""
         totals = self.totals(since, until)
         growth = self.counter_growth(since, until)
@@ -635,7 +617,9 @@ class Ledger:
         for tenant in sorted(set(totals) | set(growth)):
             p, c, r = totals.get(tenant, (0, 0, 0))
             b, pk, cn, n = growth.get(tenant, (0, 0, 0, 0))
-            out.append(CrossCheckRow(tenant, p, c, r, b, pk, cn, n))
+            out.append(CrossCheckView(
+                tenant_id=tenant, prompt_tokens=p, completion_tokens=c, requests=r,
+                switch_bytes=b, switch_packets=pk, switch_connections=cn, counter_samples=n))
         return out
 
     def counter_growth(self, since: float | None = None, until: float | None = None,

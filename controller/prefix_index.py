@@ -34,12 +34,16 @@ import collections
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_BLOCKS_PER_BACKEND = 32_768   # 512k tokens of 16-token blocks: an 80 GB GPU holds ~430k
 MAX_BACKENDS = 256
 STALE_AFTER_S = 3.0               # three missed reports at the agent's default 1 s interval
 MAX_LOOKUP_BLOCKS = 8192
+MAX_REPORT_KEYS = 200_000  # a full snapshot of the per-backend cap, with room
+KEY = Annotated[int, Field(strict=True, ge=0, lt=2 ** 64)]  # strict: no true/false or "1"
 # An OrderedDict entry (64-bit int key, links; the float stamp is shared by a report's
 # entries): 256 bytes measured on CPython 3.11, so 10.5 MB per backend at the default cap
 # and 2.7 GB for the default 256 backends at worst.
@@ -66,17 +70,19 @@ class BackendBlocks:
     resyncs_asked: int = 0
 
 
-@dataclass
-class KvReport:
-    epoch: int
-    version: int
-    base: int
-    full: bool
-    stored: list[int]
-    removed: list[int]
-    count: int
-    checksum: int
-    block_size: int | None = None
+class KvReport(BaseModel):
+    """An agent's delta or snapshot, as POSTed (validated by the API on the way in)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epoch: int = Field(ge=0, lt=2 ** 63, description="the agent's resync epoch")
+    version: int = Field(ge=0, lt=2 ** 63, description="this delta's number in the epoch")
+    base: int = Field(ge=-1, lt=2 ** 63, description="the version the delta applies to")
+    full: bool = Field(default=False, description="a snapshot: `stored` is every block")
+    stored: list[KEY] = Field(default_factory=list, max_length=MAX_REPORT_KEYS)
+    removed: list[KEY] = Field(default_factory=list, max_length=MAX_REPORT_KEYS)
+    count: int = Field(ge=0, lt=2 ** 63, description="blocks the agent holds after it")
+    checksum: KEY = Field(description="XOR of the block keys the agent holds after it")
+    block_size: int | None = Field(default=None, ge=1, le=1 << 20)
 
 
 class PrefixIndex:

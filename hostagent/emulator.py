@@ -116,9 +116,10 @@ class _Collector:
                     stats.generation_tokens),
             counter("vllm:prefix_cache_queries",
                     "Prefix cache queries, in terms of number of queried tokens.",
-                    stats.prefix_queries),
+                    stats.prefix_cache_queries),
             counter("vllm:prefix_cache_hits",
-                    "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_hits),
+                    "Prefix cache hits, in terms of number of cached tokens.",
+                    stats.prefix_cache_hits),
         ]
         success = CounterMetricFamily("vllm:request_success", "Count of successfully processed "
                                       "requests.", labels=[*names, "finished_reason"])

@@ -53,6 +53,7 @@ from tokenfabric.hostagent.kv_events import (
     BlockStored,
     KvEvent,
 )
+from tokenfabric.hostagent.metrics import VllmCounters
 from tokenfabric.hostagent.wordtok import WordTokenizer
 
 log = logging.getLogger(__name__)
@@ -127,13 +128,9 @@ class Request:
 
 
 @dataclass
-class EngineStats:
-    """Counters and histogram samples the emulator's /metrics exports."""
-    preemptions: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    prefix_queries: int = 0
-    prefix_hits: int = 0
+class EngineStats(VllmCounters):
+    """The counters the emulator's /metrics exports, and the finished requests by reason."""
+
     finished: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -384,8 +381,8 @@ class Engine:
                 hit = min(self.kv_cache.match(request.block_hashes),
                           (request.num_prompt_tokens - 1) // p.block_size)
                 cached = hit * p.block_size
-                self.stats.prefix_queries += request.num_prompt_tokens
-                self.stats.prefix_hits += cached
+                self.stats.prefix_cache_queries += request.num_prompt_tokens
+                self.stats.prefix_cache_hits += cached
                 self.kv_cache.acquire(request.block_hashes, request.token_ids)
             request.cached_tokens = cached
             prefill_tokens += request.kv_tokens - cached

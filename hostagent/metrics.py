@@ -23,16 +23,23 @@ class ScrapeError(Exception):
 
 
 @dataclass
-class VllmSnapshot:
-    running: float = 0.0
-    waiting: float = 0.0
-    kv_cache_usage: float = 0.0
+class VllmCounters:
+    """vLLM's cumulative counters under one set of names: as the emulator keeps them
+    (engine.EngineStats) and as the agent scrapes them (VllmSnapshot)."""
+
     preemptions: float = 0.0
     prompt_tokens: float = 0.0
     generation_tokens: float = 0.0
+    prefix_cache_queries: float = 0.0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: float = 0.0  # of those, the tokens found cached
+
+
+@dataclass
+class VllmSnapshot(VllmCounters):
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float = 0.0
     requests_finished: float = 0.0
-    prefix_cache_queries: float = 0.0
-    prefix_cache_hits: float = 0.0
     ttft_sum: float = 0.0
     ttft_count: float = 0.0
     itl_sum: float = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,15 @@ import click
 from tokenfabric import exitcodes
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def bench_args(doc: str, **defaults: float) -> argparse.Namespace:
+    """A benchmark's command line: the first line of its docstring as the description,
+    and one `--name` option per default, of the default's type (int or float)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    return parser.parse_args()
 
 
 def available() -> list[str]:

@@ -14,24 +14,32 @@ import click
 from tokenfabric import __version__, exitcodes
 from tokenfabric.logs import setup_logging
 
-# name -> (module, attribute, extra that provides its dependencies, help line)
-SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "doctor": ("tokenfabric.doctor", "doctor", "", "Check the external pieces the roles need."),
-    "controller": ("tokenfabric.controller.cli", "controller_group", "controller",
-                   "Run the controller (P4Runtime southbound, REST API, ledger)."),
-    "policy": ("tokenfabric.controller.cli", "policy_group", "controller",
-               "Validate QoS policy files."),
-    "switch": ("tokenfabric.controller.cli", "switch_group", "controller",
-               "Inspect a switch (p4runtime-shell as a non-primary client)."),
-    "ledger": ("tokenfabric.controller.ledger_cli", "ledger_group", "controller",
-               "Verify the token ledger's hash chain and signatures; tenants' statements."),
-    "agent": ("tokenfabric.hostagent.cli", "agent_group", "agent",
-              "Run the host agent (bridge, beacons, reports) beside vLLM."),
-    "vllm-emulator": ("tokenfabric.hostagent.cli", "emulator_command", "agent",
-                      "Serve an OpenAI-compatible vLLM emulator."),
-    "lab": ("tokenfabric.lab.cli", "lab_group", "lab", "Run Mininet lab experiments."),
-    "bench": ("tokenfabric.benchcli", "bench_command", "", "Run the benchmarks under bench/."),
+# The modules behind the subcommands: module -> (the extra that provides its dependencies,
+# {subcommand: (attribute, help line shown when that extra is missing)}).
+MODULES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "tokenfabric.doctor": ("", {"doctor": ("doctor", "Check the external pieces the roles need.")}),
+    "tokenfabric.controller.cli": ("controller", {
+        "controller": ("controller_group",
+                       "Run the controller (P4Runtime southbound, REST API, ledger)."),
+        "policy": ("policy_group", "Validate QoS policy files."),
+        "switch": ("switch_group", "Inspect a switch (p4runtime-shell as a non-primary client)."),
+    }),
+    "tokenfabric.controller.ledger_cli": ("controller", {
+        "ledger": ("ledger_group",
+                   "Verify the token ledger's hash chain and signatures; tenants' statements."),
+    }),
+    "tokenfabric.hostagent.cli": ("agent", {
+        "agent": ("agent_group", "Run the host agent (bridge, beacons, reports) beside vLLM."),
+        "vllm-emulator": ("emulator_command", "Serve an OpenAI-compatible vLLM emulator."),
+    }),
+    "tokenfabric.lab.cli": ("lab", {"lab": ("lab_group", "Run Mininet lab experiments.")}),
+    "tokenfabric.benchcli": ("", {"bench": ("bench_command", "Run the benchmarks under bench/.")}),
 }
+# subcommand -> (module, attribute, extra, help line)
+SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
+    name: (module, attr, extra, help_line)
+    for module, (extra, commands) in MODULES.items()
+    for name, (attr, help_line) in commands.items()}
 
 
 class LazyGroup(click.Group):

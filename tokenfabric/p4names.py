@@ -57,93 +57,30 @@ BUCKET_NEVER_SEEN = 0
 BUCKET_FLOOR = 1
 
 
-class Mode(IntEnum):
-    """`mode` of set_service."""
-
-    HASH = 0
-    P2C = 1
-
-
-class Color(IntEnum):
-    """`color` key of meter_policy (v1model meter colours)."""
-
-    GREEN = 0
-    YELLOW = 1
-    RED = 2
-
-
-class DropReason(IntEnum):
-    """Index of the `drops` counter (NONE: not dropped)."""
-
-    NONE = 0
-    TRUNCATED = 1
-    BAD_IPV4_VERSION = 2
-    BAD_IPV4_IHL = 3
-    BAD_TCP_OFFSET = 4
-    BAD_BEACON_VERSION = 5
-    BAD_BEACON_TYPE = 6
-    BEACON_UNAUTHORIZED = 7
-    BEACON_BAD_ID = 8
-    NOT_IPV4 = 9
-    NO_ROUTE = 10
-    TTL_EXPIRED = 11
-    UNKNOWN_BACKEND = 12
-    NO_BACKEND = 13
-    METER_RED = 14
-    PARSER_OTHER = 15
-    BAD_IPV4_CHECKSUM = 16
-
-
-class Event(IntEnum):
-    """Index of the `events` counter."""
-
-    PIN_NEW = 0
-    PIN_HIT = 1
-    PIN_COLLISION = 2
-    PIN_MISS = 3
-    PIN_CLEARED = 4
-    BEACON_LOAD = 5
-    BEACON_USAGE = 6
-    SELECT_FALLBACK = 7
-    METER_YELLOW = 8
-    METER_RED = 9
-    OVERFLOW = 10
-    AFFINITY = 11
-    AFFINITY_OVER_BOUND = 12
-    BEACON_RELAYED = 13
-
-
-class BeaconType(IntEnum):
-    """`type` of the beacon's common header."""
-
-    LOAD = 1
-    USAGE = 2
-
-
-class BeaconFlags(IntFlag):
-    """`flags` of a LOAD beacon (bits)."""
-
-    NONE = 0
-    DOWN = 1
-    DRAINING = 2
-
-
-class Ecn(IntEnum):
-    """ECN codepoints (RFC 3168) of the IPv4 header."""
-
-    NOT_ECT = 0
-    ECT1 = 1
-    ECT0 = 2
-    CE = 3
-
-
-class PinState(IntEnum):
-    """Connection-table states decided by Pin."""
-
-    NONE = 0
-    HIT = 1
-    NEW = 2
-    STATELESS = 3
+# The enums of defines.p4, each from its members' table (name: value).
+# `mode` of set_service.
+Mode = IntEnum("Mode", {"HASH": 0, "P2C": 1})
+# `color` key of meter_policy (v1model meter colours).
+Color = IntEnum("Color", {"GREEN": 0, "YELLOW": 1, "RED": 2})
+# Index of the `drops` counter (NONE: not dropped).
+DropReason = IntEnum("DropReason", {"NONE": 0, "TRUNCATED": 1, "BAD_IPV4_VERSION": 2,
+    "BAD_IPV4_IHL": 3, "BAD_TCP_OFFSET": 4, "BAD_BEACON_VERSION": 5, "BAD_BEACON_TYPE": 6,
+    "BEACON_UNAUTHORIZED": 7, "BEACON_BAD_ID": 8, "NOT_IPV4": 9, "NO_ROUTE": 10, "TTL_EXPIRED": 11,
+    "UNKNOWN_BACKEND": 12, "NO_BACKEND": 13, "METER_RED": 14, "PARSER_OTHER": 15,
+    "BAD_IPV4_CHECKSUM": 16})
+# Index of the `events` counter.
+Event = IntEnum("Event", {"PIN_NEW": 0, "PIN_HIT": 1, "PIN_COLLISION": 2, "PIN_MISS": 3,
+    "PIN_CLEARED": 4, "BEACON_LOAD": 5, "BEACON_USAGE": 6, "SELECT_FALLBACK": 7, "METER_YELLOW": 8,
+    "METER_RED": 9, "OVERFLOW": 10, "AFFINITY": 11, "AFFINITY_OVER_BOUND": 12,
+    "BEACON_RELAYED": 13})
+# `type` of the beacon's common header.
+BeaconType = IntEnum("BeaconType", {"LOAD": 1, "USAGE": 2})
+# `flags` of a LOAD beacon (bits).
+BeaconFlags = IntFlag("BeaconFlags", {"NONE": 0, "DOWN": 1, "DRAINING": 2})
+# ECN codepoints (RFC 3168) of the IPv4 header.
+Ecn = IntEnum("Ecn", {"NOT_ECT": 0, "ECT1": 1, "ECT0": 2, "CE": 3})
+# Connection-table states decided by Pin.
+PinState = IntEnum("PinState", {"NONE": 0, "HIT": 1, "NEW": 2, "STATELESS": 3})
 
 
 class Tables:
@@ -224,7 +161,7 @@ class Profiles:
     BACKEND_SELECTOR = "backend_selector"
 
 
-# Each table's size, and the actions an entry may name (not default-only).
+# Each table's size.
 TABLE_SIZES: dict[str, int] = {
     "affinity": 4096,
     "backend": 1024,
@@ -244,26 +181,6 @@ TABLE_SIZES: dict[str, int] = {
     "tenant_contract": 4096,
     "tunnel_term": 1024,
     "vip": 256,
-}
-TABLE_ACTIONS: dict[str, tuple[str, ...]] = {
-    "affinity": ("steer_affinity",),
-    "backend": ("deliver_local", "deliver_ipip"),
-    "beacon_source": ("accept_beacon", "relay_beacon"),
-    "class_qos": ("set_class_qos",),
-    "dscp_class": ("set_class",),
-    "ecn_policy": ("set_ecn_threshold",),
-    "ipv4_route": ("route",),
-    "meter_policy": ("color_remark", "color_drop"),
-    "p2c_pairs": ("set_candidates",),
-    "reply_source": ("count_reply",),
-    "roce_class": ("set_class",),
-    "service": ("set_service",),
-    "service_pool": ("set_pool_backend",),
-    "tenant_by_dst": ("set_tenant", "set_tenant_trusting_dscp"),
-    "tenant_by_src": ("set_tenant", "set_tenant_trusting_dscp"),
-    "tenant_contract": ("set_contract",),
-    "tunnel_term": ("decap_to_backend",),
-    "vip": ("set_vip",),
 }
 # Each action's parameters and their widths in bits.
 ACTION_PARAMS: dict[str, dict[str, int]] = {

@@ -14,7 +14,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAC_PATTERN = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
@@ -331,16 +331,25 @@ class LedgerRowView(BaseModel):
 
 
 class CrossCheckView(BaseModel):
+    """One tenant over a time range: the agents' token counts beside the switches' counters
+    (the ledger's cross_check makes it; the API adds the tenant's name)."""
+
+    model_config = ConfigDict(frozen=True)
     tenant_id: int
-    tenant: str | None
+    tenant: str | None = None
     prompt_tokens: int
     completion_tokens: int
     requests: int
     switch_bytes: int
     switch_packets: int
     switch_connections: int
-    counter_samples: int
-    bytes_per_token: float | None
+    counter_samples: int  # 0: no counter reads in the range (switch not connected?)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bytes_per_token(self) -> float | None:
+        tokens = self.prompt_tokens + self.completion_tokens
+        return round(self.switch_bytes / tokens, 3) if tokens and self.counter_samples else None
 
 
 class BackendCheckView(BaseModel):

@@ -14,27 +14,15 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenfabric.controller.api.errors import Conflict, NotFound
-from tokenfabric.controller.prefix_index import MAX_LOOKUP_BLOCKS, KvReport, PrefixIndexError
+from tokenfabric.controller.prefix_index import (
+    KEY,
+    MAX_LOOKUP_BLOCKS,
+    KvReport,
+    PrefixIndexError,
+)
 
 if TYPE_CHECKING:
     from tokenfabric.controller.app import Controller
-
-KEY = Annotated[int, Field(strict=True, ge=0, lt=2 ** 64)]  # strict: no true/false or "1"
-MAX_REPORT_KEYS = 200_000  # a full snapshot of the per-backend cap, with room
-
-
-class KvReportBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    epoch: int = Field(ge=0, lt=2 ** 63, description="the agent's resync epoch")
-    version: int = Field(ge=0, lt=2 ** 63, description="this delta's number in the epoch")
-    base: int = Field(ge=-1, lt=2 ** 63, description="the version the delta applies to")
-    full: bool = Field(default=False, description="a snapshot: `stored` is every block")
-    stored: list[KEY] = Field(default_factory=list, max_length=MAX_REPORT_KEYS)
-    removed: list[KEY] = Field(default_factory=list, max_length=MAX_REPORT_KEYS)
-    count: int = Field(ge=0, lt=2 ** 63, description="blocks the agent holds after it")
-    checksum: KEY = Field(description="XOR of the block keys the agent holds after it")
-    block_size: int | None = Field(default=None, ge=1, le=1 << 20)
-
 
 class LookupBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -50,14 +38,14 @@ def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict
     index = ctl.prefix_index
 
     @r.post("/backends/{name}/kv", responses=mutation_errors)
-    async def kv_report(name: Annotated[str, Path(max_length=64)], body: KvReportBody,
+    async def kv_report(name: Annotated[str, Path(max_length=64)], body: KvReport,
                         who: agent) -> dict[str, Any]:
         if name not in ctl.model.backends:
             raise NotFound(f"no backend '{name}'")
         # an agent speaks only for its own backends (the tokens file's binding)
         ctl.authorize(who, "report the KV blocks of", name, ctl.model.backends[name].host)
         try:
-            return index.apply(name, KvReport(**body.model_dump()))
+            return index.apply(name, body)
         except PrefixIndexError as exc:
             raise Conflict(str(exc)) from None
 

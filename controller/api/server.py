@@ -342,15 +342,9 @@ def create_app(ctl: "Controller") -> FastAPI:
     @r.get("/ledger/crosscheck", response_model=list[s.CrossCheckView], responses=ERRORS,
            tags=["ledger"])
     async def crosscheck(who: Viewer, since: Since = None,
-                         until: Until = None) -> list[dict[str, Any]]:
+                         until: Until = None) -> list[s.CrossCheckView]:
         names = {t.tenant_id: t.name for t in ctl.model.policy.tenants.values()}
-        return [{"tenant_id": c.tenant_id, "tenant": names.get(c.tenant_id),
-                 "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                 "requests": c.requests, "switch_bytes": c.switch_bytes,
-                 "switch_packets": c.switch_packets,
-                 "switch_connections": c.switch_connections,
-                 "counter_samples": c.counter_samples,
-                 "bytes_per_token": c.bytes_per_token}
+        return [c.model_copy(update={"tenant": names.get(c.tenant_id)})
                 for c in await asyncio.to_thread(ctl.ledger.cross_check, since, until)]
 
     @r.get("/ledger/crosscheck/backends", response_model=list[s.BackendCheckView],

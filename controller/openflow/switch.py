@@ -19,13 +19,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from tokenfabric.controller.drivers import CounterValue, ReconcileResult, Role
+from tokenfabric.controller.drivers import CounterValue, DriverStats, ReconcileResult, Role
 from tokenfabric.controller.entries import DesiredState
 from tokenfabric.controller.openflow import messages
 from tokenfabric.controller.openflow.connection import Connection, OpenFlowError
@@ -46,20 +46,12 @@ TENANT_TRAFFIC, TENANT_CONNS = "tenant_traffic", "tenant_admitted"  # the P4 cou
 
 
 @dataclass
-class OpenFlowStats:
-    """Counters since the switch object was made (tests assert on them)."""
+class OpenFlowStats(DriverStats):
+    """DriverStats and the OpenFlow messages behind updates_written."""
 
-    sessions: int = 0
-    reconciles: int = 0
     flow_mods: int = 0
     group_mods: int = 0
     meter_mods: int = 0
-    last: ReconcileResult | None = None
-    history: list[ReconcileResult] = field(default_factory=list)
-
-    @property
-    def updates_written(self) -> int:
-        return self.flow_mods + self.group_mods + self.meter_mods
 
 
 class OpenFlowSwitch:
@@ -217,8 +209,7 @@ class OpenFlowSwitch:
     async def reconcile(self) -> ReconcileResult:
         async with self._lock:
             result = await self._reconcile_locked()
-        self.stats.last = result
-        self.stats.history = (self.stats.history + [result])[-32:]
+        self.stats.record(result)
         return result
 
     async def _reconcile_locked(self) -> ReconcileResult:
@@ -281,9 +272,10 @@ class OpenFlowSwitch:
             else:
                 result.inserted += 1
         batches = 0
+        ordered = (meter_writes, group_writes, flow_writes, flow_deletes, group_deletes,
+                   meter_deletes)
         try:
-            for batch in (meter_writes, group_writes, flow_writes, flow_deletes,
-                          group_deletes, meter_deletes):
+            for batch in ordered:
                 if batch:
                     await conn.write(batch)
                     batches += 1
@@ -294,6 +286,7 @@ class OpenFlowSwitch:
             self.stats.meter_mods += len(meter_writes) + len(meter_deletes)
             self.stats.group_mods += len(group_writes) + len(group_deletes)
             self.stats.flow_mods += len(flow_writes) + len(flow_deletes)
+            self.stats.updates_written += sum(map(len, ordered))
         self.last_error = None
         done = ReconcileResult(
             self.name, True, inserted=result.inserted, modified=result.modified,

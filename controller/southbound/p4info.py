@@ -38,17 +38,21 @@ class ParamInfo:
 
 
 @dataclass(frozen=True)
-class ActionInfo:
+class Named:
+    """What every P4Info object's preamble gives: its id and full name."""
+
     id: int
     name: str
+
+
+@dataclass(frozen=True)
+class ActionInfo(Named):
     params: dict[str, ParamInfo]
     params_by_id: dict[int, ParamInfo]
 
 
 @dataclass(frozen=True)
-class TableInfo:
-    id: int
-    name: str
+class TableInfo(Named):
     match_fields: dict[str, MatchFieldInfo]
     fields_by_id: dict[int, MatchFieldInfo]
     action_ids: frozenset[int]
@@ -63,20 +67,16 @@ class TableInfo:
 
 
 @dataclass(frozen=True)
-class ProfileInfo:
-    id: int
-    name: str
+class ProfileInfo(Named):
     with_selector: bool
     size: int
     max_group_size: int
 
 
 @dataclass(frozen=True)
-class IndexedInfo:
+class IndexedInfo(Named):
     """A counter or meter array."""
 
-    id: int
-    name: str
     size: int
 
 

@@ -24,15 +24,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 from p4.v1 import p4runtime_pb2
 
-from tokenfabric.controller.drivers import CounterValue, ReconcileResult, Role
+from tokenfabric.controller.drivers import CounterValue, DriverStats, ReconcileResult, Role
 from tokenfabric.controller.entries import Action, DesiredState, EntityKey, Exact, TableEntry
 from tokenfabric.controller.southbound import weights
 from tokenfabric.controller.southbound.codec import Codec
@@ -81,17 +80,12 @@ class SwitchConfig:
 
 
 @dataclass
-class SwitchStats:
-    """Counters since the Switch object was made (tests assert on them)."""
+class SwitchStats(DriverStats):
+    """DriverStats and the P4Runtime switch's own counters."""
 
-    sessions: int = 0  # sessions that got an arbitration answer
     pipeline_pushes: int = 0
-    reconciles: int = 0
     reads: int = 0  # full reads of the switch's state
-    updates_written: int = 0
     write_rpcs: int = 0
-    last: ReconcileResult | None = None
-    history: deque[ReconcileResult] = field(default_factory=lambda: deque(maxlen=32))
 
 
 Handler = Callable[["Switch"], Awaitable[None]]
@@ -494,8 +488,7 @@ class Switch:
             self._mirror = DesiredState(dict(want.entities))
         finally:
             result = replace(result, seconds=time.monotonic() - started)
-            self.stats.last = result
-            self.stats.history.append(result)
+            self.stats.record(result)
         log.info("switch %s: reconciled: +%d ~%d -%d in %d RPCs, %.3f s", self.name,
                  result.inserted, result.modified, result.deleted, result.write_rpcs,
                  result.seconds)

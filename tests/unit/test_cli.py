@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from tokenfabric import cli, exitcodes
@@ -89,3 +90,15 @@ def test_doctor_finds_a_vllm_on_loopback():
     finally:
         server.shutdown()
         thread.join(5)
+
+
+def test_bench_args_take_each_defaults_type(monkeypatch):
+    from tokenfabric.benchcli import bench_args
+
+    monkeypatch.setattr(sys, "argv", ["bench_x.py", "--seconds", "2.5", "--max-each", "7"])
+    args = bench_args("Benchmark: x.\n\nmore", clients=10, max_each=1, seconds=6.0)
+    assert (args.clients, args.max_each, args.seconds) == (10, 7, 2.5)
+    monkeypatch.setattr(sys, "argv", ["bench_x.py", "--clients", "1.5"])
+    with pytest.raises(SystemExit) as refused:  # an int option refuses 1.5: usage error
+        bench_args("Benchmark: x.", clients=10)
+    assert refused.value.code == 2

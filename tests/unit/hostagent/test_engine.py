@@ -119,7 +119,7 @@ async def test_prefix_cache_shortens_prefill():
     cold = run_stepped(engine, clock, [(shared + ["q1"], 1)])
     warm = run_stepped(engine, clock, [(shared + ["q2"], 1)])
     assert warm[0].cached_tokens == 160
-    assert engine.stats.prefix_hits == 160
+    assert engine.stats.prefix_cache_hits == 160
     assert ttft(warm[0]) < ttft(cold[0]) / 3
 
 
@@ -194,7 +194,7 @@ async def test_prefix_hits_shorten_prefill_and_count_as_vllm_counts():
     finally:
         await engine.stop()
     assert cold.cached_tokens == 0 and warm.cached_tokens == 384  # 24 whole blocks
-    assert engine.stats.prefix_queries == 800 and engine.stats.prefix_hits == 384
+    assert engine.stats.prefix_cache_queries == 800 and engine.stats.prefix_cache_hits == 384
     # prefill of 400 tokens at 0.5 ms is 0.2 s; of the 16 uncached ones 8 ms
     assert ttft(cold) > 0.19 and ttft(warm) < 0.1
 
