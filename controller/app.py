@@ -55,7 +55,6 @@ from tokenfabric.controller.openflow.budget import TenantBuckets
 from tokenfabric.controller.policy import reload
 from tokenfabric.controller.policy.offload import PolicyProcess
 from tokenfabric.controller.policy.schema import load_policy
-from tokenfabric.controller.policy.source import SpecError
 from tokenfabric.controller.prefix_index import PrefixIndex
 from tokenfabric.controller.routing import Router
 from tokenfabric.wire import BackendRegistration, BackendReport
@@ -276,21 +275,15 @@ class Controller:
         return backend
 
     def _allocate_backend_id(self, name: str) -> int:
-        """The id this name had before (also before a controller restart), else the
-        lowest id that neither a backend nor another remembered name holds."""
+        """The id this name had before (also before a restart, or on another replica),
+        else the lowest id no backend and no other remembered name holds: chosen in the
+        ledger's database, so that replicas on one PostgreSQL agree (docs/replicas.md)."""
         taken = {b.backend_id for b in self.model.backends.values()}
-        remembered = self.ledger.backend_ids()
-        backend_id = remembered.get(name)
-        if backend_id is None or backend_id in taken:
-            reserved = taken | set(remembered.values())
-            backend_id = next((i for i in range(1, MAX_BACKEND_ID + 1) if i not in reserved),
-                              None)
-            if backend_id is None:  # every id was handed out once: reuse a remembered one
-                try:
-                    backend_id = fabric_file.next_backend_id(self.model)
-                except SpecError as exc:
-                    raise Conflict(str(exc)) from None
-        self.ledger.remember_backend_id(name, backend_id)
+        taken |= {s.overflow.backend_id for s in self.model.services.values()
+                  if s.overflow is not None}
+        backend_id = self.ledger.allocate_backend_id(name, taken, MAX_BACKEND_ID)
+        if backend_id is None:
+            raise Conflict(f"no free backend id (all of 1..{MAX_BACKEND_ID} are taken)")
         return backend_id
 
     def deregister_backend(self, name: str, who: Principal) -> None:

@@ -28,7 +28,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from tokenfabric.controller import statement
 from tokenfabric.controller.csv_cells import safe_row
 from tokenfabric.controller.ledger_chain import COLUMNS, JournalRow, chain
 from tokenfabric.controller.ledger_chain import GENESIS as GENESIS_HASH
-from tokenfabric.controller.ledger_store import Cursor, Store, open_store
+from tokenfabric.controller.ledger_store import Cursor, Store, allocate_backend_id, open_store
 from tokenfabric.usage_signing import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -583,6 +583,14 @@ class Ledger:
 
         with self._lock:
             self._write(work, False)
+
+    def allocate_backend_id(self, name: str, taken: Collection[int],
+                            max_id: int) -> int | None:
+        """The id of backend `name`, chosen and kept in one write transaction, so that
+        replicas on one database agree (ledger_store.allocate_backend_id)."""
+        with self._lock:
+            return self._write(  # type: ignore[no-any-return]
+                lambda _: allocate_backend_id(self._db, name, taken, max_id), False)
 
     def backend_ids(self) -> dict[str, int]:
         return dict(self._read("SELECT name, backend_id FROM backend_ids"))

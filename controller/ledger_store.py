@@ -23,7 +23,7 @@ import itertools
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -443,3 +443,34 @@ def _migrate(store: Store, run_ddl: Callable[[str], Any]) -> None:
     except BaseException:
         store.rollback()
         raise
+
+
+def allocate_backend_id(store: Store, name: str, taken: Collection[int],
+                        max_id: int) -> int | None:
+    """The id of the backend `name`: the one it had (table backend_ids), unless a backend
+    of this controller's model now holds it (`taken`), else the lowest id in 1..max_id
+    that neither `taken` nor another name's row holds; when every id was handed out
+    once, the lowest one not `taken` (another name's row loses it). None: no id free.
+
+    Call inside a write transaction (Ledger.allocate_backend_id): on PostgreSQL its
+    advisory lock serialises this across replicas, each reading the rows the others
+    committed, so two replicas registering two new backends at once pick two ids, and
+    every replica gives a backend the same one; the table's unique constraints on name
+    and backend_id hold it whatever the code path."""
+    row = store.execute("SELECT backend_id FROM backend_ids WHERE name = ?",
+                        (name,)).fetchone()
+    if row is not None and int(row[0]) not in taken:
+        return int(row[0])
+    held = {int(r[0]) for r in store.execute(
+        "SELECT backend_id FROM backend_ids WHERE name != ?", (name,)).fetchall()}
+    free = next((i for i in range(1, max_id + 1) if i not in taken and i not in held), None)
+    if free is None:
+        free = next((i for i in range(1, max_id + 1) if i not in taken), None)
+        if free is None:
+            return None
+        store.execute("DELETE FROM backend_ids WHERE backend_id = ? AND name != ?",
+                      (free, name))
+    store.execute("INSERT INTO backend_ids (name, backend_id) VALUES (?, ?) "
+                  "ON CONFLICT (name) DO UPDATE SET backend_id = excluded.backend_id",
+                  (name, free))
+    return free
