@@ -422,14 +422,69 @@ class Controller:
 
     def set_drained(self, name: str, drained: bool, who: Principal) -> Backend:
         backend = self.backend(name)
+        self._drain(name, drained)
+        self.audit(who, "drain" if drained else "undrain", f"backend {name}")
+        self.mark_dirty()
+        self._share("drain", name, "1" if drained else "0", who.name)
+        return backend
+
+    def _drain(self, name: str, drained: bool) -> None:
         self.extras[name].drained = drained
         if drained:
             self.router.drain(name)
         else:
             self.router.undrain(name)
-        self.audit(who, "drain" if drained else "undrain", f"backend {name}")
+
+    def _share(self, kind: str, target: str, value: str, detail: str) -> None:
+        """Keep an operator's change in the ledger's database, for the replica that
+        leads next (docs/replicas.md); a single controller (replica None) keeps none."""
+        if self.replica is None:
+            return
+        try:
+            self.ledger.keep_operator_state(kind, target, value, detail)
+        except Exception as exc:  # database down: applied here, not shared; say so
+            log.error("operator state %s %s not shared with the replicas: %s", kind, target,
+                      exc)
+            raise Unavailable(f"applied on this replica but not kept for the others "
+                              f"({exc}); retry") from exc
+
+    async def restore_operator_state(self) -> None:
+        """Apply what operators changed at earlier leaders (kept by _share): the policy
+        applied over REST, services' modes, drains. A replica taking the lead calls this
+        before it says it leads, so before its first push (controller/replica.py)."""
+        rows = await asyncio.to_thread(self.ledger.operator_state)
+        for kind, _target, value, detail in rows:
+            if kind == "policy":
+                await self._restore_policy(value, detail or "policy.yaml")
+        for kind, target, value, _ in rows:
+            try:
+                if kind == "mode" and target in self.model.services:
+                    self.router.set_mode(target, value)
+                elif kind == "drain" and target in self.model.backends:
+                    self._drain(target, value == "1")
+                elif kind != "policy":
+                    log.warning("operator state: %s of %s: not in this model; skipped",
+                                kind, target)
+                    continue
+            except (KeyError, ValueError) as exc:  # a mode this version does not know
+                log.warning("operator state: %s of %s = %r not applied: %s", kind, target,
+                            value, exc)
+                continue
+            log.info("operator state: %s %s = %s (from the previous leader)", kind, target,
+                     value if kind != "policy" else detail)
         self.mark_dirty()
-        return backend
+
+    async def _restore_policy(self, text: str, filename: str) -> None:
+        """The policy an earlier leader applied, into the model only: this replica's
+        first push gives it to the switches (by difference)."""
+        result = await reload.reload_policy(self.model, filename, {}, text=text,
+                                            file=filename, run=self._run_policy_work)
+        if not result.ok:  # e.g. the fabric file changed since: keep the file's policy
+            log.error("operator state: the policy %s applied at an earlier leader does not "
+                      "apply here; keeping the policy file's: %s", filename,
+                      "; ".join(result.errors))
+            return
+        gctools.keep()
 
     def refresh_states(self) -> None:
         """Mark down the backends whose reports stopped (the reconciler calls this)."""
@@ -446,6 +501,7 @@ class Controller:
         self.router.set_mode(service, mode)
         self.audit(who, "set-mode", f"service {service}", f"{before} -> {s.mode}")
         self.mark_dirty()
+        self._share("mode", service, str(s.mode), who.name)
 
     # ------------------------------------------------------------ policy
 
@@ -483,6 +539,7 @@ class Controller:
         policy = self.model.policy
         gctools.keep()  # the new policy and its entries: out of every later GC pass
         self.policy_applies["applied"] += 1
+        await asyncio.to_thread(self._share, "policy", "", text, filename)
         changes = result.apply.changes if result.apply else {}
         self.audit(who, "apply-policy", filename,
                    f"{len(policy.tenants)} tenants, {len(policy.contracts)} contracts, "

@@ -592,6 +592,24 @@ class Ledger:
             return self._write(  # type: ignore[no-any-return]
                 lambda _: allocate_backend_id(self._db, name, taken, max_id), False)
 
+    def keep_operator_state(self, kind: str, target: str, value: str,
+                            detail: str = "") -> None:
+        """Note an operator's change (replicas: the next leader applies it)."""
+        def work(_: bool) -> None:
+            self._db.execute(
+                "INSERT INTO operator_state (kind, target, value, detail, changed) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, target) DO UPDATE SET "
+                "value = excluded.value, detail = excluded.detail, "
+                "changed = excluded.changed", (kind, target, value, detail, time.time()))
+
+        with self._lock:
+            self._write(work, False)
+
+    def operator_state(self) -> list[tuple[str, str, str, str]]:
+        """(kind, target, value, detail) of every operator change noted, oldest first."""
+        return [(str(k), str(t), str(v), str(d)) for k, t, v, d in self._read(
+            "SELECT kind, target, value, detail FROM operator_state ORDER BY changed")]
+
     def backend_ids(self) -> dict[str, int]:
         return dict(self._read("SELECT name, backend_id FROM backend_ids"))
 

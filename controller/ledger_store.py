@@ -99,8 +99,22 @@ CREATE TABLE IF NOT EXISTS replica_leader (  -- one row: the replica that leads,
 );
 """
 
+# Migration 3 (issue 18, replicas): what an operator changed over REST at the leader
+# (a drain, a service's mode, a policy applied), so that a replica taking over applies
+# it before its first push instead of starting from the files (docs/replicas.md).
+SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS operator_state (  -- one row per thing changed, the latest value
+    kind    TEXT NOT NULL,  -- 'drain' | 'mode' | 'policy'
+    target  TEXT NOT NULL,  -- the backend, the service, '' for the policy
+    value   TEXT NOT NULL,  -- '1' drained / '0' not, the mode, the policy's YAML text
+    detail  TEXT NOT NULL,  -- the policy's file name; who changed it
+    changed REAL NOT NULL,
+    PRIMARY KEY (kind, target)
+);
+"""
+
 # version -> DDL in SQLite's types; PostgreSQL's are derived by `_postgres_types`
-MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2}
+MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
 
 VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
