@@ -77,6 +77,12 @@ def registration(n: int) -> dict:
             "models": ["tiny-llama"], "vip": "10.0.100.1", "vip_port": 8000}
 
 
+def register(api: httpx.Client, n: int, key: str, start: threading.Barrier,
+             replies: dict[str, httpx.Response]) -> None:
+    start.wait()  # both requests leave together
+    replies[key] = api.post("/api/v1/backends", json=registration(n))
+
+
 def stop_all(procs: dict[str, subprocess.Popen]) -> None:
     for proc in procs.values():
         if proc.poll() is None:
@@ -105,12 +111,10 @@ def test_new_backends_at_once_on_two_replicas_get_distinct_ids(replica_ledger, t
             replies: dict[str, httpx.Response] = {}
             start = threading.Barrier(2, timeout=10)
 
-            def register(api: httpx.Client, n: int, key: str) -> None:
-                start.wait()  # both requests leave together
-                replies[key] = api.post("/api/v1/backends", json=registration(n))
-
-            threads = [threading.Thread(target=register, args=(agent_a, n_a, "a")),
-                       threading.Thread(target=register, args=(agent_b, n_b, "b"))]
+            threads = [threading.Thread(target=register,
+                                        args=(agent_a, n_a, "a", start, replies)),
+                       threading.Thread(target=register,
+                                        args=(agent_b, n_b, "b", start, replies))]
             for t in threads:
                 t.start()
             for t in threads:
