@@ -420,12 +420,12 @@ class Controller:
             await sw.set_over_budget(frozenset(over))
         return over
 
-    def set_drained(self, name: str, drained: bool, who: Principal) -> Backend:
+    async def set_drained(self, name: str, drained: bool, who: Principal) -> Backend:
         backend = self.backend(name)
         self._drain(name, drained)
         self.audit(who, "drain" if drained else "undrain", f"backend {name}")
         self.mark_dirty()
-        self._share("drain", name, "1" if drained else "0", who.name)
+        await asyncio.to_thread(self._share, "drain", name, "1" if drained else "0", who.name)
         return backend
 
     def _drain(self, name: str, drained: bool) -> None:
@@ -493,7 +493,7 @@ class Controller:
 
     # ------------------------------------------------------------ services
 
-    def set_mode(self, service: str, mode: str, who: Principal) -> None:
+    async def set_mode(self, service: str, mode: str, who: Principal) -> None:
         s = self.model.services.get(service)
         if s is None:
             raise NotFound(f"no service '{service}'")
@@ -501,7 +501,7 @@ class Controller:
         self.router.set_mode(service, mode)
         self.audit(who, "set-mode", f"service {service}", f"{before} -> {s.mode}")
         self.mark_dirty()
-        self._share("mode", service, str(s.mode), who.name)
+        await asyncio.to_thread(self._share, "mode", service, str(s.mode), who.name)
 
     # ------------------------------------------------------------ policy
 

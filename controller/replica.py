@@ -194,8 +194,8 @@ class Replica:
         next session."""
         if self.southbound is None:
             return
-        # bounded: a leader whose arbitration updates cannot be sent fails (and, as a
-        # leader, exits: the service manager restarts it) rather than hang the process
+        # bounded: arbitration updates that cannot be sent fail the takeover rather than
+        # hang it (run() then drops the lock; the next try leads with a higher term)
         await asyncio.wait_for(self.southbound.set_election_id(election_id),
                                REARBITRATE_TIMEOUT_S)
 

@@ -139,7 +139,10 @@ def test_two_replicas_on_bmv2(bmv2, replica_ledger, tmp_path):
         leader_b = _next_primary(watch, leader_a, 10)
         takeover_s = leader_b[1] - killed_at
         assert leader_b[0] == 2 << TERM_SHIFT | BASE_B, leader_b
-        print(f"takeover: {takeover_s:.3f} s after the kill (primary election id {leader_b[0]})")
+        locked_at = _lock_taken_at(replica_ledger)
+        print(f"takeover: {takeover_s:.3f} s after the kill (primary election id {leader_b[0]});"
+              f" B took the lock {locked_at - killed_at:.3f} s after the kill, the switch "
+              f"named it primary {leader_b[1] - locked_at:.3f} s after that")
         assert takeover_s <= TAKEOVER_TARGET_S, f"takeover took {takeover_s:.2f} s"
         wait_for(lambda: replica(b)["role"] == "primary", "B to say it leads", 5)
         # B adopts the switch by difference: no pipeline push, nothing written
@@ -181,6 +184,14 @@ def test_two_replicas_on_bmv2(bmv2, replica_ledger, tmp_path):
         asyncio.run_coroutine_threadsafe(watch.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         runner.join(timeout=10)
+
+
+def _lock_taken_at(ledger: str) -> float:
+    """time.time() at which the current leader took the lock (replica_leader.since)."""
+    import psycopg
+
+    with psycopg.connect(ledger) as db:
+        return float(db.execute("SELECT since FROM replica_leader").fetchone()[0])
 
 
 def _next_primary(watch: PrimaryWatch, old: int, timeout: float) -> tuple[int, float]:
