@@ -153,7 +153,7 @@ class Switch:
             return  # not connected: the next session arbitrates with the new id
         try:
             await self._session.arbitrate(self._election())
-        except (grpc.aio.AioRpcError, SouthboundError, OSError) as exc:
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, SouthboundError, OSError) as exc:
             # the stream is ending: the retry loop opens the next session with the new id
             # (already in self.config), so the takeover happens there, not here
             self.last_error = _describe(exc)

@@ -314,6 +314,24 @@ async def test_a_backup_raising_its_election_id_becomes_primary(fake, pipeline):
         await backup.stop()
 
 
+async def test_a_raised_election_id_outlives_a_switch_restart(fake, pipeline):
+    """set_election_id while the switch is going away does not raise; the next session
+    arbitrates with the raised id and is primary."""
+    primary = await started(make_switch(fake, pipeline, election_id=20, name="primary"))
+    backup = await started(make_switch(fake, pipeline, election_id=10, name="backup"),
+                           Role.BACKUP)
+    try:
+        await fake.stop()
+        await backup.set_election_id(30)  # the stream is ending or gone: kept for the next
+        await fake.start()
+        await backup.wait_role(Role.PRIMARY, timeout=10)
+        await primary.wait_role(Role.BACKUP, timeout=10)
+        assert backup.election_id == backup.primary_election_id == 30
+    finally:
+        await primary.stop()
+        await backup.stop()
+
+
 async def test_a_replica_takes_over_a_mixed_fleet_through_the_southbound(fakes, pipeline):
     """issue 18: Replica.raise_election_id on a Fleet of P4Runtime and OpenFlow
     southbounds (drivers.Fleet) re-arbitrates every P4Runtime switch on its open stream
