@@ -165,6 +165,8 @@ class Controller:
         self._dirty: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
         self.replica: Any = None  # controller/replica.py: None is the only controller
+        # drains an earlier leader kept for backends this replica does not know yet
+        self._restored_drains: dict[str, bool] = {}
         self.policy_process = PolicyProcess()  # parses policies off the event loop
 
     @property
@@ -267,6 +269,8 @@ class Controller:
         kept.registered = True
         self.extras[reg.name] = kept
         self._last_usage_at.setdefault(reg.name, self.clock())
+        if old is None and self._restored_drains.pop(reg.name, False):
+            self._drain(reg.name, True)  # drained at an earlier leader, new here
         self.router.tick()
         self.audit(who, "register" if old is None else "re-register", f"backend {reg.name}",
                    f"id {backend_id}, {reg.address} on {reg.switch}:{reg.port}, "
@@ -462,6 +466,8 @@ class Controller:
                     self.router.set_mode(target, value)
                 elif kind == "drain" and target in self.model.backends:
                     self._drain(target, value == "1")
+                elif kind == "drain":  # applied when it registers here
+                    self._restored_drains[target] = value == "1"
                 elif kind != "policy":
                     log.warning("operator state: %s of %s: not in this model; skipped",
                                 kind, target)

@@ -6,7 +6,8 @@
   is chosen in the database, under the ledger's write lock).
 - Operator state: a drain, a service's mode and a policy applied over REST at the
   leader are kept in the database; after kill -9 of the leader the new leader has
-  them, and the chain goes on (an undrain at the second leader reaches a third term).
+  them (a drained backend it did not know yet is drained when it registers), and the
+  chain goes on (an undrain at the second leader reaches a third term).
 """
 
 from __future__ import annotations
@@ -148,8 +149,12 @@ def test_operator_state_survives_kill_of_the_leader(replica_ledger, tmp_path):
     procs, port_a, port_b = start_pair(tmp_path, replica_ledger)
     a, b = client(port_a), client(port_b)
     try:
-        # the operator at the leader A: a drain, a mode, a policy by body
+        # the operator at the leader A: a drain, a mode, a policy by body; and a drain
+        # of a backend that registered with A only (B learns of it after the takeover)
         assert a.post("/api/v1/backends/gpu1-llama/drain").status_code == 200
+        agent_a = client(port_a, AGENT)
+        assert agent_a.post("/api/v1/backends", json=registration(4)).status_code == 201
+        assert a.post("/api/v1/backends/gpu4-llama/drain").status_code == 200
         r = a.put("/api/v1/services/llama/mode", json={"mode": "p2c"})
         assert r.status_code == 200, r.text
         r = a.post("/api/v1/policy/apply", json={"yaml": POLICY_BY_REST,
@@ -171,6 +176,11 @@ def test_operator_state_survives_kill_of_the_leader(replica_ledger, tmp_path):
         assert b.get("/api/v1/services/llama").json()["mode"] == "p2c"
         assert b.get("/api/v1/tenants/initech").json()["prefixes"] == ["10.0.1.64/26"]
         assert b.get("/api/v1/tenants/acme").json()["prefixes"] == ["10.0.1.0/26"]
+        agent_b = client(port_b, AGENT)
+        assert agent_b.post("/api/v1/backends", json=registration(4)).status_code == 201
+        assert b.get("/api/v1/backends/gpu4-llama").json()["drained"] is True
+        assert agent_b.post("/api/v1/backends", json=registration(5)).status_code == 201
+        assert b.get("/api/v1/backends/gpu5-llama").json()["drained"] is False
 
         # B's own changes are kept too: A, restarted, leads after B's kill with them
         assert b.post("/api/v1/backends/gpu1-llama/undrain").status_code == 200
