@@ -55,7 +55,6 @@ from tokenfabric.controller.openflow.budget import TenantBuckets
 from tokenfabric.controller.policy import reload
 from tokenfabric.controller.policy.offload import PolicyProcess
 from tokenfabric.controller.policy.schema import load_policy
-from tokenfabric.controller.policy.source import SpecError
 from tokenfabric.controller.prefix_index import PrefixIndex
 from tokenfabric.controller.routing import Router
 from tokenfabric.wire import BackendRegistration, BackendReport
@@ -166,6 +165,8 @@ class Controller:
         self._dirty: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # one push at a time: a policy apply is multi-step
         self.replica: Any = None  # controller/replica.py: None is the only controller
+        # drains an earlier leader kept for backends this replica does not know yet
+        self._restored_drains: dict[str, bool] = {}
         self.policy_process = PolicyProcess()  # parses policies off the event loop
 
     @property
@@ -268,6 +269,8 @@ class Controller:
         kept.registered = True
         self.extras[reg.name] = kept
         self._last_usage_at.setdefault(reg.name, self.clock())
+        if old is None and self._restored_drains.pop(reg.name, False):
+            self._drain(reg.name, True)  # drained at an earlier leader, new here
         self.router.tick()
         self.audit(who, "register" if old is None else "re-register", f"backend {reg.name}",
                    f"id {backend_id}, {reg.address} on {reg.switch}:{reg.port}, "
@@ -276,21 +279,15 @@ class Controller:
         return backend
 
     def _allocate_backend_id(self, name: str) -> int:
-        """The id this name had before (also before a controller restart), else the
-        lowest id that neither a backend nor another remembered name holds."""
+        """The id this name had before (also before a restart, or on another replica),
+        else the lowest id no backend and no other remembered name holds: chosen in the
+        ledger's database, so that replicas on one PostgreSQL agree (docs/replicas.md)."""
         taken = {b.backend_id for b in self.model.backends.values()}
-        remembered = self.ledger.backend_ids()
-        backend_id = remembered.get(name)
-        if backend_id is None or backend_id in taken:
-            reserved = taken | set(remembered.values())
-            backend_id = next((i for i in range(1, MAX_BACKEND_ID + 1) if i not in reserved),
-                              None)
-            if backend_id is None:  # every id was handed out once: reuse a remembered one
-                try:
-                    backend_id = fabric_file.next_backend_id(self.model)
-                except SpecError as exc:
-                    raise Conflict(str(exc)) from None
-        self.ledger.remember_backend_id(name, backend_id)
+        taken |= {s.overflow.backend_id for s in self.model.services.values()
+                  if s.overflow is not None}
+        backend_id = self.ledger.allocate_backend_id(name, taken, MAX_BACKEND_ID)
+        if backend_id is None:
+            raise Conflict(f"no free backend id (all of 1..{MAX_BACKEND_ID} are taken)")
         return backend_id
 
     def deregister_backend(self, name: str, who: Principal) -> None:
@@ -427,16 +424,73 @@ class Controller:
             await sw.set_over_budget(frozenset(over))
         return over
 
-    def set_drained(self, name: str, drained: bool, who: Principal) -> Backend:
+    async def set_drained(self, name: str, drained: bool, who: Principal) -> Backend:
         backend = self.backend(name)
+        self._drain(name, drained)
+        self.audit(who, "drain" if drained else "undrain", f"backend {name}")
+        self.mark_dirty()
+        await asyncio.to_thread(self._share, "drain", name, "1" if drained else "0", who.name)
+        return backend
+
+    def _drain(self, name: str, drained: bool) -> None:
         self.extras[name].drained = drained
         if drained:
             self.router.drain(name)
         else:
             self.router.undrain(name)
-        self.audit(who, "drain" if drained else "undrain", f"backend {name}")
+
+    def _share(self, kind: str, target: str, value: str, detail: str) -> None:
+        """Keep an operator's change in the ledger's database, for the replica that
+        leads next (docs/replicas.md); a single controller (replica None) keeps none."""
+        if self.replica is None:
+            return
+        try:
+            self.ledger.keep_operator_state(kind, target, value, detail)
+        except Exception as exc:  # database down: applied here, not shared; say so
+            log.error("operator state %s %s not shared with the replicas: %s", kind, target,
+                      exc)
+            raise Unavailable(f"applied on this replica but not kept for the others "
+                              f"({exc}); retry") from exc
+
+    async def restore_operator_state(self) -> None:
+        """Apply what operators changed at earlier leaders (kept by _share): the policy
+        applied over REST, services' modes, drains. A replica taking the lead calls this
+        before it says it leads, so before its first push (controller/replica.py)."""
+        rows = await asyncio.to_thread(self.ledger.operator_state)
+        for kind, _target, value, detail in rows:
+            if kind == "policy":
+                await self._restore_policy(value, detail or "policy.yaml")
+        for kind, target, value, _ in rows:
+            try:
+                if kind == "mode" and target in self.model.services:
+                    self.router.set_mode(target, value)
+                elif kind == "drain" and target in self.model.backends:
+                    self._drain(target, value == "1")
+                elif kind == "drain":  # applied when it registers here
+                    self._restored_drains[target] = value == "1"
+                elif kind != "policy":
+                    log.warning("operator state: %s of %s: not in this model; skipped",
+                                kind, target)
+                    continue
+            except (KeyError, ValueError) as exc:  # a mode this version does not know
+                log.warning("operator state: %s of %s = %r not applied: %s", kind, target,
+                            value, exc)
+                continue
+            log.info("operator state: %s %s = %s (from the previous leader)", kind, target,
+                     value if kind != "policy" else detail)
         self.mark_dirty()
-        return backend
+
+    async def _restore_policy(self, text: str, filename: str) -> None:
+        """The policy an earlier leader applied, into the model only: this replica's
+        first push gives it to the switches (by difference)."""
+        result = await reload.reload_policy(self.model, filename, {}, text=text,
+                                            file=filename, run=self._run_policy_work)
+        if not result.ok:  # e.g. the fabric file changed since: keep the file's policy
+            log.error("operator state: the policy %s applied at an earlier leader does not "
+                      "apply here; keeping the policy file's: %s", filename,
+                      "; ".join(result.errors))
+            return
+        gctools.keep()
 
     def refresh_states(self) -> None:
         """Mark down the backends whose reports stopped (the reconciler calls this)."""
@@ -445,7 +499,7 @@ class Controller:
 
     # ------------------------------------------------------------ services
 
-    def set_mode(self, service: str, mode: str, who: Principal) -> None:
+    async def set_mode(self, service: str, mode: str, who: Principal) -> None:
         s = self.model.services.get(service)
         if s is None:
             raise NotFound(f"no service '{service}'")
@@ -453,6 +507,7 @@ class Controller:
         self.router.set_mode(service, mode)
         self.audit(who, "set-mode", f"service {service}", f"{before} -> {s.mode}")
         self.mark_dirty()
+        await asyncio.to_thread(self._share, "mode", service, str(s.mode), who.name)
 
     # ------------------------------------------------------------ policy
 
@@ -490,6 +545,7 @@ class Controller:
         policy = self.model.policy
         gctools.keep()  # the new policy and its entries: out of every later GC pass
         self.policy_applies["applied"] += 1
+        await asyncio.to_thread(self._share, "policy", "", text, filename)
         changes = result.apply.changes if result.apply else {}
         self.audit(who, "apply-policy", filename,
                    f"{len(policy.tenants)} tenants, {len(policy.contracts)} contracts, "

@@ -165,7 +165,8 @@ def run_command(config_path: str | None, **flags: Any) -> None:
         _fail(f"tokenfabric controller run: cannot open the ledger {redact(str(cfg['ledger']))}"
               f": {exc}", exitcodes.FAILED)
     if owner is None:
-        ctl.replica = Replica(str(cfg["ledger"]), advertise, election_id, ctl.southbound)
+        ctl.replica = Replica(str(cfg["ledger"]), advertise, election_id, ctl.southbound,
+                              on_lead=ctl.restore_operator_state)
     ctl.max_tokens_per_s = checks["max_tokens_per_s"]
     ctl.crosscheck.min_bytes_per_token = checks["crosscheck_min_bytes_per_token"]
     ctl.crosscheck.interval_s = checks["crosscheck_interval_s"]

@@ -153,6 +153,13 @@ class Southbound(Protocol):
 
     async def stop(self) -> None: ...
 
+    async def set_election_id(self, election_id: int) -> None:
+        """Take this controller's standing on every switch to `election_id` (a replica
+        taking over or stepping down, controller/replica.py), switches added later too.
+        P4Runtime: a new arbitration update on each open stream. OpenFlow: nothing (no
+        election id; see OpenFlowSouthbound.set_election_id)."""
+        ...
+
 
 def features_of(driver: str) -> list[str]:
     """What a switch of this driver can do (before it connected, too)."""
@@ -188,6 +195,9 @@ class Fleet:
 
     async def stop(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.parts), return_exceptions=True)
+
+    async def set_election_id(self, election_id: int) -> None:
+        await asyncio.gather(*(p.set_election_id(election_id) for p in self.parts))
 
     def status(self) -> list[dict[str, Any]]:
         return [s.status() for s in self.switches.values()]

@@ -28,7 +28,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from tokenfabric.controller import statement
 from tokenfabric.controller.csv_cells import safe_row
 from tokenfabric.controller.ledger_chain import COLUMNS, JournalRow, chain
 from tokenfabric.controller.ledger_chain import GENESIS as GENESIS_HASH
-from tokenfabric.controller.ledger_store import Cursor, Store, open_store
+from tokenfabric.controller.ledger_store import Cursor, Store, allocate_backend_id, open_store
 from tokenfabric.usage_signing import UsageRecord
 from tokenfabric.wire import CrossCheckView
 
@@ -565,6 +565,32 @@ class Ledger:
 
         with self._lock:
             self._write(work, False)
+
+    def allocate_backend_id(self, name: str, taken: Collection[int],
+                            max_id: int) -> int | None:
+        """The id of backend `name`, chosen and kept in one write transaction, so that
+        replicas on one database agree (ledger_store.allocate_backend_id)."""
+        with self._lock:
+            return self._write(  # type: ignore[no-any-return]
+                lambda _: allocate_backend_id(self._db, name, taken, max_id), False)
+
+    def keep_operator_state(self, kind: str, target: str, value: str,
+                            detail: str = "") -> None:
+        """Note an operator's change (replicas: the next leader applies it)."""
+        def work(_: bool) -> None:
+            self._db.execute(
+                "INSERT INTO operator_state (kind, target, value, detail, changed) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, target) DO UPDATE SET "
+                "value = excluded.value, detail = excluded.detail, "
+                "changed = excluded.changed", (kind, target, value, detail, time.time()))
+
+        with self._lock:
+            self._write(work, False)
+
+    def operator_state(self) -> list[tuple[str, str, str, str]]:
+        """(kind, target, value, detail) of every operator change noted, oldest first."""
+        return [(str(k), str(t), str(v), str(d)) for k, t, v, d in self._read(
+            "SELECT kind, target, value, detail FROM operator_state ORDER BY changed")]
 
     def backend_ids(self) -> dict[str, int]:
         return dict(self._read("SELECT name, backend_id FROM backend_ids"))

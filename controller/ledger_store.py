@@ -23,7 +23,7 @@ import itertools
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -99,8 +99,22 @@ CREATE TABLE IF NOT EXISTS replica_leader (  -- one row: the replica that leads,
 );
 """
 
+# Migration 3 (issue 18, replicas): what an operator changed over REST at the leader
+# (a drain, a service's mode, a policy applied), so that a replica taking over applies
+# it before its first push instead of starting from the files (docs/replicas.md).
+SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS operator_state (  -- one row per thing changed, the latest value
+    kind    TEXT NOT NULL,  -- 'drain' | 'mode' | 'policy'
+    target  TEXT NOT NULL,  -- the backend, the service, '' for the policy
+    value   TEXT NOT NULL,  -- '1' drained / '0' not, the mode, the policy's YAML text
+    detail  TEXT NOT NULL,  -- the policy's file name; who changed it
+    changed REAL NOT NULL,
+    PRIMARY KEY (kind, target)
+);
+"""
+
 # version -> DDL in SQLite's types; PostgreSQL's are derived by `_postgres_types`
-MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2}
+MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
 
 VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -443,3 +457,34 @@ def _migrate(store: Store, run_ddl: Callable[[str], Any]) -> None:
     except BaseException:
         store.rollback()
         raise
+
+
+def allocate_backend_id(store: Store, name: str, taken: Collection[int],
+                        max_id: int) -> int | None:
+    """The id of the backend `name`: the one it had (table backend_ids), unless a backend
+    of this controller's model now holds it (`taken`), else the lowest id in 1..max_id
+    that neither `taken` nor another name's row holds; when every id was handed out
+    once, the lowest one not `taken` (another name's row loses it). None: no id free.
+
+    Call inside a write transaction (Ledger.allocate_backend_id): on PostgreSQL its
+    advisory lock serialises this across replicas, each reading the rows the others
+    committed, so two replicas registering two new backends at once pick two ids, and
+    every replica gives a backend the same one; the table's unique constraints on name
+    and backend_id hold it whatever the code path."""
+    row = store.execute("SELECT backend_id FROM backend_ids WHERE name = ?",
+                        (name,)).fetchone()
+    if row is not None and int(row[0]) not in taken:
+        return int(row[0])
+    held = {int(r[0]) for r in store.execute(
+        "SELECT backend_id FROM backend_ids WHERE name != ?", (name,)).fetchall()}
+    free = next((i for i in range(1, max_id + 1) if i not in taken and i not in held), None)
+    if free is None:
+        free = next((i for i in range(1, max_id + 1) if i not in taken), None)
+        if free is None:
+            return None
+        store.execute("DELETE FROM backend_ids WHERE backend_id = ? AND name != ?",
+                      (free, name))
+    store.execute("INSERT INTO backend_ids (name, backend_id) VALUES (?, ?) "
+                  "ON CONFLICT (name) DO UPDATE SET backend_id = excluded.backend_id",
+                  (name, free))
+    return free

@@ -24,9 +24,12 @@ election id `base` (distinct, < 2^32); a backup arbitrates with `base`, the lead
 leader increments (table replica_leader). So a new leader's election id is above every
 id any earlier leader used: the switches make it primary and depose an old leader that
 is still connected (a fencing token), and a replica that restarts (term 0: `base`)
-joins as a backup, never taking the switches back. Taking over a switch means a new
-session with the higher id; the switch's ready handler and the first push then read
-the switch and write only what differs (controller/southbound/switch.py).
+joins as a backup, never taking the switches back. Taking over is the southbound's
+own call, `Southbound.set_election_id` (controller/drivers.py): P4Runtime sends a new
+arbitration update with the higher id on each open stream, no new session; the
+switch's answer makes this replica primary, and its ready handler then reads the
+switch and writes only what differs (controller/southbound/switch.py). OpenFlow
+switches have no election id: the call leaves them as they are.
 
 A leader that loses its database connection steps down by exiting (the service
 manager restarts it as a backup): its model is no longer the one of record, and the
@@ -37,14 +40,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenfabric.controller.drivers import Southbound
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +88,9 @@ class Replica:
     """This process's part in leader election; `run()` until stopped."""
 
     def __init__(self, ledger_url: str, url: str, base_election_id: int,
-                 southbound: Any = None, on_lost: Callable[[str], None] | None = None,
-                 poll_s: float = POLL_S) -> None:
+                 southbound: Southbound | None = None,
+                 on_lost: Callable[[str], None] | None = None, poll_s: float = POLL_S,
+                 on_lead: Callable[[], Awaitable[None]] | None = None) -> None:
         if not 0 < base_election_id <= MAX_BASE_ELECTION_ID:
             raise ReplicaError(f"a replica's election id must be in 1..{MAX_BASE_ELECTION_ID}"
                                f" (the leader's id is term * 2^{TERM_SHIFT} + it), got "
@@ -94,6 +100,9 @@ class Replica:
         self.base = base_election_id
         self.southbound = southbound
         self.on_lost = on_lost  # called when leadership is lost (default: exit the process)
+        # called once the lock is taken, before this replica says it leads (and so before
+        # its first push): the operator's changes kept in the database (app.py)
+        self.on_lead = on_lead
         self.poll_s = poll_s
         self.is_primary = False
         self.term = 0
@@ -137,11 +146,12 @@ class Replica:
             await asyncio.to_thread(self._close)
             return
         if led is not None:
+            if self.on_lead is not None:
+                await self.on_lead()
             self._lead(*led)
-            for switch in _p4runtime_switches(self.southbound):
-                # not connected yet: its first session arbitrates with the leader's id
-                switch.config = dataclasses.replace(switch.config, election_id=self.election_id)
-            self._set_southbound_id(self.election_id)
+            if self.southbound is not None:
+                # not connected yet: each first session arbitrates with the leader's id
+                await self.southbound.set_election_id(self.election_id)
 
     def _lead(self, term: int, election_id: int) -> None:
         self.term, self.election_id = term, election_id
@@ -150,20 +160,16 @@ class Replica:
         self.primary_since = self.became_primary_at = time.time()
         log.info("replica %s: leader (term %d, election id %d)", self.url, term, election_id)
 
-    def _set_southbound_id(self, election_id: int) -> None:
-        if hasattr(self.southbound, "election_id"):
-            self.southbound.election_id = election_id  # switches added later
-        for part in getattr(self.southbound, "parts", ()):
-            if hasattr(part, "election_id"):
-                part.election_id = election_id
-
     async def _try_lead(self) -> None:
         led = await asyncio.to_thread(self._try_lock)
         if led is None:
             return
         term, election_id = led
+        self.term, self.election_id = term, election_id
+        await self.raise_election_id(election_id)  # the switches first: the fence is up
+        if self.on_lead is not None:
+            await self.on_lead()
         self._lead(term, election_id)
-        await self.raise_election_id(election_id)
 
     async def _lost(self, exc: BaseException) -> None:
         was_primary = self.is_primary
@@ -182,19 +188,15 @@ class Replica:
             os._exit(75)  # EX_TEMPFAIL
 
     async def raise_election_id(self, election_id: int) -> None:
-        """Arbitrate again on every P4Runtime switch with `election_id`: a new session
-        (the switch makes the highest id primary); the ready handler then reconciles."""
-        switches = _p4runtime_switches(self.southbound)
-        self._set_southbound_id(election_id)
-
-        async def rearbitrate(switch: Any) -> None:
-            switch.config = dataclasses.replace(switch.config, election_id=election_id)
-            await switch.stop()
-            switch.launch()
-
-        # bounded: a leader that cannot re-open its sessions fails (and, as a leader,
-        # exits: the service manager restarts it) rather than hang the process
-        await asyncio.wait_for(asyncio.gather(*(rearbitrate(sw) for sw in switches)),
+        """Arbitrate again on every switch with `election_id` on its open stream (the
+        switch makes the highest id primary, and says so; the ready handler then
+        reconciles by difference). A switch whose stream is down gets the id with its
+        next session."""
+        if self.southbound is None:
+            return
+        # bounded: arbitration updates that cannot be sent fail the takeover rather than
+        # hang it (run() then drops the lock; the next try leads with a higher term)
+        await asyncio.wait_for(self.southbound.set_election_id(election_id),
                                REARBITRATE_TIMEOUT_S)
 
     # ------------------------------------------------------------ database (in a thread)
@@ -242,14 +244,6 @@ class Replica:
         if db is not None:
             with contextlib.suppress(Exception):
                 db.close()
-
-
-def _p4runtime_switches(southbound: Any) -> list[Any]:
-    """The switches with a P4Runtime election id (OpenFlow switches have none)."""
-    if southbound is None:
-        return []
-    return [sw for sw in southbound.switches.values()
-            if hasattr(getattr(sw, "config", None), "election_id")]
 
 
 # ---------------------------------------------------------------- one SQLite controller
@@ -340,16 +334,24 @@ def install_backup_guard(app: Any, replica: Replica | None) -> None:
 
 class PrimaryWatch:
     """Who is primary on a P4Runtime switch, read back from the switch itself: a session
-    with a low election id (a backup that never writes, its ready handler only reads) to
-    which the switch reports the primary's election id at every change. For tests and
-    the lab's takeover time."""
+    with a low election id (a backup that never writes, its ready handler only reads)
+    that asks the switch every `poll_s`. A switch tells the other sessions when the
+    primary changes, but not when the primary raises its own id on its stream (BMv2's
+    PI server answers only the raiser), which is how a backup that the switch already
+    promoted (its base id) takes over: so the watch sends an arbitration update of its
+    own, alternating two low ids, and the switch answers it with the primary's election
+    id. For tests and the lab's takeover time."""
 
-    def __init__(self, address: str, device_id: int, election_id: int = 1) -> None:
+    def __init__(self, address: str, device_id: int, election_id: int = 1,
+                 poll_s: float = 0.01) -> None:
         from tokenfabric.controller.southbound import Switch, SwitchConfig
 
         self.switch = Switch(SwitchConfig(name=f"watch-{address}", address=address,
                                           device_id=device_id, election_id=election_id,
                                           backoff_initial=0.02, backoff_max=0.2))
+        self.ids = (election_id, election_id + 1)  # both below every replica's
+        self.poll_s = poll_s
+        self._asker: asyncio.Task[None] | None = None
 
     @property
     def primary_election_id(self) -> int | None:
@@ -357,6 +359,18 @@ class PrimaryWatch:
 
     async def start(self) -> None:
         await self.switch.start()
+        self._asker = asyncio.get_running_loop().create_task(self._ask(), name="watch-ask")
+
+    async def _ask(self) -> None:
+        from tokenfabric.controller.drivers import Role
+
+        turn = 0
+        while True:  # until stop() cancels it
+            await asyncio.sleep(self.poll_s)
+            if self.switch.role is Role.DISCONNECTED:
+                continue  # the session's own arbitration answers once it is up
+            turn += 1
+            await self.switch.set_election_id(self.ids[turn % 2])
 
     async def wait_primary(self, election_id: int, timeout: float) -> float:
         """time.time() when the switch named `election_id` primary (TimeoutError after
@@ -370,4 +384,9 @@ class PrimaryWatch:
         return time.time()
 
     async def stop(self) -> None:
+        if self._asker is not None:
+            self._asker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._asker
+            self._asker = None
         await self.switch.stop()

@@ -214,13 +214,13 @@ def create_app(ctl: "Controller") -> FastAPI:
     @r.post("/backends/{name}/drain", response_model=s.BackendView,
             responses=MUTATION_ERRORS, tags=["backends"])
     async def drain(name: PathName, who: Admin) -> dict[str, Any]:
-        ctl.set_drained(name, True, who)
+        await ctl.set_drained(name, True, who)
         return backend_view(name)
 
     @r.post("/backends/{name}/undrain", response_model=s.BackendView,
             responses=MUTATION_ERRORS, tags=["backends"])
     async def undrain(name: PathName, who: Admin) -> dict[str, Any]:
-        ctl.set_drained(name, False, who)
+        await ctl.set_drained(name, False, who)
         return backend_view(name)
 
     # ------------------------------------------------------------ services
@@ -242,7 +242,7 @@ def create_app(ctl: "Controller") -> FastAPI:
     @r.put("/services/{name}/mode", response_model=s.ServiceView, responses=MUTATION_ERRORS,
            tags=["services"])
     async def set_mode(name: PathName, body: s.ModeChange, who: Admin) -> dict[str, Any]:
-        ctl.set_mode(name, body.mode, who)
+        await ctl.set_mode(name, body.mode, who)
         return service_view(name)
 
     # ------------------------------------------------------------ tenants, contracts, policy

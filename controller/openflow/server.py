@@ -74,6 +74,15 @@ class OpenFlowSouthbound:
         await asyncio.gather(*(s.stop() for s in self.switches.values()),
                              return_exceptions=True)
 
+    async def set_election_id(self, election_id: int) -> None:
+        """Nothing: OpenFlow has no election id. Its counterpart, OFPT_ROLE_REQUEST
+        (MASTER/SLAVE with a generation id), needs the switch connected to every replica,
+        and each replica runs its own listener, which OVS reaches only if it lists it; this
+        driver sends no role request, so OVS holds every controller as EQUAL. A backup's
+        standing rests on the leader lock alone (controller/replica.py: a backup never
+        pushes), without a switch-side fence (docs/replicas.md, "Not covered")."""
+        del election_id
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(reader, writer)
         task = asyncio.current_task()

@@ -20,8 +20,10 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import pickle
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -47,9 +49,26 @@ def _unpickle(data: bytes) -> Any:
         return pickle.loads(data)
 
 
+PARENT_CHECK_S = 1.0  # how often the worker checks that the controller still runs
+
+
 def _warm_up() -> None:
-    """Import the policy code in the worker before the first real call needs it."""
+    """In the worker, once: exit with the controller, and import the policy code before
+    the first real call needs it."""
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
+                     name="policy-worker-parent").start()
     import tokenfabric.controller.policy.reload  # noqa: F401
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A controller killed with SIGKILL (a replica's failover, docs/replicas.md) cannot
+    shut its pool down, and the worker, blocked on its task queue, would live on as an
+    orphan (and keep multiprocessing's resource tracker alive): it exits once its
+    parent is gone (it is re-parented, so getppid() changes)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 class PolicyProcess:

@@ -143,8 +143,17 @@ class Switch:
         self.config = replace(self.config, election_id=election_id)
         if self._rpc is not None:
             self._rpc = replace(self._rpc, election_id=election_id)
-        if self._session is not None:
+        if self._session is None:
+            return  # not connected: the next session arbitrates with the new id
+        try:
             await self._session.arbitrate(self._election())
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, SouthboundError, OSError) as exc:
+            # the stream is ending: the retry loop opens the next session with the new id
+            # (already in self.config), so the takeover happens there, not here
+            self.last_error = _describe(exc)
+            log.warning("switch %s: re-arbitration with election id %d not sent (%s); "
+                        "the next session carries it", self.name, election_id,
+                        self.last_error)
 
     @property
     def codec(self) -> Codec:

@@ -1,8 +1,10 @@
 """Two controller replicas (real processes) on one PostgreSQL ledger and one real BMv2
 running token_router (issue 18): one leads, the other refuses mutations with a pointer;
-reports sent to both are written once; kill -9 of the leader: the backup is primary on
-the switch (read back over P4Runtime) within 2 s, writes only what differs, takes the
-writes; the killed one, restarted, joins as a backup."""
+reports sent to both are written once; an operator's drain and mode change at the
+leader; kill -9 of the leader: the backup is primary on the switch (read back over
+P4Runtime) within 2 s, on its open stream (no new session), has the drain and the mode,
+writes only what differs (nothing: the mode was restored before its first push), takes
+the writes; the killed one, restarted, joins as a backup."""
 
 from __future__ import annotations
 
@@ -120,6 +122,15 @@ def test_two_replicas_on_bmv2(bmv2, replica_ledger, tmp_path):
         assert b.post("/api/v1/policy/reload").status_code == 409
         assert b.get("/api/v1/switches").status_code == 200  # reads are served
 
+        # the operator at the leader: a drain, and llama to p2c (a write on the switch)
+        written = switch_details(a)["details"]["updates_written"]
+        assert a.post("/api/v1/backends/gpu1-llama/drain").status_code == 200
+        r = a.put("/api/v1/services/llama/mode", json={"mode": "p2c"})
+        assert r.status_code == 200, r.text
+        wait_for(lambda: switch_details(a)["details"]["updates_written"] > written,
+                 "the mode on the switch", 10)
+        assert b.get("/api/v1/services/llama").json()["mode"] == "hash"  # B: not yet
+
         time.sleep(2.5)  # B's model settles: reports, down-marking, the startup hold
         # kill -9 the leader: B leads, is primary on the switch within 2 s (read back)
         killed_at = time.time()
@@ -128,24 +139,32 @@ def test_two_replicas_on_bmv2(bmv2, replica_ledger, tmp_path):
         leader_b = _next_primary(watch, leader_a, 10)
         takeover_s = leader_b[1] - killed_at
         assert leader_b[0] == 2 << TERM_SHIFT | BASE_B, leader_b
-        print(f"takeover: {takeover_s:.3f} s after the kill (primary election id {leader_b[0]})")
+        locked_at = _lock_taken_at(replica_ledger)
+        print(f"takeover: {takeover_s:.3f} s after the kill (primary election id {leader_b[0]});"
+              f" B took the lock {locked_at - killed_at:.3f} s after the kill, the switch "
+              f"named it primary {leader_b[1] - locked_at:.3f} s after that")
         assert takeover_s <= TAKEOVER_TARGET_S, f"takeover took {takeover_s:.2f} s"
         wait_for(lambda: replica(b)["role"] == "primary", "B to say it leads", 5)
         # B adopts the switch by difference: no pipeline push, nothing written
         details = wait_for(lambda: (d := switch_details(b)["details"]).get("last_reconcile")
                            and d, "B's first reconcile", 10)
         assert details["pipeline_pushes"] == 0
+        # the mode and the drain came from the database before the first push: the
+        # switch already held them, so nothing was written (without them: llama's mode)
         assert details["updates_written"] == 0, details
+        assert details["sessions"] == 1, details  # taken over on its open stream
+        assert b.get("/api/v1/services/llama").json()["mode"] == "p2c"
+        assert b.get("/api/v1/backends/gpu1-llama").json()["drained"] is True
 
         # writes continue on B: reports (once), a drain that reaches the switch
         r = agent_b.post("/api/v1/backends/gpu2-llama/report", json=report(6))
         assert r.status_code == 200, r.text
         r = agent_b.post("/api/v1/backends/gpu2-llama/report", json=report(6))
         assert r.status_code == 200 and tenant1(b) == [60, 18, 6]
-        r = b.post("/api/v1/backends/gpu1-llama/drain")
+        r = b.put("/api/v1/services/llama/mode", json={"mode": "hash"})
         assert r.status_code == 200, r.text
         wait_for(lambda: switch_details(b)["details"]["updates_written"] > 0,
-                 "the drain on the switch", 10)
+                 "the mode change on the switch", 10)
 
         # A restarts: a backup (term 0: its base id), pointing at B; B stays primary
         procs["a"] = start(tmp_path, port_a, BASE_A, replica_ledger)
@@ -165,6 +184,14 @@ def test_two_replicas_on_bmv2(bmv2, replica_ledger, tmp_path):
         asyncio.run_coroutine_threadsafe(watch.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         runner.join(timeout=10)
+
+
+def _lock_taken_at(ledger: str) -> float:
+    """time.time() at which the current leader took the lock (replica_leader.since)."""
+    import psycopg
+
+    with psycopg.connect(ledger) as db:
+        return float(db.execute("SELECT since FROM replica_leader").fetchone()[0])
 
 
 def _next_primary(watch: PrimaryWatch, old: int, timeout: float) -> tuple[int, float]:

@@ -314,6 +314,61 @@ async def test_a_backup_raising_its_election_id_becomes_primary(fake, pipeline):
         await backup.stop()
 
 
+async def test_a_raised_election_id_outlives_a_switch_restart(fake, pipeline):
+    """set_election_id while the switch is going away does not raise; the next session
+    arbitrates with the raised id and is primary."""
+    primary = await started(make_switch(fake, pipeline, election_id=20, name="primary"))
+    backup = await started(make_switch(fake, pipeline, election_id=10, name="backup"),
+                           Role.BACKUP)
+    try:
+        await fake.stop()
+        await backup.set_election_id(30)  # the stream is ending or gone: kept for the next
+        await fake.start()
+        await backup.wait_role(Role.PRIMARY, timeout=10)
+        await primary.wait_role(Role.BACKUP, timeout=10)
+        assert backup.election_id == backup.primary_election_id == 30
+    finally:
+        await primary.stop()
+        await backup.stop()
+
+
+async def test_a_replica_takes_over_a_mixed_fleet_through_the_southbound(fakes, pipeline):
+    """issue 18: Replica.raise_election_id on a Fleet of P4Runtime and OpenFlow
+    southbounds (drivers.Fleet) re-arbitrates every P4Runtime switch on its open stream
+    and leaves the OpenFlow part alone (no election id there), without error."""
+    from tokenfabric.controller.drivers import Fleet
+    from tokenfabric.controller.openflow.server import OpenFlowSouthbound
+    from tokenfabric.controller.replica import Replica
+
+    olds = [await started(make_switch(f, pipeline, election_id=20, name=f"old{i}"))
+            for i, f in enumerate(fakes[:2])]
+    p4 = Southbound(election_id=10)
+    for i, f in enumerate(fakes[:2]):
+        p4.add_switch(f"s{i}", f.address, device_id=f.device_id, pipeline=pipeline, **FAST)
+    openflow = OpenFlowSouthbound("127.0.0.1:0")
+    openflow.add_switch("ovs1", 0x1)
+    fleet = Fleet(p4, openflow)
+    await fleet.start()
+    try:
+        for sw in p4.switches.values():
+            await sw.wait_role(Role.BACKUP, timeout=10)
+        sessions = {n: sw.stats.sessions for n, sw in p4.switches.items()}
+        replica = Replica("postgresql://unused", "http://127.0.0.1:1", 10, fleet)
+        await replica.raise_election_id(3 << 32 | 10)
+        for sw in p4.switches.values():
+            await sw.wait_role(Role.PRIMARY, timeout=10)
+            assert sw.election_id == sw.primary_election_id == 3 << 32 | 10
+        assert {n: sw.stats.sessions for n, sw in p4.switches.items()} == sessions
+        for old in olds:
+            await old.wait_role(Role.BACKUP, timeout=10)
+        assert p4.election_id == 3 << 32 | 10  # switches added later arbitrate with it
+        assert openflow["ovs1"].role is Role.DISCONNECTED  # untouched, no error
+    finally:
+        await fleet.stop()
+        for old in olds:
+            await old.stop()
+
+
 async def test_duplicate_election_id_is_refused_and_retried(fake, pipeline):
     first = await started(make_switch(fake, pipeline, election_id=7))
     twin = make_switch(fake, pipeline, election_id=7, name="twin")
