@@ -366,6 +366,8 @@ class Stack:
     def start_prefix_routers(self, modes: list[str]) -> None:
         """Experiment `prefix`: the L7 router of each of `modes` on the router host, each
         on its own port (prefix_lab.ROUTER_PORTS), logging its decisions."""
+        if not modes:
+            return  # the fabric's own modes only: the plan has no router host then
         [host] = self.plan.by_role("router")
         for mode in modes:
             name, _ = prefix.L7_MODES[mode]
