@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from tokenfabric.lab.network import LabNetwork
 
 HANDOFF_PORT = 8002
+AGENT_METRICS_PORT = 9102  # the agents' /metrics, on their management address
 KV_EVENTS = "tcp://127.0.0.1:5557"         # in each backend's own namespace
 KV_REPLAY = "tcp://127.0.0.1:5558"
 # the L7 routers share the router host: one HTTP port and one Prometheus port each
@@ -66,9 +67,13 @@ def emulator_args(exp: Experiment) -> list[str]:
                                               "replay_endpoint": KV_REPLAY})]
 
 
-def agent_settings(secret_file: Path) -> dict[str, Any]:
-    """The agent keys of the experiment: follow the KV events, hand off (docs/agent.md)."""
-    return {"kv_events_endpoint": KV_EVENTS, "kv_events_replay_endpoint": KV_REPLAY,
+def agent_settings(secret_file: Path, host: LabHost | None = None) -> dict[str, Any]:
+    """The agent keys of the experiment: follow the KV events, hand off (docs/agent.md);
+    Prometheus metrics on the host's management address, where the runner reads each
+    run's handoff decisions (`handoff_decisions`)."""
+    metrics = {"metrics_listen": f"{host.mgmt_ip}:{AGENT_METRICS_PORT}"} \
+        if host is not None and host.mgmt_ip else {}
+    return {**metrics, "kv_events_endpoint": KV_EVENTS, "kv_events_replay_endpoint": KV_REPLAY,
             "kv_report_interval": 0.25, "report_interval": 0.25,
             "handoff": {"secret_file": str(secret_file), "port": HANDOFF_PORT,
                         "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN}}
@@ -223,6 +228,36 @@ def emulator_metrics(plan: LabPlan) -> dict[str, str]:
     return out
 
 
+def handoff_decisions(plan: LabPlan) -> dict[str, float]:
+    """The bridges' handoff decisions so far (tokenfabric_handoff_decisions_total by
+    decision: handoff, or why it served locally), summed over the backends; a backend
+    whose agent does not answer counts nothing."""
+    out: dict[str, float] = {}
+    for host in plan.by_role("backend"):
+        try:
+            text = httpx.get(f"http://{host.mgmt_ip}:{AGENT_METRICS_PORT}/metrics",
+                             timeout=5).text
+        except httpx.HTTPError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("tokenfabric_handoff_decisions_total{"):
+                kind = line.split('decision="', 1)[1].split('"', 1)[0]
+                out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def handoff_paths(plan: LabPlan, records: list[dict[str, Any]]) -> dict[str, int]:
+    """Answered handoffs by where the relay went: between backends on one switch, or
+    across the fabric (on leafspine: leaf, spine, another leaf)."""
+    out = {"same_switch": 0, "across_fabric": 0}
+    for r in records:
+        origin, peer = plan.hosts.get(r.get("handoff_from") or ""), \
+            plan.hosts.get(r.get("backend") or "")
+        if r.get("ok") and origin is not None and peer is not None:
+            out["same_switch" if origin.switch == peer.switch else "across_fabric"] += 1
+    return out
+
+
 def reset_caches(plan: LabPlan, timeout: float = 60.0) -> None:
     """Every emulator's prefix cache emptied before a mode (vLLM's /reset_prefix_cache,
     409 while requests still hold blocks), then a moment for the index to hear of it."""
@@ -301,6 +336,13 @@ def markdown(figures: list[dict[str, Any]], kv_tokens: int | None,
                          f"{a.get('installed', 0)} entries installed and "
                          f"{a.get('refreshed', 0)} refreshed from the agents' reports; "
                          f"{a['entries_at_end']} at the end of the run")
+        paths = f.get("handoff_paths")
+        if f["mode"] in prefix.HANDOFF_MODES and paths and sum(paths.values()):
+            lines.append(f"\n- {_label(f)}: handoffs between backends on one switch "
+                         f"{paths['same_switch']}, across the fabric {paths['across_fabric']}")
+        if f["mode"] in prefix.HANDOFF_MODES and f.get("decisions"):
+            lines.append(f"\n- {_label(f)}: the bridges' handoff decisions: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
         held = f.get("switch_affinity")
         if f["mode"] in prefix.HANDOFF_MODES and held is not None:
             lines.append(f"\n- {_label(f)}: read back from the switches over P4Runtime at "

@@ -276,6 +276,7 @@ class LabRunner:
             prefix_lab.reset_caches(self.plan)
             before = prefix_lab.emulator_metrics(self.plan)
             affinity_before = self._stack().get("/affinity")
+            decided_before = prefix_lab.handoff_decisions(self.plan)
         loads = workloads(self.exp, run, self.plan, url=url)
         planned = {h: len(plan(w)) for h, w in loads.items()}
         procs, outputs = [], []
@@ -326,6 +327,11 @@ class LabRunner:
             figures["affinity"] = prefix_lab.affinity_change(affinity_before,
                                                              self._stack().get("/affinity"))
             figures["repeat"], figures["workload"] = run.repeat, self.exp.workload
+            figures["handoff_paths"] = prefix_lab.handoff_paths(self.plan, records)
+            figures["decisions"] = {
+                k: v - decided_before.get(k, 0.0)
+                for k, v in prefix_lab.handoff_decisions(self.plan).items()
+                if v > decided_before.get(k, 0.0)}
             if run.mode in prefix.HANDOFF_MODES and self.dataplane == "bmv2":
                 try:  # what the switches hold, not what the controller believes
                     held = prefix_lab.read_switch_affinity(self.plan)

@@ -174,3 +174,13 @@ def test_prefix_options_set_workload_trace_and_rounds():
     assert [(r.mode, r.repeat) for r in exp.runs] == [
         ("p2c", 0), ("prefix-affinity", 0), ("p2c", 1), ("prefix-affinity", 1),
         ("p2c", 2), ("prefix-affinity", 2)]
+
+
+def test_handoff_paths_tell_the_fabric_from_one_switch():
+    lab = lab_plan(experiment("prefix"), "leafspine")
+    # backends round robin on leaves 2 and 3: b1, b3 on leaf 2; b2, b4 on leaf 3
+    records = [{"ok": True, "handoff_from": "tflb1", "backend": "tflb3"},
+               {"ok": True, "handoff_from": "tflb1", "backend": "tflb2"},
+               {"ok": False, "handoff_from": "tflb4", "backend": "tflb1"},
+               {"ok": True, "handoff_from": None, "backend": "tflb1"}]
+    assert prefix_lab.handoff_paths(lab, records) == {"same_switch": 1, "across_fabric": 1}
