@@ -119,6 +119,10 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
               help="Experiment prefix: run each mode this many times (rounds of every "
               "mode, each round its own seed); summary.md gives hit rate and TTFT p99 with "
               "90% bootstrap intervals over the runs.")
+@click.option("--lookup-timeout", type=click.FloatRange(0.001, 5.0), default=None,
+              help="Experiment prefix: the agents' prefix-index lookup budget in seconds "
+              "(handoff.lookup_timeout; default the agent's, 0.05). A bridge whose lookup "
+              "takes longer serves the request itself (decision lookup_failed).")
 @click.option("--out", "out_root", type=click.Path(file_okay=False), default="results",
               show_default=True, help="Folder the results folder is made in.")
 @_bw
@@ -130,7 +134,8 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
               "(default: the experiment's; 0.95, failover 0.9).")
 def run_command(topo: str, name: str, duration: float | None, loads: str | None,
                 modes: str | None, kv_cache_tokens: int | None, workload: str | None,
-                trace_path: str | None, repeat: int, out_root: str, bw_mbps: float,
+                trace_path: str | None, repeat: int, lookup_timeout: float | None,
+                out_root: str, bw_mbps: float,
                 pcap: bool, dataplane_choice: str, min_ok: float | None) -> None:
     """Build the fabric, start controller, emulators and agents, probe the data path (one
     request per tenant through the VIP), run the load, write a results folder (JSON
@@ -150,7 +155,7 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
         exp.kv_cache_tokens = kv_cache_tokens
         exp.title = exp.title.replace("KV 4096", f"KV {kv_cache_tokens}")
     try:
-        _prefix_options(exp, workload, trace_path, repeat)
+        _prefix_options(exp, workload, trace_path, repeat, lookup_timeout)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     dataplane = _dataplane(dataplane_choice)
@@ -204,7 +209,7 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
 
 
 def _prefix_options(exp: Experiment, workload: str | None, trace_path: str | None,
-                    repeat: int) -> None:
+                    repeat: int, lookup_timeout: float | None = None) -> None:
     """Experiment prefix's workload, trace and repetitions onto `exp` (ValueError when
     given to another experiment, or a trace that cannot be replayed)."""
     from tokenfabric.lab.experiments import Run
@@ -212,13 +217,15 @@ def _prefix_options(exp: Experiment, workload: str | None, trace_path: str | Non
 
     if exp.kv_cache_tokens is None:
         given = [f for f, v in (("--workload", workload), ("--trace", trace_path),
-                                ("--repeat", repeat > 1)) if v]
+                                ("--repeat", repeat > 1),
+                                ("--lookup-timeout", lookup_timeout is not None)) if v]
         if given:
             raise ValueError(f"{', '.join(given)}: for experiment prefix only")
         return
     if trace_path is not None and workload not in (None, "trace"):
         raise ValueError("--trace goes with --workload trace")
     exp.workload = workload or ("trace" if trace_path else exp.workload)
+    exp.lookup_timeout = lookup_timeout
     if trace_path is not None:
         read_trace(trace_path)  # WorkloadError (a ValueError) naming the bad line, now
         exp.trace_path = str(Path(trace_path).resolve())

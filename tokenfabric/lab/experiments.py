@@ -108,6 +108,9 @@ class Experiment:
     # Mooncake-format file (default: prefix.SAMPLE_TRACE)
     workload: str = "chat"
     trace_path: str | None = None
+    # experiment `prefix`: the agents' handoff.lookup_timeout in seconds (None: the
+    # agent's default, 50 ms)
+    lookup_timeout: float | None = None
 
     def capacity(self) -> float:
         return capacity_rps(self.speeds, self.lengths)

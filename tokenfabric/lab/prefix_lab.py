@@ -67,16 +67,20 @@ def emulator_args(exp: Experiment) -> list[str]:
                                               "replay_endpoint": KV_REPLAY})]
 
 
-def agent_settings(secret_file: Path, host: LabHost | None = None) -> dict[str, Any]:
+def agent_settings(secret_file: Path, host: LabHost | None = None,
+                   lookup_timeout: float | None = None) -> dict[str, Any]:
     """The agent keys of the experiment: follow the KV events, hand off (docs/agent.md);
     Prometheus metrics on the host's management address, where the runner reads each
-    run's handoff decisions (`handoff_decisions`)."""
+    run's handoff decisions (`handoff_decisions`); `lookup_timeout`: the prefix-index
+    lookup's budget, when not the agent's default."""
     metrics = {"metrics_listen": f"{host.mgmt_ip}:{AGENT_METRICS_PORT}"} \
         if host is not None and host.mgmt_ip else {}
     return {**metrics, "kv_events_endpoint": KV_EVENTS, "kv_events_replay_endpoint": KV_REPLAY,
             "kv_report_interval": 0.25, "report_interval": 0.25,
             "handoff": {"secret_file": str(secret_file), "port": HANDOFF_PORT,
-                        "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN}}
+                        "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN,
+                        **({"lookup_timeout": lookup_timeout}
+                           if lookup_timeout is not None else {})}}
 
 
 def _tenant_hosts(plan: LabPlan) -> dict[str, LabHost]:

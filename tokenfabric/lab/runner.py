@@ -182,6 +182,7 @@ class LabRunner:
             "duration": self.exp.duration, "bw_mbps": self.bw,
             "kv_cache_tokens": self.exp.kv_cache_tokens,
             "workload": self.exp.workload, "trace_path": self.exp.trace_path,
+            "lookup_timeout": self.exp.lookup_timeout,
             "tenants": [asdict(t) for t in self.exp.tenants],
             "runs": [asdict(r) for r in self.exp.runs]}, indent=2))
         outcomes: list[RunOutcome] = []
@@ -502,6 +503,11 @@ class LabRunner:
                 f"{self.exp.speeds}, capacity {self.exp.capacity():.1f} req/s, "
                 f"{self.exp.duration:g} s per run, links {self.bw or 'unlimited'} Mbit/s "
                 "(HTB; no netem, so no link delay)\n"]
+        if prefix_lab.is_prefix(self.exp):
+            budget = "50 ms (the agent default)" if self.exp.lookup_timeout is None \
+                else f"{self.exp.lookup_timeout * 1000:g} ms"
+            text.append(f"workload {self.exp.workload}, KV cache {self.exp.kv_cache_tokens} "
+                        f"tokens per backend, prefix-index lookup budget {budget}\n")
         text.append(self._verdict_text(outcomes) + "\n")
         if summaries:
             text.append(results.markdown_table(summaries, ["mode", "load"]))

@@ -45,6 +45,12 @@ def test_the_opt_in_and_the_agents_handoff_settings(tmp_path):
     assert cfg["handoff"]["secret_file"] == str(secret)
     assert cfg["kv_events_endpoint"] == prefix_lab.KV_EVENTS
     from tokenfabric.hostagent.config import AgentConfig
+    assert "lookup_timeout" not in cfg["handoff"]  # the agent's own default
+    cfg = agent_config(lab, backend, 1, "t", extra=prefix_lab.agent_settings(
+        secret, backend, lookup_timeout=0.2))["agent"]
+    assert cfg["handoff"]["lookup_timeout"] == 0.2
+    assert cfg["metrics_listen"] == f"{backend.mgmt_ip}:{prefix_lab.AGENT_METRICS_PORT}"
+    assert AgentConfig(**cfg).handoff["lookup_timeout"] == 0.2
     checked = AgentConfig(**cfg)  # the agent's own validation takes it
     assert checked.handoff["secret"] == b"s" * 32
     # the responder answers 429 and needs neither
@@ -168,8 +174,9 @@ def test_prefix_options_set_workload_trace_and_rounds():
     from tokenfabric.lab.cli import _prefix_options
     exp = experiment("prefix")
     exp.runs = select_runs(exp.runs, None, "p2c,prefix-affinity", PREFIX_MODES)
-    _prefix_options(exp, None, str(prefix.SAMPLE_TRACE), 3)
+    _prefix_options(exp, None, str(prefix.SAMPLE_TRACE), 3, 0.2)
     assert exp.workload == "trace" and exp.trace_path == str(prefix.SAMPLE_TRACE)
+    assert exp.lookup_timeout == 0.2
     assert "(trace," in exp.title
     assert [(r.mode, r.repeat) for r in exp.runs] == [
         ("p2c", 0), ("prefix-affinity", 0), ("p2c", 1), ("prefix-affinity", 1),
