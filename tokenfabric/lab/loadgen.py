@@ -6,7 +6,8 @@ their time whether or not earlier requests have finished. Prompt and output
 lengths follow a ShareGPT-like log-normal distribution (docs/lab.md gives the
 source of the parameters). Or, with shared prefixes (tokenfabric/lab/workloads.py):
 `trace` replays a Mooncake-format JSONL trace, `chat` generates multi-turn
-conversations with shared system prompts from many client addresses.
+conversations with shared system prompts from many client addresses, `requests` lists
+requests a caller planned (the lab's experiment `prefix`).
 Every finished request becomes one JSON line:
 
     {"id", "tenant", "class", "offset", "start", "status", "ok", "error",
