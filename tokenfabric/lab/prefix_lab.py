@@ -347,6 +347,8 @@ def markdown(figures: list[dict[str, Any]], kv_tokens: int | None,
         if f["mode"] in prefix.HANDOFF_MODES and f.get("decisions"):
             lines.append(f"\n- {_label(f)}: the bridges' handoff decisions: " + ", ".join(
                 f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
+        if f["mode"] in prefix.HANDOFF_MODES and f.get("switch_affinity_note"):
+            lines.append(f"\n- {_label(f)}: {f['switch_affinity_note']}")
         held = f.get("switch_affinity")
         if f["mode"] in prefix.HANDOFF_MODES and held is not None:
             lines.append(f"\n- {_label(f)}: read back from the switches over P4Runtime at "

@@ -333,6 +333,10 @@ class LabRunner:
                 k: v - decided_before.get(k, 0.0)
                 for k, v in prefix_lab.handoff_decisions(self.plan).items()
                 if v > decided_before.get(k, 0.0)}
+            if run.mode in prefix.HANDOFF_MODES and self.dataplane != "bmv2":
+                figures["switch_affinity_note"] = (
+                    "Open vSwitch has no affinity table: the controller keeps the agents' "
+                    "reports but no switch steers by them; only the bridges' handoff acts")
             if run.mode in prefix.HANDOFF_MODES and self.dataplane == "bmv2":
                 try:  # what the switches hold, not what the controller believes
                     held = prefix_lab.read_switch_affinity(self.plan)
