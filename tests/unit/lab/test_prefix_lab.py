@@ -147,7 +147,12 @@ def test_intervals_pool_repeated_runs_and_bootstrap_runs_then_requests():
     assert ours["ttft_p99_ci"][1] < low  # half the service time: a clearly lower p99
     hl, hh = p2c["hit_rate_usage_ci"]
     assert 0.5 < hl < p2c["hit_rate_usage"] < hh < 0.7
+    ratio = ours["p99_ratio"]["p2c"]
+    assert ratio["ratio"] == pytest.approx(ours["ttft_p99_ms"] / p2c["ttft_p99_ms"])
+    assert ratio["ci"][0] < ratio["ratio"] < ratio["ci"][1] < 1
+    assert "p99_ratio" not in p2c  # only the fabric's handoff mode is compared
     text = prefix_lab.intervals_markdown(stats)
+    assert "- TTFT p99 prefix-affinity / p2c: 0." in text
     assert "| prefix-affinity | 3 |" in text and "90%" in text
     # one run: the interval is the requests' alone; no requests: no interval
     assert prefix_lab.bootstrap_interval([np.arange(50.0)], np.mean) is not None
