@@ -14,7 +14,13 @@ import click
 
 from tokenfabric import exitcodes
 from tokenfabric.lab import prereqs
-from tokenfabric.lab.experiments import EXPERIMENTS, PREFIX_MODES, experiment
+from tokenfabric.lab.experiments import (
+    EXPERIMENTS,
+    PREFIX_MODES,
+    PREFIX_WORKLOADS,
+    Experiment,
+    experiment,
+)
 
 NO_DELAY = ("Links get bandwidth only (HTB): the kernel here has no netem, so there is no "
             "link delay, jitter or loss.")
@@ -100,6 +106,23 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
               "prefix-affinity, vllm-cache_aware, vllm-power_of_two, sglang-cache_aware).")
 @click.option("--kv-cache-tokens", type=click.IntRange(min=256, max=1_000_000), default=None,
               help="Experiment prefix: each emulator's KV cache in tokens (default 4096).")
+@click.option("--workload", type=click.Choice(PREFIX_WORKLOADS), default=None,
+              help="Experiment prefix: what the clients send (default chat): chat, the "
+              "multi-turn chat generator (per-device clients and an app server); trace, a "
+              "replayed Mooncake-format JSONL trace (--trace) from the app server's address; "
+              "free, unique prompts (what prefix affinity costs where nothing is shared).")
+@click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Experiment prefix, --workload trace: the JSONL trace "
+              "(timestamp ms, input_length, output_length, hash_ids; docs/prefix-cache.md); "
+              "default examples/traces/sample-mooncake.jsonl.")
+@click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Experiment prefix: run each mode this many times (rounds of every "
+              "mode, each round its own seed); summary.md gives hit rate and TTFT p99 with "
+              "90% bootstrap intervals over the runs.")
+@click.option("--lookup-timeout", type=click.FloatRange(0.001, 5.0), default=None,
+              help="Experiment prefix: the agents' prefix-index lookup budget in seconds "
+              "(handoff.lookup_timeout; default the agent's, 0.05). A bridge whose lookup "
+              "takes longer serves the request itself (decision lookup_failed).")
 @click.option("--out", "out_root", type=click.Path(file_okay=False), default="results",
               show_default=True, help="Folder the results folder is made in.")
 @_bw
@@ -110,9 +133,10 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
               "in every run and tenant, else the run is FAILED and the command exits 1 "
               "(default: the experiment's; 0.95, failover 0.9).")
 def run_command(topo: str, name: str, duration: float | None, loads: str | None,
-                modes: str | None, kv_cache_tokens: int | None, out_root: str,
-                bw_mbps: float, pcap: bool, dataplane_choice: str,
-                min_ok: float | None) -> None:
+                modes: str | None, kv_cache_tokens: int | None, workload: str | None,
+                trace_path: str | None, repeat: int, lookup_timeout: float | None,
+                out_root: str, bw_mbps: float,
+                pcap: bool, dataplane_choice: str, min_ok: float | None) -> None:
     """Build the fabric, start controller, emulators and agents, probe the data path (one
     request per tenant through the VIP), run the load, write a results folder (JSON
     lines, PNG plots, summary.md with a PASSED/FAILED verdict) and tear everything down.
@@ -130,6 +154,10 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
             raise click.BadParameter("--kv-cache-tokens is for experiment prefix")
         exp.kv_cache_tokens = kv_cache_tokens
         exp.title = exp.title.replace("KV 4096", f"KV {kv_cache_tokens}")
+    try:
+        _prefix_options(exp, workload, trace_path, repeat, lookup_timeout)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     dataplane = _dataplane(dataplane_choice)
     _require(what=f"experiment {name} on {dataplane}", dataplane=dataplane)
     if exp.needs_vllm:
@@ -178,6 +206,34 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
         click.echo("lab run FAILED:\n" + "\n".join(f"  {f}" for f in failures), err=True)
     if failures or runner.left:
         raise SystemExit(exitcodes.FAILED)
+
+
+def _prefix_options(exp: Experiment, workload: str | None, trace_path: str | None,
+                    repeat: int, lookup_timeout: float | None = None) -> None:
+    """Experiment prefix's workload, trace and repetitions onto `exp` (ValueError when
+    given to another experiment, or a trace that cannot be replayed)."""
+    from tokenfabric.lab.experiments import Run
+    from tokenfabric.lab.workloads import read_trace
+
+    if exp.kv_cache_tokens is None:
+        given = [f for f, v in (("--workload", workload), ("--trace", trace_path),
+                                ("--repeat", repeat > 1),
+                                ("--lookup-timeout", lookup_timeout is not None)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)}: for experiment prefix only")
+        return
+    if trace_path is not None and workload not in (None, "trace"):
+        raise ValueError("--trace goes with --workload trace")
+    exp.workload = workload or ("trace" if trace_path else exp.workload)
+    exp.lookup_timeout = lookup_timeout
+    if trace_path is not None:
+        read_trace(trace_path)  # WorkloadError (a ValueError) naming the bad line, now
+        exp.trace_path = str(Path(trace_path).resolve())
+    if exp.workload != "chat":
+        exp.title = exp.title.replace("(chat,", f"({exp.workload},")
+    # rounds of every mode rather than each mode's runs back to back: a drift in the
+    # machine's load then spreads over the modes alike
+    exp.runs = [Run(r.mode, r.load, r.events, k) for k in range(repeat) for r in exp.runs]
 
 
 @lab_group.command("up")

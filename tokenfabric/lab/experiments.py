@@ -41,6 +41,9 @@ MODES = ("ecmp", "weights", "p2c", "l7-router")
 # the handoff without the switch's affinity, needs a knob the policy does not have yet)
 PREFIX_MODES = ("p2c", "prefix-affinity", "vllm-cache_aware", "vllm-power_of_two",
                 "sglang-cache_aware")
+# experiment `prefix`'s workloads (tokenfabric/lab/prefix.py): the multi-turn chat, a
+# replayed Mooncake-format trace, unique prompts (prefix-free: what affinity costs)
+PREFIX_WORKLOADS = ("chat", "trace", "free")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,12 @@ class Run:
     mode: str  # ecmp | weights | p2c | l7-router
     load: float  # fraction of capacity
     events: tuple[Event, ...] = ()
+    repeat: int = 0  # which repetition of (mode, load) this is (--repeat; experiment prefix)
+
+    @property
+    def key(self) -> str:
+        """The run's folder name under runs/: one per mode, load and repetition."""
+        return f"{self.mode}-{self.load:g}" + (f"-r{self.repeat}" if self.repeat else "")
 
 
 @dataclass
@@ -95,6 +104,13 @@ class Experiment:
     # experiment `prefix` (tokenfabric/lab/prefix_lab.py): the emulators' KV cache in
     # tokens (evicting, with KV events), the agents' handoff, the chat workload
     kv_cache_tokens: int | None = None
+    # experiment `prefix`: what the clients send (PREFIX_WORKLOADS) and, for `trace`, the
+    # Mooncake-format file (default: prefix.SAMPLE_TRACE)
+    workload: str = "chat"
+    trace_path: str | None = None
+    # experiment `prefix`: the agents' handoff.lookup_timeout in seconds (None: the
+    # agent's default, 50 ms)
+    lookup_timeout: float | None = None
 
     def capacity(self) -> float:
         return capacity_rps(self.speeds, self.lengths)
@@ -164,7 +180,8 @@ def experiment(name: str, duration: float | None = None) -> Experiment:
     if duration is not None:
         exp.duration = duration
         exp.runs = [Run(r.mode, r.load, tuple(Event(min(e.at, duration / 2), e.kind, e.target)
-                                              for e in r.events)) for r in exp.runs]
+                                              for e in r.events), r.repeat)
+                    for r in exp.runs]
     return exp
 
 

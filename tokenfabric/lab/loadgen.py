@@ -6,7 +6,8 @@ their time whether or not earlier requests have finished. Prompt and output
 lengths follow a ShareGPT-like log-normal distribution (docs/lab.md gives the
 source of the parameters). Or, with shared prefixes (tokenfabric/lab/workloads.py):
 `trace` replays a Mooncake-format JSONL trace, `chat` generates multi-turn
-conversations with shared system prompts from many client addresses.
+conversations with shared system prompts from many client addresses, `requests` lists
+requests a caller planned (the lab's experiment `prefix`).
 Every finished request becomes one JSON line:
 
     {"id", "tenant", "class", "offset", "start", "status", "ok", "error",
@@ -37,7 +38,7 @@ from typing import Any, TextIO
 import aiohttp
 import numpy as np
 
-from tokenfabric.lab.workloads import ChatSpec, TraceSpec, plan_chat, plan_trace
+from tokenfabric.lab.workloads import ChatSpec, Planned, TraceSpec, plan_chat, plan_trace
 from tokenfabric.sse import is_token_chunk
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,19 @@ class Workload:
     max_inflight: int = 2048  # a safety bound; arrivals beyond it are recorded, not sent
     trace: dict[str, Any] | None = None  # TraceSpec fields: replay a JSONL trace
     chat: dict[str, Any] | None = None   # ChatSpec fields: multi-turn chat
+    # or the requests themselves (workloads.Planned fields): a workload planned by the
+    # caller, e.g. the lab's trace or prefix-free load split over its client hosts
+    requests: list[dict[str, Any]] | None = None
     # send X-Tokenfabric-Tenant (the agents' trust_tenant_header: benches where every
     # client shares 127.0.0.1); the lab's tenants are their source addresses instead
     tenant_header: bool = False
 
     def __post_init__(self) -> None:
-        if self.trace is not None and self.chat is not None:
-            raise ValueError("a workload replays a trace or generates chat, not both")
+        if sum(x is not None for x in (self.trace, self.chat, self.requests)) > 1:
+            raise ValueError("a workload replays a trace, generates chat or lists its "
+                             "requests: one of them")
+        if self.requests is not None:
+            planned_requests(self.requests)  # checks every field now
         if self.trace is not None:
             TraceSpec(**self.trace)  # checks the fields now, reads the file at plan time
         if self.chat is not None:
@@ -160,7 +167,8 @@ class PlannedRequest:
 
 def plan(workload: Workload) -> list[PlannedRequest]:
     """The whole arrival schedule, reproducible from the workload's seed."""
-    if workload.trace is not None or workload.chat is not None:
+    if workload.trace is not None or workload.chat is not None or \
+            workload.requests is not None:
         return _plan_shared(workload)
     rng = np.random.default_rng(workload.seed)
     mean_gap = 1.0 / workload.rate
@@ -188,6 +196,8 @@ def _plan_shared(workload: Workload) -> list[PlannedRequest]:
     """A trace's or a chat generator's requests, cut at the workload's duration."""
     if workload.trace is not None:
         planned = plan_trace(TraceSpec(**workload.trace))
+    elif workload.requests is not None:
+        planned = planned_requests(workload.requests)
     else:
         planned = plan_chat(ChatSpec.from_dict(workload.chat or {}))
     tenants = {t.name: t for t in workload.tenants}
@@ -201,6 +211,24 @@ def _plan_shared(workload: Workload) -> list[PlannedRequest]:
                                   p.output_tokens, p.prompt, p.messages, p.source_ip,
                                   p.conversation, p.turn))
     return out
+
+
+def planned_requests(rows: list[dict[str, Any]]) -> list[Planned]:
+    """A workload's listed requests as Planned, in time order; ValueError naming the first
+    row that is not one."""
+    out = []
+    for number, row in enumerate(rows):
+        try:
+            planned = Planned(**row)
+        except TypeError as exc:
+            raise ValueError(f"requests[{number}]: {exc}") from None
+        if not isinstance(planned.prompt, str) or not isinstance(planned.output_tokens, int) \
+                or planned.output_tokens < 1 or not isinstance(planned.offset, int | float) \
+                or not 0 <= planned.offset < float("inf"):
+            raise ValueError(f"requests[{number}]: needs a text prompt, output_tokens >= 1 "
+                             "and an offset >= 0 (seconds)")
+        out.append(planned)
+    return sorted(out, key=lambda p: p.offset)
 
 
 def prompt_text(tokens: int, index: int) -> str:

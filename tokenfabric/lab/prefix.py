@@ -239,9 +239,23 @@ def mode_figures(records: Sequence[dict[str, Any]], hits: float | None,
     return out
 
 
+def _error_bars(values: list[float], figures: list[dict[str, Any]], key: str
+                ) -> np.ndarray | None:
+    """matplotlib's yerr (2 x n: below, above) from each figure's (low, high) interval."""
+    if not any(f.get(key) for f in figures):
+        return None
+    below = [max(0.0, v - f[key][0]) if f.get(key) else 0.0 for v, f in zip(values, figures,
+                                                                           strict=True)]
+    above = [max(0.0, f[key][1] - v) if f.get(key) else 0.0 for v, f in zip(values, figures,
+                                                                           strict=True)]
+    return np.array([below, above])
+
+
 def plot_modes(results: dict[str, dict[str, dict[str, Any]]], path: str | Path,
                title: str) -> None:
-    """Bars per mode: hit rate and TTFT p99, one group per workload/KV size."""
+    """Bars per mode: hit rate and TTFT p99, one group per workload/KV size; where a
+    mode's figures carry a bootstrap interval (`hit_rate_usage_ci`, `ttft_p99_ci`, the
+    lab's repeated runs), the hit rate bar is the usage's and both get error bars."""
     from tokenfabric.lab.results import _pyplot
     plt = _pyplot()
     groups = list(results)
@@ -250,10 +264,14 @@ def plot_modes(results: dict[str, dict[str, dict[str, Any]]], path: str | Path,
     width = 0.8 / max(1, len(modes))
     for k, mode in enumerate(modes):
         xs = [i + k * width for i in range(len(groups))]
-        hit = [(results[g].get(mode) or {}).get("hit_rate") or 0 for g in groups]
-        p99 = [(results[g].get(mode) or {}).get("ttft_p99_ms") or 0 for g in groups]
-        axes[0].bar(xs, hit, width, label=mode)
-        axes[1].bar(xs, p99, width, label=mode)
+        figures = [results[g].get(mode) or {} for g in groups]
+        hit_key = "hit_rate_usage" if any(f.get("hit_rate_usage_ci") for f in figures) \
+            else "hit_rate"
+        hit = [f.get(hit_key) or 0 for f in figures]
+        p99 = [f.get("ttft_p99_ms") or 0 for f in figures]
+        axes[0].bar(xs, hit, width, label=mode, yerr=_error_bars(hit, figures,
+                                                                  "hit_rate_usage_ci"))
+        axes[1].bar(xs, p99, width, label=mode, yerr=_error_bars(p99, figures, "ttft_p99_ci"))
     for ax, label in ((axes[0], "prefix-cache hit rate"), (axes[1], "TTFT p99 (ms)")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups, fontsize=8)
         ax.set_ylabel(label)

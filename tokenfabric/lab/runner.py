@@ -103,19 +103,24 @@ def workloads(exp: Experiment, run: Run, lab: LabPlan, seed: int = 1,
     """One open-loop workload per client host (tenant), together `run.load` of capacity."""
     total = sum(t.weight for t in exp.tenants)
     rate = run.load * exp.capacity()
-    # experiment `prefix`: the multi-turn chat of prefix.py instead of independent prompts
-    chats = prefix_lab.chat_specs(exp, lab, run.load, seed) if prefix_lab.is_prefix(exp) \
-        else {}
+    # experiment `prefix`: its chat, trace or prefix-free requests (prefix_lab.py) instead
+    # of independent prompts; a repetition gets its own seed
+    shared = prefix_lab.client_workloads(exp, lab, run.load, seed + run.repeat) \
+        if prefix_lab.is_prefix(exp) else None
     out = {}
     for i, host in enumerate(lab.by_role("client")):
+        if shared is not None and host.name not in shared:
+            continue  # this workload sends nothing from this host
         tenant = next(t for t in exp.tenants if t.name == host.tenant)
+        mine = (shared or {}).get(host.name, {})
         out[host.name] = Workload(
             url=url or f"http://{lab.vip}:{lab.vip_port}", rate=rate * tenant.weight / total,
             duration=exp.duration, model=lab.model, arrival=exp.arrival, lengths=exp.lengths,
             tenants=[TenantSpec(tenant.name, tenant.traffic_class, 1.0, host.ip,
                                 tenant.slo_ttft_ms, tenant.slo_tpot_ms)],
             seed=seed * 1000 + i, timeout=max(30.0, exp.duration),
-            chat=chats.get(host.name), endpoint="chat" if host.name in chats else "completions")
+            chat=mine.get("chat"), requests=mine.get("requests"),
+            endpoint=mine.get("endpoint", "completions"))
     return out
 
 
@@ -176,6 +181,8 @@ class LabRunner:
             "speeds": self.exp.speeds, "capacity_rps": self.exp.capacity(),
             "duration": self.exp.duration, "bw_mbps": self.bw,
             "kv_cache_tokens": self.exp.kv_cache_tokens,
+            "workload": self.exp.workload, "trace_path": self.exp.trace_path,
+            "lookup_timeout": self.exp.lookup_timeout,
             "tenants": [asdict(t) for t in self.exp.tenants],
             "runs": [asdict(r) for r in self.exp.runs]}, indent=2))
         outcomes: list[RunOutcome] = []
@@ -243,7 +250,7 @@ class LabRunner:
 
     # -- one run (mode x load) ------------------------------------------------------
     def _one_run(self, run: Run) -> RunOutcome:
-        folder = self.folder / "runs" / f"{run.mode}-{run.load:g}"
+        folder = self.folder / "runs" / run.key
         folder.mkdir(parents=True, exist_ok=True)
         if run.mode not in SWITCH_MODE:
             raise Blocked(f"unknown mode {run.mode}")
@@ -270,6 +277,7 @@ class LabRunner:
             prefix_lab.reset_caches(self.plan)
             before = prefix_lab.emulator_metrics(self.plan)
             affinity_before = self._stack().get("/affinity")
+            decided_before = prefix_lab.handoff_decisions(self.plan)
         loads = workloads(self.exp, run, self.plan, url=url)
         planned = {h: len(plan(w)) for h, w in loads.items()}
         procs, outputs = [], []
@@ -285,7 +293,8 @@ class LabRunner:
         started = time.time()
         events = self._schedule(run.events, started)
         total = sum(planned.values())
-        columns = [TextColumn(f"{run.mode} @ {run.load:.0%}"), BarColumn(),
+        again = f" (run {run.repeat + 1})" if run.repeat else ""
+        columns = [TextColumn(f"{run.mode} @ {run.load:.0%}{again}"), BarColumn(),
                    TextColumn("{task.completed}/{task.total} requests"), TimeElapsedColumn()]
         deadline = started + self.exp.duration + max(30.0, self.exp.duration) + 15
         with Progress(*columns, console=self.console, transient=False) as bar:
@@ -318,6 +327,25 @@ class LabRunner:
                 if run.mode in prefix.L7_MODES else None)
             figures["affinity"] = prefix_lab.affinity_change(affinity_before,
                                                              self._stack().get("/affinity"))
+            figures["repeat"], figures["workload"] = run.repeat, self.exp.workload
+            figures["handoff_paths"] = prefix_lab.handoff_paths(self.plan, records)
+            figures["decisions"] = {
+                k: v - decided_before.get(k, 0.0)
+                for k, v in prefix_lab.handoff_decisions(self.plan).items()
+                if v > decided_before.get(k, 0.0)}
+            if run.mode in prefix.HANDOFF_MODES and self.dataplane != "bmv2":
+                figures["switch_affinity_note"] = (
+                    "Open vSwitch has no affinity table: the controller keeps the agents' "
+                    "reports but no switch steers by them; only the bridges' handoff acts")
+            if run.mode in prefix.HANDOFF_MODES and self.dataplane == "bmv2":
+                try:  # what the switches hold, not what the controller believes
+                    held = prefix_lab.read_switch_affinity(self.plan)
+                    figures["switch_affinity"] = {sw: len(rows) for sw, rows in held.items()}
+                    figures["switch_affinity_clients"] = {
+                        sw: sorted({r["client"] for r in rows}) for sw, rows in held.items()}
+                except Exception as exc:  # noqa: BLE001 - the run's figures stand
+                    log.warning("affinity read-back failed: %s", exc)
+                    figures["switch_affinity_error"] = str(exc)
             (folder / "prefix.json").write_text(json.dumps(figures, indent=2))
         for timer in events.pop("_timers", []):
             timer.cancel()
@@ -371,9 +399,12 @@ class LabRunner:
             text += "\n" + replicas.markdown(json.loads((folder / "ha.json").read_text()))
         if (folder / "prefix.json").is_file():
             figures = json.loads((folder / "prefix.json").read_text())
+            figures["folder"] = str(folder)
             self.prefix_figures = [f for f in self.prefix_figures
-                                   if f["mode"] != figures["mode"]] + [figures]
-            text += prefix_lab.markdown([figures], self.exp.kv_cache_tokens)
+                                   if (f["mode"], f.get("repeat", 0)) !=
+                                   (figures["mode"], figures.get("repeat", 0))] + [figures]
+            text += prefix_lab.markdown([figures], self.exp.kv_cache_tokens,
+                                        self.exp.workload)
         if (folder / "crosscheck.json").is_file():
             text += "\n" + results.crosscheck_markdown(
                 json.loads((folder / "crosscheck.json").read_text()))
@@ -476,6 +507,11 @@ class LabRunner:
                 f"{self.exp.speeds}, capacity {self.exp.capacity():.1f} req/s, "
                 f"{self.exp.duration:g} s per run, links {self.bw or 'unlimited'} Mbit/s "
                 "(HTB; no netem, so no link delay)\n"]
+        if prefix_lab.is_prefix(self.exp):
+            budget = "50 ms (the agent default)" if self.exp.lookup_timeout is None \
+                else f"{self.exp.lookup_timeout * 1000:g} ms"
+            text.append(f"workload {self.exp.workload}, KV cache {self.exp.kv_cache_tokens} "
+                        f"tokens per backend, prefix-index lookup budget {budget}\n")
         text.append(self._verdict_text(outcomes) + "\n")
         if summaries:
             text.append(results.markdown_table(summaries, ["mode", "load"]))
@@ -499,10 +535,18 @@ class LabRunner:
                 self.folder / "sweep.png")
             text.append("\n![sweep](sweep.png)\n")
         if self.prefix_figures:
-            text.append(prefix_lab.markdown(self.prefix_figures, self.exp.kv_cache_tokens))
-            prefix.plot_modes({f"chat kv{self.exp.kv_cache_tokens}": {
-                f["mode"]: f for f in self.prefix_figures}}, self.folder / "prefix.png",
-                f"{self.exp.title} ({self.topo}, {self.dataplane})")
+            text.append(prefix_lab.markdown(self.prefix_figures, self.exp.kv_cache_tokens,
+                                            self.exp.workload))
+            by_mode: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]] = {}
+            for f in self.prefix_figures:
+                by_mode.setdefault(f["mode"], []).append(
+                    (f, results.load_records(Path(f["folder"]) / "requests.jsonl")))
+            pooled = prefix_lab.intervals(by_mode)
+            text.append(prefix_lab.intervals_markdown(pooled))
+            (self.folder / "prefix_intervals.json").write_text(json.dumps(pooled, indent=2))
+            prefix.plot_modes({f"{self.exp.workload} kv{self.exp.kv_cache_tokens}": pooled},
+                              self.folder / "prefix.png",
+                              f"{self.exp.title} ({self.topo}, {self.dataplane})")
             text.append("\n![prefix](prefix.png)\n")
         if self.blocked:
             text.append("\nnot run:\n" + "\n".join(f"- {b}" for b in self.blocked))
@@ -544,8 +588,10 @@ class LabRunner:
         meta = json.loads((folder / "experiment.json").read_text())
         exp = experiment(meta["experiment"], meta["duration"])
         exp.kv_cache_tokens = meta.get("kv_cache_tokens", exp.kv_cache_tokens)
-        exp.runs = [Run(r["mode"], r["load"], tuple(Event(**e) for e in r["events"]))
-                    for r in meta["runs"]]
+        exp.workload = meta.get("workload", exp.workload)
+        exp.trace_path = meta.get("trace_path", exp.trace_path)
+        exp.runs = [Run(r["mode"], r["load"], tuple(Event(**e) for e in r["events"]),
+                        r.get("repeat", 0)) for r in meta["runs"]]
         runner = cls(exp, meta["topo"], folder.parent, meta.get("bw_mbps"),
                      dataplane=meta.get("dataplane", "bmv2"), min_ok=meta.get("min_ok"))
         if (folder / "probe.json").exists():
@@ -554,9 +600,8 @@ class LabRunner:
         runner.folder = folder
         old = (folder / "summary.md").read_text() if (folder / "summary.md").exists() else ""
         runner.left = [] if "teardown: clean" in old else ["(see the first summary)"]
-        outcomes = [runner.analyse(run, folder / "runs" / f"{run.mode}-{run.load:g}")
-                    for run in exp.runs
-                    if (folder / "runs" / f"{run.mode}-{run.load:g}" / "run.json").exists()]
+        outcomes = [runner.analyse(run, folder / "runs" / run.key) for run in exp.runs
+                    if (folder / "runs" / run.key / "run.json").exists()]
         runner._write_summary(outcomes)
         return runner, outcomes
 

@@ -366,6 +366,8 @@ class Stack:
     def start_prefix_routers(self, modes: list[str]) -> None:
         """Experiment `prefix`: the L7 router of each of `modes` on the router host, each
         on its own port (prefix_lab.ROUTER_PORTS), logging its decisions."""
+        if not modes:
+            return  # the fabric's own modes only: the plan has no router host then
         [host] = self.plan.by_role("router")
         for mode in modes:
             name, _ = prefix.L7_MODES[mode]
@@ -421,7 +423,8 @@ class Stack:
             priorities if priority else None,
             self.exp.bill_factor if host.name == self.exp.liar else 1.0,
             self.replica_ports,
-            prefix_lab.agent_settings(self.dir / "handoff.secret")
+            prefix_lab.agent_settings(self.dir / "handoff.secret", host,
+                                      self.exp.lookup_timeout)
             if prefix_lab.is_prefix(self.exp) else None))
         return self.net.popen(host.name, [*CLI, "agent", "run", "--config", str(path)],
                               f"agent-{host.name}-{self.capacity}")

@@ -1,6 +1,7 @@
 """The lab's Mininet network with real BMv2 switches: built, reachable, and gone after stop."""
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -45,6 +46,13 @@ def test_leafspine_starts_bmv2_per_switch_and_leaves_nothing(tmp_path):
         out = net.host(backend.name).cmd(f"ping -c1 -W2 {backend.mgmt_gw}")
         assert " 0% packet loss" in out
         assert "htb" in net.host(backend.name).cmd(f"tc qdisc show dev {backend.name}-eth0")
+        # under the leaves' IP-in-IP every host is 20 bytes short of the ports' 1500, the
+        # switch side keeps 1500 (a wrapped full-size segment still fits)
+        for host in plan.hosts.values():
+            assert " mtu 1480 " in net.host(host.name).cmd(f"ip link show {host.name}-eth0")
+        port = subprocess.run(["ip", "link", "show", f"{backend.switch}-eth{backend.port}"],
+                              capture_output=True, text=True, check=True).stdout
+        assert " mtu 1500 " in port  # the switch's end, in the root namespace
         sleeper = net.popen(backend.name, ["sleep", "300"], "sleeper")
         time.sleep(0.5)
         # the PID we track is the process itself (mnexec did not fork it away), in the

@@ -45,6 +45,12 @@ def test_the_opt_in_and_the_agents_handoff_settings(tmp_path):
     assert cfg["handoff"]["secret_file"] == str(secret)
     assert cfg["kv_events_endpoint"] == prefix_lab.KV_EVENTS
     from tokenfabric.hostagent.config import AgentConfig
+    assert "lookup_timeout" not in cfg["handoff"]  # the agent's own default
+    cfg = agent_config(lab, backend, 1, "t", extra=prefix_lab.agent_settings(
+        secret, backend, lookup_timeout=0.2))["agent"]
+    assert cfg["handoff"]["lookup_timeout"] == 0.2
+    assert cfg["metrics_listen"] == f"{backend.mgmt_ip}:{prefix_lab.AGENT_METRICS_PORT}"
+    assert AgentConfig(**cfg).handoff["lookup_timeout"] == 0.2
     checked = AgentConfig(**cfg)  # the agent's own validation takes it
     assert checked.handoff["secret"] == b"s" * 32
     # the responder answers 429 and needs neither
@@ -61,3 +67,132 @@ def test_modes_are_checked_against_the_experiment():
         select_runs(runs, None, "l7-router", PREFIX_MODES)
     with pytest.raises(ValueError, match="unknown mode"):
         select_runs(experiment("modes").runs, None, "prefix-affinity")
+
+
+def test_the_trace_comes_from_the_app_server_and_free_prompts_from_both_hosts():
+    exp = experiment("prefix", 20)
+    lab = lab_plan(exp, "leafspine")
+    # on leafspine both client hosts hang on leaf 1: the clients' edge
+    assert {h.switch for h in lab.by_role("client")} == {"tflleaf1"}
+    exp.workload = "trace"
+    loads = workloads(exp, exp.runs[0], lab)
+    assert list(loads) == ["tflc2"]  # the trace names no clients: one front end replays it
+    sent = plan(Workload.from_dict(loads["tflc2"].to_dict()))
+    assert len(sent) > 50 and {r.source_ip for r in sent} == {"10.0.2.10"}
+    assert {r.tenant.name for r in sent} == {"appserver"}
+    assert loads["tflc2"].endpoint == "completions"
+    # the trace's shared blocks survive the trip through the workload file: requests
+    # whose hash_ids share a head share that prompt prefix
+    heads = [r.prompt.split()[0] for r in sent if r.prompt]
+    assert len(set(heads)) < len(heads) / 2
+    exp.workload = "free"
+    loads = workloads(exp, exp.runs[0], lab)
+    sent_free = {h: plan(Workload.from_dict(w.to_dict())) for h, w in loads.items()}
+    assert set(sent_free) == {"tflc1", "tflc2"}
+    devices = {r.source_ip for r in sent_free["tflc1"]}
+    assert len(devices) > 20 and devices <= {*prefix_lab.device_addresses(lab)["tflc1"],
+                                             "10.0.1.10"}
+    assert {r.source_ip for r in sent_free["tflc2"]} == {"10.0.2.10"}
+    every = [r.prompt for reqs in sent_free.values() for r in reqs]
+    firsts = [p.split()[0] for p in every if p]
+    assert len(set(firsts)) == len(firsts)  # unique prompts: nothing shared by design
+
+
+def test_a_repetition_gets_its_own_seed_and_folder():
+    from tokenfabric.lab.experiments import Run
+    exp = experiment("prefix", 20)
+    lab = lab_plan(exp, "single")
+    first, again = Run("p2c", 0.85), Run("p2c", 0.85, (), 1)
+    assert (first.key, again.key) == ("p2c-0.85", "p2c-0.85-r1")
+    a = plan(workloads(exp, first, lab)["tflc1"])
+    b = plan(workloads(exp, again, lab)["tflc1"])
+    assert [r.prompt for r in a] != [r.prompt for r in b]
+
+
+def test_listed_requests_are_checked_when_the_workload_is_read():
+    good = {"offset": 0.5, "prompt": "a b c", "output_tokens": 3, "tenant": "t",
+            "source_ip": "10.0.1.5"}
+    w = Workload(url="http://x", rate=1, duration=5, requests=[good])
+    [req] = plan(Workload.from_dict(w.to_dict()))
+    assert (req.prompt, req.max_tokens, req.source_ip, req.prompt_tokens) == \
+        ("a b c", 3, "10.0.1.5", 3)
+    with pytest.raises(ValueError, match=r"requests\[0\]"):
+        Workload(url="http://x", rate=1, duration=5, requests=[{**good, "bogus": 1}])
+    with pytest.raises(ValueError, match=r"requests\[0\]: needs"):
+        Workload(url="http://x", rate=1, duration=5, requests=[{**good, "output_tokens": 0}])
+    with pytest.raises(ValueError, match="one of them"):
+        Workload(url="http://x", rate=1, duration=5, requests=[good],
+                 chat={"tenants": []})
+
+
+def test_intervals_pool_repeated_runs_and_bootstrap_runs_then_requests():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+
+    def records(scale: float) -> list[dict]:
+        return [{"ok": True, "ttft": float(t), "prompt_tokens": 100,
+                 "cached_tokens": int(c)} for t, c in
+                zip(rng.exponential(scale, 300), rng.integers(40, 80, 300), strict=True)]
+
+    slow = [({"hit_rate": 0.6, "goodput_rps": 10.0, "valid": True}, records(0.2))
+            for _ in range(3)]
+    fast = [({"hit_rate": 0.8, "goodput_rps": 11.0, "handoff_share": 0.1, "valid": True},
+             records(0.1)) for _ in range(3)]
+    stats = prefix_lab.intervals({"p2c": slow, "prefix-affinity": fast})
+    p2c, ours = stats["p2c"], stats["prefix-affinity"]
+    assert p2c["runs"] == 3 and p2c["hit_rate"] == pytest.approx(0.6)
+    low, high = p2c["ttft_p99_ci"]
+    assert low < p2c["ttft_p99_ms"] < high
+    assert ours["ttft_p99_ci"][1] < low  # half the service time: a clearly lower p99
+    hl, hh = p2c["hit_rate_usage_ci"]
+    assert 0.5 < hl < p2c["hit_rate_usage"] < hh < 0.7
+    ratio = ours["p99_ratio"]["p2c"]
+    assert ratio["ratio"] == pytest.approx(ours["ttft_p99_ms"] / p2c["ttft_p99_ms"])
+    assert ratio["ci"][0] < ratio["ratio"] < ratio["ci"][1] < 1
+    assert "p99_ratio" not in p2c  # only the fabric's handoff mode is compared
+    text = prefix_lab.intervals_markdown(stats)
+    assert "- TTFT p99 prefix-affinity / p2c: 0." in text
+    assert "| prefix-affinity | 3 |" in text and "90%" in text
+    # one run: the interval is the requests' alone; no requests: no interval
+    assert prefix_lab.bootstrap_interval([np.arange(50.0)], np.mean) is not None
+    assert prefix_lab.bootstrap_interval([np.empty(0)], np.mean) is None
+
+
+def test_prefix_options_belong_to_experiment_prefix(tmp_path):
+    from click.testing import CliRunner
+
+    from tokenfabric.lab.cli import lab_group
+    runner = CliRunner()
+    out = runner.invoke(lab_group, ["run", "--experiment", "quick", "--repeat", "2"])
+    assert out.exit_code == 2 and "for experiment prefix only" in out.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 1, "input_length": 5}\n')
+    out = runner.invoke(lab_group, ["run", "--experiment", "prefix", "--trace", str(bad)])
+    assert out.exit_code == 2 and "bad.jsonl:1" in out.output
+    out = runner.invoke(lab_group, ["run", "--experiment", "prefix", "--workload", "free",
+                                    "--trace", str(bad)])
+    assert out.exit_code == 2 and "--trace goes with --workload trace" in out.output
+
+
+def test_prefix_options_set_workload_trace_and_rounds():
+    from tokenfabric.lab.cli import _prefix_options
+    exp = experiment("prefix")
+    exp.runs = select_runs(exp.runs, None, "p2c,prefix-affinity", PREFIX_MODES)
+    _prefix_options(exp, None, str(prefix.SAMPLE_TRACE), 3, 0.2)
+    assert exp.workload == "trace" and exp.trace_path == str(prefix.SAMPLE_TRACE)
+    assert exp.lookup_timeout == 0.2
+    assert "(trace," in exp.title
+    assert [(r.mode, r.repeat) for r in exp.runs] == [
+        ("p2c", 0), ("prefix-affinity", 0), ("p2c", 1), ("prefix-affinity", 1),
+        ("p2c", 2), ("prefix-affinity", 2)]
+
+
+def test_handoff_paths_tell_the_fabric_from_one_switch():
+    lab = lab_plan(experiment("prefix"), "leafspine")
+    # backends round robin on leaves 2 and 3: b1, b3 on leaf 2; b2, b4 on leaf 3
+    records = [{"ok": True, "handoff_from": "tflb1", "backend": "tflb3"},
+               {"ok": True, "handoff_from": "tflb1", "backend": "tflb2"},
+               {"ok": False, "handoff_from": "tflb4", "backend": "tflb1"},
+               {"ok": True, "handoff_from": None, "backend": "tflb1"}]
+    assert prefix_lab.handoff_paths(lab, records) == {"same_switch": 1, "across_fabric": 1}
