@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from tokenfabric.controller.ledger_chain import JOURNAL_SCHEMA
+from tokenfabric.controller.ledger_chain import JOURNAL_SCHEMA, USAGE_COLUMNS
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # pg_advisory_xact_lock key of every ledger write: "tokenfab" as bytes, an arbitrary
@@ -35,7 +35,7 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 WRITE_LOCK_KEY = 0x746F6B656E666162
 TRANSLATED_CACHE = 1000  # distinct SQL texts whose $n form is kept
 
-SCHEMA_V1 = """
+SCHEMA_V1 = f"""
 CREATE TABLE IF NOT EXISTS reports (
     report_id TEXT PRIMARY KEY,
     backend   TEXT NOT NULL,
@@ -43,11 +43,7 @@ CREATE TABLE IF NOT EXISTS reports (
 );
 CREATE TABLE IF NOT EXISTS usage (
     minute            INTEGER NOT NULL,  -- unix seconds, a multiple of 60
-    tenant_id         INTEGER NOT NULL,
-    model             TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    requests          INTEGER NOT NULL,
+{USAGE_COLUMNS}
     PRIMARY KEY (minute, tenant_id, model)
 );
 CREATE TABLE IF NOT EXISTS switch_counters (
@@ -61,11 +57,7 @@ CREATE TABLE IF NOT EXISTS switch_counters (
 CREATE INDEX IF NOT EXISTS switch_counters_ts ON switch_counters (ts);
 CREATE TABLE IF NOT EXISTS usage_totals (  -- the last cumulative totals an agent reported
     backend           TEXT NOT NULL,
-    tenant_id         INTEGER NOT NULL,
-    model             TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    requests          INTEGER NOT NULL,
+{USAGE_COLUMNS}
     PRIMARY KEY (backend, tenant_id, model)
 );
 CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id across restarts
