@@ -10,6 +10,13 @@ its transaction committed and the WAL was flushed to disk, so it survives a kill
 the controller and a power cut. A report id makes recording idempotent: an agent
 that retries after a timeout never double counts.
 
+Reports that arrive together (the REST handler calls the ledger from several threads)
+share one commit: the first caller to get the connection writes every report queued
+behind it in one transaction, each report inside a savepoint (a refused report undoes
+only its own statements), and each caller returns only once that commit is durable. If
+the group's transaction fails, every report of it is written again on its own, so each
+gets its own outcome and none is acknowledged without a commit (see _submit).
+
 Every usage the ledger counts is also a row of the journal (controller/ledger_chain.py):
 rows chained by hash, with the agent's signature and sequence number when its usage is
 signed, so that `tokenfabric ledger verify` shows an edited, deleted or reordered row.
@@ -49,6 +56,8 @@ JOURNAL_INSERT = f"INSERT INTO journal ({', '.join(COLUMNS)}, hash)"
 MAX_ROWS_PER_INSERT = 500
 REPORT_ID_RETENTION_S = 7 * 24 * 3600  # agents retry for seconds; a week is plenty
 SIGNED_CACHE_SEQS = 512  # per backend: the recent records whose signatures are remembered
+# reports in one group commit at most: bounds how long the write lock is held
+MAX_GROUP = 64
 
 
 class UsageRefused(Exception):
@@ -75,6 +84,17 @@ class SignedOutcome:
     usage: list[Usage] = field(default_factory=list)  # what the new records added
     new_epoch: str | None = None  # the agent declared this new epoch (a restart)
     previous_epoch: str | None = None
+
+
+@dataclass
+class _Pending:
+    """One report waiting for the commit that writes it (Ledger._submit)."""
+
+    work: Callable[[bool], Any]  # the report's statements; its argument: use the caches
+    cached: Callable[[], bool] | None  # True: the caches answer its reads; None: it reads
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False  # result or error is final: its commit (or failure) is over
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,11 @@ class Ledger:
         self._signed_cache: dict[str, tuple[tuple[str, int, str], dict[int, str]]] = {}
         self.reconnects = 0  # PostgreSQL connections re-opened after a drop
         self.cache_misses = 0  # signed reports written again after another writer's
+        self._queue: list[_Pending] = []  # reports waiting for a group commit
+        self._queue_lock = threading.Lock()  # only around the queue, never around I/O
+        self.group_commits = 0  # commits that wrote two or more reports
+        self.grouped_reports = 0  # the reports those commits wrote
+        self.group_failures = 0  # groups whose transaction failed (reports then alone)
 
     @property
     def engine(self) -> str:
@@ -429,13 +454,88 @@ class Ledger:
                 self._last_prune = now
             return True
 
+        return self._submit(_Pending(work, cached if report_id is None else None))
+
+    def _submit(self, report: _Pending) -> Any:
+        """Write `report` and return once its commit is durable (or raise its error).
+
+        Group commit without a thread or a timer: the caller that gets the connection
+        writes every report queued so far in one transaction; the callers whose reports
+        it wrote find theirs done when they get the connection in turn. A caller alone
+        writes its report alone, as before."""
+        with self._queue_lock:
+            self._queue.append(report)
         with self._lock:
-            if cached is not None and report_id is None and cached():
+            while not report.done:  # the reports ahead of it first, MAX_GROUP at a time
+                with self._queue_lock:
+                    group = self._queue[:MAX_GROUP]
+                    del self._queue[:MAX_GROUP]
+                self._write_group(group)
+        if report.error is not None:
+            raise report.error
+        return report.result
+
+    def _write_group(self, group: list[_Pending]) -> None:
+        """Commit `group` once; if that fails, each report on its own. Every report is
+        done at the end, with its result or its error, never acknowledged uncommitted."""
+        try:
+            if len(group) > 1:
                 try:
-                    return self._write(work, True)
-                except self._db.unique_violation:
-                    self.cache_misses += 1  # another writer appended: read, write again
-            return self._write(work, False)
+                    self._write_together(group)
+                except Exception as exc:  # noqa: BLE001 (each report alone says what it is)
+                    self.group_failures += 1
+                    log.debug("ledger: a group of %d reports failed (%s); writing each "
+                              "alone", len(group), exc)
+                else:
+                    self.group_commits += 1
+                    self.grouped_reports += len(group)
+                    for report in group:
+                        report.done = True
+                    return
+            for report in group:
+                report.result, report.error = None, None
+                try:
+                    report.result = self._write_alone(report)
+                except Exception as exc:  # noqa: BLE001 (re-raised in its caller)
+                    report.error = exc
+                report.done = True
+        finally:
+            for report in group:  # an interrupt in the writing thread: not written
+                if not report.done:
+                    report.result = None
+                    report.error = RuntimeError("ledger write interrupted")
+                    report.done = True
+
+    def _write_alone(self, report: _Pending) -> Any:
+        if report.cached is not None and report.cached():
+            try:
+                return self._write(report.work, True)
+            except self._db.unique_violation:
+                self.cache_misses += 1  # another writer appended: read, write again
+        return self._write(report.work, False)
+
+    def _write_together(self, group: list[_Pending]) -> None:
+        """Every report of `group` in one committed transaction, each in a savepoint: a
+        report refused (UsageRefused) undoes its own statements and the others commit."""
+        cacheable = [r.cached is not None and r.cached() for r in group]
+        attempts = 0
+
+        def work(batch: bool) -> None:
+            nonlocal attempts
+            attempts += 1  # a second attempt (the connection dropped) reads everything
+            for report, use_cache in zip(group, cacheable, strict=True):
+                report.result, report.error = None, None
+                mark = self._db.savepoint()
+                try:
+                    report.result = report.work(use_cache and attempts == 1)
+                except UsageRefused as exc:  # decided here, before any statement failed
+                    self._db.rollback_to(mark)
+                    report.error = exc
+                    continue
+                self._db.release(mark)
+
+        # all of them answered by the caches: no reads, the one-message batch
+        self._write(work, all(cacheable))
 
     def _write(self, work: Callable[[bool], Any], cached: bool) -> Any:
         """`work` in one committed write transaction; a dropped database connection

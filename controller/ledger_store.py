@@ -131,6 +131,9 @@ class Store(Protocol):
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
     def begin_write(self, batch: bool = False) -> None: ...
+    def savepoint(self) -> int: ...
+    def release(self, mark: int) -> None: ...
+    def rollback_to(self, mark: int) -> None: ...
     def commit(self) -> None: ...
     def rollback(self) -> None: ...
     def has_table(self, name: str) -> bool: ...
@@ -190,6 +193,18 @@ class SqliteStore:
     def begin_write(self, batch: bool = False) -> None:
         # batch (writes only, no reads): nothing to gain in-process
         self._db.execute("BEGIN IMMEDIATE")  # the write lock now, not at the first write
+
+    def savepoint(self) -> int:
+        self._db.execute("SAVEPOINT report")
+        return 0
+
+    def release(self, mark: int) -> None:
+        self._db.execute("RELEASE SAVEPOINT report")
+
+    def rollback_to(self, mark: int) -> None:
+        # ROLLBACK TO keeps the savepoint open: released as well, the transaction goes on
+        self._db.execute("ROLLBACK TO SAVEPOINT report")
+        self._db.execute("RELEASE SAVEPOINT report")
 
     def commit(self) -> None:
         self._db.execute("COMMIT")
@@ -344,6 +359,25 @@ class PostgresStore:
         # one writer at a time across every controller on this database: the journal's
         # next id and hash are read then written inside the transaction
         self._db.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+
+    def savepoint(self) -> int:
+        """A point inside the write transaction to undo one report's statements back to
+        (a group commit's report that was refused); in a batch, its length so far."""
+        if self._batch is not None:
+            return len(self._batch)
+        self._db.execute("SAVEPOINT report")
+        return 0
+
+    def release(self, mark: int) -> None:
+        if self._batch is None:
+            self._db.execute("RELEASE SAVEPOINT report")
+
+    def rollback_to(self, mark: int) -> None:
+        if self._batch is not None:
+            del self._batch[mark:]  # not sent yet: forgetting them is the rollback
+            return
+        self._db.execute("ROLLBACK TO SAVEPOINT report")
+        self._db.execute("RELEASE SAVEPOINT report")
 
     def commit(self) -> None:
         batch, self._batch = self._batch, None
