@@ -153,6 +153,9 @@ class Ledger:
         # per backend its (epoch, last seq, last digest) and recent seq -> signature.
         self._head_cache: tuple[int, str] | None = None
         self._signed_cache: dict[str, tuple[tuple[str, int, str], dict[int, str]]] = {}
+        # per backend of cumulative totals: its agent_epochs row and its usage_totals rows
+        self._totals_cache: dict[str, tuple[tuple | None, dict[tuple[int, str],
+                                                               tuple[int, int, int]]]] = {}
         self.reconnects = 0  # PostgreSQL connections re-opened after a drop
         self.cache_misses = 0  # signed reports written again after another writer's
         self._queue: list[_Pending] = []  # reports waiting for a group commit
@@ -201,16 +204,11 @@ class Ledger:
         totals = list(totals)
 
         def add(minute: int, cached: bool) -> None:
-            # every read first: on PostgreSQL they travel in one round trip (pipeline)
-            head = self._head_query()
-            state_query = self._db.execute("SELECT epoch FROM agent_epochs WHERE backend = ?",
-                                           (backend,))
-            known_query = self._db.execute(
-                "SELECT tenant_id, model, prompt_tokens, completion_tokens, requests "
-                "FROM usage_totals WHERE backend = ?", (backend,))
-            last = _head(head)
-            state = state_query.fetchone()
-            known = {(t, m): (p, c, r) for t, m, p, c, r in known_query.fetchall()}
+            from_cache = self._totals_from_cache(backend) if cached else None
+            if from_cache is not None:
+                last, state, known = from_cache
+            else:
+                last, state, known = self._totals_state(backend)
             rows: list[JournalRow] = []
             if epoch is not None:
                 epoch_row = self._switch_epoch(now, agent, backend, epoch, events, state,
@@ -238,6 +236,11 @@ class Ledger:
                 if any(grown):
                     growth.append(Usage(u.tenant_id, u.model, *grown))
             _check_bound(growth, max_tokens)
+            if from_cache is not None and not rows and not growth:
+                # nothing new: write nothing (a view that went stale meanwhile, which no
+                # journal row of this report would catch, must not overwrite newer totals)
+                self._head_cache = last
+                return
             self._insert_rows(
                 "INSERT INTO usage_totals (backend, tenant_id, model, prompt_tokens, "
                 "completion_tokens, requests)",
@@ -249,8 +252,38 @@ class Ledger:
             self._add_usage(minute, growth)
             rows.extend(_row(now, agent, backend, u) for u in growth)
             self._journal(rows, last)
+            self._totals_cache[backend] = ((epoch,) if epoch is not None else state, known)
 
-        return self._in_report(report_id, backend, now, add)
+        return self._in_report(report_id, backend, now, add,
+                               cached=lambda: self._totals_from_cache(backend) is not None)
+
+    def _totals_state(self, backend: str) -> tuple[tuple[int, str], tuple | None,
+                                                   dict[tuple[int, str], tuple[int, int, int]]]:
+        """What a totals report reads: the journal's head, the backend's agent_epochs row
+        (None: none yet), its last cumulative totals. On PostgreSQL the three go out
+        together (pipeline) and come back in one round trip."""
+        head = self._head_query()
+        state_query = self._db.execute("SELECT epoch FROM agent_epochs WHERE backend = ?",
+                                       (backend,))
+        known_query = self._db.execute(
+            "SELECT tenant_id, model, prompt_tokens, completion_tokens, requests "
+            "FROM usage_totals WHERE backend = ?", (backend,))
+        last = _head(head)
+        state = state_query.fetchone()
+        known = {(t, m): (p, c, r) for t, m, p, c, r in known_query.fetchall()}
+        return last, (tuple(state) if state is not None else None), known
+
+    def _totals_from_cache(self, backend: str) -> tuple[
+            tuple[int, str], tuple | None, dict[tuple[int, str], tuple[int, int, int]]] | None:
+        """_totals_state's answer from what this process wrote last (a copy), without a
+        read; None when it does not know. Safe as _signed_from_cache is: another writer's
+        change of the backend's totals or epoch comes with journal rows, so a report that
+        appends rows after a stale head fails on the journal's key and is written again
+        from reads, and one that appends none writes nothing."""
+        if self._head_cache is None or backend not in self._totals_cache:
+            return None
+        state, known = self._totals_cache[backend]
+        return self._head_cache, state, dict(known)
 
     def record_signed(self, backend: str, agent: str,
                       records: list[tuple[UsageRecord, str]], now: float | None = None,
@@ -359,6 +392,9 @@ class Ledger:
         self._signed_cache[backend] = (state, seen)
 
     def _set_epoch(self, backend: str, epoch: str, last_seq: int, last_digest: str) -> None:
+        # a totals report remembers its backend's epoch anew after this; a signed one
+        # leaves the totals view stale (one backend sending both: unusual, but exact)
+        self._totals_cache.pop(backend, None)
         self._db.execute(
             "INSERT INTO agent_epochs (backend, epoch, last_seq, last_digest) "
             "VALUES (?, ?, ?, ?) ON CONFLICT (backend) DO UPDATE SET epoch = excluded.epoch, "
@@ -407,6 +443,7 @@ class Ledger:
         reset = state is not None or has_totals
         if reset and self._epoch_seen(backend, epoch):
             raise UsageRefused("replay", f"epoch {epoch} of {backend} has ended")
+        self._signed_cache.pop(backend, None)  # its signed view (if any) is stale now
         self._set_epoch(backend, epoch, 0, "")
         if reset and events is not None:
             events.append(f"new epoch {epoch}: cumulative totals restart from zero "
@@ -439,7 +476,12 @@ class Ledger:
         minute = _ms(now) // 60_000 * 60  # the journal rows' minute, to the millisecond
 
         def work(cached: bool) -> bool:
-            if report_id is not None:
+            if report_id is not None and cached:
+                # no read: a duplicate id fails on the key, and the report is written
+                # again from reads, which then finds the id (False)
+                self._db.execute("INSERT INTO reports (report_id, backend, received) "
+                                 "VALUES (?, ?, ?)", (report_id, backend, now))
+            elif report_id is not None:
                 # RETURNING, not rowcount: a pipelined statement has no count yet
                 fresh = self._db.execute(
                     "INSERT INTO reports (report_id, backend, received) VALUES (?, ?, ?) "
@@ -454,7 +496,7 @@ class Ledger:
                 self._last_prune = now
             return True
 
-        return self._submit(_Pending(work, cached if report_id is None else None))
+        return self._submit(_Pending(work, cached))
 
     def _submit(self, report: _Pending) -> Any:
         """Write `report` and return once its commit is durable (or raise its error).
@@ -564,6 +606,7 @@ class Ledger:
         except BaseException:
             self._head_cache = None  # whatever was written did not happen
             self._signed_cache.clear()
+            self._totals_cache.clear()
             self._db.rollback()
             raise
 
