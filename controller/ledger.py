@@ -202,8 +202,11 @@ class Ledger:
         """
         now = time.time() if now is None else now
         totals = list(totals)
+        events_before = len(events) if events is not None else 0
 
         def add(minute: int, cached: bool) -> None:
+            if events is not None:  # a second attempt (group failed, stale view) says it once
+                del events[events_before:]
             from_cache = self._totals_from_cache(backend) if cached else None
             if from_cache is not None:
                 last, state, known = from_cache

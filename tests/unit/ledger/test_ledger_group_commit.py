@@ -125,24 +125,28 @@ def test_a_refused_report_undoes_only_its_own_statements(ledger_target, key):
 def test_a_failed_group_is_written_report_by_report(ledger_target, key):
     """A report whose usage no 64-bit column holds fails the group's transaction; each
     report is then written alone: that one fails (OverflowError, nothing of it
-    written), the others are recorded once."""
+    written), the others are recorded once, and an agent's restart is reported once."""
     led = Ledger(ledger_target)
+    led.record_totals(None, "plain2", [Usage(5, "llama", 3, 0, 1)], now=T0, epoch="boot1")
     a = signed(key, "gpu1", 2)
+    events: list[str] = []
     out = queued_together(led, [
         lambda: led.record_signed("gpu1", "agent", a, now=T0),
-        lambda: led.record_totals(None, "plain", [Usage(1, "llama", 2**63, 0, 1)], now=T0,
-                                  epoch="boot"),
         lambda: led.record_totals(None, "plain2", [Usage(5, "llama", 7, 1, 1)], now=T0,
+                                  epoch="boot2", events=events),
+        lambda: led.record_totals(None, "plain", [Usage(1, "llama", 2**63, 0, 1)], now=T0,
                                   epoch="boot"),
     ])
     assert out[0].added == 2
-    assert isinstance(out[1], OverflowError)
-    assert out[2] is True
+    assert out[1] is True
+    assert isinstance(out[2], OverflowError)
     assert (led.group_commits, led.group_failures) == (0, 1)
-    assert led.totals()[5] == (7, 1, 1)
+    assert led.totals()[5] == (3 + 7, 1, 2)
+    assert len(events) == 1 and "new epoch boot2" in events[0]  # written twice, said once
     led.close()
     report = verify_file(ledger_target)
-    assert report.ok and report.rows == 1 + 2 + 1 + 1  # gpu1: epoch + 2; plain2: epoch + 1
+    # gpu1: epoch + 2 records; plain2: epoch + 1, then the new epoch + 1
+    assert report.ok and report.rows == 3 + 4, report.chain_problem
 
 
 def test_a_group_that_cannot_commit_acknowledges_none(tmp_path, key):
