@@ -159,7 +159,9 @@ class Ledger:
         self.reconnects = 0  # PostgreSQL connections re-opened after a drop
         self.cache_misses = 0  # signed reports written again after another writer's
         self._queue: list[_Pending] = []  # reports waiting for a group commit
-        self._queue_lock = threading.Lock()  # only around the queue, never around I/O
+        # around the queue and `_writing` only, never around I/O
+        self._queue_ready = threading.Condition(threading.Lock())
+        self._writing = False  # a caller is writing a group
         self.group_commits = 0  # commits that wrote two or more reports
         self.grouped_reports = 0  # the reports those commits wrote
         self.group_failures = 0  # groups whose transaction failed (reports then alone)
@@ -504,18 +506,29 @@ class Ledger:
     def _submit(self, report: _Pending) -> Any:
         """Write `report` and return once its commit is durable (or raise its error).
 
-        Group commit without a thread or a timer: the caller that gets the connection
-        writes every report queued so far in one transaction; the callers whose reports
-        it wrote find theirs done when they get the connection in turn. A caller alone
+        Group commit without a thread or a timer: a caller that finds nobody writing
+        becomes the writer and writes every report queued so far in one transaction;
+        the callers that queued meanwhile wait (on a condition, not on the connection)
+        and return as soon as the commit that holds theirs is over. A caller alone
         writes its report alone, as before."""
-        with self._queue_lock:
+        with self._queue_ready:
             self._queue.append(report)
-        with self._lock:
-            while not report.done:  # the reports ahead of it first, MAX_GROUP at a time
-                with self._queue_lock:
-                    group = self._queue[:MAX_GROUP]
-                    del self._queue[:MAX_GROUP]
-                self._write_group(group)
+        while True:
+            with self._queue_ready:
+                while self._writing and not report.done:
+                    self._queue_ready.wait()
+                if report.done:
+                    break
+                self._writing = True  # this caller writes the next group
+                group = self._queue[:MAX_GROUP]  # the reports ahead of it first
+                del self._queue[:MAX_GROUP]
+            try:
+                with self._lock:
+                    self._write_group(group)
+            finally:
+                with self._queue_ready:
+                    self._writing = False
+                    self._queue_ready.notify_all()
         if report.error is not None:
             raise report.error
         return report.result

@@ -34,8 +34,8 @@ def signed(key: Any, backend: str, n: int, start: int = 1, prev: str = "") -> li
 
 
 def queued_together(led: Ledger, calls: list[Callable[[], Any]]) -> list[Any]:
-    """Run `calls` in threads while the test holds the ledger's connection, so that all
-    of them queue before any is written (one group); each call's result or exception."""
+    """Run `calls` in threads while the test plays a writer that is busy, so that all of
+    them queue before any is written (one group); each call's result or exception."""
     out: list[Any] = [None] * len(calls)
 
     def run(i: int) -> None:
@@ -45,7 +45,9 @@ def queued_together(led: Ledger, calls: list[Callable[[], Any]]) -> list[Any]:
             out[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    with led._lock:  # the connection is busy: every caller queues behind it
+    with led._queue_ready:
+        led._writing = True  # a group is being written: every caller queues behind it
+    try:
         for t in threads:
             t.start()
         deadline = time.monotonic() + WAIT_S
@@ -53,6 +55,10 @@ def queued_together(led: Ledger, calls: list[Callable[[], Any]]) -> list[Any]:
             time.sleep(0.005)
         assert len(led._queue) == len(calls), "the callers did not queue"
         assert all(x is None for x in out), "a report returned before any commit"
+    finally:
+        with led._queue_ready:  # that write is over: one of the callers writes them all
+            led._writing = False
+            led._queue_ready.notify_all()
     for t in threads:
         t.join(WAIT_S)
     assert not any(t.is_alive() for t in threads)
