@@ -14,23 +14,12 @@ from typing import Any
 
 import pytest
 
+from tests.unit.ledger.test_ledger_replicas import T0, signed
 from tokenfabric import usage_signing
 from tokenfabric.controller.ledger import Ledger, Usage, UsageRefused
 from tokenfabric.controller.ledger_chain import verify_file
-from tokenfabric.usage_signing import UsageRecord
 
-T0 = 1_780_000_000.0
 WAIT_S = 20.0
-
-
-def signed(key: Any, backend: str, n: int, start: int = 1, prev: str = "") -> list:
-    out = []
-    for seq in range(start, start + n):
-        rec = UsageRecord(backend, "boot", seq, int(T0 * 1000) + seq, 1 + seq % 3, "llama",
-                          10 * seq, seq, 1, prev)
-        out.append((rec, usage_signing.sign(key, rec)))
-        prev = rec.digest()
-    return out
 
 
 def queued_together(led: Ledger, calls: list[Callable[[], Any]]) -> list[Any]:
