@@ -11,9 +11,9 @@ the controller and a power cut. A report id makes recording idempotent: an agent
 that retries after a timeout never double counts.
 
 Reports that arrive together (the REST handler calls the ledger from several threads)
-share one commit: the first caller to get the connection writes every report queued
-behind it in one transaction, each report inside a savepoint (a refused report undoes
-only its own statements), and each caller returns only once that commit is durable. If
+share one commit: a caller that finds nobody writing writes every report queued so far
+in one transaction, each report inside a savepoint (a refused report undoes only its
+own statements), and each caller returns only once that commit is durable. If
 the group's transaction fails, every report of it is written again on its own, so each
 gets its own outcome and none is acknowledged without a commit (see _submit).
 
