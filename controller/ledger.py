@@ -10,6 +10,13 @@ its transaction committed and the WAL was flushed to disk, so it survives a kill
 the controller and a power cut. A report id makes recording idempotent: an agent
 that retries after a timeout never double counts.
 
+Reports that arrive together (the REST handler calls the ledger from several threads)
+share one commit: a caller that finds nobody writing writes every report queued so far
+in one transaction, each report inside a savepoint (a refused report undoes only its
+own statements), and each caller returns only once that commit is durable. If
+the group's transaction fails, every report of it is written again on its own, so each
+gets its own outcome and none is acknowledged without a commit (see _submit).
+
 Every usage the ledger counts is also a row of the journal (controller/ledger_chain.py):
 rows chained by hash, with the agent's signature and sequence number when its usage is
 signed, so that `tokenfabric ledger verify` shows an edited, deleted or reordered row.
@@ -50,6 +57,8 @@ JOURNAL_INSERT = f"INSERT INTO journal ({', '.join(COLUMNS)}, hash)"
 MAX_ROWS_PER_INSERT = 500
 REPORT_ID_RETENTION_S = 7 * 24 * 3600  # agents retry for seconds; a week is plenty
 SIGNED_CACHE_SEQS = 512  # per backend: the recent records whose signatures are remembered
+# reports in one group commit at most: bounds how long the write lock is held
+MAX_GROUP = 64
 
 
 class UsageRefused(Exception):
@@ -76,6 +85,17 @@ class SignedOutcome:
     usage: list[Usage] = field(default_factory=list)  # what the new records added
     new_epoch: str | None = None  # the agent declared this new epoch (a restart)
     previous_epoch: str | None = None
+
+
+@dataclass
+class _Pending:
+    """One report waiting for the commit that writes it (Ledger._submit)."""
+
+    work: Callable[[bool], Any]  # the report's statements; its argument: use the caches
+    cached: Callable[[], bool] | None  # True: the caches answer its reads; None: it reads
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False  # result or error is final: its commit (or failure) is over
 
 
 @dataclass(frozen=True)
@@ -115,8 +135,18 @@ class Ledger:
         # per backend its (epoch, last seq, last digest) and recent seq -> signature.
         self._head_cache: tuple[int, str] | None = None
         self._signed_cache: dict[str, tuple[tuple[str, int, str], dict[int, str]]] = {}
+        # per backend of cumulative totals: its agent_epochs row and its usage_totals rows
+        self._totals_cache: dict[str, tuple[tuple | None, dict[tuple[int, str],
+                                                               tuple[int, int, int]]]] = {}
         self.reconnects = 0  # PostgreSQL connections re-opened after a drop
         self.cache_misses = 0  # signed reports written again after another writer's
+        self._queue: list[_Pending] = []  # reports waiting for a group commit
+        # around the queue and `_writing` only, never around I/O
+        self._queue_ready = threading.Condition(threading.Lock())
+        self._writing = False  # a caller is writing a group
+        self.group_commits = 0  # commits that wrote two or more reports
+        self.grouped_reports = 0  # the reports those commits wrote
+        self.group_failures = 0  # groups whose transaction failed (reports then alone)
 
     @property
     def engine(self) -> str:
@@ -156,18 +186,16 @@ class Ledger:
         """
         now = time.time() if now is None else now
         totals = list(totals)
+        events_before = len(events) if events is not None else 0
 
         def add(minute: int, cached: bool) -> None:
-            # every read first: on PostgreSQL they travel in one round trip (pipeline)
-            head = self._head_query()
-            state_query = self._db.execute("SELECT epoch FROM agent_epochs WHERE backend = ?",
-                                           (backend,))
-            known_query = self._db.execute(
-                "SELECT tenant_id, model, prompt_tokens, completion_tokens, requests "
-                "FROM usage_totals WHERE backend = ?", (backend,))
-            last = _head(head)
-            state = state_query.fetchone()
-            known = {(t, m): (p, c, r) for t, m, p, c, r in known_query.fetchall()}
+            if events is not None:  # a second attempt (group failed, stale view) says it once
+                del events[events_before:]
+            from_cache = self._totals_from_cache(backend) if cached else None
+            if from_cache is not None:
+                last, state, known = from_cache
+            else:
+                last, state, known = self._totals_state(backend)
             rows: list[JournalRow] = []
             if epoch is not None:
                 epoch_row = self._switch_epoch(now, agent, backend, epoch, events, state,
@@ -195,6 +223,11 @@ class Ledger:
                 if any(grown):
                     growth.append(Usage(u.tenant_id, u.model, *grown))
             _check_bound(growth, max_tokens)
+            if from_cache is not None and not rows and not growth:
+                # nothing new: write nothing (a view that went stale meanwhile, which no
+                # journal row of this report would catch, must not overwrite newer totals)
+                self._head_cache = last
+                return
             self._insert_rows(
                 "INSERT INTO usage_totals (backend, tenant_id, model, prompt_tokens, "
                 "completion_tokens, requests)",
@@ -206,8 +239,38 @@ class Ledger:
             self._add_usage(minute, growth)
             rows.extend(_row(now, agent, backend, u) for u in growth)
             self._journal(rows, last)
+            self._totals_cache[backend] = ((epoch,) if epoch is not None else state, known)
 
-        return self._in_report(report_id, backend, now, add)
+        return self._in_report(report_id, backend, now, add,
+                               cached=lambda: self._totals_from_cache(backend) is not None)
+
+    def _totals_state(self, backend: str) -> tuple[tuple[int, str], tuple | None,
+                                                   dict[tuple[int, str], tuple[int, int, int]]]:
+        """What a totals report reads: the journal's head, the backend's agent_epochs row
+        (None: none yet), its last cumulative totals. On PostgreSQL the three go out
+        together (pipeline) and come back in one round trip."""
+        head = self._head_query()
+        state_query = self._db.execute("SELECT epoch FROM agent_epochs WHERE backend = ?",
+                                       (backend,))
+        known_query = self._db.execute(
+            "SELECT tenant_id, model, prompt_tokens, completion_tokens, requests "
+            "FROM usage_totals WHERE backend = ?", (backend,))
+        last = _head(head)
+        state = state_query.fetchone()
+        known = {(t, m): (p, c, r) for t, m, p, c, r in known_query.fetchall()}
+        return last, (tuple(state) if state is not None else None), known
+
+    def _totals_from_cache(self, backend: str) -> tuple[
+            tuple[int, str], tuple | None, dict[tuple[int, str], tuple[int, int, int]]] | None:
+        """_totals_state's answer from what this process wrote last (a copy), without a
+        read; None when it does not know. Safe as _signed_from_cache is: another writer's
+        change of the backend's totals or epoch comes with journal rows, so a report that
+        appends rows after a stale head fails on the journal's key and is written again
+        from reads, and one that appends none writes nothing."""
+        if self._head_cache is None or backend not in self._totals_cache:
+            return None
+        state, known = self._totals_cache[backend]
+        return self._head_cache, state, dict(known)
 
     def record_signed(self, backend: str, agent: str,
                       records: list[tuple[UsageRecord, str]], now: float | None = None,
@@ -316,6 +379,9 @@ class Ledger:
         self._signed_cache[backend] = (state, seen)
 
     def _set_epoch(self, backend: str, epoch: str, last_seq: int, last_digest: str) -> None:
+        # a totals report remembers its backend's epoch anew after this; a signed one
+        # leaves the totals view stale (one backend sending both: unusual, but exact)
+        self._totals_cache.pop(backend, None)
         self._db.execute(
             "INSERT INTO agent_epochs (backend, epoch, last_seq, last_digest) "
             "VALUES (?, ?, ?, ?) ON CONFLICT (backend) DO UPDATE SET epoch = excluded.epoch, "
@@ -364,6 +430,7 @@ class Ledger:
         reset = state is not None or has_totals
         if reset and self._epoch_seen(backend, epoch):
             raise UsageRefused("replay", f"epoch {epoch} of {backend} has ended")
+        self._signed_cache.pop(backend, None)  # its signed view (if any) is stale now
         self._set_epoch(backend, epoch, 0, "")
         if reset and events is not None:
             events.append(f"new epoch {epoch}: cumulative totals restart from zero "
@@ -396,7 +463,12 @@ class Ledger:
         minute = _ms(now) // 60_000 * 60  # the journal rows' minute, to the millisecond
 
         def work(cached: bool) -> bool:
-            if report_id is not None:
+            if report_id is not None and cached:
+                # no read: a duplicate id fails on the key, and the report is written
+                # again from reads, which then finds the id (False)
+                self._db.execute("INSERT INTO reports (report_id, backend, received) "
+                                 "VALUES (?, ?, ?)", (report_id, backend, now))
+            elif report_id is not None:
                 # RETURNING, not rowcount: a pipelined statement has no count yet
                 fresh = self._db.execute(
                     "INSERT INTO reports (report_id, backend, received) VALUES (?, ?, ?) "
@@ -411,13 +483,99 @@ class Ledger:
                 self._last_prune = now
             return True
 
-        with self._lock:
-            if cached is not None and report_id is None and cached():
+        return self._submit(_Pending(work, cached))
+
+    def _submit(self, report: _Pending) -> Any:
+        """Write `report` and return once its commit is durable (or raise its error).
+
+        Group commit without a thread or a timer: a caller that finds nobody writing
+        becomes the writer and writes every report queued so far in one transaction;
+        the callers that queued meanwhile wait (on a condition, not on the connection)
+        and return as soon as the commit that holds theirs is over. A caller alone
+        writes its report alone, as before."""
+        with self._queue_ready:
+            self._queue.append(report)
+        while True:
+            with self._queue_ready:
+                while self._writing and not report.done:
+                    self._queue_ready.wait()
+                if report.done:
+                    break
+                self._writing = True  # this caller writes the next group
+                group = self._queue[:MAX_GROUP]  # the reports ahead of it first
+                del self._queue[:MAX_GROUP]
+            try:
+                with self._lock:
+                    self._write_group(group)
+            finally:
+                with self._queue_ready:
+                    self._writing = False
+                    self._queue_ready.notify_all()
+        if report.error is not None:
+            raise report.error
+        return report.result
+
+    def _write_group(self, group: list[_Pending]) -> None:
+        """Commit `group` once; if that fails, each report on its own. Every report is
+        done at the end, with its result or its error, never acknowledged uncommitted."""
+        try:
+            if len(group) > 1:
                 try:
-                    return self._write(work, True)
-                except self._db.unique_violation:
-                    self.cache_misses += 1  # another writer appended: read, write again
-            return self._write(work, False)
+                    self._write_together(group)
+                except Exception as exc:  # noqa: BLE001 (each report alone says what it is)
+                    self.group_failures += 1
+                    log.debug("ledger: a group of %d reports failed (%s); writing each "
+                              "alone", len(group), exc)
+                else:
+                    self.group_commits += 1
+                    self.grouped_reports += len(group)
+                    for report in group:
+                        report.done = True
+                    return
+            for report in group:
+                report.result, report.error = None, None
+                try:
+                    report.result = self._write_alone(report)
+                except Exception as exc:  # noqa: BLE001 (re-raised in its caller)
+                    report.error = exc
+                report.done = True
+        finally:
+            for report in group:  # an interrupt in the writing thread: not written
+                if not report.done:
+                    report.result = None
+                    report.error = RuntimeError("ledger write interrupted")
+                    report.done = True
+
+    def _write_alone(self, report: _Pending) -> Any:
+        if report.cached is not None and report.cached():
+            try:
+                return self._write(report.work, True)
+            except self._db.unique_violation:
+                self.cache_misses += 1  # another writer appended: read, write again
+        return self._write(report.work, False)
+
+    def _write_together(self, group: list[_Pending]) -> None:
+        """Every report of `group` in one committed transaction, each in a savepoint: a
+        report refused (UsageRefused) undoes its own statements and the others commit."""
+        cacheable = [r.cached is not None and r.cached() for r in group]
+        attempts = 0
+
+        def work(batch: bool) -> None:
+            nonlocal attempts
+            attempts += 1  # a second attempt (the connection dropped) reads everything
+            for report, use_cache in zip(group, cacheable, strict=True):
+                report.result, report.error = None, None
+                mark = self._db.savepoint()
+                try:
+                    report.result = report.work(use_cache and attempts == 1)
+                except UsageRefused as exc:  # decided here, before any statement failed
+                    self._db.rollback_to(mark)
+                    report.error = exc
+                    continue
+                self._db.release(mark)
+
+        # all of them answered by the caches: no reads, the one-message batch
+        self._write(work, all(cacheable))
 
     def _write(self, work: Callable[[bool], Any], cached: bool) -> Any:
         """`work` in one committed write transaction; a dropped database connection
@@ -446,6 +604,7 @@ class Ledger:
         except BaseException:
             self._head_cache = None  # whatever was written did not happen
             self._signed_cache.clear()
+            self._totals_cache.clear()
             self._db.rollback()
             raise
 

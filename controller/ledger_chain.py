@@ -33,18 +33,22 @@ if TYPE_CHECKING:
 
 GENESIS = "0" * 64
 
-JOURNAL_SCHEMA = """
+# A usage's columns as the journal, the per-minute table and the agents' last totals
+# (controller/ledger_store.py) all declare them: one text, so the three cannot drift.
+USAGE_COLUMNS = """    tenant_id         INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    requests          INTEGER NOT NULL,"""
+
+JOURNAL_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS journal (
     id                INTEGER PRIMARY KEY,  -- 1, 2, 3, ... with no holes
     received_ms       INTEGER NOT NULL,     -- when the controller took it (unix ms)
     kind              TEXT NOT NULL,        -- usage | epoch (an agent declared a new epoch)
     agent             TEXT NOT NULL,        -- the token's name that sent it
     backend           TEXT NOT NULL,
-    tenant_id         INTEGER NOT NULL,
-    model             TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    requests          INTEGER NOT NULL,
+{USAGE_COLUMNS}
     epoch             TEXT NOT NULL,        -- the agent's epoch; '' for unsigned usage
     seq               INTEGER NOT NULL,     -- the record's sequence number; 0 unsigned
     record_ms         INTEGER NOT NULL,     -- the agent's time of the record; 0 unsigned

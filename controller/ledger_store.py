@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from tokenfabric.controller.ledger_chain import JOURNAL_SCHEMA
+from tokenfabric.controller.ledger_chain import JOURNAL_SCHEMA, USAGE_COLUMNS
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # pg_advisory_xact_lock key of every ledger write: "tokenfab" as bytes, an arbitrary
@@ -35,7 +35,7 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 WRITE_LOCK_KEY = 0x746F6B656E666162
 TRANSLATED_CACHE = 1000  # distinct SQL texts whose $n form is kept
 
-SCHEMA_V1 = """
+SCHEMA_V1 = f"""
 CREATE TABLE IF NOT EXISTS reports (
     report_id TEXT PRIMARY KEY,
     backend   TEXT NOT NULL,
@@ -43,11 +43,7 @@ CREATE TABLE IF NOT EXISTS reports (
 );
 CREATE TABLE IF NOT EXISTS usage (
     minute            INTEGER NOT NULL,  -- unix seconds, a multiple of 60
-    tenant_id         INTEGER NOT NULL,
-    model             TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    requests          INTEGER NOT NULL,
+{USAGE_COLUMNS}
     PRIMARY KEY (minute, tenant_id, model)
 );
 CREATE TABLE IF NOT EXISTS switch_counters (
@@ -61,11 +57,7 @@ CREATE TABLE IF NOT EXISTS switch_counters (
 CREATE INDEX IF NOT EXISTS switch_counters_ts ON switch_counters (ts);
 CREATE TABLE IF NOT EXISTS usage_totals (  -- the last cumulative totals an agent reported
     backend           TEXT NOT NULL,
-    tenant_id         INTEGER NOT NULL,
-    model             TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    requests          INTEGER NOT NULL,
+{USAGE_COLUMNS}
     PRIMARY KEY (backend, tenant_id, model)
 );
 CREATE TABLE IF NOT EXISTS backend_ids (  -- agents' backends keep their id across restarts
@@ -153,6 +145,9 @@ class Store(Protocol):
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
     def begin_write(self, batch: bool = False) -> None: ...
+    def savepoint(self) -> int: ...
+    def release(self, mark: int) -> None: ...
+    def rollback_to(self, mark: int) -> None: ...
     def commit(self) -> None: ...
     def rollback(self) -> None: ...
     def has_table(self, name: str) -> bool: ...
@@ -212,6 +207,18 @@ class SqliteStore:
     def begin_write(self, batch: bool = False) -> None:
         # batch (writes only, no reads): nothing to gain in-process
         self._db.execute("BEGIN IMMEDIATE")  # the write lock now, not at the first write
+
+    def savepoint(self) -> int:
+        self._db.execute("SAVEPOINT report")
+        return 0
+
+    def release(self, mark: int) -> None:
+        self._db.execute("RELEASE SAVEPOINT report")
+
+    def rollback_to(self, mark: int) -> None:
+        # ROLLBACK TO keeps the savepoint open: released as well, the transaction goes on
+        self._db.execute("ROLLBACK TO SAVEPOINT report")
+        self._db.execute("RELEASE SAVEPOINT report")
 
     def commit(self) -> None:
         self._db.execute("COMMIT")
@@ -366,6 +373,25 @@ class PostgresStore:
         # one writer at a time across every controller on this database: the journal's
         # next id and hash are read then written inside the transaction
         self._db.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+
+    def savepoint(self) -> int:
+        """A point inside the write transaction to undo one report's statements back to
+        (a group commit's report that was refused); in a batch, its length so far."""
+        if self._batch is not None:
+            return len(self._batch)
+        self._db.execute("SAVEPOINT report")
+        return 0
+
+    def release(self, mark: int) -> None:
+        if self._batch is None:
+            self._db.execute("RELEASE SAVEPOINT report")
+
+    def rollback_to(self, mark: int) -> None:
+        if self._batch is not None:
+            del self._batch[mark:]  # not sent yet: forgetting them is the rollback
+            return
+        self._db.execute("ROLLBACK TO SAVEPOINT report")
+        self._db.execute("RELEASE SAVEPOINT report")
 
     def commit(self) -> None:
         batch, self._batch = self._batch, None

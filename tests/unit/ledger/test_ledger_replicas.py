@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tokenfabric import usage_signing
-from tokenfabric.controller.ledger import Ledger, Usage
+from tokenfabric.controller.ledger import Ledger, Usage, UsageRefused
 from tokenfabric.controller.ledger_chain import verify_file
 from tokenfabric.pg_temp import PostgresUnavailable, TempPostgres
 from tokenfabric.usage_signing import UsageRecord
@@ -89,6 +89,34 @@ def test_reports_written_without_reads_keep_every_value_exactly(ledger_target, t
     led.close()
     report = verify_file(ledger_target)
     assert report.ok and report.rows == 45, report.chain_problem
+
+
+def test_totals_sent_to_two_replicas_count_once(ledger_target):
+    """Cumulative totals (with report ids, as agents send them) to two replicas, whose
+    views of what they wrote last go stale in turn: every growth counts once, a report
+    id is one report on either replica, and totals lower than the newest recorded are
+    still refused by the replica that recorded them."""
+    a, b = Ledger(ledger_target), Ledger(ledger_target)
+
+    def report(led: Ledger, n: int, prompt: int) -> bool:
+        return led.record_totals(f"gpu1/boot-{n}", "gpu1", [Usage(1, "llama", prompt, 1, 1)],
+                                 now=T0 + n, epoch="boot")
+
+    assert report(a, 1, 100) and report(b, 1, 100) is False  # one report id, once
+    assert report(b, 2, 250)  # a's view (100) is stale now
+    assert report(a, 2, 250) is False  # the same report id
+    assert report(a, 3, 400)  # a's view said 100: its stale write failed, read again
+    assert report(b, 3, 400) is False
+    assert report(b, 4, 400)  # no growth: recorded, nothing counted
+    assert a.totals() == b.totals() == {1: (400, 1, 1)}
+    assert a.cache_misses >= 1
+    with pytest.raises(UsageRefused):  # lower than what a recorded, same epoch
+        report(a, 5, 300)
+    assert a.totals() == {1: (400, 1, 1)}
+    a.close()
+    b.close()
+    report_ = verify_file(ledger_target)
+    assert report_.ok and report_.rows == 1 + 3, report_.chain_problem  # epoch + 3 growths
 
 
 def test_a_duplicate_signed_record_is_refused_by_the_schema(ledger_target, tmp_path):
