@@ -57,6 +57,7 @@ from tokenfabric.hostagent.handoff import (
     HANDOFF_FROM_HEADER,
     HANDOFF_HEADER,
     HANDOFF_MS_HEADER,
+    LOCAL_AFTER_LOOKUP,
     LOOKUP_MS_HEADER,
     Decision,
     Handoff,
@@ -562,15 +563,21 @@ class Bridge:
     def _cached_here(self, exchange: _Exchange, received: bool) -> bool:
         """Served here for its prefix: handed here by a peer (whose index lookup chose this
         backend), or this backend holds at least `min_blocks` of the prompt and no peer
-        markedly more (`local_longest`)."""
+        markedly more (`local_longest`); with `report_local`, also any other local serve
+        of a prompt of `min_blocks` (no match, a peer too busy or not worth it): its blocks
+        are cached here once served, the longest copy of this conversation, so its next
+        turn belongs here."""
         if self.on_affinity is None or self.handoff is None \
                 or not exchange.tenant.prefix_affinity:
             return False
         if received:
             return True
         decision = exchange.decision
-        return decision is not None and decision.decision == "local_longest" \
-            and decision.local_blocks >= self.handoff.settings.min_blocks
+        if decision is None:
+            return False
+        if decision.decision == "local_longest":
+            return decision.local_blocks >= self.handoff.settings.min_blocks
+        return self.handoff.settings.report_local and decision.decision in LOCAL_AFTER_LOOKUP
 
     def _affinity(self, client: str) -> None:
         assert self.on_affinity is not None
@@ -773,7 +780,7 @@ class Bridge:
             assert self.handoff is not None and decision is not None \
                 and decision.peer is not None
             added = exchange.added_s
-            self.handoff.relayed(decision.peer, exchange.tenant, added)
+            self.handoff.relayed(decision.peer, exchange.tenant, added, decision.home)
             out = [(k, v) for k, v in headers if k not in ("connection", "keep-alive")]
             out += [(HANDOFF_FROM_HEADER, self.settings.backend_name),
                     (HANDOFF_MS_HEADER, f"{added * 1000:.3f}")]
