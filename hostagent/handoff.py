@@ -109,6 +109,8 @@ class HandoffSettings:
     home_cache_s: float = 10.0           # s a prefix group's home is remembered here
     report_local: bool = True            # affinity after any local serve of a long prompt
                                          # (not only `local_longest`): its blocks are here now
+    shared_client_s: float = 300.0       # s a shared address (2 requests in flight at
+                                         # once: an app server) is not reported (0: off)
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZERS:
@@ -179,7 +181,9 @@ class HandoffMetrics:
             "tokenfabric_affinity_reports",
             "Affinity reports (client -> this backend) for the switch, by outcome: sent, "
             "deduped (reported within the window), dropped (queue full), refused (4xx: not "
-            "opted in, no edge, ...), failed (controller unreachable or 5xx).",
+            "opted in, no edge, ...), failed (controller unreachable or 5xx), shared (a "
+            "shared address: not reported), withdrawn (this backend's entry of a shared "
+            "address deleted).",
             ["backend", "outcome"], registry=self.registry)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 

@@ -474,6 +474,32 @@ def test_a_long_prompt_served_where_it_landed_teaches_the_switch(rig):
     assert _affinity(rig, "10.0.1.32") == []
 
 
+def test_a_shared_address_loses_its_switch_affinity(rig):
+    """Two requests of one address in flight at once (an app server: one conversation
+    waits for each answer): gpu1's agent withdraws the entry it made for it and reports
+    it no more -- its conversations' prefixes live on different backends."""
+    from concurrent.futures import ThreadPoolExecutor
+    system = words("sysJ", 1600)
+    rig.warm("gpu1", system + " q")
+    completion(rig, system + " " + words("askJ", 40), client="10.0.1.50")
+    wait_for(lambda: _affinity(rig, "10.0.1.50") == ["gpu1"] or None,
+             "10.0.1.50 -> gpu1 in the controller's affinity table", timeout=10)
+    withdrawn = _reports(rig, "gpu1", "withdrawn")
+    with ThreadPoolExecutor(2) as pool:  # 60 tokens each, 20 ms a step: 1.2 s together
+        replies = list(pool.map(lambda n: completion(
+            rig, system + " " + words(f"askJ{n}x", 40), max_tokens=60, client="10.0.1.50"),
+            range(2)))
+    assert all(reply.status_code == 200 for reply, _ in replies)
+    wait_for(lambda: _affinity(rig, "10.0.1.50") == [] or None,
+             "10.0.1.50's entry withdrawn", timeout=10)
+    assert _reports(rig, "gpu1", "withdrawn") == withdrawn + 1
+    shared = _reports(rig, "gpu1", "shared")
+    completion(rig, system + " " + words("askJ9x", 40), client="10.0.1.50")
+    wait_for(lambda: _reports(rig, "gpu1", "shared") > shared or None,
+             "the shared address's report skipped", timeout=10)
+    assert _affinity(rig, "10.0.1.50") == []
+
+
 def _ledger(rig: Rig) -> tuple[int, int]:
     """Requests and completion tokens of tenant chat (id 5) in the controller's ledger."""
     rows = rig.viewer.get("/api/v1/ledger", params={"tenant_id": 5}).json()
