@@ -574,7 +574,8 @@ def main() -> int:
                 asyncio.run(run_mode(cluster, "prefix", warm,
                                      "chat" if wanted[0] == "chat" else "completions", 4.0))
             for workload in wanted:
-                modes = [m for m in args.modes if workload != "free" or m in ("p2c", "prefix")]
+                modes = [m for m in args.modes
+                         if workload != "free" or m in ("p2c", *prefix.HANDOFF_MODES)]
                 label = f"{workload}, KV {kv} tokens, {len(plans[workload])} requests"
                 results: dict[str, dict[str, Any]] = {}
                 for mode in modes:
@@ -588,10 +589,12 @@ def main() -> int:
                 for ours in ("prefix", "prefix-affinity"):
                     if workload != "free":
                         lines += targets(f"[{workload} kv{kv}]", results, ours)
-                if workload == "free" and "p2c" in results and "prefix" in results:
-                    ratio, low, high = p99_ratio_interval(results["prefix"]["ttft_s"],
+                for ours in prefix.HANDOFF_MODES:
+                    if workload != "free" or "p2c" not in results or ours not in results:
+                        continue
+                    ratio, low, high = p99_ratio_interval(results[ours]["ttft_s"],
                                                           results["p2c"]["ttft_s"]) or (0, 0, 0)
-                    lines.append(f"  [free kv{kv}] prefix TTFT p99 / p2c's = {ratio:.2f} "
+                    lines.append(f"  [free kv{kv}] {ours} TTFT p99 / p2c's = {ratio:.2f} "
                                  f"[90% CI {low:.2f}..{high:.2f}]: "
                                  f"{'PASS' if ratio <= 1.05 else 'FAIL'} (<= 1.05)")
                 print("\n".join(lines[-(len(results) + 8):]), flush=True)
