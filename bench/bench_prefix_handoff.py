@@ -7,24 +7,36 @@ step model; an evicting KV cache of --kv-tokens, swept), each with its real host
 (bridge, KV events, reports, handoff listener on 127.0.0.1..4, LOAD beacons). The switch
 is emulated here: power-of-two-choices over the agents' LOAD beacons as the P4 program does
 (load + conn_cost per connection since the last beacon); mode `prefix-affinity` adds item
-4's bounded-load client affinity (client address -> the backend that generated its last
-answer, as the agents would tell the edge; entries expire after 30 s; used while the
-backend's load is within 1.25x of the pool's mean + one connection's cost) -- the lab's
-switch gets that from the affinity branch. The L7 routers (vllm-router
+4's bounded-load client affinity from the entries the controller holds for the edge --
+the agents' own reports (POST /backends/{name}/affinity), read back every 0.2 s from GET
+/api/v1/affinity, with select.p4's rule (the entry's backend while its score <= bound x
+the p2c pair's best + one connection's cost; --affinity-bound, policy affinity_bound),
+as the lab's BMv2 switch gets them written. Each client's address reaches the bridges in
+X-Tokenfabric-Client (trusted with trust_tenant_header), since every connection comes
+from 127.0.0.1; the opted-in tenants own the chat's client prefixes in the policy.
+(Until session 6 the bench learnt every client's last serving backend itself, which
+over-stated what the agents report.) The L7 routers (vllm-router
 `cache_aware`, `power_of_two`; sglang-router `cache_aware`) reach the emulators directly.
 
 Workloads at 85% of capacity: the chat generator (per-device tenant and app-server
 tenant), the sample Mooncake trace, and a prefix-free workload (p2c vs prefix only).
+
+Per mode: hit rate (the emulators' counters) with a 90% bootstrap interval of the
+requests' own cached/prompt tokens, TTFT p50/p99 (p99 with a 90% bootstrap interval),
+goodput, handoff share and added latency, per tenant, the handoff decisions, the switch's
+steering, the load average; each L7 baseline's evidence (vllm-router cache_aware: its
+cache decisions and /render calls, no render_unavailable).
 
 Targets (printed as ratios, PASS/FAIL):
 - hit rate of prefix modes >= the best L7 cache-aware router's;
 - TTFT p99 <= 0.8 x the best L7 router's (90% bootstrap interval shown);
 - per-device clients: <= 25% of requests handed off (prefix-affinity);
 - the app-server tenant reaches that hit rate through handoffs;
-- prefix-free workload: prefix mode p99 within 1.05 x p2c's.
+- prefix-free workload: prefix modes' p99 within 1.05 x p2c's.
 
     python bench/bench_prefix_handoff.py [--duration 40] [--kv-tokens 4096 16384]
         [--modes ...] [--workloads chat trace free] [--out results/prefix-bench]
+        [--affinity-bound 1.25] [--handoff KEY=VALUE ...]   (e.g. home_weight=0)
 """
 
 from __future__ import annotations
