@@ -150,6 +150,9 @@ class Cluster:
         self.router_logs: dict[str, Path] = {}
         self.ids: dict[int, str] = {}
         self.agent_metrics: dict[str, str] = {}
+        self.agent_configs: dict[str, dict[str, Any]] = {}
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.variant: dict[str, Any] = {}
         self.beacons = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.beacons.bind(("127.0.0.1", 0))
 
@@ -195,7 +198,7 @@ class Cluster:
             listen, metrics = free_port(), free_port()
             self.bridges[name] = f"http://127.0.0.1:{listen}"
             self.agent_metrics[name] = f"http://127.0.0.1:{metrics}/metrics"
-            (cfg / f"agent-{name}.yaml").write_text(yamlio.dump({"agent": {
+            self.agent_configs[name] = {
                 "name": name, "address": f"127.0.0.{i + 1}", "mac": f"02:00:00:00:00:1{i}",
                 "switch": "s1", "port": 3 + i, "vip": "10.0.100.1", "vip_port": 8000,
                 "capacity": EMULATOR_MAX_NUM_SEQS, "models": ["tiny"],
@@ -207,10 +210,8 @@ class Cluster:
                 "kv_events_replay_endpoint": replay, "kv_report_interval": 0.25,
                 "handoff": {"secret": SECRET, "port": handoff_port,
                             "lookup_timeout": self.lookup_timeout,
-                            "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN,
-                            **self.handoff}}}))
-            self._popen([*CLI, "agent", "run", "--config", str(cfg / f"agent-{name}.yaml")],
-                        f"agent-{name}")
+                            "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN}}
+            self._start_agent(name, {})
         for name in self.emulators:
             wait(lambda n=name: self.api.get(f"/api/v1/backends/{n}").json()["load"]
                  ["reports"] > 0, f"{name}'s registration")
@@ -221,6 +222,29 @@ class Cluster:
         for mode, url in self.routers.items():
             wait(lambda u=url: httpx.get(u + "/health", timeout=2).status_code == 200,
                  f"{mode}'s router", timeout=150)
+
+    def _start_agent(self, name: str, overrides: dict[str, Any]) -> None:
+        config = dict(self.agent_configs[name])
+        config["handoff"] = {**config["handoff"], **self.handoff, **overrides}
+        path = self.folder / "config" / f"agent-{name}.yaml"
+        path.write_text(yamlio.dump({"agent": config}))
+        self.agents[name] = self._popen([*CLI, "agent", "run", "--config", str(path)],
+                                        f"agent-{name}-{len(self.procs)}")
+
+    def use_variant(self, overrides: dict[str, Any]) -> None:
+        """The agents restarted with these handoff settings over the run's (a variant mode
+        against the same emulators, controller and L7 routers); {} restores them."""
+        if overrides == self.variant:
+            return
+        for name, proc in self.agents.items():
+            stop(proc)
+            self._start_agent(name, overrides)
+        for name, url in self.agent_metrics.items():
+            wait(lambda u=url: httpx.get(u, timeout=2).status_code == 200,
+                 f"{name}'s restarted agent")
+        time.sleep(2.0)  # registered again, load and KV reports flowing
+        self.ids = {b["backend_id"]: b["name"] for b in self.api.get("/api/v1/backends").json()}
+        self.variant = overrides
 
     def _start_router(self, mode: str) -> None:
         name, _ = prefix.L7_MODES[mode]
@@ -347,7 +371,8 @@ def client_tracing() -> aiohttp.TraceConfig:
 async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint: str,
                    duration: float) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
     loop = asyncio.get_running_loop()
-    switch = EmulatedSwitch(cluster.ids, affinity=mode == "prefix-affinity",
+    base = base_mode(mode)
+    switch = EmulatedSwitch(cluster.ids, affinity=base == "prefix-affinity",
                             bound=cluster.bound)
     transport = None
     stop_follow = asyncio.Event()
@@ -357,7 +382,7 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
         transport, _ = await loop.create_datagram_endpoint(lambda: switch,
                                                            sock=cluster.beacons.dup())
         await asyncio.sleep(0.3)  # a round of beacons
-    opted = mode in prefix.HANDOFF_MODES
+    opted = base in prefix.HANDOFF_MODES
     workload = Workload(url="http://127.0.0.1:1", rate=1.0, duration=duration,
                         endpoint=endpoint, tenant_header=True, timeout=120.0)
     timeout = aiohttp.ClientTimeout(total=120)
@@ -399,8 +424,16 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
     return records, steered
 
 
+def base_mode(mode: str) -> str:
+    """A variant `prefix-affinity@old` runs as prefix-affinity with other agent settings."""
+    return mode.split("@", 1)[0]
+
+
 def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
-            duration: float, out: Path) -> dict[str, Any]:
+            duration: float, out: Path, variants: dict[str, dict[str, Any]] | None = None
+            ) -> dict[str, Any]:
+    if base_mode(mode) in prefix.HANDOFF_MODES:
+        cluster.use_variant((variants or {}).get(mode, {}))
     cluster.reset_caches()
     before = cluster.metrics()
     decided = cluster.decisions()
@@ -531,7 +564,7 @@ def targets(label: str, results: dict[str, dict[str, Any]], ours: str) -> list[s
                          f" [90% CI {low:.2f}..{high:.2f}]: "
                          f"{'PASS' if ratio <= 0.8 else 'FAIL'} (<= 0.8)")
     dev = me["tenants"].get(prefix.DEVICES)
-    if dev is not None and ours == "prefix-affinity":
+    if dev is not None and base_mode(ours) == "prefix-affinity":
         share = dev.get("handoff_share") or 0
         lines.append(f"  {label} {ours}: per-device clients handed off {fmt(share, 1, True)}: "
                      f"{'PASS' if share <= 0.25 else 'FAIL'} (<= 25%)")
@@ -554,6 +587,10 @@ def main() -> int:
                         help="the tenants' policy affinity_bound (the switch's load bound)")
     parser.add_argument("--handoff", action="append", default=[], metavar="KEY=VALUE",
                         help="an agent handoff setting (docs/agent.md), e.g. home_weight=0")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
+                        help="also run mode prefix-affinity@NAME: the agents restarted with "
+                             "these handoff settings (same emulators, controller, routers), "
+                             "e.g. old:home_weight=0,report_local=false,min_ratio=1.2")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "prefix-bench")
     args = parser.parse_args()
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
@@ -569,8 +606,15 @@ def main() -> int:
     for item in args.handoff:
         key, _, value = item.partition("=")
         handoff[key] = yamlio.load(value)
+    variants: dict[str, dict[str, Any]] = {}
+    for item in args.variant:
+        name, _, settings = item.partition(":")
+        variants[f"prefix-affinity@{name}"] = {
+            k: yamlio.load(v) for k, _, v in (kv.partition("=") for kv in settings.split(","))
+            if k}
     everything: dict[str, dict[str, dict[str, Any]]] = {}
     lines: list[str] = []
+    printed = 0
     for kv in args.kv_tokens:
         wanted = [w for w in args.workloads if w == "chat" or kv == trace_kv]
         if not wanted:
@@ -579,15 +623,15 @@ def main() -> int:
                           args.affinity_bound, handoff)
         try:
             cluster.start()
-            if any(m in prefix.HANDOFF_MODES for m in args.modes):
+            if any(base_mode(m) in prefix.HANDOFF_MODES for m in args.modes + list(variants)):
                 # the agents' first lookups and relays open their connections: not measured
                 print("  warming up the handoff path (4 s, not measured)", flush=True)
                 warm = [p for p in plans[wanted[0]] if p.offset < 4.0]
                 asyncio.run(run_mode(cluster, "prefix", warm,
                                      "chat" if wanted[0] == "chat" else "completions", 4.0))
             for workload in wanted:
-                modes = [m for m in args.modes
-                         if workload != "free" or m in ("p2c", *prefix.HANDOFF_MODES)]
+                modes = [m for m in args.modes + list(variants)
+                         if workload != "free" or base_mode(m) in ("p2c", *prefix.HANDOFF_MODES)]
                 label = f"{workload}, KV {kv} tokens, {len(plans[workload])} requests"
                 results: dict[str, dict[str, Any]] = {}
                 for mode in modes:
@@ -595,21 +639,23 @@ def main() -> int:
                         continue
                     print(f"  running {label}: {mode}", flush=True)
                     results[mode] = one_run(cluster, mode, workload, plans[workload],
-                                            args.duration, cluster.folder)
+                                            args.duration, cluster.folder, variants)
                 everything[f"{workload} kv{kv}"] = results
                 lines += report_group(label, results)
-                for ours in ("prefix", "prefix-affinity"):
+                ours_modes = [m for m in results if base_mode(m) in prefix.HANDOFF_MODES]
+                for ours in ours_modes:
                     if workload != "free":
                         lines += targets(f"[{workload} kv{kv}]", results, ours)
-                for ours in prefix.HANDOFF_MODES:
-                    if workload != "free" or "p2c" not in results or ours not in results:
+                for ours in ours_modes:
+                    if workload != "free" or "p2c" not in results:
                         continue
                     ratio, low, high = p99_ratio_interval(results[ours]["ttft_s"],
                                                           results["p2c"]["ttft_s"]) or (0, 0, 0)
                     lines.append(f"  [free kv{kv}] {ours} TTFT p99 / p2c's = {ratio:.2f} "
                                  f"[90% CI {low:.2f}..{high:.2f}]: "
                                  f"{'PASS' if ratio <= 1.05 else 'FAIL'} (<= 1.05)")
-                print("\n".join(lines[-(len(results) + 8):]), flush=True)
+                print("\n".join(lines[printed:]), flush=True)
+                printed = len(lines)
         finally:
             cluster.stop()
     (out / "summary.json").write_text(json.dumps(

@@ -327,8 +327,8 @@ class Bridge:
         self.settings = settings
         # told the client of each request served here for its cached prefix (never blocks)
         self.on_affinity = on_affinity
-        # a shared client address (two requests of it in flight here at once): its
-        # switch affinity is withdrawn (hostagent/affinity_reports.py)
+        # a shared client address (handoff.shared_in_flight requests of it in flight here
+        # at once): its switch affinity is withdrawn (hostagent/affinity_reports.py)
         self.on_shared: Callable[[str], None] | None = None
         self.client_requests: collections.Counter[str] = collections.Counter()
         # prefix handoff (hostagent/handoff.py): hands requests to peers, takes theirs
@@ -589,13 +589,15 @@ class Bridge:
         return self.handoff.settings.report_local and decision.decision in LOCAL_AFTER_LOOKUP
 
     def _track(self, exchange: _Exchange) -> str | None:
-        """Count an opted-in client's requests in flight here; a second at once makes it a
-        shared address (one conversation waits for each answer before its next turn)."""
-        if self.on_shared is None or not exchange.tenant.prefix_affinity:
+        """Count an opted-in client's requests in flight here; `shared_in_flight` at once
+        make it a shared address (one conversation waits for each answer before its next
+        turn; a replayed one may overlap two now and then)."""
+        if self.on_shared is None or self.handoff is None \
+                or not exchange.tenant.prefix_affinity:
             return None
         client = exchange.client
         self.client_requests[client] += 1
-        if self.client_requests[client] == 2:
+        if self.client_requests[client] == self.handoff.settings.shared_in_flight:
             try:
                 self.on_shared(client)
             except Exception:  # a report must never break the relay

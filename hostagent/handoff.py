@@ -109,12 +109,17 @@ class HandoffSettings:
     home_cache_s: float = 10.0           # s a prefix group's home is remembered here
     report_local: bool = True            # affinity after any local serve of a long prompt
                                          # (not only `local_longest`): its blocks are here now
-    shared_client_s: float = 300.0       # s a shared address (2 requests in flight at
-                                         # once: an app server) is not reported (0: off)
+    shared_client_s: float = 300.0       # s a shared address (`shared_in_flight` requests
+                                         # in flight here at once: an app server) is not
+                                         # reported (0: off)
+    shared_in_flight: int = 3            # 3, not 2: an open-loop replay (the lab's chat)
+                                         # overlaps a conversation's turns now and then
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"handoff tokenizer must be one of {TOKENIZERS}")
+        if self.shared_in_flight < 2:
+            raise ValueError("handoff shared_in_flight must be at least 2")
         if self.affinity_window_s < 0 or self.affinity_queue < 1:
             raise ValueError("handoff affinity_window_s must be >= 0, affinity_queue >= 1")
         if len(self.secret) < 16:

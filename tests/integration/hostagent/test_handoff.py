@@ -475,9 +475,10 @@ def test_a_long_prompt_served_where_it_landed_teaches_the_switch(rig):
 
 
 def test_a_shared_address_loses_its_switch_affinity(rig):
-    """Two requests of one address in flight at once (an app server: one conversation
-    waits for each answer): gpu1's agent withdraws the entry it made for it and reports
-    it no more -- its conversations' prefixes live on different backends."""
+    """Three requests of one address in flight at once (shared_in_flight; an app server:
+    one conversation waits for each answer): gpu1's agent withdraws the entry it made for
+    it and reports it no more -- its conversations' prefixes live on different
+    backends. Two at once (an open-loop replay overlapping turns) are not enough."""
     from concurrent.futures import ThreadPoolExecutor
     system = words("sysJ", 1600)
     rig.warm("gpu1", system + " q")
@@ -485,11 +486,17 @@ def test_a_shared_address_loses_its_switch_affinity(rig):
     wait_for(lambda: _affinity(rig, "10.0.1.50") == ["gpu1"] or None,
              "10.0.1.50 -> gpu1 in the controller's affinity table", timeout=10)
     withdrawn = _reports(rig, "gpu1", "withdrawn")
-    with ThreadPoolExecutor(2) as pool:  # 60 tokens each, 20 ms a step: 1.2 s together
-        replies = list(pool.map(lambda n: completion(
-            rig, system + " " + words(f"askJ{n}x", 40), max_tokens=60, client="10.0.1.50"),
-            range(2)))
-    assert all(reply.status_code == 200 for reply, _ in replies)
+    def together(n: int) -> None:  # 60 tokens each, 20 ms a step: 1.2 s at once
+        with ThreadPoolExecutor(n) as pool:
+            replies = list(pool.map(lambda k: completion(
+                rig, system + " " + words(f"askJ{n}k{k}x", 40), max_tokens=60,
+                client="10.0.1.50"), range(n)))
+        assert all(reply.status_code == 200 for reply, _ in replies)
+    together(2)
+    time.sleep(0.5)
+    assert _affinity(rig, "10.0.1.50") == ["gpu1"]
+    assert _reports(rig, "gpu1", "withdrawn") == withdrawn
+    together(3)  # gpu1 has 2 slots: the third waits in its queue, in flight all the same
     wait_for(lambda: _affinity(rig, "10.0.1.50") == [] or None,
              "10.0.1.50's entry withdrawn", timeout=10)
     assert _reports(rig, "gpu1", "withdrawn") == withdrawn + 1
