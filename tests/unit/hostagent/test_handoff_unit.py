@@ -37,10 +37,16 @@ def test_handoff_config_is_off_by_default_and_checked_key_by_key(tmp_path):
     secret.write_text(SECRET + "\n")
     got = handoff({"secret_file": str(secret), "port": 9000, "min_ratio": 2})
     assert got == {"secret": SECRET.encode(), "port": 9000, "min_ratio": 2}
+    got = handoff({"secret": SECRET, "report_local": False, "home_weight": 0,
+                   "shared_in_flight": 4})
+    assert got["report_local"] is False and got["home_weight"] == 0
     for bad, message in (({"enabled": True}, "needs secret_file"),
                          ({"secret": "short"}, "at least 16 bytes"),
                          ({"secret": SECRET, "nope": 1}, "unknown key"),
                          ({"secret": SECRET, "port": 1.5}, "must be a int"),
+                         ({"secret": SECRET, "port": True}, "must be a int"),
+                         ({"secret": SECRET, "report_local": 1}, "must be a bool"),
+                         ({"secret": SECRET, "shared_in_flight": 1}, "shared_in_flight"),
                          ({"secret": SECRET, "min_gain_ms": -1}, "must not be negative"),
                          ({"secret": SECRET, "tokenizer": "bpe"}, "tokenizer must be"),
                          ({"secret": SECRET, "affinity_queue": 0}, "affinity_queue"),
