@@ -104,8 +104,9 @@ class HandoffSettings:
     affinity_window_s: float = 30.0      # a client is re-reported at most this often (and
                                          # at most every quarter of the switch's TTL)
     affinity_queue: int = 1024           # affinity reports waiting to be sent; more dropped
-    home_weight: float = 1.0             # value of keeping a shared prefix on one home, in
-                                         # prefills of its blocks (0: off; see `decide`)
+    home_weight: float = 0.0             # value of keeping a shared prefix on one home, in
+                                         # prefills of its blocks (0: off; see `decide`;
+                                         # off by default: no hit-rate gain measured)
     home_cache_s: float = 10.0           # s a prefix group's home is remembered here
     report_local: bool = True            # affinity after any local serve of a long prompt
                                          # (not only `local_longest`): its blocks are here now

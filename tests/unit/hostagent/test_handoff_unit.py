@@ -114,7 +114,7 @@ def test_a_shared_prefix_held_alike_goes_to_its_home_not_to_every_holder():
     """An app's system prompt cached on this backend and a peer (none markedly longer):
     the request goes to the holder ranking first for that prefix -- here when that is us,
     there when it is the peer -- so the other copy can age out of its cache."""
-    s = HandoffSettings(secret=b"x" * 16)
+    s = HandoffSettings(secret=b"x" * 16, home_weight=1.0)
     idle = LocalLoad(0, 0, 4, 0.0, 1.0)
     both = [_holder("a", 30), _holder("b", 30)]
     to_b = decide(s, "a", both, idle, 3.0, {}, 16, 33, _keys_ranking("b", ["a"]))
@@ -130,7 +130,7 @@ def test_a_shared_prefix_held_alike_goes_to_its_home_not_to_every_holder():
 
 
 def test_a_busy_home_is_passed_over_for_the_next_holder_in_rank():
-    s = HandoffSettings(secret=b"x" * 16)
+    s = HandoffSettings(secret=b"x" * 16, home_weight=1.0)
     idle = LocalLoad(0, 0, 4, 0.0, 1.0)
     # b ranks first, c second; with b two requests deep in its queue, c takes it
     holders = [_holder("a", 30), _holder("b", 30, running=4, waiting=2), _holder("c", 30)]
@@ -147,7 +147,7 @@ def test_a_busy_home_is_passed_over_for_the_next_holder_in_rank():
 def test_a_conversations_own_longer_prefix_beats_the_groups_home():
     """The home counts only among holders of the same longest prefix: a peer holding a
     conversation's own blocks beyond the system prompt wins over the prompt's home."""
-    s = HandoffSettings(secret=b"x" * 16)
+    s = HandoffSettings(secret=b"x" * 16, home_weight=1.0)
     idle = LocalLoad(0, 0, 4, 0.0, 1.0)
     keys = _keys_ranking("b", ["a", "c"]) + list(range(33))
     got = decide(s, "a", [_holder("b", 30), _holder("c", 36)], idle, 3.0, {}, 16, 40, keys)
