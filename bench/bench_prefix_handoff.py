@@ -7,24 +7,36 @@ step model; an evicting KV cache of --kv-tokens, swept), each with its real host
 (bridge, KV events, reports, handoff listener on 127.0.0.1..4, LOAD beacons). The switch
 is emulated here: power-of-two-choices over the agents' LOAD beacons as the P4 program does
 (load + conn_cost per connection since the last beacon); mode `prefix-affinity` adds item
-4's bounded-load client affinity (client address -> the backend that generated its last
-answer, as the agents would tell the edge; entries expire after 30 s; used while the
-backend's load is within 1.25x of the pool's mean + one connection's cost) -- the lab's
-switch gets that from the affinity branch. The L7 routers (vllm-router
+4's bounded-load client affinity from the entries the controller holds for the edge --
+the agents' own reports (POST /backends/{name}/affinity), read back every 0.2 s from GET
+/api/v1/affinity, with select.p4's rule (the entry's backend while its score <= bound x
+the p2c pair's best + one connection's cost; --affinity-bound, policy affinity_bound),
+as the lab's BMv2 switch gets them written. Each client's address reaches the bridges in
+X-Tokenfabric-Client (trusted with trust_tenant_header), since every connection comes
+from 127.0.0.1; the opted-in tenants own the chat's client prefixes in the policy.
+(Until session 6 the bench learnt every client's last serving backend itself, which
+over-stated what the agents report.) The L7 routers (vllm-router
 `cache_aware`, `power_of_two`; sglang-router `cache_aware`) reach the emulators directly.
 
 Workloads at 85% of capacity: the chat generator (per-device tenant and app-server
 tenant), the sample Mooncake trace, and a prefix-free workload (p2c vs prefix only).
+
+Per mode: hit rate (the emulators' counters) with a 90% bootstrap interval of the
+requests' own cached/prompt tokens, TTFT p50/p99 (p99 with a 90% bootstrap interval),
+goodput, handoff share and added latency, per tenant, the handoff decisions, the switch's
+steering, the load average; each L7 baseline's evidence (vllm-router cache_aware: its
+cache decisions and /render calls, no render_unavailable).
 
 Targets (printed as ratios, PASS/FAIL):
 - hit rate of prefix modes >= the best L7 cache-aware router's;
 - TTFT p99 <= 0.8 x the best L7 router's (90% bootstrap interval shown);
 - per-device clients: <= 25% of requests handed off (prefix-affinity);
 - the app-server tenant reaches that hit rate through handoffs;
-- prefix-free workload: prefix mode p99 within 1.05 x p2c's.
+- prefix-free workload: prefix modes' p99 within 1.05 x p2c's.
 
     python bench/bench_prefix_handoff.py [--duration 40] [--kv-tokens 4096 16384]
         [--modes ...] [--workloads chat trace free] [--out results/prefix-bench]
+        [--affinity-bound 1.25] [--handoff KEY=VALUE ...]   (e.g. home_weight=0)
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import json
 import os
@@ -49,6 +62,7 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from tokenfabric import beacon, yamlio  # noqa: E402
 from tokenfabric.lab import prefix  # noqa: E402
@@ -78,14 +92,21 @@ services:
 """
 
 
-def policy_text() -> str:
+# The opted-in tenants own the chat's real client addresses (prefix.chat_spec), so the
+# controller takes the agents' affinity reports for them as the lab's does; the plain
+# twins (p2c and the L7 modes) are told apart by the tenant header and need none.
+CLIENT_PREFIXES = {prefix.DEVICES: "10.0.1.0/25", prefix.APP_SERVER: "10.0.1.200/32"}
+
+
+def policy_text(bound: float | None = None) -> str:
     tenants = []
     for i, (base, opted) in enumerate(prefix.OPTED_IN.items()):
         tenants.append({"name": base, "id": 10 + 2 * i, "prefixes": [f"10.0.{10 + 2 * i}.0/24"],
                         "contract": "std"})
         tenants.append({"name": opted, "id": 11 + 2 * i,
-                        "prefixes": [f"10.0.{11 + 2 * i}.0/24"], "contract": "std",
-                        "prefix_affinity": True})
+                        "prefixes": [CLIENT_PREFIXES.get(base, f"10.0.{11 + 2 * i}.0/24")],
+                        "contract": "std", "prefix_affinity": True,
+                        **({"affinity_bound": bound} if bound is not None else {})})
     return yamlio.dump({"contracts": {"std": {
         "class": {"service_class": "standard", "dscp": 0, "queue": 1, "priority_level": 9},
         "tpm": 60_000_000, "burst": 5_000_000}}, "tenants": tenants})
@@ -116,9 +137,11 @@ class Cluster:
     """Controller, four emulators and their agents, the L7 routers; on 127.0.0.x."""
 
     def __init__(self, folder: Path, kv_tokens: int, modes: list[str],
-                 lookup_timeout: float = 0.05) -> None:
+                 lookup_timeout: float = 0.05, bound: float = 1.25,
+                 handoff: dict[str, Any] | None = None) -> None:
         self.folder, self.kv_tokens, self.modes = folder, kv_tokens, modes
-        self.lookup_timeout = lookup_timeout
+        self.lookup_timeout, self.bound = lookup_timeout, bound
+        self.handoff = handoff or {}
         self.folder.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self.emulators: dict[str, str] = {}
@@ -127,6 +150,9 @@ class Cluster:
         self.router_logs: dict[str, Path] = {}
         self.ids: dict[int, str] = {}
         self.agent_metrics: dict[str, str] = {}
+        self.agent_configs: dict[str, dict[str, Any]] = {}
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.variant: dict[str, Any] = {}
         self.beacons = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.beacons.bind(("127.0.0.1", 0))
 
@@ -141,7 +167,7 @@ class Cluster:
         cfg = self.folder / "config"
         cfg.mkdir(exist_ok=True)
         (cfg / "fabric.yaml").write_text(FABRIC)
-        (cfg / "policy.yaml").write_text(policy_text())
+        (cfg / "policy.yaml").write_text(policy_text(self.bound))
         (cfg / "tokens.yaml").write_text(yamlio.dump({
             ADMIN: {"name": "ops", "role": "admin"},
             AGENT: {"name": "agents", "role": "agent", "backends": ["*"]},
@@ -151,7 +177,8 @@ class Cluster:
                      "--policy", str(cfg / "policy.yaml"), "--tokens", str(cfg / "tokens.yaml"),
                      "--ledger", str(cfg / "ledger.db"), "--listen", f"127.0.0.1:{api}"],
                     "controller")
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{api}", timeout=10,
+        self.api_url = f"http://127.0.0.1:{api}"
+        self.api = httpx.Client(base_url=self.api_url, timeout=10,
                                 headers={"Authorization": f"Bearer {VIEWER}"})
         handoff_port = free_port()
         for i, speed in enumerate(SPEEDS):
@@ -171,7 +198,7 @@ class Cluster:
             listen, metrics = free_port(), free_port()
             self.bridges[name] = f"http://127.0.0.1:{listen}"
             self.agent_metrics[name] = f"http://127.0.0.1:{metrics}/metrics"
-            (cfg / f"agent-{name}.yaml").write_text(yamlio.dump({"agent": {
+            self.agent_configs[name] = {
                 "name": name, "address": f"127.0.0.{i + 1}", "mac": f"02:00:00:00:00:1{i}",
                 "switch": "s1", "port": 3 + i, "vip": "10.0.100.1", "vip_port": 8000,
                 "capacity": EMULATOR_MAX_NUM_SEQS, "models": ["tiny"],
@@ -183,9 +210,8 @@ class Cluster:
                 "kv_events_replay_endpoint": replay, "kv_report_interval": 0.25,
                 "handoff": {"secret": SECRET, "port": handoff_port,
                             "lookup_timeout": self.lookup_timeout,
-                            "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN}}}))
-            self._popen([*CLI, "agent", "run", "--config", str(cfg / f"agent-{name}.yaml")],
-                        f"agent-{name}")
+                            "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN}}
+            self._start_agent(name, {})
         for name in self.emulators:
             wait(lambda n=name: self.api.get(f"/api/v1/backends/{n}").json()["load"]
                  ["reports"] > 0, f"{name}'s registration")
@@ -196,6 +222,29 @@ class Cluster:
         for mode, url in self.routers.items():
             wait(lambda u=url: httpx.get(u + "/health", timeout=2).status_code == 200,
                  f"{mode}'s router", timeout=150)
+
+    def _start_agent(self, name: str, overrides: dict[str, Any]) -> None:
+        config = dict(self.agent_configs[name])
+        config["handoff"] = {**config["handoff"], **self.handoff, **overrides}
+        path = self.folder / "config" / f"agent-{name}.yaml"
+        path.write_text(yamlio.dump({"agent": config}))
+        self.agents[name] = self._popen([*CLI, "agent", "run", "--config", str(path)],
+                                        f"agent-{name}-{len(self.procs)}")
+
+    def use_variant(self, overrides: dict[str, Any]) -> None:
+        """The agents restarted with these handoff settings over the run's (a variant mode
+        against the same emulators, controller and L7 routers); {} restores them. Before
+        every handoff mode, so that each starts alike: the first handoff mode after the
+        cluster's start lost far more index lookups than those after a restart."""
+        for name, proc in self.agents.items():
+            stop(proc)
+            self._start_agent(name, overrides)
+        for name, url in self.agent_metrics.items():
+            wait(lambda u=url: httpx.get(u, timeout=2).status_code == 200,
+                 f"{name}'s restarted agent")
+        time.sleep(2.0)  # registered again, load and KV reports flowing
+        self.ids = {b["backend_id"]: b["name"] for b in self.api.get("/api/v1/backends").json()}
+        self.variant = overrides
 
     def _start_router(self, mode: str) -> None:
         name, _ = prefix.L7_MODES[mode]
@@ -230,7 +279,14 @@ class Cluster:
 
     def reset_caches(self) -> None:
         """Every emulator's prefix cache emptied (vLLM's /reset_prefix_cache; 409 while
-        requests still hold blocks), then time for the index to hear of it."""
+        requests still hold blocks), then time for the index to hear of it; the switch's
+        affinity entries of the previous mode withdrawn (they point at emptied caches)."""
+        view = self.api.get("/api/v1/affinity").json()
+        for entries in view["switches"].values():
+            for e in entries:
+                httpx.request("DELETE", f"{self.api_url}/api/v1/backends/{e['backend']}"
+                              "/affinity", json={"service": e["service"], "client": e["client"]},
+                              headers={"Authorization": f"Bearer {AGENT}"}, timeout=10)
         for url in self.emulators.values():
             wait(lambda u=url: httpx.post(u + "/reset_prefix_cache", timeout=10
                                           ).status_code == 200, "an idle backend to reset", 60)
@@ -239,15 +295,20 @@ class Cluster:
 
 class EmulatedSwitch(asyncio.DatagramProtocol):
     """The P4 switch's choice, in Python: p2c over LOAD beacons plus conn_cost per new
-    connection since the backend's last beacon; optional bounded-load client affinity."""
+    connection since the backend's last beacon; with affinity, select.p4's bounded-load
+    rule over the entries the controller holds for the edge -- the agents' own reports
+    (POST /backends/{name}/affinity), read back from GET /api/v1/affinity, as the lab's
+    BMv2 switch gets them written."""
 
-    def __init__(self, ids: dict[int, str], affinity: bool, seed: int = 7) -> None:
-        self.ids, self.affinity = ids, affinity
+    def __init__(self, ids: dict[int, str], affinity: bool, bound: float = 1.25,
+                 seed: int = 7) -> None:
+        self.ids, self.affinity, self.bound = ids, affinity, bound
         self.load: dict[str, float] = {n: 0.0 for n in ids.values()}
         self.since: dict[str, int] = {n: 0 for n in ids.values()}
-        self.table: dict[str, tuple[str, float]] = {}
+        self.table: dict[str, str] = {}
         self.rng = random.Random(seed)
         self.affinity_hits = 0
+        self.over_bound = 0
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         with contextlib.suppress(beacon.BeaconError):
@@ -260,43 +321,75 @@ class EmulatedSwitch(asyncio.DatagramProtocol):
         return self.load[name] + CONN_COST * self.since[name]
 
     def choose(self, client: str | None) -> str:
-        names = list(self.load)
-        choice = None
-        if self.affinity and client in self.table:
-            backend, at = self.table[client]
-            mean = sum(self.cost(n) for n in names) / len(names)
-            if time.monotonic() - at < 30 and self.cost(backend) <= 1.25 * mean + CONN_COST:
-                choice = backend
+        a, b = self.rng.sample(list(self.load), 2)
+        choice = a if self.cost(a) <= self.cost(b) else b
+        pinned = self.table.get(client or "") if self.affinity else None
+        if pinned in self.load:
+            # select.p4: score <= bound x the pair's best + one connection's cost
+            if self.cost(pinned) <= self.bound * self.cost(choice) + CONN_COST:
+                choice = pinned
                 self.affinity_hits += 1
-        if choice is None:
-            a, b = self.rng.sample(names, 2)
-            choice = a if self.cost(a) <= self.cost(b) else b
+            else:
+                self.over_bound += 1
         self.since[choice] += 1
         return choice
 
-    def learn(self, client: str | None, backend: str | None) -> None:
-        """The agents' "this client -> that backend": where its last answer was
-        generated, so where its prefix is cached (item 4)."""
-        if self.affinity and client and backend in self.load:
-            self.table[client] = (backend, time.monotonic())
+    async def follow(self, api: str, stop: asyncio.Event) -> None:
+        """The controller's affinity entries for the edge, read every 0.2 s (the lab's
+        reconcile pass writes them to BMv2 within milliseconds of a report)."""
+        async with httpx.AsyncClient(base_url=api, timeout=2,
+                                     headers={"Authorization": f"Bearer {VIEWER}"}) as http:
+            while not stop.is_set():
+                with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+                    view = (await http.get("/api/v1/affinity")).json()
+                    self.table = {e["client"]: e["backend"]
+                                  for entries in view["switches"].values() for e in entries}
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.2)
+
+
+# The client's address for the bridge (X-Tokenfabric-Client, trusted with
+# trust_tenant_header): all the bench's connections come from 127.0.0.1, and the agents
+# report affinity for the address the bridge saw. loadgen._send sets only the tenant
+# header, so a trace hook adds this one from the sending task's context.
+CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
+
+
+async def _client_header(session: aiohttp.ClientSession, ctx: Any,
+                         params: aiohttp.TraceRequestStartParams) -> None:
+    client = CLIENT.get()
+    if client:
+        params.headers["X-Tokenfabric-Client"] = client
+
+
+def client_tracing() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(_client_header)
+    return trace
 
 
 async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint: str,
-                   duration: float) -> list[dict[str, Any]]:
+                   duration: float) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
     loop = asyncio.get_running_loop()
-    switch = EmulatedSwitch(cluster.ids, affinity=mode == "prefix-affinity")
+    base = base_mode(mode)
+    switch = EmulatedSwitch(cluster.ids, affinity=base == "prefix-affinity",
+                            bound=cluster.bound)
     transport = None
+    stop_follow = asyncio.Event()
+    follower = asyncio.create_task(switch.follow(cluster.api_url, stop_follow)) \
+        if switch.affinity else None
     if mode not in prefix.L7_MODES:
         transport, _ = await loop.create_datagram_endpoint(lambda: switch,
                                                            sock=cluster.beacons.dup())
         await asyncio.sleep(0.3)  # a round of beacons
-    opted = mode in prefix.HANDOFF_MODES
+    opted = base in prefix.HANDOFF_MODES
     workload = Workload(url="http://127.0.0.1:1", rate=1.0, duration=duration,
                         endpoint=endpoint, tenant_header=True, timeout=120.0)
     timeout = aiohttp.ClientTimeout(total=120)
     records: list[dict[str, Any]] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                                     timeout=timeout) as session:
+                                     timeout=timeout, trace_configs=[client_tracing()]
+                                     ) as session:
         async def fire(i: int, p: Planned) -> None:
             tenant = str(p.tenant or "plain")
             name = prefix.OPTED_IN.get(tenant, tenant) if opted else tenant
@@ -308,10 +401,9 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
                 url = cluster.routers[mode]
             else:
                 url = cluster.bridges[switch.choose(p.source_ip)]
+            CLIENT.set(p.source_ip)
             record = await _send(session, dataclasses.replace(workload, url=url), req,
                                  epoch, t0)
-            if opted and record.get("ok"):
-                switch.learn(p.source_ip, record.get("backend"))
             records.append(record)
 
         tasks = []
@@ -322,19 +414,32 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(fire(i, p)))
         await asyncio.wait(tasks, timeout=150)
+    stop_follow.set()
+    if follower is not None:
+        await follower
     if transport is not None:
         transport.close()
-    return records
+    steered = {"hits": switch.affinity_hits, "over_bound": switch.over_bound,
+               "entries": len(switch.table)} if switch.affinity else None
+    return records, steered
+
+
+def base_mode(mode: str) -> str:
+    """A variant `prefix-affinity@old` runs as prefix-affinity with other agent settings."""
+    return mode.split("@", 1)[0]
 
 
 def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
-            duration: float, out: Path) -> dict[str, Any]:
+            duration: float, out: Path, variants: dict[str, dict[str, Any]] | None = None
+            ) -> dict[str, Any]:
+    if base_mode(mode) in prefix.HANDOFF_MODES:
+        cluster.use_variant((variants or {}).get(mode, {}))
     cluster.reset_caches()
     before = cluster.metrics()
     decided = cluster.decisions()
     endpoint = "chat" if workload == "chat" else "completions"
     started = time.time()
-    records = asyncio.run(run_mode(cluster, mode, planned, endpoint, duration))
+    records, steered = asyncio.run(run_mode(cluster, mode, planned, endpoint, duration))
     after = cluster.metrics()
     hits = prefix.hit_rate({n: prefix.prefix_counters(t) for n, t in before.items()},
                            {n: prefix.prefix_counters(t) for n, t in after.items()})
@@ -353,7 +458,39 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
         figures["valid"], figures["evidence"] = prefix.baseline_evidence(
             mode, log_text, renders, len(records))
     figures["ttft_s"] = [r["ttft"] for r in records if r.get("ok") and r.get("ttft") is not None]
+    figures["switch_affinity"] = steered
+    figures["loadavg"] = os.getloadavg()
+    figures["hit_interval"] = hit_interval(records)
+    figures["p99_interval"] = p99_interval(figures["ttft_s"])
     return figures
+
+
+def hit_interval(records: list[dict[str, Any]], resamples: int = 2000,
+                 confidence: float = 0.9) -> tuple[float, float] | None:
+    """90% bootstrap interval of the hit rate the requests' usage reports (cached prompt
+    tokens / prompt tokens, resampled by request): how much one run's hit rate can move."""
+    pairs = np.array([(r.get("cached_tokens") or 0, r.get("prompt_tokens") or 0)
+                      for r in records if r.get("ok") and r.get("prompt_tokens")], dtype=float)
+    if len(pairs) < 2:
+        return None
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(pairs), (resamples, len(pairs)))
+    rates = pairs[picks, 0].sum(axis=1) / np.maximum(pairs[picks, 1].sum(axis=1), 1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(rates, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def p99_interval(ttft_s: list[float], resamples: int = 2000,
+                 confidence: float = 0.9) -> tuple[float, float] | None:
+    if len(ttft_s) < 2:
+        return None
+    values = np.asarray(ttft_s) * 1000
+    rng = np.random.default_rng(0)
+    p99s = np.percentile(rng.choice(values, (resamples, values.size)), 99, axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(p99s, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def fmt(value: Any, digits: int = 1, pct: bool = False) -> str:
@@ -376,6 +513,14 @@ def report_group(label: str, results: dict[str, dict[str, Any]]) -> list[str]:
             f"{fmt(f['handoff_added_ms_p50'], 2)}/{fmt(f['handoff_added_ms_p99'], 2):<8s}   "
             f"{fmt(dev.get('handoff_share'), 0, True)}/{fmt(app.get('handoff_share'), 0, True)}, "
             f"{fmt(dev.get('hit_rate_usage'), 0, True)}/{fmt(app.get('hit_rate_usage'), 0, True)}")
+        hi, pi = f.get("hit_interval"), f.get("p99_interval")
+        lines.append("      90% bootstrap: hit (usage) "
+                     + (f"[{hi[0] * 100:.1f}..{hi[1] * 100:.1f}]%" if hi else "-")
+                     + ", TTFT p99 " + (f"[{pi[0]:.0f}..{pi[1]:.0f}] ms" if pi else "-")
+                     + ", load avg {:.1f}/{:.1f}".format(*f["loadavg"][:2])
+                     + (", switch affinity: {hits} steered, {over_bound} over the bound, "
+                        "{entries} entries".format(**f["switch_affinity"])
+                        if f.get("switch_affinity") else ""))
         if not f["valid"]:
             lines.append(f"      INVALID: {f['evidence']}")
         elif mode in prefix.L7_MODES:
@@ -419,7 +564,7 @@ def targets(label: str, results: dict[str, dict[str, Any]], ours: str) -> list[s
                          f" [90% CI {low:.2f}..{high:.2f}]: "
                          f"{'PASS' if ratio <= 0.8 else 'FAIL'} (<= 0.8)")
     dev = me["tenants"].get(prefix.DEVICES)
-    if dev is not None and ours == "prefix-affinity":
+    if dev is not None and base_mode(ours) == "prefix-affinity":
         share = dev.get("handoff_share") or 0
         lines.append(f"  {label} {ours}: per-device clients handed off {fmt(share, 1, True)}: "
                      f"{'PASS' if share <= 0.25 else 'FAIL'} (<= 25%)")
@@ -438,6 +583,14 @@ def main() -> int:
                              "(default: the first of --kv-tokens)")
     parser.add_argument("--lookup-timeout", type=float, default=0.05,
                         help="the agents' handoff.lookup_timeout (s)")
+    parser.add_argument("--affinity-bound", type=float, default=1.25,
+                        help="the tenants' policy affinity_bound (the switch's load bound)")
+    parser.add_argument("--handoff", action="append", default=[], metavar="KEY=VALUE",
+                        help="an agent handoff setting (docs/agent.md), e.g. home_weight=0")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
+                        help="also run mode prefix-affinity@NAME: the agents restarted with "
+                             "these handoff settings (same emulators, controller, routers), "
+                             "e.g. old:home_weight=0,report_local=false,min_ratio=1.2")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "prefix-bench")
     args = parser.parse_args()
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
@@ -449,17 +602,36 @@ def main() -> int:
              "trace": prefix.trace_workload(args.duration, SPEEDS, args.load),
              "free": prefix.prefix_free_workload(args.duration, SPEEDS, args.load)}
     trace_kv = args.trace_kv or args.kv_tokens[0]
+    handoff: dict[str, Any] = {}
+    for item in args.handoff:
+        key, _, value = item.partition("=")
+        handoff[key] = yamlio.load(value)
+    variants: dict[str, dict[str, Any]] = {}
+    for item in args.variant:
+        name, _, settings = item.partition(":")
+        variants[f"prefix-affinity@{name}"] = {
+            k: yamlio.load(v) for k, _, v in (kv.partition("=") for kv in settings.split(","))
+            if k}
     everything: dict[str, dict[str, dict[str, Any]]] = {}
     lines: list[str] = []
+    printed = 0
     for kv in args.kv_tokens:
         wanted = [w for w in args.workloads if w == "chat" or kv == trace_kv]
         if not wanted:
             continue
-        cluster = Cluster(out / f"kv{kv}", kv, args.modes, args.lookup_timeout)
+        cluster = Cluster(out / f"kv{kv}", kv, args.modes, args.lookup_timeout,
+                          args.affinity_bound, handoff)
         try:
             cluster.start()
+            if any(base_mode(m) in prefix.HANDOFF_MODES for m in args.modes + list(variants)):
+                # the agents' first lookups and relays open their connections: not measured
+                print("  warming up the handoff path (4 s, not measured)", flush=True)
+                warm = [p for p in plans[wanted[0]] if p.offset < 4.0]
+                asyncio.run(run_mode(cluster, "prefix", warm,
+                                     "chat" if wanted[0] == "chat" else "completions", 4.0))
             for workload in wanted:
-                modes = [m for m in args.modes if workload != "free" or m in ("p2c", "prefix")]
+                modes = [m for m in args.modes + list(variants)
+                         if workload != "free" or base_mode(m) in ("p2c", *prefix.HANDOFF_MODES)]
                 label = f"{workload}, KV {kv} tokens, {len(plans[workload])} requests"
                 results: dict[str, dict[str, Any]] = {}
                 for mode in modes:
@@ -467,19 +639,23 @@ def main() -> int:
                         continue
                     print(f"  running {label}: {mode}", flush=True)
                     results[mode] = one_run(cluster, mode, workload, plans[workload],
-                                            args.duration, cluster.folder)
+                                            args.duration, cluster.folder, variants)
                 everything[f"{workload} kv{kv}"] = results
                 lines += report_group(label, results)
-                for ours in ("prefix", "prefix-affinity"):
+                ours_modes = [m for m in results if base_mode(m) in prefix.HANDOFF_MODES]
+                for ours in ours_modes:
                     if workload != "free":
                         lines += targets(f"[{workload} kv{kv}]", results, ours)
-                if workload == "free" and "p2c" in results and "prefix" in results:
-                    ratio, low, high = p99_ratio_interval(results["prefix"]["ttft_s"],
+                for ours in ours_modes:
+                    if workload != "free" or "p2c" not in results:
+                        continue
+                    ratio, low, high = p99_ratio_interval(results[ours]["ttft_s"],
                                                           results["p2c"]["ttft_s"]) or (0, 0, 0)
-                    lines.append(f"  [free kv{kv}] prefix TTFT p99 / p2c's = {ratio:.2f} "
+                    lines.append(f"  [free kv{kv}] {ours} TTFT p99 / p2c's = {ratio:.2f} "
                                  f"[90% CI {low:.2f}..{high:.2f}]: "
                                  f"{'PASS' if ratio <= 1.05 else 'FAIL'} (<= 1.05)")
-                print("\n".join(lines[-(len(results) + 8):]), flush=True)
+                print("\n".join(lines[printed:]), flush=True)
+                printed = len(lines)
         finally:
             cluster.stop()
     (out / "summary.json").write_text(json.dumps(

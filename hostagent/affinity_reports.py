@@ -13,6 +13,13 @@ through the agent's ControllerClient. A client reported within the window (30 s,
 quarter of the switch entry's TTL when shorter) is not reported again: the entry is
 still there, and each report is a REST call. A refusal (409: the tenant did not opt in,
 or the client is behind no edge switch the fabric knows) is normal and only counted.
+
+A shared address (an app server, a NAT: the bridge saw two of its requests in flight at
+once, which one conversation never has) carries many conversations whose prefixes live on
+different backends: steering all its connections to one backend would only pile them up
+there for handoffs. It is not reported for `shared_s`, and this backend's entry for it is
+withdrawn (DELETE, the agent's own only); its requests reach their prefixes by p2c and
+the bridges' handoffs.
 """
 
 from __future__ import annotations
@@ -39,10 +46,14 @@ class AffinityReporter:
 
     def __init__(self, backend: str, metrics: HandoffMetrics, window_s: float = 30.0,
                  max_pending: int = 1024,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, shared_s: float = 300.0) -> None:
         self.backend = backend
         self.metrics = metrics
         self.window_s = window_s
+        self.shared_s = shared_s
+        # shared addresses -> until when they are not reported; withdrawals to send
+        self.shared_until: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.withdrawals: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.max_pending = max_pending
         self.clock = clock
         # the services whose pool holds this backend (GET /backends/{name}); None: unknown
@@ -61,16 +72,43 @@ class AffinityReporter:
         until = self.recent.get((service, client))
         return until is not None and now < until
 
-    def note(self, client: str) -> None:
-        """`client`'s prompts are cached here: report it soon (never blocks, never raises)."""
+    @staticmethod
+    def _address(client: str) -> str | None:
         try:
             address = ipaddress.IPv4Address(client)
         except ValueError:
-            return  # not an IPv4 client (the switch's affinity table keys IPv4 sources)
+            return None  # not an IPv4 client (the switch's affinity table keys IPv4 sources)
         if address.is_loopback or address.is_unspecified or address.is_multicast:
-            return  # no switch sees such a source (the controller would answer 422)
-        client = str(address)
+            return None  # no switch sees such a source (the controller would answer 422)
+        return str(address)
+
+    def shared(self, client: str) -> None:
+        """`client` is a shared address (see the module docstring): no reports of it for
+        `shared_s`, and this backend's entry withdrawn (never blocks, never raises)."""
+        address = self._address(client)
+        if address is None:
+            return
         now = self.clock()
+        known = self.shared_until.get(address)
+        self.shared_until[address] = now + self.shared_s
+        self.shared_until.move_to_end(address)
+        while len(self.shared_until) > MAX_REMEMBERED:
+            self.shared_until.popitem(last=False)
+        self.pending.pop(address, None)
+        if (known is None or known <= now) and len(self.withdrawals) < self.max_pending:
+            self.withdrawals[address] = None
+            self.wake.set()
+
+    def note(self, client: str) -> None:
+        """`client`'s prompts are cached here: report it soon (never blocks, never raises)."""
+        address = self._address(client)
+        if address is None:
+            return
+        client = address
+        now = self.clock()
+        if self.shared_until.get(client, 0.0) > now:
+            self._count("shared")
+            return
         services = self.services
         if client in self.pending or (services and all(
                 self._fresh(s, client, now) for s in services)):
@@ -96,6 +134,10 @@ class AffinityReporter:
                 await asyncio.sleep(SERVICES_RETRY_S)
                 self.wake.set()
                 continue
+            while self.withdrawals:
+                client, _ = self.withdrawals.popitem(last=False)
+                for service in self.services or []:
+                    await self._withdraw(controller, service, client)
             while self.pending:
                 client, _ = self.pending.popitem(last=False)
                 for service in self.services or []:
@@ -117,6 +159,23 @@ class AffinityReporter:
             return False
         self.services = [s for s in services if isinstance(s, str)]
         return True
+
+    async def _withdraw(self, controller: ControllerClient | Replicated, service: str,
+                        client: str) -> None:
+        self.recent.pop((service, client), None)  # reported again once no longer shared
+        try:
+            answer = await controller.affinity_withdraw(self.backend, service, client)
+        except ControllerError as exc:
+            self._count("failed")
+            log.debug("affinity withdrawal %s -> %s (%s): %s", client, self.backend,
+                      service, exc)
+            return
+        except Exception:  # a bug must cost one withdrawal, not the agent
+            self._count("failed")
+            log.exception("affinity withdrawal %s -> %s failed", client, self.backend)
+            return
+        if answer.get("withdrawn"):
+            self._count("withdrawn")
 
     async def _send(self, controller: ControllerClient | Replicated, service: str,
                     client: str) -> None:

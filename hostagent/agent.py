@@ -159,8 +159,11 @@ class Agent:
                 self.bridge.handoff = self.handoff
                 self.affinity = AffinityReporter(
                     cfg.name, self.handoff.metrics, self.handoff.settings.affinity_window_s,
-                    self.handoff.settings.affinity_queue)
+                    self.handoff.settings.affinity_queue,
+                    shared_s=self.handoff.settings.shared_client_s)
                 self.bridge.on_affinity = self.affinity.note
+                if self.handoff.settings.shared_client_s > 0:
+                    self.bridge.on_shared = self.affinity.shared
             if cfg.metrics_listen:
                 await self._start_metrics(cfg.metrics_listen)
             if cfg.bridge:

@@ -42,6 +42,7 @@ stack keeps the added latency low (bench/bench_bridge.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import json
@@ -57,6 +58,7 @@ from tokenfabric.hostagent.handoff import (
     HANDOFF_FROM_HEADER,
     HANDOFF_HEADER,
     HANDOFF_MS_HEADER,
+    LOCAL_AFTER_LOOKUP,
     LOOKUP_MS_HEADER,
     Decision,
     Handoff,
@@ -325,6 +327,10 @@ class Bridge:
         self.settings = settings
         # told the client of each request served here for its cached prefix (never blocks)
         self.on_affinity = on_affinity
+        # a shared client address (handoff.shared_in_flight requests of it in flight here
+        # at once): its switch affinity is withdrawn (hostagent/affinity_reports.py)
+        self.on_shared: Callable[[str], None] | None = None
+        self.client_requests: collections.Counter[str] = collections.Counter()
         # prefix handoff (hostagent/handoff.py): hands requests to peers, takes theirs
         self.handoff = handoff
         self.handoff_server: asyncio.Server | None = None
@@ -467,6 +473,7 @@ class Bridge:
         watcher: asyncio.Task | None = None
         client_gone = False
         exchange: _Exchange | None = None
+        tracked: str | None = None
         try:
             if self.settings.mode == "overflow":
                 usage.rejected = 1
@@ -497,6 +504,7 @@ class Bridge:
                     body["priority"] = -(tenant.request_priority or 0)
                     request.body = json.dumps(body, separators=(",", ":")).encode()
                 exchange = _Exchange(request, body, tenant, client)
+                tracked = self._track(exchange)
                 if self.handoff is not None and not received and body is not None \
                         and self.handoff.wants(tenant, body):
                     exchange.decision = await self.handoff.choose(body)
@@ -531,6 +539,8 @@ class Bridge:
                 log.info("client %s %s; upstream aborted", peer,
                          exc if isinstance(exc, ClientStalled) else "broke off")
         finally:
+            if tracked is not None:
+                self._untrack(tracked)
             if self.delay is not None and exchange is not None \
                     and exchange.delay_key is not None:
                 self.delay.end(exchange.delay_key)
@@ -562,15 +572,44 @@ class Bridge:
     def _cached_here(self, exchange: _Exchange, received: bool) -> bool:
         """Served here for its prefix: handed here by a peer (whose index lookup chose this
         backend), or this backend holds at least `min_blocks` of the prompt and no peer
-        markedly more (`local_longest`)."""
+        markedly more (`local_longest`); with `report_local`, also any other local serve
+        of a prompt of `min_blocks` (no match, a peer too busy or not worth it): its blocks
+        are cached here once served, the longest copy of this conversation, so its next
+        turn belongs here."""
         if self.on_affinity is None or self.handoff is None \
                 or not exchange.tenant.prefix_affinity:
             return False
         if received:
             return True
         decision = exchange.decision
-        return decision is not None and decision.decision == "local_longest" \
-            and decision.local_blocks >= self.handoff.settings.min_blocks
+        if decision is None:
+            return False
+        if decision.decision == "local_longest":
+            return decision.local_blocks >= self.handoff.settings.min_blocks
+        return self.handoff.settings.report_local and decision.decision in LOCAL_AFTER_LOOKUP
+
+    def _track(self, exchange: _Exchange) -> str | None:
+        """Count an opted-in client's requests in flight here; `shared_in_flight` at once
+        make it a shared address (one conversation waits for each answer before its next
+        turn; a replayed one may overlap two now and then)."""
+        if self.on_shared is None or self.handoff is None \
+                or not exchange.tenant.prefix_affinity:
+            return None
+        client = exchange.client
+        self.client_requests[client] += 1
+        if self.client_requests[client] == self.handoff.settings.shared_in_flight:
+            try:
+                self.on_shared(client)
+            except Exception:  # a report must never break the relay
+                log.exception("shared-client callback failed")
+        return client
+
+    def _untrack(self, client: str) -> None:
+        left = self.client_requests[client] - 1
+        if left > 0:
+            self.client_requests[client] = left
+        else:
+            del self.client_requests[client]
 
     def _affinity(self, client: str) -> None:
         assert self.on_affinity is not None
@@ -773,7 +812,7 @@ class Bridge:
             assert self.handoff is not None and decision is not None \
                 and decision.peer is not None
             added = exchange.added_s
-            self.handoff.relayed(decision.peer, exchange.tenant, added)
+            self.handoff.relayed(decision.peer, exchange.tenant, added, decision.home)
             out = [(k, v) for k, v in headers if k not in ("connection", "keep-alive")]
             out += [(HANDOFF_FROM_HEADER, self.settings.backend_name),
                     (HANDOFF_MS_HEADER, f"{added * 1000:.3f}")]

@@ -89,7 +89,9 @@ def _handoff(raw: dict[str, Any]) -> dict[str, Any]:
         default = getattr(HandoffSettings(secret=b"x" * 16), key)
         wanted: tuple[type, ...] = (int, float) if isinstance(default, float) \
             else (type(default),)
-        if isinstance(value, bool) or not isinstance(value, wanted):
+        # a bool is an int to Python: only a bool setting takes one
+        if isinstance(value, bool) != isinstance(default, bool) \
+                or not isinstance(value, wanted):
             raise ValueError(f"handoff.{key} must be a {type(default).__name__}")
         if isinstance(value, int | float) and value < 0:
             raise ValueError(f"handoff.{key} must not be negative")

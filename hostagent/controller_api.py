@@ -95,6 +95,15 @@ class ControllerClient:
                                                             "client": client},
                                         "affinity report")
 
+    async def affinity_withdraw(self, name: str, service: str, client: str) -> dict:
+        """`client` is no longer `name`'s to attract (a shared address): its entry goes."""
+        status, data = await self._call("DELETE", f"/backends/{name}/affinity",
+                                        {"service": service, "client": client})
+        if not 200 <= status < 300:
+            raise ControllerError(f"affinity withdrawal refused: HTTP {status}: "
+                                  f"{self._detail(status, data)}", status)
+        return data if isinstance(data, dict) else {}
+
     async def backend(self, name: str) -> dict:
         """The controller's view of backend `name` (its `services` among others)."""
         status, data = await self._call("GET", f"/backends/{name}")
@@ -176,6 +185,9 @@ class Replicated:
 
     async def affinity_report(self, name: str, service: str, client: str) -> dict:
         return await self._each(lambda c: c.affinity_report(name, service, client), name)
+
+    async def affinity_withdraw(self, name: str, service: str, client: str) -> dict:
+        return await self._each(lambda c: c.affinity_withdraw(name, service, client), name)
 
     async def backend(self, name: str) -> dict:
         return await self._each(lambda c: c.backend(name))

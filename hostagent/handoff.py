@@ -67,9 +67,14 @@ LOOKUP_MS_HEADER = "X-Tokenfabric-Prefix-Lookup-Ms"
 MAX_CLOCK_SKEW_S = 30.0      # a signed handoff older (or newer) than this is refused
 MAX_KEYS = 8192              # the index's lookup bound (controller/prefix_index.py)
 RELAY_SMOOTHING = 0.2
+# decisions after which a prompt of at least min_blocks blocks is served here, so that its
+# blocks are cached here afterwards (report_local: the client's affinity follows)
+LOCAL_AFTER_LOOKUP = ("no_match", "short_prefix", "no_gain", "peer_busy", "lookup_failed",
+                      "lookup_busy")
 TOKENIZERS = ("emulator", "vllm")
-DECISIONS = ("handoff", "no_match", "local_longest", "short_prefix", "peer_busy", "no_gain",
-             "short_prompt", "lookup_failed", "lookup_busy", "relay_failed", "not_tokenized")
+DECISIONS = ("handoff", "handoff_home", "no_match", "local_longest", "short_prefix",
+             "peer_busy", "no_gain", "short_prompt", "lookup_failed", "lookup_busy",
+             "relay_failed", "not_tokenized")
 
 
 @dataclass
@@ -82,7 +87,9 @@ class HandoffSettings:
     hash_algo: str = "sha256"
     min_blocks: int = 4                  # prompts with fewer full blocks are never looked up
     min_extra_blocks: int = 4            # "markedly longer": at least this many more...
-    min_ratio: float = 1.2               # ...and this many times our cached blocks
+    min_ratio: float = 1.0               # ...and this many times our cached blocks (1.0:
+                                         # the extra blocks alone; with a 30-block system
+                                         # prompt a turn's 4-8 new blocks are only 1.1-1.3x)
     prefill_ms_per_token: float = 0.1    # prefill time a cached token saves (lab: 0.1)
     relay_ms: float = 3.0                # the relay's cost until measured
     min_gain_ms: float = 5.0             # net gain a handoff must promise
@@ -97,10 +104,23 @@ class HandoffSettings:
     affinity_window_s: float = 30.0      # a client is re-reported at most this often (and
                                          # at most every quarter of the switch's TTL)
     affinity_queue: int = 1024           # affinity reports waiting to be sent; more dropped
+    home_weight: float = 0.0             # value of keeping a shared prefix on one home, in
+                                         # prefills of its blocks (0: off; see `decide`;
+                                         # off by default: no hit-rate gain measured)
+    home_cache_s: float = 10.0           # s a prefix group's home is remembered here
+    report_local: bool = True            # affinity after any local serve of a long prompt
+                                         # (not only `local_longest`): its blocks are here now
+    shared_client_s: float = 300.0       # s a shared address (`shared_in_flight` requests
+                                         # in flight here at once: an app server) is not
+                                         # reported (0: off)
+    shared_in_flight: int = 3            # 3, not 2: an open-loop replay (the lab's chat)
+                                         # overlaps a conversation's turns now and then
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"handoff tokenizer must be one of {TOKENIZERS}")
+        if self.shared_in_flight < 2:
+            raise ValueError("handoff shared_in_flight must be at least 2")
         if self.affinity_window_s < 0 or self.affinity_queue < 1:
             raise ValueError("handoff affinity_window_s must be >= 0, affinity_queue >= 1")
         if len(self.secret) < 16:
@@ -125,6 +145,7 @@ class Decision:
     gain_ms: float = 0.0
     lookup_ms: float = 0.0
     local_blocks: int = 0
+    home: bool = False               # a handoff (or a local serve) to keep the prefix's home
 
 
 @dataclass
@@ -166,7 +187,9 @@ class HandoffMetrics:
             "tokenfabric_affinity_reports",
             "Affinity reports (client -> this backend) for the switch, by outcome: sent, "
             "deduped (reported within the window), dropped (queue full), refused (4xx: not "
-            "opted in, no edge, ...), failed (controller unreachable or 5xx).",
+            "opted in, no edge, ...), failed (controller unreachable or 5xx), shared (a "
+            "shared address: not reported), withdrawn (this backend's entry of a shared "
+            "address deleted).",
             ["backend", "outcome"], registry=self.registry)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -232,10 +255,43 @@ def queue_wait_s(running: float, waiting: float, capacity: int, service_s: float
     return max(0.0, beyond) / max(1, capacity) * service_s
 
 
+def rendezvous(key: int, name: str) -> int:
+    """Highest-random-weight score of backend `name` for the prefix ending in block `key`:
+    every bridge ranks a group's holders alike without talking to the others."""
+    digest = hashlib.blake2b(key.to_bytes(8, "little") + name.encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little")
+
+
+def markedly_longer(settings: HandoffSettings, longer: int, shorter: int) -> bool:
+    return longer - shorter >= settings.min_extra_blocks and \
+        longer >= settings.min_ratio * shorter
+
+
+def home_of(keys: list[int], depth: int, holders: dict[str, int]) -> str | None:
+    """The home of the prefix of `depth` blocks: of the holders of at least that many
+    blocks, the one ranking highest for its last block's key."""
+    if depth < 1 or depth > len(keys):
+        return None
+    names = [n for n, held in holders.items() if held >= depth]
+    return max(names, key=lambda n: rendezvous(keys[depth - 1], n)) if names else None
+
+
 def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
            local: LocalLoad, relay_ms: float, pending: dict[str, int],
-           block_size: int, prompt_blocks: int = 0) -> Decision:
-    """Where the request should run: here, or a peer (see the module docstring)."""
+           block_size: int, prompt_blocks: int = 0,
+           keys: list[int] | None = None) -> Decision:
+    """Where the request should run: here, or a peer (see the module docstring).
+
+    The prefix's home (with `keys` and home_weight > 0): when several backends hold
+    the same longest prefix (typically an app's shared system prompt, which p2c's first
+    placements copied everywhere, and a new conversation's first question), the copies
+    compete for KV space with the conversations' own blocks, and under eviction pressure
+    they push those out. The holders are ranked by rendezvous hash of the shared prefix;
+    the first whose load allows is the prefix's home, and a handoff there is worth, on top
+    of its own prefill saving, `home_weight` x the prefill of the shared blocks: what the
+    copy here would cost the cache's other occupants. The other copies then age out, as
+    an L7 cache-aware router's concentration would have it -- but bounded by load, since
+    a home whose queue costs more than that is passed over for the next in rank."""
     local_blocks = 0
     peers: list[Peer] = []
     for m in matches:
@@ -255,33 +311,64 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
                         local_blocks=local_blocks)
     local_wait = local.expected_wait_s if local.expected_wait_s is not None else \
         queue_wait_s(local.running, local.waiting, local.capacity, local.service_s)
-    best: Decision | None = None
-    outcome = "local_longest"
-    for peer in peers:
-        extra = peer.cached_blocks - local_blocks
-        if extra <= 0:
-            continue
-        if extra < settings.min_extra_blocks or \
-                peer.cached_blocks < settings.min_ratio * local_blocks:
-            outcome = "short_prefix" if outcome == "local_longest" else outcome
-            continue
+    per_block = block_size * settings.prefill_ms_per_token
+
+    def gain_of(peer: Peer, bonus_blocks: int) -> float:
+        extra = max(0, peer.cached_blocks - local_blocks)
         busy = peer.running + peer.waiting + pending.get(peer.name, 0)
-        if busy > settings.max_peer_load * peer.capacity:
-            outcome = "peer_busy"
-            continue
-        per_block = block_size * settings.prefill_ms_per_token
         prompt = max(prompt_blocks, peer.cached_blocks)
         stall = local.running * (prompt - local_blocks) - \
             (peer.running + pending.get(peer.name, 0)) * (prompt - peer.cached_blocks)
-        saved_ms = (extra + settings.stall_weight * stall) * per_block
+        saved_ms = (extra + settings.stall_weight * stall
+                    + settings.home_weight * bonus_blocks) * per_block
         peer_wait = queue_wait_s(busy, 0, peer.capacity, local.service_s)
-        cost_ms = max(0.0, peer_wait - local_wait) * 1000 + relay_ms
-        gain = saved_ms - cost_ms
+        return saved_ms - max(0.0, peer_wait - local_wait) * 1000 - relay_ms
+
+    def too_busy(peer: Peer) -> bool:
+        busy = peer.running + peer.waiting + pending.get(peer.name, 0)
+        return busy > settings.max_peer_load * peer.capacity
+
+    # the home: holders of about the longest prefix, ranked; the first that pays is it
+    home: Peer | None = None
+    home_blocks = 0
+    if keys and settings.home_weight > 0:
+        # tied: the holders of exactly the longest prefix (an app's system prompt, for a
+        # new conversation); a holder of a block more holds a conversation's own blocks,
+        # and then the longest-prefix rule below applies
+        depth = max([local_blocks] + [p.cached_blocks for p in peers])
+        tied = [p for p in peers if p.cached_blocks == depth]
+        me_tied = local_blocks == depth
+        if depth >= settings.min_blocks and len(tied) + me_tied >= 2 and depth <= len(keys):
+            ranked = sorted([(rendezvous(keys[depth - 1], p.name), p) for p in tied]
+                            + ([(rendezvous(keys[depth - 1], me), None)] if me_tied else []),
+                            key=lambda item: item[0], reverse=True)
+            for _, candidate in ranked:
+                if candidate is None:
+                    break  # we come first: this is the home
+                if not too_busy(candidate) and \
+                        gain_of(candidate, depth) >= settings.min_gain_ms:
+                    home, home_blocks = candidate, depth
+                    break
+    best: Decision | None = None
+    outcome = "local_longest"
+    for peer in peers:
+        is_home = peer is home
+        extra = peer.cached_blocks - local_blocks
+        if extra <= 0 and not is_home:
+            continue
+        if not is_home and (extra < settings.min_extra_blocks
+                            or peer.cached_blocks < settings.min_ratio * local_blocks):
+            outcome = "short_prefix" if outcome == "local_longest" else outcome
+            continue
+        if too_busy(peer):
+            outcome = "peer_busy"
+            continue
+        gain = gain_of(peer, home_blocks if is_home else 0)
         if gain < settings.min_gain_ms:
             outcome = "no_gain" if outcome != "peer_busy" else outcome
             continue
         if best is None or gain > best.gain_ms:
-            best = Decision("handoff", peer, gain, local_blocks=local_blocks)
+            best = Decision("handoff", peer, gain, local_blocks=local_blocks, home=is_home)
     return best or Decision(outcome, local_blocks=local_blocks)
 
 
@@ -352,6 +439,10 @@ class Handoff:
         self._hashers: dict[int, BlockHasher] = {}
         self._cache = _LookupCache(self.settings.cache_size, self.settings.cache_ttl)
         self._lookups = 0
+        # prefix groups' homes as the last lookups ranked them: the key of a shared
+        # prefix's last block -> (when, the home by rendezvous among its holders)
+        self._homes: collections.OrderedDict[int, tuple[float, str]] = \
+            collections.OrderedDict()
 
     def wants(self, tenant: Tenant, body: dict | None) -> bool:
         return tenant.prefix_affinity and body is not None
@@ -399,7 +490,8 @@ class Handoff:
         if len(keys) < self.settings.min_blocks:
             return self._done(Decision("short_prompt"))
         held = self._held_here(keys)
-        if len(keys) - held < self.settings.min_extra_blocks:
+        if len(keys) - held < self.settings.min_extra_blocks and \
+                not self._home_elsewhere(keys, held, started):
             return self._done(Decision("local_longest", local_blocks=held))
         matches = self._cache.get(keys, started)
         if matches is None:
@@ -417,9 +509,47 @@ class Handoff:
                 time.monotonic() - started)
         decision = decide(self.settings, self.backend, matches, self.local_load(),
                           self.relay_ms, self.pending, self._hasher().block_size,
-                          len(keys))
+                          len(keys), keys)
+        self._learn_homes(keys, matches, max(held, decision.local_blocks), started)
         decision.lookup_ms = (time.monotonic() - started) * 1000
         return self._done(decision)
+
+    def _home_elsewhere(self, keys: list[int], held: int, now: float) -> bool:
+        """Held here nearly whole -- but is the prompt just a shared prefix (an app's
+        system prompt and a new question) whose home is another backend? Then a lookup is
+        worth it (the home may take it). The deepest group this bridge has ranked within
+        the held blocks says: none known, or held markedly beyond it (the conversation's
+        own blocks are here), or its home is here: no."""
+        if self.settings.home_weight <= 0:
+            return False
+        for depth in range(held, self.settings.min_blocks - 1, -1):
+            known = self._homes.get(keys[depth - 1])
+            if known is None or now - known[0] > self.settings.home_cache_s:
+                continue
+            if known[1] == self.backend or \
+                    markedly_longer(self.settings, held, depth):
+                return False
+            return True
+        return held < len(keys)  # a group never ranked here: ask once, learn its home
+
+    def _learn_homes(self, keys: list[int], matches: list[dict], held: int,
+                     now: float) -> None:
+        """Remember the home of each prefix depth the holders in `matches` share."""
+        if self.settings.home_weight <= 0:
+            return
+        holders = {str(m["backend"]): int(m.get("cached_blocks") or 0) for m in matches
+                   if m.get("trusted") and m.get("backend") != self.backend}
+        if held:
+            holders[self.backend] = held
+        for depth in sorted(set(holders.values()))[:16]:
+            if depth < self.settings.min_blocks:
+                continue
+            home = home_of(keys, depth, holders)
+            if home is not None:
+                self._homes[keys[depth - 1]] = (now, home)
+                self._homes.move_to_end(keys[depth - 1])
+        while len(self._homes) > self.settings.cache_size:
+            self._homes.popitem(last=False)
 
     def _held_here(self, keys: list[int]) -> int:
         local = self.local_keys()
@@ -466,9 +596,11 @@ class Handoff:
         else:
             self.pending.pop(peer.name, None)
 
-    def relayed(self, peer: Peer, tenant: Tenant, added_s: float) -> None:
-        """A handoff that added `added_s` (decision and connect) is streaming back."""
-        self.metrics.decided("handoff")
+    def relayed(self, peer: Peer, tenant: Tenant, added_s: float,
+                home: bool = False) -> None:
+        """A handoff that added `added_s` (decision and connect) is streaming back; `home`:
+        to the prefix's home (the peer held about as much as this backend)."""
+        self.metrics.decided("handoff_home" if home else "handoff")
         self.metrics.handed(peer.name, tenant.name)
         self.metrics.relay_seconds.labels(self.backend).observe(added_s)
         self.relay_ms += RELAY_SMOOTHING * (added_s * 1000 - self.relay_ms)

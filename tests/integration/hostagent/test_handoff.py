@@ -138,7 +138,8 @@ class Rig:
                 "metrics_listen": f"127.0.0.1:{metrics}",
                 "handoff": {"secret": SECRET, "port": self.handoff_port,
                             "lookup_timeout": 1.0, "min_gain_ms": 5.0,
-                            "max_peer_load": 1.0, "cache_ttl": 0.0}}}))
+                            "max_peer_load": 1.0, "cache_ttl": 0.0,
+                            "home_weight": 1.0}}}))
             self.started.append(subprocess.Popen(
                 [sys.executable, "-m", "tokenfabric.cli", "agent", "run", "--config",
                  str(self.tmp / f"{name}.yaml")], env=env_without_config(),
@@ -412,6 +413,101 @@ def test_affinity_reports_the_controller_refuses_are_counted_and_change_nothing(
     assert _reports(rig, "gpu1", "sent") == sent and _affinity(rig, "10.0.1.200") == []
 
 
+def _group_ranking_first(rig: Rig, first: str, tag: str) -> str:
+    """A 1600-word system prompt (100 blocks) whose prefix ranks `first` above the other
+    backend (tokenfabric.hostagent.handoff.rendezvous, as every bridge ranks it)."""
+    from tokenfabric.hostagent.handoff import rendezvous
+    other = "gpu2" if first == "gpu1" else "gpu1"
+    for n in range(40):
+        system = words(f"{tag}{n}x", 1600)
+        key = rig.keys(system)[99]
+        if rendezvous(key, first) > rendezvous(key, other):
+            return system
+    raise AssertionError("no system prompt ranks " + first + " first")
+
+
+def test_a_system_prompt_cached_on_both_goes_to_its_home(rig):
+    """Both backends hold an app's system prompt (p2c copied it): a new conversation that
+    lands on gpu1 goes to the prompt's home, gpu2, although gpu1 holds as much -- so that
+    gpu1's copy can age out -- and the switch learns the client there."""
+    system = _group_ranking_first(rig, "gpu2", "sysH")
+    rig.warm("gpu1", system + " q")
+    rig.warm("gpu2", system + " q")
+    homed = r'tokenfabric_handoff_decisions_total\{.*decision="handoff_home"'
+    before = rig.metric("gpu1", homed)
+    reply, events = completion(rig, system + " " + words("askH", 40), client="10.0.1.30")
+    assert reply.headers["x-tokenfabric-backend"] == "gpu2"
+    assert reply.headers["x-tokenfabric-handoff-from"] == "gpu1"
+    assert events[-1]["usage"]["completion_tokens"] == 8
+    assert rig.metric("gpu1", homed) == before + 1
+    wait_for(lambda: _affinity(rig, "10.0.1.30") == ["gpu2"] or None,
+             "10.0.1.30 -> gpu2 in the controller's affinity table", timeout=10)
+
+
+def test_at_the_home_a_shared_prompt_stays_and_needs_one_lookup(rig):
+    """gpu1 is the system prompt's home: it serves the conversations it gets; the first
+    one's lookup ranked the group, the next ones need none (the home is remembered)."""
+    system = _group_ranking_first(rig, "gpu1", "sysI")
+    rig.warm("gpu1", system + " q")
+    rig.warm("gpu2", system + " q")
+    lookups = r'tokenfabric_prefix_lookup_seconds_count\{backend="gpu1"'
+    before = rig.metric("gpu1", lookups)
+    for n in range(3):
+        reply, _ = completion(rig, system + " " + words(f"askI{n}x", 40))
+        assert reply.headers["x-tokenfabric-backend"] == "gpu1"
+        assert "x-tokenfabric-handoff-from" not in reply.headers
+    assert rig.metric("gpu1", lookups) == before + 1
+
+
+def test_a_long_prompt_served_where_it_landed_teaches_the_switch(rig):
+    """No backend held it (`no_match`): served here, and its blocks are cached here now,
+    so the conversation's next turn belongs here: the agent reports the client
+    (report_local)."""
+    sent = _reports(rig, "gpu1", "sent")
+    reply, _ = completion(rig, words("fresh", 800), client="10.0.1.31")
+    assert reply.headers["x-tokenfabric-backend"] == "gpu1"
+    wait_for(lambda: _affinity(rig, "10.0.1.31") == ["gpu1"] or None,
+             "10.0.1.31 -> gpu1 in the controller's affinity table", timeout=10)
+    assert _reports(rig, "gpu1", "sent") == sent + 1
+    # a prompt under min_blocks blocks is no evidence of anything: no report
+    completion(rig, words("tiny", 20), client="10.0.1.32")
+    time.sleep(0.5)
+    assert _affinity(rig, "10.0.1.32") == []
+
+
+def test_a_shared_address_loses_its_switch_affinity(rig):
+    """Three requests of one address in flight at once (shared_in_flight; an app server:
+    one conversation waits for each answer): gpu1's agent withdraws the entry it made for
+    it and reports it no more -- its conversations' prefixes live on different
+    backends. Two at once (an open-loop replay overlapping turns) are not enough."""
+    from concurrent.futures import ThreadPoolExecutor
+    system = words("sysJ", 1600)
+    rig.warm("gpu1", system + " q")
+    completion(rig, system + " " + words("askJ", 40), client="10.0.1.50")
+    wait_for(lambda: _affinity(rig, "10.0.1.50") == ["gpu1"] or None,
+             "10.0.1.50 -> gpu1 in the controller's affinity table", timeout=10)
+    withdrawn = _reports(rig, "gpu1", "withdrawn")
+    def together(n: int) -> None:  # 60 tokens each, 20 ms a step: 1.2 s at once
+        with ThreadPoolExecutor(n) as pool:
+            replies = list(pool.map(lambda k: completion(
+                rig, system + " " + words(f"askJ{n}k{k}x", 40), max_tokens=60,
+                client="10.0.1.50"), range(n)))
+        assert all(reply.status_code == 200 for reply, _ in replies)
+    together(2)
+    time.sleep(0.5)
+    assert _affinity(rig, "10.0.1.50") == ["gpu1"]
+    assert _reports(rig, "gpu1", "withdrawn") == withdrawn
+    together(3)  # gpu1 has 2 slots: the third waits in its queue, in flight all the same
+    wait_for(lambda: _affinity(rig, "10.0.1.50") == [] or None,
+             "10.0.1.50's entry withdrawn", timeout=10)
+    assert _reports(rig, "gpu1", "withdrawn") == withdrawn + 1
+    shared = _reports(rig, "gpu1", "shared")
+    completion(rig, system + " " + words("askJ9x", 40), client="10.0.1.50")
+    wait_for(lambda: _reports(rig, "gpu1", "shared") > shared or None,
+             "the shared address's report skipped", timeout=10)
+    assert _affinity(rig, "10.0.1.50") == []
+
+
 def _ledger(rig: Rig) -> tuple[int, int]:
     """Requests and completion tokens of tenant chat (id 5) in the controller's ledger."""
     rows = rig.viewer.get("/api/v1/ledger", params={"tenant_id": 5}).json()
@@ -446,8 +542,8 @@ def test_handoff_decisions_need_a_longer_prefix_and_pay_for_queueing():
     # 50 blocks x 16 tokens x 0.1 ms = 80 ms saved; a peer 2 typical requests behind: no
     queued = {**peer, "running": 4, "waiting": 4}
     assert decide(s, "a", [queued], idle, 3.0, {}, 16).decision in ("no_gain", "peer_busy")
-    # we hold 45 of the 50 blocks ourselves: not markedly longer
-    mine = {**peer, "backend": "a", "cached_blocks": 45}
+    # we hold 47 of the 50 blocks ourselves: not markedly longer (no keys: no home)
+    mine = {**peer, "backend": "a", "cached_blocks": 47}
     assert decide(s, "a", [peer, mine], idle, 3.0, {}, 16).decision == "short_prefix"
     # untrusted or stale-loaded peers are not used
     assert decide(s, "a", [{**peer, "trusted": False}], idle, 3.0, {}, 16).decision == "no_match"

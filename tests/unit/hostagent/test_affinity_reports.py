@@ -98,3 +98,25 @@ def test_an_unreachable_controller_counts_failed_and_the_client_may_come_again()
     assert ("tiny", "10.0.1.7") not in reporter.recent
     reporter.note("10.0.1.7")
     assert list(reporter.pending) == ["10.0.1.7"]
+
+
+def test_a_shared_address_is_not_reported_for_a_while_and_its_entry_withdrawn_once():
+    clock = Clock()
+    reporter = AffinityReporter("gpu1", HandoffMetrics("gpu1"), clock=clock, shared_s=300.0)
+    reporter.note("10.0.1.200")
+    reporter.shared("10.0.1.200")
+    # the pending report is dropped, a withdrawal queued in its place
+    assert not reporter.pending and list(reporter.withdrawals) == ["10.0.1.200"]
+    reporter.note("10.0.1.200")
+    assert not reporter.pending and counted(reporter, "shared") == 1
+    # seen shared again while it still is: no second withdrawal
+    reporter.withdrawals.clear()
+    reporter.shared("10.0.1.200")
+    assert not reporter.withdrawals
+    # after the window it is an ordinary client again
+    clock.now += 301.0
+    reporter.note("10.0.1.200")
+    assert list(reporter.pending) == ["10.0.1.200"]
+    for bad in ("127.0.0.1", "::1", "nope"):
+        reporter.shared(bad)
+    assert list(reporter.withdrawals) == []

@@ -7,7 +7,16 @@ import pytest
 from tokenfabric.blockhash import BlockHasher
 from tokenfabric.config import ConfigError
 from tokenfabric.hostagent.config import validate
-from tokenfabric.hostagent.handoff import emulator_token_ids, sign, verify
+from tokenfabric.hostagent.handoff import (
+    HandoffSettings,
+    LocalLoad,
+    decide,
+    emulator_token_ids,
+    home_of,
+    rendezvous,
+    sign,
+    verify,
+)
 from tokenfabric.hostagent.wordtok import WordTokenizer
 
 SECRET = "0123456789abcdef-secret"
@@ -28,10 +37,16 @@ def test_handoff_config_is_off_by_default_and_checked_key_by_key(tmp_path):
     secret.write_text(SECRET + "\n")
     got = handoff({"secret_file": str(secret), "port": 9000, "min_ratio": 2})
     assert got == {"secret": SECRET.encode(), "port": 9000, "min_ratio": 2}
+    got = handoff({"secret": SECRET, "report_local": False, "home_weight": 0,
+                   "shared_in_flight": 4})
+    assert got["report_local"] is False and got["home_weight"] == 0
     for bad, message in (({"enabled": True}, "needs secret_file"),
                          ({"secret": "short"}, "at least 16 bytes"),
                          ({"secret": SECRET, "nope": 1}, "unknown key"),
                          ({"secret": SECRET, "port": 1.5}, "must be a int"),
+                         ({"secret": SECRET, "port": True}, "must be a int"),
+                         ({"secret": SECRET, "report_local": 1}, "must be a bool"),
+                         ({"secret": SECRET, "shared_in_flight": 1}, "shared_in_flight"),
                          ({"secret": SECRET, "min_gain_ms": -1}, "must not be negative"),
                          ({"secret": SECRET, "tokenizer": "bpe"}, "tokenizer must be"),
                          ({"secret": SECRET, "affinity_queue": 0}, "affinity_queue"),
@@ -75,3 +90,84 @@ def test_block_keys_follow_the_emulators_tokenizer_and_chat_template():
     assert len(BlockHasher(16).keys(chat)) == (2 + 40 + 1) // 16
     for bad in ({"prompt": 3}, {"messages": "x"}, {"messages": [{"content": "no role"}]}, {}):
         assert emulator_token_ids(bad, tok) is None
+
+
+# -- the prefix's home (decide with keys) ------------------------------------------------
+def _holder(name: str, blocks: int, running: int = 0, waiting: int = 0) -> dict:
+    return {"backend": name, "address": f"10.0.0.{ord(name[-1]) % 200}",
+            "cached_blocks": blocks, "trusted": True, "capacity": 4, "running": running,
+            "waiting": waiting, "load_age_s": 0.1}
+
+
+def _keys_ranking(first: str, then: list[str], depth: int = 30) -> list[int]:
+    """Block keys of a 33-block prompt whose 30-block prefix ranks the backends in the
+    order `first`, *then`."""
+    for seed in range(10_000):
+        keys = [seed * 1000 + i for i in range(33)]
+        scores = [rendezvous(keys[depth - 1], n) for n in [first, *then]]
+        if scores == sorted(scores, reverse=True):
+            return keys
+    raise AssertionError("no such keys")
+
+
+def test_a_shared_prefix_held_alike_goes_to_its_home_not_to_every_holder():
+    """An app's system prompt cached on this backend and a peer (none markedly longer):
+    the request goes to the holder ranking first for that prefix -- here when that is us,
+    there when it is the peer -- so the other copy can age out of its cache."""
+    s = HandoffSettings(secret=b"x" * 16, home_weight=1.0)
+    idle = LocalLoad(0, 0, 4, 0.0, 1.0)
+    both = [_holder("a", 30), _holder("b", 30)]
+    to_b = decide(s, "a", both, idle, 3.0, {}, 16, 33, _keys_ranking("b", ["a"]))
+    assert to_b.decision == "handoff" and to_b.home and to_b.peer is not None \
+        and to_b.peer.name == "b"
+    stay = decide(s, "a", both, idle, 3.0, {}, 16, 33, _keys_ranking("a", ["b"]))
+    assert stay.decision == "local_longest" and stay.peer is None
+    # without keys, or with home_weight 0, the old rule: nothing markedly longer, stay
+    assert decide(s, "a", both, idle, 3.0, {}, 16, 33).decision == "local_longest"
+    off = HandoffSettings(secret=b"x" * 16, home_weight=0.0)
+    assert decide(off, "a", both, idle, 3.0, {}, 16, 33,
+                  _keys_ranking("b", ["a"])).decision == "local_longest"
+
+
+def test_a_busy_home_is_passed_over_for_the_next_holder_in_rank():
+    s = HandoffSettings(secret=b"x" * 16, home_weight=1.0)
+    idle = LocalLoad(0, 0, 4, 0.0, 1.0)
+    # b ranks first, c second; with b two requests deep in its queue, c takes it
+    holders = [_holder("a", 30), _holder("b", 30, running=4, waiting=2), _holder("c", 30)]
+    got = decide(s, "a", holders, idle, 3.0, {}, 16, 33, _keys_ranking("b", ["c", "a"]))
+    assert got.decision == "handoff" and got.peer is not None and got.peer.name == "c"
+    # ranking b, a, c: with b busy we are the home, and stay
+    keys = _keys_ranking("b", ["a", "c"])
+    assert decide(s, "a", holders, idle, 3.0, {}, 16, 33, keys).decision == "local_longest"
+    # every holder busy: serve here
+    swamped = [_holder("a", 30)] + [_holder(n, 30, running=4, waiting=4) for n in "bc"]
+    assert decide(s, "a", swamped, idle, 3.0, {}, 16, 33, keys).peer is None
+
+
+def test_a_conversations_own_longer_prefix_beats_the_groups_home():
+    """The home counts only among holders of the same longest prefix: a peer holding a
+    conversation's own blocks beyond the system prompt wins over the prompt's home."""
+    s = HandoffSettings(secret=b"x" * 16, home_weight=1.0)
+    idle = LocalLoad(0, 0, 4, 0.0, 1.0)
+    keys = _keys_ranking("b", ["a", "c"]) + list(range(33))
+    got = decide(s, "a", [_holder("b", 30), _holder("c", 36)], idle, 3.0, {}, 16, 40, keys)
+    assert got.decision == "handoff" and got.peer is not None and got.peer.name == "c" \
+        and not got.home
+    # we hold the system prompt too, c 8 blocks more (1.27x; min_ratio 1.0: the cost model
+    # judges the 8 blocks, 12.8 ms of prefill, against the relay's 3 ms)
+    got = decide(s, "a", [_holder("a", 30), _holder("b", 30), _holder("c", 38)], idle, 3.0,
+                 {}, 16, 40, keys)
+    assert got.peer is not None and got.peer.name == "c" and not got.home
+    # two holders of the same 30 blocks, we hold none: the home of the two takes it
+    got = decide(s, "a", [_holder("b", 30), _holder("c", 30)], idle, 3.0, {}, 16, 33,
+                 _keys_ranking("c", ["b"]))
+    assert got.peer is not None and got.peer.name == "c" and got.home
+
+
+def test_a_prefix_group_ranks_its_holders_alike_on_every_bridge():
+    keys = list(range(100, 140))
+    holders = {"gpu1": 40, "gpu2": 30, "gpu3": 30}
+    assert home_of(keys, 30, holders) == max(holders, key=lambda n: rendezvous(keys[29], n))
+    assert home_of(keys, 40, holders) == "gpu1"  # only gpu1 holds 40
+    assert home_of(keys, 41, holders) is None and home_of(keys, 0, holders) is None
+    assert rendezvous(7, "gpu1") == rendezvous(7, "gpu1") != rendezvous(7, "gpu2")
