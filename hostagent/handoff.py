@@ -175,6 +175,8 @@ class HandoffMetrics:
             "(no answer within lookup_timeout), status (the controller answered non-200), "
             "connection (refused, reset, DNS), bad_answer (not the index's JSON).",
             ["backend", "reason"], registry=self.registry)
+        for reason in LOOKUP_FAILURES:  # every reason shows, at 0 until it happens
+            self.lookup_failures.labels(backend, reason)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def lookup_failed(self, reason: str) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from tokenfabric.hostagent.handoff import Handoff, HandoffSettings, LocalLoad
 
@@ -40,11 +41,12 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def _failures(h: Handoff) -> dict[str, float]:
+    """The failure counters that moved, by reason."""
     out = {}
     for metric in h.metrics.registry.collect():
         if metric.name == "tokenfabric_prefix_lookup_failures":
             for sample in metric.samples:
-                if sample.name.endswith("_total"):
+                if sample.name.endswith("_total") and sample.value:
                     out[sample.labels["reason"]] = sample.value
     return out
 
@@ -121,3 +123,11 @@ async def test_an_answer_that_is_not_the_index_json_counts_as_bad_answer(session
         assert _failures(h) == {"bad_answer": 3.0}
     finally:
         await runner.cleanup()
+
+
+async def test_every_reason_is_exported_at_zero_before_it_happens(session):
+    h = _handoff(session, "http://127.0.0.1:9")
+    text = generate_latest(h.metrics.registry).decode()
+    for reason in ("timeout", "status", "connection", "bad_answer"):
+        assert f'tokenfabric_prefix_lookup_failures_total{{backend="b1",reason="{reason}"}} 0.0' \
+            in text
