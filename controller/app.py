@@ -640,8 +640,11 @@ class Controller:
                 continue
             entry["connected"] = True
             try:
-                traffic = await switch.read_counters(self.counter_names[0])
-                admitted = await switch.read_counters(self.counter_names[1])
+                # only the policy's tenants' cells: a whole array is 4096 entities that
+                # the pure-Python protobuf decodes on this loop, which also serves the
+                # REST API (the bridges' 50 ms prefix lookups timed out behind it)
+                traffic = await switch.read_counters(self.counter_names[0], cells=tenant_ids)
+                admitted = await switch.read_counters(self.counter_names[1], cells=tenant_ids)
             except Exception as exc:  # a read can fail mid-session; say so, don't raise
                 entry["error"] = f"{type(exc).__name__}: {exc}"
                 continue

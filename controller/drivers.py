@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -125,8 +125,10 @@ class SwitchDriver(StateTaker, Protocol):
         """JSON for REST: name, address, device_id, role, last_reconcile, ..."""
         ...
 
-    async def read_counters(self, name: str) -> dict[int, CounterValue]:
-        """{tenant_id: CounterValue} of a per-tenant counter (tenant_traffic, ...)."""
+    async def read_counters(self, name: str, *,
+                            cells: Collection[int] | None = None) -> dict[int, CounterValue]:
+        """{tenant_id: CounterValue} of a per-tenant counter (tenant_traffic, ...); only
+        the tenants in `cells` when given."""
         ...
 
     async def read_port_bytes(self) -> dict[int, int]:

@@ -72,6 +72,7 @@ RELAY_SMOOTHING = 0.2
 LOCAL_AFTER_LOOKUP = ("no_match", "short_prefix", "no_gain", "peer_busy", "lookup_failed",
                       "lookup_busy")
 TOKENIZERS = ("emulator", "vllm")
+LOOKUP_FAILURES = ("timeout", "status", "connection", "bad_answer")  # why a lookup failed
 DECISIONS = ("handoff", "handoff_home", "no_match", "local_longest", "short_prefix",
              "peer_busy", "no_gain", "short_prompt", "lookup_failed", "lookup_busy",
              "relay_failed", "not_tokenized")
@@ -191,7 +192,19 @@ class HandoffMetrics:
             "shared address: not reported), withdrawn (this backend's entry of a shared "
             "address deleted).",
             ["backend", "outcome"], registry=self.registry)
+        self.lookup_failures = Counter(
+            "tokenfabric_prefix_lookup_failures",
+            "Prefix-index lookups that failed (decision lookup_failed), by reason: timeout "
+            "(no answer within lookup_timeout), status (the controller answered non-200), "
+            "connection (refused, reset, DNS), bad_answer (not the index's JSON).",
+            ["backend", "reason"], registry=self.registry)
+        for reason in LOOKUP_FAILURES:  # every reason shows, at 0 until it happens
+            self.lookup_failures.labels(backend, reason)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def lookup_failed(self, reason: str) -> None:
+        self.lookup_failures.labels(self.backend, reason).inc()
+        self.counts[("lookup_failed", reason)] += 1
 
     def decided(self, decision: str) -> None:
         self.decisions.labels(self.backend, decision).inc()
@@ -568,7 +581,9 @@ class Handoff:
         return decision
 
     async def _lookup(self, keys: list[int]) -> list[dict] | None:
+        """The index's matches, or None (the reason counted in `lookup_failures`)."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        reason = "bad_answer"
         try:
             async with self.session.post(
                     self.controller_url.rstrip("/") + "/api/v1/prefix-index/lookup",
@@ -576,14 +591,24 @@ class Handoff:
                     timeout=aiohttp.ClientTimeout(total=self.settings.lookup_timeout)) as r:
                 if r.status != 200:
                     log.debug("prefix lookup answered %d", r.status)
+                    self.metrics.lookup_failed("status")
                     return None
                 answer = await r.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except TimeoutError:
+            reason = "timeout"
+        except aiohttp.ClientResponseError:  # a malformed answer (bad headers, JSON type)
+            reason = "bad_answer"
+        except aiohttp.ClientError as exc:
             log.debug("prefix lookup failed: %s", exc)
-            return None
-        matches = answer.get("matches") if isinstance(answer, dict) else None
-        return [m for m in matches if isinstance(m, dict)] if isinstance(matches, list) \
-            else None
+            reason = "connection"
+        except ValueError:
+            reason = "bad_answer"
+        else:
+            matches = answer.get("matches") if isinstance(answer, dict) else None
+            if isinstance(matches, list):
+                return [m for m in matches if isinstance(m, dict)]
+        self.metrics.lookup_failed(reason)
+        return None
 
     # -- the relay's bookkeeping ---------------------------------------------------------
     def begin(self, peer: Peer) -> None:
@@ -615,7 +640,7 @@ class Handoff:
         """For the agent's report and logs: counts by decision, sent, received, and the
         affinity reports' by outcome."""
         out: dict[str, dict[str, int]] = {"decision": {}, "sent": {}, "received": {},
-                                          "affinity": {}}
+                                          "affinity": {}, "lookup_failed": {}}
         for (kind, name), n in self.metrics.counts.items():
             out.setdefault(kind, {})[name] = n
         return {**out, "relay_ms": round(self.relay_ms, 3)}

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,10 +145,12 @@ class OpenFlowSwitch:
             "last_error": self.last_error, "notes": list(self.notes),
         }
 
-    async def read_counters(self, name: str, indexes: Any = None) -> dict[int, CounterValue]:
+    async def read_counters(self, name: str, indexes: Any = None,
+                            cells: Collection[int] | None = None) -> dict[int, CounterValue]:
         """The P4 counters' meaning from flow statistics of the classify table:
         tenant_traffic = every tenant flow (both directions), tenant_admitted =
-        packets of the tenant's SYN flows (new connections)."""
+        packets of the tenant's SYN flows (new connections); only the tenants in `cells`
+        when given."""
         if name not in (TENANT_TRAFFIC, TENANT_CONNS):
             raise KeyError(f"no counter {name!r} on an OpenFlow switch")
         want = self._want or OfState()
@@ -163,6 +165,8 @@ class OpenFlowSwitch:
             if name == TENANT_CONNS and not syn:
                 continue
             tenant = spec.metadata[0]
+            if cells is not None and tenant not in cells:
+                continue
             acc = out.setdefault(tenant, [0, 0])
             acc[0] += stat.packet_count
             acc[1] += stat.byte_count

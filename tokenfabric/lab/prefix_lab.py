@@ -234,7 +234,8 @@ def emulator_metrics(plan: LabPlan) -> dict[str, str]:
 
 def handoff_decisions(plan: LabPlan) -> dict[str, float]:
     """The bridges' handoff decisions so far (tokenfabric_handoff_decisions_total by
-    decision: handoff, or why it served locally), summed over the backends; a backend
+    decision: handoff, or why it served locally; `lookup_failed:REASON` splits the failed
+    lookups by reason), summed over the backends; a backend
     whose agent does not answer counts nothing."""
     out: dict[str, float] = {}
     for host in plan.by_role("backend"):
@@ -246,7 +247,12 @@ def handoff_decisions(plan: LabPlan) -> dict[str, float]:
         for line in text.splitlines():
             if line.startswith("tokenfabric_handoff_decisions_total{"):
                 kind = line.split('decision="', 1)[1].split('"', 1)[0]
-                out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+            elif line.startswith("tokenfabric_prefix_lookup_failures_total{"):
+                # lookup_failed split by reason: timeout, status, connection, bad_answer
+                kind = "lookup_failed:" + line.split('reason="', 1)[1].split('"', 1)[0]
+            else:
+                continue
+            out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 

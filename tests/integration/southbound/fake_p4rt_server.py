@@ -97,6 +97,7 @@ class FakeP4RuntimeServer(p4runtime_pb2_grpc.P4RuntimeServicer):
         self.write_requests: list[p4runtime_pb2.WriteRequest] = []
         self.set_pipeline_calls = 0
         self.read_requests = 0
+        self.read_entities = 0  # entities answered by Read, all requests
         self._server: grpc.aio.Server | None = None
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -514,6 +515,7 @@ class FakeP4RuntimeServer(p4runtime_pb2_grpc.P4RuntimeServicer):
         try:
             for entity in request.entities:
                 response.entities.extend(self._read(entity))
+            self.read_entities += len(response.entities)
         except EntityError as exc:
             await context.abort(_grpc_status(exc.code), exc.message)
         yield response

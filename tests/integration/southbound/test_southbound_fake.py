@@ -496,6 +496,11 @@ async def test_counters_direct_counters_and_meters(fake, pipeline):
         assert list(one) == [2] and one[2].bytes == 640
         with pytest.raises(TranslationError):
             await switch.read_counters("tenant_packets", index=4096)
+        # some cells, in one Read; cells outside the array are left out, not an error
+        before = fake.read_entities
+        some = await switch.read_counters("tenant_packets", cells=[3, 2, 4096])
+        assert sorted(some) == [2, 3] and some[2].bytes == 640
+        assert fake.read_entities - before == 2
 
         fake.set_direct_counters("routes", packets=3, octets=300)
         direct = await switch.read_direct_counters("routes")
