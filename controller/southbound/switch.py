@@ -147,9 +147,11 @@ class Switch:
             return  # not connected: the next session arbitrates with the new id
         try:
             await self._session.arbitrate(self._election())
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, SouthboundError, OSError) as exc:
-            # the stream is ending: the retry loop opens the next session with the new id
-            # (already in self.config), so the takeover happens there, not here
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError,
+                SouthboundError, OSError) as exc:
+            # the stream is ending (grpc says InvalidStateError once the call is done): the
+            # retry loop opens the next session with the new id (already in self.config), so
+            # the takeover happens there, not here
             self.last_error = _describe(exc)
             log.warning("switch %s: re-arbitration with election id %d not sent (%s); "
                         "the next session carries it", self.name, election_id,
