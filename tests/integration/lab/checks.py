@@ -17,6 +17,15 @@ def skip_unless_ovs_lab() -> None:
     skip_unless_ovs_free()
 
 
+def skip_unless_bmv2_lab() -> None:
+    """Skip unless the BMv2 lab's components are here and no other lab network is up."""
+    missing = prereqs.missing_pieces()
+    if missing:
+        pytest.skip("lab components missing: " + "; ".join(m.name for m in missing))
+    if leftover_links():
+        pytest.skip(f"another lab network is up: {leftover_links()[:3]}")
+
+
 def skip_unless_ovs_free() -> None:
     """Skip while another lab network is up or another ovs-vswitchd holds this namespace's
     userspace datapath (a test's private OVS ends soon, so wait for it first)."""

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tokenfabric.lab import prereqs
+from tests.integration.lab.checks import skip_unless_bmv2_lab
 from tokenfabric.lab.network import host_shells, leftover_links
 from tokenfabric.lab.replicas import TAKEOVER_TARGET_S
 from tokenfabric.pg_temp import find_bin
@@ -18,13 +18,9 @@ pytestmark = [pytest.mark.mininet, pytest.mark.root, pytest.mark.bmv2, pytest.ma
 
 @pytest.fixture(autouse=True)
 def _components():
-    missing = prereqs.missing_pieces()
-    if missing:
-        pytest.skip("lab components missing: " + "; ".join(m.name for m in missing))
     if find_bin() is None:
         pytest.skip("PostgreSQL's initdb/pg_ctl not found (Debian package postgresql)")
-    if leftover_links():
-        pytest.skip(f"another lab network is up: {leftover_links()[:3]}")
+    skip_unless_bmv2_lab()
 
 
 def test_ha_leader_killed_under_load_backup_takes_over(tmp_path):

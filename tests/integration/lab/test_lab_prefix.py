@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenfabric.lab import prereqs
+from tests.integration.lab.checks import skip_unless_bmv2_lab
 from tokenfabric.lab.network import host_shells, leftover_links
 
 pytestmark = [pytest.mark.mininet, pytest.mark.root, pytest.mark.bmv2,
@@ -25,14 +25,10 @@ MODES = ("p2c", "prefix-affinity", "vllm-cache_aware")
 
 @pytest.fixture(autouse=True)
 def _components():
-    missing = prereqs.missing_pieces()
-    if missing:
-        pytest.skip("lab components missing: " + "; ".join(m.name for m in missing))
     if not (shutil.which("vllm-router") or (Path(sys.executable).parent / "vllm-router")
             .exists()):
         pytest.skip("vllm-router is not installed (the lab extra)")
-    if leftover_links():
-        pytest.skip(f"another lab network is up: {leftover_links()[:3]}")
+    skip_unless_bmv2_lab()
 
 
 def test_prefix_experiment_measures_hit_rates_and_baseline_validity(tmp_path):

@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from tests.integration.lab.checks import check_quick_run
-from tokenfabric.lab import prereqs
+from tests.integration.lab.checks import check_quick_run, skip_unless_bmv2_lab
 from tokenfabric.lab.network import host_shells, leftover_links
 
 pytestmark = [pytest.mark.mininet, pytest.mark.root, pytest.mark.bmv2, pytest.mark.timeout(300)]
@@ -17,11 +16,7 @@ pytestmark = [pytest.mark.mininet, pytest.mark.root, pytest.mark.bmv2, pytest.ma
 
 @pytest.fixture(autouse=True)
 def _components():
-    missing = prereqs.missing_pieces()
-    if missing:
-        pytest.skip("lab components missing: " + "; ".join(m.name for m in missing))
-    if leftover_links():
-        pytest.skip(f"another lab network is up: {leftover_links()[:3]}")
+    skip_unless_bmv2_lab()
 
 
 def _our_processes(marker: str) -> list[str]:
