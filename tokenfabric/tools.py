@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 from pathlib import Path
@@ -32,11 +33,29 @@ def tool_env() -> dict[str, str]:
     return env
 
 
+_HANDED_OUT: set[int] = set()
+# below Linux's default ephemeral range (32768-60999): an outgoing connection's local port
+# never lands here, so a port chosen now is still free when a switch binds it seconds later
+LISTEN_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing holds right now, outside the ephemeral range,
+    and that this process has not handed out before (the lab picks every switch's ports
+    before it starts any of them)."""
+    for _ in range(200):
+        port = random.choice(LISTEN_PORTS)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # held by someone
+        _HANDED_OUT.add(port)
+        return port
+    raise OSError(f"no free TCP port on 127.0.0.1 in {LISTEN_PORTS.start}.."
+                  f"{LISTEN_PORTS.stop - 1}")
 
 
 def port_open(host: str, port: int) -> bool:
