@@ -278,6 +278,8 @@ class LabRunner:
             before = prefix_lab.emulator_metrics(self.plan)
             affinity_before = self._stack().get("/affinity")
             decided_before = prefix_lab.handoff_decisions(self.plan)
+            # a router's log spans every round of --repeat: judge each round by its own part
+            log_before = len(self._stack().router_log(run.mode))
         loads = workloads(self.exp, run, self.plan, url=url)
         planned = {h: len(plan(w)) for h, w in loads.items()}
         procs, outputs = [], []
@@ -323,7 +325,7 @@ class LabRunner:
                        for line in out.read_text().splitlines() if line.strip()]
             figures = prefix_lab.run_figures(
                 run.mode, records, before, prefix_lab.emulator_metrics(self.plan),
-                self.exp.duration, self._stack().router_log(run.mode)
+                self.exp.duration, self._stack().router_log(run.mode)[log_before:]
                 if run.mode in prefix.L7_MODES else None)
             figures["affinity"] = prefix_lab.affinity_change(affinity_before,
                                                              self._stack().get("/affinity"))
