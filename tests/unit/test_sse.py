@@ -9,6 +9,7 @@ import time
 import aiohttp
 from aiohttp import web
 
+from tests.local_http import serve_local
 from tokenfabric.hostagent.bridge import _Counter
 from tokenfabric.lab.loadgen import _stream
 from tokenfabric.sse import is_token_chunk, is_token_payload
@@ -46,15 +47,11 @@ async def test_bridge_and_loadgen_count_the_same_tokens():
 
     app = web.Application()
     app.router.add_get("/stream", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, url = await serve_local(app)
     try:
         record: dict = {"prompt_tokens": 1}
         async with aiohttp.ClientSession() as session, \
-                session.get(f"http://127.0.0.1:{port}/stream") as resp:
+                session.get(f"{url}/stream") as resp:
             await _stream(resp, time.perf_counter(), record)
     finally:
         await runner.cleanup()

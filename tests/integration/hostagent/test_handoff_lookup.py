@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from tests.local_http import serve_local
 from tokenfabric.hostagent.handoff import Handoff, HandoffSettings, LocalLoad
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -21,12 +22,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def _serve(handler: Handler) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.router.add_post("/api/v1/prefix-index/lookup", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
+    return await serve_local(app)
 
 
 def _handoff(session: aiohttp.ClientSession, url: str, timeout: float = 0.2) -> Handoff:

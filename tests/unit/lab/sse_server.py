@@ -7,6 +7,8 @@ import json
 
 from aiohttp import web
 
+from tests.local_http import serve_local
+
 
 class TinySSE:
     """Streams `max_tokens` tokens: `first_delay` before the first, `token_delay` between.
@@ -57,12 +59,9 @@ class TinySSE:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/v1/completions", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{self.port}"
+        self.runner, url = await serve_local(app)
+        self.port = self.runner.addresses[0][1]
+        return url
 
     async def stop(self) -> None:
         if self.runner:
