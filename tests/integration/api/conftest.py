@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 
 from tokenfabric import dataplane as dp
+from tokenfabric import yamlio
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.controller.api.server import create_app
 from tokenfabric.controller.app import Controller
@@ -140,6 +141,21 @@ def replica_ledger(postgres_server):
     if isinstance(postgres_server, str):
         pytest.skip(f"postgresql: {postgres_server}")
     return postgres_server.create_database(f"replicas_{os.getpid()}_{time.monotonic_ns()}")
+
+
+def controller_files(tmp_path, fabric: str, tokens: dict | None = None,
+                     policy: str = POLICY) -> None:
+    """The fabric, policy and tokens files start_replica runs on (tokens: ADMIN's and
+    those given)."""
+    (tmp_path / "fabric.yaml").write_text(fabric)
+    (tmp_path / "policy.yaml").write_text(policy)
+    (tmp_path / "tokens.yaml").write_text(yamlio.dump(
+        {ADMIN: {"name": "ops", "role": "admin"}, **(tokens or {})}))
+
+
+def admin_client(port: int) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                        headers={"Authorization": f"Bearer {ADMIN}"})
 
 
 def start_replica(tmp_path, port: int, election_id: int, ledger: str,

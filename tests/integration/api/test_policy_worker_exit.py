@@ -8,11 +8,16 @@ import signal
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.integration.api.conftest import ADMIN, POLICY, TINY_FABRIC, start_replica, wait_for
-from tokenfabric import yamlio
+from tests.integration.api.conftest import (
+    POLICY,
+    TINY_FABRIC,
+    admin_client,
+    controller_files,
+    start_replica,
+    wait_for,
+)
 from tokenfabric.tools import free_port
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -43,15 +48,11 @@ def running(pid: int) -> bool:
 def test_kill_9_of_a_controller_leaves_no_policy_worker(tmp_path):
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc")
-    (tmp_path / "fabric.yaml").write_text(TINY_FABRIC)
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "tokens.yaml").write_text(yamlio.dump({ADMIN: {"name": "ops",
-                                                               "role": "admin"}}))
+    controller_files(tmp_path, TINY_FABRIC)
     port = free_port()
     proc = start_replica(tmp_path, port, 1, str(tmp_path / "ledger.db"))
     try:
-        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
-                           headers={"Authorization": f"Bearer {ADMIN}"})
+        api = admin_client(port)
         wait_for(lambda: api.get("/api/v1/replica").status_code == 200, "it to serve")
         # the worker starts with the server; a validation goes through it
         r = api.post("/api/v1/policy/validate", json={"yaml": POLICY})

@@ -13,7 +13,15 @@ import time
 import httpx
 import pytest
 
-from tests.integration.api.conftest import ADMIN, AGENT, free_port, start_replica, wait_for
+from tests.integration.api.conftest import (
+    ADMIN,
+    AGENT,
+    admin_client,
+    controller_files,
+    free_port,
+    start_replica,
+    wait_for,
+)
 from tests.integration.api.test_api_with_agent import FABRIC, POLICY, keygen
 from tests.integration.hostagent.conftest import env_without_config, start_emulator, stop_process
 from tokenfabric import yamlio
@@ -28,12 +36,9 @@ def test_agent_reports_to_both_replicas_rows_written_once(replica_ledger, tmp_pa
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # stands in for the switch
     sink.bind(("127.0.0.1", 0))
     try:
-        (tmp_path / "fabric.yaml").write_text(FABRIC)
-        (tmp_path / "policy.yaml").write_text(POLICY)
-        (tmp_path / "tokens.yaml").write_text(yamlio.dump(
-            {ADMIN: {"name": "ops", "role": "admin"},
-             AGENT: {"name": "agents", "role": "agent", "backends": ["gpu2"],
-                     "public_key": keygen(tmp_path)}}))
+        controller_files(tmp_path, FABRIC, {
+            AGENT: {"name": "agents", "role": "agent", "backends": ["gpu2"],
+                    "public_key": keygen(tmp_path)}}, POLICY)
         port_a, port_b = free_port(), free_port()
         a = start_replica(tmp_path, port_a, 10, replica_ledger)
         started.append(a)
@@ -116,15 +121,11 @@ def test_agent_reports_to_both_replicas_rows_written_once(replica_ledger, tmp_pa
 def test_a_second_controller_on_a_sqlite_ledger_is_refused(tmp_path):
     """SQLite has no server to elect a leader through: one controller per file, and the
     second one says so (exit 2) instead of doing the fabric-wide work twice."""
-    (tmp_path / "fabric.yaml").write_text(FABRIC)
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "tokens.yaml").write_text(yamlio.dump({ADMIN: {"name": "ops",
-                                                                  "role": "admin"}}))
+    controller_files(tmp_path, FABRIC, policy=POLICY)
     port = free_port()
     first = start_replica(tmp_path, port, 10, str(tmp_path / "l.db"))
     try:
-        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
-                           headers={"Authorization": f"Bearer {ADMIN}"})
+        api = admin_client(port)
         view = wait_for(lambda: api.get("/api/v1/replica").json(), "the first controller")
         assert view["role"] == "primary" and view["replicas"] is False
         second = subprocess.run(

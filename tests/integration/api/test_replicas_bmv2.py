@@ -22,13 +22,12 @@ from tests.integration.api.conftest import (
     ADMIN,
     AGENT,
     FABRIC,
-    POLICY,
     REGISTRATION,
+    controller_files,
     free_port,
     start_replica,
     wait_for,
 )
-from tokenfabric import yamlio
 from tokenfabric.controller.replica import PRIMARY_HEADER, TERM_SHIFT, PrimaryWatch
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.timeout(300)]
@@ -64,12 +63,8 @@ def report(n: int) -> dict:
 
 
 def test_two_replicas_on_bmv2(bmv2, replica_ledger, tmp_path):
-    (tmp_path / "fabric.yaml").write_text(FABRIC.replace("127.0.0.1:9559",
-                                                         bmv2.opts.grpc_address))
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "tokens.yaml").write_text(yamlio.dump(
-        {ADMIN: {"name": "ops", "role": "admin"},
-         AGENT: {"name": "agents", "role": "agent", "backends": ["gpu2-*"]}}))
+    controller_files(tmp_path, FABRIC.replace("127.0.0.1:9559", bmv2.opts.grpc_address),
+                     {AGENT: {"name": "agents", "role": "agent", "backends": ["gpu2-*"]}})
     # the read-back of who is primary runs in its own event loop, beside the test
     loop = asyncio.new_event_loop()
     runner = threading.Thread(target=loop.run_forever, daemon=True)

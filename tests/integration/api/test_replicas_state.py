@@ -24,11 +24,11 @@ from tests.integration.api.conftest import (
     ADMIN,
     AGENT,
     POLICY,
+    controller_files,
     free_port,
     start_replica,
     wait_for,
 )
-from tokenfabric import yamlio
 
 pytestmark = [pytest.mark.timeout(240)]
 
@@ -55,11 +55,8 @@ ROUNDS = 5  # rounds of two simultaneous registrations, one at each replica
 
 
 def files(tmp_path) -> None:
-    (tmp_path / "fabric.yaml").write_text(FABRIC)
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "tokens.yaml").write_text(yamlio.dump(
-        {ADMIN: {"name": "ops", "role": "admin"},
-         AGENT: {"name": "agents", "role": "agent", "backends": ["gpu*"]}}))
+    controller_files(tmp_path, FABRIC,
+                     {AGENT: {"name": "agents", "role": "agent", "backends": ["gpu*"]}})
 
 
 def client(port: int, token: str = ADMIN) -> httpx.Client:
