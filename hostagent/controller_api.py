@@ -82,27 +82,24 @@ class ControllerClient:
                                   f"{first['msg']}", status) from None
 
     async def report(self, name: str, body: dict) -> dict:
-        return await self._post_backend(name, "report", body, "report")
+        return await self._backend_call(name, "report", body, "report")
 
     async def kv_report(self, name: str, body: dict) -> dict:
         """A block-set delta or snapshot for the prefix index (controller/prefix_index.py)."""
-        return await self._post_backend(name, "kv", body, "KV report")
+        return await self._backend_call(name, "kv", body, "KV report")
 
     async def affinity_report(self, name: str, service: str, client: str) -> dict:
         """The bridge of `name` decided that `client`'s prompts are cached here: the
         client's edge switch steers its next new connections to `name` (docs/rest.md)."""
-        return await self._post_backend(name, "affinity", {"service": service,
+        return await self._backend_call(name, "affinity", {"service": service,
                                                             "client": client},
                                         "affinity report")
 
     async def affinity_withdraw(self, name: str, service: str, client: str) -> dict:
         """`client` is no longer `name`'s to attract (a shared address): its entry goes."""
-        status, data = await self._call("DELETE", f"/backends/{name}/affinity",
-                                        {"service": service, "client": client})
-        if not 200 <= status < 300:
-            raise ControllerError(f"affinity withdrawal refused: HTTP {status}: "
-                                  f"{self._detail(status, data)}", status)
-        return data if isinstance(data, dict) else {}
+        return await self._backend_call(name, "affinity", {"service": service,
+                                                           "client": client},
+                                        "affinity withdrawal", "DELETE")
 
     async def backend(self, name: str) -> dict:
         """The controller's view of backend `name` (its `services` among others)."""
@@ -112,8 +109,9 @@ class ControllerClient:
                                   f"{self._detail(status, data)}", status)
         return data
 
-    async def _post_backend(self, name: str, leaf: str, body: dict, what: str) -> dict:
-        status, data = await self._call("POST", f"/backends/{name}/{leaf}", body)
+    async def _backend_call(self, name: str, leaf: str, body: dict, what: str,
+                            method: str = "POST") -> dict:
+        status, data = await self._call(method, f"/backends/{name}/{leaf}", body)
         if not 200 <= status < 300:
             raise ControllerError(f"{what} refused: HTTP {status}: "
                                   f"{self._detail(status, data)}", status)
