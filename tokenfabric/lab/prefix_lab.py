@@ -212,6 +212,47 @@ def read_switch_affinity(plan: LabPlan, timeout: float = 10.0
     return out
 
 
+def read_switch_steering(plan: LabPlan, timeout: float = 10.0) -> dict[str, dict[str, int]]:
+    """Each BMv2 switch's Select outcomes for clients with an affinity entry, from its
+    `events` counter (the AFFINITY and AFFINITY_OVER_BOUND cells, docs/dataplane.md):
+    switch -> {"steered": new connections the entry sent to its backend, "over_bound":
+    those whose backend was over the load bound, so P2C chose}. Cumulative packets
+    (one per new connection's SYN); the runner takes the difference over a run."""
+    import grpc
+    from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
+
+    from tokenfabric.p4names import IDS, Event
+
+    cells = {int(Event.AFFINITY): "steered", int(Event.AFFINITY_OVER_BOUND): "over_bound"}
+    out: dict[str, dict[str, int]] = {}
+    for sw in plan.switches.values():
+        if sw.driver != "p4runtime" or not sw.grpc_port:
+            continue
+        entities = []
+        for index in cells:
+            entity = p4runtime_pb2.Entity()
+            entity.counter_entry.counter_id = IDS["events"]
+            entity.counter_entry.index.index = index
+            entities.append(entity)
+        request = p4runtime_pb2.ReadRequest(device_id=sw.device_id, entities=entities)
+        counts = dict.fromkeys(cells.values(), 0)
+        with grpc.insecure_channel(f"127.0.0.1:{sw.grpc_port}") as channel:
+            stub = p4runtime_pb2_grpc.P4RuntimeStub(channel)
+            for response in stub.Read(request, timeout=timeout):
+                for found in response.entities:
+                    entry = found.counter_entry
+                    counts[cells[entry.index.index]] = entry.data.packet_count
+        out[sw.name] = counts
+    return out
+
+
+def steering_change(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+                    ) -> dict[str, dict[str, int]]:
+    """A run's share of read_switch_steering's cumulative counts, per switch."""
+    return {sw: {k: v - before.get(sw, {}).get(k, 0) for k, v in counts.items()}
+            for sw, counts in after.items()}
+
+
 def router_url(plan: LabPlan, mode: str) -> str:
     [host] = plan.by_role("router")
     return f"http://{host.ip}:{ROUTER_PORTS[mode]}"
@@ -360,6 +401,13 @@ def markdown(figures: list[dict[str, Any]], kv_tokens: int | None,
             lines.append(f"\n- {_label(f)}: read back from the switches over P4Runtime at "
                          "the end of the run: " + ", ".join(
                              f"{sw} {n} affinity entries" for sw, n in sorted(held.items())))
+        steering = f.get("switch_steering")
+        if f["mode"] in prefix.HANDOFF_MODES and steering:
+            lines.append(f"\n- {_label(f)}: new connections of clients with an entry, by "
+                         "the switches' events counters: " + ", ".join(
+                             f"{sw} steered {c['steered']}, over the bound {c['over_bound']}"
+                             for sw, c in sorted(steering.items())
+                             if c["steered"] or c["over_bound"]))
         if f["mode"] in prefix.L7_MODES:
             lines.append(f"\n- baseline {_label(f)}: {'valid' if f['valid'] else 'INVALID'}: "
                          f"{f['evidence']}")

@@ -234,6 +234,16 @@ class LabRunner:
                     self._write_summary(outcomes)
         return outcomes
 
+    def _switch_steering(self, run: Run) -> dict[str, dict[str, int]] | None:
+        """The switches' affinity outcomes before a handoff mode on BMv2, else None."""
+        if run.mode not in prefix.HANDOFF_MODES or self.dataplane != "bmv2":
+            return None
+        try:
+            return prefix_lab.read_switch_steering(self.plan)
+        except Exception as exc:  # noqa: BLE001 - the run goes on without the figure
+            log.warning("steering read failed: %s", exc)
+            return None
+
     def _probe(self) -> None:
         """One request per tenant through the VIP before any load (probe.py); ProbeFailed
         naming the step where one does not come back."""
@@ -280,6 +290,7 @@ class LabRunner:
             decided_before = prefix_lab.handoff_decisions(self.plan)
             # a router's log spans every round of --repeat: judge each round by its own part
             log_before = len(self._stack().router_log(run.mode))
+            steering_before = self._switch_steering(run)
         loads = workloads(self.exp, run, self.plan, url=url)
         planned = {h: len(plan(w)) for h, w in loads.items()}
         procs, outputs = [], []
@@ -342,6 +353,9 @@ class LabRunner:
             if run.mode in prefix.HANDOFF_MODES and self.dataplane == "bmv2":
                 try:  # what the switches hold, not what the controller believes
                     held = prefix_lab.read_switch_affinity(self.plan)
+                    if steering_before is not None:
+                        figures["switch_steering"] = prefix_lab.steering_change(
+                            steering_before, prefix_lab.read_switch_steering(self.plan))
                     figures["switch_affinity"] = {sw: len(rows) for sw, rows in held.items()}
                     figures["switch_affinity_clients"] = {
                         sw: sorted({r["client"] for r in rows}) for sw, rows in held.items()}

@@ -77,6 +77,7 @@ def test_prefix_experiment_on_leafspine_steers_from_the_clients_leaf_repeated(tm
     summary = (folder / "summary.md").read_text()
     assert done.returncode == 0, summary + done.stderr[-3000:]
     clients = ipaddress.ip_network("10.0.1.0/24"), ipaddress.ip_network("10.0.2.0/24")
+    steered: list[int] = []
     for mode in MODES:
         for key in (f"{mode}-0.85", f"{mode}-0.85-r1"):
             f = json.loads((folder / "runs" / key / "prefix.json").read_text())
@@ -92,8 +93,14 @@ def test_prefix_experiment_on_leafspine_steers_from_the_clients_leaf_repeated(tm
             assert held["tflleaf1"] > 0 and sum(held.values()) == held["tflleaf1"], held
             assert all(any(ipaddress.ip_address(c) in n for n in clients)
                        for c in f["switch_affinity_clients"]["tflleaf1"])
+            # only that leaf steers new connections by an entry (the events counters)
+            steering = f["switch_steering"]
+            steered.append(steering["tflleaf1"]["steered"])
+            assert all(c["steered"] == 0 for sw, c in steering.items()
+                       if sw != "tflleaf1"), steering
             # the bridges looked the prompts up: every request got a decision
             assert sum(f["decisions"].values()) >= f["ok"] * 0.5, f["decisions"]
+    assert sum(steered) > 0, steered  # the switch steered clients by their entries
     # backends sit on leaves 2 and 3: some handoffs went leaf - spine - leaf
     across = [json.loads((folder / "runs" / k / "prefix.json").read_text())["handoff_paths"]
               for k in ("prefix-affinity-0.85", "prefix-affinity-0.85-r1")]
