@@ -135,21 +135,19 @@ def run_bridge(port: int, upstream_port: int) -> None:
 
 # -- 3. the prefix-free path: today's bridge and the one with the handoff --------------
 AGENT_TOKEN = "bench-agent-token-0123456789"
-FABRIC = """
-switches:
-  s1: {address: "127.0.0.1:1", device_id: 1, ports: [1, 2, 3, 4]}
-hosts:
-  clients: {switch: s1, port: 1, address: 10.0.1.0, prefix_len: 24, mac: "02:00:00:00:01:01"}
-services:
-  tiny: {id: 1, model: tiny, vip: 10.0.100.1, port: 8000}
-"""
+# one switch, the clients' /24 behind its port 1, the backend (registered) on port 2
+FABRIC = {
+    "switches": {"s1": {"address": "127.0.0.1:1", "device_id": 1, "ports": [1, 2]}},
+    "hosts": {"clients": {"switch": "s1", "port": 1, "address": "10.0.1.0", "prefix_len": 24,
+                          "mac": "02:00:00:00:01:01"}},
+    "services": {"tiny": {"id": 1, "model": "tiny", "vip": "10.0.100.1", "port": 8000}}}
 PLAIN, OPTED_IN = "plain", "plain-aff"  # the lab's tenants of the prefix-free workload
 LOOKUP_HEADER = b"x-tokenfabric-prefix-lookup-ms"  # on answers whose prompt was looked up
 
 
 def start_controller(folder: Path, port: int) -> subprocess.Popen:
     """A real controller: the handoff bridge's prefix-index lookups and affinity reports."""
-    (folder / "fabric.yaml").write_text(FABRIC)
+    (folder / "fabric.yaml").write_text(json.dumps(FABRIC))  # JSON is YAML
     (folder / "tokens.yaml").write_text(json.dumps(
         {AGENT_TOKEN: {"name": "agents", "role": "agent", "backends": ["*"]}}))
     return subprocess.Popen(
