@@ -8,21 +8,40 @@ bridge pinned to one core, and the client pinned to the other core with the upst
    Targets: p50 added <= 0.5 ms, p99 added <= 2 ms.
 2. Relay rate: concurrent long SSE streams through the bridge, chunks per second that
    the client receives, against the same streams direct. Target: >= 20,000 chunks/s.
+3. With --prefix-free N (instead of 1 and 2): what prefix affinity costs a prefix-free
+   request (issue 15: "on the prefix-free workload of experiment 4a, prefix-affinity mode
+   is within 1.05x of today's p2c p99"). The first N prompts of experiment 4a's
+   prefix-free mix (tokenfabric/lab/prefix.py, prefix_free_workload), sequentially,
+   through today's bridge (tenant `plain`, no handoff) and through a bridge with the
+   handoff configured and the tenant opted in (`plain-aff`: block keys, the lookup of
+   prompts of 4 blocks or more in a real controller's prefix index, the per-client
+   in-flight count, the affinity reports), both in one process on one core, in
+   alternating blocks. Prints the added TTFB p50/p99 and the p99 ratio, and what the
+   added p99 makes of a request's TTFT p99 of --ttft-p99-ms (experiment 4a's p2c
+   prefix-free p99 is 1.5-1.7 s; 1,000 ms, the default, is the conservative end).
+   Target: that TTFT ratio <= 1.05.
 
     python bench/bench_bridge.py [--requests 2000] [--streams 16] [--chunks 5000]
+    python bench/bench_bridge.py --prefix-free 2000 [--ttft-p99-ms 1000]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
 import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
 import os
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from tokenfabric.benchcli import bench_args
 from tokenfabric.tools import free_port
@@ -114,16 +133,96 @@ def run_bridge(port: int, upstream_port: int) -> None:
     asyncio.run(main())
 
 
+# -- 3. the prefix-free path: today's bridge and the one with the handoff --------------
+AGENT_TOKEN = "bench-agent-token-0123456789"
+# one switch, the clients' /24 behind its port 1, the backend (registered) on port 2
+FABRIC = {
+    "switches": {"s1": {"address": "127.0.0.1:1", "device_id": 1, "ports": [1, 2]}},
+    "hosts": {"clients": {"switch": "s1", "port": 1, "address": "10.0.1.0", "prefix_len": 24,
+                          "mac": "02:00:00:00:01:01"}},
+    "services": {"tiny": {"id": 1, "model": "tiny", "vip": "10.0.100.1", "port": 8000}}}
+PLAIN, OPTED_IN = "plain", "plain-aff"  # the lab's tenants of the prefix-free workload
+LOOKUP_HEADER = b"x-tokenfabric-prefix-lookup-ms"  # on answers whose prompt was looked up
+
+
+def start_controller(folder: Path, port: int) -> subprocess.Popen:
+    """A real controller: the handoff bridge's prefix-index lookups and affinity reports."""
+    (folder / "fabric.yaml").write_text(json.dumps(FABRIC))  # JSON is YAML
+    (folder / "tokens.yaml").write_text(json.dumps(
+        {AGENT_TOKEN: {"name": "agents", "role": "agent", "backends": ["*"]}}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "tokenfabric.cli", "controller", "run", "--fabric",
+         str(folder / "fabric.yaml"), "--tokens", str(folder / "tokens.yaml"), "--ledger",
+         str(folder / "ledger.db"), "--listen", f"127.0.0.1:{port}"],
+        stdout=open(folder / "controller.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT)
+
+
+def run_bridges(plain_port: int, affinity_port: int, upstream_port: int, controller: str,
+                done: multiprocessing.synchronize.Event,
+                out: multiprocessing.queues.Queue) -> None:
+    """Both bridges on core 0, in one event loop, as the agent wires them; at `done`, the
+    handoff's decision counts go to `out`."""
+    pin(int(os.environ.get("BENCH_BRIDGE_CPU", "0")))
+    event_loop_policy()
+    import ipaddress
+
+    import aiohttp
+
+    from tokenfabric.hostagent.affinity_reports import AffinityReporter
+    from tokenfabric.hostagent.bridge import Bridge, BridgeSettings
+    from tokenfabric.hostagent.controller_api import ControllerClient
+    from tokenfabric.hostagent.handoff import Handoff, HandoffSettings, LocalLoad
+    from tokenfabric.hostagent.tenants import Tenant, TenantTable
+    from tokenfabric.lab.experiments import EMULATOR_MAX_NUM_SEQS, EMULATOR_PREFILL_MS_PER_TOKEN
+    from tokenfabric.wire import BackendRegistration
+
+    clients = (ipaddress.ip_network("10.0.1.0/24"),)
+    tenants = TenantTable([Tenant(7, PLAIN, clients),
+                           Tenant(8, OPTED_IN, clients, prefix_affinity=True)])
+    settings = BridgeSettings(upstream_port=upstream_port, trust_tenant_header=True)
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as session:
+            # the lab's agent settings (bench_prefix_handoff.py): lookup budget 50 ms
+            handoff = Handoff(
+                HandoffSettings(secret=b"bench-handoff-secret-0123456789",
+                                prefill_ms_per_token=EMULATOR_PREFILL_MS_PER_TOKEN),
+                "b1", session, controller, AGENT_TOKEN, f"http://127.0.0.1:{upstream_port}",
+                lambda: LocalLoad(0, 0, EMULATOR_MAX_NUM_SEQS))
+            reporter = AffinityReporter("b1", handoff.metrics)
+            plain = Bridge(settings, tenants)
+            affinity = Bridge(settings, tenants, handoff=handoff, on_affinity=reporter.note)
+            affinity.on_shared = reporter.shared
+            api = ControllerClient(session, controller, AGENT_TOKEN)
+            await api.register(BackendRegistration(
+                name="b1", host="b1", address="127.0.0.1", mac="02:00:00:00:00:11",
+                switch="s1", port=2, capacity=EMULATOR_MAX_NUM_SEQS, models=["tiny"],
+                vip="10.0.100.1", vip_port=8000))
+            registered = asyncio.Event()
+            registered.set()
+            sender = asyncio.create_task(reporter.run(api, registered))
+            await plain.start("127.0.0.1", plain_port)
+            await affinity.start("127.0.0.1", affinity_port)
+            await asyncio.to_thread(done.wait)
+            out.put(handoff.summary())
+            sender.cancel()
+            await plain.stop()
+            await affinity.stop()
+
+    asyncio.run(main())
+
+
 # -- the client --------------------------------------------------------------------------
-def request_bytes(max_tokens: int) -> bytes:
-    body = json.dumps({"model": "m", "prompt": "hello", "max_tokens": max_tokens,
+def request_bytes(max_tokens: int, prompt: str = "hello", headers: bytes = b"") -> bytes:
+    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens,
                        "stream": True, "stream_options": {"include_usage": True}}).encode()
     return (b"POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            b"%scontent-length: %d\r\n\r\n%s" % (headers, len(body), body))
 
 
-async def one_request(port: int, payload: bytes) -> tuple[float, int]:
-    """Time to first byte (s) and the number of SSE events received."""
+async def one_request(port: int, payload: bytes) -> tuple[float, int, bytes]:
+    """Time to first byte (s), the number of SSE events received, and the first bytes."""
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(payload)
@@ -133,7 +232,7 @@ async def one_request(port: int, payload: bytes) -> tuple[float, int]:
     while data := await reader.read(262144):
         parts.append(data)
     writer.close()
-    return ttfb, b"".join(parts).count(b"\n\n")  # joined: an event may span two reads
+    return ttfb, b"".join(parts).count(b"\n\n"), first  # joined: an event may span reads
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -166,11 +265,127 @@ async def relay_rate(port: int, streams: int, chunks: int) -> float:
     started = time.perf_counter()
     results = await asyncio.gather(*(one_request(port, payload) for _ in range(streams)))
     elapsed = time.perf_counter() - started
-    received = sum(events for _, events in results)
+    received = sum(events for _, events, _ in results)
     expected = streams * (chunks + 2)
     if received != expected:
         raise SystemExit(f"lost events: received {received}, expected {expected}")
     return streams * chunks / elapsed
+
+
+def prefix_free_prompts(count: int) -> list[str]:
+    """The first `count` prompts of experiment 4a's prefix-free workload."""
+    from tokenfabric.lab.prefix import prefix_free_workload
+    planned = prefix_free_workload(float("inf"), [1.0, 1.0, 0.5, 0.5], 0.85)
+    if count > len(planned):
+        raise SystemExit(f"the prefix-free mix has {len(planned)} prompts; ask for fewer")
+    return [p.prompt for p in planned[:count]]
+
+
+async def prefix_free_latency(plain: int, affinity: int, requests: int,
+                              warm: int = 20) -> tuple[dict[str, list[float]], set[int]]:
+    """TTFB of the same prompts (and client addresses) through both bridges, in blocks of
+    50 whose order alternates, so that drift and order hit both alike; and the prompts
+    the handoff bridge looked up in the index (its answer's lookup header)."""
+    prompts = prefix_free_prompts(requests + warm)
+
+    def payload(i: int, tenant: str) -> bytes:
+        headers = b"x-tokenfabric-tenant: %s\r\nx-tokenfabric-client: 10.0.1.%d\r\n" % (
+            tenant.encode(), 1 + i % 120)
+        return request_bytes(3, prompts[i], headers)
+
+    looked_up: set[int] = set()
+
+    async def one(port: int, i: int, tenant: str) -> float:
+        ttfb, events, head = await one_request(port, payload(i, tenant))
+        if events != 5:  # 3 tokens, the usage, [DONE]: else the bridge answered an error
+            raise SystemExit(f"request {i} of tenant {tenant}: {events} SSE events, not 5")
+        if LOOKUP_HEADER in head.lower():
+            looked_up.add(i)
+        return ttfb
+
+    for i in range(requests, requests + warm):  # warm-up prompts, not measured
+        await one(plain, i, PLAIN)
+        await one(affinity, i, OPTED_IN)
+    samples: dict[str, list[float]] = {"plain": [], "affinity": []}
+    block = 50
+    for k, start in enumerate(range(0, requests, block)):
+        order = [("plain", plain, PLAIN), ("affinity", affinity, OPTED_IN)]
+        for name, port, tenant in order[::-1] if k % 2 else order:
+            for i in range(start, min(start + block, requests)):
+                samples[name].append(await one(port, i, tenant))
+    return samples, {i for i in looked_up if i < requests}
+
+
+def prefix_free(args: argparse.Namespace) -> int:
+    """Section 3 (--prefix-free N): today's bridge against the one with the handoff."""
+    loads = [os.getloadavg()[0]]
+    up_port, plain_port, affinity_port, api_port = (free_port() for _ in range(4))
+    ctx = multiprocessing.get_context("spawn")
+    done, out = ctx.Event(), ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="bench-bridge-") as folder:
+        controller = start_controller(Path(folder), api_port)
+        procs = [ctx.Process(target=run_upstream, args=(up_port,), daemon=True),
+                 ctx.Process(target=run_bridges, daemon=True, args=(
+                     plain_port, affinity_port, up_port, f"http://127.0.0.1:{api_port}",
+                     done, out))]
+        try:
+            wait_port(api_port, 60)
+            for proc in procs:
+                proc.start()
+            for port in (up_port, plain_port, affinity_port):
+                wait_port(port, 30)
+            pin(1)
+            event_loop_policy()
+            samples, looked_up = asyncio.run(prefix_free_latency(plain_port, affinity_port,
+                                                                 args.prefix_free))
+            done.set()
+            summary = out.get(timeout=30)
+        finally:
+            done.set()
+            for proc in procs:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join(5)
+            controller.terminate()
+            controller.wait(10)
+    loads.append(os.getloadavg()[0])
+    stats = {name: {q: percentile(values, q) * 1e3 for q in (0.5, 0.9, 0.99)}
+             for name, values in samples.items()}
+    added50 = stats["affinity"][0.5] - stats["plain"][0.5]
+    added99 = stats["affinity"][0.99] - stats["plain"][0.99]
+    ttft_ratio = (args.ttft_p99_ms + added99) / args.ttft_p99_ms
+    decisions = summary["decision"]
+    print(f"prefix-free path ({SCHEDULING['policy']}; {args.prefix_free} requests of "
+          f"experiment 4a's prefix-free mix through each bridge; load average "
+          f"{loads[0]:.1f} -> {loads[1]:.1f})")
+    for name, label in (("plain", "today (p2c)"), ("affinity", "handoff+opt-in")):
+        print(f"  TTFB {label:15}: p50 {stats[name][0.5]:.3f} ms  p90 {stats[name][0.9]:.3f} ms"
+              f"  p99 {stats[name][0.99]:.3f} ms")
+    print(f"  added              : p50 {added50:.3f} ms  p99 {added99:.3f} ms")
+    print(f"  ratio handoff/today: p50 {stats['affinity'][0.5] / stats['plain'][0.5]:.3f}x  "
+          f"p99 {stats['affinity'][0.99] / stats['plain'][0.99]:.3f}x (the bridges' own time "
+          f"only: the upstream answers at once)")
+    # the two paths apart: the per-request work alone, and the index lookups
+    local = [i for i in range(args.prefix_free) if i not in looked_up]
+    for label, chosen in (("no lookup", local), ("looked up", sorted(looked_up))):
+        if not chosen:
+            continue
+        mine = [samples["affinity"][i] for i in chosen]
+        today = [samples["plain"][i] for i in chosen]
+        print(f"  {label:9} ({len(chosen):4} prompts): added p50 "
+              f"{(percentile(mine, 0.5) - percentile(today, 0.5)) * 1e3:.3f} ms  p99 "
+              f"{(percentile(mine, 0.99) - percentile(today, 0.99)) * 1e3:.3f} ms  "
+              f"(handoff bridge p50 {percentile(mine, 0.5) * 1e3:.3f} ms, max "
+              f"{max(mine) * 1e3:.3f} ms)")
+    print(f"  TTFT p99 ratio at a {args.ttft_p99_ms:,.0f} ms TTFT p99: {ttft_ratio:.4f}x "
+          f"(target <= 1.05)")
+    print(f"  decisions: {json.dumps(decisions, sort_keys=True)}; handed off "
+          f"{sum(summary['sent'].values())}; affinity reports "
+          f"{json.dumps(summary['affinity'], sort_keys=True)}; lookups failed "
+          f"{json.dumps(summary['lookup_failed'], sort_keys=True)}")
+    print(f"  target {'met' if ttft_ratio <= 1.05 else 'NOT met'}")
+    return 0
 
 
 def wait_port(port: int, deadline: float = 10.0) -> None:
@@ -185,7 +400,10 @@ def wait_port(port: int, deadline: float = 10.0) -> None:
 
 
 def main() -> int:
-    args = bench_args(__doc__, requests=2000, streams=16, chunks=5000)
+    args = bench_args(__doc__, requests=2000, streams=16, chunks=5000, prefix_free=0,
+                      ttft_p99_ms=1000.0)
+    if args.prefix_free:
+        return prefix_free(args)
     up_port, bridge_port = free_port(), free_port()
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=run_upstream, args=(up_port,), daemon=True),

@@ -92,26 +92,12 @@ class Rig:
         self.bridges: dict[str, str] = {}
         self.metrics: dict[str, str] = {}
         self.handoff_port = free_port()
+        self.api_port = 0  # the controller's, once started
 
     def start(self) -> None:
-        (self.tmp / "fabric.yaml").write_text(FABRIC)
-        (self.tmp / "policy.yaml").write_text(POLICY)
-        (self.tmp / "tokens.yaml").write_text(yamlio.dump(
-            {ADMIN: {"name": "ops", "role": "admin"},
-             AGENT: {"name": "agents", "role": "agent", "backends": ["*"]},
-             VIEWER: {"name": "grafana", "role": "viewer"}}))
-        api_port = free_port()
-        self.started.append(subprocess.Popen(
-            [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
-             "--fabric", str(self.tmp / "fabric.yaml"), "--policy", str(self.tmp / "policy.yaml"),
-             "--tokens", str(self.tmp / "tokens.yaml"), "--ledger", str(self.tmp / "l.db"),
-             "--listen", f"127.0.0.1:{api_port}"],
-            stdout=open(self.tmp / "controller.log", "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT))
-        self.viewer = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10,
-                                   headers={"Authorization": f"Bearer {VIEWER}"})
-        for n, address in ((1, "127.0.0.1"), (2, "127.0.0.2")):
-            name = f"gpu{n}"
+        """The controller, two emulators with KV events and an agent in front of each."""
+        self.start_controller()
+        for n in (1, 2):
             endpoint = f"tcp://127.0.0.1:{free_port()}"
             replay = f"tcp://127.0.0.1:{free_port()}"
             # speed 1: 0.1 ms of prefill a token, 20 ms a decode step
@@ -121,31 +107,62 @@ class Rig:
                 json.dumps({"enable_kv_cache_events": True, "endpoint": endpoint,
                             "replay_endpoint": replay}))
             self.started.append(emulator.proc)
-            self.emulators[name] = emulator
-            sink = self.sinks[name] = Sink()
-            listen, metrics = free_port(), free_port()
-            self.bridges[name] = f"http://127.0.0.1:{listen}"
-            self.metrics[name] = f"http://127.0.0.1:{metrics}/metrics"
-            (self.tmp / f"{name}.yaml").write_text(yamlio.dump({"agent": {
-                "name": name, "address": address, "mac": f"02:00:00:00:00:1{n}",
-                "switch": "s1", "port": 2 + n, "vip": "10.0.100.1", "vip_port": 8000,
-                "capacity": CAPACITY, "vllm_url": emulator.url,
-                "controller_url": f"http://127.0.0.1:{api_port}", "token": AGENT,
-                "listen_address": "127.0.0.1", "listen_port": listen,
-                "trust_tenant_header": True, "beacon_target": sink.target,
-                "report_interval": 0.2, "kv_events_endpoint": endpoint,
-                "kv_events_replay_endpoint": replay, "kv_report_interval": 0.2,
-                "metrics_listen": f"127.0.0.1:{metrics}",
-                "handoff": {"secret": SECRET, "port": self.handoff_port,
-                            "lookup_timeout": 1.0, "min_gain_ms": 5.0,
-                            "max_peer_load": 1.0, "cache_ttl": 0.0,
-                            "home_weight": 1.0}}}))
-            self.started.append(subprocess.Popen(
-                [sys.executable, "-m", "tokenfabric.cli", "agent", "run", "--config",
-                 str(self.tmp / f"{name}.yaml")], env=env_without_config(),
-                stdout=open(self.tmp / f"{name}.log", "wb"),  # noqa: SIM115
-                stderr=subprocess.STDOUT))
-        for name in ("gpu1", "gpu2"):
+            self.emulators[f"gpu{n}"] = emulator
+            self.start_agent(n, emulator.url, (endpoint, replay))
+        self.wait_ready("gpu1", "gpu2")
+
+    def start_controller(self) -> None:
+        """A controller process with POLICY (tenant chat opted in)."""
+        (self.tmp / "fabric.yaml").write_text(FABRIC)
+        (self.tmp / "policy.yaml").write_text(POLICY)
+        (self.tmp / "tokens.yaml").write_text(yamlio.dump(
+            {ADMIN: {"name": "ops", "role": "admin"},
+             AGENT: {"name": "agents", "role": "agent", "backends": ["*"]},
+             VIEWER: {"name": "grafana", "role": "viewer"}}))
+        self.api_port = free_port()
+        self.started.append(subprocess.Popen(
+            [sys.executable, "-m", "tokenfabric.cli", "controller", "run",
+             "--fabric", str(self.tmp / "fabric.yaml"), "--policy", str(self.tmp / "policy.yaml"),
+             "--tokens", str(self.tmp / "tokens.yaml"), "--ledger", str(self.tmp / "l.db"),
+             "--listen", f"127.0.0.1:{self.api_port}"],
+            stdout=open(self.tmp / "controller.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT))
+        self.viewer = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=10,
+                                   headers={"Authorization": f"Bearer {VIEWER}"})
+
+    def start_agent(self, n: int, vllm_url: str, kv_events: tuple[str, str] | None,
+                    **handoff: object) -> None:
+        """Agent gpu`n` on 127.0.0.`n` in front of `vllm_url`, following its KV events
+        (endpoint, replay endpoint) when given; `handoff` overrides the handoff keys."""
+        name = f"gpu{n}"
+        sink = self.sinks[name] = Sink()
+        listen, metrics = free_port(), free_port()
+        self.bridges[name] = f"http://127.0.0.1:{listen}"
+        self.metrics[name] = f"http://127.0.0.1:{metrics}/metrics"
+        events = {} if kv_events is None else {
+            "kv_events_endpoint": kv_events[0], "kv_events_replay_endpoint": kv_events[1],
+            "kv_report_interval": 0.2}
+        (self.tmp / f"{name}.yaml").write_text(yamlio.dump({"agent": {
+            "name": name, "address": f"127.0.0.{n}", "mac": f"02:00:00:00:00:1{n}",
+            "switch": "s1", "port": 2 + n, "vip": "10.0.100.1", "vip_port": 8000,
+            "capacity": CAPACITY, "vllm_url": vllm_url,
+            "controller_url": f"http://127.0.0.1:{self.api_port}", "token": AGENT,
+            "listen_address": "127.0.0.1", "listen_port": listen,
+            "trust_tenant_header": True, "beacon_target": sink.target,
+            "report_interval": 0.2, **events,
+            "metrics_listen": f"127.0.0.1:{metrics}",
+            "handoff": {"secret": SECRET, "port": self.handoff_port,
+                        "lookup_timeout": 1.0, "min_gain_ms": 5.0,
+                        "max_peer_load": 1.0, "cache_ttl": 0.0,
+                        "home_weight": 1.0, **handoff}}}))
+        self.started.append(subprocess.Popen(
+            [sys.executable, "-m", "tokenfabric.cli", "agent", "run", "--config",
+             str(self.tmp / f"{name}.yaml")], env=env_without_config(),
+            stdout=open(self.tmp / f"{name}.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT))
+
+    def wait_ready(self, *names: str) -> None:
+        for name in names:
             wait_for(lambda name=name: self.viewer.get(
                 f"/api/v1/backends/{name}").json().get("load", {}).get("reports", 0) > 0,
                      f"{name}'s registration and first report")

@@ -288,3 +288,77 @@ def test_emulator_token_endpoints_answer_in_the_real_vllms_formats(vllm_server,
             reply = http.post(base + "/detokenize", json={"model": "tiny", "tokens": ids})
             assert reply.status_code == 200 and set(reply.json()) == {"prompt"}
             assert "hello" in reply.json()["prompt"]
+
+
+# -- the handoff with vLLM's own tokenizer ----------------------------------------------------
+def test_a_bridge_with_vllms_tokenizer_hands_off_to_the_peer_the_index_names(vllm_server,
+                                                                              tmp_path):
+    """One real vLLM behind two agents (127.0.0.1 and 127.0.0.2; one vLLM on two cores is
+    all this machine runs): gpu2 follows its KV events, so the index says gpu2 holds what
+    it cached; gpu1 follows none (it holds nothing as far as the fabric knows) and has
+    `handoff: {tokenizer: vllm}`. A long prompt warmed through gpu2, then sent with a new
+    question to gpu1's bridge: gpu1 asks vLLM's /tokenize, hashes the blocks with
+    BlockHasher(128), finds gpu2 in the index and hands the request to gpu2's handoff
+    listener, which serves it from the same vLLM -- a prefix-cache hit."""
+    from tests.integration.hostagent.test_handoff import Rig, completion
+    from tests.integration.hostagent.test_kv_index_live import warm_up
+    from tokenfabric.blockhash import BlockHasher
+
+    url, _, kv = vllm_server
+    rig = Rig(tmp_path)
+    vllm_tokenizer = {"tokenizer": "vllm", "block_size": 128}  # CPU vLLM's block size
+    try:
+        rig.start_controller()
+        rig.start_agent(2, url, (kv["endpoint"], kv["replay_endpoint"]), **vllm_tokenizer)
+        rig.start_agent(1, url, None, **vllm_tokenizer)
+        rig.wait_ready("gpu1", "gpu2")
+        prompt = " ".join(f"the bridge hands it over {i}" for i in range(60))
+        with httpx.Client(base_url=url, timeout=120) as vllm:
+            warm_up(vllm, rig.viewer, "tiny", words=200)  # gpu2's subscription is live
+            keys = BlockHasher(128).keys(vllm.post("/tokenize", json={
+                "model": "tiny", "prompt": prompt}).json()["tokens"])
+            asked = vllm.post("/tokenize", json={"model": "tiny",
+                                                 "prompt": prompt + " a new question"})
+            prompt_tokens = len(asked.json()["tokens"])
+        assert len(keys) >= 4  # handoff's min_blocks and min_extra_blocks
+
+        # warmed through gpu2's bridge: nobody held it, served there, indexed under gpu2
+        warm = httpx.post(rig.bridges["gpu2"] + "/v1/completions", timeout=120,
+                          headers={"X-Tokenfabric-Tenant": "chat"},
+                          json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
+        assert warm.status_code == 200 and warm.headers["x-tokenfabric-backend"] == "gpu2"
+
+        def indexed():
+            body = rig.viewer.post("/api/v1/prefix-index/lookup",
+                                   json={"block_hashes": keys}).json()
+            return [m for m in body["matches"]
+                    if m["backend"] == "gpu2" and m["cached_blocks"] == len(keys)
+                    and m["trusted"]]
+        wait_for(indexed, 60, "the prompt's blocks under gpu2 in the index")
+        hits_before = metric(url, "vllm:prefix_cache_hits_total")
+
+        started = time.monotonic()
+        reply, events = completion(rig, prompt + " a new question", max_tokens=12)
+        took = time.monotonic() - started
+        assert reply.status_code == 200
+        assert reply.headers["x-tokenfabric-backend"] == "gpu2"
+        assert reply.headers["x-tokenfabric-handoff-from"] == "gpu1"
+        # the whole answer came back through gpu1: every token (vLLM merges a chunk whose
+        # bytes do not decode yet into the next), the usage, [DONE] (completion checks it)
+        [usage] = [e["usage"] for e in events if e.get("usage")]
+        assert usage["completion_tokens"] == 12 and usage["prompt_tokens"] == prompt_tokens
+        assert 0 < sum(1 for e in events if e.get("choices")) <= 12
+        hits = metric(url, "vllm:prefix_cache_hits_total") - hits_before
+        assert hits >= len(keys) * 128  # the prompt's blocks came from the cache
+        assert rig.metric("gpu1", r'tokenfabric_handoff_decisions_total\{.*'
+                                  r'decision="handoff"') == 1
+        assert rig.metric("gpu1", r'tokenfabric_handoffs_total\{.*peer="gpu2".*'
+                                  r'tenant="chat"') == 1
+        assert rig.metric("gpu2", r'tokenfabric_handoffs_received_total\{.*'
+                                  r'origin="gpu1".*tenant="chat"') == 1
+        print(f"real vLLM handoff: {prompt_tokens} prompt tokens, {len(keys)} blocks of 128 "
+              f"held by gpu2, handed off by gpu1 in "
+              f"{float(reply.headers['x-tokenfabric-handoff-ms']):.1f} ms, answer in "
+              f"{took:.2f} s, {hits:.0f} prefix-cache hit tokens")
+    finally:
+        rig.stop()
