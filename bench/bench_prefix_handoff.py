@@ -553,6 +553,28 @@ def miss_breakdown(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]
     return dict(sorted(out.items()))
 
 
+def miss_summary(misses: dict[str, dict[str, float]]) -> list[str]:
+    """Per tenant: first turns, later turns on their history backend, later turns
+    elsewhere -- requests, hit, and the points of the tenant's hit rate each path loses
+    (what separates a mode from a router that keeps every conversation in place)."""
+    lines = []
+    for tenant in sorted({key.split(" ", 1)[0] for key in misses}):
+        rows = {k.split(" ", 1)[1]: v for k, v in misses.items() if k.startswith(tenant + " ")}
+        prompt = sum(v["prompt"] for v in rows.values()) or 1
+        parts = []
+        for label, test in (("first", lambda k: k == "first turn"),
+                            ("on history", lambda k: k.startswith("on history")),
+                            ("elsewhere", lambda k: k.startswith("elsewhere"))):
+            group = [v for k, v in rows.items() if test(k)]
+            n, tokens = sum(v["requests"] for v in group), sum(v["prompt"] for v in group)
+            missed = sum(v["missed"] for v in group)
+            hit = 1 - missed / tokens if tokens else 0.0
+            parts.append(f"{label} {n:.0f} ({hit * 100:.0f}% hit, -{missed / prompt * 100:.1f} "
+                         "pts)")
+        lines.append(f"        {tenant}: " + ", ".join(parts))
+    return lines
+
+
 def hit_interval(records: list[dict[str, Any]], resamples: int = 2000,
                  confidence: float = 0.9) -> tuple[float, float] | None:
     """90% bootstrap interval of the hit rate the requests' usage reports (cached prompt
@@ -618,6 +640,9 @@ def report_group(label: str, results: dict[str, dict[str, Any]], verbose: bool =
             lines.append("      handoff decisions: " + ", ".join(
                 f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
         if verbose and f.get("misses"):
+            lines.append("      turns by path (requests, hit, points of the tenant's hit rate "
+                         "lost):")
+            lines += miss_summary(f["misses"])
             lines.append("      uncached tokens by path (requests, hit, share of the misses"
                          "[, median score over the pair's best]):")
             for path, row in f["misses"].items():
