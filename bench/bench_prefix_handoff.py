@@ -34,9 +34,16 @@ Targets (printed as ratios, PASS/FAIL):
 - the app-server tenant reaches that hit rate through handoffs;
 - prefix-free workload: prefix modes' p99 within 1.05 x p2c's.
 
+With --misses, each mode's uncached prompt tokens by path (miss_breakdown): did a later
+turn reach the backend that served its conversation's previous turn, and if not, why
+(the switch had no entry, its entry named another backend, the entry's backend was over
+the bound -- with the median excess of its score -- or the previous turn still ran).
+
     python bench/bench_prefix_handoff.py [--duration 40] [--kv-tokens 4096 16384]
         [--modes ...] [--workloads chat trace free] [--out results/prefix-bench]
         [--affinity-bound 1.25] [--handoff KEY=VALUE ...]   (e.g. home_weight=0)
+        [--variant NAME:K=V,...]  (agent handoff settings, or the emulated switch's
+                                   affinity_bound / affinity_slack)  [--misses]
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ ADMIN, AGENT, VIEWER = "bench-admin-token-0123456789", "bench-agent-token-012345
     "bench-viewer-token-0123456789"
 SECRET = "bench-handoff-secret-0123456789"
 CONN_COST = 1000 // EMULATOR_MAX_NUM_SEQS
+# variant settings for the emulated switch, not the agents (EmulatedSwitch)
+SWITCH_KEYS = ("affinity_bound", "affinity_slack")
 FABRIC = """
 switches:
   s1: {address: "127.0.0.1:1", device_id: 1, ports: [1, 2, 3, 4, 5, 6]}
@@ -236,15 +245,22 @@ class Cluster:
         against the same emulators, controller and L7 routers); {} restores them. Before
         every handoff mode, so that each starts alike: the first handoff mode after the
         cluster's start lost far more index lookups than those after a restart."""
+        agent = {k: v for k, v in overrides.items() if k not in SWITCH_KEYS}
         for name, proc in self.agents.items():
             stop(proc)
-            self._start_agent(name, overrides)
+            self._start_agent(name, agent)
         for name, url in self.agent_metrics.items():
             wait(lambda u=url: httpx.get(u, timeout=2).status_code == 200,
                  f"{name}'s restarted agent")
         time.sleep(2.0)  # registered again, load and KV reports flowing
         self.ids = {b["backend_id"]: b["name"] for b in self.api.get("/api/v1/backends").json()}
         self.variant = overrides
+
+    def switch_rule(self) -> tuple[float, float]:
+        """The emulated switch's affinity bound and additive slack (load units): the
+        run's, or the variant's `affinity_bound` / `affinity_slack`."""
+        return (float(self.variant.get("affinity_bound", self.bound)),
+                float(self.variant.get("affinity_slack", 0.0)))
 
     def _start_router(self, mode: str) -> None:
         name, _ = prefix.L7_MODES[mode]
@@ -301,8 +317,8 @@ class EmulatedSwitch(asyncio.DatagramProtocol):
     BMv2 switch gets them written."""
 
     def __init__(self, ids: dict[int, str], affinity: bool, bound: float = 1.25,
-                 seed: int = 7) -> None:
-        self.ids, self.affinity, self.bound = ids, affinity, bound
+                 seed: int = 7, slack: float = 0.0) -> None:
+        self.ids, self.affinity, self.bound, self.slack = ids, affinity, bound, slack
         self.load: dict[str, float] = {n: 0.0 for n in ids.values()}
         self.since: dict[str, int] = {n: 0 for n in ids.values()}
         self.table: dict[str, str] = {}
@@ -320,19 +336,26 @@ class EmulatedSwitch(asyncio.DatagramProtocol):
     def cost(self, name: str) -> float:
         return self.load[name] + CONN_COST * self.since[name]
 
-    def choose(self, client: str | None) -> str:
+    def choose(self, client: str | None) -> tuple[str, dict[str, Any]]:
+        """The backend for a new connection of `client`, and why (for miss_breakdown)."""
         a, b = self.rng.sample(list(self.load), 2)
         choice = a if self.cost(a) <= self.cost(b) else b
+        why: dict[str, Any] = {"p2c": choice, "best": self.cost(choice)}
         pinned = self.table.get(client or "") if self.affinity else None
         if pinned in self.load:
+            why["entry"], why["entry_cost"] = pinned, self.cost(pinned)
             # select.p4: score <= bound x the pair's best + one connection's cost
-            if self.cost(pinned) <= self.bound * self.cost(choice) + CONN_COST:
+            if self.cost(pinned) <= self.bound * self.cost(choice) + CONN_COST + self.slack:
                 choice = pinned
                 self.affinity_hits += 1
+                why["verdict"] = "steered"
             else:
                 self.over_bound += 1
+                why["verdict"] = "over_bound"
+        else:
+            why["verdict"] = "no_entry"
         self.since[choice] += 1
-        return choice
+        return choice, why
 
     async def follow(self, api: str, stop: asyncio.Event) -> None:
         """The controller's affinity entries for the edge, read every 0.2 s (the lab's
@@ -372,8 +395,9 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
                    duration: float) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
     loop = asyncio.get_running_loop()
     base = base_mode(mode)
+    bound, slack = cluster.switch_rule()
     switch = EmulatedSwitch(cluster.ids, affinity=base == "prefix-affinity",
-                            bound=cluster.bound)
+                            bound=bound, slack=slack)
     transport = None
     stop_follow = asyncio.Event()
     follower = asyncio.create_task(switch.follow(cluster.api_url, stop_follow)) \
@@ -390,6 +414,9 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0),
                                      timeout=timeout, trace_configs=[client_tracing()]
                                      ) as session:
+        # the backend that served each conversation's latest turn: where its history is
+        served: dict[int, str] = {}
+
         async def fire(i: int, p: Planned) -> None:
             tenant = str(p.tenant or "plain")
             name = prefix.OPTED_IN.get(tenant, tenant) if opted else tenant
@@ -397,13 +424,19 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
                                                          slo_tpot_ms=prefix.SLO_TPOT_MS),
                                  len(p.prompt.split()), p.output_tokens, p.prompt, p.messages,
                                  p.source_ip, p.conversation, p.turn)
+            why: dict[str, Any] | None = None
             if mode in prefix.L7_MODES:
                 url = cluster.routers[mode]
             else:
-                url = cluster.bridges[switch.choose(p.source_ip)]
+                backend, why = switch.choose(p.source_ip)
+                url = cluster.bridges[backend]
+            history = served.get(p.conversation) if p.conversation is not None else None
             CLIENT.set(p.source_ip)
             record = await _send(session, dataclasses.replace(workload, url=url), req,
                                  epoch, t0)
+            record["switch"], record["history"] = why, history
+            if p.conversation is not None and record.get("ok") and record.get("backend"):
+                served[p.conversation] = record["backend"]
             records.append(record)
 
         tasks = []
@@ -462,7 +495,84 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     figures["loadavg"] = os.getloadavg()
     figures["hit_interval"] = hit_interval(records)
     figures["p99_interval"] = p99_interval(figures["ttft_s"])
+    figures["misses"] = miss_breakdown(records)
     return figures
+
+
+def miss_breakdown(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Where the prompt tokens of later turns went uncached, per path: did the turn reach
+    the backend that served its conversation's previous turn (its history; the previous
+    turn may still have been running, as the chat plan is open-loop), and if not,
+    why -- the switch had no entry, its entry named another backend, the history backend
+    was over the switch's bound (and the bridge then kept the turn) -- or the first turn.
+    Per path: requests, prompt tokens, uncached tokens (their share of all uncached), and
+    for over-the-bound turns the median excess of the entry's score over the pair's best."""
+    out: dict[str, dict[str, float]] = {}
+    total_missed = sum((r.get("prompt_tokens") or 0) - (r.get("cached_tokens") or 0)
+                       for r in records if r.get("ok")) or 1
+    excess: dict[str, list[float]] = {}
+    served = {(r["conversation"], r["turn"]): r.get("backend") for r in records
+              if r.get("ok") and r.get("conversation") is not None}
+    for r in records:
+        if not r.get("ok"):
+            continue
+        tenant = prefix.base_tenant(str(r.get("tenant")))
+        why = r.get("switch") or {}
+        history = served.get((r.get("conversation"), (r.get("turn") or 0) - 1))
+        if history is None:
+            path = "first turn" if not r.get("turn") else "history unknown"
+        else:
+            home = "on history" if r.get("backend") == history else "elsewhere"
+            if r.get("history") is None and why:
+                how = "previous turn running"
+            elif why.get("verdict") == "steered":
+                how = "steered" if why.get("entry") == history else "steered to another"
+            elif why.get("verdict") == "over_bound":
+                how = "over bound" if why.get("entry") == history else \
+                    "other entry over bound"
+            elif why:
+                how = "no entry"
+            else:
+                how = "router"
+            if r.get("handoff_from"):
+                how += ", handed"
+            elif why and why.get("p2c") == history and how != "steered":
+                how += ", p2c drew it"
+            path = f"{home}: {how}"
+        key = f"{tenant} {path}"
+        row = out.setdefault(key, {"requests": 0, "prompt": 0, "missed": 0})
+        row["requests"] += 1
+        row["prompt"] += r.get("prompt_tokens") or 0
+        row["missed"] += (r.get("prompt_tokens") or 0) - (r.get("cached_tokens") or 0)
+        if why.get("verdict") == "over_bound":
+            excess.setdefault(key, []).append(why["entry_cost"] - why["best"])
+    for key, row in out.items():
+        row["missed_share"] = row["missed"] / total_missed
+        if key in excess:
+            row["over_by_p50"] = float(np.median(excess[key]))
+    return dict(sorted(out.items()))
+
+
+def miss_summary(misses: dict[str, dict[str, float]]) -> list[str]:
+    """Per tenant: first turns, later turns on their history backend, later turns
+    elsewhere -- requests, hit, and the points of the tenant's hit rate each path loses
+    (what separates a mode from a router that keeps every conversation in place)."""
+    lines = []
+    for tenant in sorted({key.split(" ", 1)[0] for key in misses}):
+        rows = {k.split(" ", 1)[1]: v for k, v in misses.items() if k.startswith(tenant + " ")}
+        prompt = sum(v["prompt"] for v in rows.values()) or 1
+        parts = []
+        for label, test in (("first", lambda k: k == "first turn"),
+                            ("on history", lambda k: k.startswith("on history")),
+                            ("elsewhere", lambda k: k.startswith("elsewhere"))):
+            group = [v for k, v in rows.items() if test(k)]
+            n, tokens = sum(v["requests"] for v in group), sum(v["prompt"] for v in group)
+            missed = sum(v["missed"] for v in group)
+            hit = 1 - missed / tokens if tokens else 0.0
+            parts.append(f"{label} {n:.0f} ({hit * 100:.0f}% hit, -{missed / prompt * 100:.1f} "
+                         "pts)")
+        lines.append(f"        {tenant}: " + ", ".join(parts))
+    return lines
 
 
 def hit_interval(records: list[dict[str, Any]], resamples: int = 2000,
@@ -499,7 +609,8 @@ def fmt(value: Any, digits: int = 1, pct: bool = False) -> str:
     return f"{value * 100:.{digits}f}%" if pct else f"{value:.{digits}f}"
 
 
-def report_group(label: str, results: dict[str, dict[str, Any]]) -> list[str]:
+def report_group(label: str, results: dict[str, dict[str, Any]], verbose: bool = False
+                 ) -> list[str]:
     lines = [f"\n{label}", "  mode                 valid  ok/req     hit    TTFT p50  TTFT p99  "
              "goodput  handoff  added p50/p99 ms   devices/appserver handoff, hit"]
     for mode, f in results.items():
@@ -528,6 +639,17 @@ def report_group(label: str, results: dict[str, dict[str, Any]]) -> list[str]:
         if f.get("decisions"):
             lines.append("      handoff decisions: " + ", ".join(
                 f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
+        if verbose and f.get("misses"):
+            lines.append("      turns by path (requests, hit, points of the tenant's hit rate "
+                         "lost):")
+            lines += miss_summary(f["misses"])
+            lines.append("      uncached tokens by path (requests, hit, share of the misses"
+                         "[, median score over the pair's best]):")
+            for path, row in f["misses"].items():
+                hit = 1 - row["missed"] / row["prompt"] if row["prompt"] else 0.0
+                lines.append(f"        {path:52s} {row['requests']:4.0f}  {hit * 100:5.1f}%"
+                             f"  {row['missed_share'] * 100:5.1f}%"
+                             + (f"  +{row['over_by_p50']:.0f}" if "over_by_p50" in row else ""))
     return lines
 
 
@@ -590,7 +712,13 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
                         help="also run mode prefix-affinity@NAME: the agents restarted with "
                              "these handoff settings (same emulators, controller, routers), "
-                             "e.g. old:home_weight=0,report_local=false,min_ratio=1.2")
+                             "e.g. old:home_weight=0,report_local=false,min_ratio=1.2; "
+                             "affinity_bound=B and affinity_slack=S (load units) set the "
+                             "emulated switch's rule instead")
+    parser.add_argument("--misses", action="store_true",
+                        help="print where each mode's uncached prompt tokens went "
+                             "(miss_breakdown: on the conversation's history backend or not, "
+                             "and why)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "prefix-bench")
     args = parser.parse_args()
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
@@ -641,7 +769,7 @@ def main() -> int:
                     results[mode] = one_run(cluster, mode, workload, plans[workload],
                                             args.duration, cluster.folder, variants)
                 everything[f"{workload} kv{kv}"] = results
-                lines += report_group(label, results)
+                lines += report_group(label, results, args.misses)
                 ours_modes = [m for m in results if base_mode(m) in prefix.HANDOFF_MODES]
                 for ours in ours_modes:
                     if workload != "free":
