@@ -71,7 +71,13 @@ from tokenfabric.lab.experiments import (  # noqa: E402
     EMULATOR_MAX_NUM_SEQS,
     EMULATOR_PREFILL_MS_PER_TOKEN,
 )
-from tokenfabric.lab.loadgen import PlannedRequest, TenantSpec, Workload, _send  # noqa: E402
+from tokenfabric.lab.loadgen import (  # noqa: E402
+    PlannedRequest,
+    TenantSpec,
+    TurnOrder,
+    Workload,
+    _send,
+)
 from tokenfabric.lab.results import p99_ratio_interval  # noqa: E402
 from tokenfabric.lab.workloads import Planned  # noqa: E402
 from tokenfabric.tools import free_port  # noqa: E402
@@ -397,16 +403,21 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
                                                          slo_tpot_ms=prefix.SLO_TPOT_MS),
                                  len(p.prompt.split()), p.output_tokens, p.prompt, p.messages,
                                  p.source_ip, p.conversation, p.turn)
+            await turns.wait(req, workload.timeout)  # then the switch chooses
             if mode in prefix.L7_MODES:
                 url = cluster.routers[mode]
             else:
                 url = cluster.bridges[switch.choose(p.source_ip)]
             CLIENT.set(p.source_ip)
-            record = await _send(session, dataclasses.replace(workload, url=url), req,
-                                 epoch, t0)
+            try:
+                record = await _send(session, dataclasses.replace(workload, url=url), req,
+                                     epoch, t0)
+            finally:
+                turns.finished(req)
             records.append(record)
 
         tasks = []
+        turns = TurnOrder()
         epoch, t0 = time.time(), time.perf_counter()
         for i, p in enumerate(planned):
             delay = p.offset - (time.perf_counter() - t0)
