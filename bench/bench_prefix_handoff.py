@@ -78,7 +78,13 @@ from tokenfabric.lab.experiments import (  # noqa: E402
     EMULATOR_MAX_NUM_SEQS,
     EMULATOR_PREFILL_MS_PER_TOKEN,
 )
-from tokenfabric.lab.loadgen import PlannedRequest, TenantSpec, Workload, _send  # noqa: E402
+from tokenfabric.lab.loadgen import (  # noqa: E402
+    PlannedRequest,
+    TenantSpec,
+    TurnOrder,
+    Workload,
+    _send,
+)
 from tokenfabric.lab.results import p99_ratio_interval  # noqa: E402
 from tokenfabric.lab.workloads import Planned  # noqa: E402
 from tokenfabric.tools import free_port  # noqa: E402
@@ -425,6 +431,7 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
                                  len(p.prompt.split()), p.output_tokens, p.prompt, p.messages,
                                  p.source_ip, p.conversation, p.turn)
             why: dict[str, Any] | None = None
+            await turns.wait(req, workload.timeout)  # then the switch chooses
             if mode in prefix.L7_MODES:
                 url = cluster.routers[mode]
             else:
@@ -432,14 +439,18 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
                 url = cluster.bridges[backend]
             history = served.get(p.conversation) if p.conversation is not None else None
             CLIENT.set(p.source_ip)
-            record = await _send(session, dataclasses.replace(workload, url=url), req,
-                                 epoch, t0)
+            try:
+                record = await _send(session, dataclasses.replace(workload, url=url), req,
+                                     epoch, t0)
+            finally:
+                turns.finished(req)
             record["switch"], record["history"] = why, history
             if p.conversation is not None and record.get("ok") and record.get("backend"):
                 served[p.conversation] = record["backend"]
             records.append(record)
 
         tasks = []
+        turns = TurnOrder()
         epoch, t0 = time.time(), time.perf_counter()
         for i, p in enumerate(planned):
             delay = p.offset - (time.perf_counter() - t0)

@@ -2,7 +2,8 @@
 
 Arrivals are planned up front from a seed (Poisson, or bursty: Gamma
 inter-arrival times with a coefficient of variation above 1) and fired at
-their time whether or not earlier requests have finished. Prompt and output
+their time whether or not earlier requests have finished -- except a conversation's
+next turn, which waits for its previous turn's answer (`TurnOrder`). Prompt and output
 lengths follow a ShareGPT-like log-normal distribution (docs/lab.md gives the
 source of the parameters). Or, with shared prefixes (tokenfabric/lab/workloads.py):
 `trace` replays a Mooncake-format JSONL trace, `chat` generates multi-turn
@@ -163,6 +164,34 @@ class PlannedRequest:
     source_ip: str | None = None         # overrides the tenant's
     conversation: int | None = None
     turn: int | None = None
+
+
+class TurnOrder:
+    """A conversation's turn goes out only after its previous turn has finished (a chat
+    client sends the next message once it has read the answer; the planned offset is the
+    earliest time). Without it the chat, scaled to a load, overlaps a conversation's
+    turns, which no chat user does: the next turn would be routed while the backend that
+    holds its history is still prefilling the previous one."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[int, int], asyncio.Event] = {}
+
+    def _event(self, conversation: int, turn: int) -> asyncio.Event:
+        return self._done.setdefault((conversation, turn), asyncio.Event())
+
+    async def wait(self, req: PlannedRequest, timeout: float) -> None:
+        """Until the previous turn of req's conversation is finished, at most `timeout` s
+        (a request that never comes back, or a turn cut by the duration, holds no one up
+        for longer)."""
+        if req.conversation is None or not req.turn:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event(req.conversation, req.turn - 1).wait(),
+                                   timeout)
+
+    def finished(self, req: PlannedRequest) -> None:
+        if req.conversation is not None and req.turn is not None:
+            self._event(req.conversation, req.turn).set()
 
 
 def plan(workload: Workload) -> list[PlannedRequest]:
@@ -376,6 +405,7 @@ async def run(workload: Workload, sink: TextIO,
 
     records: list[dict[str, Any]] = []
     inflight: set[asyncio.Task] = set()
+    turns = TurnOrder()
 
     def finished(record: dict[str, Any]) -> None:
         records.append(record)
@@ -385,7 +415,11 @@ async def run(workload: Workload, sink: TextIO,
             on_record(record)
 
     async def fire(req: PlannedRequest) -> None:
-        finished(await _send(session_for(_source(req)), workload, req, epoch, t0))
+        await turns.wait(req, workload.timeout)
+        try:
+            finished(await _send(session_for(_source(req)), workload, req, epoch, t0))
+        finally:
+            turns.finished(req)
 
     epoch, t0 = time.time(), time.perf_counter()
     try:
@@ -395,6 +429,7 @@ async def run(workload: Workload, sink: TextIO,
                 await asyncio.sleep(delay)
             if len(inflight) >= workload.max_inflight:
                 finished({**_new_record(req, time.time()), "error": "client_overload"})
+                turns.finished(req)
                 continue
             task = asyncio.create_task(fire(req))
             inflight.add(task)

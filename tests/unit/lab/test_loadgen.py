@@ -105,6 +105,29 @@ async def test_arrivals_are_open_loop_not_waiting_for_replies():
     assert all(r["ok"] for r in records)
 
 
+async def test_a_conversations_next_turn_waits_for_the_previous_answer():
+    # Replies take ~0.4 s. Conversation 0's turn 1 is planned 0.05 s after turn 0, but a
+    # chat client sends it only once turn 0's answer is in; conversation 1, planned at
+    # the same moment, goes at once (open loop between conversations).
+    server = TinySSE(first_delay=0.4, token_delay=0.0)
+    rows = [{"offset": offset, "prompt": f"q{conv}.{turn} hello", "output_tokens": 2,
+             "conversation": conv, "turn": turn}
+            for offset, conv, turn in ((0.0, 0, 0), (0.05, 0, 1), (0.05, 1, 0))]
+
+    async def go(url):
+        sink = io.StringIO()
+        w = Workload(url=url, rate=1, duration=5.0, requests=rows)
+        return await loadgen.run(w, sink)
+    records = await _with_server(server, go)
+    by = {(r["conversation"], r["turn"]): r for r in records}
+    assert all(r["ok"] for r in records) and len(by) == 3
+    first, second, other = by[0, 0], by[0, 1], by[1, 0]
+    assert second["start"] >= first["start"] + first["e2e"] - 0.01
+    assert other["start"] - first["start"] < 0.2
+    # the wait is not counted in the next turn's TTFT
+    assert second["ttft"] < 0.4 + 0.3
+
+
 async def test_shed_requests_record_429_and_retry_after():
     server = TinySSE(mode="429")
     records, _ = await _with_server(server, _load)
