@@ -19,7 +19,9 @@ over-stated what the agents report.) The L7 routers (vllm-router
 `cache_aware`, `power_of_two`; sglang-router `cache_aware`) reach the emulators directly.
 
 Workloads at 85% of capacity: the chat generator (per-device tenant and app-server
-tenant), the sample Mooncake trace, and a prefix-free workload (p2c vs prefix only).
+tenant; a conversation's next turn waits for the previous answer, loadgen.TurnOrder), the
+same chat with overlapping turns as replayed until session 6 (`chat-overlap`), the sample
+Mooncake trace, and a prefix-free workload (p2c vs prefix only).
 
 Per mode: hit rate (the emulators' counters) with a 90% bootstrap interval of the
 requests' own cached/prompt tokens, TTFT p50/p99 (p99 with a 90% bootstrap interval),
@@ -40,7 +42,7 @@ turn reach the backend that served its conversation's previous turn, and if not,
 the bound -- with the median excess of its score -- or the previous turn still ran).
 
     python bench/bench_prefix_handoff.py [--duration 40] [--kv-tokens 4096 16384]
-        [--modes ...] [--workloads chat trace free] [--out results/prefix-bench]
+        [--modes ...] [--workloads chat chat-overlap trace free] [--out results/prefix-bench]
         [--affinity-bound 1.25] [--handoff KEY=VALUE ...]   (e.g. home_weight=0)
         [--variant NAME:K=V,...]  (agent handoff settings, or the emulated switch's
                                    affinity_bound / affinity_slack)  [--misses]
@@ -398,7 +400,8 @@ def client_tracing() -> aiohttp.TraceConfig:
 
 
 async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint: str,
-                   duration: float) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
+                   duration: float, turn_order: bool = True
+                   ) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
     loop = asyncio.get_running_loop()
     base = base_mode(mode)
     bound, slack = cluster.switch_rule()
@@ -431,7 +434,8 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
                                  len(p.prompt.split()), p.output_tokens, p.prompt, p.messages,
                                  p.source_ip, p.conversation, p.turn)
             why: dict[str, Any] | None = None
-            await turns.wait(req, workload.timeout)  # then the switch chooses
+            if turn_order:  # chat-overlap: the session-6 replay, turns not waiting
+                await turns.wait(req, workload.timeout)  # then the switch chooses
             if mode in prefix.L7_MODES:
                 url = cluster.routers[mode]
             else:
@@ -481,9 +485,10 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     cluster.reset_caches()
     before = cluster.metrics()
     decided = cluster.decisions()
-    endpoint = "chat" if workload == "chat" else "completions"
+    endpoint = "chat" if workload.startswith("chat") else "completions"
     started = time.time()
-    records, steered = asyncio.run(run_mode(cluster, mode, planned, endpoint, duration))
+    records, steered = asyncio.run(run_mode(cluster, mode, planned, endpoint, duration,
+                                            turn_order=workload != "chat-overlap"))
     after = cluster.metrics()
     hits = prefix.hit_rate({n: prefix.prefix_counters(t) for n, t in before.items()},
                            {n: prefix.prefix_counters(t) for n, t in after.items()})
@@ -710,7 +715,11 @@ def main() -> int:
     parser.add_argument("--load", type=float, default=0.85)
     parser.add_argument("--kv-tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--modes", nargs="+", default=list(prefix.MODES))
-    parser.add_argument("--workloads", nargs="+", default=["chat", "trace", "free"])
+    parser.add_argument("--workloads", nargs="+", default=["chat", "trace", "free"],
+                        choices=["chat", "chat-overlap", "trace", "free"],
+                        help="chat-overlap: the chat without the turn order (a "
+                             "conversation's turns sent at their planned times even while "
+                             "the previous one runs, as until session 6)")
     parser.add_argument("--trace-kv", type=int, default=None,
                         help="run the trace and prefix-free workloads at this KV size only "
                              "(default: the first of --kv-tokens)")
@@ -737,7 +746,8 @@ def main() -> int:
     print(f"prefix bench: speeds {SPEEDS}, {EMULATOR_MAX_NUM_SEQS} slots, load "
           f"{args.load:.0%}, {args.duration:g} s a run, KV sizes {args.kv_tokens} tokens; "
           f"uptime: {os.popen('uptime').read().strip()}")
-    plans = {"chat": prefix.chat_workload(args.duration, SPEEDS, args.load),
+    chat = prefix.chat_workload(args.duration, SPEEDS, args.load)
+    plans = {"chat": chat, "chat-overlap": chat,
              "trace": prefix.trace_workload(args.duration, SPEEDS, args.load),
              "free": prefix.prefix_free_workload(args.duration, SPEEDS, args.load)}
     trace_kv = args.trace_kv or args.kv_tokens[0]
@@ -755,7 +765,7 @@ def main() -> int:
     lines: list[str] = []
     printed = 0
     for kv in args.kv_tokens:
-        wanted = [w for w in args.workloads if w == "chat" or kv == trace_kv]
+        wanted = [w for w in args.workloads if w.startswith("chat") or kv == trace_kv]
         if not wanted:
             continue
         cluster = Cluster(out / f"kv{kv}", kv, args.modes, args.lookup_timeout,
@@ -767,7 +777,8 @@ def main() -> int:
                 print("  warming up the handoff path (4 s, not measured)", flush=True)
                 warm = [p for p in plans[wanted[0]] if p.offset < 4.0]
                 asyncio.run(run_mode(cluster, "prefix", warm,
-                                     "chat" if wanted[0] == "chat" else "completions", 4.0))
+                                     "chat" if wanted[0].startswith("chat") else "completions",
+                                     4.0))
             for workload in wanted:
                 modes = [m for m in args.modes + list(variants)
                          if workload != "free" or base_mode(m) in ("p2c", *prefix.HANDOFF_MODES)]
