@@ -65,7 +65,8 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tokenfabric import beacon, yamlio  # noqa: E402
-from tokenfabric.lab import prefix  # noqa: E402
+from tokenfabric.hostagent.handoff import DECISION_HEADER  # noqa: E402
+from tokenfabric.lab import prefix, prefix_misses  # noqa: E402
 from tokenfabric.lab.experiments import (  # noqa: E402
     EMULATOR_DECODE_BASE_MS,
     EMULATOR_MAX_NUM_SEQS,
@@ -353,6 +354,10 @@ class EmulatedSwitch(asyncio.DatagramProtocol):
 # report affinity for the address the bridge saw. loadgen._send sets only the tenant
 # header, so a trace hook adds this one from the sending task's context.
 CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
+# the first bridge's handoff decision (X-Tokenfabric-Handoff-Decision) of the sending
+# task's request, for the miss analysis (tokenfabric/lab/prefix_misses.py)
+ANSWER: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "answer", default=None)
 
 
 async def _client_header(session: aiohttp.ClientSession, ctx: Any,
@@ -362,9 +367,18 @@ async def _client_header(session: aiohttp.ClientSession, ctx: Any,
         params.headers["X-Tokenfabric-Client"] = client
 
 
+async def _decision_header(session: aiohttp.ClientSession, ctx: Any,
+                           params: aiohttp.TraceRequestEndParams) -> None:
+    answer = ANSWER.get()
+    value = params.response.headers.get(DECISION_HEADER)
+    if answer is not None and value:
+        answer["decision"] = value
+
+
 def client_tracing() -> aiohttp.TraceConfig:
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(_client_header)
+    trace.on_request_end.append(_decision_header)
     return trace
 
 
@@ -402,8 +416,11 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
             else:
                 url = cluster.bridges[switch.choose(p.source_ip)]
             CLIENT.set(p.source_ip)
+            answer: dict[str, str] = {}
+            ANSWER.set(answer)
             record = await _send(session, dataclasses.replace(workload, url=url), req,
                                  epoch, t0)
+            record["decision"] = answer.get("decision")
             records.append(record)
 
         tasks = []
@@ -462,6 +479,8 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     figures["loadavg"] = os.getloadavg()
     figures["hit_interval"] = hit_interval(records)
     figures["p99_interval"] = p99_interval(figures["ttft_s"])
+    figures["misses"] = prefix_misses.miss_causes(
+        records, prefix_misses.request_keys(planned, endpoint))
     return figures
 
 
@@ -528,6 +547,8 @@ def report_group(label: str, results: dict[str, dict[str, Any]]) -> list[str]:
         if f.get("decisions"):
             lines.append("      handoff decisions: " + ", ".join(
                 f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
+        if f.get("misses"):
+            lines += prefix_misses.describe(f["misses"])
     return lines
 
 
