@@ -19,7 +19,9 @@ Per request of a tenant that opted in (policy `prefix_affinity`):
    times the prefill time per token); expected queueing from
    the peer's last reported running/waiting (plus the handoffs this agent sent it since)
    against its capacity, in units of a typical request's time here; relay cost = the
-   measured moving average of the lookup-to-peer-head time;
+   measured moving average of the lookup-to-peer-head time; each extra block also
+   counts `cache_weight` prefills more (`shared_cache_weight` for a shared address, an
+   app server's: only a handoff brings its turns to their prefixes; see `decide`);
 4. the relay: the request goes to the peer agent's handoff listener (its fabric address,
    `handoff_port`), signed (`X-Tokenfabric-Handoff`: origin, tenant id, the client's
    address, time, HMAC-SHA256 over them and the body's SHA-256 with the fabric's handoff
@@ -101,10 +103,10 @@ class HandoffSettings:
     stall_weight: float = 1.0            # weight of the batch's prefill stall (0: own only)
     cache_weight: float = 0.0            # value of a block cached there beyond this
                                          # request's prefill, in prefills of the block
-    shared_cache_weight: float = 16.0    # the same for a shared address's requests (an
+    shared_cache_weight: float = 64.0    # the same for a shared address's requests (an
                                          # app server's: only a handoff brings them to
                                          # their prefix; see `decide`)
-    max_peer_load: float = 3.0           # (running + waiting) / capacity a peer may have
+    max_peer_load: float = 4.0           # (running + waiting) / capacity a peer may have
     lookup_timeout: float = 0.05         # s: the budget of a lookup
     max_lookups: int = 32                # lookups in flight at once; more serve locally
     cache_ttl: float = 0.25              # s an index answer is reused for the same prompt

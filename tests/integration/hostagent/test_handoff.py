@@ -557,8 +557,8 @@ def test_handoff_decisions_need_a_longer_prefix_and_pay_for_queueing():
     # untrusted or stale-loaded peers are not used
     assert decide(s, "a", [{**peer, "trusted": False}], idle, 3.0, {}, 16).decision == "no_match"
     assert decide(s, "a", [{**peer, "load_age_s": 10}], idle, 3.0, {}, 16).decision == "no_match"
-    # handoffs in flight to the peer count as its load: 13 > max_peer_load 3 x 4 slots
-    assert decide(s, "a", [peer], idle, 3.0, {"b": 13}, 16).decision == "peer_busy"
+    # handoffs in flight to the peer count as its load: 17 > max_peer_load 4 x 4 slots
+    assert decide(s, "a", [peer], idle, 3.0, {"b": 17}, 16).decision == "peer_busy"
     # 8 are within the bound, and their queue (5 beyond the slots, 1.25 s) costs more
     # than the 80 ms of prefill
     assert decide(s, "a", [peer], idle, 3.0, {"b": 8}, 16).decision == "no_gain"

@@ -179,9 +179,9 @@ def test_a_shared_address_values_the_cache_enough_to_queue_behind_its_holder():
     request more than its slots: for a per-device client the 14.4 ms of prefill do not
     pay the peer's 175 ms of queueing (its next turn comes back by the switch's
     affinity); for a shared address (an app server, whose turns only a handoff brings to
-    their prefix) each block is worth 17 prefills, 245 ms: handed off."""
+    their prefix) each block is worth 65 prefills, 936 ms: handed off."""
     s = HandoffSettings(secret=b"x" * 16)
-    assert (s.cache_weight, s.shared_cache_weight, s.max_peer_load) == (0.0, 16.0, 3.0)
+    assert (s.cache_weight, s.shared_cache_weight, s.max_peer_load) == (0.0, 64.0, 4.0)
     here = LocalLoad(1, 0, 4, 0.0, 0.7)
     holder = [_holder("a", 30), _holder("b", 39, running=4)]
     device = decide(s, "a", holder, here, 3.0, {}, 16, 42)
@@ -190,18 +190,18 @@ def test_a_shared_address_values_the_cache_enough_to_queue_behind_its_holder():
     assert device.describe() == "no_gain; blocks=42; here=30; longest=b:39; gain=-163.6"
     shared = decide(s, "a", holder, here, 3.0, {}, 16, 42, shared=True)
     assert shared.decision == "handoff" and shared.peer is not None \
-        and shared.peer.name == "b" and shared.gain_ms == pytest.approx(66.8)
-    assert shared.describe() == "handoff; blocks=42; here=30; longest=b:39; gain=66.8; shared"
+        and shared.peer.name == "b" and shared.gain_ms == pytest.approx(758.0)
+    assert shared.describe() == "handoff; blocks=42; here=30; longest=b:39; gain=758.0; shared"
     # cache_weight 0 for shared addresses too: the greedy model of session 6
     greedy = HandoffSettings(secret=b"x" * 16, shared_cache_weight=0.0)
     assert decide(greedy, "a", holder, here, 3.0, {}, 16, 42, shared=True).decision == \
         "no_gain"
-    # the load bound still holds: a holder with 13 requests for 4 slots (> 3 x 4) gets none
-    swamped = [_holder("a", 30), _holder("b", 39, running=4, waiting=9)]
+    # the load bound still holds: a holder with 17 requests for 4 slots (> 4 x 4) gets none
+    swamped = [_holder("a", 30), _holder("b", 39, running=4, waiting=13)]
     assert decide(s, "a", swamped, here, 3.0, {}, 16, 42, shared=True).decision == \
         "peer_busy"
-    # 12 of them (3 x 4) is within the bound; the shared weight then judges the queue:
-    # 9 requests beyond the slots, 1.6 s, against 245 ms of cache: no
+    # 12 of them is within the bound; the shared weight then judges the queue: 9
+    # requests beyond the slots, 1.6 s, against 936 ms of cache: no
     deep = [_holder("a", 30), _holder("b", 39, running=4, waiting=8)]
     assert decide(s, "a", deep, here, 3.0, {}, 16, 42, shared=True).decision == "no_gain"
 
