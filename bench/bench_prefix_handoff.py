@@ -25,7 +25,9 @@ Per mode: hit rate (the emulators' counters) with a 90% bootstrap interval of th
 requests' own cached/prompt tokens, TTFT p50/p99 (p99 with a 90% bootstrap interval),
 goodput, handoff share and added latency, per tenant, the handoff decisions, the switch's
 steering, the load average; each L7 baseline's evidence (vllm-router cache_aware: its
-cache decisions and /render calls, no render_unavailable).
+cache decisions and /render calls, no render_unavailable); per tenant, the hits that
+could have been (no eviction) and the lost ones by cause -- evicted, or served away and
+why (the bridge's X-Tokenfabric-Handoff-Decision; tokenfabric/lab/prefix_misses.py).
 
 Targets (printed as ratios, PASS/FAIL):
 - hit rate of prefix modes >= the best L7 cache-aware router's;
