@@ -27,7 +27,9 @@ Per mode: hit rate (the emulators' counters) with a 90% bootstrap interval of th
 requests' own cached/prompt tokens, TTFT p50/p99 (p99 with a 90% bootstrap interval),
 goodput, handoff share and added latency, per tenant, the handoff decisions, the switch's
 steering, the load average; each L7 baseline's evidence (vllm-router cache_aware: its
-cache decisions and /render calls, no render_unavailable).
+cache decisions and /render calls, no render_unavailable); per tenant, the hits that
+could have been (no eviction) and the lost ones by cause -- evicted, or served away and
+why (the bridge's X-Tokenfabric-Handoff-Decision; tokenfabric/lab/prefix_misses.py).
 
 Targets (printed as ratios, PASS/FAIL):
 - hit rate of prefix modes >= the best L7 cache-aware router's;
@@ -74,7 +76,8 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tokenfabric import beacon, yamlio  # noqa: E402
-from tokenfabric.lab import prefix  # noqa: E402
+from tokenfabric.hostagent.handoff import DECISION_HEADER  # noqa: E402
+from tokenfabric.lab import prefix, prefix_misses  # noqa: E402
 from tokenfabric.lab.experiments import (  # noqa: E402
     EMULATOR_DECODE_BASE_MS,
     EMULATOR_MAX_NUM_SEQS,
@@ -384,6 +387,10 @@ class EmulatedSwitch(asyncio.DatagramProtocol):
 # report affinity for the address the bridge saw. loadgen._send sets only the tenant
 # header, so a trace hook adds this one from the sending task's context.
 CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
+# the first bridge's handoff decision (X-Tokenfabric-Handoff-Decision) of the sending
+# task's request, for the miss analysis (tokenfabric/lab/prefix_misses.py)
+ANSWER: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "answer", default=None)
 
 
 async def _client_header(session: aiohttp.ClientSession, ctx: Any,
@@ -393,9 +400,18 @@ async def _client_header(session: aiohttp.ClientSession, ctx: Any,
         params.headers["X-Tokenfabric-Client"] = client
 
 
+async def _decision_header(session: aiohttp.ClientSession, ctx: Any,
+                           params: aiohttp.TraceRequestEndParams) -> None:
+    answer = ANSWER.get()
+    value = params.response.headers.get(DECISION_HEADER)
+    if answer is not None and value:
+        answer["decision"] = value
+
+
 def client_tracing() -> aiohttp.TraceConfig:
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(_client_header)
+    trace.on_request_end.append(_decision_header)
     return trace
 
 
@@ -443,11 +459,14 @@ async def run_mode(cluster: Cluster, mode: str, planned: list[Planned], endpoint
                 url = cluster.bridges[backend]
             history = served.get(p.conversation) if p.conversation is not None else None
             CLIENT.set(p.source_ip)
+            answer: dict[str, str] = {}
+            ANSWER.set(answer)
             try:
                 record = await _send(session, dataclasses.replace(workload, url=url), req,
                                      epoch, t0)
             finally:
                 turns.finished(req)
+            record["decision"] = answer.get("decision")
             record["switch"], record["history"] = why, history
             if p.conversation is not None and record.get("ok") and record.get("backend"):
                 served[p.conversation] = record["backend"]
@@ -511,7 +530,9 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     figures["loadavg"] = os.getloadavg()
     figures["hit_interval"] = hit_interval(records)
     figures["p99_interval"] = p99_interval(figures["ttft_s"])
-    figures["misses"] = miss_breakdown(records)
+    figures["turn_paths"] = miss_breakdown(records)
+    figures["misses"] = prefix_misses.miss_causes(
+        records, prefix_misses.request_keys(planned, endpoint))
     return figures
 
 
@@ -655,13 +676,15 @@ def report_group(label: str, results: dict[str, dict[str, Any]], verbose: bool =
         if f.get("decisions"):
             lines.append("      handoff decisions: " + ", ".join(
                 f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
-        if verbose and f.get("misses"):
+        if f.get("misses"):
+            lines += prefix_misses.describe(f["misses"])
+        if verbose and f.get("turn_paths"):
             lines.append("      turns by path (requests, hit, points of the tenant's hit rate "
                          "lost):")
-            lines += miss_summary(f["misses"])
+            lines += miss_summary(f["turn_paths"])
             lines.append("      uncached tokens by path (requests, hit, share of the misses"
                          "[, median score over the pair's best]):")
-            for path, row in f["misses"].items():
+            for path, row in f["turn_paths"].items():
                 hit = 1 - row["missed"] / row["prompt"] if row["prompt"] else 0.0
                 lines.append(f"        {path:52s} {row['requests']:4.0f}  {hit * 100:5.1f}%"
                              f"  {row['missed_share'] * 100:5.1f}%"

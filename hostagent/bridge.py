@@ -55,6 +55,7 @@ import httptools
 
 from tokenfabric.hostagent.delay import DelayEstimator
 from tokenfabric.hostagent.handoff import (
+    DECISION_HEADER,
     HANDOFF_FROM_HEADER,
     HANDOFF_HEADER,
     HANDOFF_MS_HEADER,
@@ -507,7 +508,7 @@ class Bridge:
                 tracked = self._track(exchange)
                 if self.handoff is not None and not received and body is not None \
                         and self.handoff.wants(tenant, body):
-                    exchange.decision = await self.handoff.choose(body)
+                    exchange.decision = await self.handoff.choose(body, exchange.client)
                 del body
                 handed = await self._hand_off(exchange) if exchange.decision is not None \
                     and exchange.decision.peer is not None else None
@@ -592,16 +593,18 @@ class Bridge:
         """Count an opted-in client's requests in flight here; `shared_in_flight` at once
         make it a shared address (one conversation waits for each answer before its next
         turn; a replayed one may overlap two now and then)."""
-        if self.on_shared is None or self.handoff is None \
-                or not exchange.tenant.prefix_affinity:
+        if self.handoff is None or not exchange.tenant.prefix_affinity:
             return None
         client = exchange.client
         self.client_requests[client] += 1
         if self.client_requests[client] == self.handoff.settings.shared_in_flight:
-            try:
-                self.on_shared(client)
-            except Exception:  # a report must never break the relay
-                log.exception("shared-client callback failed")
+            # its requests weigh the cache as a shared address's (handoff.decide)
+            self.handoff.note_shared(client)
+            if self.on_shared is not None:
+                try:
+                    self.on_shared(client)
+                except Exception:  # a report must never break the relay
+                    log.exception("shared-client callback failed")
         return client
 
     def _untrack(self, client: str) -> None:
@@ -816,6 +819,8 @@ class Bridge:
             out = [(k, v) for k, v in headers if k not in ("connection", "keep-alive")]
             out += [(HANDOFF_FROM_HEADER, self.settings.backend_name),
                     (HANDOFF_MS_HEADER, f"{added * 1000:.3f}")]
+        if decision is not None:
+            out.append((DECISION_HEADER, decision.describe()))
         out.append(("connection", "close"))
         return out
 

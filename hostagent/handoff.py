@@ -19,7 +19,9 @@ Per request of a tenant that opted in (policy `prefix_affinity`):
    times the prefill time per token); expected queueing from
    the peer's last reported running/waiting (plus the handoffs this agent sent it since)
    against its capacity, in units of a typical request's time here; relay cost = the
-   measured moving average of the lookup-to-peer-head time;
+   measured moving average of the lookup-to-peer-head time; each extra block also
+   counts `cache_weight` prefills more (`shared_cache_weight` for a shared address, an
+   app server's: only a handoff brings its turns to their prefixes; see `decide`);
 4. the relay: the request goes to the peer agent's handoff listener (its fabric address,
    `handoff_port`), signed (`X-Tokenfabric-Handoff`: origin, tenant id, the client's
    address, time, HMAC-SHA256 over them and the body's SHA-256 with the fabric's handoff
@@ -64,9 +66,13 @@ HANDOFF_HEADER = "x-tokenfabric-handoff"
 HANDOFF_FROM_HEADER = "X-Tokenfabric-Handoff-From"
 HANDOFF_MS_HEADER = "X-Tokenfabric-Handoff-Ms"
 LOOKUP_MS_HEADER = "X-Tokenfabric-Prefix-Lookup-Ms"
+# the decision and the facts behind it (for the lab's miss analysis): "no_gain; blocks=38;
+# here=30; longest=b2:38; gain=-12.3"
+DECISION_HEADER = "X-Tokenfabric-Handoff-Decision"
 MAX_CLOCK_SKEW_S = 30.0      # a signed handoff older (or newer) than this is refused
 MAX_KEYS = 8192              # the index's lookup bound (controller/prefix_index.py)
 RELAY_SMOOTHING = 0.2
+MAX_SHARED = 4096            # shared client addresses remembered per bridge
 # decisions after which a prompt of at least min_blocks blocks is served here, so that its
 # blocks are cached here afterwards (report_local: the client's affinity follows)
 LOCAL_AFTER_LOOKUP = ("no_match", "short_prefix", "no_gain", "peer_busy", "lookup_failed",
@@ -95,7 +101,12 @@ class HandoffSettings:
     relay_ms: float = 3.0                # the relay's cost until measured
     min_gain_ms: float = 5.0             # net gain a handoff must promise
     stall_weight: float = 1.0            # weight of the batch's prefill stall (0: own only)
-    max_peer_load: float = 1.5           # (running + waiting) / capacity a peer may have
+    cache_weight: float = 0.0            # value of a block cached there beyond this
+                                         # request's prefill, in prefills of the block
+    shared_cache_weight: float = 64.0    # the same for a shared address's requests (an
+                                         # app server's: only a handoff brings them to
+                                         # their prefix; see `decide`)
+    max_peer_load: float = 4.0           # (running + waiting) / capacity a peer may have
     lookup_timeout: float = 0.05         # s: the budget of a lookup
     max_lookups: int = 32                # lookups in flight at once; more serve locally
     cache_ttl: float = 0.25              # s an index answer is reused for the same prompt
@@ -122,6 +133,8 @@ class HandoffSettings:
             raise ValueError(f"handoff tokenizer must be one of {TOKENIZERS}")
         if self.shared_in_flight < 2:
             raise ValueError("handoff shared_in_flight must be at least 2")
+        if self.cache_weight < 0 or self.shared_cache_weight < 0:
+            raise ValueError("handoff cache_weight and shared_cache_weight must be >= 0")
         if self.affinity_window_s < 0 or self.affinity_queue < 1:
             raise ValueError("handoff affinity_window_s must be >= 0, affinity_queue >= 1")
         if len(self.secret) < 16:
@@ -147,6 +160,21 @@ class Decision:
     lookup_ms: float = 0.0
     local_blocks: int = 0
     home: bool = False               # a handoff (or a local serve) to keep the prefix's home
+    prompt_blocks: int = 0
+    longest: tuple[str, int] | None = None  # the longest trusted peer holder, as looked up
+    shared: bool = False             # weighed as a shared address's request
+
+    def describe(self) -> str:
+        """The DECISION_HEADER value: what was decided and what it was decided on."""
+        name = "handoff_home" if self.decision == "handoff" and self.home else self.decision
+        parts = [name, f"blocks={self.prompt_blocks}", f"here={self.local_blocks}"]
+        if self.longest is not None:
+            parts.append(f"longest={self.longest[0]}:{self.longest[1]}")
+        if self.gain_ms:
+            parts.append(f"gain={self.gain_ms:.1f}")
+        if self.shared:
+            parts.append("shared")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -292,7 +320,7 @@ def home_of(keys: list[int], depth: int, holders: dict[str, int]) -> str | None:
 def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
            local: LocalLoad, relay_ms: float, pending: dict[str, int],
            block_size: int, prompt_blocks: int = 0,
-           keys: list[int] | None = None) -> Decision:
+           keys: list[int] | None = None, shared: bool = False) -> Decision:
     """Where the request should run: here, or a peer (see the module docstring).
 
     The prefix's home (with `keys` and home_weight > 0): when several backends hold
@@ -304,7 +332,18 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
     of its own prefill saving, `home_weight` x the prefill of the shared blocks: what the
     copy here would cost the cache's other occupants. The other copies then age out, as
     an L7 cache-aware router's concentration would have it -- but bounded by load, since
-    a home whose queue costs more than that is passed over for the next in rank."""
+    a home whose queue costs more than that is passed over for the next in rank.
+
+    The cache's value (`cache_weight`; `shared_cache_weight` for a request of a shared
+    address, `shared`): each block the peer holds beyond this backend is worth its
+    prefill now plus that weight times it. A request served away from its prefix copies
+    the whole prompt here, evicting as many blocks of other prefixes (recomputed later),
+    and it costs the fabric's capacity the prefill the load's capacity estimate assumed
+    saved; the greedy figure (this request's time alone) refuses a handoff to a holder
+    with one more request queued even for 10-20 blocks. A shared address (an app server,
+    a NAT) gets the larger weight: the switch cannot steer its conversations (one
+    address, many prefixes), so a handoff is the only way any of its turns reaches its
+    prefix, while a per-device client's next turn comes back by the switch's affinity."""
     local_blocks = 0
     peers: list[Peer] = []
     for m in matches:
@@ -321,10 +360,11 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
                           int(m.get("waiting") or 0)))
     if not peers:
         return Decision("no_match" if local_blocks == 0 else "local_longest",
-                        local_blocks=local_blocks)
+                        local_blocks=local_blocks, prompt_blocks=prompt_blocks)
     local_wait = local.expected_wait_s if local.expected_wait_s is not None else \
         queue_wait_s(local.running, local.waiting, local.capacity, local.service_s)
     per_block = block_size * settings.prefill_ms_per_token
+    cache_weight = settings.shared_cache_weight if shared else settings.cache_weight
 
     def gain_of(peer: Peer, bonus_blocks: int) -> float:
         extra = max(0, peer.cached_blocks - local_blocks)
@@ -332,7 +372,7 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
         prompt = max(prompt_blocks, peer.cached_blocks)
         stall = local.running * (prompt - local_blocks) - \
             (peer.running + pending.get(peer.name, 0)) * (prompt - peer.cached_blocks)
-        saved_ms = (extra + settings.stall_weight * stall
+        saved_ms = ((1 + cache_weight) * extra + settings.stall_weight * stall
                     + settings.home_weight * bonus_blocks) * per_block
         peer_wait = queue_wait_s(busy, 0, peer.capacity, local.service_s)
         return saved_ms - max(0.0, peer_wait - local_wait) * 1000 - relay_ms
@@ -364,6 +404,9 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
                     break
     best: Decision | None = None
     outcome = "local_longest"
+    top = max(peers, key=lambda p: p.cached_blocks)
+    longest = (top.name, top.cached_blocks)
+    top_gain = 0.0  # the best refused gain, for the decision's description
     for peer in peers:
         is_home = peer is home
         extra = peer.cached_blocks - local_blocks
@@ -379,10 +422,15 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
         gain = gain_of(peer, home_blocks if is_home else 0)
         if gain < settings.min_gain_ms:
             outcome = "no_gain" if outcome != "peer_busy" else outcome
+            top_gain = gain if top_gain == 0.0 else max(top_gain, gain)
             continue
         if best is None or gain > best.gain_ms:
             best = Decision("handoff", peer, gain, local_blocks=local_blocks, home=is_home)
-    return best or Decision(outcome, local_blocks=local_blocks)
+    if best is not None:
+        best.prompt_blocks, best.longest, best.shared = prompt_blocks, longest, shared
+        return best
+    return Decision(outcome, local_blocks=local_blocks, gain_ms=top_gain,
+                    prompt_blocks=prompt_blocks, longest=longest, shared=shared)
 
 
 # -- block keys ---------------------------------------------------------------------------
@@ -456,6 +504,24 @@ class Handoff:
         # prefix's last block -> (when, the home by rendezvous among its holders)
         self._homes: collections.OrderedDict[int, tuple[float, str]] = \
             collections.OrderedDict()
+        # shared client addresses (the bridge saw `shared_in_flight` of a client's
+        # requests in flight at once) -> until when their requests count as shared
+        self._shared: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def note_shared(self, client: str, now: float | None = None) -> None:
+        """`client` is a shared address: its requests are weighed with
+        `shared_cache_weight` for `shared_client_s` (0: never)."""
+        if self.settings.shared_client_s <= 0 or not client:
+            return
+        now = time.monotonic() if now is None else now
+        self._shared[client] = now + self.settings.shared_client_s
+        self._shared.move_to_end(client)
+        while len(self._shared) > MAX_SHARED:
+            self._shared.popitem(last=False)
+
+    def is_shared(self, client: str, now: float | None = None) -> bool:
+        until = self._shared.get(client)
+        return until is not None and (time.monotonic() if now is None else now) < until
 
     def wants(self, tenant: Tenant, body: dict | None) -> bool:
         return tenant.prefix_affinity and body is not None
@@ -494,38 +560,46 @@ class Handoff:
         return tokens if isinstance(tokens, list) and all(isinstance(t, int) for t in tokens) \
             else None
 
-    async def choose(self, body: dict[str, Any]) -> Decision:
-        """The decision for one request (never raises, never waits past the budget)."""
+    async def choose(self, body: dict[str, Any], client: str = "") -> Decision:
+        """The decision for one request of `client` (never raises, never waits past the
+        budget)."""
         started = time.monotonic()
+        shared = self.is_shared(client, started)
+        decision = await self._choose(body, shared, started)
+        decision.shared = shared
+        return self._done(decision)
+
+    async def _choose(self, body: dict[str, Any], shared: bool, started: float) -> Decision:
         keys = await self.keys(body)
         if keys is None:
-            return self._done(Decision("not_tokenized"))
+            return Decision("not_tokenized")
         if len(keys) < self.settings.min_blocks:
-            return self._done(Decision("short_prompt"))
+            return Decision("short_prompt", prompt_blocks=len(keys))
         held = self._held_here(keys)
         if len(keys) - held < self.settings.min_extra_blocks and \
                 not self._home_elsewhere(keys, held, started):
-            return self._done(Decision("local_longest", local_blocks=held))
+            return Decision("local_longest", local_blocks=held, prompt_blocks=len(keys))
         matches = self._cache.get(keys, started)
         if matches is None:
             if self._lookups >= self.settings.max_lookups:
-                return self._done(Decision("lookup_busy"))
+                return Decision("lookup_busy", local_blocks=held, prompt_blocks=len(keys))
             self._lookups += 1
             try:
                 matches = await self._lookup(keys)
             finally:
                 self._lookups -= 1
             if matches is None:
-                return self._done(Decision("lookup_failed"))
+                return Decision("lookup_failed", local_blocks=held,
+                                prompt_blocks=len(keys))
             self._cache.put(keys, time.monotonic(), matches)
             self.metrics.lookup_seconds.labels(self.backend).observe(
                 time.monotonic() - started)
         decision = decide(self.settings, self.backend, matches, self.local_load(),
                           self.relay_ms, self.pending, self._hasher().block_size,
-                          len(keys), keys)
+                          len(keys), keys, shared=shared)
         self._learn_homes(keys, matches, max(held, decision.local_blocks), started)
         decision.lookup_ms = (time.monotonic() - started) * 1000
-        return self._done(decision)
+        return decision
 
     def _home_elsewhere(self, keys: list[int], held: int, now: float) -> bool:
         """Held here nearly whole -- but is the prompt just a shared prefix (an app's

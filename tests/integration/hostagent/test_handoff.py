@@ -253,6 +253,9 @@ def test_a_request_whose_prefix_the_peer_holds_is_handed_off_and_streamed_back(r
     assert reply.headers["x-tokenfabric-backend"] == "gpu2"
     assert reply.headers["x-tokenfabric-handoff-from"] == "gpu1"
     assert float(reply.headers["x-tokenfabric-handoff-ms"]) > 0
+    # what the bridge decided, on what: 100 blocks, none here, gpu2 holding them all
+    decided = reply.headers["x-tokenfabric-handoff-decision"]
+    assert re.fullmatch(r"handoff; blocks=100; here=0; longest=gpu2:100; gain=\d+\.\d", decided)
     text_chunks = [e for e in events if e.get("choices")]
     assert len(text_chunks) == 12  # one per token, none lost or doubled on the way
     [usage] = [e["usage"] for e in events if e.get("usage")]
@@ -514,15 +517,21 @@ def test_a_shared_address_loses_its_switch_affinity(rig):
     time.sleep(0.5)
     assert _affinity(rig, "10.0.1.50") == ["gpu1"]
     assert _reports(rig, "gpu1", "withdrawn") == withdrawn
+    reply, _ = completion(rig, system + " " + words("askJ8x", 40), client="10.0.1.50")
+    assert not reply.headers["x-tokenfabric-handoff-decision"].endswith("; shared")
     together(3)  # gpu1 has 2 slots: the third waits in its queue, in flight all the same
     wait_for(lambda: _affinity(rig, "10.0.1.50") == [] or None,
              "10.0.1.50's entry withdrawn", timeout=10)
     assert _reports(rig, "gpu1", "withdrawn") == withdrawn + 1
     shared = _reports(rig, "gpu1", "shared")
-    completion(rig, system + " " + words("askJ9x", 40), client="10.0.1.50")
+    reply, _ = completion(rig, system + " " + words("askJ9x", 40), client="10.0.1.50")
     wait_for(lambda: _reports(rig, "gpu1", "shared") > shared or None,
              "the shared address's report skipped", timeout=10)
     assert _affinity(rig, "10.0.1.50") == []
+    # and its requests are weighed as a shared address's (shared_cache_weight)
+    assert reply.headers["x-tokenfabric-handoff-decision"].endswith("; shared")
+    reply, _ = completion(rig, system + " " + words("askJ7x", 40), client="10.0.1.51")
+    assert not reply.headers["x-tokenfabric-handoff-decision"].endswith("; shared")
 
 
 def _ledger(rig: Rig) -> tuple[int, int]:
@@ -565,5 +574,8 @@ def test_handoff_decisions_need_a_longer_prefix_and_pay_for_queueing():
     # untrusted or stale-loaded peers are not used
     assert decide(s, "a", [{**peer, "trusted": False}], idle, 3.0, {}, 16).decision == "no_match"
     assert decide(s, "a", [{**peer, "load_age_s": 10}], idle, 3.0, {}, 16).decision == "no_match"
-    # handoffs in flight to the peer count as its load
-    assert decide(s, "a", [peer], idle, 3.0, {"b": 8}, 16).decision == "peer_busy"
+    # handoffs in flight to the peer count as its load: 17 > max_peer_load 4 x 4 slots
+    assert decide(s, "a", [peer], idle, 3.0, {"b": 17}, 16).decision == "peer_busy"
+    # 8 are within the bound, and their queue (5 beyond the slots, 1.25 s) costs more
+    # than the 80 ms of prefill
+    assert decide(s, "a", [peer], idle, 3.0, {"b": 8}, 16).decision == "no_gain"

@@ -171,3 +171,66 @@ def test_a_prefix_group_ranks_its_holders_alike_on_every_bridge():
     assert home_of(keys, 40, holders) == "gpu1"  # only gpu1 holds 40
     assert home_of(keys, 41, holders) is None and home_of(keys, 0, holders) is None
     assert rendezvous(7, "gpu1") == rendezvous(7, "gpu1") != rendezvous(7, "gpu2")
+
+
+# -- the cache's value (cache_weight, shared_cache_weight) ------------------------------
+def test_a_shared_address_values_the_cache_enough_to_queue_behind_its_holder():
+    """A conversation's turn 9 blocks beyond what this backend holds, on a peer with one
+    request more than its slots: for a per-device client the 14.4 ms of prefill do not
+    pay the peer's 175 ms of queueing (its next turn comes back by the switch's
+    affinity); for a shared address (an app server, whose turns only a handoff brings to
+    their prefix) each block is worth 65 prefills, 936 ms: handed off."""
+    s = HandoffSettings(secret=b"x" * 16)
+    assert (s.cache_weight, s.shared_cache_weight, s.max_peer_load) == (0.0, 64.0, 4.0)
+    here = LocalLoad(1, 0, 4, 0.0, 0.7)
+    holder = [_holder("a", 30), _holder("b", 39, running=4)]
+    device = decide(s, "a", holder, here, 3.0, {}, 16, 42)
+    assert device.decision == "no_gain" and device.peer is None and not device.shared
+    # the refused gain and what it was decided on travel in the decision header
+    assert device.describe() == "no_gain; blocks=42; here=30; longest=b:39; gain=-163.6"
+    shared = decide(s, "a", holder, here, 3.0, {}, 16, 42, shared=True)
+    assert shared.decision == "handoff" and shared.peer is not None \
+        and shared.peer.name == "b" and shared.gain_ms == pytest.approx(758.0)
+    assert shared.describe() == "handoff; blocks=42; here=30; longest=b:39; gain=758.0; shared"
+    # cache_weight 0 for shared addresses too: the greedy model of session 6
+    greedy = HandoffSettings(secret=b"x" * 16, shared_cache_weight=0.0)
+    assert decide(greedy, "a", holder, here, 3.0, {}, 16, 42, shared=True).decision == \
+        "no_gain"
+    # the load bound still holds: a holder with 17 requests for 4 slots (> 4 x 4) gets none
+    swamped = [_holder("a", 30), _holder("b", 39, running=4, waiting=13)]
+    assert decide(s, "a", swamped, here, 3.0, {}, 16, 42, shared=True).decision == \
+        "peer_busy"
+    # 12 of them is within the bound; the shared weight then judges the queue: 9
+    # requests beyond the slots, 1.6 s, against 936 ms of cache: no
+    deep = [_holder("a", 30), _holder("b", 39, running=4, waiting=8)]
+    assert decide(s, "a", deep, here, 3.0, {}, 16, 42, shared=True).decision == "no_gain"
+
+
+def test_cache_weights_are_checked():
+    for bad in ({"cache_weight": -1.0}, {"shared_cache_weight": -0.5}):
+        with pytest.raises(ValueError, match="cache_weight"):
+            HandoffSettings(secret=b"x" * 16, **bad)
+    with pytest.raises(ConfigError, match="must not be negative"):
+        handoff({"secret": SECRET, "shared_cache_weight": -1.0})
+    assert handoff({"secret": SECRET, "cache_weight": 2.0,
+                    "shared_cache_weight": 8.0})["shared_cache_weight"] == 8.0
+
+
+async def test_a_bridge_remembers_a_shared_address_for_shared_client_s():
+    import aiohttp
+
+    from tokenfabric.hostagent.handoff import Handoff
+    async with aiohttp.ClientSession() as session:
+        h = Handoff(HandoffSettings(secret=b"x" * 16, shared_client_s=300.0), "a", session,
+                    "http://127.0.0.1:1", None, "http://127.0.0.1:1",
+                    lambda: LocalLoad(0, 0, 4))
+        assert not h.is_shared("10.0.1.200", now=100.0)
+        h.note_shared("10.0.1.200", now=100.0)
+        assert h.is_shared("10.0.1.200", now=399.0)
+        assert not h.is_shared("10.0.1.200", now=400.5)   # shared_client_s later
+        assert not h.is_shared("10.0.1.7", now=101.0)
+        off = Handoff(HandoffSettings(secret=b"x" * 16, shared_client_s=0.0), "a", session,
+                      "http://127.0.0.1:1", None, "http://127.0.0.1:1",
+                      lambda: LocalLoad(0, 0, 4))
+        off.note_shared("10.0.1.200", now=100.0)
+        assert not off.is_shared("10.0.1.200", now=100.0)
