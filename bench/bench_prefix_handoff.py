@@ -229,7 +229,7 @@ class Cluster:
                 "report_interval": 0.25, "kv_events_endpoint": endpoint,
                 "kv_events_replay_endpoint": replay, "kv_report_interval": 0.25,
                 "handoff": {"secret": SECRET, "port": handoff_port,
-                            "lookup_timeout": self.lookup_timeout,
+                            "lookup_timeout": self.lookup_timeout, "decision_header": True,
                             "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN}}
             self._start_agent(name, {})
         for name in self.emulators:

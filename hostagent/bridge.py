@@ -819,7 +819,8 @@ class Bridge:
             out = [(k, v) for k, v in headers if k not in ("connection", "keep-alive")]
             out += [(HANDOFF_FROM_HEADER, self.settings.backend_name),
                     (HANDOFF_MS_HEADER, f"{added * 1000:.3f}")]
-        if decision is not None:
+        if decision is not None and self.handoff is not None \
+                and self.handoff.settings.decision_header:
             out.append((DECISION_HEADER, decision.describe()))
         out.append(("connection", "close"))
         return out

@@ -107,6 +107,9 @@ class HandoffSettings:
                                          # app server's: only a handoff brings them to
                                          # their prefix; see `decide`)
     max_peer_load: float = 4.0           # (running + waiting) / capacity a peer may have
+    decision_header: bool = False        # answer with DECISION_HEADER (benchmarks): off,
+                                         # since it tells a client where other prompts'
+                                         # blocks are cached
     lookup_timeout: float = 0.05         # s: the budget of a lookup
     max_lookups: int = 32                # lookups in flight at once; more serve locally
     cache_ttl: float = 0.25              # s an index answer is reused for the same prompt

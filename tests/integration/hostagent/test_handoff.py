@@ -154,7 +154,7 @@ class Rig:
             "handoff": {"secret": SECRET, "port": self.handoff_port,
                         "lookup_timeout": 1.0, "min_gain_ms": 5.0,
                         "max_peer_load": 1.0, "cache_ttl": 0.0,
-                        "home_weight": 1.0, **handoff}}}))
+                        "home_weight": 1.0, "decision_header": True, **handoff}}}))
         self.started.append(subprocess.Popen(
             [sys.executable, "-m", "tokenfabric.cli", "agent", "run", "--config",
              str(self.tmp / f"{name}.yaml")], env=env_without_config(),

@@ -306,7 +306,8 @@ def test_a_bridge_with_vllms_tokenizer_hands_off_to_the_peer_the_index_names(vll
 
     url, _, kv = vllm_server
     rig = Rig(tmp_path)
-    vllm_tokenizer = {"tokenizer": "vllm", "block_size": 128}  # CPU vLLM's block size
+    vllm_tokenizer = {"tokenizer": "vllm", "block_size": 128,  # CPU vLLM's block size
+                      "decision_header": False}  # the default: no cache facts to clients
     try:
         rig.start_controller()
         rig.start_agent(2, url, (kv["endpoint"], kv["replay_endpoint"]), **vllm_tokenizer)
@@ -343,6 +344,8 @@ def test_a_bridge_with_vllms_tokenizer_hands_off_to_the_peer_the_index_names(vll
         assert reply.status_code == 200
         assert reply.headers["x-tokenfabric-backend"] == "gpu2"
         assert reply.headers["x-tokenfabric-handoff-from"] == "gpu1"
+        # where other prompts' blocks are cached is not the client's business by default
+        assert "x-tokenfabric-handoff-decision" not in reply.headers
         # the whole answer came back through gpu1: every token (vLLM merges a chunk whose
         # bytes do not decode yet into the next), the usage, [DONE] (completion checks it)
         [usage] = [e["usage"] for e in events if e.get("usage")]
