@@ -190,7 +190,8 @@ def run_bridges(plain_port: int, affinity_port: int, upstream_port: int, control
                                 prefill_ms_per_token=EMULATOR_PREFILL_MS_PER_TOKEN),
                 "b1", session, controller, AGENT_TOKEN, f"http://127.0.0.1:{upstream_port}",
                 lambda: LocalLoad(0, 0, EMULATOR_MAX_NUM_SEQS))
-            reporter = AffinityReporter("b1", handoff.metrics)
+            reporter = AffinityReporter("b1", handoff.metrics,
+                                        shared_clients=handoff.shared_clients)
             plain = Bridge(settings, tenants)
             affinity = Bridge(settings, tenants, handoff=handoff, on_affinity=reporter.note)
             affinity.on_shared = reporter.shared

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 from tokenfabric.hostagent.controller_api import ControllerClient, ControllerError, Replicated
-from tokenfabric.hostagent.handoff import HandoffMetrics
+from tokenfabric.hostagent.handoff import HandoffMetrics, SharedClients
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,14 @@ class AffinityReporter:
 
     def __init__(self, backend: str, metrics: HandoffMetrics, window_s: float = 30.0,
                  max_pending: int = 1024,
-                 clock: Callable[[], float] = time.monotonic, shared_s: float = 300.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, shared_s: float = 300.0,
+                 shared_clients: SharedClients | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
         self.window_s = window_s
-        self.shared_s = shared_s
-        # shared addresses -> until when they are not reported; withdrawals to send
-        self.shared_until: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # shared addresses, not reported while they are (the agent's handoff's memory,
+        # which weighs their requests); withdrawals to send
+        self.shared_clients = shared_clients or SharedClients(shared_s, clock)
         self.withdrawals: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.max_pending = max_pending
         self.clock = clock
@@ -88,14 +89,10 @@ class AffinityReporter:
         address = self._address(client)
         if address is None:
             return
-        now = self.clock()
-        known = self.shared_until.get(address)
-        self.shared_until[address] = now + self.shared_s
-        self.shared_until.move_to_end(address)
-        while len(self.shared_until) > MAX_REMEMBERED:
-            self.shared_until.popitem(last=False)
+        known = self.shared_clients.holds(address)
+        self.shared_clients.mark(address)
         self.pending.pop(address, None)
-        if (known is None or known <= now) and len(self.withdrawals) < self.max_pending:
+        if not known and len(self.withdrawals) < self.max_pending:
             self.withdrawals[address] = None
             self.wake.set()
 
@@ -106,7 +103,7 @@ class AffinityReporter:
             return
         client = address
         now = self.clock()
-        if self.shared_until.get(client, 0.0) > now:
+        if self.shared_clients.holds(client, now):
             self._count("shared")
             return
         services = self.services

@@ -160,7 +160,7 @@ class Agent:
                 self.affinity = AffinityReporter(
                     cfg.name, self.handoff.metrics, self.handoff.settings.affinity_window_s,
                     self.handoff.settings.affinity_queue,
-                    shared_s=self.handoff.settings.shared_client_s)
+                    shared_clients=self.handoff.shared_clients)
                 self.bridge.on_affinity = self.affinity.note
                 if self.handoff.settings.shared_client_s > 0:
                     self.bridge.on_shared = self.affinity.shared

@@ -598,13 +598,14 @@ class Bridge:
         client = exchange.client
         self.client_requests[client] += 1
         if self.client_requests[client] == self.handoff.settings.shared_in_flight:
-            # its requests weigh the cache as a shared address's (handoff.decide)
-            self.handoff.note_shared(client)
+            # the reporter first: it withdraws the entry of a newly shared address
             if self.on_shared is not None:
                 try:
                     self.on_shared(client)
                 except Exception:  # a report must never break the relay
                     log.exception("shared-client callback failed")
+            # its requests weigh the cache as a shared address's (handoff.decide)
+            self.handoff.note_shared(client)
         return client
 
     def _untrack(self, client: str) -> None:

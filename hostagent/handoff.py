@@ -72,7 +72,7 @@ DECISION_HEADER = "X-Tokenfabric-Handoff-Decision"
 MAX_CLOCK_SKEW_S = 30.0      # a signed handoff older (or newer) than this is refused
 MAX_KEYS = 8192              # the index's lookup bound (controller/prefix_index.py)
 RELAY_SMOOTHING = 0.2
-MAX_SHARED = 4096            # shared client addresses remembered per bridge
+MAX_SHARED = 65536           # shared client addresses remembered per agent
 # decisions after which a prompt of at least min_blocks blocks is served here, so that its
 # blocks are cached here afterwards (report_local: the client's affinity follows)
 LOCAL_AFTER_LOOKUP = ("no_match", "short_prefix", "no_gain", "peer_busy", "lookup_failed",
@@ -82,6 +82,30 @@ LOOKUP_FAILURES = ("timeout", "status", "connection", "bad_answer")  # why a loo
 DECISIONS = ("handoff", "handoff_home", "no_match", "local_longest", "short_prefix",
              "peer_busy", "no_gain", "short_prompt", "lookup_failed", "lookup_busy",
              "relay_failed", "not_tokenized")
+
+
+class SharedClients:
+    """Shared client addresses (an app server, a NAT: the bridge saw `shared_in_flight`
+    of one address's requests in flight at once) and until when they count as shared.
+    One per agent: its handoff weighs their requests with `shared_cache_weight`, its
+    affinity reporter neither reports them nor keeps their entries."""
+
+    def __init__(self, hold_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.hold_s, self.clock = hold_s, clock
+        self._until: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def holds(self, client: str, now: float | None = None) -> bool:
+        until = self._until.get(client)
+        return until is not None and (self.clock() if now is None else now) < until
+
+    def mark(self, client: str, now: float | None = None) -> None:
+        """`client` is shared for `hold_s` from now (0: never)."""
+        if self.hold_s <= 0 or not client:
+            return
+        self._until[client] = (self.clock() if now is None else now) + self.hold_s
+        self._until.move_to_end(client)
+        while len(self._until) > MAX_SHARED:
+            self._until.popitem(last=False)
 
 
 @dataclass
@@ -507,24 +531,15 @@ class Handoff:
         # prefix's last block -> (when, the home by rendezvous among its holders)
         self._homes: collections.OrderedDict[int, tuple[float, str]] = \
             collections.OrderedDict()
-        # shared client addresses (the bridge saw `shared_in_flight` of a client's
-        # requests in flight at once) -> until when their requests count as shared
-        self._shared: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.shared_clients = SharedClients(self.settings.shared_client_s)
 
     def note_shared(self, client: str, now: float | None = None) -> None:
         """`client` is a shared address: its requests are weighed with
         `shared_cache_weight` for `shared_client_s` (0: never)."""
-        if self.settings.shared_client_s <= 0 or not client:
-            return
-        now = time.monotonic() if now is None else now
-        self._shared[client] = now + self.settings.shared_client_s
-        self._shared.move_to_end(client)
-        while len(self._shared) > MAX_SHARED:
-            self._shared.popitem(last=False)
+        self.shared_clients.mark(client, now)
 
     def is_shared(self, client: str, now: float | None = None) -> bool:
-        until = self._shared.get(client)
-        return until is not None and (time.monotonic() if now is None else now) < until
+        return self.shared_clients.holds(client, now)
 
     def wants(self, tenant: Tenant, body: dict | None) -> bool:
         return tenant.prefix_affinity and body is not None
