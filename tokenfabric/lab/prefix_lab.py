@@ -178,37 +178,47 @@ def client_workloads(exp: Experiment, plan: LabPlan, load: float, seed: int = 1
             for host, rows in shares.items() if rows}
 
 
-def read_switch_affinity(plan: LabPlan, timeout: float = 10.0
-                         ) -> dict[str, list[dict[str, Any]]]:
-    """Each BMv2 switch's `affinity` table as the switch holds it, read over P4Runtime
-    (a wildcard Read needs no mastership, so the controller stays primary): switch ->
-    [{client, backend_id}]. The check that the entries sit on the clients' edge."""
+def _read_switches(plan: LabPlan, entities: list[Any], timeout: float) -> dict[str, list[Any]]:
+    """One P4Runtime Read of `entities` from each BMv2 switch of the plan (a Read needs
+    no mastership, so the controller stays primary): switch -> the entities it answered."""
     import grpc
     from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-    from tokenfabric.p4names import IDS
-
-    out: dict[str, list[dict[str, Any]]] = {}
+    out: dict[str, list[Any]] = {}
     for sw in plan.switches.values():
         if sw.driver != "p4runtime" or not sw.grpc_port:
             continue
-        entity = p4runtime_pb2.Entity()
-        entity.table_entry.table_id = IDS["affinity"]
-        request = p4runtime_pb2.ReadRequest(device_id=sw.device_id, entities=[entity])
-        rows: list[dict[str, Any]] = []
+        request = p4runtime_pb2.ReadRequest(device_id=sw.device_id, entities=entities)
         with grpc.insecure_channel(f"127.0.0.1:{sw.grpc_port}") as channel:
             stub = p4runtime_pb2_grpc.P4RuntimeStub(channel)
-            for response in stub.Read(request, timeout=timeout):
-                for found in response.entities:
-                    entry = found.table_entry
-                    # key: service_id (field 1), client (field 2); steer_affinity's
-                    # backend_id is its first parameter
-                    client = next(m.exact.value for m in entry.match if m.field_id == 2)
-                    params = {p.param_id: p.value for p in entry.action.action.params}
-                    rows.append({"client": str(ipaddress.IPv4Address(
-                        int.from_bytes(client, "big"))),
-                        "backend_id": int.from_bytes(params.get(1, b"\0"), "big")})
-        out[sw.name] = rows
+            out[sw.name] = [found for response in stub.Read(request, timeout=timeout)
+                            for found in response.entities]
+    return out
+
+
+def read_switch_affinity(plan: LabPlan, timeout: float = 10.0
+                         ) -> dict[str, list[dict[str, Any]]]:
+    """Each BMv2 switch's `affinity` table as the switch holds it (a wildcard Read):
+    switch -> [{client, backend_id}]. The check that the entries sit on the clients'
+    edge."""
+    from p4.v1 import p4runtime_pb2
+
+    from tokenfabric.p4names import IDS
+
+    entity = p4runtime_pb2.Entity()
+    entity.table_entry.table_id = IDS["affinity"]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, found in _read_switches(plan, [entity], timeout).items():
+        rows: list[dict[str, Any]] = []
+        for f in found:
+            entry = f.table_entry
+            # key: service_id (field 1), client (field 2); steer_affinity's backend_id is
+            # its first parameter
+            client = next(m.exact.value for m in entry.match if m.field_id == 2)
+            params = {p.param_id: p.value for p in entry.action.action.params}
+            rows.append({"client": str(ipaddress.IPv4Address(int.from_bytes(client, "big"))),
+                         "backend_id": int.from_bytes(params.get(1, b"\0"), "big")})
+        out[name] = rows
     return out
 
 
@@ -218,31 +228,23 @@ def read_switch_steering(plan: LabPlan, timeout: float = 10.0) -> dict[str, dict
     switch -> {"steered": new connections the entry sent to its backend, "over_bound":
     those whose backend was over the load bound, so P2C chose}. Cumulative packets
     (one per new connection's SYN); the runner takes the difference over a run."""
-    import grpc
-    from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
+    from p4.v1 import p4runtime_pb2
 
     from tokenfabric.p4names import IDS, Event
 
     cells = {int(Event.AFFINITY): "steered", int(Event.AFFINITY_OVER_BOUND): "over_bound"}
+    entities = []
+    for index in cells:
+        entity = p4runtime_pb2.Entity()
+        entity.counter_entry.counter_id = IDS["events"]
+        entity.counter_entry.index.index = index
+        entities.append(entity)
     out: dict[str, dict[str, int]] = {}
-    for sw in plan.switches.values():
-        if sw.driver != "p4runtime" or not sw.grpc_port:
-            continue
-        entities = []
-        for index in cells:
-            entity = p4runtime_pb2.Entity()
-            entity.counter_entry.counter_id = IDS["events"]
-            entity.counter_entry.index.index = index
-            entities.append(entity)
-        request = p4runtime_pb2.ReadRequest(device_id=sw.device_id, entities=entities)
+    for name, found in _read_switches(plan, entities, timeout).items():
         counts = dict.fromkeys(cells.values(), 0)
-        with grpc.insecure_channel(f"127.0.0.1:{sw.grpc_port}") as channel:
-            stub = p4runtime_pb2_grpc.P4RuntimeStub(channel)
-            for response in stub.Read(request, timeout=timeout):
-                for found in response.entities:
-                    entry = found.counter_entry
-                    counts[cells[entry.index.index]] = entry.data.packet_count
-        out[sw.name] = counts
+        for f in found:
+            counts[cells[f.counter_entry.index.index]] = f.counter_entry.data.packet_count
+        out[name] = counts
     return out
 
 
