@@ -21,7 +21,8 @@ Per request of a tenant that opted in (policy `prefix_affinity`):
    against its capacity, in units of a typical request's time here; relay cost = the
    measured moving average of the lookup-to-peer-head time; each extra block also
    counts `cache_weight` prefills more (`shared_cache_weight` for a shared address, an
-   app server's: only a handoff brings its turns to their prefixes; see `decide`);
+   app server's: only a handoff brings its turns to their prefixes; see `decide`),
+   scaled by this cache's eviction pressure with `cache_weight_by_eviction`;
 4. the relay: the request goes to the peer agent's handoff listener (its fabric address,
    `handoff_port`), signed (`X-Tokenfabric-Handoff`: origin, tenant id, the client's
    address, time, HMAC-SHA256 over them and the body's SHA-256 with the fabric's handoff
