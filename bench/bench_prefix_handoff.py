@@ -29,7 +29,9 @@ goodput, handoff share and added latency, per tenant, the handoff decisions, the
 steering, the load average; each L7 baseline's evidence (vllm-router cache_aware: its
 cache decisions and /render calls, no render_unavailable); per tenant, the hits that
 could have been (no eviction) and the lost ones by cause -- evicted, or served away and
-why (the bridge's X-Tokenfabric-Handoff-Decision; tokenfabric/lab/prefix_misses.py).
+why (the bridge's X-Tokenfabric-Handoff-Decision; tokenfabric/lab/prefix_misses.py);
+the TTFT tail (the requests at or above the 98th percentile) by path, generating backend
+and the requests in flight there when they arrived (tokenfabric/lab/prefix_tail.py).
 
 Targets (printed as ratios, PASS/FAIL):
 - hit rate of prefix modes >= the best L7 cache-aware router's;
@@ -77,7 +79,7 @@ import numpy as np  # noqa: E402
 
 from tokenfabric import beacon, yamlio  # noqa: E402
 from tokenfabric.hostagent.handoff import DECISION_HEADER  # noqa: E402
-from tokenfabric.lab import prefix, prefix_misses  # noqa: E402
+from tokenfabric.lab import prefix, prefix_misses, prefix_tail  # noqa: E402
 from tokenfabric.lab.experiments import (  # noqa: E402
     EMULATOR_DECODE_BASE_MS,
     EMULATOR_MAX_NUM_SEQS,
@@ -102,6 +104,7 @@ SECRET = "bench-handoff-secret-0123456789"
 CONN_COST = 1000 // EMULATOR_MAX_NUM_SEQS
 # variant settings for the emulated switch, not the agents (EmulatedSwitch)
 SWITCH_KEYS = ("affinity_bound", "affinity_slack")
+TAIL_QUANTILE = 0.98  # the TTFT tail whose paths each mode prints (prefix_tail)
 FABRIC = """
 switches:
   s1: {address: "127.0.0.1:1", device_id: 1, ports: [1, 2, 3, 4, 5, 6]}
@@ -531,6 +534,8 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     figures["hit_interval"] = hit_interval(records)
     figures["p99_interval"] = p99_interval(figures["ttft_s"])
     figures["turn_paths"] = miss_breakdown(records)
+    # the slowest ~10 of the chat's 521: the p99 is made of them
+    figures["tail"] = prefix_tail.tail_paths(records, TAIL_QUANTILE)
     figures["misses"] = prefix_misses.miss_causes(
         records, prefix_misses.request_keys(planned, endpoint))
     return figures
@@ -678,6 +683,7 @@ def report_group(label: str, results: dict[str, dict[str, Any]], verbose: bool =
                 f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
         if f.get("misses"):
             lines += prefix_misses.describe(f["misses"])
+        lines += prefix_tail.describe(f.get("tail"))
         if verbose and f.get("turn_paths"):
             lines.append("      turns by path (requests, hit, points of the tenant's hit rate "
                          "lost):")

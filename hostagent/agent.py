@@ -219,6 +219,8 @@ class Agent:
                        block_size=lambda: self.kv_subscriber.stats.block_size
                        if self.kv_subscriber is not None else None,
                        local_keys=lambda: self.kv_blocks.current
+                       if self.kv_subscriber is not None else None,
+                       eviction_pressure=lambda: self.kv_blocks.eviction_pressure()
                        if self.kv_subscriber is not None else None)
 
     def local_load(self) -> LocalLoad:

@@ -21,7 +21,8 @@ Per request of a tenant that opted in (policy `prefix_affinity`):
    against its capacity, in units of a typical request's time here; relay cost = the
    measured moving average of the lookup-to-peer-head time; each extra block also
    counts `cache_weight` prefills more (`shared_cache_weight` for a shared address, an
-   app server's: only a handoff brings its turns to their prefixes; see `decide`);
+   app server's: only a handoff brings its turns to their prefixes; see `decide`),
+   scaled by this cache's eviction pressure with `cache_weight_by_eviction`;
 4. the relay: the request goes to the peer agent's handoff listener (its fabric address,
    `handoff_port`), signed (`X-Tokenfabric-Handoff`: origin, tenant id, the client's
    address, time, HMAC-SHA256 over them and the body's SHA-256 with the fabric's handoff
@@ -130,6 +131,9 @@ class HandoffSettings:
     shared_cache_weight: float = 64.0    # the same for a shared address's requests (an
                                          # app server's: only a handoff brings them to
                                          # their prefix; see `decide`)
+    cache_weight_by_eviction: bool = False  # scale both weights by this cache's eviction
+                                         # pressure (evicted per stored block, lately):
+                                         # a copy here evicts nothing while it has room
     max_peer_load: float = 4.0           # (running + waiting) / capacity a peer may have
     decision_header: bool = False        # answer with DECISION_HEADER (benchmarks): off,
                                          # since it tells a client where other prompts'
@@ -347,7 +351,8 @@ def home_of(keys: list[int], depth: int, holders: dict[str, int]) -> str | None:
 def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
            local: LocalLoad, relay_ms: float, pending: dict[str, int],
            block_size: int, prompt_blocks: int = 0,
-           keys: list[int] | None = None, shared: bool = False) -> Decision:
+           keys: list[int] | None = None, shared: bool = False,
+           pressure: float | None = None) -> Decision:
     """Where the request should run: here, or a peer (see the module docstring).
 
     The prefix's home (with `keys` and home_weight > 0): when several backends hold
@@ -370,7 +375,10 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
     with one more request queued even for 10-20 blocks. A shared address (an app server,
     a NAT) gets the larger weight: the switch cannot steer its conversations (one
     address, many prefixes), so a handoff is the only way any of its turns reaches its
-    prefix, while a per-device client's next turn comes back by the switch's affinity."""
+    prefix, while a per-device client's next turn comes back by the switch's affinity.
+    With `cache_weight_by_eviction`, the weight is scaled by `pressure` (this cache's
+    evicted blocks per stored block, lately; None: unknown, counted full): the eviction
+    the weight prices happens only in a full cache."""
     local_blocks = 0
     peers: list[Peer] = []
     for m in matches:
@@ -392,6 +400,8 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
         queue_wait_s(local.running, local.waiting, local.capacity, local.service_s)
     per_block = block_size * settings.prefill_ms_per_token
     cache_weight = settings.shared_cache_weight if shared else settings.cache_weight
+    if settings.cache_weight_by_eviction:
+        cache_weight *= 1.0 if pressure is None else min(1.0, max(0.0, pressure))
 
     def gain_of(peer: Peer, bonus_blocks: int) -> float:
         extra = max(0, peer.cached_blocks - local_blocks)
@@ -516,6 +526,9 @@ class Handoff:
     # this backend's own block keys (its KV events), when the agent follows them: a prompt
     # held here nearly whole needs no lookup, no peer can hold markedly more
     local_keys: Callable[[], Container[int] | None] = lambda: None
+    # this cache's eviction pressure (KvBlockSet.eviction_pressure), when the agent
+    # follows its KV events; None: unknown
+    eviction_pressure: Callable[[], float | None] = lambda: None
     metrics: HandoffMetrics = field(init=False)
     pending: dict[str, int] = field(default_factory=dict)  # handoffs in flight per peer
     relay_ms: float = field(init=False)
@@ -614,7 +627,8 @@ class Handoff:
                 time.monotonic() - started)
         decision = decide(self.settings, self.backend, matches, self.local_load(),
                           self.relay_ms, self.pending, self._hasher().block_size,
-                          len(keys), keys, shared=shared)
+                          len(keys), keys, shared=shared,
+                          pressure=self.eviction_pressure())
         self._learn_homes(keys, matches, max(held, decision.local_blocks), started)
         decision.lookup_ms = (time.monotonic() - started) * 1000
         return decision

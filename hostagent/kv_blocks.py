@@ -18,8 +18,13 @@ apply evictions or answer the longest-prefix lookup exactly.
 from __future__ import annotations
 
 import collections
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+# s after which a stored or removed block counts half in the eviction pressure
+PRESSURE_HALF_LIFE_S = 10.0
 
 
 @dataclass
@@ -30,8 +35,15 @@ class PendingReport:
 
 
 class KvBlockSet:
-    def __init__(self, max_blocks: int = 32_768) -> None:
+    def __init__(self, max_blocks: int = 32_768,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_blocks = max_blocks
+        self.clock = clock
+        # recently stored (new) and removed (evicted) blocks, decaying with
+        # PRESSURE_HALF_LIFE_S: their ratio is the cache's eviction pressure
+        self.stored_recent = 0.0
+        self.removed_recent = 0.0
+        self._decayed_at = clock()
         self.current: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.checksum = 0
         self.acked: set[int] = set()
@@ -48,12 +60,30 @@ class KvBlockSet:
         return len(self.current)
 
     # -- from the subscriber -----------------------------------------------------------
+    def _decay(self) -> None:
+        now = self.clock()
+        factor = 0.5 ** (max(0.0, now - self._decayed_at) / PRESSURE_HALF_LIFE_S)
+        self.stored_recent *= factor
+        self.removed_recent *= factor
+        self._decayed_at = now
+
+    def eviction_pressure(self) -> float:
+        """Blocks evicted per new block stored, lately (0..1): about 1 when the cache is
+        full (each new block pushes an old one out), 0 while it has room -- then a copy
+        of a prompt here costs its prefill and evicts nothing."""
+        self._decay()
+        if self.stored_recent <= 0.0:
+            return 1.0 if self.removed_recent > 0.0 else 0.0
+        return min(1.0, self.removed_recent / self.stored_recent)
+
     def on_stored(self, keys: list[int]) -> None:
         current = self.current
+        self._decay()
         for key in keys:
             if key in current:
                 current.move_to_end(key)
                 continue
+            self.stored_recent += 1.0
             current[key] = None
             self.checksum ^= key
             self.dirty.add(key)
@@ -64,8 +94,10 @@ class KvBlockSet:
             self.capped += 1
 
     def on_removed(self, keys: list[int]) -> None:
+        self._decay()
         for key in keys:
             if key in self.current:
+                self.removed_recent += 1.0
                 del self.current[key]
                 self.checksum ^= key
                 self.dirty.add(key)

@@ -149,6 +149,8 @@ async def test_the_emulator_publishes_vllms_events_for_its_prompts(emulator_fact
                     break
                 await asyncio.sleep(0.05)
             assert sub.stats.batches, "no KV event batch arrived"
+            # nothing evicted yet: no eviction pressure (the handoff's weights, by eviction)
+            assert blocks.eviction_pressure() == 0.0
             prompts = [" ".join(f"{tag}{i}" for i in range(150)) for tag in "abcd"]
             keys = []
             for prompt in prompts:
@@ -164,6 +166,8 @@ async def test_the_emulator_publishes_vllms_events_for_its_prompts(emulator_fact
             left = [k in blocks.current for k in keys[0]]
             assert not left[-1] and left == sorted(left, reverse=True)
             assert len(blocks) <= 32 and sub.stats.resyncs == 0
+            # 36 new blocks into 32: the BlockRemoved events show as pressure
+            assert 0.0 < blocks.eviction_pressure() < 1.0
             # the same prompt again hits the cache: vLLM's counters say so
             await client.post("/v1/completions", json={"model": "tiny", "prompt": prompts[3],
                                                        "max_tokens": 2})

@@ -216,6 +216,31 @@ def test_cache_weights_are_checked():
                     "shared_cache_weight": 8.0})["shared_cache_weight"] == 8.0
 
 
+def test_with_cache_weight_by_eviction_the_weight_follows_this_caches_eviction_pressure():
+    """The shared weight prices the blocks a copy here would evict. In a cache with room
+    (pressure 0) a copy evicts nothing: the greedy figure decides, and the holder's queue
+    (175 ms) beats 14.4 ms of prefill. In a full one (pressure 1), or with the pressure
+    unknown (no KV events), the weight is whole: handed off as before. Off by default."""
+    on = HandoffSettings(secret=b"x" * 16, cache_weight_by_eviction=True)
+    assert HandoffSettings(secret=b"x" * 16).cache_weight_by_eviction is False
+    here = LocalLoad(1, 0, 4, 0.0, 0.7)
+    holder = [_holder("a", 30), _holder("b", 39, running=4)]
+    roomy = decide(on, "a", holder, here, 3.0, {}, 16, 42, shared=True, pressure=0.0)
+    assert roomy.decision == "no_gain" and roomy.gain_ms == pytest.approx(-163.6)
+    for pressure in (1.0, None, 3.0):  # above 1 counts as full
+        full = decide(on, "a", holder, here, 3.0, {}, 16, 42, shared=True, pressure=pressure)
+        assert full.decision == "handoff" and full.gain_ms == pytest.approx(758.0)
+    # half full of evictions: 32 prefills a block, 9 x 33 x 1.6 ms - 175 ms - 3 ms + stall
+    half = decide(on, "a", holder, here, 3.0, {}, 16, 42, shared=True, pressure=0.5)
+    assert half.decision == "handoff" and half.gain_ms == pytest.approx(758.0 - 9 * 32 * 1.6)
+    # off: the pressure is not looked at
+    off = HandoffSettings(secret=b"x" * 16)
+    assert decide(off, "a", holder, here, 3.0, {}, 16, 42, shared=True,
+                  pressure=0.0).gain_ms == pytest.approx(758.0)
+    assert handoff({"secret": SECRET, "cache_weight_by_eviction": True})[
+        "cache_weight_by_eviction"] is True
+
+
 async def test_a_bridge_remembers_a_shared_address_for_shared_client_s():
     import aiohttp
 
