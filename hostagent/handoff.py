@@ -154,6 +154,11 @@ class HandoffSettings:
                                          # reported (0: off)
     shared_in_flight: int = 3            # 3, not 2: an open-loop replay (the lab's chat)
                                          # overlaps a conversation's turns now and then
+    claim: bool = True                   # claim a prompt's blocks in the index once this
+                                         # backend is chosen to serve it (served here, or
+                                         # handed here): hostagent/prefix_claims.py
+    claim_ttl_s: float = 5.0             # s a claim lasts unless a KV report confirms it
+    claim_queue: int = 256               # prompts waiting to be claimed; more dropped
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZERS:
@@ -164,6 +169,8 @@ class HandoffSettings:
             raise ValueError("handoff cache_weight and shared_cache_weight must be >= 0")
         if self.affinity_window_s < 0 or self.affinity_queue < 1:
             raise ValueError("handoff affinity_window_s must be >= 0, affinity_queue >= 1")
+        if not 0 < self.claim_ttl_s <= 60 or self.claim_queue < 1:
+            raise ValueError("handoff claim_ttl_s must be in (0, 60], claim_queue >= 1")
         if len(self.secret) < 16:
             raise ValueError("the handoff secret must be at least 16 bytes")
 
@@ -190,6 +197,7 @@ class Decision:
     prompt_blocks: int = 0
     longest: tuple[str, int] | None = None  # the longest trusted peer holder, as looked up
     shared: bool = False             # weighed as a shared address's request
+    keys: list[int] | None = None    # the prompt's block keys, when worked out (its claim)
 
     def describe(self) -> str:
         """The DECISION_HEADER value: what was decided and what it was decided on."""
@@ -246,6 +254,13 @@ class HandoffMetrics:
             "opted in, no edge, ...), failed (controller unreachable or 5xx), shared (a "
             "shared address: not reported), withdrawn (this backend's entry of a shared "
             "address deleted).",
+            ["backend", "outcome"], registry=self.registry)
+        self.claims = Counter(
+            "tokenfabric_prefix_claims",
+            "Prompts whose blocks this agent claimed in the prefix index for its backend "
+            "(served here, or handed here), by outcome: sent, dropped (queue full), refused "
+            "(4xx), failed (controller unreachable or 5xx), not_tokenized (a handed request "
+            "whose block keys could not be worked out).",
             ["backend", "outcome"], registry=self.registry)
         self.lookup_failures = Counter(
             "tokenfabric_prefix_lookup_failures",
@@ -583,14 +598,15 @@ class Handoff:
         budget)."""
         started = time.monotonic()
         shared = self.is_shared(client, started)
-        decision = await self._choose(body, shared, started)
+        keys = await self.keys(body)
+        decision = Decision("not_tokenized") if keys is None else \
+            await self._choose(keys, shared, started)
         decision.shared = shared
+        if keys is not None and len(keys) >= self.settings.min_blocks:
+            decision.keys = keys  # claimed where it is served (hostagent/prefix_claims.py)
         return self._done(decision)
 
-    async def _choose(self, body: dict[str, Any], shared: bool, started: float) -> Decision:
-        keys = await self.keys(body)
-        if keys is None:
-            return Decision("not_tokenized")
+    async def _choose(self, keys: list[int], shared: bool, started: float) -> Decision:
         if len(keys) < self.settings.min_blocks:
             return Decision("short_prompt", prompt_blocks=len(keys))
         held = self._held_here(keys)

@@ -1,6 +1,8 @@
 """REST routes of the prefix index (controller/prefix_index.py).
 
 POST /api/v1/backends/{name}/kv     an agent's KV block delta or snapshot (role agent)
+POST /api/v1/backends/{name}/claim  {"block_hashes": [...], "ttl_s"}: blocks the backend
+                                    will hold once its queued request runs (role agent)
 GET  /api/v1/prefix-index           per-backend summary, memory bound (role viewer)
 POST /api/v1/prefix-index/lookup    {"block_hashes": [...]}: the longest cached prefix
                                     per backend (role viewer)
@@ -16,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenfabric.controller.api.errors import Conflict, NotFound
 from tokenfabric.controller.prefix_index import (
     KEY,
+    MAX_CLAIM_KEYS,
+    MAX_CLAIM_TTL_S,
     MAX_LOOKUP_BLOCKS,
     KvReport,
     PrefixIndexError,
@@ -29,6 +33,16 @@ class LookupBody(BaseModel):
     block_hashes: list[KEY] = Field(max_length=MAX_LOOKUP_BLOCKS, description=(
         "a prompt's block keys in order (tokenfabric.blockhash.key64 of vLLM's chained "
         "block hashes)"))
+
+
+class ClaimBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    block_hashes: list[KEY] = Field(min_length=1, max_length=MAX_CLAIM_KEYS, description=(
+        "block keys of the prompts this backend was chosen to serve (any order; several "
+        "prompts may share one call)"))
+    ttl_s: float | None = Field(default=None, gt=0, le=MAX_CLAIM_TTL_S, description=(
+        "how long the claim lasts unless a KV report confirms it (default: the index's "
+        "claim_ttl_s)"))
 
 
 def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict,
@@ -46,6 +60,18 @@ def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict
         ctl.authorize(who, "report the KV blocks of", name, ctl.model.backends[name].host)
         try:
             return index.apply(name, body)
+        except PrefixIndexError as exc:
+            raise Conflict(str(exc)) from None
+
+    @r.post("/backends/{name}/claim", responses=mutation_errors)
+    async def claim(name: Annotated[str, Path(max_length=64)], body: ClaimBody,
+                    who: agent) -> dict[str, Any]:
+        if name not in ctl.model.backends:
+            raise NotFound(f"no backend '{name}'")
+        # like /kv: an agent claims only for its own backends
+        ctl.authorize(who, "claim KV blocks for", name, ctl.model.backends[name].host)
+        try:
+            return index.claim(name, body.block_hashes, body.ttl_s)
         except PrefixIndexError as exc:
             raise Conflict(str(exc)) from None
 
