@@ -154,9 +154,10 @@ class HandoffSettings:
                                          # reported (0: off)
     shared_in_flight: int = 3            # 3, not 2: an open-loop replay (the lab's chat)
                                          # overlaps a conversation's turns now and then
-    claim: bool = True                   # claim a prompt's blocks in the index once this
+    claim: bool = False                  # claim a prompt's blocks in the index once this
                                          # backend is chosen to serve it (served here, or
-                                         # handed here): hostagent/prefix_claims.py
+                                         # handed here): hostagent/prefix_claims.py; off:
+                                         # the bench showed no clear win (prefix-cache.md)
     claim_ttl_s: float = 5.0             # s a claim lasts unless a KV report confirms it
     claim_queue: int = 256               # prompts waiting to be claimed; more dropped
 
