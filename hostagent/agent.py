@@ -172,7 +172,8 @@ class Agent:
                     settings = self.handoff.settings
                     self.claims = PrefixClaimer(
                         cfg.name, self.handoff.metrics, self.handoff.keys,
-                        settings.min_blocks, settings.claim_ttl_s, settings.claim_queue)
+                        settings.min_blocks, settings.claim_ttl_s, settings.claim_queue,
+                        known=lambda: self.kv_blocks.acked)
                     self.bridge.on_claim = self.claims.note
                     self.bridge.on_claim_body = self.claims.note_body
             if cfg.metrics_listen:

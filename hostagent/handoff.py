@@ -261,7 +261,8 @@ class HandoffMetrics:
             "Prompts whose blocks this agent claimed in the prefix index for its backend "
             "(served here, or handed here), by outcome: sent, dropped (queue full), refused "
             "(4xx), failed (controller unreachable or 5xx), not_tokenized (a handed request "
-            "whose block keys could not be worked out).",
+            "whose block keys could not be worked out), known (every key already in the "
+            "index as this backend's: no call).",
             ["backend", "outcome"], registry=self.registry)
         self.lookup_failures = Counter(
             "tokenfabric_prefix_lookup_failures",

@@ -12,6 +12,10 @@ handed here by a peer is claimed on receipt by this agent -- an agent speaks onl
 own backends. The index counts a trusted backend's claimed keys in its lookups until a
 report confirms them or the claim's TTL passes (controller/prefix_index.py).
 
+Only what the index does not have: keys the controller already acknowledged in this
+backend's KV reports (`known`) are left out, and a prompt held here whole (a
+`local_longest` without a lookup, typically) needs no call at all (counted `known`).
+
 Never on the request path: the bridge only calls `note()` (the keys it already has) or
 `note_body()` (a handed request: the keys are worked out here, in the sender task, which
 for `tokenizer: vllm` is a /tokenize call), which file the prompt in a bounded queue (a
@@ -24,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 from tokenfabric.hostagent.controller_api import ControllerClient, ControllerError, Replicated
@@ -40,8 +44,10 @@ class PrefixClaimer:
 
     def __init__(self, backend: str, metrics: HandoffMetrics,
                  keys_of: Callable[[dict[str, Any]], Awaitable[list[int] | None]],
-                 min_blocks: int, ttl_s: float, max_pending: int = 256) -> None:
+                 min_blocks: int, ttl_s: float, max_pending: int = 256,
+                 known: Callable[[], Container[int]] = frozenset) -> None:
         self.backend = backend
+        self.known = known              # keys the index acknowledged as this backend's
         self.metrics = metrics
         self.keys_of = keys_of          # a request body's block keys (the handoff's)
         self.min_blocks = min_blocks
@@ -58,8 +64,19 @@ class PrefixClaimer:
     def note(self, keys: list[int]) -> None:
         """This backend serves a prompt with these block keys: claim them soon (never
         blocks, never raises)."""
-        if len(keys) >= self.min_blocks:
-            self._queue(keys)
+        if len(keys) < self.min_blocks:
+            return
+        missing = self._missing(keys)
+        if missing:
+            self._queue(missing)
+
+    def _missing(self, keys: list[int]) -> list[int]:
+        """The keys the index does not have as this backend's blocks; none: counted."""
+        known = self.known()
+        missing = [k for k in keys if k not in known]
+        if not missing:
+            self._count("known")
+        return missing
 
     def note_body(self, body: dict[str, Any]) -> None:
         """A request handed here: claim its prompt's blocks soon (never blocks)."""
@@ -100,7 +117,8 @@ class PrefixClaimer:
                     self._count("not_tokenized")
                     self.pending.popleft()
                     continue
-                if len(found) < self.min_blocks:
+                found = self._missing(found) if len(found) >= self.min_blocks else []
+                if not found:
                     self.pending.popleft()
                     continue
                 self.pending[0] = item = found

@@ -81,3 +81,16 @@ def test_an_unreachable_controller_counts_the_prompts_failed():
 
     c = asyncio.run(scenario())
     assert counted(c, "failed") == 2 and counted(c, "sent") == 0 and not c.pending
+
+
+def test_keys_the_index_already_acknowledged_are_not_claimed_again():
+    acked = {1, 2, 3, 4}
+    c = PrefixClaimer("gpu1", HandoffMetrics("gpu1"), keys_of, min_blocks=4, ttl_s=5.0,
+                      known=lambda: acked)
+    c.note([1, 2, 3, 4])                      # held here whole, and reported: no call
+    assert not c.pending and counted(c, "known") == 1
+    c.note([1, 2, 3, 4, 5, 6])                # only the two the index lacks
+    c.note_body({"keys": [1, 2, 3, 4]})       # a handed prompt held here whole
+    c.note_body({"keys": [1, 2, 3, 4, 7]})
+    keys, prompts = asyncio.run(c._batch())
+    assert (keys, prompts) == ([5, 6, 7], 2) and counted(c, "known") == 2
