@@ -51,13 +51,17 @@ def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict
     r = APIRouter(tags=["prefix index"])
     index = ctl.prefix_index
 
+    def own(name: str, who: Any, action: str) -> None:
+        """404 for an unknown backend; 403 (audited) unless `who` speaks for it: an agent
+        speaks only for its own backends (the tokens file's binding)."""
+        if name not in ctl.model.backends:
+            raise NotFound(f"no backend '{name}'")
+        ctl.authorize(who, action, name, ctl.model.backends[name].host)
+
     @r.post("/backends/{name}/kv", responses=mutation_errors)
     async def kv_report(name: Annotated[str, Path(max_length=64)], body: KvReport,
                         who: agent) -> dict[str, Any]:
-        if name not in ctl.model.backends:
-            raise NotFound(f"no backend '{name}'")
-        # an agent speaks only for its own backends (the tokens file's binding)
-        ctl.authorize(who, "report the KV blocks of", name, ctl.model.backends[name].host)
+        own(name, who, "report the KV blocks of")
         try:
             return index.apply(name, body)
         except PrefixIndexError as exc:
@@ -66,10 +70,7 @@ def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict
     @r.post("/backends/{name}/claim", responses=mutation_errors)
     async def claim(name: Annotated[str, Path(max_length=64)], body: ClaimBody,
                     who: agent) -> dict[str, Any]:
-        if name not in ctl.model.backends:
-            raise NotFound(f"no backend '{name}'")
-        # like /kv: an agent claims only for its own backends
-        ctl.authorize(who, "claim KV blocks for", name, ctl.model.backends[name].host)
+        own(name, who, "claim KV blocks for")
         try:
             return index.claim(name, body.block_hashes, body.ttl_s)
         except PrefixIndexError as exc:

@@ -12,7 +12,6 @@ request is served on gpu2, away from its prefix (the bench's `away:local_longest
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.integration.hostagent.conftest import free_port, start_emulator
 from tests.integration.hostagent.test_handoff import CAPACITY, Rig, wait_for, words
 
 
@@ -29,22 +27,13 @@ def claim_rig(tmp_path, claim: bool) -> Rig:
     """The controller, two emulators and agents; gpu1 claims (or not), gpu2 decides with
     the cache weighed (a queued holder of 100 blocks is worth its queue)."""
     rig = Rig(tmp_path)
-    rig.start_controller()
-    overrides: dict[int, dict[str, object]] = {
-        1: {"claim": claim, "home_weight": 0.0},
-        2: {"claim": claim, "home_weight": 0.0, "cache_weight": 64.0,
-            "max_peer_load": 4.0}}
-    for n in (1, 2):
-        endpoint, replay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
-        emulator = start_emulator(
-            "--speed", "1", "--model", "tiny", "--max-num-seqs", str(CAPACITY),
-            "--kv-cache-tokens", "20000", "--kv-events-config",
-            json.dumps({"enable_kv_cache_events": True, "endpoint": endpoint,
-                        "replay_endpoint": replay}))
-        rig.started.append(emulator.proc)
-        rig.emulators[f"gpu{n}"] = emulator
-        rig.start_agent(n, emulator.url, (endpoint, replay), **overrides[n])
-    rig.wait_ready("gpu1", "gpu2")
+    try:
+        rig.start({1: {"claim": claim, "home_weight": 0.0},
+                   2: {"claim": claim, "home_weight": 0.0, "cache_weight": 64.0,
+                       "max_peer_load": 4.0}})
+    except BaseException:
+        rig.stop()
+        raise
     return rig
 
 
