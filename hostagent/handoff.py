@@ -32,7 +32,10 @@ Per request of a tenant that opted in (policy `prefix_affinity`):
 5. the switch learns from it (hostagent/affinity_reports.py): a request served here
    because this backend holds its prefix (`local_longest`), or handed here by a peer,
    makes this backend's agent report "client -> this backend" to the controller, which
-   installs it on the client's edge switch.
+   installs it on the client's edge switch;
+6. with `claim` (off by default), the backend that serves the prompt -- here, or the peer
+   on receipt -- claims its blocks in the index at once (hostagent/prefix_claims.py), so
+   the next bridge's lookup sees the holder before its KV report does.
 
 Why the controller's index and not each agent subscribing to every peer's KV events: one
 subscription per backend (not N x N), the index's staleness rules and memory bound apply
