@@ -46,7 +46,8 @@ turn reach the backend that served its conversation's previous turn, and if not,
 the bound -- with the median excess of its score -- or the previous turn still ran).
 
     python bench/bench_prefix_handoff.py [--duration 40] [--kv-tokens 4096 16384]
-        [--modes ...] [--workloads chat chat-overlap trace free] [--out results/prefix-bench]
+        [--modes ...] [--workloads chat chat-overlap trace free] [--trace-kv 4096 16384]
+        [--out results/prefix-bench]
         [--affinity-bound 1.25] [--handoff KEY=VALUE ...]   (e.g. home_weight=0)
         [--variant NAME:K=V,...]  (agent handoff settings, or the emulated switch's
                                    affinity_bound / affinity_slack)  [--misses]
@@ -307,6 +308,13 @@ class Cluster:
                     out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
         return out
 
+    def claims(self) -> dict[str, float]:
+        """The index's claim counters so far, summed over the backends (a restarted agent's
+        backend starts at 0: take them after use_variant)."""
+        views = self.api.get("/api/v1/prefix-index").json()["backends"].values()
+        return {k: float(sum(v.get(k, 0) for v in views))
+                for k in ("claims", "claims_confirmed", "claims_dropped")}
+
     def reset_caches(self) -> None:
         """Every emulator's prefix cache emptied (vLLM's /reset_prefix_cache; 409 while
         requests still hold blocks), then time for the index to hear of it; the switch's
@@ -507,6 +515,7 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     cluster.reset_caches()
     before = cluster.metrics()
     decided = cluster.decisions()
+    claimed = cluster.claims()
     endpoint = "chat" if workload.startswith("chat") else "completions"
     started = time.time()
     records, steered = asyncio.run(run_mode(cluster, mode, planned, endpoint, duration,
@@ -528,6 +537,9 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
         log_text = cluster.router_logs[mode].read_text(errors="replace")
         figures["valid"], figures["evidence"] = prefix.baseline_evidence(
             mode, log_text, renders, len(records))
+    if base_mode(mode) in prefix.HANDOFF_MODES:
+        figures["claims"] = {k: v - claimed.get(k, 0.0) for k, v in cluster.claims().items()}
+    figures["queue"] = queue_times(before, after)
     figures["ttft_s"] = [r["ttft"] for r in records if r.get("ok") and r.get("ttft") is not None]
     figures["switch_affinity"] = steered
     figures["loadavg"] = os.getloadavg()
@@ -539,6 +551,31 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     figures["misses"] = prefix_misses.miss_causes(
         records, prefix_misses.request_keys(planned, endpoint))
     return figures
+
+
+QUEUE_BUCKET = "vllm:request_queue_time_seconds_bucket{"
+
+
+def queue_times(before: dict[str, str], after: dict[str, str]) -> dict[str, float] | None:
+    """The emulators' time in the waiting queue during a run (vLLM's
+    request_queue_time_seconds histogram, summed over backends): the requests, and the
+    share that waited at most 0.5, 1, 2 and 5 s -- how long a claim must last for the
+    requests it stands for to be admitted (the KV report follows within its interval)."""
+    def buckets(texts: dict[str, str]) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for text in texts.values():
+            for line in text.splitlines():
+                if line.startswith(QUEUE_BUCKET) and 'le="' in line:
+                    le = line.split('le="', 1)[1].split('"', 1)[0]
+                    bound = float("inf") if le == "+Inf" else float(le)
+                    out[bound] = out.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+    old, new = buckets(before), buckets(after)
+    count = new.get(float("inf"), 0.0) - old.get(float("inf"), 0.0)
+    if count <= 0:
+        return None
+    return {"requests": count, **{f"le_{b:g}": (new.get(b, 0.0) - old.get(b, 0.0)) / count
+                                  for b in (0.5, 1.0, 2.0, 5.0)}}
 
 
 def miss_breakdown(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -681,6 +718,16 @@ def report_group(label: str, results: dict[str, dict[str, Any]], verbose: bool =
         if f.get("decisions"):
             lines.append("      handoff decisions: " + ", ".join(
                 f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
+        if f.get("queue"):
+            q = f["queue"]
+            lines.append(f"      queue (emulators): {q['requests']:.0f} requests, waited "
+                         + ", ".join(f"<= {b} s {q[f'le_{b}'] * 100:.0f}%"
+                                     for b in ("0.5", "1", "2", "5")))
+        if f.get("claims"):
+            c = f["claims"]
+            lines.append(f"      claims: {c['claims']:.0f} keys claimed, "
+                         f"{c['claims_confirmed']:.0f} confirmed by a KV report, "
+                         f"{c['claims_dropped']:.0f} dropped by the bound")
         if f.get("misses"):
             lines += prefix_misses.describe(f["misses"])
         lines += prefix_tail.describe(f.get("tail"))
@@ -749,9 +796,9 @@ def main() -> int:
                         help="chat-overlap: the chat without the turn order (a "
                              "conversation's turns sent at their planned times even while "
                              "the previous one runs, as until session 6)")
-    parser.add_argument("--trace-kv", type=int, default=None,
-                        help="run the trace and prefix-free workloads at this KV size only "
-                             "(default: the first of --kv-tokens)")
+    parser.add_argument("--trace-kv", type=int, nargs="+", default=None,
+                        help="run the trace and prefix-free workloads at these KV sizes "
+                             "only (default: the first of --kv-tokens)")
     parser.add_argument("--lookup-timeout", type=float, default=0.05,
                         help="the agents' handoff.lookup_timeout (s)")
     parser.add_argument("--affinity-bound", type=float, default=1.25,
@@ -779,7 +826,7 @@ def main() -> int:
     plans = {"chat": chat, "chat-overlap": chat,
              "trace": prefix.trace_workload(args.duration, SPEEDS, args.load),
              "free": prefix.prefix_free_workload(args.duration, SPEEDS, args.load)}
-    trace_kv = args.trace_kv or args.kv_tokens[0]
+    trace_kv = args.trace_kv or [args.kv_tokens[0]]
     handoff: dict[str, Any] = {}
     for item in args.handoff:
         key, _, value = item.partition("=")
@@ -794,7 +841,7 @@ def main() -> int:
     lines: list[str] = []
     printed = 0
     for kv in args.kv_tokens:
-        wanted = [w for w in args.workloads if w.startswith("chat") or kv == trace_kv]
+        wanted = [w for w in args.workloads if w.startswith("chat") or kv in trace_kv]
         if not wanted:
             continue
         cluster = Cluster(out / f"kv{kv}", kv, args.modes, args.lookup_timeout,

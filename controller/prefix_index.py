@@ -22,17 +22,30 @@ for nothing in `best`. Each match also gives the age of the backend's last repor
 the oldest matched entry, so a caller can weigh evictions since then: an entry stored
 before the last report that did not remove it was still cached at that report.
 
+Claims (POST /api/v1/backends/{name}/claim): the bridge that decided where a prompt is
+served -- here, or handed to a peer, whose agent then claims on receipt -- enters the
+prompt's block keys as that backend's *pending* blocks, as an L7 cache-aware router
+inserts a prompt into its tree when it routes it. Without them a second request with the
+same prefix that lands on another bridge before the first one's blocks are reported
+(queued, or waiting for the next KV delta) finds no holder and is served away from it. A
+claimed key lives until that backend's report stores it (confirmed: it is a block now) or
+`claim_ttl_s` passes (its request queued longer, was aborted, or the blocks were evicted
+between two reports). Lookups count a *trusted* backend's claimed keys toward its match
+(`claimed_blocks` says how many of `cached_blocks` are claims); an untrusted backend's
+claims count for nothing, so a claim never makes a backend trusted.
+
 Memory: at most `max_blocks_per_backend` keys per backend (beyond it the oldest stored go
-first, counted in `dropped`), at most `max_backends` backends, so at most
-max_backends x max_blocks_per_backend entries of about ENTRY_BYTES each
-(tests/unit/test_prefix_index.py measures it).
+first, counted in `dropped`), at most `max_claimed_blocks_per_backend` claimed keys (the
+oldest go first, counted in `claims_dropped`), at most `max_backends` backends, so at most
+max_backends x (max_blocks_per_backend + max_claimed_blocks_per_backend) entries of about
+ENTRY_BYTES each (tests/unit/test_prefix_index.py measures it).
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -43,6 +56,11 @@ MAX_BACKENDS = 256
 STALE_AFTER_S = 3.0               # three missed reports at the agent's default 1 s interval
 MAX_LOOKUP_BLOCKS = 8192
 MAX_REPORT_KEYS = 200_000  # a full snapshot of the per-backend cap, with room
+# claimed (pending) keys per backend: 64 queued prompts of 128 blocks (2k tokens)
+MAX_CLAIMED_BLOCKS_PER_BACKEND = 8192
+CLAIM_TTL_S = 5.0          # the bench's TTFT p99 is 1-3 s at 85% load, plus a report
+MAX_CLAIM_TTL_S = 60.0
+MAX_CLAIM_KEYS = 16_384    # keys in one claim call (an agent batches several prompts)
 KEY = Annotated[int, Field(strict=True, ge=0, lt=2 ** 64)]  # strict: no true/false or "1"
 # An OrderedDict entry (64-bit int key, links; the float stamp is shared by a report's
 # entries): 256 bytes measured on CPython 3.11, so 10.5 MB per backend at the default cap
@@ -68,6 +86,12 @@ class BackendBlocks:
     dropped: int = 0
     reports: int = 0
     resyncs_asked: int = 0
+    # claimed keys -> until when (insertion order: the oldest claim first)
+    claimed: collections.OrderedDict[int, float] = field(
+        default_factory=collections.OrderedDict)
+    claims: int = 0              # keys claimed (a refresh counts again)
+    claims_confirmed: int = 0    # claimed keys a report then stored
+    claims_dropped: int = 0      # claimed keys the bound pushed out
 
 
 class KvReport(BaseModel):
@@ -88,16 +112,20 @@ class KvReport(BaseModel):
 class PrefixIndex:
     def __init__(self, max_blocks_per_backend: int = MAX_BLOCKS_PER_BACKEND,
                  max_backends: int = MAX_BACKENDS, stale_after_s: float = STALE_AFTER_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_claimed_blocks_per_backend: int = MAX_CLAIMED_BLOCKS_PER_BACKEND,
+                 claim_ttl_s: float = CLAIM_TTL_S) -> None:
         self.max_blocks = max_blocks_per_backend
         self.max_backends = max_backends
         self.stale_after_s = stale_after_s
+        self.max_claimed = max_claimed_blocks_per_backend
+        self.claim_ttl_s = claim_ttl_s
         self.clock = clock
         self.backends: dict[str, BackendBlocks] = {}
 
     @property
     def memory_bound_bytes(self) -> int:
-        return self.max_backends * self.max_blocks * ENTRY_BYTES
+        return self.max_backends * (self.max_blocks + self.max_claimed) * ENTRY_BYTES
 
     def forget(self, backend: str) -> None:
         self.backends.pop(backend, None)
@@ -127,12 +155,15 @@ class PrefixIndex:
         for key in rep.removed:
             if blocks.pop(key, None) is not None:
                 state.checksum ^= key
+        claimed = state.claimed
         for key in rep.stored:
             if key in blocks:
                 blocks.move_to_end(key)
             else:
                 state.checksum ^= key
             blocks[key] = now
+            if claimed and claimed.pop(key, None) is not None:
+                state.claims_confirmed += 1  # the pending block is a block now
         while len(blocks) > self.max_blocks:
             key, _ = blocks.popitem(last=False)
             state.checksum ^= key
@@ -154,6 +185,51 @@ class PrefixIndex:
         return {"resync": resync, "epoch": state.epoch, "version": state.version,
                 "blocks": len(state.blocks), "synced": state.synced}
 
+    # -- claims ------------------------------------------------------------------------
+    def claim(self, backend: str, keys: Iterable[int],
+              ttl_s: float | None = None) -> dict[str, Any]:
+        """`backend` will hold `keys` once its queued request is prefilled: pending blocks
+        until its report stores them or `ttl_s` (the index's claim_ttl_s) passes. Keys
+        the index already has as this backend's blocks are skipped."""
+        state = self.backends.get(backend)
+        if state is None:
+            # no block set to confirm claims against (and never trusted): refused
+            raise PrefixIndexError(f"backend '{backend}' has sent no KV report: the index "
+                                   "takes claims only of backends whose blocks it follows")
+        now = self.clock()
+        until = now + (self.claim_ttl_s if ttl_s is None else ttl_s)
+        claimed, blocks = state.claimed, state.blocks
+        self._expire(state, now)
+        taken = skipped = 0
+        for key in keys:
+            if key in blocks:
+                skipped += 1
+                continue
+            if key in claimed:
+                claimed.move_to_end(key)
+                claimed[key] = max(until, claimed[key])
+            else:
+                claimed[key] = until
+            taken += 1
+        state.claims += taken
+        while len(claimed) > self.max_claimed:
+            claimed.popitem(last=False)
+            state.claims_dropped += 1
+        return {"claimed": taken, "skipped": skipped, "claimed_blocks": len(claimed),
+                "ttl_s": round(until - now, 3)}
+
+    @staticmethod
+    def _expire(state: BackendBlocks, now: float) -> None:
+        """Drop the expired claims at the front (the oldest claimed first: with one TTL
+        that is expiry order; a longer TTL behind a shorter one waits for its turn, the
+        bound holds either way)."""
+        claimed = state.claimed
+        while claimed:
+            key, until = next(iter(claimed.items()))
+            if until > now:
+                break
+            del claimed[key]
+
     # -- reads -------------------------------------------------------------------------
     def trust(self, state: BackendBlocks, now: float) -> tuple[bool, str]:
         if not state.synced:
@@ -171,17 +247,23 @@ class PrefixIndex:
         now = self.clock()
         matches: list[dict[str, Any]] = []
         for name, state in self.backends.items():
-            blocks, n, oldest = state.blocks, 0, now
+            trusted, reason = self.trust(state, now)
+            # an untrusted backend's claims count for nothing (nor make it trusted)
+            claimed: Mapping[int, float] = state.claimed if trusted else {}
+            blocks, n, pending, oldest = state.blocks, 0, 0, now
             for key in keys:
                 stored_at = blocks.get(key)
                 if stored_at is None:
-                    break
+                    until = claimed.get(key)
+                    if until is None or until <= now:
+                        break
+                    pending += 1
+                else:
+                    oldest = min(oldest, stored_at)
                 n += 1
-                oldest = min(oldest, stored_at)
             if n == 0:
                 continue
-            trusted, reason = self.trust(state, now)
-            matches.append({"backend": name, "cached_blocks": n,
+            matches.append({"backend": name, "cached_blocks": n, "claimed_blocks": pending,
                             "cached_tokens": n * state.block_size if state.block_size else None,
                             "trusted": trusted, "reason": reason,
                             "report_age_s": round(now - (state.last_report or now), 3),
@@ -200,10 +282,15 @@ class PrefixIndex:
                 "reason": reason, "epoch": state.epoch, "version": state.version,
                 "block_size": state.block_size, "dropped": state.dropped,
                 "reports": state.reports, "resyncs_asked": state.resyncs_asked,
+                "claimed_blocks": sum(1 for until in state.claimed.values() if until > now),
+                "claims": state.claims, "claims_confirmed": state.claims_confirmed,
+                "claims_dropped": state.claims_dropped,
                 "last_report_age_s": None if state.last_report is None
                 else round(now - state.last_report, 3)}
         return {"backends": views,
                 "total_blocks": sum(len(s.blocks) for s in self.backends.values()),
                 "max_blocks_per_backend": self.max_blocks, "max_backends": self.max_backends,
                 "stale_after_s": self.stale_after_s,
+                "max_claimed_blocks_per_backend": self.max_claimed,
+                "claim_ttl_s": self.claim_ttl_s,
                 "memory_bound_bytes": self.memory_bound_bytes}

@@ -65,8 +65,9 @@ PRIMARY_HEADER = "X-Tokenfabric-Primary"
 ROLE_HEADER = "X-Tokenfabric-Role"
 
 # REST calls a backup takes: reads, and the agents' feed (registrations, reports, KV
-# deltas and deregistrations go to every replica, so that each keeps the model current)
-AGENT_FEED_SUFFIXES = ("/report", "/kv")
+# deltas, prefix claims and deregistrations go to every replica, so that each keeps the
+# model current)
+AGENT_FEED_SUFFIXES = ("/report", "/kv", "/claim")
 READ_ONLY_POSTS = ("/policy/validate", "/prefix-index/lookup")
 
 

@@ -43,6 +43,7 @@ from tokenfabric.hostagent.kv_blocks import KvBlockSet
 from tokenfabric.hostagent.kv_events import KvEventSubscriber, local, subscriber_side
 from tokenfabric.hostagent.load import LoadFigures, compute_load, delay_load
 from tokenfabric.hostagent.metrics import ScrapeError, VllmSnapshot, healthy, scrape
+from tokenfabric.hostagent.prefix_claims import PrefixClaimer
 from tokenfabric.hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
 from tokenfabric.hostagent.usage_records import UsageSigner
 from tokenfabric.wire import BackendRegistration
@@ -109,6 +110,7 @@ class Agent:
         self.kv_reports_sent = 0
         self.handoff: Handoff | None = None  # made in run(), with the HTTP session
         self.affinity: AffinityReporter | None = None  # with the handoff
+        self.claims: PrefixClaimer | None = None  # with the handoff's claim and KV events
         self.metrics_runner: web.AppRunner | None = None
 
     # -- state ---------------------------------------------------------------------------
@@ -164,6 +166,16 @@ class Agent:
                 self.bridge.on_affinity = self.affinity.note
                 if self.handoff.settings.shared_client_s > 0:
                     self.bridge.on_shared = self.affinity.shared
+                # claims only where the index follows this backend's blocks: its KV
+                # reports confirm them, and without reports it is never trusted anyway
+                if self.handoff.settings.claim and self.kv_subscriber is not None:
+                    settings = self.handoff.settings
+                    self.claims = PrefixClaimer(
+                        cfg.name, self.handoff.metrics, self.handoff.keys,
+                        settings.min_blocks, settings.claim_ttl_s, settings.claim_queue,
+                        known=lambda: self.kv_blocks.acked)
+                    self.bridge.on_claim = self.claims.note
+                    self.bridge.on_claim_body = self.claims.note_body
             if cfg.metrics_listen:
                 await self._start_metrics(cfg.metrics_listen)
             if cfg.bridge:
@@ -181,6 +193,9 @@ class Agent:
             if self.affinity is not None:
                 assert self.controller is not None
                 loops.append(self.affinity.run(self.controller, self.registered))
+            if self.claims is not None:
+                assert self.controller is not None
+                loops.append(self.claims.run(self.controller, self.registered))
             for coro in loops:
                 tasks.append(asyncio.create_task(coro))
             waiter = asyncio.create_task(stop.wait())

@@ -13,6 +13,9 @@
 - Prefix affinity: a request of an opted-in tenant served here because this backend holds
   its prefix, or handed here by a peer, is passed to `on_affinity` with its client's
   address (hostagent/affinity_reports.py: the agent tells the switch, off the request path).
+  Any request of an opted-in tenant served here (a long prompt's keys from the handoff's
+  decision, or a handed request's body) is passed to `on_claim` / `on_claim_body`: the
+  agent claims its blocks in the controller's prefix index (hostagent/prefix_claims.py).
 - Every response names the backend in `X-Tokenfabric-Backend` (the agent's name), so a
   client (the lab's load generator) knows who served it or answered the error.
 - Charged early: the prompt (estimated, 4 bytes a token) is charged through `on_charge`
@@ -331,6 +334,10 @@ class Bridge:
         # a shared client address (handoff.shared_in_flight requests of it in flight here
         # at once): its switch affinity is withdrawn (hostagent/affinity_reports.py)
         self.on_shared: Callable[[str], None] | None = None
+        # told the block keys (or, for a handed request, the body) of every opted-in prompt
+        # served here: claimed in the controller's index (never blocks)
+        self.on_claim: Callable[[list[int]], None] | None = None
+        self.on_claim_body: Callable[[dict], None] | None = None
         self.client_requests: collections.Counter[str] = collections.Counter()
         # prefix handoff (hostagent/handoff.py): hands requests to peers, takes theirs
         self.handoff = handoff
@@ -509,6 +516,8 @@ class Bridge:
                 if self.handoff is not None and not received and body is not None \
                         and self.handoff.wants(tenant, body):
                     exchange.decision = await self.handoff.choose(body, exchange.client)
+                # a handed request's keys are worked out by the claim's sender, off this path
+                claim_body = body if received and body is not None else None
                 del body
                 handed = await self._hand_off(exchange) if exchange.decision is not None \
                     and exchange.decision.peer is not None else None
@@ -521,6 +530,8 @@ class Bridge:
                     upstream_reader, upstream = await self._connect(request)
                     if self._cached_here(exchange, received):
                         self._affinity(exchange.client)
+                    self._claim(exchange, claim_body)
+                    claim_body = None
                     self._charge(charge, exchange.prompt_estimate, 0)
                     if self.delay is not None:
                         exchange.delay_key = self.delay.start(exchange.max_tokens)
@@ -588,6 +599,18 @@ class Bridge:
         if decision.decision == "local_longest":
             return decision.local_blocks >= self.handoff.settings.min_blocks
         return self.handoff.settings.report_local and decision.decision in LOCAL_AFTER_LOOKUP
+
+    def _claim(self, exchange: _Exchange, handed_body: dict | None) -> None:
+        """Served here: the prompt's blocks are this backend's to be (a looked-up prompt's
+        keys from the decision; a handed request's body, the peer's decision)."""
+        try:
+            keys = exchange.decision.keys if exchange.decision is not None else None
+            if keys is not None and self.on_claim is not None:
+                self.on_claim(keys)
+            elif handed_body is not None and self.on_claim_body is not None:
+                self.on_claim_body(handed_body)
+        except Exception:  # a claim must never break the relay
+            log.exception("claim callback failed")
 
     def _track(self, exchange: _Exchange) -> str | None:
         """Count an opted-in client's requests in flight here; `shared_in_flight` at once

@@ -3,6 +3,7 @@
     POST   /api/v1/backends                 register  -> 201 {"backend_id", "tenants", ...}
     POST   /api/v1/backends/{name}/report   every ~1 s -> 2xx (may carry "tenants")
     POST   /api/v1/backends/{name}/kv       the KV block set (prefix index)
+    POST   /api/v1/backends/{name}/claim    a prompt's blocks this backend will hold (index)
     POST   /api/v1/backends/{name}/affinity a client's prefix is cached here (switch affinity)
     GET    /api/v1/backends/{name}          the backend as the controller sees it (services)
     DELETE /api/v1/backends/{name}          on exit
@@ -87,6 +88,11 @@ class ControllerClient:
     async def kv_report(self, name: str, body: dict) -> dict:
         """A block-set delta or snapshot for the prefix index (controller/prefix_index.py)."""
         return await self._backend_call(name, "kv", body, "KV report")
+
+    async def claim(self, name: str, body: dict) -> dict:
+        """Block keys `name` was chosen to serve, pending until its KV report confirms
+        them (controller/prefix_index.py)."""
+        return await self._backend_call(name, "claim", body, "prefix claim")
 
     async def affinity_report(self, name: str, service: str, client: str) -> dict:
         """The bridge of `name` decided that `client`'s prompts are cached here: the
@@ -180,6 +186,9 @@ class Replicated:
 
     async def kv_report(self, name: str, body: dict) -> dict:
         return await self._each(lambda c: c.kv_report(name, body), name)
+
+    async def claim(self, name: str, body: dict) -> dict:
+        return await self._each(lambda c: c.claim(name, body), name)
 
     async def affinity_report(self, name: str, service: str, client: str) -> dict:
         return await self._each(lambda c: c.affinity_report(name, service, client), name)

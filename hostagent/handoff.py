@@ -33,7 +33,10 @@ Per request of a tenant that opted in (policy `prefix_affinity`):
 5. the switch learns from it (hostagent/affinity_reports.py): a request served here
    because this backend holds its prefix (`local_longest`), or handed here by a peer,
    makes this backend's agent report "client -> this backend" to the controller, which
-   installs it on the client's edge switch.
+   installs it on the client's edge switch;
+6. with `claim` (off by default), the backend that serves the prompt -- here, or the peer
+   on receipt -- claims its blocks in the index at once (hostagent/prefix_claims.py), so
+   the next bridge's lookup sees the holder before its KV report does.
 
 Why the controller's index and not each agent subscribing to every peer's KV events: one
 subscription per backend (not N x N), the index's staleness rules and memory bound apply
@@ -158,6 +161,12 @@ class HandoffSettings:
                                          # reported (0: off)
     shared_in_flight: int = 3            # 3, not 2: an open-loop replay (the lab's chat)
                                          # overlaps a conversation's turns now and then
+    claim: bool = False                  # claim a prompt's blocks in the index once this
+                                         # backend is chosen to serve it (served here, or
+                                         # handed here): hostagent/prefix_claims.py; off:
+                                         # the bench showed no clear win (prefix-cache.md)
+    claim_ttl_s: float = 5.0             # s a claim lasts unless a KV report confirms it
+    claim_queue: int = 256               # prompts waiting to be claimed; more dropped
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZERS:
@@ -168,6 +177,8 @@ class HandoffSettings:
             raise ValueError("handoff cache_weight and shared_cache_weight must be >= 0")
         if self.affinity_window_s < 0 or self.affinity_queue < 1:
             raise ValueError("handoff affinity_window_s must be >= 0, affinity_queue >= 1")
+        if not 0 < self.claim_ttl_s <= 60 or self.claim_queue < 1:
+            raise ValueError("handoff claim_ttl_s must be in (0, 60], claim_queue >= 1")
         if len(self.secret) < 16:
             raise ValueError("the handoff secret must be at least 16 bytes")
 
@@ -194,6 +205,7 @@ class Decision:
     prompt_blocks: int = 0
     longest: tuple[str, int] | None = None  # the longest trusted peer holder, as looked up
     shared: bool = False             # weighed as a shared address's request
+    keys: list[int] | None = None    # the prompt's block keys, when worked out (its claim)
 
     def describe(self) -> str:
         """The DECISION_HEADER value: what was decided and what it was decided on."""
@@ -250,6 +262,14 @@ class HandoffMetrics:
             "opted in, no edge, ...), failed (controller unreachable or 5xx), shared (a "
             "shared address: not reported), withdrawn (this backend's entry of a shared "
             "address deleted).",
+            ["backend", "outcome"], registry=self.registry)
+        self.claims = Counter(
+            "tokenfabric_prefix_claims",
+            "Prompts whose blocks this agent claimed in the prefix index for its backend "
+            "(served here, or handed here), by outcome: sent, dropped (queue full), refused "
+            "(4xx), failed (controller unreachable or 5xx), not_tokenized (a handed request "
+            "whose block keys could not be worked out), known (every key already in the "
+            "index as this backend's: no call).",
             ["backend", "outcome"], registry=self.registry)
         self.lookup_failures = Counter(
             "tokenfabric_prefix_lookup_failures",
@@ -596,14 +616,15 @@ class Handoff:
         budget)."""
         started = time.monotonic()
         shared = self.is_shared(client, started)
-        decision = await self._choose(body, shared, started)
+        keys = await self.keys(body)
+        decision = Decision("not_tokenized") if keys is None else \
+            await self._choose(keys, shared, started)
         decision.shared = shared
+        if keys is not None and len(keys) >= self.settings.min_blocks:
+            decision.keys = keys  # claimed where it is served (hostagent/prefix_claims.py)
         return self._done(decision)
 
-    async def _choose(self, body: dict[str, Any], shared: bool, started: float) -> Decision:
-        keys = await self.keys(body)
-        if keys is None:
-            return Decision("not_tokenized")
+    async def _choose(self, keys: list[int], shared: bool, started: float) -> Decision:
         if len(keys) < self.settings.min_blocks:
             return Decision("short_prompt", prompt_blocks=len(keys))
         held = self._held_here(keys)

@@ -1,6 +1,8 @@
 """REST routes of the prefix index (controller/prefix_index.py).
 
 POST /api/v1/backends/{name}/kv     an agent's KV block delta or snapshot (role agent)
+POST /api/v1/backends/{name}/claim  {"block_hashes": [...], "ttl_s"}: blocks the backend
+                                    will hold once its queued request runs (role agent)
 GET  /api/v1/prefix-index           per-backend summary, memory bound (role viewer)
 POST /api/v1/prefix-index/lookup    {"block_hashes": [...]}: the longest cached prefix
                                     per backend (role viewer)
@@ -16,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenfabric.controller.api.errors import Conflict, NotFound
 from tokenfabric.controller.prefix_index import (
     KEY,
+    MAX_CLAIM_KEYS,
+    MAX_CLAIM_TTL_S,
     MAX_LOOKUP_BLOCKS,
     KvReport,
     PrefixIndexError,
@@ -31,21 +35,44 @@ class LookupBody(BaseModel):
         "block hashes)"))
 
 
+class ClaimBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    block_hashes: list[KEY] = Field(min_length=1, max_length=MAX_CLAIM_KEYS, description=(
+        "block keys of the prompts this backend was chosen to serve (any order; several "
+        "prompts may share one call)"))
+    ttl_s: float | None = Field(default=None, gt=0, le=MAX_CLAIM_TTL_S, description=(
+        "how long the claim lasts unless a KV report confirms it (default: the index's "
+        "claim_ttl_s)"))
+
+
 def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict,
                         mutation_errors: dict) -> APIRouter:
     """`viewer`, `agent`: the API's role dependencies; `errors`: its documented errors."""
     r = APIRouter(tags=["prefix index"])
     index = ctl.prefix_index
 
+    def own(name: str, who: Any, action: str) -> None:
+        """404 for an unknown backend; 403 (audited) unless `who` speaks for it: an agent
+        speaks only for its own backends (the tokens file's binding)."""
+        if name not in ctl.model.backends:
+            raise NotFound(f"no backend '{name}'")
+        ctl.authorize(who, action, name, ctl.model.backends[name].host)
+
     @r.post("/backends/{name}/kv", responses=mutation_errors)
     async def kv_report(name: Annotated[str, Path(max_length=64)], body: KvReport,
                         who: agent) -> dict[str, Any]:
-        if name not in ctl.model.backends:
-            raise NotFound(f"no backend '{name}'")
-        # an agent speaks only for its own backends (the tokens file's binding)
-        ctl.authorize(who, "report the KV blocks of", name, ctl.model.backends[name].host)
+        own(name, who, "report the KV blocks of")
         try:
             return index.apply(name, body)
+        except PrefixIndexError as exc:
+            raise Conflict(str(exc)) from None
+
+    @r.post("/backends/{name}/claim", responses=mutation_errors)
+    async def claim(name: Annotated[str, Path(max_length=64)], body: ClaimBody,
+                    who: agent) -> dict[str, Any]:
+        own(name, who, "claim KV blocks for")
+        try:
+            return index.claim(name, body.block_hashes, body.ttl_s)
         except PrefixIndexError as exc:
             raise Conflict(str(exc)) from None
 

@@ -16,7 +16,8 @@ from tokenfabric.controller.replica import (
 @pytest.mark.parametrize("method, path", [
     ("GET", "/api/v1/backends"), ("GET", "/api/v1/replica"), ("HEAD", "/healthz"),
     ("POST", "/api/v1/backends"), ("POST", "/api/v1/backends/gpu1/report"),
-    ("POST", "/api/v1/backends/gpu1/kv"), ("DELETE", "/api/v1/backends/gpu1"),
+    ("POST", "/api/v1/backends/gpu1/kv"), ("POST", "/api/v1/backends/gpu1/claim"),
+    ("DELETE", "/api/v1/backends/gpu1"),
     ("POST", "/api/v1/policy/validate"), ("POST", "/api/v1/prefix-index/lookup"),
 ])
 def test_a_backup_takes_reads_and_the_agents_feed(method, path):

@@ -94,8 +94,9 @@ class Rig:
         self.handoff_port = free_port()
         self.api_port = 0  # the controller's, once started
 
-    def start(self) -> None:
-        """The controller, two emulators with KV events and an agent in front of each."""
+    def start(self, overrides: dict[int, dict[str, object]] | None = None) -> None:
+        """The controller, two emulators with KV events and an agent in front of each;
+        `overrides`: agent n's handoff keys over the rig's."""
         self.start_controller()
         for n in (1, 2):
             endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -108,7 +109,8 @@ class Rig:
                             "replay_endpoint": replay}))
             self.started.append(emulator.proc)
             self.emulators[f"gpu{n}"] = emulator
-            self.start_agent(n, emulator.url, (endpoint, replay))
+            self.start_agent(n, emulator.url, (endpoint, replay),
+                             **(overrides or {}).get(n, {}))
         self.wait_ready("gpu1", "gpu2")
 
     def start_controller(self) -> None:

@@ -138,7 +138,8 @@ def test_emulator_events_reach_the_controllers_index_with_evictions(chain):
     summary = viewer.get("/api/v1/prefix-index").json()
     assert summary["backends"]["gpu2"]["blocks"] >= 12  # and the warm-up's
     assert summary["backends"]["gpu2"]["synced"] and summary["backends"]["gpu2"]["block_size"] == 16
-    assert summary["memory_bound_bytes"] == summary["max_blocks_per_backend"] * \
+    assert summary["memory_bound_bytes"] == (summary["max_blocks_per_backend"]
+                                             + summary["max_claimed_blocks_per_backend"]) * \
         summary["max_backends"] * 320
 
     # 64 blocks of cache: three other long prompts push the first one out, tail first
