@@ -8,6 +8,7 @@ import tracemalloc
 
 import pytest
 
+from tests.manual_clock import Clock
 from tokenfabric.controller.prefix_index import (
     ENTRY_BYTES,
     KvReport,
@@ -15,14 +16,6 @@ from tokenfabric.controller.prefix_index import (
     PrefixIndexError,
 )
 from tokenfabric.hostagent.kv_blocks import KvBlockSet
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def send(blocks: KvBlockSet, index: PrefixIndex, name: str = "gpu1") -> dict | None:
@@ -36,7 +29,7 @@ def send(blocks: KvBlockSet, index: PrefixIndex, name: str = "gpu1") -> dict | N
 
 def test_deltas_keep_the_index_equal_to_the_agents_set_under_random_changes():
     rng = random.Random(5)
-    index, blocks = PrefixIndex(clock=Clock()), KvBlockSet(max_blocks=150)
+    index, blocks = PrefixIndex(clock=Clock(1000.0)), KvBlockSet(max_blocks=150)
     for _ in range(300):
         for _ in range(rng.randrange(6)):
             op = rng.random()
@@ -53,7 +46,7 @@ def test_deltas_keep_the_index_equal_to_the_agents_set_under_random_changes():
 
 
 def test_evictions_are_applied_and_lookup_gives_the_longest_prefix_per_backend():
-    index = PrefixIndex(clock=Clock())
+    index = PrefixIndex(clock=Clock(1000.0))
     a, b = KvBlockSet(), KvBlockSet()
     a.on_stored([1, 2, 3, 4])
     b.on_stored([1, 2])
@@ -71,7 +64,7 @@ def test_evictions_are_applied_and_lookup_gives_the_longest_prefix_per_backend()
 
 
 def test_a_delta_on_a_base_the_index_lacks_or_a_bad_checksum_asks_for_a_snapshot():
-    index, blocks = PrefixIndex(clock=Clock()), KvBlockSet()
+    index, blocks = PrefixIndex(clock=Clock(1000.0)), KvBlockSet()
     blocks.on_stored([10, 11])
     send(blocks, index)
     index.forget("gpu1")                            # e.g. the controller restarted
@@ -89,7 +82,7 @@ def test_a_delta_on_a_base_the_index_lacks_or_a_bad_checksum_asks_for_a_snapshot
 
 
 def test_entries_are_not_trusted_past_their_backends_last_report():
-    clock = Clock()
+    clock = Clock(1000.0)
     index, blocks = PrefixIndex(stale_after_s=3.0, clock=clock), KvBlockSet()
     blocks.on_stored([1, 2])
     send(blocks, index)
@@ -109,7 +102,7 @@ def test_entries_are_not_trusted_past_their_backends_last_report():
 
 def test_memory_is_bounded_per_backend_and_within_the_stated_bound():
     cap = 20_000
-    index = PrefixIndex(max_blocks_per_backend=cap, max_backends=4, clock=Clock(),
+    index = PrefixIndex(max_blocks_per_backend=cap, max_backends=4, clock=Clock(1000.0),
                         max_claimed_blocks_per_backend=0)  # claims: measured below
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
@@ -146,7 +139,7 @@ def claimed_index(clock: Clock, **limits: float) -> tuple[PrefixIndex, KvBlockSe
 
 
 def test_a_claim_counts_toward_the_claimers_match_until_its_ttl():
-    clock = Clock()
+    clock = Clock(1000.0)
     index, _ = claimed_index(clock, claim_ttl_s=2.0)
     answer = index.claim("b", [1, 2, 3, 4, 5])
     # block 1 is b's already: skipped, not claimed
@@ -165,7 +158,7 @@ def test_a_claim_counts_toward_the_claimers_match_until_its_ttl():
 
 
 def test_a_report_storing_claimed_blocks_confirms_them():
-    clock = Clock()
+    clock = Clock(1000.0)
     index, _ = claimed_index(clock, claim_ttl_s=2.0)
     b = KvBlockSet()
     b.on_stored([1])
@@ -184,7 +177,7 @@ def test_a_report_storing_claimed_blocks_confirms_them():
 
 
 def test_an_untrusted_backends_claims_count_for_nothing_and_trust_it_not():
-    clock = Clock()
+    clock = Clock(1000.0)
     index, _ = claimed_index(clock, stale_after_s=3.0)
     index.claim("b", [1, 2, 3, 4])
     clock.now += 3.5                          # b's last report is older than 3 s
@@ -198,14 +191,14 @@ def test_an_untrusted_backends_claims_count_for_nothing_and_trust_it_not():
 
 
 def test_a_claim_of_a_backend_without_a_report_is_refused():
-    index = PrefixIndex(clock=Clock())
+    index = PrefixIndex(clock=Clock(1000.0))
     with pytest.raises(PrefixIndexError, match="no KV report"):
         index.claim("ghost", [1, 2, 3])
     assert index.backends == {}
 
 
 def test_claims_are_bounded_per_backend_the_oldest_going_first():
-    clock = Clock()
+    clock = Clock(1000.0)
     index, _ = claimed_index(clock, max_claimed_blocks_per_backend=5)
     index.claim("b", [1, 10, 11, 12])
     clock.now += 0.1
@@ -221,7 +214,7 @@ def test_claims_are_bounded_per_backend_the_oldest_going_first():
 
 
 def test_a_claim_may_set_its_own_ttl_and_a_refresh_never_shortens_it():
-    clock = Clock()
+    clock = Clock(1000.0)
     index, _ = claimed_index(clock, claim_ttl_s=5.0)
     assert index.claim("b", [1, 3], ttl_s=1.0)["ttl_s"] == 1.0
     index.claim("b", [3], ttl_s=0.5)          # a shorter one later: the longer stands
@@ -232,7 +225,7 @@ def test_a_claim_may_set_its_own_ttl_and_a_refresh_never_shortens_it():
 
 
 def test_claims_go_with_their_backend_and_stay_within_the_stated_memory_bound():
-    clock = Clock()
+    clock = Clock(1000.0)
     cap = 20_000
     index = PrefixIndex(max_blocks_per_backend=0, max_backends=2, clock=clock,
                         max_claimed_blocks_per_backend=cap)

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from tests.manual_clock import Clock
 from tokenfabric.controller.affinity import AffinityTable
 from tokenfabric.controller.app import Controller
 from tokenfabric.controller.auth import TokenStore
@@ -27,17 +28,9 @@ services:
 """
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def rig(tmp_path):
-    clock = Clock()
+    clock = Clock(1000.0)
     model = parse_fabric(FABRIC, "fabric.yaml")
     model.policy = parse_policy(OPT_IN, "policy.yaml", model=model)
     ctl = Controller(model, Ledger(tmp_path / "ledger.db"), TokenStore(dict(TOKENS)),

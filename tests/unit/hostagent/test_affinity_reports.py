@@ -3,22 +3,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-
-import aiohttp
-
+from tests.manual_clock import Clock
+from tests.unit.hostagent.closed_controller import run_until_failed
 from tokenfabric.hostagent.affinity_reports import AffinityReporter
-from tokenfabric.hostagent.controller_api import ControllerClient
 from tokenfabric.hostagent.handoff import HandoffMetrics
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def counted(reporter: AffinityReporter, outcome: str) -> float:
@@ -71,28 +59,10 @@ def test_the_outcomes_are_kept_for_the_handoff_summary_too():
 
 def test_an_unreachable_controller_counts_failed_and_the_client_may_come_again():
     """A real ControllerClient at a closed port on 127.0.0.1: the report fails fast."""
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-
-    async def scenario() -> AffinityReporter:
-        reporter = AffinityReporter("gpu1", HandoffMetrics("gpu1"))
-        reporter.services = ["tiny"]
-        ready = asyncio.Event()
-        ready.set()
-        async with aiohttp.ClientSession() as session:
-            controller = ControllerClient(session, f"http://127.0.0.1:{port}", None, 2.0)
-            task = asyncio.create_task(reporter.run(controller, ready))
-            reporter.note("10.0.1.7")
-            for _ in range(200):  # at most 2 s
-                if counted(reporter, "failed"):
-                    break
-                await asyncio.sleep(0.01)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        return reporter
-
-    reporter = asyncio.run(scenario())
+    reporter = AffinityReporter("gpu1", HandoffMetrics("gpu1"))
+    reporter.services = ["tiny"]
+    run_until_failed(reporter.run, lambda: reporter.note("10.0.1.7"),
+                     lambda: bool(counted(reporter, "failed")))
     assert counted(reporter, "failed") == 1 and counted(reporter, "sent") == 0
     # not learned by the controller: the client's next request may report it again
     assert ("tiny", "10.0.1.7") not in reporter.recent

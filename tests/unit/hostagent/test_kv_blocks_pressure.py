@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.manual_clock import Clock
 from tokenfabric.hostagent.kv_blocks import PRESSURE_HALF_LIFE_S, KvBlockSet
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_cache_with_room_has_no_pressure_a_full_one_about_one_and_it_decays():

@@ -5,12 +5,9 @@ tests/integration/api/test_api_prefix_claims.py.)"""
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
-import aiohttp
-
-from tokenfabric.hostagent.controller_api import ControllerClient
+from tests.unit.hostagent.closed_controller import run_until_failed
 from tokenfabric.hostagent.handoff import HandoffMetrics
 from tokenfabric.hostagent.prefix_claims import MAX_CLAIM_KEYS, PrefixClaimer
 
@@ -58,28 +55,13 @@ def test_pending_prompts_go_in_one_call_deduplicated_up_to_the_bound():
 
 def test_an_unreachable_controller_counts_the_prompts_failed():
     """A real ControllerClient at a closed port on 127.0.0.1: the claim fails fast."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    c = claimer()
 
-    async def scenario() -> PrefixClaimer:
-        c = claimer()
-        ready = asyncio.Event()
-        ready.set()
-        async with aiohttp.ClientSession() as session:
-            controller = ControllerClient(session, f"http://127.0.0.1:{port}", None, 2.0)
-            task = asyncio.create_task(c.run(controller, ready))
-            c.note([1, 2, 3, 4])
-            c.note([5, 6, 7, 8])
-            for _ in range(200):  # at most 2 s
-                if counted(c, "failed"):
-                    break
-                await asyncio.sleep(0.01)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        return c
+    def note() -> None:
+        c.note([1, 2, 3, 4])
+        c.note([5, 6, 7, 8])
 
-    c = asyncio.run(scenario())
+    run_until_failed(c.run, note, lambda: bool(counted(c, "failed")))
     assert counted(c, "failed") == 2 and counted(c, "sent") == 0 and not c.pending
 
 

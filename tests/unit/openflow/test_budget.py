@@ -3,16 +3,9 @@ the switch's own arithmetic (tokenfabric/bucket.py)."""
 
 from __future__ import annotations
 
+from tests.manual_clock import Clock
 from tokenfabric.bucket import Contract, TokenBucket
 from tokenfabric.controller.openflow.budget import TenantBuckets
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_refill_debit_and_over_budget():

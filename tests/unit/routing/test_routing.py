@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.manual_clock import Clock
 from tokenfabric.controller.compile import compile_model
 from tokenfabric.controller.entries import Exact, ProfileGroup, TableEntry
 from tokenfabric.controller.fabric import load_fabric
@@ -20,18 +21,10 @@ from tokenfabric.controller.routing import MAX_GROUP_WEIGHT, Router, headroom, s
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def setup():
     model = load_fabric(EXAMPLES / "fabric-single.yaml")  # gpu1 capacity 16, gpu2 capacity 8
     model.policy = load_policy(EXAMPLES / "policy-tenants.yaml", model)
-    clock = Clock()
+    clock = Clock(1000.0)
     return model, Router(model, report_interval=1.0, stale_after=3, clock=clock), clock
 
 
