@@ -325,10 +325,11 @@ def reset_caches(plan: LabPlan, timeout: float = 60.0) -> None:
 
 
 def run_figures(mode: str, records: list[dict[str, Any]], before: dict[str, str],
-                after: dict[str, str], duration: float, router_log: str | None
-                ) -> dict[str, Any]:
+                after: dict[str, str], duration: float, router_log: str | None,
+                router_startup_log: str | None = None) -> dict[str, Any]:
     """One mode's figures (prefix.mode_figures) with the hit rate from the emulators'
-    counters and, for an L7 mode, whether its router did what it claims."""
+    counters and, for an L7 mode, whether its router did what it claims (`router_log`:
+    its log during the run; `router_startup_log`: its whole log, start-up included)."""
     hits = prefix.hit_rate({n: prefix.prefix_counters(t) for n, t in before.items()},
                            {n: prefix.prefix_counters(t) for n, t in after.items()})
     figures = prefix.mode_figures(records, hits, duration)
@@ -339,7 +340,7 @@ def run_figures(mode: str, records: list[dict[str, Any]], before: dict[str, str]
                       for n in after for e in ("/v1/completions/render",
                                                "/v1/chat/completions/render"))
         figures["valid"], figures["evidence"] = prefix.baseline_evidence(
-            mode, router_log or "", renders, len(records))
+            mode, router_log or "", renders, len(records), router_startup_log)
     return figures
 
 

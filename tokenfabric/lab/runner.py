@@ -334,10 +334,12 @@ class LabRunner:
         if prefix_lab.is_prefix(self.exp):
             records = [json.loads(line) for out in outputs if out.exists()
                        for line in out.read_text().splitlines() if line.strip()]
+            router_log = self._stack().router_log(run.mode) \
+                if run.mode in prefix.L7_MODES else None
             figures = prefix_lab.run_figures(
                 run.mode, records, before, prefix_lab.emulator_metrics(self.plan),
-                self.exp.duration, self._stack().router_log(run.mode)[log_before:]
-                if run.mode in prefix.L7_MODES else None)
+                self.exp.duration, router_log[log_before:] if router_log is not None
+                else None, router_log)
             figures["affinity"] = prefix_lab.affinity_change(affinity_before,
                                                              self._stack().get("/affinity"))
             figures["repeat"], figures["workload"] = run.repeat, self.exp.workload
