@@ -311,6 +311,28 @@ def handoff_paths(plan: LabPlan, records: list[dict[str, Any]]) -> dict[str, int
     return out
 
 
+def withdraw_affinity(api: httpx.Client, agent_token: str) -> int:
+    """Withdraw every affinity entry the controller holds (GET /affinity, then DELETE
+    /backends/{name}/affinity as the agents), so that a mode does not start with the
+    previous mode's entries: they name the backends of another round's conversations,
+    whose caches reset_caches empties. `api`: a client of the controller's /api/v1 with a
+    viewer's (or admin's) token. How many were withdrawn; RuntimeError on a refusal."""
+    view = api.get("/affinity")
+    view.raise_for_status()
+    withdrawn = 0
+    for entries in view.json()["switches"].values():
+        for e in entries:
+            reply = api.request("DELETE", f"/backends/{e['backend']}/affinity",
+                                json={"service": e["service"], "client": e["client"]},
+                                headers={"Authorization": f"Bearer {agent_token}"})
+            if reply.status_code >= 400:
+                raise RuntimeError(f"withdrawing {e['client']} -> {e['backend']}: "
+                                   f"{reply.status_code} {reply.text[:200]}")
+            # one fact on several edges is listed per switch: gone with its first row
+            withdrawn += bool(reply.json().get("withdrawn"))
+    return withdrawn
+
+
 def reset_caches(plan: LabPlan, timeout: float = 60.0) -> None:
     """Every emulator's prefix cache emptied before a mode (vLLM's /reset_prefix_cache,
     409 while requests still hold blocks), then a moment for the index to hear of it."""

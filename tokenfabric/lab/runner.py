@@ -284,6 +284,9 @@ class LabRunner:
         if prefix_lab.is_prefix(self.exp):
             if self._stack().set_prefix_affinity(run.mode in prefix.HANDOFF_MODES):
                 time.sleep(2.0)  # the agents take the opt-in from their reports' answers
+            # every mode starts alike: no entry of an earlier round, caches empty (the
+            # bench's Cluster.reset_caches does the same)
+            prefix_lab.withdraw_affinity(self._stack().http, self._stack().agent_token)
             prefix_lab.reset_caches(self.plan)
             before = prefix_lab.emulator_metrics(self.plan)
             affinity_before = self._stack().get("/affinity")
