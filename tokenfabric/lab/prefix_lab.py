@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import numpy as np
 
-from tokenfabric.lab import prefix
+from tokenfabric.lab import prefix, prefix_misses
 from tokenfabric.lab.experiments import EMULATOR_PREFILL_MS_PER_TOKEN, Experiment
+from tokenfabric.lab.loadgen import Workload
+from tokenfabric.lab.loadgen import plan as loadgen_plan
 from tokenfabric.lab.plan import EMULATOR_PORT, LabHost, LabPlan
 from tokenfabric.lab.workloads import ChatTenant, plan_chat
 
@@ -79,6 +81,9 @@ def agent_settings(secret_file: Path, host: LabHost | None = None,
             "kv_report_interval": 0.25, "report_interval": 0.25,
             "handoff": {"secret_file": str(secret_file), "port": HANDOFF_PORT,
                         "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN,
+                        # the lab's own clients read the bridge's decision per request
+                        # (the miss analysis, `misses`); off by default (hostagent)
+                        "decision_header": True,
                         **({"lookup_timeout": lookup_timeout}
                            if lookup_timeout is not None else {})}}
 
@@ -311,6 +316,22 @@ def handoff_paths(plan: LabPlan, records: list[dict[str, Any]]) -> dict[str, int
     return out
 
 
+def misses(loads: dict[str, Workload], records: dict[str, list[dict[str, Any]]]
+           ) -> dict[str, dict[str, Any]]:
+    """Per tenant, where the run's prefix-cache hits went missing (prefix_misses: the
+    hits any backend could have given, those got, the lost tokens by cause -- evicted, or
+    served away from the longest holder and the first bridge's decision). `loads` and
+    `records`: per client host, its workload and its records (ids count per host)."""
+    keys: list[list[int]] = []
+    merged: list[dict[str, Any]] = []
+    for host, workload in loads.items():
+        base = len(keys)
+        keys += prefix_misses.request_keys(loadgen_plan(workload), workload.endpoint)
+        merged += [{**r, "id": base + r["id"]} for r in records.get(host, [])
+                   if isinstance(r.get("id"), int)]
+    return prefix_misses.miss_causes(merged, keys)
+
+
 def withdraw_affinity(api: httpx.Client, agent_token: str) -> int:
     """Withdraw every affinity entry the controller holds (GET /affinity, then DELETE
     /backends/{name}/affinity as the agents), so that a mode does not start with the
@@ -436,6 +457,8 @@ def markdown(figures: list[dict[str, Any]], kv_tokens: int | None,
         if f["mode"] in prefix.L7_MODES:
             lines.append(f"\n- baseline {_label(f)}: {'valid' if f['valid'] else 'INVALID'}: "
                          f"{f['evidence']}")
+        for line in prefix_misses.describe(f.get("misses") or {}):
+            lines.append(f"\n- {_label(f)}: {line.strip()}")
     return "\n".join(lines) + "\n"
 
 

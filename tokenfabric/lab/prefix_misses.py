@@ -20,12 +20,14 @@ from typing import Any
 from tokenfabric.blockhash import BlockHasher
 from tokenfabric.hostagent.handoff import emulator_token_ids
 from tokenfabric.hostagent.wordtok import WordTokenizer
+from tokenfabric.lab.loadgen import PlannedRequest
 from tokenfabric.lab.workloads import Planned
 
 
-def request_keys(planned: Sequence[Planned], endpoint: str,
+def request_keys(planned: Sequence[Planned | PlannedRequest], endpoint: str,
                  block_size: int = 16) -> list[list[int]]:
-    """Each planned request's prompt block keys, as the bridge computes them."""
+    """Each planned request's prompt block keys, as the bridge computes them (the bench's
+    Planned, or the lab's loadgen schedule)."""
     tokenizer, hasher = WordTokenizer(max_reverse=1), BlockHasher(block_size)
     out = []
     for p in planned:

@@ -346,6 +346,11 @@ class LabRunner:
             figures["affinity"] = prefix_lab.affinity_change(affinity_before,
                                                              self._stack().get("/affinity"))
             figures["repeat"], figures["workload"] = run.repeat, self.exp.workload
+            if self.exp.workload != "free":  # prompts that share nothing miss nothing
+                by_host = {h: [json.loads(line) for line in (folder / f"requests-{h}.jsonl")
+                               .read_text().splitlines() if line.strip()]
+                           for h in loads if (folder / f"requests-{h}.jsonl").exists()}
+                figures["misses"] = prefix_lab.misses(loads, by_host)
             figures["handoff_paths"] = prefix_lab.handoff_paths(self.plan, records)
             figures["decisions"] = {
                 k: v - decided_before.get(k, 0.0)
