@@ -104,8 +104,9 @@ def describe(causes: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
     for tenant, t in sorted(causes.items()):
         prompt = max(1, t["prompt_tokens"])
+        # Counters, or plain dicts once read back from a run's JSON (the lab's prefix.json)
         lost = ", ".join(f"{cause} {n / prompt * 100:.1f} ({t['requests_by_cause'][cause]})"
-                         for cause, n in t["lost"].most_common())
+                         for cause, n in collections.Counter(t["lost"]).most_common())
         lines.append(f"      misses {tenant}: hit {t['hits'] / prompt * 100:.1f}% of "
                      f"possible {t['possible'] / prompt * 100:.1f}% ({t['requests']} req); "
                      f"lost points (requests): {lost or '-'}")
