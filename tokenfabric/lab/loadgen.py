@@ -39,6 +39,7 @@ from typing import Any, TextIO
 import aiohttp
 import numpy as np
 
+from tokenfabric.hostagent.handoff import DECISION_HEADER
 from tokenfabric.lab.workloads import ChatSpec, Planned, TraceSpec, plan_chat, plan_trace
 from tokenfabric.sse import is_token_chunk
 
@@ -336,7 +337,7 @@ def _new_record(req: PlannedRequest, start_epoch: float) -> dict[str, Any]:
         "output_tokens": None, "backend": None, "retry_after": None, "done": False,
         "slo_ttft_ms": req.tenant.slo_ttft_ms, "slo_tpot_ms": req.tenant.slo_tpot_ms,
         "source_ip": _source(req), "conversation": req.conversation, "turn": req.turn,
-        "cached_tokens": None, "handoff_from": None, "handoff_ms": None,
+        "cached_tokens": None, "handoff_from": None, "handoff_ms": None, "decision": None,
     }
 
 
@@ -360,6 +361,9 @@ async def _send(session: aiohttp.ClientSession, workload: Workload, req: Planned
             record["handoff_from"] = resp.headers.get("X-Tokenfabric-Handoff-From")
             with contextlib.suppress(KeyError, ValueError):
                 record["handoff_ms"] = float(resp.headers["X-Tokenfabric-Handoff-Ms"])
+            # and, with the agents' decision_header (the lab's), what it decided and on
+            # what: the miss analysis's cause (tokenfabric/lab/prefix_misses.py)
+            record["decision"] = resp.headers.get(DECISION_HEADER)
             record["retry_after"] = resp.headers.get("Retry-After")
             if resp.status == 200:
                 await _stream(resp, started, record)

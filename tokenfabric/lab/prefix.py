@@ -84,9 +84,18 @@ def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+# sglang-router names its policy once, at start-up ("Assigning policy cache_aware to new
+# model ..."); not its periodic tree-eviction line, whose source path reads cache_aware.rs
+SGLANG_POLICY = re.compile(r"\bpolicy[ :=]+(?:cache[_-]?aware|CacheAware)\b|"
+                           r"cache-aware policy with \d+ workers")
+SGLANG_ROUTED = re.compile(r"Sending request url=")
+
+
 def baseline_evidence(mode: str, router_log: str, render_calls: float,
-                      requests: int) -> tuple[bool, str]:
-    """Did the L7 baseline do what it claims? (valid, what shows it)."""
+                      requests: int, startup_log: str | None = None) -> tuple[bool, str]:
+    """Did the L7 baseline do what it claims? (valid, what shows it). `router_log`: the
+    router's log written during the run; `startup_log`: its log from its start, when the
+    run's part leaves out the start-up (the lab's repeated rounds share one router)."""
     text = _strip_ansi(router_log)
     name, policy = L7_MODES[mode]
     if name == "vllm-router" and policy == "cache_aware":
@@ -103,10 +112,16 @@ def baseline_evidence(mode: str, router_log: str, render_calls: float,
     if name == "vllm-router":
         return True, f"vllm-router policy {policy}; no token calls needed"
     # sglang-router's cache_aware is a radix tree over the request text: no token calls;
-    # its startup log names the policy
-    if re.search(r"cache[_-]?aware|CacheAware", text, re.IGNORECASE) is None:
+    # its start-up names the policy, and its debug log names each routed request's worker
+    started = _strip_ansi(startup_log) if startup_log is not None else text
+    if SGLANG_POLICY.search(started) is None:
         return False, "sglang-router's log does not name the cache_aware policy"
-    return True, "sglang-router started with the cache_aware policy (text radix tree)"
+    routed = len(SGLANG_ROUTED.findall(text))
+    if routed < requests:
+        return False, (f"sglang-router logged {routed} routed requests for {requests}: "
+                       "the run did not go through it")
+    return True, (f"sglang-router started with the cache_aware policy (text radix tree), "
+                  f"{routed} requests routed by it")
 
 
 # -- workloads ----------------------------------------------------------------------------

@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import numpy as np
 
-from tokenfabric.lab import prefix
+from tokenfabric.lab import prefix, prefix_misses
 from tokenfabric.lab.experiments import EMULATOR_PREFILL_MS_PER_TOKEN, Experiment
+from tokenfabric.lab.loadgen import Workload
+from tokenfabric.lab.loadgen import plan as loadgen_plan
 from tokenfabric.lab.plan import EMULATOR_PORT, LabHost, LabPlan
 from tokenfabric.lab.workloads import ChatTenant, plan_chat
 
@@ -79,6 +81,9 @@ def agent_settings(secret_file: Path, host: LabHost | None = None,
             "kv_report_interval": 0.25, "report_interval": 0.25,
             "handoff": {"secret_file": str(secret_file), "port": HANDOFF_PORT,
                         "prefill_ms_per_token": EMULATOR_PREFILL_MS_PER_TOKEN,
+                        # the lab's own clients read the bridge's decision per request
+                        # (the miss analysis, `misses`); off by default (hostagent)
+                        "decision_header": True,
                         **({"lookup_timeout": lookup_timeout}
                            if lookup_timeout is not None else {})}}
 
@@ -311,6 +316,44 @@ def handoff_paths(plan: LabPlan, records: list[dict[str, Any]]) -> dict[str, int
     return out
 
 
+def misses(loads: dict[str, Workload], records: dict[str, list[dict[str, Any]]]
+           ) -> dict[str, dict[str, Any]]:
+    """Per tenant, where the run's prefix-cache hits went missing (prefix_misses: the
+    hits any backend could have given, those got, the lost tokens by cause -- evicted, or
+    served away from the longest holder and the first bridge's decision). `loads` and
+    `records`: per client host, its workload and its records (ids count per host)."""
+    keys: list[list[int]] = []
+    merged: list[dict[str, Any]] = []
+    for host, workload in loads.items():
+        base = len(keys)
+        keys += prefix_misses.request_keys(loadgen_plan(workload), workload.endpoint)
+        merged += [{**r, "id": base + r["id"]} for r in records.get(host, [])
+                   if isinstance(r.get("id"), int)]
+    return prefix_misses.miss_causes(merged, keys)
+
+
+def withdraw_affinity(api: httpx.Client, agent_token: str) -> int:
+    """Withdraw every affinity entry the controller holds (GET /affinity, then DELETE
+    /backends/{name}/affinity as the agents), so that a mode does not start with the
+    previous mode's entries: they name the backends of another round's conversations,
+    whose caches reset_caches empties. `api`: a client of the controller's /api/v1 with a
+    viewer's (or admin's) token. How many were withdrawn; RuntimeError on a refusal."""
+    view = api.get("/affinity")
+    view.raise_for_status()
+    withdrawn = 0
+    for entries in view.json()["switches"].values():
+        for e in entries:
+            reply = api.request("DELETE", f"/backends/{e['backend']}/affinity",
+                                json={"service": e["service"], "client": e["client"]},
+                                headers={"Authorization": f"Bearer {agent_token}"})
+            if reply.status_code >= 400:
+                raise RuntimeError(f"withdrawing {e['client']} -> {e['backend']}: "
+                                   f"{reply.status_code} {reply.text[:200]}")
+            # one fact on several edges is listed per switch: gone with its first row
+            withdrawn += bool(reply.json().get("withdrawn"))
+    return withdrawn
+
+
 def reset_caches(plan: LabPlan, timeout: float = 60.0) -> None:
     """Every emulator's prefix cache emptied before a mode (vLLM's /reset_prefix_cache,
     409 while requests still hold blocks), then a moment for the index to hear of it."""
@@ -325,10 +368,11 @@ def reset_caches(plan: LabPlan, timeout: float = 60.0) -> None:
 
 
 def run_figures(mode: str, records: list[dict[str, Any]], before: dict[str, str],
-                after: dict[str, str], duration: float, router_log: str | None
-                ) -> dict[str, Any]:
+                after: dict[str, str], duration: float, router_log: str | None,
+                router_startup_log: str | None = None) -> dict[str, Any]:
     """One mode's figures (prefix.mode_figures) with the hit rate from the emulators'
-    counters and, for an L7 mode, whether its router did what it claims."""
+    counters and, for an L7 mode, whether its router did what it claims (`router_log`:
+    its log during the run; `router_startup_log`: its whole log, start-up included)."""
     hits = prefix.hit_rate({n: prefix.prefix_counters(t) for n, t in before.items()},
                            {n: prefix.prefix_counters(t) for n, t in after.items()})
     figures = prefix.mode_figures(records, hits, duration)
@@ -339,7 +383,7 @@ def run_figures(mode: str, records: list[dict[str, Any]], before: dict[str, str]
                       for n in after for e in ("/v1/completions/render",
                                                "/v1/chat/completions/render"))
         figures["valid"], figures["evidence"] = prefix.baseline_evidence(
-            mode, router_log or "", renders, len(records))
+            mode, router_log or "", renders, len(records), router_startup_log)
     return figures
 
 
@@ -413,6 +457,8 @@ def markdown(figures: list[dict[str, Any]], kv_tokens: int | None,
         if f["mode"] in prefix.L7_MODES:
             lines.append(f"\n- baseline {_label(f)}: {'valid' if f['valid'] else 'INVALID'}: "
                          f"{f['evidence']}")
+        for line in prefix_misses.describe(f.get("misses") or {}):
+            lines.append(f"\n- {_label(f)}: {line.strip()}")
     return "\n".join(lines) + "\n"
 
 

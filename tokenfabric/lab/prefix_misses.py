@@ -20,12 +20,14 @@ from typing import Any
 from tokenfabric.blockhash import BlockHasher
 from tokenfabric.hostagent.handoff import emulator_token_ids
 from tokenfabric.hostagent.wordtok import WordTokenizer
+from tokenfabric.lab.loadgen import PlannedRequest
 from tokenfabric.lab.workloads import Planned
 
 
-def request_keys(planned: Sequence[Planned], endpoint: str,
+def request_keys(planned: Sequence[Planned | PlannedRequest], endpoint: str,
                  block_size: int = 16) -> list[list[int]]:
-    """Each planned request's prompt block keys, as the bridge computes them."""
+    """Each planned request's prompt block keys, as the bridge computes them (the bench's
+    Planned, or the lab's loadgen schedule)."""
     tokenizer, hasher = WordTokenizer(max_reverse=1), BlockHasher(block_size)
     out = []
     for p in planned:
@@ -102,8 +104,9 @@ def describe(causes: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
     for tenant, t in sorted(causes.items()):
         prompt = max(1, t["prompt_tokens"])
+        # Counters, or plain dicts once read back from a run's JSON (the lab's prefix.json)
         lost = ", ".join(f"{cause} {n / prompt * 100:.1f} ({t['requests_by_cause'][cause]})"
-                         for cause, n in t["lost"].most_common())
+                         for cause, n in collections.Counter(t["lost"]).most_common())
         lines.append(f"      misses {tenant}: hit {t['hits'] / prompt * 100:.1f}% of "
                      f"possible {t['possible'] / prompt * 100:.1f}% ({t['requests']} req); "
                      f"lost points (requests): {lost or '-'}")

@@ -284,6 +284,9 @@ class LabRunner:
         if prefix_lab.is_prefix(self.exp):
             if self._stack().set_prefix_affinity(run.mode in prefix.HANDOFF_MODES):
                 time.sleep(2.0)  # the agents take the opt-in from their reports' answers
+            # every mode starts alike: no entry of an earlier round, caches empty (the
+            # bench's Cluster.reset_caches does the same)
+            prefix_lab.withdraw_affinity(self._stack().http, self._stack().agent_token)
             prefix_lab.reset_caches(self.plan)
             before = prefix_lab.emulator_metrics(self.plan)
             affinity_before = self._stack().get("/affinity")
@@ -334,13 +337,20 @@ class LabRunner:
         if prefix_lab.is_prefix(self.exp):
             records = [json.loads(line) for out in outputs if out.exists()
                        for line in out.read_text().splitlines() if line.strip()]
+            router_log = self._stack().router_log(run.mode) \
+                if run.mode in prefix.L7_MODES else None
             figures = prefix_lab.run_figures(
                 run.mode, records, before, prefix_lab.emulator_metrics(self.plan),
-                self.exp.duration, self._stack().router_log(run.mode)[log_before:]
-                if run.mode in prefix.L7_MODES else None)
+                self.exp.duration, router_log[log_before:] if router_log is not None
+                else None, router_log)
             figures["affinity"] = prefix_lab.affinity_change(affinity_before,
                                                              self._stack().get("/affinity"))
             figures["repeat"], figures["workload"] = run.repeat, self.exp.workload
+            if self.exp.workload != "free":  # prompts that share nothing miss nothing
+                by_host = {h: [json.loads(line) for line in (folder / f"requests-{h}.jsonl")
+                               .read_text().splitlines() if line.strip()]
+                           for h in loads if (folder / f"requests-{h}.jsonl").exists()}
+                figures["misses"] = prefix_lab.misses(loads, by_host)
             figures["handoff_paths"] = prefix_lab.handoff_paths(self.plan, records)
             figures["decisions"] = {
                 k: v - decided_before.get(k, 0.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
 from tests.manual_clock import Clock
@@ -204,3 +205,25 @@ def test_the_agents_client_reports_affinity_and_hears_the_refusal(rig):
     assert got["backend"] == "gpu1-llama" and got["switches"] == ["s1"]
     assert refused == 403
     assert set(switch_entries(live.ctl)) == {0x0A000109}
+
+
+def test_the_labs_withdrawal_empties_the_table_before_a_mode_and_says_how_many(rig):
+    """The lab withdraws every entry before each mode (prefix_lab.withdraw_affinity): with
+    --repeat, a round's prefix-affinity run started with the previous round's entries,
+    naming backends whose caches had since been emptied."""
+    from tokenfabric.lab.prefix_lab import withdraw_affinity
+
+    live, _ = rig
+    for client in ("10.0.1.7", "10.0.1.8", "10.0.1.9"):
+        assert learn(live, client).status_code == 200
+    api = httpx.Client(base_url=live.url + "/api/v1", timeout=10,
+                       headers={"Authorization": f"Bearer {VIEWER}"})
+    # an agent token that may not speak for gpu1: refused, and nothing is lost
+    with pytest.raises(RuntimeError, match="403"):
+        withdraw_affinity(api, OTHER_AGENT)
+    assert len(switch_entries(live.ctl)) == 3
+    assert withdraw_affinity(api, AGENT) == 3
+    assert switch_entries(live.ctl) == {}
+    view = api.get("/affinity").json()
+    assert view["switches"].get("s1", []) == [] and view["stats"]["withdrawn"] == 3
+    assert withdraw_affinity(api, AGENT) == 0

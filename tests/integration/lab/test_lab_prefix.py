@@ -100,6 +100,16 @@ def test_prefix_experiment_on_leafspine_steers_from_the_clients_leaf_repeated(tm
                        if sw != "tflleaf1"), steering
             # the bridges looked the prompts up: every request got a decision
             assert sum(f["decisions"].values()) >= f["ok"] * 0.5, f["decisions"]
+            # each round starts without the previous round's entries (withdrawn before
+            # every mode): its own reports install them anew
+            assert f["affinity"]["installed"] > 0, (key, f["affinity"])
+            # the miss analysis, with the bridges' decisions the load generator recorded
+            records = [json.loads(line) for line in
+                       (folder / "runs" / key / "requests.jsonl").read_text().splitlines()]
+            assert sum(1 for r in records if r.get("decision")) >= f["ok"] * 0.5
+            assert {"devices", "appserver"} <= set(f["misses"]), f["misses"]
+            assert all(t["possible"] > 0 and t["hits"] > 0
+                       for t in f["misses"].values()), f["misses"]
     assert sum(steered) > 0, steered  # the switch steered clients by their entries
     # backends sit on leaves 2 and 3: some handoffs went leaf - spine - leaf
     across = [json.loads((folder / "runs" / k / "prefix.json").read_text())["handoff_paths"]
@@ -115,5 +125,6 @@ def test_prefix_experiment_on_leafspine_steers_from_the_clients_leaf_repeated(tm
         assert 0 < low <= s["hit_rate_usage"] <= high <= 1
     assert "| prefix-affinity | 2 |" in summary and "90% two-level bootstrap" in summary
     assert "tflleaf1 " in summary and "teardown: clean" in summary
+    assert "prefix-affinity (run 2): misses devices: hit" in summary
     assert (folder / "prefix.png").read_bytes()[:4] == b"\x89PNG"
     assert leftover_links() == [] and host_shells() == []

@@ -21,6 +21,7 @@ class TinySSE:
                  backend: str = "b1", mode: str = "ok") -> None:
         self.first_delay, self.token_delay = first_delay, token_delay
         self.backend, self.mode = backend, mode
+        self.headers: dict[str, str] = {}  # more answer headers (a bridge's, say)
         self.peers: list[str] = []
         self.bodies: list[dict] = []
         self.runner: web.AppRunner | None = None
@@ -34,7 +35,7 @@ class TinySSE:
             return web.Response(status=429, headers={"Retry-After": "2"}, text="over budget")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "X-Tokenfabric-Backend": self.backend,
-                                           "Connection": "close"})
+                                           "Connection": "close", **self.headers})
         await resp.prepare(request)
         await asyncio.sleep(self.first_delay)
         n = int(body["max_tokens"])

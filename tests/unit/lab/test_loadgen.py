@@ -128,6 +128,18 @@ async def test_a_conversations_next_turn_waits_for_the_previous_answer():
     assert second["ttft"] < 0.4 + 0.3
 
 
+async def test_records_keep_the_bridges_handoff_decision_when_it_sends_one():
+    # the lab's agents answer with X-Tokenfabric-Handoff-Decision (decision_header): the
+    # miss analysis reads each request's cause from it (prefix_misses)
+    said = "no_gain; blocks=12; here=3; longest=tflb2:12; gain=-4.1"
+    server = TinySSE(backend="tflb1")
+    server.headers = {"X-Tokenfabric-Handoff-Decision": said}
+    records, _ = await _with_server(server, _load)
+    assert records and all(r["ok"] and r["decision"] == said for r in records)
+    records, _ = await _with_server(TinySSE(), _load)
+    assert records and all(r["ok"] and r["decision"] is None for r in records)
+
+
 async def test_shed_requests_record_429_and_retry_after():
     server = TinySSE(mode="429")
     records, _ = await _with_server(server, _load)

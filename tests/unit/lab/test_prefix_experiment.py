@@ -44,7 +44,41 @@ def test_a_baseline_that_fell_back_makes_its_run_invalid():
     assert prefix.baseline_evidence("vllm-cache_aware", decided, 400, 100)[0]
     assert prefix.baseline_evidence("vllm-power_of_two", "", 0, 100)[0]
     assert not prefix.baseline_evidence("sglang-cache_aware", "policy: random", 0, 10)[0]
-    assert prefix.baseline_evidence("sglang-cache_aware", "policy=CacheAware", 0, 10)[0]
+    routed = "DEBUG smg::observability::events: Sending request url=http://10.0.0.11:8001\n"
+    assert prefix.baseline_evidence("sglang-cache_aware", "policy=CacheAware\n" + routed * 10,
+                                    0, 10)[0]
+
+
+# sglang-router 0.3.2's own lines (lab log, ANSI colours as it writes them)
+SGLANG_START = ("\x1b[2m2026-12-05 12:55:00\x1b[0m \x1b[32m INFO\x1b[0m smg::policies::registry: "
+                "registry.rs:89: Assigning policy cache_aware to new model unknown\n")
+SGLANG_EVICTION = ("\x1b[2m2026-12-05 12:55:59\x1b[0m \x1b[34mDEBUG\x1b[0m "
+                   "\x1b[2msmg::policies::cache_aware\x1b[0m: /src/policies/cache_aware.rs:114: "
+                   "Cache eviction completed for model unknown, max_size: 67108864\n")
+SGLANG_ROUTED = ("\x1b[2m2026-12-05 12:57:05\x1b[0m \x1b[34mDEBUG\x1b[0m http_request{method=POST "
+                 "uri=/v1/chat/completions}: smg::observability::events: events.rs:58: "
+                 "Sending request url=http://10.0.0.13:8001\n")
+
+
+def test_sglang_evidence_of_a_later_round_comes_from_its_start_up_and_the_rounds_requests():
+    """The lab's repeated rounds share one sglang-router: a round's part of its log lacks
+    the start-up line that names the policy (it was judged INVALID then, unless its
+    once-a-minute eviction line, from cache_aware.rs, happened to fall in the round)."""
+    startup = SGLANG_START + SGLANG_ROUTED * 5
+    this_round = SGLANG_ROUTED * 12
+    ok, why = prefix.baseline_evidence("sglang-cache_aware", this_round, 0, 12,
+                                       startup + this_round)
+    assert ok and "12 requests routed" in why
+    # the round's part alone names no policy
+    assert not prefix.baseline_evidence("sglang-cache_aware", this_round, 0, 12)[0]
+    # the eviction line's source path is no evidence of the policy
+    ok, why = prefix.baseline_evidence("sglang-cache_aware", SGLANG_EVICTION + this_round,
+                                       0, 12)
+    assert not ok and "does not name" in why
+    # requests that did not go through the router
+    ok, why = prefix.baseline_evidence("sglang-cache_aware", SGLANG_ROUTED * 3, 0, 12,
+                                       startup)
+    assert not ok and "3 routed requests for 12" in why
 
 
 def test_mode_figures_count_handoffs_per_tenant():

@@ -43,6 +43,7 @@ def test_the_opt_in_and_the_agents_handoff_settings(tmp_path):
     backend = lab.hosts["tflb1"]
     cfg = agent_config(lab, backend, 1, "t", extra=prefix_lab.agent_settings(secret))["agent"]
     assert cfg["handoff"]["secret_file"] == str(secret)
+    assert cfg["handoff"]["decision_header"] is True  # the lab's miss analysis reads it
     assert cfg["kv_events_endpoint"] == prefix_lab.KV_EVENTS
     from tokenfabric.hostagent.config import AgentConfig
     assert "lookup_timeout" not in cfg["handoff"]  # the agent's own default
@@ -196,3 +197,33 @@ def test_handoff_paths_tell_the_fabric_from_one_switch():
                {"ok": False, "handoff_from": "tflb4", "backend": "tflb1"},
                {"ok": True, "handoff_from": None, "backend": "tflb1"}]
     assert prefix_lab.handoff_paths(lab, records) == {"same_switch": 1, "across_fabric": 1}
+
+
+def test_misses_join_each_hosts_records_to_its_own_schedule():
+    """Ids count per client host: the miss analysis keys each host's records by its own
+    planned requests, and names the first bridge's decision as the cause of a miss."""
+    exp = experiment("prefix", 20)
+    lab = lab_plan(exp, "single")
+    loads = workloads(exp, exp.runs[0], lab)
+    sent = {h: plan(w) for h, w in loads.items()}
+    host = "tflc1"
+    conv = next(r.conversation for r in sent[host] if r.turn == 1)
+    turns = sorted((r for r in sent[host] if r.conversation == conv and r.turn in (0, 1)),
+                   key=lambda r: r.turn)
+
+    def record(r, backend, cached, decision=None):
+        return {"id": r.index, "ok": True, "start": r.offset, "backend": backend,
+                "tenant": r.tenant.name, "prompt_tokens": r.prompt_tokens,
+                "cached_tokens": cached, "decision": decision, "handoff_from": None}
+    # turn 1 served away from turn 0's backend; the bridge there decided no_gain
+    got = prefix_lab.misses(loads, {host: [
+        record(turns[0], "tflb1", 0),
+        record(turns[1], "tflb2", 0, "no_gain; blocks=40; here=0; longest=tflb1:30")]})
+    tenant = got[turns[0].tenant.name]
+    assert tenant["requests"] == 2 and tenant["hits"] == 0 and tenant["possible"] > 0
+    assert set(tenant["lost"]) == {"away:no_gain"}
+    # the other host's records with the same ids are its own requests, not these
+    other = next(h for h in loads if h != host)
+    first = sent[other][0]
+    alone = prefix_lab.misses(loads, {other: [record(first, "tflb1", 0)]})
+    assert sum(t["requests"] for t in alone.values()) == 1

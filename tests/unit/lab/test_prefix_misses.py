@@ -3,6 +3,9 @@ prefixes are known: what could have hit, what did, and why not."""
 
 from __future__ import annotations
 
+import collections
+import json
+
 from tokenfabric.lab.prefix_misses import describe, miss_causes, request_keys
 from tokenfabric.lab.workloads import Planned
 
@@ -66,3 +69,15 @@ def test_failed_requests_and_unknown_ids_are_left_out():
     keys = request_keys([Planned(0.0, SYSTEM, 4)], "completions")
     records = [{**_record(0, 0.0, "b1", 64, 0), "ok": False}, _record(7, 1.0, "b1", 64, 0)]
     assert miss_causes(records, keys) == {}
+
+
+def test_the_description_reads_causes_back_from_json():
+    """The lab writes each run's causes into prefix.json and describes them from there:
+    plain dicts, not Counters."""
+    causes = {"devices": {"requests": 3, "prompt_tokens": 1000, "possible": 800, "hits": 600,
+                          "lost": collections.Counter({"evicted": 120, "away:no_gain": 80}),
+                          "requests_by_cause": collections.Counter({"evicted": 1,
+                                                                    "away:no_gain": 2})}}
+    again = json.loads(json.dumps(causes))
+    assert describe(again) == describe(causes)
+    assert "evicted 12.0 (1), away:no_gain 8.0 (2)" in describe(again)[0]
