@@ -77,7 +77,7 @@ DECISION_HEADER = "X-Tokenfabric-Handoff-Decision"
 # a holder's refusal at receipt (admit_check): 503 with this header naming the reason; the
 # origin serves the request itself (decision peer_refused)
 REFUSED_HEADER = "X-Tokenfabric-Handoff-Refused"
-REFUSALS = ("signature", "no_gain", "busy")  # why a handoff was refused at receipt
+REFUSALS = ("signature", "no_gain", "busy", "slow")  # why a handoff was refused at receipt
 MAX_CLOCK_SKEW_S = 30.0      # a signed handoff older (or newer) than this is refused
 MAX_KEYS = 8192              # the index's lookup bound (controller/prefix_index.py)
 RELAY_SMOOTHING = 0.2
@@ -176,6 +176,10 @@ class HandoffSettings:
                                          # and re-check it at receipt against the exact
                                          # queue here: a handoff that no longer pays is
                                          # refused (503) and the origin serves it (`admit`)
+    admit_max_wait_ms: float = 0.0       # with admit_check: also refuse when the exact wait
+                                         # for a slot here exceeds the origin's by more than
+                                         # this (a TTFT guard the cache weight cannot buy
+                                         # off; 0: off)
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZERS:
@@ -395,11 +399,17 @@ def admit(settings: HandoffSettings, offer: Valuation, here: LocalLoad) -> str |
     up to `cache_ttl` + a report's age old, plus only its own handoffs in flight; here
     the queue is known exactly (`here`: the bridge's own requests in flight and the
     delay model's wait), so the same net gain is worked out again with it: saved minus
-    the queue here beyond the origin's, minus the relay."""
+    the queue here beyond the origin's, minus the relay. `admit_max_wait_ms`: a queue
+    here that much longer than the origin's is refused whatever the cache is worth (the
+    shared cache weight prices 30-55 blocks at seconds of queue; the TTFT tail is made of
+    such waits)."""
     if here.running + here.waiting > settings.max_peer_load * here.capacity:
         return "busy"
     wait_s = here.expected_wait_s if here.expected_wait_s is not None else \
         queue_wait_s(here.running, here.waiting, here.capacity, here.service_s)
+    if settings.admit_max_wait_ms > 0 and \
+            wait_s * 1000 - offer.wait_here_ms > settings.admit_max_wait_ms:
+        return "slow"
     net = offer.saved_ms - max(0.0, wait_s * 1000 - offer.wait_here_ms) - offer.relay_ms
     return None if net >= settings.min_gain_ms else "no_gain"
 

@@ -96,3 +96,14 @@ def test_a_handoff_decision_carries_the_figures_it_was_made_on():
     assert admit(s, offer, LocalLoad(4, 2, 4, expected_wait_s=0.525)) is None
     deep = dataclasses.replace(s, max_peer_load=4.0)
     assert admit(deep, offer, LocalLoad(4, 12, 4, expected_wait_s=5.0)) == "no_gain"
+
+
+def test_a_wait_guard_refuses_a_long_queue_whatever_the_cache_is_worth():
+    s = HandoffSettings(secret=SECRET, admit_max_wait_ms=250.0)
+    rich = Valuation(saved_ms=5000.0, wait_here_ms=100.0, wait_there_ms=0.0, relay_ms=3.0)
+    # 300 ms here against 100 at the origin: 200 ms longer, within the guard
+    assert admit(s, rich, LocalLoad(4, 1, 4, expected_wait_s=0.3)) is None
+    # 400 ms: 300 longer than the origin's, refused although 5 s of cache pays for it
+    assert admit(s, rich, LocalLoad(4, 2, 4, expected_wait_s=0.4)) == "slow"
+    off = dataclasses.replace(s, admit_max_wait_ms=0.0)
+    assert admit(off, rich, LocalLoad(4, 2, 4, expected_wait_s=0.4)) is None
