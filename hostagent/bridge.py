@@ -64,8 +64,11 @@ from tokenfabric.hostagent.handoff import (
     HANDOFF_MS_HEADER,
     LOCAL_AFTER_LOOKUP,
     LOOKUP_MS_HEADER,
+    REFUSED_HEADER,
     Decision,
     Handoff,
+    LocalLoad,
+    admit,
     verify,
 )
 from tokenfabric.hostagent.http1 import (
@@ -152,6 +155,23 @@ class BridgeSettings:
         return RequestLimits(max_head=self.max_header_bytes, max_headers=self.max_headers,
                              max_body=self.max_body_bytes, head_timeout=self.head_timeout,
                              request_timeout=self.request_timeout)
+
+
+class HandoffRefused(HttpError):
+    """This backend refuses a handoff at receipt (admit_check): 503, the reason named in
+    REFUSED_HEADER, before anything went to vLLM."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(503, f"handoff refused here: {reason}", "handoff_refused")
+        self.reason = reason
+
+
+class PeerRefused(Exception):
+    """The peer refused our handoff at receipt; the request is still whole here."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Exchange:
@@ -526,16 +546,26 @@ class Bridge:
                     upstream_reader, upstream = handed
                     charge.muted = True
                     usage.requests = 0
+                    try:
+                        await self._relay(exchange, upstream_reader, writer, usage, charge)
+                    except PeerRefused as refused:
+                        # the holder's exact queue said no (admit_check): nothing was sent
+                        # to the client or charged yet, so this backend serves it now
+                        upstream.close()
+                        self._peer_refused(exchange, refused.reason)
+                        charge.muted = False
+                        usage.requests = 1
+                        upstream_reader, upstream = await self._serve_here(
+                            exchange, received, None, charge)
+                        await self._relay(exchange, upstream_reader, writer, usage, charge)
                 else:
-                    upstream_reader, upstream = await self._connect(request)
-                    if self._cached_here(exchange, received):
-                        self._affinity(exchange.client)
-                    self._claim(exchange, claim_body)
+                    upstream_reader, upstream = await self._serve_here(
+                        exchange, received, claim_body, charge)
                     claim_body = None
-                    self._charge(charge, exchange.prompt_estimate, 0)
-                    if self.delay is not None:
-                        exchange.delay_key = self.delay.start(exchange.max_tokens)
-                await self._relay(exchange, upstream_reader, writer, usage, charge)
+                    await self._relay(exchange, upstream_reader, writer, usage, charge)
+            except HandoffRefused as exc:
+                usage.requests = 0  # the origin serves and accounts it
+                self._send_error(writer, exc)
             except HttpError as exc:
                 usage.errors = 1
                 self._send_error(writer, exc)
@@ -569,6 +599,45 @@ class Bridge:
                     upstream.close()
             if usage.requests or usage.rejected:
                 self._account(tenant, usage)
+
+    async def _serve_here(self, exchange: _Exchange, received: bool,
+                          claim_body: dict | None, charge: _Charge
+                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The request sent to this backend's vLLM, and its bookkeeping: affinity, claim,
+        the first charge, the delay model."""
+        upstream = await self._connect(exchange.request)
+        if self._cached_here(exchange, received):
+            self._affinity(exchange.client)
+        self._claim(exchange, claim_body)
+        self._charge(charge, exchange.prompt_estimate, 0)
+        if self.delay is not None:
+            exchange.delay_key = self.delay.start(exchange.max_tokens)
+        return upstream
+
+    def _peer_refused(self, exchange: _Exchange, reason: str) -> None:
+        """The holder refused the handoff at receipt: no longer in flight there, and the
+        decision is `peer_refused` (counted; served here)."""
+        assert self.handoff is not None and exchange.decision is not None \
+            and exchange.decision.peer is not None
+        log.debug("handoff to %s refused (%s): serving here", exchange.decision.peer.name,
+                  reason)
+        self.handoff.end(exchange.decision.peer)
+        exchange.handed_at = None
+        exchange.decision.decision = "peer_refused"
+        exchange.decision.peer = None
+        self.handoff.refused_by_peer()
+
+    def exact_load(self) -> LocalLoad | None:
+        """This backend's queue as the bridge knows it exactly: the requests it relays to
+        vLLM now and the delay model's wait for a slot (None without the delay model)."""
+        delay = self.delay
+        if delay is None:
+            return None
+        busy = len(delay.requests)
+        wait = max(0.0, delay.expected_ttft() - delay.prefill)
+        return LocalLoad(min(busy, delay.capacity), max(0, busy - delay.capacity),
+                         delay.capacity, wait,
+                         delay.prefill + delay.output_tokens * delay.tpot)
 
     def _charge(self, charge: _Charge, prompt: int, completion: int) -> None:
         """Charge the tenant `prompt` and `completion` more tokens (USAGE beacons)."""
@@ -653,11 +722,17 @@ class Bridge:
             verify(self.handoff.settings.secret, value, request.body)
         if verified is None:
             if self.handoff is not None:
-                self.handoff.metrics.refused.labels(self.handoff.backend).inc()
+                self.handoff.metrics.refuse("signature")
             raise HttpError(403, "a handoff needs a valid X-Tokenfabric-Handoff signature",
                             "forbidden")
-        tenant = self.tenants.by_name_or_id(str(verified.tenant_id)) or UNKNOWN
         assert self.handoff is not None
+        if self.handoff.settings.admit_check and verified.valuation is not None:
+            here = self.exact_load() or self.handoff.local_load()
+            reason = admit(self.handoff.settings, verified.valuation, here)
+            if reason is not None:
+                self.handoff.metrics.refuse(reason)
+                raise HandoffRefused(reason)
+        tenant = self.tenants.by_name_or_id(str(verified.tenant_id)) or UNKNOWN
         self.handoff.metrics.took(verified.origin, tenant.name)
         return tenant, verified.client
 
@@ -669,7 +744,8 @@ class Bridge:
         peer = exchange.decision.peer
         assert peer is not None
         request = exchange.request
-        signed = self.handoff.header(exchange.tenant, request.body, exchange.client)
+        signed = self.handoff.header(exchange.tenant, request.body, exchange.client,
+                                     exchange.decision)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -685,8 +761,10 @@ class Bridge:
         # peer bridge's relay of the bytes adds what any bridge adds (bench_bridge.py)
         exchange.added_s = exchange.decision.lookup_ms / 1000 + exchange.handed_at - started
         self.handoff.begin(peer)
-        request.body = b""
-        request.release()
+        if not self.handoff.settings.admit_check:
+            request.body = b""
+            request.release()
+        # else the body stays until the peer's answer head: a refusal is served here
         return handed
 
     def _backend_headers(self) -> list[tuple[str, str]]:
@@ -703,6 +781,8 @@ class Bridge:
     def _send_error(self, writer: asyncio.StreamWriter, exc: HttpError) -> None:
         body = error_body(exc.status, exc.message, exc.kind)
         retry = [] if exc.retry_after is None else [("Retry-After", str(exc.retry_after))]
+        if isinstance(exc, HandoffRefused):
+            retry.append((REFUSED_HEADER, exc.reason))
         writer.write(response_head(exc.status, [*retry,
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
             *self._backend_headers(), ("Connection", "close")]) + body)
@@ -798,6 +878,13 @@ class Bridge:
                                 "bad_gateway") from exc
             answer.broken = f"malformed framing ({exc})"
         status = answer.status
+        if exchange.handed_at is not None:
+            refused = next((v for k, v in answer.headers if k == REFUSED_HEADER.lower()),
+                           None)
+            if status == 503 and refused is not None and exchange.request.body:
+                raise PeerRefused(refused[:32])
+            exchange.request.body = b""  # taken: no longer needed here
+            exchange.request.release()
         out = self._answer_headers(exchange, answer.headers)
         client.write(f"HTTP/1.1 {status} {answer.reason}\r\n".encode("latin-1")
                      + "".join(f"{k}: {v}\r\n" for k, v in out).encode("latin-1") + b"\r\n")

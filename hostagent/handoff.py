@@ -51,6 +51,7 @@ import collections
 import hashlib
 import hmac
 import logging
+import math
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -73,6 +74,10 @@ LOOKUP_MS_HEADER = "X-Tokenfabric-Prefix-Lookup-Ms"
 # the decision and the facts behind it (for the lab's miss analysis): "no_gain; blocks=38;
 # here=30; longest=b2:38; gain=-12.3"
 DECISION_HEADER = "X-Tokenfabric-Handoff-Decision"
+# a holder's refusal at receipt (admit_check): 503 with this header naming the reason; the
+# origin serves the request itself (decision peer_refused)
+REFUSED_HEADER = "X-Tokenfabric-Handoff-Refused"
+REFUSALS = ("signature", "no_gain", "busy", "slow")  # why a handoff was refused at receipt
 MAX_CLOCK_SKEW_S = 30.0      # a signed handoff older (or newer) than this is refused
 MAX_KEYS = 8192              # the index's lookup bound (controller/prefix_index.py)
 RELAY_SMOOTHING = 0.2
@@ -80,12 +85,12 @@ MAX_SHARED = 65536           # shared client addresses remembered per agent
 # decisions after which a prompt of at least min_blocks blocks is served here, so that its
 # blocks are cached here afterwards (report_local: the client's affinity follows)
 LOCAL_AFTER_LOOKUP = ("no_match", "short_prefix", "no_gain", "peer_busy", "lookup_failed",
-                      "lookup_busy")
+                      "lookup_busy", "peer_refused")
 TOKENIZERS = ("emulator", "vllm")
 LOOKUP_FAILURES = ("timeout", "status", "connection", "bad_answer")  # why a lookup failed
 DECISIONS = ("handoff", "handoff_home", "no_match", "local_longest", "short_prefix",
              "peer_busy", "no_gain", "short_prompt", "lookup_failed", "lookup_busy",
-             "relay_failed", "not_tokenized")
+             "relay_failed", "not_tokenized", "peer_refused")
 
 
 class SharedClients:
@@ -167,6 +172,14 @@ class HandoffSettings:
                                          # the bench showed no clear win (prefix-cache.md)
     claim_ttl_s: float = 5.0             # s a claim lasts unless a KV report confirms it
     claim_queue: int = 256               # prompts waiting to be claimed; more dropped
+    admit_check: bool = False            # sign the decision's valuation into the handoff,
+                                         # and re-check it at receipt against the exact
+                                         # queue here: a handoff that no longer pays is
+                                         # refused (503) and the origin serves it (`admit`)
+    admit_max_wait_ms: float = 0.0       # with admit_check: also refuse when the exact wait
+                                         # for a slot here exceeds the origin's by more than
+                                         # this (a TTFT guard the cache weight cannot buy
+                                         # off; 0: off)
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZERS:
@@ -206,6 +219,9 @@ class Decision:
     longest: tuple[str, int] | None = None  # the longest trusted peer holder, as looked up
     shared: bool = False             # weighed as a shared address's request
     keys: list[int] | None = None    # the prompt's block keys, when worked out (its claim)
+    saved_ms: float = 0.0            # a handoff's valuation: the prefill it saves...
+    wait_here_ms: float = 0.0        # ...the queue it avoids here, and the queue it
+    wait_there_ms: float = 0.0       # assumed at the peer (the holder re-checks it)
 
     def describe(self) -> str:
         """The DECISION_HEADER value: what was decided and what it was decided on."""
@@ -244,8 +260,10 @@ class HandoffMetrics:
                                  "Handoff decisions of this bridge, by outcome.",
                                  ["backend", "decision"], registry=self.registry)
         self.refused = Counter("tokenfabric_handoffs_refused",
-                               "Handoffs refused here (bad or missing signature).",
-                               ["backend"], registry=self.registry)
+                               "Handoffs refused here, by reason: signature (bad or "
+                               "missing), no_gain and busy (admit_check: the exact queue "
+                               "here no longer pays for it, or is over max_peer_load).",
+                               ["backend", "reason"], registry=self.registry)
         self.lookup_seconds = Histogram(
             "tokenfabric_prefix_lookup_seconds", "Time of the prefix-index lookups.",
             ["backend"], registry=self.registry,
@@ -279,6 +297,8 @@ class HandoffMetrics:
             ["backend", "reason"], registry=self.registry)
         for reason in LOOKUP_FAILURES:  # every reason shows, at 0 until it happens
             self.lookup_failures.labels(backend, reason)
+        for reason in REFUSALS:
+            self.refused.labels(backend, reason)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def lookup_failed(self, reason: str) -> None:
@@ -293,26 +313,49 @@ class HandoffMetrics:
         self.sent.labels(self.backend, peer, tenant).inc()
         self.counts[("sent", peer)] += 1
 
+    def refuse(self, reason: str) -> None:
+        self.refused.labels(self.backend, reason).inc()
+        self.counts[("refused", reason)] += 1
+
     def took(self, origin: str, tenant: str) -> None:
         self.received.labels(self.backend, origin, tenant).inc()
         self.counts[("received", origin)] += 1
 
 
 # -- signing ------------------------------------------------------------------------------
+class Valuation(NamedTuple):
+    """The origin's figures for a handoff (admit_check): the prefill it saves (cache
+    weight and stall included), the queue it avoids at the origin and the one it assumed
+    at the holder, and the relay's cost, all in ms."""
+    saved_ms: float
+    wait_here_ms: float
+    wait_there_ms: float
+    relay_ms: float
+
+    def encode(self) -> str:
+        return (f"saved={self.saved_ms:.1f}; here={self.wait_here_ms:.1f}; "
+                f"there={self.wait_there_ms:.1f}; relay={self.relay_ms:.1f}")
+
+
 class Handed(NamedTuple):
     """What a verified handoff header says: who handed it, whose it is, whose it was."""
     origin: str
     tenant_id: int
     client: str  # the client's address as the origin bridge saw it ("" unknown)
+    valuation: Valuation | None = None  # signed with it, when the origin re-checks
 
 
 def sign(secret: bytes, origin: str, tenant_id: int, body: bytes,
-         now: float | None = None, *, client: str = "") -> str:
+         now: float | None = None, *, client: str = "",
+         valuation: Valuation | None = None) -> str:
     """The X-Tokenfabric-Handoff value of a request of `client` handed on by `origin`.
-    The client's address is signed too: the receiving agent reports affinity for it."""
+    The client's address is signed too: the receiving agent reports affinity for it; so
+    is the valuation, when given: the receiving agent re-checks it (`admit`)."""
     stamp = int(time.time() if now is None else now)
-    digest = _mac(secret, origin, tenant_id, client, stamp, body)
-    return f"origin={origin}; tenant={tenant_id}; client={client}; ts={stamp}; sig={digest}"
+    figures = "" if valuation is None else valuation.encode()
+    digest = _mac(secret, origin, tenant_id, client, stamp, body, figures)
+    head = f"origin={origin}; tenant={tenant_id}; client={client}; ts={stamp}; "
+    return head + (f"{figures}; " if figures else "") + f"sig={digest}"
 
 
 def verify(secret: bytes, value: str, body: bytes,
@@ -322,21 +365,53 @@ def verify(secret: bytes, value: str, body: bytes,
         fields = dict(part.strip().split("=", 1) for part in value.split(";"))
         origin, tenant_id, stamp = fields["origin"], int(fields["tenant"]), int(fields["ts"])
         client, given = fields["client"], fields["sig"]
+        valuation = None
+        if "saved" in fields:
+            valuation = Valuation(*(float(fields[k]) for k in
+                                    ("saved", "here", "there", "relay")))
+            if not all(math.isfinite(v) for v in valuation):
+                return None
     except (KeyError, ValueError):
         return None
     now = time.time() if now is None else now
     if abs(now - stamp) > MAX_CLOCK_SKEW_S:
         return None
-    if not hmac.compare_digest(given, _mac(secret, origin, tenant_id, client, stamp, body)):
+    # the valuation as sent: its exact text is what was signed
+    figures = "" if valuation is None else "; ".join(
+        f"{k}={fields[k]}" for k in ("saved", "here", "there", "relay"))
+    if not hmac.compare_digest(given, _mac(secret, origin, tenant_id, client, stamp, body,
+                                           figures)):
         return None
-    return Handed(origin, tenant_id, client)
+    return Handed(origin, tenant_id, client, valuation)
 
 
 def _mac(secret: bytes, origin: str, tenant_id: int, client: str, stamp: int,
-         body: bytes) -> str:
+         body: bytes, figures: str = "") -> str:
     message = (f"{origin}|{tenant_id}|{client}|{stamp}|"
-               f"{hashlib.sha256(body).hexdigest()}").encode()
+               f"{hashlib.sha256(body).hexdigest()}"
+               + (f"|{figures}" if figures else "")).encode()
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def admit(settings: HandoffSettings, offer: Valuation, here: LocalLoad) -> str | None:
+    """The holder's re-check at receipt (admit_check): None to take the handoff, else
+    why not (one of REFUSALS). The origin priced this backend's queue from a load report
+    up to `cache_ttl` + a report's age old, plus only its own handoffs in flight; here
+    the queue is known exactly (`here`: the bridge's own requests in flight and the
+    delay model's wait), so the same net gain is worked out again with it: saved minus
+    the queue here beyond the origin's, minus the relay. `admit_max_wait_ms`: a queue
+    here that much longer than the origin's is refused whatever the cache is worth (the
+    shared cache weight prices 30-55 blocks at seconds of queue; the TTFT tail is made of
+    such waits)."""
+    if here.running + here.waiting > settings.max_peer_load * here.capacity:
+        return "busy"
+    wait_s = here.expected_wait_s if here.expected_wait_s is not None else \
+        queue_wait_s(here.running, here.waiting, here.capacity, here.service_s)
+    if settings.admit_max_wait_ms > 0 and \
+            wait_s * 1000 - offer.wait_here_ms > settings.admit_max_wait_ms:
+        return "slow"
+    net = offer.saved_ms - max(0.0, wait_s * 1000 - offer.wait_here_ms) - offer.relay_ms
+    return None if net >= settings.min_gain_ms else "no_gain"
 
 
 # -- the cost model -----------------------------------------------------------------------
@@ -423,6 +498,8 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
     if settings.cache_weight_by_eviction:
         cache_weight *= 1.0 if pressure is None else min(1.0, max(0.0, pressure))
 
+    parts: dict[str, tuple[float, float]] = {}  # peer -> (saved ms, its queue ms)
+
     def gain_of(peer: Peer, bonus_blocks: int) -> float:
         extra = max(0, peer.cached_blocks - local_blocks)
         busy = peer.running + peer.waiting + pending.get(peer.name, 0)
@@ -432,6 +509,7 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
         saved_ms = ((1 + cache_weight) * extra + settings.stall_weight * stall
                     + settings.home_weight * bonus_blocks) * per_block
         peer_wait = queue_wait_s(busy, 0, peer.capacity, local.service_s)
+        parts[peer.name] = (saved_ms, peer_wait * 1000)
         return saved_ms - max(0.0, peer_wait - local_wait) * 1000 - relay_ms
 
     def too_busy(peer: Peer) -> bool:
@@ -482,7 +560,9 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
             top_gain = gain if top_gain == 0.0 else max(top_gain, gain)
             continue
         if best is None or gain > best.gain_ms:
-            best = Decision("handoff", peer, gain, local_blocks=local_blocks, home=is_home)
+            best = Decision("handoff", peer, gain, local_blocks=local_blocks, home=is_home,
+                            saved_ms=parts[peer.name][0], wait_here_ms=local_wait * 1000,
+                            wait_there_ms=parts[peer.name][1])
     if best is not None:
         best.prompt_blocks, best.longest, best.shared = prompt_blocks, longest, shared
         return best
@@ -760,14 +840,25 @@ class Handoff:
     def failed(self) -> None:
         self.metrics.decided("relay_failed")
 
-    def header(self, tenant: Tenant, body: bytes, client: str) -> str:
-        return sign(self.settings.secret, self.backend, tenant.tenant_id, body, client=client)
+    def header(self, tenant: Tenant, body: bytes, client: str,
+               decision: Decision | None = None) -> str:
+        """The signed handoff header; with admit_check, the decision's valuation in it."""
+        valuation = None
+        if self.settings.admit_check and decision is not None:
+            valuation = Valuation(decision.saved_ms, decision.wait_here_ms,
+                                  decision.wait_there_ms, self.relay_ms)
+        return sign(self.settings.secret, self.backend, tenant.tenant_id, body, client=client,
+                    valuation=valuation)
+
+    def refused_by_peer(self) -> None:
+        """The holder refused at receipt (admit_check): served here."""
+        self.metrics.decided("peer_refused")
 
     def summary(self) -> dict[str, Any]:
         """For the agent's report and logs: counts by decision, sent, received, and the
         affinity reports' by outcome."""
         out: dict[str, dict[str, int]] = {"decision": {}, "sent": {}, "received": {},
-                                          "affinity": {}, "lookup_failed": {}}
+                                          "affinity": {}, "lookup_failed": {}, "refused": {}}
         for (kind, name), n in self.metrics.counts.items():
             out.setdefault(kind, {})[name] = n
         return {**out, "relay_ms": round(self.relay_ms, 3)}

@@ -60,7 +60,7 @@ def test_a_handoff_signature_binds_origin_tenant_client_time_and_body():
     body = b'{"prompt": "hi"}'
     value = sign(SECRET.encode(), "gpu1", 5, body, now=1000.0, client="10.0.1.7")
     handed = verify(SECRET.encode(), value, body, now=1010.0)
-    assert handed == ("gpu1", 5, "10.0.1.7") and handed.client == "10.0.1.7"
+    assert handed == ("gpu1", 5, "10.0.1.7", None) and handed.client == "10.0.1.7"
     # the client's address is signed: another one in the header fails
     assert verify(SECRET.encode(), value.replace("client=10.0.1.7", "client=10.0.1.8"),
                   body, now=1010.0) is None
@@ -68,7 +68,7 @@ def test_a_handoff_signature_binds_origin_tenant_client_time_and_body():
     assert verify(SECRET.encode(), value.replace("client=10.0.1.7; ", ""), body,
                   now=1010.0) is None
     unknown = sign(SECRET.encode(), "gpu1", 5, body, now=1000.0)
-    assert verify(SECRET.encode(), unknown, body, now=1010.0) == ("gpu1", 5, "")
+    assert verify(SECRET.encode(), unknown, body, now=1010.0) == ("gpu1", 5, "", None)
     assert verify(SECRET.encode(), value, body + b" ", now=1010.0) is None   # other body
     assert verify(b"another-secret-000000", value, body, now=1010.0) is None
     assert verify(SECRET.encode(), value, body, now=1100.0) is None          # too old
