@@ -61,15 +61,19 @@ class RunOutcome:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) end the run like Ctrl-C, so the teardown runs."""
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP end the run with its teardown. SIGINT too, because a
+    process started in the background by a non-interactive shell (`cmd &`, a CI script)
+    inherits SIGINT as ignored, and Python then installs no Ctrl-C handler: a `kill -INT`
+    would leave the run going and, if its sender then kills it, the lab behind."""
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, interrupt)
+           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -186,7 +190,7 @@ class LabRunner:
             "tenants": [asdict(t) for t in self.exp.tenants],
             "runs": [asdict(r) for r in self.exp.runs]}, indent=2))
         outcomes: list[RunOutcome] = []
-        with _sigterm_as_interrupt():
+        with _signals_as_interrupt():
             try:
                 kind = "BMv2" if self.dataplane == "bmv2" else "Open vSwitch"
                 self.console.print(f"[bold]{self.exp.title}[/] on {self.topo}: building the "

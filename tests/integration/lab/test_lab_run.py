@@ -56,9 +56,12 @@ def test_quick_writes_results_and_leaves_nothing(tmp_path):
 
 
 def test_ctrl_c_mid_run_tears_everything_down(tmp_path):
+    # started with SIGINT ignored, as a background job of a script (`lab run ... &`, a CI
+    # runner) inherits it: the runner must still take it as Ctrl-C
     proc = subprocess.Popen(_lab(["--topo", "single", "--experiment", "quick", "--duration",
                                   "60"], tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
