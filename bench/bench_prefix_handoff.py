@@ -300,13 +300,8 @@ class Cluster:
 
     def decisions(self) -> dict[str, float]:
         """The agents' handoff decisions so far, summed over the backends."""
-        out: dict[str, float] = {}
-        for url in self.agent_metrics.values():
-            for line in httpx.get(url, timeout=10).text.splitlines():
-                if line.startswith("tokenfabric_handoff_decisions_total{"):
-                    kind = line.split('decision="', 1)[1].split('"', 1)[0]
-                    out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
-        return out
+        texts = [httpx.get(url, timeout=10).text for url in self.agent_metrics.values()]
+        return prefix.metric_sums(texts, "tokenfabric_handoff_decisions_total", "decision")
 
     def claims(self) -> dict[str, float]:
         """The index's claim counters so far, summed over the backends (a restarted agent's
@@ -553,23 +548,15 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     return figures
 
 
-QUEUE_BUCKET = "vllm:request_queue_time_seconds_bucket{"
-
-
 def queue_times(before: dict[str, str], after: dict[str, str]) -> dict[str, float] | None:
     """The emulators' time in the waiting queue during a run (vLLM's
     request_queue_time_seconds histogram, summed over backends): the requests, and the
     share that waited at most 0.5, 1, 2 and 5 s -- how long a claim must last for the
     requests it stands for to be admitted (the KV report follows within its interval)."""
     def buckets(texts: dict[str, str]) -> dict[float, float]:
-        out: dict[float, float] = {}
-        for text in texts.values():
-            for line in text.splitlines():
-                if line.startswith(QUEUE_BUCKET) and 'le="' in line:
-                    le = line.split('le="', 1)[1].split('"', 1)[0]
-                    bound = float("inf") if le == "+Inf" else float(le)
-                    out[bound] = out.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
-        return out
+        by_le = prefix.metric_sums(list(texts.values()),
+                                   "vllm:request_queue_time_seconds_bucket", "le")
+        return {float(le): n for le, n in by_le.items()}
     old, new = buckets(before), buckets(after)
     count = new.get(float("inf"), 0.0) - old.get(float("inf"), 0.0)
     if count <= 0:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokenfabric.lab.experiments import (
     EMULATOR_DECODE_BASE_MS,
@@ -208,11 +209,24 @@ def hit_rate(before: dict[str, tuple[float, float]],
     return hits / queries if queries > 0 else None
 
 
+def metric_sums(texts: Sequence[str], sample: str, label: str | None = None
+                ) -> dict[str, float]:
+    """The samples named `sample` in these /metrics texts, summed by the value of `label`
+    (None: all under ""), with prometheus_client's parser."""
+    out: dict[str, float] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == sample:
+                    key = s.labels.get(label, "") if label else ""
+                    out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
 def prefix_counters(metrics_text: str) -> tuple[float, float]:
     """(hits, queries) of one emulator's /metrics."""
     def total(name: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
-                   if line.startswith(name + "{") or line.startswith(name + " "))
+        return metric_sums([metrics_text], name).get("", 0.0)
     return total("vllm:prefix_cache_hits_total"), total("vllm:prefix_cache_queries_total")
 
 

@@ -285,23 +285,17 @@ def handoff_decisions(plan: LabPlan) -> dict[str, float]:
     decision: handoff, or why it served locally; `lookup_failed:REASON` splits the failed
     lookups by reason), summed over the backends; a backend
     whose agent does not answer counts nothing."""
-    out: dict[str, float] = {}
+    texts = []
     for host in plan.by_role("backend"):
         try:
-            text = httpx.get(f"http://{host.mgmt_ip}:{AGENT_METRICS_PORT}/metrics",
-                             timeout=5).text
+            texts.append(httpx.get(f"http://{host.mgmt_ip}:{AGENT_METRICS_PORT}/metrics",
+                                   timeout=5).text)
         except httpx.HTTPError:
             continue
-        for line in text.splitlines():
-            if line.startswith("tokenfabric_handoff_decisions_total{"):
-                kind = line.split('decision="', 1)[1].split('"', 1)[0]
-            elif line.startswith("tokenfabric_prefix_lookup_failures_total{"):
-                # lookup_failed split by reason: timeout, status, connection, bad_answer
-                kind = "lookup_failed:" + line.split('reason="', 1)[1].split('"', 1)[0]
-            else:
-                continue
-            out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
+    out = prefix.metric_sums(texts, "tokenfabric_handoff_decisions_total", "decision")
+    # lookup_failed split by reason: timeout, status, connection, bad_answer
+    failed = prefix.metric_sums(texts, "tokenfabric_prefix_lookup_failures_total", "reason")
+    return {**out, **{f"lookup_failed:{reason}": n for reason, n in failed.items()}}
 
 
 def handoff_paths(plan: LabPlan, records: list[dict[str, Any]]) -> dict[str, int]:
