@@ -543,8 +543,9 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     figures["turn_paths"] = miss_breakdown(records)
     # the slowest ~10 of the chat's 521: the p99 is made of them
     figures["tail"] = prefix_tail.tail_paths(records, TAIL_QUANTILE)
-    figures["misses"] = prefix_misses.miss_causes(
-        records, prefix_misses.request_keys(planned, endpoint))
+    keys = prefix_misses.request_keys(planned, endpoint)
+    figures["misses"] = prefix_misses.miss_causes(records, keys)
+    figures["copies"] = prefix_misses.system_copies(records, planned, keys)
     return figures
 
 
@@ -717,6 +718,11 @@ def report_group(label: str, results: dict[str, dict[str, Any]], verbose: bool =
                          f"{c['claims_dropped']:.0f} dropped by the bound")
         if f.get("misses"):
             lines += prefix_misses.describe(f["misses"])
+        if f.get("copies", {}).get("apps"):
+            c = f["copies"]
+            lines.append(f"      system prompts computed again beyond each app's first "
+                         f"(copies): {c['copies']} over {c['apps']} apps, "
+                         f"{c['points']:.2f} points of the hit rate")
         lines += prefix_tail.describe(f.get("tail"))
         if verbose and f.get("turn_paths"):
             lines.append("      turns by path (requests, hit, points of the tenant's hit rate "
