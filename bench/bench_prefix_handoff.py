@@ -303,6 +303,11 @@ class Cluster:
         texts = [httpx.get(url, timeout=10).text for url in self.agent_metrics.values()]
         return prefix.metric_sums(texts, "tokenfabric_handoff_decisions_total", "decision")
 
+    def refusals(self) -> dict[str, float]:
+        """The holders' refusals at receipt so far (admit_check), by reason, summed."""
+        texts = [httpx.get(url, timeout=10).text for url in self.agent_metrics.values()]
+        return prefix.metric_sums(texts, "tokenfabric_handoffs_refused_total", "reason")
+
     def claims(self) -> dict[str, float]:
         """The index's claim counters so far, summed over the backends (a restarted agent's
         backend starts at 0: take them after use_variant)."""
@@ -510,6 +515,7 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     cluster.reset_caches()
     before = cluster.metrics()
     decided = cluster.decisions()
+    refused = cluster.refusals()
     claimed = cluster.claims()
     endpoint = "chat" if workload.startswith("chat") else "completions"
     started = time.time()
@@ -532,6 +538,8 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
         log_text = cluster.router_logs[mode].read_text(errors="replace")
         figures["valid"], figures["evidence"] = prefix.baseline_evidence(
             mode, log_text, renders, len(records))
+    figures["refused"] = {k: v - refused.get(k, 0.0) for k, v in cluster.refusals().items()
+                          if v - refused.get(k, 0.0) > 0}
     if base_mode(mode) in prefix.HANDOFF_MODES:
         figures["claims"] = {k: v - claimed.get(k, 0.0) for k, v in cluster.claims().items()}
     figures["queue"] = queue_times(before, after)
@@ -706,6 +714,9 @@ def report_group(label: str, results: dict[str, dict[str, Any]], verbose: bool =
         if f.get("decisions"):
             lines.append("      handoff decisions: " + ", ".join(
                 f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
+        if f.get("refused"):
+            lines.append("      refused at receipt (the holders' admit_check): " + ", ".join(
+                f"{k} {v:.0f}" for k, v in sorted(f["refused"].items())))
         if f.get("queue"):
             q = f["queue"]
             lines.append(f"      queue (emulators): {q['requests']:.0f} requests, waited "
