@@ -31,7 +31,10 @@ cache decisions and /render calls, no render_unavailable); per tenant, the hits 
 could have been (no eviction) and the lost ones by cause -- evicted, or served away and
 why (the bridge's X-Tokenfabric-Handoff-Decision; tokenfabric/lab/prefix_misses.py);
 the TTFT tail (the requests at or above the 98th percentile) by path, generating backend
-and the requests in flight there when they arrived (tokenfabric/lab/prefix_tail.py).
+and the requests in flight there when they arrived (tokenfabric/lab/prefix_tail.py);
+the chat's system prompts computed again beyond each app's first (copies, one-time per app
+and backend: prefix_misses.system_copies); the holders' refusals at receipt by reason
+(admit_check variants).
 
 Targets (printed as ratios, PASS/FAIL):
 - hit rate of prefix modes >= the best L7 cache-aware router's;
