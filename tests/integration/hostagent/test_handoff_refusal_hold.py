@@ -11,13 +11,10 @@ again: gpu2 is still full)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from tests.integration.hostagent.test_handoff import CAPACITY, Rig, completion, wait_for, words
-from tests.integration.hostagent.test_handoff_admit import _running
+from tests.integration.hostagent.test_handoff_admit import _running, gpu2_full
 
 ORIGIN = {"admit_check": True, "max_peer_load": 100.0, "cache_weight": 1000.0,
           "shared_cache_weight": 1000.0, "refusal_hold_s": 30.0, "load_stale_s": 10.0}
@@ -54,15 +51,8 @@ def test_a_refused_holder_is_skipped_until_its_next_load_report(rig):
     systems = [words(f"hold{k}", 1600) for k in range(5)]
     for system in systems:
         rig.warm("gpu2", system + " first")
-    fillers: list[subprocess.Popen] = []
-    try:
-        # gpu2's two slots busy for ~8 s, through its own bridge (so it knows them exactly)
-        fillers = [subprocess.Popen(
-            [sys.executable, "-c", "import httpx,sys; httpx.post(sys.argv[1], timeout=60, "
-             "headers={'X-Tokenfabric-Tenant': 'plain'}, json={'model': 'tiny', 'prompt': "
-             "'fill ' + sys.argv[2], 'max_tokens': 400, 'ignore_eos': True})",
-             rig.bridges["gpu2"] + "/v1/completions", str(k)]) for k in range(CAPACITY)]
-        wait_for(lambda: _running(rig) == CAPACITY or None, "gpu2's slots filled", timeout=10)
+    # gpu2's two slots busy for ~8 s, through its own bridge (so it knows them exactly)
+    with gpu2_full(rig):
         # gpu1 must see gpu2's load after the fill, or it would not hand off at all
         seen = _reports(rig)
         wait_for(lambda: _reports(rig) > seen or None, "gpu2's next load report", timeout=10)
@@ -101,7 +91,3 @@ def test_a_refused_holder_is_skipped_until_its_next_load_report(rig):
         reply, _ = completion(rig, systems[4] + " after the report", max_tokens=4)
         assert reply.headers["x-tokenfabric-handoff-decision"].startswith("peer_refused; ")
         assert _refused_at_gpu2(rig) == refused + 1
-    finally:
-        for proc in fillers:
-            proc.kill()
-            proc.wait(timeout=5)
