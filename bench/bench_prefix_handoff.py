@@ -31,7 +31,10 @@ cache decisions and /render calls, no render_unavailable); per tenant, the hits 
 could have been (no eviction) and the lost ones by cause -- evicted, or served away and
 why (the bridge's X-Tokenfabric-Handoff-Decision; tokenfabric/lab/prefix_misses.py);
 the TTFT tail (the requests at or above the 98th percentile) by path, generating backend
-and the requests in flight there when they arrived (tokenfabric/lab/prefix_tail.py).
+and the requests in flight there when they arrived (tokenfabric/lab/prefix_tail.py);
+the chat's system prompts computed again beyond each app's first (copies, one-time per app
+and backend: prefix_misses.system_copies); the holders' refusals at receipt by reason
+(admit_check variants).
 
 Targets (printed as ratios, PASS/FAIL):
 - hit rate of prefix modes >= the best L7 cache-aware router's;
@@ -303,6 +306,11 @@ class Cluster:
         texts = [httpx.get(url, timeout=10).text for url in self.agent_metrics.values()]
         return prefix.metric_sums(texts, "tokenfabric_handoff_decisions_total", "decision")
 
+    def refusals(self) -> dict[str, float]:
+        """The holders' refusals at receipt so far (admit_check), by reason, summed."""
+        texts = [httpx.get(url, timeout=10).text for url in self.agent_metrics.values()]
+        return prefix.metric_sums(texts, "tokenfabric_handoffs_refused_total", "reason")
+
     def claims(self) -> dict[str, float]:
         """The index's claim counters so far, summed over the backends (a restarted agent's
         backend starts at 0: take them after use_variant)."""
@@ -510,6 +518,7 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     cluster.reset_caches()
     before = cluster.metrics()
     decided = cluster.decisions()
+    refused = cluster.refusals()
     claimed = cluster.claims()
     endpoint = "chat" if workload.startswith("chat") else "completions"
     started = time.time()
@@ -532,6 +541,8 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
         log_text = cluster.router_logs[mode].read_text(errors="replace")
         figures["valid"], figures["evidence"] = prefix.baseline_evidence(
             mode, log_text, renders, len(records))
+    figures["refused"] = {k: v - refused.get(k, 0.0) for k, v in cluster.refusals().items()
+                          if v - refused.get(k, 0.0) > 0}
     if base_mode(mode) in prefix.HANDOFF_MODES:
         figures["claims"] = {k: v - claimed.get(k, 0.0) for k, v in cluster.claims().items()}
     figures["queue"] = queue_times(before, after)
@@ -543,8 +554,9 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
     figures["turn_paths"] = miss_breakdown(records)
     # the slowest ~10 of the chat's 521: the p99 is made of them
     figures["tail"] = prefix_tail.tail_paths(records, TAIL_QUANTILE)
-    figures["misses"] = prefix_misses.miss_causes(
-        records, prefix_misses.request_keys(planned, endpoint))
+    keys = prefix_misses.request_keys(planned, endpoint)
+    figures["misses"] = prefix_misses.miss_causes(records, keys)
+    figures["copies"] = prefix_misses.system_copies(records, planned, keys)
     return figures
 
 
@@ -705,6 +717,9 @@ def report_group(label: str, results: dict[str, dict[str, Any]], verbose: bool =
         if f.get("decisions"):
             lines.append("      handoff decisions: " + ", ".join(
                 f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
+        if f.get("refused"):
+            lines.append("      refused at receipt (the holders' admit_check): " + ", ".join(
+                f"{k} {v:.0f}" for k, v in sorted(f["refused"].items())))
         if f.get("queue"):
             q = f["queue"]
             lines.append(f"      queue (emulators): {q['requests']:.0f} requests, waited "
@@ -717,6 +732,11 @@ def report_group(label: str, results: dict[str, dict[str, Any]], verbose: bool =
                          f"{c['claims_dropped']:.0f} dropped by the bound")
         if f.get("misses"):
             lines += prefix_misses.describe(f["misses"])
+        if f.get("copies", {}).get("apps"):
+            c = f["copies"]
+            lines.append(f"      system prompts computed again beyond each app's first "
+                         f"(copies): {c['copies']} over {c['apps']} apps, "
+                         f"{c['points']:.2f} points of the hit rate")
         lines += prefix_tail.describe(f.get("tail"))
         if verbose and f.get("turn_paths"):
             lines.append("      turns by path (requests, hit, points of the tenant's hit rate "

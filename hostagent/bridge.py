@@ -619,13 +619,13 @@ class Bridge:
         decision is `peer_refused` (counted; served here)."""
         assert self.handoff is not None and exchange.decision is not None \
             and exchange.decision.peer is not None
-        log.debug("handoff to %s refused (%s): serving here", exchange.decision.peer.name,
-                  reason)
-        self.handoff.end(exchange.decision.peer)
+        peer = exchange.decision.peer
+        log.debug("handoff to %s refused (%s): serving here", peer.name, reason)
+        self.handoff.end(peer)
         exchange.handed_at = None
         exchange.decision.decision = "peer_refused"
         exchange.decision.peer = None
-        self.handoff.refused_by_peer()
+        self.handoff.refused_by_peer(peer, reason)
 
     def exact_load(self) -> LocalLoad | None:
         """This backend's queue as the bridge knows it exactly: the requests it relays to

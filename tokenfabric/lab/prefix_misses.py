@@ -111,3 +111,46 @@ def describe(causes: dict[str, dict[str, Any]]) -> list[str]:
                      f"possible {t['possible'] / prompt * 100:.1f}% ({t['requests']} req); "
                      f"lost points (requests): {lost or '-'}")
     return lines
+
+
+def system_copies(records: Sequence[dict[str, Any]], planned: Sequence[Planned],
+                  keys: Sequence[list[int]], block_size: int = 16) -> dict[str, Any]:
+    """The chat's system prompts computed again: per app (its system message), the
+    requests that found fewer cached tokens than the blocks all of the app's requests
+    share (its system prompt), beyond the app's first (which no router can avoid). Each is
+    a copy onto another backend (or a recompute after eviction): a one-time cost per app
+    and backend, which a longer run dilutes. `points`: their uncached system-prompt tokens
+    as points of the run's hit rate (all prompt tokens). `records` are indexed like
+    `planned` and `keys` by their `id`."""
+    apps: dict[str, list[int]] = collections.defaultdict(list)
+    for index, p in enumerate(planned):
+        if p.messages and p.messages[0].get("role") == "system":
+            apps[p.messages[0]["content"]].append(index)
+    shared: dict[int, tuple[int, int]] = {}  # request -> (its app's number, shared tokens)
+    for number, members in enumerate(apps.values()):
+        common = keys[members[0]] if members else []
+        depth = len(common)
+        for index in members[1:]:
+            depth = min(depth, _held(keys[index], set(common[:depth])))
+        for index in members:
+            shared[index] = (number, depth * block_size)
+    copies, lost, prompt = 0, 0, 0
+    seen: set[int] = set()
+    for record in sorted(records, key=lambda r: r.get("start") or 0.0):
+        rid = record.get("id")
+        if not record.get("ok") or rid is None:
+            continue
+        prompt += int(record.get("prompt_tokens") or 0)
+        if rid not in shared or shared[rid][1] == 0:
+            continue
+        app, tokens = shared[rid]
+        got = int(record.get("cached_tokens") or 0)
+        if got >= tokens:
+            seen.add(app)
+            continue
+        if app in seen:
+            copies += 1
+            lost += tokens - got
+        seen.add(app)
+    return {"apps": len(apps), "copies": copies,
+            "points": lost / prompt * 100 if prompt else 0.0}

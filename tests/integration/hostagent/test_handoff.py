@@ -94,9 +94,11 @@ class Rig:
         self.handoff_port = free_port()
         self.api_port = 0  # the controller's, once started
 
-    def start(self, overrides: dict[int, dict[str, object]] | None = None) -> None:
+    def start(self, overrides: dict[int, dict[str, object]] | None = None,
+              agent_keys: dict[int, dict[str, object]] | None = None) -> None:
         """The controller, two emulators with KV events and an agent in front of each;
-        `overrides`: agent n's handoff keys over the rig's."""
+        `overrides`: agent n's handoff keys over the rig's; `agent_keys`: its agent keys
+        (e.g. report_interval)."""
         self.start_controller()
         for n in (1, 2):
             endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -110,7 +112,7 @@ class Rig:
             self.started.append(emulator.proc)
             self.emulators[f"gpu{n}"] = emulator
             self.start_agent(n, emulator.url, (endpoint, replay),
-                             **(overrides or {}).get(n, {}))
+                             (agent_keys or {}).get(n), **(overrides or {}).get(n, {}))
         self.wait_ready("gpu1", "gpu2")
 
     def start_controller(self) -> None:
@@ -133,7 +135,7 @@ class Rig:
                                    headers={"Authorization": f"Bearer {VIEWER}"})
 
     def start_agent(self, n: int, vllm_url: str, kv_events: tuple[str, str] | None,
-                    **handoff: object) -> None:
+                    agent_keys: dict[str, object] | None = None, **handoff: object) -> None:
         """Agent gpu`n` on 127.0.0.`n` in front of `vllm_url`, following its KV events
         (endpoint, replay endpoint) when given; `handoff` overrides the handoff keys."""
         name = f"gpu{n}"
@@ -151,7 +153,7 @@ class Rig:
             "controller_url": f"http://127.0.0.1:{self.api_port}", "token": AGENT,
             "listen_address": "127.0.0.1", "listen_port": listen,
             "trust_tenant_header": True, "beacon_target": sink.target,
-            "report_interval": 0.2, **events,
+            "report_interval": 0.2, **events, **(agent_keys or {}),
             "metrics_listen": f"127.0.0.1:{metrics}",
             "handoff": {"secret": SECRET, "port": self.handoff_port,
                         "lookup_timeout": 1.0, "min_gain_ms": 5.0,

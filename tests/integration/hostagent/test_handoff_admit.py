@@ -12,11 +12,13 @@ signature (403)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -66,16 +68,7 @@ def test_an_idle_holder_takes_the_handoff_after_its_re_check(rig):
 def test_a_saturated_holder_refuses_at_receipt_and_the_origin_serves_it_whole(rig):
     system = words("admB", 1600)
     rig.warm("gpu2", system + " first")
-    fillers: list[subprocess.Popen] = []
-    try:
-        # gpu2's two slots busy for ~8 s with requests through gpu2's own bridge (so its
-        # bridge knows them exactly), of tenant plain (not opted in)
-        fillers = [subprocess.Popen(
-            [sys.executable, "-c", "import httpx,sys; httpx.post(sys.argv[1], timeout=60, "
-             "headers={'X-Tokenfabric-Tenant': 'plain'}, json={'model': 'tiny', 'prompt': "
-             "'fill ' + sys.argv[2], 'max_tokens': 400, 'ignore_eos': True})",
-             rig.bridges["gpu2"] + "/v1/completions", str(k)]) for k in range(CAPACITY)]
-        wait_for(lambda: _running(rig) == CAPACITY or None, "gpu2's slots filled", timeout=10)
+    with gpu2_full(rig):
         gpu2_hits = _hits(rig.emulators["gpu2"].metrics())
         rig.sinks["gpu1"].drain()
         rig.sinks["gpu2"].drain()
@@ -107,10 +100,6 @@ def test_a_saturated_holder_refuses_at_receipt_and_the_origin_serves_it_whole(ri
         wait_for(charged, "gpu1's USAGE beacons")
         time.sleep(0.5)
         assert [b for b in rig.sinks["gpu2"].drain()[n2:] if b.tenant_id == 5] == []
-    finally:
-        for proc in fillers:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 def test_a_valuation_changed_on_the_way_is_refused_as_forged(rig):
@@ -134,6 +123,24 @@ def test_a_valuation_changed_on_the_way_is_refused_as_forged(rig):
     assert reply.status_code == 503
     assert reply.headers["x-tokenfabric-handoff-refused"] == "no_gain"
     assert reply.json()["error"]["type"] == "handoff_refused"
+
+
+@contextlib.contextmanager
+def gpu2_full(rig: Rig) -> Iterator[None]:
+    """gpu2's slots busy for ~8 s with requests through gpu2's own bridge (so its bridge
+    knows them exactly), of tenant plain (not opted in); the fillers ended after."""
+    fillers = [subprocess.Popen(
+        [sys.executable, "-c", "import httpx,sys; httpx.post(sys.argv[1], timeout=60, "
+         "headers={'X-Tokenfabric-Tenant': 'plain'}, json={'model': 'tiny', 'prompt': "
+         "'fill ' + sys.argv[2], 'max_tokens': 400, 'ignore_eos': True})",
+         rig.bridges["gpu2"] + "/v1/completions", str(k)]) for k in range(CAPACITY)]
+    try:
+        wait_for(lambda: _running(rig) == CAPACITY or None, "gpu2's slots filled", timeout=10)
+        yield
+    finally:
+        for proc in fillers:
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 def _running(rig: Rig) -> float:

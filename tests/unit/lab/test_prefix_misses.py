@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import json
 
-from tokenfabric.lab.prefix_misses import describe, miss_causes, request_keys
+from tokenfabric.lab.prefix_misses import describe, miss_causes, request_keys, system_copies
 from tokenfabric.lab.workloads import Planned
 
 
@@ -81,3 +81,39 @@ def test_the_description_reads_causes_back_from_json():
     again = json.loads(json.dumps(causes))
     assert describe(again) == describe(causes)
     assert "evicted 12.0 (1), away:no_gain 8.0 (2)" in describe(again)[0]
+
+
+def _chat(app: str, question: str, at: float) -> Planned:
+    system = words(app, 64)  # 4 blocks of the app's system prompt
+    return Planned(at, question, 4, messages=[{"role": "system", "content": system},
+                                              {"role": "user", "content": question}])
+
+
+def test_system_prompt_copies_beyond_each_apps_first_are_counted_with_their_points():
+    planned = [_chat("appA", words("q1", 40), 0.0), _chat("appA", words("q2", 40), 1.0),
+               _chat("appA", words("q3", 40), 2.0), _chat("appB", words("q4", 40), 3.0),
+               _chat("appB", words("q5", 40), 4.0), Planned(5.0, words("plain", 80), 4)]
+    keys = request_keys(planned, "chat")
+    # the app's shared blocks: its system prompt (and the template's lead), not a question
+    depth = next(i for i, (a, b) in enumerate(zip(keys[0], keys[1], strict=False)) if a != b)
+    assert depth >= 4
+    shared = depth * 16
+    prompt = 120
+    records = [
+        _record(0, 0.0, "b1", prompt, 0),         # appA's first: computed anywhere
+        _record(1, 1.0, "b1", prompt, shared),    # found it
+        _record(2, 2.0, "b2", prompt, 16),        # a copy onto b2 (one block cached)
+        _record(3, 3.0, "b3", prompt, 0),         # appB's first
+        _record(4, 4.0, "b4", prompt, 0),         # a copy onto b4
+        _record(5, 5.0, "b4", 80, 0),             # no system prompt: never a copy
+    ]
+    got = system_copies(records, planned, keys)
+    assert got["apps"] == 2 and got["copies"] == 2
+    total = 5 * prompt + 80
+    assert abs(got["points"] - ((shared - 16) + shared) / total * 100) < 1e-9
+    # a run where every request after each app's first found its system prompt: none
+    clean = [dict(r, cached_tokens=shared) if r["id"] in (2, 4) else r for r in records]
+    assert system_copies(clean, planned, keys)["copies"] == 0
+    # failed requests count for nothing
+    failed = [dict(r, ok=False) if r["id"] in (2, 4) else r for r in records]
+    assert system_copies(failed, planned, keys)["copies"] == 0
