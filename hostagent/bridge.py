@@ -29,7 +29,11 @@
 - Overflow mode answers every request 429 with Retry-After from the tenant's refill rate.
 - vLLM unreachable: 502; no response head within the timeout: 504; both JSON errors.
   A stream that breaks or stalls after its head was sent ends with an SSE error event
-  and `data: [DONE]`, then a well-formed end of the chunked body.
+  and `data: [DONE]`, then a well-formed end of the chunked body; another body ends
+  with the close short of its end (a body the close delimits: with a reset), which the
+  client's HTTP framing reports. A handed request whose relay ends abnormally -- the
+  peer's head missing, its answer cut, stalled or garbled, the client gone -- is logged
+  and counted by reason (handoff.RELAY_FAILURES), never silent.
 - A client that goes away aborts the upstream connection, which makes vLLM abort the
   request; no half-open connection is left on either side.
 - Requests are read strictly (RFC 9112) by hostagent/http1.py on llhttp, within limits
@@ -124,7 +128,13 @@ async def _parse_body(body: bytes, one_at_a_time: asyncio.Semaphore) -> dict | N
 
 
 class UpstreamBroken(Exception):
-    """vLLM failed after the response head was sent to the client."""
+    """vLLM (or the peer a request was handed to) failed after the response head was sent
+    to the client; `reason`: closed, stalled or malformed (handoff.RELAY_FAILURES with
+    `peer_` before it)."""
+
+    def __init__(self, message: str, reason: str = "closed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ClientStalled(Exception):
@@ -568,11 +578,15 @@ class Bridge:
                 self._send_error(writer, exc)
             except HttpError as exc:
                 usage.errors = 1
+                if exchange is not None and exchange.handed_at is not None:
+                    self._relay_broke(exchange, "no_answer", exc.message)
                 self._send_error(writer, exc)
             except asyncio.CancelledError:
                 if not client_gone:
                     raise
                 log.info("client %s left mid-request; upstream aborted", peer)
+                if exchange is not None and exchange.handed_at is not None:
+                    self._relay_broke(exchange, "client_left", "the client went away")
             except (ClientStalled, ConnectionError) as exc:
                 # The client stopped reading (or its connection broke while written to):
                 # let vLLM go rather than hold its slot for a client that takes nothing.
@@ -580,6 +594,10 @@ class Bridge:
                 writer.transport.abort()
                 log.info("client %s %s; upstream aborted", peer,
                          exc if isinstance(exc, ClientStalled) else "broke off")
+                if exchange is not None and exchange.handed_at is not None:
+                    stalled = isinstance(exc, ClientStalled)
+                    self._relay_broke(exchange, "client_stalled" if stalled else "client_left",
+                                      str(exc) if stalled else "the client's connection broke")
         finally:
             if tracked is not None:
                 self._untrack(tracked)
@@ -613,6 +631,18 @@ class Bridge:
         if self.delay is not None:
             exchange.delay_key = self.delay.start(exchange.max_tokens)
         return upstream
+
+    def _relay_broke(self, exchange: _Exchange, reason: str, detail: str) -> None:
+        """A handed request's relay ended abnormally (handoff.RELAY_FAILURES): one log line
+        and the counter, so that no broken relayed stream goes unseen. The peer's side, if
+        its bridge saw anything, logs its own."""
+        assert self.handoff is not None and exchange.decision is not None \
+            and exchange.decision.peer is not None
+        level = logging.INFO if reason.startswith("client_") else logging.WARNING
+        log.log(level, "relay of a request handed to %s (client %s, tenant %s) failed: "
+                "%s: %s", exchange.decision.peer.name, exchange.client, exchange.tenant.name,
+                reason, detail)
+        self.handoff.broke(reason)
 
     def _peer_refused(self, exchange: _Exchange, reason: str) -> None:
         """The holder refused the handoff at receipt: no longer in flight there, and the
@@ -895,13 +925,24 @@ class Bridge:
                 await self._relay_body(upstream, parser, answer, client, timeout)
             except UpstreamBroken as exc:
                 usage.errors = 1
-                log.warning("vLLM failed mid-response: %s", exc)
+                source = "vLLM"
+                if exchange.handed_at is not None:
+                    assert exchange.decision is not None and exchange.decision.peer is not None
+                    source = f"peer {exchange.decision.peer.name}"
+                    self._relay_broke(exchange, "peer_" + exc.reason, str(exc))
+                else:
+                    log.warning("vLLM failed mid-response: %s", exc)
                 if answer.chunked and answer.is_sse:
-                    event = b"data: " + error_body(502, f"vLLM failed mid-stream: {exc}",
+                    event = b"data: " + error_body(502, f"{source} failed mid-stream: {exc}",
                                                    "bad_gateway") + b"\n\n"
                     done = b"data: [DONE]\n\n"
                     client.write(b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
                                  % (len(event), event, len(done), done))
+                elif answer.until_close:
+                    # a body that the close delimits: a plain close would pass for its end
+                    client.transport.abort()
+                # else the close without the last chunk (or short of Content-Length) is
+                # what tells the client's HTTP framing that the body is incomplete
         finally:
             # Count and charge the rest (exact usage, or counted chunks, minus what was
             # charged already) also when the client hangs up as the stream ends, which
@@ -956,7 +997,7 @@ class Bridge:
             async with asyncio.timeout(timeout):
                 data = await upstream.read(65536)
         except TimeoutError as exc:
-            raise UpstreamBroken(f"no data for {timeout:g} s") from exc
+            raise UpstreamBroken(f"no data for {timeout:g} s", "stalled") from exc
         except ConnectionError as exc:
             raise UpstreamBroken(f"connection lost ({exc.__class__.__name__})") from exc
         return data
@@ -977,7 +1018,7 @@ class Bridge:
                         raise ClientStalled("read nothing for "
                                             f"{self.settings.request_timeout:g} s") from None
             if answer.broken:
-                raise UpstreamBroken(answer.broken)
+                raise UpstreamBroken(answer.broken, "malformed")
             if answer.complete:
                 return
             data = await self._read(upstream, timeout)
