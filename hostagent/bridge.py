@@ -51,10 +51,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import ipaddress
 import json
 import logging
 import re
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -155,6 +158,9 @@ class BridgeSettings:
     backend_name: str = ""              # X-Tokenfabric-Backend of every response
     priority_scheduling: bool = False   # set the body's `priority` from the tenant's contract
     charge_step: int = 16               # charge streamed completion tokens this many at a time
+    delivery_wait: float = 2.0          # s the end of a handed-off answer waits for the
+                                        # client's TCP acknowledgement of its last byte;
+                                        # still unacknowledged: logged and counted
     max_connections: int = 1024         # open client connections; more are answered 503
     max_body_bytes: int = 16 * MIB      # one request body, chunked included (413)
     max_buffered_bytes: int = 64 * MIB  # request bodies held across all connections (503)
@@ -232,6 +238,18 @@ class _Counter:
                 self.chunks += 1
         if self.on_chunks is not None:
             self.on_chunks(self.chunks)
+
+
+def _unacknowledged(writer: asyncio.StreamWriter) -> int | None:
+    """Bytes written to `writer` that its peer has not acknowledged yet: the transport's
+    buffer plus the kernel's send queue (SIOCOUTQ, Linux); None where not known."""
+    sock = writer.get_extra_info("socket")
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                b"\0\0\0\0"))[0]
+    except (AttributeError, OSError, ValueError):
+        return None
+    return queued + writer.transport.get_write_buffer_size()
 
 
 def _json_object(body: bytes) -> dict | None:
@@ -512,6 +530,7 @@ class Bridge:
         client_gone = False
         exchange: _Exchange | None = None
         tracked: str | None = None
+        relayed_whole = False  # a handed-off answer relayed to its end: was it delivered?
         try:
             if self.settings.mode == "overflow":
                 usage.rejected = 1
@@ -557,7 +576,8 @@ class Bridge:
                     charge.muted = True
                     usage.requests = 0
                     try:
-                        await self._relay(exchange, upstream_reader, writer, usage, charge)
+                        relayed_whole = await self._relay(exchange, upstream_reader, writer,
+                                                          usage, charge)
                     except PeerRefused as refused:
                         # the holder's exact queue said no (admit_check): nothing was sent
                         # to the client or charged yet, so this backend serves it now
@@ -617,6 +637,9 @@ class Bridge:
                     upstream.close()
             if usage.requests or usage.rejected:
                 self._account(tenant, usage)
+            if relayed_whole and not client_gone and exchange is not None \
+                    and exchange.handed_at is not None:
+                await self._confirm_delivery(writer, exchange)
 
     async def _serve_here(self, exchange: _Exchange, received: bool,
                           claim_body: dict | None, charge: _Charge
@@ -632,13 +655,37 @@ class Bridge:
             exchange.delay_key = self.delay.start(exchange.max_tokens)
         return upstream
 
+    async def _confirm_delivery(self, writer: asyncio.StreamWriter,
+                                exchange: _Exchange) -> None:
+        """A handed-off answer was written whole: wait (at most `delivery_wait`) for the
+        client's TCP stack to acknowledge its last byte. A stream cut in the network after
+        the bridge's last write -- a reset from elsewhere, packets of the connection
+        steered to another host -- is otherwise seen by no bridge: all the answer sat in
+        the kernel's buffer when the bridge closed. Unacknowledged by then: logged and
+        counted (client_unacked). A client that reset its connection: not knowable."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.delivery_wait
+        pause = 0.001
+        left = _unacknowledged(writer)
+        while left:
+            if writer.transport.is_closing() or loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+            pause = min(pause * 2, 0.1)
+            left = _unacknowledged(writer)
+        if left and not writer.transport.is_closing():
+            self._relay_broke(exchange, "client_unacked",
+                              f"{left} bytes of the answer not acknowledged after "
+                              f"{self.settings.delivery_wait:g} s")
+
     def _relay_broke(self, exchange: _Exchange, reason: str, detail: str) -> None:
         """A handed request's relay ended abnormally (handoff.RELAY_FAILURES): one log line
         and the counter, so that no broken relayed stream goes unseen. The peer's side, if
         its bridge saw anything, logs its own."""
         assert self.handoff is not None and exchange.decision is not None \
             and exchange.decision.peer is not None
-        level = logging.INFO if reason.startswith("client_") else logging.WARNING
+        # a client that leaves or stops reading is the client's doing; the rest is not
+        level = logging.INFO if reason in ("client_left", "client_stalled") else logging.WARNING
         log.log(level, "relay of a request handed to %s (client %s, tenant %s) failed: "
                 "%s: %s", exchange.decision.peer.name, exchange.client, exchange.tenant.name,
                 reason, detail)
@@ -877,7 +924,8 @@ class Bridge:
 
     async def _relay(self, exchange: _Exchange, upstream: asyncio.StreamReader,
                      client: asyncio.StreamWriter, usage: TenantUsage,
-                     charge: _Charge) -> None:
+                     charge: _Charge) -> bool:
+        """The answer relayed to the client; True when it was relayed to its end."""
         timeout = self.settings.upstream_timeout
         counter = _Counter()
         answer = _Response(counter, no_body=exchange.request.method == "HEAD")
@@ -923,6 +971,7 @@ class Bridge:
         try:
             try:
                 await self._relay_body(upstream, parser, answer, client, timeout)
+                return True
             except UpstreamBroken as exc:
                 usage.errors = 1
                 source = "vLLM"
@@ -943,6 +992,7 @@ class Bridge:
                     client.transport.abort()
                 # else the close without the last chunk (or short of Content-Length) is
                 # what tells the client's HTTP framing that the body is incomplete
+                return False
         finally:
             # Count and charge the rest (exact usage, or counted chunks, minus what was
             # charged already) also when the client hangs up as the stream ends, which

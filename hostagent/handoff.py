@@ -94,9 +94,11 @@ LOOKUP_FAILURES = ("timeout", "status", "connection", "bad_answer")  # why a loo
 # no_answer -- the peer sent no valid head; peer_closed -- its connection ended (closed
 # or reset) before the end of the answer; peer_stalled -- no byte of it for the bridge's
 # upstream_timeout; peer_malformed -- broken framing; client_left -- the client went away
-# (the peer is aborted); client_stalled -- the client took nothing for request_timeout
+# (the peer is aborted); client_stalled -- the client took nothing for request_timeout;
+# client_unacked -- the answer was written whole, but the client's TCP had not
+# acknowledged its end after the bridge's delivery_wait (cut in the network)
 RELAY_FAILURES = ("connect", "no_answer", "peer_closed", "peer_stalled", "peer_malformed",
-                  "client_left", "client_stalled")
+                  "client_left", "client_stalled", "client_unacked")
 DECISIONS = ("handoff", "handoff_home", "no_match", "local_longest", "short_prefix",
              "peer_busy", "no_gain", "short_prompt", "lookup_failed", "lookup_busy",
              "relay_failed", "not_tokenized", "peer_refused")
@@ -313,7 +315,8 @@ class HandoffMetrics:
             "peer_stalled (no data for upstream_timeout), peer_malformed (broken "
             "framing) -- the client's stream ends with an error event -- client_left (the "
             "client went away: the peer aborted), client_stalled (the client read "
-            "nothing for request_timeout).",
+            "nothing for request_timeout), client_unacked (written whole, but its end not "
+            "acknowledged by the client's TCP within delivery_wait: cut in the network).",
             ["backend", "reason"], registry=self.registry)
         for reason in LOOKUP_FAILURES:  # every reason shows, at 0 until it happens
             self.lookup_failures.labels(backend, reason)

@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,14 +77,16 @@ class Side:
 
 
 def _side(name: str, upstream_port: int, handoff_port: int, index_url: str,
-          session: aiohttp.ClientSession, upstream_timeout: float = 30.0) -> Side:
+          session: aiohttp.ClientSession, upstream_timeout: float = 30.0,
+          delivery_wait: float = 2.0) -> Side:
     handoff = Handoff(HandoffSettings(secret=SECRET, port=handoff_port, lookup_timeout=2.0,
                                       cache_ttl=0.0, max_peer_load=1000.0, max_lookups=64),
                       name, session, index_url, "tok", f"http://127.0.0.1:{upstream_port}",
                       lambda: LocalLoad(0, 0, 4))
     side = Side(Bridge(BridgeSettings(upstream_port=upstream_port, backend_name=name,
                                       trust_tenant_header=True,
-                                      upstream_timeout=upstream_timeout),
+                                      upstream_timeout=upstream_timeout,
+                                      delivery_wait=delivery_wait),
                        TenantTable([CHAT]), handoff=handoff), handoff)
     side.bridge.on_finish = lambda tenant, usage: side.finished.append((tenant.name, usage))
     side.bridge.on_charge = lambda tenant, p, c: side.charged.append((tenant.name, p, c))
@@ -170,7 +173,8 @@ def emulator() -> Iterator[Emulator]:
 
 @contextlib.asynccontextmanager
 async def _rig(holder_address: str, upstream_port: int, handoff_port: int,
-               holder: Side | None = None, upstream_timeout: float = 30.0
+               holder: Side | None = None, upstream_timeout: float = 30.0,
+               delivery_wait: float = 2.0
                ) -> AsyncIterator[tuple[Side, str, aiohttp.ClientSession]]:
     """The origin bridge on 127.0.0.1 handing everything to `holder_address`; yields the
     origin, its URL, and a load-generator-like client session."""
@@ -180,7 +184,7 @@ async def _rig(holder_address: str, upstream_port: int, handoff_port: int,
         name = "holder" if holder is not None else "fake"
         runner, index_url = await _index(name, holder_address)
         origin = _side("origin", upstream_port, handoff_port, index_url, lookups,
-                       upstream_timeout)
+                       upstream_timeout, delivery_wait)
         await origin.bridge.start("127.0.0.1", 0)
         try:
             yield origin, f"http://127.0.0.1:{origin.bridge.port}", clients
@@ -380,3 +384,57 @@ async def test_every_relay_failure_reason_is_exported_at_zero() -> None:
     async with aiohttp.ClientSession() as session:
         side = _side("b1", 9, 9, "http://127.0.0.1:9", session)
         assert side.failures() == dict.fromkeys(RELAY_FAILURES, 0.0)
+
+
+async def test_an_answer_written_whole_but_not_acknowledged_is_logged_and_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The lab's broken stream left no trace in either bridge: the answer was in the
+    kernel's buffer when the origin closed, and what cut it happened in the network. Now
+    the origin waits (delivery_wait) for the client's acknowledgement of the end: a client
+    whose TCP takes nothing more (a 4 KiB receive buffer, not read) stands for one that
+    cannot acknowledge. The answer is still delivered whole once the client reads."""
+    event = b'data: {"choices":[{"index":0,"text":"' + b"x" * 4000 + b'"}]}\n\n'
+
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(SSE_HEAD + _chunk(event) * 40 + _chunk(b"data: [DONE]\n\n")
+                     + b"0\r\n\r\n")
+        await writer.drain()
+
+    hport = free_port()
+    holder = await asyncio.start_server(lambda r, w: _serve_fake(large, r, w), "127.0.0.3",
+                                        hport)
+    caplog.set_level(logging.INFO, BRIDGE_LOG)
+    try:
+        async with _rig("127.0.0.3", 9, hport, delivery_wait=0.3) as (origin, url, _):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1",
+                                                                 origin.bridge.port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+            body = json.dumps({"model": "tiny", "prompt": words("sys", PROMPT_WORDS),
+                               "stream": True}).encode()
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
+                         b"x-tokenfabric-tenant: chat\r\nx-tokenfabric-client: 10.0.1.9\r\n"
+                         b"content-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"X-Tokenfabric-Handoff-From" in head
+            await _until(lambda: origin.failures()["client_unacked"] == 1,
+                         "the origin to count the unacknowledged end")
+            assert {k: v for k, v in origin.failures().items() if v} == {"client_unacked": 1}
+            assert any("failed: client_unacked:" in r.getMessage() for r in caplog.records
+                       if r.name == BRIDGE_LOG and r.levelno == logging.WARNING)
+            rest = b""
+            for _ in range(10_000):  # bounded: 160 KiB in reads of up to 64 KiB
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                if not data:
+                    break
+                rest += data
+            writer.close()
+            assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+            assert rest.count(b'"text":"xxxx') == 40
+    finally:
+        holder.close()
+        await holder.wait_closed()
