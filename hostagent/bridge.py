@@ -252,6 +252,18 @@ def _unacknowledged(writer: asyncio.StreamWriter) -> int | None:
     return queued + writer.transport.get_write_buffer_size()
 
 
+def _token_counts(usage: dict) -> tuple[int, int] | None:
+    """`usage`'s prompt and completion tokens, or None when they are not counts (this
+    runs after the answer went out: a bad figure must not skip the charge)."""
+    out = []
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(key) or 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return None
+        out.append(value)
+    return out[0], out[1]
+
+
 def _json_object(body: bytes) -> dict | None:
     """The request body as a JSON object, or None (not JSON, not an object, too deep)."""
     if not body:
@@ -1089,9 +1101,9 @@ class Bridge:
         if not is_sse and kept:
             with contextlib.suppress(ValueError, AttributeError, RecursionError):
                 found = json.loads(bytes(kept)).get("usage")
-        if isinstance(found, dict):
-            usage.prompt_tokens = int(found.get("prompt_tokens") or 0)
-            usage.completion_tokens = int(found.get("completion_tokens") or 0)
+        exact = _token_counts(found) if isinstance(found, dict) else None
+        if exact is not None:
+            usage.prompt_tokens, usage.completion_tokens = exact
         elif is_sse and counter.chunks:
             usage.prompt_tokens = exchange.prompt_estimate
             usage.completion_tokens = counter.chunks

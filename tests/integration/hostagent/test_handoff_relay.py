@@ -438,3 +438,39 @@ async def test_an_answer_written_whole_but_not_acknowledged_is_logged_and_counte
     finally:
         holder.close()
         await holder.wait_closed()
+
+
+async def test_a_usage_that_is_not_counts_still_charges_the_stream_once() -> None:
+    """The usage step runs after the answer went out: a final usage event whose figures
+    are not counts must not skip the charge (it used to raise there). The bridge charges
+    the counted chunks instead, once, and the stream is whole."""
+    async def odd_usage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        usage = b'data: {"choices":[],"usage":{"prompt_tokens":"many","completion_tokens":3}}\n\n'
+        writer.write(SSE_HEAD + TOKEN * 3 + _chunk(usage) + _chunk(b"data: [DONE]\n\n")
+                     + b"0\r\n\r\n")
+        await writer.drain()
+
+    vllm = await asyncio.start_server(lambda r, w: _serve_fake(odd_usage, r, w),
+                                      "127.0.0.1", 0)
+    port = vllm.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as session, aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)) as clients:
+            side = _side("b1", port, 9, "http://127.0.0.1:9", session)
+            side.bridge.handoff = None  # a plain bridge in front of its vLLM
+            await side.bridge.start("127.0.0.1", 0)
+            try:
+                reply = await _stream(clients, f"http://127.0.0.1:{side.bridge.port}",
+                                      "hello", "10.0.1.9")
+                assert reply.status == 200 and reply.tokens == 3 and reply.done
+                await _until(lambda: len(side.finished) == 1, "the request's account")
+                [(tenant, usage)] = side.finished
+                assert usage.requests == 1 and usage.completion_tokens == 3
+                assert usage.estimated == 1 and usage.errors == 0
+                assert sum(c for _, _, c in side.charged) == 3
+            finally:
+                await side.bridge.stop()
+    finally:
+        vllm.close()
+        await vllm.wait_closed()
