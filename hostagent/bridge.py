@@ -651,7 +651,7 @@ class Bridge:
                 self._account(tenant, usage)
             if relayed_whole and not client_gone and exchange is not None \
                     and exchange.handed_at is not None:
-                await self._confirm_delivery(writer, exchange)
+                await self._confirm_delivery(reader, writer, exchange)
 
     async def _serve_here(self, exchange: _Exchange, received: bool,
                           claim_body: dict | None, charge: _Charge
@@ -667,25 +667,30 @@ class Bridge:
             exchange.delay_key = self.delay.start(exchange.max_tokens)
         return upstream
 
-    async def _confirm_delivery(self, writer: asyncio.StreamWriter,
-                                exchange: _Exchange) -> None:
+    async def _confirm_delivery(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter, exchange: _Exchange) -> None:
         """A handed-off answer was written whole: wait (at most `delivery_wait`) for the
         client's TCP stack to acknowledge its last byte. A stream cut in the network after
         the bridge's last write -- a reset from elsewhere, packets of the connection
         steered to another host -- is otherwise seen by no bridge: all the answer sat in
         the kernel's buffer when the bridge closed. Unacknowledged by then: logged and
-        counted (client_unacked). A client that reset its connection: not knowable."""
+        counted (client_unacked). A client that closed its side (an SSE client stops at
+        `data: [DONE]` and may close before the chunked end arrives; in the lab its reply
+        to those last 5 bytes, after its FIN freed the switch's pin, goes elsewhere) or
+        reset the connection ended it itself: not counted."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.delivery_wait
         pause = 0.001
+
+        def ended() -> bool:
+            return writer.transport.is_closing() or reader.at_eof()
+
         left = _unacknowledged(writer)
-        while left:
-            if writer.transport.is_closing() or loop.time() >= deadline:
-                break
+        while left and not ended() and loop.time() < deadline:
             await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
             pause = min(pause * 2, 0.1)
             left = _unacknowledged(writer)
-        if left and not writer.transport.is_closing():
+        if left and not ended():
             self._relay_broke(exchange, "client_unacked",
                               f"{left} bytes of the answer not acknowledged after "
                               f"{self.settings.delivery_wait:g} s")

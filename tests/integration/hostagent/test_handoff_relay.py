@@ -386,13 +386,16 @@ async def test_every_relay_failure_reason_is_exported_at_zero() -> None:
         assert side.failures() == dict.fromkeys(RELAY_FAILURES, 0.0)
 
 
+@pytest.mark.parametrize("closes_its_side", [False, True])
 async def test_an_answer_written_whole_but_not_acknowledged_is_logged_and_counted(
-        caplog: pytest.LogCaptureFixture) -> None:
+        closes_its_side: bool, caplog: pytest.LogCaptureFixture) -> None:
     """The lab's broken stream left no trace in either bridge: the answer was in the
     kernel's buffer when the origin closed, and what cut it happened in the network. Now
     the origin waits (delivery_wait) for the client's acknowledgement of the end: a client
     whose TCP takes nothing more (a 4 KiB receive buffer, not read) stands for one that
-    cannot acknowledge. The answer is still delivered whole once the client reads."""
+    cannot acknowledge; the answer is still delivered whole once it reads. A client that
+    closes its side meanwhile (its FIN: it ended the exchange, as an SSE client may after
+    `data: [DONE]`) is not counted."""
     event = b'data: {"choices":[{"index":0,"text":"' + b"x" * 4000 + b'"}]}\n\n'
 
     async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -406,7 +409,7 @@ async def test_an_answer_written_whole_but_not_acknowledged_is_logged_and_counte
                                         hport)
     caplog.set_level(logging.INFO, BRIDGE_LOG)
     try:
-        async with _rig("127.0.0.3", 9, hport, delivery_wait=0.3) as (origin, url, _):
+        async with _rig("127.0.0.3", 9, hport, delivery_wait=0.5) as (origin, url, _):
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.setblocking(False)
@@ -421,11 +424,20 @@ async def test_an_answer_written_whole_but_not_acknowledged_is_logged_and_counte
                          b"content-length: %d\r\n\r\n%s" % (len(body), body))
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200") and b"X-Tokenfabric-Handoff-From" in head
-            await _until(lambda: origin.failures()["client_unacked"] == 1,
-                         "the origin to count the unacknowledged end")
-            assert {k: v for k, v in origin.failures().items() if v} == {"client_unacked": 1}
-            assert any("failed: client_unacked:" in r.getMessage() for r in caplog.records
-                       if r.name == BRIDGE_LOG and r.levelno == logging.WARNING)
+            if closes_its_side:
+                # once the relay is over (the handoff no longer in flight): a FIN
+                await _until(lambda: not origin.handoff.pending, "the relay's end")
+                writer.write_eof()
+                await asyncio.sleep(1.0)  # twice delivery_wait
+                assert not any(origin.failures().values()), origin.failures()
+            else:
+                await _until(lambda: origin.failures()["client_unacked"] == 1,
+                             "the origin to count the unacknowledged end")
+                assert {k: v for k, v in origin.failures().items() if v} == \
+                    {"client_unacked": 1}
+                assert any("failed: client_unacked:" in r.getMessage()
+                           for r in caplog.records
+                           if r.name == BRIDGE_LOG and r.levelno == logging.WARNING)
             rest = b""
             for _ in range(10_000):  # bounded: 160 KiB in reads of up to 64 KiB
                 data = await asyncio.wait_for(reader.read(65536), 10)
