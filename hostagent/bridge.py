@@ -527,13 +527,18 @@ class Bridge:
             return
         self.in_flight += 1
         try:
-            await self._serve_request(request, peer, reader, writer, received)
+            delivered = await self._serve_request(request, peer, reader, writer, received)
         finally:
             self.in_flight -= 1
             request.release()
+        if delivered is not None:  # no longer in flight here: only its delivery is awaited
+            await self._confirm_delivery(reader, writer, delivered)
 
     async def _serve_request(self, request: Request, peer: str, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter, received: bool = False) -> None:
+                             writer: asyncio.StreamWriter, received: bool = False
+                             ) -> _Exchange | None:
+        """Serve one request; returns the exchange of a handed-off answer relayed to its
+        end, whose delivery to the client is then confirmed (`_confirm_delivery`)."""
         client = self._client(request, peer)
         tenant, usage = self._tenant(request, client), TenantUsage()
         charge = _Charge(tenant)
@@ -547,7 +552,7 @@ class Bridge:
             if self.settings.mode == "overflow":
                 usage.rejected = 1
                 self._send_overflow(writer, tenant)
-                return
+                return None
             me = asyncio.current_task()
 
             async def watch_client() -> None:
@@ -649,9 +654,10 @@ class Bridge:
                     upstream.close()
             if usage.requests or usage.rejected:
                 self._account(tenant, usage)
-            if relayed_whole and not client_gone and exchange is not None \
-                    and exchange.handed_at is not None:
-                await self._confirm_delivery(reader, writer, exchange)
+        if relayed_whole and not client_gone and exchange is not None \
+                and exchange.handed_at is not None:
+            return exchange
+        return None
 
     async def _serve_here(self, exchange: _Exchange, received: bool,
                           claim_body: dict | None, charge: _Charge
