@@ -193,7 +193,7 @@ class PeerRefused(Exception):
 class _Exchange:
     """One relayed request and what the bridge worked out from its body."""
     __slots__ = ("request", "prompt_estimate", "max_tokens", "delay_key", "decision",
-                 "handed_at", "added_s", "tenant", "client")
+                 "handed_at", "added_s", "tenant", "client", "sse_done")
 
     def __init__(self, request: Request, body: dict | None, tenant: Tenant,
                  client: str) -> None:
@@ -206,17 +206,21 @@ class _Exchange:
         self.decision: Decision | None = None  # the prefix handoff's, when one was made
         self.handed_at: float | None = None    # set when the request went to a peer
         self.added_s = 0.0                     # what the handoff added: lookup + connect
+        # `data: [DONE]` went to the client: an SSE client may close now, before the
+        # chunked end (the OpenAI SDK and the lab's load generator stop there)
+        self.sse_done = False
 
 
 class _Counter:
     """Finds usage, or counts content chunks, in the payload of an SSE stream."""
-    __slots__ = ("pending", "chunks", "usage", "on_chunks")
+    __slots__ = ("pending", "chunks", "usage", "on_chunks", "done")
 
     def __init__(self) -> None:
         self.pending = b""
         self.chunks = 0
         self.usage: dict | None = None
         self.on_chunks: Callable[[int], None] | None = None
+        self.done = False  # `data: [DONE]` seen
 
     def feed(self, payload: bytes) -> None:
         data = self.pending + payload if self.pending else payload
@@ -227,6 +231,7 @@ class _Counter:
                 continue
             body = event[5:].strip()
             if body == b"[DONE]":
+                self.done = True
                 continue
             if _USAGE_OBJECT.search(body):
                 with contextlib.suppress(ValueError, RecursionError):
@@ -621,9 +626,13 @@ class Bridge:
             except asyncio.CancelledError:
                 if not client_gone:
                     raise
-                log.info("client %s left mid-request; upstream aborted", peer)
-                if exchange is not None and exchange.handed_at is not None:
-                    self._relay_broke(exchange, "client_left", "the client went away")
+                if exchange is not None and exchange.sse_done:
+                    # it had the whole answer: closing before the chunked end is normal
+                    log.debug("client %s closed after data: [DONE]", peer)
+                else:
+                    log.info("client %s left mid-request; upstream aborted", peer)
+                    if exchange is not None and exchange.handed_at is not None:
+                        self._relay_broke(exchange, "client_left", "the client went away")
             except (ClientStalled, ConnectionError) as exc:
                 # The client stopped reading (or its connection broke while written to):
                 # let vLLM go rather than hold its slot for a client that takes nothing.
@@ -631,7 +640,8 @@ class Bridge:
                 writer.transport.abort()
                 log.info("client %s %s; upstream aborted", peer,
                          exc if isinstance(exc, ClientStalled) else "broke off")
-                if exchange is not None and exchange.handed_at is not None:
+                if exchange is not None and exchange.handed_at is not None \
+                        and not exchange.sse_done:
                     stalled = isinstance(exc, ClientStalled)
                     self._relay_broke(exchange, "client_stalled" if stalled else "client_left",
                                       str(exc) if stalled else "the client's connection broke")
@@ -993,7 +1003,7 @@ class Bridge:
             counter.on_chunks = lambda chunks: self._on_chunks(exchange, charge, chunks)
         try:
             try:
-                await self._relay_body(upstream, parser, answer, client, timeout)
+                await self._relay_body(exchange, upstream, parser, answer, client, timeout)
                 return True
             except UpstreamBroken as exc:
                 usage.errors = 1
@@ -1075,7 +1085,7 @@ class Bridge:
             raise UpstreamBroken(f"connection lost ({exc.__class__.__name__})") from exc
         return data
 
-    async def _relay_body(self, upstream: asyncio.StreamReader,
+    async def _relay_body(self, exchange: _Exchange, upstream: asyncio.StreamReader,
                           parser: httptools.HttpResponseParser, answer: _Response,
                           client: asyncio.StreamWriter, timeout: float) -> None:
         """What the parser made of each read, written to the client at once."""
@@ -1083,6 +1093,8 @@ class Bridge:
             pending = answer.take()
             if pending:
                 client.write(pending)
+                if answer.counter.done:
+                    exchange.sse_done = True
                 if client.transport.get_write_buffer_size() > 256 * 1024:
                     try:
                         async with asyncio.timeout(self.settings.request_timeout):

@@ -119,9 +119,11 @@ class Reply:
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, prompt: str, client: str,
-                  max_tokens: int = 10, leave_after: int | None = None) -> Reply:
+                  max_tokens: int = 10, leave_after: int | None = None,
+                  stop_at_done: bool = False) -> Reply:
     """A streamed completion as the lab's load generator sends it; `leave_after` tokens,
-    the client closes its connection."""
+    the client closes its connection; `stop_at_done`: at `data: [DONE]` (the load
+    generator, the OpenAI SDK), before the chunked end."""
     async with session.post(url + "/v1/completions", headers={
             "X-Tokenfabric-Tenant": "chat", "X-Tokenfabric-Client": client},
             json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
@@ -136,6 +138,9 @@ async def _stream(session: aiohttp.ClientSession, url: str, prompt: str, client:
                 data = text[5:].strip()
                 if data == "[DONE]":
                     reply.done = True
+                    if stop_at_done:
+                        resp.close()
+                        return reply
                     continue
                 event = json.loads(data)
                 if event.get("error"):
@@ -447,6 +452,38 @@ async def test_an_answer_written_whole_but_not_acknowledged_is_logged_and_counte
             writer.close()
             assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
             assert rest.count(b'"text":"xxxx') == 40
+    finally:
+        holder.close()
+        await holder.wait_closed()
+
+
+async def test_a_client_that_closes_at_done_before_the_chunked_end_is_no_failure(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An SSE client stops at `data: [DONE]` and closes; when the chunked end comes a
+    moment later (in the lab, 109 of 1,215 requests, all whole at the client), that is
+    the normal end of the exchange: nothing counted, no INFO line."""
+    async def slow_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(SSE_HEAD + TOKEN + _chunk(b"data: [DONE]\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    hport = free_port()
+    holder = await asyncio.start_server(lambda r, w: _serve_fake(slow_end, r, w),
+                                        "127.0.0.3", hport)
+    caplog.set_level(logging.INFO, BRIDGE_LOG)
+    try:
+        async with _rig("127.0.0.3", 9, hport) as (origin, url, s):
+            reply = await _stream(s, url, words("sys", PROMPT_WORDS), "10.0.1.9",
+                                  stop_at_done=True)
+            assert reply.status == 200 and reply.tokens == 1 and reply.done
+            await _until(lambda: not origin.handoff.pending, "the relay's end")
+            await asyncio.sleep(0.3)
+            assert not any(origin.failures().values()), origin.failures()
+            assert [r.getMessage() for r in caplog.records if r.name == BRIDGE_LOG
+                    and r.levelno >= logging.INFO] == []
     finally:
         holder.close()
         await holder.wait_closed()
