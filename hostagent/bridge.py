@@ -29,7 +29,11 @@
 - Overflow mode answers every request 429 with Retry-After from the tenant's refill rate.
 - vLLM unreachable: 502; no response head within the timeout: 504; both JSON errors.
   A stream that breaks or stalls after its head was sent ends with an SSE error event
-  and `data: [DONE]`, then a well-formed end of the chunked body.
+  and `data: [DONE]`, then a well-formed end of the chunked body; another body ends
+  with the close short of its end (a body the close delimits: with a reset), which the
+  client's HTTP framing reports. A handed request whose relay ends abnormally -- the
+  peer's head missing, its answer cut, stalled or garbled, the client gone -- is logged
+  and counted by reason (handoff.RELAY_FAILURES), never silent.
 - A client that goes away aborts the upstream connection, which makes vLLM abort the
   request; no half-open connection is left on either side.
 - Requests are read strictly (RFC 9112) by hostagent/http1.py on llhttp, within limits
@@ -47,10 +51,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import ipaddress
 import json
 import logging
 import re
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -124,7 +131,13 @@ async def _parse_body(body: bytes, one_at_a_time: asyncio.Semaphore) -> dict | N
 
 
 class UpstreamBroken(Exception):
-    """vLLM failed after the response head was sent to the client."""
+    """vLLM (or the peer a request was handed to) failed after the response head was sent
+    to the client; `reason`: closed, stalled or malformed (handoff.RELAY_FAILURES with
+    `peer_` before it)."""
+
+    def __init__(self, message: str, reason: str = "closed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ClientStalled(Exception):
@@ -145,6 +158,9 @@ class BridgeSettings:
     backend_name: str = ""              # X-Tokenfabric-Backend of every response
     priority_scheduling: bool = False   # set the body's `priority` from the tenant's contract
     charge_step: int = 16               # charge streamed completion tokens this many at a time
+    delivery_wait: float = 2.0          # s the end of a handed-off answer waits for the
+                                        # client's TCP acknowledgement of its last byte;
+                                        # still unacknowledged: logged and counted
     max_connections: int = 1024         # open client connections; more are answered 503
     max_body_bytes: int = 16 * MIB      # one request body, chunked included (413)
     max_buffered_bytes: int = 64 * MIB  # request bodies held across all connections (503)
@@ -177,7 +193,7 @@ class PeerRefused(Exception):
 class _Exchange:
     """One relayed request and what the bridge worked out from its body."""
     __slots__ = ("request", "prompt_estimate", "max_tokens", "delay_key", "decision",
-                 "handed_at", "added_s", "tenant", "client")
+                 "handed_at", "added_s", "tenant", "client", "sse_done")
 
     def __init__(self, request: Request, body: dict | None, tenant: Tenant,
                  client: str) -> None:
@@ -190,17 +206,21 @@ class _Exchange:
         self.decision: Decision | None = None  # the prefix handoff's, when one was made
         self.handed_at: float | None = None    # set when the request went to a peer
         self.added_s = 0.0                     # what the handoff added: lookup + connect
+        # `data: [DONE]` went to the client: an SSE client may close now, before the
+        # chunked end (the OpenAI SDK and the lab's load generator stop there)
+        self.sse_done = False
 
 
 class _Counter:
     """Finds usage, or counts content chunks, in the payload of an SSE stream."""
-    __slots__ = ("pending", "chunks", "usage", "on_chunks")
+    __slots__ = ("pending", "chunks", "usage", "on_chunks", "done")
 
     def __init__(self) -> None:
         self.pending = b""
         self.chunks = 0
         self.usage: dict | None = None
         self.on_chunks: Callable[[int], None] | None = None
+        self.done = False  # `data: [DONE]` seen
 
     def feed(self, payload: bytes) -> None:
         data = self.pending + payload if self.pending else payload
@@ -211,6 +231,7 @@ class _Counter:
                 continue
             body = event[5:].strip()
             if body == b"[DONE]":
+                self.done = True
                 continue
             if _USAGE_OBJECT.search(body):
                 with contextlib.suppress(ValueError, RecursionError):
@@ -222,6 +243,30 @@ class _Counter:
                 self.chunks += 1
         if self.on_chunks is not None:
             self.on_chunks(self.chunks)
+
+
+def _unacknowledged(writer: asyncio.StreamWriter) -> int | None:
+    """Bytes written to `writer` that its peer has not acknowledged yet: the transport's
+    buffer plus the kernel's send queue (SIOCOUTQ, Linux); None where not known."""
+    sock = writer.get_extra_info("socket")
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                b"\0\0\0\0"))[0]
+    except (AttributeError, OSError, ValueError):
+        return None
+    return queued + writer.transport.get_write_buffer_size()
+
+
+def _token_counts(usage: dict) -> tuple[int, int] | None:
+    """`usage`'s prompt and completion tokens, or None when they are not counts (this
+    runs after the answer went out: a bad figure must not skip the charge)."""
+    out = []
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(key) or 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return None
+        out.append(value)
+    return out[0], out[1]
 
 
 def _json_object(body: bytes) -> dict | None:
@@ -487,13 +532,18 @@ class Bridge:
             return
         self.in_flight += 1
         try:
-            await self._serve_request(request, peer, reader, writer, received)
+            delivered = await self._serve_request(request, peer, reader, writer, received)
         finally:
             self.in_flight -= 1
             request.release()
+        if delivered is not None:  # no longer in flight here: only its delivery is awaited
+            await self._confirm_delivery(reader, writer, delivered)
 
     async def _serve_request(self, request: Request, peer: str, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter, received: bool = False) -> None:
+                             writer: asyncio.StreamWriter, received: bool = False
+                             ) -> _Exchange | None:
+        """Serve one request; returns the exchange of a handed-off answer relayed to its
+        end, whose delivery to the client is then confirmed (`_confirm_delivery`)."""
         client = self._client(request, peer)
         tenant, usage = self._tenant(request, client), TenantUsage()
         charge = _Charge(tenant)
@@ -502,11 +552,12 @@ class Bridge:
         client_gone = False
         exchange: _Exchange | None = None
         tracked: str | None = None
+        relayed_whole = False  # a handed-off answer relayed to its end: was it delivered?
         try:
             if self.settings.mode == "overflow":
                 usage.rejected = 1
                 self._send_overflow(writer, tenant)
-                return
+                return None
             me = asyncio.current_task()
 
             async def watch_client() -> None:
@@ -547,7 +598,8 @@ class Bridge:
                     charge.muted = True
                     usage.requests = 0
                     try:
-                        await self._relay(exchange, upstream_reader, writer, usage, charge)
+                        relayed_whole = await self._relay(exchange, upstream_reader, writer,
+                                                          usage, charge)
                     except PeerRefused as refused:
                         # the holder's exact queue said no (admit_check): nothing was sent
                         # to the client or charged yet, so this backend serves it now
@@ -568,11 +620,19 @@ class Bridge:
                 self._send_error(writer, exc)
             except HttpError as exc:
                 usage.errors = 1
+                if exchange is not None and exchange.handed_at is not None:
+                    self._relay_broke(exchange, "no_answer", exc.message)
                 self._send_error(writer, exc)
             except asyncio.CancelledError:
                 if not client_gone:
                     raise
-                log.info("client %s left mid-request; upstream aborted", peer)
+                if exchange is not None and exchange.sse_done:
+                    # it had the whole answer: closing before the chunked end is normal
+                    log.debug("client %s closed after data: [DONE]", peer)
+                else:
+                    log.info("client %s left mid-request; upstream aborted", peer)
+                    if exchange is not None and exchange.handed_at is not None:
+                        self._relay_broke(exchange, "client_left", "the client went away")
             except (ClientStalled, ConnectionError) as exc:
                 # The client stopped reading (or its connection broke while written to):
                 # let vLLM go rather than hold its slot for a client that takes nothing.
@@ -580,6 +640,11 @@ class Bridge:
                 writer.transport.abort()
                 log.info("client %s %s; upstream aborted", peer,
                          exc if isinstance(exc, ClientStalled) else "broke off")
+                if exchange is not None and exchange.handed_at is not None \
+                        and not exchange.sse_done:
+                    stalled = isinstance(exc, ClientStalled)
+                    self._relay_broke(exchange, "client_stalled" if stalled else "client_left",
+                                      str(exc) if stalled else "the client's connection broke")
         finally:
             if tracked is not None:
                 self._untrack(tracked)
@@ -599,6 +664,10 @@ class Bridge:
                     upstream.close()
             if usage.requests or usage.rejected:
                 self._account(tenant, usage)
+        if relayed_whole and not client_gone and exchange is not None \
+                and exchange.handed_at is not None:
+            return exchange
+        return None
 
     async def _serve_here(self, exchange: _Exchange, received: bool,
                           claim_body: dict | None, charge: _Charge
@@ -613,6 +682,47 @@ class Bridge:
         if self.delay is not None:
             exchange.delay_key = self.delay.start(exchange.max_tokens)
         return upstream
+
+    async def _confirm_delivery(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter, exchange: _Exchange) -> None:
+        """A handed-off answer was written whole: wait (at most `delivery_wait`) for the
+        client's TCP stack to acknowledge its last byte. A stream cut in the network after
+        the bridge's last write -- a reset from elsewhere, packets of the connection
+        steered to another host -- is otherwise seen by no bridge: all the answer sat in
+        the kernel's buffer when the bridge closed. Unacknowledged by then: logged and
+        counted (client_unacked). A client that closed its side (an SSE client stops at
+        `data: [DONE]` and may close before the chunked end arrives; in the lab its reply
+        to those last 5 bytes, after its FIN freed the switch's pin, goes elsewhere) or
+        reset the connection ended it itself: not counted."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.delivery_wait
+        pause = 0.001
+
+        def ended() -> bool:
+            return writer.transport.is_closing() or reader.at_eof()
+
+        left = _unacknowledged(writer)
+        while left and not ended() and loop.time() < deadline:
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+            pause = min(pause * 2, 0.1)
+            left = _unacknowledged(writer)
+        if left and not ended():
+            self._relay_broke(exchange, "client_unacked",
+                              f"{left} bytes of the answer not acknowledged after "
+                              f"{self.settings.delivery_wait:g} s")
+
+    def _relay_broke(self, exchange: _Exchange, reason: str, detail: str) -> None:
+        """A handed request's relay ended abnormally (handoff.RELAY_FAILURES): one log line
+        and the counter, so that no broken relayed stream goes unseen. The peer's side, if
+        its bridge saw anything, logs its own."""
+        assert self.handoff is not None and exchange.decision is not None \
+            and exchange.decision.peer is not None
+        # a client that leaves or stops reading is the client's doing; the rest is not
+        level = logging.INFO if reason in ("client_left", "client_stalled") else logging.WARNING
+        log.log(level, "relay of a request handed to %s (client %s, tenant %s) failed: "
+                "%s: %s", exchange.decision.peer.name, exchange.client, exchange.tenant.name,
+                reason, detail)
+        self.handoff.broke(reason)
 
     def _peer_refused(self, exchange: _Exchange, reason: str) -> None:
         """The holder refused the handoff at receipt: no longer in flight there, and the
@@ -847,7 +957,8 @@ class Bridge:
 
     async def _relay(self, exchange: _Exchange, upstream: asyncio.StreamReader,
                      client: asyncio.StreamWriter, usage: TenantUsage,
-                     charge: _Charge) -> None:
+                     charge: _Charge) -> bool:
+        """The answer relayed to the client; True when it was relayed to its end."""
         timeout = self.settings.upstream_timeout
         counter = _Counter()
         answer = _Response(counter, no_body=exchange.request.method == "HEAD")
@@ -892,16 +1003,29 @@ class Bridge:
             counter.on_chunks = lambda chunks: self._on_chunks(exchange, charge, chunks)
         try:
             try:
-                await self._relay_body(upstream, parser, answer, client, timeout)
+                await self._relay_body(exchange, upstream, parser, answer, client, timeout)
+                return True
             except UpstreamBroken as exc:
                 usage.errors = 1
-                log.warning("vLLM failed mid-response: %s", exc)
+                source = "vLLM"
+                if exchange.handed_at is not None:
+                    assert exchange.decision is not None and exchange.decision.peer is not None
+                    source = f"peer {exchange.decision.peer.name}"
+                    self._relay_broke(exchange, "peer_" + exc.reason, str(exc))
+                else:
+                    log.warning("vLLM failed mid-response: %s", exc)
                 if answer.chunked and answer.is_sse:
-                    event = b"data: " + error_body(502, f"vLLM failed mid-stream: {exc}",
+                    event = b"data: " + error_body(502, f"{source} failed mid-stream: {exc}",
                                                    "bad_gateway") + b"\n\n"
                     done = b"data: [DONE]\n\n"
                     client.write(b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
                                  % (len(event), event, len(done), done))
+                elif answer.until_close:
+                    # a body that the close delimits: a plain close would pass for its end
+                    client.transport.abort()
+                # else the close without the last chunk (or short of Content-Length) is
+                # what tells the client's HTTP framing that the body is incomplete
+                return False
         finally:
             # Count and charge the rest (exact usage, or counted chunks, minus what was
             # charged already) also when the client hangs up as the stream ends, which
@@ -956,12 +1080,12 @@ class Bridge:
             async with asyncio.timeout(timeout):
                 data = await upstream.read(65536)
         except TimeoutError as exc:
-            raise UpstreamBroken(f"no data for {timeout:g} s") from exc
+            raise UpstreamBroken(f"no data for {timeout:g} s", "stalled") from exc
         except ConnectionError as exc:
             raise UpstreamBroken(f"connection lost ({exc.__class__.__name__})") from exc
         return data
 
-    async def _relay_body(self, upstream: asyncio.StreamReader,
+    async def _relay_body(self, exchange: _Exchange, upstream: asyncio.StreamReader,
                           parser: httptools.HttpResponseParser, answer: _Response,
                           client: asyncio.StreamWriter, timeout: float) -> None:
         """What the parser made of each read, written to the client at once."""
@@ -969,6 +1093,8 @@ class Bridge:
             pending = answer.take()
             if pending:
                 client.write(pending)
+                if answer.counter.done:
+                    exchange.sse_done = True
                 if client.transport.get_write_buffer_size() > 256 * 1024:
                     try:
                         async with asyncio.timeout(self.settings.request_timeout):
@@ -977,7 +1103,7 @@ class Bridge:
                         raise ClientStalled("read nothing for "
                                             f"{self.settings.request_timeout:g} s") from None
             if answer.broken:
-                raise UpstreamBroken(answer.broken)
+                raise UpstreamBroken(answer.broken, "malformed")
             if answer.complete:
                 return
             data = await self._read(upstream, timeout)
@@ -998,9 +1124,9 @@ class Bridge:
         if not is_sse and kept:
             with contextlib.suppress(ValueError, AttributeError, RecursionError):
                 found = json.loads(bytes(kept)).get("usage")
-        if isinstance(found, dict):
-            usage.prompt_tokens = int(found.get("prompt_tokens") or 0)
-            usage.completion_tokens = int(found.get("completion_tokens") or 0)
+        exact = _token_counts(found) if isinstance(found, dict) else None
+        if exact is not None:
+            usage.prompt_tokens, usage.completion_tokens = exact
         elif is_sse and counter.chunks:
             usage.prompt_tokens = exchange.prompt_estimate
             usage.completion_tokens = counter.chunks

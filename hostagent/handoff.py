@@ -88,6 +88,17 @@ LOCAL_AFTER_LOOKUP = ("no_match", "short_prefix", "no_gain", "peer_busy", "looku
                       "lookup_busy", "peer_refused", "peer_held")
 TOKENIZERS = ("emulator", "vllm")
 LOOKUP_FAILURES = ("timeout", "status", "connection", "bad_answer")  # why a lookup failed
+# why a relay to a peer failed (the decision `relay_failed` is the first: the peer was not
+# reached, served here); the others end a stream the client already has the head of, or
+# answer it an error instead of the peer's head, so each is logged as well as counted:
+# no_answer -- the peer sent no valid head; peer_closed -- its connection ended (closed
+# or reset) before the end of the answer; peer_stalled -- no byte of it for the bridge's
+# upstream_timeout; peer_malformed -- broken framing; client_left -- the client went away
+# (the peer is aborted); client_stalled -- the client took nothing for request_timeout;
+# client_unacked -- the answer was written whole, but the client's TCP had not
+# acknowledged its end after the bridge's delivery_wait (cut in the network)
+RELAY_FAILURES = ("connect", "no_answer", "peer_closed", "peer_stalled", "peer_malformed",
+                  "client_left", "client_stalled", "client_unacked")
 DECISIONS = ("handoff", "handoff_home", "no_match", "local_longest", "short_prefix",
              "peer_busy", "no_gain", "short_prompt", "lookup_failed", "lookup_busy",
              "relay_failed", "not_tokenized", "peer_refused", "peer_held")
@@ -302,8 +313,22 @@ class HandoffMetrics:
             "(no answer within lookup_timeout), status (the controller answered non-200), "
             "connection (refused, reset, DNS), bad_answer (not the index's JSON).",
             ["backend", "reason"], registry=self.registry)
+        self.relay_failures = Counter(
+            "tokenfabric_handoff_relay_failures",
+            "Handoffs whose relay failed, by reason: connect (the peer not reached: served "
+            "here, decision relay_failed), no_answer (no valid head from the peer: the "
+            "client got a 502/504), and, after the client got the peer's head: "
+            "peer_closed (its connection ended before the end of the answer), "
+            "peer_stalled (no data for upstream_timeout), peer_malformed (broken "
+            "framing) -- the client's stream ends with an error event -- client_left (the "
+            "client went away: the peer aborted), client_stalled (the client read "
+            "nothing for request_timeout), client_unacked (written whole, but its end not "
+            "acknowledged by the client's TCP within delivery_wait: cut in the network).",
+            ["backend", "reason"], registry=self.registry)
         for reason in LOOKUP_FAILURES:  # every reason shows, at 0 until it happens
             self.lookup_failures.labels(backend, reason)
+        for reason in RELAY_FAILURES:
+            self.relay_failures.labels(backend, reason)
         for reason in REFUSALS:
             self.refused.labels(backend, reason)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -311,6 +336,10 @@ class HandoffMetrics:
     def lookup_failed(self, reason: str) -> None:
         self.lookup_failures.labels(self.backend, reason).inc()
         self.counts[("lookup_failed", reason)] += 1
+
+    def relay_failed(self, reason: str) -> None:
+        self.relay_failures.labels(self.backend, reason).inc()
+        self.counts[("relay_failures", reason)] += 1
 
     def decided(self, decision: str) -> None:
         self.decisions.labels(self.backend, decision).inc()
@@ -873,7 +902,14 @@ class Handoff:
         self.relay_ms += RELAY_SMOOTHING * (added_s * 1000 - self.relay_ms)
 
     def failed(self) -> None:
+        """The peer could not be reached: served here."""
         self.metrics.decided("relay_failed")
+        self.metrics.relay_failed("connect")
+
+    def broke(self, reason: str) -> None:
+        """A relay that reached the peer ended abnormally (RELAY_FAILURES; the bridge logs
+        it): the handoff stays counted as made, the failure by its reason."""
+        self.metrics.relay_failed(reason)
 
     def header(self, tenant: Tenant, body: bytes, client: str,
                decision: Decision | None = None) -> str:
@@ -896,7 +932,8 @@ class Handoff:
         """For the agent's report and logs: counts by decision, sent, received, and the
         affinity reports' by outcome."""
         out: dict[str, dict[str, int]] = {"decision": {}, "sent": {}, "received": {},
-                                          "affinity": {}, "lookup_failed": {}, "refused": {}}
+                                          "affinity": {}, "lookup_failed": {}, "refused": {},
+                                          "relay_failures": {}}
         for (kind, name), n in self.metrics.counts.items():
             out.setdefault(kind, {})[name] = n
         return {**out, "relay_ms": round(self.relay_ms, 3)}

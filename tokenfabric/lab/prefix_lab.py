@@ -231,13 +231,18 @@ def read_switch_steering(plan: LabPlan, timeout: float = 10.0) -> dict[str, dict
     """Each BMv2 switch's Select outcomes for clients with an affinity entry, from its
     `events` counter (the AFFINITY and AFFINITY_OVER_BOUND cells, docs/dataplane.md):
     switch -> {"steered": new connections the entry sent to its backend, "over_bound":
-    those whose backend was over the load bound, so P2C chose}. Cumulative packets
-    (one per new connection's SYN); the runner takes the difference over a run."""
+    those whose backend was over the load bound, so P2C chose}; and the connection
+    table's misses: "pin_collisions" (a new connection whose slot a live one held: all
+    its packets take the weighted hash's stateless choice, which a weight change moves
+    -- a stream broken mid-way with no bridge seeing it), "pin_misses" (packets of
+    such connections, and a closing connection's last ACKs after its FIN freed the
+    slot). Cumulative packets; the runner takes the difference over a run."""
     from p4.v1 import p4runtime_pb2
 
     from tokenfabric.p4names import IDS, Event
 
-    cells = {int(Event.AFFINITY): "steered", int(Event.AFFINITY_OVER_BOUND): "over_bound"}
+    cells = {int(Event.AFFINITY): "steered", int(Event.AFFINITY_OVER_BOUND): "over_bound",
+             int(Event.PIN_COLLISION): "pin_collisions", int(Event.PIN_MISS): "pin_misses"}
     entities = []
     for index in cells:
         entity = p4runtime_pb2.Entity()
@@ -448,6 +453,10 @@ def markdown(figures: list[dict[str, Any]], kv_tokens: int | None,
                              f"{sw} steered {c['steered']}, over the bound {c['over_bound']}"
                              for sw, c in sorted(steering.items())
                              if c["steered"] or c["over_bound"]))
+            lines.append(f"\n- {_label(f)}: the connection tables' misses: " + ", ".join(
+                f"{sw} {c.get('pin_collisions', 0)} new connections collided (stateless), "
+                f"{c.get('pin_misses', 0)} unpinned packets"
+                for sw, c in sorted(steering.items())))
         if f["mode"] in prefix.L7_MODES:
             lines.append(f"\n- baseline {_label(f)}: {'valid' if f['valid'] else 'INVALID'}: "
                          f"{f['evidence']}")

@@ -152,3 +152,45 @@ def test_a_collision_falls_back_to_the_stateless_choice_and_is_counted(sw):
     assert send_data(sw, [b]) == second
     assert sw.client.packets("events", Event.PIN_HIT) == 1
     assert sw.client.packets("events", Event.PIN_MISS) == 1
+
+
+def colliding_pairs(n: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """`n` pairs of client flows whose connection-table slots are the same, each pair in
+    a slot of its own (a birthday search over ~3,000 flows gives ~70 pairs)."""
+    rng = random.Random(7)
+    seen: dict[int, tuple[str, int]] = {}
+    pairs: dict[int, tuple[tuple[str, int], tuple[str, int]]] = {}
+    for _ in range(200_000):
+        flow = (f"10.0.1.{rng.randint(2, 250)}", rng.randint(32768, 60999))
+        slot = h.conn_slot(flow[0], h.VIP, flow[1], h.VIP_PORT)
+        if slot in seen and slot not in pairs and seen[slot] != flow:
+            pairs[slot] = (seen[slot], flow)
+            if len(pairs) == n:
+                return list(pairs.values())
+        seen.setdefault(slot, flow)
+    raise AssertionError(f"fewer than {n} colliding pairs found")
+
+
+def test_a_collided_connection_is_not_pinned_and_a_weight_change_moves_it(sw):
+    """How a stream can break after its 200 with no bridge seeing it (docs/prefix-cache.md,
+    "Measured, session 9 (the broken handed-off stream)"): a new connection whose slot a
+    live connection holds is not pinned -- each of its packets takes the weighted hash's
+    stateless choice -- and the controller rewrites the weights from the load reports (in
+    the lab's chat burst about 6 times a second). A rewrite that moves its hash sends the
+    connection's next packet to another backend, which has no such connection and
+    resets it. The pinned connection of each pair stays where it was."""
+    sw.client.insert(*h.service(mode=Mode.HASH))
+    h.pool(sw.client, {h.B1: 3, h.B2: 1})
+    pairs = colliding_pairs(40)
+    pinned = open_connections(sw, [a for a, _ in pairs])
+    stateless = open_connections(sw, [b for _, b in pairs])
+    assert len(pinned) == len(stateless) == 40
+    assert sw.client.packets("events", Event.PIN_COLLISION) == 40
+
+    sw.client.modify(h.pool_group({h.B1: 1, h.B2: 3}))  # the load reports turned
+    assert send_data(sw, [a for a, _ in pairs]) == pinned
+    after = send_data(sw, [b for _, b in pairs])
+    moved = [flow for flow in after if after[flow] != stateless[flow]]
+    # deterministic flows and hashes: a good share of the 40 moves (from B1 to B2)
+    assert len(moved) >= 5, (stateless, after)
+    assert all(stateless[f] == h.B1 and after[f] == h.B2 for f in moved)

@@ -227,3 +227,18 @@ def test_misses_join_each_hosts_records_to_its_own_schedule():
     first = sent[other][0]
     alone = prefix_lab.misses(loads, {other: [record(first, "tflb1", 0)]})
     assert sum(t["requests"] for t in alone.values()) == 1
+
+
+def test_the_summary_shows_the_connection_tables_misses():
+    """A stream cut with no bridge seeing it can be the switch's doing: a new connection
+    whose pin slot was taken takes the weighted hash's stateless choice, which a weight
+    change moves. Each handoff run's summary says how many there were."""
+    from tokenfabric.lab.prefix_lab import markdown
+    figure = {"mode": "prefix-affinity", "ok": 10, "requests": 10, "hit_rate": 0.8,
+              "ttft_p50_ms": 50.0, "ttft_p99_ms": 90.0, "goodput_rps": 1.0,
+              "handoff_share": 0.2, "handoff_added_ms_p50": 3.0, "handoff_added_ms_p99": 9.0,
+              "valid": True, "switch_steering": {"tfls1": {
+                  "steered": 4, "over_bound": 1, "pin_collisions": 2, "pin_misses": 31}}}
+    text = markdown([figure], 4096)
+    assert "tfls1 steered 4, over the bound 1" in text
+    assert "tfls1 2 new connections collided (stateless), 31 unpinned packets" in text
