@@ -407,9 +407,18 @@ class Agent:
         try:
             tenants = TenantTable.from_json(items).tenants
             known = self.config.tenant_priorities
+            opted_in = any(t.prefix_affinity for t in self.tenants.tenants)
             self.tenants.replace([t if t.request_priority is not None or t.name not in known
                                   else dataclasses.replace(t, request_priority=known[t.name])
                                   for t in tenants])
+            if opted_in and self.handoff is not None \
+                    and not any(t.prefix_affinity for t in self.tenants.tenants):
+                # the last opt-in ended: the shared addresses learnt under it go with it,
+                # so a later opt-in starts as the first did (the lab's rounds alike)
+                forgotten = self.handoff.shared_clients.clear()
+                if forgotten:
+                    log.info("prefix affinity off: %d shared client addresses forgotten",
+                             forgotten)
         except ValueError as exc:
             log.error("controller sent bad tenants, keeping the previous ones: %s", exc)
 

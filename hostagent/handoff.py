@@ -127,6 +127,12 @@ class SharedClients:
         while len(self._until) > MAX_SHARED:
             self._until.popitem(last=False)
 
+    def clear(self) -> int:
+        """Forget every shared address; how many were held."""
+        held = len(self._until)
+        self._until.clear()
+        return held
+
 
 @dataclass
 class HandoffSettings:

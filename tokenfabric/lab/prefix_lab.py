@@ -448,11 +448,14 @@ def markdown(figures: list[dict[str, Any]], kv_tokens: int | None,
                              f"{sw} {n} affinity entries" for sw, n in sorted(held.items())))
         steering = f.get("switch_steering")
         if f["mode"] in prefix.HANDOFF_MODES and steering:
+            # the switches that met such a connection; a run without any says so (a
+            # trace's one shared address gets no entry, so no switch steers)
+            counted = [f"{sw} steered {c['steered']}, over the bound {c['over_bound']}"
+                       for sw, c in sorted(steering.items())
+                       if c["steered"] or c["over_bound"]]
             lines.append(f"\n- {_label(f)}: new connections of clients with an entry, by "
-                         "the switches' events counters: " + ", ".join(
-                             f"{sw} steered {c['steered']}, over the bound {c['over_bound']}"
-                             for sw, c in sorted(steering.items())
-                             if c["steered"] or c["over_bound"]))
+                         "the switches' events counters: " + (", ".join(counted) or
+                         "none on any switch (0 steered, 0 over the bound)"))
             lines.append(f"\n- {_label(f)}: the connection tables' misses: " + ", ".join(
                 f"{sw} {c.get('pin_collisions', 0)} new connections collided (stateless), "
                 f"{c.get('pin_misses', 0)} unpinned packets"

@@ -538,6 +538,57 @@ def test_a_shared_address_loses_its_switch_affinity(rig):
     assert not reply.headers["x-tokenfabric-handoff-decision"].endswith("; shared")
 
 
+def _set_opt_in(rig: Rig, admin: httpx.Client, enabled: bool) -> None:
+    """Tenant chat's `prefix_affinity` on or off by a policy reload, and until gpu1's
+    bridge acts on it (the agent takes the tenants from its reports' answers)."""
+    text = POLICY if enabled else POLICY.replace(", prefix_affinity: true", "")
+    (rig.tmp / "policy.yaml").write_text(text)
+    assert admin.post("/api/v1/policy/reload").status_code == 200
+    def acted() -> bool | None:
+        reply, _ = completion(rig, words("optK", 80), client="10.0.1.61")
+        decided = "x-tokenfabric-handoff-decision" in reply.headers
+        return True if decided == enabled else None
+    wait_for(acted, f"gpu1's bridge with the opt-in {'on' if enabled else 'off'}",
+             timeout=15)
+
+
+def test_ending_the_opt_in_forgets_the_shared_addresses(rig):
+    """A policy reload that ends the last opt-in makes the agent forget the shared
+    addresses it learnt: opted in again, an address is one conversation's (weighed with
+    `cache_weight`) until seen shared anew -- as at the first opt-in. (Before, the mark
+    lasted `shared_client_s`, 300 s: the lab's later rounds of a mode started with the
+    app server already shared, unlike the first.)"""
+    from concurrent.futures import ThreadPoolExecutor
+    system = words("sysK", 1600)
+    rig.warm("gpu1", system + " q")
+    with ThreadPoolExecutor(3) as pool:  # three at once: 10.0.1.60 is shared
+        replies = list(pool.map(lambda k: completion(
+            rig, system + " " + words(f"askK{k}x", 40), max_tokens=60,
+            client="10.0.1.60"), range(3)))
+    assert all(reply.status_code == 200 for reply, _ in replies)
+    reply, _ = completion(rig, system + " " + words("askK5x", 40), client="10.0.1.60")
+    assert reply.headers["x-tokenfabric-handoff-decision"].endswith("; shared")
+    admin = httpx.Client(base_url=f"http://127.0.0.1:{rig.api_port}", timeout=10,
+                         headers={"Authorization": f"Bearer {ADMIN}"})
+    try:
+        _set_opt_in(rig, admin, False)
+        _set_opt_in(rig, admin, True)
+        reply, _ = completion(rig, system + " " + words("askK6x", 40), client="10.0.1.60")
+        assert reply.status_code == 200
+        assert not reply.headers["x-tokenfabric-handoff-decision"].endswith("; shared")
+        # and it is learnt anew as before
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda k: completion(
+                rig, system + " " + words(f"askK{k}y", 40), max_tokens=60,
+                client="10.0.1.60"), range(3)))
+        reply, _ = completion(rig, system + " " + words("askK7x", 40), client="10.0.1.60")
+        assert reply.headers["x-tokenfabric-handoff-decision"].endswith("; shared")
+    finally:
+        (rig.tmp / "policy.yaml").write_text(POLICY)  # the module's other tests: opted in
+        admin.post("/api/v1/policy/reload")
+        admin.close()
+
+
 def _ledger(rig: Rig) -> tuple[int, int]:
     """Requests and completion tokens of tenant chat (id 5) in the controller's ledger."""
     rows = rig.viewer.get("/api/v1/ledger", params={"tenant_id": 5}).json()

@@ -242,3 +242,23 @@ def test_the_summary_shows_the_connection_tables_misses():
     text = markdown([figure], 4096)
     assert "tfls1 steered 4, over the bound 1" in text
     assert "tfls1 2 new connections collided (stateless), 31 unpinned packets" in text
+
+
+def test_the_summary_says_when_no_switch_steered_a_connection():
+    """The switches' steering line of a handoff run names the switches that met a
+    connection of a client with an entry, and says so when none did (a trace's one shared
+    address gets no entry: that line used to end in nothing)."""
+    records = [{"ok": True, "ttft": 0.1, "e2e": 0.5, "tenant": prefix.APP_SERVER,
+                "prompt_tokens": 100, "cached_tokens": 60, "completion_tokens": 8}
+               for _ in range(4)]
+    figures = prefix.mode_figures(records, 0.6, 20.0)
+    figures.update(mode="prefix-affinity", valid=True, evidence="the fabric's own mode")
+    line = "new connections of clients with an entry, by the switches' events counters: "
+    figures["switch_steering"] = {"tflleaf1": {"steered": 8, "over_bound": 1},
+                                  "tflleaf2": {"steered": 0, "over_bound": 0}}
+    text = prefix_lab.markdown([figures], 16384, "trace")
+    assert line + "tflleaf1 steered 8, over the bound 1\n" in text
+    figures["switch_steering"] = {"tfls1": {"steered": 0, "over_bound": 0}}
+    text = prefix_lab.markdown([dict(figures, repeat=1)], 16384, "trace")
+    assert "- prefix-affinity (run 2): " + line + \
+        "none on any switch (0 steered, 0 over the bound)\n" in text
