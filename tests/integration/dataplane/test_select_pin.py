@@ -274,7 +274,15 @@ def test_a_connection_whose_first_way_is_held_is_pinned_in_the_second_and_stays(
     of the second connections (shown by freeing them at the end)."""
     sw.client.insert(*h.service(mode=Mode.HASH))
     h.pool(sw.client, {h.B1: 3, h.B2: 1})
-    pairs = colliding_pairs(40)
+    # 40 pairs whose second connections' second ways are distinct and held by no first
+    # connection (two of the first 40 pairs share one: the later would collide).
+    firsts_slots = {ways(a)[0] for a, _ in colliding_pairs(60)}
+    by_second_way = {}
+    for a, b in colliding_pairs(60):
+        if ways(b)[1] not in firsts_slots:
+            by_second_way.setdefault(ways(b)[1], (a, b))
+    pairs = list(by_second_way.values())[:40]
+    assert len(pairs) == 40
     firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
     pinned = open_connections(sw, firsts)
     second = open_connections(sw, seconds)
