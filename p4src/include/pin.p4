@@ -98,7 +98,10 @@ control Pin(inout headers_t hdr,
                     }
                     /* The first way closing with this connection: stay there. */
                     if (stored != (meta.fingerprint | FP_CLOSING) || !CLOSING_LIVE) {
-                        slot_b = meta.fingerprint & CONN_SLOT_MASK;
+                        /* (a hash into the field: an assignment p4c would
+                         * propagate, and copy into a temporary per use) */
+                        hash(slot_b, HashAlgorithm.identity, 32w0,
+                             { meta.fingerprint[15:0] }, (bit<64>)CONN_SLOTS);
                         conn_fingerprint.read(stored, slot_b);
                         conn_last_seen.read(seen, slot_b);
                         if (stored == meta.fingerprint && OPEN_LIVE) {
