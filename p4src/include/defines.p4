@@ -8,7 +8,16 @@
 #define MAX_BACKENDS 1024
 #define MAX_SERVICES 256
 #define CONN_SLOTS 65536
-#define FINGERPRINT_RANGE 0xFFFFFF00  /* protocol + this stays below 2^32 */
+#define FINGERPRINT_RANGE 0x7FFFFF00  /* protocol + this stays below 2^31 */
+/* The connection table is two-way: a connection's first slot is its crc16 (its
+ * conn_index), its second the low 16 bits of its fingerprint (no second hash).
+ * A FIN marks a pinned slot closing (its fingerprint's top bit, free since the
+ * range stays below 2^31): its connection's last packets stay pinned for the
+ * close grace (or the idle timeout if shorter), without refreshing it; an RST
+ * frees it at once. */
+#define CONN_SLOT_MASK 0xFFFF         /* CONN_SLOTS - 1 */
+const bit<32> FP_CLOSING = 0x80000000;
+const bit<48> CLOSE_GRACE_US = 2000000;
 #define NUM_CLASSES 8
 
 /* Table sizes beyond those (entries, not ids). */

@@ -10,8 +10,11 @@ control Pin(inout headers_t hdr,
             inout local_metadata_t meta,
             inout standard_metadata_t standard_metadata) {
 
-    bit<32> stored;  /* the slot's fingerprint */
+    bit<32> stored;  /* the slot's fingerprint (FP_CLOSING: after a FIN) */
     bit<48> seen;    /* and when it last saw its connection */
+    bit<48> now;
+    bit<32> slot_b;  /* the connection's second way */
+    bit<1> closing;  /* pinned in a closing slot */
 
     /* A service packet's slot, in the vip entry's action: BMv2 pays for every
      * action, condition and assignment, and this is the path of every packet
@@ -45,38 +48,110 @@ control Pin(inout headers_t hdr,
         size = MAX_SERVICES;
     }
 
+    /* A slot that is live for this packet: open and not idled out, or closing
+     * (after a FIN; last seen is then the FIN's time, never refreshed) and
+     * within the close grace as well. */
+#define OPEN_LIVE (meta.idle_timeout_us == 0 || now - seen <= (bit<48>)meta.idle_timeout_us)
+#define CLOSING_LIVE (now - seen <= CLOSE_GRACE_US && OPEN_LIVE)
+/* A slot a new connection may claim: free, idled out, or closing past its grace. */
+#define CLAIMABLE (stored == 0 || !OPEN_LIVE \
+                   || ((stored & FP_CLOSING) != 0 && now - seen > CLOSE_GRACE_US))
+
+    /* A pinned packet of an open slot (meta.conn_index): refreshed; a FIN starts
+     * the slot's close grace (this write of last seen is its start), an RST
+     * frees it. Either counts the pin's end, once. (A macro: an action would be
+     * a P4Info entry, and an action's conditions cost BMv2 more.) */
+#define PINNED_OPEN                                                              \
+    meta.pin_state = PIN_HIT;                                                    \
+    conn_last_seen.write(meta.conn_index, now);                                  \
+    conn_backend.read(meta.backend_id, meta.conn_index);                         \
+    if (ENDS_FLOW) {                                                             \
+        if ((hdr.tcp.flags & TCP_RST) != 0) {                                    \
+            conn_fingerprint.write(meta.conn_index, 0);                          \
+        } else {                                                                 \
+            conn_fingerprint.write(meta.conn_index, meta.fingerprint | FP_CLOSING); \
+        }                                                                        \
+        events.count(EVENT_PIN_CLEARED);                                         \
+    }
+
     apply {
         /* TCP and UDP only (a tunnel Decap ended has no flow header: it goes
          * to the backend it names). */
         if (hdr.flow.isValid()) {
             if (vip.apply().hit) {
-                bit<48> now = standard_metadata.ingress_global_timestamp;
+                now = standard_metadata.ingress_global_timestamp;
                 /* A stored fingerprint is never 0, so a match means a live slot
                  * unless it idled out. A slot is only ever live with a backend:
-                 * Select frees the slot of a new connection it finds none for. */
-                if (stored == meta.fingerprint && (meta.idle_timeout_us == 0
-                        || now - seen <= (bit<48>)meta.idle_timeout_us)) {
-                    meta.pin_state = PIN_HIT;
-                    conn_last_seen.write(meta.conn_index, now);
-                    conn_backend.read(meta.backend_id, meta.conn_index);
-                    if (ENDS_FLOW) {
-                        conn_fingerprint.write(meta.conn_index, 0);
-                        events.count(EVENT_PIN_CLEARED);
-                    }
-                } else if (OPENS_FLOW && (stored == 0 || (meta.idle_timeout_us != 0
-                        && now - seen > (bit<48>)meta.idle_timeout_us))) {
-                    meta.pin_state = PIN_NEW;
-                    conn_fingerprint.write(meta.conn_index, meta.fingerprint);
-                    conn_last_seen.write(meta.conn_index, now);
+                 * Select frees the slot of a new connection it finds none for.
+                 * The common path (pinned in the first way, open) is tested
+                 * first and pays nothing for the second way or the grace. */
+                if (stored == meta.fingerprint && OPEN_LIVE) {
+                    PINNED_OPEN
                 } else {
-                    /* A collision with a live connection, or a mid-connection
-                     * packet whose pin is gone: the stateless choice of the
-                     * weighted hash. */
+                    /* Whether the first way may be claimed, kept in pin_state
+                     * (PIN_NEW: yes) while stored and seen move on to the
+                     * second way: no metadata field more for every packet. */
+                    closing = 0;
                     meta.pin_state = PIN_STATELESS;
+                    if (CLAIMABLE) {
+                        meta.pin_state = PIN_NEW;
+                    }
+                    /* The first way closing with this connection: stay there. */
+                    if (stored != (meta.fingerprint | FP_CLOSING) || !CLOSING_LIVE) {
+                        /* (a hash into the field: an assignment p4c would
+                         * propagate, and copy into a temporary per use) */
+                        hash(slot_b, HashAlgorithm.identity, 32w0,
+                             { meta.fingerprint[15:0] }, (bit<64>)CONN_SLOTS);
+                        conn_fingerprint.read(stored, slot_b);
+                        conn_last_seen.read(seen, slot_b);
+                        if (stored == meta.fingerprint && OPEN_LIVE) {
+                            meta.conn_index = slot_b;
+                            PINNED_OPEN
+                        } else if (stored == (meta.fingerprint | FP_CLOSING) && CLOSING_LIVE) {
+                            meta.conn_index = slot_b;
+                            closing = 1;
+                        } else if (OPENS_FLOW && meta.pin_state == PIN_NEW) {
+                            /* claims the first way (below) */
+                        } else if (OPENS_FLOW && CLAIMABLE) {
+                            meta.conn_index = slot_b;
+                            meta.pin_state = PIN_NEW;
+                        } else {
+                            /* Both ways live with other connections (a new flow's
+                             * collision, counted), or a mid-connection packet
+                             * whose pin is gone: the weighted hash's stateless
+                             * choice. */
+                            meta.pin_state = PIN_STATELESS;
+                        }
+                    } else {
+                        closing = 1;
+                    }
+                    if (closing == 1) {
+                        /* A closing connection's last packets (ACKs, the other
+                         * FIN): still pinned, last seen left at the FIN's time
+                         * so that the grace runs out; an RST frees the slot.
+                         * A SYN of the same 5-tuple opens it anew. */
+                        if (OPENS_FLOW) {
+                            meta.pin_state = PIN_NEW;
+                        } else {
+                            meta.pin_state = PIN_HIT;
+                            conn_backend.read(meta.backend_id, meta.conn_index);
+                            if ((hdr.tcp.flags & TCP_RST) != 0) {
+                                conn_fingerprint.write(meta.conn_index, 0);
+                            }
+                        }
+                    }
+                    if (meta.pin_state == PIN_NEW) {
+                        conn_fingerprint.write(meta.conn_index, meta.fingerprint);
+                        conn_last_seen.write(meta.conn_index, now);
+                    }
                 }
             }
         }
     }
+#undef OPEN_LIVE
+#undef CLOSING_LIVE
+#undef CLAIMABLE
+#undef PINNED_OPEN
 }
 
 #endif

@@ -13,10 +13,12 @@ import contextlib
 import ctypes
 import itertools
 import os
+import re
 import select
 import socket
 import subprocess
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from tokenfabric import dataplane as dp
 from tokenfabric.bmv2 import Bmv2Options, Bmv2Switch
 from tokenfabric.controller.entries import Action, Exact, Lpm, TableEntry
 from tokenfabric.netns import NetSandbox
-from tokenfabric.p4names import Mode, Profiles
+from tokenfabric.p4names import CONN_SLOT_MASK, FINGERPRINT_RANGE, Mode, Profiles
 from tokenfabric.tools import find_tool, tool_env
 
 CLONE_NEWNET = 0x40000000
@@ -157,6 +159,14 @@ class Rig:
                               timeout=30, check=True)
         return done.stdout
 
+    def register(self, name: str, index: int) -> int:
+        """One cell of a register, read over Thrift (P4Runtime has no BMv2 register reads)."""
+        out = self.cli(f"register_read {name} {index}\n")
+        found = re.search(rf"{re.escape(name)}\[{index}\]\s*=\s*(\d+)", out)
+        if not found:
+            raise RuntimeError(f"register_read {name} {index}: {out!r}")
+        return int(found.group(1))
+
     def alive(self) -> bool:
         return self.switch.proc is not None and self.switch.proc.poll() is None
 
@@ -252,6 +262,20 @@ def conn_slot(src: str, dst: str, sport: int, dport: int) -> int:
     pin's flow header (addresses, ports)."""
     return Crc16Arc.calc(socket.inet_aton(src) + socket.inet_aton(dst)
                          + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"))
+
+
+def conn_fingerprint(src: str, dst: str, sport: int, dport: int, protocol: int = 6) -> int:
+    """A flow's fingerprint in the connection table: BMv2's crc32 (zlib's) of the same
+    flow header, modulo FINGERPRINT_RANGE, plus the protocol."""
+    flow = (socket.inet_aton(src) + socket.inet_aton(dst)
+            + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"))
+    return protocol + zlib.crc32(flow) % FINGERPRINT_RANGE
+
+
+def conn_ways(src: str, dst: str, sport: int, dport: int) -> tuple[int, int]:
+    """A flow's two connection-table slots: its crc16, and its fingerprint's low bits."""
+    return (conn_slot(src, dst, sport, dport),
+            conn_fingerprint(src, dst, sport, dport) & CONN_SLOT_MASK)
 
 
 def pool_members(backends: list[int]) -> list:

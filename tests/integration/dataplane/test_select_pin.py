@@ -11,7 +11,7 @@ from scapy.layers.l2 import Ether
 
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import data, parse, syn
-from tokenfabric.p4names import Event, Mode
+from tokenfabric.p4names import CLOSE_GRACE_US, FP_CLOSING, Event, Mode
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
 
@@ -104,54 +104,78 @@ def test_weight_pool_and_mode_changes_do_not_move_established_connections(sw):
     assert sw.client.packets("events", Event.PIN_COLLISION) == 0
 
 
-def test_fin_and_idle_timeout_end_a_pin(sw):
+def test_a_fin_pins_the_last_packets_and_the_idle_timeout_still_ends_a_pin(sw):
     sw.client.insert(*h.service(idle_us=300_000))
     h.pool(sw.client, {h.B1: 1})
     open_connections(sw, [("10.0.1.2", 4000), ("10.0.1.3", 4001)])
     sw.io.send(h.CLIENT_PORT, data("10.0.1.2", 4000, flags="FA"))
     sw.io.collect()
     assert sw.client.packets("events", Event.PIN_CLEARED) == 1
+    # The FIN does not free the slot: the connection's next packet is still pinned.
     sw.io.send(h.CLIENT_PORT, data("10.0.1.2", 4000, flags="A"))
     sw.io.collect()
-    assert sw.client.packets("events", Event.PIN_MISS) == 1
+    assert sw.client.packets("events", Event.PIN_MISS) == 0
+    assert sw.client.packets("events", Event.PIN_HIT) == 2
 
-    time.sleep(0.45)  # past the 300 ms idle timeout
+    # The idle timeout (300 ms) is shorter than the close grace: it ends both pins.
+    time.sleep(0.45)
+    sw.io.send(h.CLIENT_PORT, data("10.0.1.2", 4000, flags="A"))
     sw.io.send(h.CLIENT_PORT, data("10.0.1.3", 4001))
     out = sw.io.collect()
-    assert len(out[h.B1_PORT]) == 1, "an unpinned packet still gets the stateless choice"
+    assert len(out[h.B1_PORT]) == 2, "an unpinned packet still gets the stateless choice"
     assert sw.client.packets("events", Event.PIN_MISS) == 2
     # The slot is free again: a new SYN claims it.
     open_connections(sw, [("10.0.1.3", 4001)])
     assert sw.client.packets("events", Event.PIN_NEW) == 3
 
 
-def colliding_pair() -> tuple[tuple[str, int], tuple[str, int]]:
-    """Two client flows to the VIP whose connection-table slot is the same."""
-    seen = {}
-    for host in range(2, 250):
-        for sport in range(40000, 40400):
-            flow = (f"10.0.1.{host}", sport)
-            slot = h.conn_slot(flow[0], h.VIP, sport, h.VIP_PORT)
-            if slot in seen:
-                return seen[slot], flow
-            seen[slot] = flow
-    raise AssertionError("no collision found")
+def send_all(sw, conns, flags: str) -> dict[tuple[str, int], int]:
+    """One packet with `flags` per connection; returns the backend each reached."""
+    where = {}
+    for src, sport in conns:
+        sw.io.send(h.CLIENT_PORT, data(src, sport, flags=flags, payload=b""))
+    out = sw.io.collect()
+    for backend, port in PORTS.items():
+        for frame in out[port]:
+            pkt = parse(frame)
+            where[(pkt[IP].src, pkt[TCP].sport)] = backend
+    return where
 
 
-def test_a_collision_falls_back_to_the_stateless_choice_and_is_counted(sw):
-    sw.client.insert(*h.service(mode=Mode.HASH))
+GRACE_S = CLOSE_GRACE_US / 1e6
+
+
+def fp(flow: tuple[str, int]) -> int:
+    return h.conn_fingerprint(flow[0], h.VIP, flow[1], h.VIP_PORT)
+
+
+def ways(flow: tuple[str, int]) -> tuple[int, int]:
+    return h.conn_ways(flow[0], h.VIP, flow[1], h.VIP_PORT)
+
+
+def test_after_a_fin_the_last_packets_stay_pinned_across_a_weight_change(sw):
+    """The client closes first (an SSE client at [DONE]): its FIN must not free the
+    pin, or its acknowledgements of the answer's last bytes, and its last ACK, take
+    the weighted hash's choice, which a weight rewrite moves to another backend (docs/
+    prefix-cache.md, "Measured, session 9 (the broken handed-off stream)")."""
+    sw.client.insert(*h.service(mode=Mode.HASH))  # no idle timeout: the grace alone
     h.pool(sw.client, {h.B1: 1, h.B2: 1})
-    a, b = colliding_pair()
-    first = open_connections(sw, [a])
-    second = open_connections(sw, [b])
-    assert sw.client.packets("events", Event.PIN_NEW) == 1
-    assert sw.client.packets("events", Event.PIN_COLLISION) == 1
-    assert len(first) == 1 and len(second) == 1
-    # The first connection keeps its pin; the second keeps its stateless answer.
-    assert send_data(sw, [a]) == first
-    assert send_data(sw, [b]) == second
-    assert sw.client.packets("events", Event.PIN_HIT) == 1
-    assert sw.client.packets("events", Event.PIN_MISS) == 1
+    conns = flows(40, base=11)
+    first = open_connections(sw, conns)
+    assert len(first) == 40 and set(first.values()) == {h.B1, h.B2}
+    assert send_all(sw, conns, "FA") == first
+    assert sw.client.packets("events", Event.PIN_CLEARED) == 40
+
+    sw.client.modify(h.pool_group({h.B2: 1}))  # the load reports turned
+    assert send_all(sw, conns, "A") == first, "the ACKs after the FIN stay pinned"
+    assert send_all(sw, conns, "FA") == first, "so does a FIN again"
+    assert sw.client.packets("events", Event.PIN_MISS) == 0
+    assert sw.client.packets("events", Event.PIN_CLEARED) == 40, "one end per connection"
+
+    time.sleep(GRACE_S + 0.3)  # the packets since the FIN did not extend the grace
+    late = send_all(sw, conns, "A")
+    assert set(late.values()) == {h.B2}, "past the grace: the stateless choice"
+    assert sw.client.packets("events", Event.PIN_MISS) == 40
 
 
 def colliding_pairs(n: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
@@ -171,26 +195,112 @@ def colliding_pairs(n: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
     raise AssertionError(f"fewer than {n} colliding pairs found")
 
 
-def test_a_collided_connection_is_not_pinned_and_a_weight_change_moves_it(sw):
-    """How a stream can break after its 200 with no bridge seeing it (docs/prefix-cache.md,
-    "Measured, session 9 (the broken handed-off stream)"): a new connection whose slot a
-    live connection holds is not pinned -- each of its packets takes the weighted hash's
-    stateless choice -- and the controller rewrites the weights from the load reports (in
-    the lab's chat burst about 6 times a second). A rewrite that moves its hash sends the
-    connection's next packet to another backend, which has no such connection and
-    resets it. The pinned connection of each pair stays where it was."""
+def test_after_the_grace_or_an_rst_the_slot_is_free_for_a_new_connection(sw):
+    sw.client.insert(*h.service(mode=Mode.HASH))
+    h.pool(sw.client, {h.B1: 1, h.B2: 1})
+    (a1, b1), (a2, b2), (a3, b3) = colliding_pairs(3)
+    open_connections(sw, [a1, a2, a3])
+    send_all(sw, [a1, a3], "FA")
+    send_all(sw, [a2], "R")
+
+    def fingerprint_at(slot: int) -> int:
+        return sw.register("conn_fingerprint", slot)
+
+    # The RST freed a2's slot at once: b2 takes it as its first way.
+    open_connections(sw, [b2])
+    assert fingerprint_at(ways(b2)[0]) == fp(b2)
+    # a3 is in its grace: b3 is pinned in its second way, a3 keeps the first.
+    open_connections(sw, [b3])
+    assert fingerprint_at(ways(b3)[0]) == fp(a3) | FP_CLOSING
+    assert fingerprint_at(ways(b3)[1]) == fp(b3)
+    assert sw.client.packets("events", Event.PIN_COLLISION) == 0
+
+    time.sleep(GRACE_S + 0.3)
+    # Past a1's grace its slot is free: b1 claims it as its first way.
+    open_connections(sw, [b1])
+    assert fingerprint_at(ways(b1)[0]) == fp(b1)
+    assert sw.client.packets("events", Event.PIN_NEW) == 6
+
+
+def colliding_pair() -> tuple[tuple[str, int], tuple[str, int]]:
+    """Two client flows to the VIP whose connection-table slot is the same."""
+    seen = {}
+    for host in range(2, 250):
+        for sport in range(40000, 40400):
+            flow = (f"10.0.1.{host}", sport)
+            slot = h.conn_slot(flow[0], h.VIP, sport, h.VIP_PORT)
+            if slot in seen:
+                return seen[slot], flow
+            seen[slot] = flow
+    raise AssertionError("no collision found")
+
+
+def flow_in_slot(slot: int, avoid: set[int]) -> tuple[str, int]:
+    """A client flow whose first way is `slot` and whose second way is not in `avoid`."""
+    for host in range(2, 250):
+        for sport in range(32768, 61000):
+            flow = (f"10.0.1.{host}", sport)
+            first, second = ways(flow)
+            if first == slot and second not in avoid:
+                return flow
+    raise AssertionError(f"no flow in slot {slot}")
+
+
+def test_a_connection_whose_both_ways_are_live_is_stateless_and_counted(sw):
+    sw.client.insert(*h.service(mode=Mode.HASH))
+    h.pool(sw.client, {h.B1: 1, h.B2: 1})
+    x, y = colliding_pair()  # x holds y's first way...
+    z = flow_in_slot(ways(y)[1], avoid={ways(x)[0]})  # ...and z its second
+    assert ways(z)[0] != ways(x)[0]
+    held = open_connections(sw, [x, z])
+    assert sw.client.packets("events", Event.PIN_NEW) == 2
+    second = open_connections(sw, [y])
+    assert sw.client.packets("events", Event.PIN_COLLISION) == 1
+    assert len(held) == 2 and len(second) == 1
+    # x and z keep their pins; y keeps taking the stateless answer.
+    assert send_data(sw, [x, z]) == held
+    assert send_data(sw, [y]) == second
+    assert sw.client.packets("events", Event.PIN_HIT) == 2
+    assert sw.client.packets("events", Event.PIN_MISS) == 1
+
+
+def test_a_connection_whose_first_way_is_held_is_pinned_in_the_second_and_stays(sw):
+    """Before the second way (docs/prefix-cache.md, "Measured, session 9 (the broken
+    handed-off stream)"), a new connection whose slot a live connection held was not
+    pinned: each of its packets took the weighted hash's stateless choice, which the
+    controller's weight rewrites (about 6 a second in the lab's chat burst) moved to
+    another backend, which reset it. Now it is pinned in its second way: a weight
+    rewrite moves none of the 80, though it moves the stateless choice of a good share
+    of the second connections (shown by freeing them at the end)."""
     sw.client.insert(*h.service(mode=Mode.HASH))
     h.pool(sw.client, {h.B1: 3, h.B2: 1})
-    pairs = colliding_pairs(40)
-    pinned = open_connections(sw, [a for a, _ in pairs])
-    stateless = open_connections(sw, [b for _, b in pairs])
-    assert len(pinned) == len(stateless) == 40
-    assert sw.client.packets("events", Event.PIN_COLLISION) == 40
+    # 40 pairs whose second connections' second ways are distinct and held by no first
+    # connection (two of the first 40 pairs share one: the later would collide).
+    firsts_slots = {ways(a)[0] for a, _ in colliding_pairs(60)}
+    by_second_way = {}
+    for a, b in colliding_pairs(60):
+        if ways(b)[1] not in firsts_slots:
+            by_second_way.setdefault(ways(b)[1], (a, b))
+    pairs = list(by_second_way.values())[:40]
+    assert len(pairs) == 40
+    firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
+    pinned = open_connections(sw, firsts)
+    second = open_connections(sw, seconds)
+    assert len(pinned) == len(second) == 40
+    assert sw.client.packets("events", Event.PIN_NEW) == 80
+    assert sw.client.packets("events", Event.PIN_COLLISION) == 0
+    for flow in seconds[:3]:  # where they are: the second way holds their fingerprint
+        assert sw.register("conn_fingerprint", ways(flow)[1]) == fp(flow)
 
     sw.client.modify(h.pool_group({h.B1: 1, h.B2: 3}))  # the load reports turned
-    assert send_data(sw, [a for a, _ in pairs]) == pinned
-    after = send_data(sw, [b for _, b in pairs])
-    moved = [flow for flow in after if after[flow] != stateless[flow]]
-    # deterministic flows and hashes: a good share of the 40 moves (from B1 to B2)
-    assert len(moved) >= 5, (stateless, after)
-    assert all(stateless[f] == h.B1 and after[f] == h.B2 for f in moved)
+    assert send_data(sw, firsts) == pinned
+    assert send_data(sw, seconds) == second
+    assert sw.client.packets("events", Event.PIN_MISS) == 0
+
+    # Unpinned (an RST frees the slot), their next packets take the stateless choice:
+    # the rewrite moved a good share of it (from B1 to B2) -- what the pin kept them from.
+    send_all(sw, seconds, "R")
+    stateless = send_all(sw, seconds, "A")
+    moved = [flow for flow in stateless if stateless[flow] != second[flow]]
+    assert len(moved) >= 5, (second, stateless)
+    assert all(second[f] == h.B1 and stateless[f] == h.B2 for f in moved)
