@@ -45,10 +45,14 @@ def open_connections(sw, conns, batch: int = 20) -> dict[tuple[str, int], int]:
     return where
 
 
-def send_data(sw, conns) -> dict[tuple[str, int], int]:
+def send_data(sw, conns, flags: str = "PA") -> dict[tuple[str, int], int]:
+    """One packet per connection (data, or bare `flags` such as "A", "FA", "R"); returns
+    the backend each reached."""
     where = {}
     for src, sport in conns:
-        sw.io.send(h.CLIENT_PORT, data(src, sport))
+        frame = data(src, sport) if flags == "PA" else \
+            data(src, sport, flags=flags, payload=b"")
+        sw.io.send(h.CLIENT_PORT, frame)
     out = sw.io.collect()
     for backend, port in PORTS.items():
         for frame in out[port]:
@@ -129,19 +133,6 @@ def test_a_fin_pins_the_last_packets_and_the_idle_timeout_still_ends_a_pin(sw):
     assert sw.client.packets("events", Event.PIN_NEW) == 3
 
 
-def send_all(sw, conns, flags: str) -> dict[tuple[str, int], int]:
-    """One packet with `flags` per connection; returns the backend each reached."""
-    where = {}
-    for src, sport in conns:
-        sw.io.send(h.CLIENT_PORT, data(src, sport, flags=flags, payload=b""))
-    out = sw.io.collect()
-    for backend, port in PORTS.items():
-        for frame in out[port]:
-            pkt = parse(frame)
-            where[(pkt[IP].src, pkt[TCP].sport)] = backend
-    return where
-
-
 GRACE_S = CLOSE_GRACE_US / 1e6
 
 
@@ -163,17 +154,17 @@ def test_after_a_fin_the_last_packets_stay_pinned_across_a_weight_change(sw):
     conns = flows(40, base=11)
     first = open_connections(sw, conns)
     assert len(first) == 40 and set(first.values()) == {h.B1, h.B2}
-    assert send_all(sw, conns, "FA") == first
+    assert send_data(sw, conns, "FA") == first
     assert sw.client.packets("events", Event.PIN_CLEARED) == 40
 
     sw.client.modify(h.pool_group({h.B2: 1}))  # the load reports turned
-    assert send_all(sw, conns, "A") == first, "the ACKs after the FIN stay pinned"
-    assert send_all(sw, conns, "FA") == first, "so does a FIN again"
+    assert send_data(sw, conns, "A") == first, "the ACKs after the FIN stay pinned"
+    assert send_data(sw, conns, "FA") == first, "so does a FIN again"
     assert sw.client.packets("events", Event.PIN_MISS) == 0
     assert sw.client.packets("events", Event.PIN_CLEARED) == 40, "one end per connection"
 
     time.sleep(GRACE_S + 0.3)  # the packets since the FIN did not extend the grace
-    late = send_all(sw, conns, "A")
+    late = send_data(sw, conns, "A")
     assert set(late.values()) == {h.B2}, "past the grace: the stateless choice"
     assert sw.client.packets("events", Event.PIN_MISS) == 40
 
@@ -200,8 +191,8 @@ def test_after_the_grace_or_an_rst_the_slot_is_free_for_a_new_connection(sw):
     h.pool(sw.client, {h.B1: 1, h.B2: 1})
     (a1, b1), (a2, b2), (a3, b3) = colliding_pairs(3)
     open_connections(sw, [a1, a2, a3])
-    send_all(sw, [a1, a3], "FA")
-    send_all(sw, [a2], "R")
+    send_data(sw, [a1, a3], "FA")
+    send_data(sw, [a2], "R")
 
     def fingerprint_at(slot: int) -> int:
         return sw.register("conn_fingerprint", slot)
@@ -299,8 +290,8 @@ def test_a_connection_whose_first_way_is_held_is_pinned_in_the_second_and_stays(
 
     # Unpinned (an RST frees the slot), their next packets take the stateless choice:
     # the rewrite moved a good share of it (from B1 to B2) -- what the pin kept them from.
-    send_all(sw, seconds, "R")
-    stateless = send_all(sw, seconds, "A")
+    send_data(sw, seconds, "R")
+    stateless = send_data(sw, seconds, "A")
     moved = [flow for flow in stateless if stateless[flow] != second[flow]]
     assert len(moved) >= 5, (second, stateless)
     assert all(second[f] == h.B1 and stateless[f] == h.B2 for f in moved)

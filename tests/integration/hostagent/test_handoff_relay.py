@@ -309,26 +309,19 @@ async def test_a_holder_that_breaks_after_the_head_is_logged_counted_and_reporte
     error event naming the peer and a well-formed end (never a silent truncation), the
     origin logs one warning line and counts the reason, and charges nothing (the holder
     generated: its agent charges)."""
-    hport = free_port()
-    holder = await asyncio.start_server(
-        lambda r, w: _serve_fake(behaviour, r, w), "127.0.0.3", hport)
     caplog.set_level(logging.INFO, BRIDGE_LOG)
-    try:
-        async with _rig("127.0.0.3", 9, hport, upstream_timeout=0.5) as (origin, url, s):
-            reply = await _stream(s, url, words("sys", PROMPT_WORDS), "10.0.1.9")
-            assert reply.status == 200 and reply.headers["x-tokenfabric-backend"] == "fake"
-            assert reply.tokens == 1 and reply.done and reply.broken is None
-            [error] = reply.errors
-            assert error.startswith("peer fake failed mid-stream")
-            assert {k: v for k, v in origin.failures().items() if v} == {reason: 1.0}
-            lines = [r for r in caplog.records if r.name == BRIDGE_LOG
-                     and r.levelno == logging.WARNING and "relay of a request handed to fake"
-                     in r.getMessage()]
-            assert len(lines) == 1 and f"failed: {reason}:" in lines[0].getMessage()
-            assert origin.finished == [] and origin.charged == []
-    finally:
-        holder.close()
-        await holder.wait_closed()
+    async with _fake_holder(behaviour, upstream_timeout=0.5) as (origin, url, s):
+        reply = await _stream(s, url, words("sys", PROMPT_WORDS), "10.0.1.9")
+        assert reply.status == 200 and reply.headers["x-tokenfabric-backend"] == "fake"
+        assert reply.tokens == 1 and reply.done and reply.broken is None
+        [error] = reply.errors
+        assert error.startswith("peer fake failed mid-stream")
+        assert {k: v for k, v in origin.failures().items() if v} == {reason: 1.0}
+        lines = [r for r in caplog.records if r.name == BRIDGE_LOG
+                 and r.levelno == logging.WARNING and "relay of a request handed to fake"
+                 in r.getMessage()]
+        assert len(lines) == 1 and f"failed: {reason}:" in lines[0].getMessage()
+        assert origin.finished == [] and origin.charged == []
 
 
 async def _serve_fake(behaviour: Behaviour, reader: asyncio.StreamReader,
@@ -341,6 +334,24 @@ async def _serve_fake(behaviour: Behaviour, reader: asyncio.StreamReader,
         writer.close()
 
 
+@contextlib.asynccontextmanager
+async def _fake_holder(behaviour: Behaviour, upstream_timeout: float = 30.0,
+                       delivery_wait: float = 2.0
+                       ) -> AsyncIterator[tuple[Side, str, aiohttp.ClientSession]]:
+    """A fake holder on 127.0.0.3 acting out `behaviour` for each request handed to it,
+    and the origin (`_rig`) handing everything there."""
+    hport = free_port()
+    holder = await asyncio.start_server(lambda r, w: _serve_fake(behaviour, r, w),
+                                        "127.0.0.3", hport)
+    try:
+        async with _rig("127.0.0.3", 9, hport, upstream_timeout=upstream_timeout,
+                        delivery_wait=delivery_wait) as rigged:
+            yield rigged
+    finally:
+        holder.close()
+        await holder.wait_closed()
+
+
 async def test_a_broken_answer_that_is_not_sse_fails_the_clients_http_framing() -> None:
     """A chunked JSON answer cut short by the holder: no SSE event to carry the error, so
     the origin closes without the last chunk, and the client's HTTP library reports the
@@ -350,39 +361,26 @@ async def test_a_broken_answer_that_is_not_sse_fails_the_clients_http_framing() 
         writer.write(JSON_HEAD + _chunk(b'{"choices": [{"text": "par'))
         await writer.drain()
 
-    hport = free_port()
-    holder = await asyncio.start_server(lambda r, w: _serve_fake(cut, r, w), "127.0.0.3", hport)
-    try:
-        async with _rig("127.0.0.3", 9, hport) as (origin, url, s):
-            async with s.post(url + "/v1/completions", headers={
-                    "X-Tokenfabric-Tenant": "chat", "X-Tokenfabric-Client": "10.0.1.9"},
-                    json={"model": "tiny", "prompt": words("sys", PROMPT_WORDS)}) as resp:
-                assert resp.status == 200
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await resp.read()
-            assert {k: v for k, v in origin.failures().items() if v} == {"peer_closed": 1.0}
-    finally:
-        holder.close()
-        await holder.wait_closed()
+    async with _fake_holder(cut) as (origin, url, s):
+        async with s.post(url + "/v1/completions", headers={
+                "X-Tokenfabric-Tenant": "chat", "X-Tokenfabric-Client": "10.0.1.9"},
+                json={"model": "tiny", "prompt": words("sys", PROMPT_WORDS)}) as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        assert {k: v for k, v in origin.failures().items() if v} == {"peer_closed": 1.0}
 
 
 async def test_a_holder_that_sends_no_head_gets_the_client_a_502_and_is_counted(
         caplog: pytest.LogCaptureFixture) -> None:
-    hport = free_port()
-    holder = await asyncio.start_server(lambda r, w: _serve_fake(_no_head, r, w),
-                                        "127.0.0.3", hport)
     caplog.set_level(logging.INFO, BRIDGE_LOG)
-    try:
-        async with _rig("127.0.0.3", 9, hport) as (origin, url, s):
-            reply = await _stream(s, url, words("sys", PROMPT_WORDS), "10.0.1.9")
-            assert reply.status == 502 and reply.headers["x-tokenfabric-backend"] == "origin"
-            assert {k: v for k, v in origin.failures().items() if v} == {"no_answer": 1.0}
-            assert any("failed: no_answer:" in r.getMessage() for r in caplog.records
-                       if r.name == BRIDGE_LOG and r.levelno == logging.WARNING)
-            assert origin.finished == [] and origin.charged == []
-    finally:
-        holder.close()
-        await holder.wait_closed()
+    async with _fake_holder(_no_head) as (origin, url, s):
+        reply = await _stream(s, url, words("sys", PROMPT_WORDS), "10.0.1.9")
+        assert reply.status == 502 and reply.headers["x-tokenfabric-backend"] == "origin"
+        assert {k: v for k, v in origin.failures().items() if v} == {"no_answer": 1.0}
+        assert any("failed: no_answer:" in r.getMessage() for r in caplog.records
+                   if r.name == BRIDGE_LOG and r.levelno == logging.WARNING)
+        assert origin.finished == [] and origin.charged == []
 
 
 async def test_every_relay_failure_reason_is_exported_at_zero() -> None:
@@ -409,52 +407,45 @@ async def test_an_answer_written_whole_but_not_acknowledged_is_logged_and_counte
                      + b"0\r\n\r\n")
         await writer.drain()
 
-    hport = free_port()
-    holder = await asyncio.start_server(lambda r, w: _serve_fake(large, r, w), "127.0.0.3",
-                                        hport)
     caplog.set_level(logging.INFO, BRIDGE_LOG)
-    try:
-        async with _rig("127.0.0.3", 9, hport, delivery_wait=0.5) as (origin, url, _):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1",
-                                                                 origin.bridge.port))
-            reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
-            body = json.dumps({"model": "tiny", "prompt": words("sys", PROMPT_WORDS),
-                               "stream": True}).encode()
-            writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
-                         b"x-tokenfabric-tenant: chat\r\nx-tokenfabric-client: 10.0.1.9\r\n"
-                         b"content-type: application/json\r\n"
-                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200") and b"X-Tokenfabric-Handoff-From" in head
-            if closes_its_side:
-                # once the relay is over (the handoff no longer in flight): a FIN
-                await _until(lambda: not origin.handoff.pending, "the relay's end")
-                writer.write_eof()
-                await asyncio.sleep(1.0)  # twice delivery_wait
-                assert not any(origin.failures().values()), origin.failures()
-            else:
-                await _until(lambda: origin.failures()["client_unacked"] == 1,
-                             "the origin to count the unacknowledged end")
-                assert {k: v for k, v in origin.failures().items() if v} == \
-                    {"client_unacked": 1}
-                assert any("failed: client_unacked:" in r.getMessage()
-                           for r in caplog.records
-                           if r.name == BRIDGE_LOG and r.levelno == logging.WARNING)
-            rest = b""
-            for _ in range(10_000):  # bounded: 160 KiB in reads of up to 64 KiB
-                data = await asyncio.wait_for(reader.read(65536), 10)
-                if not data:
-                    break
-                rest += data
-            writer.close()
-            assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
-            assert rest.count(b'"text":"xxxx') == 40
-    finally:
-        holder.close()
-        await holder.wait_closed()
+    async with _fake_holder(large, delivery_wait=0.5) as (origin, url, _):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1",
+                                                             origin.bridge.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+        body = json.dumps({"model": "tiny", "prompt": words("sys", PROMPT_WORDS),
+                           "stream": True}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
+                     b"x-tokenfabric-tenant: chat\r\nx-tokenfabric-client: 10.0.1.9\r\n"
+                     b"content-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"X-Tokenfabric-Handoff-From" in head
+        if closes_its_side:
+            # once the relay is over (the handoff no longer in flight): a FIN
+            await _until(lambda: not origin.handoff.pending, "the relay's end")
+            writer.write_eof()
+            await asyncio.sleep(1.0)  # twice delivery_wait
+            assert not any(origin.failures().values()), origin.failures()
+        else:
+            await _until(lambda: origin.failures()["client_unacked"] == 1,
+                         "the origin to count the unacknowledged end")
+            assert {k: v for k, v in origin.failures().items() if v} == \
+                {"client_unacked": 1}
+            assert any("failed: client_unacked:" in r.getMessage()
+                       for r in caplog.records
+                       if r.name == BRIDGE_LOG and r.levelno == logging.WARNING)
+        rest = b""
+        for _ in range(10_000):  # bounded: 160 KiB in reads of up to 64 KiB
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            if not data:
+                break
+            rest += data
+        writer.close()
+        assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+        assert rest.count(b'"text":"xxxx') == 40
 
 
 async def test_a_client_that_closes_at_done_before_the_chunked_end_is_no_failure(
@@ -470,23 +461,16 @@ async def test_a_client_that_closes_at_done_before_the_chunked_end_is_no_failure
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 
-    hport = free_port()
-    holder = await asyncio.start_server(lambda r, w: _serve_fake(slow_end, r, w),
-                                        "127.0.0.3", hport)
     caplog.set_level(logging.INFO, BRIDGE_LOG)
-    try:
-        async with _rig("127.0.0.3", 9, hport) as (origin, url, s):
-            reply = await _stream(s, url, words("sys", PROMPT_WORDS), "10.0.1.9",
-                                  stop_at_done=True)
-            assert reply.status == 200 and reply.tokens == 1 and reply.done
-            await _until(lambda: not origin.handoff.pending, "the relay's end")
-            await asyncio.sleep(0.3)
-            assert not any(origin.failures().values()), origin.failures()
-            assert [r.getMessage() for r in caplog.records if r.name == BRIDGE_LOG
-                    and r.levelno >= logging.INFO] == []
-    finally:
-        holder.close()
-        await holder.wait_closed()
+    async with _fake_holder(slow_end) as (origin, url, s):
+        reply = await _stream(s, url, words("sys", PROMPT_WORDS), "10.0.1.9",
+                              stop_at_done=True)
+        assert reply.status == 200 and reply.tokens == 1 and reply.done
+        await _until(lambda: not origin.handoff.pending, "the relay's end")
+        await asyncio.sleep(0.3)
+        assert not any(origin.failures().values()), origin.failures()
+        assert [r.getMessage() for r in caplog.records if r.name == BRIDGE_LOG
+                and r.levelno >= logging.INFO] == []
 
 
 async def test_a_usage_that_is_not_counts_still_charges_the_stream_once() -> None:
