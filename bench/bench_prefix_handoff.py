@@ -83,7 +83,7 @@ import numpy as np  # noqa: E402
 
 from tokenfabric import beacon, yamlio  # noqa: E402
 from tokenfabric.hostagent.handoff import DECISION_HEADER  # noqa: E402
-from tokenfabric.lab import prefix, prefix_misses, prefix_tail  # noqa: E402
+from tokenfabric.lab import prefix, prefix_lab, prefix_misses, prefix_tail  # noqa: E402
 from tokenfabric.lab.experiments import (  # noqa: E402
     EMULATOR_DECODE_BASE_MS,
     EMULATOR_MAX_NUM_SEQS,
@@ -301,15 +301,15 @@ class Cluster:
     def metrics(self) -> dict[str, str]:
         return {n: httpx.get(u + "/metrics", timeout=10).text for n, u in self.emulators.items()}
 
-    def decisions(self) -> dict[str, float]:
-        """The agents' handoff decisions so far, summed over the backends."""
+    def agent_counters(self) -> dict[str, dict[str, float]]:
+        """The agents' handoff decisions ("decisions", by decision) and the holders'
+        refusals at receipt ("refused", admit_check, by reason) so far, summed over the
+        backends: one /metrics read per agent for both."""
         texts = [httpx.get(url, timeout=10).text for url in self.agent_metrics.values()]
-        return prefix.metric_sums(texts, "tokenfabric_handoff_decisions_total", "decision")
-
-    def refusals(self) -> dict[str, float]:
-        """The holders' refusals at receipt so far (admit_check), by reason, summed."""
-        texts = [httpx.get(url, timeout=10).text for url in self.agent_metrics.values()]
-        return prefix.metric_sums(texts, "tokenfabric_handoffs_refused_total", "reason")
+        return {"decisions": prefix.metric_sums(texts, "tokenfabric_handoff_decisions_total",
+                                                "decision"),
+                "refused": prefix.metric_sums(texts, "tokenfabric_handoffs_refused_total",
+                                              "reason")}
 
     def claims(self) -> dict[str, float]:
         """The index's claim counters so far, summed over the backends (a restarted agent's
@@ -322,12 +322,9 @@ class Cluster:
         """Every emulator's prefix cache emptied (vLLM's /reset_prefix_cache; 409 while
         requests still hold blocks), then time for the index to hear of it; the switch's
         affinity entries of the previous mode withdrawn (they point at emptied caches)."""
-        view = self.api.get("/api/v1/affinity").json()
-        for entries in view["switches"].values():
-            for e in entries:
-                httpx.request("DELETE", f"{self.api_url}/api/v1/backends/{e['backend']}"
-                              "/affinity", json={"service": e["service"], "client": e["client"]},
-                              headers={"Authorization": f"Bearer {AGENT}"}, timeout=10)
+        with httpx.Client(base_url=f"{self.api_url}/api/v1", timeout=10,
+                          headers={"Authorization": f"Bearer {VIEWER}"}) as api:
+            prefix_lab.withdraw_affinity(api, AGENT)
         for url in self.emulators.values():
             wait(lambda u=url: httpx.post(u + "/reset_prefix_cache", timeout=10
                                           ).status_code == 200, "an idle backend to reset", 60)
@@ -517,8 +514,7 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
         cluster.use_variant((variants or {}).get(mode, {}))
     cluster.reset_caches()
     before = cluster.metrics()
-    decided = cluster.decisions()
-    refused = cluster.refusals()
+    counted = cluster.agent_counters()
     claimed = cluster.claims()
     endpoint = "chat" if workload.startswith("chat") else "completions"
     started = time.time()
@@ -532,8 +528,9 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
             sink.write(json.dumps(r) + "\n")
     figures = prefix.mode_figures(records, hits, time.time() - started)
     figures["valid"], figures["evidence"] = True, "the fabric's own mode"
-    figures["decisions"] = {k: v - decided.get(k, 0.0) for k, v in cluster.decisions().items()
-                            if v - decided.get(k, 0.0) > 0}
+    for kind, now in cluster.agent_counters().items():  # decisions, refused: the run's
+        figures[kind] = {k: v - counted[kind].get(k, 0.0) for k, v in now.items()
+                         if v - counted[kind].get(k, 0.0) > 0}
     if mode in prefix.L7_MODES:
         renders = sum(prefix.token_calls(after[n], e) - prefix.token_calls(before[n], e)
                       for n in after for e in ("/v1/completions/render",
@@ -541,8 +538,6 @@ def one_run(cluster: Cluster, mode: str, workload: str, planned: list[Planned],
         log_text = cluster.router_logs[mode].read_text(errors="replace")
         figures["valid"], figures["evidence"] = prefix.baseline_evidence(
             mode, log_text, renders, len(records))
-    figures["refused"] = {k: v - refused.get(k, 0.0) for k, v in cluster.refusals().items()
-                          if v - refused.get(k, 0.0) > 0}
     if base_mode(mode) in prefix.HANDOFF_MODES:
         figures["claims"] = {k: v - claimed.get(k, 0.0) for k, v in cluster.claims().items()}
     figures["queue"] = queue_times(before, after)
