@@ -339,8 +339,11 @@ class LabRunner:
         served = {name: served_after[name] - served_before.get(name, 0.0)
                   for name in served_after}
         if prefix_lab.is_prefix(self.exp):
-            records = [json.loads(line) for out in outputs if out.exists()
-                       for line in out.read_text().splitlines() if line.strip()]
+            # each client host's records (its requests-HOST.jsonl), read once
+            by_host = {h: [json.loads(line) for line in out.read_text().splitlines()
+                           if line.strip()]
+                       for h, out in zip(loads, outputs, strict=True) if out.exists()}
+            records = [r for host_records in by_host.values() for r in host_records]
             router_log = self._stack().router_log(run.mode) \
                 if run.mode in prefix.L7_MODES else None
             figures = prefix_lab.run_figures(
@@ -351,9 +354,6 @@ class LabRunner:
                                                              self._stack().get("/affinity"))
             figures["repeat"], figures["workload"] = run.repeat, self.exp.workload
             if self.exp.workload != "free":  # prompts that share nothing miss nothing
-                by_host = {h: [json.loads(line) for line in (folder / f"requests-{h}.jsonl")
-                               .read_text().splitlines() if line.strip()]
-                           for h in loads if (folder / f"requests-{h}.jsonl").exists()}
                 figures["misses"] = prefix_lab.misses(loads, by_host)
             figures["handoff_paths"] = prefix_lab.handoff_paths(self.plan, records)
             figures["decisions"] = {
