@@ -145,10 +145,7 @@ def system_copies(records: Sequence[dict[str, Any]], planned: Sequence[Planned],
             continue
         app, tokens = shared[rid]
         got = int(record.get("cached_tokens") or 0)
-        if got >= tokens:
-            seen.add(app)
-            continue
-        if app in seen:
+        if got < tokens and app in seen:
             copies += 1
             lost += tokens - got
         seen.add(app)
