@@ -455,8 +455,6 @@ class Stack:
         """Requests each backend's vLLM (or emulator) finished so far, from its /metrics
         (`vllm:request_success_total`), read over the management network: the backends'
         own count, beside the X-Tokenfabric-Backend header each request records."""
-        from prometheus_client.parser import text_string_to_metric_families
-
         counts: dict[str, float] = {}
         for host in self.plan.by_role("backend"):
             try:
@@ -464,9 +462,8 @@ class Stack:
                                  timeout=2.0).text
             except httpx.HTTPError:
                 continue  # a killed backend
-            counts[host.name] = sum(
-                sample.value for family in text_string_to_metric_families(text)
-                for sample in family.samples if sample.name == "vllm:request_success_total")
+            counts[host.name] = prefix.metric_sums(
+                [text], "vllm:request_success_total").get("", 0.0)
         return counts
 
     # -- REST -----------------------------------------------------------------
