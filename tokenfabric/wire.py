@@ -235,6 +235,8 @@ class BackendLoadView(BaseModel):
     running: int
     waiting: int
     kv_cache_usage: float
+    service_s: float | None = Field(default=None, description="a typical request's time in "
+                                    "a slot, as the agent last reported (null: none)")
     reports: int
     last_report_age_s: float | None
 

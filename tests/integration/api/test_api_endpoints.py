@@ -118,6 +118,7 @@ def test_register_report_deregister(live):
     assert view["load"]["running"] == 3 and view["load"]["waiting"] == 1
     assert view["load"]["kv_cache_usage"] == 0.42 and view["load"]["reports"] == 1
     assert 0 <= view["load"]["last_report_age_s"] < 5
+    assert view["load"]["service_s"] is None  # the report had none
     assert view["rdma"] == {"link": "down"} and view["services"] == ["llama"]
 
     # a retry of the same report is acknowledged but not counted twice

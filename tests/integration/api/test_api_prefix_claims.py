@@ -41,6 +41,7 @@ def test_a_lookup_carries_each_holders_reported_load_and_service_time(live):
     assert (got["backend"], got["cached_blocks"], got["capacity"], got["running"],
             got["waiting"], got["service_s"]) == ("gpu2-llama", 2, 8, 5, 2, 1.4)
     assert 0 <= got["load_age_s"] < 5
+    assert viewer.get("/api/v1/backends/gpu2-llama").json()["load"]["service_s"] == 1.4
     for bad in (0, -1, 3601, "NaN", "slow", True):
         r = agent.post("/api/v1/backends/gpu2-llama/report", json={**report, "running": 1,
                                                                     "service_s": bad})
