@@ -18,9 +18,9 @@ Per request of a tenant that opted in (policy `prefix_affinity`):
    (saved += running_here x (P - cached_here) - running_there x (P - cached_there),
    times the prefill time per token); expected queueing from
    the peer's last reported running/waiting (plus the handoffs this agent sent it since)
-   against its capacity, in units of a typical request's time *there* (its report's
-   `service_s`, the delay model's; this backend's when it sent none), and the peer's
-   P - cached_there tokens at its speed against ours (`peer_speed`); relay cost = the
+   against its capacity, in units of a typical request's time here (with `peer_speed`,
+   off by default: there -- its report's `service_s`, the delay model's -- and the
+   peer's P - cached_there tokens at its speed against ours); relay cost = the
    measured moving average of the lookup-to-peer-head time; each extra block also
    counts `cache_weight` prefills more (`shared_cache_weight` for a shared address, an
    app server's: only a handoff brings its turns to their prefixes; see `decide`),
@@ -200,10 +200,11 @@ class HandoffSettings:
                                          # for a slot here exceeds the origin's by more than
                                          # this (a TTFT guard the cache weight cannot buy
                                          # off; 0: off)
-    peer_speed: bool = True              # price a peer's queue with its own service time
+    peer_speed: bool = False             # price a peer's queue with its own service time
                                          # (its load report's `service_s`), and its prefill
-                                         # by its speed against ours; false: both with this
-                                         # backend's figures (before session 10)
+                                         # by its speed against ours; off: both with this
+                                         # backend's figures -- the bench lost hit rate and
+                                         # p99 with it on (more load on the fast backends)
     refusal_hold_s: float = 0.0          # with admit_check: s a holder's refusal keeps this
                                          # bridge from handing it more (decision peer_held)
                                          # unless its load report is newer than the

@@ -115,7 +115,7 @@ def test_the_origin_and_a_slow_holder_price_its_queue_alike():
     valuation is what the holder's re-check works out with the same queue: it takes a
     handoff the origin found paying. Priced at the origin's speed (peer_speed false),
     the origin handed what the half-speed holder's own queue then refused."""
-    s = HandoffSettings(secret=SECRET, admit_check=True)
+    s = HandoffSettings(secret=SECRET, admit_check=True, peer_speed=True)
     here = LocalLoad(1, 0, 4, 0.0, 0.7, service_measured=True)
 
     def slow_holder(waiting: int) -> list[dict]:
