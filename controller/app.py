@@ -379,7 +379,8 @@ class Controller:
         extras.metrics = rep.metrics or {}
         extras.rdma = rep.rdma
         if self.router.on_report(name, running=rep.running, waiting=rep.waiting,
-                                 kv_cache_usage=rep.kv_cache_usage, healthy=rep.healthy):
+                                 kv_cache_usage=rep.kv_cache_usage, healthy=rep.healthy,
+                                 service_s=rep.service_s):
             self.mark_dirty()
         return result
 

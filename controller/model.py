@@ -182,6 +182,9 @@ class BackendLoad:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0  # 0..1
+    # a typical request's time in a slot, s (the agent's delay model); None: not reported.
+    # The handoff's cost model prices this backend's queue with it (hostagent/handoff.py)
+    service_s: float | None = None
     last_report: float | None = None
     reports: int = 0
 

@@ -142,12 +142,13 @@ class Router:
 
     def on_report(self, name: str, *, running: int, waiting: int, kv_cache_usage: float,
                   capacity: int | None = None, healthy: bool = True,
-                  now: float | None = None) -> bool:
+                  now: float | None = None, service_s: float | None = None) -> bool:
         """An agent's report. Raises KeyError for an unknown backend."""
         b = self.model.backends[name]
         now = self.clock() if now is None else now
         b.load.running, b.load.waiting = running, waiting
         b.load.kv_cache_usage = kv_cache_usage
+        b.load.service_s = service_s  # each report's own: absent means unknown now
         b.load.last_report = now
         b.load.reports += 1
         changed = False

@@ -46,7 +46,7 @@ from tokenfabric.hostagent.metrics import ScrapeError, VllmSnapshot, healthy, sc
 from tokenfabric.hostagent.prefix_claims import PrefixClaimer
 from tokenfabric.hostagent.tenants import UNKNOWN_TENANT_ID, Tenant, TenantTable, TenantUsage
 from tokenfabric.hostagent.usage_records import UsageSigner
-from tokenfabric.wire import BackendRegistration
+from tokenfabric.wire import MAX_SERVICE_S, BackendRegistration
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +249,19 @@ class Agent:
             wait = max(0.0, self.delay.expected_ttft(snap.running + snap.waiting,
                                                      snap.kv_cache_usage >= 1.0)
                        - self.delay.prefill)
-            service = self.delay.prefill + self.delay.output_tokens * self.delay.tpot
-        return LocalLoad(fig.running, fig.waiting, self.config.capacity, wait, service)
+            service = self.delay.typical_s()
+        return LocalLoad(fig.running, fig.waiting, self.config.capacity, wait, service,
+                         service_measured=self.reported_service_s() is not None)
+
+    def reported_service_s(self) -> float | None:
+        """This backend's service time for the load report (`service_s`): the delay
+        model's measured typical request, or None -- not measured yet, no delay model
+        (load_metric occupancy), or outside what the controller accepts (a report the
+        controller refused would lose its load and usage)."""
+        service = None if self.delay is None else self.delay.measured_typical_s()
+        if service is None or not 0 < service <= MAX_SERVICE_S:
+            return None
+        return service
 
     async def _start_metrics(self, listen: str) -> None:
         """GET /metrics: the agent's Prometheus counters (the handoffs')."""
@@ -444,7 +455,7 @@ class Agent:
             usage = {"usage": {}, "records": self.signer.body(), "epoch": self.epoch}
         return {"running": snap.running, "waiting": snap.waiting,
                 "kv_cache_usage": snap.kv_cache_usage, "healthy": not self.down,
-                "load": fig.load, **usage,
+                "service_s": self.reported_service_s(), "load": fig.load, **usage,
                 "metrics": snap.as_report() if self.snapshot else None,
                 "rdma": self.rdma_status, "host": self.host_status,
                 "bridge": {"mode": self.config.mode, "in_flight": self.bridge.in_flight},

@@ -746,8 +746,8 @@ class Bridge:
         busy = len(delay.requests)
         wait = max(0.0, delay.expected_ttft() - delay.prefill)
         return LocalLoad(min(busy, delay.capacity), max(0, busy - delay.capacity),
-                         delay.capacity, wait,
-                         delay.prefill + delay.output_tokens * delay.tpot)
+                         delay.capacity, wait, delay.typical_s(),
+                         service_measured=delay.measured_typical_s() is not None)
 
     def _charge(self, charge: _Charge, prompt: int, completion: int) -> None:
         """Charge the tenant `prompt` and `completion` more tokens (USAGE beacons)."""

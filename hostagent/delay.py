@@ -93,6 +93,16 @@ class DelayEstimator:
         self.measured.add(name)
         setattr(self, name, sample)
 
+    def typical_s(self) -> float:
+        """A typical request's time in a slot: its prefill, then its output tokens."""
+        return self.prefill + self.output_tokens * self.tpot
+
+    def measured_typical_s(self) -> float | None:
+        """`typical_s` once the figures that make most of it (the time per output token
+        and the output length) are measured, not the defaults; else None. Peers' bridges
+        price this backend's queue with it (the load report's `service_s`)."""
+        return self.typical_s() if {"tpot", "output_tokens"} <= self.measured else None
+
     # -- what the beacon carries -------------------------------------------------------
     def expected_ttft(self, vllm_busy: float = 0.0, kv_cache_full: bool = False,
                       now: float | None = None) -> float:
@@ -103,7 +113,7 @@ class DelayEstimator:
         running ones, so the new request waits for a slot even if one looks free.
         """
         now = time.monotonic() if now is None else now
-        typical = self.prefill + self.output_tokens * self.tpot
+        typical = self.typical_s()
         ordered = list(self.requests.values())  # arrival order: keys only grow
         # Slot-free times of the running requests, then queued ones in arrival order.
         running, queued = ordered[:self.capacity], ordered[self.capacity:]

@@ -18,7 +18,9 @@ Per request of a tenant that opted in (policy `prefix_affinity`):
    (saved += running_here x (P - cached_here) - running_there x (P - cached_there),
    times the prefill time per token); expected queueing from
    the peer's last reported running/waiting (plus the handoffs this agent sent it since)
-   against its capacity, in units of a typical request's time here; relay cost = the
+   against its capacity, in units of a typical request's time here (with `peer_speed`,
+   off by default: there -- its report's `service_s`, the delay model's -- and the
+   peer's P - cached_there tokens at its speed against ours); relay cost = the
    measured moving average of the lookup-to-peer-head time; each extra block also
    counts `cache_weight` prefills more (`shared_cache_weight` for a shared address, an
    app server's: only a handoff brings its turns to their prefixes; see `decide`),
@@ -63,6 +65,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from tokenfabric.blockhash import BlockHasher
 from tokenfabric.hostagent.tenants import Tenant
 from tokenfabric.hostagent.wordtok import WordTokenizer, chat_words, split
+from tokenfabric.wire import MAX_SERVICE_S
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +200,11 @@ class HandoffSettings:
                                          # for a slot here exceeds the origin's by more than
                                          # this (a TTFT guard the cache weight cannot buy
                                          # off; 0: off)
+    peer_speed: bool = False             # price a peer's queue with its own service time
+                                         # (its load report's `service_s`), and its prefill
+                                         # by its speed against ours; off: both with this
+                                         # backend's figures -- the bench lost hit rate and
+                                         # p99 with it on (more load on the fast backends)
     refusal_hold_s: float = 0.0          # with admit_check: s a holder's refusal keeps this
                                          # bridge from handing it more (decision peer_held)
                                          # unless its load report is newer than the
@@ -229,6 +237,7 @@ class Peer:
     capacity: int = 1
     running: int = 0
     waiting: int = 0
+    service_s: float | None = None   # its typical request's time in a slot, as reported
 
 
 @dataclass
@@ -267,6 +276,8 @@ class LocalLoad:
     capacity: int
     expected_wait_s: float | None = None  # the delay model's, when it runs
     service_s: float = 0.7                # a typical request's time in a slot here
+    service_measured: bool = False        # service_s is the delay model's measurement
+                                          # (peers' figures are then comparable with it)
 
 
 class HandoffMetrics:
@@ -457,6 +468,18 @@ def admit(settings: HandoffSettings, offer: Valuation, here: LocalLoad) -> str |
 
 
 # -- the cost model -----------------------------------------------------------------------
+MAX_SPEED_RATIO = 8.0  # a peer's prefill priced at most 8x slower (or faster) than ours:
+                       # service times also differ by the requests' mix, not speed alone
+
+
+def usable_service_s(value: Any) -> float | None:
+    """A holder's `service_s` in a lookup's answer, when it is a figure to price with
+    (the controller validates reports; an answer from elsewhere is checked again)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and 0 < value <= MAX_SERVICE_S else None
+
+
 def queue_wait_s(running: float, waiting: float, capacity: int, service_s: float) -> float:
     """Expected wait for a slot: the requests beyond the free slots, each `capacity` of
     them taking one typical request's time."""
@@ -532,7 +555,7 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
             continue
         peers.append(Peer(str(m["backend"]), str(m["address"]), int(m["cached_blocks"]),
                           max(1, int(m.get("capacity") or 1)), int(m.get("running") or 0),
-                          int(m.get("waiting") or 0)))
+                          int(m.get("waiting") or 0), usable_service_s(m.get("service_s"))))
     if not peers:
         return Decision("no_match" if local_blocks == 0 else "local_longest",
                         local_blocks=local_blocks, prompt_blocks=prompt_blocks)
@@ -545,15 +568,28 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
 
     parts: dict[str, tuple[float, float]] = {}  # peer -> (saved ms, its queue ms)
 
+    def speed_of(peer: Peer) -> tuple[float, float]:
+        """The peer's typical request's time in a slot, and its prefill time per token as
+        a multiple of ours (`peer_speed`; ours and 1 without it or its report)."""
+        if not settings.peer_speed or peer.service_s is None:
+            return local.service_s, 1.0
+        if not local.service_measured:
+            return peer.service_s, 1.0
+        ratio = peer.service_s / local.service_s
+        return peer.service_s, min(MAX_SPEED_RATIO, max(1 / MAX_SPEED_RATIO, ratio))
+
     def gain_of(peer: Peer, bonus_blocks: int) -> float:
         extra = max(0, peer.cached_blocks - local_blocks)
         busy = peer.running + peer.waiting + pending.get(peer.name, 0)
         prompt = max(prompt_blocks, peer.cached_blocks)
+        service, slower = speed_of(peer)
+        there = prompt - peer.cached_blocks  # the blocks the peer computes, at its speed
         stall = local.running * (prompt - local_blocks) - \
-            (peer.running + pending.get(peer.name, 0)) * (prompt - peer.cached_blocks)
+            (peer.running + pending.get(peer.name, 0)) * there * slower
         saved_ms = ((1 + cache_weight) * extra + settings.stall_weight * stall
+                    + (1 - slower) * there
                     + settings.home_weight * bonus_blocks) * per_block
-        peer_wait = queue_wait_s(busy, 0, peer.capacity, local.service_s)
+        peer_wait = queue_wait_s(busy, 0, peer.capacity, service)
         parts[peer.name] = (saved_ms, peer_wait * 1000)
         return saved_ms - max(0.0, peer_wait - local_wait) * 1000 - relay_ms
 

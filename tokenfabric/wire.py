@@ -122,6 +122,7 @@ class UsageItem(AgentBody):
 
 
 EPOCH_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+MAX_SERVICE_S = 3600.0  # a request's time in a slot beyond an hour is no measurement
 
 
 class SignedUsage(AgentBody):
@@ -150,6 +151,12 @@ class BackendReport(AgentBody):
     waiting: int = Field(ge=0, le=1_000_000)
     kv_cache_usage: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     healthy: bool
+    service_s: float | None = Field(
+        default=None, gt=0.0, le=MAX_SERVICE_S, allow_inf_nan=False, strict=True,
+        description="a typical request's time in a slot here, s (the agent's delay model: "
+                    "prefill + output tokens x time per output token, as measured): peers' "
+                    "bridges price this backend's queue and speed with it (handoff cost "
+                    "model). Absent: not measured yet, or an older agent")
     usage: list[UsageItem] | dict[str, UsageItem] = Field(
         default_factory=list, max_length=10_000,
         description="token usage since the last acknowledged report: a list of items, or "
@@ -228,6 +235,8 @@ class BackendLoadView(BaseModel):
     running: int
     waiting: int
     kv_cache_usage: float
+    service_s: float | None = Field(default=None, description="a typical request's time in "
+                                    "a slot, as the agent last reported (null: none)")
     reports: int
     last_report_age_s: float | None
 

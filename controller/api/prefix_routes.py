@@ -84,7 +84,7 @@ def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict
     async def lookup(body: LookupBody, who: viewer) -> dict[str, Any]:
         answer = index.lookup(body.block_hashes)
         # what a bridge's handoff cost model needs of each holder: where its agent is,
-        # and its load as last reported (hostagent/handoff.py)
+        # and its load and service time as last reported (hostagent/handoff.py)
         now = time.monotonic()
         for match in answer["matches"]:
             backend = ctl.model.backends.get(match["backend"])
@@ -93,7 +93,7 @@ def prefix_index_routes(ctl: "Controller", viewer: Any, agent: Any, errors: dict
             load = backend.load
             match.update(address=backend.address, capacity=backend.capacity,
                          running=load.running, waiting=load.waiting,
-                         kv_cache_usage=load.kv_cache_usage,
+                         kv_cache_usage=load.kv_cache_usage, service_s=load.service_s,
                          load_age_s=None if load.last_report is None
                          else round(now - load.last_report, 3))
         return answer

@@ -168,8 +168,8 @@ def create_app(ctl: "Controller") -> FastAPI:
             "healthy": extras.healthy, "weight": b.weight, "registered": extras.registered,
             "services": [sv.name for sv in ctl.model.services.values() if name in sv.pool],
             "load": {"running": b.load.running, "waiting": b.load.waiting,
-                     "kv_cache_usage": b.load.kv_cache_usage, "reports": b.load.reports,
-                     "last_report_age_s": None if last is None
+                     "kv_cache_usage": b.load.kv_cache_usage, "service_s": b.load.service_s,
+                     "reports": b.load.reports, "last_report_age_s": None if last is None
                      else round(ctl.clock() - last, 3)},
             "rdma": extras.rdma, "metrics": extras.metrics,
         }

@@ -118,6 +118,7 @@ def test_register_report_deregister(live):
     assert view["load"]["running"] == 3 and view["load"]["waiting"] == 1
     assert view["load"]["kv_cache_usage"] == 0.42 and view["load"]["reports"] == 1
     assert 0 <= view["load"]["last_report_age_s"] < 5
+    assert view["load"]["service_s"] is None  # the report had none
     assert view["rdma"] == {"link": "down"} and view["services"] == ["llama"]
 
     # a retry of the same report is acknowledged but not counted twice
@@ -200,10 +201,15 @@ def test_deregister_fabric_backend_is_a_conflict(live):
                 "completion_tokens": 1}]},
     {"usage": [{"tenant_id": 1, "model": "", "prompt_tokens": 1, "completion_tokens": 1}]},
     {"report_id": ""},
+    # the service time peers' bridges price this backend's queue with: positive, finite,
+    # at most an hour, a number
+    {"service_s": 0}, {"service_s": -0.5}, {"service_s": "NaN"}, {"service_s": "Infinity"},
+    {"service_s": 3601}, {"service_s": "fast"}, {"service_s": [0.7]}, {"service_s": True},
 ])
 def test_report_rejects(live, change):
     r = live.client(AGENT).post("/api/v1/backends/gpu1-llama/report", json={**REPORT, **change})
-    error_of(r, 422)
+    err = error_of(r, 422)
+    assert any(d["field"].startswith(f"body.{k}") for d in err["details"] for k in change)
     assert live.ctl.model.backends["gpu1-llama"].load.reports == 0
     assert live.ctl.ledger.query() == []
 

@@ -1,5 +1,6 @@
 """POST /api/v1/backends/{name}/claim over real HTTP: a claim shows in lookups as the
-backend's claimed blocks; bad input gets a clear 4xx and changes nothing."""
+backend's claimed blocks; bad input gets a clear 4xx and changes nothing. And what else a
+lookup tells a bridge of each holder: its load report's figures (service time too)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,38 @@ def reported(live) -> None:
     agent = live.client(AGENT)
     assert agent.post("/api/v1/backends", json=REGISTRATION).status_code == 201
     assert agent.post("/api/v1/backends/gpu2-llama/kv", json=SNAPSHOT).status_code == 200
+
+
+def test_a_lookup_carries_each_holders_reported_load_and_service_time(live):
+    """The handoff's cost model prices a holder's queue with the holder's own service
+    time (its agent's delay model, `service_s` in its load report); a report without it
+    (an older agent, or one that measured nothing yet) leaves it unknown (null), and the
+    bridge then prices with its own; a bad one is refused and the last figures stay."""
+    reported(live)
+    agent, viewer = live.client(AGENT), live.client(VIEWER)
+    report = {"running": 5, "waiting": 2, "kv_cache_usage": 0.5, "healthy": True}
+
+    def match() -> dict:
+        found = viewer.post("/api/v1/prefix-index/lookup", json={"block_hashes": [1, 2]})
+        assert found.status_code == 200, found.text
+        [one] = found.json()["matches"]
+        return one
+
+    assert match()["service_s"] is None  # registered and KV-reported, no load report yet
+    r = agent.post("/api/v1/backends/gpu2-llama/report", json={**report, "service_s": 1.4})
+    assert r.status_code == 200, r.text
+    got = match()
+    assert (got["backend"], got["cached_blocks"], got["capacity"], got["running"],
+            got["waiting"], got["service_s"]) == ("gpu2-llama", 2, 8, 5, 2, 1.4)
+    assert 0 <= got["load_age_s"] < 5
+    assert viewer.get("/api/v1/backends/gpu2-llama").json()["load"]["service_s"] == 1.4
+    for bad in (0, -1, 3601, "NaN", "slow", True):
+        r = agent.post("/api/v1/backends/gpu2-llama/report", json={**report, "running": 1,
+                                                                    "service_s": bad})
+        assert r.status_code == 422 and "service_s" in r.text, (bad, r.text)
+        assert (match()["running"], match()["service_s"]) == (5, 1.4)
+    r = agent.post("/api/v1/backends/gpu2-llama/report", json={**report, "running": 1})
+    assert r.status_code == 200 and (match()["running"], match()["service_s"]) == (1, None)
 
 
 def test_a_claim_extends_the_backends_match_in_lookups(live):

@@ -276,6 +276,30 @@ def test_a_request_whose_prefix_the_peer_holds_is_handed_off_and_streamed_back(r
     assert rig.metric("gpu2", r'tokenfabric_handoffs_received_total\{.*origin="gpu1"') == 1
 
 
+def test_each_agent_reports_its_measured_service_time_and_lookups_carry_it(rig):
+    """What a bridge prices a holder's queue with (peer_speed): the holder's agent's delay
+    model, measured from the streams its bridge relayed, in its load report
+    (`service_s`), passed on by the index's lookup."""
+    system = words("sysS", 800)
+    rig.warm("gpu2", system + " x")
+    # a stream through gpu2's own bridge (tenant plain: served there): 20 tokens at
+    # speed 1's 20 ms a decode step
+    with httpx.stream("POST", rig.bridges["gpu2"] + "/v1/completions", timeout=30,
+                      headers={"X-Tokenfabric-Tenant": "plain"},
+                      json={"model": "tiny", "prompt": "measure me", "max_tokens": 20,
+                            "stream": True, "ignore_eos": True}) as reply:
+        assert reply.status_code == 200 and sum(1 for _ in reply.iter_lines()) > 20
+
+    def measured() -> float | None:
+        found = rig.viewer.post("/api/v1/prefix-index/lookup", json={
+            "block_hashes": rig.keys(system + " x")}).json()
+        return next(m["service_s"] for m in found["matches"] if m["backend"] == "gpu2")
+    service = wait_for(measured, "gpu2's measured service time in the lookup", timeout=10)
+    # a typical request there: its prefill and its output (the moving averages of what
+    # gpu2's bridge relayed: 8-20 tokens at about 20 ms each)
+    assert 0.05 < service < 5.0, service
+
+
 def test_a_handed_off_request_is_billed_once_in_the_controllers_ledger(rig):
     system = words("sysU", 800)
     rig.warm("gpu2", system + " x")
@@ -342,11 +366,13 @@ def test_no_handoff_when_the_peer_is_overloaded(rig):
         said_no = r'tokenfabric_handoff_decisions_total\{.*decision="(peer_busy|no_gain)"'
         before = rig.metric("gpu1", said_no)
         reply, _ = completion(rig, system + " q3")
-        assert reply.headers["x-tokenfabric-backend"] == "gpu1"
-        # the load said no: over max_peer_load, or its queue costs more than the prefill
-        assert rig.metric("gpu1", said_no) == before + 1, rig.viewer.post(
+        # what gpu1's bridge decided, and on what (the decision header), if not this
+        why = (reply.headers.get("x-tokenfabric-handoff-decision"), rig.viewer.post(
             "/api/v1/prefix-index/lookup", json={"block_hashes": rig.keys(system + " q3")}
-        ).json()
+        ).json())
+        assert reply.headers["x-tokenfabric-backend"] == "gpu1", why
+        # the load said no: over max_peer_load, or its queue costs more than the prefill
+        assert rig.metric("gpu1", said_no) == before + 1, why
     finally:
         for proc in fillers:
             proc.kill()

@@ -103,3 +103,15 @@ def test_delay_load_is_milliseconds_clamped_to_u32():
     assert delay_load(0.25) == 250
     assert delay_load(-1) == 0
     assert delay_load(1e12) == 2**32 - 1
+
+
+def test_a_typical_requests_time_is_reported_once_measured():
+    """The load report's service_s: prefill + output tokens x tpot, from the streams the
+    bridge relayed -- not the defaults (a backend that served nothing sends none)."""
+    d = estimator(capacity=2, tpot=0.01, prefill=0.1)
+    assert d.measured_typical_s() is None and d.typical_s() == pytest.approx(0.1 + 256 * 0.01)
+    key = d.start(None, now=0.0)
+    d.tokens(key, 1, now=0.2)          # first token 0.2 s after a free slot: the prefill
+    d.tokens(key, 41, now=1.0)         # 40 tokens more in 0.8 s: 20 ms each
+    d.end(key, now=1.0)
+    assert d.measured_typical_s() == pytest.approx(0.2 + 41 * 0.02)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from tokenfabric.hostagent.handoff import (
+    Decision,
     HandoffSettings,
     LocalLoad,
     Valuation,
@@ -107,3 +108,29 @@ def test_a_wait_guard_refuses_a_long_queue_whatever_the_cache_is_worth():
     assert admit(s, rich, LocalLoad(4, 2, 4, expected_wait_s=0.4)) == "slow"
     off = dataclasses.replace(s, admit_max_wait_ms=0.0)
     assert admit(off, rich, LocalLoad(4, 2, 4, expected_wait_s=0.4)) is None
+
+
+def test_the_origin_and_a_slow_holder_price_its_queue_alike():
+    """With the holder's own service time in its report (peer_speed), the origin's
+    valuation is what the holder's re-check works out with the same queue: it takes a
+    handoff the origin found paying. Priced at the origin's speed (peer_speed false),
+    the origin handed what the half-speed holder's own queue then refused."""
+    s = HandoffSettings(secret=SECRET, admit_check=True, peer_speed=True)
+    here = LocalLoad(1, 0, 4, 0.0, 0.7, service_measured=True)
+
+    def slow_holder(waiting: int) -> list[dict]:
+        return [_holder("a", 30), {**_holder("b", 39, running=4, waiting=waiting),
+                                   "service_s": 1.4}]
+
+    def offer_of(d: Decision) -> Valuation:
+        return Valuation(d.saved_ms, d.wait_here_ms, d.wait_there_ms, 3.0)
+
+    holder_now = LocalLoad(4, 0, 4, None, service_s=1.4)  # the holder's own figures
+    got = decide(s, "a", slow_holder(0), here, 3.0, {}, 16, 42, shared=True)
+    assert got.decision == "handoff" and admit(s, offer_of(got), holder_now) is None
+    deep = LocalLoad(4, 4, 4, None, service_s=1.4)
+    assert decide(s, "a", slow_holder(4), here, 3.0, {}, 16, 42,
+                  shared=True).decision == "no_gain"
+    old = dataclasses.replace(s, peer_speed=False)
+    handed = decide(old, "a", slow_holder(4), here, 3.0, {}, 16, 42, shared=True)
+    assert handed.decision == "handoff" and admit(old, offer_of(handed), deep) == "no_gain"

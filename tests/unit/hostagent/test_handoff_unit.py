@@ -206,6 +206,83 @@ def test_a_shared_address_values_the_cache_enough_to_queue_behind_its_holder():
     assert decide(s, "a", deep, here, 3.0, {}, 16, 42, shared=True).decision == "no_gain"
 
 
+# -- the peer's own speed (peer_speed, its report's service_s) ---------------------------
+def _timed(name: str, blocks: int, service_s: object, running: int = 0,
+           waiting: int = 0) -> dict:
+    return {**_holder(name, blocks, running, waiting), "service_s": service_s}
+
+
+def test_a_half_speed_holders_queue_is_priced_at_its_own_service_time():
+    """The app server's turn, 9 blocks beyond this backend (936 ms of cache at the shared
+    weight), on a holder with 8 requests for its 4 slots (5 quarters of a request's time
+    to wait). A holder as fast as this backend (0.7 s a request) queues it 875 ms:
+    handed off. One half as fast (1.4 s a request, reported) queues it 1,750 ms, and its
+    3 blocks of prefill cost twice ours: refused -- that queue is too long only at its
+    speed. Off (the default: the bench lost hit rate and p99 with it) the slow holder is
+    priced at our 0.7 s."""
+    assert HandoffSettings(secret=b"x" * 16).peer_speed is False
+    s = HandoffSettings(secret=b"x" * 16, peer_speed=True)
+    here = LocalLoad(1, 0, 4, 0.0, 0.7, service_measured=True)
+    same = decide(s, "a", [_holder("a", 30), _timed("b", 39, 0.7, running=4, waiting=4)],
+                  here, 3.0, {}, 16, 42, shared=True)
+    assert same.decision == "handoff" and same.gain_ms == pytest.approx(936 - 875 - 3)
+    assert same.wait_there_ms == pytest.approx(875.0)
+    slow_holder = [_holder("a", 30), _timed("b", 39, 1.4, running=4, waiting=4)]
+    slow = decide(s, "a", slow_holder, here, 3.0, {}, 16, 42, shared=True)
+    # saved: 936 ms, less the peer's 3 blocks at twice our time (4.8 ms) and their stall
+    # of its 4 running requests at twice ours (12 blocks, 19.2 ms); queue 1,750 ms
+    assert slow.decision == "no_gain" and slow.peer is None
+    assert slow.gain_ms == pytest.approx(936 - 4.8 - 19.2 - 1750 - 3)
+    off = HandoffSettings(secret=b"x" * 16, peer_speed=False)
+    assert decide(off, "a", slow_holder, here, 3.0, {}, 16, 42,
+                  shared=True).gain_ms == pytest.approx(58.0)
+    # a shorter queue at the slow holder still pays: 1 request beyond its slots, 350 ms
+    short = decide(s, "a", [_holder("a", 30), _timed("b", 39, 1.4, running=4)], here, 3.0,
+                   {}, 16, 42, shared=True)
+    assert short.decision == "handoff" and short.gain_ms == pytest.approx(936 - 24 - 350 - 3)
+    assert (short.saved_ms, short.wait_there_ms) == (pytest.approx(912.0),
+                                                     pytest.approx(350.0))
+
+
+def test_a_slow_origin_prices_a_fast_holder_at_the_holders_speed():
+    """From a half-speed backend (1.4 s a request) a fast holder's queue (5 requests for
+    4 slots) is 350 ms, not the 700 ms our own speed would make it, and its prefill of
+    the prompt's 3 new blocks, and their stall on its batch, cost half ours."""
+    s = HandoffSettings(secret=b"x" * 16, peer_speed=True)
+    slow_here = LocalLoad(1, 0, 4, 0.0, 1.4, service_measured=True)
+    fast = [_holder("a", 30), _timed("b", 39, 0.7, running=4, waiting=1)]
+    got = decide(s, "a", fast, slow_here, 3.0, {}, 16, 42, shared=True)
+    # our prefill time per token is still the configured one (1.6 ms a block): the ratio
+    # halves the peer's 3 blocks and its stall on 4 running requests
+    assert got.decision == "handoff" and got.wait_there_ms == pytest.approx(350.0)
+    assert got.saved_ms == pytest.approx(936 + 0.5 * 3 * 1.6 + (12 - 4 * 3 * 0.5) * 1.6)
+    old = decide(HandoffSettings(secret=b"x" * 16, peer_speed=False), "a", fast, slow_here,
+                 3.0, {}, 16, 42, shared=True)
+    assert old.wait_there_ms == pytest.approx(700.0)
+
+
+def test_a_holder_without_a_usable_service_time_is_priced_at_ours():
+    """Older agents send no service_s, and an answer's bad figure is not trusted: the
+    holder's queue is priced with this backend's service time, its speed as ours."""
+    s = HandoffSettings(secret=b"x" * 16, peer_speed=True)
+    here = LocalLoad(1, 0, 4, 0.0, 0.7, service_measured=True)
+    for figure in (None, "1.4", True, -1.0, 0.0, float("nan"), float("inf"), 1e9):
+        got = decide(s, "a", [_holder("a", 30), _timed("b", 39, figure, running=4,
+                                                        waiting=4)],
+                     here, 3.0, {}, 16, 42, shared=True)
+        assert got.decision == "handoff" and got.wait_there_ms == pytest.approx(875.0), figure
+    # our own figure unmeasured (no delay model): the holder's queue at its own time,
+    # but no speed ratio against a default
+    guess = LocalLoad(1, 0, 4, 0.0, 0.7)
+    got = decide(s, "a", [_holder("a", 30), _timed("b", 39, 1.4, running=4)], guess, 3.0,
+                 {}, 16, 42, shared=True)
+    assert got.wait_there_ms == pytest.approx(350.0) and got.saved_ms == pytest.approx(936.0)
+    # the ratio is bounded: a holder reporting 100x our time is priced 8x for its prefill
+    far = decide(s, "a", [_holder("a", 30), _timed("b", 39, 70.0)], here, 3.0, {}, 16, 42,
+                 shared=True)
+    assert far.saved_ms == pytest.approx(936 + (1 - 8) * 3 * 1.6 + 12 * 1.6)
+
+
 def test_cache_weights_are_checked():
     for bad in ({"cache_weight": -1.0}, {"shared_cache_weight": -0.5}):
         with pytest.raises(ValueError, match="cache_weight"):
