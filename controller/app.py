@@ -45,6 +45,7 @@ from tokenfabric.controller.drivers import (
     Fleet,
     Southbound,
     StateTaker,
+    SwitchDriver,
     features_of,
     openflow_context,
 )
@@ -714,6 +715,9 @@ class Controller:
         """The switches the controller writes to (none without a southbound)."""
         return dict(self.southbound.switches) if self.southbound is not None else {}
 
+    def _southbound_switches(self) -> list[SwitchDriver]:
+        return list(self.southbound.switches.values()) if self.southbound is not None else []
+
     async def push(self) -> dict[str, int]:
         """Compile the model and give each switch its state when it changed.
 
@@ -741,6 +745,8 @@ class Controller:
             if changed:
                 log.debug("reconcile: %s", changed)
             await self.enforce_budgets()
+            for sw in self._southbound_switches():  # affinity's bound where no registers hold load
+                await sw.recheck_load_bound()
             self.last_reconcile_error = None
         except Exception as exc:  # the next pass retries; the API shows the error
             self.last_reconcile_error = f"{type(exc).__name__}: {exc}"

@@ -121,6 +121,12 @@ class SwitchDriver(StateTaker, Protocol):
 
     async def set_over_budget(self, tenants: frozenset[int]) -> None: ...
 
+    async def recheck_load_bound(self) -> bool:
+        """Re-decide what the controller decides from the backends' reported load for a
+        switch without load registers (OpenFlow: prefix affinity's bound) and write it
+        when it changed; True when it wrote. A P4 switch checks per packet: nothing."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """JSON for REST: name, address, device_id, role, last_reconcile, ..."""
         ...
@@ -206,8 +212,10 @@ class Fleet:
 
 
 def openflow_context(model: Model, switch: str) -> Context:
-    """Backend and responder MACs, and the port toward each backend of another switch."""
+    """Backend and responder MACs, the port toward each backend of another switch, and
+    each backend's load score from its reports (affinity's bound)."""
     from tokenfabric.controller.openflow.flows import Context
+    from tokenfabric.controller.routing import load_score
 
     macs: dict[int, str] = {}
     where: dict[int, str] = {}
@@ -224,7 +232,8 @@ def openflow_context(model: Model, switch: str) -> Context:
             port = model.fabric.next_hop_port(switch, sw)
             if port is not None:
                 transit[bid] = port
-    return Context(macs=macs, transit=transit)
+    scores = {b.backend_id: load_score(b) for b in model.backends.values()}
+    return Context(macs=macs, transit=transit, scores=scores)
 
 
 if TYPE_CHECKING:

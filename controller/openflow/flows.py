@@ -16,6 +16,11 @@ Tables (docs/openflow.md):
   2 ROUTE     IPv4 routes: L2 rewrite and output.
   3 PIN       per service: `learn` a 5-tuple flow into table 1 (the service's idle
               timeout) that repeats the chosen backend's MAC and port, then output.
+  4 STEER     prefix affinity: table 1's flow for a client with an entry (150) writes
+              the entry's backend and bound into reg1 and jumps here; a flow per
+              (service, backend, bound) the controller finds within the load bound
+              (controller/openflow/affinity.py) steers to that backend like a bucket
+              does (200); else the service's group decides (100).
 A select bucket sets the backend's MAC (eth_dst) and port (reg0) and resubmits to
 table 3: later packets of the connection hit the learned flow, so a group change
 (weights, drain) moves no established connection. (OVS runs select groups by
@@ -41,11 +46,15 @@ from tokenfabric.controller.entries import (
     ProfileMember,
     TableEntry,
 )
+from tokenfabric.controller.openflow.affinity import SteerKey, pair_bests, within_bound
 from tokenfabric.p4names import Actions, Tables
 
-CLASSIFY, SELECT, ROUTE, PIN = 0, 1, 2, 3
+CLASSIFY, SELECT, ROUTE, PIN, STEER = 0, 1, 2, 3, 4
 LEARNED_COOKIE = 0x7F0F_0000_0000_0001  # flows made by `learn`: never the reconciler's
 PIN_PRIORITY, TRANSIT_PRIORITY, OVERFLOW_PRIORITY, VIP_PRIORITY = 400, 300, 200, 100
+AFFINITY_PRIORITY = 150  # under the overflow (an over-budget tenant is overflowed first)
+STEER_OPEN_PRIORITY, STEER_FALLBACK_PRIORITY = 200, 100  # table STEER
+STEER_REG = "reg1"  # bound_percent << 16 | backend id, from table 1 to table STEER
 TENANT_MASK = 0xFFFF  # metadata bits holding the tenant id
 ETH_IPV4, ETH_ARP, PROTO_TCP, PROTO_UDP = 0x0800, 0x0806, 6, 17
 SYN_ONLY = (0x002, 0x012)  # tcp_flags value/mask: SYN set, ACK clear (a new connection)
@@ -53,7 +62,8 @@ FLOOD = 0xFFFFFFFB  # OFPP_FLOOD
 
 # Features of an OpenFlow switch (GET /switches), and what it lacks compared with P4.
 FEATURES = ["weighted_hash", "pinning", "dsr", "dscp", "priority_queues", "meters",
-            "counters", "overflow_by_controller", "p2c_by_controller_weights"]
+            "counters", "overflow_by_controller", "p2c_by_controller_weights",
+            "affinity_bound_by_controller"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,10 @@ class OfState:
     groups: dict[int, GroupSpec] = field(default_factory=dict)
     meters: dict[int, MeterSpec] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what could not be expressed
+    # prefix affinity: (service, backend, bound) -> within the load bound, and the
+    # number of client entries translated
+    steering: dict[SteerKey, bool] = field(default_factory=dict)
+    affinity_entries: int = 0
 
     def add(self, flow: FlowSpec) -> None:
         self.flows.setdefault(flow.identity(), flow)
@@ -122,6 +136,9 @@ class Context:
     macs: dict[int, str] = field(default_factory=dict)  # backend/responder id -> MAC
     transit: dict[int, int] = field(default_factory=dict)  # backend id -> port toward it
     over_budget: frozenset[int] = frozenset()  # tenant ids the controller steers to overflow
+    # backend id -> its load score from the agents' reports (routing.load_score): the
+    # affinity bound's input; a backend not listed scores 0
+    scores: dict[int, int] = field(default_factory=dict)
 
 
 def _hash32(text: str) -> int:
@@ -230,6 +247,7 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
         else:
             out.notes.append(f"backend {bid}: not reachable over this switch's links")
     idle_us = {e.match: params(e)["idle_timeout_us"] for e in tables.get(Tables.VIP, [])}
+    services: dict[int, _Service] = {}  # those with a group here: affinity's input
     for e in sorted(tables.get(Tables.SERVICE, []), key=lambda e: params(e)["service_id"]):
         m, p = match(e), params(e)
         sid = p["service_id"]
@@ -238,11 +256,13 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
                      ("ipv4_dst", _ip_text(m["vip"].value)), ("tcp_dst", m["port"].value))
         group = groups.get(sid)
         if group is not None:
+            in_group = [members[mid] for mid, _ in group.members if members.get(mid) in deliver]
             buckets = tuple(Bucket(w, deliver[members[mid]][1], deliver[members[mid]][0])
                             for mid, w in group.members if members.get(mid) in deliver)
             if buckets:
                 out.groups[sid] = GroupSpec(sid, buckets)
                 out.add(FlowSpec(SELECT, VIP_PRIORITY, vip_match, group=sid))
+                services[sid] = _Service(vip_match, frozenset(in_group), p["conn_cost"])
         responder = p["overflow_backend"]
         if responder in deliver:
             port, mac = deliver[responder]
@@ -268,14 +288,65 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
                          actions=(("set_field", "eth_src", _mac_text(p["smac"])),
                                   ("set_field", "eth_dst", _mac_text(p["dmac"])),
                                   ("output", p["port"]))))
-    # Prefix affinity is bounded by the backends' load registers, which OVS lacks: not
-    # translated (docs/openflow.md); said once, so an operator sees it in /switches.
-    if tables.get(Tables.AFFINITY):
-        out.notes.append(f"{len(tables[Tables.AFFINITY])} prefix affinity entries not "
-                         "installed: affinity is P4-only (OVS has no per-backend load to "
-                         "bound it)")
+    _affinity(out, tables, services, deliver, ctx.scores)
     if any(isinstance(e.action, GroupRef) for e in tables.get(Tables.SERVICE_POOL, [])) \
             and not out.groups:
         out.notes.append("no service has a deliverable backend on this switch")
     return out
 
+
+
+@dataclass(frozen=True)
+class _Service:
+    """What affinity needs of a service translated on this switch."""
+
+    vip_match: tuple[tuple[str, object], ...]
+    backends: frozenset[int]  # backend ids in its group here (eligible, deliverable)
+    conn_cost: int
+
+
+def _affinity(out: OfState, tables: dict[str, list[TableEntry]], services: dict[int, _Service],
+              deliver: dict[int, tuple[int, str]], scores: dict[int, int]) -> None:
+    """Prefix affinity (docs/openflow.md): per client entry a table-1 flow that loads
+    the entry's (bound, backend) into reg1 and jumps to STEER; per (service, backend,
+    bound) within the load bound a STEER flow to that backend (a bucket's actions), and
+    per service a STEER fallback to its group. The bound is decided once per key, so a
+    load change moves one flow whatever the number of clients."""
+    entries = tables.get(Tables.AFFINITY, [])
+    if not entries:
+        return
+    pairs: dict[int, list[tuple[int, int]]] = {}
+    for e in tables.get(Tables.P2C_PAIRS, []):
+        p = dict(e.action.params) if isinstance(e.action, Action) else {}
+        slot: dict[str, Any] = dict(e.match)
+        pairs.setdefault(slot["service_id"].value, []).append(
+            (p["first_backend"], p["second_backend"]))
+    bests = {sid: pair_bests(pairs.get(sid, []), scores) for sid in services}
+    skipped = 0
+    for e in entries:
+        m: dict[str, Any] = dict(e.match)
+        p = dict(e.action.params) if isinstance(e.action, Action) else {}
+        sid, client = m["service_id"].value, m["client"].value
+        bid, bound = p["backend_id"], p["bound_percent"]
+        service = services.get(sid)
+        if service is None or bid not in service.backends:
+            skipped += 1  # not deliverable here (the compile keeps only active backends)
+            continue
+        key = (sid, bid, bound)
+        if key not in out.steering:
+            out.steering[key] = within_bound(scores.get(bid, 0), bests[sid], bound,
+                                             service.conn_cost)
+            port, mac = deliver[bid]
+            if out.steering[key]:
+                out.add(FlowSpec(STEER, STEER_OPEN_PRIORITY, service.vip_match + (
+                    (STEER_REG, bound << 16 | bid),), actions=(
+                    ("set_field", "eth_dst", mac), ("set_field", "reg0", port),
+                    ("resubmit", PIN))))
+            out.add(FlowSpec(STEER, STEER_FALLBACK_PRIORITY, service.vip_match, group=sid))
+        out.add(FlowSpec(SELECT, AFFINITY_PRIORITY, service.vip_match + (
+            ("ipv4_src", _ip_text(client)),), actions=(
+            ("set_field", STEER_REG, bound << 16 | bid),), goto=STEER))
+        out.affinity_entries += 1
+    if skipped:
+        out.notes.append(f"{skipped} prefix affinity entries not installed: their backend "
+                         "is not in the service's group on this switch")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -52,6 +53,16 @@ class OpenFlowStats(DriverStats):
     flow_mods: int = 0
     group_mods: int = 0
     meter_mods: int = 0
+    # prefix affinity's bound: decisions re-made from the reports, the reconciles they
+    # caused, and the (service, backend, bound) keys that flipped open/closed in them
+    load_rechecks: int = 0
+    load_reconciles: int = 0
+    steer_flips: int = 0
+
+
+# At most one reconcile a second for load changes alone: the agents report about once a
+# second, and each reconcile reads every flow (the learned pins too) back from OVS.
+LOAD_RECHECK_MIN_S = 1.0
 
 
 class OpenFlowSwitch:
@@ -61,7 +72,8 @@ class OpenFlowSwitch:
     keeps_token_buckets = False  # the controller's buckets decide: set_over_budget
 
     def __init__(self, name: str, datapath_id: int, device_id: int = 0,
-                 context: Callable[[], Context] | None = None) -> None:
+                 context: Callable[[], Context] | None = None,
+                 load_recheck_min_s: float = LOAD_RECHECK_MIN_S) -> None:
         self.name = name
         self.datapath_id = datapath_id
         self.device_id = device_id
@@ -77,6 +89,8 @@ class OpenFlowSwitch:
         self._lock = asyncio.Lock()
         self._settled = asyncio.Event()
         self._session_task: asyncio.Task[None] | None = None
+        self.load_recheck_min_s = load_recheck_min_s
+        self._last_load_reconcile = -float("inf")
 
     # ---- the driver interface --------------------------------------------------
 
@@ -122,6 +136,28 @@ class OpenFlowSwitch:
             if self._desired is not None:
                 await self.reconcile()
 
+    async def recheck_load_bound(self) -> bool:
+        """Prefix affinity's bound from the latest reports (controller/openflow/affinity.py):
+        reconcile when a (service, backend, bound) key flipped, at most once per
+        `load_recheck_min_s` (a flip in between waits for the next call)."""
+        if self._desired is None or self._want is None or not self._want.steering:
+            return False
+        if time.monotonic() - self._last_load_reconcile < self.load_recheck_min_s:
+            return False
+        self.stats.load_rechecks += 1
+        before = self._want.steering
+        if self._translate().steering == before:
+            return False
+        self._last_load_reconcile = time.monotonic()
+        self.stats.load_reconciles += 1
+        result = await self.reconcile()
+        return result.applied
+
+    def _translate(self) -> OfState:
+        assert self._desired is not None
+        ctx = dataclasses.replace(self._context(), over_budget=self.over_budget)
+        return translate(self._desired, ctx)
+
     async def wait_settled(self, timeout: float = 10.0) -> Role:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
@@ -141,9 +177,22 @@ class OpenFlowSwitch:
             "flow_mods": self.stats.flow_mods, "group_mods": self.stats.group_mods,
             "meter_mods": self.stats.meter_mods, "pinned_connections": self.pinned,
             "over_budget_tenants": sorted(self.over_budget),
+            "affinity": self._affinity_view(),
             "last_reconcile": None if last is None else last.view(),
             "last_error": self.last_error, "notes": list(self.notes),
         }
+
+    def _affinity_view(self) -> dict[str, Any]:
+        """Prefix affinity as last translated: client entries installed, the (service,
+        backend, bound) keys open and over the bound, and the bound's churn."""
+        want = self._want or OfState()
+        keys = sorted(want.steering.items())
+        return {"entries": want.affinity_entries,
+                "open": [list(k) for k, open_ in keys if open_],
+                "over_bound": [list(k) for k, open_ in keys if not open_],
+                "load_rechecks": self.stats.load_rechecks,
+                "load_reconciles": self.stats.load_reconciles,
+                "steer_flips": self.stats.steer_flips}
 
     async def read_counters(self, name: str, indexes: Any = None,
                             cells: Collection[int] | None = None) -> dict[int, CounterValue]:
@@ -220,8 +269,11 @@ class OpenFlowSwitch:
         start = time.monotonic()
         if self._desired is None:
             return ReconcileResult(self.name, False, "nothing desired yet")
-        ctx = self._context()
-        want = translate(self._desired, Context(ctx.macs, ctx.transit, self.over_budget))
+        want = self._translate()
+        if self._want is not None:
+            self.stats.steer_flips += sum(
+                1 for key, open_ in want.steering.items()
+                if key in self._want.steering and self._want.steering[key] != open_)
         self._want = want
         self.notes = want.notes
         conn = self.connection

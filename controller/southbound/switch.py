@@ -251,6 +251,10 @@ class Switch:
     async def set_over_budget(self, tenants: frozenset[int]) -> None:
         """Nothing to do: the switch's own token buckets decide (admit.p4)."""
 
+    async def recheck_load_bound(self) -> bool:
+        """Nothing to do: select.p4 checks affinity's bound from the load registers."""
+        return False
+
     async def read_state(self, collapse_weights: bool = True) -> DesiredState:
         """Everything the switch holds: table entries, members, groups, meter configs."""
         held = await self._read_held()

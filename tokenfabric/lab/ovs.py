@@ -80,6 +80,14 @@ def vsctl(*args: str, timeout: float = 5) -> str:
     return done.stdout.strip()
 
 
+def ofctl(*args: str, timeout: float = 10) -> str:
+    """`ovs-ofctl -O OpenFlow13 ARGS` against the system's ovs-vswitchd; stdout, or OvsError."""
+    done = _run(["ovs-ofctl", "-O", OPENFLOW_VERSION, *args], timeout=timeout)
+    if done.returncode != 0:
+        raise OvsError(f"ovs-ofctl {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
 def _pid_from(pidfile: Path) -> int | None:
     try:
         pid = int(pidfile.read_text().strip())

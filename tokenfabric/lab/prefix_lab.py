@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -258,6 +259,40 @@ def read_switch_steering(plan: LabPlan, timeout: float = 10.0) -> dict[str, dict
     return out
 
 
+def read_ovs_affinity(plan: LabPlan, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+    """Each OVS switch's prefix affinity as the bridge holds it (`ovs-ofctl dump-flows`,
+    docs/openflow.md): switch -> {"clients": the client addresses of its table-1 affinity
+    flows, "steered": packets of table STEER's steering flows (new connections sent to
+    an entry's backend, cumulative; a flow withdrawn over the bound takes its count
+    along, so a run's difference can undercount)}. Connections that fell back over the
+    bound are not counted here: OVS undercounts the rules a packet passes before a
+    select group's recirculation."""
+    from tokenfabric.lab.ovs import ofctl
+
+    return {sw.name: ovs_affinity_of(ofctl("dump-flows", sw.name, timeout=timeout))
+            for sw in plan.switches.values() if sw.driver == "openflow"}
+
+
+def ovs_affinity_of(dump: str) -> dict[str, Any]:
+    """read_ovs_affinity's figures from one bridge's `ovs-ofctl dump-flows` text."""
+    from tokenfabric.controller.openflow.flows import (
+        AFFINITY_PRIORITY,
+        SELECT,
+        STEER,
+        STEER_OPEN_PRIORITY,
+    )
+
+    clients, steered = [], 0
+    for line in dump.splitlines():
+        fields = dict(re.findall(r"(\w+)=([^,\s]+)", line))
+        table, prio = fields.get("table"), fields.get("priority")
+        if table == str(SELECT) and prio == str(AFFINITY_PRIORITY) and "nw_src" in fields:
+            clients.append(fields["nw_src"])
+        elif table == str(STEER) and prio == str(STEER_OPEN_PRIORITY):
+            steered += int(fields.get("n_packets", 0))
+    return {"clients": sorted(clients), "steered": steered}
+
+
 def steering_change(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
                     ) -> dict[str, dict[str, int]]:
     """A run's share of read_switch_steering's cumulative counts, per switch."""
@@ -441,9 +476,15 @@ def markdown(figures: list[dict[str, Any]], kv_tokens: int | None,
                 f"{k} {v:.0f}" for k, v in sorted(f["decisions"].items())))
         if f["mode"] in prefix.HANDOFF_MODES and f.get("switch_affinity_note"):
             lines.append(f"\n- {_label(f)}: {f['switch_affinity_note']}")
+        if f["mode"] in prefix.HANDOFF_MODES and f.get("ovs_steered") is not None:
+            lines.append(f"\n- {_label(f)}: OVS: " + ", ".join(
+                f"{sw} {n} new connections steered by affinity flows"
+                for sw, n in sorted(f["ovs_steered"].items())) + "; the controller's bound: "
+                + ", ".join(f"{sw} {json.dumps(b)}" for sw, b in sorted(
+                    (f.get("ovs_bound") or {}).items())))
         held = f.get("switch_affinity")
         if f["mode"] in prefix.HANDOFF_MODES and held is not None:
-            lines.append(f"\n- {_label(f)}: read back from the switches over P4Runtime at "
+            lines.append(f"\n- {_label(f)}: read back from the switches at "
                          "the end of the run: " + ", ".join(
                              f"{sw} {n} affinity entries" for sw, n in sorted(held.items())))
         steering = f.get("switch_steering")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from os_ken.ofproto import ofproto_v1_3 as ofp
 
 from tokenfabric.controller.compile import compile_model
 from tokenfabric.controller.drivers import openflow_context
 from tokenfabric.controller.fabric import parse_fabric
-from tokenfabric.controller.model import AffinityPolicy, BackendState, SelectionMode
+from tokenfabric.controller.model import BackendState, SelectionMode
 from tokenfabric.controller.openflow import messages
 from tokenfabric.controller.openflow.connection import _Datapath
 from tokenfabric.controller.openflow.flows import (
@@ -17,7 +19,6 @@ from tokenfabric.controller.openflow.flows import (
     PIN,
     ROUTE,
     SELECT,
-    Context,
     FlowSpec,
     kbits,
     translate,
@@ -68,7 +69,7 @@ def model():
 
 def of_state(model, over=frozenset()):
     ctx = openflow_context(model, "s1")
-    return translate(compile_model(model)["s1"], Context(ctx.macs, ctx.transit, over))
+    return translate(compile_model(model)["s1"], dataclasses.replace(ctx, over_budget=over))
 
 
 def flows(state, table):
@@ -188,16 +189,3 @@ services:
     st2 = translate(compile_model(m)["s2"], openflow_context(m, "s2"))
     transit = [f for f in flows(st2, SELECT) if ("eth_dst", "02:00:00:00:00:11") in f.match]
     assert transit and transit[0].actions == (("output", 1),)
-
-
-def test_prefix_affinity_is_p4_only_and_says_so(model):
-    """An opted-in affinity fact compiles to an `affinity` entry; OVS gets no flow for
-    it (no per-backend load to bound it) and a note instead; the flows stay as before."""
-    before = of_state(model)
-    model.policy.service_affinity["svc"] = AffinityPolicy(enabled=True)
-    model.affinity.learn("s1", "svc", "10.0.1.7", "b2", 0, 60)
-    after = of_state(model)
-    assert after.flows == before.flows and after.groups == before.groups
-    assert [n for n in after.notes if "affinity" in n] == [
-        "1 prefix affinity entries not installed: affinity is P4-only (OVS has no "
-        "per-backend load to bound it)"]
