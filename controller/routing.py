@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import Callable
 
-from tokenfabric.beacon import LOAD_FULL
+from tokenfabric.beacon import occupancy_load
 from tokenfabric.controller.model import Backend, BackendState, Model, SelectionMode
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,11 @@ def headroom(backend: Backend, running: int, waiting: int, kv_cache_usage: float
 
 def load_score(backend: Backend) -> int:
     """The backend's load in beacon units from its last report: the agent's occupancy
-    LOAD (hostagent/load.py), LOAD_FULL x (max(running/capacity, kv) + waiting/capacity).
+    LOAD (tokenfabric/beacon.py `occupancy_load`).
     What the controller compares where a switch has no load registers (OpenFlow
     affinity's bound, controller/openflow/affinity.py)."""
-    load, cap = backend.load, max(1, backend.capacity)
-    kv = min(max(load.kv_cache_usage, 0.0), 1.0)
-    return round(LOAD_FULL * (max(max(0, load.running) / cap, kv) + max(0, load.waiting) / cap))
+    load = backend.load
+    return occupancy_load(load.running, load.waiting, load.kv_cache_usage, backend.capacity)
 
 
 def _apportion(shares: dict[str, float], total: int) -> dict[str, int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenfabric.beacon import LOAD_FULL, U32_MAX
+from tokenfabric.beacon import U32_MAX, occupancy_load
 
 
 def delay_load(seconds: float) -> int:
@@ -43,6 +43,5 @@ def compute_load(running: float, waiting: float, kv_cache_usage: float, capacity
     if extra > 0:  # requests vLLM has not shown yet: they run if there is room, else wait
         grow = min(extra, max(0.0, capacity - running))
         running, waiting = running + grow, waiting + (extra - grow)
-    kv = min(max(kv_cache_usage, 0.0), 1.0)
-    value = LOAD_FULL * (max(running / capacity, kv) + waiting / capacity)
-    return LoadFigures(min(int(round(value)), U32_MAX), int(running), int(waiting))
+    return LoadFigures(occupancy_load(running, waiting, kv_cache_usage, capacity),
+                       int(running), int(waiting))

@@ -38,7 +38,8 @@ from tokenfabric.p4names import BEACON_PORT, BEACON_VERSION, BeaconFlags, Beacon
 
 # The wire's numbers are token_router's (p4names, generated from defines.p4).
 __all__ = ["BEACON_PORT", "BEACON_VERSION", "FABRIC_ADDRESS", "LOAD_FULL", "U16_MAX", "U32_MAX",
-           "BeaconError", "BeaconFlags", "BeaconType", "LoadBeacon", "UsageBeacon"]
+           "occupancy_load", "BeaconError", "BeaconFlags", "BeaconType", "LoadBeacon",
+           "UsageBeacon"]
 
 FABRIC_ADDRESS = str(ipaddress.IPv4Address(p4names.FABRIC_ADDRESS))
 LOAD_FULL = 1000
@@ -48,6 +49,17 @@ _LOAD = struct.Struct("!IHH")
 _USAGE = struct.Struct("!HHII")
 U16_MAX = 0xFFFF
 U32_MAX = 0xFFFFFFFF
+
+
+def occupancy_load(running: float, waiting: float, kv_cache_usage: float,
+                   capacity: int) -> int:
+    """The occupancy LOAD: LOAD_FULL x (max(running/capacity, kv) + waiting/capacity),
+    clamped to the beacon's u32. The agent sends it (hostagent/load.py); the controller
+    works it out from a report where a switch has no load registers (OpenFlow)."""
+    cap = max(1, capacity)
+    kv = min(max(kv_cache_usage, 0.0), 1.0)
+    value = LOAD_FULL * (max(max(0.0, running) / cap, kv) + max(0.0, waiting) / cap)
+    return min(int(round(value)), U32_MAX)
 
 
 class BeaconError(ValueError):
