@@ -301,6 +301,25 @@ def test_a_connection_whose_first_way_is_held_is_pinned_in_the_second_and_stays(
     assert all(second[f] == h.B1 and stateless[f] == h.B2 for f in moved)
 
 
+def test_a_fin_in_the_second_way_keeps_the_last_packets_pinned_there(sw):
+    sw.client.insert(*h.service(mode=Mode.HASH))
+    h.pool(sw.client, {h.B1: 1, h.B2: 1})
+    pairs = colliding_pairs(8)
+    firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
+    open_connections(sw, firsts)
+    second = open_connections(sw, seconds)
+    assert len(second) == 8 and sw.client.packets("events", Event.PIN_COLLISION) == 0
+    assert send_data(sw, seconds, "FA") == second
+    for flow in seconds:
+        assert sw.register("conn_fingerprint", ways(flow)[1]) == fp(flow) | FP_CLOSING
+        assert sw.register("conn_fingerprint", ways(flow)[0]) in {fp(a) for a in firsts}
+    moved = {h.B1: {h.B2: 1}, h.B2: {h.B1: 1}}
+    sw.client.modify(h.pool_group(moved[second[seconds[0]]]))  # the load reports turned
+    assert send_data(sw, seconds, "A") == second, "the ACKs after the FIN stay pinned"
+    assert sw.client.packets("events", Event.PIN_MISS) == 0
+    assert sw.client.packets("events", Event.PIN_CLEARED) == 8
+
+
 # -- the stateless choice under the controller's weight rewrites --------------
 
 CONTROLLER_FABRIC = """
