@@ -1,4 +1,7 @@
-"""Weighted hash over the action selector, and the connection table that pins."""
+"""Weighted hash over the action selector, and the connection table that pins.
+
+The tests that install no P2C pair table see the weighted hash as the stateless choice
+(Select's fallback); the last one, programmed by the controller, sees the pair table's."""
 
 from __future__ import annotations
 
