@@ -115,11 +115,12 @@ control Pin(inout headers_t hdr,
                     }
                     /* The first way closing with this connection: stay there. */
                     if (stored != (meta.fingerprint | FP_CLOSING) || !CLOSING_LIVE) {
-                        /* conn_index moves on to the second way. (A hash into
-                         * the field: an assignment p4c would propagate, and copy
-                         * into a temporary per use; of the whole fingerprint,
-                         * modulo CONN_SLOTS: a slice would be a temporary too.
-                         * No variable for it: BMv2 zeroes each for every packet.) */
+                        /* conn_index moves on to the second way, by a hash into
+                         * the field: a variable is one more scalar that BMv2
+                         * zeroes for every packet, and an assignment p4c would
+                         * propagate, a temporary per use. (The hash's input, a
+                         * metadata field, is copied into p4c's one temporary
+                         * here; a slice of it would be too.) */
                         hash(meta.conn_index, HashAlgorithm.identity, 32w0,
                              { meta.fingerprint }, (bit<64>)CONN_SLOTS);
                         conn_fingerprint.read(stored, meta.conn_index);
