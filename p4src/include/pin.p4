@@ -13,8 +13,6 @@ control Pin(inout headers_t hdr,
     bit<32> stored;  /* the slot's fingerprint (FP_CLOSING: after a FIN) */
     bit<48> seen;    /* and when it last saw its connection */
     bit<48> now;
-    bit<32> slot_b;  /* the connection's second way */
-    bit<1> closing;  /* pinned in a closing slot */
 
     /* A service packet's slot, in the vip entry's action: BMv2 pays for every
      * action, condition and assignment, and this is the path of every packet
@@ -60,7 +58,10 @@ control Pin(inout headers_t hdr,
     /* A pinned packet of an open slot (meta.conn_index): refreshed; a FIN starts
      * the slot's close grace (this write of last seen is its start), an RST
      * frees it. Either counts the pin's end, once. (A macro: an action would be
-     * a P4Info entry, and an action's conditions cost BMv2 more.) */
+     * a P4Info entry, and an action's conditions cost BMv2 more. The closing
+     * mark goes through meta.fingerprint, which no later stage of a pinned
+     * packet reads: an expression as the write's argument is a temporary p4c
+     * adds, which every packet pays to zero.) */
 #define PINNED_OPEN                                                              \
     meta.pin_state = PIN_HIT;                                                    \
     conn_last_seen.write(meta.conn_index, now);                                  \
@@ -69,9 +70,26 @@ control Pin(inout headers_t hdr,
         if ((hdr.tcp.flags & TCP_RST) != 0) {                                    \
             conn_fingerprint.write(meta.conn_index, 0);                          \
         } else {                                                                 \
-            conn_fingerprint.write(meta.conn_index, meta.fingerprint | FP_CLOSING); \
+            meta.fingerprint = meta.fingerprint | FP_CLOSING;                    \
+            conn_fingerprint.write(meta.conn_index, meta.fingerprint);           \
         }                                                                        \
         events.count(EVENT_PIN_CLEARED);                                         \
+    }
+
+    /* A packet of a closing-live slot (meta.conn_index): its connection's last
+     * packets (ACKs, the other FIN) stay pinned, last seen left at the FIN's
+     * time so that the grace runs out; an RST frees the slot; a SYN of the same
+     * 5-tuple opens it anew. (A macro in both ways' branches: a bit saying which
+     * would be a variable every packet pays to zero.) */
+#define PINNED_CLOSING                                                           \
+    if (OPENS_FLOW) {                                                            \
+        meta.pin_state = PIN_NEW;                                                \
+    } else {                                                                     \
+        meta.pin_state = PIN_HIT;                                                \
+        conn_backend.read(meta.backend_id, meta.conn_index);                     \
+        if ((hdr.tcp.flags & TCP_RST) != 0) {                                    \
+            conn_fingerprint.write(meta.conn_index, 0);                          \
+        }                                                                        \
     }
 
     apply {
@@ -91,54 +109,41 @@ control Pin(inout headers_t hdr,
                     /* Whether the first way may be claimed, kept in pin_state
                      * (PIN_NEW: yes) while stored and seen move on to the
                      * second way: no metadata field more for every packet. */
-                    closing = 0;
                     meta.pin_state = PIN_STATELESS;
                     if (CLAIMABLE) {
                         meta.pin_state = PIN_NEW;
                     }
                     /* The first way closing with this connection: stay there. */
                     if (stored != (meta.fingerprint | FP_CLOSING) || !CLOSING_LIVE) {
-                        /* (a hash into the field: an assignment p4c would
-                         * propagate, and copy into a temporary per use) */
-                        hash(slot_b, HashAlgorithm.identity, 32w0,
-                             { meta.fingerprint[15:0] }, (bit<64>)CONN_SLOTS);
-                        conn_fingerprint.read(stored, slot_b);
-                        conn_last_seen.read(seen, slot_b);
+                        /* conn_index moves on to the second way, by a hash into
+                         * the field: a variable is one more scalar that BMv2
+                         * zeroes for every packet, and an assignment p4c would
+                         * propagate, a temporary per use. (The hash's input, a
+                         * metadata field, is copied into p4c's one temporary
+                         * here; a slice of it would be too.) */
+                        hash(meta.conn_index, HashAlgorithm.identity, 32w0,
+                             { meta.fingerprint }, (bit<64>)CONN_SLOTS);
+                        conn_fingerprint.read(stored, meta.conn_index);
+                        conn_last_seen.read(seen, meta.conn_index);
                         if (stored == meta.fingerprint && OPEN_LIVE) {
-                            meta.conn_index = slot_b;
                             PINNED_OPEN
                         } else if (stored == (meta.fingerprint | FP_CLOSING) && CLOSING_LIVE) {
-                            meta.conn_index = slot_b;
-                            closing = 1;
+                            PINNED_CLOSING
                         } else if (OPENS_FLOW && meta.pin_state == PIN_NEW) {
-                            /* claims the first way (below) */
+                            /* claims the first way (below): its index again */
+                            hash(meta.conn_index, HashAlgorithm.crc16, 32w0, hdr.flow,
+                                 (bit<64>)CONN_SLOTS);
                         } else if (OPENS_FLOW && CLAIMABLE) {
-                            meta.conn_index = slot_b;
                             meta.pin_state = PIN_NEW;
                         } else {
                             /* Both ways live with other connections (a new flow's
                              * collision, counted), or a mid-connection packet
-                             * whose pin is gone: the weighted hash's stateless
-                             * choice. */
+                             * whose pin is gone: Select's stateless choice (one
+                             * that weight rewrites do not move). */
                             meta.pin_state = PIN_STATELESS;
                         }
                     } else {
-                        closing = 1;
-                    }
-                    if (closing == 1) {
-                        /* A closing connection's last packets (ACKs, the other
-                         * FIN): still pinned, last seen left at the FIN's time
-                         * so that the grace runs out; an RST frees the slot.
-                         * A SYN of the same 5-tuple opens it anew. */
-                        if (OPENS_FLOW) {
-                            meta.pin_state = PIN_NEW;
-                        } else {
-                            meta.pin_state = PIN_HIT;
-                            conn_backend.read(meta.backend_id, meta.conn_index);
-                            if ((hdr.tcp.flags & TCP_RST) != 0) {
-                                conn_fingerprint.write(meta.conn_index, 0);
-                            }
-                        }
+                        PINNED_CLOSING
                     }
                     if (meta.pin_state == PIN_NEW) {
                         conn_fingerprint.write(meta.conn_index, meta.fingerprint);
@@ -152,6 +157,7 @@ control Pin(inout headers_t hdr,
 #undef CLOSING_LIVE
 #undef CLAIMABLE
 #undef PINNED_OPEN
+#undef PINNED_CLOSING
 }
 
 #endif

@@ -3,7 +3,11 @@
  *                      service's mode (weighted hash or power of two choices),
  *                      remembered in conn_backend for the pin;
  *   pinned          -> conn_backend of its slot (Pin read it; Select is not applied);
- *   stateless       -> the weighted hash (same 5-tuple, same answer).
+ *   stateless       -> the first candidate of the connection's P2C pair slot
+ *                      (same 5-tuple, same answer), which the controller rewrites
+ *                      only when the service's eligible backends change, never
+ *                      with the weights; the weighted hash where the service has
+ *                      no pair table.
  * P2C and eligibility read the per-backend registers that Beacon writes
  * (state.p4). Its scratch state is hdr.choice. hdr.flow is valid here (Pin
  * set pin_state only for a packet with one), which p4c cannot tell: hence
@@ -112,14 +116,30 @@ control SelectBackend(inout headers_t hdr,
         if (meta.pin_state >= PIN_NEW) {
             hdr.choice.setValid();
             service.apply();
+            /* The connection's pair slot: P2C's two candidates, and the first
+             * the stateless answer. A stateless packet must find the backend its
+             * connection's first packet found: the weighted hash follows the
+             * load reports (the controller rewrites its weights several times
+             * a second), the pair table only the set of eligible backends. */
+            hdr.choice.first = NO_BACKEND;
+            hdr.choice.second = NO_BACKEND;
+            hdr.choice.pair_slot = meta.fingerprint[23:16] & hdr.choice.pair_mask;
+            p2c_pairs.apply();
+            /* The weighted hash: the mode or P2C's fallback for a new
+             * connection; the stateless answer only without a pair table. */
             hdr.choice.pool_backend = NO_BACKEND;
-            /* Every path may need the weighted hash: as the mode, as the
-             * stateless answer, or as the fallback of P2C. */
-            service_pool.apply();
+            if (meta.pin_state == PIN_NEW || hdr.choice.first == NO_BACKEND) {
+                service_pool.apply();
+            }
 
             if (meta.pin_state == PIN_STATELESS) {
-                meta.backend_id = hdr.choice.pool_backend;
-                if (hdr.choice.pool_backend == NO_BACKEND) {
+                /* Whatever the backend's state: a connection already there
+                 * would be reset anywhere else. */
+                meta.backend_id = hdr.choice.first;
+                if (hdr.choice.first == NO_BACKEND) {
+                    meta.backend_id = hdr.choice.pool_backend;
+                }
+                if (meta.backend_id == NO_BACKEND) {
                     meta.drop_reason = DROP_NO_BACKEND;
                 }
             } else {
@@ -129,10 +149,6 @@ control SelectBackend(inout headers_t hdr,
                 } else {
                     /* By the pair (into backend_id): the eligible one of lower load,
                      * the first on a tie. */
-                    hdr.choice.first = NO_BACKEND;
-                    hdr.choice.second = NO_BACKEND;
-                    hdr.choice.pair_slot = meta.fingerprint[23:16] & hdr.choice.pair_mask;
-                    p2c_pairs.apply();
                     meta.backend_id = NO_BACKEND;
                     if (hdr.choice.first < MAX_BACKENDS) {
                         backend_flags.read(hdr.choice.flags, hdr.choice.first);

@@ -233,11 +233,13 @@ def read_switch_steering(plan: LabPlan, timeout: float = 10.0) -> dict[str, dict
     `events` counter (the AFFINITY and AFFINITY_OVER_BOUND cells, docs/dataplane.md):
     switch -> {"steered": new connections the entry sent to its backend, "over_bound":
     those whose backend was over the load bound, so P2C chose}; and the connection
-    table's misses: "pin_collisions" (a new connection whose slot a live one held: all
-    its packets take the weighted hash's stateless choice, which a weight change moves
-    -- a stream broken mid-way with no bridge seeing it), "pin_misses" (packets of
-    such connections, and a closing connection's last ACKs after its FIN freed the
-    slot). Cumulative packets; the runner takes the difference over a run."""
+    table's misses: "pin_collisions" (a new connection whose two slots live ones held:
+    all its packets take Select's stateless choice, its P2C pair slot's first candidate,
+    which a change of the eligible backends moves -- before session 10 the weighted
+    hash, which a weight change moved: a stream broken mid-way with no bridge seeing
+    it), "pin_misses" (packets of such connections, and packets whose pin is gone, such
+    as a closing connection's after its close grace). Cumulative packets; the runner
+    takes the difference over a run."""
     from p4.v1 import p4runtime_pb2
 
     from tokenfabric.p4names import IDS, Event

@@ -1,4 +1,7 @@
-"""Weighted hash over the action selector, and the connection table that pins."""
+"""Weighted hash over the action selector, and the connection table that pins.
+
+The tests that install no P2C pair table see the weighted hash as the stateless choice
+(Select's fallback); the last one, programmed by the controller, sees the pair table's."""
 
 from __future__ import annotations
 
@@ -11,6 +14,10 @@ from scapy.layers.l2 import Ether
 
 from tests.integration.dataplane import harness as h
 from tests.integration.dataplane.packets import data, parse, syn
+from tokenfabric.controller.compile import compile_model
+from tokenfabric.controller.entries import ProfileGroup
+from tokenfabric.controller.fabric import parse_fabric
+from tokenfabric.controller.routing import Router
 from tokenfabric.p4names import CLOSE_GRACE_US, FP_CLOSING, Event, Mode
 
 pytestmark = [pytest.mark.bmv2, pytest.mark.root]
@@ -295,3 +302,119 @@ def test_a_connection_whose_first_way_is_held_is_pinned_in_the_second_and_stays(
     moved = [flow for flow in stateless if stateless[flow] != second[flow]]
     assert len(moved) >= 5, (second, stateless)
     assert all(second[f] == h.B1 and stateless[f] == h.B2 for f in moved)
+
+
+def test_a_fin_in_the_second_way_keeps_the_last_packets_pinned_there(sw):
+    sw.client.insert(*h.service(mode=Mode.HASH))
+    h.pool(sw.client, {h.B1: 1, h.B2: 1})
+    pairs = colliding_pairs(8)
+    firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
+    open_connections(sw, firsts)
+    second = open_connections(sw, seconds)
+    assert len(second) == 8 and sw.client.packets("events", Event.PIN_COLLISION) == 0
+    assert send_data(sw, seconds, "FA") == second
+    for flow in seconds:
+        assert sw.register("conn_fingerprint", ways(flow)[1]) == fp(flow) | FP_CLOSING
+        assert sw.register("conn_fingerprint", ways(flow)[0]) in {fp(a) for a in firsts}
+    moved = {h.B1: {h.B2: 1}, h.B2: {h.B1: 1}}
+    sw.client.modify(h.pool_group(moved[second[seconds[0]]]))  # the load reports turned
+    assert send_data(sw, seconds, "A") == second, "the ACKs after the FIN stay pinned"
+    assert sw.client.packets("events", Event.PIN_MISS) == 0
+    assert sw.client.packets("events", Event.PIN_CLEARED) == 8
+
+
+# -- the stateless choice under the controller's weight rewrites --------------
+
+CONTROLLER_FABRIC = """
+switches:
+  s1: {{address: "{address}", device_id: 0, ports: [1, 2, 3], mac: "02:00:00:00:01:00"}}
+hosts:
+  clients: {{switch: s1, port: 1, address: 10.0.1.0, prefix_len: 24, mac: "{client_mac}"}}
+  gpu1: {{switch: s1, port: 2, address: 10.0.2.2, mac: "{b1_mac}"}}
+  gpu2: {{switch: s1, port: 3, address: 10.0.3.2, mac: "{b2_mac}"}}
+backends:
+  b1: {{id: 1, host: gpu1, capacity: 4, models: [m]}}
+  b2: {{id: 2, host: gpu2, capacity: 4, models: [m]}}
+services:
+  svc: {{id: 1, model: m, vip: {vip}, port: {port}, mode: hash, beacon_max_age_ms: 0,
+        idle_timeout_s: 0}}
+"""
+
+
+def stateless_sets(n: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """`n` client flows to the VIP, each with two holders: one flow whose first way is
+    its first way, one whose first way is its second. Opened first, the holders (whose
+    first ways are all distinct) are pinned there, so each of the `n` finds both its
+    ways live with other connections: stateless for its whole life."""
+    rng = random.Random(23)
+    by_first: dict[int, tuple[str, int]] = {}
+    candidates = []
+    for _ in range(400_000):
+        flow = (f"10.0.1.{rng.randint(2, 250)}", rng.randint(32768, 60999))
+        first, second = ways(flow)
+        if first in by_first and by_first[first] != flow and first != second:
+            candidates.append(flow)
+        else:
+            by_first.setdefault(first, flow)
+    holders: list[tuple[str, int]] = []
+    taken: set[int] = set()
+    chosen: list[tuple[str, int]] = []
+    for flow in candidates:
+        first, second = ways(flow)
+        if second in by_first and not {first, second} & taken and flow not in holders \
+                and by_first[second] != flow:
+            holders += [by_first[first], by_first[second]]
+            taken |= {first, second}
+            chosen.append(flow)
+            if len(chosen) == n:
+                return holders, chosen
+    raise AssertionError(f"fewer than {n} flows with both ways held found")
+
+
+def test_a_stateless_connection_keeps_its_backend_across_the_controllers_weight_rewrites(sw):
+    """A connection whose both ways are live with other connections is never pinned:
+    every packet chooses again. The weighted hash's choice followed the weights, which
+    the controller rewrites from the load reports (several times a second in the lab's
+    burst), so a rewrite moved such a connection mid-way and the backend it reached
+    reset it (docs/prefix-cache.md, "Measured, session 9 (the broken handed-off
+    stream)"). The stateless choice is now the first candidate of the connection's P2C
+    pair slot, which the controller rewrites only when the eligible backends change."""
+    model = parse_fabric(CONTROLLER_FABRIC.format(
+        address=sw.switch.opts.grpc_address, client_mac=h.host_mac(h.CLIENT_PORT),
+        b1_mac=h.host_mac(h.B1_PORT), b2_mac=h.host_mac(h.B2_PORT), vip=h.VIP,
+        port=h.VIP_PORT))
+    router = Router(model, report_interval=1.0, stale_after=3, clock=lambda: 0.0)
+
+    def load_reports(b1_running: int, b2_running: int, now: float) -> dict[int, int]:
+        """Both backends report; the controller recompiles and writes the difference.
+        Returns the selector weights it wrote (backend id -> weight)."""
+        router.on_report("b1", running=b1_running, waiting=0, kv_cache_usage=0.0, now=now)
+        router.on_report("b2", running=b2_running, waiting=0, kv_cache_usage=0.0, now=now)
+        state = compile_model(model)["s1"]
+        sw.client.apply(state)
+        (group,) = [e for e in state.entities.values() if isinstance(e, ProfileGroup)]
+        return dict(group.members)
+
+    assert load_reports(0, 3, now=0.0) == {1: 4, 2: 1}  # headroom 100 : 25
+    holders, targets = stateless_sets(16)
+    held = open_connections(sw, holders)
+    assert len(held) == len(holders) == 32
+    assert sw.client.packets("events", Event.PIN_NEW) == 32
+    where = open_connections(sw, targets)
+    assert len(where) == 16
+    assert sw.client.packets("events", Event.PIN_COLLISION) == 16
+    assert set(where.values()) == {h.B1, h.B2}, "the pair slots spread them"
+
+    for turn, (b1_running, b2_running) in enumerate([(3, 0), (0, 3), (3, 0)], start=1):
+        weights = load_reports(b1_running, b2_running, now=float(turn))
+        busy = h.B1 if b1_running else h.B2
+        assert weights[busy] == 1 and weights[h.B1 + h.B2 - busy] == 4
+        # The rewrite is in the switch: new connections follow the new weights...
+        fresh = open_connections(sw, flows(40, base=9000 + turn))
+        idle_share = sum(1 for b in fresh.values() if b != busy) / len(fresh)
+        assert idle_share >= 0.6, (turn, fresh)
+        # ...and the stateless connections stay where they were, data and bare ACKs.
+        assert send_data(sw, targets) == where, turn
+        assert send_data(sw, targets, "A") == where, turn
+        assert send_data(sw, holders) == held, turn
+    assert sw.client.packets("events", Event.PIN_MISS) == 16 * 6

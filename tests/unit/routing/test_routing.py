@@ -118,6 +118,33 @@ def test_drain_takes_the_backend_out_of_new_choices_but_keeps_delivery():
     assert pairs(model) == {(1, 2), (2, 1)}
 
 
+def test_the_stateless_answer_moves_with_the_backend_set_only():
+    """A stateless packet takes its pair slot's first candidate (select.p4): the slots
+    must not change with the weights the load reports move, only with the set."""
+    model, router, clock = setup()
+
+    def slots() -> dict[int, int]:
+        return {dict(e.match)["slot"].value: dict(e.action.params)["first_backend"]
+                for e in compile_model(model)["s1"].entities.values()
+                if isinstance(e, TableEntry) and e.table == "p2c_pairs"}
+
+    for name in model.backends:
+        report(router, name)
+    before = slots()
+    assert set(before.values()) == {1, 2}
+    seen_weights = []
+    for busy_gpu1, busy_gpu2 in [(12, 0), (0, 6), (16, 8), (0, 0)]:
+        clock.now += 1.0
+        changed = report(router, "gpu1-llama", running=busy_gpu1)
+        changed |= report(router, "gpu2-llama", running=busy_gpu2)
+        assert changed, "the weights moved"
+        seen_weights.append(weights(model))
+        assert slots() == before
+    assert len({tuple(sorted(w.items())) for w in seen_weights}) >= 3
+    router.drain("gpu2-llama")
+    assert set(slots().values()) == {1}
+
+
 def test_drain_of_every_backend_removes_the_group_and_pairs():
     model, router, _ = setup()
     router.drain("gpu1-llama")
