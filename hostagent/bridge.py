@@ -735,7 +735,7 @@ class Bridge:
         exchange.handed_at = None
         exchange.decision.decision = "peer_refused"
         exchange.decision.peer = None
-        self.handoff.refused_by_peer(peer, reason)
+        self.handoff.refused_by_peer()
 
     def exact_load(self) -> LocalLoad | None:
         """This backend's queue as the bridge knows it exactly: the requests it relays to

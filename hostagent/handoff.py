@@ -88,7 +88,7 @@ MAX_SHARED = 65536           # shared client addresses remembered per agent
 # decisions after which a prompt of at least min_blocks blocks is served here, so that its
 # blocks are cached here afterwards (report_local: the client's affinity follows)
 LOCAL_AFTER_LOOKUP = ("no_match", "short_prefix", "no_gain", "peer_busy", "lookup_failed",
-                      "lookup_busy", "peer_refused", "peer_held")
+                      "lookup_busy", "peer_refused")
 TOKENIZERS = ("emulator", "vllm")
 LOOKUP_FAILURES = ("timeout", "status", "connection", "bad_answer")  # why a lookup failed
 # why a relay to a peer failed (the decision `relay_failed` is the first: the peer was not
@@ -104,7 +104,7 @@ RELAY_FAILURES = ("connect", "no_answer", "peer_closed", "peer_stalled", "peer_m
                   "client_left", "client_stalled", "client_unacked")
 DECISIONS = ("handoff", "handoff_home", "no_match", "local_longest", "short_prefix",
              "peer_busy", "no_gain", "short_prompt", "lookup_failed", "lookup_busy",
-             "relay_failed", "not_tokenized", "peer_refused", "peer_held")
+             "relay_failed", "not_tokenized", "peer_refused")
 
 
 class SharedClients:
@@ -205,11 +205,6 @@ class HandoffSettings:
                                          # by its speed against ours; off: both with this
                                          # backend's figures -- the bench lost hit rate and
                                          # p99 with it on (more load on the fast backends)
-    refusal_hold_s: float = 0.0          # with admit_check: s a holder's refusal keeps this
-                                         # bridge from handing it more (decision peer_held)
-                                         # unless its load report is newer than the
-                                         # refusal: a burst's later handoffs skip the
-                                         # refused queue and its round trip (0: off)
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZERS:
@@ -222,8 +217,6 @@ class HandoffSettings:
             raise ValueError("handoff affinity_window_s must be >= 0, affinity_queue >= 1")
         if not 0 < self.claim_ttl_s <= 60 or self.claim_queue < 1:
             raise ValueError("handoff claim_ttl_s must be in (0, 60], claim_queue >= 1")
-        if not 0 <= self.refusal_hold_s <= 60:
-            raise ValueError("handoff refusal_hold_s must be in [0, 60]")
         if len(self.secret) < 16:
             raise ValueError("the handoff secret must be at least 16 bytes")
 
@@ -512,7 +505,7 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
            local: LocalLoad, relay_ms: float, pending: dict[str, int],
            block_size: int, prompt_blocks: int = 0,
            keys: list[int] | None = None, shared: bool = False,
-           pressure: float | None = None, held: Container[str] = ()) -> Decision:
+           pressure: float | None = None) -> Decision:
     """Where the request should run: here, or a peer (see the module docstring).
 
     The prefix's home (with `keys` and home_weight > 0): when several backends hold
@@ -538,10 +531,7 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
     prefix, while a per-device client's next turn comes back by the switch's affinity.
     With `cache_weight_by_eviction`, the weight is scaled by `pressure` (this cache's
     evicted blocks per stored block, lately; None: unknown, counted full): the eviction
-    the weight prices happens only in a full cache.
-
-    `held`: peers whose recent refusal this bridge remembers (`refusal_hold_s`): passed
-    over like a busy peer, as decision `peer_held`."""
+    the weight prices happens only in a full cache."""
     local_blocks = 0
     peers: list[Peer] = []
     for m in matches:
@@ -614,7 +604,7 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
             for _, candidate in ranked:
                 if candidate is None:
                     break  # we come first: this is the home
-                if not too_busy(candidate) and candidate.name not in held and \
+                if not too_busy(candidate) and \
                         gain_of(candidate, depth) >= settings.min_gain_ms:
                     home, home_blocks = candidate, depth
                     break
@@ -635,12 +625,9 @@ def decide(settings: HandoffSettings, me: str, matches: list[dict[str, Any]],
         if too_busy(peer):
             outcome = "peer_busy"
             continue
-        if peer.name in held:
-            outcome = "peer_held" if outcome != "peer_busy" else outcome
-            continue
         gain = gain_of(peer, home_blocks if is_home else 0)
         if gain < settings.min_gain_ms:
-            outcome = outcome if outcome in ("peer_busy", "peer_held") else "no_gain"
+            outcome = outcome if outcome == "peer_busy" else "no_gain"
             top_gain = gain if top_gain == 0.0 else max(top_gain, gain)
             continue
         if best is None or gain > best.gain_ms:
@@ -683,12 +670,12 @@ class _LookupCache:
         self.items: collections.OrderedDict[tuple[int, int], tuple[float, list[dict]]] = \
             collections.OrderedDict()
 
-    def get(self, keys: list[int], now: float) -> tuple[float, list[dict]] | None:
-        """(when it was answered, the matches), or None."""
+    def get(self, keys: list[int], now: float) -> list[dict] | None:
+        """The matches, unless older than the ttl."""
         item = self.items.get((len(keys), keys[-1]))
         if item is None or now - item[0] > self.ttl:
             return None
-        return item
+        return item[1]
 
     def put(self, keys: list[int], now: float, matches: list[dict]) -> None:
         self.items[(len(keys), keys[-1])] = (now, matches)
@@ -730,7 +717,6 @@ class Handoff:
         self._homes: collections.OrderedDict[int, tuple[float, str]] = \
             collections.OrderedDict()
         self.shared_clients = SharedClients(self.settings.shared_client_s)
-        self._refused: dict[str, float] = {}  # peer -> when it last refused (monotonic)
 
     def note_shared(self, client: str, now: float | None = None) -> None:
         """`client` is a shared address: its requests are weighed with
@@ -797,8 +783,7 @@ class Handoff:
         if len(keys) - held < self.settings.min_extra_blocks and \
                 not self._home_elsewhere(keys, held, started):
             return Decision("local_longest", local_blocks=held, prompt_blocks=len(keys))
-        cached = self._cache.get(keys, started)
-        answered, matches = cached if cached is not None else (started, None)
+        matches = self._cache.get(keys, started)
         if matches is None:
             if self._lookups >= self.settings.max_lookups:
                 return Decision("lookup_busy", local_blocks=held, prompt_blocks=len(keys))
@@ -810,35 +795,16 @@ class Handoff:
             if matches is None:
                 return Decision("lookup_failed", local_blocks=held,
                                 prompt_blocks=len(keys))
-            answered = time.monotonic()
-            self._cache.put(keys, answered, matches)
+            self._cache.put(keys, time.monotonic(), matches)
             self.metrics.lookup_seconds.labels(self.backend).observe(
                 time.monotonic() - started)
         decision = decide(self.settings, self.backend, matches, self.local_load(),
                           self.relay_ms, self.pending, self._hasher().block_size,
                           len(keys), keys, shared=shared,
-                          pressure=self.eviction_pressure(),
-                          held=self._held_peers(matches, answered))
+                          pressure=self.eviction_pressure())
         self._learn_homes(keys, matches, max(held, decision.local_blocks), started)
         decision.lookup_ms = (time.monotonic() - started) * 1000
         return decision
-
-    def _held_peers(self, matches: list[dict], answered: float) -> set[str]:
-        """The peers whose refusal (`refusal_hold_s`) still holds: refused within the hold,
-        and no load report of theirs since (a match's `load_age_s`, at `answered`)."""
-        if not self._refused:
-            return set()
-        now = time.monotonic()
-        for gone in [n for n, at in self._refused.items()
-                     if now - at > self.settings.refusal_hold_s]:
-            del self._refused[gone]
-        held = set(self._refused)
-        for m in matches:
-            name, age = str(m.get("backend")), m.get("load_age_s")
-            if name in held and isinstance(age, (int, float)) and \
-                    answered - float(age) > self._refused[name]:
-                held.discard(name)  # it reported its load since: priced afresh
-        return held
 
     def _home_elsewhere(self, keys: list[int], held: int, now: float) -> bool:
         """Held here nearly whole -- but is the prompt just a shared prefix (an app's
@@ -963,12 +929,9 @@ class Handoff:
         return sign(self.settings.secret, self.backend, tenant.tenant_id, body, client=client,
                     valuation=valuation)
 
-    def refused_by_peer(self, peer: Peer, reason: str = "") -> None:
-        """The holder refused at receipt (admit_check, 503 naming `reason`): served here;
-        with `refusal_hold_s`, remembered."""
+    def refused_by_peer(self) -> None:
+        """The holder refused at receipt (admit_check): served here."""
         self.metrics.decided("peer_refused")
-        if self.settings.refusal_hold_s > 0:
-            self._refused[peer.name] = time.monotonic()
 
     def summary(self) -> dict[str, Any]:
         """For the agent's report and logs: counts by decision, sent, received, and the
