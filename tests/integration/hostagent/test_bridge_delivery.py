@@ -38,11 +38,11 @@ WAIT = 0.5  # the bridge's delivery_wait here
 
 
 @contextlib.asynccontextmanager
-async def _bridge() -> AsyncIterator[Bridge]:
+async def _bridge(delivery_wait: float = WAIT) -> AsyncIterator[Bridge]:
     """A plain bridge (no handoff) in front of the stand-in vLLM."""
     vllm = await asyncio.start_server(lambda r, w: serve_fake(large, r, w), "127.0.0.1", 0)
     bridge = Bridge(BridgeSettings(upstream_port=vllm.sockets[0].getsockname()[1],
-                                   backend_name="b1", delivery_wait=WAIT))
+                                   backend_name="b1", delivery_wait=delivery_wait))
     await bridge.start("127.0.0.1", 0)
     try:
         yield bridge
@@ -130,5 +130,20 @@ async def test_a_client_that_ends_the_connection_itself_is_not_counted(
             await asyncio.sleep(WAIT)
             assert unacked(bridge) == {"local": 0.0, "relayed": 0.0}
             assert _warnings(caplog) == []
+        finally:
+            writer.close()
+
+
+async def test_with_delivery_wait_0_nothing_is_checked() -> None:
+    """The check off: the bridge closes at once after the answer, counting nothing."""
+    async with _bridge(delivery_wait=0) as bridge:
+        reader, writer = await unacking_client(bridge.port, BODY)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            await until(lambda: bridge.connections == 0, "the bridge's close", timeout=WAIT)
+            assert unacked(bridge) == {"local": 0.0, "relayed": 0.0}
+            rest = await read_rest(reader)  # still whole: the kernel delivers it
+            assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
         finally:
             writer.close()
