@@ -20,9 +20,17 @@ bridge pinned to one core, and the client pinned to the other core with the upst
    added p99 makes of a request's TTFT p99 of --ttft-p99-ms (experiment 4a's p2c
    prefix-free p99 is 1.5-1.7 s; 1,000 ms, the default, is the conservative end).
    Target: that TTFT ratio <= 1.05.
+4. With --delivery N (instead of 1 and 2): what the delivery check of every answer
+   (BridgeSettings.delivery_wait: the wait for the client's TCP to acknowledge the
+   answer's end) costs a short answer served here. N sequential requests through two
+   bridge processes on core 0, one with the check off (delivery_wait 0, "before") and
+   one with it on (2 s, the default, "after"), in alternating blocks: TTFB and time to
+   the answer's close (the client reads to EOF) p50/p99, and each bridge's CPU time per
+   request (/proc), as after/before ratios.
 
     python bench/bench_bridge.py [--requests 2000] [--streams 16] [--chunks 5000]
     python bench/bench_bridge.py --prefix-free 2000 [--ttft-p99-ms 1000]
+    python bench/bench_bridge.py --delivery 2000
 """
 
 from __future__ import annotations
@@ -119,13 +127,14 @@ def run_upstream(port: int) -> None:
     asyncio.run(upstream_main(port))
 
 
-def run_bridge(port: int, upstream_port: int) -> None:
+def run_bridge(port: int, upstream_port: int, delivery_wait: float = 2.0) -> None:
     pin(int(os.environ.get("BENCH_BRIDGE_CPU", "0")))
     event_loop_policy()
     from tokenfabric.hostagent.bridge import Bridge, BridgeSettings
 
     async def main() -> None:
-        bridge = Bridge(BridgeSettings(upstream_port=upstream_port))
+        bridge = Bridge(BridgeSettings(upstream_port=upstream_port,
+                                       delivery_wait=delivery_wait))
         server = await bridge.start("127.0.0.1", port)
         async with server:
             await server.serve_forever()
@@ -222,8 +231,10 @@ def request_bytes(max_tokens: int, prompt: str = "hello", headers: bytes = b"") 
             b"%scontent-length: %d\r\n\r\n%s" % (headers, len(body), body))
 
 
-async def one_request(port: int, payload: bytes) -> tuple[float, int, bytes]:
-    """Time to first byte (s), the number of SSE events received, and the first bytes."""
+async def one_request(port: int, payload: bytes, ended: list[float] | None = None
+                      ) -> tuple[float, int, bytes]:
+    """Time to first byte (s), the number of SSE events received, and the first bytes;
+    the time to the server's close appended to `ended`, if given."""
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(payload)
@@ -232,6 +243,8 @@ async def one_request(port: int, payload: bytes) -> tuple[float, int, bytes]:
     parts = [first]
     while data := await reader.read(262144):
         parts.append(data)
+    if ended is not None:
+        ended.append(time.perf_counter() - started)
     writer.close()
     return ttfb, b"".join(parts).count(b"\n\n"), first  # joined: an event may span reads
 
@@ -389,6 +402,76 @@ def prefix_free(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- 4. the delivery check: a bridge without it and one with it -------------------------
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def delivery_latency(ports: dict[str, int], requests: int, pids: dict[str, int]
+                           ) -> tuple[dict[str, list[float]], dict[str, list[float]],
+                                      dict[str, float]]:
+    """TTFB and time to close of the same short answer through both bridges, in blocks of
+    50 whose order alternates; and each bridge's CPU seconds over the measured part."""
+    payload = request_bytes(3)
+    for port in ports.values():  # warm-up
+        for _ in range(20):
+            await one_request(port, payload)
+    ttfb: dict[str, list[float]] = {name: [] for name in ports}
+    close: dict[str, list[float]] = {name: [] for name in ports}
+    cpu = {name: -cpu_seconds(pid) for name, pid in pids.items()}
+    order = list(ports)
+    for k, start in enumerate(range(0, requests, 50)):
+        for name in order[::-1] if k % 2 else order:
+            for _ in range(min(50, requests - start)):
+                first, events, _ = await one_request(ports[name], payload, close[name])
+                if events != 5:
+                    raise SystemExit(f"bridge {name}: {events} SSE events, not 5")
+                ttfb[name].append(first)
+    for name, pid in pids.items():
+        cpu[name] += cpu_seconds(pid)
+    return ttfb, close, cpu
+
+
+def delivery(args: argparse.Namespace) -> int:
+    up_port = free_port()
+    ports = {"before": free_port(), "after": free_port()}
+    waits = {"before": 0.0, "after": 2.0}
+    ctx = multiprocessing.get_context("spawn")
+    upstream = ctx.Process(target=run_upstream, args=(up_port,), daemon=True)
+    bridges = {name: ctx.Process(target=run_bridge, args=(port, up_port, waits[name]),
+                                 daemon=True) for name, port in ports.items()}
+    procs = [upstream, *bridges.values()]
+    for proc in procs:
+        proc.start()
+    try:
+        for port in (up_port, *ports.values()):
+            wait_port(port)
+        pin(1)
+        event_loop_policy()
+        pids = {name: proc.pid for name, proc in bridges.items() if proc.pid is not None}
+        ttfb, close, cpu = asyncio.run(delivery_latency(ports, args.delivery, pids))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.join(5)
+    print(f"delivery check ({SCHEDULING['policy']}; {args.delivery} sequential short "
+          "answers through each bridge; before: delivery_wait 0, after: 2 s)")
+    for label, samples in (("TTFB", ttfb), ("to close", close)):
+        for name in ("before", "after"):
+            print(f"  {label:8} {name:6}: p50 {percentile(samples[name], 0.5) * 1e3:.3f} ms  "
+                  f"p99 {percentile(samples[name], 0.99) * 1e3:.3f} ms")
+        ratio = {q: percentile(samples["after"], q) / percentile(samples["before"], q)
+                 for q in (0.5, 0.99)}
+        print(f"  {label:8} ratio after/before: p50 {ratio[0.5]:.3f}x  "
+              f"p99 {ratio[0.99]:.3f}x")
+    per = {name: cpu[name] / args.delivery * 1e6 for name in cpu}
+    print(f"  bridge CPU per request: before {per['before']:.0f} us, after "
+          f"{per['after']:.0f} us, ratio {per['after'] / max(per['before'], 1e-9):.3f}x")
+    return 0
+
+
 def wait_port(port: int, deadline: float = 10.0) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -402,9 +485,11 @@ def wait_port(port: int, deadline: float = 10.0) -> None:
 
 def main() -> int:
     args = bench_args(__doc__, requests=2000, streams=16, chunks=5000, prefix_free=0,
-                      ttft_p99_ms=1000.0)
+                      ttft_p99_ms=1000.0, delivery=0)
     if args.prefix_free:
         return prefix_free(args)
+    if args.delivery:
+        return delivery(args)
     up_port, bridge_port = free_port(), free_port()
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=run_upstream, args=(up_port,), daemon=True),

@@ -91,7 +91,7 @@ class Agent:
             trust_tenant_header=config.trust_tenant_header,
             overflow_request_tokens=config.overflow_request_tokens,
             backend_name=config.name, priority_scheduling=config.priority_scheduling,
-            charge_step=config.charge_step),
+            charge_step=config.charge_step, delivery_wait=config.delivery_wait),
             self.tenants, on_finish=self._on_request_finished, on_charge=self._on_charge,
             delay=self.delay)
         self.session: aiohttp.ClientSession | None = None
@@ -264,9 +264,11 @@ class Agent:
         return service
 
     async def _start_metrics(self, listen: str) -> None:
-        """GET /metrics: the agent's Prometheus counters (the handoffs')."""
+        """GET /metrics: the agent's Prometheus counters (the bridge's, the handoffs')."""
         async def metrics(request: web.Request) -> web.Response:
-            body = generate_latest(self.handoff.metrics.registry) if self.handoff else b""
+            body = generate_latest(self.bridge.registry)
+            if self.handoff is not None:
+                body += generate_latest(self.handoff.metrics.registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app = web.Application()

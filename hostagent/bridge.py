@@ -34,6 +34,10 @@
   client's HTTP framing reports. A handed request whose relay ends abnormally -- the
   peer's head missing, its answer cut, stalled or garbled, the client gone -- is logged
   and counted by reason (handoff.RELAY_FAILURES), never silent.
+- An answer written whole (served here or relayed from a peer) is checked for delivery:
+  its end not acknowledged by the client's TCP `delivery_wait` later -- a stream cut in
+  the network after the bridge's last write -- is logged and counted by path
+  (tokenfabric_bridge_unacked_answers_total{path=local|relayed}).
 - A client that goes away aborts the upstream connection, which makes vLLM abort the
   request; no half-open connection is left on either side.
 - Requests are read strictly (RFC 9112) by hostagent/http1.py on llhttp, within limits
@@ -62,6 +66,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
+from prometheus_client import CollectorRegistry, Counter
 
 from tokenfabric.hostagent.delay import DelayEstimator
 from tokenfabric.hostagent.handoff import (
@@ -117,6 +122,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
                         TENANT_HEADER, CLIENT_HEADER, BACKEND_HEADER.lower(),
                         HANDOFF_HEADER})
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+UNACKED_PATHS = ("local", "relayed")  # tokenfabric_bridge_unacked_answers' path label
 
 
 async def _parse_body(body: bytes, one_at_a_time: asyncio.Semaphore) -> dict | None:
@@ -158,9 +164,10 @@ class BridgeSettings:
     backend_name: str = ""              # X-Tokenfabric-Backend of every response
     priority_scheduling: bool = False   # set the body's `priority` from the tenant's contract
     charge_step: int = 16               # charge streamed completion tokens this many at a time
-    delivery_wait: float = 2.0          # s the end of a handed-off answer waits for the
-                                        # client's TCP acknowledgement of its last byte;
-                                        # still unacknowledged: logged and counted
+    delivery_wait: float = 2.0          # s the end of an answer written whole waits for
+                                        # the client's TCP acknowledgement of its last
+                                        # byte; still unacknowledged: logged and counted
+                                        # (0: not checked)
     max_connections: int = 1024         # open client connections; more are answered 503
     max_body_bytes: int = 16 * MIB      # one request body, chunked included (413)
     max_buffered_bytes: int = 64 * MIB  # request bodies held across all connections (503)
@@ -418,6 +425,17 @@ class Bridge:
         self.refusing = 0      # connections over the cap being answered 503
         self.large_json = asyncio.Semaphore(1)
         self.server: asyncio.Server | None = None
+        self.registry = CollectorRegistry()
+        self.unacked = Counter(
+            "tokenfabric_bridge_unacked_answers",
+            "Answers written whole whose end the client's TCP had not acknowledged "
+            "delivery_wait later (a stream cut in the network after the bridge's last "
+            "write; a client that closed or reset its side is not counted), by path: "
+            "local (served by this backend's vLLM), relayed (handed to a peer; also "
+            "tokenfabric_handoff_relay_failures_total{reason=\"client_unacked\"}).",
+            ["backend", "path"], registry=self.registry)
+        for path in UNACKED_PATHS:  # both show, at 0 until it happens
+            self.unacked.labels(settings.backend_name, path)
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         self.server = await asyncio.start_server(self._handle, host, port, limit=64 * KIB,
@@ -536,14 +554,16 @@ class Bridge:
         finally:
             self.in_flight -= 1
             request.release()
-        if delivered is not None:  # no longer in flight here: only its delivery is awaited
+        if delivered is not None and self.settings.delivery_wait > 0:
+            # no longer in flight here (nor at the peer): only its delivery is awaited
             await self._confirm_delivery(reader, writer, delivered)
 
     async def _serve_request(self, request: Request, peer: str, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter, received: bool = False
                              ) -> _Exchange | None:
-        """Serve one request; returns the exchange of a handed-off answer relayed to its
-        end, whose delivery to the client is then confirmed (`_confirm_delivery`)."""
+        """Serve one request; returns the exchange of an answer written to its end (served
+        here or relayed from a peer), whose delivery to the client is then confirmed
+        (`_confirm_delivery`)."""
         client = self._client(request, peer)
         tenant, usage = self._tenant(request, client), TenantUsage()
         charge = _Charge(tenant)
@@ -552,7 +572,7 @@ class Bridge:
         client_gone = False
         exchange: _Exchange | None = None
         tracked: str | None = None
-        relayed_whole = False  # a handed-off answer relayed to its end: was it delivered?
+        written_whole = False  # an answer written to its end: was it delivered?
         try:
             if self.settings.mode == "overflow":
                 usage.rejected = 1
@@ -598,7 +618,7 @@ class Bridge:
                     charge.muted = True
                     usage.requests = 0
                     try:
-                        relayed_whole = await self._relay(exchange, upstream_reader, writer,
+                        written_whole = await self._relay(exchange, upstream_reader, writer,
                                                           usage, charge)
                     except PeerRefused as refused:
                         # the holder's exact queue said no (admit_check): nothing was sent
@@ -609,12 +629,14 @@ class Bridge:
                         usage.requests = 1
                         upstream_reader, upstream = await self._serve_here(
                             exchange, received, None, charge)
-                        await self._relay(exchange, upstream_reader, writer, usage, charge)
+                        written_whole = await self._relay(exchange, upstream_reader, writer,
+                                                          usage, charge)
                 else:
                     upstream_reader, upstream = await self._serve_here(
                         exchange, received, claim_body, charge)
                     claim_body = None
-                    await self._relay(exchange, upstream_reader, writer, usage, charge)
+                    written_whole = await self._relay(exchange, upstream_reader, writer,
+                                                      usage, charge)
             except HandoffRefused as exc:
                 usage.requests = 0  # the origin serves and accounts it
                 self._send_error(writer, exc)
@@ -664,10 +686,7 @@ class Bridge:
                     upstream.close()
             if usage.requests or usage.rejected:
                 self._account(tenant, usage)
-        if relayed_whole and not client_gone and exchange is not None \
-                and exchange.handed_at is not None:
-            return exchange
-        return None
+        return exchange if written_whole and not client_gone else None
 
     async def _serve_here(self, exchange: _Exchange, received: bool,
                           claim_body: dict | None, charge: _Charge
@@ -685,15 +704,17 @@ class Bridge:
 
     async def _confirm_delivery(self, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter, exchange: _Exchange) -> None:
-        """A handed-off answer was written whole: wait (at most `delivery_wait`) for the
-        client's TCP stack to acknowledge its last byte. A stream cut in the network after
-        the bridge's last write -- a reset from elsewhere, packets of the connection
-        steered to another host -- is otherwise seen by no bridge: all the answer sat in
-        the kernel's buffer when the bridge closed. Unacknowledged by then: logged and
-        counted (client_unacked). A client that closed its side (an SSE client stops at
-        `data: [DONE]` and may close before the chunked end arrives; in the lab its reply
-        to those last 5 bytes, after its FIN freed the switch's pin, goes elsewhere) or
-        reset the connection ended it itself: not counted."""
+        """An answer was written whole (served here, or relayed from a peer): wait (at most
+        `delivery_wait`) for the client's TCP stack to acknowledge its last byte. A stream
+        cut in the network after the bridge's last write -- a reset from elsewhere, packets
+        of the connection steered to another host -- is otherwise seen by no bridge: all
+        the answer sat in the kernel's buffer when the bridge closed. Unacknowledged by
+        then: logged and counted by path (and, relayed, as the relay's client_unacked). A
+        client that closed its side (an SSE client stops at `data: [DONE]` and may close
+        before the chunked end arrives; in the lab its reply to those last 5 bytes, after
+        its FIN freed the switch's pin, goes elsewhere) or reset the connection ended it
+        itself: not counted. Runs after the request left `in_flight`; our FIN goes first,
+        so that a client reading to the close is not held by the wait either."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.delivery_wait
         pause = 0.001
@@ -702,14 +723,24 @@ class Bridge:
             return writer.transport.is_closing() or reader.at_eof()
 
         left = _unacknowledged(writer)
+        if left and not ended() and writer.can_write_eof():
+            with contextlib.suppress(OSError):
+                writer.write_eof()
         while left and not ended() and loop.time() < deadline:
             await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
             pause = min(pause * 2, 0.1)
             left = _unacknowledged(writer)
-        if left and not ended():
-            self._relay_broke(exchange, "client_unacked",
-                              f"{left} bytes of the answer not acknowledged after "
-                              f"{self.settings.delivery_wait:g} s")
+        if not left or ended():
+            return
+        detail = (f"{left} bytes not acknowledged after {self.settings.delivery_wait:g} s "
+                  "(the answer's end, our FIN)")
+        if exchange.handed_at is not None:
+            self.unacked.labels(self.settings.backend_name, "relayed").inc()
+            self._relay_broke(exchange, "client_unacked", detail)
+        else:
+            self.unacked.labels(self.settings.backend_name, "local").inc()
+            log.warning("answer served here to client %s (tenant %s) not delivered: %s",
+                        exchange.client, exchange.tenant.name, detail)
 
     def _relay_broke(self, exchange: _Exchange, reason: str, detail: str) -> None:
         """A handed request's relay ended abnormally (handoff.RELAY_FAILURES): one log line

@@ -189,6 +189,9 @@ class AgentConfig(SectionSettings):
     # priority the controller does not send in its tenant list
     tenant_priorities: dict[str, Annotated[int, Field(strict=True)]] = {}
     charge_step: Count = 16            # charge streamed completion tokens this many at a time
+    # s an answer written whole waits for the client's TCP to acknowledge its end; still
+    # unacknowledged: logged and counted (tokenfabric_bridge_unacked_answers). 0: off
+    delivery_wait: Annotated[float, Field(strict=True, ge=0, le=60)] = 2.0
     # vLLM's KV-cache events, followed into the controller's prefix index (None: not):
     # the endpoint and replay_endpoint values of vLLM's --kv-events-config, as given to it
     # (tcp://*:5557: vLLM binds, the agent connects; tcp://127.0.0.1:5557: vLLM connects,

@@ -274,6 +274,13 @@ def test_a_request_whose_prefix_the_peer_holds_is_handed_off_and_streamed_back(r
     assert [b for b in rig.sinks["gpu1"].drain()[gpu1_usage:] if b.tenant_id == 5] == []
     assert rig.metric("gpu1", r'tokenfabric_handoffs_total\{.*peer="gpu2".*tenant="chat"') == 1
     assert rig.metric("gpu2", r'tokenfabric_handoffs_received_total\{.*origin="gpu1"') == 1
+    # the agents export the bridge's delivery check; this answer was delivered (both paths
+    # shown, at 0)
+    for name in ("gpu1", "gpu2"):
+        text = httpx.get(rig.metrics[name], timeout=5).text
+        pattern = (r'tokenfabric_bridge_unacked_answers_total\{backend="' + name
+                   + r'",path="(local|relayed)"\} 0\.0')
+        assert re.findall(pattern, text) == ["local", "relayed"]
 
 
 def test_each_agent_reports_its_measured_service_time_and_lookups_carry_it(rig):

@@ -26,9 +26,7 @@ import ipaddress
 import json
 import logging
 import re
-import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -37,6 +35,20 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from tests.integration.hostagent.conftest import Emulator, start_emulator, stop_process
+from tests.integration.hostagent.fake_upstream import (
+    JSON_HEAD,
+    SSE_HEAD,
+    TOKEN,
+    Behaviour,
+    chunk,
+    large,
+    read_request,
+    read_rest,
+    serve_fake,
+    unacked,
+    unacking_client,
+    until,
+)
 from tests.local_http import serve_local
 from tokenfabric.hostagent.bridge import Bridge, BridgeSettings
 from tokenfabric.hostagent.handoff import RELAY_FAILURES, Handoff, HandoffSettings, LocalLoad
@@ -47,6 +59,7 @@ SECRET = b"relay-test-secret-0123456789"
 CHAT = Tenant(5, "chat", (ipaddress.ip_network("10.0.1.0/24"),), prefix_affinity=True)
 PROMPT_WORDS = 200  # 12 blocks of the emulator's word tokens: over min_blocks
 BRIDGE_LOG = "tokenfabric.hostagent.bridge"
+CHAT_HEADERS = b"x-tokenfabric-tenant: chat\r\nx-tokenfabric-client: 10.0.1.9\r\n"
 
 
 def words(tag: str, n: int) -> str:
@@ -157,14 +170,6 @@ async def _stream(session: aiohttp.ClientSession, url: str, prompt: str, client:
     return reply
 
 
-async def _until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[Emulator]:
     # 2 slots: 40 streams at once queue ~20 deep
@@ -234,11 +239,11 @@ async def test_forty_handed_off_streams_queued_at_the_holder_come_back_whole(emu
                 # that left in the queue may not have had theirs)
                 assert set(origin.decisions()) == {"handoff"}
                 assert 37 <= origin.decisions()["handoff"] <= 40
-                await _until(lambda: origin.failures()["client_left"] == 8,
+                await until(lambda: origin.failures()["client_left"] == 8,
                              "the origin to count the 8 clients that left")
                 assert {k: v for k, v in origin.failures().items() if v} == {"client_left": 8}
                 # the holder accounts all 40 (the 8 too, for what they got), the origin none
-                await _until(lambda: len(holder.finished) == 40, "the holder's 40 accounts")
+                await until(lambda: len(holder.finished) == 40, "the holder's 40 accounts")
                 assert all(u.requests == 1 and name == "chat" for name, u in holder.finished)
                 assert sum(u.completion_tokens for _, u in holder.finished
                            if u.completion_tokens == 10) >= 320
@@ -247,35 +252,14 @@ async def test_forty_handed_off_streams_queued_at_the_holder_come_back_whole(emu
             await holder.bridge.stop()
 
 
-Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"transfer-encoding: chunked\r\nX-Tokenfabric-Backend: fake\r\n\r\n")
-JSON_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-             b"transfer-encoding: chunked\r\nX-Tokenfabric-Backend: fake\r\n\r\n")
-
-
-def _chunk(payload: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(payload), payload)
-
-
-TOKEN = _chunk(b'data: {"choices":[{"index":0,"text":" w"}]}\n\n')
-
-
-async def _read_request(reader: asyncio.StreamReader) -> None:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
-    await reader.readexactly(length)
-
-
 async def _closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_request(reader)
+    await read_request(reader)
     writer.write(SSE_HEAD + TOKEN)
     await writer.drain()
 
 
 async def _resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_request(reader)
+    await read_request(reader)
     writer.write(SSE_HEAD + TOKEN)
     await writer.drain()
     await asyncio.sleep(0.1)
@@ -283,21 +267,21 @@ async def _resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 
 async def _stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_request(reader)
+    await read_request(reader)
     writer.write(SSE_HEAD + TOKEN)
     await writer.drain()
     await asyncio.sleep(3.0)  # the origin's upstream_timeout is 0.5 s
 
 
 async def _garbles(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_request(reader)
+    await read_request(reader)
     writer.write(SSE_HEAD + TOKEN + b"zz\r\nnot a chunk\r\n")
     await writer.drain()
     await asyncio.sleep(0.5)
 
 
 async def _no_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_request(reader)
+    await read_request(reader)
 
 
 @pytest.mark.parametrize(("behaviour", "reason"), [
@@ -324,16 +308,6 @@ async def test_a_holder_that_breaks_after_the_head_is_logged_counted_and_reporte
         assert origin.finished == [] and origin.charged == []
 
 
-async def _serve_fake(behaviour: Behaviour, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
-    try:
-        await behaviour(reader, writer)
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        writer.close()
-
-
 @contextlib.asynccontextmanager
 async def _fake_holder(behaviour: Behaviour, upstream_timeout: float = 30.0,
                        delivery_wait: float = 2.0
@@ -341,7 +315,7 @@ async def _fake_holder(behaviour: Behaviour, upstream_timeout: float = 30.0,
     """A fake holder on 127.0.0.3 acting out `behaviour` for each request handed to it,
     and the origin (`_rig`) handing everything there."""
     hport = free_port()
-    holder = await asyncio.start_server(lambda r, w: _serve_fake(behaviour, r, w),
+    holder = await asyncio.start_server(lambda r, w: serve_fake(behaviour, r, w),
                                         "127.0.0.3", hport)
     try:
         async with _rig("127.0.0.3", 9, hport, upstream_timeout=upstream_timeout,
@@ -357,8 +331,8 @@ async def test_a_broken_answer_that_is_not_sse_fails_the_clients_http_framing() 
     the origin closes without the last chunk, and the client's HTTP library reports the
     body incomplete (aiohttp: ClientPayloadError) -- counted and logged as any other."""
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(JSON_HEAD + _chunk(b'{"choices": [{"text": "par'))
+        await read_request(reader)
+        writer.write(JSON_HEAD + chunk(b'{"choices": [{"text": "par'))
         await writer.drain()
 
     async with _fake_holder(cut) as (origin, url, s):
@@ -399,50 +373,30 @@ async def test_an_answer_written_whole_but_not_acknowledged_is_logged_and_counte
     cannot acknowledge; the answer is still delivered whole once it reads. A client that
     closes its side meanwhile (its FIN: it ended the exchange, as an SSE client may after
     `data: [DONE]`) is not counted."""
-    event = b'data: {"choices":[{"index":0,"text":"' + b"x" * 4000 + b'"}]}\n\n'
-
-    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(SSE_HEAD + _chunk(event) * 40 + _chunk(b"data: [DONE]\n\n")
-                     + b"0\r\n\r\n")
-        await writer.drain()
-
     caplog.set_level(logging.INFO, BRIDGE_LOG)
     async with _fake_holder(large, delivery_wait=0.5) as (origin, url, _):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1",
-                                                             origin.bridge.port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
         body = json.dumps({"model": "tiny", "prompt": words("sys", PROMPT_WORDS),
                            "stream": True}).encode()
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
-                     b"x-tokenfabric-tenant: chat\r\nx-tokenfabric-client: 10.0.1.9\r\n"
-                     b"content-type: application/json\r\n"
-                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        reader, writer = await unacking_client(origin.bridge.port, body, CHAT_HEADERS)
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and b"X-Tokenfabric-Handoff-From" in head
         if closes_its_side:
             # once the relay is over (the handoff no longer in flight): a FIN
-            await _until(lambda: not origin.handoff.pending, "the relay's end")
+            await until(lambda: not origin.handoff.pending, "the relay's end")
             writer.write_eof()
             await asyncio.sleep(1.0)  # twice delivery_wait
             assert not any(origin.failures().values()), origin.failures()
+            assert unacked(origin.bridge) == {"local": 0.0, "relayed": 0.0}
         else:
-            await _until(lambda: origin.failures()["client_unacked"] == 1,
+            await until(lambda: origin.failures()["client_unacked"] == 1,
                          "the origin to count the unacknowledged end")
             assert {k: v for k, v in origin.failures().items() if v} == \
                 {"client_unacked": 1}
+            assert unacked(origin.bridge) == {"local": 0.0, "relayed": 1.0}
             assert any("failed: client_unacked:" in r.getMessage()
                        for r in caplog.records
                        if r.name == BRIDGE_LOG and r.levelno == logging.WARNING)
-        rest = b""
-        for _ in range(10_000):  # bounded: 160 KiB in reads of up to 64 KiB
-            data = await asyncio.wait_for(reader.read(65536), 10)
-            if not data:
-                break
-            rest += data
+        rest = await read_rest(reader)
         writer.close()
         assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
         assert rest.count(b'"text":"xxxx') == 40
@@ -454,8 +408,8 @@ async def test_a_client_that_closes_at_done_before_the_chunked_end_is_no_failure
     moment later (in the lab, 109 of 1,215 requests, all whole at the client), that is
     the normal end of the exchange: nothing counted, no INFO line."""
     async def slow_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(SSE_HEAD + TOKEN + _chunk(b"data: [DONE]\n\n"))
+        await read_request(reader)
+        writer.write(SSE_HEAD + TOKEN + chunk(b"data: [DONE]\n\n"))
         await writer.drain()
         await asyncio.sleep(0.5)
         writer.write(b"0\r\n\r\n")
@@ -466,7 +420,7 @@ async def test_a_client_that_closes_at_done_before_the_chunked_end_is_no_failure
         reply = await _stream(s, url, words("sys", PROMPT_WORDS), "10.0.1.9",
                               stop_at_done=True)
         assert reply.status == 200 and reply.tokens == 1 and reply.done
-        await _until(lambda: not origin.handoff.pending, "the relay's end")
+        await until(lambda: not origin.handoff.pending, "the relay's end")
         await asyncio.sleep(0.3)
         assert not any(origin.failures().values()), origin.failures()
         assert [r.getMessage() for r in caplog.records if r.name == BRIDGE_LOG
@@ -478,13 +432,13 @@ async def test_a_usage_that_is_not_counts_still_charges_the_stream_once() -> Non
     are not counts must not skip the charge (it used to raise there). The bridge charges
     the counted chunks instead, once, and the stream is whole."""
     async def odd_usage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         usage = b'data: {"choices":[],"usage":{"prompt_tokens":"many","completion_tokens":3}}\n\n'
-        writer.write(SSE_HEAD + TOKEN * 3 + _chunk(usage) + _chunk(b"data: [DONE]\n\n")
+        writer.write(SSE_HEAD + TOKEN * 3 + chunk(usage) + chunk(b"data: [DONE]\n\n")
                      + b"0\r\n\r\n")
         await writer.drain()
 
-    vllm = await asyncio.start_server(lambda r, w: _serve_fake(odd_usage, r, w),
+    vllm = await asyncio.start_server(lambda r, w: serve_fake(odd_usage, r, w),
                                       "127.0.0.1", 0)
     port = vllm.sockets[0].getsockname()[1]
     try:
@@ -497,7 +451,7 @@ async def test_a_usage_that_is_not_counts_still_charges_the_stream_once() -> Non
                 reply = await _stream(clients, f"http://127.0.0.1:{side.bridge.port}",
                                       "hello", "10.0.1.9")
                 assert reply.status == 200 and reply.tokens == 3 and reply.done
-                await _until(lambda: len(side.finished) == 1, "the request's account")
+                await until(lambda: len(side.finished) == 1, "the request's account")
                 [(tenant, usage)] = side.finished
                 assert usage.requests == 1 and usage.completion_tokens == 3
                 assert usage.estimated == 1 and usage.errors == 0

@@ -56,6 +56,8 @@ def test_config_defaults_and_derived_values(tmp_path):
     ("  max_body_bytes: many", "agent.max_body_bytes"),
     ("  max_buffered_bytes: 1000", "agent.max_buffered_bytes must be at least"),
     ("  head_timeout: 0", "agent.head_timeout"),
+    ("  delivery_wait: -1", "agent.delivery_wait"),
+    ("  delivery_wait: soon", "agent.delivery_wait"),
 ])
 def test_config_errors_name_the_key(tmp_path, line, message):
     key = line.split(":")[0]
@@ -92,12 +94,14 @@ def test_bad_controller_urls_are_refused(tmp_path, value, message):
 def test_bridge_limits_reach_the_bridge(tmp_path):
     from tokenfabric.hostagent.agent import Agent
 
-    text = GOOD + "  max_connections: 7\n  max_buffered_bytes: 33554432\n  head_timeout: 2\n"
+    text = GOOD + ("  max_connections: 7\n  max_buffered_bytes: 33554432\n  head_timeout: 2\n"
+                   "  delivery_wait: 0.5\n")
     agent = Agent(load(write(tmp_path, text), {"max_header_bytes": 8192}))
     try:
         bridge = agent.bridge
         assert (bridge.settings.max_connections, bridge.budget.limit,
                 bridge.limits.head_timeout, bridge.limits.max_head) == (7, 33554432, 2, 8192)
+        assert bridge.settings.delivery_wait == 0.5
         assert bridge.limits.max_body == 16 * 1024 * 1024 and bridge.limits.max_headers == 100
     finally:
         agent.beacons.close()
