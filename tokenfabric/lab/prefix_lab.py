@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -276,7 +275,10 @@ def read_ovs_affinity(plan: LabPlan, timeout: float = 10.0) -> dict[str, dict[st
 
 
 def ovs_affinity_of(dump: str) -> dict[str, Any]:
-    """read_ovs_affinity's figures from one bridge's `ovs-ofctl dump-flows` text."""
+    """read_ovs_affinity's figures from one bridge's `ovs-ofctl dump-flows` text (parsed
+    by the Open vSwitch project's own flow library)."""
+    from ovs.flow.ofp import OFPFlow
+
     from tokenfabric.controller.openflow.flows import (
         AFFINITY_PRIORITY,
         SELECT,
@@ -286,12 +288,14 @@ def ovs_affinity_of(dump: str) -> dict[str, Any]:
 
     clients, steered = [], 0
     for line in dump.splitlines():
-        fields = dict(re.findall(r"(\w+)=([^,\s]+)", line))
-        table, prio = fields.get("table"), fields.get("priority")
-        if table == str(SELECT) and prio == str(AFFINITY_PRIORITY) and "nw_src" in fields:
-            clients.append(fields["nw_src"])
-        elif table == str(STEER) and prio == str(STEER_OPEN_PRIORITY):
-            steered += int(fields.get("n_packets", 0))
+        if "actions=" not in line:
+            continue  # the reply's header line
+        flow = OFPFlow(line)
+        table, prio = flow.info.get("table", 0), flow.match.get("priority")
+        if table == SELECT and prio == AFFINITY_PRIORITY and "nw_src" in flow.match:
+            clients.append(str(flow.match["nw_src"].ip))
+        elif table == STEER and prio == STEER_OPEN_PRIORITY:
+            steered += int(flow.info.get("n_packets", 0))
     return {"clients": sorted(clients), "steered": steered}
 
 
