@@ -186,7 +186,7 @@ class LabRunner:
             "duration": self.exp.duration, "bw_mbps": self.bw,
             "kv_cache_tokens": self.exp.kv_cache_tokens,
             "workload": self.exp.workload, "trace_path": self.exp.trace_path,
-            "lookup_timeout": self.exp.lookup_timeout,
+            "lookup_timeout": self.exp.lookup_timeout, "handoff": self.exp.handoff,
             "tenants": [asdict(t) for t in self.exp.tenants],
             "runs": [asdict(r) for r in self.exp.runs]}, indent=2))
         outcomes: list[RunOutcome] = []
@@ -542,6 +542,7 @@ class LabRunner:
                 else f"{self.exp.lookup_timeout * 1000:g} ms"
             text.append(f"workload {self.exp.workload}, KV cache {self.exp.kv_cache_tokens} "
                         f"tokens per backend, prefix-index lookup budget {budget}\n")
+            text.append(prefix_lab.handoff_line(self.exp.handoff) + "\n")
         text.append(self._verdict_text(outcomes) + "\n")
         if summaries:
             text.append(results.markdown_table(summaries, ["mode", "load"]))
