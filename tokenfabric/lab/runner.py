@@ -275,7 +275,10 @@ class LabRunner:
                 with self.console.status(f"waiting for {run.mode}'s router"):
                     self._stack().wait_router(port=prefix_lab.ROUTER_PORTS[run.mode])
                 self._routers_ready.add(run.mode)
-        if url and not self._router_ready:
+        # the one vllm-router of mode l7-router, on the VIP's port (experiment prefix's
+        # routers have their own ports, waited for above: a --modes without
+        # vllm-cache_aware, whose port is the VIP's, waited 120 s here and failed)
+        if run.mode == "l7-router" and not self._router_ready:
             with self.console.status("waiting for vllm-router to find its workers healthy"):
                 self._stack().wait_router()
             self._router_ready = True
