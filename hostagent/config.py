@@ -104,8 +104,10 @@ def _check_handoff_keys(values: Mapping[str, Any]) -> None:
         if isinstance(value, bool) != isinstance(default, bool) \
                 or not isinstance(value, wanted):
             raise ValueError(f"handoff.{key} must be a {type(default).__name__}")
-        if isinstance(value, int | float) and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"handoff.{key} must be a finite number >= 0")
+        if isinstance(value, int | float) and not math.isfinite(value):
+            raise ValueError(f"handoff.{key} must be a finite number")
+        if isinstance(value, int | float) and value < 0:
+            raise ValueError(f"handoff.{key} must not be negative")
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, Any]:

@@ -31,8 +31,9 @@ def test_values_are_read_as_yaml_and_taken_by_the_agent(tmp_path):
     (["peer_speed=1"], "handoff.peer_speed must be a bool"),
     (["peer_speed=yes"], "handoff.peer_speed must be a bool"),  # YAML 1.2: a string
     (["min_blocks=1.5"], "handoff.min_blocks must be a int"),
-    (["lookup_timeout=-1"], "handoff.lookup_timeout must be a finite number >= 0"),
-    (["lookup_timeout=.nan"], "handoff.lookup_timeout must be a finite number >= 0"),
+    (["lookup_timeout=-1"], "handoff.lookup_timeout must not be negative"),
+    (["lookup_timeout=.nan"], "handoff.lookup_timeout must be a finite number"),
+    (["max_peer_load=.inf"], "handoff.max_peer_load must be a finite number"),
     (["lookup_timeout="], "handoff.lookup_timeout must be a float"),
     (["tokenizer=bert"], "handoff tokenizer must be one of"),
     (["shared_in_flight=1"], "handoff shared_in_flight must be at least 2"),
