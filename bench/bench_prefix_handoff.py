@@ -82,6 +82,11 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tokenfabric import beacon, yamlio  # noqa: E402
+from tokenfabric.hostagent.config import (  # noqa: E402
+    check_handoff_overrides,
+    handoff_overrides,
+    parse_assignments,
+)
 from tokenfabric.hostagent.handoff import DECISION_HEADER  # noqa: E402
 from tokenfabric.lab import prefix, prefix_lab, prefix_misses, prefix_tail  # noqa: E402
 from tokenfabric.lab.experiments import (  # noqa: E402
@@ -819,6 +824,18 @@ def main() -> int:
                              "and why)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "prefix-bench")
     args = parser.parse_args()
+    try:
+        handoff = handoff_overrides(args.handoff)
+        variants: dict[str, dict[str, Any]] = {}
+        for item in args.variant:
+            name, _, settings = item.partition(":")
+            variant = parse_assignments(s for s in settings.split(",") if s)
+            # the agents' keys checked as the lab's --handoff; the rest the switch's
+            check_handoff_overrides({k: v for k, v in variant.items()
+                                     if k not in SWITCH_KEYS})
+            variants[f"prefix-affinity@{name}"] = variant
+    except ValueError as exc:
+        parser.error(str(exc))
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     print(f"prefix bench: speeds {SPEEDS}, {EMULATOR_MAX_NUM_SEQS} slots, load "
@@ -829,16 +846,6 @@ def main() -> int:
              "trace": prefix.trace_workload(args.duration, SPEEDS, args.load),
              "free": prefix.prefix_free_workload(args.duration, SPEEDS, args.load)}
     trace_kv = args.trace_kv or [args.kv_tokens[0]]
-    handoff: dict[str, Any] = {}
-    for item in args.handoff:
-        key, _, value = item.partition("=")
-        handoff[key] = yamlio.load(value)
-    variants: dict[str, dict[str, Any]] = {}
-    for item in args.variant:
-        name, _, settings = item.partition(":")
-        variants[f"prefix-affinity@{name}"] = {
-            k: yamlio.load(v) for k, _, v in (kv.partition("=") for kv in settings.split(","))
-            if k}
     everything: dict[str, dict[str, dict[str, Any]]] = {}
     lines: list[str] = []
     printed = 0

@@ -8,13 +8,16 @@ its key (`agent.port: ...`) instead of failing later.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 
+from tokenfabric import yamlio
 from tokenfabric.beacon import BEACON_PORT, FABRIC_ADDRESS
 from tokenfabric.config import ConfigError, SectionSettings, load_settings, validation_message
 from tokenfabric.hostagent.handoff import HandoffSettings
@@ -79,23 +82,73 @@ def _handoff(raw: dict[str, Any]) -> dict[str, Any]:
     if not values.get("secret"):
         raise ValueError("handoff needs secret_file (or secret): the fabric's agents "
                          "sign handoffs with it")
+    _check_handoff_keys(values)
+    HandoffSettings(**values)  # its own checks (ValueError)
+    return values
+
+
+def _check_handoff_keys(values: Mapping[str, Any]) -> None:
+    """Each key a HandoffSettings field and each value of its type (ValueError)."""
     names = {f.name for f in fields(HandoffSettings)}
+    defaults = HandoffSettings(secret=b"x" * 16)
     for key, value in values.items():
         if key not in names:
             raise ValueError(f"handoff.{key}: unknown key (known: enabled, "
                              f"secret_file, {', '.join(sorted(names))})")
         if key == "secret":
             continue
-        default = getattr(HandoffSettings(secret=b"x" * 16), key)
+        default = getattr(defaults, key)
         wanted: tuple[type, ...] = (int, float) if isinstance(default, float) \
             else (type(default),)
         # a bool is an int to Python: only a bool setting takes one
         if isinstance(value, bool) != isinstance(default, bool) \
                 or not isinstance(value, wanted):
             raise ValueError(f"handoff.{key} must be a {type(default).__name__}")
+        if isinstance(value, int | float) and not math.isfinite(value):
+            raise ValueError(f"handoff.{key} must be a finite number")
         if isinstance(value, int | float) and value < 0:
             raise ValueError(f"handoff.{key} must not be negative")
-    HandoffSettings(**values)  # its own checks (ValueError)
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings as a mapping, each value read as YAML (`0.2`, `true`,
+    `emulator`): the command lines' way to set agent settings (the lab's and the bench's
+    --handoff, the bench's --variant). ValueError naming the item that is not one, or a
+    key given twice."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        if key in out:
+            raise ValueError(f"{key} given twice")
+        try:
+            out[key] = yamlio.load(text)
+        except yamlio.YAMLError:
+            raise ValueError(f"{key}: {text!r} is not a YAML value") from None
+    return out
+
+
+# set by whoever starts the agents (their shared secret), never as an override
+_NOT_OVERRIDES = ("enabled", "secret", "secret_file")
+
+
+def handoff_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings as handoff settings over the agents' (docs/agent.md), checked
+    as the config file's `handoff` keys are: ValueError for an unknown key, a value of
+    the wrong type or one HandoffSettings refuses."""
+    return check_handoff_overrides(parse_assignments(items))
+
+
+def check_handoff_overrides(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (handoff settings over the agents') as handoff_overrides checks them."""
+    for key in _NOT_OVERRIDES:
+        if key in values:
+            raise ValueError(f"handoff.{key} is not an override (set where the agents "
+                             "are started)")
+    _check_handoff_keys(values)
+    HandoffSettings(secret=b"x" * 16, **values)  # its own checks (ValueError)
     return values
 
 

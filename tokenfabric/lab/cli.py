@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -122,7 +123,14 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
 @click.option("--lookup-timeout", type=click.FloatRange(0.001, 5.0), default=None,
               help="Experiment prefix: the agents' prefix-index lookup budget in seconds "
               "(handoff.lookup_timeout; default the agent's, 0.05). A bridge whose lookup "
-              "takes longer serves the request itself (decision lookup_failed).")
+              "takes longer serves the request itself (decision lookup_failed). Short for "
+              "--handoff lookup_timeout=S.")
+@click.option("--handoff", "handoff_items", multiple=True, metavar="KEY=VALUE",
+              help="Experiment prefix: a handoff setting for every agent over the "
+              "agent's default (docs/agent.md `handoff`), the value in YAML, e.g. "
+              "--handoff peer_speed=true --handoff min_gain_ms=10; repeatable. Unknown keys, "
+              "values of the wrong type and the lab's own (port, decision_header) are "
+              "refused; summary.md and experiment.json record the settings.")
 @click.option("--out", "out_root", type=click.Path(file_okay=False), default="results",
               show_default=True, help="Folder the results folder is made in.")
 @_bw
@@ -135,7 +143,7 @@ _bw = click.option("--bw", "bw_mbps", type=click.FloatRange(min=0.1), default=10
 def run_command(topo: str, name: str, duration: float | None, loads: str | None,
                 modes: str | None, kv_cache_tokens: int | None, workload: str | None,
                 trace_path: str | None, repeat: int, lookup_timeout: float | None,
-                out_root: str, bw_mbps: float,
+                handoff_items: tuple[str, ...], out_root: str, bw_mbps: float,
                 pcap: bool, dataplane_choice: str, min_ok: float | None) -> None:
     """Build the fabric, start controller, emulators and agents, probe the data path (one
     request per tenant through the VIP), run the load, write a results folder (JSON
@@ -155,7 +163,7 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
         exp.kv_cache_tokens = kv_cache_tokens
         exp.title = exp.title.replace("KV 4096", f"KV {kv_cache_tokens}")
     try:
-        _prefix_options(exp, workload, trace_path, repeat, lookup_timeout)
+        _prefix_options(exp, workload, trace_path, repeat, lookup_timeout, handoff_items)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     dataplane = _dataplane(dataplane_choice)
@@ -209,23 +217,33 @@ def run_command(topo: str, name: str, duration: float | None, loads: str | None,
 
 
 def _prefix_options(exp: Experiment, workload: str | None, trace_path: str | None,
-                    repeat: int, lookup_timeout: float | None = None) -> None:
-    """Experiment prefix's workload, trace and repetitions onto `exp` (ValueError when
-    given to another experiment, or a trace that cannot be replayed)."""
+                    repeat: int, lookup_timeout: float | None = None,
+                    handoff_items: Sequence[str] = ()) -> None:
+    """Experiment prefix's workload, trace, repetitions and agent handoff settings onto
+    `exp` (ValueError when given to another experiment, or a trace that cannot be
+    replayed, or a handoff setting the agent would refuse)."""
     from tokenfabric.lab.experiments import Run
+    from tokenfabric.lab.prefix_lab import handoff_overrides
     from tokenfabric.lab.workloads import read_trace
 
     if exp.kv_cache_tokens is None:
         given = [f for f, v in (("--workload", workload), ("--trace", trace_path),
                                 ("--repeat", repeat > 1),
-                                ("--lookup-timeout", lookup_timeout is not None)) if v]
+                                ("--lookup-timeout", lookup_timeout is not None),
+                                ("--handoff", handoff_items)) if v]
         if given:
             raise ValueError(f"{', '.join(given)}: for experiment prefix only")
         return
     if trace_path is not None and workload not in (None, "trace"):
         raise ValueError("--trace goes with --workload trace")
     exp.workload = workload or ("trace" if trace_path else exp.workload)
-    exp.lookup_timeout = lookup_timeout
+    # --lookup-timeout is one more item (so given twice is refused like any key)
+    items = [*handoff_items,
+             *([f"lookup_timeout={lookup_timeout!r}"] if lookup_timeout is not None else [])]
+    try:
+        exp.handoff = handoff_overrides(items)
+    except ValueError as exc:
+        raise ValueError(f"--handoff: {exc}") from None
     if trace_path is not None:
         read_trace(trace_path)  # WorkloadError (a ValueError) naming the bad line, now
         exp.trace_path = str(Path(trace_path).resolve())

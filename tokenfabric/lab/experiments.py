@@ -9,6 +9,7 @@ divided by the backend's speed. docs/lab.md shows the numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -108,9 +109,15 @@ class Experiment:
     # Mooncake-format file (default: prefix.SAMPLE_TRACE)
     workload: str = "chat"
     trace_path: str | None = None
-    # experiment `prefix`: the agents' handoff.lookup_timeout in seconds (None: the
-    # agent's default, 50 ms)
-    lookup_timeout: float | None = None
+    # experiment `prefix`: handoff settings over the agents' defaults and the lab's own
+    # (`--handoff KEY=VALUE`, hostagent.config.handoff_overrides), e.g. lookup_timeout
+    handoff: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lookup_timeout(self) -> float | None:
+        """The agents' prefix-index lookup budget in s (None: the agent's default, 50 ms)."""
+        value = self.handoff.get("lookup_timeout")
+        return None if value is None else float(value)
 
     def capacity(self) -> float:
         return capacity_rps(self.speeds, self.lengths)

@@ -28,12 +28,14 @@ import dataclasses
 import ipaddress
 import json
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 
+from tokenfabric.hostagent.config import handoff_overrides as agent_handoff_overrides
 from tokenfabric.lab import prefix, prefix_misses
 from tokenfabric.lab.experiments import EMULATOR_PREFILL_MS_PER_TOKEN, Experiment
 from tokenfabric.lab.loadgen import Workload
@@ -52,6 +54,9 @@ KV_REPLAY = "tcp://127.0.0.1:5558"
 ROUTER_PORTS = {"vllm-cache_aware": 8000, "vllm-power_of_two": 8003, "sglang-cache_aware": 8004}
 ROUTER_METRICS_PORTS = {"vllm-cache_aware": 29001, "vllm-power_of_two": 29002,
                         "sglang-cache_aware": 29003}
+# handoff keys the lab's wiring sets and an override must not: the listeners' port, and
+# the decision header its clients read for the miss analysis
+LAB_HANDOFF_KEYS = ("port", "decision_header")
 DEVICE_PREFIX_LEN = 25  # the devices tenant's conversations come from a /25 of its /24
 SWITCH_MODE = "p2c"     # every mode of the experiment runs the switch's p2c under it
 
@@ -69,12 +74,32 @@ def emulator_args(exp: Experiment) -> list[str]:
                                               "replay_endpoint": KV_REPLAY})]
 
 
+def handoff_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """The lab's `--handoff KEY=VALUE` items as agent handoff settings: checked as the
+    agent's config file's (hostagent.config.handoff_overrides), less the keys the lab's
+    wiring sets (LAB_HANDOFF_KEYS). ValueError naming the bad item."""
+    values = agent_handoff_overrides(items)
+    for key in LAB_HANDOFF_KEYS:
+        if key in values:
+            raise ValueError(f"handoff.{key} is set by the lab, not an override")
+    return values
+
+
+def handoff_line(handoff: Mapping[str, Any]) -> str:
+    """summary.md's record of the agents' handoff settings over the defaults."""
+    if not handoff:
+        return "agents' handoff settings: the defaults (no --handoff)"
+    return "agents' handoff settings over the defaults: " + ", ".join(
+        f"{k}={json.dumps(v)}" for k, v in handoff.items())
+
+
 def agent_settings(secret_file: Path, host: LabHost | None = None,
-                   lookup_timeout: float | None = None) -> dict[str, Any]:
+                   handoff: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The agent keys of the experiment: follow the KV events, hand off (docs/agent.md);
     Prometheus metrics on the host's management address, where the runner reads each
-    run's handoff decisions (`handoff_decisions`); `lookup_timeout`: the prefix-index
-    lookup's budget, when not the agent's default."""
+    run's handoff decisions (`handoff_decisions`); `handoff`: settings over the agent's
+    defaults and the lab's (`--handoff`, checked by hostagent.config.handoff_overrides;
+    not the lab's wiring: LAB_HANDOFF_KEYS)."""
     metrics = {"metrics_listen": f"{host.mgmt_ip}:{AGENT_METRICS_PORT}"} \
         if host is not None and host.mgmt_ip else {}
     return {**metrics, "kv_events_endpoint": KV_EVENTS, "kv_events_replay_endpoint": KV_REPLAY,
@@ -84,8 +109,7 @@ def agent_settings(secret_file: Path, host: LabHost | None = None,
                         # the lab's own clients read the bridge's decision per request
                         # (the miss analysis, `misses`); off by default (hostagent)
                         "decision_header": True,
-                        **({"lookup_timeout": lookup_timeout}
-                           if lookup_timeout is not None else {})}}
+                        **(handoff or {})}}
 
 
 def _tenant_hosts(plan: LabPlan) -> dict[str, LabHost]:

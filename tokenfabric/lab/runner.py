@@ -186,7 +186,7 @@ class LabRunner:
             "duration": self.exp.duration, "bw_mbps": self.bw,
             "kv_cache_tokens": self.exp.kv_cache_tokens,
             "workload": self.exp.workload, "trace_path": self.exp.trace_path,
-            "lookup_timeout": self.exp.lookup_timeout,
+            "lookup_timeout": self.exp.lookup_timeout, "handoff": self.exp.handoff,
             "tenants": [asdict(t) for t in self.exp.tenants],
             "runs": [asdict(r) for r in self.exp.runs]}, indent=2))
         outcomes: list[RunOutcome] = []
@@ -278,7 +278,10 @@ class LabRunner:
                 with self.console.status(f"waiting for {run.mode}'s router"):
                     self._stack().wait_router(port=prefix_lab.ROUTER_PORTS[run.mode])
                 self._routers_ready.add(run.mode)
-        if url and not self._router_ready:
+        # the one vllm-router of mode l7-router, on the VIP's port (experiment prefix's
+        # routers have their own ports, waited for above: a --modes without
+        # vllm-cache_aware, whose port is the VIP's, waited 120 s here and failed)
+        if run.mode == "l7-router" and not self._router_ready:
             with self.console.status("waiting for vllm-router to find its workers healthy"):
                 self._stack().wait_router()
             self._router_ready = True
@@ -557,6 +560,7 @@ class LabRunner:
                 else f"{self.exp.lookup_timeout * 1000:g} ms"
             text.append(f"workload {self.exp.workload}, KV cache {self.exp.kv_cache_tokens} "
                         f"tokens per backend, prefix-index lookup budget {budget}\n")
+            text.append(prefix_lab.handoff_line(self.exp.handoff) + "\n")
         text.append(self._verdict_text(outcomes) + "\n")
         if summaries:
             text.append(results.markdown_table(summaries, ["mode", "load"]))

@@ -423,8 +423,7 @@ class Stack:
             priorities if priority else None,
             self.exp.bill_factor if host.name == self.exp.liar else 1.0,
             self.replica_ports,
-            prefix_lab.agent_settings(self.dir / "handoff.secret", host,
-                                      self.exp.lookup_timeout)
+            prefix_lab.agent_settings(self.dir / "handoff.secret", host, self.exp.handoff)
             if prefix_lab.is_prefix(self.exp) else None))
         return self.net.popen(host.name, [*CLI, "agent", "run", "--config", str(path)],
                               f"agent-{host.name}-{self.capacity}")

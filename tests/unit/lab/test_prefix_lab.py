@@ -48,10 +48,12 @@ def test_the_opt_in_and_the_agents_handoff_settings(tmp_path):
     from tokenfabric.hostagent.config import AgentConfig
     assert "lookup_timeout" not in cfg["handoff"]  # the agent's own default
     cfg = agent_config(lab, backend, 1, "t", extra=prefix_lab.agent_settings(
-        secret, backend, lookup_timeout=0.2))["agent"]
+        secret, backend, {"lookup_timeout": 0.2, "peer_speed": True}))["agent"]
     assert cfg["handoff"]["lookup_timeout"] == 0.2
     assert cfg["metrics_listen"] == f"{backend.mgmt_ip}:{prefix_lab.AGENT_METRICS_PORT}"
     assert AgentConfig(**cfg).handoff["lookup_timeout"] == 0.2
+    assert AgentConfig(**cfg).handoff["peer_speed"] is True
+    assert cfg["handoff"]["port"] == prefix_lab.HANDOFF_PORT  # the lab's wiring stays
     checked = AgentConfig(**cfg)  # the agent's own validation takes it
     assert checked.handoff["secret"] == b"s" * 32
     # the responder answers 429 and needs neither
@@ -160,6 +162,25 @@ def test_intervals_pool_repeated_runs_and_bootstrap_runs_then_requests():
     assert prefix_lab.bootstrap_interval([np.empty(0)], np.mean) is None
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--handoff", "peer_sped=true"], "handoff.peer_sped: unknown key"),
+    (["--handoff", "peer_speed=1"], "handoff.peer_speed must be a bool"),
+    (["--handoff", "peer_speed"], "'peer_speed' is not KEY=VALUE"),
+    (["--handoff", "port=9000"], "handoff.port is set by the lab"),
+    (["--handoff", "decision_header=false"], "handoff.decision_header is set by the lab"),
+    (["--handoff", "secret_file=/tmp/x"], "handoff.secret_file is not an override"),
+    (["--handoff", "lookup_timeout=0.1", "--lookup-timeout", "0.2"],
+     "lookup_timeout given twice"),
+])
+def test_a_bad_handoff_setting_is_a_usage_error_before_anything_starts(args, message):
+    from click.testing import CliRunner
+
+    from tokenfabric.lab.cli import lab_group
+    out = CliRunner().invoke(lab_group, ["run", "--experiment", "prefix", *args])
+    assert out.exit_code == 2, out.output
+    assert "--handoff: " + message in " ".join(out.output.split())
+
+
 def test_prefix_options_belong_to_experiment_prefix(tmp_path):
     from click.testing import CliRunner
 
@@ -167,6 +188,9 @@ def test_prefix_options_belong_to_experiment_prefix(tmp_path):
     runner = CliRunner()
     out = runner.invoke(lab_group, ["run", "--experiment", "quick", "--repeat", "2"])
     assert out.exit_code == 2 and "for experiment prefix only" in out.output
+    out = runner.invoke(lab_group, ["run", "--experiment", "quick", "--handoff",
+                                    "peer_speed=true"])
+    assert out.exit_code == 2 and "--handoff: for experiment prefix only" in out.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"timestamp": 1, "input_length": 5}\n')
     out = runner.invoke(lab_group, ["run", "--experiment", "prefix", "--trace", str(bad)])
@@ -180,9 +204,13 @@ def test_prefix_options_set_workload_trace_and_rounds():
     from tokenfabric.lab.cli import _prefix_options
     exp = experiment("prefix")
     exp.runs = select_runs(exp.runs, None, "p2c,prefix-affinity", PREFIX_MODES)
-    _prefix_options(exp, None, str(prefix.SAMPLE_TRACE), 3, 0.2)
+    _prefix_options(exp, None, str(prefix.SAMPLE_TRACE), 3, 0.2, ["peer_speed=true"])
     assert exp.workload == "trace" and exp.trace_path == str(prefix.SAMPLE_TRACE)
     assert exp.lookup_timeout == 0.2
+    assert exp.handoff == {"peer_speed": True, "lookup_timeout": 0.2}
+    assert prefix_lab.handoff_line(exp.handoff) == (
+        "agents' handoff settings over the defaults: peer_speed=true, lookup_timeout=0.2")
+    assert "the defaults" in prefix_lab.handoff_line({})
     assert "(trace," in exp.title
     assert [(r.mode, r.repeat) for r in exp.runs] == [
         ("p2c", 0), ("prefix-affinity", 0), ("p2c", 1), ("prefix-affinity", 1),
