@@ -1,6 +1,8 @@
 """What several lab tests check the same way."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,18 @@ def skip_unless_ovs_free() -> None:
     if others:
         pytest.skip("another ovs-vswitchd holds this namespace's userspace datapath "
                     f"(ovs-netdev): {others[0][:120]}")
+
+
+def run_prefix_lab(out: Path, *args: str, timeout: float) -> tuple[Path, str]:
+    """`tokenfabric lab run --experiment prefix ARGS` into `out`, which must pass: its
+    results folder and summary.md (the summary and stderr's end if it failed)."""
+    done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "lab", "run",
+                           "--experiment", "prefix", *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=timeout)
+    [folder] = list(out.iterdir())
+    summary = (folder / "summary.md").read_text()
+    assert done.returncode == 0, summary + done.stderr[-3000:]
+    return folder, summary
 
 
 def check_quick_run(run: Path) -> list[dict]:

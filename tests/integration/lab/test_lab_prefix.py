@@ -8,13 +8,12 @@ no other switch), intervals over the repetitions."""
 import ipaddress
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.lab.checks import skip_unless_bmv2_lab
+from tests.integration.lab.checks import run_prefix_lab, skip_unless_bmv2_lab
 from tokenfabric.lab.network import host_shells, leftover_links
 
 pytestmark = [pytest.mark.mininet, pytest.mark.root, pytest.mark.bmv2,
@@ -32,13 +31,9 @@ def _components():
 
 
 def test_prefix_experiment_measures_hit_rates_and_baseline_validity(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "lab", "run", "--topo",
-                           "single", "--dataplane", "bmv2", "--experiment", "prefix",
-                           "--duration", "6", "--modes", ",".join(MODES), "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=580)
-    [folder] = list(tmp_path.iterdir())
-    summary = (folder / "summary.md").read_text()
-    assert done.returncode == 0, summary + done.stderr[-3000:]
+    folder, summary = run_prefix_lab(tmp_path, "--topo", "single", "--dataplane", "bmv2",
+                                     "--duration", "6", "--modes", ",".join(MODES),
+                                     timeout=580)
     figures = {}
     for mode in MODES:
         run = folder / "runs" / f"{mode}-0.85"
@@ -65,17 +60,12 @@ def test_prefix_experiment_measures_hit_rates_and_baseline_validity(tmp_path):
 
 
 def test_prefix_experiment_on_leafspine_steers_from_the_clients_leaf_repeated(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "lab", "run", "--topo",
-                           "leafspine", "--dataplane", "bmv2", "--experiment", "prefix",
-                           "--duration", "6", "--repeat", "2", "--modes", ",".join(MODES),
-                           # a budget a loaded 2-core machine's controller meets: at the
-                           # default 50 ms most lookups time out there and few hand off
-                           "--lookup-timeout", "0.5",
-                           "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=900)
-    [folder] = list(tmp_path.iterdir())
-    summary = (folder / "summary.md").read_text()
-    assert done.returncode == 0, summary + done.stderr[-3000:]
+    folder, summary = run_prefix_lab(
+        tmp_path, "--topo", "leafspine", "--dataplane", "bmv2", "--duration", "6",
+        "--repeat", "2", "--modes", ",".join(MODES),
+        # a budget a loaded 2-core machine's controller meets: at the default 50 ms most
+        # lookups time out there and few hand off
+        "--lookup-timeout", "0.5", timeout=900)
     clients = ipaddress.ip_network("10.0.1.0/24"), ipaddress.ip_network("10.0.2.0/24")
     steered: list[int] = []
     for mode in MODES:

@@ -5,12 +5,10 @@ decisions; p2c (not opted in) installs none."""
 
 import ipaddress
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.integration.lab.checks import skip_unless_ovs_lab
+from tests.integration.lab.checks import run_prefix_lab, skip_unless_ovs_lab
 from tokenfabric.lab.network import host_shells, leftover_links
 
 pytestmark = [pytest.mark.mininet, pytest.mark.ovs, pytest.mark.root, pytest.mark.timeout(600)]
@@ -24,13 +22,9 @@ def _components():
 
 
 def test_prefix_affinity_on_ovs_installs_the_agents_entries_as_flows(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "tokenfabric.cli", "lab", "run", "--topo",
-                           "single", "--dataplane", "ovs", "--experiment", "prefix",
-                           "--duration", "8", "--modes", ",".join(MODES), "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=500)
-    [folder] = list(tmp_path.iterdir())
-    summary = (folder / "summary.md").read_text()
-    assert done.returncode == 0, summary + done.stderr[-3000:]
+    folder, summary = run_prefix_lab(tmp_path, "--topo", "single", "--dataplane", "ovs",
+                                     "--duration", "8", "--modes", ",".join(MODES),
+                                     timeout=500)
     figures = {m: json.loads((folder / "runs" / f"{m}-0.85" / "prefix.json").read_text())
                for m in MODES}
     assert figures["p2c"]["handoff_share"] == 0 and "ovs_steered" not in figures["p2c"]
@@ -46,7 +40,6 @@ def test_prefix_affinity_on_ovs_installs_the_agents_entries_as_flows(tmp_path):
     keys = bound["open"] + bound["over_bound"]
     assert keys and all(len(k) == 3 and k[2] == 125 for k in keys), bound
     assert bound["entries"] == len(held), (bound, held)  # what it wrote is what OVS holds
-    assert f["ovs_steered"]["tfls1"] >= 0
     assert "new connections steered by affinity flows" in summary
     assert "teardown: clean" in summary
     assert leftover_links() == [] and host_shells() == []
