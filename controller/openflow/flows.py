@@ -166,6 +166,14 @@ def kbits(bytes_value: int) -> int:
     return max(1, (bytes_value * 8 + 999) // 1000)
 
 
+def params(e: TableEntry) -> dict[str, int]:
+    return dict(e.action.params) if isinstance(e.action, Action) else {}
+
+
+def match(e: TableEntry) -> dict[str, Any]:
+    return dict(e.match)
+
+
 def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
     out = OfState()
     tables: dict[str, list[TableEntry]] = {}
@@ -181,12 +189,6 @@ def translate(state: DesiredState, ctx: Context = Context()) -> OfState:
             groups[entity.group_id] = entity
         elif isinstance(entity, MeterConfig):
             meters[entity.index] = entity
-
-    def params(e: TableEntry) -> dict[str, int]:
-        return dict(e.action.params) if isinstance(e.action, Action) else {}
-
-    def match(e: TableEntry) -> dict[str, Any]:
-        return dict(e.match)
 
     qos = {match(e)["tclass"].value: params(e) for e in tables.get(Tables.CLASS_QOS, [])}
     # A meter per tenant: a drop band for each colour the policy drops.
@@ -317,15 +319,13 @@ def _affinity(out: OfState, tables: dict[str, list[TableEntry]], services: dict[
         return
     pairs: dict[int, list[tuple[int, int]]] = {}
     for e in tables.get(Tables.P2C_PAIRS, []):
-        p = dict(e.action.params) if isinstance(e.action, Action) else {}
-        slot: dict[str, Any] = dict(e.match)
-        pairs.setdefault(slot["service_id"].value, []).append(
+        p = params(e)
+        pairs.setdefault(match(e)["service_id"].value, []).append(
             (p["first_backend"], p["second_backend"]))
     bests = {sid: pair_bests(pairs.get(sid, []), scores) for sid in services}
     skipped = 0
     for e in entries:
-        m: dict[str, Any] = dict(e.match)
-        p = dict(e.action.params) if isinstance(e.action, Action) else {}
+        m, p = match(e), params(e)
         sid, client = m["service_id"].value, m["client"].value
         bid, bound = p["backend_id"], p["bound_percent"]
         service = services.get(sid)
